@@ -1,0 +1,48 @@
+# The doors into the project: `make demo`, `make test`, `make bench`, `make lint`.
+# Each one creates .venv when it is missing and installs what it needs; a stamp file per
+# dependency set makes the second run fast (it reinstalls only when pyproject.toml changes).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: demo test bench lint fmt clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# $(call install,EXTRAS,STAMP)
+define install
+	@echo "installing .[$(1)] into $(VENV) (log: $(VENV)/install-$(1).log)"
+	@$(PIP) install -e '.[$(1)]' > $(VENV)/install-$(1).log 2>&1 || { tail -n 30 $(VENV)/install-$(1).log; exit 1; }
+	@touch $(2)
+endef
+
+$(VENV)/.stamp-dev: pyproject.toml | $(PY)
+	$(call install,dev,$@)
+
+$(VENV)/.stamp-demo: pyproject.toml | $(PY)
+	$(call install,convert$(comma)torch,$@)
+
+comma := ,
+
+demo: $(VENV)/.stamp-demo
+	$(PY) -m converters.demo --out demo-out
+
+test: $(VENV)/.stamp-dev
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.stamp-dev
+	$(PY) -m benchmarks.convert
+
+lint: $(VENV)/.stamp-dev
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+fmt: $(VENV)/.stamp-dev
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,303 @@
+"""Converter benchmark (``make bench``): for a few models, fp32 vs fp16 vs our int8 vs
+onnxruntime's ``quantize_static`` with its defaults (and with per-channel, the usual hand-tuned
+setting), side by side in one run: size, latency (median of interleaved batch-1 runs, 2 threads),
+fidelity, and accuracy on the digits test split.
+
+Writes ``benchmarks/results/convert.json`` and ``convert.md``; prints the table and the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from converters import zoo
+from converters.canonical import fix_ir_version
+from converters.convert import ConvertOptions, convert
+from converters.data import load_dataset
+from converters.quantize import FeedReader, _quiet
+from converters.validate import accuracy, compare_outputs, make_session, measure_latency, run_all
+from edge_agent.errors import EdgeError
+from edge_agent.profiles import detect_host_profile
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _models(tmp: Path) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(0)
+    models = []
+    cnn, data = zoo.train_digits_cnn(width=64)
+    p = tmp / "digits.onnx"
+    p.write_bytes(zoo.export_onnx(cnn, (1, 1, 8, 8)))
+    np.savez(tmp / "digits-cal.npz", x=data.x_train[:256])
+    np.savez(tmp / "digits-eval.npz", x=data.x_test, y=data.y_test)
+    models.append(
+        {
+            "name": "digits-cnn",
+            "path": p,
+            "cal": tmp / "digits-cal.npz",
+            "eval": tmp / "digits-eval.npz",
+        }
+    )
+    cal = tmp / "img-cal.npz"
+    np.savez(cal, x=rng.standard_normal((96, 3, 160, 160)).astype(np.float32))
+    for name, net, opset in (
+        ("resnet-style-160", zoo.resnet_style(), 17),
+        ("mobilenetv2-160", zoo.mobilenet_v2_style(), 17),
+        ("resnet-style-160-opset11", zoo.resnet_style(seed=1), 11),
+    ):
+        p = tmp / f"{name}.onnx"
+        p.write_bytes(zoo.export_onnx(net, (1, 3, 160, 160), opset=opset))
+        models.append({"name": name, "path": p, "cal": cal, "eval": None})
+    return models
+
+
+def _ort_default(
+    src: Path, out: Path, cal: Path, *, per_channel: bool
+) -> tuple[Path | None, str | None]:
+    """onnxruntime.quantization.quantize_static as a user calls it: defaults, same data."""
+    from onnxruntime.quantization import quantize_static
+
+    model = onnx.load(str(src))
+    name = model.graph.input[0].name
+    shape = [d.dim_value or None for d in model.graph.input[0].type.tensor_type.shape.dim]
+    ds = load_dataset(cal, input_specs=[{"name": name, "shape": shape, "dtype": "float32"}])
+    try:
+        with _quiet():
+            quantize_static(
+                str(src),
+                str(out),
+                FeedReader(ds.batches(batch=1, stop=200)),
+                per_channel=per_channel,
+            )
+        make_session(str(out))
+        return out, None
+    except Exception as exc:  # what a user would hit
+        return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}"
+
+
+def bench(seconds: float) -> dict[str, Any]:
+    host = detect_host_profile()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        for m in _models(tmp):
+            print(f"\n## {m['name']}", flush=True)
+            imported = onnx.load(str(m["path"]))
+            outputs: dict[str, Path] = {}
+            reports: dict[str, dict[str, Any]] = {}
+            for fmt in ("onnx-fp32", "onnx-fp16", "onnx-int8"):
+                opts = ConvertOptions(
+                    fmt=fmt,
+                    profile=host,
+                    calibration=m["cal"],
+                    eval=m["eval"],
+                    max_accuracy_drop=0.5 if m["eval"] else None,
+                    latency_seconds=0.5,
+                )
+                try:
+                    res = convert(imported, options=opts, original_size=m["path"].stat().st_size)
+                except EdgeError as exc:
+                    print(f"  {fmt}: {exc}")
+                    continue
+                path = tmp / f"{m['name']}.{fmt}.onnx"
+                path.write_bytes(res.model_bytes)
+                outputs[f"ours {fmt}"] = path
+                reports[f"ours {fmt}"] = res.report
+            for label, per_channel in (
+                ("ort quantize_static defaults", False),
+                ("ort quantize_static per-channel", True),
+            ):
+                path, err = _ort_default(
+                    m["path"],
+                    tmp / f"{m['name']}.{label[-8:]}.onnx",
+                    m["cal"],
+                    per_channel=per_channel,
+                )
+                if path is not None:
+                    outputs[label] = path
+                else:
+                    rows.append({"model": m["name"], "variant": label, "error": err})
+                    print(f"  {label}: FAILED {err}")
+            # Side by side: fidelity and accuracy against the original, latency interleaved.
+            orig_bytes = imported.SerializeToString()
+            om = onnx.ModelProto.FromString(orig_bytes)
+            fix_ir_version(om)
+            specs = [
+                {
+                    "name": i.name,
+                    "shape": [d.dim_value or None for d in i.type.tensor_type.shape.dim],
+                    "dtype": "float32",
+                }
+                for i in om.graph.input
+            ]
+            val = load_dataset(m["eval"] or m["cal"], input_specs=specs)
+            lo = 0 if m["eval"] else len(val) - 32
+            feeds = list(val.batches(batch=1, start=lo))
+            labels = val.read_labels(lo) if m["eval"] else None
+            sessions = {"original fp32": make_session(om.SerializeToString(), threads=2)}
+            sessions.update({k: make_session(str(p), threads=2) for k, p in outputs.items()})
+            ref = run_all(sessions["original fp32"], feeds)
+            names = [o.name for o in sessions["original fp32"].get_outputs()]
+            lat = measure_latency(sessions, feeds[0], seconds=seconds)
+            base = lat["original fp32"].median_ms
+            orig_size = m["path"].stat().st_size
+            for key, sess in sessions.items():
+                got = run_all(sess, feeds)
+                fid = compare_outputs(ref, got, names)
+                size = orig_size if key == "original fp32" else outputs[key].stat().st_size
+                row = {
+                    "model": m["name"],
+                    "variant": key,
+                    "size_bytes": size,
+                    "size_ratio": round(size / orig_size, 4),
+                    "latency_ms": round(lat[key].median_ms, 4),
+                    "latency_ratio": round(lat[key].median_ms / base, 4),
+                    "runs": lat[key].runs,
+                    "cosine": fid["cosine"],
+                    "top1_agreement": fid["top1_agreement"],
+                    "accuracy": accuracy(got, labels) if labels is not None else None,
+                    "int8_scheme": reports.get(key, {}).get("int8_scheme"),
+                    "float_nodes": len(reports.get(key, {}).get("float_nodes") or []),
+                }
+                rows.append(row)
+                print(
+                    f"  {key:<34} {size / 1024:9.1f} KB x{row['size_ratio']:.3f}  "
+                    f"{row['latency_ms']:8.3f} ms x{row['latency_ratio']:.3f}  "
+                    f"cos {row['cosine']:.5f}"
+                    + (f"  acc {row['accuracy']:.2f}" if row["accuracy"] is not None else "")
+                    + (f"  [{row['int8_scheme']}]" if row["int8_scheme"] else ""),
+                    flush=True,
+                )
+            val.close()
+    return {
+        "benchmark": "convert",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "cpu": _cpu_name(),
+            "cores": host.cores,
+            "features": list(host.cpu_features),
+            "python": platform.python_version(),
+        },
+        "threads": 2,
+        "rows": rows,
+        "targets": targets(rows),
+    }
+
+
+def _row(rows: list[dict[str, Any]], model: str, variant: str) -> dict[str, Any] | None:
+    return next(
+        (r for r in rows if r["model"] == model and r["variant"] == variant and "error" not in r),
+        None,
+    )
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+
+    def add(name: str, value: float | None, limit: str, ok: bool | None) -> None:
+        out.append({"target": name, "value": value, "limit": limit, "met": ok})
+
+    r = _row(rows, "resnet-style-160", "ours onnx-int8")
+    add(
+        "int8 latency / fp32, ResNet-style",
+        r and r["latency_ratio"],
+        "<= 0.55",
+        r is not None and r["latency_ratio"] <= 0.55,
+    )
+    for model in ("resnet-style-160", "mobilenetv2-160"):
+        r = _row(rows, model, "ours onnx-int8")
+        ok = r is not None and r["size_ratio"] <= 0.27 and r["float_nodes"] == 0
+        add(f"int8 size / fp32, {model}", r and r["size_ratio"], "<= 0.27, nothing in float", ok)
+    o, r = _row(rows, "digits-cnn", "original fp32"), _row(rows, "digits-cnn", "ours onnx-int8")
+    drop = None if not (o and r) else round(o["accuracy"] - r["accuracy"], 3)
+    add("digits int8 accuracy drop (points)", drop, "<= 0.5", drop is not None and drop <= 0.5)
+    agreements = [
+        r["top1_agreement"]
+        for r in rows
+        if r.get("variant") == "ours onnx-int8" and r.get("top1_agreement") is not None
+    ]
+    worst = min(agreements) if agreements else None
+    add(
+        "top-1 agreement, our int8 (worst model)",
+        worst,
+        ">= 0.99",
+        worst is not None and worst >= 0.99,
+    )
+    ours11 = _row(rows, "resnet-style-160-opset11", "ours onnx-int8")
+    add(
+        "opset-11 fused-BN model quantizes and runs",
+        None if ours11 is None else ours11["cosine"],
+        "succeeds",
+        ours11 is not None,
+    )
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        f"Converter benchmark, {result['when']}, {m['cpu']} ({m['cores']} cores; "
+        f"{', '.join(m['features'])}), {result['threads']} threads, batch 1, median of "
+        "interleaved runs. `make bench`.",
+        "",
+        "| model | variant | size KB | size × | latency ms | latency × | cosine | top-1 agree "
+        "| accuracy % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['variant']} | failed: {r['error']} | | | | | | |")
+            continue
+        variant = r["variant"] + (f" ({r['int8_scheme']})" if r.get("int8_scheme") else "")
+        lines.append(
+            f"| {r['model']} | {variant} | {r['size_bytes'] / 1024:.1f} | {r['size_ratio']:.3f} | "
+            f"{r['latency_ms']:.3f} | {r['latency_ratio']:.3f} | {r['cosine']:.5f} | "
+            f"{'-' if r['top1_agreement'] is None else format(r['top1_agreement'], '.4f')} | "
+            f"{'-' if r['accuracy'] is None else format(r['accuracy'], '.2f')} |"
+        )
+    lines += ["", "| target | value | limit | met |", "|---|---:|---|---|"]
+    for t in result["targets"]:
+        lines.append(
+            f"| {t['target']} | {t['value']} | {t['limit']} | {'yes' if t['met'] else 'NO'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--seconds", type=float, default=4.0, help="latency timing budget per model"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    result = bench(args.seconds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "convert.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    (args.out / "convert.md").write_text(md)
+    print("\n" + md)
+    return 0 if all(t["met"] for t in result["targets"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

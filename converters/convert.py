@@ -1,0 +1,612 @@
+"""From an imported model to one validated artifact: canonicalize, quantize, validate, and
+enforce the accuracy budget. ``quantize`` and ``build`` both go through :func:`convert`.
+
+The budget: with ``max_accuracy_drop`` and labelled samples, the converted model's accuracy may
+drop at most that many points; otherwise every float output must keep a mean cosine similarity of
+at least ``min_cosine`` (0.99 by default) to the original. When int8 misses it, the nodes that
+add the most quantization error are kept in float, greedily, until the budget holds.
+
+int8 schemes are chosen by measurement: every scheme the profile allows is quantized from the
+same calibration, validated and timed; the fastest that meets the budget wins (when the profile
+is the host's kind of CPU; for another target, the first in the profile's order that meets it).
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from converters import quantize as q
+from converters.canonical import CanonicalModel, canonicalize, fix_ir_version, tensor_spec
+from converters.data import Dataset, Subset, load_dataset, random_dataset
+from converters.validate import (
+    Progress,
+    accuracy,
+    class_predictions,
+    compare_outputs,
+    is_classifier_output,
+    make_session,
+    measure_latency,
+    run_all,
+)
+from edge_agent.errors import AccuracyBudgetError, ConfigError, EdgeError
+from edge_agent.formats import ONNX_FORMATS, Int8Scheme
+from edge_agent.preprocess import PreprocessSpec
+
+if TYPE_CHECKING:
+    from edge_agent.profiles import DeviceProfile
+
+DEFAULT_MIN_COSINE = 0.99
+RANDOM_VALIDATION_SAMPLES = 64
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What to make and how strictly to check it."""
+
+    fmt: str
+    profile: DeviceProfile
+    calibration: Path | None = None
+    eval: Path | None = None
+    max_accuracy_drop: float | None = None
+    min_cosine: float | None = None
+    calibration_method: str = "minmax"
+    preprocess: PreprocessSpec | None = None
+    preprocess_overrides: Mapping[str, Any] = field(default_factory=dict)
+    max_calibration_samples: int = 256
+    max_validation_samples: int = 1000
+    schemes: tuple[str, ...] = ()
+    per_channel: bool = True
+    progress: bool | None = None
+    latency_seconds: float = 1.5
+    host_profile: bool = True
+
+    def __post_init__(self) -> None:
+        if self.fmt not in ONNX_FORMATS:
+            raise ConfigError(
+                f"--format {self.fmt}: expected one of {', '.join(ONNX_FORMATS)} "
+                "(TFLite formats come from the TFLite writer)"
+            )
+        if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 100:
+            raise ConfigError(
+                f"--max-accuracy-drop {self.max_accuracy_drop}: must be between 0 and 100 points"
+            )
+        if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
+            raise ConfigError(f"--min-cosine {self.min_cosine}: must be between -1 and 1")
+        if self.latency_seconds <= 0:
+            raise ConfigError(f"--latency-seconds {self.latency_seconds}: must be > 0")
+        if self.max_validation_samples <= 0:
+            raise ConfigError(f"--max-eval-samples {self.max_validation_samples}: must be > 0")
+        if self.max_calibration_samples <= 0:
+            raise ConfigError(
+                f"--max-calibration-samples {self.max_calibration_samples}: must be > 0"
+            )
+        if self.calibration_method not in q.METHODS:
+            raise ConfigError(
+                f"--calibration-method {self.calibration_method}: expected one of "
+                f"{', '.join(q.METHODS)}"
+            )
+        for name in self.schemes:
+            try:
+                Int8Scheme.parse(name)
+            except ValueError as exc:
+                raise ConfigError(f"--scheme: {exc}") from exc
+
+
+@dataclass
+class Candidate:
+    """One produced model and how it did."""
+
+    label: str
+    path: Path
+    float_nodes: list[dict[str, Any]] = field(default_factory=list)
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    accuracy: float | None = None
+    passed: bool = False
+    latency: dict[str, float | int] | None = None
+    error: str | None = None
+    scheme: str | None = None
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+
+@dataclass
+class ConvertResult:
+    model_bytes: bytes
+    report: dict[str, Any]
+    canonical: CanonicalModel
+    calibration_stats: dict[str, Any] | None
+    golden_inputs: dict[str, np.ndarray]
+    golden_outputs: dict[str, np.ndarray]
+    input_specs: list[dict[str, Any]]
+    output_specs: list[dict[str, Any]]
+    preprocess: PreprocessSpec | None
+
+
+class _Budget:
+    def __init__(self, *, max_drop: float | None, min_cosine: float | None, has_labels: bool):
+        if max_drop is not None and not has_labels:
+            raise ConfigError(
+                "--max-accuracy-drop needs labels: pass --eval DATA.npz holding x and y "
+                "(or use --min-cosine for a fidelity floor)"
+            )
+        self.max_drop = max_drop
+        self.min_cosine = (
+            min_cosine
+            if min_cosine is not None
+            else (None if max_drop is not None else DEFAULT_MIN_COSINE)
+        )
+
+    def check(self, fid: Mapping[str, Any], acc: float | None, acc_ref: float | None) -> str | None:
+        """None when within budget, else the reason."""
+        if self.max_drop is not None and acc is not None and acc_ref is not None:
+            drop = acc_ref - acc
+            if drop > self.max_drop + 1e-9:
+                return f"accuracy drop {drop:.2f} points > budget {self.max_drop}"
+        if self.min_cosine is not None:
+            for entry in fid.get("per_output", []):
+                if entry["kind"] == "tensor" and entry["cosine"] < self.min_cosine:
+                    return (
+                        f"output '{entry['name']}' cosine {entry['cosine']:.4f} < {self.min_cosine}"
+                    )
+                if entry["kind"] == "labels" and entry["agreement"] < self.min_cosine:
+                    return (
+                        f"output '{entry['name']}' label agreement {entry['agreement']:.4f} "
+                        f"< {self.min_cosine}"
+                    )
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_accuracy_drop": self.max_drop, "min_cosine": self.min_cosine}
+
+
+def image_preprocess(
+    input_specs: Sequence[Mapping[str, Any]], overrides: Mapping[str, Any]
+) -> PreprocessSpec | None:
+    """The preprocessing spec of an image model (one 4-D input with 1 or 3 channels), else None.
+
+    ``overrides`` are the user's flags (mean, std, scale, channels, resize, layout)."""
+    shape = list(input_specs[0]["shape"]) if len(input_specs) == 1 else []
+    if len(shape) != 4:
+        if overrides:
+            raise ConfigError("preprocessing flags apply to single-input image models only")
+        return None
+    try:
+        return PreprocessSpec.for_input_shape(shape, **dict(overrides))
+    except ConfigError:
+        if overrides:
+            raise
+        return None
+
+
+def _batch_size(specs: Sequence[Mapping[str, Any]]) -> int:
+    first = list(specs[0]["shape"]) if specs else []
+    return 32 if first and first[0] is None else 1
+
+
+def _original_for_runtime(model: onnx.ModelProto) -> bytes:
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    fix_ir_version(m)
+    return m.SerializeToString()
+
+
+def convert(
+    imported: onnx.ModelProto,
+    *,
+    options: ConvertOptions,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    original_size: int | None = None,
+    workdir: Path | None = None,
+) -> ConvertResult:
+    """Produce ``options.fmt`` from ``imported``, validated against it within the budget.
+
+    Raises AccuracyBudgetError (nothing written) when no candidate meets the budget."""
+    with tempfile.TemporaryDirectory(prefix="edge-convert-", dir=workdir) as tmp:
+        return _convert(
+            imported,
+            options=options,
+            input_shapes=input_shapes,
+            original_size=original_size,
+            tmp=Path(tmp),
+        )
+
+
+def _convert(
+    imported: onnx.ModelProto,
+    *,
+    options: ConvertOptions,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    original_size: int | None,
+    tmp: Path,
+) -> ConvertResult:
+    warnings_: list[str] = []
+    canon = canonicalize(imported, input_shapes=input_shapes)
+    q.ensure_node_names(canon.model)
+    fp32_path = tmp / "fp32.onnx"
+    onnx.save_model(canon.model, str(fp32_path))
+    in_specs = tensor_spec(canon.model)
+    out_specs = tensor_spec(canon.model, outputs=True)
+    threads = options.profile.threads if options.host_profile else 0
+    preprocess = options.preprocess or image_preprocess(in_specs, options.preprocess_overrides)
+
+    # --- data ---------------------------------------------------------------------------
+    calib_ds: Dataset | None = None
+    if options.calibration is not None:
+        calib_ds = load_dataset(options.calibration, input_specs=in_specs, preprocess=preprocess)
+    elif options.fmt == "onnx-int8":
+        raise ConfigError(
+            "onnx-int8 needs --calibration PATH (.npy/.npz of preprocessed samples, or an image "
+            "directory); or use --format onnx-int8-dynamic"
+        )
+    calib_range = (0, 0)
+    if options.eval is not None:
+        eval_ds = load_dataset(options.eval, input_specs=in_specs, preprocess=preprocess)
+        val = Subset(eval_ds, 0, options.max_validation_samples)
+        if calib_ds is not None:
+            calib_range = (0, min(len(calib_ds), options.max_calibration_samples))
+        val_source = f"{eval_ds.description} (--eval)"
+    elif calib_ds is not None:
+        n = len(calib_ds)
+        held = min(options.max_validation_samples, max(1, n // 5)) if n > 1 else 0
+        if held == 0:
+            val = Subset(calib_ds, 0, n)
+            warnings_.append(
+                "one calibration sample: validated on the sample it was calibrated with"
+            )
+        else:
+            val = Subset(calib_ds, n - held, n)
+        calib_range = (0, min(n - held if held else n, options.max_calibration_samples))
+        val_source = f"{calib_ds.description} (last {len(val)} samples held out of calibration)"
+    else:
+        rnd = random_dataset(in_specs, n=RANDOM_VALIDATION_SAMPLES)
+        val = Subset(rnd, 0, len(rnd))
+        val_source = rnd.description
+        warnings_.append(
+            "no --calibration or --eval data: fidelity was measured on random inputs, which says "
+            "little about real data"
+        )
+    labels = val.labels()
+    budget = _Budget(
+        max_drop=options.max_accuracy_drop,
+        min_cosine=options.min_cosine,
+        has_labels=labels is not None,
+    )
+    batch = _batch_size(in_specs)
+
+    # --- the reference ------------------------------------------------------------------
+    progress = options.progress
+    orig_bytes = _original_for_runtime(imported)
+    orig_sess = make_session(orig_bytes, threads=threads)
+    ref = run_all(
+        orig_sess,
+        val.batches(batch=batch),
+        progress=Progress("validation", len(val), enabled=progress),
+    )
+    out_names = [o.name for o in orig_sess.get_outputs()]
+    acc_ref = accuracy(ref, labels) if labels is not None else None
+
+    def evaluate(cand: Candidate) -> Candidate:
+        try:
+            sess = make_session(str(cand.path), threads=threads)
+            got = run_all(sess, val.batches(batch=batch))
+            cand.fidelity = compare_outputs(ref, got, out_names)
+            cand.accuracy = accuracy(got, labels) if labels is not None else None
+            reason = budget.check(cand.fidelity, cand.accuracy, acc_ref)
+            cand.passed = reason is None
+            cand.error = reason
+        except EdgeError as exc:
+            cand.passed, cand.error = False, str(exc)
+        return cand
+
+    # --- candidates ---------------------------------------------------------------------
+    candidates: list[Candidate] = []
+    fmt = options.fmt
+    if fmt == "onnx-fp32":
+        candidates.append(evaluate(Candidate("fp32", fp32_path)))
+    elif fmt == "onnx-fp16":
+        path = tmp / "fp16.onnx"
+        onnx.save_model(q.to_fp16(canon.model), str(path))
+        candidates.append(evaluate(Candidate("fp16", path)))
+    elif fmt == "onnx-int8-dynamic":
+        ranking = q.weight_sensitivity(canon.model)
+
+        def make_dynamic(exclude: Sequence[str], tag: str) -> Path:
+            return q.quantize_int8_dynamic(
+                fp32_path,
+                tmp / f"dyn-{tag}.onnx",
+                per_channel=options.per_channel,
+                nodes_to_exclude=exclude,
+            )
+
+        candidates.append(
+            _with_budget("dynamic", make_dynamic, lambda: ranking, evaluate, scheme="dynamic")
+        )
+    else:
+        assert calib_ds is not None
+        cache = tmp / "calibration.json"
+        lo, hi = calib_range
+        cal_progress = Progress("calibration", hi - lo, enabled=progress)
+        q.calibrate(
+            fp32_path,
+            calib_ds.batches(batch=1, start=lo, stop=hi),
+            method=options.calibration_method,
+            cache_path=cache,
+            on_item=cal_progress.update,
+        )
+        sens_feeds = list(Subset(calib_ds, lo, min(hi, lo + 16)).batches(batch=1))
+        schemes = options.schemes or options.profile.int8_schemes
+        for name in schemes:
+            scheme = Int8Scheme.parse(name)
+            candidates.append(
+                _int8_candidate(
+                    scheme,
+                    fp32=fp32_path,
+                    canon=canon,
+                    cache=cache,
+                    method=options.calibration_method,
+                    per_channel=options.per_channel,
+                    sens_feeds=sens_feeds,
+                    evaluate=evaluate,
+                    threads=threads,
+                    tmp=tmp,
+                )
+            )
+
+    # --- latency, choice ---------------------------------------------------------------
+    feed = next(val.batches(batch=1))
+    passing = [c for c in candidates if c.passed]
+    sessions = {"original": make_session(orig_bytes, threads=threads)}
+    for c in passing:
+        sessions[c.label] = make_session(str(c.path), threads=threads)
+    lat = measure_latency(sessions, feed, seconds=options.latency_seconds)
+    for c in passing:
+        c.latency = lat[c.label].to_dict()
+    if not passing:
+        raise AccuracyBudgetError(_budget_failure(fmt, candidates, budget))
+    if options.host_profile:
+        # The fastest; among those within timing noise of it (3 %), the smallest.
+        best = min(lat[c.label].median_ms for c in passing)
+        close = [c for c in passing if lat[c.label].median_ms <= best * 1.03]
+        chosen = min(close, key=lambda c: (c.size, lat[c.label].median_ms))
+    else:
+        chosen = passing[0]
+        warnings_.append(
+            f"profile {options.profile.name} is not this machine's kind of CPU: the first passing "
+            "scheme in the profile's order was kept; latencies were measured here, not there"
+        )
+    orig_lat, conv_lat = lat["original"], lat[chosen.label]
+    slower = conv_lat.median_ms > orig_lat.median_ms * 1.02
+    if slower and options.host_profile:
+        warnings_.append(
+            f"the {fmt} model is SLOWER than the original on this machine "
+            f"({conv_lat.median_ms:.3f} ms vs {orig_lat.median_ms:.3f} ms median)"
+        )
+
+    model_bytes = chosen.path.read_bytes()
+    conv_sess = make_session(model_bytes, threads=threads)
+    golden_in = dict(feed)
+    golden_out = dict(zip(out_names, conv_sess.run(out_names, golden_in)))
+    stats = None
+    if calib_ds is not None:
+        lo, hi = calib_range
+        stats = calibration_statistics(Subset(calib_ds, lo, hi), orig_sess, batch=batch)
+    report: dict[str, Any] = {
+        "format": fmt,
+        "output": None,
+        "profile": options.profile.name,
+        "profile_source": options.profile.source,
+        "host": {"machine": platform.machine(), "processor": platform.processor() or None},
+        "int8_scheme": chosen.scheme if fmt == "onnx-int8" else None,
+        "calibration": None
+        if calib_ds is None
+        else {
+            "method": options.calibration_method,
+            "samples": calib_range[1] - calib_range[0],
+            "source": calib_ds.description,
+        },
+        "validation": {"samples": len(val), "source": val_source},
+        "size_bytes": {
+            "original": original_size
+            if original_size is not None
+            else len(imported.SerializeToString()),
+            "converted": len(model_bytes),
+        },
+        "latency_ms": {
+            "original": round(orig_lat.median_ms, 4),
+            "converted": round(conv_lat.median_ms, 4),
+            "original_p90": round(orig_lat.p90_ms, 4),
+            "converted_p90": round(conv_lat.p90_ms, 4),
+            "runs": min(orig_lat.runs, conv_lat.runs),
+            "measured_on": "this machine, batch 1, median of interleaved runs",
+        },
+        "fidelity": chosen.fidelity,
+        "accuracy": {
+            "original": acc_ref,
+            "converted": chosen.accuracy,
+            "drop": None
+            if acc_ref is None or chosen.accuracy is None
+            else acc_ref - chosen.accuracy,
+        },
+        "budget": {**budget.to_dict(), "met": True},
+        "float_nodes": chosen.float_nodes,
+        "candidates": [
+            {
+                "scheme": c.scheme or c.label,
+                "passed": c.passed,
+                "chosen": c is chosen,
+                "reason": c.error,
+                "size_bytes": c.size,
+                "latency_ms": None if c.latency is None else c.latency["median"],
+                "cosine": c.fidelity.get("cosine"),
+                "top1_agreement": c.fidelity.get("top1_agreement"),
+                "accuracy": c.accuracy,
+                "float_nodes": len(c.float_nodes),
+            }
+            for c in candidates
+        ],
+        "canonical": {
+            "original_opset": canon.original_opset,
+            "opset": canon.opset,
+            "steps": canon.steps,
+        },
+        "slower_than_original": slower,
+        "warnings": warnings_,
+    }
+    size = report["size_bytes"]
+    size["ratio"] = round(size["converted"] / size["original"], 4) if size["original"] else None
+    lat_r = report["latency_ms"]
+    lat_r["ratio"] = round(lat_r["converted"] / lat_r["original"], 4) if lat_r["original"] else None
+    for ds in (calib_ds,):
+        if ds is not None:
+            ds.close()
+    return ConvertResult(
+        model_bytes=model_bytes,
+        report=report,
+        canonical=canon,
+        calibration_stats=stats,
+        golden_inputs=golden_in,
+        golden_outputs=golden_out,
+        input_specs=in_specs,
+        output_specs=out_specs,
+        preprocess=preprocess,
+    )
+
+
+def _with_budget(
+    label: str,
+    make: Any,
+    ranking_fn: Any,
+    evaluate: Any,
+    *,
+    scheme: str,
+) -> Candidate:
+    """Quantize; while the budget is missed, keep the most sensitive nodes in float."""
+    first = evaluate(Candidate(label, make((), "0"), scheme=scheme))
+    if first.passed or first.fidelity == {}:
+        return first
+    ranking = ranking_fn()
+    last = first
+    for k in q.exclusion_steps(len(ranking)):
+        keep = ranking[:k]
+        cand = evaluate(Candidate(label, make([r["node"] for r in keep], str(k)), scheme=scheme))
+        cand.float_nodes = [
+            {
+                "node": r["node"],
+                "op_type": r["op_type"],
+                "reason": f"adds quantization noise-to-signal {r['added_nsr']:.2e} "
+                f"(rank {i + 1} of {len(ranking)})",
+            }
+            for i, r in enumerate(keep)
+        ]
+        last = cand
+        if cand.passed:
+            return cand
+    if last is first:
+        return first
+    last.error = f"{last.error}; even with {len(last.float_nodes)} nodes kept in float"
+    return last
+
+
+def _int8_candidate(
+    scheme: Int8Scheme,
+    *,
+    fp32: Path,
+    canon: CanonicalModel,
+    cache: Path,
+    method: str,
+    per_channel: bool,
+    sens_feeds: Sequence[Mapping[str, np.ndarray]],
+    evaluate: Any,
+    threads: int,
+    tmp: Path,
+) -> Candidate:
+    def make(exclude: Sequence[str], tag: str, graph: str = scheme.graph) -> Path:
+        s = Int8Scheme(scheme.activation, scheme.weight, scheme.reduce_range, graph)
+        return q.quantize_int8_static(
+            fp32,
+            tmp / f"{s.name}-{tag}.onnx",
+            scheme=s,
+            cache_path=cache,
+            method=method,
+            per_channel=per_channel,
+            nodes_to_exclude=exclude,
+        )
+
+    def ranking() -> list[dict[str, Any]]:
+        twin = make((), "twin", "qdq")
+        return q.activation_sensitivity(
+            canon.model, onnx.load_model(str(twin)), sens_feeds, threads=threads
+        )
+
+    try:
+        return _with_budget(scheme.name, make, ranking, evaluate, scheme=scheme.name)
+    except EdgeError as exc:
+        return Candidate(scheme.name, tmp / "missing", error=str(exc), scheme=scheme.name)
+
+
+def _budget_failure(fmt: str, candidates: Sequence[Candidate], budget: _Budget) -> str:
+    tried = "; ".join(f"{c.scheme or c.label}: {c.error}" for c in candidates) or "nothing produced"
+    return f"no {fmt} model met the budget ({tried}); nothing was written"
+
+
+def calibration_statistics(subset: Subset, session: Any, *, batch: int) -> dict[str, Any]:
+    """Summary statistics of the calibration inputs and the float model's outputs on them:
+    what the device compares live data with to detect drift."""
+    sums: dict[str, Any] = {}
+    count = 0
+    out_names = [o.name for o in session.get_outputs()]
+    outputs: list[list[np.ndarray]] = [[] for _ in out_names]
+    for feed in subset.batches(batch=batch):
+        for name, x in feed.items():
+            x64 = x.astype(np.float64)
+            axis = 1 if x.ndim == 4 and x.shape[1] in (1, 3) else x.ndim - 1
+            red = tuple(a for a in range(x.ndim) if a != axis)
+            s = sums.setdefault(name, {"axis": axis, "sum": 0.0, "sq": 0.0, "n": 0})
+            s["sum"] = s["sum"] + x64.sum(axis=red)
+            s["sq"] = s["sq"] + (x64**2).sum(axis=red)
+            s["n"] += int(np.prod([x.shape[a] for a in red]))
+        count += int(next(iter(feed.values())).shape[0])
+        for i, out in enumerate(session.run(out_names, dict(feed))):
+            outputs[i].append(np.asarray(out))
+    inputs = {}
+    for name, s in sums.items():
+        mean = s["sum"] / max(s["n"], 1)
+        var = np.maximum(s["sq"] / max(s["n"], 1) - mean**2, 0.0)
+        inputs[name] = {
+            "channel_axis": s["axis"],
+            "mean": np.round(mean, 6).tolist(),
+            "std": np.round(np.sqrt(var), 6).tolist(),
+        }
+    outs: dict[str, Any] = {}
+    full = [np.concatenate(o) for o in outputs]
+    preds = class_predictions(full)
+    for name, arr in zip(out_names, full):
+        entry: dict[str, Any] = {}
+        if arr.dtype.kind == "f":
+            entry.update(
+                min=float(arr.min()),
+                max=float(arr.max()),
+                mean=float(arr.mean()),
+                std=float(arr.std()),
+            )
+            if is_classifier_output(arr):
+                entry["mean_top1"] = float(np.mean(np.max(arr, axis=1)))
+        outs[name] = entry
+    result: dict[str, Any] = {"samples": count, "inputs": inputs, "outputs": outs}
+    if preds is not None:
+        n_classes = max(
+            int(preds.max()) + 1,
+            max((a.shape[1] for a in full if is_classifier_output(a)), default=0),
+        )
+        hist = np.bincount(preds, minlength=n_classes)
+        result["class_histogram"] = (hist / max(hist.sum(), 1)).round(6).tolist()
+    return result

@@ -1,0 +1,290 @@
+"""Calibration and evaluation samples, streamed with bounded memory.
+
+Accepted forms:
+
+- ``.npy``: one array of preprocessed samples for a single-input model (memory-mapped).
+- ``.npz``: arrays keyed by input name (or ``x`` for a single-input model), and optionally ``y``
+  (labels). Members are streamed out of the zip in chunks, compressed or not.
+- a directory of images (``.jpg .jpeg .png .bmp .webp``), preprocessed with a
+  :class:`~edge_agent.preprocess.PreprocessSpec`; labels may come from sub-directory names
+  (``cat/001.jpg``) when the directory holds only sub-directories.
+
+``Dataset.batches`` yields feeds of at most ``batch`` samples; nothing holds the whole set.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from edge_agent.errors import DataError
+from edge_agent.preprocess import Preprocessor, PreprocessSpec
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+
+class RowSource(Protocol):
+    """N rows of one array, read by index range."""
+
+    def __len__(self) -> int: ...
+    def read(self, start: int, stop: int) -> np.ndarray: ...
+
+
+class _ArrayRows:
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __len__(self) -> int:
+        return int(self.array.shape[0])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.array[start:stop])
+
+
+class _NpzMemberRows:
+    """One array inside an .npz, read sequentially from its zip member without loading it all."""
+
+    def __init__(self, path: Path, member: str) -> None:
+        self.path, self.member = path, member
+        self._zip: zipfile.ZipFile | None = None
+        self._fh: Any = None
+        self._pos = 0
+        with zipfile.ZipFile(path) as zf, zf.open(member) as fh:
+            self.shape, self.fortran, self.dtype, _ = self._header(fh)
+        if self.fortran and len(self.shape) > 1:
+            raise DataError(f"{path}: array '{member}' is Fortran-ordered; save it C-ordered")
+        if self.dtype.hasobject:
+            raise DataError(f"{path}: array '{member}' holds Python objects (pickle); refused")
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def _header(self, fh: Any) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        if not shape:
+            raise DataError(f"{self.path}: array '{self.member}' is a scalar, not samples")
+        return tuple(shape), bool(fortran), np.dtype(dtype), 0
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def _open(self) -> None:
+        self.close()
+        self._zip = zipfile.ZipFile(self.path)
+        self._fh = self._zip.open(self.member)
+        self._header(self._fh)
+        self._pos = 0
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self._fh is None or start < self._pos:
+            self._open()
+        if start > self._pos:
+            self._fh.read((start - self._pos) * self.row_bytes)
+        n = max(0, stop - start)
+        raw = self._fh.read(n * self.row_bytes)
+        if len(raw) != n * self.row_bytes:
+            raise DataError(f"{self.path}: array '{self.member}' is truncated")
+        self._pos = stop
+        return np.frombuffer(raw, dtype=self.dtype).reshape((n, *self.shape[1:]))
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        if self._zip is not None:
+            self._zip.close()
+        self._fh = self._zip = None
+
+
+class _ImageRows:
+    def __init__(self, files: Sequence[Path], pre: Preprocessor) -> None:
+        self.files, self.pre = list(files), pre
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        import cv2
+
+        out = []
+        for path in self.files[start:stop]:
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if image is None:
+                raise DataError(f"{path}: not a readable image")
+            out.append(self.pre(image))
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+@dataclass
+class Dataset:
+    """Samples for the model's inputs, plus optional labels, as streamed row sources."""
+
+    inputs: dict[str, RowSource]
+    labels: RowSource | None
+    description: str
+    dtypes: dict[str, Any] = field(default_factory=dict)
+    synthetic: bool = False
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def batches(
+        self, *, batch: int = 1, start: int = 0, stop: int | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        stop = len(self) if stop is None else min(stop, len(self))
+        for lo in range(start, stop, batch):
+            hi = min(lo + batch, stop)
+            yield {
+                name: _cast(src.read(lo, hi), self.dtypes.get(name))
+                for name, src in self.inputs.items()
+            }
+
+    def read_labels(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+        if self.labels is None:
+            return None
+        stop = len(self) if stop is None else min(stop, len(self))
+        return self.labels.read(start, stop)
+
+    def close(self) -> None:
+        for src in [*self.inputs.values(), self.labels]:
+            close = getattr(src, "close", None)
+            if close is not None:
+                close()
+
+
+def _cast(array: np.ndarray, dtype: Any) -> np.ndarray:
+    if dtype is None or array.dtype == dtype:
+        return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def load_dataset(
+    path: str | Path,
+    *,
+    input_specs: Sequence[Mapping[str, Any]],
+    preprocess: PreprocessSpec | None = None,
+) -> Dataset:
+    """Open ``path`` as samples for a model with ``input_specs`` (name/shape/dtype dicts)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    names = [str(s["name"]) for s in input_specs]
+    dtypes = {str(s["name"]): _NP_DTYPES.get(str(s["dtype"])) for s in input_specs}
+    if path.is_dir():
+        ds = _image_dataset(path, input_specs, preprocess)
+    elif path.suffix == ".npy":
+        if len(names) != 1:
+            raise DataError(
+                f"{path}: a .npy holds one array, but the model has inputs {names}; use .npz"
+            )
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as exc:
+            raise DataError(f"{path}: not a numeric .npy array ({exc})") from exc
+        ds = Dataset(inputs={names[0]: _ArrayRows(array)}, labels=None, description=str(path))
+    elif path.suffix == ".npz":
+        ds = _npz_dataset(path, names)
+    else:
+        raise DataError(
+            f"{path}: unsupported data file; give a .npy, a .npz (keys: input names or x, and y) "
+            "or a directory of images"
+        )
+    ds.dtypes = dtypes
+    _check_shapes(ds, input_specs, path)
+    return ds
+
+
+def _npz_dataset(path: Path, names: Sequence[str]) -> Dataset:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = {Path(n).stem: n for n in zf.namelist() if n.endswith(".npy")}
+    except zipfile.BadZipFile as exc:
+        raise DataError(f"{path}: not an .npz archive") from exc
+    inputs: dict[str, RowSource] = {}
+    for name in names:
+        key = name if name in members else ("x" if len(names) == 1 and "x" in members else None)
+        if key is None:
+            raise DataError(
+                f"{path}: no array for model input '{name}' (found keys {sorted(members)}; "
+                f"name them after the inputs, or 'x' for a single-input model)"
+            )
+        inputs[name] = _NpzMemberRows(path, members[key])
+    labels = _NpzMemberRows(path, members["y"]) if "y" in members else None
+    ds = Dataset(inputs=inputs, labels=labels, description=str(path))
+    counts = {len(s) for s in inputs.values()} | ({len(labels)} if labels else set())
+    if len(counts) != 1:
+        raise DataError(f"{path}: arrays have different sample counts {sorted(counts)}")
+    return ds
+
+
+def _image_dataset(
+    path: Path, input_specs: Sequence[Mapping[str, Any]], preprocess: PreprocessSpec | None
+) -> Dataset:
+    if len(input_specs) != 1:
+        raise DataError(f"{path}: an image directory feeds single-input models only")
+    spec = input_specs[0]
+    if preprocess is None:
+        preprocess = PreprocessSpec.for_input_shape(list(spec["shape"]))
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise DataError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    subdirs = sorted(p.name for p in path.iterdir() if p.is_dir())
+    labels: RowSource | None = None
+    if subdirs and all(f.parent.parent == path for f in files):
+        index = {name: i for i, name in enumerate(subdirs)}
+        labels = _ArrayRows(np.array([index[f.parent.name] for f in files], np.int64))
+    return Dataset(
+        inputs={str(spec["name"]): _ImageRows(files, Preprocessor(preprocess))},
+        labels=labels,
+        description=f"{path} ({len(files)} images)",
+    )
+
+
+def _check_shapes(ds: Dataset, input_specs: Sequence[Mapping[str, Any]], path: Path) -> None:
+    if len(ds) == 0:
+        raise DataError(f"{path}: holds no samples")
+    for spec in input_specs:
+        name = str(spec["name"])
+        got = ds.inputs[name].read(0, 1).shape[1:]
+        want = list(spec["shape"])[1:]
+        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
+            raise DataError(
+                f"{path}: samples for input '{name}' have shape {[None, *got]}, but the model "
+                f"expects {[None, *want]}"
+            )
+
+
+def random_dataset(input_specs: Sequence[Mapping[str, Any]], *, n: int, seed: int = 0) -> Dataset:
+    """Standard-normal samples: the fallback when no data is given (fidelity only)."""
+    rng = np.random.default_rng(seed)
+    inputs: dict[str, RowSource] = {}
+    for spec in input_specs:
+        dims = [d if d else 1 for d in list(spec["shape"])[1:]]
+        dtype = _NP_DTYPES.get(str(spec["dtype"]), np.float32)
+        inputs[str(spec["name"])] = _ArrayRows(rng.standard_normal((n, *dims)).astype(dtype))
+    return Dataset(
+        inputs=inputs, labels=None, description=f"{n} random normal samples", synthetic=True
+    )
+
+
+class Subset:
+    """A contiguous range of a Dataset, used to split calibration from held-out samples."""
+
+    def __init__(self, ds: Dataset, start: int, stop: int) -> None:
+        self.ds, self.start, self.stop = ds, start, min(stop, len(ds))
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def batches(self, *, batch: int = 1) -> Iterator[dict[str, np.ndarray]]:
+        return self.ds.batches(batch=batch, start=self.start, stop=self.stop)
+
+    def labels(self) -> np.ndarray | None:
+        return self.ds.read_labels(self.start, self.stop)

@@ -1,0 +1,321 @@
+"""Quantization primitives on the canonical model: fp16, static int8 (any scheme), dynamic int8,
+one calibration shared by every scheme and retry, and per-node sensitivity.
+
+Calibration runs once per model and method; its ranges are cached as JSON and every scheme and
+every float-fallback retry quantizes from that cache (onnxruntime's ``calibration_cache_path``).
+The same ranges will serve the TFLite int8 path, so the two int8 models agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+from converters.validate import make_session
+from edge_agent.errors import ConversionError
+from edge_agent.formats import Int8Scheme
+
+log = logging.getLogger(__name__)
+
+METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+_QTYPE = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
+#: Ops whose weights carry most of a model's size and error; the ones sensitivity ranks.
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """onnxruntime's quantizer logs advice at WARNING through the root logger; keep it quiet."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+class FeedReader(CalibrationDataReader):
+    """onnxruntime's calibration reader over a stream of feeds."""
+
+    def __init__(self, feeds: Iterable[Mapping[str, np.ndarray]], *, on_item: Any = None) -> None:
+        self._it = iter(feeds)
+        self._on_item = on_item
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        item = next(self._it, None)
+        if item is not None and self._on_item is not None:
+            self._on_item()
+        return None if item is None else dict(item)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def calibrate(
+    model_path: Path,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    method: str,
+    cache_path: Path,
+    on_item: Any = None,
+) -> Path:
+    """Collect activation ranges once and write them to ``cache_path`` (JSON)."""
+    if method not in METHODS:
+        raise ConversionError(
+            f"unknown calibration method {method!r} (known: {', '.join(METHODS)})"
+        )
+    extra: dict[str, Any] = {}
+    if method == "percentile":
+        extra["percentile"] = 99.99
+    with tempfile.TemporaryDirectory(prefix="edge-calib-") as tmp, _quiet():
+        try:
+            calibrator = create_calibrator(
+                model_path,
+                None,
+                augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                calibrate_method=METHODS[method],
+                extra_options=extra,
+            )
+            calibrator.collect_data(FeedReader(feeds, on_item=on_item))
+            ranges = calibrator.compute_data()
+        except Exception as exc:
+            raise ConversionError(f"calibration failed: {_first_line(exc)}") from exc
+    save_tensors_data(ranges, cache_path)
+    return cache_path
+
+
+def quantize_int8_static(
+    model_path: Path,
+    out_path: Path,
+    *,
+    scheme: Int8Scheme,
+    cache_path: Path,
+    method: str,
+    per_channel: bool = True,
+    nodes_to_exclude: Sequence[str] = (),
+) -> Path:
+    """Static int8 from cached ranges, in the given scheme."""
+    fmt = QuantFormat.QDQ if scheme.graph == "qdq" else QuantFormat.QOperator
+    with _quiet():
+        try:
+            quantize_static(
+                str(model_path),
+                str(out_path),
+                None,
+                quant_format=fmt,
+                per_channel=per_channel,
+                reduce_range=scheme.reduce_range,
+                activation_type=_QTYPE[scheme.activation],
+                weight_type=_QTYPE[scheme.weight],
+                nodes_to_exclude=list(nodes_to_exclude),
+                calibrate_method=METHODS[method],
+                calibration_cache_path=str(cache_path),
+                extra_options={},
+            )
+        except Exception as exc:
+            raise ConversionError(
+                f"int8 quantization ({scheme.name}) failed: {_first_line(exc)}"
+            ) from exc
+    return out_path
+
+
+def quantize_int8_dynamic(
+    model_path: Path,
+    out_path: Path,
+    *,
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    nodes_to_exclude: Sequence[str] = (),
+) -> Path:
+    """Dynamic int8: int8 weights, activations quantized per call (MatMul / RNN-heavy models)."""
+    with _quiet():
+        try:
+            quantize_dynamic(
+                str(model_path),
+                str(out_path),
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=list(nodes_to_exclude),
+            )
+        except Exception as exc:
+            raise ConversionError(f"dynamic int8 quantization failed: {_first_line(exc)}") from exc
+    return out_path
+
+
+def to_fp16(model: onnx.ModelProto, *, node_block_list: Sequence[str] = ()) -> onnx.ModelProto:
+    """fp16 weights and compute, float32 inputs/outputs kept for the caller."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with _quiet():
+        try:
+            return convert_float_to_float16(
+                onnx.ModelProto.FromString(model.SerializeToString()),
+                keep_io_types=True,
+                node_block_list=list(node_block_list) or None,
+            )
+        except Exception as exc:
+            raise ConversionError(f"fp16 conversion failed: {_first_line(exc)}") from exc
+
+
+# --- sensitivity -----------------------------------------------------------------------------
+
+
+def quantizable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type in WEIGHTED_OPS and n.name]
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> bytes:
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    have = {o.name for o in m.graph.output}
+    for name in names:
+        if name not in have:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return m.SerializeToString()
+
+
+def _nsr(ref: np.ndarray, got: np.ndarray) -> float:
+    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+    return float(np.sum((got64 - ref64) ** 2) / max(np.sum(ref64**2), 1e-30))
+
+
+def activation_sensitivity(
+    float_model: onnx.ModelProto,
+    qdq_model: onnx.ModelProto,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    *,
+    threads: int = 0,
+) -> list[dict[str, Any]]:
+    """Rank quantizable nodes by the error they add.
+
+    Runs the float model and a QDQ-quantized twin on the same feeds with every quantizable
+    node's output exposed. A node's error is the noise-to-signal ratio of its output in the QDQ
+    model; what it *adds* is that minus the worst error already on its inputs. Highest first.
+    """
+    nodes = quantizable_nodes(float_model)
+    float_tensors = {o for n in float_model.graph.node for o in n.output}
+    q_tensors = {o for n in qdq_model.graph.node for o in n.output}
+    q_nodes = {n.name: n for n in qdq_model.graph.node}
+    # The tensor that carries each node's result in both graphs. The quantizer may drop an
+    # activation after a node (Relu/Clip folded into the quantized range): the node's output
+    # in the QDQ graph is then the activation's output, which the float graph also has.
+    result_of: dict[str, str] = {}
+    for node in nodes:
+        qnode = q_nodes.get(node.name)
+        out = qnode.output[0] if qnode is not None else node.output[0]
+        if out in float_tensors and out in q_tensors:
+            result_of[node.name] = out
+    inputs = {i for n in nodes for i in n.input if i in float_tensors and i in q_tensors}
+    tensors = sorted(set(result_of.values()) | inputs)
+    sf = make_session(_with_outputs(float_model, tensors), threads=threads)
+    sq = make_session(_with_outputs(qdq_model, tensors), threads=threads)
+    errors: dict[str, list[float]] = {t: [] for t in tensors}
+    for feed in feeds:
+        ref = sf.run(tensors, dict(feed))
+        got = sq.run(tensors, dict(feed))
+        for t, r, g in zip(tensors, ref, got):
+            errors[t].append(_nsr(r, g))
+    err = {t: float(np.mean(v)) for t, v in errors.items() if v}
+    ranking: list[dict[str, Any]] = []
+    for node in nodes:
+        out = result_of.get(node.name)
+        if out is None or out not in err:
+            continue
+        upstream = max((err.get(i, 0.0) for i in node.input), default=0.0)
+        ranking.append(
+            {
+                "node": node.name,
+                "op_type": node.op_type,
+                "output_nsr": err[out],
+                "added_nsr": max(err[out] - upstream, 0.0),
+            }
+        )
+    ranking.sort(key=lambda r: r["added_nsr"], reverse=True)
+    return ranking
+
+
+def weight_sensitivity(
+    model: onnx.ModelProto, *, reduce_range: bool = False
+) -> list[dict[str, Any]]:
+    """Rank weighted nodes by the noise of quantizing their weights per channel (symmetric int8).
+
+    Used for dynamic quantization, where activations are quantized with exact ranges per call."""
+    inits = {i.name: i for i in model.graph.initializer}
+    qmax = 63 if reduce_range else 127
+    ranking: list[dict[str, Any]] = []
+    for node in quantizable_nodes(model):
+        weight_name = next((i for i in node.input[1:2] if i in inits), None)
+        if weight_name is None:
+            continue
+        w = numpy_helper.to_array(inits[weight_name]).astype(np.float64)
+        if w.ndim == 0 or w.size == 0:
+            continue
+        axis = 0 if node.op_type in ("Conv", "ConvTranspose") else w.ndim - 1
+        reduce_axes = tuple(a for a in range(w.ndim) if a != axis)
+        scale = np.max(np.abs(w), axis=reduce_axes, keepdims=True) / qmax
+        scale = np.where(scale == 0, 1.0, scale)
+        wq = np.clip(np.round(w / scale), -qmax, qmax) * scale
+        nsr = _nsr(w, wq)
+        ranking.append(
+            {"node": node.name, "op_type": node.op_type, "output_nsr": nsr, "added_nsr": nsr}
+        )
+    ranking.sort(key=lambda r: r["added_nsr"], reverse=True)
+    return ranking
+
+
+def exclusion_steps(total: int) -> list[int]:
+    """How many of the most sensitive nodes to keep in float at each retry: 1, 2, 3, 4, 6, 8,
+    12, 16, ... up to all of them."""
+    steps, k = [], 1
+    while k < total:
+        steps.append(k)
+        k = k + 1 if k < 4 else int(k * 1.5)
+    steps.append(total)
+    return sorted(set(steps))
+
+
+def node_names_present(model: onnx.ModelProto, names: Iterable[str]) -> list[str]:
+    have = {n.name for n in model.graph.node}
+    return [n for n in names if n in have]
+
+
+def ensure_node_names(model: onnx.ModelProto) -> int:
+    """Give every unnamed node a stable unique name (the quantizer addresses nodes by name)."""
+    used = {n.name for n in model.graph.node if n.name}
+    fixed = 0
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+            fixed += 1
+    return fixed

@@ -1,0 +1,74 @@
+"""Names shared by the converter, the bundle format and device profiles: artifact formats and
+int8 quantization schemes. One place defines them; everything else imports them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Artifact formats, in the spelling the CLI, manifests and profiles use.
+ONNX_FORMATS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "onnx-int8-dynamic")
+TFLITE_FORMATS = ("tflite-fp32", "tflite-fp16", "tflite-int8")
+ARTIFACT_FORMATS = ONNX_FORMATS + TFLITE_FORMATS
+
+#: The runtime that executes each artifact format.
+RUNTIME_FOR_FORMAT = {
+    **dict.fromkeys(ONNX_FORMATS, "onnxruntime"),
+    **dict.fromkeys(TFLITE_FORMATS, "litert"),
+}
+
+
+@dataclass(frozen=True)
+class Int8Scheme:
+    """An int8 quantization scheme: activation type, weight type, reduce_range and graph format.
+
+    Spelled ``<act><weight>[-rr]-<qdq|qop>``, e.g. ``u8s8-rr-qop``: uint8 activations, int8
+    weights, 7-bit reduce_range, QOperator graph (QLinearConv ...). QDQ graphs keep float ops
+    between QuantizeLinear/DequantizeLinear pairs (TensorRT needs them); QOperator graphs use
+    onnxruntime's fused integer kernels.
+    """
+
+    activation: str  # "u8" | "s8"
+    weight: str  # "u8" | "s8"
+    reduce_range: bool
+    graph: str  # "qdq" | "qop"
+
+    def __post_init__(self) -> None:
+        if self.activation not in ("u8", "s8") or self.weight not in ("u8", "s8"):
+            raise ValueError(f"Invalid int8 scheme types: {self.activation}{self.weight}")
+        if self.graph not in ("qdq", "qop"):
+            raise ValueError(f"Invalid int8 scheme graph: {self.graph}")
+
+    @property
+    def name(self) -> str:
+        rr = "-rr" if self.reduce_range else ""
+        return f"{self.activation}{self.weight}{rr}-{self.graph}"
+
+    @classmethod
+    def parse(cls, text: str) -> Int8Scheme:
+        """Parse ``u8s8-rr-qop`` and friends; raise ``ValueError`` naming the bad text."""
+        parts = text.strip().lower().split("-")
+        ok = len(parts) in (2, 3) and len(parts[0]) == 4 and (len(parts) == 2 or parts[1] == "rr")
+        try:
+            if ok:
+                return cls(parts[0][:2], parts[0][2:], len(parts) == 3, parts[-1])
+        except ValueError:
+            pass
+        raise ValueError(
+            f"Invalid int8 scheme: {text!r} (expected e.g. u8s8-rr-qop, s8s8-qdq; known: "
+            f"{', '.join(INT8_SCHEMES)})"
+        )
+
+
+#: Every scheme the converter knows how to produce.
+INT8_SCHEMES = (
+    "u8s8-rr-qop",
+    "u8s8-rr-qdq",
+    "u8s8-qop",
+    "u8s8-qdq",
+    "s8s8-qop",
+    "s8s8-qdq",
+    "u8u8-qop",
+)
+
+#: The calibration methods onnxruntime offers, in the CLI's spelling.
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")

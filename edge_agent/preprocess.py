@@ -1,0 +1,152 @@
+"""Image preprocessing, defined once: the converter calibrates with it, the bundle manifest
+records it, and the agent applies the same spec to camera frames.
+
+Vectorized with OpenCV and numpy; nothing per pixel in Python. Normalization is folded into one
+multiply-add: ``x * (scale / std) - mean / std``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edge_agent.errors import ConfigError, DataError
+
+RESIZE_MODES = ("stretch", "letterbox")
+CHANNEL_ORDERS = ("rgb", "bgr", "gray")
+LAYOUTS = ("nchw", "nhwc")
+LETTERBOX_FILL = 114
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a raw BGR uint8 image becomes the model's input tensor."""
+
+    width: int
+    height: int
+    resize: str = "stretch"
+    channels: str = "rgb"
+    layout: str = "nchw"
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self) -> None:
+        if self.width <= 0 or self.height <= 0:
+            raise ConfigError(f"preprocess: size {self.width}x{self.height}: must be > 0")
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(
+                f"preprocess: resize = {self.resize!r}: expected one of {RESIZE_MODES}"
+            )
+        if self.channels not in CHANNEL_ORDERS:
+            raise ConfigError(
+                f"preprocess: channels = {self.channels!r}: expected one of {CHANNEL_ORDERS}"
+            )
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"preprocess: layout = {self.layout!r}: expected one of {LAYOUTS}")
+        n = self.num_channels
+        for key, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, n):
+                raise ConfigError(
+                    f"preprocess: {key} = {list(values)}: give 1 or {n} values for "
+                    f"{self.channels} input"
+                )
+        if any(s == 0 for s in self.std):
+            raise ConfigError(f"preprocess: std = {list(self.std)}: values must be non-zero")
+
+    @property
+    def num_channels(self) -> int:
+        return 1 if self.channels == "gray" else 3
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PreprocessSpec:
+        known = set(cls.__dataclass_fields__)
+        extra = sorted(set(data) - known)
+        if extra:
+            raise ConfigError(f"preprocess: unknown keys {extra} (known: {sorted(known)})")
+        values = dict(data)
+        for key in ("mean", "std"):
+            if key in values:
+                values[key] = tuple(float(v) for v in values[key])
+        return cls(**values)
+
+    @classmethod
+    def for_input_shape(cls, shape: Sequence[int | None], **overrides: Any) -> PreprocessSpec:
+        """Derive size, layout and channel count from a 4-D model input shape."""
+        if len(shape) != 4:
+            raise ConfigError(f"image input must be 4-D (N,C,H,W or N,H,W,C), not {list(shape)}")
+        layout = overrides.pop("layout", None)
+        if layout is None:
+            layout = "nchw" if shape[1] in (1, 3) else "nhwc"
+        h, w, c = (shape[2], shape[3], shape[1]) if layout == "nchw" else shape[1:4]
+        if not h or not w or c not in (1, 3):
+            raise ConfigError(
+                f"cannot derive an image size from the model input shape {list(shape)}"
+            )
+        if c == 1:
+            overrides.setdefault("channels", "gray")
+        return cls(width=int(w), height=int(h), layout=layout, **overrides)
+
+
+class Preprocessor:
+    """Applies a PreprocessSpec; constants are computed once, not per frame."""
+
+    def __init__(self, spec: PreprocessSpec) -> None:
+        self.spec = spec
+        n = spec.num_channels
+        std = np.broadcast_to(np.asarray(spec.std, np.float32), (n,))
+        mean = np.broadcast_to(np.asarray(spec.mean, np.float32), (n,))
+        self._mul = (np.float32(spec.scale) / std).astype(np.float32)
+        self._add = (-mean / std).astype(np.float32)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """BGR (or gray) uint8 HxW[xC] image -> float32 batch of one, in the spec's layout."""
+        spec = self.spec
+        if image is None or image.ndim not in (2, 3) or image.size == 0:
+            raise DataError(f"not an image: shape {getattr(image, 'shape', None)}")
+        if spec.resize == "letterbox":
+            image = letterbox(image, spec.width, spec.height)
+        elif image.shape[1] != spec.width or image.shape[0] != spec.height:
+            image = cv2.resize(image, (spec.width, spec.height), interpolation=cv2.INTER_LINEAR)
+        if spec.channels == "gray":
+            if image.ndim == 3:
+                image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+            image = image[:, :, None]
+        else:
+            if image.ndim == 2:
+                image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+            if spec.channels == "rgb":
+                image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        x = image.astype(np.float32)
+        x *= self._mul
+        x += self._add
+        if spec.layout == "nchw":
+            x = x.transpose(2, 0, 1)
+        return np.ascontiguousarray(x[None])
+
+
+def letterbox(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize keeping the aspect ratio, padding the rest with grey (the YOLO convention)."""
+    h, w = image.shape[:2]
+    r = min(width / w, height / h)
+    nw, nh = max(1, round(w * r)), max(1, round(h * r))
+    resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    top, left = (height - nh) // 2, (width - nw) // 2
+    return cv2.copyMakeBorder(
+        resized,
+        top,
+        height - nh - top,
+        left,
+        width - nw - left,
+        cv2.BORDER_CONSTANT,
+        value=(LETTERBOX_FILL,) * (1 if image.ndim == 2 else image.shape[2]),
+    )

@@ -1,0 +1,77 @@
+"""Shared fixtures: real models built or trained here, real data files, the real CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converters.cli import main as edge_convert
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """Run ``edge-convert`` in-process (fast); returns exit code, stdout, stderr."""
+
+    def run(*args: object) -> CliResult:
+        capsys.readouterr()
+        code = edge_convert([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+@dataclass
+class DigitsModel:
+    onnx: Path
+    onnx11: Path
+    calibration: Path
+    eval: Path
+    torch_accuracy: float
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsModel:
+    """The digits CNN, trained once per session on scikit-learn's bundled digits."""
+    from converters.zoo import export_onnx, torch_accuracy, train_digits_cnn
+
+    root = tmp_path_factory.mktemp("digits")
+    model, data = train_digits_cnn()
+    (root / "digits.onnx").write_bytes(export_onnx(model, (1, 1, 8, 8)))
+    (root / "digits11.onnx").write_bytes(export_onnx(model, (1, 1, 8, 8), opset=11))
+    np.savez(root / "cal.npz", x=data.x_train[:200])
+    np.savez(root / "eval.npz", x=data.x_test, y=data.y_test)
+    return DigitsModel(
+        onnx=root / "digits.onnx",
+        onnx11=root / "digits11.onnx",
+        calibration=root / "cal.npz",
+        eval=root / "eval.npz",
+        torch_accuracy=torch_accuracy(model, data.x_test, data.y_test),
+    )
+
+
+@pytest.fixture(scope="session")
+def image_calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random-normal 3x64x64 calibration samples (what a normalised image looks like)."""
+    path = tmp_path_factory.mktemp("cal") / "img.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.standard_normal((40, 3, 64, 64)).astype(np.float32))
+    return path
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from edge_agent.keys import generate_keypair
+
+    return generate_keypair(tmp_path_factory.mktemp("keys"))
