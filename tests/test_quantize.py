@@ -306,3 +306,52 @@ def test_symbolic_shape_inference_failure_falls_back(monkeypatch: pytest.MonkeyP
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     canon = canonicalize(model)
     assert "shape inference: onnx" in canon.steps
+
+
+@pytest.fixture(scope="module")
+def iris(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    import joblib
+    from sklearn.datasets import load_iris
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    root = tmp_path_factory.mktemp("iris")
+    x, y = load_iris(return_X_y=True)
+    x = x.astype(np.float32)
+    idx = np.random.default_rng(0).permutation(len(x))
+    tr, te = idx[:100], idx[100:]
+    models = {
+        "forest": make_pipeline(StandardScaler(), RandomForestClassifier(20, random_state=0)),
+        "mlp": make_pipeline(
+            StandardScaler(), MLPClassifier((32, 32), max_iter=2000, random_state=0)
+        ),
+    }
+    out: dict[str, Any] = {"eval": root / "eval.npz"}
+    np.savez(out["eval"], x=x[te], y=y[te])
+    for name, est in models.items():
+        est.fit(x[tr], y[tr])
+        joblib.dump(est, root / f"{name}.joblib")
+        out[name] = (root / f"{name}.joblib", float(np.mean(est.predict(x[te]) == y[te]) * 100))
+    return out
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("forest", "onnx-fp32"), ("mlp", "onnx-int8-dynamic")])
+def test_sklearn_iris_pickle_with_trust(
+    cli: Any, iris: dict[str, Any], tmp_path: Path, name: str, fmt: str
+) -> None:
+    path, sk_accuracy = iris[name]
+    r = cli("quantize", path, "-o", tmp_path / "m.onnx", "--format", fmt, *FAST)
+    assert r.code == 2 and "--trust-pickle" in r.err and not (tmp_path / "m.onnx").exists()
+    rep = tmp_path / "r.json"
+    r = cli(
+        "quantize", path, "--trust-pickle", "-o", tmp_path / "m.onnx", "--format", fmt,
+        "--eval", iris["eval"], "--max-accuracy-drop", "2", "--report", rep, *FAST,
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    report = json.loads(rep.read_text())
+    assert report["accuracy"]["original"] == pytest.approx(sk_accuracy, abs=0.01)
+    assert report["accuracy"]["original"] - report["accuracy"]["converted"] <= 2
+    if fmt == "onnx-int8-dynamic":
+        assert _op_types(tmp_path / "m.onnx") & {"MatMulInteger", "DynamicQuantizeLinear"}
