@@ -28,7 +28,13 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, shape_inference, version_converter
 
-from edge_agent.errors import ConfigError, ConversionError, ModelError, UnsupportedModelError
+from edge_agent.errors import (
+    ConfigError,
+    ConversionError,
+    ModelError,
+    UnsupportedModelError,
+    first_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +159,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     try:
         upgraded = version_converter.convert_version(model, target)
     except Exception as exc:  # onnx raises RuntimeError / ValidationError / C++ errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConversionError(
             f"could not upgrade the model from opset {current} to {target}: {first}; "
             f"re-export it at opset {target} or newer"
@@ -199,13 +205,8 @@ def ort_optimize(model: onnx.ModelProto, *, level: str = "basic") -> onnx.ModelP
         try:
             ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ModelError(f"onnxruntime cannot load the model: {_first_line(exc)}") from exc
+            raise ModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from exc
         return onnx.load_model(str(dst))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def canonicalize(
@@ -249,7 +250,7 @@ def canonicalize(
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise ConversionError(f"the canonical model is invalid: {_first_line(exc)}") from exc
+        raise ConversionError(f"the canonical model is invalid: {first_line(exc)}") from exc
     return CanonicalModel(
         model=model, original_opset=original_opset, opset=default_opset(model), steps=steps
     )

@@ -45,7 +45,7 @@ from typing import Any
 
 import onnx
 
-from edge_agent.errors import ConfigError, EdgeError, ModelError, UnsupportedModelError
+from edge_agent.errors import ConfigError, EdgeError, ModelError, UnsupportedModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def _load_onnx(path: Path) -> onnx.ModelProto:
         try:
             onnx.load_external_data_for_model(model, str(base))
         except Exception as exc:
-            raise ModelError(f"{path}: cannot read its external data: {_first_line(exc)}") from exc
+            raise ModelError(f"{path}: cannot read its external data: {first_line(exc)}") from exc
     return model
 
 
@@ -297,7 +297,7 @@ def _load_pickle(path: Path, *, trust: bool) -> Any:
         raise
     except Exception as exc:
         raise ModelError(
-            f"{path}: cannot unpickle: {_first_line(exc)}; the code that defined its classes "
+            f"{path}: cannot unpickle: {first_line(exc)}; the code that defined its classes "
             "must be importable"
         ) from exc
 
@@ -352,7 +352,7 @@ def _import_torchscript(
         with _captured_warnings("torch.jit.load"):
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
-        raise ModelError(f"{path}: not a readable TorchScript archive: {_first_line(exc)}") from exc
+        raise ModelError(f"{path}: not a readable TorchScript archive: {first_line(exc)}") from exc
     args = _torch_inputs(None, shapes, label=str(path), what="TorchScript")
     return _export_torch(module, args, names=list(shapes), label=str(path), opset=opset)
 
@@ -365,7 +365,7 @@ def _import_exported_program(
         with _captured_warnings("torch.export.load"):
             program = torch.export.load(str(path))
     except Exception as exc:
-        raise ModelError(f"{path}: not a readable ExportedProgram: {_first_line(exc)}") from exc
+        raise ModelError(f"{path}: not a readable ExportedProgram: {first_line(exc)}") from exc
     return _export_program(program, label=str(path), shapes=shapes, opset=opset)
 
 
@@ -442,7 +442,7 @@ def _export_torch(
         except Exception as exc:
             shapes = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
             raise ModelError(
-                f"{label}: the model fails on inputs of shape {shapes}: {_first_line(exc)}; "
+                f"{label}: the model fails on inputs of shape {shapes}: {first_line(exc)}; "
                 "check --input-shape"
             ) from exc
         out_ranks = _tensor_ranks(outputs, torch)
@@ -486,7 +486,7 @@ def _export_torch(
             except Exception as dynamo_exc:
                 log.debug("%s: the dynamo exporter failed", label, exc_info=True)
                 raise ModelError(
-                    f"{label}: torch cannot export the model to ONNX: {_first_line(legacy_exc)} "
+                    f"{label}: torch cannot export the model to ONNX: {first_line(legacy_exc)} "
                     f"(the dynamo exporter also failed: {_dynamo_reason(dynamo_exc)})"
                 ) from legacy_exc
     return _finish(model, label=label)
@@ -536,7 +536,7 @@ def _dynamo_reason(exc: BaseException) -> str:
         return "it needs onnxscript: pip install onnxscript"
     while exc.__cause__ is not None:
         exc = exc.__cause__
-    return re.sub(r"\x1b\[[0-9;]*m", "", _first_line(exc))
+    return re.sub(r"\x1b\[[0-9;]*m", "", first_line(exc))
 
 
 @contextlib.contextmanager
@@ -641,7 +641,7 @@ def _export_sklearn(
             )
     except Exception as exc:
         raise UnsupportedModelError(
-            f"{label}: skl2onnx cannot convert the {cls}: {_first_line(exc)}; export it to ONNX "
+            f"{label}: skl2onnx cannot convert the {cls}: {first_line(exc)}; export it to ONNX "
             "yourself (a custom skl2onnx converter) and pass the .onnx file"
         ) from exc
     return _finish(model, label=label)
@@ -683,7 +683,7 @@ def _keras_to_saved_model(path: Path, saved: Path) -> Path:
         tf = importlib.import_module("tensorflow")
     except Exception as exc:  # e.g. an ml_dtypes clash, not only ImportError
         raise ConfigError(
-            f"{path}: TensorFlow failed to import ({_first_line(exc)}); reinstall the 'tf' extra: "
+            f"{path}: TensorFlow failed to import ({first_line(exc)}); reinstall the 'tf' extra: "
             "pip install 'edge-inference[tf]'"
         ) from exc
     try:
@@ -695,7 +695,7 @@ def _keras_to_saved_model(path: Path, saved: Path) -> Path:
             tf.saved_model.save(model, str(saved))
     except Exception as exc:
         raise ModelError(
-            f"{path}: Keras cannot load or export the model: {_first_line(exc)}"
+            f"{path}: Keras cannot load or export the model: {first_line(exc)}"
         ) from exc
     return saved
 
@@ -763,15 +763,8 @@ def _finish(model: onnx.ModelProto, *, label: str) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
-        raise ModelError(
-            f"{label}: the exported ONNX model is invalid: {_first_line(exc)}"
-        ) from exc
+        raise ModelError(f"{label}: the exported ONNX model is invalid: {first_line(exc)}") from exc
     return model
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 __all__ = [

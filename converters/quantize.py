@@ -30,7 +30,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
 from converters.validate import make_session
-from edge_agent.errors import ConversionError
+from edge_agent.errors import ConversionError, first_line
 from edge_agent.formats import Int8Scheme
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,6 @@ class FeedReader(CalibrationDataReader):
         return None if item is None else dict(item)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def calibrate(
     model_path: Path,
     feeds: Iterable[Mapping[str, np.ndarray]],
@@ -106,7 +101,7 @@ def calibrate(
             calibrator.collect_data(FeedReader(feeds, on_item=on_item))
             ranges = calibrator.compute_data()
         except Exception as exc:
-            raise ConversionError(f"calibration failed: {_first_line(exc)}") from exc
+            raise ConversionError(f"calibration failed: {first_line(exc)}") from exc
     save_tensors_data(ranges, cache_path)
     return cache_path
 
@@ -141,7 +136,7 @@ def quantize_int8_static(
             )
         except Exception as exc:
             raise ConversionError(
-                f"int8 quantization ({scheme.name}) failed: {_first_line(exc)}"
+                f"int8 quantization ({scheme.name}) failed: {first_line(exc)}"
             ) from exc
     return out_path
 
@@ -166,7 +161,7 @@ def quantize_int8_dynamic(
                 nodes_to_exclude=list(nodes_to_exclude),
             )
         except Exception as exc:
-            raise ConversionError(f"dynamic int8 quantization failed: {_first_line(exc)}") from exc
+            raise ConversionError(f"dynamic int8 quantization failed: {first_line(exc)}") from exc
     return out_path
 
 
@@ -182,7 +177,7 @@ def to_fp16(model: onnx.ModelProto, *, node_block_list: Sequence[str] = ()) -> o
                 node_block_list=list(node_block_list) or None,
             )
         except Exception as exc:
-            raise ConversionError(f"fp16 conversion failed: {_first_line(exc)}") from exc
+            raise ConversionError(f"fp16 conversion failed: {first_line(exc)}") from exc
 
 
 # --- sensitivity -----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edge_agent.errors import ModelError
+from edge_agent.errors import ModelError, first_line
 
 
 def make_session(
@@ -35,8 +35,7 @@ def make_session(
     try:
         return ort.InferenceSession(model, so, providers=list(providers))
     except Exception as exc:
-        text = str(exc).strip().splitlines()
-        raise ModelError(f"onnxruntime cannot load the model: {text[0] if text else exc}") from exc
+        raise ModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from exc
 
 
 class Progress:
@@ -78,7 +77,7 @@ def run_all(
         try:
             outs = session.run(names, dict(feed))
         except Exception as exc:
-            raise ModelError(f"inference failed: {str(exc).strip().splitlines()[0]}") from exc
+            raise ModelError(f"inference failed: {first_line(exc)}") from exc
         for i, out in enumerate(outs):
             out = np.asarray(out)
             chunks[i].append(out if out.ndim else out[None])

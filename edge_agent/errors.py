@@ -31,6 +31,13 @@ EXIT_BUDGET = 3  # the accuracy budget / fidelity floor could not be met; nothin
 EXIT_VERIFY = 4  # a bundle failed verification (signature, integrity or unsafe archive)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of a third-party error's message (or its type name): what goes into our
+    one-line messages when we translate it at the boundary."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
 class EdgeError(Exception):
     """Base of every error the project raises on purpose."""
 
@@ -103,4 +110,5 @@ __all__ = [
     "SignatureError",
     "UnsafeBundleError",
     "UnsupportedModelError",
+    "first_line",
 ]

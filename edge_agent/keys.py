@@ -20,7 +20,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, first_line
 
 PRIVATE_KEY_NAME = "edge-signing.key"
 PUBLIC_KEY_NAME = "edge-signing.pub"
@@ -114,7 +114,7 @@ def load_private_key(path: Path | str) -> Ed25519PrivateKey:
         ) from exc
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise ConfigError(
-            f"{path}: not a PEM private key ({_first_line(exc)}); expected an Ed25519 key from "
+            f"{path}: not a PEM private key ({first_line(exc)}); expected an Ed25519 key from "
             "generate_keypair"
         ) from exc
     if not isinstance(key, Ed25519PrivateKey):
@@ -132,7 +132,7 @@ def load_public_key(path: Path | str) -> Ed25519PublicKey:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise ConfigError(
-            f"{path}: not a PEM public key ({_first_line(exc)}); expected the {PUBLIC_KEY_NAME} "
+            f"{path}: not a PEM public key ({first_line(exc)}); expected the {PUBLIC_KEY_NAME} "
             "written by generate_keypair"
         ) from exc
     if not isinstance(key, Ed25519PublicKey):
@@ -166,11 +166,6 @@ def load_trusted_keys(paths: Iterable[Path | str]) -> dict[str, Ed25519PublicKey
 def _kind(key: object) -> str:
     """'RSA', 'EllipticCurve', 'Ed448', ... from the key's class name."""
     return re.sub(r"(Private|Public)Key$", "", type(key).__name__.lstrip("_")) or "another key"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 __all__ = [
