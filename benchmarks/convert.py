@@ -25,7 +25,14 @@ from converters.canonical import fix_ir_version
 from converters.convert import ConvertOptions, convert
 from converters.data import load_dataset
 from converters.quantize import FeedReader, _quiet
-from converters.validate import accuracy, compare_outputs, make_session, measure_latency, run_all
+from converters.validate import (
+    accuracy,
+    compare_outputs,
+    concat,
+    make_session,
+    measure_latency,
+    run_all,
+)
 from edge_agent.errors import EdgeError
 from edge_agent.profiles import detect_host_profile
 
@@ -175,7 +182,7 @@ def bench(seconds: float) -> dict[str, Any]:
                     "runs": lat[key].runs,
                     "cosine": fid["cosine"],
                     "top1_agreement": fid["top1_agreement"],
-                    "accuracy": accuracy(got, labels) if labels is not None else None,
+                    "accuracy": accuracy(concat(got), labels) if labels is not None else None,
                     "int8_scheme": reports.get(key, {}).get("int8_scheme"),
                     "float_nodes": len(reports.get(key, {}).get("float_nodes") or []),
                 }

@@ -60,7 +60,7 @@ def _postprocess(task: str, labels: Sequence[str] | None, result: ConvertResult)
     if task == "classification":
         if not classifier:
             raise ConfigError("--task classification: the model has no [N, classes] float output")
-        name = classifier[-1]
+        name = classifier[0]  # the output accuracy was measured on (class_predictions)
         n_classes = int(np.asarray(result.golden_outputs[name]).shape[1])
         post["output"] = name
         post["num_classes"] = n_classes

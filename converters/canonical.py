@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,12 +143,14 @@ def fix_input_shapes(
                 continue  # a dynamic batch is fine: it is set to 1 where a fixed one is needed
             label = dim.dim_param or "?"
             example = ",".join(
-                str(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else "N"
-                for d in dims
+                str(d.dim_value)
+                if d.HasField("dim_value") and d.dim_value > 0
+                else ("1" if i == 0 else "N")
+                for i, d in enumerate(dims)
             )
             raise ConfigError(
                 f"input '{inp.name}' has a dynamic dim '{label}' at axis {axis}; fix it with "
-                f"--input-shape {inp.name}={example.replace('N', '1', 1) if example else 'DIMS'}"
+                f"--input-shape {inp.name}={example} (N: the size you will run it at)"
             )
     return steps
 
@@ -167,13 +170,25 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return upgraded
 
 
+@contextlib.contextmanager
+def _cwd(path: str) -> Iterator[None]:
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
     """Symbolic shape inference, falling back to onnx's own, then to none."""
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        with contextlib.redirect_stdout(io.StringIO()):
-            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        # It may write a scratch file into the working directory: give it a temporary one.
+        with tempfile.TemporaryDirectory(prefix="edge-shape-") as tmp, _cwd(tmp):  # noqa: SIM117
+            with contextlib.redirect_stdout(io.StringIO()):  # (one `with` needs Python 3.10)
+                inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
         if inferred is not None:
             return inferred, "symbolic"
     except Exception as exc:

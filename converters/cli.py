@@ -79,6 +79,11 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         help="validate on at most N samples (default 1000)",
     )
     p.add_argument(
+        "--no-float-fallback",
+        action="store_true",
+        help="fail instead of keeping quantization-sensitive nodes in float",
+    )
+    p.add_argument(
         "--latency-seconds",
         type=float,
         default=1.5,
@@ -231,9 +236,29 @@ def _profile(name: str | None) -> Any:
 
 
 def _path_size(path: Path) -> int:
+    """A model's size on disk: a directory's files, or an ONNX file plus its external data."""
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+    size = path.stat().st_size
+    if path.suffix == ".onnx":
+        import onnx
+
+        try:
+            model = onnx.load_model(str(path), load_external_data=False)
+        except Exception:
+            return size  # the importer reports what is wrong with it
+        locations = {
+            entry.value
+            for t in model.graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL
+            for entry in t.external_data
+            if entry.key == "location"
+        }
+        for loc in locations:
+            data = path.parent / loc
+            if data.is_file():
+                size += data.stat().st_size
+    return size
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, dict[str, tuple[int, ...]], int]:
@@ -285,6 +310,7 @@ def _options(args: argparse.Namespace, *, fmt: str, profile: Any) -> Any:
         max_validation_samples=args.max_eval_samples,
         schemes=tuple(args.scheme),
         latency_seconds=args.latency_seconds,
+        float_fallback=not args.no_float_fallback,
         host_profile=profile.arch == _host_arch(),
     )
 

@@ -25,18 +25,19 @@ import onnx
 
 from converters import quantize as q
 from converters.canonical import CanonicalModel, canonicalize, fix_ir_version, tensor_spec
-from converters.data import Dataset, Subset, load_dataset, random_dataset
+from converters.data import Dataset, Subset, evenly, load_dataset, random_dataset, split_holdout
 from converters.validate import (
     Progress,
     accuracy,
     class_predictions,
     compare_outputs,
+    concat,
     is_classifier_output,
     make_session,
     measure_latency,
     run_all,
 )
-from edge_agent.errors import AccuracyBudgetError, ConfigError, EdgeError
+from edge_agent.errors import AccuracyBudgetError, ConfigError, DataError, EdgeError
 from edge_agent.formats import ONNX_FORMATS, Int8Scheme
 from edge_agent.preprocess import PreprocessSpec
 
@@ -64,6 +65,7 @@ class ConvertOptions:
     max_validation_samples: int = 1000
     schemes: tuple[str, ...] = ()
     per_channel: bool = True
+    float_fallback: bool = True
     progress: bool | None = None
     latency_seconds: float = 1.5
     host_profile: bool = True
@@ -188,9 +190,10 @@ def image_preprocess(
         return None
 
 
-def _batch_size(specs: Sequence[Mapping[str, Any]]) -> int:
+def _fixed_batch(specs: Sequence[Mapping[str, Any]]) -> int | None:
+    """The model's batch size when its first input fixes one, else None (dynamic)."""
     first = list(specs[0]["shape"]) if specs else []
-    return 32 if first and first[0] is None else 1
+    return int(first[0]) if first and first[0] else None
 
 
 def _original_for_runtime(model: onnx.ModelProto) -> bytes:
@@ -239,7 +242,10 @@ def _convert(
     preprocess = options.preprocess or image_preprocess(in_specs, options.preprocess_overrides)
 
     # --- data ---------------------------------------------------------------------------
+    fixed_batch = _fixed_batch(in_specs)
+    step = fixed_batch or 1  # sample counts are kept multiples of a fixed batch
     calib_ds: Dataset | None = None
+    eval_ds: Dataset | None = None
     if options.calibration is not None:
         calib_ds = load_dataset(options.calibration, input_specs=in_specs, preprocess=preprocess)
     elif options.fmt == "onnx-int8":
@@ -247,40 +253,51 @@ def _convert(
             "onnx-int8 needs --calibration PATH (.npy/.npz of preprocessed samples, or an image "
             "directory); or use --format onnx-int8-dynamic"
         )
-    calib_range = (0, 0)
+    cal_idx: list[int] = []
     if options.eval is not None:
         eval_ds = load_dataset(options.eval, input_specs=in_specs, preprocess=preprocess)
-        val = Subset(eval_ds, 0, options.max_validation_samples)
+        val_ds, val_idx = eval_ds, evenly(range(len(eval_ds)), options.max_validation_samples)
         if calib_ds is not None:
-            calib_range = (0, min(len(calib_ds), options.max_calibration_samples))
+            cal_idx = evenly(range(len(calib_ds)), options.max_calibration_samples)
         val_source = f"{eval_ds.description} (--eval)"
     elif calib_ds is not None:
-        n = len(calib_ds)
-        held = min(options.max_validation_samples, max(1, n // 5)) if n > 1 else 0
-        if held == 0:
-            val = Subset(calib_ds, 0, n)
+        cal_all, held = split_holdout(len(calib_ds))
+        cal_idx = evenly(cal_all, options.max_calibration_samples)
+        val_ds, val_idx = calib_ds, evenly(held, options.max_validation_samples)
+        if len(calib_ds) < 2:
+            val_source = f"{calib_ds.description} (the calibration sample itself)"
             warnings_.append(
                 "one calibration sample: validated on the sample it was calibrated with"
             )
         else:
-            val = Subset(calib_ds, n - held, n)
-        calib_range = (0, min(n - held if held else n, options.max_calibration_samples))
-        val_source = f"{calib_ds.description} (last {len(val)} samples held out of calibration)"
+            val_source = (
+                f"{calib_ds.description} (every 5th sample held out of calibration: {len(val_idx)})"
+            )
     else:
-        rnd = random_dataset(in_specs, n=RANDOM_VALIDATION_SAMPLES)
-        val = Subset(rnd, 0, len(rnd))
-        val_source = rnd.description
+        val_ds = random_dataset(in_specs, n=max(RANDOM_VALIDATION_SAMPLES, step))
+        val_idx = list(range(len(val_ds)))
+        val_source = val_ds.description
         warnings_.append(
             "no --calibration or --eval data: fidelity was measured on random inputs, which says "
             "little about real data"
         )
+    if fixed_batch and fixed_batch > 1:
+        val_idx = val_idx[: len(val_idx) // step * step]
+        cal_idx = cal_idx[: len(cal_idx) // step * step]
+        if not val_idx or (calib_ds is not None and not cal_idx):
+            raise DataError(
+                f"the model's batch size is fixed at {fixed_batch}: give at least {fixed_batch} "
+                "samples for calibration and for validation, or make the batch dynamic"
+            )
+    val = Subset(val_ds, val_idx)
+    calib = Subset(calib_ds, cal_idx) if calib_ds is not None else None
     labels = val.labels()
     budget = _Budget(
         max_drop=options.max_accuracy_drop,
         min_cosine=options.min_cosine,
         has_labels=labels is not None,
     )
-    batch = _batch_size(in_specs)
+    batch = fixed_batch or 32
 
     # --- the reference ------------------------------------------------------------------
     progress = options.progress
@@ -292,14 +309,19 @@ def _convert(
         progress=Progress("validation", len(val), enabled=progress),
     )
     out_names = [o.name for o in orig_sess.get_outputs()]
-    acc_ref = accuracy(ref, labels) if labels is not None else None
+    acc_ref = accuracy(concat(ref), labels) if labels is not None else None
+    if budget.max_drop is not None and acc_ref is None:
+        raise ConfigError(
+            "--max-accuracy-drop needs a classifier (an integer label output or a float "
+            "[N, classes] output); this model has neither: use --min-cosine for a fidelity floor"
+        )
 
     def evaluate(cand: Candidate) -> Candidate:
         try:
             sess = make_session(str(cand.path), threads=threads)
             got = run_all(sess, val.batches(batch=batch))
             cand.fidelity = compare_outputs(ref, got, out_names)
-            cand.accuracy = accuracy(got, labels) if labels is not None else None
+            cand.accuracy = accuracy(concat(got), labels) if labels is not None else None
             reason = budget.check(cand.fidelity, cand.accuracy, acc_ref)
             cand.passed = reason is None
             cand.error = reason
@@ -314,8 +336,23 @@ def _convert(
         candidates.append(evaluate(Candidate("fp32", fp32_path)))
     elif fmt == "onnx-fp16":
         path = tmp / "fp16.onnx"
-        onnx.save_model(q.to_fp16(canon.model), str(path))
-        candidates.append(evaluate(Candidate("fp16", path)))
+        range_feeds = (
+            list(Subset(calib_ds, evenly(cal_idx, 16)).batches(batch=step)) if calib_ds else []
+        )
+        range_feeds = range_feeds or list(Subset(val_ds, evenly(val_idx, 16)).batches(batch=step))
+        hot = q.fp16_overflow_nodes(canon.model, range_feeds, threads=threads)
+        onnx.save_model(q.to_fp16(canon.model, node_block_list=[h["node"] for h in hot]), str(path))
+        cand = evaluate(Candidate("fp16", path))
+        cand.float_nodes = [
+            {
+                "node": h["node"],
+                "op_type": h["op_type"],
+                "reason": f"its output reaches {h['max_abs']:.3g} on the samples; fp16 holds at "
+                f"most {q.FP16_MAX:g}",
+            }
+            for h in hot
+        ]
+        candidates.append(cand)
     elif fmt == "onnx-int8-dynamic":
         ranking = q.weight_sensitivity(canon.model)
 
@@ -328,21 +365,27 @@ def _convert(
             )
 
         candidates.append(
-            _with_budget("dynamic", make_dynamic, lambda: ranking, evaluate, scheme="dynamic")
+            _with_budget(
+                "dynamic",
+                make_dynamic,
+                lambda: ranking,
+                evaluate,
+                scheme="dynamic",
+                fallback=options.float_fallback,
+            )
         )
     else:
-        assert calib_ds is not None
+        assert calib is not None
         cache = tmp / "calibration.json"
-        lo, hi = calib_range
-        cal_progress = Progress("calibration", hi - lo, enabled=progress)
+        cal_progress = Progress("calibration", len(calib), enabled=progress)
         q.calibrate(
             fp32_path,
-            calib_ds.batches(batch=1, start=lo, stop=hi),
+            calib.batches(batch=step),
             method=options.calibration_method,
             cache_path=cache,
             on_item=cal_progress.update,
         )
-        sens_feeds = list(Subset(calib_ds, lo, min(hi, lo + 16)).batches(batch=1))
+        sens_feeds = list(Subset(calib.ds, evenly(calib.indices, 16)).batches(batch=step))
         schemes = options.schemes or options.profile.int8_schemes
         for name in schemes:
             scheme = Int8Scheme.parse(name)
@@ -358,11 +401,12 @@ def _convert(
                     evaluate=evaluate,
                     threads=threads,
                     tmp=tmp,
+                    fallback=options.float_fallback,
                 )
             )
 
     # --- latency, choice ---------------------------------------------------------------
-    feed = next(val.batches(batch=1))
+    feed = next(val.batches(batch=step))
     passing = [c for c in candidates if c.passed]
     sessions = {"original": make_session(orig_bytes, threads=threads)}
     for c in passing:
@@ -396,9 +440,8 @@ def _convert(
     golden_in = dict(feed)
     golden_out = dict(zip(out_names, conv_sess.run(out_names, golden_in)))
     stats = None
-    if calib_ds is not None:
-        lo, hi = calib_range
-        stats = calibration_statistics(Subset(calib_ds, lo, hi), orig_sess, batch=batch)
+    if calib is not None:
+        stats = calibration_statistics(calib, orig_sess, batch=batch)
     report: dict[str, Any] = {
         "format": fmt,
         "output": None,
@@ -410,7 +453,7 @@ def _convert(
         if calib_ds is None
         else {
             "method": options.calibration_method,
-            "samples": calib_range[1] - calib_range[0],
+            "samples": len(cal_idx),
             "source": calib_ds.description,
         },
         "validation": {"samples": len(val), "source": val_source},
@@ -465,7 +508,7 @@ def _convert(
     size["ratio"] = round(size["converted"] / size["original"], 4) if size["original"] else None
     lat_r = report["latency_ms"]
     lat_r["ratio"] = round(lat_r["converted"] / lat_r["original"], 4) if lat_r["original"] else None
-    for ds in (calib_ds,):
+    for ds in (calib_ds, eval_ds):
         if ds is not None:
             ds.close()
     return ConvertResult(
@@ -488,10 +531,11 @@ def _with_budget(
     evaluate: Any,
     *,
     scheme: str,
+    fallback: bool = True,
 ) -> Candidate:
     """Quantize; while the budget is missed, keep the most sensitive nodes in float."""
     first = evaluate(Candidate(label, make((), "0"), scheme=scheme))
-    if first.passed or first.fidelity == {}:
+    if first.passed or first.fidelity == {} or not fallback:
         return first
     ranking = ranking_fn()
     last = first
@@ -528,6 +572,7 @@ def _int8_candidate(
     evaluate: Any,
     threads: int,
     tmp: Path,
+    fallback: bool,
 ) -> Candidate:
     def make(exclude: Sequence[str], tag: str, graph: str = scheme.graph) -> Path:
         s = Int8Scheme(scheme.activation, scheme.weight, scheme.reduce_range, graph)
@@ -548,7 +593,9 @@ def _int8_candidate(
         )
 
     try:
-        return _with_budget(scheme.name, make, ranking, evaluate, scheme=scheme.name)
+        return _with_budget(
+            scheme.name, make, ranking, evaluate, scheme=scheme.name, fallback=fallback
+        )
     except EdgeError as exc:
         return Candidate(scheme.name, tmp / "missing", error=str(exc), scheme=scheme.name)
 
@@ -576,7 +623,8 @@ def calibration_statistics(subset: Subset, session: Any, *, batch: int) -> dict[
             s["n"] += int(np.prod([x.shape[a] for a in red]))
         count += int(next(iter(feed.values())).shape[0])
         for i, out in enumerate(session.run(out_names, dict(feed))):
-            outputs[i].append(np.asarray(out))
+            out = np.asarray(out)
+            outputs[i].append(out if out.ndim else out[None])
     inputs = {}
     for name, s in sums.items():
         mean = s["sum"] / max(s["n"], 1)
@@ -587,11 +635,13 @@ def calibration_statistics(subset: Subset, session: Any, *, batch: int) -> dict[
             "std": np.round(np.sqrt(var), 6).tolist(),
         }
     outs: dict[str, Any] = {}
-    full = [np.concatenate(o) for o in outputs]
+    full = concat(outputs)
     preds = class_predictions(full)
     for name, arr in zip(out_names, full):
         entry: dict[str, Any] = {}
-        if arr.dtype.kind == "f":
+        if arr is None:  # data-dependent size: summarise the values of every batch together
+            arr = np.concatenate([o.reshape(-1) for o in outputs[out_names.index(name)]])
+        if arr.dtype.kind == "f" and arr.size:
             entry.update(
                 min=float(arr.min()),
                 max=float(arr.max()),
@@ -605,7 +655,7 @@ def calibration_statistics(subset: Subset, session: Any, *, batch: int) -> dict[
     if preds is not None:
         n_classes = max(
             int(preds.max()) + 1,
-            max((a.shape[1] for a in full if is_classifier_output(a)), default=0),
+            max((a.shape[1] for a in full if a is not None and is_classifier_output(a)), default=0),
         )
         hist = np.bincount(preds, minlength=n_classes)
         result["class_histogram"] = (hist / max(hist.sum(), 1)).round(6).tolist()

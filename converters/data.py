@@ -26,7 +26,20 @@ from edge_agent.errors import DataError
 from edge_agent.preprocess import Preprocessor, PreprocessSpec
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+_NP_DTYPES = {
+    name: np.dtype(name)
+    for name in (
+        "float32",
+        "float16",
+        "float64",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "bool",
+    )
+}
 
 
 class RowSource(Protocol):
@@ -140,17 +153,39 @@ class Dataset:
     ) -> Iterator[dict[str, np.ndarray]]:
         stop = len(self) if stop is None else min(stop, len(self))
         for lo in range(start, stop, batch):
-            hi = min(lo + batch, stop)
-            yield {
-                name: _cast(src.read(lo, hi), self.dtypes.get(name))
-                for name, src in self.inputs.items()
-            }
+            yield self.read_rows(range(lo, min(lo + batch, stop)))
+
+    def read_rows(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        """One feed holding the given samples (increasing indices read forward, so .npz members
+        stream without reopening). Refuses NaN or infinity in float inputs."""
+        idx = list(indices)
+        contiguous = bool(idx) and idx[-1] - idx[0] == len(idx) - 1
+        feed = {}
+        for name, src in self.inputs.items():
+            if contiguous:
+                array = src.read(idx[0], idx[-1] + 1)
+            else:
+                array = np.concatenate([src.read(i, i + 1) for i in idx])
+            array = _cast(array, self.dtypes.get(name))
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                bad = idx[int(np.argmax(~np.isfinite(array.reshape(len(idx), -1)).all(axis=1)))]
+                raise DataError(
+                    f"{self.description}: sample {bad} of input '{name}' holds NaN or infinity"
+                )
+            feed[name] = array
+        return feed
 
     def read_labels(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
         if self.labels is None:
             return None
         stop = len(self) if stop is None else min(stop, len(self))
         return self.labels.read(start, stop)
+
+    def read_label_rows(self, indices: Sequence[int]) -> np.ndarray | None:
+        if self.labels is None or not indices:
+            return None
+        labels = self.labels
+        return np.concatenate([labels.read(i, i + 1) for i in indices])
 
     def close(self) -> None:
         for src in [*self.inputs.values(), self.labels]:
@@ -216,7 +251,8 @@ def _npz_dataset(path: Path, names: Sequence[str]) -> Dataset:
                 f"name them after the inputs, or 'x' for a single-input model)"
             )
         inputs[name] = _NpzMemberRows(path, members[key])
-    labels = _NpzMemberRows(path, members["y"]) if "y" in members else None
+    # ``y`` holds labels, unless the model has an input of that name.
+    labels = _NpzMemberRows(path, members["y"]) if "y" in members and "y" not in names else None
     ds = Dataset(inputs=inputs, labels=labels, description=str(path))
     counts = {len(s) for s in inputs.values()} | ({len(labels)} if labels else set())
     if len(counts) != 1:
@@ -267,24 +303,47 @@ def random_dataset(input_specs: Sequence[Mapping[str, Any]], *, n: int, seed: in
     inputs: dict[str, RowSource] = {}
     for spec in input_specs:
         dims = [d if d else 1 for d in list(spec["shape"])[1:]]
-        dtype = _NP_DTYPES.get(str(spec["dtype"]), np.float32)
-        inputs[str(spec["name"])] = _ArrayRows(rng.standard_normal((n, *dims)).astype(dtype))
+        dtype = _NP_DTYPES.get(str(spec["dtype"]), np.dtype(np.float32))
+        values = rng.standard_normal((n, *dims))
+        if dtype.kind in "iub":
+            values = np.abs(values).round()  # small non-negative integers / booleans
+        inputs[str(spec["name"])] = _ArrayRows(values.astype(dtype))
     return Dataset(
         inputs=inputs, labels=None, description=f"{n} random normal samples", synthetic=True
     )
 
 
 class Subset:
-    """A contiguous range of a Dataset, used to split calibration from held-out samples."""
+    """Some samples of a Dataset, by index (increasing)."""
 
-    def __init__(self, ds: Dataset, start: int, stop: int) -> None:
-        self.ds, self.start, self.stop = ds, start, min(stop, len(ds))
+    def __init__(self, ds: Dataset, indices: Sequence[int]) -> None:
+        self.ds, self.indices = ds, list(indices)
 
     def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        return len(self.indices)
 
     def batches(self, *, batch: int = 1) -> Iterator[dict[str, np.ndarray]]:
-        return self.ds.batches(batch=batch, start=self.start, stop=self.stop)
+        for k in range(0, len(self.indices), batch):
+            yield self.ds.read_rows(self.indices[k : k + batch])
 
     def labels(self) -> np.ndarray | None:
-        return self.ds.read_labels(self.start, self.stop)
+        return self.ds.read_label_rows(self.indices)
+
+
+def evenly(indices: Sequence[int], k: int) -> list[int]:
+    """At most ``k`` of ``indices``, evenly spread (sorted data stays representative)."""
+    items = list(indices)
+    if len(items) <= k:
+        return items
+    picks = np.unique(np.linspace(0, len(items) - 1, k).round().astype(int))
+    return [items[i] for i in picks]
+
+
+def split_holdout(n: int, *, every: int = 5) -> tuple[list[int], list[int]]:
+    """Every ``every``-th sample held out for validation, the rest for calibration: a strided
+    split, so data sorted by class still gives both sides every class."""
+    if n < 2:
+        return list(range(n)), list(range(n))
+    held = list(range(every - 1, n, every)) or [n - 1]
+    held_set = set(held)
+    return [i for i in range(n) if i not in held_set], held

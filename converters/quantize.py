@@ -171,13 +171,99 @@ def to_fp16(model: onnx.ModelProto, *, node_block_list: Sequence[str] = ()) -> o
 
     with _quiet():
         try:
-            return convert_float_to_float16(
+            converted = convert_float_to_float16(
                 onnx.ModelProto.FromString(model.SerializeToString()),
                 keep_io_types=True,
                 node_block_list=list(node_block_list) or None,
             )
         except Exception as exc:
             raise ConversionError(f"fp16 conversion failed: {first_line(exc)}") from exc
+    _drop_duplicate_nodes(converted)
+    _skip_fp16_round_trips(converted)
+    return converted
+
+
+def _skip_fp16_round_trips(model: onnx.ModelProto) -> None:
+    """Between two nodes kept in float the converter still passes the tensor through fp16
+    (``Cast(to fp16) -> Cast(to fp32)``), which overflows exactly where it must not: read the
+    float tensor directly instead, and drop casts nobody reads any more."""
+    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+
+    def cast_to(node: onnx.NodeProto) -> int | None:
+        if node.op_type != "Cast":
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    graph_outputs = {o.name for o in model.graph.output}
+    rename: dict[str, str] = {}
+    dropped: set[int] = set()
+    for node in model.graph.node:
+        if cast_to(node) == f32 and node.output[0] not in graph_outputs:
+            src = producers.get(node.input[0])
+            if src is not None and cast_to(src) == f16:
+                rename[node.output[0]] = src.input[0]
+                dropped.add(id(node))
+    if not rename:
+        return
+    keep = [n for n in model.graph.node if id(n) not in dropped]
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    used = {i for n in keep for i in n.input} | graph_outputs
+    keep = [n for n in keep if not (cast_to(n) == f16 and n.output[0] not in used)]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def _drop_duplicate_nodes(model: onnx.ModelProto) -> None:
+    """onnxruntime's fp16 converter inserts the same Cast twice when a kept-in-float node reads
+    one tensor twice (``Mul(x, x)``): keep one copy of identical nodes."""
+    seen: set[bytes] = set()
+    keep = []
+    for node in model.graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key not in seen:
+            seen.add(key)
+            keep.append(node)
+    if len(keep) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+
+
+#: The largest finite float16 value.
+FP16_MAX = 65504.0
+
+
+def fp16_overflow_nodes(
+    model: onnx.ModelProto,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    *,
+    threads: int = 0,
+    headroom: float = 0.5,
+) -> list[dict[str, Any]]:
+    """Nodes whose float32 outputs, on these samples, come within ``headroom`` of fp16's range.
+
+    Validation cannot catch fp16 overflow on a CPU (onnxruntime runs many fp16 ops in fp32
+    there); a Jetson GPU would produce inf. These nodes are kept in fp32 instead."""
+    tensors = [o for n in model.graph.node for o in n.output if o]
+    sess = make_session(_with_outputs(model, tensors), threads=threads)
+    names = [o.name for o in sess.get_outputs()]
+    peak: dict[str, float] = {}
+    for feed in feeds:
+        for name, value in zip(names, sess.run(names, dict(feed))):
+            value = np.asarray(value)
+            if value.dtype.kind == "f" and value.size:
+                top = float(np.max(np.abs(value[np.isfinite(value)]), initial=0.0))
+                peak[name] = max(peak.get(name, 0.0), top)
+    limit = FP16_MAX * headroom
+    found = []
+    for node in model.graph.node:
+        worst = max((peak.get(o, 0.0) for o in node.output), default=0.0)
+        if worst > limit:
+            found.append({"node": node.name, "op_type": node.op_type, "max_abs": worst})
+    return found
 
 
 # --- sensitivity -----------------------------------------------------------------------------
@@ -222,10 +308,13 @@ def activation_sensitivity(
     # activation after a node (Relu/Clip folded into the quantized range): the node's output
     # in the QDQ graph is then the activation's output, which the float graph also has.
     result_of: dict[str, str] = {}
+    # A graph output keeps its name on the DequantizeLinear after the node, while the node's
+    # own output is renamed: fall back to the float name then.
     for node in nodes:
         qnode = q_nodes.get(node.name)
-        out = qnode.output[0] if qnode is not None else node.output[0]
-        if out in float_tensors and out in q_tensors:
+        names = ([qnode.output[0]] if qnode is not None else []) + [node.output[0]]
+        out = next((t for t in names if t in float_tensors and t in q_tensors), None)
+        if out is not None:
             result_of[node.name] = out
     inputs = {i for n in nodes for i in n.input if i in float_tensors and i in q_tensors}
     tensors = sorted(set(result_of.values()) | inputs)

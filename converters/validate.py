@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edge_agent.errors import ModelError, first_line
+from edge_agent.errors import DataError, ModelError, first_line
 
 
 def make_session(
@@ -64,15 +64,20 @@ class Progress:
             self.update()
 
 
+#: Outputs as run: for each output, the array of every batch (batches may differ in shape
+#: when an output's size depends on the data, e.g. NonZero or NMS inside a detector).
+Batches = list[list[np.ndarray]]
+
+
 def run_all(
     session: ort.InferenceSession,
     feeds: Iterable[Mapping[str, np.ndarray]],
     *,
     progress: Progress | None = None,
-) -> list[np.ndarray]:
-    """Run every feed and concatenate each output along the batch axis."""
+) -> Batches:
+    """Run every feed; return each output's arrays, one per feed."""
     names = [o.name for o in session.get_outputs()]
-    chunks: list[list[np.ndarray]] = [[] for _ in names]
+    chunks: Batches = [[] for _ in names]
     for feed in feeds:
         try:
             outs = session.run(names, dict(feed))
@@ -83,17 +88,37 @@ def run_all(
             chunks[i].append(out if out.ndim else out[None])
         if progress is not None:
             progress.update(int(next(iter(feed.values())).shape[0]))
-    return [np.concatenate(c) if c else np.zeros((0,)) for c in chunks]
+    return chunks
 
 
-def is_classifier_output(array: np.ndarray) -> bool:
+def concat(batches: Batches) -> list[np.ndarray | None]:
+    """Each output concatenated along the batch axis; None where batch shapes disagree."""
+    out: list[np.ndarray | None] = []
+    for arrays in batches:
+        try:
+            out.append(np.concatenate(arrays) if arrays else None)
+        except ValueError:
+            out.append(None)
+    return out
+
+
+def is_classifier_output(array: np.ndarray | None) -> bool:
     """A float [N, C] output with C > 1: logits or probabilities."""
-    return array.dtype.kind == "f" and array.ndim == 2 and array.shape[1] > 1
+    return array is not None and array.dtype.kind == "f" and array.ndim == 2 and array.shape[1] > 1
+
+
+#: Outputs with fewer values than this per sample (a regression's [N, 1], a box's 4 numbers)
+#: are compared across samples, centred: per-sample cosine is blind there (a 1-value vector's
+#: cosine is always +-1, and a constant offset hides any error).
+SMALL_OUTPUT = 8
 
 
 def _cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     a = ref.reshape(ref.shape[0], -1).astype(np.float64)
     b = got.reshape(got.shape[0], -1).astype(np.float64)
+    if a.shape[1] < SMALL_OUTPUT:
+        mean = a.mean(axis=0, keepdims=True)
+        a, b = (a - mean).reshape(1, -1), (b - mean).reshape(1, -1)
     na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
     dot = np.einsum("ij,ij->i", a, b)
     both_zero = (na == 0) & (nb == 0)
@@ -103,22 +128,36 @@ def _cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     return np.clip(cos, -1.0, 1.0)
 
 
-def compare_outputs(
-    ref: Sequence[np.ndarray], got: Sequence[np.ndarray], names: Sequence[str]
-) -> dict[str, Any]:
-    """Fidelity of ``got`` against ``ref``: the report's ``fidelity`` block."""
+def compare_outputs(ref: Batches, got: Batches, names: Sequence[str]) -> dict[str, Any]:
+    """Fidelity of ``got`` against ``ref``: the report's ``fidelity`` block.
+
+    Batches whose output shapes differ (data-dependent outputs) count against
+    ``shape_agreement`` and are left out of the other measures."""
     per_output: list[dict[str, Any]] = []
     top1: list[float] = []
-    for name, r, g in zip(names, ref, got):
+    for name, r_batches, g_batches in zip(names, ref, got):
         entry: dict[str, Any] = {"name": name}
-        if r.shape != g.shape:
-            raise ModelError(f"output '{name}' changed shape: {list(r.shape)} -> {list(g.shape)}")
+        pairs = list(zip(r_batches, g_batches))
+        matched = [(r, g) for r, g in pairs if r.shape == g.shape]
+        if len(matched) < len(pairs):
+            entry["shape_agreement"] = len(matched) / max(len(pairs), 1)
+        if not matched:
+            entry.update(kind="tensor", cosine=0.0, cosine_min=0.0, max_abs_error=None, snr_db=None)
+            per_output.append(entry)
+            continue
+        try:
+            r = np.concatenate([m[0] for m in matched])
+            g = np.concatenate([m[1] for m in matched])
+        except ValueError:  # shapes vary between batches: compare flattened
+            r = np.concatenate([m[0].reshape(1, -1) for m in matched], axis=1)
+            g = np.concatenate([m[1].reshape(1, -1) for m in matched], axis=1)
         if r.dtype.kind in "iub":
             agree = float(np.mean(r.reshape(r.shape[0], -1) == g.reshape(g.shape[0], -1)))
+            agree *= entry.get("shape_agreement", 1.0)
             entry.update(kind="labels", agreement=agree)
             per_output.append(entry)
             continue
-        cos = _cosines(r, g)
+        cos = _cosines(r, g) * entry.get("shape_agreement", 1.0)
         diff = g.astype(np.float64) - r.astype(np.float64)
         signal = float(np.mean(r.astype(np.float64) ** 2))
         noise = float(np.mean(diff**2))
@@ -128,7 +167,7 @@ def compare_outputs(
             cosine=float(np.mean(cos)),
             cosine_min=float(np.min(cos)),
             max_abs_error=float(np.max(np.abs(diff))) if diff.size else 0.0,
-            snr_db=round(snr, 2) if np.isfinite(snr) else None,
+            snr_db=round(float(snr), 2) if np.isfinite(snr) else None,
         )
         if is_classifier_output(r):
             agreement = float(np.mean(np.argmax(r, axis=1) == np.argmax(g, axis=1)))
@@ -140,24 +179,35 @@ def compare_outputs(
         "cosine": min((e["cosine"] for e in tensors), default=None),
         "cosine_min": min((e["cosine_min"] for e in tensors), default=None),
         "top1_agreement": min(top1) if top1 else None,
-        "max_abs_error": max((e["max_abs_error"] for e in tensors), default=None),
+        "max_abs_error": max(
+            (e["max_abs_error"] for e in tensors if e["max_abs_error"] is not None), default=None
+        ),
         "snr_db": min((e["snr_db"] for e in tensors if e["snr_db"] is not None), default=None),
         "per_output": per_output,
     }
 
 
-def class_predictions(outputs: Sequence[np.ndarray]) -> np.ndarray | None:
-    """Predicted class per sample: an integer label output, else argmax of a classifier output."""
+def class_predictions(outputs: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """Predicted class per sample: an integer label output, else argmax of the first classifier
+    output."""
     for out in outputs:
-        if out.dtype.kind in "iu" and out.ndim == 1:
+        if out is not None and out.dtype.kind in "iu" and out.ndim == 1:
             return out.astype(np.int64)
     for out in outputs:
-        if is_classifier_output(out):
+        if out is not None and is_classifier_output(out):
             return np.argmax(out, axis=1)
     return None
 
 
-def accuracy(outputs: Sequence[np.ndarray], labels: np.ndarray) -> float | None:
+def classifier_output_index(outputs: Sequence[np.ndarray | None]) -> int | None:
+    """Index of the output ``class_predictions`` uses as the class scores, if any."""
+    for i, out in enumerate(outputs):
+        if is_classifier_output(out):
+            return i
+    return None
+
+
+def accuracy(outputs: Sequence[np.ndarray | None], labels: np.ndarray) -> float | None:
     """Top-1 accuracy in percent (points), or None when the model is not a classifier."""
     pred = class_predictions(outputs)
     if pred is None:
@@ -165,6 +215,11 @@ def accuracy(outputs: Sequence[np.ndarray], labels: np.ndarray) -> float | None:
     y = np.asarray(labels)
     if y.ndim == 2 and y.shape[1] > 1:  # one-hot
         y = np.argmax(y, axis=1)
+    if y.dtype.kind not in "iub" and not (y.dtype.kind == "f" and np.all(y == np.round(y))):
+        raise DataError(
+            f"labels (y) must be class indices or one-hot rows, not {y.dtype} values such as "
+            f"{y.reshape(-1)[0]!r}; map class names to indices first"
+        )
     y = y.reshape(-1).astype(np.int64)
     if y.shape[0] != pred.shape[0]:
         raise ModelError(f"{y.shape[0]} labels for {pred.shape[0]} predictions")

@@ -243,7 +243,7 @@ def test_budget_failure_exits_3_and_writes_nothing(cli: Any, digits: Any, tmp_pa
     r = cli(
         "quantize", digits.onnx, "-o", out, "--format", "onnx-int8",
         "--calibration", digits.calibration, "--min-cosine", "0.999999999",
-        "--scheme", "u8s8-qop", "--report", rep, *FAST,
+        "--scheme", "u8s8-qop", "--no-float-fallback", "--report", rep, *FAST,
     )  # fmt: skip
     assert r.code == 3
     assert "budget" in r.err and "nothing was written" in r.err
@@ -355,3 +355,136 @@ def test_sklearn_iris_pickle_with_trust(
     assert report["accuracy"]["original"] - report["accuracy"]["converted"] <= 2
     if fmt == "onnx-int8-dynamic":
         assert _op_types(tmp_path / "m.onnx") & {"MatMulInteger", "DynamicQuantizeLinear"}
+
+
+def test_fp16_keeps_nodes_that_would_overflow_in_float(cli: Any, tmp_path: Path) -> None:
+    """An RMS-norm: squaring 300*x overflows fp16 (65504), which a CPU run does not show."""
+    nodes = [
+        helper.make_node("Mul", ["x", "k"], ["xs"], name="scale"),
+        helper.make_node("Mul", ["xs", "xs"], ["sq"], name="square"),
+        helper.make_node("ReduceMean", ["sq"], ["ms"], name="mean", axes=[1], keepdims=1),
+        helper.make_node("Sqrt", ["ms"], ["rms"], name="sqrt"),
+        helper.make_node("Div", ["xs", "rms"], ["y"], name="norm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "rms",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+        [numpy_helper.from_array(np.array(300.0, np.float32), "k")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    src, data = tmp_path / "rms.onnx", tmp_path / "x.npz"
+    onnx.save(model, str(src))
+    np.savez(data, x=np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32))
+    rep = tmp_path / "r.json"
+    r = cli(
+        "quantize", src, "-o", tmp_path / "h.onnx", "--format", "onnx-fp16",
+        "--calibration", data, "--report", rep, *FAST,
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    report = json.loads(rep.read_text())
+    floated = {n["node"] for n in report["float_nodes"]}
+    assert "square" in floated and "scale" not in floated
+    assert "65504" in report["float_nodes"][0]["reason"]
+    out = onnx.load(str(tmp_path / "h.onnx"))
+    square = next(n for n in out.graph.node if n.name == "square")
+    producers = {o: n for n in out.graph.node for o in n.output}
+    assert producers[square.input[0]].op_type == "Cast"  # fed back to fp32 for this node
+
+
+def test_regression_output_errors_are_not_hidden_by_cosine() -> None:
+    """Per-sample cosine of a 1-value output is always 1: small outputs are compared across
+    samples, centred, so a constant prediction scores ~0."""
+    from converters.validate import compare_outputs
+
+    ref = [[np.array([[1.0], [2.0], [3.0], [4.0]], np.float32) + 50]]
+    constant = [[np.full((4, 1), 52.5, np.float32)]]
+    close = [[ref[0][0] + np.float32(0.01)]]
+    assert compare_outputs(ref, constant, ["y"])["cosine"] < 0.1
+    assert compare_outputs(ref, close, ["y"])["cosine"] > 0.999
+
+
+def test_data_dependent_output_sizes_do_not_crash() -> None:
+    from converters.validate import compare_outputs
+
+    ref = [[np.zeros((5, 2), np.int64), np.zeros((3, 2), np.int64)]]
+    got = [[np.zeros((5, 2), np.int64), np.zeros((4, 2), np.int64)]]
+    fid = compare_outputs(ref, got, ["dets"])
+    assert fid["per_output"][0]["shape_agreement"] == 0.5
+    assert fid["per_output"][0]["agreement"] == 0.5
+
+
+def test_sorted_calibration_data_is_split_by_stride(cli: Any, digits: Any, tmp_path: Path) -> None:
+    """Data sorted by class: validation must still see every class (a tail split would not)."""
+    with np.load(digits.eval) as d:
+        order = np.argsort(d["y"], kind="stable")
+        np.savez(tmp_path / "sorted.npz", x=d["x"][order], y=d["y"][order])
+    rep = tmp_path / "r.json"
+    r = cli(
+        "quantize", digits.onnx, "-o", tmp_path / "m.onnx", "--format", "onnx-fp32",
+        "--calibration", tmp_path / "sorted.npz", "--report", rep, *FAST,
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    report = json.loads(rep.read_text())
+    assert "every 5th sample" in report["validation"]["source"]
+    assert report["accuracy"]["original"] > 90  # all ten classes, not just 8 and 9
+
+
+def test_max_accuracy_drop_on_a_non_classifier_is_refused(cli: Any, tmp_path: Path) -> None:
+    src = tmp_path / "outlier.onnx"
+    _outlier_model(src)
+    data = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.standard_normal((10, 3, 16, 16)).astype(np.float32), y=np.arange(10))
+    r = cli(
+        "quantize", src, "-o", tmp_path / "o.onnx", "--format", "onnx-fp32", "--eval", data,
+        "--max-accuracy-drop", "1", *FAST,
+    )  # fmt: skip
+    assert r.code == 2 and "needs a classifier" in r.err and "--min-cosine" in r.err
+
+
+def test_nan_in_data_and_string_labels_are_bad_input(cli: Any, digits: Any, tmp_path: Path) -> None:
+    x = np.zeros((10, 1, 8, 8), np.float32)
+    x[3, 0, 2, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x)
+    r = cli(
+        "quantize", digits.onnx, "-o", tmp_path / "m.onnx", "--format", "onnx-fp32",
+        "--calibration", tmp_path / "nan.npz", *FAST,
+    )  # fmt: skip
+    assert r.code == 2 and "sample 3" in r.err and "NaN" in r.err
+    np.savez(
+        tmp_path / "s.npz", x=np.zeros((4, 1, 8, 8), np.float32), y=np.array(["a", "b", "a", "c"])
+    )
+    r = cli(
+        "quantize", digits.onnx, "-o", tmp_path / "m.onnx", "--format", "onnx-fp32",
+        "--eval", tmp_path / "s.npz", *FAST,
+    )  # fmt: skip
+    assert r.code == 2 and "class indices" in r.err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_fixed_batch_larger_than_one(cli: Any, tmp_path: Path) -> None:
+    w = numpy_helper.from_array(np.ones((6, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    src = tmp_path / "b4.onnx"
+    onnx.save(model, str(src))
+    np.savez(
+        tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((30, 6)).astype(np.float32)
+    )
+    r = cli(
+        "quantize", src, "-o", tmp_path / "q.onnx", "--format", "onnx-int8",
+        "--calibration", tmp_path / "d.npz", *FAST,
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    (y,) = _run(tmp_path / "q.onnx", np.zeros((4, 6), np.float32))
+    assert y.shape == (4, 3)
