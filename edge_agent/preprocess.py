@@ -97,8 +97,33 @@ class PreprocessSpec:
         return cls(width=int(w), height=int(h), layout=layout, **overrides)
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where a source image landed in the model input: input = source * scale + pad (per axis).
+    Postprocessing inverts it to put boxes back in source pixels."""
+
+    scale_x: float
+    scale_y: float
+    pad_x: float
+    pad_y: float
+
+    def to_source(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (x - self.pad_x) / self.scale_x, (y - self.pad_y) / self.scale_y
+
+
 class Preprocessor:
     """Applies a PreprocessSpec; constants are computed once, not per frame."""
+
+    def geometry(self, height: int, width: int) -> Geometry:
+        """The transform this preprocessor applies to a ``height`` x ``width`` image."""
+        spec = self.spec
+        if spec.resize == "letterbox":
+            r = min(spec.width / width, spec.height / height)
+            nw, nh = max(1, round(width * r)), max(1, round(height * r))
+            return Geometry(
+                nw / width, nh / height, (spec.width - nw) // 2, (spec.height - nh) // 2
+            )
+        return Geometry(spec.width / width, spec.height / height, 0.0, 0.0)
 
     def __init__(self, spec: PreprocessSpec) -> None:
         self.spec = spec
