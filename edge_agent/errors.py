@@ -10,6 +10,9 @@
     │   └── UnsupportedModelError  a valid model we cannot handle (names what and why)
     ├── ConversionError            quantization or optimisation failed
     │   └── AccuracyBudgetError    no candidate met the accuracy budget or fidelity floor
+    ├── SourceError                an input (camera, stream, file, images, sensor) that cannot be
+    │   │                          opened or parsed: a bad URI, a missing or corrupt file
+    │   └── SourceTimeout          read() saw no new frame in time (in ``edge_agent.sources``)
     └── BundleError                a model bundle that cannot be read or trusted
         ├── UnsafeBundleError      an archive entry is a link, absolute, escapes, or too large
         ├── SignatureError         the manifest signature is missing or from no trusted key
@@ -74,6 +77,12 @@ class AccuracyBudgetError(ConversionError):
     exit_code = EXIT_BUDGET
 
 
+class SourceError(EdgeError):
+    """An input (camera, stream, video file, images, sensor) that cannot be opened or read: a bad
+    URI, a missing or corrupt file. A live source that is lost does not raise: it reports
+    ``status = "degraded"`` and reconnects."""
+
+
 class BundleError(EdgeError):
     """A model bundle that cannot be read or trusted."""
 
@@ -108,6 +117,7 @@ __all__ = [
     "ModelError",
     "ProfileError",
     "SignatureError",
+    "SourceError",
     "UnsafeBundleError",
     "UnsupportedModelError",
     "first_line",

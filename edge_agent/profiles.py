@@ -14,6 +14,7 @@ Every error is a :class:`~edge_agent.errors.ProfileError` whose message is one l
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -467,3 +468,31 @@ __all__ = [
     "profile_dirs",
     "recommended_int8_schemes",
 ]
+
+
+#: Substrings of /proc/device-tree/model and the profile each one means.
+_BOARD_MODELS = (
+    ("Raspberry Pi 5", "raspberry-pi-5"),
+    ("Raspberry Pi 4", "raspberry-pi-4"),
+    ("Raspberry Pi Zero 2", "raspberry-pi-zero-2w"),
+    ("Orin Nano", "jetson-orin-nano"),
+    ("Jetson Nano", "jetson-nano"),
+)
+
+
+def detect_device_profile(
+    *,
+    device_tree_model: Path = Path("/proc/device-tree/model"),
+    tegra_release: Path = Path("/etc/nv_tegra_release"),
+) -> DeviceProfile:
+    """The shipped profile for this board when it is one we know (Raspberry Pi from the device
+    tree, Jetson from the device tree or /etc/nv_tegra_release), else the detected host."""
+    model = ""
+    with contextlib.suppress(OSError):
+        model = device_tree_model.read_bytes().decode("utf-8", "replace").strip("\x00\n ")
+    for needle, name in _BOARD_MODELS:
+        if needle in model:
+            return load_profile(name)
+    if tegra_release.exists():
+        return load_profile("jetson-orin-nano" if "Orin" in model else "jetson-nano")
+    return detect_host_profile()

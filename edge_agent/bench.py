@@ -1,0 +1,84 @@
+"""``edge-agent bench``: the same model and source measured three ways, side by side in one run:
+the raw runtime invoke loop (the ceiling), a naive sequential loop (read -> preprocess -> invoke
+-> postprocess, what hand-written loops do), and the agent's pipelined loop."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from edge_agent.sinks import CallbackSink
+
+
+def _source_uri(config: Any, frames: int) -> str:
+    return config.source.uri or f"synthetic:?width=640&height=480&frames={frames}&pattern=noise"
+
+
+def run_bench(config: Any, *, frames: int, profile: Any) -> dict[str, Any]:
+    from edge_agent.cli import open_model, open_source_from, thread_plan
+    from edge_agent.config import with_overrides
+    from edge_agent.pipeline import Pipeline
+
+    config = with_overrides(config, source={"uri": _source_uri(config, frames)})
+    probe = open_source_from(config)
+    threads = thread_plan(
+        profile, requested=config.model.threads, source_kind=getattr(probe, "kind", "image")
+    )
+    model = open_model(config, profile, threads=threads)
+
+    # 1. raw invoke loop on one prepared frame
+    probe.open()
+    first = probe.read(timeout=10.0)
+    probe.close()
+    assert first is not None, "the source produced no frame"
+    feeds = (
+        model.prepare_image(first.data)[0]
+        if first.data.dtype.name == "uint8"
+        else model.prepare_window(first.data)
+    )
+    infer = model.runtime.infer
+    t0 = time.perf_counter()
+    for _ in range(frames):
+        infer(feeds)
+    raw_fps = frames / (time.perf_counter() - t0)
+
+    # 2. naive sequential loop
+    src = open_source_from(config)
+    src.open()
+    n = 0
+    t0 = time.perf_counter()
+    while n < frames:
+        frame = src.read(timeout=10.0)
+        if frame is None:
+            break
+        if frame.data.dtype.name == "uint8":
+            f, geom = model.prepare_image(frame.data)
+        else:
+            f, geom = model.prepare_window(frame.data), None
+        model.postprocessor(infer(f), geometry=geom)
+        n += 1
+    naive_fps = n / (time.perf_counter() - t0)
+    src.close()
+
+    # 3. the agent's pipeline
+    pipe = Pipeline(
+        source=open_source_from(config),
+        model=model,
+        sinks=[CallbackSink(lambda r: None)],
+        max_frames=frames,
+    )
+    summary = pipe.run()
+    model.close()
+    agent_fps = summary["fps"]
+    return {
+        "model": model.identity,
+        "format": model.format,
+        "threads": threads,
+        "frames": frames,
+        "raw_fps": round(raw_fps, 2),
+        "naive_fps": round(naive_fps, 2),
+        "agent_fps": round(agent_fps, 2),
+        "agent_vs_raw": round(agent_fps / raw_fps, 3),
+        "agent_vs_naive": round(agent_fps / naive_fps, 3) if naive_fps else None,
+        "latency_ms": summary["latency_ms"],
+    }

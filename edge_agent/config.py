@@ -1,0 +1,295 @@
+"""The agent's configuration: ``/etc/edge-agent/agent.toml`` by default, validated into typed,
+frozen dataclasses. Unknown sections and keys are errors; every error names the key and the
+value: ``config: [source] pace = 'fast': expected one of 'none', 'native'``. Command-line flags
+override the file. Secrets never come from here or from flags: files only (systemd
+``LoadCredential`` puts them in ``$CREDENTIALS_DIRECTORY``).
+
+Every field is documented once, in the ``doc`` metadata below; ``docs/agent-config.md`` is
+generated from it (``python -m edge_agent.config --markdown``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_agent.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
+
+
+def _doc(text: str, **kw: Any) -> Any:
+    return field(metadata={"doc": text}, **kw)
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    device_id: str = _doc(
+        "Device name used in topics and results (default: the hostname).", default=""
+    )
+    profile: str = _doc(
+        "Device profile name or .toml path; `auto` detects a Raspberry Pi or Jetson from "
+        "/proc/device-tree/model and /etc/nv_tegra_release, else this CPU.",
+        default="auto",
+    )
+    state_dir: str = _doc(
+        "Where installed models (and later the MQTT spool) live; systemd's StateDirectory.",
+        default=str(DEFAULT_STATE_DIR),
+    )
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str = _doc("A signed .edgebundle, or a bare .onnx / .tflite file.", default="")
+    trusted_keys: tuple[str, ...] = _doc(
+        "Public keys (.pub files or directories of them) a bundle's signature must match.",
+        default=("/etc/edge-agent/trusted-keys",),
+    )
+    threads: int = _doc("Runtime threads; 0 = the profile's plan (see docs/agent.md).", default=0)
+    labels: str = _doc(
+        "Class labels file (one per line) for a bare model; bundles carry their own.", default=""
+    )
+
+
+@dataclass(frozen=True)
+class PreprocessSection:
+    """Overrides for a bare model's image preprocessing (bundles carry their own)."""
+
+    mean: tuple[float, ...] = _doc("Per-channel mean subtracted after scaling.", default=())
+    std: tuple[float, ...] = _doc("Per-channel std divided by after the mean.", default=())
+    scale: float = _doc("Pixel scale applied first (0 = the default 1/255).", default=0.0)
+    channels: str = _doc("Channel order: rgb, bgr or gray ('' = from the model).", default="")
+    resize: str = _doc("stretch or letterbox ('' = stretch).", default="")
+
+    def overrides(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.mean:
+            out["mean"] = self.mean
+        if self.std:
+            out["std"] = self.std
+        if self.scale:
+            out["scale"] = self.scale
+        if self.channels:
+            out["channels"] = self.channels
+        if self.resize:
+            out["resize"] = self.resize
+        return out
+
+
+@dataclass(frozen=True)
+class SourceSection:
+    uri: str = _doc(
+        "camera:0, /dev/video0, rtsp://..., file:PATH, images:GLOB, sensor:stdin, "
+        "sensor:file:PATH, sensor:udp://HOST:PORT, synthetic:",
+        default="",
+    )
+    pace: str = _doc(
+        "Files: none (as fast as possible) or native (their own frame rate).", default="none"
+    )
+    window_size: int = _doc("Sensor sources: samples per window.", default=0)
+    window_hop: int = _doc("Sensor sources: samples between window starts.", default=0)
+    window_channels: int = _doc("Sensor sources: values per sample.", default=0)
+
+    def __post_init__(self) -> None:
+        if self.pace not in ("none", "native"):
+            raise ConfigError(
+                f"config: [source] pace = {self.pace!r}: expected one of 'none', 'native'"
+            )
+        for key in ("window_size", "window_hop", "window_channels"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config: [source] {key} = {getattr(self, key)}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class ResultsSection:
+    sinks: tuple[str, ...] = _doc(
+        "Where results go: jsonl:PATH and/or stdout.", default=("stdout",)
+    )
+
+
+@dataclass(frozen=True)
+class PipelineSection:
+    max_frames: int = _doc(
+        "Stop after this many results (0 = run until the source ends).", default=0
+    )
+    motion_gate: float = _doc(
+        "Skip inference while the scene is static: mean abs change of a 32x32 grey thumbnail "
+        "below this (0-255; 0 = off).",
+        default=0.0,
+    )
+    drain_timeout: float = _doc("Seconds to finish the current frame on SIGTERM.", default=10.0)
+
+    def __post_init__(self) -> None:
+        if self.max_frames < 0:
+            raise ConfigError(f"config: [pipeline] max_frames = {self.max_frames}: must be >= 0")
+        if self.drain_timeout <= 0:
+            raise ConfigError(
+                f"config: [pipeline] drain_timeout = {self.drain_timeout}: must be > 0"
+            )
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    agent: AgentSection = field(default_factory=AgentSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    preprocess: PreprocessSection = field(default_factory=PreprocessSection)
+    source: SourceSection = field(default_factory=SourceSection)
+    results: ResultsSection = field(default_factory=ResultsSection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+    path: str = ""
+
+    @property
+    def device_id(self) -> str:
+        return self.agent.device_id or socket.gethostname()
+
+    def require_runnable(self) -> None:
+        if not self.model.path:
+            raise ConfigError("config: [model] path is not set (or pass --model PATH)")
+        if not self.source.uri:
+            raise ConfigError("config: [source] uri is not set (or pass --source URI)")
+
+
+_SECTION_CLASSES: dict[str, type] = {
+    "agent": AgentSection,
+    "model": ModelSection,
+    "preprocess": PreprocessSection,
+    "source": SourceSection,
+    "results": ResultsSection,
+    "pipeline": PipelineSection,
+}
+
+
+def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    where = f"config: [{section}] {key} = {value!r}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string")
+        return value
+    if isinstance(default, tuple):
+        items = [value] if isinstance(value, (str, int, float)) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list")
+        want = float if key in ("mean", "std") else str
+        try:
+            return tuple(want(v) for v in items)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a list of {want.__name__}s") from None
+    return value  # pragma: no cover
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    factory: Any = f.default_factory
+    return factory()
+
+
+def _section(name: str, data: Any) -> Any:
+    cls = _SECTION_CLASSES[name]
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config: [{name}] must be a table, not {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"config: [{name}] unknown key {unknown[0]!r} (known: {', '.join(fields)})"
+        )
+    values = {}
+    for key, value in data.items():
+        f = fields[key]
+        values[key] = _coerce(name, key, value, _default(f))
+    return cls(**values)
+
+
+def parse_config(data: Mapping[str, Any], *, path: str = "") -> AgentConfig:
+    unknown = sorted(set(data) - set(_SECTION_CLASSES))
+    if unknown:
+        raise ConfigError(
+            f"config: unknown section [{unknown[0]}] (known: {', '.join(_SECTION_CLASSES)})"
+        )
+    sections = {name: _section(name, data.get(name, {})) for name in _SECTION_CLASSES}
+    return AgentConfig(**sections, path=path)
+
+
+def load_config(path: str | Path | None) -> AgentConfig:
+    """Load and validate; ``None`` means the default path if it exists, else all defaults."""
+    if path is None:
+        if not DEFAULT_CONFIG.exists():
+            return AgentConfig()
+        path = DEFAULT_CONFIG
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config: {path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"config: {path}: cannot read it ({exc.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path}: not valid TOML ({exc})") from None
+    try:
+        return parse_config(data, path=str(path))
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("config:", f"config {path}:", 1)) from None
+
+
+def with_overrides(config: AgentConfig, **sections: Mapping[str, Any]) -> AgentConfig:
+    """Apply command-line overrides (``None`` values are ignored), validating them like the file."""
+    updated = {}
+    for name, values in sections.items():
+        given = {k: v for k, v in values.items() if v is not None}
+        if not given:
+            continue
+        current = dataclasses.asdict(getattr(config, name))
+        current.update(given)
+        updated[name] = _section(name, current)
+    return dataclasses.replace(config, **updated)
+
+
+def markdown_reference() -> str:
+    """The configuration reference, generated from the dataclasses above."""
+    lines = [
+        "# Agent configuration reference",
+        "",
+        f"Default file: `{DEFAULT_CONFIG}`. Generated by "
+        "`python -m edge_agent.config --markdown`; do not edit by hand.",
+        "",
+    ]
+    for name, cls in _SECTION_CLASSES.items():
+        lines += [f"## [{name}]", "", "| key | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = _default(f)
+            if isinstance(default, tuple):
+                default = list(default)
+            lines.append(f"| `{f.name}` | `{default!r}` | {f.metadata.get('doc', '')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    if sys.argv[1:] == ["--markdown"]:
+        print(markdown_reference())

@@ -1,0 +1,226 @@
+"""A model ready to serve: runtime + preprocessing + postprocessing + identity.
+
+``load_model`` accepts a signed ``.edgebundle`` (verified, extracted into the state directory,
+the artifact chosen for this device's profile, then smoke-tested on the bundle's golden input)
+or a bare ``.onnx`` / ``.tflite`` file with preprocessing given by flags and raw output.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.errors import ConfigError, ModelError
+from edge_agent.formats import RUNTIME_FOR_FORMAT
+from edge_agent.postprocess import Postprocessor, PostprocessSpec
+from edge_agent.preprocess import Geometry, Preprocessor, PreprocessSpec
+from edge_agent.profiles import DeviceProfile
+from edge_agent.runtimes import Runtime, available_runtimes, load_runtime, warmup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """Everything the pipeline needs to turn a frame into a result with one model."""
+
+    name: str
+    version: str
+    runtime: Runtime
+    preprocessor: Preprocessor | None
+    postprocessor: Postprocessor
+    artifact: Path
+    format: str
+    manifest: dict[str, Any] | None = None
+    input_name: str = field(init=False)
+    input_shape: tuple[int | None, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        spec = self.runtime.inputs[0]
+        self.input_name, self.input_shape = spec.name, spec.shape
+
+    @property
+    def identity(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version}
+
+    def prepare_image(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], Geometry | None]:
+        """A BGR frame -> the model's feed (and where the frame landed in the input)."""
+        if self.preprocessor is None:
+            raise ModelError(f"model {self.name} has no image preprocessing; it cannot take images")
+        x = self.preprocessor(image)
+        return {self.input_name: x}, self.preprocessor.geometry(image.shape[0], image.shape[1])
+
+    def prepare_window(self, window: np.ndarray) -> dict[str, np.ndarray]:
+        """A sensor window [size, channels] -> the model's feed, transposed or reshaped to fit."""
+        shape = tuple(d or 1 for d in self.input_shape)
+        if window.shape == shape[1:]:
+            x = window[None]
+        elif window.T.shape == shape[1:]:
+            x = window.T[None]
+        elif window.size == int(np.prod(shape)):
+            x = window.reshape(shape)
+        else:
+            raise ModelError(
+                f"model input '{self.input_name}' {list(self.input_shape)} does not fit sensor "
+                f"windows of shape {list(window.shape)}; set [source] window size/channels to match"
+            )
+        return {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+def choose_artifact(manifest: Mapping[str, Any], profile: DeviceProfile) -> dict[str, Any]:
+    """The artifact for this profile: one built for it by name, else the profile's most preferred
+    format; only artifacts whose runtime is installed here."""
+    have = {k for k, v in available_runtimes().items() if v}
+    usable = [a for a in manifest["artifacts"] if RUNTIME_FOR_FORMAT.get(a["format"]) in have]
+    if not usable:
+        formats = sorted({a["format"] for a in manifest["artifacts"]})
+        raise ModelError(
+            f"no artifact this device can run: the bundle has {formats}, "
+            f"runtimes here: {sorted(have)}"
+        )
+    named = [a for a in usable if profile.name in a.get("profiles", [])]
+    if named:
+        return dict(named[0])
+    rank = {fmt: i for i, fmt in enumerate(profile.formats)}
+    return dict(min(usable, key=lambda a: rank.get(a["format"], len(rank))))
+
+
+def _install_bundle(
+    bundle: Path, *, state_dir: Path, trusted_keys: Mapping[str, Any]
+) -> tuple[Path, dict[str, Any]]:
+    """Verify and extract into ``state_dir/models/<name>-<version>``; never half-installed."""
+    from edge_agent.bundle import extract_bundle
+
+    models = state_dir / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=models))
+    try:
+        verified = extract_bundle(bundle, staging / "x", trusted_keys=trusted_keys)
+        manifest = verified.manifest
+        dest = models / f"{manifest['name']}-{manifest['version']}"
+        if dest.exists():
+            old = models / f".old-{dest.name}-{staging.name}"
+            dest.rename(old)
+            (staging / "x").rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            (staging / "x").rename(dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest, manifest
+
+
+def golden_check(model: LoadedModel, root: Path) -> None:
+    """Run the bundle's golden input; the outputs must match what the converter recorded."""
+    manifest = model.manifest or {}
+    golden = manifest.get("golden")
+    if not golden:
+        return
+    rel = str(model.artifact.relative_to(root))
+    expected = golden["expected"].get(rel)
+    if expected is None:
+        raise ModelError(f"bundle has no golden outputs for {rel}")
+    tol = golden.get("tolerance", {})
+    with np.load(root / golden["file"], allow_pickle=False) as data:
+        feeds = {name: data[key] for name, key in golden["inputs"].items()}
+        outs = model.runtime.infer(feeds)
+        names = [o.name for o in model.runtime.outputs]
+        for name, got in zip(names, outs):
+            want = data[expected[name]]
+            a, b = np.asarray(want, np.float64).ravel(), np.asarray(got, np.float64).ravel()
+            if a.shape != b.shape:
+                raise ModelError(
+                    f"golden test: output '{name}' has shape {got.shape}, expected {want.shape}"
+                )
+            if not np.isfinite(b).all():
+                raise ModelError(f"golden test: output '{name}' is not finite")
+            denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+            cos = 1.0 if denom == 0 else float(np.dot(a, b) / denom)
+            if cos < float(tol.get("min_cosine", 0.98)):
+                raise ModelError(
+                    f"golden test: output '{name}' cosine {cos:.4f} below {tol.get('min_cosine')}"
+                )
+            classes = np.asarray(want).ndim == 2 and np.asarray(want).shape[1] > 1
+            if tol.get("top1_must_match") and classes:  # noqa: SIM102
+                if not np.array_equal(np.argmax(want, axis=1), np.argmax(got, axis=1)):
+                    raise ModelError(f"golden test: output '{name}' top-1 class differs")
+
+
+def load_model(
+    path: str | Path,
+    *,
+    profile: DeviceProfile,
+    state_dir: Path,
+    trusted_keys: Mapping[str, Any] | None = None,
+    threads: int = 0,
+    preprocess_overrides: Mapping[str, Any] | None = None,
+    labels: tuple[str, ...] | None = None,
+) -> LoadedModel:
+    """Load, warm up and (for bundles) smoke-test a model."""
+    path = Path(path)
+    overrides = dict(preprocess_overrides or {})
+    threads = threads or profile.threads
+    if path.suffix == ".edgebundle":
+        if not trusted_keys:
+            raise ConfigError(
+                "a bundle needs trusted keys: set [model] trusted_keys (or --trusted-key)"
+            )
+        root, manifest = _install_bundle(path, state_dir=state_dir, trusted_keys=trusted_keys)
+        art = choose_artifact(manifest, profile)
+        runtime = load_runtime(
+            root / art["path"], threads=threads, providers=profile.onnx_providers
+        )
+        pre_data = manifest.get("preprocess")
+        pre = None
+        if pre_data:
+            spec = PreprocessSpec.from_dict({**pre_data, **overrides})
+            pre = Preprocessor(spec)
+        post_spec = PostprocessSpec.from_manifest(manifest.get("postprocess") or {"kind": "raw"})
+        model = LoadedModel(
+            name=str(manifest["name"]),
+            version=str(manifest["version"]),
+            runtime=runtime,
+            preprocessor=pre,
+            postprocessor=Postprocessor(post_spec, output_names=[o.name for o in runtime.outputs]),
+            artifact=root / art["path"],
+            format=str(art["format"]),
+            manifest=manifest,
+        )
+        warmup(runtime)
+        golden_check(model, root)
+        return model
+    runtime = load_runtime(path, threads=threads, providers=profile.onnx_providers)
+    shape = runtime.inputs[0].shape
+    pre = None
+    if len(runtime.inputs) == 1 and len(shape) == 4:
+        try:
+            pre = Preprocessor(PreprocessSpec.for_input_shape(list(shape), **overrides))
+        except ConfigError:
+            if overrides:
+                raise
+    post_data: dict[str, Any] = {"kind": "raw"}
+    if labels:
+        post_data = {"kind": "classification", "labels": list(labels)}
+    model = LoadedModel(
+        name=path.stem,
+        version="0.0.0",
+        runtime=runtime,
+        preprocessor=pre,
+        postprocessor=Postprocessor(
+            PostprocessSpec.from_manifest(post_data), output_names=[o.name for o in runtime.outputs]
+        ),
+        artifact=path,
+        format="onnx-fp32" if path.suffix == ".onnx" else "tflite-fp32",
+    )
+    warmup(runtime)
+    return model

@@ -1,0 +1,327 @@
+"""The loop: capture -> preprocess -> infer -> postprocess -> sinks, pipelined.
+
+Two threads. The capture thread reads the source and preprocesses the frame for the current
+model; the inference thread (the caller of :meth:`Pipeline.run`) runs the model, postprocesses
+and writes results. They hand over through a one-slot queue: while frame n is inferred, frame
+n+1 is decoded and preprocessed (OpenCV and both runtimes release the GIL), and no frame ever
+waits behind more than one other. Live sources keep only their newest frame, so a slow model
+drops frames at the source (counted) instead of serving stale ones.
+
+Hot swap: :meth:`Pipeline.swap_model` takes a model that is already loaded and warmed beside the
+running one; the inference thread switches between two frames. A frame preprocessed for the old
+model is prepared again for the new one, so no frame is lost and the stall is one
+preprocessing at most.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edge_agent.errors import EdgeError, ModelError, SourceError
+from edge_agent.model import LoadedModel
+from edge_agent.preprocess import Geometry
+from edge_agent.sinks import Sink
+from edge_agent.sources import Frame, Source, SourceTimeout
+from edge_agent.stats import StageStats
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    SWAPPING = "swapping"
+    DEGRADED = "degraded"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass
+class _Item:
+    frame: Frame
+    feeds: dict[str, np.ndarray]
+    geometry: Geometry | None
+    model: LoadedModel
+    pre_ns: int
+
+
+_END = object()
+
+
+class MotionGate:
+    """Skips inference while the scene does not change: mean absolute difference of a 32x32
+    grey thumbnail against the last frame inferred, below ``threshold`` (0-255 scale)."""
+
+    def __init__(self, threshold: float = 2.0) -> None:
+        import cv2
+
+        self._cv2 = cv2
+        self.threshold = threshold
+        self._last: np.ndarray | None = None
+
+    def changed(self, image: np.ndarray) -> bool:
+        cv2 = self._cv2
+        grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
+        thumb = cv2.resize(grey, (32, 32), interpolation=cv2.INTER_AREA).astype(np.int16)
+        if self._last is not None and float(np.mean(np.abs(thumb - self._last))) < self.threshold:
+            return False
+        self._last = thumb
+        return True
+
+
+class Pipeline:
+    """One source, one model at a time, any number of sinks."""
+
+    def __init__(
+        self,
+        *,
+        source: Source,
+        model: LoadedModel,
+        sinks: Sequence[Sink],
+        max_frames: int | None = None,
+        gate: MotionGate | None = None,
+        seq_start: int = 0,
+        on_progress: Callable[[], None] | None = None,
+    ) -> None:
+        self.source = source
+        self._model = model
+        self._pending: LoadedModel | None = None
+        self._swapped = threading.Event()
+        self.sinks = list(sinks)
+        self.max_frames = max_frames
+        self.gate = gate
+        self.seq = seq_start
+        self.on_progress = on_progress
+        self.state = State.STARTING
+        self.stats = StageStats.new()
+        self.frames = 0
+        self.results = 0
+        self.inference_errors = 0
+        self.gated = 0
+        self.swaps = 0
+        self.started_mono = 0.0
+        self.last_result_mono = 0.0
+        self.capture_error: BaseException | None = None
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._capture: threading.Thread | None = None
+
+    # --- control ------------------------------------------------------------------------
+
+    @property
+    def model(self) -> LoadedModel:
+        return self._model
+
+    def stop(self) -> None:
+        """Ask the loop to finish (the signal handlers call this; it only sets a flag)."""
+        self._stop.set()
+
+    def swap_model(self, new_model: LoadedModel, *, timeout: float = 30.0) -> LoadedModel:
+        """Switch to ``new_model`` (loaded and warmed by the caller) between two frames; returns
+        the old model, which the caller closes. Immediate when the loop is not running."""
+        if self._capture is None or not self._capture.is_alive():
+            old, self._model = self._model, new_model
+            self.swaps += 1
+            return old
+        old = self._model
+        self._swapped.clear()
+        self._pending = new_model
+        if not self._swapped.wait(timeout):
+            self._pending = None
+            raise ModelError(
+                f"swap to {new_model.name} {new_model.version} timed out after {timeout} s"
+            )
+        return old
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Serve until the source ends, ``max_frames`` results, or :meth:`stop`. Returns the
+        summary. Raises SourceError when the source cannot be opened."""
+        self.source.open()
+        self.started_mono = time.monotonic()
+        self._capture = threading.Thread(
+            target=self._capture_loop, name="edge-capture", daemon=True
+        )
+        self._capture.start()
+        self.state = State.SERVING
+        try:
+            self._inference_loop()
+        finally:
+            self.state = State.STOPPING
+            self._stop.set()
+            self._drain_queue()
+            self._capture.join(timeout=5.0)
+            self.source.close()
+            self.state = State.STOPPED
+        if self.capture_error is not None and self.results == 0:
+            err = self.capture_error
+            raise err if isinstance(err, EdgeError) else SourceError(str(err))
+        return self.summary()
+
+    def _drain_queue(self) -> None:
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _capture_loop(self) -> None:
+        source, gate = self.source, self.gate
+        try:
+            while not self._stop.is_set():
+                try:
+                    frame = source.read(timeout=0.5)
+                except SourceTimeout:
+                    self._update_degraded()
+                    continue
+                if frame is None:
+                    break
+                self.frames += 1
+                if gate is not None and not gate.changed(frame.data):
+                    self.gated += 1
+                    continue
+                model = self._model
+                t0 = time.monotonic_ns()
+                feeds, geometry = self._prepare(model, frame)
+                item = _Item(frame, feeds, geometry, model, time.monotonic_ns() - t0)
+                if not self._put(item):
+                    return
+        except BaseException as exc:  # reported by run(); the loop must not die silently
+            self.capture_error = exc
+            log.error("capture stopped: %s", exc)
+        finally:
+            self._put(_END)
+
+    def _update_degraded(self) -> None:
+        status = getattr(getattr(self.source, "stats", None), "status", "ok")
+        if status == "degraded" and self.state == State.SERVING:
+            self.state = State.DEGRADED
+        elif status == "ok" and self.state == State.DEGRADED:
+            self.state = State.SERVING
+
+    @staticmethod
+    def _prepare(model: LoadedModel, frame: Frame) -> tuple[dict[str, np.ndarray], Geometry | None]:
+        if frame.data.dtype == np.uint8:
+            return model.prepare_image(frame.data)
+        return model.prepare_window(frame.data), None
+
+    def _inference_loop(self) -> None:
+        stats, sinks = self.stats, self.sinks
+        get = self._queue.get
+        while True:
+            try:
+                item = get(timeout=0.5)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                if self._pending is not None:  # no frame coming: swap now, not at the next one
+                    self._switch(self._pending)
+                continue
+            if item is _END:
+                return
+            t_start = time.monotonic_ns()
+            pending = self._pending
+            if pending is not None:
+                self._switch(pending)
+            model = self._model
+            pre_ns = item.pre_ns
+            if item.model is not model:  # preprocessed for the old model: prepare it again
+                t0 = time.monotonic_ns()
+                item.feeds, item.geometry = self._prepare(model, item.frame)
+                pre_ns += time.monotonic_ns() - t0
+            t_inf = time.monotonic_ns()
+            try:
+                outputs = model.runtime.infer(item.feeds)
+            except ModelError as exc:
+                self.inference_errors += 1
+                if self.inference_errors in (1, 10, 100) or self.inference_errors % 1000 == 0:
+                    log.warning("inference error #%d: %s", self.inference_errors, exc)
+                continue
+            t_post = time.monotonic_ns()
+            data = item.frame.data
+            size = (
+                (data.shape[1], data.shape[0])
+                if data.ndim >= 2 and data.dtype == np.uint8
+                else None
+            )
+            output = model.postprocessor(outputs, geometry=item.geometry, source_size=size)
+            if "error" in output:
+                self.inference_errors += 1
+            t_done = time.monotonic_ns()
+            result = {
+                "seq": self.seq,
+                "capture_ts": item.frame.capture_ts,
+                "result_ts": time.time(),
+                "frame": item.frame.index,
+                "model": model.identity,
+                "latency_ms": {
+                    "capture_to_result": round((t_done - item.frame.capture_ns) / 1e6, 4),
+                    "preprocess": round(pre_ns / 1e6, 4),
+                    "inference": round((t_post - t_inf) / 1e6, 4),
+                    "postprocess": round((t_done - t_post) / 1e6, 4),
+                },
+                "output": output,
+            }
+            for sink in sinks:
+                sink.write(result)
+            self.seq += 1
+            self.results += 1
+            t_end = time.monotonic_ns()
+            stats.capture_to_result.record(t_done - item.frame.capture_ns)
+            stats.preprocess.record(pre_ns)
+            stats.inference.record(t_post - t_inf)
+            stats.postprocess.record(t_done - t_post)
+            stats.overhead.record((t_end - t_start) - (t_done - t_inf))
+            self.last_result_mono = time.monotonic()
+            if self.on_progress is not None:
+                self.on_progress()
+            if self.max_frames is not None and self.results >= self.max_frames:
+                return
+
+    def _switch(self, new_model: LoadedModel) -> None:
+        self.state = State.SWAPPING
+        self._model = new_model
+        self._pending = None
+        self.swaps += 1
+        self.state = State.SERVING
+        self._swapped.set()
+        log.info("serving %s %s", new_model.name, new_model.version)
+
+    # --- reporting ----------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self.started_mono, 1e-9) if self.started_mono else 0.0
+        src = getattr(self.source, "stats", None)
+        return {
+            "state": self.state.value,
+            "model": self._model.identity,
+            "frames": self.frames,
+            "results": self.results,
+            "fps": round(self.results / elapsed, 3) if elapsed else 0.0,
+            "elapsed_s": round(elapsed, 3),
+            "dropped": int(getattr(src, "dropped", 0) or 0),
+            "gated": self.gated,
+            "inference_errors": self.inference_errors,
+            "swaps": self.swaps,
+            "next_seq": self.seq,
+            "latency_ms": self.stats.summary(),
+        }

@@ -1,0 +1,106 @@
+"""LiteRT (TensorFlow Lite): ai-edge-litert, falling back to tflite-runtime, then to
+TensorFlow's own ``tf.lite``. XNNPACK is the default CPU delegate in all three; the thread count
+comes from the profile or config. int8 / uint8 inputs and outputs are quantized and dequantized
+for the caller."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.errors import ModelError, first_line
+from edge_agent.runtimes import TensorSpec, dequantize, quantize
+
+log = logging.getLogger(__name__)
+
+
+def _interpreter_class() -> tuple[Any, str] | None:
+    try:
+        import ai_edge_litert
+        from ai_edge_litert import interpreter as litert
+
+        return litert.Interpreter, f"ai-edge-litert {getattr(ai_edge_litert, '__version__', '?')}"
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime import interpreter as tfl_rt
+
+        return tfl_rt.Interpreter, "tflite-runtime"
+    except ImportError:
+        pass
+    try:
+        import tensorflow as tf
+
+        return tf.lite.Interpreter, f"tensorflow {tf.__version__}"
+    except ImportError:
+        return None
+
+
+def runtime_version() -> str | None:
+    found = _interpreter_class()
+    return None if found is None else found[1]
+
+
+def _spec(detail: Mapping[str, Any]) -> TensorSpec:
+    dtype = np.dtype(detail["dtype"]).name
+    scale, zero = detail.get("quantization", (0.0, 0))
+    quantized = dtype in ("int8", "uint8") and scale
+    shape = tuple(int(d) if d > 0 else None for d in detail.get("shape_signature", detail["shape"]))
+    return TensorSpec(
+        name=str(detail["name"]),
+        shape=shape,
+        dtype=dtype,
+        scale=float(scale) if quantized else None,
+        zero_point=int(zero) if quantized else None,
+    )
+
+
+class LiteRTRuntime:
+    name = "litert"
+
+    def __init__(self, path: Path, *, threads: int = 0) -> None:
+        found = _interpreter_class()
+        if found is None:
+            raise ModelError(
+                f"{path}: no TFLite runtime installed; "
+                "pip install ai-edge-litert (or tflite-runtime)"
+            )
+        cls, self.version = found
+        try:
+            self._interp = cls(model_path=str(path), num_threads=threads or None)
+            self._interp.allocate_tensors()
+        except Exception as exc:
+            raise ModelError(f"{path}: LiteRT cannot load it: {first_line(exc)}") from exc
+        self._in = self._interp.get_input_details()
+        self._out = self._interp.get_output_details()
+        self.inputs = [_spec(d) for d in self._in]
+        self.outputs = [_spec(d) for d in self._out]
+        self._in_index = {d["name"]: (d["index"], spec) for d, spec in zip(self._in, self.inputs)}
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        interp = self._interp
+        try:
+            for name, value in feeds.items():
+                index, spec = self._in_index[name]
+                if spec.quantized:
+                    value = quantize(value, spec)
+                elif value.dtype != np.dtype(spec.dtype):
+                    value = value.astype(spec.dtype)
+                interp.set_tensor(index, value)
+            interp.invoke()
+            outs = []
+            for detail, spec in zip(self._out, self.outputs):
+                value = interp.get_tensor(detail["index"])
+                outs.append(dequantize(value, spec) if spec.quantized else value)
+            return outs
+        except KeyError as exc:
+            raise ModelError(f"no model input named {exc}") from exc
+        except Exception as exc:
+            raise ModelError(f"inference failed: {first_line(exc)}") from exc
+
+    def close(self) -> None:
+        self._interp = None
