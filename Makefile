@@ -33,7 +33,8 @@ test: $(VENV)/.stamp-dev
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.stamp-dev
-	$(PY) -m benchmarks.convert
+	$(PY) -m benchmarks.convert; c=$$?; $(PY) -m benchmarks.agent; a=$$?; \
+	echo "benchmarks: convert exit $$c, agent exit $$a (1 = a target missed; see the tables)"
 
 lint: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff format --check .
