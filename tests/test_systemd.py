@@ -8,11 +8,11 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 import zipfile
