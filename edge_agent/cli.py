@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-id")
     p.add_argument("--motion-gate", type=float, metavar="T", help="skip static frames (0 = off)")
     p.add_argument("--summary", type=Path, metavar="FILE.json", help="write the run summary here")
+    p.add_argument(
+        "--rest-port",
+        type=int,
+        metavar="PORT",
+        help="serve TF Serving-style REST predictions on 127.0.0.1:PORT (0 = any free port)",
+    )
 
     p = sub.add_parser("check-config", help="validate the configuration and exit")
     p.add_argument("--config", type=Path)
@@ -281,6 +287,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         gate=MotionGate(config.pipeline.motion_gate) if config.pipeline.motion_gate else None,
         on_progress=watchdog.progress,
     )
+    rest = None
+    if config.rest.enabled or getattr(args, "rest_port", None) is not None:
+        from edge_agent.rest import RestServer
+
+        port = args.rest_port if getattr(args, "rest_port", None) is not None else config.rest.port
+        rest = RestServer(lambda: pipeline.model, host=config.rest.host, port=port)
+        rest.start()
+        logging.getLogger(PROG).info(
+            "REST endpoint on http://%s:%d/v1/models/%s", config.rest.host, rest.port, model.name
+        )
     should_exit = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -323,6 +339,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             pipeline.stop()
             worker.join(timeout=config.pipeline.drain_timeout)
             break
+    if rest is not None:
+        rest.stop()
     for sink in sinks:
         sink.close()
     pipeline.model.close()

@@ -140,6 +140,21 @@ class PipelineSection:
 
 
 @dataclass(frozen=True)
+class RestSection:
+    """A local REST endpoint with TensorFlow Serving's request/response shapes (off by default)."""
+
+    enabled: bool = _doc(
+        "Serve POST /v1/models/<name>:predict for programs on this device.", default=False
+    )
+    host: str = _doc("Bind address; loopback only (127.0.0.1 or ::1).", default="127.0.0.1")
+    port: int = _doc("TCP port (TF Serving's REST default is 8501).", default=8501)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"config: [rest] port = {self.port}: must be 1-65535")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -147,6 +162,7 @@ class AgentConfig:
     source: SourceSection = field(default_factory=SourceSection)
     results: ResultsSection = field(default_factory=ResultsSection)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
+    rest: RestSection = field(default_factory=RestSection)
     path: str = ""
 
     @property
@@ -167,6 +183,7 @@ _SECTION_CLASSES: dict[str, type] = {
     "source": SourceSection,
     "results": ResultsSection,
     "pipeline": PipelineSection,
+    "rest": RestSection,
 }
 
 

@@ -186,12 +186,15 @@ def load_model(
             spec = PreprocessSpec.from_dict({**pre_data, **overrides})
             pre = Preprocessor(spec)
         post_spec = PostprocessSpec.from_manifest(manifest.get("postprocess") or {"kind": "raw"})
+        input_size = None if pre is None else (pre.spec.width, pre.spec.height)
         model = LoadedModel(
             name=str(manifest["name"]),
             version=str(manifest["version"]),
             runtime=runtime,
             preprocessor=pre,
-            postprocessor=Postprocessor(post_spec, output_names=[o.name for o in runtime.outputs]),
+            postprocessor=Postprocessor(
+                post_spec, output_names=[o.name for o in runtime.outputs], input_size=input_size
+            ),
             artifact=root / art["path"],
             format=str(art["format"]),
             manifest=manifest,
@@ -217,7 +220,9 @@ def load_model(
         runtime=runtime,
         preprocessor=pre,
         postprocessor=Postprocessor(
-            PostprocessSpec.from_manifest(post_data), output_names=[o.name for o in runtime.outputs]
+            PostprocessSpec.from_manifest(post_data),
+            output_names=[o.name for o in runtime.outputs],
+            input_size=None if pre is None else (pre.spec.width, pre.spec.height),
         ),
         artifact=path,
         format="onnx-fp32" if path.suffix == ".onnx" else "tflite-fp32",

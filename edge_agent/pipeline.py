@@ -31,6 +31,7 @@ import numpy as np
 from edge_agent.errors import EdgeError, ModelError, SourceError
 from edge_agent.model import LoadedModel
 from edge_agent.preprocess import Geometry
+from edge_agent.rest import infer_lock
 from edge_agent.sinks import Sink
 from edge_agent.sources import Frame, Source, SourceTimeout
 from edge_agent.stats import StageStats
@@ -266,7 +267,8 @@ class Pipeline:
                 pre_ns += time.monotonic_ns() - t0
             t_inf = time.monotonic_ns()
             try:
-                outputs = model.runtime.infer(item.feeds)
+                with infer_lock(model.runtime):  # the REST endpoint may share the runtime
+                    outputs = model.runtime.infer(item.feeds)
             except ModelError as exc:
                 self.inference_errors += 1
                 if self.inference_errors in (1, 10, 100) or self.inference_errors % 1000 == 0:

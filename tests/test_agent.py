@@ -272,3 +272,49 @@ def test_edge_agent_console_script_starts_fast(agent_env: dict[str, Any], tmp_pa
     lines = [first, *rest.splitlines()]
     assert len([x for x in lines if x.strip()]) == 5 and json.loads(first)["seq"] == 0
     assert first_s <= 4.0, first_s
+
+
+def test_sigterm_drains_and_rest_endpoint_serves(agent_env: dict[str, Any], tmp_path: Path) -> None:
+    """A live source runs until SIGTERM; meanwhile the REST endpoint answers TF Serving-style
+    requests with the served model; SIGTERM exits 0 after the current frame."""
+    import signal
+    import urllib.request
+
+    exe = Path(sys.executable).parent / "edge-agent"
+    out = tmp_path / "r.jsonl"
+    proc = subprocess.Popen(
+        [
+            str(exe), "run", "--model", str(agent_env["root"] / "digits-1.0.0.edgebundle"),
+            "--trusted-key", str(agent_env["pub"]),
+            "--source", "synthetic:?live=1&fps=50&width=64&height=64",
+            "--results", f"jsonl:{out}", "--state-dir", str(tmp_path), "--profile", "x86-64",
+            "--rest-port", "0",
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        port = None
+        deadline = time.monotonic() + 30
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if "REST endpoint on http://127.0.0.1:" in line:
+                port = int(line.split("127.0.0.1:")[1].split("/")[0])
+        assert port is not None
+        body = json.dumps({"instances": np.zeros((1, 1, 8, 8), np.float32).tolist()}).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/models/digits:predict", data=body, method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            predictions = json.loads(resp.read())["predictions"]
+        assert len(predictions) == 1 and len(predictions[0]) == 10
+        while not out.exists() or len(out.read_text().splitlines()) < 5:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=20)  # reap and close the pipes
+    results = _results(out)
+    assert [r["seq"] for r in results] == list(range(len(results)))
