@@ -31,11 +31,7 @@ def run_bench(config: Any, *, frames: int, profile: Any) -> dict[str, Any]:
     first = probe.read(timeout=10.0)
     probe.close()
     assert first is not None, "the source produced no frame"
-    feeds = (
-        model.prepare_image(first.data)[0]
-        if first.data.dtype.name == "uint8"
-        else model.prepare_window(first.data)
-    )
+    feeds = model.prepare(first.data)[0]
     infer = model.runtime.infer
     t0 = time.perf_counter()
     for _ in range(frames):
@@ -51,11 +47,8 @@ def run_bench(config: Any, *, frames: int, profile: Any) -> dict[str, Any]:
         frame = src.read(timeout=10.0)
         if frame is None:
             break
-        if frame.data.dtype.name == "uint8":
-            f, geom = model.prepare_image(frame.data)
-        else:
-            f, geom = model.prepare_window(frame.data), None
-        model.postprocessor(infer(f), geometry=geom)
+        feed, geom = model.prepare(frame.data)
+        model.postprocessor(infer(feed), geometry=geom)
         n += 1
     naive_fps = n / (time.perf_counter() - t0)
     src.close()

@@ -50,6 +50,13 @@ class LoadedModel:
     def identity(self) -> dict[str, str]:
         return {"name": self.name, "version": self.version}
 
+    def prepare(self, data: np.ndarray) -> tuple[dict[str, np.ndarray], Geometry | None]:
+        """A source frame's data -> the feed: uint8 images through the image preprocessing,
+        sensor windows (float) reshaped to the input."""
+        if data.dtype == np.uint8:
+            return self.prepare_image(data)
+        return self.prepare_window(data), None
+
     def prepare_image(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], Geometry | None]:
         """A BGR frame -> the model's feed (and where the frame landed in the input)."""
         if self.preprocessor is None:

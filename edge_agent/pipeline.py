@@ -218,7 +218,7 @@ class Pipeline:
                     continue
                 model = self._model
                 t0 = time.monotonic_ns()
-                feeds, geometry = self._prepare(model, frame)
+                feeds, geometry = model.prepare(frame.data)
                 item = _Item(frame, feeds, geometry, model, time.monotonic_ns() - t0)
                 if not self._put(item):
                     return
@@ -234,12 +234,6 @@ class Pipeline:
             self.state = State.DEGRADED
         elif status == "ok" and self.state == State.DEGRADED:
             self.state = State.SERVING
-
-    @staticmethod
-    def _prepare(model: LoadedModel, frame: Frame) -> tuple[dict[str, np.ndarray], Geometry | None]:
-        if frame.data.dtype == np.uint8:
-            return model.prepare_image(frame.data)
-        return model.prepare_window(frame.data), None
 
     def _inference_loop(self) -> None:
         stats, sinks = self.stats, self.sinks
@@ -263,7 +257,7 @@ class Pipeline:
             pre_ns = item.pre_ns
             if item.model is not model:  # preprocessed for the old model: prepare it again
                 t0 = time.monotonic_ns()
-                item.feeds, item.geometry = self._prepare(model, item.frame)
+                item.feeds, item.geometry = model.prepare(item.frame.data)
                 pre_ns += time.monotonic_ns() - t0
             t_inf = time.monotonic_ns()
             try:
