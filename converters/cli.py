@@ -19,20 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edge_agent.cli import float_list
 from edge_agent.errors import EXIT_INTERNAL, EXIT_OK, ConfigError, EdgeError
 from edge_agent.formats import CALIBRATION_METHODS, ONNX_FORMATS
 from edge_agent.preprocess import CHANNEL_ORDERS, LAYOUTS, RESIZE_MODES
 
 PROG = "edge-convert"
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -98,8 +90,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         help="int8 scheme(s) to try instead of the profile's, e.g. u8s8-rr-qop (repeatable)",
     )
     g = p.add_argument_group("image preprocessing (image-directory calibration and the bundle)")
-    g.add_argument("--mean", type=_floats, metavar="M[,M,M]")
-    g.add_argument("--std", type=_floats, metavar="S[,S,S]")
+    g.add_argument("--mean", type=float_list, metavar="M[,M,M]")
+    g.add_argument("--std", type=float_list, metavar="S[,S,S]")
     g.add_argument(
         "--scale", type=float, metavar="F", help="pixel scale before mean/std (default 1/255)"
     )

@@ -48,9 +48,10 @@ def exit_code_for(exc: EdgeError) -> int:
     return EX_CONFIG
 
 
-def _floats(text: str) -> list[float]:
+def float_list(text: str) -> tuple[float, ...]:
+    """argparse type for ``--mean 0.485,0.456,0.406`` (both command lines use it)."""
     try:
-        return [float(v) for v in text.split(",")]
+        return tuple(float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers, got {text!r}"
@@ -87,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--trusted-key", action="append", help="public key or directory (repeatable)"
         )
         p.add_argument("--threads", type=int, help="runtime threads (default: the profile's plan)")
-        p.add_argument("--mean", type=_floats, metavar="M[,M,M]")
-        p.add_argument("--std", type=_floats, metavar="S[,S,S]")
+        p.add_argument("--mean", type=float_list, metavar="M[,M,M]")
+        p.add_argument("--std", type=float_list, metavar="S[,S,S]")
         p.add_argument("--channels", choices=("rgb", "bgr", "gray"))
         p.add_argument("--resize", choices=("stretch", "letterbox"))
         p.add_argument("--labels", help="class labels file for a bare model")
