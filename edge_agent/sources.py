@@ -489,7 +489,19 @@ def _open_capture(target: int | str, api: int, params: list[int], label: str, wh
     return cap
 
 
-class VideoFileSource(Source):
+class _CvCaptureSource(Source):
+    """A source read through an OpenCV VideoCapture held in ``_cap``; releases it on
+    disconnect."""
+
+    _cap: Any = None
+
+    def _disconnect(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+class VideoFileSource(_CvCaptureSource):
     """A video file: finite, every frame in order. ``loop`` starts again at the end (re-opening
     the file, so a file that vanished is noticed); ``live`` runs it like a camera: a capture thread
     paced at the file's frame rate, latest-frame semantics, reconnection when the file is gone."""
@@ -512,7 +524,6 @@ class VideoFileSource(Source):
         self.loop = loop
         self._paced = live or pace == "native"
         self._fps = fps
-        self._cap: Any = None
         self._count = 0  # frames in the file as the container reports it (0: unknown)
         self._since_open = 0
 
@@ -562,13 +573,8 @@ class VideoFileSource(Source):
         self._since_open = 1
         return image
 
-    def _disconnect(self) -> None:
-        if self._cap is not None:
-            self._cap.release()
-            self._cap = None
 
-
-class CaptureSource(Source):
+class CaptureSource(_CvCaptureSource):
     """A camera (by index or device path) or a network stream (RTSP, HTTP): live. Opening never
     fails for want of the device: it reports "degraded" and keeps trying."""
 
@@ -587,7 +593,6 @@ class CaptureSource(Source):
         _check_fps(self._label, "fps", fps)
         self.target = target
         self._fps = fps
-        self._cap: Any = None
 
     def _connect(self) -> None:
         target = self.target
@@ -615,11 +620,6 @@ class CaptureSource(Source):
         if not ok:
             raise SourceError(f"{self._label}: no frame (camera unplugged or stream dropped)")
         return image
-
-    def _disconnect(self) -> None:
-        if self._cap is not None:
-            self._cap.release()
-            self._cap = None
 
 
 class ImageFilesSource(Source):
