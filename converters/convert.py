@@ -408,14 +408,14 @@ def _convert(
     # --- latency, choice ---------------------------------------------------------------
     feed = next(val.batches(batch=step))
     passing = [c for c in candidates if c.passed]
-    sessions = {"original": make_session(orig_bytes, threads=threads)}
+    if not passing:
+        raise AccuracyBudgetError(_budget_failure(fmt, candidates, budget))
+    sessions = {"original": orig_sess}
     for c in passing:
         sessions[c.label] = make_session(str(c.path), threads=threads)
     lat = measure_latency(sessions, feed, seconds=options.latency_seconds)
     for c in passing:
         c.latency = lat[c.label].to_dict()
-    if not passing:
-        raise AccuracyBudgetError(_budget_failure(fmt, candidates, budget))
     if options.host_profile:
         # The fastest; among those within timing noise of it (3 %), the smallest.
         best = min(lat[c.label].median_ms for c in passing)
@@ -436,9 +436,8 @@ def _convert(
         )
 
     model_bytes = chosen.path.read_bytes()
-    conv_sess = make_session(model_bytes, threads=threads)
     golden_in = dict(feed)
-    golden_out = dict(zip(out_names, conv_sess.run(out_names, golden_in)))
+    golden_out = dict(zip(out_names, sessions[chosen.label].run(out_names, golden_in)))
     stats = None
     if calib is not None:
         stats = calibration_statistics(calib, orig_sess, batch=batch)
