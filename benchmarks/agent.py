@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from converters import zoo
+from edge_agent.bench import raw_fps
 from edge_agent.model import load_model
 from edge_agent.pipeline import Pipeline
 from edge_agent.profiles import detect_host_profile
@@ -61,14 +62,6 @@ def _models(tmp: Path) -> dict[str, Path]:
         path.write_bytes(zoo.export_onnx(net, (1, 3, px, px), dynamic_batch=False))
         out[name] = path
     return out
-
-
-def raw_fps(model: Any, feed: dict[str, np.ndarray], frames: int) -> float:
-    infer = model.runtime.infer
-    t0 = time.perf_counter()
-    for _ in range(frames):
-        infer(feed)
-    return frames / (time.perf_counter() - t0)
 
 
 def naive_fps(model: Any, video: Path, frames: int) -> float:
