@@ -318,3 +318,20 @@ def test_sigterm_drains_and_rest_endpoint_serves(agent_env: dict[str, Any], tmp_
         proc.communicate(timeout=20)  # reap and close the pipes
     results = _results(out)
     assert [r["seq"] for r in results] == list(range(len(results)))
+
+
+def test_bench_reports_raw_naive_and_agent_side_by_side(tmp_path: Path, capsys: Any) -> None:
+    from converters import zoo
+
+    (tmp_path / "s.onnx").write_bytes(zoo.export_onnx(zoo.resnet_style(width=8), (1, 3, 32, 32)))
+    assert (
+        _run("bench", "--model", tmp_path / "s.onnx", "--frames", "20", "--state-dir", tmp_path)
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result["frames"] == 20
+    for key in ("raw_fps", "naive_fps", "agent_fps"):
+        assert result[key] > 0
+    assert result["agent_vs_raw"] == pytest.approx(
+        result["agent_fps"] / result["raw_fps"], rel=0.01
+    )
