@@ -27,7 +27,7 @@ def raw_fps(model: Any, feed: Mapping[str, np.ndarray], frames: int) -> float:
 
 
 def run_bench(config: Any, *, frames: int, profile: Any) -> dict[str, Any]:
-    from edge_agent.cli import open_model, open_source_from, thread_plan
+    from edge_agent.cli import open_model, open_planned_model, open_source_from, thread_plan
     from edge_agent.config import with_overrides
     from edge_agent.pipeline import Pipeline
 
@@ -36,7 +36,10 @@ def run_bench(config: Any, *, frames: int, profile: Any) -> dict[str, Any]:
     threads = thread_plan(
         profile, requested=config.model.threads, source_kind=getattr(probe, "kind", "image")
     )
+    # The raw and naive loops run the model as a hand-written loop would: one call at a time
+    # with every thread. The agent runs its own plan (workers) with the same thread total.
     model = open_model(config, profile, threads=threads)
+    agent_model, _ = open_planned_model(config, profile, threads=threads, source=probe)
 
     # 1. raw invoke loop on one prepared frame
     probe.open()
@@ -64,17 +67,21 @@ def run_bench(config: Any, *, frames: int, profile: Any) -> dict[str, Any]:
     # 3. the agent's pipeline
     pipe = Pipeline(
         source=open_source_from(config),
-        model=model,
+        model=agent_model,
         sinks=[CallbackSink(lambda r: None)],
         max_frames=frames,
+        workers=agent_model.workers,
     )
     summary = pipe.run()
     model.close()
+    if agent_model is not model:
+        agent_model.close()
     agent_fps = summary["fps"]
     return {
         "model": model.identity,
         "format": model.format,
         "threads": threads,
+        "workers": agent_model.workers,
         "frames": frames,
         "raw_fps": round(raw, 2),
         "naive_fps": round(naive_fps, 2),

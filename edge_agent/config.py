@@ -129,8 +129,16 @@ class PipelineSection:
         default=0.0,
     )
     drain_timeout: float = _doc("Seconds to finish the current frame on SIGTERM.", default=10.0)
+    workers: int = _doc(
+        "Frames inferred at once, each with threads/workers runtime threads. 0 = auto: one per "
+        "runtime thread for a file or image source at pace none (throughput), else 1 (latency). "
+        "onnxruntime only; LiteRT always uses 1.",
+        default=0,
+    )
 
     def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"config: [pipeline] workers = {self.workers}: must be >= 0")
         if self.max_frames < 0:
             raise ConfigError(f"config: [pipeline] max_frames = {self.max_frames}: must be >= 0")
         if self.drain_timeout <= 0:

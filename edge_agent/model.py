@@ -39,6 +39,10 @@ class LoadedModel:
     artifact: Path
     format: str
     manifest: dict[str, Any] | None = None
+    #: Concurrent inferences this model was loaded for (its runtime threads are split by it).
+    workers: int = 1
+    #: The fastest warm-up inference in milliseconds (what the thread plan decides on).
+    warm_ms: float = 0.0
     input_name: str = field(init=False)
     input_shape: tuple[int | None, ...] = field(init=False)
 
@@ -172,11 +176,16 @@ def load_model(
     threads: int = 0,
     preprocess_overrides: Mapping[str, Any] | None = None,
     labels: tuple[str, ...] | None = None,
+    workers: int = 1,
 ) -> LoadedModel:
-    """Load, warm up and (for bundles) smoke-test a model."""
+    """Load, warm up and (for bundles) smoke-test a model. ``threads`` is the total; with
+    ``workers`` > 1 and a thread-safe runtime (onnxruntime) each of that many concurrent
+    inferences gets ``threads // workers`` of them. A runtime that is not thread-safe (LiteRT)
+    keeps one worker with every thread."""
     path = Path(path)
     overrides = dict(preprocess_overrides or {})
     threads = threads or profile.threads
+    workers = max(1, min(workers, threads))
     if path.suffix == ".edgebundle":
         if not trusted_keys:
             raise ConfigError(
@@ -184,8 +193,10 @@ def load_model(
             )
         root, manifest = _install_bundle(path, state_dir=state_dir, trusted_keys=trusted_keys)
         art = choose_artifact(manifest, profile)
+        if RUNTIME_FOR_FORMAT.get(art["format"]) != "onnxruntime":
+            workers = 1
         runtime = load_runtime(
-            root / art["path"], threads=threads, providers=profile.onnx_providers
+            root / art["path"], threads=max(1, threads // workers), providers=profile.onnx_providers
         )
         pre_data = manifest.get("preprocess")
         pre = None
@@ -205,11 +216,16 @@ def load_model(
             artifact=root / art["path"],
             format=str(art["format"]),
             manifest=manifest,
+            workers=workers,
         )
-        warmup(runtime)
+        model.warm_ms = warmup(runtime)
         golden_check(model, root)
         return model
-    runtime = load_runtime(path, threads=threads, providers=profile.onnx_providers)
+    if path.suffix != ".onnx":
+        workers = 1
+    runtime = load_runtime(
+        path, threads=max(1, threads // workers), providers=profile.onnx_providers
+    )
     shape = runtime.inputs[0].shape
     pre = None
     if len(runtime.inputs) == 1 and len(shape) == 4:
@@ -233,6 +249,7 @@ def load_model(
         ),
         artifact=path,
         format="onnx-fp32" if path.suffix == ".onnx" else "tflite-fp32",
+        workers=workers,
     )
-    warmup(runtime)
+    model.warm_ms = warmup(runtime)
     return model

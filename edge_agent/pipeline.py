@@ -7,6 +7,14 @@ n+1 is decoded and preprocessed (OpenCV and both runtimes release the GIL), and 
 waits behind more than one other. Live sources keep only their newest frame, so a slow model
 drops frames at the source (counted) instead of serving stale ones.
 
+Workers: by default one inference thread runs the model with all the runtime's threads (lowest
+latency, right for live sources). With ``workers=N`` (a thread-safe runtime, such as
+onnxruntime, loaded with threads/N intra-op threads each), N frames are in flight at once: on a
+throughput-bound source (a file at ``pace="none"``) this beats one frame with N intra-op threads,
+which synchronise at every operator (measured 1.13x on a 32 ms model, 1.8x on a 1 ms one, 2
+cores). Results still leave in capture order: each worker waits for its turn to emit, so ``seq``
+follows the frames.
+
 Hot swap: :meth:`Pipeline.swap_model` takes a model that is already loaded and warmed beside the
 running one; the inference thread switches between two frames. A frame preprocessed for the old
 model is prepared again for the new one, so no frame is lost and the stall is one
@@ -50,6 +58,7 @@ class State(enum.Enum):
 
 @dataclass
 class _Item:
+    order: int
     frame: Frame
     feeds: dict[str, np.ndarray]
     geometry: Geometry | None
@@ -58,6 +67,7 @@ class _Item:
 
 
 _END = object()
+_STOP = object()
 
 
 class MotionGate:
@@ -107,7 +117,18 @@ class Pipeline:
         gate: MotionGate | None = None,
         seq_start: int = 0,
         on_progress: Callable[[], None] | None = None,
+        workers: int = 1,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers = {workers}: must be >= 1")
+        if workers > 1 and not getattr(model.runtime, "concurrent", False):
+            log.warning(
+                "%s runtime is not thread-safe: using 1 inference worker, not %d",
+                model.runtime.name,
+                workers,
+            )
+            workers = 1
+        self.workers = workers
         self.source = source
         self._model = model
         self._pending: LoadedModel | None = None
@@ -127,9 +148,14 @@ class Pipeline:
         self.started_mono = 0.0
         self.last_result_mono = 0.0
         self.capture_error: BaseException | None = None
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=workers)
         self._stop = threading.Event()
         self._capture: threading.Thread | None = None
+        # Emission in capture order, the model switch, and which models are mid-inference.
+        self._cond = threading.Condition()
+        self._next_emit = 0
+        self._in_flight: dict[int, int] = {}
+        self._worker_error: BaseException | None = None
 
     # --- control ------------------------------------------------------------------------
 
@@ -151,11 +177,15 @@ class Pipeline:
         old = self._model
         self._swapped.clear()
         self._pending = new_model
+        deadline = time.monotonic() + timeout
         if not self._swapped.wait(timeout):
             self._pending = None
             raise ModelError(
                 f"swap to {new_model.name} {new_model.version} timed out after {timeout} s"
             )
+        with self._cond:  # another worker may still be inferring on the old model
+            while self._in_flight.get(id(old)) and time.monotonic() < deadline:
+                self._cond.wait(0.05)
         return old
 
     # --- the loop -----------------------------------------------------------------------
@@ -170,15 +200,25 @@ class Pipeline:
         )
         self._capture.start()
         self.state = State.SERVING
+        helpers = [
+            threading.Thread(target=self._worker, name=f"edge-infer-{i}", daemon=True)
+            for i in range(1, self.workers)
+        ]
+        for t in helpers:
+            t.start()
         try:
             self._inference_loop()
         finally:
             self.state = State.STOPPING
             self._stop.set()
+            for t in helpers:
+                t.join(timeout=10.0)
             self._drain_queue()
             self._capture.join(timeout=5.0)
             self.source.close()
             self.state = State.STOPPED
+        if self._worker_error is not None:
+            raise self._worker_error
         if self.capture_error is not None and self.results == 0:
             err = self.capture_error
             raise err if isinstance(err, EdgeError) else SourceError(str(err))
@@ -200,8 +240,16 @@ class Pipeline:
                 continue
         return False
 
+    def _worker(self) -> None:
+        try:
+            self._inference_loop()
+        except BaseException as exc:  # re-raised by run()
+            self._worker_error = exc
+            self._stop.set()
+
     def _capture_loop(self) -> None:
         source, gate = self.source, self.gate
+        order = 0
         _lower_priority()
         try:
             while not self._stop.is_set():
@@ -219,7 +267,8 @@ class Pipeline:
                 model = self._model
                 t0 = time.monotonic_ns()
                 feeds, geometry = model.prepare(frame.data)
-                item = _Item(frame, feeds, geometry, model, time.monotonic_ns() - t0)
+                item = _Item(order, frame, feeds, geometry, model, time.monotonic_ns() - t0)
+                order += 1
                 if not self._put(item):
                     return
         except BaseException as exc:  # reported by run(); the loop must not die silently
@@ -236,38 +285,68 @@ class Pipeline:
             self.state = State.SERVING
 
     def _inference_loop(self) -> None:
-        stats, sinks = self.stats, self.sinks
         get = self._queue.get
-        while True:
+        while not self._stop.is_set():
             try:
                 item = get(timeout=0.5)
             except queue.Empty:
-                if self._stop.is_set():
-                    return
                 if self._pending is not None:  # no frame coming: swap now, not at the next one
-                    self._switch(self._pending)
+                    with self._cond:
+                        if self._pending is not None:
+                            self._switch(self._pending)
                 continue
             if item is _END:
+                with contextlib.suppress(queue.Full):
+                    self._queue.put_nowait(_END)  # for the other workers
                 return
-            t_start = time.monotonic_ns()
+            try:
+                result = self._process(item)
+            finally:
+                self._emit(item.order, None)  # no-op when _process emitted it
+            if result is _STOP:
+                return
+
+    def _take_pending(self) -> LoadedModel:
+        with self._cond:
             pending = self._pending
             if pending is not None:
                 self._switch(pending)
             model = self._model
+            self._in_flight[id(model)] = self._in_flight.get(id(model), 0) + 1
+            return model
+
+    def _release(self, model: LoadedModel) -> None:
+        with self._cond:
+            self._in_flight[id(model)] -= 1
+            self._cond.notify_all()
+
+    def _process(self, item: _Item) -> Any:
+        t_start = time.monotonic_ns()
+        model = self._take_pending()
+        try:
             pre_ns = item.pre_ns
             if item.model is not model:  # preprocessed for the old model: prepare it again
                 t0 = time.monotonic_ns()
                 item.feeds, item.geometry = model.prepare(item.frame.data)
                 pre_ns += time.monotonic_ns() - t0
+            runtime = model.runtime
+            # The REST endpoint may share the runtime; a thread-safe one needs no lock.
+            guard = (
+                contextlib.nullcontext()
+                if getattr(runtime, "concurrent", False)
+                else infer_lock(runtime)
+            )
             t_inf = time.monotonic_ns()
             try:
-                with infer_lock(model.runtime):  # the REST endpoint may share the runtime
-                    outputs = model.runtime.infer(item.feeds)
+                with guard:
+                    outputs = runtime.infer(item.feeds)
             except ModelError as exc:
-                self.inference_errors += 1
-                if self.inference_errors in (1, 10, 100) or self.inference_errors % 1000 == 0:
-                    log.warning("inference error #%d: %s", self.inference_errors, exc)
-                continue
+                with self._cond:
+                    self.inference_errors += 1
+                    n = self.inference_errors
+                if n in (1, 10, 100) or n % 1000 == 0:
+                    log.warning("inference error #%d: %s", n, exc)
+                return None
             t_post = time.monotonic_ns()
             data = item.frame.data
             size = (
@@ -276,40 +355,72 @@ class Pipeline:
                 else None
             )
             output = model.postprocessor(outputs, geometry=item.geometry, source_size=size)
-            if "error" in output:
-                self.inference_errors += 1
             t_done = time.monotonic_ns()
-            result = {
-                "seq": self.seq,
-                "capture_ts": item.frame.capture_ts,
-                "result_ts": time.time(),
-                "frame": item.frame.index,
-                "model": model.identity,
-                "latency_ms": {
-                    "capture_to_result": round((t_done - item.frame.capture_ns) / 1e6, 4),
-                    "preprocess": round(pre_ns / 1e6, 4),
-                    "inference": round((t_post - t_inf) / 1e6, 4),
-                    "postprocess": round((t_done - t_post) / 1e6, 4),
-                },
-                "output": output,
-            }
-            for sink in sinks:
+        finally:
+            self._release(model)
+        result = {
+            "seq": 0,  # set in capture order by _emit
+            "capture_ts": item.frame.capture_ts,
+            "result_ts": time.time(),
+            "frame": item.frame.index,
+            "model": model.identity,
+            "latency_ms": {
+                "capture_to_result": round((t_done - item.frame.capture_ns) / 1e6, 4),
+                "preprocess": round(pre_ns / 1e6, 4),
+                "inference": round((t_post - t_inf) / 1e6, 4),
+                "postprocess": round((t_done - t_post) / 1e6, 4),
+            },
+            "output": output,
+        }
+        timing = (t_start, t_inf, t_post, t_done, pre_ns, item.frame.capture_ns)
+        return self._emit(item.order, (result, "error" in output, timing))
+
+    def _emit(self, order: int, payload: Any) -> Any:
+        """Write a result (or skip a frame that has none) when its turn in capture order comes.
+        Returns _STOP when the loop should end. Called once with the payload, then once more
+        (a no-op) from a ``finally``, so a failed frame still hands the turn on."""
+        stats, cond = self.stats, self._cond
+        with cond:
+            while self._next_emit < order:
+                if self._stop.is_set() and self._worker_error is not None:
+                    return _STOP
+                cond.wait(0.5)
+            if self._next_emit > order:  # already emitted (or skipped) this frame
+                return None
+            self._next_emit = order + 1
+            cond.notify_all()
+            if payload is None:
+                return None
+            if self.max_frames is not None and self.results >= self.max_frames:
+                self._stop.set()
+                return _STOP
+            result, is_error, (t_start, t_inf, t_post, t_done, pre_ns, capture_ns) = payload
+            t_emit = time.monotonic_ns()
+            if is_error:
+                self.inference_errors += 1
+            result["seq"] = self.seq
+            for sink in self.sinks:
                 sink.write(result)
             self.seq += 1
             self.results += 1
             t_end = time.monotonic_ns()
-            stats.capture_to_result.record(t_done - item.frame.capture_ns)
+            stats.capture_to_result.record(t_done - capture_ns)
             stats.preprocess.record(pre_ns)
             stats.inference.record(t_post - t_inf)
             stats.postprocess.record(t_done - t_post)
-            stats.overhead.record((t_end - t_start) - (t_done - t_inf))
+            # Our own cost per frame: everything but inference and postprocessing, and not the
+            # wait for this frame's turn (the other worker's inference, not overhead).
+            stats.overhead.record((t_end - t_start) - (t_done - t_inf) - (t_emit - t_done))
             self.last_result_mono = time.monotonic()
             if self.on_progress is not None:
                 self.on_progress()
             if self.max_frames is not None and self.results >= self.max_frames:
-                return
+                self._stop.set()
+                return _STOP
+            return None
 
     def _switch(self, new_model: LoadedModel) -> None:
+        # called with self._cond held
         self.state = State.SWAPPING
         self._model = new_model
         self._pending = None
@@ -334,6 +445,7 @@ class Pipeline:
             "gated": self.gated,
             "inference_errors": self.inference_errors,
             "swaps": self.swaps,
+            "workers": self.workers,
             "next_seq": self.seq,
             "latency_ms": self.stats.summary(),
         }

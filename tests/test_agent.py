@@ -335,3 +335,138 @@ def test_bench_reports_raw_naive_and_agent_side_by_side(tmp_path: Path, capsys: 
     assert result["agent_vs_raw"] == pytest.approx(
         result["agent_fps"] / result["raw_fps"], rel=0.01
     )
+
+
+def test_two_workers_keep_capture_order_through_a_hot_swap(
+    agent_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """Throughput mode: two frames in flight on one onnxruntime session, a swap mid-stream, the
+    old model closed as soon as swap_model returns. Every frame comes out once, in order, none
+    on a closed model, and the predictions equal a one-worker run's."""
+    from edge_agent.cli import open_model
+    from edge_agent.config import AgentConfig, with_overrides
+    from edge_agent.pipeline import Pipeline
+    from edge_agent.profiles import load_profile
+    from edge_agent.sinks import CallbackSink
+    from edge_agent.sources import open_source
+
+    profile = load_profile("x86-64")
+    base = with_overrides(
+        AgentConfig(),
+        agent={"state_dir": str(tmp_path / "state")},
+        model={"trusted_keys": [str(agent_env["pub"])]},
+    )
+
+    def load(version: str, workers: int) -> Any:
+        cfg = with_overrides(
+            base, model={"path": str(agent_env["root"] / f"digits-{version}.edgebundle")}
+        )
+        return open_model(cfg, profile, threads=2, workers=workers)
+
+    video = f"file:{agent_env['root'] / 'digits.mp4'}"
+    single: list[dict[str, Any]] = []
+    Pipeline(
+        source=open_source(video), model=load("1.0.0", 1), sinks=[CallbackSink(single.append)]
+    ).run()
+
+    results: list[dict[str, Any]] = []
+    model = load("1.0.0", 2)
+    assert model.workers == 2
+    pipe = Pipeline(
+        source=open_source(video, pace="native", fps=200.0),
+        model=model,
+        sinks=[CallbackSink(results.append)],
+        workers=2,
+    )
+    swapped = threading.Event()
+
+    def swap_later() -> None:
+        while len(results) < 40:
+            time.sleep(0.002)
+        pipe.swap_model(load("1.1.0", 2)).close()  # closed at once: no worker may still use it
+        swapped.set()
+
+    t = threading.Thread(target=swap_later)
+    t.start()
+    summary = pipe.run()
+    t.join(timeout=30)
+    assert swapped.is_set()
+    assert summary["workers"] == 2 and summary["swaps"] == 1
+    assert summary["inference_errors"] == 0 and summary["results"] == 120
+    assert [r["seq"] for r in results] == list(range(120))
+    assert [r["frame"] for r in results] == list(range(120))
+    versions = [r["model"]["version"] for r in results]
+    switch = versions.index("1.1.0")
+    assert 40 <= switch < 120 and set(versions[switch:]) == {"1.1.0"}
+    # Same weights in both versions: each frame's prediction equals the one-worker run's.
+    assert [r["output"]["top"][0]["label"] for r in results] == [
+        r["output"]["top"][0]["label"] for r in single
+    ]
+
+
+def test_worker_plan_throughput_only_for_unpaced_files_and_slow_models(
+    agent_env: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edge_agent.cli as cli
+    from edge_agent.config import AgentConfig, with_overrides
+    from edge_agent.profiles import load_profile
+    from edge_agent.sources import open_source
+
+    video = agent_env["root"] / "digits.mp4"
+    plan = cli.worker_plan
+    assert plan(requested=0, threads=2, source=open_source(f"file:{video}"), pace="none") == 2
+    assert plan(requested=0, threads=4, source=open_source(f"file:{video}"), pace="none") == 4
+    assert plan(requested=0, threads=2, source=open_source(f"file:{video}"), pace="native") == 1
+    live = open_source(f"file:{video}?loop=1&live=1")
+    assert plan(requested=0, threads=2, source=live, pace="none") == 1
+    assert plan(requested=0, threads=1, source=open_source(f"file:{video}"), pace="none") == 1
+    assert plan(requested=3, threads=2, source=live, pace="none") == 3  # asked for: as asked
+
+    profile = load_profile("x86-64")
+    cfg = with_overrides(
+        AgentConfig(),
+        agent={"state_dir": str(tmp_path / "state")},
+        model={
+            "path": str(agent_env["root"] / "digits-1.0.0.edgebundle"),
+            "trusted_keys": [str(agent_env["pub"])],
+        },
+        source={"uri": f"file:{video}"},
+    )
+    # The digits CNN infers in well under a millisecond: auto keeps one worker...
+    model, _ = cli.open_planned_model(cfg, profile, threads=2, source=open_source(f"file:{video}"))
+    assert model.workers == 1 and 0 < model.warm_ms < cli.THROUGHPUT_MIN_MS
+    model.close()
+    # ...and a threshold it clears switches to two frames in flight, one thread each.
+    monkeypatch.setattr(cli, "THROUGHPUT_MIN_MS", 0.0)
+    model, _ = cli.open_planned_model(cfg, profile, threads=2, source=open_source(f"file:{video}"))
+    assert model.workers == 2 and model.runtime.concurrent
+    model.close()
+
+
+def test_litert_model_keeps_one_worker(tmp_path: Path) -> None:
+    from edge_agent.model import load_model
+    from edge_agent.pipeline import Pipeline
+    from edge_agent.profiles import load_profile
+    from edge_agent.sinks import CallbackSink
+    from edge_agent.sources import WindowSpec, open_source
+    from tests.tflite_models import fully_connected
+
+    path = tmp_path / "fc.tflite"
+    path.write_bytes(fully_connected(np.eye(3, 4, dtype=np.float32), np.zeros(3, np.float32)))
+    model = load_model(
+        path, profile=load_profile("x86-64"), state_dir=tmp_path, threads=2, workers=2
+    )
+    assert model.workers == 1 and model.runtime.concurrent is False
+    data = tmp_path / "s.csv"
+    data.write_text("a\n" + "".join(f"{i}\n" for i in range(40)))
+    out: list[dict[str, Any]] = []
+    pipe = Pipeline(
+        source=open_source(
+            f"sensor:file:{data}?idle=0.3", window=WindowSpec(size=4, hop=4, channels=1)
+        ),
+        model=model,
+        sinks=[CallbackSink(out.append)],
+        workers=2,  # asked for, but a LiteRT interpreter is not thread-safe
+    )
+    summary = pipe.run()
+    assert summary["workers"] == 1 and [r["seq"] for r in out] == list(range(10))

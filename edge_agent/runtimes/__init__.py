@@ -52,6 +52,8 @@ class Runtime(Protocol):
 
     name: str
     version: str
+    #: True when ``infer`` may run in several threads at once (the pipeline's workers).
+    concurrent: bool
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 
@@ -77,16 +79,23 @@ def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
     )
 
 
-def warmup(runtime: Runtime, *, runs: int = 3) -> None:
-    """Run a few zero inputs so the first real frame does not pay allocation and kernel setup."""
+def warmup(runtime: Runtime, *, runs: int = 3) -> float:
+    """Run a few zero inputs so the first real frame does not pay allocation and kernel setup.
+    Returns the fastest warm run in milliseconds (the first pays the setup, so it is not one)."""
+    import time
+
     feeds = {
         spec.name: np.zeros(
             [d or 1 for d in spec.shape], np.dtype(spec.dtype if not spec.quantized else "float32")
         )
         for spec in runtime.inputs
     }
-    for _ in range(runs):
+    times = []
+    for _ in range(max(runs, 2)):
+        t0 = time.perf_counter()
         runtime.infer(feeds)
+        times.append(time.perf_counter() - t0)
+    return min(times[1:]) * 1000.0
 
 
 def load_runtime(

@@ -43,6 +43,7 @@ def _spec(arg: Any) -> TensorSpec:
 
 class OnnxRuntime:
     name = "onnxruntime"
+    concurrent = True  # InferenceSession.run may be called from several threads at once
 
     def __init__(
         self,

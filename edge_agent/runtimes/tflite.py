@@ -61,6 +61,7 @@ def _spec(detail: Mapping[str, Any]) -> TensorSpec:
 
 class LiteRTRuntime:
     name = "litert"
+    concurrent = False  # an interpreter is not thread-safe: one invoke at a time
 
     def __init__(self, path: Path, *, threads: int = 0) -> None:
         found = _interpreter_class()
