@@ -21,10 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
-import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,7 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--max-frames", type=int, metavar="N")
     p.add_argument("--results", action="append", metavar="jsonl:PATH|stdout")
-    p.add_argument("--device-id")
+    p.add_argument("--device-id", help="this device's name in topics (default: the hostname)")
+    p.add_argument(
+        "--broker",
+        metavar="mqtt://HOST:PORT|mqtts://HOST:PORT",
+        help="publish results, telemetry and events over MQTT and follow OTA updates",
+    )
     p.add_argument("--motion-gate", type=float, metavar="T", help="skip static frames (0 = off)")
     p.add_argument("--summary", type=Path, metavar="FILE.json", help="write the run summary here")
     p.add_argument(
@@ -167,6 +169,7 @@ def load_effective_config(args: argparse.Namespace) -> Any:
             "window_channels": channels,
         },
         results={"sinks": getattr(args, "results", None)},
+        mqtt={"broker": getattr(args, "broker", None)},
         pipeline={
             "max_frames": getattr(args, "max_frames", None),
             "motion_gate": getattr(args, "motion_gate", None),
@@ -310,99 +313,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from edge_agent.notify import Notifier, Watchdog
-    from edge_agent.pipeline import MotionGate, Pipeline
-    from edge_agent.sinks import open_sink
+    from edge_agent.service import Service
 
-    t_start = time.monotonic()
-    config = load_effective_config(args)
-    config.require_runnable()
-    profile = resolve_profile(config.agent.profile)
-    source = open_source_from(config)
-    threads = thread_plan(
-        profile, requested=config.model.threads, source_kind=getattr(source, "kind", "image")
-    )
-    model, _ = open_planned_model(config, profile, threads=threads, source=source)
-    sinks = [open_sink(s) for s in config.results.sinks]
-    notifier = Notifier()
-    watchdog = Watchdog(notifier=notifier)
-    pipeline = Pipeline(
-        source=source,
-        model=model,
-        sinks=sinks,
-        max_frames=config.pipeline.max_frames or None,
-        gate=MotionGate(config.pipeline.motion_gate) if config.pipeline.motion_gate else None,
-        on_progress=watchdog.progress,
-        workers=model.workers,
-    )
-    rest = None
-    if config.rest.enabled or getattr(args, "rest_port", None) is not None:
-        from edge_agent.rest import RestServer
-
-        port = args.rest_port if getattr(args, "rest_port", None) is not None else config.rest.port
-        rest = RestServer(lambda: pipeline.model, host=config.rest.host, port=port)
-        rest.start()
-        logging.getLogger(PROG).info(
-            "REST endpoint on http://%s:%d/v1/models/%s", config.rest.host, rest.port, model.name
-        )
-    should_exit = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        should_exit.set()  # only a flag: the main loop does the work
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    outcome: dict[str, Any] = {}
-
-    def serve() -> None:
-        try:
-            outcome["summary"] = pipeline.run()
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=serve, name="edge-infer", daemon=True)
-    worker.start()
-    logging.getLogger(PROG).info(
-        "serving %s %s (%s, %s threads, %d workers) on %s; profile %s",
-        model.name, model.version, model.format, threads, model.workers, config.source.uri,
-        profile.name,
-    )  # fmt: skip
-    first_result = False
-    last_status = 0.0
-    while worker.is_alive():
-        worker.join(timeout=0.25)
-        if not first_result and pipeline.results:
-            first_result = True
-            notifier.ready()
-            logging.getLogger(PROG).info(
-                "first result %.3f s after start", time.monotonic() - t_start
-            )
-        watchdog.tick()
-        now = time.monotonic()
-        if now - last_status > 5.0:
-            last_status = now
-            s = pipeline.summary()
-            notifier.status(f"{s['state']}: {s['fps']} fps, model {model.name} {model.version}")
-        if should_exit.is_set():
-            notifier.stopping()
-            pipeline.stop()
-            worker.join(timeout=config.pipeline.drain_timeout)
-            break
-    if rest is not None:
-        rest.stop()
-    for sink in sinks:
-        sink.close()
-    pipeline.model.close()
-    if "error" in outcome:
-        raise outcome["error"]
-    summary = outcome.get("summary") or pipeline.summary()
-    if args.summary is not None:
-        args.summary.write_text(json.dumps(summary, indent=2) + "\n")
-    logging.getLogger(PROG).info(
-        "stopped: %s",
-        json.dumps({k: summary[k] for k in ("results", "fps", "dropped", "inference_errors")}),
-    )
-    return EX_OK
+    service = Service(load_effective_config(args), summary_path=args.summary)
+    service.rest_port = getattr(args, "rest_port", None)
+    return service.run()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -163,6 +163,158 @@ class RestSection:
 
 
 @dataclass(frozen=True)
+class MqttSection:
+    """The broker (results, telemetry, events, commands, OTA). Off while ``broker`` is empty."""
+
+    broker: str = _doc("mqtt://HOST:PORT or mqtts://HOST:PORT (TLS); '' = no MQTT.", default="")
+    protocol: str = _doc(
+        "MQTT version: auto (5, falling back to 3.1.1), 5 or 3.1.1.", default="auto"
+    )
+    keepalive: int = _doc("Keepalive in seconds.", default=30)
+    client_id: str = _doc("Client id ('' = edge-agent-<device id>).", default="")
+    username: str = _doc("User name, if the broker wants one.", default="")
+    password_file: str = _doc(
+        "File holding the password (a bare name is looked up in $CREDENTIALS_DIRECTORY, where "
+        "systemd's LoadCredential= puts it). Never on the command line.",
+        default="",
+    )
+    ca_file: str = _doc("CA certificate (PEM) for mqtts:// ('' = the system's CAs).", default="")
+    cert_file: str = _doc("Client certificate (PEM) for mutual TLS.", default="")
+    key_file: str = _doc(
+        "Client key (PEM); like password_file, a bare name is found in $CREDENTIALS_DIRECTORY.",
+        default="",
+    )
+    topic_prefix: str = _doc("First topic level: <prefix>/<device>/...", default="edge")
+    groups: tuple[str, ...] = _doc(
+        "Fleet groups this device belongs to: it follows <prefix>/groups/<group>/desired.",
+        default=(),
+    )
+    results: str = _doc(
+        "Which results to publish: all, change (when the top class or label changes) or none.",
+        default="all",
+    )
+    results_max_rate: float = _doc(
+        "At most this many results per second (0 = no limit).", default=0.0
+    )
+    spool_max_mb: float = _doc(
+        "On-disk spool bound (results are dropped oldest first above it; events never).",
+        default=64.0,
+    )
+    flush_timeout: float = _doc(
+        "When a finite source ends: seconds to wait for the spool to drain before exiting.",
+        default=30.0,
+    )
+    home_assistant: bool = _doc(
+        "Publish Home Assistant MQTT discovery (homeassistant/...): sensors and availability.",
+        default=False,
+    )
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("auto", "5", "3.1.1"):
+            raise ConfigError(
+                f"config: [mqtt] protocol = {self.protocol!r}: expected one of 'auto', '5', '3.1.1'"
+            )
+        if self.results not in ("all", "change", "none"):
+            raise ConfigError(
+                f"config: [mqtt] results = {self.results!r}: "
+                "expected one of 'all', 'change', 'none'"
+            )
+        for key in ("results_max_rate", "spool_max_mb", "flush_timeout"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config: [mqtt] {key} = {getattr(self, key)}: must be >= 0")
+        if self.keepalive < 5:
+            raise ConfigError(f"config: [mqtt] keepalive = {self.keepalive}: must be >= 5")
+        from edge_agent.protocol import ProtocolError, check_name
+
+        for group in self.groups:
+            try:
+                check_name(group, "group")
+            except ProtocolError as exc:
+                raise ConfigError(f"config: [mqtt] groups: {exc}") from None
+
+
+@dataclass(frozen=True)
+class TelemetrySection:
+    interval: float = _doc("Seconds between telemetry messages.", default=10.0)
+    monitor_every: int = _doc(
+        "Sample the input/output statistics of every Nth frame (0 = off).", default=10
+    )
+    drift_threshold: float = _doc(
+        "Input drift: a channel mean this many calibration standard deviations away raises a "
+        "drift event.",
+        default=3.0,
+    )
+    output_drift_threshold: float = _doc(
+        "Output drift: total variation distance of the class histogram from calibration's.",
+        default=0.5,
+    )
+    prometheus_port: int = _doc(
+        "Serve Prometheus text metrics on 127.0.0.1:PORT/metrics (0 = off).", default=0
+    )
+
+    def __post_init__(self) -> None:
+        if self.interval <= 0:
+            raise ConfigError(f"config: [telemetry] interval = {self.interval}: must be > 0")
+        if self.monitor_every < 0:
+            raise ConfigError(
+                f"config: [telemetry] monitor_every = {self.monitor_every}: must be >= 0"
+            )
+        if not 0 <= self.prometheus_port < 65536:
+            raise ConfigError(
+                f"config: [telemetry] prometheus_port = {self.prometheus_port}: must be 0-65535"
+            )
+
+
+@dataclass(frozen=True)
+class OtaSection:
+    """Over-the-air model updates (pull-based: the device follows its desired state)."""
+
+    enabled: bool = _doc("Follow desired state and accept update/rollback commands.", default=True)
+    health_window: float = _doc(
+        "Seconds a new model is watched after the swap before it is committed.", default=20.0
+    )
+    health_min_frames: int = _doc(
+        "Results the new model must produce in the window (fewer: the window is extended once, "
+        "then it fails).",
+        default=10,
+    )
+    max_error_rate: float = _doc(
+        "Fraction of frames in the window allowed to fail (inference errors, NaN/inf outputs).",
+        default=0.0,
+    )
+    latency_budget: float = _doc(
+        "Inference p95 in the window may be at most this many times the reference: the larger "
+        "of the bundle's measured latency and the previous model's p95 on this device.",
+        default=3.0,
+    )
+    check_collapse: bool = _doc(
+        "Fail a classifier whose predictions collapse to one class when calibration had many.",
+        default=True,
+    )
+    keep_models: int = _doc("Committed models kept on disk for instant rollback.", default=3)
+    transfer_timeout: float = _doc(
+        "Seconds without progress before a bundle transfer is given up.", default=60.0
+    )
+    max_bundle_mb: float = _doc("Largest bundle accepted.", default=512.0)
+    ca_file: str = _doc("CA certificate for https:// bundle URLs ('' = the system's).", default="")
+
+    def __post_init__(self) -> None:
+        for key in ("health_window", "transfer_timeout", "max_bundle_mb", "latency_budget"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"config: [ota] {key} = {getattr(self, key)}: must be > 0")
+        if not 0 <= self.max_error_rate <= 1:
+            raise ConfigError(
+                f"config: [ota] max_error_rate = {self.max_error_rate}: must be between 0 and 1"
+            )
+        if self.keep_models < 1:
+            raise ConfigError(f"config: [ota] keep_models = {self.keep_models}: must be >= 1")
+        if self.health_min_frames < 1:
+            raise ConfigError(
+                f"config: [ota] health_min_frames = {self.health_min_frames}: must be >= 1"
+            )
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -171,6 +323,9 @@ class AgentConfig:
     results: ResultsSection = field(default_factory=ResultsSection)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
     rest: RestSection = field(default_factory=RestSection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    telemetry: TelemetrySection = field(default_factory=TelemetrySection)
+    ota: OtaSection = field(default_factory=OtaSection)
     path: str = ""
 
     @property
@@ -192,6 +347,9 @@ _SECTION_CLASSES: dict[str, type] = {
     "results": ResultsSection,
     "pipeline": PipelineSection,
     "rest": RestSection,
+    "mqtt": MqttSection,
+    "telemetry": TelemetrySection,
+    "ota": OtaSection,
 }
 
 
@@ -217,7 +375,7 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
         items = [value] if isinstance(value, (str, int, float)) else value
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{where}: expected a list")
-        want = float if key in ("mean", "std") else str
+        want: type = float if key in ("mean", "std") else str
         try:
             return tuple(want(v) for v in items)
         except (TypeError, ValueError):

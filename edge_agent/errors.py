@@ -13,10 +13,13 @@
     ├── SourceError                an input (camera, stream, file, images, sensor) that cannot be
     │   │                          opened or parsed: a bad URI, a missing or corrupt file
     │   └── SourceTimeout          read() saw no new frame in time (in ``edge_agent.sources``)
-    └── BundleError                a model bundle that cannot be read or trusted
-        ├── UnsafeBundleError      an archive entry is a link, absolute, escapes, or too large
-        ├── SignatureError         the manifest signature is missing or from no trusted key
-        └── IntegrityError         an artifact's size or sha256 does not match the manifest
+    ├── BundleError                a model bundle that cannot be read or trusted
+    │   ├── UnsafeBundleError      an archive entry is a link, absolute, escapes, or too large
+    │   ├── SignatureError         the manifest signature is missing or from no trusted key
+    │   └── IntegrityError         an artifact's size or sha256 does not match the manifest
+    ├── BrokerError                the MQTT broker refused us (CONNACK reason) or cannot be reached
+    └── UpdateError                an over-the-air update that cannot go ahead: download, transfer,
+                                   compatibility, anti-rollback or health window (names the cause)
 
 Third-party errors (onnx, onnxruntime, cryptography, OpenCV, torch) are translated at the
 boundary: ``raise ModelError(f"{path}: ...") from exc``.
@@ -101,6 +104,17 @@ class IntegrityError(BundleError):
     """An artifact's size or sha256 does not match the signed manifest."""
 
 
+class BrokerError(EdgeError):
+    """The MQTT broker refused the connection (the CONNACK reason is in the message) or cannot be
+    reached. The agent keeps retrying with backoff; ``edgectl`` exits with it."""
+
+
+class UpdateError(EdgeError):
+    """An over-the-air update that cannot go ahead: the download or transfer failed, the bundle
+    does not suit this device, its version is below the anti-rollback floor, or it failed the
+    health window. The device stays on its working model."""
+
+
 __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_BUDGET",
@@ -108,6 +122,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_VERIFY",
     "AccuracyBudgetError",
+    "BrokerError",
     "BundleError",
     "ConfigError",
     "ConversionError",
@@ -120,5 +135,6 @@ __all__ = [
     "SourceError",
     "UnsafeBundleError",
     "UnsupportedModelError",
+    "UpdateError",
     "first_line",
 ]

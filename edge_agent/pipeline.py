@@ -118,6 +118,8 @@ class Pipeline:
         seq_start: int = 0,
         on_progress: Callable[[], None] | None = None,
         workers: int = 1,
+        observer: Callable[[dict[str, np.ndarray], dict[str, Any], list[np.ndarray]], None]
+        | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers = {workers}: must be >= 1")
@@ -129,6 +131,9 @@ class Pipeline:
             )
             workers = 1
         self.workers = workers
+        #: Called with (feeds, output, raw outputs) for every frame, in the worker thread, outside
+        #: any lock (telemetry's Monitor: it samples every Nth call itself). Must be cheap.
+        self.observer = observer
         self.source = source
         self._model = model
         self._pending: LoadedModel | None = None
@@ -140,6 +145,7 @@ class Pipeline:
         self.on_progress = on_progress
         self.state = State.STARTING
         self.stats = StageStats.new()
+        self._window = StageStats.new()  # since the last take_window(): telemetry's interval
         self.frames = 0
         self.results = 0
         self.inference_errors = 0
@@ -356,6 +362,14 @@ class Pipeline:
             )
             output = model.postprocessor(outputs, geometry=item.geometry, source_size=size)
             t_done = time.monotonic_ns()
+            observer = self.observer
+            if observer is not None:
+                try:
+                    observer(item.feeds, output, outputs)
+                except Exception:  # monitoring must never cost a frame
+                    log.exception("pipeline observer failed")
+                    self.observer = None
+            t_ready = time.monotonic_ns()
         finally:
             self._release(model)
         result = {
@@ -372,7 +386,7 @@ class Pipeline:
             },
             "output": output,
         }
-        timing = (t_start, t_inf, t_post, t_done, pre_ns, item.frame.capture_ns)
+        timing = (t_start, t_inf, t_post, t_done, t_ready, pre_ns, item.frame.capture_ns)
         return self._emit(item.order, (result, "error" in output, timing))
 
     def _emit(self, order: int, payload: Any) -> Any:
@@ -394,7 +408,9 @@ class Pipeline:
             if self.max_frames is not None and self.results >= self.max_frames:
                 self._stop.set()
                 return _STOP
-            result, is_error, (t_start, t_inf, t_post, t_done, pre_ns, capture_ns) = payload
+            result, is_error, (t_start, t_inf, t_post, t_done, t_ready, pre_ns, capture_ns) = (
+                payload
+            )
             t_emit = time.monotonic_ns()
             if is_error:
                 self.inference_errors += 1
@@ -410,7 +426,14 @@ class Pipeline:
             stats.postprocess.record(t_done - t_post)
             # Our own cost per frame: everything but inference and postprocessing, and not the
             # wait for this frame's turn (the other worker's inference, not overhead).
-            stats.overhead.record((t_end - t_start) - (t_done - t_inf) - (t_emit - t_done))
+            overhead = (t_end - t_start) - (t_done - t_inf) - (t_emit - t_ready)
+            stats.overhead.record(overhead)
+            w = self._window
+            w.capture_to_result.record(t_done - capture_ns)
+            w.preprocess.record(pre_ns)
+            w.inference.record(t_post - t_inf)
+            w.postprocess.record(t_done - t_post)
+            w.overhead.record(overhead)
             self.last_result_mono = time.monotonic()
             if self.on_progress is not None:
                 self.on_progress()
@@ -430,6 +453,12 @@ class Pipeline:
         log.info("serving %s %s", new_model.name, new_model.version)
 
     # --- reporting ----------------------------------------------------------------------
+
+    def take_window(self) -> dict[str, dict[str, float | int | None]]:
+        """Per-stage latency since the last call (telemetry's interval), and start a new one."""
+        with self._cond:
+            window, self._window = self._window, StageStats.new()
+        return window.summary()
 
     def summary(self) -> dict[str, Any]:
         elapsed = max(time.monotonic() - self.started_mono, 1e-9) if self.started_mono else 0.0

@@ -1,0 +1,767 @@
+"""``edgectl``: the operator's side of the protocol (``edge_agent.protocol``).
+
+::
+
+    edgectl [--broker URL] [--prefix edge] [--username U --password-file F]
+            [--ca-file F --cert-file F --key-file F] COMMAND ...
+    edgectl publish BUNDLE [--chunk-size BYTES] [--public-key KEY]
+    edgectl deploy BUNDLE (--device ID | --group NAME) [--url URL]
+    edgectl rollout BUNDLE --group NAME --canary PCT --wait DURATION --max-failures PCT
+    edgectl rollback (--device ID | --group NAME) [--version V]
+    edgectl ping DEVICE
+    edgectl status [--timeout S] [--json]
+    edgectl watch [DEVICE] [--count N]
+    edgectl export --format jsonl|csv [--duration S] [--share GROUP] [-o FILE]
+
+Nothing but the broker is central: bundles are stored on it as retained chunks
+(``edge/bundles/<sha256>/…``), desired states are retained, and the fleet view is built from
+retained status and telemetry. ``watch`` and ``export`` take ``--share GROUP`` to use an MQTT 5
+shared subscription (``$share/GROUP/edge/+/telemetry``), so several instances split a large
+fleet between them.
+
+Exit codes: 0 ok, 1 internal error, 2 bad input, 3 a rollout aborted (canaries failed) or a
+device reported a failed update, 4 the bundle failed verification, 5 the broker refused us or
+could not be reached, 6 a device did not answer in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import math
+import re
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from edge_agent import protocol
+from edge_agent.errors import BrokerError, BundleError, EdgeError
+from edge_agent.protocol import Desired, Topics
+
+PROG = "edgectl"
+EX_OK, EX_INTERNAL, EX_USAGE, EX_FAILED, EX_VERIFY, EX_BROKER, EX_TIMEOUT = 0, 1, 2, 3, 4, 5, 6
+
+log = logging.getLogger(PROG)
+
+
+class RolloutAborted(EdgeError):
+    """A staged rollout stopped because too many devices failed (or a device reported failure)."""
+
+    exit_code = EX_FAILED
+
+
+class NoAnswer(EdgeError):
+    """A device did not answer in time."""
+
+    exit_code = EX_TIMEOUT
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``5m``, ``1h`` -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"duration {text!r}: expected e.g. 30s, 5m or 1h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def parse_percent(text: str) -> float:
+    try:
+        value = float(text.rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"percentage {text!r}: expected a number 0-100") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"percentage {text!r}: must be between 0 and 100")
+    return value
+
+
+# --- the client -----------------------------------------------------------------------------
+
+
+class Client:
+    """A blocking paho client for a command-line tool: connect (or raise BrokerError with the
+    CONNACK reason), publish and wait for PUBACK, subscribe and collect."""
+
+    def __init__(self, args: argparse.Namespace, *, client_id: str | None = None) -> None:
+        import paho.mqtt.client as mqtt
+
+        from edge_agent.mqtt import BrokerSettings, credential_path, read_secret
+
+        self.settings = BrokerSettings(
+            url=args.broker,
+            username=args.username or "",
+            password_file=args.password_file or "",
+            ca_file=args.ca_file or "",
+            cert_file=args.cert_file or "",
+            key_file=args.key_file or "",
+        )
+        self.prefix = args.prefix
+        self._mqtt = mqtt
+        self.client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"edgectl-{uuid.uuid4().hex[:10]}",
+            protocol=mqtt.MQTTv5,
+        )
+        s = self.settings
+        if s.username:
+            password = (
+                read_secret(s.password_file, what="--password-file") if s.password_file else None
+            )
+            self.client.username_pw_set(s.username, password)
+        if s.tls:
+            import ssl
+
+            ctx = ssl.create_default_context(
+                cafile=str(credential_path(s.ca_file)) if s.ca_file else None
+            )
+            if s.cert_file:
+                ctx.load_cert_chain(
+                    str(credential_path(s.cert_file)), str(credential_path(s.key_file))
+                )
+            self.client.tls_set_context(ctx)
+        self.client.max_inflight_messages_set(200)
+        self._connected = threading.Event()
+        self._refused: str | None = None
+        self._handlers: list[Callable[[Any], None]] = []
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            self._refused = str(reason)
+        self._connected.set()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        for handler in list(self._handlers):
+            handler(msg)
+
+    def __enter__(self) -> Client:
+        s = self.settings
+        try:
+            self.client.connect(s.host, s.port, keepalive=30)
+        except OSError as exc:
+            raise BrokerError(f"mqtt {s.safe_url}: cannot connect: {exc.strerror or exc}") from None
+        self.client.loop_start()
+        if not self._connected.wait(10.0):
+            self.client.loop_stop()
+            raise BrokerError(f"mqtt {s.safe_url}: no CONNACK within 10 s")
+        if self._refused:
+            self.client.loop_stop()
+            raise BrokerError(f"mqtt {s.safe_url}: broker refused the connection: {self._refused}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, properties: Any = None
+    ) -> Any:
+        info = self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
+        if info.rc != 0:
+            raise BrokerError(
+                f"mqtt: publish to {topic} failed: {self._mqtt.error_string(info.rc)}"
+            )
+        return info
+
+    def subscribe(self, topics: Sequence[str], handler: Callable[[Any], None]) -> None:
+        self._handlers.append(handler)
+        done = threading.Event()
+        self.client.on_subscribe = lambda *a: done.set()
+        self.client.subscribe([(t, 1) for t in topics])
+        done.wait(5.0)
+
+    def collect(self, topics: Sequence[str], *, seconds: float) -> list[Any]:
+        got: list[Any] = []
+        lock = threading.Lock()
+
+        def keep(msg: Any) -> None:
+            with lock:
+                got.append(msg)
+
+        self.subscribe(topics, keep)
+        time.sleep(seconds)
+        with lock:
+            return list(got)
+
+    def request(self, device: str, command: str, body: dict[str, Any], *, timeout: float) -> Any:
+        """An MQTT 5 request/response: our own response topic, with correlation data."""
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        topics = Topics(device, prefix=self.prefix)
+        corr = uuid.uuid4().bytes
+        response = f"{self.prefix}/edgectl/{uuid.uuid4().hex}"
+        answer: list[dict[str, Any]] = []
+        got = threading.Event()
+
+        def on_reply(msg: Any) -> None:
+            props = getattr(msg, "properties", None)
+            if msg.topic == response and getattr(props, "CorrelationData", None) == corr:
+                answer.append(json.loads(msg.payload))
+                got.set()
+
+        self.subscribe([response], on_reply)
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = response
+        props.CorrelationData = corr
+        self.publish(
+            topics.command(command), protocol.dumps({**body, "schema": 1}), properties=props
+        )
+        if not got.wait(timeout):
+            raise NoAnswer(f"{device}: no reply to {command} within {timeout:g} s (is it online?)")
+        return answer[0]
+
+
+# --- fleet view -------------------------------------------------------------------------------
+
+
+def fleet_snapshot(client: Client, *, seconds: float) -> dict[str, dict[str, Any]]:
+    """Every device's retained status, telemetry and reported state."""
+    p = client.prefix
+    msgs = client.collect([f"{p}/+/status", f"{p}/+/telemetry", f"{p}/+/reported"], seconds=seconds)
+    fleet: dict[str, dict[str, Any]] = {}
+    for msg in msgs:
+        device = protocol.device_of(msg.topic, prefix=p)
+        if device is None or not msg.payload:
+            continue
+        kind = msg.topic.rsplit("/", 1)[-1]
+        try:
+            fleet.setdefault(device, {})[kind] = json.loads(msg.payload)
+        except ValueError:
+            continue
+    return fleet
+
+
+def status_rows(fleet: dict[str, dict[str, Any]], *, now: float) -> list[dict[str, Any]]:
+    rows = []
+    for device in sorted(fleet):
+        d = fleet[device]
+        st, tel = d.get("status") or {}, d.get("telemetry") or {}
+        model = tel.get("model") or st.get("model") or {}
+        lat = ((tel.get("pipeline") or {}).get("latency_ms") or {}).get("inference") or {}
+        last = max(float(st.get("ts") or 0), float(tel.get("ts") or 0))
+        update = (d.get("reported") or {}).get("update") or {}
+        rows.append(
+            {
+                "device": device,
+                "online": st.get("state") == "online",
+                "state": st.get("state", "?"),
+                "model": f"{model.get('name', '?')} {model.get('version', '?')}",
+                "fps": (tel.get("pipeline") or {}).get("fps"),
+                "p95_ms": lat.get("p95"),
+                "temp_c": (tel.get("system") or {}).get("cpu_temp_c"),
+                "last_seen_s": round(now - last, 1) if last else None,
+                "update": update.get("state"),
+                "groups": st.get("groups", []),
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    cols = ("device", "state", "model", "fps", "p95_ms", "temp_c", "last_seen_s", "update")
+    heads = ("device", "status", "model", "fps", "p95 ms", "temp °C", "last seen s", "update")
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.1f}"
+        return str(v)
+
+    table = [list(heads)] + [[cell(r[c]) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    online = sum(1 for r in rows if r["online"])
+    lines.append(f"{len(rows)} devices, {online} online")
+    return "\n".join(lines)
+
+
+# --- bundles ----------------------------------------------------------------------------------
+
+
+def bundle_identity(path: Path, public_keys: Sequence[str]) -> tuple[str, str, str, bytes]:
+    """(sha256, name, version, bytes); verified first when keys are given."""
+    from edge_agent.bundle import read_manifest_unverified, verify_bundle
+
+    if not path.is_file():
+        raise EdgeError(f"{path}: no such bundle")
+    data = path.read_bytes()
+    if public_keys:
+        from edge_agent.keys import load_trusted_keys
+
+        manifest = verify_bundle(path, trusted_keys=load_trusted_keys(list(public_keys))).manifest
+    else:
+        manifest = read_manifest_unverified(path)
+    return hashlib.sha256(data).hexdigest(), str(manifest["name"]), str(manifest["version"]), data
+
+
+def publish_bundle(
+    client: Client, path: Path, *, chunk_size: int, public_keys: Sequence[str] = ()
+) -> tuple[str, str, str]:
+    """Retained, individually hashed chunks, then the meta message; waits for every PUBACK."""
+    sha, name, version, data = bundle_identity(path, public_keys)
+    chunks = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
+    infos = []
+    for i, chunk in enumerate(chunks):
+        topic = protocol.bundle_chunk_topic(sha, i, prefix=client.prefix)
+        infos.append(client.publish(topic, chunk, retain=True))
+    meta = protocol.bundle_meta_payload(
+        sha256=sha,
+        size=len(data),
+        chunk_size=chunk_size,
+        chunks=[hashlib.sha256(c).hexdigest() for c in chunks],
+        name=name,
+        version=version,
+    )
+    infos.append(
+        client.publish(
+            protocol.bundle_meta_topic(sha, prefix=client.prefix), protocol.dumps(meta), retain=True
+        )
+    )
+    deadline = time.monotonic() + 60 + len(data) / 1e6
+    for info in infos:
+        info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+        if not info.is_published():
+            raise BrokerError("mqtt: the broker did not acknowledge every chunk in time")
+    return sha, name, version
+
+
+def set_desired(
+    client: Client, desired: Desired, *, device: str | None = None, group: str | None = None
+) -> str:
+    if device:
+        topic = Topics(device, prefix=client.prefix).desired
+    else:
+        assert group
+        topic = protocol.group_desired_topic(group, prefix=client.prefix)
+    client.publish(
+        topic, protocol.dumps(desired.to_payload(ts=time.time())), retain=True
+    ).wait_for_publish(10)
+    return topic
+
+
+# --- commands -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Operate a fleet of edge agents over MQTT.",
+        epilog="exit codes: 0 ok, 1 internal error, 2 bad input, 3 rollout aborted or update "
+        "failed, 4 bundle failed verification, 5 broker refused or unreachable, 6 no answer",
+    )
+    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    parser.add_argument("--prefix", default=protocol.DEFAULT_PREFIX)
+    parser.add_argument("--username")
+    parser.add_argument("--password-file", help="a file holding the password (never the password)")
+    parser.add_argument("--ca-file")
+    parser.add_argument("--cert-file")
+    parser.add_argument("--key-file")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("publish", help="store a bundle on the broker as retained chunks")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--chunk-size", type=int, default=protocol.DEFAULT_CHUNK_SIZE)
+    p.add_argument("--public-key", action="append", default=[], help="verify with this key first")
+
+    p = sub.add_parser("deploy", help="publish a bundle and make it a device's or group's desired")
+    p.add_argument("bundle", type=Path)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--device")
+    target.add_argument("--group")
+    p.add_argument("--url", help="devices fetch it from this HTTP(S) URL instead of the broker")
+    p.add_argument("--chunk-size", type=int, default=protocol.DEFAULT_CHUNK_SIZE)
+    p.add_argument("--public-key", action="append", default=[])
+    p.add_argument("--allow-downgrade", action="store_true")
+
+    p = sub.add_parser("rollout", help="staged rollout to a group: canaries first, then waves")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--group", required=True)
+    p.add_argument("--canary", type=parse_percent, default=10.0, metavar="PCT")
+    p.add_argument("--wait", type=parse_duration, default=120.0, metavar="DURATION")
+    p.add_argument("--max-failures", type=parse_percent, default=0.0, metavar="PCT")
+    p.add_argument("--waves", type=int, default=2, help="waves after the canaries")
+    p.add_argument("--chunk-size", type=int, default=protocol.DEFAULT_CHUNK_SIZE)
+    p.add_argument("--public-key", action="append", default=[])
+    p.add_argument("--discover", type=parse_duration, default=2.0, metavar="DURATION")
+
+    p = sub.add_parser("rollback", help="return a device or group to its previous model")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--device")
+    target.add_argument("--group")
+    p.add_argument("--version", help="the version to return to (default: the previous one)")
+    p.add_argument("--timeout", type=parse_duration, default=10.0)
+
+    p = sub.add_parser("ping", help="ask a device to answer")
+    p.add_argument("device")
+    p.add_argument("--timeout", type=parse_duration, default=5.0)
+
+    p = sub.add_parser("status", help="the fleet table from retained status and telemetry")
+    p.add_argument("--timeout", type=parse_duration, default=1.5, metavar="DURATION")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("watch", help="telemetry and events, live")
+    p.add_argument("device", nargs="?")
+    p.add_argument("--count", type=int, default=0, help="stop after N messages (0 = never)")
+    p.add_argument("--share", help="MQTT 5 shared subscription group")
+
+    p = sub.add_parser("export", help="telemetry as JSON lines or CSV")
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    p.add_argument("--duration", type=parse_duration, default=0.0, help="0 = until interrupted")
+    p.add_argument("--share", help="MQTT 5 shared subscription group")
+    p.add_argument("-o", "--output", type=Path)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except BundleError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EX_VERIFY
+    except BrokerError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EX_BROKER
+    except (RolloutAborted, NoAnswer) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except (EdgeError, protocol.ProtocolError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EX_USAGE
+    except KeyboardInterrupt:
+        return EX_OK
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(f"{PROG}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EX_INTERNAL
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    if args.chunk_size < 1024:
+        raise EdgeError(f"--chunk-size {args.chunk_size}: must be at least 1024 bytes")
+    with Client(args) as client:
+        t0 = time.monotonic()
+        sha, name, version = publish_bundle(
+            client, args.bundle, chunk_size=args.chunk_size, public_keys=args.public_key
+        )
+        size = args.bundle.stat().st_size
+        print(
+            f"published {name} {version}: sha256 {sha}, {size} bytes in "
+            f"{math.ceil(size / args.chunk_size)} chunks, {time.monotonic() - t0:.2f} s"
+        )
+    return EX_OK
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    with Client(args) as client:
+        if args.url:
+            sha, name, version, _ = bundle_identity(args.bundle, args.public_key)
+        else:
+            sha, name, version = publish_bundle(
+                client, args.bundle, chunk_size=args.chunk_size, public_keys=args.public_key
+            )
+        desired = Desired(
+            sha256=sha,
+            name=name,
+            version=version,
+            url=args.url or "",
+            allow_downgrade=args.allow_downgrade,
+            deployment=f"deploy-{uuid.uuid4().hex[:12]}",
+        )
+        topic = set_desired(client, desired, device=args.device, group=args.group)
+        print(f"desired {name} {version} ({sha[:12]}) on {topic}")
+    return EX_OK
+
+
+def _wait_for(
+    client: Client, devices: Sequence[str], sha: str, deployment: str, *, timeout: float
+) -> dict[str, str]:
+    """Each device's outcome for this deployment: committed, failed, rolled_back or timeout."""
+    outcome: dict[str, str] = {}
+    lock = threading.Lock()
+    wanted = set(devices)
+
+    def on_reported(msg: Any) -> None:
+        device = protocol.device_of(msg.topic, prefix=client.prefix)
+        if device not in wanted or not msg.payload:
+            return
+        try:
+            rep = json.loads(msg.payload)
+        except ValueError:
+            return
+        update = rep.get("update") or {}
+        if update.get("sha256") != sha or update.get("deployment") != deployment:
+            return
+        if update.get("state") in ("committed", "failed", "rolled_back"):
+            with lock:
+                outcome[device] = str(update["state"])
+
+    client.subscribe([f"{client.prefix}/{d}/reported" for d in devices], on_reported)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with lock:
+            if len(outcome) == len(wanted):
+                break
+        time.sleep(0.1)
+    with lock:
+        return {d: outcome.get(d, "timeout") for d in devices}
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    with Client(args) as client:
+        fleet = fleet_snapshot(client, seconds=args.discover)
+        members = sorted(
+            d
+            for d, v in fleet.items()
+            if args.group in ((v.get("status") or {}).get("groups") or [])
+        )
+        if not members:
+            raise EdgeError(f"group {args.group!r}: no device declares it (edgectl status)")
+        previous = {d: (fleet[d].get("reported") or {}).get("bundle_sha256") for d in members}
+        sha, name, version = publish_bundle(
+            client, args.bundle, chunk_size=args.chunk_size, public_keys=args.public_key
+        )
+        deployment = f"rollout-{uuid.uuid4().hex[:12]}"
+        desired = Desired(sha256=sha, name=name, version=version, deployment=deployment)
+        n_canary = max(1, math.ceil(len(members) * args.canary / 100))
+        rest = members[n_canary:]
+        waves = [members[:n_canary]]
+        per_wave = max(1, math.ceil(len(rest) / max(args.waves, 1))) if rest else 0
+        waves += (
+            [rest[i : i + per_wave] for i in range(0, len(rest), per_wave or 1)] if rest else []
+        )
+        done: list[str] = []
+        report: dict[str, str] = {}
+        for number, wave in enumerate(waves):
+            label = "canaries" if number == 0 else f"wave {number}"
+            print(f"{label}: {', '.join(wave)}", flush=True)
+            for device in wave:
+                set_desired(client, desired, device=device)
+            outcome = _wait_for(client, wave, sha, deployment, timeout=args.wait)
+            report.update(outcome)
+            done += wave
+            failed = [d for d, o in outcome.items() if o != "committed"]
+            pct = 100.0 * len(failed) / len(wave)
+            print(
+                f"{label}: {len(wave) - len(failed)} committed, {len(failed)} failed "
+                f"({', '.join(f'{d}: {outcome[d]}' for d in failed) or 'none'})",
+                flush=True,
+            )
+            if pct > args.max_failures:
+                for device in done:  # revert everyone this rollout touched
+                    old = previous.get(device)
+                    if old:
+                        back = Desired(
+                            sha256=old,
+                            allow_downgrade=True,
+                            deployment=f"revert-{deployment}",
+                        )
+                        set_desired(client, back, device=device)
+                raise RolloutAborted(
+                    f"rollout of {name} {version} aborted at {label}: {pct:.0f}% failed "
+                    f"(limit {args.max_failures:g}%); {len(done)} devices reverted"
+                )
+        set_desired(client, desired, group=args.group)  # devices that join later follow it
+        print(f"rollout of {name} {version} to {args.group}: {len(done)} devices committed")
+    return EX_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    with Client(args) as client:
+        if args.device:
+            devices = [args.device]
+        else:
+            fleet = fleet_snapshot(client, seconds=1.5)
+            devices = sorted(
+                d
+                for d, v in fleet.items()
+                if args.group in ((v.get("status") or {}).get("groups") or [])
+            )
+            if not devices:
+                raise EdgeError(f"group {args.group!r}: no device declares it")
+        failures = 0
+        for device in devices:
+            body: dict[str, Any] = {"id": uuid.uuid4().hex[:8]}
+            if args.version:
+                body["version"] = args.version
+            reply = client.request(device, "rollback", body, timeout=args.timeout)
+            if reply.get("ok"):
+                result = reply.get("result") or {}
+                print(f"{device}: rolling back to {result.get('version')}")
+                # and make it the desired state, so the device does not update back
+                desired = Desired(
+                    sha256=str(result["sha256"]),
+                    version=str(result.get("version") or ""),
+                    allow_downgrade=True,
+                    deployment=f"rollback-{uuid.uuid4().hex[:12]}",
+                )
+                set_desired(client, desired, device=device)
+            else:
+                failures += 1
+                print(f"{device}: {reply.get('error')}", file=sys.stderr)
+    return EX_FAILED if failures else EX_OK
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    with Client(args) as client:
+        t0 = time.monotonic()
+        reply = client.request(args.device, "ping", {"id": "ping"}, timeout=args.timeout)
+        print(json.dumps({**reply, "rtt_ms": round((time.monotonic() - t0) * 1000, 2)}))
+    return EX_OK if reply.get("ok") else EX_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with Client(args) as client:
+        rows = status_rows(fleet_snapshot(client, seconds=args.timeout), now=time.time())
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return EX_OK
+
+
+def _telemetry_topics(args: argparse.Namespace, device: str | None) -> list[str]:
+    if device:
+        t = Topics(device, prefix=args.prefix)
+        return [t.telemetry, t.events]
+    return [
+        protocol.fleet_topic("telemetry", prefix=args.prefix, share=args.share),
+        protocol.fleet_topic("events", prefix=args.prefix, share=args.share),
+    ]
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    seen = threading.Semaphore(0)
+    with Client(args) as client:
+
+        def show(msg: Any) -> None:
+            try:
+                data = json.loads(msg.payload)
+            except ValueError:
+                return
+            device = protocol.device_of(msg.topic, prefix=args.prefix) or "?"
+            if msg.topic.endswith("/events"):
+                line = f"{device} event {data.get('kind')}" + (
+                    f": {data.get('reason')}" if data.get("reason") else ""
+                )
+            else:
+                p = data.get("pipeline") or {}
+                inf = (p.get("latency_ms") or {}).get("inference") or {}
+                sysm = data.get("system") or {}
+                model = data.get("model") or {}
+                line = (
+                    f"{device} {model.get('name')} {model.get('version')}: {p.get('fps')} fps, "
+                    f"inference p50 {inf.get('p50')} p95 {inf.get('p95')} ms, dropped "
+                    f"{p.get('dropped')}, cpu {sysm.get('cpu_percent')}%, temp "
+                    f"{sysm.get('cpu_temp_c')} °C, spool {data.get('spool_depth')}"
+                )
+            print(line, flush=True)
+            seen.release()
+
+        client.subscribe(_telemetry_topics(args, args.device), show)
+        count = 0
+        while args.count == 0 or count < args.count:
+            seen.acquire()
+            count += 1
+    return EX_OK
+
+
+EXPORT_FIELDS = (
+    "device", "seq", "ts", "model_name", "model_version", "fps", "results", "dropped",
+    "inference_errors", "inference_p50_ms", "inference_p95_ms", "inference_p99_ms",
+    "capture_to_result_p95_ms", "cpu_percent", "ram_percent", "cpu_temp_c", "spool_depth",
+)  # fmt: skip
+
+
+def telemetry_row(data: dict[str, Any]) -> dict[str, Any]:
+    p = data.get("pipeline") or {}
+    lat = p.get("latency_ms") or {}
+    inf, c2r = lat.get("inference") or {}, lat.get("capture_to_result") or {}
+    s = data.get("system") or {}
+    m = data.get("model") or {}
+    return {
+        "device": data.get("device"),
+        "seq": data.get("seq"),
+        "ts": data.get("ts"),
+        "model_name": m.get("name"),
+        "model_version": m.get("version"),
+        "fps": p.get("fps"),
+        "results": p.get("results"),
+        "dropped": p.get("dropped"),
+        "inference_errors": p.get("inference_errors"),
+        "inference_p50_ms": inf.get("p50"),
+        "inference_p95_ms": inf.get("p95"),
+        "inference_p99_ms": inf.get("p99"),
+        "capture_to_result_p95_ms": c2r.get("p95"),
+        "cpu_percent": s.get("cpu_percent"),
+        "ram_percent": s.get("ram_percent"),
+        "cpu_temp_c": s.get("cpu_temp_c"),
+        "spool_depth": data.get("spool_depth"),
+    }
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out: IO[str] = (
+        args.output.open("w", encoding="utf-8", newline="") if args.output else sys.stdout
+    )
+    lock = threading.Lock()
+    writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS) if args.format == "csv" else None
+    if writer is not None:
+        writer.writeheader()
+    seen: set[tuple[str, int]] = set()
+    try:
+        with Client(args) as client:
+
+            def write(msg: Any) -> None:
+                try:
+                    data = json.loads(msg.payload)
+                except ValueError:
+                    return
+                key = (str(data.get("device")), int(data.get("seq") or -1))
+                with lock:
+                    if key in seen:  # at-least-once delivery: drop duplicates by seq
+                        return
+                    seen.add(key)
+                    if writer is not None:
+                        writer.writerow(telemetry_row(data))
+                    else:
+                        out.write(json.dumps(data, separators=(",", ":")) + "\n")
+                    out.flush()
+
+            client.subscribe(
+                [protocol.fleet_topic("telemetry", prefix=args.prefix, share=args.share)], write
+            )
+            deadline = time.monotonic() + args.duration if args.duration else None
+            while deadline is None or time.monotonic() < deadline:
+                time.sleep(0.1)
+    finally:
+        if args.output:
+            out.close()
+    return EX_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "publish": cmd_publish,
+    "deploy": cmd_deploy,
+    "rollout": cmd_rollout,
+    "rollback": cmd_rollback,
+    "ping": cmd_ping,
+    "status": cmd_status,
+    "watch": cmd_watch,
+    "export": cmd_export,
+}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

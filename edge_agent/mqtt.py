@@ -1,0 +1,521 @@
+"""The MQTT transport: one connection to the broker, owned by one network thread.
+
+paho-mqtt 2.x, MQTT 5 with a fallback to 3.1.1 (``protocol = "auto"``), TLS (CA, client
+certificate and key), a username with its password read from a file (systemd ``LoadCredential``
+puts it in ``$CREDENTIALS_DIRECTORY``; a bare file name is looked up there), keepalive, and
+reconnection with exponential backoff and full jitter.
+
+Delivery through outages is ours, not paho's (paho 2.2 fails a QoS 1 publish made while
+disconnected, and re-sends its own in-flight messages on reconnect). So:
+
+- Everything that must arrive (results, telemetry, events) goes into the on-disk
+  :class:`~edge_agent.spool.Spool` first; the network thread sends committed rows in order, QoS 1,
+  and deletes a row only when its PUBACK arrives. A connection that drops loses nothing: the next
+  one starts again from the oldest unacked row (duplicates are possible; every message carries a
+  ``seq`` to drop them by).
+- Every connection attempt uses a fresh paho client, so no half-sent state survives into the next
+  session; subscriptions are made again on each CONNACK.
+- State topics (retained status, reported, command replies) are sent directly while connected
+  (:meth:`MqttLink.send`) and re-sent on reconnect by the caller's ``on_connect`` hook.
+
+Publishing never blocks the caller: the spool's ``put`` is a bounded in-memory queue, and
+:meth:`MqttLink.send` only appends to a deque the network thread drains.
+
+A refused CONNACK is an error with its reason (``last_error``: ``"broker refused the
+connection: Not authorized"``), never "connected"; the link keeps retrying with backoff (a
+daemon must come back when the operator fixes the broker), and ``edgectl`` turns it into an exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from edge_agent.errors import BrokerError, ConfigError
+from edge_agent.spool import Spool
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("auto", "5", "3.1.1")
+MAX_INFLIGHT = 100  # QoS 1 messages sent and not yet acknowledged, per connection
+CONNACK_TIMEOUT_S = 10.0
+_LOOP_S = 0.01  # how long one paho loop() may wait on the socket: the send latency bound
+
+
+@dataclass(frozen=True)
+class Message:
+    """An incoming message, with the MQTT 5 request/response properties when present."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where and how to connect (built from the ``[mqtt]`` config section or ``--broker``)."""
+
+    url: str
+    protocol: str = "auto"
+    keepalive: int = 30
+    client_id: str = ""
+    username: str = ""
+    password_file: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ConfigError(
+                f"broker {self.url!r}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
+            )
+        if parts.username or parts.password:
+            raise ConfigError(
+                f"broker {parts.scheme}://{parts.hostname}: no credentials in the URL; set "
+                "[mqtt] username and password_file (secrets come from files)"
+            )
+        try:
+            parts.port  # noqa: B018 - validates the port
+        except ValueError:
+            raise ConfigError(f"broker {self.url!r}: bad port") from None
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(
+                f"broker protocol {self.protocol!r}: expected one of {', '.join(PROTOCOLS)}"
+            )
+        if self.keepalive < 5:
+            raise ConfigError(f"broker keepalive {self.keepalive}: must be >= 5 seconds")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("broker TLS: cert_file and key_file go together")
+        if self.password_file and not self.username:
+            raise ConfigError("broker: password_file needs a username")
+
+    @property
+    def host(self) -> str:
+        return str(urlsplit(self.url).hostname)
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+    @property
+    def safe_url(self) -> str:
+        return f"{urlsplit(self.url).scheme}://{self.host}:{self.port}"
+
+
+def credential_path(name: str, *, environ: dict[str, str] | None = None) -> Path:
+    """A secret's file: an absolute or relative path as given, or a bare name inside
+    ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=NAME:PATH``) when that is set."""
+    env = os.environ if environ is None else environ
+    path = Path(name)
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if creds and not path.is_absolute() and len(path.parts) == 1:
+        candidate = Path(creds) / name
+        if candidate.exists():
+            return candidate
+    return path
+
+
+def read_secret(name: str, *, what: str) -> str:
+    path = credential_path(name)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot read it ({exc.strerror})") from None
+    secret = text.strip("\r\n")
+    if not secret:
+        raise ConfigError(f"{what} {path}: the file is empty")
+    return secret
+
+
+def _reason_text(reason: Any) -> str:
+    text = str(getattr(reason, "getName", lambda: reason)())
+    return text if text else str(reason)
+
+
+class MqttLink:
+    """One broker connection, kept up by a network thread; sends the spool in order.
+
+    ``subscriptions`` are (re)made on every CONNACK and incoming messages go to ``on_message``
+    (called in the network thread: hand work off, do not block). ``on_connect`` runs after each
+    CONNACK, also in the network thread, typically to :meth:`send` retained state.
+    """
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        client_id: str,
+        spool: Spool | None = None,
+        will: tuple[str, bytes] | None = None,
+        subscriptions: Sequence[str] = (),
+        on_message: Callable[[Message], None] | None = None,
+        on_connect: Callable[[MqttLink], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client_id = settings.client_id or client_id
+        self.spool = spool
+        self.will = will
+        self.subscriptions = list(subscriptions)
+        self.on_message = on_message
+        self.on_connect = on_connect
+        self._rng = rng or random.Random()
+        self._password = (
+            read_secret(settings.password_file, what="[mqtt] password_file")
+            if settings.password_file
+            else None
+        )
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = getattr(settings, key)
+            if value and not credential_path(value).is_file():
+                raise ConfigError(f"[mqtt] {key} = {value!r}: no such file")
+        self.protocol_in_use: str | None = None
+        self._protocol_next = "5" if settings.protocol in ("auto", "5") else "3.1.1"
+        self.connected = threading.Event()
+        self.last_error: str | None = None
+        self.connects = 0
+        self.sent = 0
+        self.acked = 0
+        self.rejected = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._direct: deque[tuple[str, bytes, int, bool, Any]] = deque(maxlen=1000)
+        self._subscribe_extra: deque[list[str]] = deque()
+        self._lock = threading.Lock()
+        # per-connection state, reset on each connect (network thread only)
+        self._inflight: dict[int, int] = {}
+        self._acks: list[int] = []
+        self._last_sent_id = 0
+        self._conn_state = "idle"
+        self._refused: str | None = None
+
+    # --- control --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("MqttLink.start() was already called")
+        self._thread = threading.Thread(target=self._run, name="edge-mqtt", daemon=True)
+        self._thread.start()
+
+    def stop(self, *, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (after publishing ``final`` retained, e.g. status "stopped",
+        which replaces the Will) and stop the network thread."""
+        if final is not None and self.connected.is_set():
+            self.send(final[0], final[1], retain=True)
+            deadline = time.monotonic() + min(timeout, 2.0)
+            while self._direct and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def send(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        properties: Any = None,
+    ) -> bool:
+        """Publish outside the spool (state and replies) on the current connection; False when
+        not connected (the caller re-sends state from ``on_connect``)."""
+        if not self.connected.is_set():
+            return False
+        self._direct.append((topic, payload, qos, retain, properties))
+        return True
+
+    def subscribe(self, topics: Sequence[str]) -> None:
+        """Add subscriptions now (if connected) and on every later connect."""
+        with self._lock:
+            new = [t for t in topics if t not in self.subscriptions]
+            self.subscriptions.extend(new)
+        if new:
+            self._subscribe_extra.append(new)
+
+    def unsubscribe(self, topics: Sequence[str]) -> None:
+        with self._lock:
+            self.subscriptions = [t for t in self.subscriptions if t not in topics]
+        self._subscribe_extra.append([f"-{t}" for t in topics])
+
+    def drained(self) -> bool:
+        """Nothing spooled is waiting and nothing is in flight."""
+        return (self.spool is None or self.spool.depth() == 0) and not self._inflight
+
+    # --- the network thread ----------------------------------------------------------------
+
+    def _new_client(self, protocol: str) -> Any:
+        import paho.mqtt.client as mqtt
+
+        proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+        kwargs: dict[str, Any] = {}
+        if protocol != "5":
+            kwargs["clean_session"] = True
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=proto,
+            **kwargs,
+        )
+        client.max_inflight_messages_set(MAX_INFLIGHT)
+        client.max_queued_messages_set(0)
+        if self.settings.username:
+            client.username_pw_set(self.settings.username, self._password)
+        s = self.settings
+        if s.tls:
+            ctx = ssl.create_default_context(
+                cafile=str(credential_path(s.ca_file)) if s.ca_file else None
+            )
+            if s.cert_file:
+                ctx.load_cert_chain(
+                    str(credential_path(s.cert_file)), str(credential_path(s.key_file))
+                )
+            client.tls_set_context(ctx)
+        if self.will is not None:
+            client.will_set(self.will[0], self.will[1], qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    def _backoff(self, attempt: int) -> None:
+        s = self.settings
+        ceiling = min(s.reconnect_max_s, s.reconnect_min_s * (2 ** min(attempt, 16)))
+        delay = self._rng.uniform(s.reconnect_min_s, max(ceiling, s.reconnect_min_s))
+        self._stop.wait(delay)
+
+    def _error(self, text: str) -> None:
+        if text != self.last_error:
+            log.warning("mqtt %s: %s", self.settings.safe_url, text)
+        self.last_error = text
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            protocol = self._protocol_next
+            try:
+                ok = self._session(protocol)
+            except Exception as exc:  # a bug or an unexpected paho error: keep the link alive
+                log.exception("mqtt: session failed")
+                self._error(f"internal error: {type(exc).__name__}: {exc}")
+                ok = False
+            if self._stop.is_set():
+                break
+            attempt = 0 if ok else attempt + 1
+            self._backoff(attempt)
+
+    def _session(self, protocol: str) -> bool:
+        """One connection: connect, wait for CONNACK, then loop until it drops. True when the
+        connection was established (so backoff restarts from the minimum)."""
+        import paho.mqtt.client as mqtt
+
+        s = self.settings
+        client = self._new_client(protocol)
+        self._conn_state, self._refused = "connecting", None
+        self._inflight, self._acks, self._last_sent_id = {}, [], 0
+        try:
+            try:
+                if protocol == "5":
+                    client.connect(s.host, s.port, keepalive=s.keepalive, clean_start=True)
+                else:
+                    client.connect(s.host, s.port, keepalive=s.keepalive)
+            except ssl.SSLError as exc:
+                self._error(f"TLS handshake failed: {exc.reason or exc}")
+                return False
+            except OSError as exc:
+                self._error(f"cannot connect: {exc.strerror or exc}")
+                return False
+            deadline = time.monotonic() + CONNACK_TIMEOUT_S
+            while self._conn_state == "connecting" and not self._stop.is_set():
+                rc = client.loop(timeout=0.05)
+                if rc != mqtt.MQTT_ERR_SUCCESS and self._conn_state == "connecting":
+                    self._conn_state = "lost"
+                if time.monotonic() > deadline:
+                    self._conn_state = "lost"
+                    self._error("no CONNACK within 10 s")
+            if self._conn_state != "up":
+                if self._refused:
+                    self._error(f"broker refused the connection: {self._refused}")
+                    unsupported = "protocol" in self._refused.lower()
+                    if self.settings.protocol == "auto" and unsupported and protocol == "5":
+                        log.info("mqtt: broker refused MQTT 5; falling back to 3.1.1")
+                        self._protocol_next = "3.1.1"
+                        return True  # retry at once with 3.1.1
+                elif self.settings.protocol == "auto" and protocol == "5":
+                    # A 3.1.1-only broker may just close the socket on a v5 CONNECT.
+                    self._protocol_next = "3.1.1"
+                elif self.settings.protocol == "auto":
+                    self._protocol_next = "5"
+                    self._error(self.last_error or "connection closed before CONNACK")
+                return False
+            self.protocol_in_use = protocol
+            self._protocol_next = protocol
+            self.connects += 1
+            self.last_error = None
+            with self._lock:
+                subs = list(self.subscriptions)
+            self._subscribe_extra.clear()
+            if subs:
+                client.subscribe([(t, 1) for t in subs])
+            self.connected.set()
+            log.info("mqtt: connected to %s (MQTT %s) as %s", s.safe_url, protocol, self.client_id)
+            if self.on_connect is not None:
+                try:
+                    self.on_connect(self)
+                except Exception:
+                    log.exception("mqtt: on_connect hook failed")
+            while not self._stop.is_set() and self._conn_state == "up":
+                self._pump(client)
+                rc = client.loop(timeout=_LOOP_S)
+                if rc != mqtt.MQTT_ERR_SUCCESS:
+                    self._conn_state = "lost"
+            if self._stop.is_set() and self._conn_state == "up":
+                self._pump(client)  # the last direct messages (status "stopped")
+                self._flush_acks()
+                client.loop(timeout=0.05)
+                client.disconnect()
+                client.loop(timeout=0.05)
+            elif not self._stop.is_set():
+                self._error("connection lost")
+            return True
+        finally:
+            self.connected.clear()
+            self._flush_acks()
+            self._inflight = {}
+            self._conn_state = "idle"
+            try:
+                sock = client.socket()
+                if sock is not None:
+                    sock.close()
+            except Exception:
+                pass
+
+    def _pump(self, client: Any) -> None:
+        """Send direct messages, new subscriptions and the next spooled rows."""
+        while self._direct:
+            topic, payload, qos, retain, props = self._direct.popleft()
+            client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        while self._subscribe_extra:
+            topics = self._subscribe_extra.popleft()
+            subs = [(t, 1) for t in topics if not t.startswith("-")]
+            unsubs = [t[1:] for t in topics if t.startswith("-")]
+            if subs:
+                client.subscribe(subs)
+            if unsubs:
+                client.unsubscribe(unsubs)
+        self._flush_acks()
+        spool = self.spool
+        if spool is None:
+            return
+        room = MAX_INFLIGHT - len(self._inflight)
+        if room <= 0:
+            return
+        for row in spool.pending(after_id=self._last_sent_id, limit=room):
+            info = client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
+            if info.rc != 0:  # the socket went away mid-batch: resend from here next time
+                break
+            self._last_sent_id = row.id
+            if row.qos == 0:
+                self._acks.append(row.id)
+            else:
+                self._inflight[info.mid] = row.id
+            self.sent += 1
+
+    def _flush_acks(self) -> None:
+        if self._acks and self.spool is not None:
+            self.spool.ack(self._acks)
+            self._acks = []
+
+    # --- paho callbacks (network thread) -----------------------------------------------------
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            self._refused = _reason_text(reason)
+            self._conn_state = "refused"
+        else:
+            self._conn_state = "up"
+
+    def _on_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if self._conn_state == "up" or self._conn_state == "connecting":
+            self._conn_state = "lost"
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        row = self._inflight.pop(mid, None)
+        if row is None:
+            return
+        if getattr(reason, "is_failure", False):
+            # The broker will never take this one (e.g. not authorized for the topic): drop it
+            # rather than resend it forever, and say so.
+            self.rejected += 1
+            if self.rejected in (1, 10, 100) or self.rejected % 1000 == 0:
+                log.warning("mqtt: broker rejected a message (%s)", _reason_text(reason))
+        self.acked += 1
+        self._acks.append(row)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        if self.on_message is None:
+            return
+        props = getattr(msg, "properties", None)
+        response = getattr(props, "ResponseTopic", None) if props is not None else None
+        corr = getattr(props, "CorrelationData", None) if props is not None else None
+        try:
+            self.on_message(
+                Message(
+                    topic=msg.topic,
+                    payload=bytes(msg.payload),
+                    retain=bool(msg.retain),
+                    response_topic=response or None,
+                    correlation_data=corr,
+                )
+            )
+        except Exception:
+            log.exception("mqtt: message handler failed for %s", msg.topic)
+
+
+def reply_properties(correlation_data: bytes | None) -> Any:
+    """MQTT 5 PUBLISH properties carrying a request's correlation data back."""
+    if correlation_data is None:
+        return None
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.PUBLISH)
+    props.CorrelationData = correlation_data
+    return props
+
+
+def require_connected(link: MqttLink, timeout: float) -> None:
+    """For command-line tools: wait for the CONNACK, else raise BrokerError with the reason."""
+    if not link.wait_connected(timeout):
+        reason = link.last_error or f"no connection within {timeout:g} s"
+        link.stop()
+        raise BrokerError(f"mqtt {link.settings.safe_url}: {reason}")

@@ -1,0 +1,559 @@
+"""The MQTT protocol between the agent and ``edgectl``: topics and payloads (a contract).
+
+One module defines it and both sides import it; ``docs/mqtt.md`` documents it and its JSON
+Schemas come from :data:`SCHEMAS` below (``python -m edge_agent.protocol --markdown``).
+
+Topics, under a configurable prefix (default ``edge``)::
+
+    edge/<device>/status            retained  online | offline (the Will) | stopped
+    edge/<device>/telemetry         retained  every N seconds: rates, latency, system, monitoring
+    edge/<device>/results           QoS 1     each result, the same object as the JSONL sink
+    edge/<device>/events            QoS 1     model loaded, update started/verified/committed/...
+    edge/<device>/cmd/<name>        in        ping | update | rollback | reload
+    edge/<device>/cmd/<name>/reply  out       the reply for MQTT 3.1.1 clients (MQTT 5 clients
+                                              get it on their response topic, with their
+                                              correlation data)
+    edge/<device>/desired           retained  set by the operator: the model this device should run
+    edge/<device>/reported          retained  what the device runs, and how its last update went
+    edge/groups/<group>/desired     retained  the same, for every device that declares the group
+    edge/bundles/<sha256>/meta      retained  a published bundle: size, chunk size, chunk hashes
+    edge/bundles/<sha256>/chunk/<i> retained  its bytes, in chunks (binary payloads)
+
+Every JSON payload carries ``"schema": SCHEMA_VERSION``. Results, telemetry and events carry a
+per-device ``seq`` that only grows, kept across restarts (one counter per stream: ``results``,
+``telemetry``, ``events``), so consumers drop duplicates by ``(device, stream, seq)``: delivery is
+at least once.
+
+Device ids and group names are one topic level: letters, digits, ``-``, ``_`` and ``.``, at most
+64 characters (:func:`check_name`); AWS IoT Core allows 7 levels below the root, and the deepest
+topic here has 5 (``edge/<device>/cmd/<name>/reply``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMA_VERSION = 1
+DEFAULT_PREFIX = "edge"
+COMMANDS = ("ping", "update", "rollback", "reload")
+STREAMS = ("results", "telemetry", "events")
+#: Default bundle chunk size: under AWS IoT Core's 128 KB payload limit, with room for headers.
+DEFAULT_CHUNK_SIZE = 96 * 1024
+#: Commands larger than this are refused unread (a fuzzed or hostile payload).
+MAX_COMMAND_BYTES = 64 * 1024
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+#: Event kinds (``edge/<device>/events``), each with a ``reason`` where one applies.
+EVENT_KINDS = (
+    "agent_started",
+    "agent_stopping",
+    "model_loaded",
+    "update_started",
+    "update_verified",
+    "update_committed",
+    "update_failed",
+    "rolled_back",
+    "source_lost",
+    "source_restored",
+    "drift",
+    "spool_full",
+    "error",
+)
+
+
+class ProtocolError(ValueError):
+    """A topic part or payload that breaks the protocol (the message names what)."""
+
+
+def check_name(value: str, what: str = "device id") -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ProtocolError(
+            f"{what} {value!r}: use 1-64 letters, digits, '-', '_' or '.' (one topic level)"
+        )
+    return value
+
+
+def check_sha256(value: Any) -> str:
+    if not isinstance(value, str) or not _SHA256.match(value):
+        raise ProtocolError(f"sha256 {value!r}: expected 64 lowercase hex digits")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Every topic of one device (and the fleet-wide ones), built in one place."""
+
+    device: str
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        check_name(self.device)
+        if not self.prefix or any(c in self.prefix for c in "+#") or self.prefix.endswith("/"):
+            raise ProtocolError(f"topic prefix {self.prefix!r}: no '+', '#' or trailing '/'")
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{self.device}"
+
+    @property
+    def status(self) -> str:
+        return f"{self.base}/status"
+
+    @property
+    def telemetry(self) -> str:
+        return f"{self.base}/telemetry"
+
+    @property
+    def results(self) -> str:
+        return f"{self.base}/results"
+
+    @property
+    def events(self) -> str:
+        return f"{self.base}/events"
+
+    @property
+    def desired(self) -> str:
+        return f"{self.base}/desired"
+
+    @property
+    def reported(self) -> str:
+        return f"{self.base}/reported"
+
+    @property
+    def commands(self) -> str:
+        """The subscription for every command (``+`` matches one level, so not the replies)."""
+        return f"{self.base}/cmd/+"
+
+    def command(self, name: str) -> str:
+        return f"{self.base}/cmd/{name}"
+
+    def reply(self, name: str) -> str:
+        return f"{self.base}/cmd/{name}/reply"
+
+    def stream(self, name: str) -> str:
+        if name not in STREAMS:
+            raise ProtocolError(f"stream {name!r}: expected one of {', '.join(STREAMS)}")
+        return f"{self.base}/{name}"
+
+    def group_desired(self, group: str) -> str:
+        return group_desired_topic(group, prefix=self.prefix)
+
+
+def group_desired_topic(group: str, *, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}/groups/{check_name(group, 'group')}/desired"
+
+
+def bundle_meta_topic(sha256: str, *, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}/bundles/{check_sha256(sha256)}/meta"
+
+
+def bundle_chunk_topic(sha256: str, index: int, *, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}/bundles/{check_sha256(sha256)}/chunk/{int(index)}"
+
+
+def fleet_topic(kind: str, *, prefix: str = DEFAULT_PREFIX, share: str | None = None) -> str:
+    """``edge/+/<kind>`` for a fleet-wide consumer; with ``share``, an MQTT 5 shared subscription
+    (``$share/<share>/edge/+/<kind>``) so several consumers split the fleet."""
+    topic = f"{prefix}/+/{kind}"
+    return f"$share/{check_name(share, 'share group')}/{topic}" if share else topic
+
+
+def device_of(topic: str, *, prefix: str = DEFAULT_PREFIX) -> str | None:
+    """The device id in ``<prefix>/<device>/...``, or None for another topic."""
+    if not topic.startswith(prefix + "/"):
+        return None
+    parts = topic[len(prefix) + 1 :].split("/")
+    if len(parts) >= 2 and parts[0] not in ("groups", "bundles", "edgectl"):
+        return parts[0]
+    return None
+
+
+# --- payloads -----------------------------------------------------------------------------
+
+
+def dumps(payload: Mapping[str, Any]) -> bytes:
+    """Compact JSON, no NaN (not JSON; consumers choke on it)."""
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+
+
+def loads(data: bytes | str, *, what: str, limit: int = MAX_COMMAND_BYTES) -> dict[str, Any]:
+    """A JSON object from the wire, or ProtocolError naming what is wrong."""
+    if len(data) > limit:
+        raise ProtocolError(f"{what}: {len(data)} bytes, larger than the {limit}-byte limit")
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"{what}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def status_payload(
+    state: str,
+    *,
+    device: str,
+    agent_version: str,
+    model: Mapping[str, str] | None = None,
+    profile: str | None = None,
+    groups: tuple[str, ...] = (),
+    ts: float,
+) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA_VERSION,
+        "state": state,
+        "device": device,
+        "agent_version": agent_version,
+        "model": dict(model) if model else None,
+        "profile": profile,
+        "groups": list(groups),
+        "ts": ts,
+    }
+
+
+def event_payload(
+    kind: str, *, device: str, seq: int, ts: float, reason: str | None = None, **details: Any
+) -> dict[str, Any]:
+    if kind not in EVENT_KINDS:
+        raise ProtocolError(f"event kind {kind!r}: expected one of {', '.join(EVENT_KINDS)}")
+    return {
+        "schema": SCHEMA_VERSION,
+        "seq": seq,
+        "device": device,
+        "kind": kind,
+        "reason": reason,
+        "ts": ts,
+        "details": details,
+    }
+
+
+def reply_payload(
+    command: str, *, ok: bool, request_id: Any = None, result: Any = None, error: str | None = None
+) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA_VERSION,
+        "command": command,
+        "id": request_id if isinstance(request_id, (str, int)) else None,
+        "ok": ok,
+        "result": result,
+        "error": error,
+    }
+
+
+@dataclass(frozen=True)
+class Desired:
+    """The model a device should run (``desired`` topics). ``allow_downgrade`` lets the version
+    go below the device's anti-rollback floor (what ``edgectl rollback`` sets)."""
+
+    sha256: str
+    name: str = ""
+    version: str = ""
+    url: str = ""
+    allow_downgrade: bool = False
+    deployment: str = ""
+
+    def __post_init__(self) -> None:
+        check_sha256(self.sha256)
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ProtocolError(f"desired url {self.url!r}: expected http:// or https://")
+
+    @classmethod
+    def from_payload(cls, data: Mapping[str, Any]) -> Desired:
+        bundle = data.get("bundle")
+        if not isinstance(bundle, Mapping):
+            raise ProtocolError("desired: 'bundle' must be an object with a sha256")
+        fields: dict[str, Any] = {"sha256": check_sha256(bundle.get("sha256"))}
+        for key in ("name", "version", "url"):
+            value = bundle.get(key, "")
+            if not isinstance(value, str):
+                raise ProtocolError(f"desired: bundle.{key} must be a string")
+            fields[key] = value
+        allow = data.get("allow_downgrade", False)
+        if not isinstance(allow, bool):
+            raise ProtocolError("desired: allow_downgrade must be true or false")
+        deployment = data.get("deployment", "")
+        if not isinstance(deployment, str):
+            raise ProtocolError("desired: deployment must be a string")
+        return cls(**fields, allow_downgrade=allow, deployment=deployment)
+
+    def to_payload(self, *, ts: float) -> dict[str, Any]:
+        bundle = {"sha256": self.sha256, "name": self.name, "version": self.version}
+        if self.url:
+            bundle["url"] = self.url
+        return {
+            "schema": SCHEMA_VERSION,
+            "bundle": bundle,
+            "allow_downgrade": self.allow_downgrade,
+            "deployment": self.deployment,
+            "ts": ts,
+        }
+
+
+def reported_payload(
+    *,
+    device: str,
+    model: Mapping[str, str] | None,
+    bundle_sha256: str | None,
+    update: Mapping[str, Any] | None,
+    floor: str | None,
+    history: list[Mapping[str, Any]],
+    ts: float,
+) -> dict[str, Any]:
+    """``update`` is the last update attempt: ``{"sha256", "version", "state", "reason",
+    "deployment"}`` with state one of downloading, verifying, health_check, committed, failed,
+    rolled_back."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "device": device,
+        "model": dict(model) if model else None,
+        "bundle_sha256": bundle_sha256,
+        "update": dict(update) if update else None,
+        "floor": floor,
+        "history": [dict(h) for h in history],
+        "ts": ts,
+    }
+
+
+def bundle_meta_payload(
+    *, sha256: str, size: int, chunk_size: int, chunks: list[str], name: str, version: str
+) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA_VERSION,
+        "sha256": sha256,
+        "size": size,
+        "chunk_size": chunk_size,
+        "chunks": chunks,
+        "name": name,
+        "version": version,
+    }
+
+
+# --- JSON Schemas (docs/mqtt.md and the tests use these) ------------------------------------
+
+_NUM = {"type": "number"}
+_NUM_OR_NULL = {"type": ["number", "null"]}
+_STR_OR_NULL = {"type": ["string", "null"]}
+_MODEL = {
+    "type": ["object", "null"],
+    "required": ["name", "version"],
+    "properties": {"name": {"type": "string"}, "version": {"type": "string"}},
+}
+_PCTL = {
+    "type": "object",
+    "properties": {"p50": _NUM_OR_NULL, "p95": _NUM_OR_NULL, "p99": _NUM_OR_NULL},
+}
+_SEQ = {"type": "integer", "minimum": 0}
+_SCHEMA = {"const": SCHEMA_VERSION}
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "status": {
+        "title": "edge/<device>/status (retained)",
+        "type": "object",
+        "required": ["schema", "state", "device", "agent_version", "ts"],
+        "properties": {
+            "schema": _SCHEMA,
+            "state": {"enum": ["online", "offline", "stopped"]},
+            "device": {"type": "string"},
+            "agent_version": {"type": "string"},
+            "model": _MODEL,
+            "profile": _STR_OR_NULL,
+            "groups": {"type": "array", "items": {"type": "string"}},
+            "ts": _NUM,
+        },
+    },
+    "result": {
+        "title": "edge/<device>/results: the JSONL sink's object, with the persistent seq",
+        "type": "object",
+        "required": ["seq", "capture_ts", "result_ts", "model", "latency_ms", "output"],
+        "properties": {
+            "seq": _SEQ,
+            "capture_ts": _NUM,
+            "result_ts": _NUM,
+            "frame": {"type": "integer"},
+            "model": _MODEL,
+            "latency_ms": {
+                "type": "object",
+                "required": ["capture_to_result", "preprocess", "inference", "postprocess"],
+                "properties": {
+                    k: _NUM for k in ("capture_to_result", "preprocess", "inference", "postprocess")
+                },
+            },
+            "output": {"type": "object"},
+        },
+    },
+    "telemetry": {
+        "title": "edge/<device>/telemetry (retained, every interval)",
+        "type": "object",
+        "required": ["schema", "seq", "device", "ts", "interval_s", "model", "pipeline", "system"],
+        "properties": {
+            "schema": _SCHEMA,
+            "seq": _SEQ,
+            "device": {"type": "string"},
+            "ts": _NUM,
+            "interval_s": _NUM,
+            "uptime_s": _NUM,
+            "state": {"type": "string"},
+            "model": _MODEL,
+            "spool_depth": {"type": "integer", "minimum": 0},
+            "pipeline": {
+                "type": "object",
+                "required": ["fps", "results", "dropped", "inference_errors", "latency_ms"],
+                "properties": {
+                    "fps": _NUM,
+                    "results": {"type": "integer"},
+                    "dropped": {"type": "integer"},
+                    "inference_errors": {"type": "integer"},
+                    "latency_ms": {"type": "object", "additionalProperties": _PCTL},
+                },
+            },
+            "system": {
+                "type": "object",
+                "properties": {
+                    "cpu_percent": _NUM_OR_NULL,
+                    "load": {"type": ["array", "null"], "items": _NUM},
+                    "ram_percent": _NUM_OR_NULL,
+                    "ram_used_mb": _NUM_OR_NULL,
+                    "disk_percent": _NUM_OR_NULL,
+                    "cpu_temp_c": _NUM_OR_NULL,
+                    "throttled": {"type": ["object", "null"]},
+                    "process_rss_mb": _NUM_OR_NULL,
+                },
+            },
+            "monitoring": {
+                "type": ["object", "null"],
+                "properties": {
+                    "samples": {"type": "integer"},
+                    "input": {"type": ["object", "null"]},
+                    "output": {"type": ["object", "null"]},
+                    "drift": {"type": ["object", "null"]},
+                },
+            },
+        },
+    },
+    "event": {
+        "title": "edge/<device>/events",
+        "type": "object",
+        "required": ["schema", "seq", "device", "kind", "ts"],
+        "properties": {
+            "schema": _SCHEMA,
+            "seq": _SEQ,
+            "device": {"type": "string"},
+            "kind": {"enum": list(EVENT_KINDS)},
+            "reason": _STR_OR_NULL,
+            "ts": _NUM,
+            "details": {"type": "object"},
+        },
+    },
+    "command": {
+        "title": "edge/<device>/cmd/<name> (in)",
+        "type": "object",
+        "properties": {
+            "schema": _SCHEMA,
+            "id": {"type": ["string", "integer"]},
+            "bundle": {"type": "object"},
+            "allow_downgrade": {"type": "boolean"},
+            "version": {"type": "string"},
+        },
+    },
+    "reply": {
+        "title": "the reply: MQTT 5 response topic, or edge/<device>/cmd/<name>/reply",
+        "type": "object",
+        "required": ["schema", "command", "ok"],
+        "properties": {
+            "schema": _SCHEMA,
+            "command": {"type": "string"},
+            "id": {"type": ["string", "integer", "null"]},
+            "ok": {"type": "boolean"},
+            "result": {},
+            "error": _STR_OR_NULL,
+        },
+    },
+    "desired": {
+        "title": "edge/<device>/desired and edge/groups/<group>/desired (retained)",
+        "type": "object",
+        "required": ["schema", "bundle"],
+        "properties": {
+            "schema": _SCHEMA,
+            "bundle": {
+                "type": "object",
+                "required": ["sha256"],
+                "properties": {
+                    "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                    "name": {"type": "string"},
+                    "version": {"type": "string"},
+                    "url": {"type": "string"},
+                },
+            },
+            "allow_downgrade": {"type": "boolean"},
+            "deployment": {"type": "string"},
+            "ts": _NUM,
+        },
+    },
+    "reported": {
+        "title": "edge/<device>/reported (retained)",
+        "type": "object",
+        "required": ["schema", "device", "model", "update", "ts"],
+        "properties": {
+            "schema": _SCHEMA,
+            "device": {"type": "string"},
+            "model": _MODEL,
+            "bundle_sha256": _STR_OR_NULL,
+            "update": {
+                "type": ["object", "null"],
+                "properties": {
+                    "sha256": {"type": "string"},
+                    "version": {"type": "string"},
+                    "state": {
+                        "enum": [
+                            "downloading",
+                            "verifying",
+                            "health_check",
+                            "committed",
+                            "failed",
+                            "rolled_back",
+                        ]
+                    },
+                    "reason": _STR_OR_NULL,
+                    "deployment": {"type": "string"},
+                },
+            },
+            "floor": _STR_OR_NULL,
+            "history": {"type": "array", "items": {"type": "object"}},
+            "ts": _NUM,
+        },
+    },
+    "bundle_meta": {
+        "title": "edge/bundles/<sha256>/meta (retained)",
+        "type": "object",
+        "required": ["schema", "sha256", "size", "chunk_size", "chunks"],
+        "properties": {
+            "schema": _SCHEMA,
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "size": {"type": "integer", "minimum": 1},
+            "chunk_size": {"type": "integer", "minimum": 1},
+            "chunks": {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+        },
+    },
+}
+
+
+def markdown_schemas() -> str:
+    lines = []
+    for name, schema in SCHEMAS.items():
+        lines += [f"### `{name}`: {schema.get('title', '')}", "", "```json"]
+        lines += [json.dumps(schema, indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    if sys.argv[1:] == ["--markdown"]:
+        print(markdown_schemas())

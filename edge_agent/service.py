@@ -1,0 +1,676 @@
+"""The agent as a daemon: start-up -> main loop -> drain -> stop, readable top to bottom.
+
+``edge-agent run`` builds a :class:`Service`. Without a broker it serves the model over the
+source into its sinks (JSONL, stdout). With ``--broker`` / ``[mqtt] broker`` it also:
+
+- publishes every result on ``<prefix>/<device>/results`` (QoS 1, the JSONL sink's object with the
+  persistent ``seq``), telemetry every ``[telemetry] interval``, events, and a retained status
+  with a Will, all through the on-disk spool so nothing is lost while offline;
+- answers commands (``cmd/ping|update|rollback|reload``) and follows its desired state
+  (device-twin pattern) with health-gated over-the-air updates (``edge_agent.ota``);
+- on a finite source, exits 0 only after the spool has drained, or after
+  ``[mqtt] flush_timeout`` seconds, saying how many messages stay spooled for the next run.
+
+Threads: the pipeline's (capture, inference workers), the MQTT network thread, the updater, and
+this main thread, which only ticks: readiness, watchdog, status, telemetry, reconciliation,
+signals. Signal handlers set a flag; nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import edge_agent
+from edge_agent import protocol
+from edge_agent.errors import ConfigError, EdgeError, UpdateError
+from edge_agent.protocol import Desired, ProtocolError, Topics
+
+log = logging.getLogger("edge-agent")
+
+
+class MqttResultSink:
+    """Results into the spool (never blocks): all of them, only on change of the top class or
+    label, or rate-limited."""
+
+    def __init__(self, spool: Any, topic: str, *, mode: str = "all", max_rate: float = 0.0):
+        self.spool, self.topic, self.mode = spool, topic, mode
+        self.min_interval = 1.0 / max_rate if max_rate > 0 else 0.0
+        self._last_key: Any = object()
+        self._last_sent = 0.0
+        self.skipped = 0
+
+    def write(self, result: dict[str, Any]) -> None:
+        seq = int(result["seq"])
+        self.spool.observe_seq("results", seq)
+        if self.mode == "none":
+            return
+        if self.mode == "change":
+            out = result.get("output") or {}
+            key = (out.get("class"), out.get("label"), out.get("dominant"))
+            if key == self._last_key:
+                self.skipped += 1
+                return
+            self._last_key = key
+        if self.min_interval:
+            now = time.monotonic()
+            if now - self._last_sent < self.min_interval:
+                self.skipped += 1
+                return
+            self._last_sent = now
+        self.spool.put("results", self.topic, protocol.dumps(result), seq=seq)
+
+    def close(self) -> None:
+        pass
+
+
+class Service:
+    def __init__(self, config: Any, *, summary_path: Path | None = None) -> None:
+        self.config = config
+        self.summary_path = summary_path
+        self.should_exit = threading.Event()
+        self.t_start = time.monotonic()
+        self.t_wall = time.time()
+        self.mqtt_enabled = bool(config.mqtt.broker)
+        self.device = config.device_id
+        self.topics: Topics | None = None
+        self.spool: Any = None
+        self.link: Any = None
+        self.updater: Any = None
+        self.store: Any = None
+        self.fetcher: Any = None
+        self.monitor: Any = None
+        self.monitor_model: Any = None
+        self.system: Any = None
+        self._desired: dict[str, Desired | None] = {}
+        self._desired_changed = threading.Event()
+        self._last_state = ""
+        self._telemetry_last = (time.monotonic(), 0, 0)
+        self._drifting = False
+        self.prometheus: Any = None
+        self.rest_port: int | None = None  # --rest-port
+        self.latest_telemetry: dict[str, Any] | None = None
+
+    # --- start-up ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        from edge_agent.cli import EX_OK
+
+        self.startup()
+        try:
+            self.main_loop()
+        finally:
+            self.shutdown()
+        if "error" in self.outcome:
+            raise self.outcome["error"]
+        return EX_OK
+
+    def startup(self) -> None:
+        from edge_agent.cli import (
+            open_source_from,
+            resolve_profile,
+            thread_plan,
+        )
+        from edge_agent.notify import Notifier, Watchdog
+        from edge_agent.pipeline import MotionGate, Pipeline
+        from edge_agent.sinks import open_sink
+
+        config = self.config
+        config.require_runnable()
+        self.profile = resolve_profile(config.agent.profile)
+        state_dir = Path(config.agent.state_dir)
+        if self.mqtt_enabled:
+            try:
+                self.topics = Topics(self.device, prefix=config.mqtt.topic_prefix)
+            except ProtocolError as exc:
+                raise ConfigError(f"config: {exc} (set [agent] device_id or --device-id)") from None
+            try:
+                state_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(
+                    f"config: [agent] state_dir = {str(state_dir)!r}: cannot create it "
+                    f"({exc.strerror})"
+                ) from None
+        self.source = open_source_from(config)
+        self.threads = thread_plan(
+            self.profile,
+            requested=config.model.threads,
+            source_kind=getattr(self.source, "kind", "image"),
+        )
+        recovered = None
+        if self.mqtt_enabled and config.ota.enabled:
+            from edge_agent.ota import ModelStore
+
+            self.store = ModelStore(state_dir, keep=config.ota.keep_models)
+            recovered = self.store.recover()
+        model = self._open_initial_model()
+        from edge_agent.ota import HealthProbe
+
+        self.probe = HealthProbe()
+        self.sinks = [open_sink(s) for s in config.results.sinks]
+        seq_start = 0
+        if self.mqtt_enabled:
+            self._start_mqtt(state_dir)
+            seq_start = self.spool.next_seq("results")
+            self.sinks.append(
+                MqttResultSink(
+                    self.spool,
+                    self.topics.results if self.topics else "",
+                    mode=config.mqtt.results,
+                    max_rate=config.mqtt.results_max_rate,
+                )
+            )
+        self.notifier = Notifier()
+        self.watchdog = Watchdog(notifier=self.notifier)
+        self.pipeline = Pipeline(
+            source=self.source,
+            model=model,
+            sinks=[*self.sinks, self.probe],
+            max_frames=config.pipeline.max_frames or None,
+            gate=MotionGate(config.pipeline.motion_gate) if config.pipeline.motion_gate else None,
+            on_progress=self.watchdog.progress,
+            workers=model.workers,
+            seq_start=seq_start,
+        )
+        self._setup_monitor(model)
+        self.rest = None
+        if config.rest.enabled or self.rest_port is not None:
+            from edge_agent.rest import RestServer
+
+            port = self.rest_port if self.rest_port is not None else config.rest.port
+            self.rest = RestServer(lambda: self.pipeline.model, host=config.rest.host, port=port)
+            self.rest.start()
+            log.info(
+                "REST endpoint on http://%s:%d/v1/models/%s",
+                config.rest.host, self.rest.port, model.name,
+            )  # fmt: skip
+        if config.telemetry.prometheus_port:
+            from edge_agent.integrations import PrometheusServer
+
+            self.prometheus = PrometheusServer(
+                lambda: self.latest_telemetry, port=config.telemetry.prometheus_port
+            )
+            self.prometheus.start()
+        if self.mqtt_enabled:
+            self._start_updater()
+            self.event("agent_started", version=edge_agent.__version__, profile=self.profile.name)
+            self.event("model_loaded", model=model.identity, format=model.format)
+            if recovered is not None:
+                self.event(
+                    "rolled_back",
+                    reason="the agent restarted during an update (crash or power loss); "
+                    "serving the committed model",
+                    sha256=recovered.get("sha256"),
+                    version=recovered.get("version"),
+                )
+            self.link.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.should_exit.set())
+        self.outcome: dict[str, Any] = {}
+        self.worker = threading.Thread(target=self._serve, name="edge-infer", daemon=True)
+        self.worker.start()
+        log.info(
+            "serving %s %s (%s, %s threads, %d workers) on %s; profile %s%s",
+            model.name, model.version, model.format, self.threads, model.workers,
+            config.source.uri, self.profile.name,
+            f"; mqtt {self.link.settings.safe_url} as {self.device}" if self.link else "",
+        )  # fmt: skip
+
+    def _open_initial_model(self) -> Any:
+        """The committed model if OTA installed one, else the configured model; a bundle given
+        in config becomes the first committed model, so a rollback can return to it."""
+        from edge_agent.cli import open_planned_model
+        from edge_agent.config import with_overrides
+
+        config = self.config
+        store = self.store
+        current = store.current if store is not None else None
+        if current is not None:
+            path = store.bundle_path(str(current["sha256"]))
+            if path is not None:
+                try:
+                    cfg = with_overrides(config, model={"path": str(path)})
+                    model, _ = open_planned_model(
+                        cfg, self.profile, threads=self.threads, source=self.source
+                    )
+                    return model
+                except EdgeError as exc:
+                    log.error("committed model %s unusable (%s); using [model] path", path, exc)
+        model, _ = open_planned_model(
+            config, self.profile, threads=self.threads, source=self.source
+        )
+        if store is not None and str(config.model.path).endswith(".edgebundle"):
+            from edge_agent.ota import sha256_file
+
+            path = Path(config.model.path)
+            sha = sha256_file(path)
+            if current is None or current.get("sha256") != sha:
+                import shutil
+
+                tmp = store.downloads / f"{sha}.edgebundle"
+                shutil.copyfile(path, tmp)
+                store.keep_bundle(tmp, sha)
+                store.commit(
+                    {"sha256": sha, "name": model.name, "version": model.version, "deployment": ""}
+                )
+        return model
+
+    def _setup_monitor(self, model: Any) -> None:
+        every = self.config.telemetry.monitor_every
+        if not every:
+            return
+        from edge_agent.telemetry import Monitor
+
+        stats = (model.manifest or {}).get("calibration_stats")
+        self.monitor = Monitor(
+            calibration_stats=stats,
+            every=every,
+            drift_threshold=self.config.telemetry.drift_threshold,
+            output_drift_threshold=self.config.telemetry.output_drift_threshold,
+        )
+        self.monitor_model = model
+        self.pipeline.observer = self.monitor.observe
+
+    def _start_mqtt(self, state_dir: Path) -> None:
+        from edge_agent.mqtt import BrokerSettings, MqttLink
+        from edge_agent.spool import Spool
+        from edge_agent.telemetry import SystemProbe
+
+        m = self.config.mqtt
+        assert self.topics is not None
+        settings = BrokerSettings(
+            url=m.broker,
+            protocol=m.protocol,
+            keepalive=m.keepalive,
+            client_id=m.client_id,
+            username=m.username,
+            password_file=m.password_file,
+            ca_file=m.ca_file,
+            cert_file=m.cert_file,
+            key_file=m.key_file,
+        )
+        self.spool = Spool(state_dir / "spool.sqlite", max_bytes=int(m.spool_max_mb * 2**20))
+        subs = [self.topics.commands]
+        if self.config.ota.enabled:
+            subs.append(self.topics.desired)
+            subs += [self.topics.group_desired(g) for g in m.groups]
+        self.link = MqttLink(
+            settings,
+            client_id=f"edge-agent-{self.device}",
+            spool=self.spool,
+            will=(self.topics.status, protocol.dumps(self._status("offline"))),
+            subscriptions=subs,
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+        )
+        self.system = SystemProbe(state_dir=state_dir)
+
+    def _start_updater(self) -> None:
+        if not self.config.ota.enabled or self.store is None:
+            return
+        from edge_agent.cli import open_planned_model
+        from edge_agent.config import with_overrides
+        from edge_agent.keys import load_trusted_keys
+        from edge_agent.ota import ChunkFetcher, Updater
+
+        link = self.link
+        assert self.topics is not None
+        self.fetcher = ChunkFetcher(
+            subscribe=link.subscribe,
+            unsubscribe=link.unsubscribe,
+            downloads=self.store.downloads,
+            prefix=self.config.mqtt.topic_prefix,
+            timeout=self.config.ota.transfer_timeout,
+            max_bytes=int(self.config.ota.max_bundle_mb * 2**20),
+        )
+        try:
+            keys = load_trusted_keys([Path(k) for k in self.config.model.trusted_keys])
+        except EdgeError as exc:
+            raise ConfigError(f"OTA needs trusted keys: {exc}") from None
+
+        def load(bundle: Path) -> Any:
+            cfg = with_overrides(self.config, model={"path": str(bundle)})
+            model, _ = open_planned_model(
+                cfg, self.profile, threads=self.threads, source=self.source
+            )
+            return model
+
+        self.updater = Updater(
+            store=self.store,
+            settings=self.config.ota,
+            profile=self.profile,
+            trusted_keys=keys,
+            fetch_mqtt=lambda sha, cancel: self.fetcher.fetch(sha, cancel=cancel),
+            load=load,
+            pipeline=self.pipeline,
+            probe=self.probe,
+            event=self.event,
+            report=lambda _update: self._publish_reported(),
+        )
+        self.updater.start()
+
+    def _serve(self) -> None:
+        try:
+            self.outcome["summary"] = self.pipeline.run()
+        except BaseException as exc:
+            self.outcome["error"] = exc
+
+    # --- the main loop ------------------------------------------------------------------------
+
+    def main_loop(self) -> None:
+        first_result = False
+        last_status = 0.0
+        next_telemetry = time.monotonic() + min(self.config.telemetry.interval, 5.0)
+        while self.worker.is_alive():
+            self.worker.join(timeout=0.25)
+            now = time.monotonic()
+            if not first_result and self.pipeline.results:
+                first_result = True
+                self.notifier.ready()
+                log.info("first result %.3f s after start", now - self.t_start)
+            self.watchdog.tick()
+            if now - last_status > 5.0:
+                last_status = now
+                s = self.pipeline.summary()
+                m = self.pipeline.model
+                self.notifier.status(f"{s['state']}: {s['fps']} fps, model {m.name} {m.version}")
+            self._watch_state()
+            if self.monitor is not None and self.monitor_model is not self.pipeline.model:
+                self._setup_monitor(self.pipeline.model)
+            if now >= next_telemetry:
+                next_telemetry = now + self.config.telemetry.interval
+                self.publish_telemetry()
+            if self._desired_changed.is_set():
+                self._desired_changed.clear()
+                self.reconcile()
+            if self.should_exit.is_set():
+                self.notifier.stopping()
+                self.pipeline.stop()
+                self.worker.join(timeout=self.config.pipeline.drain_timeout)
+                break
+
+    def _watch_state(self) -> None:
+        state = self.pipeline.state.value
+        if state == self._last_state:
+            return
+        previous, self._last_state = self._last_state, state
+        if self.mqtt_enabled and state == "degraded":
+            err = getattr(getattr(self.source, "stats", None), "last_error", None)
+            self.event("source_lost", reason=str(err) if err else "the source stopped delivering")
+        elif self.mqtt_enabled and previous == "degraded" and state == "serving":
+            self.event("source_restored")
+
+    # --- shutdown -----------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        if self.updater is not None:
+            self.updater.stop()
+        if self.rest is not None:
+            self.rest.stop()
+        if self.prometheus is not None:
+            self.prometheus.stop()
+        summary = self.outcome.get("summary") or self.pipeline.summary()
+        if self.mqtt_enabled:
+            self.publish_telemetry()
+            self.event("agent_stopping", results=summary.get("results"))
+            self._flush_spool()
+            assert self.topics is not None
+            self.link.stop(final=(self.topics.status, protocol.dumps(self._status("stopped"))))
+            self.spool.close()
+        for sink in self.sinks:
+            sink.close()
+        self.pipeline.model.close()
+        if self.summary_path is not None:
+            self.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        log.info(
+            "stopped: %s",
+            json.dumps({k: summary[k] for k in ("results", "fps", "dropped", "inference_errors")}),
+        )
+
+    def _flush_spool(self) -> None:
+        """Wait (bounded) until everything spooled is acknowledged by the broker."""
+        self.spool.flush()
+        timeout = self.config.mqtt.flush_timeout
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.link.drained():
+            time.sleep(0.05)
+        left = self.spool.depth()
+        if left:
+            log.warning(
+                "mqtt: %d messages still spooled after %g s (broker: %s); they are kept in %s "
+                "and sent on the next run",
+                left, timeout, self.link.last_error or "slow", self.config.agent.state_dir,
+            )  # fmt: skip
+        else:
+            log.info("mqtt: everything delivered (%d messages acknowledged)", self.link.acked)
+
+    # --- MQTT: state, events, telemetry ------------------------------------------------------
+
+    def _status(self, state: str) -> dict[str, Any]:
+        model = getattr(self, "pipeline", None)
+        return protocol.status_payload(
+            state,
+            device=self.device,
+            agent_version=edge_agent.__version__,
+            model=model.model.identity if model is not None else None,
+            profile=getattr(getattr(self, "profile", None), "name", None),
+            groups=tuple(self.config.mqtt.groups),
+            ts=time.time(),
+        )
+
+    def event(self, kind: str, *, reason: str | None = None, **details: Any) -> None:
+        if self.spool is None or self.topics is None:
+            return
+        seq = self.spool.allocate_seq("events")
+        payload = protocol.event_payload(
+            kind, device=self.device, seq=seq, ts=time.time(), reason=reason, **details
+        )
+        self.spool.put("events", self.topics.events, protocol.dumps(payload), seq=seq, durable=True)
+        log.info("event %s%s", kind, f": {reason}" if reason else "")
+
+    def _on_connect(self, link: Any) -> None:
+        assert self.topics is not None
+        link.send(self.topics.status, protocol.dumps(self._status("online")), retain=True)
+        self._publish_reported()
+        if self.config.mqtt.home_assistant:
+            from edge_agent.integrations import home_assistant_discovery
+
+            for topic, payload in home_assistant_discovery(self.topics, self.device):
+                link.send(topic, payload, retain=True)
+
+    def _publish_reported(self) -> None:
+        if self.link is None or self.topics is None:
+            return
+        store = self.store
+        payload = protocol.reported_payload(
+            device=self.device,
+            model=self.pipeline.model.identity if hasattr(self, "pipeline") else None,
+            bundle_sha256=(store.current or {}).get("sha256") if store else None,
+            update=self.updater.last_update if self.updater else None,
+            floor=store.floor if store else None,
+            history=[
+                {
+                    "sha256": h["sha256"],
+                    "version": h.get("version"),
+                    "committed": h.get("committed"),
+                }
+                for h in (store.history if store else [])
+            ],
+            ts=time.time(),
+        )
+        self.link.send(self.topics.reported, protocol.dumps(payload), retain=True)
+        self.link.send(self.topics.status, protocol.dumps(self._status("online")), retain=True)
+
+    def telemetry_payload(self) -> dict[str, Any]:
+        p = self.pipeline
+        now = time.monotonic()
+        last_t, last_results, _ = self._telemetry_last
+        interval = max(now - last_t, 1e-6)
+        summary = p.summary()
+        fps = (p.results - last_results) / interval
+        self._telemetry_last = (now, p.results, p.inference_errors)
+        window = p.take_window()
+        latency = {k: {q: v.get(q) for q in ("p50", "p95", "p99")} for k, v in window.items()}
+        monitoring = self.monitor.snapshot(reset=True) if self.monitor is not None else None
+        seq = self.spool.allocate_seq("telemetry") if self.spool is not None else 0
+        return {
+            "schema": protocol.SCHEMA_VERSION,
+            "seq": seq,
+            "device": self.device,
+            "ts": time.time(),
+            "interval_s": round(interval, 3),
+            "uptime_s": round(now - self.t_start, 3),
+            "state": p.state.value,
+            "model": p.model.identity,
+            "spool_depth": self.spool.depth() if self.spool is not None else 0,
+            "pipeline": {
+                "fps": round(fps, 3),
+                "results": p.results,
+                "frames": p.frames,
+                "dropped": int(summary.get("dropped", 0)),
+                "inference_errors": p.inference_errors,
+                "gated": p.gated,
+                "workers": p.workers,
+                "latency_ms": latency,
+            },
+            "system": self.system.sample() if self.system is not None else {},
+            "monitoring": monitoring,
+        }
+
+    def publish_telemetry(self) -> None:
+        if self.spool is None and self.prometheus is None:
+            return
+        payload = self.telemetry_payload()
+        self.latest_telemetry = payload
+        if self.spool is None or self.topics is None:
+            return
+        self.spool.put(
+            "telemetry",
+            self.topics.telemetry,
+            protocol.dumps(payload),
+            seq=payload["seq"],
+            retain=True,
+        )
+        drift = (payload.get("monitoring") or {}).get("drift") or {}
+        drifted = bool(drift.get("drifted"))
+        if drifted and not self._drifting:
+            self.event("drift", reason="; ".join(drift.get("reasons") or []) or "drift", **drift)
+        self._drifting = drifted
+        stats = self.spool.stats
+        if getattr(stats, "disk_full", False) and not getattr(self, "_disk_full_reported", False):
+            self._disk_full_reported = True
+            self.event(
+                "spool_full",
+                reason=f"the disk is full: {stats.events_lost} events could not be spooled",
+            )
+
+    # --- MQTT: incoming -----------------------------------------------------------------------
+
+    def _on_message(self, msg: Any) -> None:
+        topics = self.topics
+        assert topics is not None
+        prefix = self.config.mqtt.topic_prefix
+        if msg.topic.startswith(f"{prefix}/bundles/"):
+            if self.fetcher is not None:
+                self.fetcher.handle(msg.topic, msg.payload)
+            return
+        if msg.topic == topics.desired or msg.topic.startswith(f"{prefix}/groups/"):
+            self._on_desired(msg)
+            return
+        if msg.topic.startswith(f"{topics.base}/cmd/"):
+            name = msg.topic[len(f"{topics.base}/cmd/") :]
+            self._on_command(name, msg)
+
+    def _on_desired(self, msg: Any) -> None:
+        if not msg.payload:
+            self._desired[msg.topic] = None  # cleared by the operator
+            return
+        try:
+            data = protocol.loads(msg.payload, what=f"{msg.topic}")
+            self._desired[msg.topic] = Desired.from_payload(data)
+        except ProtocolError as exc:
+            self.event("error", reason=f"ignored a malformed desired state: {exc}")
+            return
+        self._desired_changed.set()
+
+    def effective_desired(self) -> Desired | None:
+        assert self.topics is not None
+        own = self._desired.get(self.topics.desired)
+        if own is not None:
+            return own
+        for group in self.config.mqtt.groups:
+            d = self._desired.get(self.topics.group_desired(group))
+            if d is not None:
+                return d
+        return None
+
+    def reconcile(self) -> None:
+        desired = self.effective_desired()
+        if desired is None or self.updater is None:
+            return
+        current = self.store.current if self.store else None
+        if current and current.get("sha256") == desired.sha256:
+            return
+        self.updater.request(desired)
+
+    def _on_command(self, name: str, msg: Any) -> None:
+        from edge_agent.mqtt import reply_properties
+
+        assert self.topics is not None
+        request_id = None
+        try:
+            if name not in protocol.COMMANDS:
+                raise ProtocolError(
+                    f"unknown command {name!r}; expected one of {', '.join(protocol.COMMANDS)}"
+                )
+            data = protocol.loads(msg.payload or b"{}", what=f"command {name}")
+            request_id = data.get("id")
+            result = self._command(name, data)
+            reply = protocol.reply_payload(name, ok=True, request_id=request_id, result=result)
+        except (ProtocolError, UpdateError, EdgeError) as exc:
+            reply = protocol.reply_payload(name, ok=False, request_id=request_id, error=str(exc))
+        except Exception as exc:  # a bug must not take the agent down: reply and log it
+            log.exception("command %s failed", name)
+            reply = protocol.reply_payload(
+                name, ok=False, request_id=request_id, error=f"internal error: {type(exc).__name__}"
+            )
+        topic = msg.response_topic or self.topics.reply(name)
+        if msg.response_topic and ("+" in topic or "#" in topic):
+            topic = self.topics.reply(name)
+        self.link.send(
+            topic, protocol.dumps(reply), properties=reply_properties(msg.correlation_data)
+        )
+
+    def _command(self, name: str, data: Mapping[str, Any]) -> Any:
+        if name == "ping":
+            return {
+                "pong": True,
+                "agent_version": edge_agent.__version__,
+                "model": self.pipeline.model.identity,
+                "state": self.pipeline.state.value,
+                "uptime_s": round(time.monotonic() - self.t_start, 3),
+            }
+        if self.updater is None:
+            raise UpdateError("OTA is disabled here ([ota] enabled = false)")
+        if name == "update":
+            desired = Desired.from_payload(data)
+            self.updater.request(desired, origin="command")
+            return {"accepted": True, "sha256": desired.sha256}
+        if name == "rollback":
+            version = data.get("version")
+            if version is not None and not isinstance(version, str):
+                raise ProtocolError("command rollback: version must be a string")
+            target = self.updater.request_rollback(version)
+            return {"accepted": True, "version": target.get("version"), "sha256": target["sha256"]}
+        # reload: follow the desired state again, retrying one that failed
+        wanted = self.effective_desired()
+        if wanted is not None and self.store is not None:
+            self.store.state.get("failed", {}).pop(wanted.sha256, None)
+        self._desired_changed.set()
+        return {"accepted": True, "desired": wanted.sha256 if wanted else None}

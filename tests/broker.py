@@ -1,0 +1,567 @@
+"""A real Mosquitto broker for tests (no mocks), TLS material, and a paho "consumer".
+
+::
+
+    from tests.broker import Broker, Collector, broker_fixture  # noqa: F401  (the `broker` fixture)
+
+    def test_x(broker: Broker) -> None:
+        with Collector(broker, ["edge/#"]) as consumer:
+            consumer.publish("edge/a", b"1")
+            consumer.wait_for(lambda msgs: len(msgs) == 1)
+
+:class:`Broker` runs ``mosquitto -c <workdir>/mosquitto.conf`` on a free loopback port that is
+kept across :meth:`Broker.restart`, with persistence in ``<workdir>/data/`` (saved on SIGTERM and
+every second), so tests can check what survives a broker restart or a crash (:meth:`Broker.kill`).
+When the tests run as root, the config says ``user root``: mosquitto would otherwise drop to the
+``mosquitto`` user and could not write its log or database under pytest's 0700 ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import ipaddress
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import paho.mqtt.client as mqtt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+__all__ = [
+    "Broker",
+    "Collector",
+    "Received",
+    "TlsMaterial",
+    "broker_fixture",
+    "make_tls_material",
+    "mosquitto_binary",
+    "write_password_file",
+]
+
+HOST = "127.0.0.1"
+_BIND_ATTEMPTS = 5
+_RUNNING = re.compile(r"mosquitto version \S+ running")
+
+
+def mosquitto_binary() -> str:
+    return shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+# --- TLS material ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """PEM files: a CA, a server cert for 127.0.0.1/localhost and a client cert, both CA-signed."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    require_client_cert: bool = True
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+
+
+def _issue(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Certificate | None,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    *,
+    server: bool = False,
+    client: bool = False,
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    is_ca = issuer is None
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name if issuer is None else issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=not is_ca,
+                key_cert_sign=is_ca,
+                crl_sign=is_ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]
+            ),
+            critical=False,
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    if client:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def make_tls_material(directory: Path, *, require_client_cert: bool = True) -> TlsMaterial:
+    """A fresh CA, a server cert (CN 127.0.0.1, SAN 127.0.0.1 + localhost) and a client cert
+    (CN edge-client), EC P-256, valid from a day ago for 30 days; PEM files in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pem = serialization.Encoding.PEM
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _issue("edge-test-ca", ca_key, None, ca_key)
+    files: dict[str, Path] = {}
+    (directory / "ca.crt").write_bytes(ca.public_bytes(pem))
+    for role, cn in (("server", HOST), ("client", "edge-client")):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _issue(cn, key, ca, ca_key, server=role == "server", client=role == "client")
+        files[f"{role}_cert"] = directory / f"{role}.crt"
+        files[f"{role}_key"] = directory / f"{role}.key"
+        files[f"{role}_cert"].write_bytes(cert.public_bytes(pem))
+        _write_key(files[f"{role}_key"], key)
+    return TlsMaterial(
+        ca_cert=directory / "ca.crt",
+        server_cert=files["server_cert"],
+        server_key=files["server_key"],
+        client_cert=files["client_cert"],
+        client_key=files["client_key"],
+        require_client_cert=require_client_cert,
+    )
+
+
+# --- the broker -----------------------------------------------------------------------------
+
+
+def _password_hash(password: str, *, iterations: int = 101) -> str:
+    """Mosquitto 2's ``$7$`` format: PBKDF2-HMAC-SHA512, a 12-byte salt, base64 fields."""
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    b64 = base64.b64encode
+    return f"$7${iterations}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def write_password_file(path: Path, users: dict[str, str], *, use_tool: bool = True) -> None:
+    """Write a mosquitto password file, with ``mosquitto_passwd -b`` when it is installed (and
+    ``use_tool``), else by hashing in Python (the same ``$7$`` format)."""
+    tool = shutil.which("mosquitto_passwd") if use_tool else None
+    path.unlink(missing_ok=True)
+    if tool is None:
+        lines = [f"{user}:{_password_hash(password)}\n" for user, password in users.items()]
+        path.write_text("".join(lines))
+    else:
+        for i, (user, password) in enumerate(users.items()):
+            flags = ["-b", "-c"] if i == 0 else ["-b"]
+            subprocess.run(
+                [tool, *flags, str(path), user, password], check=True, capture_output=True
+            )
+    path.chmod(0o600)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+class Broker:
+    """A Mosquitto process on a free loopback port, with persistence in its own directory."""
+
+    host: str
+    port: int
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        tls: TlsMaterial | None = None,
+        users: dict[str, str] | None = None,
+        max_packet_size: int = 0,
+        extra_conf: str = "",
+    ) -> None:
+        self.workdir = workdir
+        self.tls = tls
+        self.users = dict(users) if users is not None else None
+        self.max_packet_size = max_packet_size
+        self.extra_conf = extra_conf
+        self.host = HOST
+        self.port = _free_port()
+        self.conf_path = workdir / "mosquitto.conf"
+        self.log_path = workdir / "mosquitto.log"
+        self.data_dir = workdir / "data"
+        self._stderr_path = workdir / "mosquitto.stderr"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._started_once = False
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _config(self) -> str:
+        lines = [
+            f"listener {self.port} {self.host}",
+            "persistence true",
+            f"persistence_location {self.data_dir}/",
+            "autosave_interval 1",
+            f"log_dest file {self.log_path}",
+            "log_type all",
+        ]
+        if os.name == "posix" and os.geteuid() == 0:
+            lines.append("user root")  # else it drops to `mosquitto`, who cannot write workdir
+        if self.users is None:
+            lines.append("allow_anonymous true")
+        else:
+            password_file = self.workdir / "passwd"
+            write_password_file(password_file, self.users)
+            lines += ["allow_anonymous false", f"password_file {password_file}"]
+        if self.tls is not None:
+            lines += [
+                f"cafile {self.tls.ca_cert}",
+                f"certfile {self.tls.server_cert}",
+                f"keyfile {self.tls.server_key}",
+                f"require_certificate {'true' if self.tls.require_client_cert else 'false'}",
+                "use_identity_as_username false",
+            ]
+        if self.max_packet_size > 0:
+            lines.append(f"max_packet_size {self.max_packet_size}")
+        if self.extra_conf:
+            lines.append(self.extra_conf.rstrip("\n"))
+        return "\n".join(lines) + "\n"
+
+    def _log_since(self, offset: int) -> str:
+        text = ""
+        if self.log_path.exists():
+            with self.log_path.open("rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+        if self._stderr_path.exists():
+            text += self._stderr_path.read_text(errors="replace")
+        return text
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Write the config, start mosquitto, wait until the port accepts TCP connections."""
+        if self.running:
+            raise RuntimeError(f"mosquitto is already running on port {self.port}")
+        attempts = 1 if self._started_once else _BIND_ATTEMPTS
+        for attempt in range(attempts):
+            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            error = self._try_start(timeout, offset)
+            if error is None:
+                self._started_once = True
+                return
+            log = self._log_since(offset)
+            if "Address already in use" in log and attempt + 1 < attempts:
+                self.port = _free_port()
+                continue
+            tail = "\n".join(log.strip().splitlines()[-20:])
+            raise RuntimeError(f"mosquitto did not start on port {self.port}: {error}\n{tail}")
+
+    def _try_start(self, timeout: float, log_offset: int) -> str | None:
+        self.conf_path.write_text(self._config())
+        with self._stderr_path.open("wb") as stderr:
+            self._proc = subprocess.Popen(
+                [mosquitto_binary(), "-c", str(self.conf_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                cwd=self.workdir,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = self._proc.poll()
+            if code is not None:
+                self._proc = None
+                return f"exited with code {code}"
+            # The log line first: a TCP connect alone could reach another process on the port.
+            if not _RUNNING.search(self._log_since(log_offset)):
+                time.sleep(0.02)
+                continue
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    pass
+            except OSError:
+                time.sleep(0.02)
+                continue
+            if self._proc.poll() is None:
+                return None
+        self.kill()
+        return f"port not accepting connections after {timeout:g} s"
+
+    def _signal(self, sig: signal.Signals) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def stop(self) -> None:
+        """SIGTERM (mosquitto saves its persistence database on SIGTERM) and wait. Idempotent."""
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash; only what the last autosave (every second) wrote survives."""
+        self._signal(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> Broker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"Broker({self.url}, running={self.running})"
+
+
+@pytest.fixture(name="broker")
+def broker_fixture(tmp_path: Path) -> Iterator[Broker]:
+    """The ``broker`` fixture: a started anonymous broker in ``tmp_path / "broker"``, stopped at
+    teardown. Import it as ``broker_fixture`` (a test's ``broker`` argument would otherwise
+    shadow the import, ruff F811)."""
+    with Broker(tmp_path / "broker") as started:
+        yield started
+
+
+# --- a paho consumer ------------------------------------------------------------------------
+
+
+class Received(NamedTuple):
+    topic: str
+    payload: bytes
+    retain: bool
+    properties: Properties | None
+
+
+class Collector:
+    """A paho client (MQTT v5, or 3.1.1 with ``v311=True``) subscribed to ``topics``, collecting
+    every message it receives. Use as a context manager (connects, subscribes and waits for the
+    SUBACK on enter; disconnects on exit). With a TLS broker it presents the client cert unless
+    ``client_cert=False``."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        topics: Sequence[str] = (),
+        *,
+        v311: bool = False,
+        qos: int = 1,
+        client_id: str = "",
+        username: str | None = None,
+        password: str | None = None,
+        client_cert: bool = True,
+        timeout: float = 5.0,
+    ) -> None:
+        self.broker = broker
+        self.topics = list(topics)
+        self.qos = qos
+        self.timeout = timeout
+        self.v311 = v311
+        protocol = mqtt.MQTTv311 if v311 else mqtt.MQTTv5
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol
+        )
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if broker.tls is not None:
+            tls = broker.tls
+            if client_cert:
+                self.client.tls_set(str(tls.ca_cert), str(tls.client_cert), str(tls.client_key))
+            else:
+                self.client.tls_set(str(tls.ca_cert))
+        self._messages: list[Received] = []
+        self._cond = threading.Condition()
+        self.connack: ReasonCode | None = None  # the first CONNACK
+        self._subacks: dict[int, list[ReasonCode]] = {}
+        self._lost: ReasonCode | None = None
+        self.connects = 0  # successful CONNACKs: 2 after one reconnect
+        self._subscribed: dict[str, int] = {}
+        self.client.reconnect_delay_set(1, 2)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+
+    # callbacks (paho's network thread)
+    def _on_connect(
+        self, client: Any, userdata: Any, flags: Any, rc: ReasonCode, props: Any
+    ) -> None:
+        with self._cond:
+            reconnect = self.connack is not None and not self.connack.is_failure
+            if not reconnect:
+                self.connack = rc  # the first CONNACK
+            if not rc.is_failure:
+                self.connects += 1
+            self._cond.notify_all()
+            subscribed = list(self._subscribed.items())
+        if not reconnect and rc.is_failure:
+            client.disconnect()  # refused: stop paho's thread from retrying
+        elif reconnect and not rc.is_failure:  # after a broker restart: the session is gone
+            for topic, qos in subscribed:
+                client.subscribe(topic, qos)
+
+    def _on_disconnect(
+        self, client: Any, userdata: Any, flags: Any, rc: ReasonCode, props: Any
+    ) -> None:
+        with self._cond:
+            first = self.connack is None
+            self._lost = rc
+            self._cond.notify_all()
+        if first:
+            client.disconnect()  # dropped before any CONNACK (a TLS refusal): no retries
+
+    def _on_subscribe(
+        self, client: Any, userdata: Any, mid: int, rcs: list[ReasonCode], props: Any
+    ) -> None:
+        with self._cond:
+            self._subacks[mid] = rcs
+            self._cond.notify_all()
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        props = None if self.v311 else getattr(msg, "properties", None)
+        received = Received(msg.topic, bytes(msg.payload), bool(msg.retain), props)
+        with self._cond:
+            self._messages.append(received)
+            self._cond.notify_all()
+
+    def _wait(self, ready: Callable[[], bool], what: str, timeout: float | None = None) -> None:
+        with self._cond:
+            if not self._cond.wait_for(ready, timeout or self.timeout):
+                raise TimeoutError(f"{self.broker.url}: no {what} in {timeout or self.timeout} s")
+
+    def connect(self) -> Collector:
+        """Connect and wait for the CONNACK (ConnectionRefusedError when it is a failure,
+        ConnectionError when the broker drops the connection first, e.g. a refused TLS client
+        cert), then subscribe to ``topics``. paho's thread reconnects after a broker restart and
+        the collector subscribes again."""
+        url = self.broker.url
+        rc = self.client.connect(self.broker.host, self.broker.port, keepalive=30)
+        if rc != mqtt.MQTT_ERR_SUCCESS:  # e.g. the TLS handshake failed inside connect()
+            raise ConnectionError(f"{url}: connect failed: {rc}")
+        self.client.loop_start()
+        try:
+            self._wait(lambda: self.connack is not None or self._lost is not None, "CONNACK")
+        except TimeoutError:
+            self.close()
+            raise
+        if self.connack is None or self.connack.is_failure:
+            self.client.loop_stop()
+            if self.connack is None:
+                raise ConnectionError(f"{url}: connection lost before the CONNACK: {self._lost}")
+            raise ConnectionRefusedError(f"{url}: CONNACK {self.connack}")
+        for topic in self.topics:
+            self.subscribe(topic)
+        return self
+
+    def subscribe(self, topic: str, qos: int | None = None) -> None:
+        """Subscribe and wait for the SUBACK (raises when the broker refused the filter)."""
+        rc, mid = self.client.subscribe(topic, self.qos if qos is None else qos)
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            raise ConnectionError(f"{self.broker.url}: subscribe {topic!r} failed: {rc}")
+        self._wait(lambda: mid in self._subacks, f"SUBACK for {topic!r}")
+        codes = self._subacks[mid]
+        if any(code.is_failure for code in codes):
+            raise ConnectionError(f"{self.broker.url}: subscribe {topic!r} refused: {codes}")
+        with self._cond:
+            self._subscribed[topic] = self.qos if qos is None else qos
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        retain: bool = False,
+        qos: int = 1,
+        properties: Properties | None = None,
+    ) -> None:
+        """Publish and wait until it is acknowledged (PUBACK for QoS 1) or sent (QoS 0)."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise ConnectionError(f"{self.broker.url}: publish {topic!r} failed: {info.rc}")
+        info.wait_for_publish(self.timeout)
+        if not info.is_published():
+            raise TimeoutError(f"{self.broker.url}: no PUBACK for {topic!r} in {self.timeout} s")
+
+    @property
+    def messages(self) -> list[Received]:
+        with self._cond:
+            return list(self._messages)
+
+    def clear(self) -> None:
+        with self._cond:
+            self._messages.clear()
+
+    def wait_for(
+        self, predicate: Callable[[list[Received]], bool], timeout: float = 5.0
+    ) -> list[Received]:
+        """Wait until ``predicate(messages so far)`` is true; return those messages. Raises
+        AssertionError (listing what did arrive) on timeout."""
+        with self._cond:
+            if self._cond.wait_for(lambda: predicate(list(self._messages)), timeout):
+                return list(self._messages)
+            seen = [(m.topic, m.payload[:80]) for m in self._messages]
+        raise AssertionError(f"condition not met in {timeout} s; received {seen}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def __enter__(self) -> Collector:
+        return self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

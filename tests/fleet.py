@@ -1,0 +1,282 @@
+"""Helpers for the MQTT / OTA tests: real signed bundles (and faulty ones, repacked from a real
+one and signed again, so that each fault is exactly one thing), and ``edge-agent`` processes
+run against a real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
+EDGECTL = str(Path(sys.executable).parent / "edgectl")
+
+
+def repack(
+    src: Path,
+    out: Path,
+    *,
+    trusted: Mapping[str, Any],
+    signing_key: Path,
+    version: str | None = None,
+    profiles: Sequence[str] | None = None,
+    artifact: Callable[[bytes], bytes] | None = None,
+    golden: str = "keep",  # keep | recompute | drop
+) -> Path:
+    """A copy of bundle ``src`` with one thing changed, signed with ``signing_key``."""
+    from edge_agent.bundle import _ARTIFACT_KEYS, ArtifactInput, extract_bundle, write_bundle
+    from edge_agent.keys import load_private_key
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        verified = extract_bundle(src, tmp / "x", trusted_keys=trusted)
+        manifest = dict(verified.manifest)
+        arts = []
+        for entry in manifest.pop("artifacts"):
+            path = tmp / "x" / entry["path"]
+            if artifact is not None:
+                path.write_bytes(artifact(path.read_bytes()))
+            extra = {k: v for k, v in entry.items() if k not in _ARTIFACT_KEYS}
+            arts.append(
+                ArtifactInput(
+                    path=path,
+                    format=entry["format"],
+                    precision=entry["precision"],
+                    profiles=tuple(profiles) if profiles is not None else tuple(entry["profiles"]),
+                    extra=extra,
+                    name=entry["path"],
+                )
+            )
+        manifest.pop("files", None)
+        manifest.pop("schema", None)
+        manifest.pop("created", None)
+        if version is not None:
+            manifest["version"] = version
+        files: dict[str, Path] = {}
+        g = manifest.get("golden")
+        if g and golden == "drop":
+            manifest["golden"] = None
+        elif g:
+            gpath = tmp / "x" / g["file"]
+            if golden == "recompute":
+                import onnxruntime as ort
+
+                with np.load(gpath, allow_pickle=False) as data:
+                    arrays = {k: data[k] for k in data.files}
+                for a in arts:
+                    sess = ort.InferenceSession(str(a.path), providers=["CPUExecutionProvider"])
+                    feeds = {name: arrays[key] for name, key in g["inputs"].items()}
+                    outs = sess.run(None, feeds)
+                    for o, value in zip(sess.get_outputs(), outs):
+                        arrays[g["expected"][a.archive_name][o.name]] = value
+                with open(gpath, "wb") as fh:
+                    np.savez(fh, **arrays)  # type: ignore[arg-type]
+            files[g["file"]] = gpath
+        write_bundle(
+            out,
+            manifest=manifest,
+            artifacts=arts,
+            files=files,
+            signing_key=load_private_key(signing_key),
+        )
+    return out
+
+
+def add_traversal_member(src: Path, out: Path) -> Path:
+    """The bundle (a gzip tar) rebuilt with one extra member whose path climbs out of it."""
+    import io
+
+    with tarfile.open(src, "r:gz") as tar, tarfile.open(out, "w:gz") as new:
+        for member in tar.getmembers():
+            new.addfile(member, tar.extractfile(member))
+        payload = b"owned\n"
+        info = tarfile.TarInfo("../../escaped.txt")
+        info.size = len(payload)
+        new.addfile(info, io.BytesIO(payload))
+    return out
+
+
+def agent_config(
+    *,
+    broker: str,
+    device: str,
+    state_dir: Path,
+    model: Path,
+    source: str,
+    keys: Path,
+    pace: str = "none",
+    results: str | None = None,
+    telemetry_interval: float = 1.0,
+    mqtt_extra: str = "",
+    extra: str = "",
+) -> str:
+    sinks = f'sinks = ["jsonl:{results}"]' if results else "sinks = []"
+    return f"""
+[agent]
+device_id = "{device}"
+profile = "x86-64"
+state_dir = "{state_dir}"
+
+[model]
+path = "{model}"
+trusted_keys = ["{keys}"]
+
+[source]
+uri = "{source}"
+pace = "{pace}"
+
+[results]
+{sinks}
+
+[mqtt]
+broker = "{broker}"
+flush_timeout = 20
+{mqtt_extra}
+
+[telemetry]
+interval = {telemetry_interval}
+monitor_every = 2
+
+[ota]
+health_window = 2.0
+health_min_frames = 5
+transfer_timeout = 5.0
+{extra}
+"""
+
+
+class AgentProcess:
+    """``edge-agent run --config FILE`` in a child process, its stderr in a log file."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        config_text: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+        name: str = "agent",
+    ) -> None:
+        self.workdir = workdir
+        self.config = workdir / f"{name}.toml"
+        self.config.write_text(config_text)
+        self.log = workdir / f"{name}.log"
+        self.env = {**os.environ, **(env or {})}
+        self.args = list(args)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        fh = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [EDGE_AGENT, "run", "--config", str(self.config), *self.args],
+            stdout=subprocess.DEVNULL,
+            stderr=fh,
+            env=self.env,
+        )
+        fh.close()
+        return self
+
+    def wait(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def __enter__(self) -> AgentProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def payloads(messages: Sequence[Any], suffix: str) -> list[dict[str, Any]]:
+    out = []
+    for m in messages:
+        if m.topic.endswith(suffix) and m.payload:
+            out.append(json.loads(m.payload))
+    return out
+
+
+def events(messages: Sequence[Any], kind: str | None = None) -> list[dict[str, Any]]:
+    evs = payloads(messages, "/events")
+    return [e for e in evs if kind is None or e["kind"] == kind]
+
+
+def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def edgectl(*args: str, broker: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [EDGECTL, "--broker", broker, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def digits_video(path: Path, x: np.ndarray, *, size: int = 64, fps: float = 30.0) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (size, size))
+    assert writer.isOpened()
+    for img in x[:, 0]:
+        grey = np.clip(img * 255.0, 0, 255).astype(np.uint8)
+        big = cv2.resize(grey, (size, size), interpolation=cv2.INTER_NEAREST)
+        writer.write(cv2.cvtColor(big, cv2.COLOR_GRAY2BGR))
+    writer.release()
+    return path
+
+
+@pytest.fixture(scope="session", name="fleet_env")
+def fleet_env_fixture(
+    tmp_path_factory: pytest.TempPathFactory, digits: Any, keys: Any
+) -> dict[str, Any]:
+    """Signed digits bundles v1.0.0 and v1.1.0 and a 120-frame digits video."""
+    from converters.cli import main as edge_convert
+
+    root = tmp_path_factory.mktemp("fleet")
+    with np.load(digits.eval) as d:
+        x = d["x"][:120]
+    digits_video(root / "digits.mp4", x)
+    for version in ("1.0.0", "1.1.0"):
+        code = edge_convert(
+            [
+                "build", str(digits.onnx), "--profile", "x86-64", "--calibration",
+                str(digits.calibration), "--sign-key", str(keys[0]), "--name", "digits",
+                "--version", version, "-o", str(root / f"digits-{version}.edgebundle"),
+                "--latency-seconds", "0.2",
+            ]
+        )  # fmt: skip
+        assert code == 0
+    return {"root": root, "video": root / "digits.mp4", "key": keys[0], "pub": keys[1]}

@@ -1,0 +1,375 @@
+"""The agent over MQTT against a real Mosquitto (started, killed and restarted by the tests):
+payload schemas, nothing lost across broker restarts and agent restarts, TLS with client
+certificates, refused credentials, commands (MQTT 5 request/response and the 3.1.1 reply
+topic, fuzzed payloads)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from edge_agent import protocol
+from tests.broker import Broker, Collector, broker_fixture, make_tls_material  # noqa: F401
+from tests.fleet import (  # noqa: F401  (fleet_env_fixture: the `fleet_env` fixture)
+    AgentProcess,
+    agent_config,
+    digits_video,
+    events,
+    fleet_env_fixture,
+    payloads,
+    wait_until,
+)
+
+DEVICE = "cam-1"
+
+
+class PersistentConsumer:
+    """A consumer with a persistent session (MQTT 3.1.1, clean_session=False): the broker keeps
+    its QoS 1 messages while it is away, including across broker restarts (persistence)."""
+
+    def __init__(self, broker: Broker, topic: str) -> None:
+        self.topic = topic
+        self.received: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id="test-consumer",
+            protocol=mqtt.MQTTv311,
+            clean_session=False,
+        )
+        self.client.reconnect_delay_set(0.2, 1)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, 1)
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port, keepalive=10)
+        self.client.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        with self._lock:
+            self.received.append(json.loads(msg.payload))
+
+    def seqs(self) -> set[int]:
+        with self._lock:
+            return {int(r["seq"]) for r in self.received}
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _validate(kind: str, payload: dict[str, Any]) -> None:
+    jsonschema.validate(payload, protocol.SCHEMAS[kind])
+
+
+def test_every_payload_matches_its_schema(
+    broker: Broker, fleet_env: dict[str, Any], tmp_path: Path
+) -> None:
+    jsonl = tmp_path / "results.jsonl"
+    cfg = agent_config(
+        broker=broker.url, device=DEVICE, state_dir=tmp_path / "state",
+        model=fleet_env["root"] / "digits-1.0.0.edgebundle",
+        source=f"file:{fleet_env['video']}", pace="native", keys=fleet_env["pub"],
+        results=str(jsonl), telemetry_interval=0.5,
+    )  # fmt: skip
+    with Collector(broker, ["edge/#"]) as consumer, AgentProcess(tmp_path, cfg) as agent:
+        assert agent.wait(60) == 0, agent.text()
+        consumer.wait_for(lambda m: len(payloads(m, "/results")) >= 120, timeout=10)
+        msgs = consumer.messages
+    results = payloads(msgs, "/results")
+    assert [r["seq"] for r in results] == list(range(120))
+    # The MQTT result is the JSONL sink's object.
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert lines == results
+    for r in results:
+        _validate("result", r)
+    telemetry = payloads(msgs, "/telemetry")
+    assert len(telemetry) >= 2
+    for t in telemetry:
+        _validate("telemetry", t)
+    last = telemetry[-1]
+    assert last["pipeline"]["results"] == 120 and last["model"]["version"] == "1.0.0"
+    assert last["system"]["ram_percent"] > 0 and last["system"]["process_rss_mb"] > 10
+    assert any((t.get("monitoring") or {}).get("samples") for t in telemetry)
+    evs = events(msgs)
+    kinds = [e["kind"] for e in evs]
+    assert kinds[:2] == ["agent_started", "model_loaded"] and kinds[-1] == "agent_stopping"
+    for e in evs:
+        _validate("event", e)
+    statuses = payloads(msgs, "/status")
+    for s in statuses:
+        _validate("status", s)
+    assert statuses[0]["state"] == "online" and statuses[-1]["state"] == "stopped"
+    for r in payloads(msgs, "/reported"):
+        _validate("reported", r)
+    # The retained status says "stopped" after a clean exit.
+    with Collector(broker, [f"edge/{DEVICE}/status"]) as late:
+        retained = late.wait_for(lambda m: len(m) >= 1)[0]
+    assert retained.retain and json.loads(retained.payload)["state"] == "stopped"
+
+
+def test_broker_restarted_five_times_at_50_msgs_loses_nothing(
+    broker: Broker, fleet_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """120 frames at 50 fps (a paced file: none dropped at the source) while the broker is
+    restarted 5 times: the consumer ends with every seq, after dropping duplicates."""
+    video = digits_video(
+        tmp_path / "v.mp4",
+        np.repeat(np.linspace(0, 1, 8 * 8, dtype=np.float32).reshape(1, 1, 8, 8), 300, axis=0),
+        fps=50.0,
+    )
+    consumer = PersistentConsumer(broker, f"edge/{DEVICE}/results")
+    try:
+        time.sleep(0.3)
+        cfg = agent_config(
+            broker=broker.url, device=DEVICE, state_dir=tmp_path / "state",
+            model=fleet_env["root"] / "digits-1.0.0.edgebundle", source=f"file:{video}",
+            pace="native", keys=fleet_env["pub"], telemetry_interval=1.0,
+        )  # fmt: skip
+        with AgentProcess(tmp_path, cfg) as agent:
+            for _ in range(5):
+                time.sleep(0.8)
+                broker.restart()
+            assert agent.wait(90) == 0, agent.text()
+        wait_until(lambda: len(consumer.seqs()) >= 300, timeout=20, what="all 300 results")
+        assert consumer.seqs() == set(range(300))
+        assert len(consumer.received) >= 300  # duplicates allowed (at least once), none lost
+    finally:
+        consumer.close()
+    assert "everything delivered" in agent.text()
+
+
+def test_agent_restart_replays_a_spooled_backlog(
+    broker: Broker, fleet_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """Run 1 has no broker (stopped): its results stay in the spool and it says so. Run 2, with
+    the broker back, sends that backlog first, then its own results, seq continuing."""
+    broker.stop()
+    state = tmp_path / "state"
+    cfg = agent_config(
+        broker=broker.url, device=DEVICE, state_dir=state,
+        model=fleet_env["root"] / "digits-1.0.0.edgebundle", source=f"file:{fleet_env['video']}",
+        keys=fleet_env["pub"],
+    ).replace("flush_timeout = 20", "flush_timeout = 1")  # fmt: skip
+    first = AgentProcess(tmp_path, cfg, name="run1").start()
+    assert first.wait(60) == 0, first.text()
+    assert "still spooled" in first.text()
+    assert (state / "spool.sqlite").exists()
+    broker.start()
+    with Collector(broker, [f"edge/{DEVICE}/results", f"edge/{DEVICE}/events"]) as consumer:
+        second = AgentProcess(tmp_path, cfg.replace("flush_timeout = 1", "flush_timeout = 20"),
+                              name="run2").start()  # fmt: skip
+        assert second.wait(60) == 0, second.text()
+        msgs = consumer.wait_for(lambda m: len(payloads(m, "/results")) >= 240, timeout=20)
+    seqs = [r["seq"] for r in payloads(msgs, "/results")]
+    assert sorted(set(seqs)) == list(range(240))
+    assert seqs[:120] == list(range(120))  # the backlog first, in order
+    evs = events(msgs)
+    starts = [e for e in evs if e["kind"] == "agent_started"]
+    assert len(starts) == 2 and starts[0]["seq"] < starts[1]["seq"]  # run 1's event, replayed
+
+
+def test_tls_with_client_certificates(fleet_env: dict[str, Any], tmp_path: Path) -> None:
+    tls = make_tls_material(tmp_path / "tls")
+    with Broker(tmp_path / "broker", tls=tls) as broker:
+        tls_keys = (
+            f'ca_file = "{tls.ca_cert}"\ncert_file = "{tls.client_cert}"\n'
+            f'key_file = "{tls.client_key}"'
+        )
+        cfg = agent_config(
+            broker=broker.url, device=DEVICE, state_dir=tmp_path / "state",
+            model=fleet_env["root"] / "digits-1.0.0.edgebundle",
+            source=f"file:{fleet_env['video']}", keys=fleet_env["pub"], mqtt_extra=tls_keys,
+        )  # fmt: skip
+        assert broker.url.startswith("mqtts://")
+        with Collector(broker, [f"edge/{DEVICE}/results"]) as consumer:
+            agent = AgentProcess(tmp_path, cfg).start()
+            assert agent.wait(60) == 0, agent.text()
+            consumer.wait_for(lambda m: len(m) >= 120, timeout=10)
+        # Without a client certificate the broker refuses the handshake; the agent says so.
+        no_cert = agent_config(
+            broker=broker.url, device=DEVICE, state_dir=tmp_path / "state2",
+            model=fleet_env["root"] / "digits-1.0.0.edgebundle",
+            source=f"file:{fleet_env['video']}", keys=fleet_env["pub"],
+            mqtt_extra=f'ca_file = "{tls.ca_cert}"',
+        ).replace("flush_timeout = 20", "flush_timeout = 1")  # fmt: skip
+        agent = AgentProcess(tmp_path, no_cert, name="nocert").start()
+        assert agent.wait(60) == 0
+        text = agent.text()
+        assert "still spooled" in text and "connected to" not in text
+
+
+def test_wrong_password_is_refused_with_its_reason(tmp_path: Path) -> None:
+    from edge_agent.errors import BrokerError
+    from edge_agent.mqtt import BrokerSettings, MqttLink, require_connected
+
+    with Broker(tmp_path / "broker", users={"device": "right"}) as broker:
+        (tmp_path / "pw-wrong").write_text("wrong\n")
+        (tmp_path / "pw-right").write_text("right\n")
+        bad = MqttLink(
+            BrokerSettings(
+                url=broker.url, username="device", password_file=str(tmp_path / "pw-wrong")
+            ),
+            client_id="t1",
+        )
+        bad.start()
+        with pytest.raises(BrokerError) as err:
+            require_connected(bad, 3.0)
+        assert "refused" in str(err.value) and "authori" in str(err.value).lower()
+        assert not bad.connected.is_set() and bad.connects == 0
+        good = MqttLink(
+            BrokerSettings(
+                url=broker.url, username="device", password_file=str(tmp_path / "pw-right")
+            ),
+            client_id="t2",
+        )
+        good.start()
+        require_connected(good, 5.0)
+        assert good.protocol_in_use == "5"
+        good.stop()
+
+
+def test_password_comes_from_the_credentials_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edge_agent.errors import ConfigError
+    from edge_agent.mqtt import credential_path, read_secret
+
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt-password").write_text("s3cret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert credential_path("mqtt-password") == creds / "mqtt-password"
+    assert read_secret("mqtt-password", what="password_file") == "s3cret"
+    with pytest.raises(ConfigError, match="no such file"):
+        read_secret("other", what="[mqtt] password_file")
+    (creds / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="empty"):
+        read_secret("empty", what="[mqtt] password_file")
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("tcp://h:1", "expected mqtt://"),
+        ("mqtt://user:pw@h:1", "no credentials in the URL"),
+        ("mqtt://h:99999", "bad port"),
+    ],
+)
+def test_bad_broker_urls(url: str, needle: str) -> None:
+    from edge_agent.errors import ConfigError
+    from edge_agent.mqtt import BrokerSettings
+
+    with pytest.raises(ConfigError, match=needle):
+        BrokerSettings(url=url)
+
+
+def _live_agent(broker: Broker, fleet_env: dict[str, Any], tmp_path: Path, **kw: Any) -> str:
+    return agent_config(
+        broker=broker.url, device=DEVICE, state_dir=tmp_path / "state",
+        model=fleet_env["root"] / "digits-1.0.0.edgebundle",
+        source=f"file:{fleet_env['video']}?loop=1&live=1", keys=fleet_env["pub"], **kw,
+    )  # fmt: skip
+
+
+def test_commands_reply_on_mqtt5_response_topics_and_the_311_reply_topic(
+    broker: Broker, fleet_env: dict[str, Any], tmp_path: Path
+) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    topics = protocol.Topics(DEVICE)
+    with AgentProcess(tmp_path, _live_agent(broker, fleet_env, tmp_path)) as agent:
+        with Collector(broker, [topics.status]) as watch:
+            watch.wait_for(lambda m: any(b'"online"' in x.payload for x in m), timeout=20)
+        # MQTT 5: our response topic and correlation data come back.
+        with Collector(broker, ["replies/me"]) as v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = "replies/me"
+            props.CorrelationData = b"corr-42"
+            v5.publish(topics.command("ping"), b'{"id": "p1"}', properties=props)
+            reply = v5.wait_for(lambda m: len(m) >= 1)[0]
+        body = json.loads(reply.payload)
+        jsonschema.validate(body, protocol.SCHEMAS["reply"])
+        assert body["ok"] and body["id"] == "p1" and body["result"]["pong"] is True
+        assert reply.properties is not None and reply.properties.CorrelationData == b"corr-42"
+        # MQTT 3.1.1: no properties; the documented reply topic.
+        with Collector(broker, [topics.reply("ping")], v311=True) as v3:
+            v3.publish(topics.command("ping"), b'{"id": 7}')
+            body = json.loads(v3.wait_for(lambda m: len(m) >= 1)[0].payload)
+        assert body["ok"] and body["id"] == 7
+        # Fuzzed and malformed commands: an error reply each, nothing changes, agent stays up.
+        bad = [
+            ("ping", b"not json"),
+            ("ping", b"[1, 2]"),
+            ("ping", b"\xff\xfe"),
+            ("ping", b"{" * 10000),
+            ("ping", b'{"id": "' + b"x" * 200_000 + b'"}'),
+            ("update", b'{"bundle": 3}'),
+            ("update", b'{"bundle": {"sha256": "../../etc"}}'),
+            ("update", b'{"bundle": {"sha256": "' + b"a" * 64 + b'"}, "allow_downgrade": "yes"}'),
+            ("rollback", b'{"version": 12}'),
+            ("rollback", b"{}"),
+            ("selfdestruct", b"{}"),
+        ]
+        with Collector(broker, [f"{topics.base}/cmd/+/reply"]) as fuzz:
+            for name, payload in bad:
+                fuzz.publish(topics.command(name), payload)
+            replies = fuzz.wait_for(lambda m: len(m) >= len(bad), timeout=10)
+        bodies = [json.loads(r.payload) for r in replies]
+        assert all(b["ok"] is False and b["error"] for b in bodies), bodies
+        errors = " | ".join(b["error"] for b in bodies)
+        for needle in ("not valid JSON", "expected a JSON object", "larger than", "sha256",
+                       "allow_downgrade", "version must be a string", "no rollback target",
+                       "unknown command 'selfdestruct'"):  # fmt: skip
+            assert needle in errors, (needle, errors)
+        assert agent.alive()
+        with Collector(broker, [topics.reply("ping")], v311=True) as v3:
+            v3.publish(topics.command("ping"), b"{}")
+            assert json.loads(v3.wait_for(lambda m: len(m) >= 1)[0].payload)["ok"]
+        assert agent.stop() == 0
+
+
+def test_will_marks_a_killed_agent_offline(
+    broker: Broker, fleet_env: dict[str, Any], tmp_path: Path
+) -> None:
+    topics = protocol.Topics(DEVICE)
+    cfg = _live_agent(broker, fleet_env, tmp_path, mqtt_extra="keepalive = 5")
+    with Collector(broker, [topics.status]) as watch:
+        agent = AgentProcess(tmp_path, cfg).start()
+        watch.wait_for(lambda m: any(b'"online"' in x.payload for x in m), timeout=20)
+        agent.kill()  # no clean exit: the broker publishes the Will
+        msgs = watch.wait_for(lambda m: any(b'"offline"' in x.payload for x in m), timeout=15)
+    offline = json.loads(msgs[-1].payload)
+    jsonschema.validate(offline, protocol.SCHEMAS["status"])
+    assert offline["state"] == "offline" and offline["device"] == DEVICE
+
+
+def test_docs_hold_the_generated_schemas() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "mqtt.md").read_text()
+    assert protocol.markdown_schemas() in doc, (
+        "regenerate: python -m edge_agent.protocol --markdown"
+    )
+    for name in protocol.COMMANDS:
+        assert f"`{name}`" in doc
+    for kind in ("status", "telemetry", "results", "events", "desired", "reported"):
+        assert f"edge/<device>/{kind}" in doc
+
+
+def test_topics_reject_names_that_would_break_the_topic_tree() -> None:
+    for bad in ("a/b", "+", "#", "", "x" * 65, "dev ice"):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.Topics(bad)
+    t = protocol.Topics("cam-1", prefix="site/a")
+    assert t.commands == "site/a/cam-1/cmd/+" and t.reply("ping") == "site/a/cam-1/cmd/ping/reply"
+    assert protocol.device_of("site/a/cam-1/status", prefix="site/a") == "cam-1"
+    assert protocol.device_of("edge/cam-1/status", prefix="site/a") is None
+    assert protocol.device_of("edge/cam-1/status") == "cam-1"
+    assert protocol.device_of("edge/bundles/x/meta") is None
+    assert protocol.fleet_topic("telemetry", share="g1") == "$share/g1/edge/+/telemetry"

@@ -1,0 +1,473 @@
+"""Over-the-air updates against a real Mosquitto and real `edge-agent` processes: the happy
+path over MQTT chunks and over HTTP with a hot swap that loses no frame, every fault leaving the
+device on a working model with an event naming the cause, SIGKILL at every step, anti-rollback
+and explicit rollback, and a staged rollout that aborts and reverts its canaries."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from edge_agent import protocol
+from edge_agent.keys import generate_keypair, load_trusted_keys
+from tests.broker import Broker, Collector, broker_fixture  # noqa: F401
+from tests.fleet import (  # noqa: F401  (fleet_env_fixture: the `fleet_env` fixture)
+    AgentProcess,
+    add_traversal_member,
+    agent_config,
+    digits_video,
+    edgectl,
+    events,
+    fleet_env_fixture,
+    payloads,
+    repack,
+    wait_until,
+)
+
+DEVICE = "cam-1"
+TOPICS = protocol.Topics(DEVICE)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _config(broker: Broker, env: dict[str, Any], tmp: Path, **kw: Any) -> str:
+    kw.setdefault("source", f"file:{env['video']}?loop=1&live=1")
+    return agent_config(
+        broker=broker.url, device=DEVICE, state_dir=tmp / "state",
+        model=env["root"] / "digits-1.0.0.edgebundle", keys=env["pub"], **kw,
+    )  # fmt: skip
+
+
+def _online(broker: Broker, agent: AgentProcess | None = None, timeout: float = 30.0) -> None:
+    with Collector(broker, [TOPICS.status]) as watch:
+        try:
+            watch.wait_for(lambda m: any(b'"online"' in x.payload for x in m), timeout=timeout)
+        except AssertionError as exc:
+            log = agent.text()[-3000:] if agent is not None else ""
+            raise AssertionError(
+                f"{exc}; agent alive: {agent and agent.alive()}; log: {log}"
+            ) from None
+
+
+def _deploy(broker: Broker, bundle: Path, *extra: str) -> str:
+    run = edgectl("deploy", str(bundle), "--device", DEVICE, *extra, broker=broker.url)
+    assert run.returncode == 0, run.stderr
+    return _sha(bundle)
+
+
+def _outcome(consumer: Collector, sha: str, timeout: float = 40.0) -> dict[str, Any]:
+    """The device's final update state for ``sha``, from its retained reported topic."""
+
+    def done(msgs: list[Any]) -> bool:
+        for r in payloads(msgs, "/reported"):
+            u = r.get("update") or {}
+            if u.get("sha256") == sha and u.get("state") in ("committed", "failed", "rolled_back"):
+                return True
+        return False
+
+    msgs = consumer.wait_for(done, timeout=timeout)
+    final = [r for r in payloads(msgs, "/reported") if (r.get("update") or {}).get("sha256") == sha]
+    return final[-1]
+
+
+def test_ota_over_mqtt_chunks_swaps_without_losing_a_frame(
+    broker: Broker, fleet_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """A paced (finite) 600-frame video: the update lands mid-stream; every frame index comes
+    out exactly once, seq contiguous, v1.0.0 before the swap and v1.1.0 after."""
+    video = fleet_env["video"]
+    frames = np.concatenate([_frames(video)] * 5)
+    long_video = digits_video(tmp_path / "long.mp4", frames, fps=60.0)
+    cfg = _config(broker, fleet_env, tmp_path, source=f"file:{long_video}", pace="native",
+                  results=str(tmp_path / "r.jsonl"))  # fmt: skip
+    with Collector(broker, [f"{TOPICS.base}/#"]) as consumer:
+        agent = AgentProcess(tmp_path, cfg).start()
+        _online(broker, agent)
+        sha = _deploy(broker, fleet_env["root"] / "digits-1.1.0.edgebundle")
+        rep = _outcome(consumer, sha)
+        assert rep["update"]["state"] == "committed", rep
+        assert rep["model"]["version"] == "1.1.0" and rep["floor"] == "1.1.0"
+        assert agent.wait(90) == 0, agent.text()
+        msgs = consumer.messages
+    results = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r["frame"] for r in results] == list(range(600))
+    assert [r["seq"] for r in results] == list(range(600))
+    versions = [r["model"]["version"] for r in results]
+    switch = versions.index("1.1.0")
+    assert 0 < switch < 600 and set(versions[switch:]) == {"1.1.0"}
+    kinds = [e["kind"] for e in events(msgs)]
+    for kind in ("update_started", "update_verified", "update_committed"):
+        assert kind in kinds, kinds
+    state = json.loads((tmp_path / "state" / "ota" / "state.json").read_text())
+    assert state["current"]["version"] == "1.1.0" and state["pending"] is None
+    assert (tmp_path / "state" / "ota" / "bundles" / f"{sha}.edgebundle").is_file()
+
+
+def _frames(video: Path) -> np.ndarray:
+    import cv2
+
+    cap = cv2.VideoCapture(str(video))
+    out = []
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        grey = cv2.cvtColor(
+            cv2.resize(img, (8, 8), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2GRAY
+        )
+        out.append(grey.astype(np.float32)[None] / 255.0)
+    cap.release()
+    return np.stack(out)
+
+
+@pytest.fixture()
+def http_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, directory=str(root), **kw)
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    server.shutdown()
+    server.server_close()
+
+
+def test_ota_over_http(
+    broker: Broker, fleet_env: dict[str, Any], tmp_path: Path, http_server: tuple[str, Path]
+) -> None:
+    base, root = http_server
+    bundle = fleet_env["root"] / "digits-1.1.0.edgebundle"
+    (root / "b.edgebundle").write_bytes(bundle.read_bytes())
+    with (
+        Collector(broker, [f"{TOPICS.base}/#"]) as consumer,
+        AgentProcess(tmp_path, _config(broker, fleet_env, tmp_path)) as agent,
+    ):
+        _online(broker, agent)
+        sha = _deploy(broker, bundle, "--url", f"{base}/b.edgebundle")
+        rep = _outcome(consumer, sha)
+        assert rep["update"]["state"] == "committed", (rep, agent.text())
+        assert rep["model"]["version"] == "1.1.0"
+        assert agent.stop() == 0
+    # No chunks were published: it came over HTTP.
+    with Collector(broker, [f"edge/bundles/{sha}/meta"]) as probe:
+        import time
+
+        time.sleep(0.5)
+        assert probe.messages == []
+
+
+def _nan_on_live_model(data: bytes) -> bytes:
+    """The digits model plus log(max(x) - 0.75) on every logit: finite on the golden digits
+    (their max is 1.0), NaN on a dim scene (max below 0.75)."""
+    model = onnx.load_from_string(data)
+    g = model.graph
+    inp, out = g.input[0].name, g.output[0].name
+    for node in g.node:
+        for i, name in enumerate(node.output):
+            if name == out:
+                node.output[i] = "logits_raw"
+    g.initializer.append(helper.make_tensor("c075", TensorProto.FLOAT, [], [0.75]))
+    g.node.extend(
+        [
+            helper.make_node("ReduceMax", [inp], ["xmax"], keepdims=0),
+            helper.make_node("Sub", ["xmax", "c075"], ["shifted"]),
+            helper.make_node("Log", ["shifted"], ["logv"]),
+            helper.make_node("Add", ["logits_raw", "logv"], [out]),
+        ]
+    )
+    return model.SerializeToString()
+
+
+def _always_nan_model(data: bytes) -> bytes:
+    model = onnx.load_from_string(data)
+    g = model.graph
+    out = g.output[0].name
+    for node in g.node:
+        for i, name in enumerate(node.output):
+            if name == out:
+                node.output[i] = "logits_raw"
+    g.initializer.append(helper.make_tensor("nan", TensorProto.FLOAT, [], [float("nan")]))
+    g.node.append(helper.make_node("Mul", ["logits_raw", "nan"], [out]))
+    return model.SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def faulty(fleet_env: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One bundle per fault, each v1.2.0 of the same model with exactly one thing wrong."""
+    root = tmp_path_factory.mktemp("faulty")
+    good = fleet_env["root"] / "digits-1.1.0.edgebundle"
+    trusted = load_trusted_keys([fleet_env["pub"]])
+    other_key, _ = generate_keypair(root / "other")
+    sign = fleet_env["key"]
+    out = {
+        "wrong_key": repack(good, root / "wrong-key.edgebundle", trusted=trusted,
+                            signing_key=other_key, version="1.2.0"),
+        "incompatible": repack(good, root / "pi5.edgebundle", trusted=trusted, signing_key=sign,
+                               version="1.2.0", profiles=["raspberry-pi-5"]),
+        "fails_to_load": repack(good, root / "garbage.edgebundle", trusted=trusted,
+                                signing_key=sign, version="1.2.0",
+                                artifact=lambda b: b"this is not an onnx model", golden="drop"),
+        "nan_output": repack(good, root / "nan.edgebundle", trusted=trusted, signing_key=sign,
+                             version="1.2.0", artifact=_always_nan_model, golden="recompute"),
+        "health_window": repack(good, root / "nan-live.edgebundle", trusted=trusted,
+                                signing_key=sign, version="1.2.0", artifact=_nan_on_live_model,
+                                golden="recompute"),
+        "good_120": repack(good, root / "good-1.2.0.edgebundle", trusted=trusted,
+                           signing_key=sign, version="1.2.0"),
+    }  # fmt: skip
+    out["traversal"] = add_traversal_member(out["good_120"], root / "traversal.edgebundle")
+    return out
+
+
+def _dim_video(path: Path) -> Path:
+    """Digits at a third of their brightness: the health-window model goes NaN on them."""
+    x = np.clip(np.random.default_rng(0).random((90, 1, 8, 8), dtype=np.float32) * 0.3, 0, 1)
+    return digits_video(path, x)
+
+
+FAULTS = {
+    "wrong_key": ("update_failed", "which is not trusted"),
+    "incompatible": ("update_failed", "not this device's profile x86-64"),
+    "fails_to_load": ("update_failed", "failed to load"),
+    "nan_output": ("update_failed", "golden test"),
+    "health_window": ("rolled_back", "NaN/inf"),
+    "traversal": ("update_failed", "escapes"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_ota_fault_leaves_the_device_on_its_working_model(
+    fault: str,
+    broker: Broker,
+    fleet_env: dict[str, Any],
+    faulty: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    kind, needle = FAULTS[fault]
+    source = f"file:{_dim_video(tmp_path / 'dim.mp4')}?loop=1&live=1"
+    with (
+        Collector(broker, [f"{TOPICS.base}/#"]) as consumer,
+        AgentProcess(tmp_path, _config(broker, fleet_env, tmp_path, source=source)) as agent,
+    ):
+        _online(broker, agent)
+        sha = _deploy(broker, faulty[fault])
+        rep = _outcome(consumer, sha)
+        assert rep["update"]["state"] in ("failed", "rolled_back"), rep
+        assert rep["model"]["version"] == "1.0.0"
+        # Events go through the spool, the reported state directly: the event may come second.
+        wait_until(lambda: bool(events(consumer.messages, kind)), timeout=10, what=kind)
+        ev = events(consumer.messages, kind)
+        assert needle in ev[-1]["reason"], (kind, needle, ev)
+        # Still serving v1.0.0, and still answering.
+        consumer.clear()
+        wait_until(
+            lambda: any(
+                r["model"]["version"] == "1.0.0" for r in payloads(consumer.messages, "/results")
+            ),
+            timeout=10, what="results from the working model",
+        )  # fmt: skip
+        assert agent.alive()
+        assert agent.stop() == 0
+    state = json.loads((tmp_path / "state" / "ota" / "state.json").read_text())
+    assert state["current"]["version"] == "1.0.0" and state["pending"] is None
+    assert sha in state["failed"]
+    assert (
+        not (tmp_path / "escaped.txt").exists()
+        and not (tmp_path / "state" / "escaped.txt").exists()
+    )
+
+
+def test_flipped_bit_in_a_chunk_and_a_truncated_transfer(
+    broker: Broker, fleet_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """Chunks published by hand: one with a bit flipped, then a bundle missing its last chunk."""
+    from tests.broker import Collector as Pub
+
+    bundle = (fleet_env["root"] / "digits-1.1.0.edgebundle").read_bytes()
+    sha = hashlib.sha256(bundle).hexdigest()
+    size = 16 * 1024
+    chunks = [bundle[i : i + size] for i in range(0, len(bundle), size)]
+    meta = protocol.bundle_meta_payload(
+        sha256=sha, size=len(bundle), chunk_size=size,
+        chunks=[hashlib.sha256(c).hexdigest() for c in chunks], name="digits", version="1.1.0",
+    )  # fmt: skip
+    with (
+        Collector(broker, [f"{TOPICS.base}/#"]) as consumer,
+        AgentProcess(tmp_path, _config(broker, fleet_env, tmp_path)) as agent,
+        Pub(broker) as pub,
+    ):
+        _online(broker, agent)
+        flipped = bytearray(chunks[1])
+        flipped[100] ^= 0x01
+        pub.publish(protocol.bundle_meta_topic(sha), protocol.dumps(meta), retain=True)
+        for i, c in enumerate(chunks):
+            pub.publish(
+                protocol.bundle_chunk_topic(sha, i), bytes(flipped) if i == 1 else c, retain=True
+            )
+        desired = protocol.Desired(sha256=sha, deployment="d1").to_payload(ts=0)
+        pub.publish(TOPICS.desired, protocol.dumps(desired), retain=True)
+        rep = _outcome(consumer, sha)
+        assert rep["update"]["state"] == "failed"
+        assert "chunk 1 of" in rep["update"]["reason"] and "sha256" in rep["update"]["reason"]
+        # Truncated: the last chunk never arrives (removed from the broker).
+        pub.publish(protocol.bundle_chunk_topic(sha, 1), chunks[1], retain=True)
+        pub.publish(protocol.bundle_chunk_topic(sha, len(chunks) - 1), b"", retain=True)
+        desired = protocol.Desired(sha256=sha, deployment="d2").to_payload(ts=0)
+        consumer.clear()
+        pub.publish(TOPICS.desired, protocol.dumps(desired), retain=True)
+        rep = _outcome(consumer, sha)
+        assert rep["update"]["state"] == "failed", rep
+        assert "truncated transfer" in rep["update"]["reason"], rep
+        assert f"{len(chunks) - 1} of {len(chunks)}" in rep["update"]["reason"]
+        assert rep["model"]["version"] == "1.0.0"
+        # Complete it: the same deployment failed, a new one resumes from the chunks on disk.
+        pub.publish(protocol.bundle_chunk_topic(sha, len(chunks) - 1), chunks[-1], retain=True)
+        desired = protocol.Desired(sha256=sha, deployment="d3").to_payload(ts=0)
+        consumer.clear()
+        pub.publish(TOPICS.desired, protocol.dumps(desired), retain=True)
+        rep = _outcome(consumer, sha)
+        assert rep["update"]["state"] == "committed", (rep, agent.text())
+        assert f"{len(chunks) - 1} on disk already" in agent.text()
+        assert agent.stop() == 0
+
+
+@pytest.mark.parametrize("step", ["download", "stage", "swap", "commit"])
+def test_sigkill_during_an_update_never_leaves_a_broken_model(
+    step: str, broker: Broker, fleet_env: dict[str, Any], tmp_path: Path
+) -> None:
+    bundle = fleet_env["root"] / "digits-1.1.0.edgebundle"
+    cfg = _config(broker, fleet_env, tmp_path)
+    sha = _sha(bundle)
+    run = edgectl("publish", str(bundle), "--chunk-size", "8192", broker=broker.url)
+    assert run.returncode == 0, run.stderr
+    crashing = AgentProcess(tmp_path, cfg, env={"EDGE_AGENT_CRASH_AT": step}, name="crash").start()
+    _online(broker, crashing)
+    _deploy(broker, bundle)
+    assert crashing.wait(60) == -9, crashing.text()  # SIGKILL
+    state = json.loads((tmp_path / "state" / "ota" / "state.json").read_text())
+    assert state["current"]["version"] == "1.0.0"
+    if step == "download":
+        assert state["pending"] is None
+        assert any((tmp_path / "state" / "ota" / "downloads" / sha).glob("*.chunk"))
+    else:
+        assert state["pending"]["sha256"] == sha
+    with (
+        Collector(broker, [f"{TOPICS.base}/#"]) as consumer,
+        AgentProcess(tmp_path, cfg, name="after") as agent,
+    ):
+        if step == "download":  # the transfer resumes and the update completes
+            rep = _outcome(consumer, sha)
+            assert rep["update"]["state"] == "committed", (rep, agent.text())
+            assert "on disk already" in agent.text()
+            want = "1.1.0"
+        else:  # back on the committed model, the update recorded as failed, not retried
+            wait_until(
+                lambda: bool(events(consumer.messages, "rolled_back")), timeout=30,
+                what="the rolled_back event",
+            )  # fmt: skip
+            assert "restarted during" in events(consumer.messages, "rolled_back")[0]["reason"]
+            want = "1.0.0"
+        wait_until(
+            lambda: any(
+                r["model"]["version"] == want for r in payloads(consumer.messages, "/results")
+            ),
+            timeout=20, what=f"results from {want}",
+        )  # fmt: skip
+        assert agent.stop() == 0
+
+
+def test_anti_rollback_floor_and_explicit_rollback(
+    broker: Broker, fleet_env: dict[str, Any], faulty: dict[str, Path], tmp_path: Path
+) -> None:
+    v110 = fleet_env["root"] / "digits-1.1.0.edgebundle"
+    v100 = fleet_env["root"] / "digits-1.0.0.edgebundle"
+    with (
+        Collector(broker, [f"{TOPICS.base}/#"]) as consumer,
+        AgentProcess(tmp_path, _config(broker, fleet_env, tmp_path)) as agent,
+    ):
+        _online(broker, agent)
+        assert (
+            _outcome(consumer, _deploy(broker, faulty["good_120"]))["update"]["state"]
+            == "committed"
+        )
+        # Going down to 1.1.0 by a plain deploy is refused: the floor is 1.2.0.
+        rep = _outcome(consumer, _deploy(broker, v110))
+        assert (
+            rep["update"]["state"] == "failed"
+            and "anti-rollback floor 1.2.0" in rep["update"]["reason"]
+        )
+        # An explicit rollback returns to the previous committed model (kept on disk: instant).
+        run = edgectl("rollback", "--device", DEVICE, broker=broker.url)
+        assert run.returncode == 0, run.stderr
+        assert "rolling back to 1.0.0" in run.stdout
+        rep = _outcome(consumer, _sha(v100))
+        assert rep["update"]["state"] == "committed" and rep["model"]["version"] == "1.0.0"
+        assert rep["floor"] == "1.2.0"  # the floor stays; only explicit rollbacks go below it
+        assert agent.stop() == 0
+
+
+def test_staged_rollout_aborts_and_reverts_when_canaries_fail(
+    broker: Broker, fleet_env: dict[str, Any], faulty: dict[str, Path], tmp_path: Path
+) -> None:
+    """Four devices in group 'lobby'. A rollout of a bundle that fails its health window on
+    their scenes: the canary fails, the rollout aborts (exit 3) and the canary is reverted; the
+    rest never got it. Then a good bundle rolls out to all in waves."""
+    source = f"file:{_dim_video(tmp_path / 'dim.mp4')}?loop=1&live=1"
+    agents = []
+    names = [f"lobby-{i}" for i in range(4)]
+    try:
+        for name in names:
+            d = tmp_path / name
+            d.mkdir()
+            cfg = agent_config(
+                broker=broker.url, device=name, state_dir=d / "state",
+                model=fleet_env["root"] / "digits-1.0.0.edgebundle", source=source,
+                keys=fleet_env["pub"], mqtt_extra='groups = ["lobby"]',
+            )  # fmt: skip
+            agents.append(AgentProcess(d, cfg).start())
+        with Collector(broker, ["edge/+/status"]) as watch:
+            watch.wait_for(
+                lambda m: len({x.topic for x in m if b'"online"' in x.payload}) == 4, timeout=40
+            )
+        run = edgectl(
+            "rollout", str(faulty["health_window"]), "--group", "lobby", "--canary", "25",
+            "--wait", "30s", "--max-failures", "0", broker=broker.url, timeout=120,
+        )  # fmt: skip
+        assert run.returncode == 3, (run.stdout, run.stderr)
+        assert "aborted at canaries" in run.stderr
+        run = edgectl("status", broker=broker.url)
+        assert run.returncode == 0
+        assert run.stdout.count("digits 1.0.0") == 4, run.stdout
+        run = edgectl(
+            "rollout", str(faulty["good_120"]), "--group", "lobby", "--canary", "25",
+            "--wait", "40s", "--max-failures", "0", "--waves", "2", broker=broker.url, timeout=180,
+        )  # fmt: skip
+        assert run.returncode == 0, (run.stdout, run.stderr)
+        assert "canaries:" in run.stdout and "wave 2" in run.stdout
+        status = edgectl("status", "--json", broker=broker.url)
+        rows = json.loads(status.stdout)
+        assert [r["model"] for r in rows] == ["digits 1.2.0"] * 4, rows
+        assert all(r["online"] for r in rows)
+    finally:
+        for a in agents:
+            a.kill()
