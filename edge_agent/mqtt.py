@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 PROTOCOLS = ("auto", "5", "3.1.1")
 MAX_INFLIGHT = 100  # QoS 1 messages sent and not yet acknowledged, per connection
 CONNACK_TIMEOUT_S = 10.0
+AUTO_V5_CONNACK_S = 3.0  # protocol "auto": how long an MQTT 5 CONNECT may go unanswered
 _LOOP_S = 0.01  # how long one paho loop() may wait on the socket: the send latency bound
 
 
@@ -352,25 +353,30 @@ class MqttLink:
             except OSError as exc:
                 self._error(f"cannot connect: {exc.strerror or exc}")
                 return False
-            deadline = time.monotonic() + CONNACK_TIMEOUT_S
+            probing = self.settings.protocol == "auto" and protocol == "5"
+            wait = AUTO_V5_CONNACK_S if probing else CONNACK_TIMEOUT_S
+            deadline = time.monotonic() + wait
             while self._conn_state == "connecting" and not self._stop.is_set():
                 rc = client.loop(timeout=0.05)
                 if rc != mqtt.MQTT_ERR_SUCCESS and self._conn_state == "connecting":
                     self._conn_state = "lost"
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline and self._conn_state == "connecting":
                     self._conn_state = "lost"
-                    self._error("no CONNACK within 10 s")
+                    if not probing:
+                        self._error(f"no CONNACK within {wait:g} s")
             if self._conn_state != "up":
                 if self._refused:
-                    self._error(f"broker refused the connection: {self._refused}")
                     unsupported = "protocol" in self._refused.lower()
                     if self.settings.protocol == "auto" and unsupported and protocol == "5":
                         log.info("mqtt: broker refused MQTT 5; falling back to 3.1.1")
                         self._protocol_next = "3.1.1"
                         return True  # retry at once with 3.1.1
-                elif self.settings.protocol == "auto" and protocol == "5":
-                    # A 3.1.1-only broker may just close the socket on a v5 CONNECT.
+                    self._error(f"broker refused the connection: {self._refused}")
+                elif probing:
+                    # A 3.1.1-only broker may close the socket on a v5 CONNECT, or not answer.
+                    log.info("mqtt: no answer to MQTT 5; trying 3.1.1")
                     self._protocol_next = "3.1.1"
+                    return True  # at once
                 elif self.settings.protocol == "auto":
                     self._protocol_next = "5"
                     self._error(self.last_error or "connection closed before CONNACK")

@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -565,3 +566,52 @@ class Collector:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_AMQTT_SCRIPT = """
+import asyncio, sys
+from amqtt.broker import Broker
+cfg = {"listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:%d" % int(sys.argv[1])}},
+       "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
+async def main():
+    broker = Broker(cfg)
+    await broker.start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+class Mqtt311Broker:
+    """amqtt (MQTT 3.1.1 only: it refuses an MQTT 5 CONNECT) in a child process on a free port:
+    a real broker of the other protocol version, for the agent's fallback."""
+
+    def __init__(self) -> None:
+        self.host = "127.0.0.1"
+        self.port = _free_port()
+        self.proc: subprocess.Popen[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def __enter__(self) -> Mqtt311Broker:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _AMQTT_SCRIPT, str(self.port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.proc.kill()
+            raise RuntimeError(f"amqtt did not start: {line!r}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()

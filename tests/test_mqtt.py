@@ -373,3 +373,140 @@ def test_topics_reject_names_that_would_break_the_topic_tree() -> None:
     assert protocol.device_of("edge/cam-1/status") == "cam-1"
     assert protocol.device_of("edge/bundles/x/meta") is None
     assert protocol.fleet_topic("telemetry", share="g1") == "$share/g1/edge/+/telemetry"
+
+
+def test_falls_back_to_mqtt_311_on_a_broker_that_refuses_5(
+    fleet_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """amqtt speaks only 3.1.1: the agent's MQTT 5 CONNECT is refused, it falls back, and its
+    results arrive; a 3.1.1 command gets its reply on the documented reply topic."""
+    from tests.broker import Mqtt311Broker
+
+    with Mqtt311Broker() as old:
+        got: list[dict[str, Any]] = []
+        replies: list[dict[str, Any]] = []
+        consumer = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+
+        def on_message(c: Any, u: Any, msg: Any) -> None:
+            (replies if msg.topic.endswith("/reply") else got).append(json.loads(msg.payload))
+
+        consumer.on_message = on_message
+        consumer.connect(old.host, old.port)
+        consumer.subscribe([(f"edge/{DEVICE}/results", 1), (f"edge/{DEVICE}/cmd/+/reply", 1)])
+        consumer.loop_start()
+        try:
+            cfg = agent_config(
+                broker=old.url, device=DEVICE, state_dir=tmp_path / "state",
+                model=fleet_env["root"] / "digits-1.0.0.edgebundle",
+                source=f"file:{fleet_env['video']}", pace="native", keys=fleet_env["pub"],
+            )  # fmt: skip
+            agent = AgentProcess(tmp_path, cfg).start()
+            wait_until(lambda: len(got) >= 5, timeout=30, what="results over 3.1.1")
+            consumer.publish(f"edge/{DEVICE}/cmd/ping", b'{"id": "old"}', qos=1)
+            wait_until(lambda: bool(replies), timeout=10, what="a reply on cmd/ping/reply")
+            assert agent.wait(60) == 0, agent.text()
+            wait_until(lambda: len({r["seq"] for r in got}) >= 120, timeout=15, what="all results")
+        finally:
+            consumer.disconnect()
+            consumer.loop_stop()
+    assert {r["seq"] for r in got} == set(range(120))
+    assert replies[0]["ok"] and replies[0]["id"] == "old"
+    text = agent.text()
+    assert "(MQTT 3.1.1)" in text
+    assert "falling back to 3.1.1" in text or "no answer to MQTT 5; trying 3.1.1" in text
+
+
+def test_home_assistant_prometheus_and_edgectl_views(
+    broker: Broker, fleet_env: dict[str, Any], tmp_path: Path
+) -> None:
+    import csv
+    import io
+    import socket
+    import urllib.request
+
+    from tests.fleet import edgectl
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _live_agent(
+        broker, fleet_env, tmp_path, mqtt_extra="home_assistant = true",
+        telemetry_interval=0.5,
+    ).replace("monitor_every = 2", f"monitor_every = 2\nprometheus_port = {port}")  # fmt: skip
+    with AgentProcess(tmp_path, cfg) as agent:
+        with Collector(broker, ["homeassistant/#"]) as ha:
+            msgs = ha.wait_for(lambda m: len(m) >= 8, timeout=30)
+        configs = {m.topic: json.loads(m.payload) for m in msgs}
+        with Collector(broker, ["homeassistant/#"]) as late:  # retained for HA restarts
+            stored = late.wait_for(lambda m: len(m) >= len(configs), timeout=10)
+        assert all(m.retain for m in stored) and {m.topic for m in stored} == set(configs)
+        fps = configs[f"homeassistant/sensor/{DEVICE}_fps/config"]
+        assert fps["state_topic"] == f"edge/{DEVICE}/telemetry"
+        assert fps["availability"][0]["topic"] == f"edge/{DEVICE}/status"
+        assert fps["value_template"] == "{{ value_json.pipeline.fps }}"
+        label = configs[f"homeassistant/sensor/{DEVICE}_last_label/config"]
+        assert label["state_topic"] == f"edge/{DEVICE}/results"
+        assert len({c["unique_id"] for c in configs.values()}) == len(configs)
+
+        def metrics() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return str(r.read().decode())
+
+        wait_until(lambda: "edge_agent_fps{" in metrics(), timeout=20, what="prometheus metrics")
+        text = metrics()
+        assert f'device="{DEVICE}"' in text and 'version="1.0.0"' in text
+        assert "edge_agent_latency_ms{" in text and 'stage="inference",quantile="95"' in text
+        assert "# TYPE edge_agent_fps gauge" in text
+
+        run = edgectl("status", "--json", broker=broker.url)
+        assert run.returncode == 0, run.stderr
+        (row,) = json.loads(run.stdout)
+        assert row["device"] == DEVICE and row["online"] and row["model"] == "digits 1.0.0"
+        assert row["fps"] and row["fps"] > 5 and row["last_seen_s"] < 5
+        run = edgectl("status", broker=broker.url)
+        assert "1 devices, 1 online" in run.stdout and DEVICE in run.stdout
+
+        run = edgectl("export", "--format", "csv", "--duration", "2.5", broker=broker.url)
+        assert run.returncode == 0, run.stderr
+        rows = list(csv.DictReader(io.StringIO(run.stdout)))
+        assert len(rows) >= 3 and {r["device"] for r in rows} == {DEVICE}
+        seqs = [int(r["seq"]) for r in rows]
+        assert len(seqs) == len(set(seqs))  # duplicates dropped
+        assert all(r["model_version"] == "1.0.0" for r in rows)
+
+        run = edgectl("watch", DEVICE, "--count", "2", broker=broker.url, timeout=20)
+        assert run.returncode == 0 and run.stdout.count(f"{DEVICE} digits 1.0.0") >= 1, run.stdout
+
+        run = edgectl("ping", DEVICE, broker=broker.url)
+        assert run.returncode == 0 and json.loads(run.stdout)["result"]["pong"] is True
+        assert agent.stop() == 0
+    run = edgectl("ping", "nobody", "--timeout", "1", broker=broker.url)
+    assert run.returncode == 6 and "no reply" in run.stderr
+
+
+def test_edgectl_errors_are_one_line_with_their_exit_codes(tmp_path: Path) -> None:
+    from tests.fleet import edgectl
+
+    run = edgectl("status", broker="mqtt://127.0.0.1:1")
+    assert run.returncode == 5 and run.stderr.count("\n") == 1 and "cannot connect" in run.stderr
+    run = edgectl("publish", str(tmp_path / "missing.edgebundle"), broker="mqtt://127.0.0.1:1")
+    assert run.returncode in (2, 5)
+    run = edgectl("status", broker="tcp://x")
+    assert run.returncode == 2 and "expected mqtt://" in run.stderr
+
+
+def test_drift_raises_an_event(broker: Broker, fleet_env: dict[str, Any], tmp_path: Path) -> None:
+    """All-white frames: the model's predictions pile onto one class, far from the calibration
+    class histogram, and the agent raises a drift event saying so."""
+    bright = digits_video(tmp_path / "bright.mp4", np.full((60, 1, 8, 8), 1.0, np.float32))
+    cfg = _live_agent(broker, fleet_env, tmp_path, telemetry_interval=0.5).replace(
+        f"file:{fleet_env['video']}?loop=1&live=1", f"file:{bright}?loop=1&live=1"
+    )
+    with Collector(broker, [f"edge/{DEVICE}/events"]) as consumer, AgentProcess(tmp_path, cfg):
+        consumer.wait_for(lambda m: bool(events(m, "drift")), timeout=30)
+        time.sleep(2.0)  # four more telemetry intervals, still drifted
+        msgs = consumer.messages
+    drift = events(msgs, "drift")[0]
+    assert "class histogram: total variation" in drift["reason"]
+    assert drift["details"]["drifted"] is True and drift["details"]["output"] > 0.5
+    assert len(events(msgs, "drift")) == 1  # once per episode, not every interval
