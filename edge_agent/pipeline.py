@@ -266,6 +266,8 @@ class Pipeline:
                     continue
                 if frame is None:
                     break
+                if self.state is State.DEGRADED:  # frames again: the source is back
+                    self._update_degraded()
                 self.frames += 1
                 if gate is not None and not gate.changed(frame.data):
                     self.gated += 1

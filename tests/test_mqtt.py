@@ -510,3 +510,109 @@ def test_drift_raises_an_event(broker: Broker, fleet_env: dict[str, Any], tmp_pa
     assert "class histogram: total variation" in drift["reason"]
     assert drift["details"]["drifted"] is True and drift["details"]["output"] > 0.5
     assert len(events(msgs, "drift")) == 1  # once per episode, not every interval
+
+
+def test_cli_contract_broker_device_id_and_state_dir_flags(
+    broker: Broker, fleet_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """The issue's form: flags only, no config file. Each result goes to edge/<ID>/results as
+    the JSONL sink's object, QoS 1; the spool lives in --state-dir; seq keeps growing across
+    runs."""
+    import subprocess
+
+    from tests.fleet import EDGE_AGENT
+
+    jsonl = tmp_path / "r.jsonl"
+    state = tmp_path / "st"
+    argv = [
+        EDGE_AGENT, "run", "--model", str(fleet_env["root"] / "digits-1.0.0.edgebundle"),
+        "--trusted-key", str(fleet_env["pub"]), "--source", f"file:{fleet_env['video']}",
+        "--max-frames", "40", "--results", f"jsonl:{jsonl}", "--broker", broker.url,
+        "--device-id", "flag-dev", "--state-dir", str(state),
+        "--config", str(tmp_path / "none.toml"),
+    ]  # fmt: skip
+    (tmp_path / "none.toml").write_text("")
+    with Collector(broker, ["edge/flag-dev/results"]) as consumer:
+        for _ in range(2):
+            run = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            assert run.returncode == 0, run.stderr
+        msgs = consumer.wait_for(lambda m: len(m) >= 80, timeout=10)
+    assert all(m.topic == "edge/flag-dev/results" for m in msgs)
+    got = [json.loads(m.payload) for m in msgs]
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert got == lines and [r["seq"] for r in got] == list(range(80))  # run 2 continues at 40
+    assert (state / "spool.sqlite").is_file() and (state / "models" / "digits-1.0.0").is_dir()
+
+
+def test_result_modes_all_change_and_rate_limited(tmp_path: Path) -> None:
+    from edge_agent.service import MqttResultSink
+    from edge_agent.spool import Spool
+
+    def result(seq: int, label: str) -> dict[str, Any]:
+        return {"seq": seq, "output": {"kind": "classification", "class": 0, "label": label}}
+
+    labels = ["a", "a", "b", "b", "b", "a", "c", "c"]
+    with Spool(tmp_path / "s.sqlite") as spool:
+        change = MqttResultSink(spool, "t/change", mode="change")
+        for i, label in enumerate(labels):
+            change.write(result(i, label))
+        spool.flush()
+        sent = [json.loads(m.payload)["seq"] for m in spool.pending()]
+        assert sent == [0, 2, 5, 6] and change.skipped == 4
+        assert spool.next_seq("results") == len(labels)  # skipped results still take their seq
+        spool.ack([m.id for m in spool.pending()])
+        limited = MqttResultSink(spool, "t/limited", mode="all", max_rate=5.0)
+        t_end = time.monotonic() + 1.0
+        n = 100
+        while time.monotonic() < t_end:
+            limited.write(result(n, "x"))
+            n += 1
+            time.sleep(0.01)
+        spool.flush()
+        kept = len(spool.pending(limit=10_000))
+        assert 4 <= kept <= 7 and limited.skipped > 50
+
+
+def test_source_lost_and_restored_events(
+    broker: Broker, fleet_env: dict[str, Any], tmp_path: Path
+) -> None:
+    import os
+    import shutil
+
+    video = tmp_path / "cam.mp4"
+    shutil.copy(fleet_env["video"], video)
+    cfg = _live_agent(broker, fleet_env, tmp_path).replace(
+        f"file:{fleet_env['video']}?loop=1&live=1", f"file:{video}?loop=1&live=1"
+    )
+    with Collector(broker, [f"edge/{DEVICE}/events"]) as consumer, AgentProcess(tmp_path, cfg):
+        consumer.wait_for(lambda m: bool(events(m, "model_loaded")), timeout=30)
+        time.sleep(4.5)  # the 4 s clip loops at least once
+        os.replace(video, tmp_path / "unplugged.mp4")
+        lost = consumer.wait_for(lambda m: bool(events(m, "source_lost")), timeout=20)
+        os.replace(tmp_path / "unplugged.mp4", video)
+        consumer.wait_for(lambda m: bool(events(m, "source_restored")), timeout=40)
+    assert "no such file" in events(lost, "source_lost")[0]["reason"]
+
+
+def test_shared_subscriptions_split_the_fleet_between_exporters(broker: Broker) -> None:
+    """Two `edgectl export --share g` instances: together they see each telemetry message once."""
+    import subprocess
+
+    from tests.fleet import EDGECTL
+
+    procs = [
+        subprocess.Popen(
+            [EDGECTL, "--broker", broker.url, "export", "--share", "g", "--duration", "4"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    time.sleep(1.5)
+    with Collector(broker) as pub:
+        for i in range(40):
+            body = {"schema": 1, "seq": i, "device": f"d{i % 4}", "ts": time.time()}
+            pub.publish(f"edge/d{i % 4}/telemetry", json.dumps(body).encode())
+    outs = [p.communicate(timeout=20)[0] for p in procs]
+    counts = [len(o.splitlines()) for o in outs]
+    assert sum(counts) == 40 and all(c > 0 for c in counts), counts

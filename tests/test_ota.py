@@ -471,3 +471,41 @@ def test_staged_rollout_aborts_and_reverts_when_canaries_fail(
     finally:
         for a in agents:
             a.kill()
+
+
+def test_device_follows_its_group_and_its_own_desired_wins(
+    broker: Broker, fleet_env: dict[str, Any], faulty: dict[str, Path], tmp_path: Path
+) -> None:
+    cfg = _config(broker, fleet_env, tmp_path, mqtt_extra='groups = ["north", "lobby"]')
+    with Collector(broker, [f"{TOPICS.base}/#"]) as consumer, AgentProcess(tmp_path, cfg) as agent:
+        _online(broker, agent)
+        run = edgectl("deploy", str(fleet_env["root"] / "digits-1.1.0.edgebundle"), "--group",
+                      "lobby", broker=broker.url)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        rep = _outcome(consumer, _sha(fleet_env["root"] / "digits-1.1.0.edgebundle"))
+        assert rep["update"]["state"] == "committed" and rep["model"]["version"] == "1.1.0"
+        sha = _deploy(broker, faulty["good_120"])  # the device's own desired state wins
+        assert _outcome(consumer, sha)["model"]["version"] == "1.2.0"
+        assert agent.stop() == 0
+
+
+def test_bundle_needing_a_newer_agent_is_refused(
+    broker: Broker, fleet_env: dict[str, Any], tmp_path: Path
+) -> None:
+    from edge_agent.errors import UpdateError
+    from edge_agent.ota import check_compatible
+    from edge_agent.profiles import load_profile
+
+    manifest = {
+        "name": "m",
+        "version": "2.0.0",
+        "requires": {"agent": ">=9.0"},
+        "artifacts": [{"format": "onnx-int8", "profiles": ["x86-64"], "path": "a.onnx"}],
+    }
+    with pytest.raises(UpdateError, match=r"needs edge-agent >=9\.0"):
+        check_compatible(manifest, load_profile("x86-64"))
+    manifest["requires"] = {"agent": ">=0.1"}
+    check_compatible(manifest, load_profile("x86-64"))
+    jetson = dict(manifest, artifacts=[{"format": "onnx-int8", "profiles": ["jetson-nano"]}])
+    with pytest.raises(UpdateError, match="not this device's profile x86-64"):
+        check_compatible(jetson, load_profile("x86-64"))
