@@ -91,7 +91,7 @@ class Client:
     def __init__(self, args: argparse.Namespace, *, client_id: str | None = None) -> None:
         import paho.mqtt.client as mqtt
 
-        from edge_agent.mqtt import BrokerSettings, credential_path, read_secret
+        from edge_agent.mqtt import BrokerSettings
 
         self.settings = BrokerSettings(
             url=args.broker,
@@ -103,10 +103,18 @@ class Client:
         )
         self.prefix = args.prefix
         self._mqtt = mqtt
+        self._client_id = client_id or f"edgectl-{uuid.uuid4().hex[:10]}"
+        self.protocol = "5"
+        self._build(mqtt.MQTTv5)
+
+    def _build(self, protocol: int) -> None:
+        from edge_agent.mqtt import credential_path, read_secret
+
+        mqtt = self._mqtt
         self.client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"edgectl-{uuid.uuid4().hex[:10]}",
-            protocol=mqtt.MQTTv5,
+            client_id=self._client_id,
+            protocol=protocol,
         )
         s = self.settings
         if s.username:
@@ -148,7 +156,22 @@ class Client:
         except OSError as exc:
             raise BrokerError(f"mqtt {s.safe_url}: cannot connect: {exc.strerror or exc}") from None
         self.client.loop_start()
-        if not self._connected.wait(10.0):
+        answered = self._connected.wait(3.0)
+        unsupported = self._refused is not None and "protocol" in self._refused.lower()
+        if not answered or unsupported:  # an MQTT 3.1.1-only broker: refused or silent
+            self.client.loop_stop()
+            self.client.disconnect()
+            self.protocol = "3.1.1"
+            self._build(self._mqtt.MQTTv311)
+            try:
+                self.client.connect(s.host, s.port, keepalive=30)
+            except OSError as exc:
+                raise BrokerError(
+                    f"mqtt {s.safe_url}: cannot connect: {exc.strerror or exc}"
+                ) from None
+            self.client.loop_start()
+            answered = self._connected.wait(10.0)
+        if not answered:
             self.client.loop_stop()
             raise BrokerError(f"mqtt {s.safe_url}: no CONNACK within 10 s")
         if self._refused:
@@ -197,20 +220,31 @@ class Client:
 
         topics = Topics(device, prefix=self.prefix)
         corr = uuid.uuid4().bytes
+        request_id = uuid.uuid4().hex[:12]
+        body = {**body, "id": request_id}
         response = f"{self.prefix}/edgectl/{uuid.uuid4().hex}"
         answer: list[dict[str, Any]] = []
         got = threading.Event()
 
         def on_reply(msg: Any) -> None:
             props = getattr(msg, "properties", None)
-            if msg.topic == response and getattr(props, "CorrelationData", None) == corr:
+            ours = msg.topic == response and getattr(props, "CorrelationData", None) == corr
+            if not ours and msg.topic == topics.reply(command):
+                # a device on MQTT 3.1.1 gets no response topic: it answers on the reply topic
+                try:
+                    ours = json.loads(msg.payload).get("id") == request_id
+                except (ValueError, AttributeError):
+                    ours = False
+            if ours:
                 answer.append(json.loads(msg.payload))
                 got.set()
 
-        self.subscribe([response], on_reply)
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = response
-        props.CorrelationData = corr
+        self.subscribe([response, topics.reply(command)], on_reply)
+        props = None
+        if self.protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = response
+            props.CorrelationData = corr
         self.publish(
             topics.command(command), protocol.dumps({**body, "schema": 1}), properties=props
         )
@@ -504,6 +538,10 @@ def _wait_for(
         except ValueError:
             return
         update = rep.get("update") or {}
+        if rep.get("bundle_sha256") == sha and device not in outcome:
+            with lock:  # already running it (a rollout run again): nothing to do, not a failure
+                outcome[device] = "committed"
+            return
         if update.get("sha256") != sha or update.get("deployment") != deployment:
             return
         if update.get("state") in ("committed", "failed", "rolled_back"):
@@ -571,13 +609,23 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                             deployment=f"revert-{deployment}",
                         )
                         set_desired(client, back, device=device)
+                    else:  # it ran no bundle we know: withdraw the wish instead
+                        clear_desired(client, device)
                 raise RolloutAborted(
                     f"rollout of {name} {version} aborted at {label}: {pct:.0f}% failed "
                     f"(limit {args.max_failures:g}%); {len(done)} devices reverted"
                 )
         set_desired(client, desired, group=args.group)  # devices that join later follow it
+        for device in done:  # a device's own desired would shadow later group deploys
+            clear_desired(client, device)
         print(f"rollout of {name} {version} to {args.group}: {len(done)} devices committed")
     return EX_OK
+
+
+def clear_desired(client: Client, device: str) -> None:
+    """Remove a device's own retained desired state (it then follows its groups')."""
+    topic = Topics(device, prefix=client.prefix).desired
+    client.publish(topic, b"", retain=True).wait_for_publish(10)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -598,7 +646,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             body: dict[str, Any] = {"id": uuid.uuid4().hex[:8]}
             if args.version:
                 body["version"] = args.version
-            reply = client.request(device, "rollback", body, timeout=args.timeout)
+            try:
+                reply = client.request(device, "rollback", body, timeout=args.timeout)
+            except NoAnswer as exc:  # one offline device must not stop the others
+                failures += 1
+                print(f"{device}: {exc}", file=sys.stderr)
+                continue
             if reply.get("ok"):
                 result = reply.get("result") or {}
                 print(f"{device}: rolling back to {result.get('version')}")

@@ -57,7 +57,8 @@ def home_assistant_discovery(
     }
     availability = {
         "topic": topics.status,
-        "value_template": "{{ value_json.state }}",
+        # "stopped" (a clean exit) is unavailable too; HA ignores values it does not know
+        "value_template": "{{ 'online' if value_json.state == 'online' else 'offline' }}",
         "payload_available": "online",
         "payload_not_available": "offline",
     }

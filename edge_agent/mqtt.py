@@ -47,6 +47,11 @@ from edge_agent.spool import Spool
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("auto", "5", "3.1.1")
+#: Topics per SUBSCRIBE packet (AWS IoT Core accepts at most 8 per request).
+SUBSCRIBE_BATCH = 8
+#: PUBACK reason codes after which resending cannot help: the row is dropped (and counted).
+#: Any other failure (quota exceeded, unspecified) keeps the row for the next connection.
+PERMANENT_PUBACK_FAILURES = frozenset({0x87, 0x90, 0x99})  # not authorized, topic, payload
 MAX_INFLIGHT = 100  # QoS 1 messages sent and not yet acknowledged, per connection
 CONNACK_TIMEOUT_S = 10.0
 AUTO_V5_CONNACK_S = 3.0  # protocol "auto": how long an MQTT 5 CONNECT may go unanswered
@@ -82,14 +87,14 @@ class BrokerSettings:
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ConfigError(
-                f"broker {self.url!r}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
-            )
-        if parts.username or parts.password:
+        if parts.username or parts.password:  # first: the message must not echo the password
             raise ConfigError(
                 f"broker {parts.scheme}://{parts.hostname}: no credentials in the URL; set "
                 "[mqtt] username and password_file (secrets come from files)"
+            )
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ConfigError(
+                f"broker {self.url!r}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
             )
         try:
             parts.port  # noqa: B018 - validates the port
@@ -195,6 +200,7 @@ class MqttLink:
                 raise ConfigError(f"[mqtt] {key} = {value!r}: no such file")
         self.protocol_in_use: str | None = None
         self._protocol_next = "5" if settings.protocol in ("auto", "5") else "3.1.1"
+        self._v5_refused = False  # the broker said "unsupported protocol version" to MQTT 5
         self.connected = threading.Event()
         self.last_error: str | None = None
         self.connects = 0
@@ -254,16 +260,16 @@ class MqttLink:
 
     def subscribe(self, topics: Sequence[str]) -> None:
         """Add subscriptions now (if connected) and on every later connect."""
-        with self._lock:
+        with self._lock:  # the same lock as the connect-time snapshot: none slips between
             new = [t for t in topics if t not in self.subscriptions]
             self.subscriptions.extend(new)
-        if new:
-            self._subscribe_extra.append(new)
+            if new:
+                self._subscribe_extra.append(new)
 
     def unsubscribe(self, topics: Sequence[str]) -> None:
         with self._lock:
             self.subscriptions = [t for t in self.subscriptions if t not in topics]
-        self._subscribe_extra.append([f"-{t}" for t in topics])
+            self._subscribe_extra.append([f"-{t}" for t in topics])
 
     def drained(self) -> bool:
         """Nothing spooled is waiting and nothing is in flight."""
@@ -370,6 +376,7 @@ class MqttLink:
                     if self.settings.protocol == "auto" and unsupported and protocol == "5":
                         log.info("mqtt: broker refused MQTT 5; falling back to 3.1.1")
                         self._protocol_next = "3.1.1"
+                        self._v5_refused = True  # an explicit answer: stay on 3.1.1
                         return True  # retry at once with 3.1.1
                     self._error(f"broker refused the connection: {self._refused}")
                 elif probing:
@@ -382,14 +389,17 @@ class MqttLink:
                     self._error(self.last_error or "connection closed before CONNACK")
                 return False
             self.protocol_in_use = protocol
-            self._protocol_next = protocol
+            # After a fallback that was only a guess (no answer to MQTT 5), try 5 again next
+            # time: one dropped first connection must not pin the link to 3.1.1.
+            auto = self.settings.protocol == "auto"
+            self._protocol_next = "5" if auto and not self._v5_refused else protocol
             self.connects += 1
             self.last_error = None
             with self._lock:
                 subs = list(self.subscriptions)
-            self._subscribe_extra.clear()
-            if subs:
-                client.subscribe([(t, 1) for t in subs])
+                self._subscribe_extra.clear()
+            for start in range(0, len(subs), SUBSCRIBE_BATCH):
+                client.subscribe([(t, 1) for t in subs[start : start + SUBSCRIBE_BATCH]])
             self.connected.set()
             log.info("mqtt: connected to %s (MQTT %s) as %s", s.safe_url, protocol, self.client_id)
             if self.on_connect is not None:
@@ -429,13 +439,16 @@ class MqttLink:
             topic, payload, qos, retain, props = self._direct.popleft()
             client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         while self._subscribe_extra:
-            topics = self._subscribe_extra.popleft()
+            with self._lock:
+                if not self._subscribe_extra:
+                    break
+                topics = self._subscribe_extra.popleft()
             subs = [(t, 1) for t in topics if not t.startswith("-")]
             unsubs = [t[1:] for t in topics if t.startswith("-")]
-            if subs:
-                client.subscribe(subs)
-            if unsubs:
-                client.unsubscribe(unsubs)
+            for start in range(0, len(subs), SUBSCRIBE_BATCH):
+                client.subscribe(subs[start : start + SUBSCRIBE_BATCH])
+            for start in range(0, len(unsubs), SUBSCRIBE_BATCH):
+                client.unsubscribe(unsubs[start : start + SUBSCRIBE_BATCH])
         self._flush_acks()
         spool = self.spool
         if spool is None:
@@ -479,6 +492,13 @@ class MqttLink:
         if row is None:
             return
         if getattr(reason, "is_failure", False):
+            code = int(getattr(reason, "value", 0))
+            if code not in PERMANENT_PUBACK_FAILURES:
+                # Transient (quota exceeded, unspecified): keep the row; the next connection
+                # sends it again from the oldest unacknowledged row.
+                log.info("mqtt: broker deferred a message (%s)", _reason_text(reason))
+                self._last_sent_id = min(self._last_sent_id, row - 1)  # send it again
+                return
             # The broker will never take this one (e.g. not authorized for the topic): drop it
             # rather than resend it forever, and say so.
             self.rejected += 1

@@ -37,6 +37,7 @@ the fault-injection point the crash tests use (a designed seam, like a synthetic
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -67,7 +68,10 @@ from edge_agent.protocol import (
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+#: A transfer missing at most this many chunks subscribes to each; more, to one wildcard.
+MAX_CHUNK_SUBSCRIPTIONS = 24
 _CRASH_ENV = "EDGE_AGENT_CRASH_AT"
+STOPPING = "the agent is stopping"
 
 
 def crash_point(step: str) -> None:
@@ -223,6 +227,18 @@ class ModelStore:
             }
             self._save()
 
+    def forget_failure(self, sha256: str) -> None:
+        with self._lock:
+            if self.state.get("failed", {}).pop(sha256, None) is not None:
+                self._save()
+
+    def cancel(self) -> None:
+        """The update did not finish for a reason that is not the bundle's (the agent stopped):
+        no longer pending, and not recorded as failed, so it is tried again."""
+        with self._lock:
+            self.state["pending"] = None
+            self._save()
+
     def recover(self) -> dict[str, Any] | None:
         """At start-up: an update still pending means the agent died during it. It is recorded
         as failed; the caller runs the committed model and reports the rollback."""
@@ -311,6 +327,13 @@ class ChunkFetcher:
             chunks = t.meta["chunks"]
             if index >= len(chunks) or index in t.have:
                 return
+            size, chunk_size = t.meta["size"], t.meta["chunk_size"]
+            want = chunk_size if index < len(chunks) - 1 else size - chunk_size * (len(chunks) - 1)
+            if len(payload) != want:  # checked before anything is written: no disk filling
+                if payload:  # an empty retained payload is a deleted chunk: still missing
+                    t.bad[index] = f"{len(payload)} bytes, expected {want}"
+                    t.event.set()
+                return
             if hashlib.sha256(payload).hexdigest() != chunks[index]:
                 t.bad[index] = "sha256 mismatch"
                 t.event.set()
@@ -379,11 +402,13 @@ class ChunkFetcher:
                 "ota: bundle %s: %d chunks, %d on disk already, fetching %d",
                 sha256[:12], len(chunks), len(chunks) - len(missing), len(missing),
             )  # fmt: skip
-            topics = [bundle_chunk_topic(sha256, i, prefix=self.prefix) for i in missing]
-            for start in range(0, len(topics), 100):
-                batch = topics[start : start + 100]
-                self._subscribe(batch)
-                subscribed += batch
+            if len(missing) <= MAX_CHUNK_SUBSCRIPTIONS:  # a resume: only what is missing
+                topics = [bundle_chunk_topic(sha256, i, prefix=self.prefix) for i in missing]
+            else:  # one wildcard (brokers cap subscriptions per connection: AWS IoT, 50)
+                topics = [f"{self.prefix}/bundles/{sha256}/chunk/+"]
+            if topics:
+                self._subscribe(topics)
+                subscribed += topics
             self._wait(
                 t,
                 cancel,
@@ -394,8 +419,10 @@ class ChunkFetcher:
             )
             if t.bad:
                 index = min(t.bad)
+                what = t.bad[index]
+                check = "its sha256 check" if what == "sha256 mismatch" else f"its size ({what})"
                 raise UpdateError(
-                    f"bundle {sha256[:12]}: chunk {index} of {len(chunks)} failed its sha256 check "
+                    f"bundle {sha256[:12]}: chunk {index} of {len(chunks)} failed {check} "
                     "(corrupted on the broker or in transit); republish it with edgectl publish"
                 )
             return self._assemble(t, final)
@@ -580,7 +607,7 @@ class Updater:
         self.report = report
         self.last_update: dict[str, Any] | None = None
         self.busy = threading.Event()
-        self._jobs: queue.Queue[_Job] = queue.Queue()
+        self._jobs: queue.Queue[_Job] = queue.Queue(maxsize=1)  # only the newest request matters
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edge-ota", daemon=True)
 
@@ -589,17 +616,27 @@ class Updater:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._jobs.put(_Job("stop"))
+        self._submit(_Job("stop"))
         self._thread.join(timeout)
 
+    def _submit(self, job: _Job) -> None:
+        """Replace whatever waits (a flood of commands holds one job, not a queue of them)."""
+        while True:
+            try:
+                self._jobs.put_nowait(job)
+                return
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self._jobs.get_nowait()
+
     def request(self, desired: Desired, *, origin: str = "desired") -> None:
-        self._jobs.put(_Job("update", desired=desired, origin=origin))
+        self._submit(_Job("update", desired=desired, origin=origin))
 
     def request_rollback(self, version: str | None = None) -> dict[str, Any]:
         """Queue a rollback to ``version`` (default: the committed model before the current
         one); returns the target, or raises UpdateError when there is none on disk."""
         target = self.rollback_target(version)
-        self._jobs.put(_Job("rollback", version=str(target["version"]), origin="command"))
+        self._submit(_Job("rollback", version=str(target["version"]), origin="command"))
         return target
 
     def rollback_target(self, version: str | None) -> dict[str, Any]:
@@ -620,11 +657,6 @@ class Updater:
             job = self._jobs.get()
             if job.kind == "stop":
                 return
-            while not self._jobs.empty():  # only the newest request matters
-                newer = self._jobs.get()
-                if newer.kind == "stop":
-                    return
-                job = newer
             self.busy.set()
             try:
                 if job.kind == "rollback":
@@ -706,7 +738,7 @@ class Updater:
         reference = self._reference_ms(old_model, new)
         key = (new.name, new.version)
         self.probe.reset(key)
-        before = (self.pipeline.results, self.pipeline.inference_errors)
+        before = (self.pipeline.results, 0)
         crash_point("swap")
         try:
             old = self.pipeline.swap_model(new)
@@ -715,10 +747,18 @@ class Updater:
             self._fail(desired, f"swap failed: {exc}", kind="update_failed")
             return
         self._state(desired, "health_check")
-        verdict = self._health(key, before, reference, old_model)
+        verdict = self._health(key, before, reference, old_model, new)
         if not verdict.ok:
-            back = self.pipeline.swap_model(old)
+            try:
+                back = self.pipeline.swap_model(old)
+            except EdgeError as exc:  # the pipeline is stuck: systemd's watchdog restarts us,
+                log.error("ota: swap back failed: %s", exc)  # and state.json says pending
+                return
             back.close()
+            if verdict.reason == STOPPING:
+                self.store.cancel()  # not the bundle's fault: try again after the restart
+                self._state(desired, "failed", "interrupted: the agent stopped")
+                return
             self._fail(
                 desired,
                 f"health window failed: {verdict.reason}",
@@ -806,6 +846,7 @@ class Updater:
         before: tuple[int, int],
         reference: float | None,
         old_model: Any,
+        new_model: Any = None,
     ) -> HealthVerdict:
         s = self.settings
         deadline = time.monotonic() + s.health_window
@@ -814,7 +855,7 @@ class Updater:
             if self._stop.wait(0.1):
                 break
             rec = self.probe.snapshot(key)
-            errors_now = self.pipeline.inference_errors - before[1]
+            errors_now = self._errors(new_model, before)
             if time.monotonic() >= deadline:
                 if len(rec["lat"]) >= s.health_min_frames or extended:
                     break
@@ -823,11 +864,11 @@ class Updater:
                 break  # the first failure decides: no need to watch a broken model longer
         rec = self.probe.snapshot(key)
         frames = len(rec["lat"])
-        errors = max(self.pipeline.inference_errors - before[1], sum(rec["err"]))
+        errors = max(self._errors(new_model, before), sum(rec["err"]))
         p95 = _p95(rec["lat"])
         verdict = HealthVerdict(True, None, frames, errors, p95, reference)
         if self._stop.is_set():
-            verdict.ok, verdict.reason = False, "the agent is stopping"
+            verdict.ok, verdict.reason = False, STOPPING
         elif frames + errors == 0 or (frames < s.health_min_frames and errors == 0):
             verdict.ok = False
             verdict.reason = f"only {frames} results in the window (need {s.health_min_frames})"
@@ -853,6 +894,13 @@ class Updater:
                     f"previous model's top class had {old_top:.0%}"
                 )
         return verdict
+
+    def _errors(self, model: Any, before: tuple[int, int]) -> int:
+        """The new model's own failed frames (not the old model's, still in flight)."""
+        errors_of = getattr(self.pipeline, "errors_of", None)
+        if model is not None and errors_of is not None:
+            return int(errors_of(model))
+        return int(self.pipeline.inference_errors - before[1])
 
     def _prune_models(self) -> None:
         """Extracted models no kept bundle refers to go (the bundle can be extracted again)."""

@@ -161,6 +161,7 @@ class Pipeline:
         self._cond = threading.Condition()
         self._next_emit = 0
         self._in_flight: dict[int, int] = {}
+        self._model_errors: dict[int, int] = {}
         self._worker_error: BaseException | None = None
 
     # --- control ------------------------------------------------------------------------
@@ -185,14 +186,30 @@ class Pipeline:
         self._pending = new_model
         deadline = time.monotonic() + timeout
         if not self._swapped.wait(timeout):
-            self._pending = None
-            raise ModelError(
-                f"swap to {new_model.name} {new_model.version} timed out after {timeout} s"
-            )
+            with self._cond:  # a worker may have switched just now: then it did happen
+                if self._model is not new_model:
+                    self._pending = None
+                    raise ModelError(
+                        f"swap to {new_model.name} {new_model.version} timed out after {timeout} s"
+                    )
         with self._cond:  # another worker may still be inferring on the old model
-            while self._in_flight.get(id(old)) and time.monotonic() < deadline:
+            while self._in_flight.get(id(old)):
                 self._cond.wait(0.05)
+                if time.monotonic() > deadline + 30.0:  # a hung inference: the watchdog's job
+                    log.error("old model %s still in use after the swap", old.version)
+                    break
         return old
+
+    def errors_of(self, model: LoadedModel) -> int:
+        """Failed frames (inference errors, NaN/inf outputs) of this model object."""
+        with self._cond:
+            return self._model_errors.get(id(model), 0)
+
+    def _count_error(self, model: LoadedModel) -> int:
+        with self._cond:
+            self.inference_errors += 1
+            self._model_errors[id(model)] = self._model_errors.get(id(model), 0) + 1
+            return self.inference_errors
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -349,9 +366,7 @@ class Pipeline:
                 with guard:
                     outputs = runtime.infer(item.feeds)
             except ModelError as exc:
-                with self._cond:
-                    self.inference_errors += 1
-                    n = self.inference_errors
+                n = self._count_error(model)
                 if n in (1, 10, 100) or n % 1000 == 0:
                     log.warning("inference error #%d: %s", n, exc)
                 return None
@@ -362,7 +377,16 @@ class Pipeline:
                 if data.ndim >= 2 and data.dtype == np.uint8
                 else None
             )
-            output = model.postprocessor(outputs, geometry=item.geometry, source_size=size)
+            try:
+                output = model.postprocessor(outputs, geometry=item.geometry, source_size=size)
+            except Exception as exc:  # outputs this model's postprocessing cannot read
+                n = self._count_error(model)
+                if n in (1, 10, 100) or n % 1000 == 0:
+                    log.warning("postprocessing error #%d: %s", n, exc)
+                return None
+            if "error" in output:
+                with self._cond:
+                    self._model_errors[id(model)] = self._model_errors.get(id(model), 0) + 1
             t_done = time.monotonic_ns()
             observer = self.observer
             if observer is not None:

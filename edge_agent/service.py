@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -95,6 +96,7 @@ class Service:
         self._drifting = False
         self.prometheus: Any = None
         self.rest_port: int | None = None  # --rest-port
+        self._last_bad_desired = -1e9
         self.latest_telemetry: dict[str, Any] | None = None
 
     # --- start-up ----------------------------------------------------------------------------
@@ -255,6 +257,8 @@ class Service:
 
                 tmp = store.downloads / f"{sha}.edgebundle"
                 shutil.copyfile(path, tmp)
+                with open(tmp, "rb+") as fh:  # on disk before state.json names it
+                    os.fsync(fh.fileno())
                 store.keep_bundle(tmp, sha)
                 store.commit(
                     {"sha256": sha, "name": model.name, "version": model.version, "deployment": ""}
@@ -589,13 +593,17 @@ class Service:
 
     def _on_desired(self, msg: Any) -> None:
         if not msg.payload:
-            self._desired[msg.topic] = None  # cleared by the operator
+            self._desired[msg.topic] = None  # cleared by the operator: a group's may apply now
+            self._desired_changed.set()
             return
         try:
             data = protocol.loads(msg.payload, what=f"{msg.topic}")
             self._desired[msg.topic] = Desired.from_payload(data)
         except ProtocolError as exc:
-            self.event("error", reason=f"ignored a malformed desired state: {exc}")
+            now = time.monotonic()
+            if now - self._last_bad_desired > 60.0:  # a flood must not fill the spool
+                self._last_bad_desired = now
+                self.event("error", reason=f"ignored a malformed desired state: {exc}")
             return
         self._desired_changed.set()
 
@@ -671,6 +679,6 @@ class Service:
         # reload: follow the desired state again, retrying one that failed
         wanted = self.effective_desired()
         if wanted is not None and self.store is not None:
-            self.store.state.get("failed", {}).pop(wanted.sha256, None)
+            self.store.forget_failure(wanted.sha256)
         self._desired_changed.set()
         return {"accepted": True, "desired": wanted.sha256 if wanted else None}

@@ -470,3 +470,44 @@ def test_litert_model_keeps_one_worker(tmp_path: Path) -> None:
     )
     summary = pipe.run()
     assert summary["workers"] == 1 and [r["seq"] for r in out] == list(range(10))
+
+
+def test_postprocessing_error_is_counted_not_fatal(
+    agent_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """A model whose outputs its postprocessing cannot read (a bad update) fails frames, which
+    the health window sees; it must not take the agent down."""
+    import dataclasses
+
+    from edge_agent.cli import open_model
+    from edge_agent.config import AgentConfig, with_overrides
+    from edge_agent.errors import ModelError
+    from edge_agent.pipeline import Pipeline
+    from edge_agent.profiles import load_profile
+    from edge_agent.sinks import CallbackSink
+    from edge_agent.sources import open_source
+
+    cfg = with_overrides(
+        AgentConfig(),
+        agent={"state_dir": str(tmp_path / "state")},
+        model={
+            "path": str(agent_env["root"] / "digits-1.0.0.edgebundle"),
+            "trusted_keys": [str(agent_env["pub"])],
+        },
+    )
+    model = open_model(cfg, load_profile("x86-64"), threads=1)
+
+    def unreadable(*args: Any, **kw: Any) -> dict[str, Any]:
+        raise ModelError("got 2 outputs, the model declares 1")
+
+    broken = dataclasses.replace(model, postprocessor=unreadable)
+    out: list[dict[str, Any]] = []
+    pipe = Pipeline(
+        source=open_source(f"file:{agent_env['root'] / 'digits.mp4'}"),
+        model=broken,
+        sinks=[CallbackSink(out.append)],
+    )
+    summary = pipe.run()
+    assert summary["results"] == 0 and summary["inference_errors"] == 120
+    assert pipe.errors_of(broken) == 120
+    model.close()

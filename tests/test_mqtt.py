@@ -404,6 +404,10 @@ def test_falls_back_to_mqtt_311_on_a_broker_that_refuses_5(
             wait_until(lambda: len(got) >= 5, timeout=30, what="results over 3.1.1")
             consumer.publish(f"edge/{DEVICE}/cmd/ping", b'{"id": "old"}', qos=1)
             wait_until(lambda: bool(replies), timeout=10, what="a reply on cmd/ping/reply")
+            from tests.fleet import edgectl
+
+            ping = edgectl("ping", DEVICE, broker=old.url)  # edgectl falls back too
+            assert ping.returncode == 0 and json.loads(ping.stdout)["result"]["pong"], ping.stderr
             assert agent.wait(60) == 0, agent.text()
             wait_until(lambda: len({r["seq"] for r in got}) >= 120, timeout=15, what="all results")
         finally:
@@ -411,6 +415,7 @@ def test_falls_back_to_mqtt_311_on_a_broker_that_refuses_5(
             consumer.loop_stop()
     assert {r["seq"] for r in got} == set(range(120))
     assert replies[0]["ok"] and replies[0]["id"] == "old"
+    assert len(replies) >= 2  # edgectl's ping came back on the reply topic as well
     text = agent.text()
     assert "(MQTT 3.1.1)" in text
     assert "falling back to 3.1.1" in text or "no answer to MQTT 5; trying 3.1.1" in text
@@ -616,3 +621,25 @@ def test_shared_subscriptions_split_the_fleet_between_exporters(broker: Broker) 
     outs = [p.communicate(timeout=20)[0] for p in procs]
     counts = [len(o.splitlines()) for o in outs]
     assert sum(counts) == 40 and all(c > 0 for c in counts), counts
+
+
+def test_a_url_with_credentials_is_refused_without_echoing_them() -> None:
+    from edge_agent.errors import ConfigError
+    from edge_agent.mqtt import BrokerSettings
+
+    for url in ("tcp://admin:s3cret@broker", "mqtt://admin:s3cret@broker:1883"):
+        with pytest.raises(ConfigError) as err:
+            BrokerSettings(url=url)
+        assert "s3cret" not in str(err.value) and "no credentials in the URL" in str(err.value)
+
+
+def test_home_assistant_shows_a_stopped_device_as_unavailable() -> None:
+    from edge_agent.integrations import home_assistant_discovery
+
+    configs = [json.loads(p) for _, p in home_assistant_discovery(protocol.Topics("d1"), "d1")]
+    for c in configs:
+        avail = c["availability"][0]
+        assert avail["payload_available"] == "online"
+        assert avail["payload_not_available"] == "offline"
+        # stopped and offline both map to offline; HA ignores values it does not know
+        assert "== 'online' else 'offline'" in avail["value_template"]
