@@ -34,7 +34,8 @@ test: $(VENV)/.stamp-dev
 
 bench: $(VENV)/.stamp-dev
 	$(PY) -m benchmarks.convert; c=$$?; $(PY) -m benchmarks.agent; a=$$?; \
-	echo "benchmarks: convert exit $$c, agent exit $$a (1 = a target missed; see the tables)"
+	$(PY) -m benchmarks.mqtt; m=$$?; \
+	echo "benchmarks: convert exit $$c, agent exit $$a, mqtt exit $$m (1 = a target missed; see the tables)"
 
 lint: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff format --check .

@@ -55,7 +55,8 @@ PERMANENT_PUBACK_FAILURES = frozenset({0x87, 0x90, 0x99})  # not authorized, top
 MAX_INFLIGHT = 100  # QoS 1 messages sent and not yet acknowledged, per connection
 CONNACK_TIMEOUT_S = 10.0
 AUTO_V5_CONNACK_S = 3.0  # protocol "auto": how long an MQTT 5 CONNECT may go unanswered
-_LOOP_S = 0.01  # how long one paho loop() may wait on the socket: the send latency bound
+_LOOP_S = 0.01  # one paho loop() wait while there is work: the send latency bound
+_IDLE_LOOP_S = 0.05  # while nothing is queued or in flight (spool commits come every 0.1 s)
 
 
 @dataclass(frozen=True)
@@ -408,8 +409,8 @@ class MqttLink:
                 except Exception:
                     log.exception("mqtt: on_connect hook failed")
             while not self._stop.is_set() and self._conn_state == "up":
-                self._pump(client)
-                rc = client.loop(timeout=_LOOP_S)
+                busy = self._pump(client)
+                rc = client.loop(timeout=_LOOP_S if busy else _IDLE_LOOP_S)
                 if rc != mqtt.MQTT_ERR_SUCCESS:
                     self._conn_state = "lost"
             if self._stop.is_set() and self._conn_state == "up":
@@ -433,8 +434,9 @@ class MqttLink:
             except Exception:
                 pass
 
-    def _pump(self, client: Any) -> None:
-        """Send direct messages, new subscriptions and the next spooled rows."""
+    def _pump(self, client: Any) -> bool:
+        """Send direct messages, new subscriptions and the next spooled rows. True while there
+        is work in hand (rows in flight or waiting), so the loop waits less on the socket."""
         while self._direct:
             topic, payload, qos, retain, props = self._direct.popleft()
             client.publish(topic, payload, qos=qos, retain=retain, properties=props)
@@ -452,10 +454,12 @@ class MqttLink:
         self._flush_acks()
         spool = self.spool
         if spool is None:
-            return
+            return False
         room = MAX_INFLIGHT - len(self._inflight)
         if room <= 0:
-            return
+            return True
+        if not spool.has_pending(after_id=self._last_sent_id):  # no query when nothing is new
+            return bool(self._inflight)
         for row in spool.pending(after_id=self._last_sent_id, limit=room):
             info = client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
             if info.rc != 0:  # the socket went away mid-batch: resend from here next time
@@ -466,6 +470,7 @@ class MqttLink:
             else:
                 self._inflight[info.mid] = row.id
             self.sent += 1
+        return True
 
     def _flush_acks(self) -> None:
         if self._acks and self.spool is not None:

@@ -503,6 +503,12 @@ class Spool:
             self._seen_id = max(self._seen_id, seen)
         return out
 
+    def has_pending(self, *, after_id: int = 0) -> bool:
+        """Whether a committed row with ``id > after_id`` may exist: an in-memory check, so a
+        sender can skip :meth:`pending`'s query when nothing new was committed."""
+        with self._lock:
+            return self._max_id > after_id and not self._closed
+
     def ack(self, ids: Iterable[int]) -> None:
         """Rows the broker has acknowledged: gone from :meth:`pending` now, deleted by the writer
         with its next commit. Never waits for the disk."""
