@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from converters.convert import QUANTIZE_FORMATS
 from edge_agent.cli import float_list
 from edge_agent.errors import EXIT_INTERNAL, EXIT_OK, ConfigError, EdgeError
-from edge_agent.formats import CALIBRATION_METHODS, ONNX_FORMATS
+from edge_agent.formats import CALIBRATION_METHODS
 from edge_agent.preprocess import CHANNEL_ORDERS, LAYOUTS, RESIZE_MODES
 
 PROG = "edge-convert"
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="convert one model to one format and validate it")
     _add_model_options(p)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT")
-    p.add_argument("--format", required=True, choices=ONNX_FORMATS)
+    p.add_argument("--format", required=True, choices=QUANTIZE_FORMATS)
     p.add_argument("--profile", metavar="NAME", help="target device profile (default: this host)")
     p.add_argument("--report", type=Path, metavar="REPORT.json")
     _add_data_options(p)
@@ -315,6 +316,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from converters.report import summary_table
 
     _check_writable(args.output)
+    want = ".tflite" if args.format.startswith("tflite") else ".onnx"
+    if args.output.suffix != want:
+        raise ConfigError(f"-o {args.output}: a {args.format} model is written as {want}")
     if args.report is not None:
         _check_writable(args.report)
     model, shapes, size = _load(args)

@@ -27,6 +27,7 @@ from converters import quantize as q
 from converters.canonical import CanonicalModel, canonicalize, fix_ir_version, tensor_spec
 from converters.data import Dataset, Subset, evenly, load_dataset, random_dataset, split_holdout
 from converters.validate import (
+    LiteRTSession,
     Progress,
     accuracy,
     class_predictions,
@@ -40,6 +41,10 @@ from converters.validate import (
 from edge_agent.errors import AccuracyBudgetError, ConfigError, DataError, EdgeError
 from edge_agent.formats import ONNX_FORMATS, Int8Scheme
 from edge_agent.preprocess import PreprocessSpec
+
+#: What ``convert`` produces: every ONNX format, and TFLite fp32 from our own flatbuffer writer
+#: (no TensorFlow; ``converters/tflite.py``).
+QUANTIZE_FORMATS = (*ONNX_FORMATS, "tflite-fp32")
 
 if TYPE_CHECKING:
     from edge_agent.profiles import DeviceProfile
@@ -71,10 +76,14 @@ class ConvertOptions:
     host_profile: bool = True
 
     def __post_init__(self) -> None:
-        if self.fmt not in ONNX_FORMATS:
+        if self.fmt not in QUANTIZE_FORMATS:
+            later = (
+                " (tflite-fp16 and tflite-int8 are not written yet)"
+                if self.fmt.startswith("tflite")
+                else ""
+            )
             raise ConfigError(
-                f"--format {self.fmt}: expected one of {', '.join(ONNX_FORMATS)} "
-                "(TFLite formats come from the TFLite writer)"
+                f"--format {self.fmt}: expected one of {', '.join(QUANTIZE_FORMATS)}{later}"
             )
         if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 100:
             raise ConfigError(
@@ -316,9 +325,14 @@ def _convert(
             "[N, classes] output); this model has neither: use --min-cosine for a fidelity floor"
         )
 
+    def session_for(path: Path) -> Any:
+        if path.suffix == ".tflite":  # LiteRT, behind onnxruntime's session interface
+            return LiteRTSession(path, inputs=in_specs, outputs=out_specs, threads=threads)
+        return make_session(str(path), threads=threads)
+
     def evaluate(cand: Candidate) -> Candidate:
         try:
-            sess = make_session(str(cand.path), threads=threads)
+            sess = session_for(cand.path)
             got = run_all(sess, val.batches(batch=batch))
             cand.fidelity = compare_outputs(ref, got, out_names)
             cand.accuracy = accuracy(concat(got), labels) if labels is not None else None
@@ -334,6 +348,12 @@ def _convert(
     fmt = options.fmt
     if fmt == "onnx-fp32":
         candidates.append(evaluate(Candidate("fp32", fp32_path)))
+    elif fmt == "tflite-fp32":
+        from converters.tflite import onnx_to_tflite
+
+        tfl = tmp / "model.tflite"
+        tfl.write_bytes(onnx_to_tflite(canon.model))  # UnsupportedModelError lists what is not
+        candidates.append(evaluate(Candidate("tflite-fp32", tfl)))
     elif fmt == "onnx-fp16":
         path = tmp / "fp16.onnx"
         range_feeds = (
@@ -412,7 +432,7 @@ def _convert(
         raise AccuracyBudgetError(_budget_failure(fmt, candidates, budget))
     sessions = {"original": orig_sess}
     for c in passing:
-        sessions[c.label] = make_session(str(c.path), threads=threads)
+        sessions[c.label] = session_for(c.path)
     lat = measure_latency(sessions, feed, seconds=options.latency_seconds)
     for c in passing:
         c.latency = lat[c.label].to_dict()

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -276,3 +277,92 @@ def measure_latency(
             runs=len(ordered),
         )
     return result
+
+
+@dataclass(frozen=True)
+class _Arg:
+    """What a session says about one input or output (the part of onnxruntime's NodeArg used
+    here)."""
+
+    name: str
+    shape: list[Any]
+    type: str = "tensor(float)"
+
+
+class LiteRTSession:
+    """A .tflite model behind onnxruntime's session interface (``get_inputs``, ``get_outputs``,
+    ``run``), so validation, latency timing and golden outputs treat both formats alike.
+
+    Feeds and results keep the ONNX model's names and layout: a 4-D NCHW input the TFLite model
+    takes as NHWC is transposed on the way in, and an NHWC output back to NCHW on the way out.
+    A batch larger than the model's fixed batch of 1 is run one sample at a time."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        inputs: Sequence[Mapping[str, Any]],
+        outputs: Sequence[Mapping[str, Any]],
+        threads: int = 0,
+    ) -> None:
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:  # pragma: no cover - the fallback runtime
+            from tflite_runtime.interpreter import Interpreter
+        try:
+            self._interp = Interpreter(model_path=str(path), num_threads=threads or None)
+            self._interp.allocate_tensors()
+        except Exception as exc:
+            raise ModelError(f"{path}: LiteRT cannot load it: {first_line(exc)}") from exc
+        self._in = self._interp.get_input_details()
+        self._out = self._interp.get_output_details()
+        if len(self._in) != len(inputs) or len(self._out) != len(outputs):
+            raise ModelError(
+                f"{path}: {len(self._in)} inputs / {len(self._out)} outputs, the ONNX model has "
+                f"{len(inputs)} / {len(outputs)}"
+            )
+        self._inputs = [_Arg(str(s["name"]), list(s["shape"])) for s in inputs]
+        self._outputs = [_Arg(str(s["name"]), list(s["shape"])) for s in outputs]
+
+    def get_inputs(self) -> list[_Arg]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[_Arg]:
+        return list(self._outputs)
+
+    @staticmethod
+    def _to_tflite(x: np.ndarray, want: Sequence[int]) -> np.ndarray:
+        if x.ndim == 4 and tuple(want[1:]) != tuple(x.shape[1:]):
+            nhwc = (x.shape[0], x.shape[2], x.shape[3], x.shape[1])
+            if tuple(want[1:]) == nhwc[1:]:
+                return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        return x
+
+    @staticmethod
+    def _to_onnx(y: np.ndarray, onnx_shape: Sequence[Any]) -> np.ndarray:
+        if y.ndim == 4 and len(onnx_shape) == 4:
+            c = onnx_shape[1]
+            if isinstance(c, int) and y.shape[3] == c and y.shape[1] != c:
+                return np.ascontiguousarray(y.transpose(0, 3, 1, 2))
+        return y
+
+    def run(self, names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        interp = self._interp
+        arrays = [np.asarray(feeds[a.name]) for a in self._inputs]
+        batch = int(arrays[0].shape[0]) if arrays and arrays[0].ndim else 1
+        fixed = int(self._in[0]["shape"][0]) if len(self._in[0]["shape"]) else 1
+        step = fixed if fixed > 0 else batch
+        chunks: list[list[np.ndarray]] = [[] for _ in self._out]
+        for start in range(0, batch, max(step, 1)):
+            for detail, x in zip(self._in, arrays):
+                part = x[start : start + step] if x.ndim else x
+                part = self._to_tflite(part, detail["shape"]).astype(detail["dtype"], copy=False)
+                interp.set_tensor(detail["index"], part)
+            interp.invoke()
+            for i, (detail, spec) in enumerate(zip(self._out, self._outputs)):
+                chunks[i].append(self._to_onnx(interp.get_tensor(detail["index"]), spec.shape))
+        outs = [np.concatenate(c) if len(c) > 1 else c[0] for c in chunks]
+        if names is None:
+            return outs
+        index = {a.name: i for i, a in enumerate(self._outputs)}
+        return [outs[index[n]] for n in names]

@@ -1,0 +1,947 @@
+"""Canonical fp32 ONNX -> .tflite flatbuffer, written with the schema's object API (no TensorFlow).
+
+Every tensor carries a layout: ``perm`` such that ``tflite_shape == onnx_shape[perm]``. 4-D
+activations are NHWC (``perm == (0, 2, 3, 1)``), everything else is in ONNX order. An op that
+needs a particular layout asks for its input in that layout (:meth:`_Writer.get`), which emits
+a TRANSPOSE only when the tensor is not already in it (and caches the result), so a pure CNN
+converts with no TRANSPOSE inside. Constants are permuted at conversion time.
+
+A Flatten (or Reshape to ``[N, -1]``) of an NHWC tensor that feeds only Gemm/MatMul with
+constant weights flattens in NHWC order and permutes the weight's input columns instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flatbuffers  # type: ignore[import-untyped]
+import numpy as np
+import onnx
+from ai_edge_litert import schema_py_generated as S
+from onnx import helper, numpy_helper, shape_inference
+
+from edge_agent.errors import UnsupportedModelError
+
+__all__ = ["SUPPORTED_OPS", "count_transposes", "onnx_to_tflite"]
+
+NHWC: tuple[int, ...] = (0, 2, 3, 1)
+_B = S.BuiltinOperator
+_O = S.BuiltinOptions
+Perm = tuple[int, ...]
+
+
+def _ident(rank: int) -> Perm:
+    return tuple(range(rank))
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+class _Writer:
+    def __init__(self, model: onnx.ModelProto, keep_nchw_input: bool) -> None:
+        self.graph = model.graph
+        self.keep_nchw_input = keep_nchw_input
+        self.consts: dict[str, np.ndarray] = {
+            i.name: numpy_helper.to_array(i) for i in self.graph.initializer
+        }
+        self.shapes: dict[str, list[int]] = {}
+        for vi in [*self.graph.input, *self.graph.value_info, *self.graph.output]:
+            tt = vi.type.tensor_type
+            if tt.HasField("shape"):
+                self.shapes[vi.name] = [
+                    int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else 1
+                    for d in tt.shape.dim
+                ]
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.outputs = {o.name for o in self.graph.output}
+        self.tensors: list[S.TensorT] = []
+        self.buffers: list[S.BufferT] = [S.BufferT()]
+        self.ops: list[S.OperatorT] = []
+        self.opcodes: dict[int, int] = {}
+        self.codes: list[S.OperatorCodeT] = []
+        # onnx name -> {perm: tflite tensor index}
+        self.index: dict[str, dict[Perm, int]] = {}
+        self.perm: dict[str, Perm] = {}  # the layout an activation was produced in
+        self.skip: set[str] = set()  # nodes folded into an earlier op (fused activations)
+        self.flat_nhwc: dict[str, tuple[int, int, int]] = {}  # flattened NHWC name -> (C, H, W)
+        self.fused_out: dict[str, str] = {}  # op output -> output of the activation fused into it
+
+    # -- low-level -------------------------------------------------------------------------
+    def new_tensor(
+        self, name: str, shape: Sequence[int], data: np.ndarray | None = None, dtype: Any = None
+    ) -> int:
+        t = S.TensorT()
+        t.name = name.encode()
+        t.shape = [int(d) for d in shape]
+        buf = S.BufferT()
+        if data is not None:
+            dtype = data.dtype
+            buf.data = np.frombuffer(np.ascontiguousarray(data).tobytes(), np.uint8)
+        self.buffers.append(buf)
+        t.buffer = len(self.buffers) - 1
+        dt = np.dtype(dtype or np.float32)
+        t.type = {
+            np.dtype(np.float32): S.TensorType.FLOAT32,
+            np.dtype(np.int32): S.TensorType.INT32,
+            np.dtype(np.int64): S.TensorType.INT64,
+            np.dtype(np.bool_): S.TensorType.BOOL,
+        }[dt]
+        self.tensors.append(t)
+        return len(self.tensors) - 1
+
+    def const(self, name: str, data: np.ndarray) -> int:
+        if data.dtype == np.float64:
+            data = data.astype(np.float32)
+        if data.dtype == np.int64:
+            data = data.astype(np.int32)
+        return self.new_tensor(name, data.shape, data)
+
+    def op(
+        self, code: int, inputs: Sequence[int], outputs: Sequence[int], opts: Any = None
+    ) -> None:
+        if code not in self.opcodes:
+            oc = S.OperatorCodeT()
+            oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), 1
+            self.opcodes[code] = len(self.codes)
+            self.codes.append(oc)
+        o = S.OperatorT()
+        o.opcodeIndex = self.opcodes[code]
+        o.inputs, o.outputs = list(inputs), list(outputs)
+        if opts is not None:
+            o.builtinOptionsType = getattr(_O, type(opts).__name__[:-1])
+            o.builtinOptions = opts
+        self.ops.append(o)
+
+    # -- layouts ---------------------------------------------------------------------------
+    def shape(self, name: str) -> list[int]:
+        if name in self.consts:
+            return list(self.consts[name].shape)
+        if name not in self.shapes:
+            raise UnsupportedModelError(f"tensor '{name}' has no inferred shape")
+        return self.shapes[name]
+
+    def produce(self, name: str, perm: Perm) -> int:
+        """The tflite tensor for activation ``name`` produced in layout ``perm``."""
+        shp = self.shape(name)
+        idx = self.new_tensor(name, [shp[p] for p in perm])
+        self.index[name] = {perm: idx}
+        self.perm[name] = perm
+        return idx
+
+    def alias(self, name: str, like: str) -> None:
+        self.index[name] = dict(self.index[like])
+        self.perm[name] = self.perm[like]
+
+    def get(self, name: str, perm: Perm | None = None) -> int:
+        """``name`` as a tflite tensor in layout ``perm`` (default: however it was produced)."""
+        if name in self.consts:
+            data = self.consts[name]
+            perm = perm or _ident(data.ndim)
+            cache = self.index.setdefault(name, {})
+            if perm not in cache:
+                cache[perm] = self.const(name, np.transpose(data, perm))
+            return cache[perm]
+        have = self.perm[name]
+        perm = perm or have
+        cache = self.index[name]
+        if perm not in cache:
+            rel = [have.index(q) for q in perm]
+            shp = self.shape(name)
+            out = self.new_tensor(f"{name}_perm{''.join(map(str, perm))}", [shp[p] for p in perm])
+            self.op(_B.TRANSPOSE, [cache[have], self.const(f"{name}_tp", np.array(rel))], [out])
+            cache[perm] = out
+        return cache[perm]
+
+    def layout(self, name: str) -> Perm:
+        if name in self.consts:
+            return _ident(self.consts[name].ndim)
+        return self.perm[name]
+
+    def get_broadcast(self, name: str, rank: int, perm: Perm) -> int:
+        """``name`` broadcast (ONNX rules) to ``rank`` dims, in layout ``perm``."""
+        shp = self.shape(name)
+        if len(shp) == rank:
+            return self.get(name, perm)
+        full = [1] * (rank - len(shp)) + shp
+        if name in self.consts:
+            key = f"{name}@{rank}"
+            if key not in self.consts:
+                self.consts[key] = self.consts[name].reshape(full)
+            return self.get(key, perm)
+        key = f"{name}@{rank}"
+        if key not in self.index:
+            src = self.get(name, _ident(len(shp)))
+            out = self.produce_shape(key, full, _ident(rank))
+            self.op(_B.RESHAPE, [src, self.const(f"{key}_shape", np.array(full))], [out])
+        return self.get(key, perm)
+
+    def produce_shape(self, name: str, shape: list[int], perm: Perm) -> int:
+        self.shapes[name] = shape
+        return self.produce(name, perm)
+
+    def default_perm(self, name: str) -> Perm:
+        r = len(self.shape(name))
+        return NHWC if r == 4 else _ident(r)
+
+    def fusable_activation(self, out: str) -> int:
+        """If ``out``'s only consumer is a Relu or Clip(0, 6), fuse it (and skip that node)."""
+        users = self.consumers.get(out, [])
+        if out in self.outputs or len(users) != 1:
+            return S.ActivationFunctionType.NONE
+        user = users[0]
+        act = None
+        if user.op_type == "Relu":
+            act = S.ActivationFunctionType.RELU
+        elif user.op_type == "Clip" and self.clip_bounds(user) == (0.0, 6.0):
+            act = S.ActivationFunctionType.RELU6
+        if act is None:
+            return S.ActivationFunctionType.NONE
+        self.skip.add(user.output[0])
+        self.fused_out[out] = user.output[0]
+        return act
+
+    def clip_bounds(self, node: onnx.NodeProto) -> tuple[float, float] | None:
+        a = _attrs(node)
+        lo, hi = float(a.get("min", -np.inf)), float(a.get("max", np.inf))
+        for pos in (1, 2):
+            if len(node.input) > pos and node.input[pos]:
+                if node.input[pos] not in self.consts:
+                    return None
+                v = float(self.consts[node.input[pos]].reshape(()))
+                lo, hi = (v, hi) if pos == 1 else (lo, v)
+        return lo, hi
+
+    # -- driver ----------------------------------------------------------------------------
+    def convert(self) -> bytes:
+        inputs = []
+        for vi in self.graph.input:
+            if vi.name in self.consts:
+                continue
+            r = len(self.shape(vi.name))
+            perm = _ident(r) if (self.keep_nchw_input or r != 4) else NHWC
+            inputs.append(self.produce(vi.name, perm))
+        for node in self.graph.node:
+            if node.output and node.output[0] in self.skip:
+                continue
+            _OPS[node.op_type](self, node)
+            for o, final in list(self.fused_out.items()):
+                if o in self.index and final not in self.index:
+                    # the fused activation's output is the op's output
+                    self.alias(final, o)
+        outputs = [self.get(o.name, self.default_perm(o.name)) for o in self.graph.output]
+        model = S.ModelT()
+        model.version, model.description = 3, b"edge converters.tflite"
+        sg = S.SubGraphT()
+        sg.name = b"main"
+        sg.tensors, sg.operators = self.tensors, self.ops
+        sg.inputs, sg.outputs = inputs, outputs
+        model.subgraphs = [sg]
+        model.buffers = self.buffers
+        model.operatorCodes = self.codes
+        builder = flatbuffers.Builder(1024)
+        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+        return bytes(builder.Output())
+
+
+# -- helpers for converters ----------------------------------------------------------------
+def _fail(node: onnx.NodeProto, why: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"{node.op_type} (node {node.name or node.output[0]}): {why}")
+
+
+def _padding(
+    node: onnx.NodeProto,
+    in_hw: Sequence[int],
+    k: Sequence[int],
+    s: Sequence[int],
+    d: Sequence[int],
+) -> tuple[int, list[int]]:
+    """(TFLite padding, explicit pads [top, left, bottom, right] still to apply)."""
+    a = _attrs(node)
+    auto = a.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    same = []
+    for i in range(2):
+        out = -(-in_hw[i] // s[i])
+        total = max((out - 1) * s[i] + (k[i] - 1) * d[i] + 1 - in_hw[i], 0)
+        same.append((total // 2, total - total // 2))
+    if auto == "VALID":
+        return S.Padding.VALID, [0, 0, 0, 0]
+    if auto == "SAME_UPPER":
+        return S.Padding.SAME, [0, 0, 0, 0]
+    if auto == "SAME_LOWER":
+        pads = [same[0][1], same[1][1], same[0][0], same[1][0]]
+    else:
+        pads = [int(p) for p in a.get("pads", [0, 0, 0, 0])]
+    if not any(pads):
+        return S.Padding.VALID, pads
+    if pads == [same[0][0], same[1][0], same[0][1], same[1][1]]:
+        return S.Padding.SAME, [0, 0, 0, 0]
+    return S.Padding.VALID, pads
+
+
+def _pad_nhwc(w: _Writer, x: int, name: str, pads: list[int], value: float = 0.0) -> int:
+    shp = list(w.tensors[x].shape)
+    t, left, b, r = pads
+    out_shape = [shp[0], shp[1] + t + b, shp[2] + left + r, shp[3]]
+    out = w.new_tensor(f"{name}_pad", out_shape)
+    p = w.const(f"{name}_pads", np.array([[0, 0], [t, b], [left, r], [0, 0]], np.int32))
+    if value == 0.0:
+        w.op(_B.PAD, [x, p], [out], S.PadOptionsT())
+    else:
+        v = w.const(f"{name}_padv", np.array([value], np.float32))
+        w.op(_B.PADV2, [x, p, v], [out], S.PadV2OptionsT())
+    return out
+
+
+def _conv(w: _Writer, node: onnx.NodeProto) -> None:
+    a = _attrs(node)
+    x_name, w_name = node.input[0], node.input[1]
+    if w_name not in w.consts or len(w.shape(x_name)) != 4:
+        raise _fail(node, "only 2-D convolutions with constant weights")
+    wt = w.consts[w_name].astype(np.float32)
+    n_out, cin_g, kh, kw = wt.shape
+    cin = w.shape(x_name)[1]
+    group = int(a.get("group", 1))
+    s = [int(v) for v in a.get("strides", [1, 1])]
+    d = [int(v) for v in a.get("dilations", [1, 1])]
+    pad, pads = _padding(node, w.shape(x_name)[2:], [kh, kw], s, d)
+    bias = (
+        w.consts[node.input[2]].astype(np.float32)
+        if len(node.input) > 2 and node.input[2]
+        else np.zeros(n_out, np.float32)
+    )
+    if len(node.input) > 2 and node.input[2] and node.input[2] not in w.consts:
+        raise _fail(node, "bias must be constant")
+    x = w.get(x_name, NHWC)
+    if any(pads):
+        x = _pad_nhwc(w, x, node.output[0], pads)
+    out_name = node.output[0]
+    act = w.fusable_activation(out_name)
+    b = w.const(f"{out_name}_bias", bias)
+    if group == 1:
+        f = w.const(f"{w_name}_ohwi", wt.transpose(0, 2, 3, 1))
+        o = S.Conv2DOptionsT()
+        code = _B.CONV_2D
+    elif group == cin and cin_g == 1:
+        f = w.const(f"{w_name}_1hwc", wt.transpose(1, 2, 3, 0))
+        o = S.DepthwiseConv2DOptionsT()
+        o.depthMultiplier = n_out // cin
+        code = _B.DEPTHWISE_CONV_2D
+    elif cin_g * group == cin and n_out % group == 0:
+        _grouped_conv(w, node, x, wt, bias, group, (pad, s, d, act))
+        return
+    else:
+        raise _fail(node, f"group={group} does not divide the channels")
+    o.padding, o.strideH, o.strideW = pad, s[0], s[1]
+    o.dilationHFactor, o.dilationWFactor = d[0], d[1]
+    o.fusedActivationFunction = act
+    w.op(code, [x, f, b], [w.produce(out_name, NHWC)], o)
+
+
+def _grouped_conv(
+    w: _Writer,
+    node: onnx.NodeProto,
+    x: int,
+    wt: np.ndarray,
+    bias: np.ndarray,
+    group: int,
+    conv: tuple[int, list[int], list[int], int],
+) -> None:
+    """SPLIT the channels, one CONV_2D per group, CONCATENATION."""
+    pad, s, d, act = conv
+    n, h, wd, cin = w.tensors[x].shape
+    name = node.output[0]
+    parts = [w.new_tensor(f"{name}_in{g}", [n, h, wd, cin // group]) for g in range(group)]
+    so = S.SplitOptionsT()
+    so.numSplits = group
+    w.op(_B.SPLIT, [w.const(f"{name}_axis", np.array(3, np.int32)), x], parts, so)
+    out_shape = w.shape(name)
+    per = out_shape[1] // group
+    outs = []
+    for g, part in enumerate(parts):
+        o = S.Conv2DOptionsT()
+        o.padding, o.strideH, o.strideW = pad, s[0], s[1]
+        o.dilationHFactor, o.dilationWFactor = d[0], d[1]
+        o.fusedActivationFunction = act
+        f = w.const(f"{name}_w{g}", wt[g * per : (g + 1) * per].transpose(0, 2, 3, 1))
+        b = w.const(f"{name}_b{g}", bias[g * per : (g + 1) * per])
+        t = w.new_tensor(f"{name}_out{g}", [out_shape[0], out_shape[2], out_shape[3], per])
+        w.op(_B.CONV_2D, [part, f, b], [t], o)
+        outs.append(t)
+    co = S.ConcatenationOptionsT()
+    co.axis = 3
+    w.op(_B.CONCATENATION, outs, [w.produce(name, NHWC)], co)
+
+
+def _pool(w: _Writer, node: onnx.NodeProto) -> None:
+    a = _attrs(node)
+    k = [int(v) for v in a["kernel_shape"]]
+    s = [int(v) for v in a.get("strides", [1, 1])]
+    if len(k) != 2 or any(int(v) != 1 for v in a.get("dilations", [1, 1])):
+        raise _fail(node, "only 2-D pooling without dilations")
+    in_hw = w.shape(node.input[0])[2:]
+    pad, pads = _padding(node, in_hw, k, s, [1, 1])
+    is_max = node.op_type == "MaxPool"
+    if not is_max and a.get("count_include_pad", 0) and pad == S.Padding.SAME:
+        if "pads" not in a:
+            raise _fail(node, "auto_pad SAME with count_include_pad=1")
+        pad, pads = S.Padding.VALID, [int(v) for v in a["pads"]]
+    x = w.get(node.input[0], NHWC)
+    if any(pads):
+        if not is_max and not a.get("count_include_pad", 0):
+            raise _fail(node, "asymmetric padding with count_include_pad=0")
+        x = _pad_nhwc(w, x, node.output[0], pads, -3.4e38 if is_max else 0.0)
+    o = S.Pool2DOptionsT()
+    o.padding, o.strideH, o.strideW = pad, s[0], s[1]
+    o.filterHeight, o.filterWidth = k
+    out_shape = w.shape(node.output[0])
+    want = [out_shape[0], out_shape[2], out_shape[3], out_shape[1]]
+    out = w.produce(node.output[0], NHWC)
+    # ceil_mode may give a different size: check against what TFLite computes.
+    hw = list(w.tensors[x].shape[1:3])
+    for i in range(2):
+        hw[i] = -(-hw[i] // s[i]) if pad == S.Padding.SAME else (hw[i] - k[i]) // s[i] + 1
+    if hw != want[1:3]:
+        raise _fail(node, "ceil_mode pooling with a partial last window")
+    w.op(_B.MAX_POOL_2D if is_max else _B.AVERAGE_POOL_2D, [x], [out], o)
+
+
+def _global_pool(w: _Writer, node: onnx.NodeProto) -> None:
+    x = w.get(node.input[0], NHWC)
+    o = S.ReducerOptionsT()
+    o.keepDims = True
+    code = _B.MEAN if node.op_type == "GlobalAveragePool" else _B.REDUCE_MAX
+    axes = w.const(f"{node.output[0]}_axes", np.array([1, 2], np.int32))
+    w.op(code, [x, axes], [w.produce(node.output[0], NHWC)], o)
+
+
+def _reduce_mean(w: _Writer, node: onnx.NodeProto) -> None:
+    a = _attrs(node)
+    rank = len(w.shape(node.input[0]))
+    axes = a.get("axes")
+    if len(node.input) > 1 and node.input[1]:
+        axes = w.consts[node.input[1]].tolist()
+    axes = sorted(int(v) % rank for v in (axes if axes is not None else range(rank)))
+    keep = bool(a.get("keepdims", 1))
+    perm = w.layout(node.input[0])
+    x = w.get(node.input[0], perm)
+    t_axes = np.array(sorted(perm.index(v) for v in axes), np.int32)
+    o = S.ReducerOptionsT()
+    o.keepDims = keep
+    if keep:
+        out_perm = perm
+    else:  # the remaining axes, in the order they are in the input's layout
+        rest = [p for p in perm if p not in axes]
+        out_perm = tuple(sorted(rest).index(p) for p in rest)
+    out = w.produce(node.output[0], out_perm)
+    w.op(_B.MEAN, [x, w.const(f"{node.output[0]}_axes", t_axes)], [out], o)
+
+
+_BINARY = {
+    "Add": (_B.ADD, S.AddOptionsT),
+    "Sub": (_B.SUB, S.SubOptionsT),
+    "Mul": (_B.MUL, S.MulOptionsT),
+    "Div": (_B.DIV, S.DivOptionsT),
+    "Max": (_B.MAXIMUM, S.MaximumMinimumOptionsT),
+    "Min": (_B.MINIMUM, S.MaximumMinimumOptionsT),
+    "Pow": (_B.POW, S.PowOptionsT),
+}
+
+
+def _binary(w: _Writer, node: onnx.NodeProto) -> None:
+    code, opts = _BINARY[node.op_type]
+    a_name, b_name = node.input[0], node.input[1]
+    rank = len(w.shape(node.output[0]))
+    # the output takes the layout of a full-rank activation input, preferring NHWC
+    perm = _ident(rank)
+    for n in (a_name, b_name):
+        if n not in w.consts and len(w.shape(n)) == rank and w.layout(n) != perm:
+            perm = w.layout(n)
+            break
+    ins = [w.get_broadcast(n, rank, perm) for n in (a_name, b_name)]
+    o = opts()
+    if code in (_B.ADD, _B.SUB, _B.MUL, _B.DIV):
+        o.fusedActivationFunction = w.fusable_activation(node.output[0])
+    w.op(code, ins, [w.produce(node.output[0], perm)], o)
+
+
+_UNARY = {
+    "Relu": _B.RELU,
+    "Sigmoid": _B.LOGISTIC,
+    "Tanh": _B.TANH,
+    "HardSwish": _B.HARD_SWISH,
+    "Exp": _B.EXP,
+    "Abs": _B.ABS,
+    "Neg": _B.NEG,
+    "Sqrt": _B.SQRT,
+    "Identity": -1,
+}
+
+
+def _unary(w: _Writer, node: onnx.NodeProto) -> None:
+    perm = w.layout(node.input[0])
+    x = w.get(node.input[0], perm)
+    code = _UNARY[node.op_type]
+    if code == -1:
+        w.alias(node.output[0], node.input[0])
+        return
+    w.op(code, [x], [w.produce(node.output[0], perm)])
+
+
+def _leaky_relu(w: _Writer, node: onnx.NodeProto) -> None:
+    perm = w.layout(node.input[0])
+    o = S.LeakyReluOptionsT()
+    o.alpha = float(_attrs(node).get("alpha", 0.01))
+    w.op(_B.LEAKY_RELU, [w.get(node.input[0], perm)], [w.produce(node.output[0], perm)], o)
+
+
+def _prelu(w: _Writer, node: onnx.NodeProto) -> None:
+    rank = len(w.shape(node.input[0]))
+    perm = w.layout(node.input[0])
+    x = w.get(node.input[0], perm)
+    slope = w.get_broadcast(node.input[1], rank, perm)
+    w.op(_B.PRELU, [x, slope], [w.produce(node.output[0], perm)])
+
+
+def _hard_sigmoid(w: _Writer, node: onnx.NodeProto) -> None:
+    a = _attrs(node)
+    perm = w.layout(node.input[0])
+    x = w.get(node.input[0], perm)
+    shp = list(w.tensors[x].shape)
+    n = node.output[0]
+    t1 = w.new_tensor(f"{n}_mul", shp)
+    w.op(
+        _B.MUL,
+        [x, w.const(f"{n}_alpha", np.array(a.get("alpha", 0.2), np.float32))],
+        [t1],
+        S.MulOptionsT(),
+    )
+    t2 = w.new_tensor(f"{n}_add", shp)
+    w.op(
+        _B.ADD,
+        [t1, w.const(f"{n}_beta", np.array(a.get("beta", 0.5), np.float32))],
+        [t2],
+        S.AddOptionsT(),
+    )
+    w.op(_B.RELU_0_TO_1, [t2], [w.produce(n, perm)])
+
+
+def _clip(w: _Writer, node: onnx.NodeProto) -> None:
+    bounds = w.clip_bounds(node)
+    if bounds is None:
+        raise _fail(node, "min/max must be constant")
+    lo, hi = bounds
+    perm = w.layout(node.input[0])
+    x = w.get(node.input[0], perm)
+    n = node.output[0]
+    if (lo, hi) == (0.0, 6.0):
+        w.op(_B.RELU6, [x], [w.produce(n, perm)])
+    elif (lo, hi) == (0.0, np.inf):
+        w.op(_B.RELU, [x], [w.produce(n, perm)])
+    elif (lo, hi) == (-1.0, 1.0):
+        w.op(_B.RELU_N1_TO_1, [x], [w.produce(n, perm)])
+    elif (lo, hi) == (0.0, 1.0):
+        w.op(_B.RELU_0_TO_1, [x], [w.produce(n, perm)])
+    else:
+        shp = list(w.tensors[x].shape)
+        if hi != np.inf:
+            t = w.new_tensor(f"{n}_min", shp) if lo != -np.inf else w.produce(n, perm)
+            w.op(_B.MINIMUM, [x, w.const(f"{n}_hi", np.array(hi, np.float32))], [t])
+            x = t
+        if lo != -np.inf or hi == np.inf:
+            w.op(
+                _B.MAXIMUM, [x, w.const(f"{n}_lo", np.array(lo, np.float32))], [w.produce(n, perm)]
+            )
+
+
+def _softmax(w: _Writer, node: onnx.NodeProto) -> None:
+    rank = len(w.shape(node.input[0]))
+    axis = int(_attrs(node).get("axis", -1)) % rank
+    perm = w.layout(node.input[0])
+    if perm.index(axis) != rank - 1:
+        # move the axis last: NHWC for channels, else ONNX order must have it last
+        perm = NHWC if (rank == 4 and axis == 1) else _ident(rank)
+        if perm.index(axis) != rank - 1:
+            raise _fail(node, "softmax over an axis other than the last")
+    o = S.SoftmaxOptionsT()
+    o.beta = 1.0
+    op = _B.LOG_SOFTMAX if node.op_type == "LogSoftmax" else _B.SOFTMAX
+    w.op(
+        op,
+        [w.get(node.input[0], perm)],
+        [w.produce(node.output[0], perm)],
+        None if op == _B.LOG_SOFTMAX else o,
+    )
+
+
+def _concat(w: _Writer, node: onnx.NodeProto) -> None:
+    rank = len(w.shape(node.output[0]))
+    axis = int(_attrs(node)["axis"]) % rank
+    acts = [n for n in node.input if n not in w.consts]
+    perm = w.layout(acts[0]) if acts else _ident(rank)
+    ins = [w.get(n, perm) for n in node.input]
+    o = S.ConcatenationOptionsT()
+    o.axis = perm.index(axis)
+    w.op(_B.CONCATENATION, ins, [w.produce(node.output[0], perm)], o)
+
+
+def _reshape_to(w: _Writer, src: str, out: str) -> None:
+    shp = w.shape(out)
+    x = w.get(src, _ident(len(w.shape(src))))
+    o = S.ReshapeOptionsT()
+    o.newShape = shp
+    y = w.produce(out, _ident(len(shp)))
+    w.op(_B.RESHAPE, [x, w.const(f"{out}_shape", np.array(shp, np.int32))], [y], o)
+
+
+def _flatten_like(w: _Writer, node: onnx.NodeProto) -> None:
+    """Flatten / Reshape / Squeeze / Unsqueeze: a RESHAPE to the inferred output shape."""
+    src, out = node.input[0], node.output[0]
+    in_shp, out_shp = w.shape(src), w.shape(out)
+    if src in w.consts:
+        w.consts[out] = w.consts[src].reshape(out_shp)
+        return
+    if w.layout(src) == NHWC and len(out_shp) == 2 and out_shp[0] == in_shp[0]:
+        _, c, h, wd = in_shp
+        users = w.consumers.get(out, [])
+        if h * wd == 1 or (
+            out not in w.outputs
+            and users
+            and all(
+                u.op_type in ("Gemm", "MatMul")
+                and u.input[0] == out
+                and u.input[1] in w.consts
+                and not _attrs(u).get("transA", 0)
+                for u in users
+            )
+        ):
+            if h * wd != 1:
+                w.flat_nhwc[out] = (c, h, wd)
+            x = w.get(src, NHWC)
+            o = S.ReshapeOptionsT()
+            o.newShape = out_shp
+            y = w.produce(out, (0, 1))
+            w.op(_B.RESHAPE, [x, w.const(f"{out}_shape", np.array(out_shp, np.int32))], [y], o)
+            return
+    _reshape_to(w, src, out)
+
+
+def _transpose(w: _Writer, node: onnx.NodeProto) -> None:
+    """A relabelling: out's ONNX axis i is src's axis perm[i], so the tflite tensor holding src
+    in layout L holds out in layout inv[L]. Consumers that need another layout transpose."""
+    src, out = node.input[0], node.output[0]
+    rank = len(w.shape(src))
+    p = [int(v) for v in _attrs(node).get("perm", list(range(rank))[::-1])]
+    if src in w.consts:
+        w.consts[out] = np.transpose(w.consts[src], p)
+        return
+    have = w.layout(src)
+    inv = [p.index(i) for i in range(rank)]
+    w.index[out] = {tuple(inv[h] for h in have): w.get(src, have)}
+    w.perm[out] = tuple(inv[h] for h in have)
+
+
+def _gemm(w: _Writer, node: onnx.NodeProto) -> None:
+    a = _attrs(node)
+    a_name, b_name = node.input[0], node.input[1]
+    if b_name not in w.consts or a.get("transA", 0):
+        raise _fail(node, "only constant weights (B) without transA")
+    wt = w.consts[b_name].astype(np.float32)
+    if wt.ndim != 2:
+        raise _fail(node, "weights must be 2-D")
+    if node.op_type == "MatMul" or not a.get("transB", 0):
+        wt = wt.T  # -> [out, in]
+    wt = wt * float(a.get("alpha", 1.0))
+    n_out, n_in = wt.shape
+    if a_name in w.flat_nhwc:
+        c, h, wd = w.flat_nhwc[a_name]
+        wt = wt.reshape(n_out, c, h, wd).transpose(0, 2, 3, 1).reshape(n_out, n_in)
+    bias = np.zeros(n_out, np.float32)
+    if len(node.input) > 2 and node.input[2]:
+        if node.input[2] not in w.consts:
+            raise _fail(node, "bias must be constant")
+        cb = w.consts[node.input[2]].astype(np.float32) * float(a.get("beta", 1.0))
+        if cb.size not in (1, n_out):
+            raise _fail(node, "bias must broadcast along the output features")
+        bias = np.broadcast_to(cb.reshape(-1), (n_out,)).astype(np.float32)
+    rank = len(w.shape(a_name))
+    x = w.get(a_name, _ident(rank))
+    o = S.FullyConnectedOptionsT()
+    o.keepNumDims = rank > 2
+    o.fusedActivationFunction = w.fusable_activation(node.output[0])
+    out = w.produce(node.output[0], _ident(rank))
+    ins = [
+        x,
+        w.const(f"{b_name}_fc", np.ascontiguousarray(wt)),
+        w.const(f"{node.output[0]}_bias", bias),
+    ]
+    w.op(_B.FULLY_CONNECTED, ins, [out], o)
+
+
+def _pad(w: _Writer, node: onnx.NodeProto) -> None:
+    a = _attrs(node)
+    mode = a.get("mode", b"constant")
+    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+        raise _fail(node, "only constant padding")
+    rank = len(w.shape(node.input[0]))
+    if len(node.input) > 1:
+        if node.input[1] not in w.consts:
+            raise _fail(node, "pads must be constant")
+        pads = w.consts[node.input[1]].astype(np.int64).tolist()
+    else:
+        pads = list(a["pads"])
+    if len(node.input) > 3 and node.input[3]:
+        raise _fail(node, "pad axes are not supported")
+    value = 0.0
+    if len(node.input) > 2 and node.input[2]:
+        value = float(w.consts[node.input[2]].reshape(()))
+    perm = w.layout(node.input[0])
+    pairs = np.array([[pads[p], pads[p + rank]] for p in perm], np.int32)
+    x = w.get(node.input[0], perm)
+    n = node.output[0]
+    ins = [x, w.const(f"{n}_pads", pairs)]
+    if value != 0.0:
+        ins.append(w.const(f"{n}_value", np.array([value], np.float32)))
+        w.op(_B.PADV2, ins, [w.produce(n, perm)], S.PadV2OptionsT())
+    else:
+        w.op(_B.PAD, ins, [w.produce(n, perm)], S.PadOptionsT())
+
+
+def _resize(w: _Writer, node: onnx.NodeProto) -> None:
+    a = _attrs(node)
+
+    def s(key: str, default: str) -> str:
+        v = a.get(key, default)
+        return v.decode() if isinstance(v, bytes) else str(v)
+
+    mode, ctm = s("mode", "nearest"), s("coordinate_transformation_mode", "half_pixel")
+    nearest = s("nearest_mode", "round_prefer_floor")
+    in_shp, out_shp = w.shape(node.input[0]), w.shape(node.output[0])
+    if len(in_shp) != 4 or in_shp[:2] != out_shp[:2]:
+        raise _fail(node, "only spatial resizing of 4-D tensors")
+    if ctm == "pytorch_half_pixel" and min(out_shp[2:]) > 1:
+        ctm = "half_pixel"
+    o: Any
+    if mode == "linear" and ctm in ("asymmetric", "half_pixel", "align_corners"):
+        o, code = S.ResizeBilinearOptionsT(), _B.RESIZE_BILINEAR
+    elif mode == "nearest" and (ctm, nearest) in (
+        ("asymmetric", "floor"),
+        ("half_pixel", "round_prefer_ceil"),
+        ("align_corners", "round_prefer_ceil"),
+    ):
+        o, code = S.ResizeNearestNeighborOptionsT(), _B.RESIZE_NEAREST_NEIGHBOR
+    else:
+        raise _fail(
+            node, f"mode={mode} coordinate_transformation_mode={ctm} nearest_mode={nearest}"
+        )
+    o.alignCorners = ctm == "align_corners"
+    o.halfPixelCenters = ctm == "half_pixel"
+    x = w.get(node.input[0], NHWC)
+    size = w.const(f"{node.output[0]}_size", np.array(out_shp[2:], np.int32))
+    w.op(code, [x, size], [w.produce(node.output[0], NHWC)], o)
+
+
+def _conv_transpose(w: _Writer, node: onnx.NodeProto) -> None:
+    """TRANSPOSE_CONV with VALID padding (the full output), then a crop for the ONNX pads and a
+    bias ADD."""
+    a = _attrs(node)
+    x_name, w_name, n = node.input[0], node.input[1], node.output[0]
+    if w_name not in w.consts or len(w.shape(x_name)) != 4:
+        raise _fail(node, "only 2-D transposed convolutions with constant weights")
+    if int(a.get("group", 1)) != 1 or any(int(v) != 1 for v in a.get("dilations", [1, 1])):
+        raise _fail(node, "only group=1 and no dilations")
+    auto = a.get("auto_pad", b"NOTSET")
+    if (auto.decode() if isinstance(auto, bytes) else auto) != "NOTSET":
+        raise _fail(node, "only explicit pads (auto_pad NOTSET)")
+    wt = w.consts[w_name].astype(np.float32)  # [C_in, C_out, kH, kW]
+    _, cout, kh, kw = wt.shape
+    s = [int(v) for v in a.get("strides", [1, 1])]
+    pads = [int(v) for v in a.get("pads", [0, 0, 0, 0])]
+    bn, _, ih, iw = w.shape(x_name)
+    full = [bn, (ih - 1) * s[0] + kh, (iw - 1) * s[1] + kw, cout]
+    out = w.shape(n)
+    want = [out[0], out[2], out[3], out[1]]
+    if pads[0] + want[1] > full[1] or pads[1] + want[2] > full[2]:
+        raise _fail(node, "output_padding beyond the kernel's reach")
+    o = S.TransposeConvOptionsT()
+    o.padding, o.strideH, o.strideW = S.Padding.VALID, s[0], s[1]
+    y = w.new_tensor(f"{n}_full", full)
+    ins = [
+        w.const(f"{n}_oshape", np.array(full, np.int32)),
+        w.const(f"{w_name}_ohwi", wt.transpose(1, 2, 3, 0)),
+        w.get(x_name, NHWC),
+    ]
+    w.op(_B.TRANSPOSE_CONV, ins, [y], o)
+    if full != want:
+        c = w.new_tensor(f"{n}_crop", want)
+        begin = [0, pads[0], pads[1], 0]
+        ss = [y] + [
+            w.const(f"{n}_{k}", np.array(v, np.int32))
+            for k, v in (("b", begin), ("e", [b + d for b, d in zip(begin, want)]), ("s", [1] * 4))
+        ]
+        w.op(_B.STRIDED_SLICE, ss, [c], S.StridedSliceOptionsT())
+        y = c
+    if len(node.input) > 2 and node.input[2]:
+        if node.input[2] not in w.consts:
+            raise _fail(node, "bias must be constant")
+        b = w.const(f"{n}_bias", w.consts[node.input[2]].astype(np.float32))
+        w.op(_B.ADD, [y, b], [w.produce(n, NHWC)], S.AddOptionsT())
+    else:
+        w.index[n], w.perm[n] = {NHWC: y}, NHWC
+
+
+def _const_input(w: _Writer, node: onnx.NodeProto, pos: int) -> list[int] | None:
+    if len(node.input) <= pos or not node.input[pos]:
+        return None
+    if node.input[pos] not in w.consts:
+        raise _fail(node, f"input {pos} must be constant")
+    return [int(v) for v in w.consts[node.input[pos]].reshape(-1)]
+
+
+def _slice(w: _Writer, node: onnx.NodeProto) -> None:
+    shp = w.shape(node.input[0])
+    rank = len(shp)
+    starts, ends = _const_input(w, node, 1), _const_input(w, node, 2)
+    if starts is None or ends is None:
+        raise _fail(node, "starts/ends must be given")
+    axes = _const_input(w, node, 3) or list(range(len(starts)))
+    steps = _const_input(w, node, 4) or [1] * len(starts)
+    perm = w.layout(node.input[0])
+    begin, end, stride = [0] * rank, list(shp), [1] * rank
+    end_mask = 0
+    for st, en, ax, sp in zip(starts, ends, axes, steps):
+        ax %= rank
+        b, e, k = slice(st, en, sp).indices(shp[ax])
+        begin[ax], end[ax], stride[ax] = b, e, k
+    tb, te, ts = ([v[p] for p in perm] for v in (begin, end, stride))
+    for i in range(rank):
+        if te[i] < 0:  # a negative step running past index 0
+            end_mask |= 1 << i
+            te[i] = 0
+    o = S.StridedSliceOptionsT()
+    o.endMask = end_mask
+    n = node.output[0]
+    ins = [w.get(node.input[0], perm)] + [
+        w.const(f"{n}_{k}", np.array(v, np.int32)) for k, v in (("b", tb), ("e", te), ("s", ts))
+    ]
+    w.op(_B.STRIDED_SLICE, ins, [w.produce(n, perm)], o)
+
+
+def _split(w: _Writer, node: onnx.NodeProto) -> None:
+    shp = w.shape(node.input[0])
+    axis = int(_attrs(node).get("axis", 0)) % len(shp)
+    sizes = _const_input(w, node, 1) or [w.shape(o)[axis] for o in node.output]
+    perm = w.layout(node.input[0])
+    n = node.output[0]
+    o = S.SplitVOptionsT()
+    o.numSplits = len(sizes)
+    ins = [
+        w.get(node.input[0], perm),
+        w.const(f"{n}_sizes", np.array(sizes, np.int32)),
+        w.const(f"{n}_axis", np.array(perm.index(axis), np.int32)),
+    ]
+    w.op(_B.SPLIT_V, ins, [w.produce(out, perm) for out in node.output], o)
+
+
+def _gather(w: _Writer, node: onnx.NodeProto) -> None:
+    src, idx_name, n = node.input[0], node.input[1], node.output[0]
+    if idx_name not in w.consts:
+        raise _fail(node, "indices must be constant")
+    rank = len(w.shape(src))
+    axis = int(_attrs(node).get("axis", 0)) % rank
+    idx = w.consts[idx_name].astype(np.int64)
+    idx = np.where(idx < 0, idx + w.shape(src)[axis], idx).astype(np.int32)
+    if src in w.consts:
+        w.consts[n] = np.take(w.consts[src], idx, axis=axis)
+        return
+    perm = w.layout(src) if idx.ndim <= 1 else _ident(rank)
+    if idx.ndim == 1:
+        out_perm = perm
+    elif idx.ndim == 0:
+        rest = [p for p in perm if p != axis]
+        out_perm = tuple(sorted(rest).index(p) for p in rest)
+    else:
+        out_perm = _ident(len(w.shape(n)))
+    o = S.GatherOptionsT()
+    o.axis = perm.index(axis)
+    ins = [w.get(src, perm), w.const(f"{n}_idx", idx)]
+    w.op(_B.GATHER, ins, [w.produce(n, out_perm)], o)
+
+
+def _constant(w: _Writer, node: onnx.NodeProto) -> None:
+    a = _attrs(node)
+    if "value" not in a:
+        raise _fail(node, "only Constant with a tensor value")
+    w.consts[node.output[0]] = numpy_helper.to_array(a["value"])
+
+
+_OPS: dict[str, Callable[[_Writer, onnx.NodeProto], None]] = {
+    "Conv": _conv,
+    "Gemm": _gemm,
+    "MatMul": _gemm,
+    **{k: _binary for k in _BINARY},
+    **{k: _unary for k in _UNARY},
+    "Clip": _clip,
+    "LeakyRelu": _leaky_relu,
+    "PRelu": _prelu,
+    "HardSigmoid": _hard_sigmoid,
+    "Softmax": _softmax,
+    "LogSoftmax": _softmax,
+    "MaxPool": _pool,
+    "AveragePool": _pool,
+    "GlobalAveragePool": _global_pool,
+    "GlobalMaxPool": _global_pool,
+    "ReduceMean": _reduce_mean,
+    "Concat": _concat,
+    "Flatten": _flatten_like,
+    "Reshape": _flatten_like,
+    "Squeeze": _flatten_like,
+    "Unsqueeze": _flatten_like,
+    "Transpose": _transpose,
+    "Pad": _pad,
+    "Resize": _resize,
+    "Constant": _constant,
+    "ConvTranspose": _conv_transpose,
+    "Slice": _slice,
+    "Split": _split,
+    "Gather": _gather,
+}
+
+#: ONNX op types the writer converts (some attribute combinations are still refused, by name).
+SUPPORTED_OPS: frozenset[str] = frozenset(_OPS)
+
+
+def onnx_to_tflite(model: onnx.ModelProto, *, keep_nchw_input: bool = False) -> bytes:
+    """A canonical (shape-inferred, constant-folded, BN-fused) fp32 ONNX model -> a .tflite
+    flatbuffer (fp32). 4-D image inputs/outputs become NHWC (keep_nchw_input=True keeps the
+    declared NCHW input and transposes once at the edge). Raises
+    edge_agent.errors.UnsupportedModelError listing every unsupported op type and node name
+    (e.g. "unsupported operators: Einsum (node /attn/Einsum), ...") before writing anything."""
+    bad = [
+        f"{n.op_type} (node {n.name or n.output[0]})"
+        for n in model.graph.node
+        if n.op_type not in _OPS or n.domain not in ("", "ai.onnx")
+    ]
+    if bad:
+        raise UnsupportedModelError(f"unsupported operators: {', '.join(bad)}")
+    with contextlib.suppress(Exception):  # else keep the shapes it already carries
+        model = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    return _Writer(model, keep_nchw_input).convert()
+
+
+def count_transposes(tflite_bytes: bytes) -> int:
+    """How many TRANSPOSE operators the model runs."""
+    m = S.ModelT.InitFromPackedBuf(tflite_bytes, 0)
+    codes = [oc.builtinCode for oc in m.operatorCodes]
+    return sum(
+        1
+        for sg in m.subgraphs
+        for o in (sg.operators or [])
+        if codes[o.opcodeIndex] == _B.TRANSPOSE
+    )
