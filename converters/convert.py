@@ -42,9 +42,9 @@ from edge_agent.errors import AccuracyBudgetError, ConfigError, DataError, EdgeE
 from edge_agent.formats import ONNX_FORMATS, Int8Scheme
 from edge_agent.preprocess import PreprocessSpec
 
-#: What ``convert`` produces: every ONNX format, and TFLite fp32 from our own flatbuffer writer
-#: (no TensorFlow; ``converters/tflite.py``).
-QUANTIZE_FORMATS = (*ONNX_FORMATS, "tflite-fp32")
+#: What ``convert`` produces: every ONNX format, and TFLite fp32 / fp16 from our own flatbuffer
+#: writer (no TensorFlow; ``converters/tflite.py``).
+QUANTIZE_FORMATS = (*ONNX_FORMATS, "tflite-fp32", "tflite-fp16")
 
 if TYPE_CHECKING:
     from edge_agent.profiles import DeviceProfile
@@ -77,11 +77,7 @@ class ConvertOptions:
 
     def __post_init__(self) -> None:
         if self.fmt not in QUANTIZE_FORMATS:
-            later = (
-                " (tflite-fp16 and tflite-int8 are not written yet)"
-                if self.fmt.startswith("tflite")
-                else ""
-            )
+            later = " (tflite-int8 is not written yet)" if self.fmt.startswith("tflite") else ""
             raise ConfigError(
                 f"--format {self.fmt}: expected one of {', '.join(QUANTIZE_FORMATS)}{later}"
             )
@@ -348,12 +344,14 @@ def _convert(
     fmt = options.fmt
     if fmt == "onnx-fp32":
         candidates.append(evaluate(Candidate("fp32", fp32_path)))
-    elif fmt == "tflite-fp32":
+    elif fmt in ("tflite-fp32", "tflite-fp16"):
         from converters.tflite import onnx_to_tflite
 
         tfl = tmp / "model.tflite"
-        tfl.write_bytes(onnx_to_tflite(canon.model))  # UnsupportedModelError lists what is not
-        candidates.append(evaluate(Candidate("tflite-fp32", tfl)))
+        # UnsupportedModelError lists what is not supported; fp16: fp16 weights, DEQUANTIZE to
+        # float (TFLite's standard float16 scheme), activations in float32
+        tfl.write_bytes(onnx_to_tflite(canon.model, fp16_weights=fmt == "tflite-fp16"))
+        candidates.append(evaluate(Candidate(fmt, tfl)))
     elif fmt == "onnx-fp16":
         path = tmp / "fp16.onnx"
         range_feeds = (

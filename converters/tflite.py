@@ -8,11 +8,21 @@ converts with no TRANSPOSE inside. Constants are permuted at conversion time.
 
 A Flatten (or Reshape to ``[N, -1]``) of an NHWC tensor that feeds only Gemm/MatMul with
 constant weights flattens in NHWC order and permutes the weight's input columns instead.
+
+``fp16_weights=True`` is TFLite's standard float16 scheme (what TensorFlow's converter emits with
+``target_spec.supported_types = [tf.float16]``): the weights and biases of CONV_2D,
+DEPTHWISE_CONV_2D, FULLY_CONNECTED and TRANSPOSE_CONV, and float constants of at least
+:data:`FP16_MIN_ELEMENTS` elements feeding any other op, are stored as FLOAT16 tensors, each
+followed by a DEQUANTIZE (version 3) to the float32 tensor the op consumes. Activations, inputs
+and outputs stay float32; XNNPACK folds the DEQUANTIZEs at load time. A constant with a value
+beyond float16's range (|w| > 65504) is kept in float32 (logged, and counted in
+:attr:`_Writer.fp16_kept`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +34,16 @@ from onnx import helper, numpy_helper, shape_inference
 
 from edge_agent.errors import UnsupportedModelError
 
-__all__ = ["SUPPORTED_OPS", "count_transposes", "onnx_to_tflite"]
+__all__ = ["FP16_MIN_ELEMENTS", "SUPPORTED_OPS", "count_ops", "count_transposes", "onnx_to_tflite"]
+
+log = logging.getLogger(__name__)
+
+#: with fp16_weights, float constants that are not compute-op weights/biases are stored as
+#: float16 only from this many elements (small ones and scalars stay float32).
+FP16_MIN_ELEMENTS = 16
+_FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+#: DEQUANTIZE's op version for a FLOAT16 input (TFLite's op_version.cc)
+_DEQUANTIZE_FP16_VERSION = 3
 
 NHWC: tuple[int, ...] = (0, 2, 3, 1)
 _B = S.BuiltinOperator
@@ -41,9 +60,13 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
 
 
 class _Writer:
-    def __init__(self, model: onnx.ModelProto, keep_nchw_input: bool) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, keep_nchw_input: bool, fp16_weights: bool = False
+    ) -> None:
         self.graph = model.graph
         self.keep_nchw_input = keep_nchw_input
+        self.fp16_weights = fp16_weights
+        self.fp16_kept: list[str] = []  # constants kept in float32: out of float16's range
         self.consts: dict[str, np.ndarray] = {
             i.name: numpy_helper.to_array(i) for i in self.graph.initializer
         }
@@ -63,7 +86,7 @@ class _Writer:
         self.tensors: list[S.TensorT] = []
         self.buffers: list[S.BufferT] = [S.BufferT()]
         self.ops: list[S.OperatorT] = []
-        self.opcodes: dict[int, int] = {}
+        self.opcodes: dict[tuple[int, int], int] = {}  # (builtin code, version) -> index
         self.codes: list[S.OperatorCodeT] = []
         # onnx name -> {perm: tflite tensor index}
         self.index: dict[str, dict[Perm, int]] = {}
@@ -88,6 +111,7 @@ class _Writer:
         dt = np.dtype(dtype or np.float32)
         t.type = {
             np.dtype(np.float32): S.TensorType.FLOAT32,
+            np.dtype(np.float16): S.TensorType.FLOAT16,
             np.dtype(np.int32): S.TensorType.INT32,
             np.dtype(np.int64): S.TensorType.INT64,
             np.dtype(np.bool_): S.TensorType.BOOL,
@@ -95,23 +119,44 @@ class _Writer:
         self.tensors.append(t)
         return len(self.tensors) - 1
 
-    def const(self, name: str, data: np.ndarray) -> int:
+    def const(self, name: str, data: np.ndarray, weight: bool = False) -> int:
+        """A constant tensor. With fp16_weights, a float one that is a compute op's weight or
+        bias (``weight``) or has at least FP16_MIN_ELEMENTS elements is stored as float16 and
+        DEQUANTIZEd to float32 (unless a value is beyond float16's range)."""
         if data.dtype == np.float64:
             data = data.astype(np.float32)
         if data.dtype == np.int64:
             data = data.astype(np.int32)
+        if (
+            self.fp16_weights
+            and data.dtype == np.float32
+            and (weight or data.size >= FP16_MIN_ELEMENTS)
+        ):
+            if data.size and not (np.abs(data).max() <= _FP16_MAX):  # also catches nan/inf
+                self.fp16_kept.append(name)
+                log.warning("fp16_weights: '%s' is beyond float16's range, kept float32", name)
+            else:
+                half = self.new_tensor(f"{name}_fp16", data.shape, data.astype(np.float16))
+                out = self.new_tensor(name, data.shape)
+                self.op(_B.DEQUANTIZE, [half], [out], version=_DEQUANTIZE_FP16_VERSION)
+                return out
         return self.new_tensor(name, data.shape, data)
 
     def op(
-        self, code: int, inputs: Sequence[int], outputs: Sequence[int], opts: Any = None
+        self,
+        code: int,
+        inputs: Sequence[int],
+        outputs: Sequence[int],
+        opts: Any = None,
+        version: int = 1,
     ) -> None:
-        if code not in self.opcodes:
+        if (code, version) not in self.opcodes:
             oc = S.OperatorCodeT()
-            oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), 1
-            self.opcodes[code] = len(self.codes)
+            oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), version
+            self.opcodes[code, version] = len(self.codes)
             self.codes.append(oc)
         o = S.OperatorT()
-        o.opcodeIndex = self.opcodes[code]
+        o.opcodeIndex = self.opcodes[code, version]
         o.inputs, o.outputs = list(inputs), list(outputs)
         if opts is not None:
             o.builtinOptionsType = getattr(_O, type(opts).__name__[:-1])
@@ -323,13 +368,13 @@ def _conv(w: _Writer, node: onnx.NodeProto) -> None:
         x = _pad_nhwc(w, x, node.output[0], pads)
     out_name = node.output[0]
     act = w.fusable_activation(out_name)
-    b = w.const(f"{out_name}_bias", bias)
+    b = w.const(f"{out_name}_bias", bias, weight=True)
     if group == 1:
-        f = w.const(f"{w_name}_ohwi", wt.transpose(0, 2, 3, 1))
+        f = w.const(f"{w_name}_ohwi", wt.transpose(0, 2, 3, 1), weight=True)
         o = S.Conv2DOptionsT()
         code = _B.CONV_2D
     elif group == cin and cin_g == 1:
-        f = w.const(f"{w_name}_1hwc", wt.transpose(1, 2, 3, 0))
+        f = w.const(f"{w_name}_1hwc", wt.transpose(1, 2, 3, 0), weight=True)
         o = S.DepthwiseConv2DOptionsT()
         o.depthMultiplier = n_out // cin
         code = _B.DEPTHWISE_CONV_2D
@@ -369,8 +414,8 @@ def _grouped_conv(
         o.padding, o.strideH, o.strideW = pad, s[0], s[1]
         o.dilationHFactor, o.dilationWFactor = d[0], d[1]
         o.fusedActivationFunction = act
-        f = w.const(f"{name}_w{g}", wt[g * per : (g + 1) * per].transpose(0, 2, 3, 1))
-        b = w.const(f"{name}_b{g}", bias[g * per : (g + 1) * per])
+        f = w.const(f"{name}_w{g}", wt[g * per : (g + 1) * per].transpose(0, 2, 3, 1), True)
+        b = w.const(f"{name}_b{g}", bias[g * per : (g + 1) * per], True)
         t = w.new_tensor(f"{name}_out{g}", [out_shape[0], out_shape[2], out_shape[3], per])
         w.op(_B.CONV_2D, [part, f, b], [t], o)
         outs.append(t)
@@ -678,8 +723,8 @@ def _gemm(w: _Writer, node: onnx.NodeProto) -> None:
     out = w.produce(node.output[0], _ident(rank))
     ins = [
         x,
-        w.const(f"{b_name}_fc", np.ascontiguousarray(wt)),
-        w.const(f"{node.output[0]}_bias", bias),
+        w.const(f"{b_name}_fc", np.ascontiguousarray(wt), weight=True),
+        w.const(f"{node.output[0]}_bias", bias, weight=True),
     ]
     w.op(_B.FULLY_CONNECTED, ins, [out], o)
 
@@ -774,7 +819,7 @@ def _conv_transpose(w: _Writer, node: onnx.NodeProto) -> None:
     y = w.new_tensor(f"{n}_full", full)
     ins = [
         w.const(f"{n}_oshape", np.array(full, np.int32)),
-        w.const(f"{w_name}_ohwi", wt.transpose(1, 2, 3, 0)),
+        w.const(f"{w_name}_ohwi", wt.transpose(1, 2, 3, 0), weight=True),
         w.get(x_name, NHWC),
     ]
     w.op(_B.TRANSPOSE_CONV, ins, [y], o)
@@ -790,7 +835,7 @@ def _conv_transpose(w: _Writer, node: onnx.NodeProto) -> None:
     if len(node.input) > 2 and node.input[2]:
         if node.input[2] not in w.consts:
             raise _fail(node, "bias must be constant")
-        b = w.const(f"{n}_bias", w.consts[node.input[2]].astype(np.float32))
+        b = w.const(f"{n}_bias", w.consts[node.input[2]].astype(np.float32), weight=True)
         w.op(_B.ADD, [y, b], [w.produce(n, NHWC)], S.AddOptionsT())
     else:
         w.index[n], w.perm[n] = {NHWC: y}, NHWC
@@ -917,10 +962,14 @@ _OPS: dict[str, Callable[[_Writer, onnx.NodeProto], None]] = {
 SUPPORTED_OPS: frozenset[str] = frozenset(_OPS)
 
 
-def onnx_to_tflite(model: onnx.ModelProto, *, keep_nchw_input: bool = False) -> bytes:
+def onnx_to_tflite(
+    model: onnx.ModelProto, *, keep_nchw_input: bool = False, fp16_weights: bool = False
+) -> bytes:
     """A canonical (shape-inferred, constant-folded, BN-fused) fp32 ONNX model -> a .tflite
     flatbuffer (fp32). 4-D image inputs/outputs become NHWC (keep_nchw_input=True keeps the
-    declared NCHW input and transposes once at the edge). Raises
+    declared NCHW input and transposes once at the edge). fp16_weights=True stores the weights
+    as float16 + DEQUANTIZE (TFLite's float16 scheme; activations and I/O stay float32, a
+    constant beyond float16's range stays float32). Raises
     edge_agent.errors.UnsupportedModelError listing every unsupported op type and node name
     (e.g. "unsupported operators: Einsum (node /attn/Einsum), ...") before writing anything."""
     bad = [
@@ -932,16 +981,25 @@ def onnx_to_tflite(model: onnx.ModelProto, *, keep_nchw_input: bool = False) -> 
         raise UnsupportedModelError(f"unsupported operators: {', '.join(bad)}")
     with contextlib.suppress(Exception):  # else keep the shapes it already carries
         model = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    return _Writer(model, keep_nchw_input).convert()
+    return _Writer(model, keep_nchw_input, fp16_weights).convert()
+
+
+_OP_NAMES = {v: k for k, v in vars(_B).items() if not k.startswith("_") and isinstance(v, int)}
+
+
+def count_ops(tflite_bytes: bytes) -> dict[str, int]:
+    """Builtin operator name (e.g. "CONV_2D", "DEQUANTIZE") -> how many the model runs."""
+    m = S.ModelT.InitFromPackedBuf(tflite_bytes, 0)
+    # builtinCode is 0 (ADD) in old files that only set the deprecated int8 code
+    codes = [max(oc.builtinCode, oc.deprecatedBuiltinCode) for oc in m.operatorCodes]
+    counts: dict[str, int] = {}
+    for sg in m.subgraphs:
+        for o in sg.operators or []:
+            name = _OP_NAMES.get(codes[o.opcodeIndex], f"BUILTIN_{codes[o.opcodeIndex]}")
+            counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def count_transposes(tflite_bytes: bytes) -> int:
     """How many TRANSPOSE operators the model runs."""
-    m = S.ModelT.InitFromPackedBuf(tflite_bytes, 0)
-    codes = [oc.builtinCode for oc in m.operatorCodes]
-    return sum(
-        1
-        for sg in m.subgraphs
-        for o in (sg.operators or [])
-        if codes[o.opcodeIndex] == _B.TRANSPOSE
-    )
+    return count_ops(tflite_bytes).get("TRANSPOSE", 0)

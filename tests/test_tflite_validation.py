@@ -94,3 +94,24 @@ def test_quantize_to_tflite_fp32_without_tensorflow(digits: Any, tmp_path: Path)
     )  # fmt: skip
     assert bad.returncode == 2 and "written as .tflite" in bad.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_quantize_to_tflite_fp16_halves_the_weights(digits: Any, tmp_path: Path) -> None:
+    from converters.cli import main as edge_convert
+
+    sizes = {}
+    for fmt in ("tflite-fp32", "tflite-fp16"):
+        out = tmp_path / f"{fmt}.tflite"
+        code = edge_convert(
+            ["quantize", str(digits.onnx), "-o", str(out), "--format", fmt, "--eval",
+             str(digits.eval), "--report", str(tmp_path / f"{fmt}.json"),
+             "--latency-seconds", "0.2"]
+        )  # fmt: skip
+        assert code == 0
+        sizes[fmt] = out.stat().st_size
+    import json
+
+    report = json.loads((tmp_path / "tflite-fp16.json").read_text())
+    assert report["format"] == "tflite-fp16" and report["fidelity"]["cosine"] > 0.999
+    assert report["accuracy"]["converted"] >= report["accuracy"]["original"] - 0.5
+    assert sizes["tflite-fp16"] <= 0.55 * sizes["tflite-fp32"]

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from converters.tflite import SUPPORTED_OPS, count_transposes, onnx_to_tflite
+from converters.tflite import SUPPORTED_OPS, count_ops, count_transposes, onnx_to_tflite
 from edge_agent.errors import UnsupportedModelError
 
 Interpreter = pytest.importorskip("ai_edge_litert.interpreter").Interpreter
@@ -421,11 +421,11 @@ def _mlp() -> Any:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "name", ["digits", "resnet", "mobilenet_v2", "mobilenet_v2_grouped", "mlp"]
-)
-def test_end_to_end(name: str) -> None:
+def _e2e_net(name: str) -> tuple[onnx.ModelProto, bool]:
+    """(canonical ONNX model, is a CNN) for one of the end-to-end nets."""
     pytest.importorskip("torch")
+    import torch
+
     from converters import zoo
 
     nets: dict[str, tuple[Any, tuple[int, ...], bool]] = {
@@ -442,10 +442,16 @@ def test_end_to_end(name: str) -> None:
         "mlp": (_mlp, (1, 20), False),
     }  # fmt: skip
     make, shape, cnn = nets[name]
-    import torch
-
     torch.manual_seed(0)
-    model = _canonical(make(), shape)
+    return _canonical(make(), shape), cnn
+
+
+_E2E = ["digits", "resnet", "mobilenet_v2", "mobilenet_v2_grouped", "mlp"]
+
+
+@pytest.mark.parametrize("name", _E2E)
+def test_end_to_end(name: str) -> None:
+    model, cnn = _e2e_net(name)
     t0 = time.perf_counter()
     onnx_to_tflite(model)
     took = time.perf_counter() - t0
@@ -521,3 +527,107 @@ def test_more_elementwise(op: str) -> None:
     err, data = _compare(m)
     assert err <= TOL
     assert count_transposes(data) == 0
+
+
+# -- float16 weights -----------------------------------------------------------------------
+def _tensor_types(data: bytes) -> dict[str, str]:
+    """tflite tensor name -> type name (FLOAT32, FLOAT16, INT32, ...)."""
+    from ai_edge_litert import schema_py_generated as S
+
+    names = {v: k for k, v in vars(S.TensorType).items() if not k.startswith("_")}
+    m = S.ModelT.InitFromPackedBuf(data, 0)
+    return {t.name.decode(): names[t.type] for t in m.subgraphs[0].tensors}
+
+
+def _buffer_bytes(data: bytes) -> int:
+    from ai_edge_litert import schema_py_generated as S
+
+    m = S.ModelT.InitFromPackedBuf(data, 0)
+    return sum(0 if b.data is None else len(b.data) for b in m.buffers)
+
+
+def _io_types(data: bytes) -> list[Any]:
+    it = Interpreter(model_content=data)
+    return [d["dtype"] for d in [*it.get_input_details(), *it.get_output_details()]]
+
+
+@pytest.mark.parametrize("name", _E2E)
+def test_end_to_end_fp16_weights(name: str) -> None:
+    model, cnn = _e2e_net(name)
+    fp32 = onnx_to_tflite(model)
+    fp16 = onnx_to_tflite(model, fp16_weights=True)
+    rng = np.random.default_rng(0)
+    (vi,) = model.graph.input
+    x = rng.standard_normal([d.dim_value for d in vi.type.tensor_type.shape.dim])
+    x = x.astype(np.float32)
+    (want,) = _run_ort(model, {vi.name: x})
+    (got,) = _run_tflite(fp16, [_nhwc(x)])
+    want, got = _nhwc(want).ravel().astype(np.float64), got.ravel().astype(np.float64)
+    cos = float(want @ got / (np.linalg.norm(want) * np.linalg.norm(got)))
+    err = _rel(want, got)
+    ratio, w_ratio = len(fp16) / len(fp32), _buffer_bytes(fp16) / _buffer_bytes(fp32)
+    ops, ops32 = count_ops(fp16), count_ops(fp32)
+    print(
+        f"{name}: size {len(fp32)} -> {len(fp16)} B ({ratio:.3f}x, buffers {w_ratio:.3f}x), "
+        f"cosine {cos:.7f}, max rel err {err:.2e}, DEQUANTIZE {ops.get('DEQUANTIZE', 0)}"
+    )
+    assert cos >= 0.9999
+    assert err <= 1e-2
+    # the weights halve; the file does too where they dominate it (the MLP has 1268 weights,
+    # ~5 KB, against ~1.3 KB of fixed flatbuffer structure: its file ratio is ~0.71)
+    assert w_ratio <= 0.55
+    if cnn:
+        assert ratio <= 0.55
+    n_weights = sum(ops.get(k, 0) for k in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"))
+    assert ops.get("DEQUANTIZE", 0) >= n_weights > 0
+    assert "DEQUANTIZE" not in ops32
+    assert {k: v for k, v in ops.items() if k != "DEQUANTIZE"} == ops32
+    assert ops.get("TRANSPOSE", 0) == 0
+    assert all(t == np.float32 for t in _io_types(fp16))
+
+
+def test_fp16_weight_beyond_float16_range_stays_float32() -> None:
+    rng = np.random.default_rng(8)
+    big = _w(rng, 4, 3, 3, 3)
+    big[1, 2, 0, 0] = 1e6
+    nodes = [
+        helper.make_node("Conv", ["x", "wb"], ["a"], kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Conv", ["a", "ws"], ["y"], kernel_shape=[3, 3], pads=[1] * 4),
+    ]
+    inits = {"wb": big, "ws": _w(rng, 5, 4, 3, 3)}
+    m = _model(nodes, {"x": [1, 3, 6, 6]}, ["y"], inits)
+    err, data = _compare(m, fp16_weights=True)
+    types = _tensor_types(data)
+    assert types["wb_ohwi"] == "FLOAT32" and "wb_ohwi_fp16" not in types
+    assert types["ws_ohwi_fp16"] == "FLOAT16" and types["ws_ohwi"] == "FLOAT32"
+    assert count_ops(data)["DEQUANTIZE"] == 3  # ws and both biases
+    (got,) = _run_tflite(data, [rng.standard_normal((1, 6, 6, 3)).astype(np.float32)])
+    assert np.isfinite(got).all()
+    assert err <= 1e-2
+
+
+def test_fp16_small_and_integer_constants_stay() -> None:
+    """Elementwise constants: float16 from FP16_MIN_ELEMENTS elements; small ones, scalars and
+    integer tensors (shapes, indices) stay as they are; I/O stays float32."""
+    nodes = [
+        helper.make_node("Add", ["x", "big"], ["a"]),
+        helper.make_node("Mul", ["a", "small"], ["b"]),
+        helper.make_node("Mul", ["b", "scalar"], ["c"]),
+        helper.make_node("Reshape", ["c", "s"], ["y"]),
+    ]
+    inits = {
+        "big": np.linspace(-2, 2, 4 * 5 * 3, dtype=np.float32).reshape(3, 4, 5),
+        "small": np.array([0.5, 1.5, 2.0], np.float32).reshape(3, 1, 1),
+        "scalar": np.array(3.0, np.float32),
+        "s": np.array([1, 60], np.int64),
+    }
+    m = _model(nodes, {"x": [1, 3, 4, 5]}, ["y"], inits)
+    err, data = _compare(m, fp16_weights=True)
+    assert err <= 1e-3
+    types = _tensor_types(data)
+    assert [k for k, v in types.items() if v == "FLOAT16"] == ["big@4_fp16"]
+    assert count_ops(data)["DEQUANTIZE"] == 1
+    assert types["small@4"] == "FLOAT32" and types["scalar@4"] == "FLOAT32"
+    assert "INT32" in types.values() and "INT64" not in types.values()
+    assert all(t == np.float32 for t in _io_types(data))
+    assert "DEQUANTIZE" not in count_ops(onnx_to_tflite(m))
