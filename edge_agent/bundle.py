@@ -55,6 +55,7 @@ from typing import IO, Any, NoReturn
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edge_agent.durable import fsync_dir
 from edge_agent.errors import (
     BundleError,
     ConfigError,
@@ -656,7 +657,7 @@ def extract_bundle(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return VerifiedBundle(
         path=path, manifest=verified.manifest, key_id=verified.key_id, extracted=dest
     )
@@ -839,19 +840,6 @@ def write_bundle(
         tmp.unlink(missing_ok=True)
         raise
     return final
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 __all__ = [

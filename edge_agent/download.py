@@ -40,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, NoReturn
 
+from edge_agent.durable import fsync_dir
 from edge_agent.errors import UpdateError, first_line
 
 __all__ = ["CHUNK_SIZE", "download", "redact_url"]
@@ -94,20 +95,6 @@ def _describe(exc: BaseException, timeout: float) -> str:
     if isinstance(reason, BaseException):
         return first_line(reason)
     return str(reason)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _hash_file(path: Path, size: int) -> hashlib._Hash:
@@ -189,7 +176,7 @@ class _Download:
             got = self.digest.hexdigest()
             self.fail(f"sha256 mismatch: got {got}, expected {sha}", discard=True)
         os.replace(self.part, self.dest)
-        _fsync_dir(self.dest.parent)
+        fsync_dir(self.dest.parent)
         return self.dest
 
     def _request(self) -> bool:

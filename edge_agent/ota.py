@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import edge_agent
+from edge_agent.durable import atomic_write, fsync_dir
 from edge_agent.errors import BundleError, EdgeError, ModelError, UpdateError
 from edge_agent.protocol import (
     SCHEMA_VERSION,
@@ -85,28 +86,6 @@ def version_key(version: str) -> tuple[Any, ...]:
     """Orders ``1.2.10`` after ``1.2.9``: numeric parts as numbers, the rest as text."""
     parts = re.split(r"[.+-]", version)
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, whole."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def sha256_file(path: Path) -> str:
@@ -192,7 +171,7 @@ class ModelStore:
                 src.unlink(missing_ok=True)
             return dest
         os.replace(src, dest)
-        _fsync_dir(self.bundles)
+        fsync_dir(self.bundles)
         return dest
 
     def begin(self, entry: Mapping[str, Any]) -> None:

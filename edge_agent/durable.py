@@ -1,0 +1,37 @@
+"""Durable file writes: what survives a crash or a power loss, in one place.
+
+:func:`atomic_write` replaces a file so that afterwards it holds the old bytes or the new ones,
+whole (temporary file, fsync, rename, fsync of the directory). :func:`fsync_dir` makes a rename
+durable. The bundle writer, the HTTP download and the OTA state all use these.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX); a no-op where directories cannot be
+    opened or synced (some file systems refuse it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, whole."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
