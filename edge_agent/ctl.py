@@ -104,12 +104,11 @@ class Client:
         self.prefix = args.prefix
         self._mqtt = mqtt
         self._client_id = client_id or f"edgectl-{uuid.uuid4().hex[:10]}"
+        self._password = self.settings.password(what="--password-file")
         self.protocol = "5"
         self._build(mqtt.MQTTv5)
 
     def _build(self, protocol: int) -> None:
-        from edge_agent.mqtt import credential_path, read_secret
-
         mqtt = self._mqtt
         self.client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -118,20 +117,9 @@ class Client:
         )
         s = self.settings
         if s.username:
-            password = (
-                read_secret(s.password_file, what="--password-file") if s.password_file else None
-            )
-            self.client.username_pw_set(s.username, password)
-        if s.tls:
-            import ssl
-
-            ctx = ssl.create_default_context(
-                cafile=str(credential_path(s.ca_file)) if s.ca_file else None
-            )
-            if s.cert_file:
-                ctx.load_cert_chain(
-                    str(credential_path(s.cert_file)), str(credential_path(s.key_file))
-                )
+            self.client.username_pw_set(s.username, self._password)
+        ctx = s.ssl_context()
+        if ctx is not None:
             self.client.tls_set_context(ctx)
         self.client.max_inflight_messages_set(200)
         self._connected = threading.Event()

@@ -130,6 +130,26 @@ class BrokerSettings:
     def safe_url(self) -> str:
         return f"{urlsplit(self.url).scheme}://{self.host}:{self.port}"
 
+    def password(self, *, what: str = "[mqtt] password_file") -> str | None:
+        """The password from ``password_file`` (or None without one); ``what`` names the
+        setting in an error."""
+        if not self.password_file:
+            return None
+        return read_secret(self.password_file, what=what)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """For mqtts://: the CA (else the system's) and the client certificate, if any."""
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(
+            cafile=str(credential_path(self.ca_file)) if self.ca_file else None
+        )
+        if self.cert_file:
+            ctx.load_cert_chain(
+                str(credential_path(self.cert_file)), str(credential_path(self.key_file))
+            )
+        return ctx
+
 
 def credential_path(name: str, *, environ: dict[str, str] | None = None) -> Path:
     """A secret's file: an absolute or relative path as given, or a bare name inside
@@ -191,11 +211,7 @@ class MqttLink:
         self.on_message = on_message
         self.on_connect = on_connect
         self._rng = rng or random.Random()
-        self._password = (
-            read_secret(settings.password_file, what="[mqtt] password_file")
-            if settings.password_file
-            else None
-        )
+        self._password = settings.password()
         for key in ("ca_file", "cert_file", "key_file"):
             value = getattr(settings, key)
             if value and not credential_path(value).is_file():
@@ -296,15 +312,8 @@ class MqttLink:
         client.max_queued_messages_set(0)
         if self.settings.username:
             client.username_pw_set(self.settings.username, self._password)
-        s = self.settings
-        if s.tls:
-            ctx = ssl.create_default_context(
-                cafile=str(credential_path(s.ca_file)) if s.ca_file else None
-            )
-            if s.cert_file:
-                ctx.load_cert_chain(
-                    str(credential_path(s.cert_file)), str(credential_path(s.key_file))
-                )
+        ctx = self.settings.ssl_context()
+        if ctx is not None:
             client.tls_set_context(ctx)
         if self.will is not None:
             client.will_set(self.will[0], self.will[1], qos=1, retain=True)
