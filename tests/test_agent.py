@@ -8,10 +8,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import onnx
 import pytest
@@ -20,43 +20,43 @@ from onnx import TensorProto, helper
 from edge_agent.cli import main as edge_agent
 from edge_agent.config import load_config, markdown_reference
 from edge_agent.errors import ConfigError
+from tests.fleet import fleet_env_fixture  # noqa: F401  (the `fleet_env` fixture)
 
 CONTRACT = {"seq", "capture_ts", "result_ts", "model", "latency_ms", "output"}
 LATENCY_KEYS = {"capture_to_result", "preprocess", "inference", "postprocess"}
 
 
-def _digits_video(path: Path, x: np.ndarray, *, size: int = 64, fps: float = 30.0) -> None:
-    """Each digit image (values 0..1, 8x8) drawn as one size x size BGR frame of an mp4v video."""
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (size, size))
-    assert writer.isOpened()
-    for img in x[:, 0]:
-        grey = np.clip(img * 255.0, 0, 255).astype(np.uint8)
-        big = cv2.resize(grey, (size, size), interpolation=cv2.INTER_NEAREST)
-        writer.write(cv2.cvtColor(big, cv2.COLOR_GRAY2BGR))
-    writer.release()
-
-
 @pytest.fixture(scope="module")
-def agent_env(tmp_path_factory: pytest.TempPathFactory, digits: Any, keys: Any) -> dict[str, Any]:
-    """Two real signed bundles (v1.0.0 and v1.1.0) of the digits CNN, a digits video, keys."""
-    from converters.cli import main as edge_convert
-
-    root = tmp_path_factory.mktemp("agent")
+def agent_env(fleet_env: dict[str, Any], digits: Any) -> dict[str, Any]:
+    """Two real signed bundles (v1.0.0 and v1.1.0) of the digits CNN, a digits video of the
+    first 120 eval digits, their labels, keys: the session's ``fleet_env``."""
     with np.load(digits.eval) as d:
-        x, y = d["x"][:120], d["y"][:120]
-    _digits_video(root / "digits.mp4", x)
-    np.save(root / "labels.npy", y)
-    for version in ("1.0.0", "1.1.0"):
-        code = edge_convert(
-            [
-                "build", str(digits.onnx), "--profile", "x86-64", "--calibration",
-                str(digits.calibration), "--sign-key", str(keys[0]), "--name", "digits",
-                "--version", version, "-o", str(root / f"digits-{version}.edgebundle"),
-                "--latency-seconds", "0.2",
-            ]
-        )  # fmt: skip
-        assert code == 0
-    return {"root": root, "labels": y, "pub": keys[1]}
+        y = d["y"][:120]
+    return {**fleet_env, "labels": y}
+
+
+def _bundle_loader(
+    agent_env: dict[str, Any], tmp_path: Path, *, threads: int, workers: int = 1
+) -> Callable[[str], Any]:
+    """``load(version)``: the digits bundle of that version, loaded (verified, warmed)."""
+    from edge_agent.cli import open_model
+    from edge_agent.config import AgentConfig, with_overrides
+    from edge_agent.profiles import load_profile
+
+    profile = load_profile("x86-64")
+    base = with_overrides(
+        AgentConfig(),
+        agent={"state_dir": str(tmp_path / "state")},
+        model={"trusted_keys": [str(agent_env["pub"])]},
+    )
+
+    def load(version: str) -> Any:
+        cfg = with_overrides(
+            base, model={"path": str(agent_env["root"] / f"digits-{version}.edgebundle")}
+        )
+        return open_model(cfg, profile, threads=threads, workers=workers)
+
+    return load
 
 
 def _run(*args: object) -> int:
@@ -96,25 +96,11 @@ def test_run_on_a_video_with_a_signed_bundle(agent_env: dict[str, Any], tmp_path
 
 
 def test_hot_swap_under_load_loses_no_frame(agent_env: dict[str, Any], tmp_path: Path) -> None:
-    from edge_agent.cli import open_model
-    from edge_agent.config import AgentConfig, with_overrides
     from edge_agent.pipeline import Pipeline
-    from edge_agent.profiles import load_profile
     from edge_agent.sinks import CallbackSink
     from edge_agent.sources import open_source
 
-    profile = load_profile("x86-64")
-    base = with_overrides(
-        AgentConfig(),
-        agent={"state_dir": str(tmp_path / "state")},
-        model={"trusted_keys": [str(agent_env["pub"])]},
-    )
-
-    def load(version: str) -> Any:
-        cfg = with_overrides(
-            base, model={"path": str(agent_env["root"] / f"digits-{version}.edgebundle")}
-        )
-        return open_model(cfg, profile, threads=1)
+    load = _bundle_loader(agent_env, tmp_path, threads=1)
 
     results: list[dict[str, Any]] = []
     # A live-paced file: 120 frames at 60 fps, so the swap lands mid-stream.
@@ -343,34 +329,20 @@ def test_two_workers_keep_capture_order_through_a_hot_swap(
     """Throughput mode: two frames in flight on one onnxruntime session, a swap mid-stream, the
     old model closed as soon as swap_model returns. Every frame comes out once, in order, none
     on a closed model, and the predictions equal a one-worker run's."""
-    from edge_agent.cli import open_model
-    from edge_agent.config import AgentConfig, with_overrides
     from edge_agent.pipeline import Pipeline
-    from edge_agent.profiles import load_profile
     from edge_agent.sinks import CallbackSink
     from edge_agent.sources import open_source
 
-    profile = load_profile("x86-64")
-    base = with_overrides(
-        AgentConfig(),
-        agent={"state_dir": str(tmp_path / "state")},
-        model={"trusted_keys": [str(agent_env["pub"])]},
-    )
-
-    def load(version: str, workers: int) -> Any:
-        cfg = with_overrides(
-            base, model={"path": str(agent_env["root"] / f"digits-{version}.edgebundle")}
-        )
-        return open_model(cfg, profile, threads=2, workers=workers)
-
+    load_one = _bundle_loader(agent_env, tmp_path, threads=2, workers=1)
+    load_two = _bundle_loader(agent_env, tmp_path, threads=2, workers=2)
     video = f"file:{agent_env['root'] / 'digits.mp4'}"
     single: list[dict[str, Any]] = []
     Pipeline(
-        source=open_source(video), model=load("1.0.0", 1), sinks=[CallbackSink(single.append)]
+        source=open_source(video), model=load_one("1.0.0"), sinks=[CallbackSink(single.append)]
     ).run()
 
     results: list[dict[str, Any]] = []
-    model = load("1.0.0", 2)
+    model = load_two("1.0.0")
     assert model.workers == 2
     pipe = Pipeline(
         source=open_source(video, pace="native", fps=200.0),
@@ -383,7 +355,7 @@ def test_two_workers_keep_capture_order_through_a_hot_swap(
     def swap_later() -> None:
         while len(results) < 40:
             time.sleep(0.002)
-        pipe.swap_model(load("1.1.0", 2)).close()  # closed at once: no worker may still use it
+        pipe.swap_model(load_two("1.1.0")).close()  # closed at once: no worker may still use it
         swapped.set()
 
     t = threading.Thread(target=swap_later)
@@ -479,23 +451,12 @@ def test_postprocessing_error_is_counted_not_fatal(
     the health window sees; it must not take the agent down."""
     import dataclasses
 
-    from edge_agent.cli import open_model
-    from edge_agent.config import AgentConfig, with_overrides
     from edge_agent.errors import ModelError
     from edge_agent.pipeline import Pipeline
-    from edge_agent.profiles import load_profile
     from edge_agent.sinks import CallbackSink
     from edge_agent.sources import open_source
 
-    cfg = with_overrides(
-        AgentConfig(),
-        agent={"state_dir": str(tmp_path / "state")},
-        model={
-            "path": str(agent_env["root"] / "digits-1.0.0.edgebundle"),
-            "trusted_keys": [str(agent_env["pub"])],
-        },
-    )
-    model = open_model(cfg, load_profile("x86-64"), threads=1)
+    model = _bundle_loader(agent_env, tmp_path, threads=1)("1.0.0")
 
     def unreadable(*args: Any, **kw: Any) -> dict[str, Any]:
         raise ModelError("got 2 outputs, the model declares 1")
