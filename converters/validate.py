@@ -295,7 +295,9 @@ class LiteRTSession:
 
     Feeds and results keep the ONNX model's names and layout: a 4-D NCHW input the TFLite model
     takes as NHWC is transposed on the way in, and an NHWC output back to NCHW on the way out.
-    A batch larger than the model's fixed batch of 1 is run one sample at a time."""
+    A batch larger than the model's fixed batch of 1 is run one sample at a time. The model runs
+    in the device's own runtime (``edge_agent.runtimes.tflite``): the same interpreter fallbacks,
+    and int8 inputs and outputs quantized and dequantized as on the device."""
 
     def __init__(
         self,
@@ -305,17 +307,11 @@ class LiteRTSession:
         outputs: Sequence[Mapping[str, Any]],
         threads: int = 0,
     ) -> None:
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError:  # pragma: no cover - the fallback runtime
-            from tflite_runtime.interpreter import Interpreter
-        try:
-            self._interp = Interpreter(model_path=str(path), num_threads=threads or None)
-            self._interp.allocate_tensors()
-        except Exception as exc:
-            raise ModelError(f"{path}: LiteRT cannot load it: {first_line(exc)}") from exc
-        self._in = self._interp.get_input_details()
-        self._out = self._interp.get_output_details()
+        from edge_agent.runtimes.tflite import LiteRTRuntime
+
+        self._rt = LiteRTRuntime(Path(path), threads=threads)  # ModelError if it cannot load
+        self._in = self._rt.inputs
+        self._out = self._rt.outputs
         if len(self._in) != len(inputs) or len(self._out) != len(outputs):
             raise ModelError(
                 f"{path}: {len(self._in)} inputs / {len(self._out)} outputs, the ONNX model has "
@@ -347,20 +343,18 @@ class LiteRTSession:
         return y
 
     def run(self, names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        interp = self._interp
         arrays = [np.asarray(feeds[a.name]) for a in self._inputs]
         batch = int(arrays[0].shape[0]) if arrays and arrays[0].ndim else 1
-        fixed = int(self._in[0]["shape"][0]) if len(self._in[0]["shape"]) else 1
-        step = fixed if fixed > 0 else batch
+        shapes = [[d or 1 for d in spec.shape] for spec in self._in]  # dynamic dims run as 1
+        step = shapes[0][0] if shapes and shapes[0] else 1
         chunks: list[list[np.ndarray]] = [[] for _ in self._out]
         for start in range(0, batch, max(step, 1)):
-            for detail, x in zip(self._in, arrays):
-                part = x[start : start + step] if x.ndim else x
-                part = self._to_tflite(part, detail["shape"]).astype(detail["dtype"], copy=False)
-                interp.set_tensor(detail["index"], part)
-            interp.invoke()
-            for i, (detail, spec) in enumerate(zip(self._out, self._outputs)):
-                chunks[i].append(self._to_onnx(interp.get_tensor(detail["index"]), spec.shape))
+            tfl_feeds = {
+                spec.name: self._to_tflite(x[start : start + step] if x.ndim else x, shape)
+                for spec, shape, x in zip(self._in, shapes, arrays)
+            }
+            for i, (y, arg) in enumerate(zip(self._rt.infer(tfl_feeds), self._outputs)):
+                chunks[i].append(self._to_onnx(y, arg.shape))
         outs = [np.concatenate(c) if len(c) > 1 else c[0] for c in chunks]
         if names is None:
             return outs
