@@ -33,6 +33,16 @@ def _doc(text: str, **kw: Any) -> Any:
     return field(metadata={"doc": text}, **kw)
 
 
+def _at_least(section: str, obj: Any, minimum: int, *keys: str, strict: bool = False) -> None:
+    """``config: [section] key = value: must be >= minimum`` (``> minimum`` when ``strict``) for
+    the first of ``keys`` that breaks it, in order."""
+    for key in keys:
+        value = getattr(obj, key)
+        if value < minimum or (strict and value == minimum):
+            rule = f"> {minimum}" if strict else f">= {minimum}"
+            raise ConfigError(f"config: [{section}] {key} = {value}: must be {rule}")
+
+
 @dataclass(frozen=True)
 class AgentSection:
     device_id: str = _doc(
@@ -106,9 +116,7 @@ class SourceSection:
             raise ConfigError(
                 f"config: [source] pace = {self.pace!r}: expected one of 'none', 'native'"
             )
-        for key in ("window_size", "window_hop", "window_channels"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"config: [source] {key} = {getattr(self, key)}: must be >= 0")
+        _at_least("source", self, 0, "window_size", "window_hop", "window_channels")
 
 
 @dataclass(frozen=True)
@@ -137,14 +145,8 @@ class PipelineSection:
     )
 
     def __post_init__(self) -> None:
-        if self.workers < 0:
-            raise ConfigError(f"config: [pipeline] workers = {self.workers}: must be >= 0")
-        if self.max_frames < 0:
-            raise ConfigError(f"config: [pipeline] max_frames = {self.max_frames}: must be >= 0")
-        if self.drain_timeout <= 0:
-            raise ConfigError(
-                f"config: [pipeline] drain_timeout = {self.drain_timeout}: must be > 0"
-            )
+        _at_least("pipeline", self, 0, "workers", "max_frames")
+        _at_least("pipeline", self, 0, "drain_timeout", strict=True)
 
 
 @dataclass(frozen=True)
@@ -219,11 +221,8 @@ class MqttSection:
                 f"config: [mqtt] results = {self.results!r}: "
                 "expected one of 'all', 'change', 'none'"
             )
-        for key in ("results_max_rate", "spool_max_mb", "flush_timeout"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"config: [mqtt] {key} = {getattr(self, key)}: must be >= 0")
-        if self.keepalive < 5:
-            raise ConfigError(f"config: [mqtt] keepalive = {self.keepalive}: must be >= 5")
+        _at_least("mqtt", self, 0, "results_max_rate", "spool_max_mb", "flush_timeout")
+        _at_least("mqtt", self, 5, "keepalive")
         from edge_agent.protocol import ProtocolError, check_name
 
         for group in self.groups:
@@ -253,12 +252,8 @@ class TelemetrySection:
     )
 
     def __post_init__(self) -> None:
-        if self.interval <= 0:
-            raise ConfigError(f"config: [telemetry] interval = {self.interval}: must be > 0")
-        if self.monitor_every < 0:
-            raise ConfigError(
-                f"config: [telemetry] monitor_every = {self.monitor_every}: must be >= 0"
-            )
+        _at_least("telemetry", self, 0, "interval", strict=True)
+        _at_least("telemetry", self, 0, "monitor_every")
         if not 0 <= self.prometheus_port < 65536:
             raise ConfigError(
                 f"config: [telemetry] prometheus_port = {self.prometheus_port}: must be 0-65535"
@@ -299,19 +294,13 @@ class OtaSection:
     ca_file: str = _doc("CA certificate for https:// bundle URLs ('' = the system's).", default="")
 
     def __post_init__(self) -> None:
-        for key in ("health_window", "transfer_timeout", "max_bundle_mb", "latency_budget"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"config: [ota] {key} = {getattr(self, key)}: must be > 0")
+        keys = ("health_window", "transfer_timeout", "max_bundle_mb", "latency_budget")
+        _at_least("ota", self, 0, *keys, strict=True)
         if not 0 <= self.max_error_rate <= 1:
             raise ConfigError(
                 f"config: [ota] max_error_rate = {self.max_error_rate}: must be between 0 and 1"
             )
-        if self.keep_models < 1:
-            raise ConfigError(f"config: [ota] keep_models = {self.keep_models}: must be >= 1")
-        if self.health_min_frames < 1:
-            raise ConfigError(
-                f"config: [ota] health_min_frames = {self.health_min_frames}: must be >= 1"
-            )
+        _at_least("ota", self, 1, "keep_models", "health_min_frames")
 
 
 @dataclass(frozen=True)
