@@ -145,7 +145,7 @@ class Pipeline:
         self.on_progress = on_progress
         self.state = State.STARTING
         self.stats = StageStats.new()
-        self._window = StageStats.new()  # since the last take_window(): telemetry's interval
+        self._window_mark = self.stats.mark()  # where telemetry's interval started
         self.frames = 0
         self.results = 0
         self.inference_errors = 0
@@ -452,14 +452,7 @@ class Pipeline:
             stats.postprocess.record(t_done - t_post)
             # Our own cost per frame: everything but inference and postprocessing, and not the
             # wait for this frame's turn (the other worker's inference, not overhead).
-            overhead = (t_end - t_start) - (t_done - t_inf) - (t_emit - t_ready)
-            stats.overhead.record(overhead)
-            w = self._window
-            w.capture_to_result.record(t_done - capture_ns)
-            w.preprocess.record(pre_ns)
-            w.inference.record(t_post - t_inf)
-            w.postprocess.record(t_done - t_post)
-            w.overhead.record(overhead)
+            stats.overhead.record((t_end - t_start) - (t_done - t_inf) - (t_emit - t_ready))
             self.last_result_mono = time.monotonic()
             if self.on_progress is not None:
                 self.on_progress()
@@ -483,7 +476,8 @@ class Pipeline:
     def take_window(self) -> dict[str, dict[str, float | int | None]]:
         """Per-stage latency since the last call (telemetry's interval), and start a new one."""
         with self._cond:
-            window, self._window = self._window, StageStats.new()
+            window = self.stats.since(self._window_mark)
+            self._window_mark = self.stats.mark()
         return window.summary()
 
     def summary(self) -> dict[str, Any]:

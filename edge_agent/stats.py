@@ -68,6 +68,22 @@ class LatencyHistogram:
         self._counts = [0] * _BUCKETS
         self.count = self.total_ns = self.max_ns = 0
 
+    def mark(self) -> tuple[list[int], int, int]:
+        """Where the histogram stands now, for :meth:`since`."""
+        return list(self._counts), self.count, self.total_ns
+
+    def since(self, mark: tuple[list[int], int, int]) -> LatencyHistogram:
+        """What was recorded after ``mark``, as a histogram of its own (an interval's
+        percentiles without recording twice). Its max is the top bucket's middle, as exact as
+        the percentiles."""
+        counts, count, total = mark
+        h = LatencyHistogram()
+        h._counts = [a - b for a, b in zip(self._counts, counts)]
+        h.count, h.total_ns = self.count - count, self.total_ns - total
+        top = max((i for i, c in enumerate(h._counts) if c), default=None)
+        h.max_ns = 0 if top is None else int(_MIDDLES_MS[top] * 1e6)
+        return h
+
 
 @dataclass
 class StageStats:
@@ -85,3 +101,9 @@ class StageStats:
 
     def summary(self) -> dict[str, dict[str, float | int | None]]:
         return {k: getattr(self, k).summary() for k in self.__dataclass_fields__}
+
+    def mark(self) -> dict[str, tuple[list[int], int, int]]:
+        return {k: getattr(self, k).mark() for k in self.__dataclass_fields__}
+
+    def since(self, marks: dict[str, tuple[list[int], int, int]]) -> StageStats:
+        return StageStats(*(getattr(self, k).since(marks[k]) for k in self.__dataclass_fields__))

@@ -472,3 +472,21 @@ def test_postprocessing_error_is_counted_not_fatal(
     assert summary["results"] == 0 and summary["inference_errors"] == 120
     assert pipe.errors_of(broken) == 120
     model.close()
+
+
+def test_interval_histogram_is_what_was_recorded_after_the_mark() -> None:
+    from edge_agent.stats import LatencyHistogram
+
+    whole, later = LatencyHistogram(), LatencyHistogram()
+    for ns in (5_000_000, 7_000_000, 90_000_000):
+        whole.record(ns)
+    mark = whole.mark()
+    for ns in (1_000_000, 2_000_000, 3_000_000, 40_000_000):
+        whole.record(ns)
+        later.record(ns)
+    window = whole.since(mark)
+    assert window.count == 4 and window.total_ns == later.total_ns
+    for p in (50, 95, 99):
+        assert window.percentile(p) == later.percentile(p)
+    assert abs(window.summary()["max"] - 40.0) < 40.0 * 0.05  # the top bucket's middle
+    assert whole.since(whole.mark()).percentile(50) is None  # nothing since: empty
