@@ -49,23 +49,28 @@ class MqttResultSink:
 
     def write(self, result: dict[str, Any]) -> None:
         seq = int(result["seq"])
-        self.spool.observe_seq("results", seq)
+        if self._wanted(result):
+            self.spool.put("results", self.topic, protocol.dumps(result), seq=seq)
+        else:  # not sent, but its seq is taken: the counter must not hand it out again
+            self.spool.observe_seq("results", seq)
+
+    def _wanted(self, result: dict[str, Any]) -> bool:
         if self.mode == "none":
-            return
+            return False
         if self.mode == "change":
             out = result.get("output") or {}
             key = (out.get("class"), out.get("label"), out.get("dominant"))
             if key == self._last_key:
                 self.skipped += 1
-                return
+                return False
             self._last_key = key
         if self.min_interval:
             now = time.monotonic()
             if now - self._last_sent < self.min_interval:
                 self.skipped += 1
-                return
+                return False
             self._last_sent = now
-        self.spool.put("results", self.topic, protocol.dumps(result), seq=seq)
+        return True
 
     def close(self) -> None:
         pass
@@ -480,8 +485,7 @@ class Service:
 
     def _on_connect(self, link: Any) -> None:
         assert self.topics is not None
-        link.send(self.topics.status, protocol.dumps(self._status("online")), retain=True)
-        self._publish_reported()
+        self._publish_reported()  # the retained reported state, and status "online"
         if self.config.mqtt.home_assistant:
             from edge_agent.integrations import home_assistant_discovery
 
