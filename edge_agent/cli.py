@@ -199,9 +199,8 @@ def thread_plan(profile: Any, *, requested: int, source_kind: str) -> int:
 #: Throughput mode runs at most this many frames at once (memory: one set of activations each).
 MAX_WORKERS = 4
 #: Throughput mode only pays for a model whose warm inference takes at least this long: decoding
-#: and preprocessing a 640x480 frame costs about 0.7 ms of CPU here, and with a faster model a
-#: second worker starves the capture thread instead (measured: 1 ms model, no gain; 32 ms model,
-#: 1.15x the raw invoke loop with both threads).
+#: and preprocessing a 640x480 frame costs about 0.7 ms of CPU, and with a faster model a second
+#: worker starves the capture thread instead (the measurements: docs/agent.md, "Workers").
 THROUGHPUT_MIN_MS = 5.0
 
 

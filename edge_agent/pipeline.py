@@ -11,8 +11,8 @@ Workers: by default one inference thread runs the model with all the runtime's t
 latency, right for live sources). With ``workers=N`` (a thread-safe runtime, such as
 onnxruntime, loaded with threads/N intra-op threads each), N frames are in flight at once: on a
 throughput-bound source (a file at ``pace="none"``) this beats one frame with N intra-op threads,
-which synchronise at every operator (measured 1.13x on a 32 ms model, 1.8x on a 1 ms one, 2
-cores). Results still leave in capture order: each worker waits for its turn to emit, so ``seq``
+which synchronise at every operator (the measurements: docs/agent.md, "Workers"). Results
+still leave in capture order: each worker waits for its turn to emit, so ``seq``
 follows the frames.
 
 Hot swap: :meth:`Pipeline.swap_model` takes a model that is already loaded and warmed beside the
