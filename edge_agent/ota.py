@@ -19,7 +19,7 @@ the desired bundle differs from the committed one, :class:`Updater` runs, in its
 4. **swap** between two frames (``Pipeline.swap_model``), then a **health window**: no inference
    errors or NaN/inf outputs beyond ``max_error_rate``, inference p95 within ``latency_budget``
    times the reference (the larger of the bundle's measured latency and the previous model's p95
-   here), enough frames, and predictions that did not collapse to one class where the previous
+   here) or within ``latency_slack_ms`` of it (scheduler jitter), enough frames, and predictions that did not collapse to one class where the previous
    model's were spread. Pass: **commit**. Fail: swap back to the previous model (still loaded),
    and an event that says why.
 
@@ -857,11 +857,16 @@ class Updater:
                 f"{errors} of {max(frames, errors)} frames failed (inference errors or NaN/inf "
                 f"outputs; allowed rate {s.max_error_rate:g})"
             )
-        elif p95 is not None and reference and p95 > s.latency_budget * reference:
+        elif (
+            p95 is not None
+            and reference
+            and p95 > s.latency_budget * reference
+            and p95 > reference + s.latency_slack_ms
+        ):
             verdict.ok = False
             verdict.reason = (
                 f"inference p95 {p95:.2f} ms is over {s.latency_budget:g}x the reference "
-                f"{reference:.2f} ms"
+                f"{reference:.2f} ms (and more than {s.latency_slack_ms:g} ms over it)"
             )
         elif s.check_collapse:
             new_top = _top_fraction(rec["cls"])

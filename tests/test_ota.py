@@ -509,3 +509,19 @@ def test_bundle_needing_a_newer_agent_is_refused(
     jetson = dict(manifest, artifacts=[{"format": "onnx-int8", "profiles": ["jetson-nano"]}])
     with pytest.raises(UpdateError, match="not this device's profile x86-64"):
         check_compatible(jetson, load_profile("x86-64"))
+
+
+def test_a_model_over_the_latency_budget_is_rolled_back(
+    broker: Broker, fleet_env: dict[str, Any], faulty: dict[str, Path], tmp_path: Path
+) -> None:
+    """With no slack and a budget no model can meet, the latency rule fails the window (the
+    default 5 ms slack is what keeps jitter on a sub-millisecond model from doing so)."""
+    cfg = _config(broker, fleet_env, tmp_path, extra="latency_budget = 0.01\nlatency_slack_ms = 0")
+    with Collector(broker, [f"{TOPICS.base}/#"]) as consumer, AgentProcess(tmp_path, cfg) as agent:
+        _online(broker, agent)
+        rep = _outcome(consumer, _deploy(broker, faulty["good_120"]))
+        assert rep["update"]["state"] == "rolled_back" and rep["model"]["version"] == "1.0.0"
+        assert (
+            "inference p95" in rep["update"]["reason"] and "over 0.01x" in rep["update"]["reason"]
+        )
+        assert agent.stop() == 0
