@@ -283,7 +283,7 @@ class OtaSection:
         default=3.0,
     )
     latency_slack_ms: float = _doc(
-        "...and it fails only when it is also this many milliseconds over the reference: a "
+        "...plus this many milliseconds: a "
         "sub-millisecond model's p95 on a busy device is scheduler jitter (seen: 2.6 ms against "
         "a 0.82 ms reference, four agents on 2 cores, tests/test_ota.py rollout test).",
         default=5.0,

@@ -514,8 +514,10 @@ def test_bundle_needing_a_newer_agent_is_refused(
 def test_a_model_over_the_latency_budget_is_rolled_back(
     broker: Broker, fleet_env: dict[str, Any], faulty: dict[str, Path], tmp_path: Path
 ) -> None:
-    """With no slack and a budget no model can meet, the latency rule fails the window (the
-    default 5 ms slack is what keeps jitter on a sub-millisecond model from doing so)."""
+    """With no slack and a budget no model can meet (0.01x the reference), the latency rule fails
+    the window (the default 5 ms slack is what keeps jitter on a sub-millisecond model from doing
+    so). The limit is budget x reference + slack: with a max() of the two, as before, a p95 just
+    under the reference passed and this test flaked in CI."""
     cfg = _config(broker, fleet_env, tmp_path, extra="latency_budget = 0.01\nlatency_slack_ms = 0")
     with Collector(broker, [f"{TOPICS.base}/#"]) as consumer, AgentProcess(tmp_path, cfg) as agent:
         _online(broker, agent)
