@@ -39,12 +39,14 @@ from converters.validate import (
     run_all,
 )
 from edge_agent.errors import AccuracyBudgetError, ConfigError, DataError, EdgeError
-from edge_agent.formats import ONNX_FORMATS, Int8Scheme
+from edge_agent.formats import ONNX_FORMATS, TFLITE_FORMATS, Int8Scheme
 from edge_agent.preprocess import PreprocessSpec
 
-#: What ``convert`` produces: every ONNX format, and TFLite fp32 / fp16 from our own flatbuffer
-#: writer (no TensorFlow; ``converters/tflite.py``).
-QUANTIZE_FORMATS = (*ONNX_FORMATS, "tflite-fp32", "tflite-fp16")
+#: What ``convert`` produces: every ONNX format, and TFLite fp32 / fp16 / int8 from our own
+#: flatbuffer writer (no TensorFlow; ``converters/tflite.py``, ``converters/tflite_int8.py``).
+QUANTIZE_FORMATS = (*ONNX_FORMATS, *TFLITE_FORMATS)
+#: formats that quantize activations, so need calibration data
+_STATIC_INT8 = ("onnx-int8", "tflite-int8")
 
 if TYPE_CHECKING:
     from edge_agent.profiles import DeviceProfile
@@ -74,13 +76,13 @@ class ConvertOptions:
     progress: bool | None = None
     latency_seconds: float = 1.5
     host_profile: bool = True
+    int8_io: bool = False  # tflite-int8: int8 inputs and outputs (default float32)
 
     def __post_init__(self) -> None:
         if self.fmt not in QUANTIZE_FORMATS:
-            later = " (tflite-int8 is not written yet)" if self.fmt.startswith("tflite") else ""
-            raise ConfigError(
-                f"--format {self.fmt}: expected one of {', '.join(QUANTIZE_FORMATS)}{later}"
-            )
+            raise ConfigError(f"--format {self.fmt}: expected one of {', '.join(QUANTIZE_FORMATS)}")
+        if self.int8_io and self.fmt != "tflite-int8":
+            raise ConfigError(f"--io-type int8 applies to --format tflite-int8, not {self.fmt}")
         if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 100:
             raise ConfigError(
                 f"--max-accuracy-drop {self.max_accuracy_drop}: must be between 0 and 100 points"
@@ -253,10 +255,11 @@ def _convert(
     eval_ds: Dataset | None = None
     if options.calibration is not None:
         calib_ds = load_dataset(options.calibration, input_specs=in_specs, preprocess=preprocess)
-    elif options.fmt == "onnx-int8":
+    elif options.fmt in _STATIC_INT8:
+        alt = "onnx-int8-dynamic" if options.fmt == "onnx-int8" else "tflite-fp16"
         raise ConfigError(
-            "onnx-int8 needs --calibration PATH (.npy/.npz of preprocessed samples, or an image "
-            "directory); or use --format onnx-int8-dynamic"
+            f"{options.fmt} needs --calibration PATH (.npy/.npz of preprocessed samples, or an "
+            f"image directory); or use --format {alt}"
         )
     cal_idx: list[int] = []
     if options.eval is not None:
@@ -405,6 +408,22 @@ def _convert(
         )
         sens_feeds = list(Subset(calib.ds, evenly(calib.indices, 16)).batches(batch=step))
         schemes = options.schemes or options.profile.int8_schemes
+        if fmt == "tflite-int8":
+            candidates.append(
+                _tflite_int8_candidate(
+                    canon=canon,
+                    fp32=fp32_path,
+                    cache=cache,
+                    method=options.calibration_method,
+                    sens_feeds=sens_feeds,
+                    evaluate=evaluate,
+                    threads=threads,
+                    tmp=tmp,
+                    fallback=options.float_fallback,
+                    int8_io=options.int8_io,
+                )
+            )
+            schemes = ()
         for name in schemes:
             scheme = Int8Scheme.parse(name)
             candidates.append(
@@ -615,6 +634,49 @@ def _int8_candidate(
         )
     except EdgeError as exc:
         return Candidate(scheme.name, tmp / "missing", error=str(exc), scheme=scheme.name)
+
+
+def _tflite_int8_candidate(
+    *,
+    canon: CanonicalModel,
+    fp32: Path,
+    cache: Path,
+    method: str,
+    sens_feeds: Sequence[Mapping[str, np.ndarray]],
+    evaluate: Any,
+    threads: int,
+    tmp: Path,
+    fallback: bool,
+    int8_io: bool,
+) -> Candidate:
+    """Full-integer TFLite from the calibration the int8 ONNX path uses (the same ranges);
+    nodes over the budget are kept in float, ranked on the ONNX s8s8 QDQ twin (the same
+    quantization: int8 activations, per-channel symmetric int8 weights)."""
+    from converters.tflite import onnx_to_tflite
+    from converters.tflite_int8 import Int8Config, load_ranges
+
+    ranges = load_ranges(cache)
+
+    def make(exclude: Sequence[str], tag: str) -> Path:
+        path = tmp / f"tflite-int8-{tag}.tflite"
+        cfg = Int8Config(ranges=ranges, float_nodes=tuple(exclude), int8_io=int8_io)
+        path.write_bytes(onnx_to_tflite(canon.model, int8=cfg))
+        return path
+
+    def ranking() -> list[dict[str, Any]]:
+        twin = q.quantize_int8_static(
+            fp32, tmp / "tflite-twin.onnx", scheme=Int8Scheme.parse("s8s8-qdq"),
+            cache_path=cache, method=method,
+        )  # fmt: skip
+        return q.activation_sensitivity(
+            canon.model, onnx.load_model(str(twin)), sens_feeds, threads=threads
+        )
+
+    label = "tflite-int8" + ("-int8-io" if int8_io else "")
+    try:
+        return _with_budget(label, make, ranking, evaluate, scheme=label, fallback=fallback)
+    except EdgeError as exc:
+        return Candidate(label, tmp / "missing", error=str(exc), scheme=label)
 
 
 def _budget_failure(fmt: str, candidates: Sequence[Candidate], budget: _Budget) -> str:

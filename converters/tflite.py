@@ -32,6 +32,7 @@ import onnx
 from ai_edge_litert import schema_py_generated as S
 from onnx import helper, numpy_helper, shape_inference
 
+from converters.tflite_int8 import Int8Config, quantize_graph
 from edge_agent.errors import UnsupportedModelError
 
 __all__ = ["FP16_MIN_ELEMENTS", "SUPPORTED_OPS", "count_ops", "count_transposes", "onnx_to_tflite"]
@@ -94,6 +95,10 @@ class _Writer:
         self.skip: set[str] = set()  # nodes folded into an earlier op (fused activations)
         self.flat_nhwc: dict[str, tuple[int, int, int]] = {}  # flattened NHWC name -> (C, H, W)
         self.fused_out: dict[str, str] = {}  # op output -> output of the activation fused into it
+        # for int8: the ONNX tensor whose calibrated range a tflite tensor has, and the ONNX
+        # node each operator was emitted for (float fallback keeps a node's operators float)
+        self.range_src: dict[int, str] = {}
+        self.op_node: list[str] = []
 
     # -- low-level -------------------------------------------------------------------------
     def new_tensor(
@@ -115,6 +120,7 @@ class _Writer:
             np.dtype(np.int32): S.TensorType.INT32,
             np.dtype(np.int64): S.TensorType.INT64,
             np.dtype(np.bool_): S.TensorType.BOOL,
+            np.dtype(np.int8): S.TensorType.INT8,
         }[dt]
         self.tensors.append(t)
         return len(self.tensors) - 1
@@ -175,6 +181,7 @@ class _Writer:
         """The tflite tensor for activation ``name`` produced in layout ``perm``."""
         shp = self.shape(name)
         idx = self.new_tensor(name, [shp[p] for p in perm])
+        self.range_src[idx] = name
         self.index[name] = {perm: idx}
         self.perm[name] = perm
         return idx
@@ -263,7 +270,8 @@ class _Writer:
         return lo, hi
 
     # -- driver ----------------------------------------------------------------------------
-    def convert(self) -> bytes:
+    def build(self) -> tuple[list[int], list[int]]:
+        """Emit every node; the subgraph's (input, output) tensor indices."""
         inputs = []
         for vi in self.graph.input:
             if vi.name in self.consts:
@@ -274,12 +282,21 @@ class _Writer:
         for node in self.graph.node:
             if node.output and node.output[0] in self.skip:
                 continue
+            start = len(self.ops)
             _OPS[node.op_type](self, node)
+            self.op_node.extend([node.name or node.output[0]] * (len(self.ops) - start))
             for o, final in list(self.fused_out.items()):
                 if o in self.index and final not in self.index:
                     # the fused activation's output is the op's output
                     self.alias(final, o)
+                    for idx in self.index[o].values():
+                        self.range_src[idx] = final
+        start = len(self.ops)
         outputs = [self.get(o.name, self.default_perm(o.name)) for o in self.graph.output]
+        self.op_node.extend(["(graph outputs)"] * (len(self.ops) - start))
+        return inputs, outputs
+
+    def pack(self, inputs: list[int], outputs: list[int]) -> bytes:
         model = S.ModelT()
         model.version, model.description = 3, b"edge converters.tflite"
         sg = S.SubGraphT()
@@ -417,6 +434,7 @@ def _grouped_conv(
         f = w.const(f"{name}_w{g}", wt[g * per : (g + 1) * per].transpose(0, 2, 3, 1), True)
         b = w.const(f"{name}_b{g}", bias[g * per : (g + 1) * per], True)
         t = w.new_tensor(f"{name}_out{g}", [out_shape[0], out_shape[2], out_shape[3], per])
+        w.range_src[t] = w.fused_out.get(name, name)  # the CONCATENATION keeps one scale
         w.op(_B.CONV_2D, [part, f, b], [t], o)
         outs.append(t)
     co = S.ConcatenationOptionsT()
@@ -458,12 +476,74 @@ def _pool(w: _Writer, node: onnx.NodeProto) -> None:
 
 
 def _global_pool(w: _Writer, node: onnx.NodeProto) -> None:
-    x = w.get(node.input[0], NHWC)
+    rank = len(w.shape(node.input[0]))
+    perm = NHWC if rank == 4 else w.layout(node.input[0])
+    x = w.get(node.input[0], perm)
     o = S.ReducerOptionsT()
     o.keepDims = True
     code = _B.MEAN if node.op_type == "GlobalAveragePool" else _B.REDUCE_MAX
-    axes = w.const(f"{node.output[0]}_axes", np.array([1, 2], np.int32))
-    w.op(code, [x, axes], [w.produce(node.output[0], NHWC)], o)
+    spatial = sorted(perm.index(a) for a in range(2, rank))
+    axes = w.const(f"{node.output[0]}_axes", np.array(spatial, np.int32))
+    w.op(code, [x, axes], [w.produce(node.output[0], perm)], o)
+
+
+#: the layout a rank-3 (N, C, L) activation of a 1-D conv net is carried in: (N, L, C)
+NLC: tuple[int, ...] = (0, 2, 1)
+
+
+def _as_2d(w: _Writer, node: onnx.NodeProto, kernel: Callable[[_Writer, onnx.NodeProto], None]) -> None:
+    """A 1-D Conv / MaxPool / AveragePool on (N, C, L), run as the 2-D op on (N, C, 1, L): the
+    (N, L, C) tensor is RESHAPEd (no data movement) to NHWC (N, 1, L, C) and back."""
+    x3, out = node.input[0], node.output[0]
+    n, c, length = w.shape(x3)
+    key = f"{x3}@2d"
+    if key not in w.index:
+        src = w.get(x3, NLC)
+        w.shapes[key] = [n, c, 1, length]
+        t = w.produce(key, NHWC)
+        w.range_src[t] = x3
+        w.op(_B.RESHAPE, [src, w.const(f"{key}_shape", np.array([n, 1, length, c]))], [t])
+    a = _attrs(node)
+    attrs: dict[str, Any] = {}
+    for k, v in a.items():
+        if k in ("kernel_shape", "strides", "dilations"):
+            attrs[k] = [1, *v]
+        elif k == "pads":
+            attrs[k] = [0, v[0], 0, v[1]]
+        else:
+            attrs[k] = v
+    ins = [key, *node.input[1:]]
+    if node.op_type == "Conv":
+        wkey = f"{node.input[1]}@2d"
+        w.consts[wkey] = w.consts[node.input[1]][:, :, None, :]
+        ins[1] = wkey
+    on, oc, ol = w.shape(out)
+    out2 = f"{out}@2d"
+    w.shapes[out2] = [on, oc, 1, ol]
+    w.consumers[out2] = w.consumers.get(out, [])
+    if out in w.outputs:
+        w.outputs.add(out2)
+    kernel(w, helper.make_node(node.op_type, ins, [out2], name=node.name, **attrs))
+    target = w.fused_out.pop(out2, None) or out  # an activation fused into the 2-D op
+    y = w.get(out2, NHWC)
+    w.range_src[y] = target
+    shp = w.shape(target)
+    t = w.produce(target, NLC)
+    w.op(_B.RESHAPE, [y, w.const(f"{target}_shape", np.array([shp[0], shp[2], shp[1]]))], [t])
+
+
+def _conv_any(w: _Writer, node: onnx.NodeProto) -> None:
+    if len(w.shape(node.input[0])) == 3 and node.input[1] in w.consts:
+        _as_2d(w, node, _conv)
+    else:
+        _conv(w, node)
+
+
+def _pool_any(w: _Writer, node: onnx.NodeProto) -> None:
+    if len(w.shape(node.input[0])) == 3:
+        _as_2d(w, node, _pool)
+    else:
+        _pool(w, node)
 
 
 def _reduce_mean(w: _Writer, node: onnx.NodeProto) -> None:
@@ -555,9 +635,24 @@ def _prelu(w: _Writer, node: onnx.NodeProto) -> None:
 
 
 def _hard_sigmoid(w: _Writer, node: onnx.NodeProto) -> None:
+    """HARD_SWISH when this is x * HardSigmoid(x) with alpha 1/6 and beta 0.5 (ONNX's
+    HardSwish function, inlined), else MUL, ADD, RELU_0_TO_1."""
     a = _attrs(node)
     perm = w.layout(node.input[0])
     x = w.get(node.input[0], perm)
+    users = w.consumers.get(node.output[0], [])
+    if (
+        abs(float(a.get("alpha", 0.2)) - 1 / 6) < 1e-6
+        and float(a.get("beta", 0.5)) == 0.5
+        and node.output[0] not in w.outputs
+        and len(users) == 1
+        and users[0].op_type == "Mul"
+        and sorted(users[0].input) == sorted([node.input[0], node.output[0]])
+    ):
+        out = users[0].output[0]
+        w.skip.add(out)
+        w.op(_B.HARD_SWISH, [x], [w.produce(out, perm)])
+        return
     shp = list(w.tensors[x].shape)
     n = node.output[0]
     t1 = w.new_tensor(f"{n}_mul", shp)
@@ -652,8 +747,11 @@ def _flatten_like(w: _Writer, node: onnx.NodeProto) -> None:
     if src in w.consts:
         w.consts[out] = w.consts[src].reshape(out_shp)
         return
-    if w.layout(src) == NHWC and len(out_shp) == 2 and out_shp[0] == in_shp[0]:
-        _, c, h, wd = in_shp
+    channels_last = (w.layout(src) == NHWC and len(in_shp) == 4) or (
+        w.layout(src) == NLC and len(in_shp) == 3
+    )
+    if channels_last and len(out_shp) == 2 and out_shp[0] == in_shp[0]:
+        c, h, wd = in_shp[1:] if len(in_shp) == 4 else (in_shp[1], 1, in_shp[2])
         users = w.consumers.get(out, [])
         if h * wd == 1 or (
             out not in w.outputs
@@ -668,7 +766,7 @@ def _flatten_like(w: _Writer, node: onnx.NodeProto) -> None:
         ):
             if h * wd != 1:
                 w.flat_nhwc[out] = (c, h, wd)
-            x = w.get(src, NHWC)
+            x = w.get(src, w.layout(src))
             o = S.ReshapeOptionsT()
             o.newShape = out_shp
             y = w.produce(out, (0, 1))
@@ -793,8 +891,8 @@ def _resize(w: _Writer, node: onnx.NodeProto) -> None:
 
 
 def _conv_transpose(w: _Writer, node: onnx.NodeProto) -> None:
-    """TRANSPOSE_CONV with VALID padding (the full output), then a crop for the ONNX pads and a
-    bias ADD."""
+    """TRANSPOSE_CONV (with its bias, version 3) and VALID padding: the full output, then a
+    crop for the ONNX pads."""
     a = _attrs(node)
     x_name, w_name, n = node.input[0], node.input[1], node.output[0]
     if w_name not in w.consts or len(w.shape(x_name)) != 4:
@@ -814,31 +912,32 @@ def _conv_transpose(w: _Writer, node: onnx.NodeProto) -> None:
     want = [out[0], out[2], out[3], out[1]]
     if pads[0] + want[1] > full[1] or pads[1] + want[2] > full[2]:
         raise _fail(node, "output_padding beyond the kernel's reach")
+    bias = np.zeros(cout, np.float32)
+    if len(node.input) > 2 and node.input[2]:
+        if node.input[2] not in w.consts:
+            raise _fail(node, "bias must be constant")
+        bias = w.consts[node.input[2]].astype(np.float32).reshape(cout)
     o = S.TransposeConvOptionsT()
     o.padding, o.strideH, o.strideW = S.Padding.VALID, s[0], s[1]
-    y = w.new_tensor(f"{n}_full", full)
+    if full == want:
+        y = w.produce(n, NHWC)
+    else:
+        y = w.new_tensor(f"{n}_full", full)
+        w.range_src[y] = n  # what the crop drops may clip: it is dropped
     ins = [
         w.const(f"{n}_oshape", np.array(full, np.int32)),
         w.const(f"{w_name}_ohwi", wt.transpose(1, 2, 3, 0), weight=True),
         w.get(x_name, NHWC),
+        w.const(f"{n}_bias", bias, weight=True),
     ]
-    w.op(_B.TRANSPOSE_CONV, ins, [y], o)
+    w.op(_B.TRANSPOSE_CONV, ins, [y], o, version=3)
     if full != want:
-        c = w.new_tensor(f"{n}_crop", want)
         begin = [0, pads[0], pads[1], 0]
         ss = [y] + [
             w.const(f"{n}_{k}", np.array(v, np.int32))
             for k, v in (("b", begin), ("e", [b + d for b, d in zip(begin, want)]), ("s", [1] * 4))
         ]
-        w.op(_B.STRIDED_SLICE, ss, [c], S.StridedSliceOptionsT())
-        y = c
-    if len(node.input) > 2 and node.input[2]:
-        if node.input[2] not in w.consts:
-            raise _fail(node, "bias must be constant")
-        b = w.const(f"{n}_bias", w.consts[node.input[2]].astype(np.float32), weight=True)
-        w.op(_B.ADD, [y, b], [w.produce(n, NHWC)], S.AddOptionsT())
-    else:
-        w.index[n], w.perm[n] = {NHWC: y}, NHWC
+        w.op(_B.STRIDED_SLICE, ss, [w.produce(n, NHWC)], S.StridedSliceOptionsT())
 
 
 def _const_input(w: _Writer, node: onnx.NodeProto, pos: int) -> list[int] | None:
@@ -927,7 +1026,7 @@ def _constant(w: _Writer, node: onnx.NodeProto) -> None:
 
 
 _OPS: dict[str, Callable[[_Writer, onnx.NodeProto], None]] = {
-    "Conv": _conv,
+    "Conv": _conv_any,
     "Gemm": _gemm,
     "MatMul": _gemm,
     **{k: _binary for k in _BINARY},
@@ -938,8 +1037,8 @@ _OPS: dict[str, Callable[[_Writer, onnx.NodeProto], None]] = {
     "HardSigmoid": _hard_sigmoid,
     "Softmax": _softmax,
     "LogSoftmax": _softmax,
-    "MaxPool": _pool,
-    "AveragePool": _pool,
+    "MaxPool": _pool_any,
+    "AveragePool": _pool_any,
     "GlobalAveragePool": _global_pool,
     "GlobalMaxPool": _global_pool,
     "ReduceMean": _reduce_mean,
@@ -963,13 +1062,18 @@ SUPPORTED_OPS: frozenset[str] = frozenset(_OPS)
 
 
 def onnx_to_tflite(
-    model: onnx.ModelProto, *, keep_nchw_input: bool = False, fp16_weights: bool = False
+    model: onnx.ModelProto,
+    *,
+    keep_nchw_input: bool = False,
+    fp16_weights: bool = False,
+    int8: Int8Config | None = None,
 ) -> bytes:
     """A canonical (shape-inferred, constant-folded, BN-fused) fp32 ONNX model -> a .tflite
     flatbuffer (fp32). 4-D image inputs/outputs become NHWC (keep_nchw_input=True keeps the
     declared NCHW input and transposes once at the edge). fp16_weights=True stores the weights
     as float16 + DEQUANTIZE (TFLite's float16 scheme; activations and I/O stay float32, a
-    constant beyond float16's range stays float32). Raises
+    constant beyond float16's range stays float32). ``int8`` (calibrated ranges by ONNX tensor
+    name) makes a fully integer model (``converters.tflite_int8``). Raises
     edge_agent.errors.UnsupportedModelError listing every unsupported op type and node name
     (e.g. "unsupported operators: Einsum (node /attn/Einsum), ...") before writing anything."""
     bad = [
@@ -981,7 +1085,13 @@ def onnx_to_tflite(
         raise UnsupportedModelError(f"unsupported operators: {', '.join(bad)}")
     with contextlib.suppress(Exception):  # else keep the shapes it already carries
         model = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    return _Writer(model, keep_nchw_input, fp16_weights).convert()
+    if int8 is not None and fp16_weights:
+        raise ValueError("int8 and fp16_weights are exclusive")
+    w = _Writer(model, keep_nchw_input, fp16_weights)
+    inputs, outputs = w.build()
+    if int8 is not None:
+        inputs, outputs, _ = quantize_graph(w, inputs, outputs, int8)
+    return w.pack(inputs, outputs)
 
 
 _OP_NAMES = {v: k for k, v in vars(_B).items() if not k.startswith("_") and isinstance(v, int)}

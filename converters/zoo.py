@@ -133,7 +133,7 @@ def _randomize_bn(model: Any, seed: int) -> Any:
     torch = _torch()
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
             c = m.num_features
             m.running_mean.copy_(torch.rand(c, generator=g) * 0.4 - 0.2)
             m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
@@ -247,3 +247,81 @@ def mobilenet_v2_style(
         nn.Linear(last, classes),
     ]
     return _randomize_bn(nn.Sequential(*layers), seed)
+
+
+def se_hardswish_cnn(*, width: int = 16, classes: int = 10, seed: int = 0) -> Any:
+    """A MobileNetV3-like CNN: HardSwish, squeeze-excitation (global pool, two 1x1 convs,
+    HardSigmoid, a channel-wise Mul) and a depthwise conv."""
+    torch = _torch()
+    nn = torch.nn
+
+    class SE(nn.Module):  # type: ignore[name-defined]
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc1 = nn.Conv2d(c, max(c // 4, 4), 1)
+            self.fc2 = nn.Conv2d(max(c // 4, 4), c, 1)
+
+        def forward(self, x: Any) -> Any:
+            s = nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(self.pool(x)))))
+            return x * s
+
+    w = width
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.Hardswish(),
+        nn.Conv2d(w, w, 3, 1, 1, groups=w, bias=False), nn.BatchNorm2d(w), nn.Hardswish(),
+        SE(w),
+        nn.Conv2d(w, 2 * w, 1, bias=False), nn.BatchNorm2d(2 * w), nn.Hardswish(),
+        nn.Conv2d(2 * w, 2 * w, 3, 2, 1, bias=False), nn.BatchNorm2d(2 * w), nn.Hardswish(),
+        SE(2 * w),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, classes),
+    )  # fmt: skip
+    return _randomize_bn(model, seed)
+
+
+def tiny_unet(*, width: int = 8, classes: int = 3, seed: int = 0) -> Any:
+    """A two-level UNet: strided-conv downsampling, bilinear and nearest Resize up, skip
+    Concats, a per-pixel class map."""
+    torch = _torch()
+    nn = torch.nn
+
+    def block(cin: int, cout: int, stride: int = 1) -> Any:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+        )
+
+    class UNet(nn.Module):  # type: ignore[name-defined]
+        def __init__(self, w: int) -> None:
+            super().__init__()
+            self.e1, self.e2, self.e3 = block(3, w), block(w, 2 * w, 2), block(2 * w, 4 * w, 2)
+            self.d2, self.d1 = block(6 * w, 2 * w), block(3 * w, w)
+            self.head = nn.Conv2d(w, classes, 1)
+
+        def forward(self, x: Any) -> Any:
+            f = nn.functional
+            a = self.e1(x)
+            b = self.e2(a)
+            c = self.e3(b)
+            up = f.interpolate(c, scale_factor=2, mode="bilinear", align_corners=False)
+            d = self.d2(torch.cat([up, b], 1))
+            up = f.interpolate(d, scale_factor=2, mode="nearest")
+            return self.head(self.d1(torch.cat([up, a], 1)))
+
+    torch.manual_seed(seed)
+    return _randomize_bn(UNet(width), seed)
+
+
+def conv1d_sensor(*, channels: int = 6, window: int = 64, classes: int = 5, seed: int = 0) -> Any:
+    """A 1-D conv net over a sensor window (N, channels, window): Conv1d, BatchNorm, ReLU,
+    MaxPool1d, global average, linear (an IMU activity classifier's shape)."""
+    torch = _torch()
+    nn = torch.nn
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv1d(channels, 16, 5, padding=2, bias=False), nn.BatchNorm1d(16), nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Conv1d(16, 32, 3, padding=1, bias=False), nn.BatchNorm1d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, classes),
+    )  # fmt: skip
+    return _randomize_bn(model, seed)
