@@ -1,10 +1,11 @@
 """``edge-convert build``: each profile's preferred artifact, validated, packed into one signed
 bundle with everything the device needs to trust, run and watch the model.
 
-For each profile the first format in its ``formats`` list that this converter produces is made
-(TFLite formats come from the TFLite writer, a later addition; until then they are skipped with a
-note). Profiles that ask for the same thing share one conversion, and identical artifacts are
-stored once. If a format misses the accuracy budget, the profile's next format is tried.
+For each profile the first format in its ``formats`` list is made (ONNX ones through
+onnxruntime's quantizer, TFLite ones through our own writer: no TensorFlow). Profiles that ask for
+the same thing share one conversion, and identical artifacts are stored once. If a format misses
+the accuracy budget, the profile's next format is tried. Golden inputs and outputs are stored in
+the ONNX model's layout; the device transposes them for an NHWC TFLite artifact.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import numpy as np
 import onnx
 
 import converters
-from converters.convert import ConvertOptions, ConvertResult, convert
+from converters.convert import QUANTIZE_FORMATS, ConvertOptions, ConvertResult, convert
 from converters.validate import is_classifier_output
 from edge_agent.errors import AccuracyBudgetError, ConfigError
-from edge_agent.formats import ONNX_FORMATS
 from edge_agent.profiles import DeviceProfile
 
 GOLDEN_FILE = "golden.npz"
@@ -96,9 +96,9 @@ def build_bundle(
     chosen: dict[str, tuple[str, tuple[Any, ...]]] = {}  # profile -> (format, key)
     failures: dict[str, list[str]] = {}
     for profile in options.profiles:
-        formats = [f for f in profile.formats if f in ONNX_FORMATS]
-        skipped = [f for f in profile.formats if f not in ONNX_FORMATS]
-        if skipped and profile.formats[0] not in ONNX_FORMATS:
+        formats = [f for f in profile.formats if f in QUANTIZE_FORMATS]
+        skipped = [f for f in profile.formats if f not in QUANTIZE_FORMATS]
+        if skipped and profile.formats[0] not in QUANTIZE_FORMATS:
             notes.append(
                 f"{profile.name}: prefers {', '.join(skipped)}, which this converter does not "
                 f"produce yet; using {formats[0] if formats else 'nothing'}"
@@ -106,7 +106,7 @@ def build_bundle(
         for fmt in formats:
             opts = make_options(fmt, profile)
             schemes = (opts.schemes or profile.int8_schemes) if fmt == "onnx-int8" else ()
-            key = (fmt, schemes, opts.host_profile, profile.threads)
+            key = (fmt, schemes, opts.host_profile, profile.threads, opts.int8_io)
             if key not in done:
                 try:
                     done[key] = convert(
@@ -138,7 +138,8 @@ def build_bundle(
             if digest not in by_hash:
                 scheme = result.report.get("int8_scheme")
                 stem = fmt.replace("onnx-", "") + (f"-{scheme}" if scheme else "")
-                path = tmp / f"model.{stem}.onnx"
+                suffix = ".tflite" if fmt.startswith("tflite") else ".onnx"
+                path = tmp / f"model.{stem}{suffix}"
                 path.write_bytes(result.model_bytes)
                 by_hash[digest] = {"fmt": fmt, "path": path, "result": result, "profiles": []}
             by_hash[digest]["profiles"].append(profile_name)
@@ -163,7 +164,9 @@ def build_bundle(
                 outs[name] = k
             expected[arc_name] = outs
             extra: dict[str, Any] = {
-                "runtime_needs": {"onnxruntime": ">=1.18", "opset": result.canonical.opset}
+                "runtime_needs": {"litert": ">=1.0"}
+                if fmt.startswith("tflite")
+                else {"onnxruntime": ">=1.18", "opset": result.canonical.opset}
             }
             if report.get("int8_scheme"):
                 extra["int8_scheme"] = report["int8_scheme"]

@@ -90,6 +90,13 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         metavar="SCHEME",
         help="int8 scheme(s) to try instead of the profile's, e.g. u8s8-rr-qop (repeatable)",
     )
+    p.add_argument(
+        "--io-type",
+        choices=("float", "int8"),
+        default="float",
+        help="tflite-int8: float32 inputs/outputs quantized inside the model (default), or int8 "
+        "ones with their scale and zero point in the model",
+    )
     g = p.add_argument_group("image preprocessing (image-directory calibration and the bundle)")
     g.add_argument("--mean", type=float_list, metavar="M[,M,M]")
     g.add_argument("--std", type=float_list, metavar="S[,S,S]")
@@ -305,6 +312,8 @@ def _options(args: argparse.Namespace, *, fmt: str, profile: Any) -> Any:
         latency_seconds=args.latency_seconds,
         float_fallback=not args.no_float_fallback,
         host_profile=profile.arch == _host_arch(),
+        # quantize: ConvertOptions refuses int8 I/O for another format; build: tflite-int8 only
+        int8_io=args.io_type == "int8" and (args.command == "quantize" or fmt == "tflite-int8"),
     )
 
 

@@ -491,7 +491,9 @@ def _global_pool(w: _Writer, node: onnx.NodeProto) -> None:
 NLC: tuple[int, ...] = (0, 2, 1)
 
 
-def _as_2d(w: _Writer, node: onnx.NodeProto, kernel: Callable[[_Writer, onnx.NodeProto], None]) -> None:
+def _as_2d(
+    w: _Writer, node: onnx.NodeProto, kernel: Callable[[_Writer, onnx.NodeProto], Any]
+) -> None:
     """A 1-D Conv / MaxPool / AveragePool on (N, C, L), run as the 2-D op on (N, C, 1, L): the
     (N, L, C) tensor is RESHAPEd (no data movement) to NHWC (N, 1, L, C) and back."""
     x3, out = node.input[0], node.output[0]

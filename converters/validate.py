@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_agent.errors import DataError, ModelError, first_line
+from edge_agent.runtimes import nchw_to_model
 
 
 def make_session(
@@ -327,14 +328,6 @@ class LiteRTSession:
         return list(self._outputs)
 
     @staticmethod
-    def _to_tflite(x: np.ndarray, want: Sequence[int]) -> np.ndarray:
-        if x.ndim == 4 and tuple(want[1:]) != tuple(x.shape[1:]):
-            nhwc = (x.shape[0], x.shape[2], x.shape[3], x.shape[1])
-            if tuple(want[1:]) == nhwc[1:]:
-                return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-        return x
-
-    @staticmethod
     def _to_onnx(y: np.ndarray, onnx_shape: Sequence[Any]) -> np.ndarray:
         if y.ndim == 4 and len(onnx_shape) == 4:
             c = onnx_shape[1]
@@ -350,7 +343,7 @@ class LiteRTSession:
         chunks: list[list[np.ndarray]] = [[] for _ in self._out]
         for start in range(0, batch, max(step, 1)):
             tfl_feeds = {
-                spec.name: self._to_tflite(x[start : start + step] if x.ndim else x, shape)
+                spec.name: nchw_to_model(x[start : start + step] if x.ndim else x, shape)
                 for spec, shape, x in zip(self._in, shapes, arrays)
             }
             for i, (y, arg) in enumerate(zip(self._rt.infer(tfl_feeds), self._outputs)):

@@ -7,6 +7,7 @@ or a bare ``.onnx`` / ``.tflite`` file with preprocessing given by flags and raw
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -22,7 +23,14 @@ from edge_agent.formats import RUNTIME_FOR_FORMAT
 from edge_agent.postprocess import Postprocessor, PostprocessSpec
 from edge_agent.preprocess import Geometry, Preprocessor, PreprocessSpec
 from edge_agent.profiles import DeviceProfile
-from edge_agent.runtimes import Runtime, available_runtimes, load_runtime, warmup
+from edge_agent.runtimes import (
+    Runtime,
+    available_runtimes,
+    load_runtime,
+    model_to_nchw,
+    nchw_to_model,
+    warmup,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +139,20 @@ def _install_bundle(
     return dest, manifest
 
 
+def _layout_for(spec: PreprocessSpec, runtime: Any) -> PreprocessSpec:
+    """The manifest's preprocessing describes the ONNX model (NCHW); a TFLite artifact of it
+    takes NHWC. Follow the artifact's own input shape."""
+    shape: tuple[int | None, ...] = runtime.inputs[0].shape if len(runtime.inputs) == 1 else ()
+    if len(shape) != 4:
+        return spec
+    h, w = spec.height, spec.width
+    if spec.layout == "nchw" and tuple(shape[1:3]) == (h, w) and shape[3] in (1, 3):
+        return dataclasses.replace(spec, layout="nhwc")
+    if spec.layout == "nhwc" and tuple(shape[2:4]) == (h, w) and shape[1] in (1, 3):
+        return dataclasses.replace(spec, layout="nchw")
+    return spec
+
+
 def golden_check(model: LoadedModel, root: Path) -> None:
     """Run the bundle's golden input; the outputs must match what the converter recorded."""
     manifest = model.manifest or {}
@@ -143,11 +165,16 @@ def golden_check(model: LoadedModel, root: Path) -> None:
         raise ModelError(f"bundle has no golden outputs for {rel}")
     tol = golden.get("tolerance", {})
     with np.load(root / golden["file"], allow_pickle=False) as data:
-        feeds = {name: data[key] for name, key in golden["inputs"].items()}
+        shapes = {s.name: s.shape for s in model.runtime.inputs}
+        feeds = {  # stored in the ONNX model's layout: NHWC for a TFLite artifact
+            name: nchw_to_model(data[key], shapes.get(name, ()))
+            for name, key in golden["inputs"].items()
+        }
         outs = model.runtime.infer(feeds)
         names = [o.name for o in model.runtime.outputs]
         for name, got in zip(names, outs):
             want = data[expected[name]]
+            got = model_to_nchw(np.asarray(got), want.shape)
             a, b = np.asarray(want, np.float64).ravel(), np.asarray(got, np.float64).ravel()
             if a.shape != b.shape:
                 raise ModelError(
@@ -201,7 +228,7 @@ def load_model(
         pre_data = manifest.get("preprocess")
         pre = None
         if pre_data:
-            spec = PreprocessSpec.from_dict({**pre_data, **overrides})
+            spec = _layout_for(PreprocessSpec.from_dict({**pre_data, **overrides}), runtime)
             pre = Preprocessor(spec)
         post_spec = PostprocessSpec.from_manifest(manifest.get("postprocess") or {"kind": "raw"})
         input_size = None if pre is None else (pre.spec.width, pre.spec.height)

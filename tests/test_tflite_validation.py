@@ -36,12 +36,16 @@ def test_litert_session_runs_batches_one_sample_at_a_time(tmp_path: Path) -> Non
 
 
 def test_litert_session_transposes_image_layouts() -> None:
+    from edge_agent.runtimes import model_to_nchw, nchw_to_model
+
     x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)  # NCHW
-    nhwc = LiteRTSession._to_tflite(x, [1, 4, 5, 3])
+    nhwc = nchw_to_model(x, [1, 4, 5, 3])
     assert nhwc.shape == (2, 4, 5, 3) and nhwc[1, 2, 3, 0] == x[1, 0, 2, 3]
     back = LiteRTSession._to_onnx(nhwc, [None, 3, 4, 5])
     np.testing.assert_array_equal(back, x)
-    assert LiteRTSession._to_tflite(x, [1, 3, 4, 5]) is x  # already the model's layout
+    np.testing.assert_array_equal(model_to_nchw(nhwc, x.shape), x)
+    assert nchw_to_model(x, [1, 3, 4, 5]) is x  # already the model's layout
+    assert model_to_nchw(x, x.shape) is x
 
 
 def test_litert_session_refuses_a_model_that_does_not_match(tmp_path: Path) -> None:

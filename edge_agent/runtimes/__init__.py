@@ -125,3 +125,20 @@ def available_runtimes() -> dict[str, str | None]:
     from edge_agent.runtimes import tflite as tflite_rt
 
     return {"onnxruntime": onnx_rt.runtime_version(), "litert": tflite_rt.runtime_version()}
+
+
+def nchw_to_model(x: np.ndarray, shape: Sequence[int | None]) -> np.ndarray:
+    """A 4-D NCHW array as the model takes it: transposed to NHWC when the model's input is
+    NHWC (a TFLite artifact converted from an NCHW ONNX model), else unchanged."""
+    nhwc = (x.shape[2], x.shape[3], x.shape[1]) if x.ndim == 4 else None
+    if len(shape) == 4 and tuple(shape[1:]) != tuple(x.shape[1:]) and tuple(shape[1:]) == nhwc:
+        return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    return x
+
+
+def model_to_nchw(y: np.ndarray, want: Sequence[int]) -> np.ndarray:
+    """A 4-D NHWC model output as the NCHW ONNX model gave it, when ``want`` is that shape."""
+    nchw = (y.shape[0], y.shape[3], y.shape[1], y.shape[2]) if y.ndim == 4 else None
+    if tuple(y.shape) != tuple(want) and tuple(want) == nchw:
+        return np.ascontiguousarray(y.transpose(0, 3, 1, 2))
+    return y
