@@ -205,8 +205,16 @@ class _Writer:
         if perm not in cache:
             rel = [have.index(q) for q in perm]
             shp = self.shape(name)
-            out = self.new_tensor(f"{name}_perm{''.join(map(str, perm))}", [shp[p] for p in perm])
-            self.op(_B.TRANSPOSE, [cache[have], self.const(f"{name}_tp", np.array(rel))], [out])
+            new_shape = [shp[p] for p in perm]
+            out = self.new_tensor(f"{name}_perm{''.join(map(str, perm))}", new_shape)
+            src_shape = self.tensors[cache[have]].shape
+            moved = [a for a in rel if src_shape[a] != 1]
+            if moved == sorted(moved):  # only unit axes move: the bytes stay in order
+                shape_t = self.const(f"{name}_rs{''.join(map(str, perm))}", np.array(new_shape))
+                self.op(_B.RESHAPE, [cache[have], shape_t], [out])
+            else:
+                self.op(_B.TRANSPOSE, [cache[have], self.const(f"{name}_tp", np.array(rel))], [out])
+            self.range_src[out] = name
             cache[perm] = out
         return cache[perm]
 
