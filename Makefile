@@ -32,10 +32,22 @@ demo: $(VENV)/.stamp-demo
 test: $(VENV)/.stamp-dev
 	$(PY) -m pytest -q
 
+# TensorFlow (for the side-by-side with its TFLiteConverter) lives in its own venv: the project
+# never needs it. If it cannot be installed, the TFLite benchmark runs without that comparison.
+TFVENV ?= .venv-tf
+$(TFVENV)/.stamp:
+	@echo "installing tensorflow-cpu and tf2onnx into $(TFVENV) (log: $(TFVENV).log)"
+	@$(PYTHON) -m venv $(TFVENV) && $(TFVENV)/bin/pip --disable-pip-version-check install \
+	  'tensorflow-cpu==2.19.1' 'tf2onnx==1.17.0' > $(TFVENV).log 2>&1 && touch $@ \
+	  || echo "could not install TensorFlow (see $(TFVENV).log): no TFLiteConverter comparison"
+
 bench: $(VENV)/.stamp-dev
+	@$(MAKE) --no-print-directory $(TFVENV)/.stamp || true
 	$(PY) -m benchmarks.convert; c=$$?; $(PY) -m benchmarks.agent; a=$$?; \
 	$(PY) -m benchmarks.mqtt; m=$$?; \
-	echo "benchmarks: convert exit $$c, agent exit $$a, mqtt exit $$m (1 = a target missed; see the tables)"
+	if [ -f $(TFVENV)/.stamp ]; then $(PY) -m benchmarks.tflite --tf-python $(TFVENV)/bin/python; \
+	else $(PY) -m benchmarks.tflite; fi; t=$$?; \
+	echo "benchmarks: convert exit $$c, agent exit $$a, mqtt exit $$m, tflite exit $$t (1 = a target missed; see the tables)"
 
 lint: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff format --check .
@@ -47,4 +59,4 @@ fmt: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(TFVENV) $(TFVENV).log demo-out .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,392 @@
+"""TFLite benchmark (``make bench``): our ONNX -> TFLite writer (no TensorFlow) side by side with
+onnxruntime and, when a Python with TensorFlow is given, with TensorFlow's own ``TFLiteConverter``
+on the same Keras MobileNetV2.
+
+Part 1, always: the end-to-end nets of the tests, converted to tflite-fp32 / fp16 / int8: the
+fp32 error against onnxruntime, Transposes left inside, sizes, and conversion time of a
+MobileNetV2-sized model; the trained digits CNN in tflite-int8 through ``convert`` (accuracy and
+top-1 agreement with fp32); latency of onnxruntime fp32 vs LiteRT fp32 vs LiteRT int8 on a
+MobileNetV2 at 224 (raw invoke loops, 2 threads, interleaved).
+
+Part 2, with ``--tf-python PY`` (``make bench`` creates ``.venv-tf`` with tensorflow-cpu and
+tf2onnx for it): ``benchmarks/tf_reference.py`` builds the Keras model and converts it with
+``TFLiteConverter`` (fp32, and full int8 with a representative dataset); we convert its tf2onnx
+export with the same calibration samples; all four .tflite files are timed in one interleaved
+loop in LiteRT.
+
+Writes ``benchmarks/results/tflite.json`` and ``tflite.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from benchmarks.convert import RESULTS, _cpu_name
+from converters import zoo
+from converters.canonical import canonicalize, tensor_spec
+from converters.convert import ConvertOptions, convert
+from converters.tflite import count_transposes, onnx_to_tflite
+from converters.validate import LiteRTSession, make_session, measure_latency
+from edge_agent.profiles import detect_host_profile
+
+THREADS = 2
+
+
+class _Raw:
+    """A bare LiteRT interpreter behind the session interface measure_latency times: the input
+    is set once, each run is one invoke and one output read."""
+
+    def __init__(self, path: Path, x_nhwc: np.ndarray) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.it = Interpreter(model_path=str(path), num_threads=THREADS)
+        self.it.allocate_tensors()
+        (d,) = self.it.get_input_details()
+        self.out = self.it.get_output_details()[0]["index"]
+        x = x_nhwc
+        if d["dtype"] == np.int8:
+            s, z = d["quantization"]
+            x = np.clip(np.round(x / s) + z, -128, 127).astype(np.int8)
+        self.it.set_tensor(d["index"], np.ascontiguousarray(x))
+
+    def get_outputs(self) -> list[Any]:
+        return []
+
+    def run(self, _names: Any, _feed: Any) -> list[np.ndarray]:
+        self.it.invoke()
+        return [self.it.get_tensor(self.out)]
+
+    def output(self) -> np.ndarray:
+        (d,) = self.it.get_output_details()
+        self.it.invoke()
+        y = self.it.get_tensor(d["index"]).astype(np.float32)
+        if d["dtype"] == np.int8:
+            s, z = d["quantization"]
+            y = (y - z) * s
+        return y
+
+
+def _canonical(net: Any, shape: tuple[int, ...]) -> onnx.ModelProto:
+    raw = onnx.load_from_string(zoo.export_onnx(net, shape, dynamic_batch=False))
+    return canonicalize(raw).model
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(float(np.abs(a).max()), 1e-6))
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _nets() -> dict[str, tuple[Any, tuple[int, ...], bool]]:
+    return {
+        "resnet-style": (lambda: zoo.resnet_style(width=16), (1, 3, 96, 96), True),
+        "mobilenetv2-style": (lambda: zoo.mobilenet_v2_style(), (1, 3, 224, 224), True),
+        "se-hardswish": (lambda: zoo.se_hardswish_cnn(), (1, 3, 64, 64), True),
+        "unet": (lambda: zoo.tiny_unet(), (1, 3, 64, 64), True),
+        "conv1d-sensor": (lambda: zoo.conv1d_sensor(), (1, 6, 128), False),
+    }
+
+
+def part_writer(tmp: Path, seconds: float) -> dict[str, Any]:
+    import torch
+
+    rows = []
+    rng = np.random.default_rng(0)
+    mbv2: dict[str, Any] = {}
+    for name, (make, shape, cnn) in _nets().items():
+        torch.manual_seed(0)
+        model = _canonical(make(), shape)
+        t0 = time.perf_counter()
+        fp32 = onnx_to_tflite(model)
+        took = time.perf_counter() - t0
+        fp16 = onnx_to_tflite(model, fp16_weights=True)
+        (tmp / f"{name}.tflite").write_bytes(fp32)
+        sess = make_session(model.SerializeToString(), threads=THREADS)
+        inp = model.graph.input[0].name
+        lite = LiteRTSession(
+            tmp / f"{name}.tflite",
+            inputs=tensor_spec(model),
+            outputs=tensor_spec(model, outputs=True),
+        )
+        err = 0.0
+        for _ in range(4):
+            x = rng.standard_normal(shape).astype(np.float32)
+            err = max(err, _rel(sess.run(None, {inp: x})[0], lite.run(None, {inp: x})[0]))
+        rows.append(
+            {
+                "model": name,
+                "onnx_bytes": len(model.SerializeToString()),
+                "fp32_bytes": len(fp32),
+                "fp16_ratio": round(len(fp16) / len(fp32), 4),
+                "fp32_max_rel_err": float(f"{err:.3g}"),
+                "transposes": count_transposes(fp32),
+                "cnn": cnn,
+                "convert_s": round(took, 3),
+            }
+        )
+        print(f"  {name}: {rows[-1]}", flush=True)
+        if name == "mobilenetv2-style":
+            mbv2 = {"model": model, "fp32": tmp / f"{name}.tflite", "shape": shape}
+
+    # MobileNetV2 at 224 in int8 through convert (calibration on random images), then timed
+    # against onnxruntime fp32 and LiteRT fp32.
+    cal = tmp / "mbv2-cal.npz"
+    np.savez(cal, x=rng.standard_normal((48, *mbv2["shape"][1:])).astype(np.float32))
+    opts = ConvertOptions(
+        fmt="tflite-int8", profile=detect_host_profile(), calibration=cal, latency_seconds=0.3
+    )
+    t0 = time.perf_counter()
+    res = convert(mbv2["model"], options=opts)
+    int8_convert_s = time.perf_counter() - t0
+    (tmp / "mbv2-int8.tflite").write_bytes(res.model_bytes)
+    x = rng.standard_normal(mbv2["shape"]).astype(np.float32)
+    x_nhwc = x.transpose(0, 2, 3, 1).copy()
+    sessions = {
+        "onnxruntime fp32": make_session(mbv2["model"].SerializeToString(), threads=THREADS),
+        "LiteRT fp32 (ours)": _Raw(mbv2["fp32"], x_nhwc),
+        "LiteRT int8 (ours)": _Raw(tmp / "mbv2-int8.tflite", x_nhwc),
+    }
+    lat = measure_latency(sessions, {mbv2["model"].graph.input[0].name: x}, seconds=seconds)
+    latency = {k: round(v.median_ms, 3) for k, v in lat.items()}
+    print(f"  mobilenetv2-224 latency: {latency}", flush=True)
+
+    digits = _digits(tmp)
+    return {
+        "nets": rows,
+        "mobilenetv2_224": {
+            "latency_ms": latency,
+            "int8_bytes": len(res.model_bytes),
+            "int8_convert_s_incl_calibration_and_validation": round(int8_convert_s, 2),
+            "int8_cosine": res.report["fidelity"]["cosine"],
+        },
+        "digits": digits,
+    }
+
+
+def _digits(tmp: Path) -> dict[str, Any]:
+    cnn, data = zoo.train_digits_cnn()
+    p = tmp / "digits.onnx"
+    p.write_bytes(zoo.export_onnx(cnn, (1, 1, 8, 8)))
+    np.savez(tmp / "d-cal.npz", x=data.x_train[:256])
+    np.savez(tmp / "d-eval.npz", x=data.x_test, y=data.y_test)
+    out = {}
+    for fmt in ("tflite-fp32", "tflite-int8"):
+        opts = ConvertOptions(
+            fmt=fmt,
+            profile=detect_host_profile(),
+            calibration=tmp / "d-cal.npz",
+            eval=tmp / "d-eval.npz",
+            max_accuracy_drop=0.5,
+            latency_seconds=0.3,
+        )
+        rep = convert(onnx.load(str(p)), options=opts).report
+        out[fmt] = {
+            "accuracy": round(rep["accuracy"]["converted"], 3),
+            "accuracy_fp32": round(rep["accuracy"]["original"], 3),
+            "top1_agreement": rep["fidelity"]["top1_agreement"],
+            "size_ratio": rep["size_bytes"]["ratio"],
+            "float_nodes": len(rep["float_nodes"]),
+        }
+        print(f"  digits {fmt}: {out[fmt]}", flush=True)
+    return out
+
+
+def part_tensorflow(tmp: Path, tf_python: str, seconds: float) -> dict[str, Any]:
+    ref = tmp / "tf"
+    script = Path(__file__).with_name("tf_reference.py")
+    run = subprocess.run(
+        [tf_python, str(script), str(ref)], capture_output=True, text=True, timeout=900
+    )
+    if run.returncode != 0:
+        tail = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["?"]
+        return {"error": f"tf_reference.py failed: {tail[0][:200]}"}
+    info = json.loads(run.stdout.strip().splitlines()[-1])
+    model = onnx.load(str(ref / "model.onnx"))
+    ours: dict[str, Path] = {}
+    times = {}
+    for fmt in ("tflite-fp32", "tflite-int8"):
+        opts = ConvertOptions(
+            fmt=fmt,
+            profile=detect_host_profile(),
+            calibration=ref / "calibration.npz",
+            latency_seconds=0.3,
+        )
+        t0 = time.perf_counter()
+        res = convert(model, options=opts)
+        times[fmt] = round(time.perf_counter() - t0, 2)
+        ours[fmt] = tmp / f"ours-{fmt}.tflite"
+        ours[fmt].write_bytes(res.model_bytes)
+    t0 = time.perf_counter()
+    onnx_to_tflite(canonicalize(model).model)
+    writer_s = round(time.perf_counter() - t0, 2)
+    with np.load(ref / "calibration.npz") as d:
+        x_nhwc = d["x_nhwc"][:1]
+    files = {
+        "TFLiteConverter fp32": ref / "tf-fp32.tflite",
+        "ours fp32": ours["tflite-fp32"],
+        "TFLiteConverter int8": ref / "tf-int8.tflite",
+        "ours int8": ours["tflite-int8"],
+    }
+    sessions = {k: _Raw(p, x_nhwc) for k, p in files.items()}
+    outs = {k: s.output() for k, s in sessions.items()}
+    lat = measure_latency(sessions, {}, seconds=seconds)
+    rows: list[dict[str, Any]] = []
+    for k, p in files.items():
+        rows.append(
+            {
+                "variant": k,
+                "size_bytes": p.stat().st_size,
+                "latency_ms": round(lat[k].median_ms, 3),
+                "p90_ms": round(lat[k].p90_ms, 3),
+                "runs": lat[k].runs,
+                "cosine_vs_tf_fp32": round(_cos(outs["TFLiteConverter fp32"], outs[k]), 6),
+            }
+        )
+        print(f"  {rows[-1]}", flush=True)
+    by = {r["variant"]: r for r in rows}
+    ratios = {
+        prec: {
+            "latency": round(
+                by[f"ours {prec}"]["latency_ms"] / by[f"TFLiteConverter {prec}"]["latency_ms"], 4
+            ),
+            "size": round(
+                by[f"ours {prec}"]["size_bytes"] / by[f"TFLiteConverter {prec}"]["size_bytes"], 4
+            ),
+        }
+        for prec in ("fp32", "int8")
+    }
+    return {
+        "reference": info,
+        "rows": rows,
+        "ratios": ratios,
+        "ours_convert_s": times,
+        "ours_writer_s": writer_s,
+    }
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+
+    def add(name: str, value: Any, limit: str, ok: bool | None) -> None:
+        out.append({"target": name, "value": value, "limit": limit, "met": ok})
+
+    w = result["writer"]
+    worst = max(r["fp32_max_rel_err"] for r in w["nets"])
+    add(
+        "fp32 TFLite vs onnxruntime, max relative error (worst net)",
+        worst,
+        "<= 1e-4",
+        worst <= 1e-4,
+    )
+    d = w["digits"]["tflite-int8"]
+    add("digits tflite-int8 top-1 agreement with fp32", d["top1_agreement"], ">= 0.99",
+        d["top1_agreement"] >= 0.99)  # fmt: skip
+    drop = round(d["accuracy_fp32"] - d["accuracy"], 3)
+    add("digits tflite-int8 accuracy drop (points)", drop, "<= 0.5", drop <= 0.5)
+    conv = next(r for r in w["nets"] if r["model"] == "mobilenetv2-style")["convert_s"]
+    tf = result.get("tensorflow") or {}
+    if "ours_writer_s" in tf:
+        conv = max(conv, tf["ours_writer_s"])
+    add("MobileNetV2 conversion (writer), seconds", conv, "<= 10", conv <= 10)
+    tr = sum(r["transposes"] for r in w["nets"] if r["cnn"])
+    add("Transposes inside the converted CNNs", tr, "0", tr == 0)
+    if "ratios" in tf:
+        for prec in ("fp32", "int8"):
+            for what in ("latency", "size"):
+                v = tf["ratios"][prec][what]
+                add(f"ours / TFLiteConverter {prec} {what}, Keras MobileNetV2 224", v, "<= 1.05",
+                    v <= 1.05)  # fmt: skip
+    else:
+        add("ours vs TFLiteConverter", tf.get("error", "not run (no --tf-python)"), "<= 1.05", None)
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        f"TFLite benchmark, {result['when']}, {m['cpu']} ({m['cores']} cores), {THREADS} threads, "
+        "batch 1, median of interleaved runs. `make bench`.",
+        "",
+        "| net | ONNX KB | tflite fp32 KB | fp16 / fp32 size | fp32 max rel err vs ORT "
+        "| Transposes | writer s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["writer"]["nets"]:
+        lines.append(
+            f"| {r['model']} | {r['onnx_bytes'] / 1024:.1f} | {r['fp32_bytes'] / 1024:.1f} | "
+            f"{r['fp16_ratio']:.3f} | {r['fp32_max_rel_err']:.2g} | {r['transposes']} | "
+            f"{r['convert_s']:.2f} |"
+        )
+    mb = result["writer"]["mobilenetv2_224"]
+    lines += ["", "MobileNetV2-style 224 (our zoo), latency ms: " + ", ".join(
+        f"{k} {v}" for k, v in mb["latency_ms"].items()
+    ) + f"; int8 {mb['int8_bytes'] / 1024:.0f} KB, cosine {mb['int8_cosine']:.5f}."]  # fmt: skip
+    tf = result.get("tensorflow") or {}
+    if "rows" in tf:
+        ref = tf["reference"]
+        lines += [
+            "",
+            f"Keras {ref['keras_model']} ({ref['params']:,} parameters): TensorFlow "
+            f"{ref['tensorflow']}'s TFLiteConverter vs ours on its tf2onnx {ref['tf2onnx']} "
+            f"export, same {ref['samples']} calibration samples, all in LiteRT.",
+            "",
+            "| variant | size KB | latency ms | p90 ms | cosine vs TF fp32 |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in tf["rows"]:
+            lines.append(
+                f"| {r['variant']} | {r['size_bytes'] / 1024:.0f} | {r['latency_ms']:.3f} | "
+                f"{r['p90_ms']:.3f} | {r['cosine_vs_tf_fp32']:.5f} |"
+            )
+    elif tf:
+        lines += ["", f"TensorFlow comparison: {tf.get('error')}"]
+    lines += ["", "| target | value | limit | met |", "|---|---:|---|---|"]
+    for t in result["targets"]:
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "NO")
+        lines.append(f"| {t['target']} | {t['value']} | {t['limit']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=6.0, help="latency timing budget")
+    parser.add_argument("--tf-python", help="a Python with tensorflow and tf2onnx (optional)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    host = detect_host_profile()
+    with tempfile.TemporaryDirectory(prefix="edge-bench-tflite-") as tmp_name:
+        tmp = Path(tmp_name)
+        print("## our writer", flush=True)
+        result: dict[str, Any] = {
+            "benchmark": "tflite",
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": {"cpu": _cpu_name(), "cores": host.cores},
+            "writer": part_writer(tmp, args.seconds),
+        }
+        if args.tf_python:
+            print("## against TensorFlow's TFLiteConverter", flush=True)
+            result["tensorflow"] = part_tensorflow(tmp, args.tf_python, args.seconds)
+    result["targets"] = targets(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tflite.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    (args.out / "tflite.md").write_text(md)
+    print("\n" + md)
+    return 0 if all(t["met"] is not False for t in result["targets"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
