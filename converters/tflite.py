@@ -287,11 +287,21 @@ class _Writer:
             r = len(self.shape(vi.name))
             perm = _ident(r) if (self.keep_nchw_input or r != 4) else NHWC
             inputs.append(self.produce(vi.name, perm))
+        refused: list[str] = []
         for node in self.graph.node:
             if node.output and node.output[0] in self.skip:
                 continue
             start = len(self.ops)
-            _OPS[node.op_type](self, node)
+            try:
+                _OPS[node.op_type](self, node)
+            except UnsupportedModelError as exc:
+                # name every node refused for its attributes, not only the first: stand-in
+                # outputs let the rest of the graph be checked too
+                refused.append(str(exc))
+                for o in node.output:
+                    if o and o not in self.index and o in self.shapes:
+                        self.produce(o, self.default_perm(o))
+                continue
             self.op_node.extend([node.name or node.output[0]] * (len(self.ops) - start))
             for o, final in list(self.fused_out.items()):
                 if o in self.index and final not in self.index:
@@ -299,6 +309,12 @@ class _Writer:
                     self.alias(final, o)
                     for idx in self.index[o].values():
                         self.range_src[idx] = final
+        if len(refused) == 1:
+            raise UnsupportedModelError(refused[0])
+        if refused:
+            raise UnsupportedModelError(
+                f"{len(refused)} nodes cannot be converted: " + "; ".join(refused)
+            )
         start = len(self.ops)
         outputs = [self.get(o.name, self.default_perm(o.name)) for o in self.graph.output]
         self.op_node.extend(["(graph outputs)"] * (len(self.ops) - start))

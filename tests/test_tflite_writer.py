@@ -373,6 +373,23 @@ def test_unsupported_ops_are_all_named() -> None:
     assert "Einsum" not in SUPPORTED_OPS
 
 
+def test_every_node_refused_for_its_attributes_is_named() -> None:
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["p"], mode="reflect", name="/pad/reflect"),
+        helper.make_node("Relu", ["p"], ["r"], name="ok"),
+        helper.make_node("Resize", ["r", "", "sc"], ["y"], mode="cubic", name="/up/cubic"),
+    ]
+    inits = {"pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "sc": np.ones(4, np.float32)}
+    m = _model(nodes, {"x": [1, 2, 4, 4]}, ["y"], inits)
+    with pytest.raises(UnsupportedModelError) as info:
+        onnx_to_tflite(m)
+    msg = str(info.value)
+    assert msg.startswith("2 nodes cannot be converted")
+    assert "Pad (node /pad/reflect): only constant padding" in msg
+    assert "Resize (node /up/cubic): mode=cubic" in msg
+    assert "ok" not in msg
+
+
 def test_conv_with_non_constant_weights_is_refused_by_name() -> None:
     node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1], name="dyn")
     m = _model([node], {"x": [1, 4, 3, 3], "w": [2, 4, 1, 1]}, ["y"])
