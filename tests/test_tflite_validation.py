@@ -119,3 +119,47 @@ def test_quantize_to_tflite_fp16_halves_the_weights(digits: Any, tmp_path: Path)
     assert report["format"] == "tflite-fp16" and report["fidelity"]["cosine"] > 0.999
     assert report["accuracy"]["converted"] >= report["accuracy"]["original"] - 0.5
     assert sizes["tflite-fp16"] <= 0.55 * sizes["tflite-fp32"]
+
+
+def test_a_bundle_for_a_raspberry_pi_carries_tflite_int8_and_the_agent_runs_it(
+    digits: Any, keys: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`build --profile raspberry-pi-4` makes tflite-int8 (the profile's first format); the
+    agent, told it is that Pi, installs the bundle, passes its golden test on the NHWC artifact
+    and classifies a digits video with it."""
+    import json
+    import logging
+
+    from converters.cli import main as edge_convert
+    from edge_agent.cli import main as edge_agent
+    from tests.fleet import digits_video
+
+    priv, pub = keys
+    bundle, rep = tmp_path / "d.edgebundle", tmp_path / "build.json"
+    code = edge_convert(
+        ["build", str(digits.onnx), "--profile", "raspberry-pi-4", "--profile", "x86-64",
+         "--calibration", str(digits.calibration), "--eval", str(digits.eval), "--sign-key",
+         str(priv), "-o", str(bundle), "--report", str(rep), "--latency-seconds", "0.2"]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(rep.read_text())
+    assert report["profiles"]["raspberry-pi-4"]["format"] == "tflite-int8"
+    assert report["profiles"]["x86-64"]["format"] == "onnx-int8"
+    tfl = next(a for a in report["artifacts"] if a["format"] == "tflite-int8")
+    assert tfl["artifact"].endswith(".tflite") and tfl["accuracy"] >= tfl["accuracy_original"] - 0.5
+    with np.load(digits.eval) as d:
+        x, y = d["x"][:40], d["y"][:40]
+    video = digits_video(tmp_path / "v.mp4", x)
+    results, summary = tmp_path / "r.jsonl", tmp_path / "s.json"
+    caplog.set_level(logging.INFO)
+    code = edge_agent(
+        ["run", "--model", str(bundle), "--profile", "raspberry-pi-4", "--trusted-key", str(pub),
+         "--state-dir", str(tmp_path / "state"), "--source", f"file:{video}",
+         "--results", f"jsonl:{results}", "--summary", str(summary)]
+    )  # fmt: skip
+    assert code == 0
+    assert "serving digits 1.0.0 (tflite-int8" in caplog.text
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(rows) == 40 and json.loads(summary.read_text())["inference_errors"] == 0
+    correct = sum(int(r["output"]["class"] == int(t)) for r, t in zip(rows, y))
+    assert correct >= 36, correct  # the video is the 8x8 digits scaled up to 64 px and back
