@@ -407,40 +407,19 @@ def _convert(
             on_item=cal_progress.update,
         )
         sens_feeds = list(Subset(calib.ds, evenly(calib.indices, 16)).batches(batch=step))
-        schemes = options.schemes or options.profile.int8_schemes
+        shared: dict[str, Any] = dict(
+            fp32=fp32_path, canon=canon, cache=cache, method=options.calibration_method,
+            sens_feeds=sens_feeds, evaluate=evaluate, threads=threads, tmp=tmp,
+            fallback=options.float_fallback,
+        )  # fmt: skip
         if fmt == "tflite-int8":
-            candidates.append(
-                _tflite_int8_candidate(
-                    canon=canon,
-                    fp32=fp32_path,
-                    cache=cache,
-                    method=options.calibration_method,
-                    sens_feeds=sens_feeds,
-                    evaluate=evaluate,
-                    threads=threads,
-                    tmp=tmp,
-                    fallback=options.float_fallback,
-                    int8_io=options.int8_io,
+            candidates.append(_tflite_int8_candidate(**shared, int8_io=options.int8_io))
+        else:
+            for name in options.schemes or options.profile.int8_schemes:
+                scheme = Int8Scheme.parse(name)
+                candidates.append(
+                    _int8_candidate(scheme, **shared, per_channel=options.per_channel)
                 )
-            )
-            schemes = ()
-        for name in schemes:
-            scheme = Int8Scheme.parse(name)
-            candidates.append(
-                _int8_candidate(
-                    scheme,
-                    fp32=fp32_path,
-                    canon=canon,
-                    cache=cache,
-                    method=options.calibration_method,
-                    per_channel=options.per_channel,
-                    sens_feeds=sens_feeds,
-                    evaluate=evaluate,
-                    threads=threads,
-                    tmp=tmp,
-                    fallback=options.float_fallback,
-                )
-            )
 
     # --- latency, choice ---------------------------------------------------------------
     feed = next(val.batches(batch=step))
