@@ -357,3 +357,39 @@ def test_tflite_int8_needs_calibration_and_int8_io_needs_tflite_int8(
             "--io-type", "int8")  # fmt: skip
     assert r.code == 2 and "--io-type int8 applies to --format tflite-int8" in r.err
     assert not list(tmp_path.iterdir())
+
+
+def test_tflite_int8_keeps_the_most_sensitive_nodes_float_to_meet_a_tighter_floor(
+    digits: Any, tmp_path: Path
+) -> None:
+    """The float fallback through the CLI: a cosine floor above what all-int8 reaches keeps the
+    nodes ranked most sensitive in float (between DEQUANTIZE and QUANTIZE) until it holds."""
+    from converters.cli import main as edge_convert
+
+    def run(*extra: str) -> dict[str, Any]:
+        rep = tmp_path / "r.json"
+        code = edge_convert(
+            ["quantize", str(digits.onnx), "-o", str(tmp_path / "m.tflite"), "--format",
+             "tflite-int8", "--calibration", str(digits.calibration), "--eval", str(digits.eval),
+             "--report", str(rep), "--latency-seconds", "0.2", *extra]
+        )  # fmt: skip
+        assert code == 0
+        return dict(json.loads(rep.read_text()))
+
+    c0 = run()["fidelity"]["cosine"]
+    assert c0 < 0.99999
+    floor = c0 + (1 - c0) * 0.3
+    r = run("--min-cosine", f"{floor:.7f}")
+    assert r["fidelity"]["cosine"] >= floor
+    kept = [n["node"] for n in r["float_nodes"]]
+    assert kept and all("noise-to-signal" in n["reason"] for n in r["float_nodes"])
+    ops = count_ops((tmp_path / "m.tflite").read_bytes())
+    assert ops["QUANTIZE"] >= 1 and ops["DEQUANTIZE"] >= 1  # around the float region(s)
+    it = Interpreter(model_path=str(tmp_path / "m.tflite"))
+    float_convs = [
+        d["name"]
+        for d in it.get_tensor_details()
+        if d["dtype"] == np.float32 and d["name"].endswith("_ohwi")
+    ]
+    n_convs = sum(n["op_type"] == "Conv" for n in r["float_nodes"])
+    assert len(float_convs) == n_convs, (float_convs, kept)  # the kept convs, and only they
