@@ -1,7 +1,7 @@
 """``edge-convert``: the desktop converter's command line.
 
-Subcommands: ``quantize``, ``build``, ``verify``, ``inspect``, ``keygen``. Errors are one line on
-stderr and an exit code (0 ok, 1 internal error, 2 bad input, 3 accuracy budget not met,
+Subcommands: ``quantize``, ``prune``, ``build``, ``verify``, ``inspect``, ``keygen``. Errors are
+one line on stderr and an exit code (0 ok, 1 internal error, 2 bad input, 3 accuracy budget not met,
 4 bundle failed verification); ``--verbose`` adds the traceback.
 """
 
@@ -108,6 +108,71 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layout", choices=LAYOUTS)
 
 
+def _add_prune_options(p: Any, *, prefix: str) -> None:
+    """The pruning flags: ``--structured`` ... for ``prune``, ``--prune-structured`` ... for
+    ``build``."""
+    p.add_argument(
+        f"--{prefix}structured",
+        type=float,
+        metavar="RATIO",
+        help="remove this fraction of the channels of every prunable channel group",
+    )
+    p.add_argument(
+        f"--{prefix}unstructured",
+        type=float,
+        metavar="SPARSITY",
+        help="zero this fraction of the weights by magnitude (compressed size only)",
+    )
+    p.add_argument(
+        f"--{prefix}target-latency",
+        type=float,
+        metavar="MS",
+        help="choose per-group ratios by sensitivity until latency reaches MS",
+    )
+    p.add_argument(
+        f"--{prefix}per-layer",
+        action="store_true",
+        help="unstructured: the sparsity in every layer, not one global threshold",
+    )
+    p.add_argument(
+        f"--{prefix}channel-multiple",
+        type=int,
+        default=8,
+        metavar="N",
+        help="keep channel counts a multiple of N (default 8: fast kernels)",
+    )
+    p.add_argument(f"--{prefix}no-recovery", action="store_true",
+                   help="skip the least-squares recovery on the calibration data")  # fmt: skip
+
+
+def _prune_options(args: argparse.Namespace, *, prefix: str, threads: int) -> Any:
+    from converters.pruning import PruneOptions
+
+    def get(key: str) -> Any:
+        return getattr(args, f"{prefix}{key}")
+
+    modes = (get("structured"), get("unstructured"), get("target_latency"))
+    if prefix and all(m is None for m in modes):
+        return None  # build without pruning (prune itself refuses: PruneOptions says why)
+    return PruneOptions(
+        structured=get("structured"),
+        unstructured=get("unstructured"),
+        target_latency_ms=get("target_latency"),
+        calibration=args.calibration,
+        eval=args.eval,
+        max_accuracy_drop=args.max_accuracy_drop,
+        min_cosine=args.min_cosine,
+        per_layer=get("per_layer"),
+        channel_multiple=get("channel_multiple"),
+        recover=not get("no_recovery"),
+        threads=threads,
+        latency_seconds=args.latency_seconds,
+        max_calibration_samples=args.max_calibration_samples,
+        max_validation_samples=args.max_eval_samples,
+        preprocess_overrides=_preprocess_overrides(args),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -130,11 +195,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(p)
 
     p = sub.add_parser(
+        "prune", help="prune a model (structured channels, magnitude, or to a target latency)"
+    )
+    _add_model_options(p)
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.onnx")
+    mode = p.add_argument_group("what to prune (one of the first three; --unstructured combines)")
+    _add_prune_options(mode, prefix="")
+    p.add_argument("--report", type=Path, metavar="REPORT.json")
+    _add_data_options(p)
+
+    p = sub.add_parser(
         "build", help="make each profile's preferred artifacts and pack a signed bundle"
     )
     _add_model_options(p)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.edgebundle")
     p.add_argument("--profile", action="append", required=True, metavar="NAME", help="repeatable")
+    _add_prune_options(
+        p.add_argument_group("pruning before conversion (as edge-convert prune)"), prefix="prune-"
+    )
     p.add_argument("--sign-key", type=Path, required=True, metavar="KEY", help="edge-signing.key")
     p.add_argument("--name", help="model name (default: the file's stem)")
     p.add_argument("--version", default="1.0.0", help="semantic version (default 1.0.0)")
@@ -177,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handler = {
             "quantize": cmd_quantize,
+            "prune": cmd_prune,
             "build": cmd_build,
             "verify": cmd_verify,
             "inspect": cmd_inspect,
@@ -359,6 +438,32 @@ def _json(value: Any) -> Any:
     return str(value)
 
 
+# --- prune ------------------------------------------------------------------------------------
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from converters.pruning import prune_model
+    from converters.report import prune_summary
+
+    _check_writable(args.output)
+    if args.output.suffix != ".onnx":
+        raise ConfigError(f"-o {args.output}: the pruned model is written as .onnx")
+    if args.report is not None:
+        _check_writable(args.report)
+    options = _prune_options(args, prefix="", threads=_profile(None).threads)
+    model, shapes, _size = _load(args)
+    result = prune_model(model, options, input_shapes=shapes or None)
+    report = result.report
+    report["output"], report["source"] = str(args.output), str(args.model)
+    atomic_write_bytes(args.output, result.model.SerializeToString())
+    if args.report is not None:
+        atomic_write_bytes(
+            args.report, (json.dumps(report, indent=2, default=_json) + "\n").encode()
+        )
+    print(prune_summary(report))
+    return EXIT_OK
+
+
 # --- build ------------------------------------------------------------------------------------
 
 
@@ -369,6 +474,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.report is not None:
         _check_writable(args.report)
     model, shapes, size = _load(args)
+    prune_opts = _prune_options(args, prefix="prune_", threads=_profile(None).threads)
+    pruning = None
+    if prune_opts is not None:
+        from converters.pruning import prune_model
+
+        pruned = prune_model(model, prune_opts, input_shapes=shapes or None)
+        model, pruning = pruned.model, pruned.report
     labels = None
     if args.labels is not None:
         if not args.labels.is_file():
@@ -391,6 +503,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         input_shapes=shapes or None,
         original_size=size,
     )
+    if pruning is not None:
+        report["pruning"] = pruning
     if args.report is not None:
         atomic_write_bytes(
             args.report, (json.dumps(report, indent=2, default=_json) + "\n").encode()

@@ -122,3 +122,36 @@ def build_summary(report: Mapping[str, Any]) -> str:
     for warning in report.get("warnings", []):
         out.append(f"WARNING: {warning}")
     return "\n".join(out)
+
+
+def prune_summary(report: Mapping[str, Any]) -> str:
+    """What ``prune`` prints: before/after latency, size (and gzip size), parameters, accuracy,
+    and the channel groups that could not be pruned."""
+    lat, size, par, acc, fid = (
+        report["latency_ms"], report["size_bytes"], report["params"], report["accuracy"],
+        report["fidelity"],
+    )  # fmt: skip
+    rows = [
+        ["original", _fmt(lat["original"], ".3f"), _size(size["original"]),
+         _size(size["compressed_original"]), str(par["original"]), "1.0000",
+         _fmt(acc["original"], ".2f")],
+        ["pruned", _fmt(lat["pruned"], ".3f"), _size(size["pruned"]),
+         _size(size["compressed_pruned"]), str(par["pruned"]), _fmt(fid.get("cosine")),
+         _fmt(acc["pruned"], ".2f")],
+    ]  # fmt: skip
+    out = [
+        f"validation: {report['validation']['source']}",
+        table(["model", "latency ms", "size", "gzip", "params", "cosine", "accuracy %"], rows),
+        f"latency x{_fmt(lat['ratio'], '.3f')}   size x{_fmt(size['ratio'], '.3f')}   "
+        f"gzip x{_fmt(size['compressed_ratio'], '.3f')}   params x{_fmt(par['ratio'], '.3f')}",
+    ]
+    groups = report.get("groups") or []
+    if groups:
+        pruned = [g for g in groups if g["kept"] < g["channels"]]
+        out.append(f"channel groups pruned: {len(pruned)} of {len(groups)} prunable")
+    for f in report.get("frozen") or []:
+        out.append(f"not pruned ({f['channels']} channels of {', '.join(f['producers'][:2])}): "
+                   f"{'; '.join(f['reasons'][:2])}")  # fmt: skip
+    for warning in report.get("warnings", []):
+        out.append(f"WARNING: {warning}")
+    return "\n".join(out)

@@ -1,0 +1,382 @@
+"""``edge-convert prune`` and ``build --prune-*``: canonicalize, prune (structured, magnitude,
+or to a target latency by sensitivity analysis), recover on the calibration data, validate
+against the original, measure. The graph algorithms are in :mod:`converters.prune`.
+
+The report adds to the quantize report's keys: ``latency_ms``, ``size_bytes`` (and its gzip
+size, what a bundle stores), ``params`` (before and after), ``layers`` (per-layer channels,
+parameters and sparsity), ``groups`` (per channel group: kept / ratio), ``frozen`` (what could
+not be pruned and why) and, with ``--target-latency``, ``sensitivity``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from converters import prune as P
+from converters.canonical import canonicalize, tensor_spec
+from converters.convert import image_preprocess
+from converters.data import Dataset, Subset, evenly, load_dataset, random_dataset, split_holdout
+from converters.validate import (
+    accuracy,
+    compare_outputs,
+    concat,
+    make_session,
+    measure_latency,
+    run_all,
+)
+from edge_agent.errors import AccuracyBudgetError, ConfigError
+
+#: the ratios each channel group is tried at in the sensitivity analysis
+SENSITIVITY_RATIOS = (0.25, 0.5, 0.75)
+UNSTRUCTURED_WARNING = (
+    "unstructured sparsity: dense runtimes (onnxruntime, LiteRT/XNNPACK) run zeros at full "
+    "cost, so this gains no speed; it shrinks the compressed bundle"
+)
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    structured: float | None = None
+    unstructured: float | None = None
+    target_latency_ms: float | None = None
+    calibration: Path | None = None
+    eval: Path | None = None
+    max_accuracy_drop: float | None = None
+    min_cosine: float | None = None
+    per_layer: bool = False
+    channel_multiple: int = 8
+    recover: bool = True
+    threads: int = 2
+    latency_seconds: float = 1.5
+    max_calibration_samples: int = 256
+    max_validation_samples: int = 1000
+    preprocess_overrides: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        modes = [self.structured, self.unstructured, self.target_latency_ms]
+        if all(m is None for m in modes):
+            raise ConfigError("prune: give --structured RATIO, --unstructured SPARSITY or "
+                              "--target-latency MS")  # fmt: skip
+        if self.structured is not None and self.target_latency_ms is not None:
+            raise ConfigError("--structured and --target-latency are exclusive")
+        if self.structured is not None and not 0 < self.structured < 1:
+            raise ConfigError(f"--structured {self.structured}: the ratio must be in (0, 1)")
+        if self.unstructured is not None and not 0 < self.unstructured < 1:
+            raise ConfigError(f"--unstructured {self.unstructured}: the sparsity must be in (0, 1)")
+        if self.target_latency_ms is not None and self.target_latency_ms <= 0:
+            raise ConfigError(f"--target-latency {self.target_latency_ms}: must be > 0 ms")
+        if self.channel_multiple < 1:
+            raise ConfigError(f"--channel-multiple {self.channel_multiple}: must be >= 1")
+        if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 100:
+            raise ConfigError(f"--max-accuracy-drop {self.max_accuracy_drop}: 0 to 100 points")
+
+
+@dataclass
+class PruneResult:
+    model: onnx.ModelProto
+    report: dict[str, Any]
+
+
+class _Data:
+    """Calibration feeds (for recovery) and validation feeds, labels and reference outputs."""
+
+    def __init__(self, model: onnx.ModelProto, opts: PruneOptions) -> None:
+        self.warnings: list[str] = []
+        specs = tensor_spec(model)
+        pre = image_preprocess(specs, dict(opts.preprocess_overrides or {}))
+        cal: Dataset | None = None
+        if opts.calibration is not None:
+            cal = load_dataset(opts.calibration, input_specs=specs, preprocess=pre)
+        cal_idx: list[int] = []
+        if opts.eval is not None:
+            ev = load_dataset(opts.eval, input_specs=specs, preprocess=pre)
+            self.val = Subset(ev, evenly(range(len(ev)), opts.max_validation_samples))
+            if cal is not None:
+                cal_idx = evenly(range(len(cal)), opts.max_calibration_samples)
+            self.source = f"{ev.description} (--eval)"
+        elif cal is not None:
+            rest, held = split_holdout(len(cal))
+            cal_idx = evenly(rest, opts.max_calibration_samples)
+            self.val = Subset(cal, evenly(held, opts.max_validation_samples))
+            self.source = f"{cal.description} (every 5th sample held out)"
+        else:
+            rnd = random_dataset(specs, n=64)
+            self.val = Subset(rnd, range(len(rnd)))
+            self.source = rnd.description
+            self.warnings.append(
+                "no --calibration or --eval data: no recovery, and fidelity was measured on "
+                "random inputs, which says little about real data"
+            )
+        self.cal = [] if cal is None else list(Subset(cal, cal_idx).batches(batch=32))
+        self.feeds = list(self.val.batches(batch=32))
+        self.labels = self.val.labels()
+        self.sess_ref = make_session(model.SerializeToString(), threads=opts.threads)
+        self.names = [o.name for o in self.sess_ref.get_outputs()]
+        self.ref = run_all(self.sess_ref, self.feeds)
+        self.acc_ref = accuracy(concat(self.ref), self.labels) if self.labels is not None else None
+        if opts.max_accuracy_drop is not None and self.acc_ref is None:
+            raise ConfigError("--max-accuracy-drop needs labels: pass --eval DATA.npz with x and y")
+
+    def score(self, model: onnx.ModelProto, *, threads: int) -> tuple[dict[str, Any], float | None]:
+        sess = make_session(model.SerializeToString(), threads=threads)
+        got = run_all(sess, self.feeds)
+        fid = compare_outputs(self.ref, got, self.names)
+        acc = accuracy(concat(got), self.labels) if self.labels is not None else None
+        return fid, acc
+
+    def drop(self, fid: Mapping[str, Any], acc: float | None) -> float:
+        """Accuracy points lost, or (without labels) 100 x (1 - cosine)."""
+        if self.acc_ref is not None and acc is not None:
+            return float(self.acc_ref - acc)
+        return float(100 * (1 - (fid.get("cosine") or 0.0)))
+
+
+def _macs(model: onnx.ModelProto) -> int:
+    """Multiply-accumulates of the Conv and Gemm/MatMul layers (from inferred shapes)."""
+    m = onnx.shape_inference.infer_shapes(model)
+    shapes = P._shapes(m)
+    inits = {i.name: tuple(i.dims) for i in m.graph.initializer}
+    total = 0
+    for n in m.graph.node:
+        if n.op_type in P.WEIGHTED and len(n.input) > 1 and n.input[1] in inits:
+            w = inits[n.input[1]]
+            out = shapes.get(n.output[0], [])
+            spatial = int(np.prod([d for d in out[2:] if d > 0])) if n.op_type == "Conv" else 1
+            total += int(np.prod(w)) * spatial
+    return total
+
+
+def _layers(before: onnx.ModelProto, after: onnx.ModelProto) -> list[dict[str, Any]]:
+    def table(m: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+        inits = {i.name: i for i in m.graph.initializer}
+        out = {}
+        for n in m.graph.node:
+            if n.op_type in P.WEIGHTED and len(n.input) > 1 and n.input[1] in inits:
+                out[P._name(n)] = tuple(inits[n.input[1]].dims)
+        return out
+
+    def sparsity(m: onnx.ModelProto) -> dict[str, float]:
+        inits = {i.name: i for i in m.graph.initializer}
+        return {
+            P._name(n): float(np.mean(numpy_helper.to_array(inits[n.input[1]]) == 0))
+            for n in m.graph.node
+            if n.op_type in P.WEIGHTED and len(n.input) > 1 and n.input[1] in inits
+        }
+
+    b, a, sp = table(before), table(after), sparsity(after)
+    rows = []
+    for name, shp in b.items():
+        new = a.get(name, shp)
+        rows.append({
+            "node": name, "weight_shape": list(shp), "pruned_shape": list(new),
+            "params_ratio": round(float(np.prod(new)) / max(float(np.prod(shp)), 1), 4),
+            "channels_ratio": round(1 - new[0] / shp[0], 4) if shp else 0.0,
+            "sparsity": round(sp.get(name, 0.0), 4),
+        })  # fmt: skip
+    return rows
+
+
+def _structured(
+    model: onnx.ModelProto, ratios: Mapping[int, float] | float, data: _Data, opts: PruneOptions
+) -> P.Pruned:
+    pr = P.prune_channels(model, ratios, multiple=opts.channel_multiple)
+    if opts.recover and data.cal:
+        pr.model = P.recover(model, pr.model, data.cal, pr.keep_of)
+    return pr
+
+
+def _sensitivity(model: onnx.ModelProto, data: _Data, opts: PruneOptions) -> list[dict[str, Any]]:
+    """Each channel group pruned alone at each ratio (no recovery): the drop and the MACs
+    saved."""
+    analysis = P.analyse(model)
+    base = _macs(model)
+    rows = []
+    for sid, space in analysis.prunable().items():
+        for r in SENSITIVITY_RATIOS:
+            pr = P.prune_channels(
+                model, {sid: r}, analysis=analysis, multiple=opts.channel_multiple
+            )
+            fid, acc = data.score(pr.model, threads=opts.threads)
+            rows.append({
+                "space": sid, "producers": space.producers, "channels": space.size,
+                "ratio": r, "kept": pr.groups[[g["space"] for g in pr.groups].index(sid)]["kept"],
+                "drop": round(data.drop(fid, acc), 4),
+                "macs_saved": round(1 - _macs(pr.model) / base, 4),
+            })  # fmt: skip
+    return rows
+
+
+def _to_target(
+    model: onnx.ModelProto, data: _Data, opts: PruneOptions
+) -> tuple[P.Pruned, list[dict[str, Any]], float]:
+    """Greedy over the sensitivity table: raise the ratio of the group that costs the least drop
+    per MAC saved, until the measured latency reaches the target; then recover, and back off
+    while the budget is missed."""
+    assert opts.target_latency_ms is not None
+    table = _sensitivity(model, data, opts)
+    by = {(r["space"], r["ratio"]): r for r in table}
+    ratios: dict[int, float] = {}
+    steps: list[dict[int, float]] = []
+    spaces = sorted({r["space"] for r in table})
+    feed = data.feeds[0]
+    one = {k: v[:1] for k, v in feed.items()}
+
+    def latency(m: onnx.ModelProto) -> float:
+        s = make_session(m.SerializeToString(), threads=opts.threads)
+        return measure_latency({"m": s}, one, seconds=min(opts.latency_seconds, 0.5))["m"].median_ms
+
+    current = P.prune_channels(model, {}, multiple=opts.channel_multiple).model
+    lat = latency(current)
+    while lat > opts.target_latency_ms:
+        best = None
+        for s in spaces:
+            now = ratios.get(s, 0.0)
+            nxt = next((r for r in SENSITIVITY_RATIOS if r > now), None)
+            if nxt is None:
+                continue
+            row = by[s, nxt]
+            prev = by.get((s, now), {"drop": 0.0, "macs_saved": 0.0})
+            gain = row["macs_saved"] - prev["macs_saved"]
+            cost = max(row["drop"] - prev["drop"], 0.0) + 1e-6
+            if gain > 0 and (best is None or cost / gain < best[0]):
+                best = (cost / gain, s, nxt)
+        if best is None:
+            break
+        ratios[best[1]] = best[2]
+        steps.append(dict(ratios))
+        current = P.prune_channels(model, ratios, multiple=opts.channel_multiple).model
+        lat = latency(current)
+    # recover; back off while over budget
+    while True:
+        pr = _structured(model, ratios, data, opts)
+        fid, acc = data.score(pr.model, threads=opts.threads)
+        drop = data.drop(fid, acc)
+        within = opts.max_accuracy_drop is None or drop <= opts.max_accuracy_drop + 1e-9
+        if within or not steps:
+            break
+        steps.pop()
+        ratios = dict(steps[-1]) if steps else {}
+    achieved = latency(pr.model)
+    if achieved > opts.target_latency_ms:
+        why = (
+            ""
+            if opts.max_accuracy_drop is None
+            else f" within --max-accuracy-drop {opts.max_accuracy_drop}"
+        )
+        raise AccuracyBudgetError(
+            f"--target-latency {opts.target_latency_ms} ms: the best pruning{why} reaches "
+            f"{achieved:.3f} ms (unpruned {latency(model):.3f} ms); nothing was written"
+        )
+    return pr, table, achieved
+
+
+def prune_model(
+    imported: onnx.ModelProto,
+    options: PruneOptions,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> PruneResult:
+    """Prune ``imported``; raise AccuracyBudgetError (nothing written) over the budget."""
+    canon = canonicalize(imported, input_shapes=input_shapes)
+    model = canon.model
+    data = _Data(model, options)
+    warnings = list(data.warnings)
+    report: dict[str, Any] = {"format": "onnx-fp32", "pruned": True}
+    pruned = model
+    if options.structured is not None or options.target_latency_ms is not None:
+        analysis = P.analyse(model)
+        if not analysis.prunable():
+            reasons = sorted({r for f in analysis.frozen() for r in f["reasons"]})
+            raise ConfigError(
+                "nothing can be pruned structurally: every channel group is tied to "
+                + "; ".join(reasons[:6])
+            )
+        if options.target_latency_ms is not None:
+            pr, table, _ = _to_target(model, data, options)
+            report["sensitivity"] = table
+        else:
+            pr = _structured(model, options.structured or 0.0, data, options)
+        pruned = pr.model
+        report["groups"], report["frozen"] = pr.groups, pr.frozen
+        report["recovery"] = (
+            "least squares per layer on the calibration samples"
+            if options.recover and data.cal
+            else None
+        )
+        if not data.cal and options.recover:
+            warnings.append("no --calibration data: pruned without recovery")
+    if options.unstructured is not None:
+        pruned, per_layer = P.magnitude_prune(
+            pruned, options.unstructured, per_layer=options.per_layer
+        )
+        report["unstructured"] = {
+            "sparsity": options.unstructured, "per_layer": options.per_layer, "layers": per_layer,
+        }  # fmt: skip
+        warnings.append(UNSTRUCTURED_WARNING)
+    fid, acc = data.score(pruned, threads=options.threads)
+    drop = None if acc is None or data.acc_ref is None else data.acc_ref - acc
+    if (
+        options.max_accuracy_drop is not None
+        and drop is not None
+        and drop > options.max_accuracy_drop + 1e-9
+    ):
+        raise AccuracyBudgetError(
+            f"the pruned model loses {drop:.2f} accuracy points > budget "
+            f"{options.max_accuracy_drop}; nothing was written"
+        )
+    if options.min_cosine is not None and (fid.get("cosine") or 0) < options.min_cosine:
+        raise AccuracyBudgetError(
+            f"the pruned model's cosine {fid.get('cosine'):.4f} < --min-cosine "
+            f"{options.min_cosine}; nothing was written"
+        )
+    one = {k: v[:1] for k, v in data.feeds[0].items()}
+    lat = measure_latency(
+        {
+            "original": data.sess_ref,
+            "pruned": make_session(pruned.SerializeToString(), threads=options.threads),
+        },
+        one,
+        seconds=options.latency_seconds,
+    )
+    before, after = model.SerializeToString(), pruned.SerializeToString()
+    gz_b, gz_a = P.compressed_size(before), P.compressed_size(after)
+    p_b, p_a = P.param_count(model), P.param_count(pruned)
+    report.update(
+        {
+            "validation": {"samples": len(data.val), "source": data.source},
+            "latency_ms": {
+                "original": round(lat["original"].median_ms, 4),
+                "pruned": round(lat["pruned"].median_ms, 4),
+                "ratio": round(lat["pruned"].median_ms / lat["original"].median_ms, 4),
+                "measured_on": f"this machine, batch 1, {options.threads} threads, median of "
+                "interleaved runs",
+            },
+            "size_bytes": {
+                "original": len(before),
+                "pruned": len(after),
+                "ratio": round(len(after) / len(before), 4),
+                "compressed_original": gz_b,
+                "compressed_pruned": gz_a,
+                "compressed_ratio": round(gz_a / gz_b, 4),
+            },
+            "params": {"original": p_b, "pruned": p_a, "ratio": round(p_a / max(p_b, 1), 4)},
+            "macs": {"original": _macs(model), "pruned": _macs(pruned)},
+            "fidelity": fid,
+            "accuracy": {"original": data.acc_ref, "pruned": acc, "drop": drop},
+            "budget": {
+                "max_accuracy_drop": options.max_accuracy_drop,
+                "min_cosine": options.min_cosine,
+                "met": True,
+            },
+            "layers": _layers(model, pruned),
+            "warnings": warnings,
+        }
+    )
+    return PruneResult(pruned, report)
