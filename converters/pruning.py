@@ -114,8 +114,10 @@ class _Data:
                 "no --calibration or --eval data: no recovery, and fidelity was measured on "
                 "random inputs, which says little about real data"
             )
-        self.cal = [] if cal is None else list(Subset(cal, cal_idx).batches(batch=32))
-        self.feeds = list(self.val.batches(batch=32))
+        first = list(specs[0]["shape"]) if specs else []
+        batch = int(first[0]) if first and first[0] else 32  # a fixed batch size is kept
+        self.cal = [] if cal is None else list(Subset(cal, cal_idx).batches(batch=batch))
+        self.feeds = [f for f in self.val.batches(batch=batch) if _rows(f) == batch or batch == 32]
         self.labels = self.val.labels()
         self.sess_ref = make_session(model.SerializeToString(), threads=opts.threads)
         self.names = [o.name for o in self.sess_ref.get_outputs()]
@@ -136,6 +138,10 @@ class _Data:
         if self.acc_ref is not None and acc is not None:
             return float(self.acc_ref - acc)
         return float(100 * (1 - (fid.get("cosine") or 0.0)))
+
+
+def _rows(feed: Mapping[str, np.ndarray]) -> int:
+    return int(next(iter(feed.values())).shape[0])
 
 
 def _macs(model: onnx.ModelProto) -> int:
@@ -286,18 +292,18 @@ def prune_model(
     """Prune ``imported``; raise AccuracyBudgetError (nothing written) over the budget."""
     canon = canonicalize(imported, input_shapes=input_shapes)
     model = canon.model
+    structured = options.structured is not None or options.target_latency_ms is not None
+    if structured and not P.analyse(model).prunable():
+        reasons = sorted({r for f in P.analyse(model).frozen() for r in f["reasons"]})
+        raise ConfigError(
+            "nothing can be pruned structurally: every channel group is tied to "
+            + "; ".join(reasons[:6])
+        )
     data = _Data(model, options)
     warnings = list(data.warnings)
     report: dict[str, Any] = {"format": "onnx-fp32", "pruned": True}
     pruned = model
-    if options.structured is not None or options.target_latency_ms is not None:
-        analysis = P.analyse(model)
-        if not analysis.prunable():
-            reasons = sorted({r for f in analysis.frozen() for r in f["reasons"]})
-            raise ConfigError(
-                "nothing can be pruned structurally: every channel group is tied to "
-                + "; ".join(reasons[:6])
-            )
+    if structured:
         if options.target_latency_ms is not None:
             pr, table, _ = _to_target(model, data, options)
             report["sensitivity"] = table
