@@ -130,6 +130,23 @@ def _add_prune_options(p: Any, *, prefix: str) -> None:
         help="choose per-group ratios by sensitivity until latency reaches MS",
     )
     p.add_argument(
+        f"--{prefix}target-size",
+        type=int,
+        metavar="BYTES",
+        help="choose per-group ratios by sensitivity until the model is at most BYTES",
+    )
+    p.add_argument(
+        f"--{prefix}include-first-last",
+        action="store_true",
+        help="unstructured: prune the first and last weighted layers too (skipped by default)",
+    )
+    p.add_argument(
+        f"--{prefix}score",
+        choices=("l1", "l2"),
+        default="l1",
+        help="structured: rank channels by the L1 (default) or L2 norm of their filters",
+    )
+    p.add_argument(
         f"--{prefix}per-layer",
         action="store_true",
         help="unstructured: the sparsity in every layer, not one global threshold",
@@ -151,13 +168,16 @@ def _prune_options(args: argparse.Namespace, *, prefix: str, threads: int) -> An
     def get(key: str) -> Any:
         return getattr(args, f"{prefix}{key}")
 
-    modes = (get("structured"), get("unstructured"), get("target_latency"))
+    modes = (get("structured"), get("unstructured"), get("target_latency"), get("target_size"))
     if prefix and all(m is None for m in modes):
         return None  # build without pruning (prune itself refuses: PruneOptions says why)
     return PruneOptions(
         structured=get("structured"),
         unstructured=get("unstructured"),
         target_latency_ms=get("target_latency"),
+        target_size_bytes=get("target_size"),
+        skip_first_last=not get("include_first_last"),
+        score=get("score"),
         calibration=args.calibration,
         eval=args.eval,
         max_accuracy_drop=args.max_accuracy_drop,

@@ -275,19 +275,23 @@ def _const_channels(c: np.ndarray, shapes: Mapping[str, list[int]], out: str) ->
 
 
 # -- rewriting -----------------------------------------------------------------------------
-def _scores(model: onnx.ModelProto, producers: Sequence[str], size: int) -> np.ndarray:
+def _scores(
+    model: onnx.ModelProto, producers: Sequence[str], size: int, score: str = "l1"
+) -> np.ndarray:
     nodes = {_name(n): n for n in model.graph.node}
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     total = np.zeros(size, np.float64)
     for p in producers:
         n = nodes[p]
         w = inits[n.input[1]].astype(np.float64)
+        w = np.abs(w) if score == "l1" else w * w  # summed: the L1 norm, or the squared L2
         if n.op_type == "Conv":
-            norms = np.abs(w).reshape(w.shape[0], -1).sum(axis=1)
+            norms = w.reshape(w.shape[0], -1).sum(axis=1)
         elif n.op_type == "Gemm" and _attrs(n).get("transB", 0):
-            norms = np.abs(w).sum(axis=1)
+            norms = w.sum(axis=1)
         else:
-            norms = np.abs(w).sum(axis=0)
+            norms = w.sum(axis=0)
+        norms = norms if score == "l1" else np.sqrt(norms)
         total += norms / max(float(norms.mean()), 1e-12)
     return total
 
@@ -313,6 +317,7 @@ def prune_channels(
     *,
     analysis: Analysis | None = None,
     multiple: int = 8,
+    score: str = "l1",
 ) -> Pruned:
     """Remove the lowest-scoring ``ratio`` of channels of every prunable space (or per space id
     in ``ratios``); kept counts are rounded to a multiple of ``multiple`` for spaces of at least
@@ -327,7 +332,7 @@ def prune_channels(
         if not 0 <= r < 1:
             raise ConfigError(f"pruning ratio {r}: must be in [0, 1)")
         k = _keep_count(sp.size, r, multiple)
-        scores = _scores(a.model, sp.producers, sp.size)
+        scores = _scores(a.model, sp.producers, sp.size, score)
         idx = np.sort(np.argsort(-scores, kind="stable")[:k])
         keep[sid] = idx
         summary.append({"space": sid, "producers": sp.producers, "channels": sp.size,

@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from converters import prune as P
 from converters.canonical import canonicalize, tensor_spec
-from converters.convert import image_preprocess
+from converters.convert import _fixed_batch, image_preprocess
 from converters.data import Dataset, Subset, evenly, load_dataset, random_dataset, split_holdout
 from converters.validate import (
     accuracy,
@@ -46,6 +46,7 @@ class PruneOptions:
     structured: float | None = None
     unstructured: float | None = None
     target_latency_ms: float | None = None
+    target_size_bytes: int | None = None
     calibration: Path | None = None
     eval: Path | None = None
     max_accuracy_drop: float | None = None
@@ -53,6 +54,8 @@ class PruneOptions:
     per_layer: bool = False
     channel_multiple: int = 8
     recover: bool = True
+    skip_first_last: bool = True
+    score: str = "l1"
     threads: int = 2
     latency_seconds: float = 1.5
     max_calibration_samples: int = 256
@@ -60,18 +63,25 @@ class PruneOptions:
     preprocess_overrides: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        modes = [self.structured, self.unstructured, self.target_latency_ms]
+        modes = [self.structured, self.unstructured, self.target_latency_ms, self.target_size_bytes]
         if all(m is None for m in modes):
-            raise ConfigError("prune: give --structured RATIO, --unstructured SPARSITY or "
-                              "--target-latency MS")  # fmt: skip
-        if self.structured is not None and self.target_latency_ms is not None:
-            raise ConfigError("--structured and --target-latency are exclusive")
+            raise ConfigError(
+                "prune: give --structured RATIO, --unstructured SPARSITY, --target-latency MS "
+                "or --target-size BYTES"
+            )
+        targets = (self.structured, self.target_latency_ms, self.target_size_bytes)
+        if sum(m is not None for m in targets) > 1:
+            raise ConfigError("--structured, --target-latency and --target-size are exclusive")
+        if self.target_size_bytes is not None and self.target_size_bytes <= 0:
+            raise ConfigError(f"--target-size {self.target_size_bytes}: must be > 0 bytes")
         if self.structured is not None and not 0 < self.structured < 1:
             raise ConfigError(f"--structured {self.structured}: the ratio must be in (0, 1)")
         if self.unstructured is not None and not 0 < self.unstructured < 1:
             raise ConfigError(f"--unstructured {self.unstructured}: the sparsity must be in (0, 1)")
         if self.target_latency_ms is not None and self.target_latency_ms <= 0:
             raise ConfigError(f"--target-latency {self.target_latency_ms}: must be > 0 ms")
+        if self.score not in ("l1", "l2"):
+            raise ConfigError(f"--score {self.score}: expected l1 or l2")
         if self.channel_multiple < 1:
             raise ConfigError(f"--channel-multiple {self.channel_multiple}: must be >= 1")
         if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 100:
@@ -114,8 +124,7 @@ class _Data:
                 "no --calibration or --eval data: no recovery, and fidelity was measured on "
                 "random inputs, which says little about real data"
             )
-        first = list(specs[0]["shape"]) if specs else []
-        batch = int(first[0]) if first and first[0] else 32  # a fixed batch size is kept
+        batch = _fixed_batch(specs) or 32  # a fixed batch size is kept
         self.cal = [] if cal is None else list(Subset(cal, cal_idx).batches(batch=batch))
         self.feeds = [f for f in self.val.batches(batch=batch) if _rows(f) == batch or batch == 32]
         self.labels = self.val.labels()
@@ -192,7 +201,7 @@ def _layers(before: onnx.ModelProto, after: onnx.ModelProto) -> list[dict[str, A
 def _structured(
     model: onnx.ModelProto, ratios: Mapping[int, float] | float, data: _Data, opts: PruneOptions
 ) -> P.Pruned:
-    pr = P.prune_channels(model, ratios, multiple=opts.channel_multiple)
+    pr = P.prune_channels(model, ratios, multiple=opts.channel_multiple, score=opts.score)
     if opts.recover and data.cal:
         pr.model = P.recover(model, pr.model, data.cal, pr.keep_of)
     return pr
@@ -202,7 +211,7 @@ def _sensitivity(model: onnx.ModelProto, data: _Data, opts: PruneOptions) -> lis
     """Each channel group pruned alone at each ratio (no recovery): the drop and the MACs
     saved."""
     analysis = P.analyse(model)
-    base = _macs(model)
+    base, base_params = _macs(model), P.param_count(model)
     rows = []
     for sid, space in analysis.prunable().items():
         for r in SENSITIVITY_RATIOS:
@@ -215,6 +224,7 @@ def _sensitivity(model: onnx.ModelProto, data: _Data, opts: PruneOptions) -> lis
                 "ratio": r, "kept": pr.groups[[g["space"] for g in pr.groups].index(sid)]["kept"],
                 "drop": round(data.drop(fid, acc), 4),
                 "macs_saved": round(1 - _macs(pr.model) / base, 4),
+                "params_saved": round(1 - P.param_count(pr.model) / base_params, 4),
             })  # fmt: skip
     return rows
 
@@ -223,9 +233,13 @@ def _to_target(
     model: onnx.ModelProto, data: _Data, opts: PruneOptions
 ) -> tuple[P.Pruned, list[dict[str, Any]], float]:
     """Greedy over the sensitivity table: raise the ratio of the group that costs the least drop
-    per MAC saved, until the measured latency reaches the target; then recover, and back off
-    while the budget is missed."""
-    assert opts.target_latency_ms is not None
+    per MAC (latency target) or parameter (size target) saved, until the measured latency or the
+    model's size reaches the target; then recover, and back off while the budget is missed."""
+    by_size = opts.target_size_bytes is not None
+    goal = opts.target_size_bytes if by_size else opts.target_latency_ms
+    target = float(goal or 0.0)
+    gain_key = "params_saved" if by_size else "macs_saved"
+    flag, unit = ("--target-size", "bytes") if by_size else ("--target-latency", "ms")
     table = _sensitivity(model, data, opts)
     by = {(r["space"], r["ratio"]): r for r in table}
     ratios: dict[int, float] = {}
@@ -238,9 +252,12 @@ def _to_target(
         s = make_session(m.SerializeToString(), threads=opts.threads)
         return measure_latency({"m": s}, one, seconds=min(opts.latency_seconds, 0.5))["m"].median_ms
 
+    def measure(m: onnx.ModelProto) -> float:
+        return float(len(m.SerializeToString())) if by_size else latency(m)
+
     current = P.prune_channels(model, {}, multiple=opts.channel_multiple).model
-    lat = latency(current)
-    while lat > opts.target_latency_ms:
+    lat = measure(current)
+    while lat > target:
         best = None
         for s in spaces:
             now = ratios.get(s, 0.0)
@@ -248,8 +265,8 @@ def _to_target(
             if nxt is None:
                 continue
             row = by[s, nxt]
-            prev = by.get((s, now), {"drop": 0.0, "macs_saved": 0.0})
-            gain = row["macs_saved"] - prev["macs_saved"]
+            prev = by.get((s, now), {"drop": 0.0, gain_key: 0.0})
+            gain = row[gain_key] - prev[gain_key]
             cost = max(row["drop"] - prev["drop"], 0.0) + 1e-6
             if gain > 0 and (best is None or cost / gain < best[0]):
                 best = (cost / gain, s, nxt)
@@ -258,7 +275,7 @@ def _to_target(
         ratios[best[1]] = best[2]
         steps.append(dict(ratios))
         current = P.prune_channels(model, ratios, multiple=opts.channel_multiple).model
-        lat = latency(current)
+        lat = measure(current)
     # recover; back off while over budget
     while True:
         pr = _structured(model, ratios, data, opts)
@@ -269,16 +286,16 @@ def _to_target(
             break
         steps.pop()
         ratios = dict(steps[-1]) if steps else {}
-    achieved = latency(pr.model)
-    if achieved > opts.target_latency_ms:
+    achieved = measure(pr.model)
+    if achieved > target:
         why = (
             ""
             if opts.max_accuracy_drop is None
             else f" within --max-accuracy-drop {opts.max_accuracy_drop}"
         )
         raise AccuracyBudgetError(
-            f"--target-latency {opts.target_latency_ms} ms: the best pruning{why} reaches "
-            f"{achieved:.3f} ms (unpruned {latency(model):.3f} ms); nothing was written"
+            f"{flag} {target:g} {unit}: the best pruning{why} reaches {achieved:.3f} {unit} "
+            f"(unpruned {measure(model):.3f} {unit}); nothing was written"
         )
     return pr, table, achieved
 
@@ -292,7 +309,10 @@ def prune_model(
     """Prune ``imported``; raise AccuracyBudgetError (nothing written) over the budget."""
     canon = canonicalize(imported, input_shapes=input_shapes)
     model = canon.model
-    structured = options.structured is not None or options.target_latency_ms is not None
+    structured = any(
+        v is not None
+        for v in (options.structured, options.target_latency_ms, options.target_size_bytes)
+    )
     if structured and not P.analyse(model).prunable():
         reasons = sorted({r for f in P.analyse(model).frozen() for r in f["reasons"]})
         raise ConfigError(
@@ -304,7 +324,7 @@ def prune_model(
     report: dict[str, Any] = {"format": "onnx-fp32", "pruned": True}
     pruned = model
     if structured:
-        if options.target_latency_ms is not None:
+        if options.target_latency_ms is not None or options.target_size_bytes is not None:
             pr, table, _ = _to_target(model, data, options)
             report["sensitivity"] = table
         else:
@@ -320,7 +340,10 @@ def prune_model(
             warnings.append("no --calibration data: pruned without recovery")
     if options.unstructured is not None:
         pruned, per_layer = P.magnitude_prune(
-            pruned, options.unstructured, per_layer=options.per_layer
+            pruned,
+            options.unstructured,
+            per_layer=options.per_layer,
+            skip_first_last=options.skip_first_last,
         )
         report["unstructured"] = {
             "sparsity": options.unstructured, "per_layer": options.per_layer, "layers": per_layer,

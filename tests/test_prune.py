@@ -247,3 +247,28 @@ def test_sensitivity_table_and_a_generous_latency_target(digits: Any) -> None:
         assert rows[-1]["macs_saved"] > rows[0]["macs_saved"] > 0
     res = prune_model(model, opts)  # already under 1 s: nothing pruned
     assert res.report["params"]["ratio"] == 1.0 and len(res.report["sensitivity"]) == 9
+
+
+def test_target_size_chooses_ratios_by_sensitivity_within_the_budget(
+    digits: Any, tmp_path: Path, cli: Any
+) -> None:
+    out, rep = tmp_path / "s.onnx", tmp_path / "s.json"
+    r = cli("prune", digits.onnx, "-o", out, "--target-size", "60000", "--score", "l2",
+            "--calibration", digits.calibration, "--eval", digits.eval,
+            "--max-accuracy-drop", "1", "--latency-seconds", "0.1")  # fmt: skip
+    assert r.code == 0, r.err
+    report = json.loads(rep.read_text()) if rep.exists() else None
+    assert report is None  # no --report asked: none written
+    assert out.stat().st_size <= 60000
+    assert onnx.load(str(out)).graph.output[0].type.tensor_type.shape.dim[1].dim_value == 10
+    r = cli("prune", digits.onnx, "-o", tmp_path / "t.onnx", "--target-size", "1000",
+            "--calibration", digits.calibration, "--eval", digits.eval,
+            "--max-accuracy-drop", "1", "--latency-seconds", "0.1")  # fmt: skip
+    assert r.code == 3 and "--target-size 1000 bytes" in r.err
+    assert not (tmp_path / "t.onnx").exists()
+
+
+def test_unstructured_can_include_the_first_and_last_layers(digits: Any) -> None:
+    model = canonicalize(onnx.load(str(digits.onnx))).model
+    _, rows = P.magnitude_prune(model, 0.5, per_layer=True, skip_first_last=False)
+    assert all(not r["skipped"] and abs(r["sparsity"] - 0.5) < 0.02 for r in rows)
