@@ -282,12 +282,27 @@ def markdown(result: dict[str, Any]) -> str:
             f"{'-' if r['top1_agreement'] is None else format(r['top1_agreement'], '.4f')} | "
             f"{'-' if r['accuracy'] is None else format(r['accuracy'], '.2f')} |"
         )
-    lines += ["", "| target | value | limit | met |", "|---|---:|---|---|"]
-    for t in result["targets"]:
-        lines.append(
-            f"| {t['target']} | {t['value']} | {t['limit']} | {'yes' if t['met'] else 'NO'} |"
-        )
+    lines += targets_markdown(result["targets"])
     return "\n".join(lines) + "\n"
+
+
+def targets_markdown(targets: list[dict[str, Any]]) -> list[str]:
+    """The targets table every benchmark ends with (met: yes / NO / n/a when not run)."""
+    lines = ["", "| target | value | limit | met |", "|---|---:|---|---|"]
+    for t in targets:
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "NO")
+        lines.append(f"| {t['target']} | {t['value']} | {t['limit']} | {met} |")
+    return lines
+
+
+def digits_files(tmp: Path) -> tuple[Path, Path, Path]:
+    """The trained digits CNN (.onnx), its calibration and its labelled eval split (.npz)."""
+    cnn, data = zoo.train_digits_cnn()
+    p = tmp / "digits.onnx"
+    p.write_bytes(zoo.export_onnx(cnn, (1, 1, 8, 8)))
+    np.savez(tmp / "digits-cal.npz", x=data.x_train[:256])
+    np.savez(tmp / "digits-eval.npz", x=data.x_test, y=data.y_test)
+    return p, tmp / "digits-cal.npz", tmp / "digits-eval.npz"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from benchmarks.convert import RESULTS, _cpu_name
+from benchmarks.convert import RESULTS, _cpu_name, digits_files, targets_markdown
 from converters import prune as P
 from converters import zoo
 from converters.canonical import canonicalize
@@ -55,17 +55,18 @@ def _latency(tmp: Path, seconds: float) -> list[dict[str, Any]]:
         lat = measure_latency(sessions, {model.graph.input[0].name: x}, seconds=seconds)
         base = lat["unpruned"].median_ms
         for key, value in lat.items():
-            mult = int(key.split("x")[1].rstrip(")")) if "x" in key else None
-            pr = pruned.get(mult) if mult else None
+            m_of = int(key.split("x")[1].rstrip(")")) if "x" in key else None
+            got = pruned.get(m_of) if m_of else None
             chans = None
-            if pr is not None:
+            if got is not None:
                 chans = round(
-                    1 - sum(g["kept"] for g in pr.groups) / sum(g["channels"] for g in pr.groups), 4
+                    1 - sum(g["kept"] for g in got.groups) / sum(g["channels"] for g in got.groups),
+                    4,
                 )
             row = {
                 "model": name, "variant": key, "latency_ms": round(value.median_ms, 4),
                 "latency_ratio": round(value.median_ms / base, 4), "runs": value.runs,
-                "params_ratio": 1.0 if pr is None else round(P.param_count(pr.model) / P.param_count(model), 4),
+                "params_ratio": 1.0 if got is None else round(P.param_count(got.model) / P.param_count(model), 4),
                 "channels_removed": chans,
             }  # fmt: skip
             rows.append(row)
@@ -74,15 +75,11 @@ def _latency(tmp: Path, seconds: float) -> list[dict[str, Any]]:
 
 
 def _digits(tmp: Path) -> dict[str, Any]:
-    cnn, data = zoo.train_digits_cnn()
-    p = tmp / "digits.onnx"
-    p.write_bytes(zoo.export_onnx(cnn, (1, 1, 8, 8)))
-    np.savez(tmp / "cal.npz", x=data.x_train[:256])
-    np.savez(tmp / "eval.npz", x=data.x_test, y=data.y_test)
+    p, cal, ev = digits_files(tmp)
     out = {}
     for label, recover in (("with recovery", True), ("without recovery", False)):
         opts = PruneOptions(
-            structured=0.2, calibration=tmp / "cal.npz", eval=tmp / "eval.npz",
+            structured=0.2, calibration=cal, eval=ev,
             recover=recover, channel_multiple=1, latency_seconds=0.5,
         )  # fmt: skip
         rep = prune_model(onnx.load(str(p)), opts).report
@@ -168,11 +165,7 @@ def markdown(result: dict[str, Any]) -> str:
               "|---|---:|---:|---:|"]  # fmt: skip
     for k, v in result["bundles"].items():
         lines.append(f"| {k} artifact | {v['unpruned']} | {v['50% sparse']} | {v['ratio']} |")
-    lines += ["", "| target | value | limit | met |", "|---|---:|---|---|"]
-    for t in result["targets"]:
-        lines.append(
-            f"| {t['target']} | {t['value']} | {t['limit']} | {'yes' if t['met'] else 'NO'} |"
-        )
+    lines += targets_markdown(result["targets"])
     return "\n".join(lines) + "\n"
 
 

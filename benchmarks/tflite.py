@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from benchmarks.convert import RESULTS, _cpu_name
+from benchmarks.convert import RESULTS, _cpu_name, digits_files, targets_markdown
 from converters import zoo
 from converters.canonical import canonicalize, tensor_spec
 from converters.convert import ConvertOptions, convert
@@ -177,18 +177,14 @@ def part_writer(tmp: Path, seconds: float) -> dict[str, Any]:
 
 
 def _digits(tmp: Path) -> dict[str, Any]:
-    cnn, data = zoo.train_digits_cnn()
-    p = tmp / "digits.onnx"
-    p.write_bytes(zoo.export_onnx(cnn, (1, 1, 8, 8)))
-    np.savez(tmp / "d-cal.npz", x=data.x_train[:256])
-    np.savez(tmp / "d-eval.npz", x=data.x_test, y=data.y_test)
+    p, cal, ev = digits_files(tmp)
     out = {}
     for fmt in ("tflite-fp32", "tflite-int8"):
         opts = ConvertOptions(
             fmt=fmt,
             profile=detect_host_profile(),
-            calibration=tmp / "d-cal.npz",
-            eval=tmp / "d-eval.npz",
+            calibration=cal,
+            eval=ev,
             max_accuracy_drop=0.5,
             latency_seconds=0.3,
         )
@@ -353,10 +349,7 @@ def markdown(result: dict[str, Any]) -> str:
             )
     elif tf:
         lines += ["", f"TensorFlow comparison: {tf.get('error')}"]
-    lines += ["", "| target | value | limit | met |", "|---|---:|---|---|"]
-    for t in result["targets"]:
-        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "NO")
-        lines.append(f"| {t['target']} | {t['value']} | {t['limit']} | {met} |")
+    lines += targets_markdown(result["targets"])
     return "\n".join(lines) + "\n"
 
 
