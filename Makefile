@@ -22,7 +22,7 @@ $(VENV)/.stamp-dev: pyproject.toml | $(PY)
 	$(call install,dev,$@)
 
 $(VENV)/.stamp-demo: pyproject.toml | $(PY)
-	$(call install,convert$(comma)torch$(comma)sklearn,$@)
+	$(call install,demo,$@)
 
 comma := ,
 

@@ -163,6 +163,7 @@ class Pipeline:
         self._in_flight: dict[int, int] = {}
         self._model_errors: dict[int, int] = {}
         self._worker_error: BaseException | None = None
+        self._dropped_at_stop: int | None = None
 
     # --- control ------------------------------------------------------------------------
 
@@ -171,8 +172,15 @@ class Pipeline:
         return self._model
 
     def stop(self) -> None:
-        """Ask the loop to finish (the signal handlers call this; it only sets a flag)."""
+        """Ask the loop to finish (the signal handlers call this; it only sets flags)."""
+        self._mark_drops()
         self._stop.set()
+
+    def _mark_drops(self) -> None:
+        # a live source keeps capturing until it is closed: frames it overwrites once the loop
+        # is asked to stop were never going to be served, so they are not counted as drops
+        if self._dropped_at_stop is None:
+            self._dropped_at_stop = self._source_dropped()
 
     def swap_model(self, new_model: LoadedModel, *, timeout: float = 30.0) -> LoadedModel:
         """Switch to ``new_model`` (loaded and warmed by the caller) between two frames; returns
@@ -232,6 +240,7 @@ class Pipeline:
         try:
             self._inference_loop()
         finally:
+            self._mark_drops()
             self.state = State.STOPPING
             self._stop.set()
             for t in helpers:
@@ -480,9 +489,14 @@ class Pipeline:
             self._window_mark = self.stats.mark()
         return window.summary()
 
+    def _source_dropped(self) -> int:
+        return int(getattr(getattr(self.source, "stats", None), "dropped", 0) or 0)
+
     def summary(self) -> dict[str, Any]:
         elapsed = max(time.monotonic() - self.started_mono, 1e-9) if self.started_mono else 0.0
-        src = getattr(self.source, "stats", None)
+        dropped = self._source_dropped()
+        if self._dropped_at_stop is not None:
+            dropped = min(dropped, self._dropped_at_stop)
         return {
             "state": self.state.value,
             "model": self._model.identity,
@@ -490,7 +504,7 @@ class Pipeline:
             "results": self.results,
             "fps": round(self.results / elapsed, 3) if elapsed else 0.0,
             "elapsed_s": round(elapsed, 3),
-            "dropped": int(getattr(src, "dropped", 0) or 0),
+            "dropped": dropped,
             "gated": self.gated,
             "inference_errors": self.inference_errors,
             "swaps": self.swaps,

@@ -16,9 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pytest
+
+from converters.demo_live import digits_video
 
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
 EDGECTL = str(Path(sys.executable).parent / "edgectl")
@@ -245,17 +246,6 @@ def edgectl(*args: str, broker: str, timeout: float = 60.0) -> subprocess.Comple
         text=True,
         timeout=timeout,
     )
-
-
-def digits_video(path: Path, x: np.ndarray, *, size: int = 64, fps: float = 30.0) -> Path:
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (size, size))
-    assert writer.isOpened()
-    for img in x[:, 0]:
-        grey = np.clip(img * 255.0, 0, 255).astype(np.uint8)
-        big = cv2.resize(grey, (size, size), interpolation=cv2.INTER_NEAREST)
-        writer.write(cv2.cvtColor(big, cv2.COLOR_GRAY2BGR))
-    writer.release()
-    return path
 
 
 @pytest.fixture(scope="session", name="fleet_env")

@@ -1,0 +1,292 @@
+"""The live half of ``make demo``: a loopback MQTT broker, the agent on a generated digits video,
+live telemetry in the terminal, a second model version rolled out with ``edgectl rollout``, and
+everything the report needs.
+
+The broker is Mosquitto when it is installed, else amqtt (pure Python, MQTT 3.1.1: the agent and
+edgectl fall back to it), so the demo needs nothing from apt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEVICE = "demo"
+GROUP = "demo"
+_AMQTT = """
+import asyncio, sys
+from amqtt.broker import Broker
+cfg = {"listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:%d" % int(sys.argv[1])}},
+       "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
+async def main():
+    broker = Broker(cfg)
+    await broker.start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _mosquitto() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").is_file() else None
+
+
+class LoopbackBroker:
+    """Mosquitto (or amqtt) on a free 127.0.0.1 port, for the demo's lifetime."""
+
+    def __init__(self, workdir: Path, *, prefer: str = "auto") -> None:
+        self.workdir = workdir
+        self.prefer = prefer  # "auto": Mosquitto when installed, else amqtt
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.kind = ""
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LoopbackBroker:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = (self.workdir / "broker.log").open("wb")
+        binary = _mosquitto() if self.prefer != "amqtt" else None
+        if binary:
+            conf = self.workdir / "mosquitto.conf"
+            lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
+            if os.name == "posix" and os.geteuid() == 0:
+                lines.append("user root")
+            conf.write_text("\n".join(lines) + "\n")
+            cmd, self.kind = [binary, "-c", str(conf)], "mosquitto"
+        else:
+            import importlib.util
+
+            if importlib.util.find_spec("amqtt") is None:
+                raise SystemExit(
+                    "make demo needs an MQTT broker: install mosquitto, or pip install amqtt"
+                )
+            cmd, self.kind = [sys.executable, "-c", _AMQTT, str(self.port)], "amqtt"
+        with log:  # the child has its own descriptor
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the {self.kind} broker exited; see {self.workdir}/broker.log")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.__exit__()
+        raise SystemExit(f"the {self.kind} broker did not accept connections on {self.port}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def digits_video(path: Path, x: np.ndarray, *, size: int = 64, fps: float = 30.0) -> Path:
+    """The 8x8 digits scaled up to ``size`` px, one per frame, as an mp4v file."""
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), fps, (size, size))
+    if not writer.isOpened():
+        raise SystemExit(f"OpenCV cannot write {path}")
+    for img in x[:, 0]:
+        grey = np.clip(img * 255.0, 0, 255).astype(np.uint8)
+        big = cv2.resize(grey, (size, size), interpolation=cv2.INTER_NEAREST)
+        writer.write(cv2.cvtColor(big, cv2.COLOR_GRAY2BGR))
+    writer.release()
+    return path
+
+
+@dataclass
+class LiveRun:
+    """What the live part recorded, for the report."""
+
+    broker: str = ""
+    results: list[dict[str, Any]] = field(default_factory=list)
+    telemetry: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    swap_ts: float | None = None
+    rollout_output: str = ""
+    summary: dict[str, Any] = field(default_factory=dict)
+    agent_exit: int | None = None
+
+
+class _Watch:
+    """Subscribes to the device's topics and prints one line per telemetry message."""
+
+    def __init__(self, url: str, run: LiveRun) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.run = run
+        self.lock = threading.Lock()
+        self.last_result: dict[str, Any] | None = None
+        host, port = url.split("//", 1)[1].rsplit(":", 1)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id="demo-watch",
+            protocol=mqtt.MQTTv311,
+        )  # fmt: skip
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+
+    def _on_connect(self, client: Any, *_: Any) -> None:
+        client.subscribe(f"edge/{DEVICE}/#", qos=1)
+
+    def _on_message(self, _client: Any, _userdata: Any, msg: Any) -> None:
+        try:
+            payload = json.loads(msg.payload)
+        except ValueError:
+            return
+        kind = msg.topic.rsplit("/", 1)[-1]
+        with self.lock:
+            if kind == "results":
+                self.run.results.append(payload)
+                self.last_result = payload
+            elif kind == "telemetry" and not msg.retain:
+                self.run.telemetry.append(payload)
+                self._print(payload)
+            elif kind == "events":
+                self.run.events.append(payload)
+                print(f"  event: {payload.get('kind')} {payload.get('reason') or ''}".rstrip(),
+                      flush=True)  # fmt: skip
+
+    def _print(self, t: dict[str, Any]) -> None:
+        p, s = t.get("pipeline", {}), t.get("system", {})
+        lat = p.get("latency_ms", {})
+
+        def p50(stage: str) -> str:
+            v = (lat.get(stage) or {}).get("p50")
+            return "-" if v is None else f"{v:.2f}"
+
+        temp = s.get("cpu_temp_c")
+        last = self.last_result or {}
+        out = last.get("output") or {}
+        model = t.get("model") or {}
+        print(
+            f"  {time.strftime('%H:%M:%S')}  {model.get('name')} {model.get('version')}  "
+            f"fps {p.get('fps', 0):5.1f}  p50 ms: pre {p50('preprocess')} inf {p50('inference')} "
+            f"post {p50('postprocess')} e2e {p50('capture_to_result')}  dropped "
+            f"{p.get('dropped', 0)}  cpu {s.get('cpu_percent') or 0:.0f}%  temp "
+            f"{'n/a' if temp is None else f'{temp:.0f} C'}  latest: "
+            f"{out.get('class', '-')} ({out.get('score', 0):.2f})",
+            flush=True,
+        )
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _agent_config(out: Path, broker: str, bundle: Path, pub: Path, video: Path) -> Path:
+    """The agent's config: the profile the demo's bundles were built for that fits this CPU."""
+    import platform
+
+    profile = "raspberry-pi-5" if platform.machine().lower() in ("aarch64", "arm64") else "x86-64"
+    cfg = out / "agent.toml"
+    cfg.write_text(
+        f"""[agent]
+device_id = "{DEVICE}"
+profile = "{profile}"
+state_dir = "{out / "state"}"
+
+[model]
+path = "{bundle}"
+trusted_keys = ["{pub}"]
+
+[source]
+uri = "file:{video}?loop=1&live=1"
+pace = "native"
+
+[results]
+sinks = []
+
+[mqtt]
+broker = "{broker}"
+groups = ["{GROUP}"]
+
+[telemetry]
+interval = 1.0
+
+[ota]
+health_window = 3.0
+health_min_frames = 20
+"""
+    )
+    return cfg
+
+
+def run_live(
+    out: Path, *, v1: Path, v2: Path, pub: Path, video: Path, before_s: float, after_s: float
+) -> LiveRun:
+    """Broker, agent, live telemetry, ``edgectl rollout`` of ``v2``, stop."""
+    run = LiveRun()
+    bin_dir = Path(sys.executable).parent
+    with LoopbackBroker(out / "broker") as broker:
+        run.broker = f"{broker.kind} on {broker.url}"
+        print(f"broker: {run.broker}", flush=True)
+        watch = _Watch(broker.url, run)
+        cfg = _agent_config(out, broker.url, v1, pub, video)
+        log = (out / "agent.log").open("wb")
+        cmd = [str(bin_dir / "edge-agent"), "run", "--config", str(cfg), "--summary",
+               str(out / "agent-summary.json")]  # fmt: skip
+        print("$ " + " ".join(cmd), flush=True)
+        agent = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        try:
+            time.sleep(before_s)
+            rollout = [str(bin_dir / "edgectl"), "--broker", broker.url, "rollout", str(v2),
+                       "--group", GROUP, "--canary", "100", "--wait", "30s",
+                       "--max-failures", "0", "--public-key", str(pub)]  # fmt: skip
+            print("$ " + " ".join(rollout[0:1] + rollout[3:]), flush=True)
+            res = subprocess.run(rollout, capture_output=True, text=True, timeout=120)
+            run.rollout_output = (res.stdout + res.stderr).strip()
+            for line in run.rollout_output.splitlines():
+                print(f"  {line}", flush=True)
+            if res.returncode != 0:
+                print(f"  edgectl rollout exited {res.returncode}", flush=True)
+            time.sleep(after_s)
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            try:
+                run.agent_exit = agent.wait(30)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                run.agent_exit = agent.wait(10)
+            time.sleep(0.5)  # the last results in flight
+            watch.close()
+            log.close()
+    summary = out / "agent-summary.json"
+    if summary.exists():
+        run.summary = json.loads(summary.read_text())
+    versions = [
+        (r.get("capture_ts", 0.0), (r.get("model") or {}).get("version")) for r in run.results
+    ]
+    first = versions[0][1] if versions else None
+    run.swap_ts = next((ts for ts, v in sorted(versions) if v != first), None)
+    return run
