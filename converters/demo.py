@@ -46,7 +46,7 @@ def _run(args: list[str]) -> None:
         raise SystemExit(code)
 
 
-def run(out: Path, *, live: bool = True) -> int:
+def run(out: Path, *, live: bool = True, broker: str = "auto") -> int:
     from converters.zoo import export_onnx, torch_accuracy, train_digits_cnn
 
     t0 = time.monotonic()
@@ -126,12 +126,12 @@ def run(out: Path, *, live: bool = True) -> int:
          "--report", str(out / "build-report-1.1.0.json")]
     )  # fmt: skip
     if live:
-        _live(out, data)
+        _live(out, data, broker)
     _step(f"done in {time.monotonic() - t0:.1f} s; everything is in {out}/")
     return 0
 
 
-def _live(out: Path, data: DigitsData) -> None:
+def _live(out: Path, data: DigitsData, broker: str) -> None:
     import json
 
     from converters.demo_live import digits_video, run_live
@@ -144,6 +144,7 @@ def _live(out: Path, data: DigitsData) -> None:
     live_run = run_live(
         out, v1=out / "digits-cnn.edgebundle", v2=out / "digits-cnn-1.1.0.edgebundle",
         pub=out / "keys" / "edge-signing.pub", video=video, before_s=6.0, after_s=5.0,
+        broker=broker,
     )  # fmt: skip
     _step("6. the report")
     reports = {
@@ -160,8 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m converters.demo", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("demo-out"))
     parser.add_argument("--no-live", action="store_true", help="stop after the converter steps")
+    parser.add_argument(
+        "--broker",
+        choices=("auto", "mosquitto", "amqtt"),
+        default="auto",
+        help="auto (default): Mosquitto when installed, else amqtt",
+    )
     args = parser.parse_args(argv)
-    return run(args.out, live=not args.no_live)
+    return run(args.out, live=not args.no_live, broker=args.broker)
 
 
 if __name__ == "__main__":

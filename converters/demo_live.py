@@ -243,16 +243,24 @@ health_min_frames = 20
 
 
 def run_live(
-    out: Path, *, v1: Path, v2: Path, pub: Path, video: Path, before_s: float, after_s: float
+    out: Path,
+    *,
+    v1: Path,
+    v2: Path,
+    pub: Path,
+    video: Path,
+    before_s: float,
+    after_s: float,
+    broker: str = "auto",
 ) -> LiveRun:
     """Broker, agent, live telemetry, ``edgectl rollout`` of ``v2``, stop."""
     run = LiveRun()
     bin_dir = Path(sys.executable).parent
-    with LoopbackBroker(out / "broker") as broker:
-        run.broker = f"{broker.kind} on {broker.url}"
+    with LoopbackBroker(out / "broker", prefer=broker) as mq:
+        run.broker = f"{mq.kind} on {mq.url}"
         print(f"broker: {run.broker}", flush=True)
-        watch = _Watch(broker.url, run)
-        cfg = _agent_config(out, broker.url, v1, pub, video)
+        watch = _Watch(mq.url, run)
+        cfg = _agent_config(out, mq.url, v1, pub, video)
         log = (out / "agent.log").open("wb")
         cmd = [str(bin_dir / "edge-agent"), "run", "--config", str(cfg), "--summary",
                str(out / "agent-summary.json")]  # fmt: skip
@@ -260,7 +268,7 @@ def run_live(
         agent = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         try:
             time.sleep(before_s)
-            rollout = [str(bin_dir / "edgectl"), "--broker", broker.url, "rollout", str(v2),
+            rollout = [str(bin_dir / "edgectl"), "--broker", mq.url, "rollout", str(v2),
                        "--group", GROUP, "--canary", "100", "--wait", "30s",
                        "--max-failures", "0", "--public-key", str(pub)]  # fmt: skip
             print("$ " + " ".join(rollout[0:1] + rollout[3:]), flush=True)
