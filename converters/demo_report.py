@@ -199,3 +199,43 @@ def write_report(
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def bars_png(
+    title: str,
+    rows: Sequence[tuple[str, float | None]],
+    path: Path,
+    *,
+    unit: str = "",
+    ref: float | None = None,
+    ref_label: str = "",
+) -> None:
+    """Horizontal bars, one per (label, value), with an optional reference line (a target)."""
+    import cv2
+
+    label_w, bar_h, top = 330, 22, 40
+    width = 900
+    height = top + bar_h * max(len(rows), 1) + 36
+    img = np.full((height, width, 3), 255, np.uint8)
+    cv2.putText(img, title, (10, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.5, _INK, 1, cv2.LINE_AA)
+    values = [v for _, v in rows if v is not None and np.isfinite(v)]
+    hi = max([*values, ref or 0.0, 1e-9]) * 1.12
+    x0, x1 = label_w, width - 80
+
+    def x_of(v: float) -> int:
+        return int(x0 + (x1 - x0) * v / hi)
+
+    for i, (label, v) in enumerate(rows):
+        y = top + i * bar_h
+        _text(img, label[:56], (8, y + 15))
+        if v is None or not np.isfinite(v):
+            _text(img, "n/a", (x0 + 4, y + 15))
+            continue
+        cv2.rectangle(img, (x0, y + 3), (max(x_of(v), x0 + 1), y + bar_h - 3), _BAR, -1)
+        _text(img, f"{v:.3g}{unit}", (x_of(v) + 4, y + 15))
+    cv2.line(img, (x0, top - 4), (x0, height - 30), _INK, 1)
+    if ref is not None:
+        xr = x_of(ref)
+        cv2.line(img, (xr, top - 4), (xr, height - 30), _RED, 1)
+        _text(img, ref_label or f"{ref:g}", (min(xr + 4, width - 120), height - 14))
+    cv2.imwrite(str(path), img)

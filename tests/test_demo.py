@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from converters.demo_live import LoopbackBroker, _mosquitto
-from converters.demo_report import fps_png, histogram_png, swap_accounting, write_report
+from converters.demo_report import bars_png, fps_png, histogram_png, swap_accounting, write_report
 
 
 @pytest.mark.parametrize("prefer", ["auto", "amqtt"])
@@ -102,3 +102,16 @@ def test_plots_are_real_pngs_and_the_report_names_the_swap(tmp_path: Path) -> No
     assert (tmp_path / "latency-histograms.png").exists() and (tmp_path / "fps.png").exists()
     json.dumps(swap_accounting(rows))  # the accounting is plain data
     assert np.isfinite(h).all()
+
+
+def test_bar_chart_and_the_benchmark_plots(tmp_path: Path) -> None:
+    from benchmarks.plots import plot_all
+
+    bars_png("t", [("a", 1.0), ("b", 0.5), ("c", None)], tmp_path / "b.png", ref=0.75)
+    img = cv2.imread(str(tmp_path / "b.png"))
+    assert img is not None and img.shape[0] == 40 + 3 * 22 + 36
+    (tmp_path / "prune.json").write_text(json.dumps({
+        "when": "now", "latency": [{"model": "m", "variant": "30%", "latency_ratio": 0.7}],
+    }))  # fmt: skip
+    assert [p.name for p in plot_all(tmp_path)] == ["prune.png"]
+    assert cv2.imread(str(tmp_path / "prune.png")) is not None
