@@ -47,7 +47,7 @@ bench: $(VENV)/.stamp-dev
 	$(PY) -m benchmarks.mqtt; m=$$?; \
 	if [ -f $(TFVENV)/.stamp ]; then $(PY) -m benchmarks.tflite --tf-python $(TFVENV)/bin/python; \
 	else $(PY) -m benchmarks.tflite; fi; t=$$?; $(PY) -m benchmarks.prune; p=$$?; \
-	$(PY) -m benchmarks.plots; \
+	$(PY) -m benchmarks.telemetry; $(PY) -m benchmarks.plots; \
 	echo "benchmarks: convert exit $$c, agent exit $$a, mqtt exit $$m, tflite exit $$t, prune exit $$p (1 = a target missed; see the tables)"
 
 lint: $(VENV)/.stamp-dev
