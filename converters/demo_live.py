@@ -25,7 +25,8 @@ import numpy as np
 
 DEVICE = "demo"
 GROUP = "demo"
-_AMQTT = """
+#: an amqtt broker on 127.0.0.1:<argv[1]>, printing "ready" once it listens
+AMQTT_SCRIPT = """
 import asyncio, sys
 from amqtt.broker import Broker
 cfg = {"listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:%d" % int(sys.argv[1])}},
@@ -84,7 +85,7 @@ class LoopbackBroker:
                 raise SystemExit(
                     "make demo needs an MQTT broker: install mosquitto, or pip install amqtt"
                 )
-            cmd, self.kind = [sys.executable, "-c", _AMQTT, str(self.port)], "amqtt"
+            cmd, self.kind = [sys.executable, "-c", AMQTT_SCRIPT, str(self.port)], "amqtt"
         with log:  # the child has its own descriptor
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 15

@@ -45,6 +45,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from converters.demo_live import AMQTT_SCRIPT as _AMQTT_SCRIPT  # one copy, used by the demo too
+
 __all__ = [
     "Broker",
     "Collector",
@@ -566,20 +568,6 @@ class Collector:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-_AMQTT_SCRIPT = """
-import asyncio, sys
-from amqtt.broker import Broker
-cfg = {"listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:%d" % int(sys.argv[1])}},
-       "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
-async def main():
-    broker = Broker(cfg)
-    await broker.start()
-    print("ready", flush=True)
-    await asyncio.Event().wait()
-asyncio.run(main())
-"""
 
 
 class Mqtt311Broker:
