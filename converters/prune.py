@@ -297,6 +297,8 @@ def _scores(
 
 
 def _keep_count(size: int, ratio: float, multiple: int) -> int:
+    if ratio <= 0:
+        return size  # not pruned, whatever its size
     k = max(1, round(size * (1 - ratio)))
     if multiple > 1 and size >= 2 * multiple:
         k = max(multiple, round(k / multiple) * multiple)

@@ -270,3 +270,11 @@ def test_unstructured_can_include_the_first_and_last_layers(digits: Any) -> None
     model = canonicalize(onnx.load(str(digits.onnx))).model
     _, rows = P.magnitude_prune(model, 0.5, per_layer=True, skip_first_last=False)
     assert all(not r["skipped"] and abs(r["sparsity"] - 0.5) < 0.02 for r in rows)
+
+
+def test_a_zero_ratio_keeps_every_channel_even_off_the_multiple() -> None:
+    assert P._keep_count(20, 0.0, 8) == 20 and P._keep_count(22, 0.3, 8) == 16
+    model = _net("gap_gemm_head")
+    pr = P.prune_channels(model, {}, multiple=8)
+    assert all(g["kept"] == g["channels"] for g in pr.groups)
+    assert P.param_count(pr.model) == P.param_count(model)
