@@ -25,7 +25,7 @@ import onnx
 
 from converters import quantize as q
 from converters.canonical import CanonicalModel, canonicalize, fix_ir_version, tensor_spec
-from converters.data import Dataset, Subset, evenly, load_dataset, random_dataset, split_holdout
+from converters.data import Subset, evenly, split_data
 from converters.validate import (
     LiteRTSession,
     Progress,
@@ -38,7 +38,7 @@ from converters.validate import (
     measure_latency,
     run_all,
 )
-from edge_agent.errors import AccuracyBudgetError, ConfigError, DataError, EdgeError
+from edge_agent.errors import AccuracyBudgetError, ConfigError, EdgeError
 from edge_agent.formats import ONNX_FORMATS, TFLITE_FORMATS, Int8Scheme
 from edge_agent.preprocess import PreprocessSpec
 
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
     from edge_agent.profiles import DeviceProfile
 
 DEFAULT_MIN_COSINE = 0.99
-RANDOM_VALIDATION_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -251,54 +250,23 @@ def _convert(
     # --- data ---------------------------------------------------------------------------
     fixed_batch = _fixed_batch(in_specs)
     step = fixed_batch or 1  # sample counts are kept multiples of a fixed batch
-    calib_ds: Dataset | None = None
-    eval_ds: Dataset | None = None
-    if options.calibration is not None:
-        calib_ds = load_dataset(options.calibration, input_specs=in_specs, preprocess=preprocess)
-    elif options.fmt in _STATIC_INT8:
+    if options.calibration is None and options.fmt in _STATIC_INT8:
         alt = "onnx-int8-dynamic" if options.fmt == "onnx-int8" else "tflite-fp16"
         raise ConfigError(
             f"{options.fmt} needs --calibration PATH (.npy/.npz of preprocessed samples, or an "
             f"image directory); or use --format {alt}"
         )
-    cal_idx: list[int] = []
-    if options.eval is not None:
-        eval_ds = load_dataset(options.eval, input_specs=in_specs, preprocess=preprocess)
-        val_ds, val_idx = eval_ds, evenly(range(len(eval_ds)), options.max_validation_samples)
-        if calib_ds is not None:
-            cal_idx = evenly(range(len(calib_ds)), options.max_calibration_samples)
-        val_source = f"{eval_ds.description} (--eval)"
-    elif calib_ds is not None:
-        cal_all, held = split_holdout(len(calib_ds))
-        cal_idx = evenly(cal_all, options.max_calibration_samples)
-        val_ds, val_idx = calib_ds, evenly(held, options.max_validation_samples)
-        if len(calib_ds) < 2:
-            val_source = f"{calib_ds.description} (the calibration sample itself)"
-            warnings_.append(
-                "one calibration sample: validated on the sample it was calibrated with"
-            )
-        else:
-            val_source = (
-                f"{calib_ds.description} (every 5th sample held out of calibration: {len(val_idx)})"
-            )
-    else:
-        val_ds = random_dataset(in_specs, n=max(RANDOM_VALIDATION_SAMPLES, step))
-        val_idx = list(range(len(val_ds)))
-        val_source = val_ds.description
-        warnings_.append(
-            "no --calibration or --eval data: fidelity was measured on random inputs, which says "
-            "little about real data"
-        )
-    if fixed_batch and fixed_batch > 1:
-        val_idx = val_idx[: len(val_idx) // step * step]
-        cal_idx = cal_idx[: len(cal_idx) // step * step]
-        if not val_idx or (calib_ds is not None and not cal_idx):
-            raise DataError(
-                f"the model's batch size is fixed at {fixed_batch}: give at least {fixed_batch} "
-                "samples for calibration and for validation, or make the batch dynamic"
-            )
-    val = Subset(val_ds, val_idx)
-    calib = Subset(calib_ds, cal_idx) if calib_ds is not None else None
+    data = split_data(
+        in_specs,
+        calibration=options.calibration,
+        eval=options.eval,
+        preprocess=preprocess,
+        max_calibration_samples=options.max_calibration_samples,
+        max_validation_samples=options.max_validation_samples,
+        fixed_batch=fixed_batch,
+    )
+    warnings_ += data.warnings
+    val, calib, val_source = data.val, data.calib, data.source
     labels = val.labels()
     budget = _Budget(
         max_drop=options.max_accuracy_drop,
@@ -358,9 +326,11 @@ def _convert(
     elif fmt == "onnx-fp16":
         path = tmp / "fp16.onnx"
         range_feeds = (
-            list(Subset(calib_ds, evenly(cal_idx, 16)).batches(batch=step)) if calib_ds else []
+            list(Subset(calib.ds, evenly(calib.indices, 16)).batches(batch=step)) if calib else []
         )
-        range_feeds = range_feeds or list(Subset(val_ds, evenly(val_idx, 16)).batches(batch=step))
+        range_feeds = range_feeds or list(
+            Subset(val.ds, evenly(val.indices, 16)).batches(batch=step)
+        )
         hot = q.fp16_overflow_nodes(canon.model, range_feeds, threads=threads)
         onnx.save_model(q.to_fp16(canon.model, node_block_list=[h["node"] for h in hot]), str(path))
         cand = evaluate(Candidate("fp16", path))
@@ -465,11 +435,11 @@ def _convert(
         "host": {"machine": platform.machine(), "processor": platform.processor() or None},
         "int8_scheme": chosen.scheme if fmt == "onnx-int8" else None,
         "calibration": None
-        if calib_ds is None
+        if calib is None
         else {
             "method": options.calibration_method,
-            "samples": len(cal_idx),
-            "source": calib_ds.description,
+            "samples": len(calib),
+            "source": calib.ds.description,
         },
         "validation": {"samples": len(val), "source": val_source},
         "size_bytes": {
@@ -523,9 +493,7 @@ def _convert(
     size["ratio"] = round(size["converted"] / size["original"], 4) if size["original"] else None
     lat_r = report["latency_ms"]
     lat_r["ratio"] = round(lat_r["converted"] / lat_r["original"], 4) if lat_r["original"] else None
-    for ds in (calib_ds, eval_ds):
-        if ds is not None:
-            ds.close()
+    data.close()
     return ConvertResult(
         model_bytes=model_bytes,
         report=report,

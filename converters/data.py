@@ -347,3 +347,84 @@ def split_holdout(n: int, *, every: int = 5) -> tuple[list[int], list[int]]:
     held = list(range(every - 1, n, every)) or [n - 1]
     held_set = set(held)
     return [i for i in range(n) if i not in held_set], held
+
+
+#: validation samples drawn when no data is given (fidelity only)
+RANDOM_VALIDATION_SAMPLES = 64
+
+
+@dataclass
+class DataSplit:
+    """The samples a conversion or a pruning run validates and calibrates on."""
+
+    val: Subset
+    calib: Subset | None  # None: no --calibration
+    source: str  # where the validation samples come from, for the report
+    warnings: list[str]
+    opened: list[Dataset]  # close() them when done
+
+    def close(self) -> None:
+        for ds in self.opened:
+            ds.close()
+
+
+def split_data(
+    input_specs: Sequence[Mapping[str, Any]],
+    *,
+    calibration: Path | None,
+    eval: Path | None,
+    preprocess: PreprocessSpec | None,
+    max_calibration_samples: int,
+    max_validation_samples: int,
+    fixed_batch: int | None = None,
+) -> DataSplit:
+    """Validation on ``eval`` when given (calibration on all of ``calibration``), else on every
+    5th calibration sample (calibration on the rest), else on random inputs (with a warning).
+    With a fixed batch > 1, both sides are trimmed to whole batches (DataError if one is left
+    empty)."""
+    warnings: list[str] = []
+    opened: list[Dataset] = []
+    calib_ds = None
+    if calibration is not None:
+        calib_ds = load_dataset(calibration, input_specs=input_specs, preprocess=preprocess)
+        opened.append(calib_ds)
+    step = fixed_batch or 1
+    cal_idx: list[int] = []
+    if eval is not None:
+        eval_ds = load_dataset(eval, input_specs=input_specs, preprocess=preprocess)
+        opened.append(eval_ds)
+        val_ds, val_idx = eval_ds, evenly(range(len(eval_ds)), max_validation_samples)
+        if calib_ds is not None:
+            cal_idx = evenly(range(len(calib_ds)), max_calibration_samples)
+        source = f"{eval_ds.description} (--eval)"
+    elif calib_ds is not None:
+        cal_all, held = split_holdout(len(calib_ds))
+        cal_idx = evenly(cal_all, max_calibration_samples)
+        val_ds, val_idx = calib_ds, evenly(held, max_validation_samples)
+        if len(calib_ds) < 2:
+            source = f"{calib_ds.description} (the calibration sample itself)"
+            warnings.append(
+                "one calibration sample: validated on the sample it was calibrated with"
+            )
+        else:
+            source = (
+                f"{calib_ds.description} (every 5th sample held out of calibration: {len(val_idx)})"
+            )
+    else:
+        val_ds = random_dataset(input_specs, n=max(RANDOM_VALIDATION_SAMPLES, step))
+        val_idx = list(range(len(val_ds)))
+        source = val_ds.description
+        warnings.append(
+            "no --calibration or --eval data: fidelity was measured on random inputs, which says "
+            "little about real data"
+        )
+    if fixed_batch and fixed_batch > 1:
+        val_idx = val_idx[: len(val_idx) // step * step]
+        cal_idx = cal_idx[: len(cal_idx) // step * step]
+        if not val_idx or (calib_ds is not None and not cal_idx):
+            raise DataError(
+                f"the model's batch size is fixed at {fixed_batch}: give at least {fixed_batch} "
+                "samples for calibration and for validation, or make the batch dynamic"
+            )
+    calib = Subset(calib_ds, cal_idx) if calib_ds is not None else None
+    return DataSplit(Subset(val_ds, val_idx), calib, source, warnings, opened)
