@@ -54,6 +54,7 @@ __all__ = [
     "param_count",
     "prune_channels",
     "recover",
+    "weighted_layers",
 ]
 
 _CARRY = {
@@ -469,13 +470,7 @@ def _slice_const(
 
 # -- recovery ------------------------------------------------------------------------------
 def _consumers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    inits = {i.name for i in model.graph.initializer}
-    return [
-        n
-        for n in model.graph.node
-        if n.op_type in WEIGHTED and len(n.input) > 1 and n.input[1] in inits
-        and int(_attrs(n).get("group", 1)) == 1
-    ]  # fmt: skip
+    return [n for n, _ in weighted_layers(model) if int(_attrs(n).get("group", 1)) == 1]
 
 
 def _outputs(
@@ -609,10 +604,9 @@ def magnitude_prune(
     if not 0 <= sparsity < 1:
         raise ConfigError(f"--unstructured {sparsity}: the sparsity must be in [0, 1)")
     m = onnx.ModelProto.FromString(model.SerializeToString())
-    inits = {i.name: i for i in m.graph.initializer}
-    layers = [n for n in _weighted(m) if n.input[1] in inits]
+    layers = weighted_layers(m)
     chosen = layers[1:-1] if skip_first_last and len(layers) > 2 else layers
-    arrays = {n.input[1]: numpy_helper.to_array(inits[n.input[1]]) for n in chosen}
+    arrays = {init.name: numpy_helper.to_array(init) for _, init in chosen}
     if not arrays:
         raise ConfigError("no Conv/Gemm/MatMul weights to prune (the first and last are skipped)")
     theta_all = None
@@ -620,13 +614,13 @@ def magnitude_prune(
         allw = np.concatenate([np.abs(w).reshape(-1) for w in arrays.values()])
         theta_all = float(np.quantile(allw, sparsity)) if sparsity > 0 else -1.0
     report = []
-    for n in layers:
-        name = n.input[1]
-        w = numpy_helper.to_array(inits[name])
+    for n, init in layers:
+        name = init.name
+        w = arrays[name] if name in arrays else numpy_helper.to_array(init)
         if name in arrays:
             theta = theta_all if theta_all is not None else float(np.quantile(np.abs(w), sparsity))
             w = np.where(np.abs(w) <= theta, 0, w).astype(w.dtype) if sparsity > 0 else w
-            inits[name].CopyFrom(numpy_helper.from_array(w, name))
+            init.CopyFrom(numpy_helper.from_array(w, name))
         report.append({
             "node": _name(n), "op_type": n.op_type, "params": int(w.size),
             "sparsity": round(float(np.mean(w == 0)), 4), "skipped": name not in arrays,
@@ -634,8 +628,14 @@ def magnitude_prune(
     return m, report
 
 
-def _weighted(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if n.op_type in WEIGHTED and len(n.input) > 1]
+def weighted_layers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.TensorProto]]:
+    """(node, weight initializer) of every Conv/Gemm/MatMul whose weights are constant."""
+    inits = {i.name: i for i in model.graph.initializer}
+    return [
+        (n, inits[n.input[1]])
+        for n in model.graph.node
+        if n.op_type in WEIGHTED and len(n.input) > 1 and n.input[1] in inits
+    ]
 
 
 def param_count(model: onnx.ModelProto) -> int:

@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from converters import prune as P
 from converters.canonical import canonicalize, tensor_spec
 from converters.convert import _fixed_batch, image_preprocess
-from converters.data import Dataset, Subset, evenly, load_dataset, random_dataset, split_holdout
+from converters.data import split_data
 from converters.validate import (
     accuracy,
     compare_outputs,
@@ -98,36 +98,23 @@ class _Data:
     """Calibration feeds (for recovery) and validation feeds, labels and reference outputs."""
 
     def __init__(self, model: onnx.ModelProto, opts: PruneOptions) -> None:
-        self.warnings: list[str] = []
         specs = tensor_spec(model)
-        pre = image_preprocess(specs, dict(opts.preprocess_overrides or {}))
-        cal: Dataset | None = None
-        if opts.calibration is not None:
-            cal = load_dataset(opts.calibration, input_specs=specs, preprocess=pre)
-        cal_idx: list[int] = []
-        if opts.eval is not None:
-            ev = load_dataset(opts.eval, input_specs=specs, preprocess=pre)
-            self.val = Subset(ev, evenly(range(len(ev)), opts.max_validation_samples))
-            if cal is not None:
-                cal_idx = evenly(range(len(cal)), opts.max_calibration_samples)
-            self.source = f"{ev.description} (--eval)"
-        elif cal is not None:
-            rest, held = split_holdout(len(cal))
-            cal_idx = evenly(rest, opts.max_calibration_samples)
-            self.val = Subset(cal, evenly(held, opts.max_validation_samples))
-            self.source = f"{cal.description} (every 5th sample held out)"
-        else:
-            rnd = random_dataset(specs, n=64)
-            self.val = Subset(rnd, range(len(rnd)))
-            self.source = rnd.description
-            self.warnings.append(
-                "no --calibration or --eval data: no recovery, and fidelity was measured on "
-                "random inputs, which says little about real data"
-            )
-        batch = _fixed_batch(specs) or 32  # a fixed batch size is kept
-        self.cal = [] if cal is None else list(Subset(cal, cal_idx).batches(batch=batch))
-        self.feeds = [f for f in self.val.batches(batch=batch) if _rows(f) == batch or batch == 32]
+        fixed = _fixed_batch(specs)
+        split = split_data(
+            specs,
+            calibration=opts.calibration,
+            eval=opts.eval,
+            preprocess=image_preprocess(specs, dict(opts.preprocess_overrides or {})),
+            max_calibration_samples=opts.max_calibration_samples,
+            max_validation_samples=opts.max_validation_samples,
+            fixed_batch=fixed,
+        )
+        batch = fixed or 32  # a fixed batch size is kept (split_data trims to whole batches)
+        self.val, self.source, self.warnings = split.val, split.source, split.warnings
+        self.cal = [] if split.calib is None else list(split.calib.batches(batch=batch))
+        self.feeds = list(self.val.batches(batch=batch))
         self.labels = self.val.labels()
+        split.close()
         self.sess_ref = make_session(model.SerializeToString(), threads=opts.threads)
         self.names = [o.name for o in self.sess_ref.get_outputs()]
         self.ref = run_all(self.sess_ref, self.feeds)
@@ -149,43 +136,23 @@ class _Data:
         return float(100 * (1 - (fid.get("cosine") or 0.0)))
 
 
-def _rows(feed: Mapping[str, np.ndarray]) -> int:
-    return int(next(iter(feed.values())).shape[0])
-
-
 def _macs(model: onnx.ModelProto) -> int:
-    """Multiply-accumulates of the Conv and Gemm/MatMul layers (from inferred shapes)."""
-    m = onnx.shape_inference.infer_shapes(model)
-    shapes = P._shapes(m)
-    inits = {i.name: tuple(i.dims) for i in m.graph.initializer}
+    """Multiply-accumulates of the Conv and Gemm/MatMul layers, from the model's inferred shapes
+    (canonical and pruned models carry them)."""
+    shapes = P._shapes(model)
     total = 0
-    for n in m.graph.node:
-        if n.op_type in P.WEIGHTED and len(n.input) > 1 and n.input[1] in inits:
-            w = inits[n.input[1]]
-            out = shapes.get(n.output[0], [])
-            spatial = int(np.prod([d for d in out[2:] if d > 0])) if n.op_type == "Conv" else 1
-            total += int(np.prod(w)) * spatial
+    for n, w in P.weighted_layers(model):
+        out = shapes.get(n.output[0], [])
+        spatial = int(np.prod([d for d in out[2:] if d > 0])) if n.op_type == "Conv" else 1
+        total += int(np.prod(w.dims)) * spatial
     return total
 
 
 def _layers(before: onnx.ModelProto, after: onnx.ModelProto) -> list[dict[str, Any]]:
-    def table(m: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-        inits = {i.name: i for i in m.graph.initializer}
-        out = {}
-        for n in m.graph.node:
-            if n.op_type in P.WEIGHTED and len(n.input) > 1 and n.input[1] in inits:
-                out[P._name(n)] = tuple(inits[n.input[1]].dims)
-        return out
-
-    def sparsity(m: onnx.ModelProto) -> dict[str, float]:
-        inits = {i.name: i for i in m.graph.initializer}
-        return {
-            P._name(n): float(np.mean(numpy_helper.to_array(inits[n.input[1]]) == 0))
-            for n in m.graph.node
-            if n.op_type in P.WEIGHTED and len(n.input) > 1 and n.input[1] in inits
-        }
-
-    b, a, sp = table(before), table(after), sparsity(after)
+    b = {P._name(n): tuple(w.dims) for n, w in P.weighted_layers(before)}
+    weights = {P._name(n): numpy_helper.to_array(w) for n, w in P.weighted_layers(after)}
+    a = {name: w.shape for name, w in weights.items()}
+    sp = {name: float(np.mean(w == 0)) for name, w in weights.items()}
     rows = []
     for name, shp in b.items():
         new = a.get(name, shp)
@@ -198,26 +165,32 @@ def _layers(before: onnx.ModelProto, after: onnx.ModelProto) -> list[dict[str, A
     return rows
 
 
+def _cut(a: P.Analysis, ratios: Mapping[int, float] | float, opts: PruneOptions) -> P.Pruned:
+    """``a.model`` pruned at ``ratios`` with the options' channel multiple and score."""
+    return P.prune_channels(
+        a.model, ratios, analysis=a, multiple=opts.channel_multiple, score=opts.score
+    )
+
+
 def _structured(
-    model: onnx.ModelProto, ratios: Mapping[int, float] | float, data: _Data, opts: PruneOptions
+    a: P.Analysis, ratios: Mapping[int, float] | float, data: _Data, opts: PruneOptions
 ) -> P.Pruned:
-    pr = P.prune_channels(model, ratios, multiple=opts.channel_multiple, score=opts.score)
+    model = a.model
+    pr = _cut(a, ratios, opts)
     if opts.recover and data.cal:
         pr.model = P.recover(model, pr.model, data.cal, pr.keep_of)
     return pr
 
 
-def _sensitivity(model: onnx.ModelProto, data: _Data, opts: PruneOptions) -> list[dict[str, Any]]:
+def _sensitivity(a: P.Analysis, data: _Data, opts: PruneOptions) -> list[dict[str, Any]]:
     """Each channel group pruned alone at each ratio (no recovery): the drop and the MACs
     saved."""
-    analysis = P.analyse(model)
+    model = a.model
     base, base_params = _macs(model), P.param_count(model)
     rows = []
-    for sid, space in analysis.prunable().items():
+    for sid, space in a.prunable().items():
         for r in SENSITIVITY_RATIOS:
-            pr = P.prune_channels(
-                model, {sid: r}, analysis=analysis, multiple=opts.channel_multiple
-            )
+            pr = _cut(a, {sid: r}, opts)
             fid, acc = data.score(pr.model, threads=opts.threads)
             rows.append({
                 "space": sid, "producers": space.producers, "channels": space.size,
@@ -230,17 +203,18 @@ def _sensitivity(model: onnx.ModelProto, data: _Data, opts: PruneOptions) -> lis
 
 
 def _to_target(
-    model: onnx.ModelProto, data: _Data, opts: PruneOptions
+    a: P.Analysis, data: _Data, opts: PruneOptions
 ) -> tuple[P.Pruned, list[dict[str, Any]], float]:
     """Greedy over the sensitivity table: raise the ratio of the group that costs the least drop
     per MAC (latency target) or parameter (size target) saved, until the measured latency or the
     model's size reaches the target; then recover, and back off while the budget is missed."""
+    model = a.model
     by_size = opts.target_size_bytes is not None
     goal = opts.target_size_bytes if by_size else opts.target_latency_ms
     target = float(goal or 0.0)
     gain_key = "params_saved" if by_size else "macs_saved"
     flag, unit = ("--target-size", "bytes") if by_size else ("--target-latency", "ms")
-    table = _sensitivity(model, data, opts)
+    table = _sensitivity(a, data, opts)
     by = {(r["space"], r["ratio"]): r for r in table}
     ratios: dict[int, float] = {}
     steps: list[dict[int, float]] = []
@@ -255,7 +229,7 @@ def _to_target(
     def measure(m: onnx.ModelProto) -> float:
         return float(len(m.SerializeToString())) if by_size else latency(m)
 
-    current = P.prune_channels(model, {}, multiple=opts.channel_multiple).model
+    current = _cut(a, {}, opts).model
     lat = measure(current)
     while lat > target:
         best = None
@@ -274,11 +248,11 @@ def _to_target(
             break
         ratios[best[1]] = best[2]
         steps.append(dict(ratios))
-        current = P.prune_channels(model, ratios, multiple=opts.channel_multiple).model
+        current = _cut(a, ratios, opts).model
         lat = measure(current)
     # recover; back off while over budget
     while True:
-        pr = _structured(model, ratios, data, opts)
+        pr = _structured(a, ratios, data, opts)
         fid, acc = data.score(pr.model, threads=opts.threads)
         drop = data.drop(fid, acc)
         within = opts.max_accuracy_drop is None or drop <= opts.max_accuracy_drop + 1e-9
@@ -313,8 +287,9 @@ def prune_model(
         v is not None
         for v in (options.structured, options.target_latency_ms, options.target_size_bytes)
     )
-    if structured and not P.analyse(model).prunable():
-        reasons = sorted({r for f in P.analyse(model).frozen() for r in f["reasons"]})
+    analysis = P.analyse(model) if structured else None
+    if analysis is not None and not analysis.prunable():
+        reasons = sorted({r for f in analysis.frozen() for r in f["reasons"]})
         raise ConfigError(
             "nothing can be pruned structurally: every channel group is tied to "
             + "; ".join(reasons[:6])
@@ -323,12 +298,12 @@ def prune_model(
     warnings = list(data.warnings)
     report: dict[str, Any] = {"format": "onnx-fp32", "pruned": True}
     pruned = model
-    if structured:
+    if analysis is not None:
         if options.target_latency_ms is not None or options.target_size_bytes is not None:
-            pr, table, _ = _to_target(model, data, options)
+            pr, table, _ = _to_target(analysis, data, options)
             report["sensitivity"] = table
         else:
-            pr = _structured(model, options.structured or 0.0, data, options)
+            pr = _structured(analysis, options.structured or 0.0, data, options)
         pruned = pr.model
         report["groups"], report["frozen"] = pr.groups, pr.frozen
         report["recovery"] = (

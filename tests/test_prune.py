@@ -238,7 +238,7 @@ def test_sensitivity_table_and_a_generous_latency_target(digits: Any) -> None:
     model = canonicalize(onnx.load(str(digits.onnx))).model
     opts = PruneOptions(target_latency_ms=1000.0, calibration=digits.calibration,
                         eval=digits.eval, latency_seconds=0.1, channel_multiple=1)  # fmt: skip
-    table = _sensitivity(model, _Data(model, opts), opts)
+    table = _sensitivity(P.analyse(model), _Data(model, opts), opts)
     spaces = {r["space"] for r in table}
     assert len(spaces) == 3 and len(table) == 3 * 3
     for s in spaces:
