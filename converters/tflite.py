@@ -148,6 +148,15 @@ class _Writer:
                 return out
         return self.new_tensor(name, data.shape, data)
 
+    def opcode(self, code: int, version: int = 1) -> int:
+        """The index of (builtin code, version) in the model's operator codes, added if new."""
+        if (code, version) not in self.opcodes:
+            oc = S.OperatorCodeT()
+            oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), version
+            self.opcodes[code, version] = len(self.codes)
+            self.codes.append(oc)
+        return self.opcodes[code, version]
+
     def op(
         self,
         code: int,
@@ -156,13 +165,8 @@ class _Writer:
         opts: Any = None,
         version: int = 1,
     ) -> None:
-        if (code, version) not in self.opcodes:
-            oc = S.OperatorCodeT()
-            oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), version
-            self.opcodes[code, version] = len(self.codes)
-            self.codes.append(oc)
         o = S.OperatorT()
-        o.opcodeIndex = self.opcodes[code, version]
+        o.opcodeIndex = self.opcode(code, version)
         o.inputs, o.outputs = list(inputs), list(outputs)
         if opts is not None:
             o.builtinOptionsType = getattr(_O, type(opts).__name__[:-1])

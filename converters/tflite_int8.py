@@ -409,10 +409,8 @@ class _Pass:
         for o in op.outputs:
             self.set_int8(o, out_q)
         op.inputs = ins
-        self.w.op(code, ins, op.outputs, opts=None, version=_INT8_VERSION[code])
-        new = self.w.ops.pop()
-        new.builtinOptionsType, new.builtinOptions = op.builtinOptionsType, op.builtinOptions
-        self.ops.append(new)
+        op.opcodeIndex = self.w.opcode(code, _INT8_VERSION[code])
+        self.ops.append(op)
 
     def out_params(self, code: int, op: Any, acts: Sequence[int]) -> QParams:
         if code in _FIXED:
