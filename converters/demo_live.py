@@ -40,7 +40,8 @@ asyncio.run(main())
 """
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -59,7 +60,7 @@ class LoopbackBroker:
     def __init__(self, workdir: Path, *, prefer: str = "auto") -> None:
         self.workdir = workdir
         self.prefer = prefer  # "auto": Mosquitto when installed, else amqtt
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.kind = ""
 

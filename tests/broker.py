@@ -46,6 +46,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from converters.demo_live import AMQTT_SCRIPT as _AMQTT_SCRIPT  # one copy, used by the demo too
+from converters.demo_live import free_port as _free_port
 
 __all__ = [
     "Broker",
@@ -200,12 +201,6 @@ def write_password_file(path: Path, users: dict[str, str], *, use_tool: bool = T
                 [tool, *flags, str(path), user, password], check=True, capture_output=True
             )
     path.chmod(0o600)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 class Broker:
