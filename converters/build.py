@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 import converters
-from converters.convert import QUANTIZE_FORMATS, ConvertOptions, ConvertResult, convert
+from converters.convert import ConvertOptions, ConvertResult, convert
 from converters.validate import is_classifier_output
 from edge_agent.errors import AccuracyBudgetError, ConfigError
 from edge_agent.profiles import DeviceProfile
@@ -96,14 +96,7 @@ def build_bundle(
     chosen: dict[str, tuple[str, tuple[Any, ...]]] = {}  # profile -> (format, key)
     failures: dict[str, list[str]] = {}
     for profile in options.profiles:
-        formats = [f for f in profile.formats if f in QUANTIZE_FORMATS]
-        skipped = [f for f in profile.formats if f not in QUANTIZE_FORMATS]
-        if skipped and profile.formats[0] not in QUANTIZE_FORMATS:
-            notes.append(
-                f"{profile.name}: prefers {', '.join(skipped)}, which this converter does not "
-                f"produce yet; using {formats[0] if formats else 'nothing'}"
-            )
-        for fmt in formats:
+        for fmt in profile.formats:  # every artifact format is producible (formats.py)
             opts = make_options(fmt, profile)
             schemes = (opts.schemes or profile.int8_schemes) if fmt == "onnx-int8" else ()
             key = (fmt, schemes, opts.host_profile, profile.threads, opts.int8_io)
