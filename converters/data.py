@@ -9,6 +9,15 @@ Accepted forms:
   :class:`~edge_agent.preprocess.PreprocessSpec`; labels may come from sub-directory names
   (``cat/001.jpg``) when the directory holds only sub-directories.
 
+Sample layouts (N samples, the model's input ``[batch, *shape]``):
+
+- ``(N, *shape)``: the usual one, any batch dimension.
+- ``(N, 1, *shape)``: N full inputs, each with its batch axis of 1, when the model's batch is
+  fixed at 1 or dynamic; rows are read as ``(k, *shape)``.
+- ``(N,)``: one value per sample when every dim of ``shape`` is 1 (``[None, 1]``: read as
+  ``(k, 1)``). With a dynamic dim in ``shape`` (``[None, None]``), N samples of one value and one
+  sample of N values both fit: refused, naming both.
+
 ``Dataset.batches`` yields feeds of at most ``batch`` samples; nothing holds the whole set.
 """
 
@@ -114,6 +123,27 @@ class _NpzMemberRows:
         if self._zip is not None:
             self._zip.close()
         self._fh = self._zip = None
+
+
+class _SampleRows:
+    """Rows of another source in the model's per-sample shape: an ``(N, 1, *shape)`` or ``(N,)``
+    array read as ``(k, *shape)``. A reshape of each chunk read, so memory-mapped and streamed
+    sources stay lazy."""
+
+    def __init__(self, rows: RowSource, sample_shape: tuple[int, ...]) -> None:
+        self.rows, self.sample_shape = rows, sample_shape
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        array = self.rows.read(start, stop)
+        return array.reshape((array.shape[0], *self.sample_shape))
+
+    def close(self) -> None:
+        close = getattr(self.rows, "close", None)
+        if close is not None:
+            close()
 
 
 class _ImageRows:
@@ -232,7 +262,11 @@ def load_dataset(
             "or a directory of images"
         )
     ds.dtypes = dtypes
-    _check_shapes(ds, input_specs, path)
+    try:
+        _fit_layouts(ds, input_specs, path)
+    except DataError:
+        ds.close()
+        raise
     return ds
 
 
@@ -283,18 +317,46 @@ def _image_dataset(
     )
 
 
-def _check_shapes(ds: Dataset, input_specs: Sequence[Mapping[str, Any]], path: Path) -> None:
+def _fits(got: Sequence[int], want: Sequence[int | None]) -> bool:
+    return len(got) == len(want) and all(w is None or w == g for w, g in zip(want, got))
+
+
+def _fit_layouts(ds: Dataset, input_specs: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Check each input's samples against the model's shape, and read the other accepted layouts
+    (see the module docstring) as the usual one. DataError for a shape that fits none, and for
+    one that fits two readings."""
     if len(ds) == 0:
         raise DataError(f"{path}: holds no samples")
     for spec in input_specs:
         name = str(spec["name"])
-        got = ds.inputs[name].read(0, 1).shape[1:]
-        want = list(spec["shape"])[1:]
-        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
-            raise DataError(
-                f"{path}: samples for input '{name}' have shape {[None, *got]}, but the model "
-                f"expects {[None, *want]}"
-            )
+        shape = list(spec["shape"])
+        batch, want = (shape[0], shape[1:]) if shape else (None, [])
+        got = tuple(ds.inputs[name].read(0, 1).shape[1:])
+        if _fits(got, want):
+            continue
+        n = len(ds)
+        if shape and batch in (1, None) and got[:1] == (1,) and _fits(got[1:], want):
+            # N full inputs, each with its batch axis of 1: rows are its samples.
+            ds.inputs[name] = _SampleRows(ds.inputs[name], got[1:])
+            continue
+        if not got and want and all(w in (1, None) for w in want):
+            if None in want:
+                raise DataError(
+                    f"{path}: samples for input '{name}' have shape ({n},): read as {n} samples "
+                    f"of one value or as one sample of {n} values, for a model input of "
+                    f"{_dims(shape)}; save them as {(n, *[1] * len(want))} for the first or with "
+                    "a leading sample axis of 1 for the second"
+                )
+            ds.inputs[name] = _SampleRows(ds.inputs[name], tuple(1 for _ in want))
+            continue
+        raise DataError(
+            f"{path}: samples for input '{name}' have shape {[None, *got]}, but the model "
+            f"expects {[None, *want]}"
+        )
+
+
+def _dims(shape: Sequence[int | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def random_dataset(input_specs: Sequence[Mapping[str, Any]], *, n: int, seed: int = 0) -> Dataset:
