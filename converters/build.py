@@ -23,6 +23,7 @@ import onnx
 
 import converters
 from converters.convert import ConvertOptions, ConvertResult, convert
+from converters.task import POSTPROCESS_KIND
 from converters.validate import is_classifier_output
 from edge_agent.errors import AccuracyBudgetError, ConfigError
 from edge_agent.profiles import DeviceProfile
@@ -51,12 +52,28 @@ class BuildOptions:
 
 
 def _postprocess(task: str, labels: Sequence[str] | None, result: ConvertResult) -> dict[str, Any]:
+    """The bundle's ``postprocess`` block: the ``--task`` given, else the task the converter
+    judged the model on (a detector's decoding options and metadata labels included)."""
     classifier = [
         name for name, arr in result.golden_outputs.items() if is_classifier_output(np.asarray(arr))
     ]
+    judged = result.task
     if task == "auto":
-        task = "classification" if classifier else "raw"
+        if judged is not None and judged.kind != "classify":
+            task = POSTPROCESS_KIND[judged.kind]
+        else:
+            task = "classification" if classifier else "raw"
+    task = POSTPROCESS_KIND.get(task, task)  # classify / detect / ctc / mask as their kinds
     post: dict[str, Any] = {"kind": task}
+    if task == "detection" and judged is not None and judged.kind == "detect":
+        post = judged.to_postprocess()
+        names = list(result.golden_outputs)
+        if judged.outputs:
+            post["output"] = names[judged.outputs[0]]
+            if post.get("format") == "ssd":
+                post["scores_output"] = names[judged.outputs[1]]
+        if labels is None and judged.labels:
+            labels = judged.labels
     if task == "classification":
         if not classifier:
             raise ConfigError("--task classification: the model has no [N, classes] float output")

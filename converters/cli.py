@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.convert import QUANTIZE_FORMATS
+from converters.task import TASKS
 from edge_agent.cli import float_list
 from edge_agent.errors import EXIT_INTERNAL, EXIT_OK, ConfigError, EdgeError
 from edge_agent.formats import CALIBRATION_METHODS
@@ -106,6 +107,16 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels", choices=CHANNEL_ORDERS)
     g.add_argument("--resize", choices=RESIZE_MODES)
     g.add_argument("--layout", choices=LAYOUTS)
+
+
+def _add_task_floor(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--min-task-metric",
+        type=float,
+        metavar="V",
+        help="floor on the task metric: detection F1, CTC sequence agreement, mask IoU, top-1 "
+        "agreement (default 0.95 / 0.97 / 0.95 / none)",
+    )
 
 
 def _add_prune_options(p: Any, *, prefix: str) -> None:
@@ -212,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=QUANTIZE_FORMATS)
     p.add_argument("--profile", metavar="NAME", help="target device profile (default: this host)")
     p.add_argument("--report", type=Path, metavar="REPORT.json")
+    p.add_argument(
+        "--task",
+        choices=("auto", *TASKS),
+        default="auto",
+        help="what the model is for, judged by its task metric (default: from its outputs)",
+    )
+    _add_task_floor(p)
     _add_data_options(p)
 
     p = sub.add_parser(
@@ -239,9 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=Path, metavar="FILE", help="class labels, one per line")
     p.add_argument(
         "--task",
-        choices=("auto", "classification", "detection", "segmentation", "raw"),
+        choices=("auto", "classification", "detection", "segmentation", "raw", *TASKS[:-1]),
         default="auto",
+        help="what the model is for: the task metric judged and the bundle's postprocessing "
+        "(default: from its outputs and metadata)",
     )
+    _add_task_floor(p)
     p.add_argument("--report", type=Path, metavar="REPORT.json")
     _add_data_options(p)
 
@@ -413,6 +434,8 @@ def _options(args: argparse.Namespace, *, fmt: str, profile: Any) -> Any:
         host_profile=profile.arch == _host_arch(),
         # quantize: ConvertOptions refuses int8 I/O for another format; build: tflite-int8 only
         int8_io=args.io_type == "int8" and (args.command == "quantize" or fmt == "tflite-int8"),
+        task=getattr(args, "task", "auto"),
+        min_task_metric=getattr(args, "min_task_metric", None),
     )
 
 

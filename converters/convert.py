@@ -23,9 +23,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
+from converters import heads
 from converters import quantize as q
 from converters.canonical import CanonicalModel, canonicalize, fix_ir_version, tensor_spec
 from converters.data import Subset, evenly, split_data
+from converters.task import (
+    DEFAULT_FLOORS,
+    Task,
+    canonical_task,
+    infer_task,
+    model_metadata,
+    task_fidelity,
+)
 from converters.validate import (
     LiteRTSession,
     Progress,
@@ -52,6 +61,9 @@ if TYPE_CHECKING:
     from edge_agent.profiles import DeviceProfile
 
 DEFAULT_MIN_COSINE = 0.99
+#: candidates whose median latencies differ by less than this fraction (or 3x the measured
+#: timing noise, when larger) tie
+MIN_TIE_BAND = 0.05
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,11 @@ class ConvertOptions:
     latency_seconds: float = 1.5
     host_profile: bool = True
     int8_io: bool = False  # tflite-int8: int8 inputs and outputs (default float32)
+    #: what the model is for (``auto``: from its outputs and metadata): classify, detect, ctc,
+    #: mask or raw; the task metric is measured and budgeted (:mod:`converters.task`)
+    task: str = "auto"
+    #: the floor on the task metric (default: the task's, :data:`converters.task.DEFAULT_FLOORS`)
+    min_task_metric: float | None = None
 
     def __post_init__(self) -> None:
         if self.fmt not in QUANTIZE_FORMATS:
@@ -88,6 +105,9 @@ class ConvertOptions:
             )
         if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
             raise ConfigError(f"--min-cosine {self.min_cosine}: must be between -1 and 1")
+        canonical_task(self.task)  # ConfigError naming the choices
+        if self.min_task_metric is not None and not 0 <= self.min_task_metric <= 1:
+            raise ConfigError(f"--min-task-metric {self.min_task_metric}: must be between 0 and 1")
         if self.latency_seconds <= 0:
             raise ConfigError(f"--latency-seconds {self.latency_seconds}: must be > 0")
         if self.max_validation_samples <= 0:
@@ -121,6 +141,8 @@ class Candidate:
     latency: dict[str, float | int] | None = None
     error: str | None = None
     scheme: str | None = None
+    #: every candidate the float-fallback search tried on the way to this one (itself included)
+    explored: list[Candidate] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -138,10 +160,20 @@ class ConvertResult:
     input_specs: list[dict[str, Any]]
     output_specs: list[dict[str, Any]]
     preprocess: PreprocessSpec | None
+    #: what the model is for, as judged (``fidelity.task`` in the report)
+    task: Task | None = None
 
 
 class _Budget:
-    def __init__(self, *, max_drop: float | None, min_cosine: float | None, has_labels: bool):
+    def __init__(
+        self,
+        *,
+        max_drop: float | None,
+        min_cosine: float | None,
+        has_labels: bool,
+        task: Task | None = None,
+        min_task: float | None = None,
+    ):
         if max_drop is not None and not has_labels:
             raise ConfigError(
                 "--max-accuracy-drop needs labels: pass --eval DATA.npz holding x and y "
@@ -153,6 +185,10 @@ class _Budget:
             if min_cosine is not None
             else (None if max_drop is not None else DEFAULT_MIN_COSINE)
         )
+        self.task = task
+        self.min_task = (
+            min_task if min_task is not None or task is None else DEFAULT_FLOORS.get(task.kind)
+        )
 
     def check(self, fid: Mapping[str, Any], acc: float | None, acc_ref: float | None) -> str | None:
         """None when within budget, else the reason."""
@@ -160,6 +196,10 @@ class _Budget:
             drop = acc_ref - acc
             if drop > self.max_drop + 1e-9:
                 return f"accuracy drop {drop:.2f} points > budget {self.max_drop}"
+        task = fid.get("task") or {}
+        value = task.get("value")
+        if self.min_task is not None and value is not None and value < self.min_task - 1e-12:
+            return f"task {task['kind']}: {task['metric']} {task['value']:.4f} < {self.min_task}"
         if self.min_cosine is not None:
             for entry in fid.get("per_output", []):
                 if entry["kind"] == "tensor" and entry["cosine"] < self.min_cosine:
@@ -174,7 +214,12 @@ class _Budget:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_accuracy_drop": self.max_drop, "min_cosine": self.min_cosine}
+        return {
+            "max_accuracy_drop": self.max_drop,
+            "min_cosine": self.min_cosine,
+            "task": None if self.task is None else self.task.kind,
+            "min_task_metric": self.min_task,
+        }
 
 
 def image_preprocess(
@@ -268,11 +313,8 @@ def _convert(
     warnings_ += data.warnings
     val, calib, val_source = data.val, data.calib, data.source
     labels = val.labels()
-    budget = _Budget(
-        max_drop=options.max_accuracy_drop,
-        min_cosine=options.min_cosine,
-        has_labels=labels is not None,
-    )
+    if options.max_accuracy_drop is not None and labels is None:
+        _Budget(max_drop=options.max_accuracy_drop, min_cosine=None, has_labels=False)  # raises
     batch = fixed_batch or 32
 
     # --- the reference ------------------------------------------------------------------
@@ -285,6 +327,19 @@ def _convert(
         progress=Progress("validation", len(val), enabled=progress),
     )
     out_names = [o.name for o in orig_sess.get_outputs()]
+    task = infer_task(
+        concat(ref),
+        output_names=out_names,
+        metadata=model_metadata(imported.metadata_props),
+        requested=options.task,
+    )
+    budget = _Budget(
+        max_drop=options.max_accuracy_drop,
+        min_cosine=options.min_cosine,
+        has_labels=labels is not None,
+        task=task,
+        min_task=options.min_task_metric,
+    )
     acc_ref = accuracy(concat(ref), labels) if labels is not None else None
     if budget.max_drop is not None and acc_ref is None:
         raise ConfigError(
@@ -302,6 +357,7 @@ def _convert(
             sess = session_for(cand.path)
             got = run_all(sess, val.batches(batch=batch))
             cand.fidelity = compare_outputs(ref, got, out_names)
+            cand.fidelity["task"] = task_fidelity(task, ref, got)
             cand.accuracy = accuracy(concat(got), labels) if labels is not None else None
             reason = budget.check(cand.fidelity, cand.accuracy, acc_ref)
             cand.passed = reason is None
@@ -396,25 +452,52 @@ def _convert(
     passing = [c for c in candidates if c.passed]
     if not passing:
         raise AccuracyBudgetError(_budget_failure(fmt, candidates, budget))
-    sessions = {"original": orig_sess}
-    for c in passing:
-        sessions[c.label] = session_for(c.path)
+    # Every candidate produced is timed in one interleaved measurement, the float-fallback
+    # search's points included (the report's trade-off table).
+    timed = [c for c in candidates if c.path.exists()]
+    timed += [e for c in candidates for e in c.explored if e.path.exists() and e not in timed]
+    sessions: dict[str, Any] = {"original": orig_sess}
+    for c in timed:
+        try:
+            sessions[str(c.path)] = session_for(c.path)
+        except EdgeError:
+            continue
     lat = measure_latency(sessions, feed, seconds=options.latency_seconds)
-    for c in passing:
-        c.latency = lat[c.label].to_dict()
+    for c in timed:
+        if str(c.path) in lat:
+            c.latency = lat[str(c.path)].to_dict()
+    tie_band = None
     if options.host_profile:
-        # The fastest; among those within timing noise of it (3 %), the smallest.
-        best = min(lat[c.label].median_ms for c in passing)
-        close = [c for c in passing if lat[c.label].median_ms <= best * 1.03]
-        chosen = min(close, key=lambda c: (c.size, lat[c.label].median_ms))
+        # Schemes within the timing noise of the fastest tie (the noise is measured: the
+        # spread of each one's interleaved blocks); a tie breaks by size, then by the profile's
+        # order, so the same model, data and profile give the same bytes.
+        best = min(lat[str(c.path)].median_ms for c in passing)
+        noise = max(lat[str(c.path)].noise for c in passing)
+        tie_band = max(MIN_TIE_BAND, 3.0 * noise)
+        close = [c for c in passing if lat[str(c.path)].median_ms <= best * (1.0 + tie_band)]
+        chosen = min(close, key=lambda c: (c.size, passing.index(c)))
     else:
         chosen = passing[0]
         warnings_.append(
             f"profile {options.profile.name} is not this machine's kind of CPU: the first passing "
             "scheme in the profile's order was kept; latencies were measured here, not there"
         )
-    orig_lat, conv_lat = lat["original"], lat[chosen.label]
+    orig_lat, conv_lat = lat["original"], lat[str(chosen.path)]
     slower = conv_lat.median_ms > orig_lat.median_ms * 1.02
+    fp32_size = fp32_path.stat().st_size
+    if (
+        chosen.float_nodes
+        and options.host_profile
+        and fmt in (*_STATIC_INT8, "onnx-int8-dynamic")
+        and conv_lat.median_ms >= orig_lat.median_ms
+        and chosen.size >= fp32_size
+    ):
+        raise AccuracyBudgetError(
+            f"the only {fmt} mixes that meet the budget ({len(chosen.float_nodes)} nodes in "
+            f"float) are no faster ({conv_lat.median_ms:.3f} ms vs {orig_lat.median_ms:.3f} ms) "
+            f"and no smaller ({chosen.size} vs {fp32_size} bytes) than fp32; nothing was "
+            "written: use --format onnx-fp16, or keep the fp32 model"
+        )
     if slower and options.host_profile:
         warnings_.append(
             f"the {fmt} model is SLOWER than the original on this machine "
@@ -423,7 +506,7 @@ def _convert(
 
     model_bytes = chosen.path.read_bytes()
     golden_in = dict(feed)
-    golden_out = dict(zip(out_names, sessions[chosen.label].run(out_names, golden_in)))
+    golden_out = dict(zip(out_names, sessions[str(chosen.path)].run(out_names, golden_in)))
     stats = None
     if calib is not None:
         stats = calibration_statistics(calib, orig_sess, batch=batch)
@@ -476,11 +559,28 @@ def _convert(
                 "latency_ms": None if c.latency is None else c.latency["median"],
                 "cosine": c.fidelity.get("cosine"),
                 "top1_agreement": c.fidelity.get("top1_agreement"),
+                "task_metric": (c.fidelity.get("task") or {}).get("value"),
                 "accuracy": c.accuracy,
                 "float_nodes": len(c.float_nodes),
+                "latency": c.latency,
             }
             for c in candidates
         ],
+        "search": [
+            {
+                "scheme": c.scheme or c.label,
+                "float_nodes": len(e.float_nodes),
+                "passed": e.passed,
+                "task_metric": (e.fidelity.get("task") or {}).get("value"),
+                "cosine": e.fidelity.get("cosine"),
+                "size_bytes": e.size,
+                "latency_ms": None if e.latency is None else e.latency["median"],
+                "chosen": e is chosen,
+            }
+            for c in candidates
+            for e in c.explored
+        ],
+        "tie_band": None if tie_band is None else round(tie_band, 4),
         "canonical": {
             "original_opset": canon.original_opset,
             "opset": canon.opset,
@@ -504,7 +604,17 @@ def _convert(
         input_specs=in_specs,
         output_specs=out_specs,
         preprocess=preprocess,
+        task=task,
     )
+
+
+def _task_value(cand: Candidate) -> float:
+    """A candidate's task metric, else its cosine (-inf when neither was measured)."""
+    task = cand.fidelity.get("task") or {}
+    value = task.get("value")
+    if value is None:
+        value = cand.fidelity.get("cosine")
+    return float("-inf") if value is None else float(value)
 
 
 def _with_budget(
@@ -515,32 +625,108 @@ def _with_budget(
     *,
     scheme: str,
     fallback: bool = True,
+    always_float: Sequence[Mapping[str, Any]] = (),
+    tail: Sequence[Mapping[str, Any]] = (),
 ) -> Candidate:
-    """Quantize; while the budget is missed, keep the most sensitive nodes in float."""
-    first = evaluate(Candidate(label, make((), "0"), scheme=scheme))
+    """Quantize; while the budget is missed, keep more of the most sensitive units in float.
+
+    ``always_float`` nodes (mixed-range output parts) are float in every candidate. When the
+    first candidate misses, the decode ``tail`` is tried in float as one block, and kept float
+    from then on when it helped the task metric. Then the ranked units (nodes, and attention /
+    layer-norm blocks as wholes) are searched: doubling the count kept in float until the budget
+    holds, then bisecting between the last miss and the first hit, so the fewest units that
+    meet the budget (under a monotone ranking) are found in O(log n) tries. Every candidate
+    tried is listed in the returned candidate's ``explored``."""
+    explored: list[Candidate] = []
+    base = [dict(e) for e in always_float]
+
+    def attempt(extra: Sequence[Mapping[str, Any]], tag: str) -> Candidate:
+        entries = base + [dict(e) for e in extra]
+        cand = evaluate(Candidate(label, make([e["node"] for e in entries], tag), scheme=scheme))
+        cand.float_nodes = entries
+        explored.append(cand)
+        cand.explored = explored
+        return cand
+
+    first = attempt([], "0")
     if first.passed or first.fidelity == {} or not fallback:
         return first
-    ranking = ranking_fn()
-    last = first
-    for k in q.exclusion_steps(len(ranking)):
-        keep = ranking[:k]
-        cand = evaluate(Candidate(label, make([r["node"] for r in keep], str(k)), scheme=scheme))
-        cand.float_nodes = [
-            {
-                "node": r["node"],
-                "op_type": r["op_type"],
-                "reason": f"adds quantization noise-to-signal {r['added_nsr']:.2e} "
-                f"(rank {i + 1} of {len(ranking)})",
-            }
-            for i, r in enumerate(keep)
-        ]
-        last = cand
+    if tail:
+        with_tail = attempt(tail, "tail")
+        if with_tail.passed:
+            return with_tail
+        if _task_value(with_tail) > _task_value(first):
+            base += [dict(e) for e in tail]
+    done = {e["node"] for e in base}
+    ranking = [r for r in ranking_fn() if not set(r["nodes"]) <= done]
+
+    def entries(k: int) -> list[dict[str, Any]]:
+        out = []
+        for i, r in enumerate(ranking[:k]):
+            block = ""
+            if r["op_type"] in ("attention", "layernorm"):
+                block = f"; part of a {r['op_type']} block"
+            elif len(r["nodes"]) > 1:
+                block = f"; one unit with {', '.join(n for n in r['nodes'] if n != r['node'])}"
+            for name in r["nodes"]:
+                if name in done:
+                    continue
+                out.append(
+                    {
+                        "node": name,
+                        "op_type": r.get("op_types", {}).get(name, r["op_type"]),
+                        "reason": f"adds quantization noise-to-signal {r['added_nsr']:.2e} "
+                        f"(rank {i + 1} of {len(ranking)}){block}",
+                    }
+                )
+        return out
+
+    lo, hi, best = 0, None, None  # lo: the most units known to miss the budget
+    k = 1
+    while ranking:
+        k = min(k, len(ranking))
+        cand = attempt(entries(k), str(k))
         if cand.passed:
-            return cand
-    if last is first:
-        return first
-    last.error = f"{last.error}; even with {len(last.float_nodes)} nodes kept in float"
-    return last
+            hi, best = k, cand
+            break
+        lo = k
+        if k == len(ranking):
+            break
+        k *= 2
+    if best is None or hi is None:
+        last = explored[-1]
+        if last is not first:
+            last.error = f"{last.error}; even with {len(last.float_nodes)} nodes kept in float"
+        return last
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        cand = attempt(entries(mid), str(mid))
+        if cand.passed:
+            hi, best = mid, cand
+        else:
+            lo = mid
+    return best
+
+
+def _head_float(canon: CanonicalModel, cache: Path) -> dict[str, list[dict[str, Any]]]:
+    """What the head analysis keeps float in every int8 candidate, and the decode tail the
+    fallback tries first (:mod:`converters.heads`)."""
+    from converters.tflite_int8 import load_ranges
+
+    always = heads.mixed_range_outputs(canon.model, load_ranges(cache))
+    kept = {e["node"] for e in always}
+    ops = {n.name: n.op_type for n in canon.model.graph.node}
+    tail = [
+        {
+            "node": name,
+            "op_type": ops[name],
+            "reason": "decode arithmetic after the last learned layer: int8 missed the budget "
+            "and this block in float measurably helped",
+        }
+        for name in heads.decode_tail(canon.model)
+        if name not in kept
+    ]
+    return {"always_float": always, "tail": tail}
 
 
 def _int8_candidate(
@@ -572,12 +758,22 @@ def _int8_candidate(
     def ranking() -> list[dict[str, Any]]:
         twin = make((), "twin", "qdq")
         return q.activation_sensitivity(
-            canon.model, onnx.load_model(str(twin)), sens_feeds, threads=threads
+            canon.model,
+            onnx.load_model(str(twin)),
+            sens_feeds,
+            threads=threads,
+            blocks=heads.blocks(canon.model),
         )
 
     try:
         return _with_budget(
-            scheme.name, make, ranking, evaluate, scheme=scheme.name, fallback=fallback
+            scheme.name,
+            make,
+            ranking,
+            evaluate,
+            scheme=scheme.name,
+            fallback=fallback,
+            **_head_float(canon, cache),
         )
     except EdgeError as exc:
         return Candidate(scheme.name, tmp / "missing", error=str(exc), scheme=scheme.name)
@@ -616,12 +812,24 @@ def _tflite_int8_candidate(
             cache_path=cache, method=method,
         )  # fmt: skip
         return q.activation_sensitivity(
-            canon.model, onnx.load_model(str(twin)), sens_feeds, threads=threads
+            canon.model,
+            onnx.load_model(str(twin)),
+            sens_feeds,
+            threads=threads,
+            blocks=heads.blocks(canon.model),
         )
 
     label = "tflite-int8" + ("-int8-io" if int8_io else "")
     try:
-        return _with_budget(label, make, ranking, evaluate, scheme=label, fallback=fallback)
+        return _with_budget(
+            label,
+            make,
+            ranking,
+            evaluate,
+            scheme=label,
+            fallback=fallback,
+            **_head_float(canon, cache),
+        )
     except EdgeError as exc:
         return Candidate(label, tmp / "missing", error=str(exc), scheme=label)
 

@@ -287,61 +287,118 @@ def _nsr(ref: np.ndarray, got: np.ndarray) -> float:
     return float(np.sum((got64 - ref64) ** 2) / max(np.sum(ref64**2), 1e-30))
 
 
+def _channel_nsr(ref: np.ndarray, got: np.ndarray) -> float:
+    """Noise-to-signal of each slice along axis 1 (channels, or a detector's features), each
+    at most 1, averaged: a per-tensor scale that crushes the small channels beside a large one
+    shows here (the whole tensor's energy is the large channel's, and hides it)."""
+    if ref.ndim < 2 or ref.shape[1] < 2:
+        return min(_nsr(ref, got), 1.0)
+    r = np.moveaxis(ref.astype(np.float64), 1, 0).reshape(ref.shape[1], -1)
+    g = np.moveaxis(got.astype(np.float64), 1, 0).reshape(ref.shape[1], -1)
+    signal = np.sum(r**2, axis=1)
+    noise = np.sum((g - r) ** 2, axis=1)
+    live = signal > 1e-12 * max(float(signal.max()), 1e-30)
+    if not live.any():
+        return 0.0
+    return float(np.mean(np.minimum(noise[live] / signal[live], 1.0)))
+
+
+def _dequantized(qdq_model: onnx.ModelProto) -> dict[str, str]:
+    """Tensor -> the name its consumers read it under in a QDQ graph (``t -> Q -> DQ``)."""
+    prod = {o: n for n in qdq_model.graph.node for o in n.output}
+    seen: dict[str, str] = {}
+    for n in qdq_model.graph.node:
+        if n.op_type == "DequantizeLinear":
+            q_node = prod.get(n.input[0])
+            if q_node is not None and q_node.op_type == "QuantizeLinear":
+                seen.setdefault(q_node.input[0], n.output[0])
+    return seen
+
+
 def activation_sensitivity(
     float_model: onnx.ModelProto,
     qdq_model: onnx.ModelProto,
     feeds: Sequence[Mapping[str, np.ndarray]],
     *,
     threads: int = 0,
+    blocks: Sequence[Mapping[str, Any]] = (),
 ) -> list[dict[str, Any]]:
-    """Rank quantizable nodes by the error they add.
+    """Rank every node (and every block, as one unit) by the quantization error it adds.
 
-    Runs the float model and a QDQ-quantized twin on the same feeds with every quantizable
-    node's output exposed. A node's error is the noise-to-signal ratio of its output in the QDQ
-    model; what it *adds* is that minus the worst error already on its inputs. Highest first.
+    Runs the float model and a QDQ-quantized twin on the same feeds with every tensor exposed,
+    each QDQ tensor read as its consumers read it (after its QuantizeLinear and
+    DequantizeLinear). A unit's error is the noise-to-signal ratio of its output; what it *adds*
+    is that minus the worst error already on its inputs from outside the unit. Highest first;
+    each entry ``{"node", "nodes", "op_type", "output_nsr", "added_nsr"}`` (``node`` names a
+    block by its first node, ``nodes`` lists what keeping the unit in float keeps).
     """
-    nodes = quantizable_nodes(float_model)
     float_tensors = {o for n in float_model.graph.node for o in n.output}
     q_tensors = {o for n in qdq_model.graph.node for o in n.output}
     q_nodes = {n.name: n for n in qdq_model.graph.node}
+    seen = _dequantized(qdq_model)
     # The tensor that carries each node's result in both graphs. The quantizer may drop an
     # activation after a node (Relu/Clip folded into the quantized range): the node's output
-    # in the QDQ graph is then the activation's output, which the float graph also has.
+    # in the QDQ graph is then the activation's output, which the float graph also has. A graph
+    # output keeps its name on the DequantizeLinear after the node, while the node's own output
+    # is renamed: fall back to the float name then.
     result_of: dict[str, str] = {}
-    # A graph output keeps its name on the DequantizeLinear after the node, while the node's
-    # own output is renamed: fall back to the float name then.
-    for node in nodes:
+    for node in float_model.graph.node:
+        if not node.name or not node.output or node.op_type == "Constant":
+            continue
         qnode = q_nodes.get(node.name)
-        names = ([qnode.output[0]] if qnode is not None else []) + [node.output[0]]
+        names = ([qnode.output[0]] if qnode is not None and qnode.output else []) + [node.output[0]]
         out = next((t for t in names if t in float_tensors and t in q_tensors), None)
         if out is not None:
             result_of[node.name] = out
-    inputs = {i for n in nodes for i in n.input if i in float_tensors and i in q_tensors}
+    inputs = {
+        i for n in float_model.graph.node for i in n.input if i in float_tensors and i in q_tensors
+    }
     tensors = sorted(set(result_of.values()) | inputs)
+    q_names = [seen.get(t, t) for t in tensors]
     sf = make_session(_with_outputs(float_model, tensors), threads=threads)
-    sq = make_session(_with_outputs(qdq_model, tensors), threads=threads)
+    sq = make_session(_with_outputs(qdq_model, sorted(set(q_names))), threads=threads)
     errors: dict[str, list[float]] = {t: [] for t in tensors}
     for feed in feeds:
         ref = sf.run(tensors, dict(feed))
-        got = sq.run(tensors, dict(feed))
+        got = sq.run(q_names, dict(feed))
         for t, r, g in zip(tensors, ref, got):
-            errors[t].append(_nsr(r, g))
+            r, g = np.asarray(r), np.asarray(g)
+            if r.dtype.kind == "f" and r.shape == g.shape:
+                errors[t].append(_channel_nsr(r, g))
     err = {t: float(np.mean(v)) for t, v in errors.items() if v}
+    by_name = {n.name: n for n in float_model.graph.node}
+    in_block = {name for b in blocks for name in b["nodes"]}
+    units: list[tuple[str, list[str]]] = [(b["kind"], list(b["nodes"])) for b in blocks]
+    # nodes the quantizer fused (a Conv and the Relu folded into it) share one result: one unit
+    fused: dict[str, list[str]] = {}
+    for name, out in result_of.items():
+        if name not in in_block:
+            fused.setdefault(out, []).append(name)
+    units += [(by_name[names[0]].op_type, names) for names in fused.values()]
     ranking: list[dict[str, Any]] = []
-    for node in nodes:
-        out = result_of.get(node.name)
-        if out is None or out not in err:
+    for kind, names in units:
+        outs = [result_of[n] for n in names if n in result_of and result_of[n] in err]
+        if not outs:
             continue
-        upstream = max((err.get(i, 0.0) for i in node.input), default=0.0)
+        made = {o for n in names for o in by_name[n].output}
+        upstream = max(
+            (err.get(i, 0.0) for n in names for i in by_name[n].input if i not in made),
+            default=0.0,
+        )
+        out_nsr = max(err[o] for o in outs)
         ranking.append(
             {
-                "node": node.name,
-                "op_type": node.op_type,
-                "output_nsr": err[out],
-                "added_nsr": max(err[out] - upstream, 0.0),
+                "node": names[0],
+                "nodes": names,
+                "op_type": kind,
+                "op_types": {n: by_name[n].op_type for n in names},
+                "output_nsr": out_nsr,
+                "added_nsr": max(out_nsr - upstream, 0.0),
             }
         )
-    ranking.sort(key=lambda r: r["added_nsr"], reverse=True)
+    # stable: by added error, then graph order (ties are common for exact ops)
+    order = {n.name: k for k, n in enumerate(float_model.graph.node)}
+    ranking.sort(key=lambda r: (-r["added_nsr"], order[r["node"]]))
     return ranking
 
 
@@ -368,7 +425,13 @@ def weight_sensitivity(
         wq = np.clip(np.round(w / scale), -qmax, qmax) * scale
         nsr = _nsr(w, wq)
         ranking.append(
-            {"node": node.name, "op_type": node.op_type, "output_nsr": nsr, "added_nsr": nsr}
+            {
+                "node": node.name,
+                "nodes": [node.name],
+                "op_type": node.op_type,
+                "output_nsr": nsr,
+                "added_nsr": nsr,
+            }
         )
     ranking.sort(key=lambda r: r["added_nsr"], reverse=True)
     return ranking

@@ -233,9 +233,16 @@ class Latency:
     median_ms: float
     p90_ms: float
     runs: int
+    #: timing noise: the interquartile range of the per-block medians over their median
+    noise: float = 0.0
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"median": round(self.median_ms, 4), "p90": round(self.p90_ms, 4), "runs": self.runs}
+        return {
+            "median": round(self.median_ms, 4),
+            "p90": round(self.p90_ms, 4),
+            "runs": self.runs,
+            "noise": round(self.noise, 4),
+        }
 
 
 def measure_latency(
@@ -272,10 +279,14 @@ def measure_latency(
     result = {}
     for key, values in times.items():
         ordered = sorted(values)
+        blocks = [statistics.median(values[i : i + block]) for i in range(0, len(values), block)]
+        q1, _, q3 = np.percentile(blocks, [25, 50, 75]) if len(blocks) > 1 else (0.0, 0.0, 0.0)
+        median = statistics.median(ordered)
         result[key] = Latency(
-            median_ms=statistics.median(ordered),
+            median_ms=median,
             p90_ms=ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
             runs=len(ordered),
+            noise=float(q3 - q1) / median if median > 0 else 0.0,
         )
     return result
 

@@ -1,0 +1,467 @@
+"""Task-level fidelity: does the converted model still do the original's job?
+
+Tensor cosine is blind to what matters on many models: a detector whose one output concatenates
+pixel-scale boxes with [0, 1] class scores keeps cosine 0.998 after int8 while every score under
+the boxes' scale rounds to zero. So the converter also compares what the model is *for*:
+
+- ``detect``: both models' outputs are decoded and NMS'd exactly as the device does it
+  (:class:`edge_agent.postprocess.Postprocessor`, one implementation), then the converted model's
+  detections are matched to the original's (IoU >= 0.5, same class): F1, mean score error and
+  mean IoU of the matched boxes. YOLO layouts ``[1, 4+C, N]`` (v8, no objectness) and
+  ``[1, N, 5+C]`` (v5, objectness), and SSD-style pairs (boxes ``[1, A, 4]`` + scores
+  ``[1, A, C]``).
+- ``ctc``: ``[N, T, C]`` greedy-decoded (best class per step, repeats collapsed, blanks dropped):
+  exact-sequence agreement and character error rate.
+- ``mask``: probability or segmentation maps ``[N, C, H, W]``: IoU of the thresholded masks
+  (0.3 and 0.5; the worse counts) or, for several classes with scores, the mean IoU of the
+  argmax maps.
+- ``classify``: top-1 agreement.
+- ``raw``: no task metric; the cosine floor alone applies.
+
+:func:`infer_task` tells the task from the outputs' shapes and values and the model's metadata
+(Ultralytics writes ``task``, ``names``, ``stride``), and says why; ``--task`` overrides it.
+:func:`task_fidelity` computes the report's ``fidelity.task`` block.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edge_agent.errors import ConfigError
+from edge_agent.postprocess import Postprocessor, PostprocessSpec
+
+Batches = list[list[np.ndarray]]
+
+TASKS = ("classify", "detect", "ctc", "mask", "raw")
+#: the bundle's postprocessing kinds, accepted as task names too (``build --task``)
+ALIASES = {"classification": "classify", "detection": "detect", "segmentation": "mask"}
+#: the task metric each task is judged on, and the default floor the budget applies to it
+METRICS = {
+    "classify": "top1_agreement",
+    "detect": "f1",
+    "ctc": "sequence_agreement",
+    "mask": "iou",
+    "raw": None,
+}
+DEFAULT_FLOORS: dict[str, float] = {"detect": 0.95, "ctc": 0.97, "mask": 0.95}
+#: detections match at this IoU or more, and only within one class
+MATCH_IOU = 0.5
+MASK_THRESHOLDS = (0.3, 0.5)
+#: the bundle postprocessing kind of each task (``ctc`` has none on the device yet: raw)
+POSTPROCESS_KIND = {
+    "classify": "classification",
+    "detect": "detection",
+    "mask": "segmentation",
+    "ctc": "raw",
+    "raw": "raw",
+}
+
+
+def canonical_task(name: str) -> str:
+    """``auto`` or one of :data:`TASKS`, from a task or postprocessing-kind name."""
+    key = ALIASES.get(name, name)
+    if key != "auto" and key not in TASKS:
+        choices = ", ".join(("auto", *TASKS))
+        raise ConfigError(f"--task {name}: expected one of {choices}")
+    return key
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the model is for, and how to read its outputs for that."""
+
+    kind: str
+    #: why this task: the shape, value or metadata that decided it
+    reason: str
+    #: the output indices the metric reads (detection SSD: boxes then scores)
+    outputs: tuple[int, ...] = ()
+    #: detection: the device's postprocessing options (format, yolo_version, ...)
+    postprocess: Mapping[str, Any] = field(default_factory=dict)
+    labels: tuple[str, ...] | None = None
+    #: detection: class scores are the first ``num_classes`` features after the box (and
+    #: objectness); None = every remaining feature (an Ultralytics segment export adds mask
+    #: coefficients after them)
+    num_classes: int | None = None
+    #: ctc: the blank class
+    blank: int | None = None
+
+    @property
+    def metric(self) -> str | None:
+        return METRICS[self.kind]
+
+    def to_postprocess(self) -> dict[str, Any]:
+        """The bundle's ``postprocess`` block for this task (without labels)."""
+        post: dict[str, Any] = {"kind": POSTPROCESS_KIND[self.kind]}
+        if self.kind == "detect":
+            post.update(self.postprocess)
+        return post
+
+
+# --- inference ---------------------------------------------------------------------------------
+
+
+def model_metadata(props: Sequence[Any]) -> dict[str, str]:
+    """An ONNX model's ``metadata_props`` as a dict."""
+    return {p.key: p.value for p in props}
+
+
+def _names(meta: Mapping[str, str]) -> tuple[str, ...] | None:
+    """Ultralytics' ``names`` metadata (a Python dict literal ``{0: 'person', ...}``)."""
+    text = meta.get("names")
+    if not text:
+        return None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
+    if isinstance(value, dict) and all(isinstance(k, int) for k in value):
+        return tuple(str(value[k]) for k in sorted(value))
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v) for v in value)
+    return None
+
+
+def _in_unit(a: np.ndarray) -> bool:
+    return bool(a.size) and float(a.min()) >= -1e-6 and float(a.max()) <= 1.0 + 1e-6
+
+
+def _is_distribution(a: np.ndarray) -> bool:
+    """Rows over the last axis are probabilities (softmax) or log-probabilities."""
+    if a.size == 0 or a.shape[-1] < 2:
+        return False
+    a64 = a.astype(np.float64)
+    if float(a64.min()) >= -1e-6 and np.allclose(a64.sum(axis=-1), 1.0, atol=1e-3):
+        return True
+    if float(a64.max()) <= 1e-6:
+        top = a64.max(axis=-1, keepdims=True)
+        lse = np.log(np.exp(a64 - top).sum(axis=-1)) + top[..., 0]
+        return bool(np.allclose(lse, 0.0, atol=1e-3))
+    return False
+
+
+def infer_task(
+    outputs: Sequence[np.ndarray | None],
+    *,
+    output_names: Sequence[str],
+    metadata: Mapping[str, str] | None = None,
+    requested: str = "auto",
+) -> Task:
+    """The task of a model whose outputs on the validation samples are ``outputs`` (each
+    concatenated over the samples; None where batch shapes differed)."""
+    meta = dict(metadata or {})
+    requested = canonical_task(requested)
+    labels = _names(meta)
+    meta_task = meta.get("task")
+    if requested == "raw":
+        return Task("raw", "--task raw")
+    if requested in ("auto", "detect"):
+        found = _detection(outputs, labels=labels, meta_task=meta_task, forced=requested)
+        if found is not None:
+            return found
+        if requested == "detect":
+            shapes = [None if o is None else list(o.shape) for o in outputs]
+            raise ConfigError(
+                f"--task detect: no output looks like a detector's (shapes {shapes}); expected "
+                "YOLO [1, 4+C, N] / [1, N, 5+C], or SSD boxes [1, A, 4] with scores [1, A, C]"
+            )
+    if requested in ("auto", "ctc"):
+        for i, out in enumerate(outputs):
+            if out is None or out.ndim != 3 or out.dtype.kind != "f" or out.shape[2] < 2:
+                continue
+            if requested == "ctc" or _is_distribution(out):
+                blank = int(np.bincount(out.argmax(axis=-1).ravel()).argmax())
+                why = (
+                    "--task ctc"
+                    if requested == "ctc"
+                    else f"output '{output_names[i]}' {list(out.shape)} holds a probability "
+                    "distribution per time step"
+                )
+                return Task(
+                    "ctc", f"{why}; blank = class {blank}, the most frequent", (i,), blank=blank
+                )
+        if requested == "ctc":
+            raise ConfigError("--task ctc: no [N, T, C] float output")
+    if requested in ("auto", "mask"):
+        for i, out in enumerate(outputs):
+            if out is None or out.ndim != 4 or out.dtype.kind != "f":
+                continue
+            if requested == "mask" or (min(out.shape[2:]) >= 4 and _in_unit(out)):
+                why = (
+                    "--task mask"
+                    if requested == "mask"
+                    else f"output '{output_names[i]}' {list(out.shape)} is a map with values in "
+                    "[0, 1]"
+                )
+                return Task("mask", why, (i,))
+        if requested == "mask":
+            raise ConfigError("--task mask: no [N, C, H, W] float output")
+    for i, out in enumerate(outputs):
+        if out is not None and out.dtype.kind == "f" and out.ndim == 2 and out.shape[1] > 1:
+            why = (
+                "--task classify"
+                if requested == "classify"
+                else (f"output '{output_names[i]}' {list(out.shape)} holds a score per class")
+            )
+            return Task("classify", why, (i,), labels=labels)
+        if out is not None and out.dtype.kind in "iu" and out.ndim == 1:
+            return Task("classify", f"output '{output_names[i]}' holds class labels", (i,))
+    if requested == "classify":
+        raise ConfigError("--task classify: no [N, classes] float output and no label output")
+    shapes = [None if o is None else list(o.shape) for o in outputs]
+    return Task("raw", f"no output shape says detector, sequence, map or classifier ({shapes})")
+
+
+def _detection(
+    outputs: Sequence[np.ndarray | None],
+    *,
+    labels: tuple[str, ...] | None,
+    meta_task: str | None,
+    forced: str,
+) -> Task | None:
+    nc = len(labels) if labels else None
+    tagged = meta_task in ("detect", "segment", "pose", "obb")
+    why_meta = f"metadata task = {meta_task!r}; " if tagged else ""
+    # SSD: a boxes output [1, A, 4] and a scores output [1, A, C] with the same A.
+    boxes_i = [
+        i for i, o in enumerate(outputs) if o is not None and o.ndim == 3 and o.shape[2] == 4
+    ]
+    for b in boxes_i:
+        box = outputs[b]
+        assert box is not None
+        for s, sc in enumerate(outputs):
+            if s == b or sc is None or sc.ndim != 3 or sc.shape[:2] != box.shape[:2]:
+                continue
+            post: dict[str, Any] = {"format": "ssd"}
+            if not _in_unit(sc):
+                post["softmax"] = True
+            post["box_format"] = "xyxy"
+            if _in_unit(box):
+                post["normalized"] = True
+            return Task(
+                "detect",
+                f"{why_meta}SSD-style outputs: boxes {list(box.shape)} and scores {list(sc.shape)}",
+                (b, s),
+                post,
+                labels=labels,
+            )
+    for i, out in enumerate(outputs):
+        if out is None or out.ndim != 3 or out.dtype.kind != "f" or min(out.shape[1:]) < 5:
+            continue
+        if not tagged and forced != "detect" and _is_distribution(out):
+            continue  # a CTC head [1, T, C] (softmax rows), not boxes
+        features_first = out.shape[1] < out.shape[2]
+        rows = out.transpose(0, 2, 1) if features_first else out  # [N, boxes, features]
+        feats = rows.shape[2]
+        version = 8 if features_first or (nc is not None and feats - 4 == nc) else 5
+        first = 4 if version == 8 else 5
+        classes = nc if nc is not None and first + nc <= feats else None
+        scores = rows[..., first : first + classes] if classes else rows[..., first:]
+        looks = _in_unit(scores) and not _in_unit(rows[..., :4])
+        if not (tagged or forced == "detect" or looks):
+            continue
+        layout = "[1, 4+C, N]" if features_first else f"[1, N, {first}+C]"
+        why = f"{why_meta}output {list(out.shape)}: YOLOv{version} layout {layout}" + (
+            "" if tagged else ", boxes beside scores in [0, 1]"
+        )
+        post = {"format": "yolo", "yolo_version": version}
+        return Task("detect", why, (i,), post, labels=labels, num_classes=classes)
+    return None
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def _samples(batches: list[np.ndarray]) -> list[np.ndarray]:
+    """One array per sample (each with its batch axis of 1)."""
+    return [b[j : j + 1] for b in batches for j in range(b.shape[0] if b.ndim else 1)]
+
+
+def task_fidelity(task: Task, ref: Batches, got: Batches) -> dict[str, Any]:
+    """The report's ``fidelity.task``: ``{"kind", "metric", "value", "details"}``; ``value`` is
+    None for ``raw``."""
+    details: dict[str, Any] = {"reason": task.reason}
+    value: float | None = None
+    if task.kind == "detect":
+        value, more = _detection_fidelity(task, ref, got)
+        details.update(more)
+    elif task.kind == "ctc":
+        value, more = ctc_fidelity(
+            np.concatenate(ref[task.outputs[0]]),
+            np.concatenate(got[task.outputs[0]]),
+            blank=task.blank or 0,
+        )
+        details.update(more)
+    elif task.kind == "mask":
+        value, more = mask_fidelity(
+            np.concatenate(ref[task.outputs[0]]), np.concatenate(got[task.outputs[0]])
+        )
+        details.update(more)
+    elif task.kind == "classify":
+        r = np.concatenate(ref[task.outputs[0]])
+        g = np.concatenate(got[task.outputs[0]])
+        if r.ndim == 2:
+            r, g = r.argmax(axis=1), g.argmax(axis=1)
+        value = float(np.mean(r.reshape(-1) == g.reshape(-1))) if r.size else 1.0
+        details["samples"] = int(r.shape[0])
+    return {
+        "kind": task.kind,
+        "metric": task.metric,
+        "value": None if value is None else round(float(value), 6),
+        "details": details,
+    }
+
+
+def greedy_ctc(probs: np.ndarray, *, blank: int = 0) -> list[tuple[int, ...]]:
+    """Best class per step, repeats collapsed, blanks dropped: one sequence per sample."""
+    best = np.asarray(probs).argmax(axis=-1)  # [N, T]
+    out = []
+    for row in best:
+        keep = np.ones(row.shape[0], bool)
+        keep[1:] = row[1:] != row[:-1]
+        out.append(tuple(int(c) for c in row[keep] if c != blank))
+    return out
+
+
+def edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions)."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def ctc_fidelity(
+    ref: np.ndarray, got: np.ndarray, *, blank: int = 0
+) -> tuple[float, dict[str, Any]]:
+    """Exact-sequence agreement of the greedy decodings, and the character error rate of the
+    converted sequences against the original's."""
+    rs, gs = greedy_ctc(ref, blank=blank), greedy_ctc(got, blank=blank)
+    same = sum(r == g for r, g in zip(rs, gs))
+    chars = sum(len(r) for r in rs)
+    errors = sum(edit_distance(r, g) for r, g in zip(rs, gs))
+    agreement = same / len(rs) if rs else 1.0
+    cer = errors / chars if chars else float(errors > 0)
+    return agreement, {
+        "samples": len(rs),
+        "blank": blank,
+        "sequence_agreement": round(agreement, 6),
+        "cer": round(cer, 6),
+    }
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = int(np.count_nonzero(a | b))
+    return 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union
+
+
+def mask_fidelity(ref: np.ndarray, got: np.ndarray) -> tuple[float, dict[str, Any]]:
+    """IoU of the converted model's masks against the original's, pooled over the samples.
+
+    One channel, or channels holding independent probabilities in [0, 1]: thresholded at 0.3 and
+    0.5, the worse IoU counts. Several channels of scores: mean IoU of the argmax class maps over
+    the classes present."""
+    details: dict[str, Any] = {"samples": int(ref.shape[0])}
+    if ref.shape[1] == 1 or (ref.shape[1] > 1 and _in_unit(ref) and not _is_softmax_axis1(ref)):
+        per = {f"iou@{t}": round(_iou(ref > t, got > t), 6) for t in MASK_THRESHOLDS}
+        details.update(per)
+        return min(per.values()), details
+    r, g = ref.argmax(axis=1), got.argmax(axis=1)
+    present = np.union1d(np.unique(r), np.unique(g))
+    ious = [_iou(r == c, g == c) for c in present]
+    details["classes"] = int(present.size)
+    details["pixel_agreement"] = round(float(np.mean(r == g)), 6)
+    value = float(np.mean(ious)) if ious else 1.0
+    details["mean_iou"] = round(value, 6)
+    return value, details
+
+
+def _is_softmax_axis1(a: np.ndarray) -> bool:
+    return bool(np.allclose(a.astype(np.float64).sum(axis=1), 1.0, atol=1e-3))
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in ``a`` [n, 4] with every box in ``b`` [m, 4] (xyxy)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
+    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
+
+
+Detections = list[dict[str, Any]]
+
+
+def match_detections(
+    ref: Sequence[Detections], got: Sequence[Detections], *, iou: float = MATCH_IOU
+) -> tuple[float, dict[str, Any]]:
+    """F1 of ``got`` against ``ref`` (lists of the device's detection dicts, one per sample):
+    each converted detection, best score first, matches the unmatched original detection of the
+    same class it overlaps most, if that IoU is at least ``iou``."""
+    tp = n_ref = n_got = 0
+    score_err: list[float] = []
+    ious: list[float] = []
+    for r_dets, g_dets in zip(ref, got):
+        n_ref += len(r_dets)
+        n_got += len(g_dets)
+        if not r_dets or not g_dets:
+            continue
+        rb = np.array([d["box"] for d in r_dets], np.float64)
+        gb = np.array([d["box"] for d in g_dets], np.float64)
+        overlap = _box_iou(gb, rb)
+        r_cls = np.array([d["class"] for d in r_dets])
+        taken = np.zeros(len(r_dets), bool)
+        for gi in np.argsort([-d["score"] for d in g_dets], kind="stable"):
+            cand = np.where((r_cls == g_dets[gi]["class"]) & ~taken, overlap[gi], -1.0)
+            ri = int(cand.argmax())
+            if cand[ri] >= iou:
+                taken[ri] = True
+                tp += 1
+                ious.append(float(cand[ri]))
+                score_err.append(abs(float(g_dets[gi]["score"]) - float(r_dets[ri]["score"])))
+    f1 = 1.0 if n_ref + n_got == 0 else 2.0 * tp / (n_ref + n_got)
+    details = {
+        "samples": len(ref),
+        "detections_original": n_ref,
+        "detections_converted": n_got,
+        "matched": tp,
+        "precision": round(tp / n_got, 6) if n_got else None,
+        "recall": round(tp / n_ref, 6) if n_ref else None,
+        "f1": round(f1, 6),
+        "mean_score_error": round(float(np.mean(score_err)), 6) if score_err else None,
+        "mean_iou": round(float(np.mean(ious)), 6) if ious else None,
+        "match_iou": iou,
+    }
+    return f1, details
+
+
+def decode_detections(task: Task, batches: Batches) -> list[Detections]:
+    """Every sample's detections, decoded and NMS'd as on the device."""
+    used = [_samples(batches[i]) for i in task.outputs]
+    if task.num_classes is not None and task.postprocess.get("format") == "yolo":
+        first = 4 if task.postprocess.get("yolo_version") == 8 else 5
+        stop = first + task.num_classes
+        # features first ([1, 4+C, N]) or last ([1, N, 4+C]): drop what follows the classes
+        used[0] = [a[:, :stop] if a.shape[1] < a.shape[2] else a[..., :stop] for a in used[0]]
+    names = [f"out{i}" for i in range(len(used))]
+    spec = dict(task.postprocess)
+    if spec.get("format") == "ssd":
+        spec.update(output="out0", scores_output="out1")
+    post = Postprocessor(PostprocessSpec(kind="detection", **spec), output_names=names)
+    return [post(list(sample))["detections"] for sample in zip(*used)]
+
+
+def _detection_fidelity(task: Task, ref: Batches, got: Batches) -> tuple[float, dict[str, Any]]:
+    f1, details = match_detections(decode_detections(task, ref), decode_detections(task, got))
+    details["decode"] = dict(task.postprocess)
+    return f1, details
