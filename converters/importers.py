@@ -13,6 +13,8 @@ pickle / joblib    ``.pkl .pickle .joblib``, pickle magic,  only with ``trust_pi
                    a ``torch.save`` zip (``data.pkl``)      pickle or ``torch.load``
 Keras              ``.keras .h5 .hdf5``, HDF5 magic         TensorFlow + tf2onnx (the ``tf`` extra)
 SavedModel         a directory with ``saved_model.pb``      tf2onnx (the ``tf`` extra)
+TFLite             ``TFL3`` identifier, ``.tflite .lite``   ``converters.tflite_import`` (float
+                                                            models; no TensorFlow)
 torch.nn.Module    a Python object                          ``torch.onnx.export``
 scikit-learn       a fitted estimator or pipeline object    skl2onnx
 =================  =======================================  ======================================
@@ -50,7 +52,7 @@ from edge_agent.errors import ConfigError, EdgeError, ModelError, UnsupportedMod
 log = logging.getLogger(__name__)
 
 #: What :func:`detect_kind` can return.
-KINDS = ("onnx", "torchscript", "exported-program", "pickle", "keras", "savedmodel")
+KINDS = ("onnx", "torchscript", "exported-program", "pickle", "keras", "savedmodel", "tflite")
 #: The opset torch and scikit-learn models are exported at (the canonicaliser may raise it).
 DEFAULT_OPSET = 17
 #: The oldest opset we export at; the canonicaliser refuses older graphs.
@@ -58,7 +60,8 @@ MIN_OPSET = 10
 
 SUPPORTED = (
     "ONNX (.onnx), TorchScript (.pt/.pth), ExportedProgram (.pt2), scikit-learn/joblib pickle "
-    "(.pkl/.pickle/.joblib, with --trust-pickle), Keras (.keras/.h5) or a SavedModel directory"
+    "(.pkl/.pickle/.joblib, with --trust-pickle), Keras (.keras/.h5), a SavedModel directory "
+    "or a float TFLite model (.tflite)"
 )
 
 _ONNX_EXTS = frozenset({".onnx"})
@@ -66,8 +69,11 @@ _TORCH_EXTS = frozenset({".pt", ".pth", ".ptl", ".torchscript"})
 _PT2_EXTS = frozenset({".pt2"})
 _PICKLE_EXTS = frozenset({".pkl", ".pickle", ".joblib"})
 _KERAS_EXTS = frozenset({".keras", ".h5", ".hdf5"})
+_TFLITE_EXTS = frozenset({".tflite", ".lite"})
 _ZIP_MAGIC = b"PK\x03\x04"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+#: A TFLite flatbuffer's file identifier, at bytes 4-8 (after the root table offset).
+_TFLITE_IDENT = b"TFL3"
 #: Pickle protocol 2-5 header (PROTO opcode + version).
 _PICKLE_HEADERS = tuple(b"\x80" + bytes([v]) for v in range(2, 6))
 #: Start of a legacy (pre-zip) ``torch.save`` file: protocol 2, then torch's magic number.
@@ -122,8 +128,11 @@ def detect_kind(path: Path) -> str:
         return "keras"
     elif head.startswith(_PICKLE_HEADERS):
         return "pickle"
+    elif head[4:8] == _TFLITE_IDENT:
+        return "tflite"
     by_ext = (
         (_ONNX_EXTS, "onnx"),
+        (_TFLITE_EXTS, "tflite"),
         (_PICKLE_EXTS, "pickle"),
         (_KERAS_EXTS, "keras"),
         (_PT2_EXTS, "exported-program"),
@@ -190,6 +199,10 @@ def _import_file(
     if kind == "pickle":
         obj = _load_pickle(path, trust=trust_pickle)
         return _import_object(obj, label=str(path), shapes=shapes, example_inputs=None, opset=opset)
+    if kind == "tflite":
+        from converters.tflite_import import import_tflite
+
+        return import_tflite(path)
     return _import_tensorflow(path, kind=kind, opset=opset)
 
 
