@@ -274,7 +274,7 @@ class _Reader:
     # -- ONNX values ---------------------------------------------------------------------------
     def init(self, base: str, arr: np.ndarray) -> str:
         name = self.unique(base)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        self.inits.append(numpy_helper.from_array(np.array(arr, order="C"), name))
         return name
 
     def ints(self, base: str, values: Sequence[int]) -> str:
@@ -402,7 +402,7 @@ class _Reader:
 
     def fold(self, t: int, arr: np.ndarray) -> None:
         """Record ``t`` as a constant computed at import time."""
-        self.consts[t] = np.ascontiguousarray(arr)
+        self.consts[t] = np.array(arr, order="C")  # (ascontiguousarray makes 0-d 1-d)
 
     def all_const(self, op: _Op) -> bool:
         return all(t < 0 or (t in self.consts and t not in self.values) for t in op.inputs)
@@ -748,10 +748,12 @@ def _concat(r: _Reader, op: _Op) -> None:
     out = op.outputs[0]
     rank = r.rank(out)
     o = _opts(op, S.ConcatenationOptionsT)
+    if _act(op) != _ACT.NONE:  # LiteRT's kernel refuses it, XNNPACK ignores it
+        raise r.fail("a fused activation on a concatenation is not supported (LiteRT refuses it)")
     axis = int(o.axis) % rank
     perm = r.pick_layout(op.inputs, rank)
     ins = [r.get(t, perm) for t in op.inputs]
-    r.emit("Concat", ins, r.produce(out, perm), _act(op), axis=perm.index(axis))
+    r.node("Concat", ins, [r.produce(out, perm)], axis=perm.index(axis))
 
 
 def _pad(r: _Reader, op: _Op) -> None:

@@ -31,10 +31,11 @@ Interpreter = pytest.importorskip("ai_edge_litert.interpreter").Interpreter
 
 _B = S.BuiltinOperator
 _F32 = S.TensorType.FLOAT32
-_RELU6, _RELU, _RELU_N1_TO_1 = (
+_RELU6, _RELU, _RELU_N1_TO_1, _TANH = (
     S.ActivationFunctionType.RELU6,
     S.ActivationFunctionType.RELU,
     S.ActivationFunctionType.RELU_N1_TO_1,
+    S.ActivationFunctionType.TANH,
 )
 
 
@@ -492,7 +493,7 @@ def _hand_written() -> bytes:
         S.FullyConnectedOptionsT(),
     )
     m.op(_B.RELU, [head_fc], [head])
-    return m.build([x], [probs, emb, stats, gate, head])  # fmt: skip
+    return m.build([x], [probs, emb, stats, gate, head])
 
 
 def test_hand_written_tflite_matches_litert() -> None:
@@ -528,6 +529,142 @@ def test_hand_written_tflite_matches_litert() -> None:
     x = _feeds(imported, 5)["image"]
     for a, b in zip(_run_tflite(back, [_nhwc(x)]), _run_tflite(data, [_nhwc(x)])):
         assert float(np.abs(a - b).max()) <= 1e-4
+
+
+def _hand_written_rest() -> bytes:
+    """The rest of the operator list: elementwise ops, two inputs with broadcasting between
+    activations, splits, transposes, reductions, negative strides, aligned resizes."""
+    rng = np.random.default_rng(1)
+    m = _Tfl()
+    a, b = m.act("a", [1, 6, 5, 4]), m.act("b", [1, 4])
+    outs = []
+
+    def unary(code: int, x: int, shape: list[int], opts: Any = None) -> int:
+        y = m.act(f"t{len(m.tensors)}", shape)
+        m.op(code, [x], [y], opts)
+        return y
+
+    def binary(code: int, x: int, y: int, shape: list[int], opts: Any = None) -> int:
+        z = m.act(f"t{len(m.tensors)}", shape)
+        m.op(code, [x, y], [z], opts)
+        return z
+
+    full = [1, 6, 5, 4]
+    r6, n1, z1 = (unary(c, a, full) for c in (_B.RELU6, _B.RELU_N1_TO_1, _B.RELU_0_TO_1))
+    mx = binary(_B.MAXIMUM, r6, n1, full)
+    outs.append(binary(_B.MINIMUM, mx, z1, full))
+    ab = unary(_B.ABS, a, full)
+    outs.append(unary(_B.EXP, unary(_B.NEG, ab, full), full))
+    sq = unary(_B.SQRT, ab, full)
+    outs.append(binary(_B.POW, sq, m.const("two", np.array([2.0], np.float32)), full))
+    # SPLIT along C and SPLIT_V along H
+    c0, c1 = m.act("c0", [1, 6, 5, 2]), m.act("c1", [1, 6, 5, 2])
+    m.op(
+        _B.SPLIT,
+        [m.const("ax3", np.array(3, np.int32)), a],
+        [c0, c1],
+        _opts(S.SplitOptionsT, numSplits=2),
+    )
+    h0, h1 = m.act("h0", [1, 2, 5, 4]), m.act("h1", [1, 4, 5, 4])
+    sv_ins = [
+        a,
+        m.const("sizes", np.array([2, -1], np.int32)),
+        m.const("ax1", np.array(1, np.int32)),
+    ]
+    m.op(_B.SPLIT_V, sv_ins, [h0, h1], _opts(S.SplitVOptionsT, numSplits=2))
+    outs += [binary(_B.SUB, c0, c1, [1, 6, 5, 2], S.SubOptionsT()), h1]
+    # TRANSPOSE to NCHW, flattened (the writer's kind), and one that swaps H and W
+    nchw = m.act("nchw", [1, 4, 6, 5])
+    m.op(_B.TRANSPOSE, [a, m.const("p0312", np.array([0, 3, 1, 2], np.int32))], [nchw])
+    flat = m.act("flat_nchw", [1, 120])
+    m.op(_B.RESHAPE, [nchw, m.const("s120", np.array([1, 120], np.int32))], [flat])
+    swapped = m.act("swapped", [1, 5, 6, 4])
+    m.op(_B.TRANSPOSE, [a, m.const("p0213", np.array([0, 2, 1, 3], np.int32))], [swapped])
+    outs += [flat, binary(_B.ADD, swapped, swapped, [1, 5, 6, 4], S.AddOptionsT())]
+    # activations of lower rank broadcast against a 4-D one; EXPAND_DIMS
+    e1, e2 = m.act("e1", [1, 1, 4]), m.act("e2", [1, 1, 1, 4])
+    m.op(_B.EXPAND_DIMS, [b, m.const("one", np.array(1, np.int32))], [e1])
+    m.op(_B.EXPAND_DIMS, [e1, m.const("zero", np.array(0, np.int32))], [e2])
+    outs.append(binary(_B.MUL, a, e2, full, S.MulOptionsT()))
+    outs.append(binary(_B.MUL, a, b, full, S.MulOptionsT()))
+    # PADV2 with a value, SUM with keepdims, REDUCE_MAX without, LOG_SOFTMAX, SOFTMAX beta
+    padded = m.act("padded", [1, 8, 5, 6])
+    pads = m.const("pads", np.array([[0, 0], [2, 0], [0, 0], [1, 1]], np.int32))
+    m.op(
+        _B.PADV2, [a, pads, m.const("pv", np.array([0.5], np.float32))], [padded], S.PadV2OptionsT()
+    )
+    outs.append(padded)
+    keep = _opts(S.ReducerOptionsT, keepDims=True)
+    outs.append(binary(_B.SUM, a, m.const("c", np.array([3], np.int32)), [1, 6, 5, 1], keep))
+    drop = _opts(S.ReducerOptionsT, keepDims=False)
+    outs.append(binary(_B.REDUCE_MAX, a, m.const("h", np.array([1], np.int32)), [1, 5, 4], drop))
+    outs.append(unary(_B.LOG_SOFTMAX, a, full, S.LogSoftmaxOptionsT()))
+    outs.append(unary(_B.SOFTMAX, a, full, _opts(S.SoftmaxOptionsT, beta=0.5)))
+    # STRIDED_SLICE with a negative stride (H 5, 3, 1) and a begin mask on W
+    rev = m.act("reversed", [1, 3, 5, 4])
+    ss = [
+        m.const(k, np.array(v, np.int32))
+        for k, v in (("rb", [0, -1, 3, 0]), ("re", [1, -7, 5, 4]), ("rs", [1, -2, 1, 1]))
+    ]
+    m.op(_B.STRIDED_SLICE, [a, *ss], [rev], _opts(S.StridedSliceOptionsT, beginMask=0b0100))
+    outs.append(rev)
+    # aligned-corner and plain resizes
+    for code, cls, size, align in (
+        (_B.RESIZE_BILINEAR, S.ResizeBilinearOptionsT, [11, 9], True),
+        (_B.RESIZE_NEAREST_NEIGHBOR, S.ResizeNearestNeighborOptionsT, [11, 9], True),
+        (_B.RESIZE_NEAREST_NEIGHBOR, S.ResizeNearestNeighborOptionsT, [12, 10], False),
+        (_B.RESIZE_BILINEAR, S.ResizeBilinearOptionsT, [9, 7], False),
+    ):
+        outs.append(
+            binary(
+                code,
+                a,
+                m.const(f"size{len(outs)}", np.array(size, np.int32)),
+                [1, *size, 4],
+                _opts(cls, alignCorners=align),
+            )
+        )
+    # a grouped CONV_2D (2 groups of 2 channels)
+    gw = m.const("gw", rng.standard_normal((6, 3, 3, 2)).astype(np.float32))
+    gconv = m.act("grouped", [1, 6, 5, 6])
+    m.op(
+        _B.CONV_2D,
+        [a, gw, m.const("gb", np.zeros(6, np.float32))],
+        [gconv],
+        _opts(S.Conv2DOptionsT, padding=S.Padding.SAME, strideH=1, strideW=1),
+    )
+    outs.append(gconv)
+    # GATHER with a scalar index (drops the axis) and with 2-D indices, CONCATENATION on H
+    g0 = m.act("g0", [1, 6, 5])
+    m.op(
+        _B.GATHER, [a, m.const("i0", np.array(2, np.int32))], [g0], _opts(S.GatherOptionsT, axis=3)
+    )
+    g2 = m.act("g2", [1, 2, 2, 5, 4])
+    m.op(
+        _B.GATHER,
+        [a, m.const("i2", np.array([[5, 0], [1, 1]], np.int32))],
+        [g2],
+        _opts(S.GatherOptionsT, axis=1),
+    )
+    cat = m.act("cat_h", [1, 12, 5, 4])
+    m.op(
+        _B.CONCATENATION,
+        [a, r6],
+        [cat],
+        _opts(S.ConcatenationOptionsT, axis=1),
+    )
+    outs += [g0, g2, cat]
+    return m.build([a, b], outs)
+
+
+def test_hand_written_tflite_rest_of_the_ops_match_litert() -> None:
+    data = _hand_written_rest()
+    _check_declared_shapes(data)
+    imported = tflite_to_onnx(data)
+    assert [i.name for i in imported.graph.input] == ["a", "b"]
+    for seed in range(3):
+        abs_err, rel_err = _compare(data, imported, seed=seed)
+        assert abs_err <= 1e-4 and rel_err <= 1e-5, (seed, abs_err, rel_err)
 
 
 @settings(max_examples=25, deadline=None)
@@ -652,6 +789,29 @@ def test_unsupported_operator_is_named_with_its_index(cli: Any, tmp_path: Path) 
     assert len(line.splitlines()) == 1
     assert f"{path}: operator 1 (CUMSUM) is not supported by the TFLite importer" in line
     assert "supported: " in line and "CONV_2D" in line
+
+
+@pytest.mark.parametrize(
+    ("code", "opts", "needle"),
+    [
+        (_B.ADD, _opts(S.AddOptionsT, fusedActivationFunction=_TANH), "TANH"),
+        (
+            _B.CONCATENATION,
+            _opts(S.ConcatenationOptionsT, fusedActivationFunction=_RELU6),
+            "concat",
+        ),
+        (_B.STRIDED_SLICE, _opts(S.StridedSliceOptionsT, ellipsisMask=1), "ellipsis_mask"),
+    ],
+)
+def test_options_it_cannot_honour_are_refused(code: int, opts: Any, needle: str) -> None:
+    m = _Tfl()
+    x, y = m.act("x", [1, 2, 2, 3]), m.act("y", [1, 2, 2, 3])
+    ins = [x, x]
+    if code == _B.STRIDED_SLICE:
+        ins = [x] + [m.const(k, np.array([0, 0, 0, 0], np.int32)) for k in "bes"]
+    m.op(code, ins, [y], opts)
+    with pytest.raises(UnsupportedModelError, match=rf"^m.tflite: operator 0 \(\w+\): .*{needle}"):
+        tflite_to_onnx(m.build([x], [y]), label="m.tflite")
 
 
 def test_quantized_tflite_is_refused(cli: Any, tmp_path: Path) -> None:
