@@ -195,7 +195,7 @@ class _Reader:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.names: set[str] = set()
-        self.scalars: dict[tuple[float, str], str] = {}
+        self.scalars: dict[float, str] = {}
         self.op: _Op | None = None  # the operator being converted
         # graph inputs and outputs keep their (sanitised) TFLite names: reserve them first
         self.io_names: dict[int, str] = {}
@@ -280,11 +280,11 @@ class _Reader:
     def ints(self, base: str, values: Sequence[int]) -> str:
         return self.init(base, np.array([int(v) for v in values], np.int64))
 
-    def scalar(self, value: float, dtype: Any = np.float32) -> str:
-        key = (float(value), np.dtype(dtype).name)
-        if key not in self.scalars:
-            self.scalars[key] = self.init(f"const_{value:g}", np.array(value, dtype))
-        return self.scalars[key]
+    def scalar(self, value: float) -> str:
+        """A float32 scalar initializer, one per value."""
+        if value not in self.scalars:
+            self.scalars[value] = self.init(f"const_{value:g}", np.array(value, np.float32))
+        return self.scalars[value]
 
     def node(
         self, op_type: str, inputs: Sequence[str], outputs: Sequence[str], **attrs: Any
