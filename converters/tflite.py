@@ -9,6 +9,17 @@ converts with no TRANSPOSE inside. Constants are permuted at conversion time.
 A Flatten (or Reshape to ``[N, -1]``) of an NHWC tensor that feeds only Gemm/MatMul with
 constant weights flattens in NHWC order and permutes the weight's input columns instead.
 
+Beyond one node per op: a MatMul of two activations is a BATCH_MATMUL (an operand held with
+its last two axes swapped, as a Transpose leaves it, sets adj_x / adj_y instead of being
+transposed back); a BatchNormalization no convolution absorbed is a 1x1 DEPTHWISE_CONV_2D on
+an NHWC tensor, else MUL + ADD; a Softmax over an axis the layout does not put last is taken
+in a layout that does. Two multi-node patterns torch exports are matched before writing
+(:data:`_PATTERNS`) and written as one unit: LayerNorm (ReduceMean -> Sub -> Pow -> ReduceMean
+-> Add -> Sqrt -> Div -> Mul -> Add, as the LayerNormalization op is written: MEAN, SUB, MUL,
+MEAN, ADD, RSQRT, MUL, MUL, ADD) and the exact GELU (Div -> Erf -> Add -> Mul -> Mul: GELU).
+The ONNX nodes such a unit stands for are recorded (:attr:`_Writer.absorbed`), so naming any
+of them in ``Int8Config.float_nodes`` keeps the unit float.
+
 ``fp16_weights=True`` is TFLite's standard float16 scheme (what TensorFlow's converter emits with
 ``target_spec.supported_types = [tf.float16]``): the weights and biases of CONV_2D,
 DEPTHWISE_CONV_2D, FULLY_CONNECTED and TRANSPOSE_CONV, and float constants of at least
@@ -65,12 +76,20 @@ class _Writer:
         self, model: onnx.ModelProto, keep_nchw_input: bool, fp16_weights: bool = False
     ) -> None:
         self.graph = model.graph
+        self.opset = next(
+            (int(i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")), 13
+        )
         self.keep_nchw_input = keep_nchw_input
         self.fp16_weights = fp16_weights
         self.fp16_kept: list[str] = []  # constants kept in float32: out of float16's range
         self.consts: dict[str, np.ndarray] = {
             i.name: numpy_helper.to_array(i) for i in self.graph.initializer
         }
+        for n in self.graph.node:  # known before the patterns are matched
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.attribute:
+                a = _attrs(n)
+                if "value" in a:
+                    self.consts[n.output[0]] = numpy_helper.to_array(a["value"])
         self.shapes: dict[str, list[int]] = {}
         for vi in [*self.graph.input, *self.graph.value_info, *self.graph.output]:
             tt = vi.type.tensor_type
@@ -99,6 +118,22 @@ class _Writer:
         # node each operator was emitted for (float fallback keeps a node's operators float)
         self.range_src: dict[int, str] = {}
         self.op_node: list[str] = []
+        # ONNX node -> the other ONNX nodes its operators stand for (a fused activation, the
+        # rest of a LayerNorm or GELU pattern): keeping any of them float keeps all float
+        self.absorbed: dict[str, list[str]] = {}
+        # operators (indices into ops) the int8 pass keeps float: int8 would lose too much
+        self.keep_float: set[int] = set()
+        self._emitting: str | None = None
+        # multi-node patterns written as one unit: head node's output -> its writer, and the
+        # names of every node a pattern covers (their op types need no writer of their own)
+        self.fused: dict[str, Callable[[_Writer], None]] = {}
+        self.fused_out_of: dict[str, list[str]] = {}  # head's output -> the pattern's outputs
+        self.fused_nodes: set[str] = set()
+        for n in self.graph.node:
+            if n.output and n.output[0] not in self.fused and _node_name(n) not in self.fused_nodes:
+                for match in _PATTERNS:
+                    if match(self, n):
+                        break
 
     # -- low-level -------------------------------------------------------------------------
     def new_tensor(
@@ -253,6 +288,24 @@ class _Writer:
         r = len(self.shape(name))
         return NHWC if r == 4 else _ident(r)
 
+    def absorb(self, node: onnx.NodeProto) -> None:
+        """``node`` is written by the node being emitted (its output is not emitted again)."""
+        if node.output:
+            self.skip.add(node.output[0])
+        if self._emitting is not None:
+            self.absorbed.setdefault(self._emitting, []).append(_node_name(node))
+
+    def fuse(self, nodes: Sequence[onnx.NodeProto], write: Callable[[_Writer], None]) -> None:
+        """Write ``nodes`` (a matched pattern, topologically ordered) as one unit, when its
+        first node comes up: the others are skipped and their names recorded as absorbed."""
+        head = nodes[0]
+        self.fused[head.output[0]] = write
+        self.fused_out_of[head.output[0]] = [o for n in nodes[1:] for o in n.output]
+        self.fused_nodes.update(_node_name(n) for n in nodes)
+        for n in nodes[1:]:
+            self.skip.add(n.output[0])
+        self.absorbed[_node_name(head)] = [_node_name(n) for n in nodes[1:]]
+
     def fusable_activation(self, out: str) -> int:
         """If ``out``'s only consumer is a Relu or Clip(0, 6), fuse it (and skip that node)."""
         users = self.consumers.get(out, [])
@@ -266,7 +319,7 @@ class _Writer:
             act = S.ActivationFunctionType.RELU6
         if act is None:
             return S.ActivationFunctionType.NONE
-        self.skip.add(user.output[0])
+        self.absorb(user)
         self.fused_out[out] = user.output[0]
         return act
 
@@ -296,17 +349,23 @@ class _Writer:
             if node.output and node.output[0] in self.skip:
                 continue
             start = len(self.ops)
+            self._emitting = _node_name(node)
             try:
-                _OPS[node.op_type](self, node)
+                if node.output and node.output[0] in self.fused:
+                    self.fused[node.output[0]](self)
+                else:
+                    _OPS[node.op_type](self, node)
             except UnsupportedModelError as exc:
                 # name every node refused for its attributes, not only the first: stand-in
                 # outputs let the rest of the graph be checked too
                 refused.append(str(exc))
-                for o in node.output:
+                for o in [*node.output, *self.fused_out_of.get(node.output[0], ())]:
                     if o and o not in self.index and o in self.shapes:
                         self.produce(o, self.default_perm(o))
                 continue
-            self.op_node.extend([node.name or node.output[0]] * (len(self.ops) - start))
+            finally:
+                self._emitting = None
+            self.op_node.extend([_node_name(node)] * (len(self.ops) - start))
             for o, final in list(self.fused_out.items()):
                 if o in self.index and final not in self.index:
                     # the fused activation's output is the op's output
@@ -340,8 +399,12 @@ class _Writer:
 
 
 # -- helpers for converters ----------------------------------------------------------------
+def _node_name(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
+
+
 def _fail(node: onnx.NodeProto, why: str) -> UnsupportedModelError:
-    return UnsupportedModelError(f"{node.op_type} (node {node.name or node.output[0]}): {why}")
+    return UnsupportedModelError(f"{node.op_type} (node {_node_name(node)}): {why}")
 
 
 def _padding(
@@ -471,36 +534,84 @@ def _grouped_conv(
 
 
 def _pool(w: _Writer, node: onnx.NodeProto) -> None:
+    """MAX_POOL_2D / AVERAGE_POOL_2D. SAME padding where it is what ONNX computes; else the
+    explicit pads (and, for ceil_mode, what the last partial window runs past the end) as a
+    PAD (the lowest float for MaxPool, zeros for AveragePool) then VALID, and an AveragePool
+    whose ONNX divisor is not the full window (count_include_pad=0 next to padding, or any
+    window cut short at the end) is corrected by a MUL with the constant k*k/divisor map
+    (kept float by the int8 pass, which would multiply the pool's rounding by it)."""
     a = _attrs(node)
     k = [int(v) for v in a["kernel_shape"]]
     s = [int(v) for v in a.get("strides", [1, 1])]
     if len(k) != 2 or any(int(v) != 1 for v in a.get("dilations", [1, 1])):
         raise _fail(node, "only 2-D pooling without dilations")
+    if len([o for o in node.output if o]) > 1:
+        raise _fail(node, "the Indices output is not supported")
     in_hw = w.shape(node.input[0])[2:]
     pad, pads = _padding(node, in_hw, k, s, [1, 1])
+    same = _same_pads(in_hw, k, s)
+    if pad == S.Padding.SAME:
+        pads = same
+    out_hw = w.shape(node.output[0])[2:]
+    ceil = bool(a.get("ceil_mode", 0))
+    total = list(pads)  # [top, left, bottom, right], the ceil_mode windows' reach added
+    for i in range(2):
+        span = in_hw[i] + pads[i] + pads[i + 2] - k[i]
+        size = -(-span // s[i]) + 1 if ceil else span // s[i] + 1
+        if ceil and (size - 1) * s[i] >= in_hw[i] + pads[i]:
+            size -= 1  # onnxruntime (and torch) drop a last window that starts in the end pad
+        if size != out_hw[i]:
+            raise _fail(
+                node,
+                f"the inferred output size {out_hw[i]} (axis {i + 2}) is not the {size} "
+                "onnxruntime computes (a ceil_mode window starting in the end padding)",
+            )
+        extra = (out_hw[i] - 1) * s[i] + k[i] - (in_hw[i] + pads[i] + pads[i + 2])
+        total[i + 2] += max(extra, 0)
     is_max = node.op_type == "MaxPool"
-    if not is_max and a.get("count_include_pad", 0) and pad == S.Padding.SAME:
-        if "pads" not in a:
-            raise _fail(node, "auto_pad SAME with count_include_pad=1")
-        pad, pads = S.Padding.VALID, [int(v) for v in a["pads"]]
+    cip = bool(a.get("count_include_pad", 0))
+    # ONNX's divisor per output row / column: the window inside the input (count_include_pad
+    # =0) or inside the input and its explicit pads (=1); never what runs past those
+    div = []
+    for i in range(2):
+        lo, hi = (-pads[i], in_hw[i] + pads[i + 2]) if cip else (0, in_hw[i])
+        starts = np.arange(out_hw[i]) * s[i] - pads[i]
+        div.append(np.minimum(starts + k[i], hi) - np.maximum(starts, lo))
+    if min(int(d.min()) for d in div) <= 0:
+        raise _fail(node, "a window lies wholly in the padding")
     x = w.get(node.input[0], NHWC)
-    if any(pads):
-        if not is_max and not a.get("count_include_pad", 0):
-            raise _fail(node, "asymmetric padding with count_include_pad=0")
-        x = _pad_nhwc(w, x, node.output[0], pads, -3.4e38 if is_max else 0.0)
+    if total == same and (is_max or not any(pads) or not cip):
+        pad = S.Padding.SAME  # TFLite's SAME pools over the input only, as ONNX does here
+        scale = None
+    else:
+        pad = S.Padding.VALID
+        if any(total):
+            x = _pad_nhwc(w, x, node.output[0], total, -3.4e38 if is_max else 0.0)
+        scale = None if is_max else (k[0] * k[1]) / np.outer(div[0], div[1])
+        if scale is not None and np.all(scale == 1.0):
+            scale = None
     o = S.Pool2DOptionsT()
     o.padding, o.strideH, o.strideW = pad, s[0], s[1]
     o.filterHeight, o.filterWidth = k
-    out_shape = w.shape(node.output[0])
-    want = [out_shape[0], out_shape[2], out_shape[3], out_shape[1]]
-    out = w.produce(node.output[0], NHWC)
-    # ceil_mode may give a different size: check against what TFLite computes.
-    hw = list(w.tensors[x].shape[1:3])
-    for i in range(2):
-        hw[i] = -(-hw[i] // s[i]) if pad == S.Padding.SAME else (hw[i] - k[i]) // s[i] + 1
-    if hw != want[1:3]:
-        raise _fail(node, "ceil_mode pooling with a partial last window")
+    n = node.output[0]
+    if scale is None:
+        out = w.produce(n, NHWC)
+    else:
+        out = w.new_tensor(f"{n}_sum", [w.shape(n)[0], *out_hw, w.shape(n)[1]])
+        w.range_src[out] = node.input[0]  # what the int8 kernel keeps: the input's scale
     w.op(_B.MAX_POOL_2D if is_max else _B.AVERAGE_POOL_2D, [x], [out], o)
+    if scale is not None:
+        c = w.const(f"{n}_divisor", scale.reshape(1, *out_hw, 1).astype(np.float32))
+        w.op(_B.MUL, [out, c], [w.produce(n, NHWC)], S.MulOptionsT())
+        # in int8 the pool's rounding would be multiplied by the correction (up to k*k):
+        # these two stay float
+        w.keep_float.update((len(w.ops) - 2, len(w.ops) - 1))
+
+
+def _same_pads(in_hw: Sequence[int], k: Sequence[int], s: Sequence[int]) -> list[int]:
+    """The [top, left, bottom, right] pads TFLite's SAME padding uses."""
+    tot = [max((-(-in_hw[i] // s[i]) - 1) * s[i] + k[i] - in_hw[i], 0) for i in range(2)]
+    return [tot[0] // 2, tot[1] // 2, tot[0] - tot[0] // 2, tot[1] - tot[1] // 2]
 
 
 def _global_pool(w: _Writer, node: onnx.NodeProto) -> None:
@@ -579,10 +690,9 @@ def _pool_any(w: _Writer, node: onnx.NodeProto) -> None:
 def _reduce_mean(w: _Writer, node: onnx.NodeProto) -> None:
     a = _attrs(node)
     rank = len(w.shape(node.input[0]))
-    axes = a.get("axes")
-    if len(node.input) > 1 and node.input[1]:
-        axes = w.consts[node.input[1]].tolist()
-    axes = sorted(int(v) % rank for v in (axes if axes is not None else range(rank)))
+    axes = _reduce_axes(w, node, rank)
+    if axes is None:
+        raise _fail(node, "axes must be constant")
     keep = bool(a.get("keepdims", 1))
     perm = w.layout(node.input[0])
     x = w.get(node.input[0], perm)
@@ -640,6 +750,9 @@ _UNARY = {
 
 
 def _unary(w: _Writer, node: onnx.NodeProto) -> None:
+    if node.op_type == "Identity" and node.input[0] in w.consts:
+        w.consts[node.output[0]] = w.consts[node.input[0]]
+        return
     perm = w.layout(node.input[0])
     x = w.get(node.input[0], perm)
     code = _UNARY[node.op_type]
@@ -731,14 +844,18 @@ def _clip(w: _Writer, node: onnx.NodeProto) -> None:
 
 
 def _softmax(w: _Writer, node: onnx.NodeProto) -> None:
+    """SOFTMAX / LOG_SOFTMAX over the last axis of the tensor in a layout that puts the ONNX
+    axis last: the one it is in when that does (channels of an NHWC tensor), else NHWC for
+    the channels of a 4-D tensor, else its layout with the axis moved last (one TRANSPOSE;
+    consumers wanting another layout transpose back)."""
     rank = len(w.shape(node.input[0]))
-    axis = int(_attrs(node).get("axis", -1)) % rank
+    axis = int(_attrs(node).get("axis", -1 if w.opset >= 13 else 1)) % rank
+    if w.opset < 13 and axis != rank - 1:
+        raise _fail(node, f"opset {w.opset} flattens the axes from {axis} on; upgrade to 13")
     perm = w.layout(node.input[0])
     if perm.index(axis) != rank - 1:
-        # move the axis last: NHWC for channels, else ONNX order must have it last
-        perm = NHWC if (rank == 4 and axis == 1) else _ident(rank)
-        if perm.index(axis) != rank - 1:
-            raise _fail(node, "softmax over an axis other than the last")
+        # NHWC for channels, else the axis moved last
+        perm = NHWC if rank == 4 and axis == 1 else (*(p for p in perm if p != axis), axis)
     o = S.SoftmaxOptionsT()
     o.beta = 1.0
     op = _B.LOG_SOFTMAX if node.op_type == "LogSoftmax" else _B.SOFTMAX
@@ -1055,10 +1172,308 @@ def _constant(w: _Writer, node: onnx.NodeProto) -> None:
     w.consts[node.output[0]] = numpy_helper.to_array(a["value"])
 
 
+# -- matrix products -----------------------------------------------------------------------
+def _matmul(w: _Writer, node: onnx.NodeProto) -> None:
+    """MatMul: FULLY_CONNECTED for 2-D constant weights, else BATCH_MATMUL."""
+    a_name, b_name = node.input[0], node.input[1]
+    if a_name in w.consts and b_name in w.consts:
+        w.consts[node.output[0]] = np.matmul(w.consts[a_name], w.consts[b_name])
+    elif b_name in w.consts and w.consts[b_name].ndim == 2:
+        _gemm(w, node)
+    else:
+        _batch_matmul(w, node)
+
+
+#: the highest rank LiteRT's BATCH_MATMUL takes
+_BMM_MAX_RANK = 5
+
+
+def _matmul_operand(w: _Writer, name: str) -> tuple[int, bool]:
+    """``name`` as a BATCH_MATMUL operand: (tflite tensor, adjoint). A tensor held with its
+    last two axes swapped (the output of a Transpose of those axes) is used as it is, with
+    adj_x / adj_y set, instead of being transposed back."""
+    rank = len(w.shape(name))
+    ident = _ident(rank)
+    swapped = (*ident[:-2], rank - 1, rank - 2)
+    if name not in w.consts:
+        cache = w.index[name]
+        if ident not in cache and swapped in cache:
+            return cache[swapped], True
+    return w.get(name, ident), False
+
+
+def _batch_matmul(w: _Writer, node: onnx.NodeProto) -> None:
+    """BATCH_MATMUL of two activations (or an activation and a constant of rank > 2): ONNX
+    order, numpy broadcasting of the batch dims, as LiteRT's kernel does."""
+    a_name, b_name, out = node.input[0], node.input[1], node.output[0]
+    ra, rb = len(w.shape(a_name)), len(w.shape(b_name))
+    if min(ra, rb) < 2:
+        raise _fail(node, "only operands of rank >= 2 (no matrix-vector products)")
+    rank = max(ra, rb)
+    if rank > _BMM_MAX_RANK:
+        raise _fail(node, f"rank {rank}: BATCH_MATMUL takes up to {_BMM_MAX_RANK}")
+    x, adj_x = _matmul_operand(w, a_name)
+    y, adj_y = _matmul_operand(w, b_name)
+    o = S.BatchMatMulOptionsT()
+    o.adjX, o.adjY = adj_x, adj_y
+    w.op(_B.BATCH_MATMUL, [x, y], [w.produce(out, _ident(rank))], o)
+
+
+# -- normalization -------------------------------------------------------------------------
+def _batch_norm(w: _Writer, node: onnx.NodeProto) -> None:
+    """A BatchNormalization no convolution absorbed: y = x * s + t per channel (ONNX axis 1),
+    s = scale / sqrt(var + eps), t = bias - mean * s. On an NHWC tensor a 1x1
+    DEPTHWISE_CONV_2D with weights s and bias t (one op; int8 gets per-channel weights), else
+    MUL + ADD with the constants broadcast in the tensor's layout. A following Relu / Clip(0,
+    6) is fused."""
+    a = _attrs(node)
+    x, out = node.input[0], node.output[0]
+    if a.get("training_mode", 0) or any(
+        o and (o in w.consumers or o in w.outputs) for o in node.output[1:]
+    ):
+        raise _fail(node, "only inference mode (no running-statistics outputs)")
+    if len(node.input) < 5 or any(n not in w.consts for n in node.input[1:5]):
+        raise _fail(node, "scale, bias, mean and variance must be constant")
+    scale, bias, mean, var = (w.consts[n].astype(np.float64).reshape(-1) for n in node.input[1:5])
+    s = scale / np.sqrt(var + float(a.get("epsilon", 1e-5)))
+    t = bias - mean * s
+    shp = w.shape(x)
+    rank, c = len(shp), shp[1]
+    if x in w.consts:
+        bshape = [c] + [1] * (rank - 2)
+        w.consts[out] = (w.consts[x] * s.reshape(bshape) + t.reshape(bshape)).astype(np.float32)
+        return
+    perm = w.layout(x)
+    act = w.fusable_activation(out)
+    if rank == 4 and perm == NHWC:
+        o = S.DepthwiseConv2DOptionsT()
+        o.padding, o.strideH, o.strideW, o.depthMultiplier = S.Padding.VALID, 1, 1, 1
+        o.dilationHFactor = o.dilationWFactor = 1
+        o.fusedActivationFunction = act
+        ins = [
+            w.get(x, NHWC),
+            w.const(f"{out}_bn_scale", s.astype(np.float32).reshape(1, 1, 1, c), weight=True),
+            w.const(f"{out}_bn_shift", t.astype(np.float32), weight=True),
+        ]
+        w.op(_B.DEPTHWISE_CONV_2D, ins, [w.produce(out, NHWC)], o)
+        return
+    bshape = [c] + [1] * (rank - 2)
+    w.consts[f"{out}_bn_scale"] = s.astype(np.float32).reshape(bshape)
+    w.consts[f"{out}_bn_shift"] = t.astype(np.float32).reshape(bshape)
+    xt = w.get(x, perm)
+    mul = w.new_tensor(f"{out}_bn_mul", w.tensors[xt].shape)
+    sc = w.get_broadcast(f"{out}_bn_scale", rank, perm)
+    w.op(_B.MUL, [xt, sc], [mul], S.MulOptionsT())
+    o2 = S.AddOptionsT()
+    o2.fusedActivationFunction = act
+    sh = w.get_broadcast(f"{out}_bn_shift", rank, perm)
+    w.op(_B.ADD, [mul, sh], [w.produce(out, perm)], o2)
+
+
+def _write_layer_norm(
+    w: _Writer,
+    x: str,
+    axes: Sequence[int],
+    eps: float,
+    gamma: str | None,
+    beta: str | None,
+    out: str,
+) -> None:
+    """(x - mean) * rsqrt(mean((x - mean)^2) + eps) * gamma + beta over ``axes``, in x's
+    layout: MEAN, SUB, MUL, MEAN, ADD, RSQRT, MUL (then MUL gamma, ADD beta). Only the output
+    has a calibrated range, so the int8 pass keeps the arithmetic inside float."""
+    rank = len(w.shape(x))
+    perm = w.layout(x)
+    xt = w.get(x, perm)
+    shp = list(w.tensors[xt].shape)
+    t_axes = sorted(perm.index(int(v) % rank) for v in axes)
+    red = [1 if i in t_axes else d for i, d in enumerate(shp)]
+    ax = w.const(f"{out}_ln_axes", np.array(t_axes, np.int32))
+    ro = S.ReducerOptionsT()
+    ro.keepDims = True
+
+    def step(code: int, ins: list[int], shape: list[int], tag: str, opts: Any = None) -> int:
+        t = w.new_tensor(f"{out}_ln_{tag}", shape)
+        w.op(code, ins, [t], opts)
+        return t
+
+    mean = step(_B.MEAN, [xt, ax], red, "mean", ro)
+    d = step(_B.SUB, [xt, mean], shp, "centred", S.SubOptionsT())
+    sq = step(_B.MUL, [d, d], shp, "square", S.MulOptionsT())
+    var = step(_B.MEAN, [sq, ax], red, "var", ro)
+    e = w.const(f"{out}_ln_eps", np.array(eps, np.float32))
+    ve = step(_B.ADD, [var, e], red, "var_eps", S.AddOptionsT())
+    r = step(_B.RSQRT, [ve], red, "rstd")
+    tail: list[tuple[int, int, Any]] = [(_B.MUL, r, S.MulOptionsT())]
+    if gamma is not None and not (gamma in w.consts and np.all(w.consts[gamma] == 1)):
+        tail.append((_B.MUL, w.get_broadcast(gamma, rank, perm), S.MulOptionsT()))
+    if beta is not None and not (beta in w.consts and not np.any(w.consts[beta])):
+        tail.append((_B.ADD, w.get_broadcast(beta, rank, perm), S.AddOptionsT()))
+    cur = d
+    for i, (code, other, opts) in enumerate(tail):
+        last = i == len(tail) - 1
+        t = w.produce(out, perm) if last else w.new_tensor(f"{out}_ln_{i}", shp)
+        w.op(code, [cur, other], [t], opts)
+        cur = t
+
+
+def _layer_norm(w: _Writer, node: onnx.NodeProto) -> None:
+    a = _attrs(node)
+    x = node.input[0]
+    if any(o and (o in w.consumers or o in w.outputs) for o in node.output[1:]):
+        raise _fail(node, "only the normalized output (Mean / InvStdDev are not written)")
+    rank = len(w.shape(x))
+    axis = int(a.get("axis", -1)) % rank
+    beta = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    eps = float(a.get("epsilon", 1e-5))
+    _write_layer_norm(w, x, range(axis, rank), eps, node.input[1], beta, node.output[0])
+
+
+def _gelu(w: _Writer, node: onnx.NodeProto) -> None:
+    approx = _attrs(node).get("approximate", b"none")
+    approx = approx.decode() if isinstance(approx, bytes) else str(approx)
+    if approx not in ("none", "tanh"):
+        raise _fail(node, f"approximate={approx}")
+    _write_gelu(w, node.input[0], node.output[0], approximate=approx == "tanh")
+
+
+def _write_gelu(w: _Writer, x: str, out: str, *, approximate: bool) -> None:
+    perm = w.layout(x)
+    o = S.GeluOptionsT()
+    o.approximate = approximate
+    w.op(_B.GELU, [w.get(x, perm)], [w.produce(out, perm)], o)
+
+
+# -- multi-node patterns -------------------------------------------------------------------
+def _scalar(w: _Writer, name: str) -> float | None:
+    v = w.consts.get(name)
+    return float(v.reshape(())) if v is not None and v.size == 1 else None
+
+
+def _sole_user(w: _Writer, name: str, op_type: str) -> onnx.NodeProto | None:
+    """The one consumer of ``name`` if it is an ``op_type`` and ``name`` is not an output."""
+    users = w.consumers.get(name, [])
+    if name in w.outputs or len(users) != 1 or users[0].op_type != op_type:
+        return None
+    return users[0]
+
+
+def _other_input(node: onnx.NodeProto, name: str) -> str | None:
+    """The other input of binary ``node``, one of whose inputs is ``name``."""
+    ins = list(node.input)
+    if len(ins) != 2 or name not in ins:
+        return None
+    return ins[1] if ins[0] == name else ins[0]
+
+
+def _match_gelu(w: _Writer, head: onnx.NodeProto) -> bool:
+    """torch's exact GELU, x * 0.5 * (1 + erf(x / sqrt(2))): Div(x, sqrt 2) (or Mul by
+    1/sqrt 2) -> Erf -> Add(1) -> Mul(x) -> Mul(0.5), or with the 0.5 multiplied in first."""
+    if head.op_type not in ("Div", "Mul") or len(head.input) != 2:
+        return False
+    x, k = head.input
+    kv = _scalar(w, k)
+    if head.op_type == "Mul" and kv is None:
+        x, k = k, x
+        kv = _scalar(w, k)
+    want = np.sqrt(2.0) if head.op_type == "Div" else 1 / np.sqrt(2.0)
+    if kv is None or x in w.consts or abs(kv - want) > 1e-4 * want:
+        return False
+    erf = _sole_user(w, head.output[0], "Erf")
+    add = _sole_user(w, erf.output[0], "Add") if erf else None
+    if erf is None or add is None or _scalar(w, _other_input(add, erf.output[0]) or "") != 1.0:
+        return False
+    m1 = _sole_user(w, add.output[0], "Mul")
+    other = _other_input(m1, add.output[0]) if m1 else None
+    m2 = _sole_user(w, m1.output[0], "Mul") if m1 else None
+    if m1 is None or m2 is None or other is None:
+        return False
+    last = _other_input(m2, m1.output[0])
+    x_first = other == x and _scalar(w, last or "") == 0.5  # Mul(x, 1 + erf), Mul(0.5)
+    half_first = _scalar(w, other) == 0.5 and last == x  # Mul(1 + erf, 0.5), Mul(x)
+    if not (x_first or half_first):
+        return False
+    out = m2.output[0]
+    w.fuse([head, erf, add, m1, m2], lambda w: _write_gelu(w, x, out, approximate=False))
+    return True
+
+
+def _reduce_axes(w: _Writer, node: onnx.NodeProto, rank: int) -> list[int] | None:
+    """A ReduceMean's axes (attribute, or input from opset 18), sorted; None if not constant."""
+    axes = _attrs(node).get("axes")
+    if len(node.input) > 1 and node.input[1]:
+        if node.input[1] not in w.consts:
+            return None
+        axes = w.consts[node.input[1]].tolist()
+    return sorted(int(v) % rank for v in (axes if axes is not None else range(rank)))
+
+
+def _match_layer_norm(w: _Writer, head: onnx.NodeProto) -> bool:
+    """The LayerNorm torch exports before opset 17: ReduceMean -> Sub -> Pow(2) -> ReduceMean
+    -> Add(eps) -> Sqrt -> Div, then Mul(gamma) and Add(beta) when they are constants."""
+    if head.op_type != "ReduceMean" or head.input[0] in w.consts:
+        return False
+    x = head.input[0]
+    if x not in w.shapes:
+        return False
+    rank = len(w.shape(x))
+    axes = _reduce_axes(w, head, rank)
+    if axes is None or not _attrs(head).get("keepdims", 1):
+        return False
+    sub = _sole_user(w, head.output[0], "Sub")
+    if sub is None or list(sub.input) != [x, head.output[0]]:
+        return False
+    d = sub.output[0]
+    users = w.consumers.get(d, [])
+    if d in w.outputs or len(users) != 2:
+        return False
+    sq = next((u for u in users if u.op_type in ("Pow", "Mul")), None)
+    div = next((u for u in users if u.op_type == "Div"), None)
+    if sq is None or div is None or div.input[0] != d:
+        return False
+    if sq.op_type == "Pow" and (sq.input[0] != d or _scalar(w, sq.input[1]) != 2.0):
+        return False
+    if sq.op_type == "Mul" and list(sq.input) != [d, d]:
+        return False
+    rm2 = _sole_user(w, sq.output[0], "ReduceMean")
+    if rm2 is None or _reduce_axes(w, rm2, rank) != axes or not _attrs(rm2).get("keepdims", 1):
+        return False
+    add = _sole_user(w, rm2.output[0], "Add")
+    eps = _scalar(w, _other_input(add, rm2.output[0]) or "") if add else None
+    sqrt = _sole_user(w, add.output[0], "Sqrt") if add else None
+    if add is None or eps is None or sqrt is None or list(div.input) != [d, sqrt.output[0]]:
+        return False
+    nodes = [head, sub, sq, rm2, add, sqrt, div]
+    out, gamma, beta = div.output[0], None, None
+    mul = _sole_user(w, out, "Mul")
+    g = _other_input(mul, out) if mul else None
+    if mul is not None and g is not None and g in w.consts:
+        nodes.append(mul)
+        out, gamma = mul.output[0], g
+        badd = _sole_user(w, out, "Add")
+        b = _other_input(badd, out) if badd else None
+        if badd is not None and b is not None and b in w.consts:
+            nodes.append(badd)
+            out, beta = badd.output[0], b
+    eps_v = float(eps)
+    w.fuse(nodes, lambda w: _write_layer_norm(w, x, axes, eps_v, gamma, beta, out))
+    return True
+
+
+#: multi-node patterns, tried on each node in graph order (see _Writer.fuse)
+_PATTERNS: tuple[Callable[[_Writer, onnx.NodeProto], bool], ...] = (
+    _match_gelu,
+    _match_layer_norm,
+)
+
+
 _OPS: dict[str, Callable[[_Writer, onnx.NodeProto], None]] = {
     "Conv": _conv_any,
     "Gemm": _gemm,
-    "MatMul": _gemm,
+    "MatMul": _matmul,
+    "BatchNormalization": _batch_norm,
+    "LayerNormalization": _layer_norm,
+    "Gelu": _gelu,
     **{k: _binary for k in _BINARY},
     **{k: _unary for k in _UNARY},
     "Clip": _clip,
@@ -1106,18 +1521,19 @@ def onnx_to_tflite(
     name) makes a fully integer model (``converters.tflite_int8``). Raises
     edge_agent.errors.UnsupportedModelError listing every unsupported op type and node name
     (e.g. "unsupported operators: Einsum (node /attn/Einsum), ...") before writing anything."""
+    if int8 is not None and fp16_weights:
+        raise ValueError("int8 and fp16_weights are exclusive")
+    with contextlib.suppress(Exception):  # else keep the shapes it already carries
+        model = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    w = _Writer(model, keep_nchw_input, fp16_weights)  # matches the fused patterns
     bad = [
-        f"{n.op_type} (node {n.name or n.output[0]})"
+        f"{n.op_type} (node {_node_name(n)})"
         for n in model.graph.node
-        if n.op_type not in _OPS or n.domain not in ("", "ai.onnx")
+        if (n.op_type not in _OPS or n.domain not in ("", "ai.onnx"))
+        and _node_name(n) not in w.fused_nodes
     ]
     if bad:
         raise UnsupportedModelError(f"unsupported operators: {', '.join(bad)}")
-    with contextlib.suppress(Exception):  # else keep the shapes it already carries
-        model = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    if int8 is not None and fp16_weights:
-        raise ValueError("int8 and fp16_weights are exclusive")
-    w = _Writer(model, keep_nchw_input, fp16_weights)
     inputs, outputs = w.build()
     if int8 is not None:
         inputs, outputs, _ = quantize_graph(w, inputs, outputs, int8)
