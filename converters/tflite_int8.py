@@ -12,9 +12,11 @@ The float graph is emitted first (:mod:`converters.tflite`); this pass then rewr
 * Ops whose int8 kernels need it keep the input's scale on the output (pooling, reshapes, pads,
   resizes, slices, concatenation; concatenated inputs of another scale are requantized), and
   LOGISTIC, SOFTMAX, TANH and LOG_SOFTMAX get the fixed output scales TFLite's kernels require.
-* **Float fallback**: an operator whose ONNX node is in ``float_nodes``, or with no int8 kernel
-  here (DIV, POW, EXP, SQRT ...), or whose output has no calibrated range, stays float32 with a
-  DEQUANTIZE before it and a QUANTIZE after it.
+* **Float fallback**: an operator whose ONNX node is in ``float_nodes`` (or that stands for
+  it: a fused activation, any node of a fused LayerNorm / GELU pattern), or with no int8 kernel
+  here (DIV, POW, EXP, SQRT ...), or whose output has no calibrated range (a LayerNorm's inner
+  arithmetic), or that the writer marks (``keep_float``: an AveragePool's divisor correction),
+  stays float32 with a DEQUANTIZE before it and a QUANTIZE after it.
 * **I/O**: float32 inputs and outputs (a QUANTIZE after each input, a DEQUANTIZE before each
   output), or int8 ones (``int8_io``) with their scale and zero point in the model, which the
   device's runtime quantizes for the caller.
@@ -104,6 +106,8 @@ _INT8_VERSION = {
     _B.GATHER: 2,
     _B.MAXIMUM: 2,
     _B.MINIMUM: 2,
+    _B.BATCH_MATMUL: 2,
+    _B.GELU: 2,
 }
 #: output keeps the (first) input's scale and zero point: the int8 kernels move bytes only
 _SAME_SCALE = {
@@ -327,7 +331,7 @@ class _Pass:
 
     # -- the pass --------------------------------------------------------------------------
     def int8_ok(self, code: int, op: Any, node: str) -> bool:
-        if node in self.cfg.float_nodes or code not in _INT8_VERSION:
+        if code not in _INT8_VERSION or self.float_node(node):
             return False
         for i in op.inputs:
             if i < 0:
@@ -343,6 +347,12 @@ class _Pass:
             if self.w.tensors[o].type == _T.FLOAT32
         )
 
+    def float_node(self, node: str) -> bool:
+        """``node``, or a node its operators also stand for (a fused activation, the rest of
+        a fused pattern), is to be kept float."""
+        names = {node, *self.w.absorbed.get(node, ())}
+        return any(n in names for n in self.cfg.float_nodes)
+
     def run(self, inputs: list[int], outputs: list[int]) -> tuple[list[int], list[int]]:
         w = self.w
         old = list(w.ops)
@@ -354,10 +364,10 @@ class _Pass:
                         name = w.tensors[i].name.decode()
                         raise ConversionError(f"input '{name}' has no calibrated range")
                     self.set_int8(i, activation_qparams(*self.rng[i]))
-        for op, node in zip(old, w.op_node):
+        for i, (op, node) in enumerate(zip(old, w.op_node)):
             code = self.code_of[op.opcodeIndex]
             self.propagate(code, op)
-            if self.int8_ok(code, op, node):
+            if i not in w.keep_float and self.int8_ok(code, op, node):
                 self.quantize_op(code, op)
                 continue
             self.float_ops += 1
