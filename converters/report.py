@@ -66,6 +66,36 @@ def summary_table(report: Mapping[str, Any]) -> str:
         f"size x{_fmt(size.get('ratio'), '.3f')}   latency x{_fmt(lat.get('ratio'), '.3f')} "
         f"(median of {lat.get('runs')} interleaved runs on this machine)",
     ]
+    task = fid.get("task") or {}
+    if task.get("value") is not None:
+        budget = report.get("budget") or {}
+        floor = budget.get("min_task_metric")
+        out.append(
+            f"task {task['kind']}: {task['metric']} {task['value']:.4f}"
+            + (f" (floor {floor})" if floor is not None else "")
+            + f"   ({task['details'].get('reason', '')})"
+        )
+    search = report.get("search") or []
+    if len(search) > 1:
+        out.append("")
+        out.append("float-fallback search (nodes kept in float -> fidelity, size, latency):")
+        out.append(
+            table(
+                ["scheme", "float nodes", "passed", "task", "cosine", "size", "latency ms"],
+                [
+                    [
+                        ("* " if e["chosen"] else "  ") + str(e["scheme"]),
+                        str(e["float_nodes"]),
+                        "yes" if e["passed"] else "no",
+                        _fmt(e["task_metric"]),
+                        _fmt(e["cosine"]),
+                        _size(e["size_bytes"]),
+                        _fmt(e["latency_ms"], ".3f"),
+                    ]
+                    for e in search
+                ],
+            )
+        )
     cands = report.get("candidates") or []
     if len(cands) > 1:
         out.append("")

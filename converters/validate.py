@@ -233,7 +233,8 @@ class Latency:
     median_ms: float
     p90_ms: float
     runs: int
-    #: timing noise: the interquartile range of the per-block medians over their median
+    #: timing noise: the standard error of the median, over the median, estimated from the
+    #: spread of the per-block medians (interquartile range / 1.349 / sqrt(blocks))
     noise: float = 0.0
 
     def to_dict(self) -> dict[str, float | int]:
@@ -286,7 +287,7 @@ def measure_latency(
             median_ms=median,
             p90_ms=ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
             runs=len(ordered),
-            noise=float(q3 - q1) / median if median > 0 else 0.0,
+            noise=float(q3 - q1) / 1.349 / np.sqrt(len(blocks)) / median if median > 0 else 0.0,
         )
     return result
 
