@@ -143,6 +143,8 @@ class Candidate:
     scheme: str | None = None
     #: every candidate the float-fallback search tried on the way to this one (itself included)
     explored: list[Candidate] = field(default_factory=list)
+    #: the calibration method its activation ranges come from (static int8)
+    method: str | None = None
 
     @property
     def size(self) -> int:
@@ -423,20 +425,14 @@ def _convert(
         )
     else:
         assert calib is not None
-        cache = tmp / "calibration.json"
         cal_progress = Progress("calibration", len(calib), enabled=progress)
-        q.calibrate(
-            fp32_path,
-            calib.batches(batch=step),
-            method=options.calibration_method,
-            cache_path=cache,
-            on_item=cal_progress.update,
-        )
+        calibrations = _Calibrations(fp32_path, calib, step=step, tmp=tmp)
+        calibrations.get(options.calibration_method, on_item=cal_progress.update)
         sens_feeds = list(Subset(calib.ds, evenly(calib.indices, 16)).batches(batch=step))
         shared: dict[str, Any] = dict(
-            fp32=fp32_path, canon=canon, cache=cache, method=options.calibration_method,
-            sens_feeds=sens_feeds, evaluate=evaluate, threads=threads, tmp=tmp,
-            fallback=options.float_fallback,
+            fp32=fp32_path, canon=canon, calibrations=calibrations,
+            method=options.calibration_method, sens_feeds=sens_feeds, evaluate=evaluate,
+            threads=threads, tmp=tmp, fallback=options.float_fallback,
         )  # fmt: skip
         if fmt == "tflite-int8":
             candidates.append(_tflite_int8_candidate(**shared, int8_io=options.int8_io))
@@ -520,7 +516,7 @@ def _convert(
         "calibration": None
         if calib is None
         else {
-            "method": options.calibration_method,
+            "method": chosen.method or options.calibration_method,
             "samples": len(calib),
             "source": calib.ds.description,
         },
@@ -627,6 +623,8 @@ def _with_budget(
     fallback: bool = True,
     always_float: Sequence[Mapping[str, Any]] = (),
     tail: Sequence[Mapping[str, Any]] = (),
+    method: str | None = None,
+    methods: Sequence[str] = (),
 ) -> Candidate:
     """Quantize; while the budget is missed, keep more of the most sensitive units in float.
 
@@ -636,13 +634,21 @@ def _with_budget(
     layer-norm blocks as wholes) are searched: doubling the count kept in float until the budget
     holds, then bisecting between the last miss and the first hit, so the fewest units that
     meet the budget (under a monotone ranking) are found in O(log n) tries. Every candidate
-    tried is listed in the returned candidate's ``explored``."""
+    tried is listed in the returned candidate's ``explored``.
+
+    With ``method`` (static int8: ``make`` then takes ``method=``), the other calibration
+    ``methods`` are tried after the first miss, and the one with the best task metric
+    calibrates the rest of the search."""
     explored: list[Candidate] = []
     base = [dict(e) for e in always_float]
+    current = method
 
-    def attempt(extra: Sequence[Mapping[str, Any]], tag: str) -> Candidate:
+    def attempt(extra: Sequence[Mapping[str, Any]], tag: str, how: str | None = None) -> Candidate:
         entries = base + [dict(e) for e in extra]
-        cand = evaluate(Candidate(label, make([e["node"] for e in entries], tag), scheme=scheme))
+        how = how or current
+        names = [e["node"] for e in entries]
+        path = make(names, tag) if how is None else make(names, f"{how}-{tag}", method=how)
+        cand = evaluate(Candidate(label, path, scheme=scheme, method=how))
         cand.float_nodes = entries
         explored.append(cand)
         cand.explored = explored
@@ -651,11 +657,18 @@ def _with_budget(
     first = attempt([], "0")
     if first.passed or first.fidelity == {} or not fallback:
         return first
+    best_yet = first
+    for other in methods:
+        alt = attempt([], "0", other)
+        if alt.passed:
+            return alt
+        if _task_value(alt) > _task_value(best_yet):
+            best_yet, current = alt, other
     if tail:
         with_tail = attempt(tail, "tail")
         if with_tail.passed:
             return with_tail
-        if _task_value(with_tail) > _task_value(first):
+        if _task_value(with_tail) > _task_value(best_yet):
             base += [dict(e) for e in tail]
     done = {e["node"] for e in base}
     ranking = [r for r in ranking_fn() if not set(r["nodes"]) <= done]
@@ -708,6 +721,34 @@ def _with_budget(
     return best
 
 
+class _Calibrations:
+    """One calibration per method, made when first asked for (every scheme and retry of that
+    method quantizes from its cache)."""
+
+    #: what is tried, after a miss, beside minmax (per-tensor ranges that clip outliers)
+    ALTERNATIVES = ("percentile",)
+
+    def __init__(self, fp32: Path, calib: Subset, *, step: int, tmp: Path) -> None:
+        self.fp32, self.calib, self.step, self.tmp = fp32, calib, step, tmp
+        self.caches: dict[str, Path] = {}
+
+    def get(self, method: str, *, on_item: Any = None) -> Path:
+        if method not in self.caches:
+            self.caches[method] = q.calibrate(
+                self.fp32,
+                self.calib.batches(batch=self.step),
+                method=method,
+                cache_path=self.tmp / f"calibration-{method}.json",
+                on_item=on_item,
+            )
+        return self.caches[method]
+
+    def alternatives(self, method: str) -> tuple[str, ...]:
+        """The other methods worth a try: only beside the default (a method the user chose
+        stays theirs)."""
+        return tuple(m for m in self.ALTERNATIVES if m != method) if method == "minmax" else ()
+
+
 def _head_float(canon: CanonicalModel, cache: Path) -> dict[str, list[dict[str, Any]]]:
     """What the head analysis keeps float in every int8 candidate, and the decode tail the
     fallback tries first (:mod:`converters.heads`)."""
@@ -734,7 +775,7 @@ def _int8_candidate(
     *,
     fp32: Path,
     canon: CanonicalModel,
-    cache: Path,
+    calibrations: _Calibrations,
     method: str,
     per_channel: bool,
     sens_feeds: Sequence[Mapping[str, np.ndarray]],
@@ -743,13 +784,15 @@ def _int8_candidate(
     tmp: Path,
     fallback: bool,
 ) -> Candidate:
-    def make(exclude: Sequence[str], tag: str, graph: str = scheme.graph) -> Path:
+    def make(
+        exclude: Sequence[str], tag: str, graph: str = scheme.graph, method: str = method
+    ) -> Path:
         s = Int8Scheme(scheme.activation, scheme.weight, scheme.reduce_range, graph)
         return q.quantize_int8_static(
             fp32,
             tmp / f"{s.name}-{tag}.onnx",
             scheme=s,
-            cache_path=cache,
+            cache_path=calibrations.get(method),
             method=method,
             per_channel=per_channel,
             nodes_to_exclude=exclude,
@@ -773,7 +816,9 @@ def _int8_candidate(
             evaluate,
             scheme=scheme.name,
             fallback=fallback,
-            **_head_float(canon, cache),
+            method=method,
+            methods=calibrations.alternatives(method),
+            **_head_float(canon, calibrations.get(method)),
         )
     except EdgeError as exc:
         return Candidate(scheme.name, tmp / "missing", error=str(exc), scheme=scheme.name)
@@ -783,7 +828,7 @@ def _tflite_int8_candidate(
     *,
     canon: CanonicalModel,
     fp32: Path,
-    cache: Path,
+    calibrations: _Calibrations,
     method: str,
     sens_feeds: Sequence[Mapping[str, np.ndarray]],
     evaluate: Any,
@@ -798,10 +843,9 @@ def _tflite_int8_candidate(
     from converters.tflite import onnx_to_tflite
     from converters.tflite_int8 import Int8Config, load_ranges
 
-    ranges = load_ranges(cache)
-
-    def make(exclude: Sequence[str], tag: str) -> Path:
+    def make(exclude: Sequence[str], tag: str, method: str = method) -> Path:
         path = tmp / f"tflite-int8-{tag}.tflite"
+        ranges = load_ranges(calibrations.get(method))
         cfg = Int8Config(ranges=ranges, float_nodes=tuple(exclude), int8_io=int8_io)
         path.write_bytes(onnx_to_tflite(canon.model, int8=cfg))
         return path
@@ -809,7 +853,7 @@ def _tflite_int8_candidate(
     def ranking() -> list[dict[str, Any]]:
         twin = q.quantize_int8_static(
             fp32, tmp / "tflite-twin.onnx", scheme=Int8Scheme.parse("s8s8-qdq"),
-            cache_path=cache, method=method,
+            cache_path=calibrations.get(method), method=method,
         )  # fmt: skip
         return q.activation_sensitivity(
             canon.model,
@@ -828,7 +872,9 @@ def _tflite_int8_candidate(
             evaluate,
             scheme=label,
             fallback=fallback,
-            **_head_float(canon, cache),
+            method=method,
+            methods=calibrations.alternatives(method),
+            **_head_float(canon, calibrations.get(method)),
         )
     except EdgeError as exc:
         return Candidate(label, tmp / "missing", error=str(exc), scheme=label)
