@@ -5,6 +5,9 @@ Builds a Keras MobileNetV2 (224 x 224, width 1.0, 1,000 classes and logits out, 
 non-trivial BatchNorm statistics), then writes into OUT_DIR:
 
 - ``tf-fp32.tflite``: ``TFLiteConverter``'s float model;
+- ``tf-fp16.tflite``: ``TFLiteConverter``'s float16-weight model (``Optimize.DEFAULT`` with
+  ``supported_types = [tf.float16]``: fp16 constants behind DEQUANTIZE, float32 compute and I/O),
+  the form mobile SDKs ship float models in;
 - ``tf-int8.tflite``: ``TFLiteConverter``'s full-integer model (``TFLITE_BUILTINS_INT8``, a
   representative dataset of the calibration samples, float input and output);
 - ``model.onnx``: the same model exported by tf2onnx with an NCHW input (``inputs_as_nchw``);
@@ -69,6 +72,13 @@ def main() -> int:
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
     (args.out / "tf-fp32.tflite").write_bytes(conv.convert())
     times["tf_fp32_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.target_spec.supported_types = [tf.float16]
+    (args.out / "tf-fp16.tflite").write_bytes(conv.convert())
+    times["tf_fp16_s"] = time.perf_counter() - t0
 
     def representative() -> object:
         for i in range(len(x)):

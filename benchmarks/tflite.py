@@ -11,8 +11,11 @@ MobileNetV2 at 224 (raw invoke loops, 2 threads, interleaved).
 Part 2, with ``--tf-python PY`` (``make bench`` creates ``.venv-tf`` with tensorflow-cpu and
 tf2onnx for it): ``benchmarks/tf_reference.py`` builds the Keras model and converts it with
 ``TFLiteConverter`` (fp32, and full int8 with a representative dataset); we convert its tf2onnx
-export with the same calibration samples; all four .tflite files are timed in one interleaved
-loop in LiteRT.
+export with the same calibration samples. TensorFlow's float16-weight model (fp16 constants
+behind DEQUANTIZE, as mobile SDKs ship float models) is imported by our importer and quantized to
+tflite-int8 by ``convert`` with the same samples in NCHW; its fidelity to the fp16 original is
+measured in LiteRT on held-out samples. All the .tflite files are timed in one interleaved loop in
+LiteRT.
 
 Writes ``benchmarks/results/tflite.json`` and ``tflite.md``.
 """
@@ -37,9 +40,14 @@ from converters.canonical import canonicalize, tensor_spec
 from converters.convert import ConvertOptions, convert
 from converters.tflite import count_transposes, onnx_to_tflite
 from converters.validate import LiteRTSession, make_session, measure_latency
+from edge_agent.errors import EdgeError
 from edge_agent.profiles import detect_host_profile
 
 THREADS = 2
+#: held-out samples (not the calibration set) for the int8-from-fp16 fidelity
+HELDOUT = 16
+FP16 = "TFLiteConverter fp16"
+FP16_INT8 = "ours int8 from TF fp16"
 
 
 class _Raw:
@@ -51,9 +59,12 @@ class _Raw:
 
         self.it = Interpreter(model_path=str(path), num_threads=THREADS)
         self.it.allocate_tensors()
-        (d,) = self.it.get_input_details()
+        (self.inp,) = self.it.get_input_details()
         self.out = self.it.get_output_details()[0]["index"]
-        x = x_nhwc
+        self._feed(x_nhwc)
+
+    def _feed(self, x: np.ndarray) -> None:
+        d = self.inp
         if d["dtype"] == np.int8:
             s, z = d["quantization"]
             x = np.clip(np.round(x / s) + z, -128, 127).astype(np.int8)
@@ -75,6 +86,14 @@ class _Raw:
             y = (y - z) * s
         return y
 
+    def outputs(self, xs_nhwc: np.ndarray) -> np.ndarray:
+        """The float output for each sample of ``xs_nhwc`` (batch 1 each), stacked."""
+        ys = []
+        for i in range(len(xs_nhwc)):
+            self._feed(xs_nhwc[i : i + 1])
+            ys.append(self.output())
+        return np.stack(ys)
+
 
 def _canonical(net: Any, shape: tuple[int, ...]) -> onnx.ModelProto:
     raw = onnx.load_from_string(zoo.export_onnx(net, shape, dynamic_batch=False))
@@ -88,6 +107,20 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _op_counts(path: Path) -> dict[str, int]:
+    """How many of each builtin operator the .tflite at ``path`` holds (its first subgraph)."""
+    from ai_edge_litert import schema_py_generated as S
+
+    m = S.ModelT.InitFromPackedBuf(path.read_bytes(), 0)
+    names = {v: k for k, v in vars(S.BuiltinOperator).items() if isinstance(v, int)}
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in m.operatorCodes]
+    counts: dict[str, int] = {}
+    for op in m.subgraphs[0].operators:
+        name = names.get(codes[op.opcodeIndex], str(codes[op.opcodeIndex]))
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _nets() -> dict[str, tuple[Any, tuple[int, ...], bool]]:
@@ -200,6 +233,50 @@ def _digits(tmp: Path) -> dict[str, Any]:
     return out
 
 
+def _quantize_tf_fp16(ref: Path, tmp: Path) -> tuple[dict[str, Any], Path | None]:
+    """Import TensorFlow's fp16 .tflite with our importer and quantize it to tflite-int8 through
+    ``convert`` with the calibration samples (``x``: NCHW, the imported model's layout). Returns
+    what happened and the int8 file, or None when the import or the conversion raised (the message
+    is recorded: an operator our importer refuses is a finding)."""
+    from converters.importers import import_model
+
+    src = ref / "tf-fp16.tflite"
+    info: dict[str, Any] = {"ops": _op_counts(src), "import_error": None}
+    t0 = time.perf_counter()
+    try:
+        imported = import_model(src)
+    except Exception as exc:  # any failure is the finding: keep its type and message
+        info["import_s"] = round(time.perf_counter() - t0, 3)
+        info["import_error"] = f"{type(exc).__name__}: {exc}"
+        print(f"  import of {src.name} raised: {info['import_error']}", flush=True)
+        return info, None
+    info["import_s"] = round(time.perf_counter() - t0, 3)
+    opts = ConvertOptions(
+        fmt="tflite-int8",
+        profile=detect_host_profile(),
+        calibration=ref / "calibration.npz",
+        latency_seconds=0.3,
+    )
+    t0 = time.perf_counter()
+    try:
+        res = convert(imported, options=opts, original_size=src.stat().st_size)
+    except EdgeError as exc:
+        info["convert_error"] = f"{type(exc).__name__}: {exc}"
+        print(f"  quantizing {src.name} raised: {info['convert_error']}", flush=True)
+        return info, None
+    info["convert_s"] = round(time.perf_counter() - t0, 2)
+    info["convert_report"] = {
+        "cosine_vs_imported_onnx": res.report["fidelity"].get("cosine"),
+        "float_nodes": len(res.report.get("float_nodes", [])),
+    }
+    out = tmp / "ours-int8-from-tf-fp16.tflite"
+    out.write_bytes(res.model_bytes)
+    print(
+        f"  {src.name}: imported in {info['import_s']} s, int8 in {info['convert_s']} s", flush=True
+    )
+    return info, out
+
+
 def part_tensorflow(tmp: Path, tf_python: str, seconds: float) -> dict[str, Any]:
     ref = tmp / "tf"
     script = Path(__file__).with_name("tf_reference.py")
@@ -228,6 +305,7 @@ def part_tensorflow(tmp: Path, tf_python: str, seconds: float) -> dict[str, Any]
     t0 = time.perf_counter()
     onnx_to_tflite(canonicalize(model).model)
     writer_s = round(time.perf_counter() - t0, 2)
+    fp16, fp16_int8 = _quantize_tf_fp16(ref, tmp)
     with np.load(ref / "calibration.npz") as d:
         x_nhwc = d["x_nhwc"][:1]
     files = {
@@ -235,7 +313,23 @@ def part_tensorflow(tmp: Path, tf_python: str, seconds: float) -> dict[str, Any]
         "ours fp32": ours["tflite-fp32"],
         "TFLiteConverter int8": ref / "tf-int8.tflite",
         "ours int8": ours["tflite-int8"],
+        FP16: ref / "tf-fp16.tflite",
     }
+    if fp16_int8 is not None:
+        files[FP16_INT8] = fp16_int8
+        # held-out samples, drawn like the calibration ones (uniform in [-1, 1]) but not them
+        held = np.random.default_rng(1).random((HELDOUT, *x_nhwc.shape[1:]), dtype=np.float32)
+        held = held * 2 - 1
+        want = _Raw(files[FP16], x_nhwc).outputs(held)
+        got = _Raw(fp16_int8, x_nhwc).outputs(held)
+        cos = [_cos(want[i], got[i]) for i in range(HELDOUT)]
+        agree = np.argmax(want.reshape(HELDOUT, -1), 1) == np.argmax(got.reshape(HELDOUT, -1), 1)
+        fp16.update(
+            heldout_samples=HELDOUT,
+            cosine_vs_tf_fp16=round(float(np.mean(cos)), 6),
+            cosine_min_vs_tf_fp16=round(float(np.min(cos)), 6),
+            top1_agreement_vs_tf_fp16=round(float(np.mean(agree)), 4),
+        )
     sessions = {k: _Raw(p, x_nhwc) for k, p in files.items()}
     outs = {k: s.output() for k, s in sessions.items()}
     lat = measure_latency(sessions, {}, seconds=seconds)
@@ -264,10 +358,19 @@ def part_tensorflow(tmp: Path, tf_python: str, seconds: float) -> dict[str, Any]
         }
         for prec in ("fp32", "int8")
     }
+    if FP16_INT8 in by:
+        fp16["latency_ratio_int8_vs_fp16"] = round(
+            by[FP16_INT8]["latency_ms"] / by[FP16]["latency_ms"], 4
+        )
+        fp16["size_ratio_int8_vs_fp16"] = round(
+            by[FP16_INT8]["size_bytes"] / by[FP16]["size_bytes"], 4
+        )
+    print(f"  TF fp16 imported and quantized: {fp16}", flush=True)
     return {
         "reference": info,
         "rows": rows,
         "ratios": ratios,
+        "tf_fp16_import": fp16,
         "ours_convert_s": times,
         "ours_writer_s": writer_s,
     }
@@ -307,6 +410,21 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                     v <= 1.05)  # fmt: skip
     else:
         add("ours vs TFLiteConverter", tf.get("error", "not run (no --tf-python)"), "<= 1.05", None)
+    f = tf.get("tf_fp16_import")
+    cos_name = "TF-made fp16 .tflite imported and quantized: cosine to the fp16 original (held-out)"
+    fast_name = "TF-made fp16 .tflite imported and quantized: int8 / fp16 latency here"
+    if f is None:
+        why = tf.get("error", "not run (no --tf-python)")
+        add(cos_name, why, ">= 0.99", None)
+        add(fast_name, why, "< 1 (faster)", None)
+    elif "cosine_vs_tf_fp16" not in f:
+        why = f.get("import_error") or f.get("convert_error")
+        add(cos_name, why, ">= 0.99", False)
+        add(fast_name, why, "< 1 (faster)", False)
+    else:
+        add(cos_name, f["cosine_vs_tf_fp16"], ">= 0.99", f["cosine_vs_tf_fp16"] >= 0.99)
+        v = f["latency_ratio_int8_vs_fp16"]
+        add(fast_name, v, "< 1 (faster)", v < 1)
     return out
 
 
@@ -347,10 +465,43 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {r['variant']} | {r['size_bytes'] / 1024:.0f} | {r['latency_ms']:.3f} | "
                 f"{r['p90_ms']:.3f} | {r['cosine_vs_tf_fp32']:.5f} |"
             )
+        lines += _fp16_markdown(tf)
     elif tf:
         lines += ["", f"TensorFlow comparison: {tf.get('error')}"]
     lines += targets_markdown(result["targets"])
     return "\n".join(lines) + "\n"
+
+
+def _fp16_markdown(tf: dict[str, Any]) -> list[str]:
+    f = tf["tf_fp16_import"]
+    ops = ", ".join(f"{k} {v}" for k, v in f["ops"].items())
+    lines = ["", f"TensorFlow's fp16-weight .tflite ({ops}) through our importer: "]
+    if f["import_error"]:
+        lines[-1] += f"the import raised after {f['import_s']} s: `{f['import_error']}`."
+        return lines
+    lines[-1] += f"imported in {f['import_s']:.2f} s"
+    if "convert_error" in f:
+        lines[-1] += f"; quantizing it raised: `{f['convert_error']}`."
+        return lines
+    by = {r["variant"]: r for r in tf["rows"]}
+    a, b = by[FP16], by[FP16_INT8]
+    lines[-1] += (
+        f", quantized to tflite-int8 by `convert` in {f['convert_s']:.1f} s (calibration: the same "
+        f"samples in NCHW; {f['convert_report']['float_nodes']} nodes kept float). Fidelity on "
+        f"{f['heldout_samples']} held-out samples, both run in LiteRT:"
+    )
+    lines += [
+        "",
+        "| variant | size KB | latency ms | p90 ms | cosine vs TF fp16 (mean / worst) "
+        "| top-1 agreement |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| {FP16} | {a['size_bytes'] / 1024:.0f} | {a['latency_ms']:.3f} | {a['p90_ms']:.3f} "
+        "| 1 | 1 |",
+        f"| {FP16_INT8} | {b['size_bytes'] / 1024:.0f} | {b['latency_ms']:.3f} | "
+        f"{b['p90_ms']:.3f} | {f['cosine_vs_tf_fp16']:.5f} / {f['cosine_min_vs_tf_fp16']:.5f} "
+        f"| {f['top1_agreement_vs_tf_fp16']:.3f} |",
+    ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
