@@ -295,9 +295,11 @@ def bench_standins(seconds: float) -> list[dict[str, Any]]:
                     print(f"  ours {fmt}: FAILED {exc}", flush=True)
                     continue
                 conv_s[f"ours {fmt}"] = time.perf_counter() - t0
-                path = tmp / f"{m['name']}.{fmt}" + (".tflite" if "tflite" in fmt else ".onnx")
-                path.write_bytes(res.model_bytes)
-                made[f"ours {fmt}"] = path
+                made_path = tmp / (
+                    f"{m['name']}.{fmt}" + (".tflite" if "tflite" in fmt else ".onnx")
+                )
+                made_path.write_bytes(res.model_bytes)
+                made[f"ours {fmt}"] = made_path
                 reports[f"ours {fmt}"] = res.report
             fp32 = tmp / f"{m['name']}.fp32.onnx"
             onnx.save(orig, str(fp32))
