@@ -203,19 +203,7 @@ def bench(seconds: float) -> dict[str, Any]:
                     flush=True,
                 )
             val.close()
-    return {
-        "benchmark": "convert",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {
-            "cpu": _cpu_name(),
-            "cores": host.cores,
-            "features": list(host.cpu_features),
-            "python": platform.python_version(),
-        },
-        "threads": 2,
-        "rows": rows,
-        "targets": targets(rows),
-    }
+    return {**_empty(), "rows": rows, "targets": targets(rows)}
 
 
 def _standins(tmp: Path) -> list[dict[str, Any]]:
@@ -606,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _empty() -> dict[str, Any]:
+    """The result's header (when, where), with no rows yet."""
     host = detect_host_profile()
     return {
         "benchmark": "convert",

@@ -3,16 +3,13 @@ same .tflite (and numpy, for MediaPipe's custom op that LiteRT cannot run alone)
 
 from __future__ import annotations
 
-import io
 import struct
-import warnings
 from pathlib import Path
 from typing import Any
 
 import flatbuffers
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from ai_edge_litert import schema_py_generated as S
@@ -24,7 +21,9 @@ from converters.canonical import canonicalize
 from converters.importers import detect_kind, import_model
 from converters.tflite import count_ops, count_transposes, onnx_to_tflite
 from converters.tflite_import import LAYOUT_KEY, SUPPORTED_OPS, tflite_to_onnx
+from converters.zoo import export_onnx
 from edge_agent.errors import ModelError, UnsupportedModelError
+from tests.test_tflite_writer import _run_ort, _run_tflite
 from tests.tflite_models import fully_connected
 
 Interpreter = pytest.importorskip("ai_edge_litert.interpreter").Interpreter
@@ -41,35 +40,9 @@ _RELU6, _RELU, _RELU_N1_TO_1, _TANH = (
 
 # -- helpers -------------------------------------------------------------------------------------
 def _export(model: nn.Module, shape: tuple[int, ...]) -> onnx.ModelProto:
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.eval(),
-            (torch.zeros(*shape),),
-            buf,
-            dynamo=False,
-            opset_version=13,
-            input_names=["input"],
-            do_constant_folding=True,
-        )
-    return canonicalize(onnx.load_model_from_string(buf.getvalue())).model
-
-
-def _run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return [np.asarray(o) for o in sess.run(None, feeds)]
-
-
-def _run_tflite(data: bytes, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    it = Interpreter(model_content=data)
-    it.allocate_tensors()
-    for d, x in zip(it.get_input_details(), inputs):
-        it.set_tensor(d["index"], np.ascontiguousarray(x, np.float32))
-    it.invoke()
-    return [it.get_tensor(d["index"]).copy() for d in it.get_output_details()]
+    return canonicalize(
+        onnx.load_model_from_string(export_onnx(model, shape, opset=13, dynamic_batch=False))
+    ).model
 
 
 def _nhwc(x: np.ndarray) -> np.ndarray:
