@@ -423,15 +423,31 @@ def _opt(op: _Op, pos: int) -> int:
 # -- convolutions ---------------------------------------------------------------------------
 def _conv_2d(r: _Reader, op: _Op) -> None:
     o = _opts(op, S.Conv2DOptionsT)
-    x, w, b = op.inputs[0], op.inputs[1], _opt(op, 2)
+    x, w = op.inputs[0], op.inputs[1]
     if r.rank(x) != 4 or r.rank(w) != 4:
         raise r.fail("only 2-D convolutions of 4-D tensors")
     _, h, wd, cin = r.shape(x)
     _, kh, kw, cin_g = r.shape(w)
     if cin_g <= 0 or cin % cin_g:
         raise r.fail(f"filter has {cin_g} input channels, the input {cin}")
+    _emit_conv(r, op, o, w_perm=NCHW, hw=(h, wd), k=(kh, kw), group=cin // cin_g)  # OHWI -> OIHW
+
+
+def _emit_conv(
+    r: _Reader,
+    op: _Op,
+    o: Any,
+    *,
+    w_perm: tuple[int, ...],
+    hw: tuple[int, int],
+    k: tuple[int, int],
+    group: int,
+) -> None:
+    """An ONNX Conv from a TFLite convolution's options (strides, dilations, padding), its
+    weights permuted by ``w_perm`` to OIHW, and its optional bias."""
+    x, w, b = op.inputs[0], op.inputs[1], _opt(op, 2)
     s, d = [o.strideH, o.strideW], [o.dilationHFactor, o.dilationWFactor]
-    ins = [r.get(x, NCHW), r.get(w, NCHW)]  # OHWI -> OIHW
+    ins = [r.get(x, NCHW), r.get(w, w_perm)]
     if b >= 0:
         ins.append(r.get(b, (0,)))
     r.emit(
@@ -439,38 +455,25 @@ def _conv_2d(r: _Reader, op: _Op) -> None:
         ins,
         r.produce(op.outputs[0], NCHW),
         _act(op),
-        kernel_shape=[kh, kw],
+        kernel_shape=list(k),
         strides=s,
         dilations=d,
-        pads=_same_pads(o.padding, [h, wd], [kh, kw], s, d),
-        group=cin // cin_g,
+        pads=_same_pads(o.padding, list(hw), list(k), s, d),
+        group=group,
     )
 
 
 def _depthwise(r: _Reader, op: _Op) -> None:
     o = _opts(op, S.DepthwiseConv2DOptionsT)
-    x, w, b = op.inputs[0], op.inputs[1], _opt(op, 2)
+    x, w = op.inputs[0], op.inputs[1]
     if r.rank(x) != 4 or r.rank(w) != 4:
         raise r.fail("only 2-D convolutions of 4-D tensors")
     _, h, wd, cin = r.shape(x)
     _, kh, kw, cout = r.shape(w)
     if cout % cin:
         raise r.fail(f"{cout} output channels is not a multiple of {cin} input channels")
-    s, d = [o.strideH, o.strideW], [o.dilationHFactor, o.dilationWFactor]
-    ins = [r.get(x, NCHW), r.get(w, (3, 0, 1, 2))]  # [1, H, W, C*M] -> [C*M, 1, H, W]
-    if b >= 0:
-        ins.append(r.get(b, (0,)))
-    r.emit(
-        "Conv",
-        ins,
-        r.produce(op.outputs[0], NCHW),
-        _act(op),
-        kernel_shape=[kh, kw],
-        strides=s,
-        dilations=d,
-        pads=_same_pads(o.padding, [h, wd], [kh, kw], s, d),
-        group=cin,
-    )
+    # [1, H, W, C*M] -> [C*M, 1, H, W]
+    _emit_conv(r, op, o, w_perm=(3, 0, 1, 2), hw=(h, wd), k=(kh, kw), group=cin)
 
 
 def _conv_transpose(
