@@ -450,8 +450,10 @@ def _convert(
         raise AccuracyBudgetError(_budget_failure(fmt, candidates, budget))
     # Every candidate produced is timed in one interleaved measurement, the float-fallback
     # search's points included (the report's trade-off table).
-    timed = [c for c in candidates if c.path.exists()]
-    timed += [e for c in candidates for e in c.explored if e.path.exists() and e not in timed]
+    timed = list(
+        {id(c): c for c in candidates + [e for c in candidates for e in c.explored]}.values()
+    )
+    timed = [c for c in timed if c.path.exists()]
     sessions: dict[str, Any] = {"original": orig_sess}
     for c in timed:
         try:

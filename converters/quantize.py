@@ -437,17 +437,6 @@ def weight_sensitivity(
     return ranking
 
 
-def exclusion_steps(total: int) -> list[int]:
-    """How many of the most sensitive nodes to keep in float at each retry: 1, 2, 3, 4, 6, 8,
-    12, 16, ... up to all of them."""
-    steps, k = [], 1
-    while k < total:
-        steps.append(k)
-        k = k + 1 if k < 4 else int(k * 1.5)
-    steps.append(total)
-    return sorted(set(steps))
-
-
 def node_names_present(model: onnx.ModelProto, names: Iterable[str]) -> list[str]:
     have = {n.name for n in model.graph.node}
     return [n for n in names if n in have]
