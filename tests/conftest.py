@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -75,3 +76,26 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from edge_agent.keys import generate_keypair
 
     return generate_keypair(tmp_path_factory.mktemp("keys"))
+
+
+# Models shaped like real exports (converters/standins.py), trained once per session: each
+# takes from about half a minute (DB) to a minute (SVTR) on the 2-core build machine.
+@pytest.fixture(scope="session")
+def standin_yolo() -> Any:
+    from converters.standins import yolov8_style
+
+    return yolov8_style()
+
+
+@pytest.fixture(scope="session")
+def standin_svtr() -> Any:
+    from converters.standins import svtr_style
+
+    return svtr_style()
+
+
+@pytest.fixture(scope="session")
+def standin_db() -> Any:
+    from converters.standins import db_style
+
+    return db_style()

@@ -1,0 +1,992 @@
+"""Stand-ins for real third-party exports, trained briefly in-tree on generated data.
+
+Random weights hide quantization error (every activation is noise, so nothing has a range to
+lose), and :mod:`converters.zoo` models are untrained. These three have the structure of models
+people ship *and* weights with structure, trained for under a minute on 2 cores on data drawn
+here with numpy and OpenCV (nothing is downloaded):
+
+- :func:`yolov8_style`: an Ultralytics YOLOv8 detector (C2f, SPPF, PAN neck, DFL head, one
+  ``output0`` that concatenates pixel-scale boxes with [0, 1] scores), on coloured shapes.
+- :func:`svtr_style`: an SVTR / PP-OCR recognizer (conv stem, multi-head self-attention,
+  LayerNorm, GELU, a CTC head with softmax), on rendered text lines.
+- :func:`db_style`: a DBNet text detector (FPN, ConvTranspose + BatchNorm head, sigmoid
+  probability map), on rendered pages.
+
+Each returns a frozen dataclass with the ONNX bytes and numpy calibration inputs, evaluation
+inputs and ground truth. The scoring helpers (:func:`detection_scores`, :func:`ctc_greedy`,
+:func:`mask_iou`) read the models' outputs the way their real post-processing does.
+
+Training is deterministic for a given seed on a given machine: the same seed gives the same
+ONNX bytes. A CPU with other vector units (AVX2 vs AVX-512) may round differently, so bytes (not
+the quality floors) can differ between machines. Needs the ``torch`` extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from converters.zoo import _torch, export_onnx
+
+SHAPE_NAMES = ("square", "circle", "triangle")
+#: Ultralytics' defaults for ``predict``: confidence 0.25, NMS IoU 0.45 (class-aware).
+SCORE_THRESHOLD = 0.25
+NMS_IOU = 0.45
+REG_MAX = 16
+_GAINS = (1.0, 2.0, 5.0)
+_EXTRA = False
+#: Longer box side (px) each level (strides 8, 16, 32) learns; overlapping, so no size is a
+#: positive on one level and a contradicting negative on the next.
+_LEVEL_SIDES = ((0, 24), (16, 44), (32, 1e9))
+
+
+# --------------------------------------------------------------------------------------------
+# Shared plumbing
+
+
+@contextlib.contextmanager
+def _deterministic(seed: int, threads: int) -> Iterator[Any]:
+    """Seed torch and pin its thread count for the block (restored after)."""
+    torch = _torch()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    try:
+        yield torch
+    finally:
+        torch.set_num_threads(before)
+
+
+def _finish(onnx_bytes: bytes, metadata: dict[str, str] | None = None) -> bytes:
+    """Add ``metadata_props`` and bring the IR version into onnxruntime's range."""
+    import onnx
+
+    from converters.canonical import fix_ir_version
+
+    model = onnx.load_from_string(onnx_bytes)
+    for key, value in (metadata or {}).items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+    fix_ir_version(model)
+    return bytes(model.SerializeToString())
+
+
+def _rngs(seed: int, n: int) -> list[np.random.Generator]:
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(n)]
+
+
+def _background(rng: np.random.Generator, h: int, w: int, lo: float, hi: float) -> np.ndarray:
+    """A linear gradient between two random colours in [lo, hi], plus Gaussian noise (HxWx3)."""
+    c0, c1 = rng.uniform(lo, hi, 3), rng.uniform(lo, hi, 3)
+    angle = rng.uniform(0, 2 * math.pi)
+    t = np.arange(w, dtype=np.float32)[None] * math.cos(angle) + np.arange(h, dtype=np.float32)[
+        :, None
+    ] * math.sin(angle)
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1.0)
+    img = (c0.astype(np.float32) + (c1 - c0).astype(np.float32) * t[..., None]).astype(np.float32)
+    img += rng.standard_normal((h, w, 3), dtype=np.float32) * rng.uniform(3, 12)
+    return np.clip(img, 0, 255).astype(np.float32)
+
+
+def _to_chw(images: Sequence[np.ndarray]) -> np.ndarray:
+    """uint8/float HxWx3 in 0..255 -> float32 N x 3 x H x W in [0, 1]."""
+    x = np.stack(images).astype(np.float32) / 255.0
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# 1. YOLOv8-style detector
+
+
+@dataclass(frozen=True)
+class DetectorStandIn:
+    """A YOLOv8-style detector and its data.
+
+    ``eval_boxes`` is ``(N, 4, 4)`` xyxy in input pixels and ``eval_classes`` ``(N, 4)``, padded
+    with class -1 (every image has 1 to 4 shapes)."""
+
+    onnx: bytes
+    size: int
+    names: tuple[str, ...]
+    calibration: np.ndarray
+    eval_images: np.ndarray
+    eval_boxes: np.ndarray
+    eval_classes: np.ndarray
+    train_seconds: float
+
+
+def shapes_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One synthetic detection image: 1-4 filled squares, circles and triangles (12-50 px, no
+    two touching) on a noisy gradient. Returns (HxWx3 uint8 RGB, boxes (k, 4) xyxy, classes)."""
+    img = _background(rng, size, size, 0, 255)
+    boxes: list[tuple[float, float, float, float]] = []
+    classes: list[int] = []
+    for _ in range(int(rng.integers(1, 5))):
+        for _try in range(20):
+            side = float(rng.uniform(12, min(50, size * 0.45)))
+            cls = int(rng.integers(3))
+            hgt = side if cls != 2 else side * float(rng.uniform(0.8, 1.0))
+            x0 = float(rng.uniform(1, size - side - 1))
+            y0 = float(rng.uniform(1, size - hgt - 1))
+            box = (x0, y0, x0 + side, y0 + hgt)
+            if all(
+                box[0] > b[2] + 2 or box[2] < b[0] - 2 or box[1] > b[3] + 2 or box[3] < b[1] - 2
+                for b in boxes
+            ):
+                break
+        else:
+            continue
+        # A colour that stands out from the background under it.
+        x1, y1, x2, y2 = (round(v) for v in box)
+        under = img[y1:y2, x1:x2].reshape(-1, 3).mean(0)
+        colour = rng.uniform(0, 255, 3)
+        for _c in range(10):
+            if np.abs(colour - under).sum() > 180:
+                break
+            colour = rng.uniform(0, 255, 3)
+        col = tuple(float(c) for c in colour)
+        if cls == 0:
+            cv2.rectangle(img, (x1, y1), (x2 - 1, y2 - 1), col, -1, cv2.LINE_AA)
+        elif cls == 1:
+            r = (x2 - x1) / 2
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            cv2.circle(
+                img, (round(cx * 16), round(cy * 16)), round(r * 16), col, -1, cv2.LINE_AA, 4
+            )
+        else:
+            pts = np.array([[x1, y2 - 1], [x2 - 1, y2 - 1], [(x1 + x2 - 1) / 2, y1]]) * 16
+            cv2.fillPoly(img, [pts.round().astype(np.int32)], col, cv2.LINE_AA, 4)
+        boxes.append((x1, y1, x2, y2))
+        classes.append(cls)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * 4
+    return (
+        np.clip(img, 0, 255).astype(np.uint8),
+        np.array(boxes, np.float32).reshape(-1, 4),
+        np.array(classes, np.int64),
+    )
+
+
+def _shapes_batch(
+    rng: np.random.Generator, n: int, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    imgs, boxes, classes = [], np.zeros((n, 4, 4), np.float32), np.full((n, 4), -1, np.int64)
+    for i in range(n):
+        img, b, c = shapes_image(rng, size)
+        imgs.append(img)
+        boxes[i, : len(b)] = b
+        classes[i, : len(c)] = c
+    return _to_chw(imgs), boxes, classes
+
+
+def _yolo_modules(torch: Any) -> dict[str, Any]:
+    """Ultralytics' building blocks, as ``ultralytics/nn/modules`` writes them."""
+    nn = torch.nn
+
+    class Conv(nn.Module):  # type: ignore[name-defined]
+        """Conv2d (no bias) + BatchNorm2d + SiLU, 'same' padding."""
+
+        def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(c1, c2, k, s, k // 2, bias=False)
+            self.bn = nn.BatchNorm2d(c2, eps=1e-3, momentum=0.03)
+            self.act = nn.SiLU()
+
+        def forward(self, x: Any) -> Any:
+            return self.act(self.bn(self.conv(x)))
+
+    class Bottleneck(nn.Module):  # type: ignore[name-defined]
+        def __init__(self, c1: int, c2: int, shortcut: bool = True) -> None:
+            super().__init__()
+            self.cv1 = Conv(c1, c2, 3)
+            self.cv2 = Conv(c2, c2, 3)
+            self.add = shortcut and c1 == c2
+
+        def forward(self, x: Any) -> Any:
+            y = self.cv2(self.cv1(x))
+            return x + y if self.add else y
+
+    class C2f(nn.Module):  # type: ignore[name-defined]
+        """CSP bottleneck with 2 convs: 1x1 conv, split in two, n bottlenecks on the second
+        half (each output kept), concat all, 1x1 conv."""
+
+        def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = False) -> None:
+            super().__init__()
+            self.c = c2 // 2
+            self.cv1 = Conv(c1, 2 * self.c, 1)
+            self.cv2 = Conv((2 + n) * self.c, c2, 1)
+            self.m = nn.ModuleList(Bottleneck(self.c, self.c, shortcut) for _ in range(n))
+
+        def forward(self, x: Any) -> Any:
+            y = list(self.cv1(x).chunk(2, 1))
+            y.extend(m(y[-1]) for m in self.m)
+            return self.cv2(torch.cat(y, 1))
+
+    class SPPF(nn.Module):  # type: ignore[name-defined]
+        def __init__(self, c1: int, c2: int, k: int = 5) -> None:
+            super().__init__()
+            c_ = c1 // 2
+            self.cv1 = Conv(c1, c_, 1)
+            self.cv2 = Conv(c_ * 4, c2, 1)
+            self.m = nn.MaxPool2d(k, 1, k // 2)
+
+        def forward(self, x: Any) -> Any:
+            y = [self.cv1(x)]
+            y.extend(self.m(y[-1]) for _ in range(3))
+            return self.cv2(torch.cat(y, 1))
+
+    class DFL(nn.Module):  # type: ignore[name-defined]
+        """Distribution focal loss integral: softmax over reg_max bins, then a fixed 1x1 conv
+        with weights 0..reg_max-1 (the expected bin)."""
+
+        def __init__(self, c1: int = REG_MAX) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(c1, 1, 1, bias=False).requires_grad_(False)
+            self.conv.weight.data[:] = torch.arange(c1, dtype=torch.float).view(1, c1, 1, 1)
+            self.c1 = c1
+
+        def forward(self, x: Any) -> Any:
+            b, _, a = x.shape
+            return self.conv(x.view(b, 4, self.c1, a).transpose(2, 1).softmax(1)).view(b, 4, a)
+
+    return {"Conv": Conv, "C2f": C2f, "SPPF": SPPF, "DFL": DFL}
+
+
+def _make_anchors(torch: Any, size: int, strides: Sequence[int]) -> tuple[Any, Any]:
+    """Ultralytics' ``make_anchors``: cell centres (x, y) in grid units and their strides."""
+    points, stride_t = [], []
+    for s in strides:
+        n = size // s
+        sx = torch.arange(n, dtype=torch.float32) + 0.5
+        sy, sx = torch.meshgrid(sx, sx, indexing="ij")
+        points.append(torch.stack((sx, sy), -1).view(-1, 2))
+        stride_t.append(torch.full((n * n, 1), float(s)))
+    return torch.cat(points), torch.cat(stride_t)
+
+
+def _dist2bbox(torch: Any, distance: Any, anchors: Any, *, xywh: bool = True, dim: int = -1) -> Any:
+    """Ultralytics' ``dist2bbox``: ltrb distances from anchor points to boxes."""
+    lt, rb = distance.chunk(2, dim)
+    x1y1 = anchors - lt
+    x2y2 = anchors + rb
+    if xywh:
+        return torch.cat(((x1y1 + x2y2) / 2, x2y2 - x1y1), dim)
+    return torch.cat((x1y1, x2y2), dim)
+
+
+def yolov8_net(*, size: int = 96, width: int = 8, depth: int = 1, classes: int = 3) -> Any:
+    """YOLOv8's layout (``yolov8.yaml``) at base width ``width`` (16 is yolov8n) and C2f depth
+    ``depth`` (yolov8n: 1, 2, 2, 1 in the backbone). Training mode returns the three raw head
+    maps; eval mode returns ``[1, 4 + classes, N]``, as Ultralytics exports it."""
+    torch = _torch()
+    nn = torch.nn
+    m = _yolo_modules(torch)
+    Conv, C2f, SPPF, DFL = m["Conv"], m["C2f"], m["SPPF"], m["DFL"]
+    w, d = width, depth
+    c1, c2, c3, c4, c5 = w, 2 * w, 4 * w, 8 * w, 16 * w
+    strides = (8, 16, 32)
+
+    class Detect(nn.Module):  # type: ignore[name-defined]
+        def __init__(self, nc: int, ch: tuple[int, ...]) -> None:
+            super().__init__()
+            self.nc, self.nl, self.reg_max = nc, len(ch), REG_MAX
+            self.no = nc + 4 * REG_MAX
+            b2, b3 = max(16, ch[0] // 4, 4 * REG_MAX), max(ch[0], min(nc, 100))
+            self.cv2 = nn.ModuleList(
+                nn.Sequential(Conv(x, b2, 3), Conv(b2, b2, 3), nn.Conv2d(b2, 4 * REG_MAX, 1))
+                for x in ch
+            )
+            self.cv3 = nn.ModuleList(
+                nn.Sequential(Conv(x, b3, 3), Conv(b3, b3, 3), nn.Conv2d(b3, nc, 1)) for x in ch
+            )
+            self.dfl = DFL(REG_MAX)
+            anchors, stride_t = _make_anchors(torch, size, strides)
+            self.register_buffer("anchors", anchors.transpose(0, 1).contiguous(), persistent=False)
+            self.register_buffer("strides", stride_t.transpose(0, 1).contiguous(), persistent=False)
+            for i, (a, b) in enumerate(zip(self.cv2, self.cv3)):  # bias_init, at our size
+                a[-1].bias.data[:] = 1.0
+                b[-1].bias.data[:nc] = math.log(5 / nc / (size / strides[i]) ** 2)
+
+        def forward(self, x: list[Any]) -> Any:
+            shape = x[0].shape
+            x = [torch.cat((self.cv2[i](x[i]), self.cv3[i](x[i])), 1) for i in range(self.nl)]
+            if self.training:
+                return x
+            x_cat = torch.cat([xi.view(shape[0], self.no, -1) for xi in x], 2)
+            box, cls = x_cat.split((4 * self.reg_max, self.nc), 1)
+            dbox = _dist2bbox(torch, self.dfl(box), self.anchors.unsqueeze(0), dim=1)
+            return torch.cat((dbox * self.strides, cls.sigmoid()), 1)
+
+    class YOLO(nn.Module):  # type: ignore[name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.b0 = Conv(3, c1, 3, 2)  # P1/2
+            self.b1 = Conv(c1, c2, 3, 2)  # P2/4
+            self.b2 = C2f(c2, c2, d, True)
+            self.b3 = Conv(c2, c3, 3, 2)  # P3/8
+            self.b4 = C2f(c3, c3, 2 * d, True)
+            self.b5 = Conv(c3, c4, 3, 2)  # P4/16
+            self.b6 = C2f(c4, c4, 2 * d, True)
+            self.b7 = Conv(c4, c5, 3, 2)  # P5/32
+            self.b8 = C2f(c5, c5, d, True)
+            self.b9 = SPPF(c5, c5, 5)
+            self.up = nn.Upsample(None, 2, "nearest")
+            self.h12 = C2f(c5 + c4, c4, d)
+            self.h15 = C2f(c4 + c3, c3, d)  # P3 out
+            self.h16 = Conv(c3, c3, 3, 2)
+            self.h18 = C2f(c3 + c4, c4, d)  # P4 out
+            self.h19 = Conv(c4, c4, 3, 2)
+            self.h21 = C2f(c4 + c5, c5, d)  # P5 out
+            self.detect = Detect(classes, (c3, c4, c5))
+
+        def forward(self, x: Any) -> Any:
+            p3 = self.b4(self.b3(self.b2(self.b1(self.b0(x)))))
+            p4 = self.b6(self.b5(p3))
+            p5 = self.b9(self.b8(self.b7(p4)))
+            h12 = self.h12(torch.cat([self.up(p5), p4], 1))
+            h15 = self.h15(torch.cat([self.up(h12), p3], 1))
+            h18 = self.h18(torch.cat([self.h16(h15), h12], 1))
+            h21 = self.h21(torch.cat([self.h19(h18), p5], 1))
+            return self.detect([h15, h18, h21])
+
+    if size % 32:
+        raise ValueError(f"yolov8_net: size = {size}: must be a multiple of 32 (e.g. 96 or 128)")
+    return YOLO()
+
+
+def _yolo_targets(
+    boxes: np.ndarray, classes: np.ndarray, size: int, nc: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Assign each ground-truth box to one level by its longer side (<= 20 px: P3, <= 36: P4,
+    else P5), and there to the anchor points inside it within one cell of its centre (always
+    the centre's cell). Returns per anchor: class targets (B, nc, N), ltrb targets in grid units
+    (B, 4, N) and the positive mask (B, N)."""
+    strides = (8, 16, 32)
+    n_per = [(size // s) ** 2 for s in strides]
+    offsets = np.cumsum([0, *n_per])
+    b = len(boxes)
+    n = int(offsets[-1])
+    cls_t = np.zeros((b, nc, n), np.float32)
+    box_t = np.zeros((b, 4, n), np.float32)
+    pos = np.zeros((b, n), bool)
+    for i in range(b):
+        for (x1, y1, x2, y2), c in zip(boxes[i], classes[i]):
+            if c < 0:
+                continue
+            side = max(x2 - x1, y2 - y1)
+            for lvl, (lo, hi) in enumerate(_LEVEL_SIDES):
+                if not lo <= side <= hi:
+                    continue
+                s = strides[lvl]
+                g = size // s
+                cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+                gx, gy = min(int(cx // s), g - 1), min(int(cy // s), g - 1)
+                for yy in range(max(gy - 1, 0), min(gy + 2, g)):
+                    for xx in range(max(gx - 1, 0), min(gx + 2, g)):
+                        ax, ay = (xx + 0.5) * s, (yy + 0.5) * s
+                        centre = xx == gx and yy == gy
+                        inside = x1 < ax < x2 and y1 < ay < y2
+                        if not (centre or inside):
+                            continue
+                        k = int(offsets[lvl]) + yy * g + xx
+                        pos[i, k] = True
+                        cls_t[i, :, k] = 0
+                        cls_t[i, c, k] = 1
+                        ltrb = np.array([ax - x1, ay - y1, x2 - ax, y2 - ay]) / s
+                        box_t[i, :, k] = np.clip(ltrb, 0, REG_MAX - 1.01)
+    return cls_t, box_t, pos
+
+
+def _yolo_loss(torch: Any, net: Any, maps: list[Any], targets: tuple[Any, Any, Any]) -> Any:
+    """BCE on all class scores (normalized by the positives), and on positives a DFL loss on the
+    ltrb bins plus an IoU loss on the decoded boxes (Ultralytics' three terms, simplified)."""
+    f = torch.nn.functional
+    det = net.detect
+    cls_t, box_t, pos = targets
+    bsz = maps[0].shape[0]
+    x = torch.cat([m.view(bsz, det.no, -1) for m in maps], 2)
+    dist_logits, cls_logits = x.split((4 * REG_MAX, det.nc), 1)
+    n_pos = pos.sum().clamp(min=1)
+    loss_cls = f.binary_cross_entropy_with_logits(cls_logits, cls_t, reduction="sum") / n_pos
+    # Positives only: (P, 4, reg_max) logits.
+    dl = dist_logits.view(bsz, 4, REG_MAX, -1).permute(0, 3, 1, 2)[pos]
+    tgt = box_t.permute(0, 2, 1)[pos]  # (P, 4)
+    left = tgt.floor().long()
+    wl = left + 1 - tgt
+    logp = dl.log_softmax(-1)
+    loss_dfl = -(
+        logp.gather(-1, left[..., None])[..., 0] * wl
+        + logp.gather(-1, (left + 1)[..., None])[..., 0] * (1 - wl)
+    ).mean()
+    pred = (dl.softmax(-1) * torch.arange(REG_MAX, dtype=torch.float32)).sum(-1)  # (P, 4)
+    lt_p, rb_p, lt_t, rb_t = pred[:, :2], pred[:, 2:], tgt[:, :2], tgt[:, 2:]
+    inter = (torch.minimum(lt_p, lt_t) + torch.minimum(rb_p, rb_t)).prod(-1)
+    union = (lt_p + rb_p).prod(-1) + (lt_t + rb_t).prod(-1) - inter
+    loss_iou = (1 - inter / union.clamp(min=1e-6)).mean()
+    return _GAINS[0] * loss_cls + _GAINS[1] * loss_dfl + _GAINS[2] * loss_iou
+
+
+def yolov8_style(
+    *,
+    size: int = 96,
+    width: int = 8,
+    depth: int = 1,
+    steps: int = 300,
+    batch: int = 16,
+    lr: float = 4e-3,
+    n_calibration: int = 64,
+    n_eval: int = 64,
+    seed: int = 0,
+    threads: int = 2,
+) -> DetectorStandIn:
+    """An Ultralytics-YOLOv8-shaped detector of squares, circles and triangles, trained briefly.
+
+    Input ``images`` ``[1, 3, size, size]`` (RGB, [0, 1]); output ``output0``
+    ``[1, 4 + 3, N]`` with N = sum over strides 8/16/32 of (size / stride)²: rows 0-3 are cx, cy,
+    w, h in input pixels (DFL softmax + fixed arange conv, dist2bbox with constant anchors, times
+    the strides), rows 4-6 sigmoid class scores, joined by one Concat. Opset 17, Ultralytics'
+    ``metadata_props`` (task, names, stride, imgsz, batch, description, author).
+
+    Measured on the 2-core AMD EPYC build machine (defaults): TODO.
+    """
+    torch = _torch()
+    r_train, r_cal, r_eval = _rngs(seed, 3)
+    start = time.perf_counter()
+    with _deterministic(seed, threads):
+        net = yolov8_net(size=size, width=width, depth=depth, classes=len(SHAPE_NAMES))
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=lr, total_steps=steps, pct_start=0.15
+        )
+        net.train()
+        for _ in range(steps):
+            x, boxes, classes = _shapes_batch(r_train, batch, size)
+            targets = tuple(
+                torch.from_numpy(t) for t in _yolo_targets(boxes, classes, size, len(SHAPE_NAMES))
+            )
+            opt.zero_grad()
+            loss = _yolo_loss(torch, net, net(torch.from_numpy(x)), targets)
+            loss.backward()
+            opt.step()
+            sched.step()
+        net.eval()
+    seconds = time.perf_counter() - start
+    onnx_bytes = export_onnx(
+        net, (1, 3, size, size), opset=17, input_name="images", output_name="output0",
+        dynamic_batch=False,
+    )  # fmt: skip
+    metadata = {
+        "description": "Ultralytics YOLOv8-style stand-in (shapes: square, circle, triangle)",
+        "author": "edge-inference converters.standins",
+        "license": "Apache-2.0",
+        "version": "8.0.0-standin",
+        "stride": "32",
+        "task": "detect",
+        "batch": "1",
+        "imgsz": f"[{size}, {size}]",
+        "names": str(dict(enumerate(SHAPE_NAMES))),
+    }
+    calibration, _, _ = _shapes_batch(r_cal, n_calibration, size)
+    eval_images, eval_boxes, eval_classes = _shapes_batch(r_eval, n_eval, size)
+    return DetectorStandIn(
+        onnx=_finish(onnx_bytes, metadata),
+        size=size,
+        names=SHAPE_NAMES,
+        calibration=calibration,
+        eval_images=eval_images,
+        eval_boxes=eval_boxes,
+        eval_classes=eval_classes,
+        train_seconds=seconds,
+    )
+
+
+def decode_yolov8(
+    output: np.ndarray,
+    *,
+    score_threshold: float = SCORE_THRESHOLD,
+    iou_threshold: float = NMS_IOU,
+    max_det: int = 300,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ultralytics' post-processing of one ``output0`` (``[1, 4 + C, N]`` or ``[4 + C, N]``):
+    best class per anchor, score threshold, class-aware NMS. Returns (boxes xyxy, scores,
+    classes), best first."""
+    from edge_agent.postprocess import nms
+
+    out = np.asarray(output, np.float32).reshape(-1, output.shape[-1]).T  # (N, 4 + C)
+    scores_all = out[:, 4:]
+    cls = scores_all.argmax(1)
+    score = scores_all[np.arange(len(out)), cls]
+    keep = score > score_threshold
+    b, score, cls = out[keep, :4], score[keep], cls[keep]
+    xyxy = np.concatenate([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], 1)
+    shifted = xyxy + (cls[:, None] * 4096.0)  # class-aware: classes never overlap
+    idx = nms(shifted, score, iou_threshold, max_out=max_det)
+    return xyxy[idx], score[idx], cls[idx]
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of xyxy boxes, (len(a), len(b))."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).clip(0).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).clip(0).prod(-1)
+    return np.asarray(inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-9))
+
+
+@dataclass(frozen=True)
+class DetectionScores:
+    recall: float
+    precision: float
+    #: Mean score of the detections that matched a ground-truth shape.
+    matched_score: float
+    detections: int
+    ground_truth: int
+
+
+def detection_scores(
+    outputs: Sequence[np.ndarray],
+    boxes: np.ndarray,
+    classes: np.ndarray,
+    *,
+    iou: float = 0.5,
+    score_threshold: float = SCORE_THRESHOLD,
+    nms_iou: float = NMS_IOU,
+) -> DetectionScores:
+    """Recall and precision at ``iou`` of decoded YOLOv8 outputs (one per image) against the
+    padded ground truth (class -1 is padding); a detection matches an unmatched ground-truth
+    box of its class, greedily by score."""
+    tp = n_det = n_gt = 0
+    matched: list[float] = []
+    for out, gt_b, gt_c in zip(outputs, boxes, classes):
+        real = gt_c >= 0
+        gt_b, gt_c = gt_b[real], gt_c[real]
+        n_gt += len(gt_b)
+        pb, ps, pc = decode_yolov8(out, score_threshold=score_threshold, iou_threshold=nms_iou)
+        n_det += len(pb)
+        used = np.zeros(len(gt_b), bool)
+        ious = box_iou(pb, gt_b)
+        for j in range(len(pb)):
+            cand = np.where(~used & (gt_c == pc[j]) & (ious[j] >= iou))[0]
+            if len(cand):
+                used[cand[ious[j, cand].argmax()]] = True
+                tp += 1
+                matched.append(float(ps[j]))
+    return DetectionScores(
+        recall=tp / max(n_gt, 1),
+        precision=tp / max(n_det, 1),
+        matched_score=float(np.mean(matched)) if matched else 0.0,
+        detections=n_det,
+        ground_truth=n_gt,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 2. SVTR-style text recognizer
+
+#: Digits and the capitals that Hershey fonts draw unambiguously. Class 0 is the CTC blank.
+CHARSET = "0123456789ACEHKLMPTX"
+_FONTS = (
+    cv2.FONT_HERSHEY_SIMPLEX,
+    cv2.FONT_HERSHEY_DUPLEX,
+    cv2.FONT_HERSHEY_COMPLEX,
+    cv2.FONT_HERSHEY_TRIPLEX,
+)
+
+
+@dataclass(frozen=True)
+class RecognizerStandIn:
+    """An SVTR-style recognizer and its data. Output class k > 0 is ``charset[k - 1]``; 0 is
+    the CTC blank."""
+
+    onnx: bytes
+    width: int
+    charset: str
+    calibration: np.ndarray
+    eval_inputs: np.ndarray
+    eval_texts: tuple[str, ...]
+    train_seconds: float
+
+
+def text_line(
+    rng: np.random.Generator, width: int = 128, height: int = 32
+) -> tuple[np.ndarray, str]:
+    """One rendered line: 3-8 random characters from :data:`CHARSET`, a random Hershey font,
+    scale, thickness, dark colour and shift on a light noisy gradient. (HxWx3 uint8, text)."""
+    text = "".join(rng.choice(list(CHARSET), int(rng.integers(3, 9))))
+    img = _background(rng, height, width, 170, 255).astype(np.uint8)  # putText needs uint8
+    font = _FONTS[int(rng.integers(len(_FONTS)))]
+    thick = int(rng.integers(1, 3))
+    scale = float(rng.uniform(0.5, 0.8))
+    (tw, th), base = cv2.getTextSize(text, font, scale, thick)
+    fit = min(1.0, (width - 6) / tw, (height - 6) / (th + base))
+    scale *= fit
+    (tw, th), base = cv2.getTextSize(text, font, scale, thick)
+    x = int(rng.integers(2, max(3, width - tw - 2)))
+    y = int(np.clip((height + th) / 2 + rng.integers(-3, 4), th + 1, height - base - 1))
+    colour = tuple(float(c) for c in rng.uniform(0, 90, 3))
+    cv2.putText(img, text, (x, y), font, scale, colour, thick, cv2.LINE_AA)
+    noisy = img + rng.standard_normal(img.shape, dtype=np.float32) * 4
+    return np.clip(noisy, 0, 255).astype(np.uint8), text
+
+
+def _text_batch(rng: np.random.Generator, n: int, width: int) -> tuple[np.ndarray, list[str]]:
+    imgs, texts = [], []
+    for _ in range(n):
+        img, t = text_line(rng, width)
+        imgs.append(img)
+        texts.append(t)
+    return _to_chw(imgs), texts
+
+
+def svtr_net(
+    *, width: int = 128, dim: int = 64, heads: int = 4, classes: int = len(CHARSET) + 1
+) -> Any:
+    """SVTR-tiny's layout, shortened: a patch-embedding stem (two stride-2 3x3 convs, BN, GELU),
+    SVTR's merging conv (3x3, stride (2, 1)), two global-mixing blocks over the H/8 x W/4
+    tokens (pre-norm:
+    LayerNorm, multi-head self-attention written out as SVTR does, q·kᵀ and attn·v as MatMuls
+    of two activations; LayerNorm, MLP with GELU), LayerNorm, average pooling over the height,
+    a 1x1 conv with Hardswish (SVTR's last stage) and PP-OCR's CTC head: Linear then softmax.
+    Output ``[B, W/4, classes]``; training mode returns log-probabilities ``[T, B, classes]``."""
+    torch = _torch()
+    nn = torch.nn
+    h_tok, w_tok = 32 // 8, width // 4
+
+    def conv_bn(cin: int, cout: int, stride: int | tuple[int, int]) -> Any:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.GELU()
+        )
+
+    class Attention(nn.Module):  # type: ignore[name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads, self.hd = heads, dim // heads
+            self.scale = self.hd**-0.5
+            self.qkv = nn.Linear(dim, 3 * dim)
+            self.proj = nn.Linear(dim, dim)
+
+        def forward(self, x: Any) -> Any:
+            b, n, _ = x.shape
+            qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
+            attn = (q @ k.transpose(-2, -1)).softmax(-1)
+            return self.proj((attn @ v).transpose(1, 2).reshape(b, n, dim))
+
+    class Block(nn.Module):  # type: ignore[name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+            self.mixer = Attention()
+            self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+            self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+        def forward(self, x: Any) -> Any:
+            x = x + self.mixer(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+
+    class SVTR(nn.Module):  # type: ignore[name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch_embed = nn.Sequential(conv_bn(3, dim // 2, 2), conv_bn(dim // 2, dim, 2))
+            self.merge = conv_bn(dim, dim, (2, 1))  # SVTR's merging: halve the height
+            self.extra = conv_bn(dim // 2, dim // 2, 1) if _EXTRA else nn.Identity()
+            self.pos_embed = nn.Parameter(torch.zeros(1, h_tok * w_tok, dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            self.blocks = nn.ModuleList([Block(), Block()])
+            self.norm = nn.LayerNorm(dim, eps=1e-6)
+            self.pool = nn.AvgPool2d((h_tok, 1))
+            self.last_conv = nn.Conv2d(dim, dim, 1, bias=False)
+            self.act = nn.Hardswish()
+            self.fc = nn.Linear(dim, classes)
+
+        def forward(self, x: Any) -> Any:
+            x = self.merge(self.patch_embed[1](self.extra(self.patch_embed[0](x))))
+            b = x.shape[0]
+            x = x.flatten(2).transpose(1, 2) + self.pos_embed
+            for blk in self.blocks:
+                x = blk(x)
+            x = self.norm(x).transpose(1, 2).reshape(b, dim, h_tok, w_tok)
+            x = self.act(self.last_conv(self.pool(x)))  # (B, dim, 1, T)
+            logits = self.fc(x.squeeze(2).transpose(1, 2))  # (B, T, classes)
+            if self.training:
+                return logits.log_softmax(-1).transpose(0, 1)
+            return logits.softmax(-1)
+
+    if width % 4:
+        raise ValueError(f"svtr_net: width = {width}: must be a multiple of 4 (e.g. 128)")
+    return SVTR()
+
+
+def svtr_style(
+    *,
+    width: int = 128,
+    dim: int = 64,
+    steps: int = 700,
+    batch: int = 32,
+    opset: int = 17,
+    n_calibration: int = 64,
+    n_eval: int = 128,
+    seed: int = 0,
+    threads: int = 2,
+) -> RecognizerStandIn:
+    """An SVTR / PP-OCR-rec-shaped recognizer of rendered text lines, trained with CTC.
+
+    Input ``x`` ``[1, 3, 32, width]`` (RGB, [0, 1]); output ``softmax`` ``[1, width / 4,
+    len(CHARSET) + 1]`` (blank = 0). Opset 17 by default (LayerNormalization as one op); pass
+    ``opset=14`` for the decomposed ReduceMean/Sub/Pow/Sqrt/Div pattern older exports have.
+    GELU is exported as its Erf formula (the Gelu op needs opset 20).
+
+    Measured on the 2-core AMD EPYC build machine (defaults): TODO.
+    """
+    torch = _torch()
+    r_train, r_cal, r_eval = _rngs(seed + 1, 3)
+    start = time.perf_counter()
+    with _deterministic(seed, threads):
+        net = svtr_net(width=width, dim=dim)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=3e-3, total_steps=steps, pct_start=0.15
+        )
+        ctc = torch.nn.CTCLoss(blank=0, zero_infinity=True)
+        index = {c: i + 1 for i, c in enumerate(CHARSET)}
+        net.train()
+        for _ in range(steps):
+            x, texts = _text_batch(r_train, batch, width)
+            targets = torch.tensor([index[c] for t in texts for c in t], dtype=torch.long)
+            lengths = torch.tensor([len(t) for t in texts], dtype=torch.long)
+            logp = net(torch.from_numpy(x))
+            in_lengths = torch.full((batch,), logp.shape[0], dtype=torch.long)
+            opt.zero_grad()
+            loss = ctc(logp, targets, in_lengths, lengths)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            opt.step()
+            sched.step()
+        net.eval()
+    seconds = time.perf_counter() - start
+    onnx_bytes = export_onnx(
+        net, (1, 3, 32, width), opset=opset, input_name="x", output_name="softmax",
+        dynamic_batch=False,
+    )  # fmt: skip
+    calibration, _ = _text_batch(r_cal, n_calibration, width)
+    eval_inputs, eval_texts = _text_batch(r_eval, n_eval, width)
+    return RecognizerStandIn(
+        onnx=_finish(onnx_bytes),
+        width=width,
+        charset=CHARSET,
+        calibration=calibration,
+        eval_inputs=eval_inputs,
+        eval_texts=tuple(eval_texts),
+        train_seconds=seconds,
+    )
+
+
+def ctc_greedy(probs: np.ndarray, charset: str = CHARSET) -> str:
+    """PP-OCR's CTC decoding of one ``[1, T, C]`` / ``[T, C]`` output: argmax per step, merge
+    repeats, drop blanks (class 0)."""
+    best = np.asarray(probs).reshape(-1, np.asarray(probs).shape[-1]).argmax(-1)
+    out, prev = [], 0
+    for k in best:
+        if k != prev and k != 0:
+            out.append(charset[k - 1])
+        prev = int(k)
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. DBNet-style text detector
+
+_PAGE_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+@dataclass(frozen=True)
+class TextDetectorStandIn:
+    """A DBNet-style detector and its data: ``eval_masks`` is ``(N, 1, S, S)`` float32 0/1, the
+    shrunk text-line boxes the probability map was trained to cover."""
+
+    onnx: bytes
+    size: int
+    calibration: np.ndarray
+    eval_inputs: np.ndarray
+    eval_masks: np.ndarray
+    train_seconds: float
+
+
+def text_page(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """One rendered "page": 1-4 non-overlapping lines of 3-10 characters (random Hershey font,
+    scale and dark colour) and 0-2 light grey rules (clutter that is not text) on a light noisy
+    gradient. Returns (HxWx3 uint8, HxW float32 target): each line's ink box shrunk as DB
+    shrinks its kernels (offset = area x (1 - 0.8²) / perimeter)."""
+    img = _background(rng, size, size, 180, 255).astype(np.uint8)  # putText needs uint8
+    target = np.zeros((size, size), np.float32)
+    taken: list[tuple[int, int, int, int]] = []
+    for _ in range(int(rng.integers(1, 5))):
+        text = "".join(rng.choice(list(_PAGE_CHARS), int(rng.integers(3, 11))))
+        font = _FONTS[int(rng.integers(len(_FONTS)))]
+        scale = float(rng.uniform(0.3, 0.6))
+        (tw, th), base = cv2.getTextSize(text, font, scale, 1)
+        if tw > size - 4:
+            scale *= (size - 4) / tw
+            (tw, th), base = cv2.getTextSize(text, font, scale, 1)
+        for _try in range(20):
+            x = int(rng.integers(1, max(2, size - tw - 1)))
+            y = int(rng.integers(th + 2, max(th + 3, size - base - 2)))
+            box = (x - 2, y - th - 2, x + tw + 2, y + base + 2)
+            if all(box[0] > b[2] or box[2] < b[0] or box[1] > b[3] or box[3] < b[1] for b in taken):
+                break
+        else:
+            continue
+        taken.append(box)
+        ink = np.zeros((size, size), np.uint8)
+        cv2.putText(ink, text, (x, y), font, scale, 255, 1, cv2.LINE_AA)
+        ys, xs = np.nonzero(ink > 96)
+        if not len(xs):
+            continue
+        colour = tuple(float(c) for c in rng.uniform(0, 100, 3))
+        cv2.putText(img, text, (x, y), font, scale, colour, 1, cv2.LINE_AA)
+        x1, y1, x2, y2 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        w, h = x2 - x1, y2 - y1
+        d = w * h * (1 - 0.8**2) / (2 * (w + h))
+        target[round(y1 + d) : round(y2 - d), round(x1 + d) : round(x2 - d)] = 1
+    for _ in range(int(rng.integers(0, 3))):
+        p, q = rng.integers(0, size, 2), rng.integers(0, size, 2)
+        grey = float(rng.uniform(140, 190))
+        cv2.line(img, (int(p[0]), int(p[1])), (int(q[0]), int(q[1])), (grey,) * 3, 1, cv2.LINE_AA)
+    noisy = img + rng.standard_normal(img.shape, dtype=np.float32) * 4
+    return np.clip(noisy, 0, 255).astype(np.uint8), target
+
+
+def _page_batch(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    imgs, masks = [], []
+    for _ in range(n):
+        img, m = text_page(rng, size)
+        imgs.append(img)
+        masks.append(m)
+    return _to_chw(imgs), np.stack(masks)[:, None]
+
+
+def db_net(*, width: int = 16, inner: int = 32) -> Any:
+    """DBNet's layout, small: a conv backbone (3x3 conv + BN + ReLU, outputs at strides 4, 8, 16,
+    32), PaddleOCR's DBFPN (1x1 lateral convs, nearest Upsample + Add top-down, 3x3 smooth convs
+    to inner/4 channels, upsampled to stride 4 and concatenated) and DB's probability head:
+    3x3 conv, BN, ReLU, ConvTranspose 2x2/2, BN, ReLU, ConvTranspose 2x2/2, Sigmoid. Output
+    ``[B, 1, S, S]``."""
+    torch = _torch()
+    nn = torch.nn
+    w = width
+
+    def cbr(cin: int, cout: int, stride: int = 1) -> list[Any]:
+        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    class DB(nn.Module):  # type: ignore[name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.c2 = nn.Sequential(*cbr(3, w, 2), *cbr(w, w, 2))
+            self.c3 = nn.Sequential(*cbr(w, 2 * w, 2), *cbr(2 * w, 2 * w))
+            self.c4 = nn.Sequential(*cbr(2 * w, 4 * w, 2), *cbr(4 * w, 4 * w))
+            self.c5 = nn.Sequential(*cbr(4 * w, 8 * w, 2), *cbr(8 * w, 8 * w))
+            self.ins = nn.ModuleList(
+                nn.Conv2d(c, inner, 1, bias=False) for c in (w, 2 * w, 4 * w, 8 * w)
+            )
+            self.ps = nn.ModuleList(
+                nn.Conv2d(inner, inner // 4, 3, 1, 1, bias=False) for _ in range(4)
+            )
+            q = inner // 4
+            self.head = nn.Sequential(
+                nn.Conv2d(inner, q, 3, 1, 1, bias=False), nn.BatchNorm2d(q), nn.ReLU(),
+                nn.ConvTranspose2d(q, q, 2, 2), nn.BatchNorm2d(q), nn.ReLU(),
+                nn.ConvTranspose2d(q, 1, 2, 2), nn.Sigmoid(),
+            )  # fmt: skip
+
+        def forward(self, x: Any) -> Any:
+            up = nn.functional.interpolate
+            c2 = self.c2(x)
+            c3 = self.c3(c2)
+            c4 = self.c4(c3)
+            c5 = self.c5(c4)
+            in2, in3, in4, in5 = (m(c) for m, c in zip(self.ins, (c2, c3, c4, c5)))
+            out4 = in4 + up(in5, scale_factor=2.0, mode="nearest")
+            out3 = in3 + up(out4, scale_factor=2.0, mode="nearest")
+            out2 = in2 + up(out3, scale_factor=2.0, mode="nearest")
+            p5 = up(self.ps[3](in5), scale_factor=8.0, mode="nearest")
+            p4 = up(self.ps[2](out4), scale_factor=4.0, mode="nearest")
+            p3 = up(self.ps[1](out3), scale_factor=2.0, mode="nearest")
+            p2 = self.ps[0](out2)
+            return self.head(torch.cat([p5, p4, p3, p2], 1))
+
+    return DB()
+
+
+def db_style(
+    *,
+    size: int = 128,
+    width: int = 16,
+    steps: int = 300,
+    batch: int = 16,
+    n_calibration: int = 64,
+    n_eval: int = 64,
+    seed: int = 0,
+    threads: int = 2,
+) -> TextDetectorStandIn:
+    """A DBNet-shaped text detector of rendered pages, trained with BCE + dice.
+
+    Input ``x`` ``[1, 3, size, size]`` (RGB, [0, 1]); output ``maps`` ``[1, 1, size, size]``,
+    the text probability map. Opset 17.
+
+    Measured on the 2-core AMD EPYC build machine (defaults): TODO.
+    """
+    torch = _torch()
+    r_train, r_cal, r_eval = _rngs(seed + 2, 3)
+    if size % 32:
+        raise ValueError(f"db_style: size = {size}: must be a multiple of 32 (e.g. 128)")
+    start = time.perf_counter()
+    with _deterministic(seed, threads):
+        net = db_net(width=width)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=4e-3, total_steps=steps, pct_start=0.15
+        )
+        net.train()
+        for _ in range(steps):
+            x, m = _page_batch(r_train, batch, size)
+            p = net(torch.from_numpy(x))
+            t = torch.from_numpy(m)
+            bce = torch.nn.functional.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), t)
+            dice = 1 - 2 * (p * t).sum() / (p.sum() + t.sum() + 1)
+            opt.zero_grad()
+            (bce * 5 + dice).backward()
+            opt.step()
+            sched.step()
+        net.eval()
+    seconds = time.perf_counter() - start
+    onnx_bytes = export_onnx(
+        net, (1, 3, size, size), opset=17, input_name="x", output_name="maps",
+        dynamic_batch=False,
+    )  # fmt: skip
+    calibration, _ = _page_batch(r_cal, n_calibration, size)
+    eval_inputs, eval_masks = _page_batch(r_eval, n_eval, size)
+    return TextDetectorStandIn(
+        onnx=_finish(onnx_bytes),
+        size=size,
+        calibration=calibration,
+        eval_inputs=eval_inputs,
+        eval_masks=eval_masks,
+        train_seconds=seconds,
+    )
+
+
+def mask_iou(prob: np.ndarray, target: np.ndarray, *, threshold: float = 0.3) -> float:
+    """IoU of the probability map thresholded at ``threshold`` (DB's default 0.3) with a 0/1
+    target mask (1.0 when both are empty)."""
+    pred = np.asarray(prob) > threshold
+    tgt = np.asarray(target) > 0.5
+    union = np.logical_or(pred, tgt).sum()
+    return 1.0 if union == 0 else float(np.logical_and(pred, tgt).sum() / union)

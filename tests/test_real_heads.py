@@ -1,0 +1,154 @@
+"""The converter on models shaped like real exports (converters/standins.py): a YOLOv8-style
+detector whose one output concatenates pixel boxes with [0, 1] scores, an SVTR-style CTC
+recognizer, a DB-style probability map. Judged on the task metric, against fp32; and the
+determinism rule (the same model, data and profile give the same bytes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from converters.task import infer_task, model_metadata, task_fidelity
+
+pytestmark = pytest.mark.slow
+
+FAST = ("--latency-seconds", "0.2")
+
+
+def _outputs(path: Path, x: np.ndarray) -> list[list[np.ndarray]]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    runs = [sess.run(None, {name: x[i : i + 1]}) for i in range(len(x))]
+    return [[r[k] for r in runs] for k in range(len(runs[0]))]
+
+
+@pytest.fixture(scope="module")
+def yolo(tmp_path_factory: pytest.TempPathFactory, standin_yolo: Any) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("yolo")
+    d = standin_yolo
+    (root / "yolo.onnx").write_bytes(d.onnx)
+    np.save(root / "cal.npy", d.calibration)
+    np.savez(root / "eval.npz", x=d.eval_images)
+    return {"dir": root, "onnx": root / "yolo.onnx", "cal": root / "cal.npy",
+            "eval": root / "eval.npz", "x": d.eval_images, "names": d.names}  # fmt: skip
+
+
+def test_yolo_stand_in_really_is_hard_for_plain_int8(yolo: dict[str, Any]) -> None:
+    """quantize_static's defaults lose the detections (every score under the boxes' scale):
+    the stand-in has the property that matters."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(np.load(yolo["cal"]))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            x = next(self.it, None)
+            return None if x is None else {"images": x[None]}
+
+    out = yolo["dir"] / "ort-default.onnx"
+    quantize_static(str(yolo["onnx"]), str(out), Reader())
+    ref, got = _outputs(yolo["onnx"], yolo["x"]), _outputs(out, yolo["x"])
+    model = onnx.load(str(yolo["onnx"]))
+    task = infer_task(
+        [np.concatenate(ref[0])],
+        output_names=["output0"],
+        metadata=model_metadata(model.metadata_props),
+    )
+    assert task.kind == "detect" and task.labels == tuple(yolo["names"])
+    fid = task_fidelity(task, ref, got)
+    assert fid["details"]["detections_original"] >= 64  # the fp32 model does detect
+    assert fid["value"] < 0.5, fid
+
+
+@pytest.mark.parametrize("fmt", ["onnx-int8", "tflite-int8"])
+def test_yolo_stand_in_keeps_its_detections(
+    cli: Any, yolo: dict[str, Any], tmp_path: Path, fmt: str
+) -> None:
+    out = tmp_path / ("m.tflite" if fmt == "tflite-int8" else "m.onnx")
+    rep = tmp_path / "r.json"
+    r = cli(
+        "quantize", yolo["onnx"], "-o", out, "--format", fmt, "--calibration", yolo["cal"],
+        "--eval", yolo["eval"], "--report", rep, *FAST,
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    report = json.loads(rep.read_text())
+    task = report["fidelity"]["task"]
+    assert task["kind"] == "detect" and task["metric"] == "f1"
+    assert task["value"] >= 0.95, task
+    assert report["budget"]["min_task_metric"] == 0.95 and report["budget"]["task"] == "detect"
+    # found from the graph and its ranges, no model-specific list: the output Concat
+    reasons = {n["node"]: n["reason"] for n in report["float_nodes"]}
+    concat = [n for n in onnx.load(str(yolo["onnx"])).graph.node if n.op_type == "Concat"][-1]
+    assert "magnitude" in reasons.get(concat.name, ""), reasons
+    assert report["size_bytes"]["ratio"] <= 0.35
+    assert "task detect: f1" in r.out
+
+
+def test_task_floor_and_override_through_the_cli(
+    cli: Any, yolo: dict[str, Any], tmp_path: Path
+) -> None:
+    # --task raw: no task metric; cosine alone (the default floor) judges
+    rep = tmp_path / "raw.json"
+    r = cli(
+        "quantize", yolo["onnx"], "-o", tmp_path / "raw.onnx", "--format", "onnx-int8",
+        "--calibration", yolo["cal"], "--eval", yolo["eval"], "--task", "raw",
+        "--report", rep, *FAST,
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    raw = json.loads(rep.read_text())
+    assert raw["fidelity"]["task"]["value"] is None and raw["budget"]["min_task_metric"] is None
+    # an impossible floor: exit 3, nothing written, the reason names the metric
+    out = tmp_path / "never.onnx"
+    r = cli(
+        "quantize", yolo["onnx"], "-o", out, "--format", "onnx-int8",
+        "--calibration", yolo["cal"], "--eval", yolo["eval"], "--min-task-metric", "1.5", *FAST,
+    )  # fmt: skip
+    assert r.code == 2 and "--min-task-metric 1.5" in r.err
+    assert not out.exists()
+
+
+def test_yolo_bundle_carries_the_detection_postprocessing(
+    cli: Any, yolo: dict[str, Any], keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from edge_agent.bundle import verify_bundle
+    from edge_agent.keys import load_trusted_keys
+
+    out = tmp_path / "yolo.edgebundle"
+    r = cli(
+        "build", yolo["onnx"], "-o", out, "--profile", "x86-64", "--sign-key", keys[0],
+        "--calibration", yolo["cal"], "--eval", yolo["eval"], *FAST,
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    post = verify_bundle(out, trusted_keys=load_trusted_keys([keys[1]])).manifest["postprocess"]
+    assert post["kind"] == "detection" and post["format"] == "yolo"
+    assert post["yolo_version"] == 8 and post["output"] == "output0"
+    assert post["labels"] == list(yolo["names"])
+
+
+def test_same_model_data_and_profile_give_the_same_bytes(
+    cli: Any, digits: Any, tmp_path: Path
+) -> None:
+    """Every scheme of this machine's profile is tried and timed; the choice must not be a
+    timing race."""
+    made = []
+    for i in range(2):
+        out, rep = tmp_path / f"m{i}.onnx", tmp_path / f"r{i}.json"
+        r = cli(
+            "quantize", digits.onnx, "-o", out, "--format", "onnx-int8",
+            "--calibration", digits.calibration, "--eval", digits.eval, "--report", rep, *FAST,
+        )  # fmt: skip
+        assert r.code == 0, r.err
+        made.append((out.read_bytes(), json.loads(rep.read_text())))
+    (a, ra), (b, rb) = made
+    assert len(ra["candidates"]) >= 2  # a real choice was made
+    assert all(c["latency"] is not None for c in ra["candidates"] if c["passed"])
+    assert ra["tie_band"] is not None and ra["tie_band"] >= 0.05
+    assert ra["int8_scheme"] == rb["int8_scheme"]
+    assert a == b

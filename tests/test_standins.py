@@ -1,0 +1,258 @@
+"""The stand-ins for third-party exports: shapes, metadata, op mix, and trained quality.
+
+Each model is built and trained once per session (conftest.py); the quality floors
+sit below what was measured with the default seeds (see each builder's docstring) with margin.
+"""
+
+from __future__ import annotations
+
+import ast
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from converters import standins
+
+pytestmark = pytest.mark.slow
+
+
+def _session(onnx_bytes: bytes) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def _run_all(onnx_bytes: bytes, inputs: np.ndarray) -> list[np.ndarray]:
+    sess = _session(onnx_bytes)
+    name = sess.get_inputs()[0].name
+    return [sess.run(None, {name: x[None]})[0] for x in inputs]
+
+
+def _op_types(model: onnx.ModelProto) -> set[str]:
+    return {n.op_type for n in model.graph.node}
+
+
+def _constants(model: onnx.ModelProto) -> set[str]:
+    """Names of tensors that are weights: initializers and Constant outputs."""
+    names = {i.name for i in model.graph.initializer}
+    names.update(o for n in model.graph.node if n.op_type == "Constant" for o in n.output)
+    return names
+
+
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _consumers(model: onnx.ModelProto, name: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if name in n.input]
+
+
+def _check_loadable(onnx_bytes: bytes, opset: int) -> onnx.ModelProto:
+    model = onnx.load_from_string(onnx_bytes)
+    onnx.checker.check_model(model)
+    assert [i.version for i in model.opset_import if i.domain in ("", "ai.onnx")] == [opset]
+    assert model.ir_version <= 10  # what the onnxruntime range the project supports reads
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# YOLOv8
+
+
+@pytest.fixture(scope="module")
+def yolo(standin_yolo: standins.DetectorStandIn) -> standins.DetectorStandIn:
+    return standin_yolo  # trained once per session (conftest.py)
+
+
+@pytest.fixture(scope="module")
+def yolo_outputs(yolo: standins.DetectorStandIn) -> list[np.ndarray]:
+    return _run_all(yolo.onnx, yolo.eval_images)
+
+
+def test_yolo_io_and_metadata(yolo: standins.DetectorStandIn) -> None:
+    model = _check_loadable(yolo.onnx, 17)
+    sess = _session(yolo.onnx)
+    (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
+    s = yolo.size
+    assert (inp.name, inp.shape) == ("images", [1, 3, s, s])
+    n = sum((s // st) ** 2 for st in (8, 16, 32))
+    assert (out.name, out.shape) == ("output0", [1, 4 + 3, n])
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["task"] == "detect"
+    assert meta["stride"] == "32"
+    assert ast.literal_eval(meta["imgsz"]) == [s, s]
+    assert ast.literal_eval(meta["names"]) == {0: "square", 1: "circle", 2: "triangle"}
+    assert meta["description"] and meta["author"]
+
+
+def test_yolo_data(yolo: standins.DetectorStandIn) -> None:
+    s = yolo.size
+    for x in (yolo.calibration, yolo.eval_images):
+        assert x.shape == (64, 3, s, s) and x.dtype == np.float32
+        assert x.min() >= 0.0 and x.max() <= 1.0
+    assert yolo.eval_boxes.shape == (64, 4, 4) and yolo.eval_classes.shape == (64, 4)
+    real = yolo.eval_classes >= 0
+    assert real[:, 0].all()  # every image has at least one shape
+    assert set(np.unique(yolo.eval_classes[real])) == {0, 1, 2}
+    sides = (yolo.eval_boxes[real][:, 2:] - yolo.eval_boxes[real][:, :2]).max(1)
+    assert sides.min() >= 10 and sides.max() <= 51
+
+
+def test_yolo_graph_is_ultralytics_shaped(yolo: standins.DetectorStandIn) -> None:
+    model = onnx.load_from_string(yolo.onnx)
+    ops = _op_types(model)
+    assert {"Conv", "Sigmoid", "Mul", "Split", "Concat", "MaxPool", "Resize"} <= ops
+    assert {"Softmax", "Add", "Sub", "Div"} <= ops  # DFL and dist2bbox
+    producers = _producers(model)
+    last = producers["output0"]
+    assert last.op_type == "Concat"
+    # One input is the pixel boxes (strides Mul), the other the sigmoid scores.
+    assert sorted(producers[i].op_type for i in last.input) == ["Mul", "Sigmoid"]
+    # DFL: a 1x1 Conv with the fixed weights 0..15 right after the Softmax.
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    dfl = [
+        n
+        for n in model.graph.node
+        if n.op_type == "Conv" and n.input[1] in inits and inits[n.input[1]].shape == (1, 16, 1, 1)
+    ]
+    assert len(dfl) == 1
+    np.testing.assert_array_equal(inits[dfl[0].input[1]].ravel(), np.arange(16))
+
+
+def test_yolo_detects_the_shapes(
+    yolo: standins.DetectorStandIn, yolo_outputs: list[np.ndarray]
+) -> None:
+    score = standins.detection_scores(yolo_outputs, yolo.eval_boxes, yolo.eval_classes)
+    assert score.ground_truth == int((yolo.eval_classes >= 0).sum())
+    assert score.recall >= 0.75, score
+    assert score.precision >= 0.75, score
+
+
+def test_yolo_output_mixes_pixels_and_probabilities(
+    yolo: standins.DetectorStandIn, yolo_outputs: list[np.ndarray]
+) -> None:
+    out = np.concatenate(yolo_outputs, 0)  # (N_img, 7, anchors)
+    boxes, scores = out[:, :4], out[:, 4:]
+    assert scores.min() >= 0.0 and scores.max() <= 1.0
+    # Centres span the image in pixels; the box rows are two orders above the score rows.
+    assert boxes[:, :2].min() > -yolo.size * 0.5 and boxes[:, :2].max() > yolo.size * 0.75
+    assert np.median(boxes[:, 2:]) > 5.0
+    # Real structure: background anchors near 0, the best anchor under each shape high.
+    assert np.quantile(scores, 0.95) < 0.05
+    score = standins.detection_scores(yolo_outputs, yolo.eval_boxes, yolo.eval_classes)
+    assert score.matched_score >= 0.6, score
+
+
+# --------------------------------------------------------------------------------------------
+# SVTR
+
+
+@pytest.fixture(scope="module")
+def svtr(standin_svtr: standins.RecognizerStandIn) -> standins.RecognizerStandIn:
+    return standin_svtr  # trained once per session (conftest.py)
+
+
+def test_svtr_io_and_ops(svtr: standins.RecognizerStandIn) -> None:
+    model = _check_loadable(svtr.onnx, 17)
+    sess = _session(svtr.onnx)
+    (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
+    assert inp.shape == [1, 3, 32, svtr.width]
+    assert out.shape == [1, svtr.width // 4, len(svtr.charset) + 1]
+    ops = _op_types(model)
+    assert {"LayerNormalization", "Erf", "Softmax", "Conv", "HardSwish", "AveragePool"} <= ops
+    # Attention: q·kᵀ and attn·v multiply two activations (no weight on either side).
+    weights = _constants(model)
+    two_act = [n for n in model.graph.node if n.op_type == "MatMul" and not set(n.input) & weights]
+    assert len(two_act) == 4  # 2 blocks x (q·kᵀ, attn·v)
+    assert _producers(model)[out.name].op_type == "Softmax"
+
+
+def test_svtr_data(svtr: standins.RecognizerStandIn) -> None:
+    assert svtr.calibration.shape == (64, 3, 32, svtr.width)
+    assert svtr.eval_inputs.shape == (len(svtr.eval_texts), 3, 32, svtr.width)
+    assert all(3 <= len(t) <= 8 and set(t) <= set(svtr.charset) for t in svtr.eval_texts)
+    assert svtr.eval_inputs.min() >= 0.0 and svtr.eval_inputs.max() <= 1.0
+
+
+def test_svtr_reads_the_lines(svtr: standins.RecognizerStandIn) -> None:
+    outs = _run_all(svtr.onnx, svtr.eval_inputs)
+    np.testing.assert_allclose(outs[0].sum(-1), 1.0, atol=1e-4)
+    read = [standins.ctc_greedy(o, svtr.charset) for o in outs]
+    exact = np.mean([r == t for r, t in zip(read, svtr.eval_texts)])
+    assert exact >= 0.6, list(zip(read, svtr.eval_texts))[:10]
+
+
+def test_svtr_opset_14_decomposes_layernorm() -> None:
+    small = standins.svtr_style(dim=32, steps=1, batch=2, opset=14, n_calibration=1, n_eval=1)
+    model = _check_loadable(small.onnx, 14)
+    ops = _op_types(model)
+    assert "LayerNormalization" not in ops
+    assert {"ReduceMean", "Sub", "Pow", "Sqrt", "Div", "Erf", "Softmax"} <= ops
+    assert _run_all(small.onnx, small.eval_inputs)[0].shape == (1, 32, len(small.charset) + 1)
+
+
+# --------------------------------------------------------------------------------------------
+# DBNet
+
+
+@pytest.fixture(scope="module")
+def db(standin_db: standins.TextDetectorStandIn) -> standins.TextDetectorStandIn:
+    return standin_db  # trained once per session (conftest.py)
+
+
+def test_db_io_and_ops(db: standins.TextDetectorStandIn) -> None:
+    model = _check_loadable(db.onnx, 17)
+    sess = _session(db.onnx)
+    (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
+    assert inp.shape == [1, 3, db.size, db.size]
+    assert out.shape == [1, 1, db.size, db.size]
+    ops = _op_types(model)
+    assert {"Conv", "Relu", "Resize", "Add", "Concat", "ConvTranspose", "Sigmoid"} <= ops
+    deconv_bn = [
+        n
+        for n in model.graph.node
+        if n.op_type == "ConvTranspose"
+        and [c.op_type for c in _consumers(model, n.output[0])] == ["BatchNormalization"]
+    ]
+    assert len(deconv_bn) == 1
+    assert _producers(model)[out.name].op_type == "Sigmoid"
+
+
+def test_db_data(db: standins.TextDetectorStandIn) -> None:
+    s = db.size
+    assert db.calibration.shape == (64, 3, s, s)
+    assert db.eval_inputs.shape == (64, 3, s, s) and db.eval_masks.shape == (64, 1, s, s)
+    assert set(np.unique(db.eval_masks)) == {0.0, 1.0}
+    assert (db.eval_masks.sum((1, 2, 3)) > 0).all()
+
+
+def test_db_finds_the_text(db: standins.TextDetectorStandIn) -> None:
+    outs = _run_all(db.onnx, db.eval_inputs)
+    ious = [standins.mask_iou(o, m) for o, m in zip(outs, db.eval_masks)]
+    assert np.mean(ious) >= 0.6, sorted(ious)[:5]
+    probs = np.concatenate([o.ravel() for o in outs])
+    assert probs.min() >= 0.0 and probs.max() <= 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# All three
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: standins.yolov8_style(
+            size=64, width=4, steps=2, batch=2, n_calibration=1, n_eval=1
+        ),
+        lambda: standins.svtr_style(dim=16, steps=2, batch=2, n_calibration=1, n_eval=1),
+        lambda: standins.db_style(size=64, width=4, steps=2, batch=2, n_calibration=1, n_eval=1),
+    ],
+    ids=["yolov8", "svtr", "db"],
+)
+def test_same_seed_same_bytes(build: object) -> None:
+    assert callable(build)
+    a, b = build(), build()
+    assert a.onnx == b.onnx
+    np.testing.assert_array_equal(a.calibration, b.calibration)
