@@ -152,3 +152,73 @@ def test_same_model_data_and_profile_give_the_same_bytes(
     assert ra["tie_band"] is not None and ra["tie_band"] >= 0.05
     assert ra["int8_scheme"] == rb["int8_scheme"]
     assert a == b
+
+
+def _files(root: Path, d: Any) -> tuple[Path, Path, Path]:
+    (root / "m.onnx").write_bytes(d.onnx)
+    np.save(root / "cal.npy", d.calibration)
+    np.savez(root / "eval.npz", x=d.eval_inputs)
+    return root / "m.onnx", root / "cal.npy", root / "eval.npz"
+
+
+@pytest.mark.parametrize("fmt", ["onnx-int8", "tflite-int8"])
+def test_svtr_stand_in_keeps_its_readings(
+    cli: Any, standin_svtr: Any, tmp_path: Path, fmt: str
+) -> None:
+    """Attention blocks (MatMul of two activations, LayerNorm, GELU) and a CTC head: judged on
+    the greedy-decoded sequences, not on tensor cosine."""
+    src, cal, ev = _files(tmp_path, standin_svtr)
+    out, rep = tmp_path / ("m.tflite" if fmt == "tflite-int8" else "q.onnx"), tmp_path / "r.json"
+    r = cli(
+        "quantize", src, "-o", out, "--format", fmt, "--calibration", cal, "--eval", ev,
+        "--report", rep, *FAST,
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    report = json.loads(rep.read_text())
+    task = report["fidelity"]["task"]
+    assert task["kind"] == "ctc" and task["details"]["blank"] == 0  # the CTC blank the model has
+    assert task["value"] >= 0.97 and task["details"]["cer"] <= 0.01, task
+    assert report["size_bytes"]["ratio"] <= 0.40
+
+
+@pytest.mark.parametrize("fmt", ["onnx-int8", "tflite-int8"])
+def test_db_stand_in_keeps_its_text_map(
+    cli: Any, standin_db: Any, tmp_path: Path, fmt: str
+) -> None:
+    src, cal, ev = _files(tmp_path, standin_db)
+    out, rep = tmp_path / ("m.tflite" if fmt == "tflite-int8" else "q.onnx"), tmp_path / "r.json"
+    r = cli(
+        "quantize", src, "-o", out, "--format", fmt, "--calibration", cal, "--eval", ev,
+        "--report", rep, *FAST,
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    report = json.loads(rep.read_text())
+    task = report["fidelity"]["task"]
+    assert task["kind"] == "mask" and task["metric"] == "iou"
+    assert task["value"] >= 0.95 and task["details"]["iou@0.3"] >= 0.95, task
+    assert report["size_bytes"]["ratio"] <= 0.40
+
+
+def test_a_missed_floor_is_searched_until_it_holds(
+    cli: Any, standin_svtr: Any, tmp_path: Path
+) -> None:
+    """A floor the plain int8 model misses (a cosine of 0.99999 here): the ranked search keeps
+    units in float until it holds, with the fewest units, and lists the trade-off it explored."""
+    src, cal, ev = _files(tmp_path, standin_svtr)
+    rep = tmp_path / "r.json"
+    r = cli(
+        "quantize", src, "-o", tmp_path / "q.onnx", "--format", "onnx-int8",
+        "--scheme", "s8s8-qdq", "--calibration", cal, "--eval", ev, "--min-cosine", "0.99999",
+        "--report", rep, *FAST,
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    report = json.loads(rep.read_text())
+    search = report["search"]
+    assert len(search) >= 3 and not search[0]["passed"] and search[0]["float_nodes"] == 0
+    chosen = [s for s in search if s["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["passed"]
+    # the fewest units that pass: every explored point with fewer float nodes failed
+    assert all(not s["passed"] for s in search if s["float_nodes"] < chosen[0]["float_nodes"])
+    assert all(s["size_bytes"] > 0 and s["latency_ms"] is not None for s in search)
+    assert report["fidelity"]["cosine"] >= 0.99999
+    assert "float-fallback search" in r.out
