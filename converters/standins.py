@@ -40,8 +40,8 @@ SHAPE_NAMES = ("square", "circle", "triangle")
 SCORE_THRESHOLD = 0.25
 NMS_IOU = 0.45
 REG_MAX = 16
+#: Loss gains: class BCE, DFL, IoU.
 _GAINS = (1.0, 2.0, 5.0)
-_EXTRA = False
 #: Longer box side (px) each level (strides 8, 16, 32) learns; overlapping, so no size is a
 #: positive on one level and a contradicting negative on the next.
 _LEVEL_SIDES = ((0, 24), (16, 44), (32, 1e9))
@@ -437,13 +437,13 @@ def yolov8_style(
     size: int = 96,
     width: int = 8,
     depth: int = 1,
-    steps: int = 300,
-    batch: int = 16,
-    lr: float = 4e-3,
+    steps: int = 200,
+    batch: int = 24,
+    lr: float = 8e-3,
     n_calibration: int = 64,
     n_eval: int = 64,
     seed: int = 0,
-    threads: int = 2,
+    threads: int = 1,
 ) -> DetectorStandIn:
     """An Ultralytics-YOLOv8-shaped detector of squares, circles and triangles, trained briefly.
 
@@ -453,7 +453,17 @@ def yolov8_style(
     the strides), rows 4-6 sigmoid class scores, joined by one Concat. Opset 17, Ultralytics'
     ``metadata_props`` (task, names, stride, imgsz, batch, description, author).
 
-    Measured on the 2-core AMD EPYC build machine (defaults): TODO.
+    ``threads`` (default 1) pins torch's intra-op threads while training: the result depends on
+    it. One thread is the default because on a shared 2-core machine a 2-thread OpenMP step
+    stalls at its barriers whenever another process holds a core (measured: 0.16 s per step
+    alone, 2-8 s under a load of 5), while one thread degrades gracefully.
+
+    Measured with the defaults on the 2-core AMD EPYC (AVX2) build machine: training 56 s of
+    CPU (one thread; 47-73 s wall depending on load), 200 steps of 24 images. On the 64
+    held-out images (157 shapes), decoded with score 0.25 and class-aware NMS 0.45: recall
+    0.96, precision 0.86 at IoU 0.5 (the false positives are mostly a second class on a
+    detected shape, scored 0.25-0.5); the mean score of matched detections is 0.95, 95 % of
+    all class scores are under 0.03 and 1 % above 0.9. Building twice gives the same bytes.
     """
     torch = _torch()
     r_train, r_cal, r_eval = _rngs(seed, 3)
@@ -697,7 +707,6 @@ def svtr_net(
             super().__init__()
             self.patch_embed = nn.Sequential(conv_bn(3, dim // 2, 2), conv_bn(dim // 2, dim, 2))
             self.merge = conv_bn(dim, dim, (2, 1))  # SVTR's merging: halve the height
-            self.extra = conv_bn(dim // 2, dim // 2, 1) if _EXTRA else nn.Identity()
             self.pos_embed = nn.Parameter(torch.zeros(1, h_tok * w_tok, dim))
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
             self.blocks = nn.ModuleList([Block(), Block()])
@@ -708,7 +717,7 @@ def svtr_net(
             self.fc = nn.Linear(dim, classes)
 
         def forward(self, x: Any) -> Any:
-            x = self.merge(self.patch_embed[1](self.extra(self.patch_embed[0](x))))
+            x = self.merge(self.patch_embed(x))
             b = x.shape[0]
             x = x.flatten(2).transpose(1, 2) + self.pos_embed
             for blk in self.blocks:
@@ -735,7 +744,7 @@ def svtr_style(
     n_calibration: int = 64,
     n_eval: int = 128,
     seed: int = 0,
-    threads: int = 2,
+    threads: int = 1,
 ) -> RecognizerStandIn:
     """An SVTR / PP-OCR-rec-shaped recognizer of rendered text lines, trained with CTC.
 
@@ -934,7 +943,7 @@ def db_style(
     n_calibration: int = 64,
     n_eval: int = 64,
     seed: int = 0,
-    threads: int = 2,
+    threads: int = 1,
 ) -> TextDetectorStandIn:
     """A DBNet-shaped text detector of rendered pages, trained with BCE + dice.
 
