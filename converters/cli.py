@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.convert import QUANTIZE_FORMATS
-from converters.task import TASKS
+from converters.task import ALIASES, TASKS
 from edge_agent.cli import float_list
 from edge_agent.errors import EXIT_INTERNAL, EXIT_OK, ConfigError, EdgeError
 from edge_agent.formats import CALIBRATION_METHODS
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, metavar="REPORT.json")
     p.add_argument(
         "--task",
-        choices=("auto", *TASKS),
+        choices=("auto", *TASKS, *ALIASES),
         default="auto",
         help="what the model is for, judged by its task metric (default: from its outputs)",
     )
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=Path, metavar="FILE", help="class labels, one per line")
     p.add_argument(
         "--task",
-        choices=("auto", "classification", "detection", "segmentation", "raw", *TASKS[:-1]),
+        choices=("auto", *ALIASES, *TASKS),
         default="auto",
         help="what the model is for: the task metric judged and the bundle's postprocessing "
         "(default: from its outputs and metadata)",

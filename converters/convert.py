@@ -29,11 +29,11 @@ from converters.canonical import CanonicalModel, canonicalize, fix_ir_version, t
 from converters.data import Subset, evenly, split_data
 from converters.task import (
     DEFAULT_FLOORS,
+    Judge,
     Task,
     canonical_task,
     infer_task,
     model_metadata,
-    task_fidelity,
 )
 from converters.validate import (
     LiteRTSession,
@@ -64,6 +64,8 @@ DEFAULT_MIN_COSINE = 0.99
 #: candidates whose median latencies differ by less than this fraction (or 3x the measured
 #: timing noise, when larger) tie
 MIN_TIE_BAND = 0.05
+#: ... but never wider than this: a much slower scheme does not tie because the machine is busy
+MAX_TIE_BAND = 0.25
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,8 @@ class Candidate:
     explored: list[Candidate] = field(default_factory=list)
     #: the calibration method its activation ranges come from (static int8)
     method: str | None = None
+    #: how far its worst budget check clears the floor (negative: missed by that much)
+    margin: float = float("-inf")
 
     @property
     def size(self) -> int:
@@ -214,6 +218,23 @@ class _Budget:
                         f"< {self.min_cosine}"
                     )
         return None
+
+    def margin(self, fid: Mapping[str, Any], acc: float | None, acc_ref: float | None) -> float:
+        """How far the worst check clears its floor (negative when it misses): the measure that
+        compares two candidates that both miss, on what made them miss."""
+        margins = []
+        if self.max_drop is not None and acc is not None and acc_ref is not None:
+            margins.append((self.max_drop - (acc_ref - acc)) / 100.0)
+        value = (fid.get("task") or {}).get("value")
+        if self.min_task is not None and value is not None:
+            margins.append(value - self.min_task)
+        if self.min_cosine is not None:
+            for entry in fid.get("per_output", []):
+                if entry["kind"] == "tensor":
+                    margins.append(entry["cosine"] - self.min_cosine)
+                elif entry["kind"] == "labels":
+                    margins.append(entry["agreement"] - self.min_cosine)
+        return min(margins, default=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -335,6 +356,18 @@ def _convert(
         metadata=model_metadata(imported.metadata_props),
         requested=options.task,
     )
+    judge = Judge(task, ref)
+    if task.kind == "detect" and options.task == "auto":
+        # a decoding that does not reproduce the original against itself is a wrong guess of
+        # the layout (raw SSD encodings without their anchors, say): judge the tensors instead
+        itself = judge(ref)["value"]
+        if itself is None or itself < 1.0:
+            task = Task(
+                "raw",
+                f"{task.reason}; but decoded so, the original does not match itself (F1 "
+                f"{itself}): compared as tensors; --task detect insists",
+            )
+            judge = Judge(task, ref)
     budget = _Budget(
         max_drop=options.max_accuracy_drop,
         min_cosine=options.min_cosine,
@@ -359,9 +392,10 @@ def _convert(
             sess = session_for(cand.path)
             got = run_all(sess, val.batches(batch=batch))
             cand.fidelity = compare_outputs(ref, got, out_names)
-            cand.fidelity["task"] = task_fidelity(task, ref, got)
+            cand.fidelity["task"] = judge(got)
             cand.accuracy = accuracy(concat(got), labels) if labels is not None else None
             reason = budget.check(cand.fidelity, cand.accuracy, acc_ref)
+            cand.margin = budget.margin(cand.fidelity, cand.accuracy, acc_ref)
             cand.passed = reason is None
             cand.error = reason
         except EdgeError as exc:
@@ -417,7 +451,7 @@ def _convert(
             _with_budget(
                 "dynamic",
                 make_dynamic,
-                lambda: ranking,
+                lambda _method: ranking,
                 evaluate,
                 scheme="dynamic",
                 fallback=options.float_fallback,
@@ -471,7 +505,13 @@ def _convert(
         # order, so the same model, data and profile give the same bytes.
         best = min(lat[str(c.path)].median_ms for c in passing)
         noise = max(lat[str(c.path)].noise for c in passing)
-        tie_band = max(MIN_TIE_BAND, 3.0 * noise)
+        tie_band = min(max(MIN_TIE_BAND, 3.0 * noise), MAX_TIE_BAND)
+        if 3.0 * noise > MAX_TIE_BAND:
+            warnings_.append(
+                f"latency timing was too noisy to tell the schemes apart (noise {noise:.1%} of "
+                f"the median): ties were judged within {MAX_TIE_BAND:.0%}; rerun on a quieter "
+                "machine or with a longer --latency-seconds"
+            )
         close = [c for c in passing if lat[str(c.path)].median_ms <= best * (1.0 + tie_band)]
         chosen = min(close, key=lambda c: (c.size, passing.index(c)))
     else:
@@ -606,15 +646,6 @@ def _convert(
     )
 
 
-def _task_value(cand: Candidate) -> float:
-    """A candidate's task metric, else its cosine (-inf when neither was measured)."""
-    task = cand.fidelity.get("task") or {}
-    value = task.get("value")
-    if value is None:
-        value = cand.fidelity.get("cosine")
-    return float("-inf") if value is None else float(value)
-
-
 def _with_budget(
     label: str,
     make: Any,
@@ -642,7 +673,8 @@ def _with_budget(
     ``methods`` are tried after the first miss, and the one with the best task metric
     calibrates the rest of the search."""
     explored: list[Candidate] = []
-    base = [dict(e) for e in always_float]
+    # --no-float-fallback: int8 as it comes, nothing kept in float
+    base = [dict(e) for e in always_float] if fallback else []
     current = method
 
     def attempt(extra: Sequence[Mapping[str, Any]], tag: str, how: str | None = None) -> Candidate:
@@ -661,19 +693,22 @@ def _with_budget(
         return first
     best_yet = first
     for other in methods:
-        alt = attempt([], "0", other)
+        try:
+            alt = attempt([], "0", other)
+        except EdgeError:  # that calibration could not be made: the others still stand
+            continue
         if alt.passed:
             return alt
-        if _task_value(alt) > _task_value(best_yet):
+        if alt.margin > best_yet.margin:
             best_yet, current = alt, other
     if tail:
         with_tail = attempt(tail, "tail")
         if with_tail.passed:
             return with_tail
-        if _task_value(with_tail) > _task_value(best_yet):
+        if with_tail.margin > best_yet.margin:
             base += [dict(e) for e in tail]
     done = {e["node"] for e in base}
-    ranking = [r for r in ranking_fn() if not set(r["nodes"]) <= done]
+    ranking = [r for r in ranking_fn(current) if not set(r["nodes"]) <= done]
 
     def entries(k: int) -> list[dict[str, Any]]:
         out = []
@@ -800,8 +835,8 @@ def _int8_candidate(
             nodes_to_exclude=exclude,
         )
 
-    def ranking() -> list[dict[str, Any]]:
-        twin = make((), "twin", "qdq")
+    def ranking(how: str | None = None) -> list[dict[str, Any]]:
+        twin = make((), f"twin-{how or method}", "qdq", how or method)
         return q.activation_sensitivity(
             canon.model,
             onnx.load_model(str(twin)),
@@ -852,10 +887,11 @@ def _tflite_int8_candidate(
         path.write_bytes(onnx_to_tflite(canon.model, int8=cfg))
         return path
 
-    def ranking() -> list[dict[str, Any]]:
+    def ranking(how: str | None = None) -> list[dict[str, Any]]:
+        how = how or method
         twin = q.quantize_int8_static(
-            fp32, tmp / "tflite-twin.onnx", scheme=Int8Scheme.parse("s8s8-qdq"),
-            cache_path=calibrations.get(method), method=method,
+            fp32, tmp / f"tflite-twin-{how}.onnx", scheme=Int8Scheme.parse("s8s8-qdq"),
+            cache_path=calibrations.get(how), method=how,
         )  # fmt: skip
         return q.activation_sensitivity(
             canon.model,

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 #: ops that move values without computing: a tensor keeps its range through them
 SHAPE_OPS = frozenset(
@@ -187,16 +186,3 @@ def blocks(model: onnx.ModelProto) -> list[dict[str, Any]]:
                     tail = next(iter(cons.get(tail.output[0], [])), None)
             add("layernorm", group)
     return found
-
-
-def weight_count(model: onnx.ModelProto, node_names: Sequence[str]) -> int:
-    """How many weights the named nodes hold (what keeping them in float costs in size)."""
-    inits = {i.name: i for i in model.graph.initializer}
-    total = 0
-    names = set(node_names)
-    for n in model.graph.node:
-        if n.name in names:
-            for i in n.input:
-                if i in inits:
-                    total += int(np.prod(numpy_helper.to_array(inits[i]).shape))
-    return total

@@ -9,6 +9,7 @@ The same ranges will serve the TFLite int8 path, so the two int8 models agree.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import tempfile
 import warnings
@@ -47,12 +48,13 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """onnxruntime's quantizer logs advice at WARNING through the root logger; keep it quiet."""
+    """onnxruntime's quantizer logs advice at WARNING through the root logger, and its histogram
+    calibrators (percentile, entropy) print their progress: keep both off the user's terminal."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -376,8 +378,26 @@ def activation_sensitivity(
             fused.setdefault(out, []).append(name)
     units += [(by_name[names[0]].op_type, names) for names in fused.values()]
     ranking: list[dict[str, Any]] = []
+    read_by: dict[str, set[str]] = {}
+    for n in float_model.graph.node:
+        for i in n.input:
+            read_by.setdefault(i, set()).add(n.name)
+    graph_outputs = {o.name for o in float_model.graph.output}
     for kind, names in units:
-        outs = [result_of[n] for n in names if n in result_of and result_of[n] in err]
+        inside = set(names)
+        # a unit's output: what leaves it (read outside it, or a graph output), not its inner
+        # tensors (an attention block's scores are noisier than what it hands on)
+        outs = [
+            result_of[n]
+            for n in names
+            if n in result_of
+            and result_of[n] in err
+            and (
+                len(names) == 1
+                or read_by.get(result_of[n], set()) - inside
+                or result_of[n] in graph_outputs
+            )
+        ]
         if not outs:
             continue
         made = {o for n in names for o in by_name[n].output}

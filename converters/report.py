@@ -76,7 +76,7 @@ def summary_table(report: Mapping[str, Any]) -> str:
             + f"   ({task['details'].get('reason', '')})"
         )
     search = report.get("search") or []
-    if len(search) > 1:
+    if any(e["float_nodes"] for e in search) or len({e["scheme"] for e in search}) < len(search):
         out.append("")
         out.append("float-fallback search (nodes kept in float -> fidelity, size, latency):")
         out.append(

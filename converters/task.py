@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.validate import is_classifier_output
 from edge_agent.errors import ConfigError
 from edge_agent.postprocess import Postprocessor, PostprocessSpec
 
@@ -131,10 +132,11 @@ def _in_unit(a: np.ndarray) -> bool:
 
 
 def _is_distribution(a: np.ndarray) -> bool:
-    """Rows over the last axis are probabilities (softmax) or log-probabilities."""
+    """Rows over the last axis are probabilities (softmax) or log-probabilities (judged on the
+    first few samples)."""
     if a.size == 0 or a.shape[-1] < 2:
         return False
-    a64 = a.astype(np.float64)
+    a64 = a[:8].astype(np.float64)
     if float(a64.min()) >= -1e-6 and np.allclose(a64.sum(axis=-1), 1.0, atol=1e-3):
         return True
     if float(a64.max()) <= 1e-6:
@@ -171,7 +173,7 @@ def infer_task(
             )
     if requested in ("auto", "ctc"):
         for i, out in enumerate(outputs):
-            if out is None or out.ndim != 3 or out.dtype.kind != "f" or out.shape[2] < 2:
+            if out is None or out.ndim != 3 or out.dtype.kind != "f" or min(out.shape[1:]) < 2:
                 continue
             if requested == "ctc" or _is_distribution(out):
                 blank = int(np.bincount(out.argmax(axis=-1).ravel()).argmax())
@@ -190,18 +192,28 @@ def infer_task(
         for i, out in enumerate(outputs):
             if out is None or out.ndim != 4 or out.dtype.kind != "f":
                 continue
-            if requested == "mask" or (min(out.shape[2:]) >= 4 and _in_unit(out)):
+            # one probability channel, or per-pixel class probabilities (softmax over C); an
+            # image-like output in [0, 1] (super-resolution, denoising) is not a mask
+            prob = out.shape[1] == 1 and _in_unit(out)
+            classes = out.shape[1] > 1 and _in_unit(out) and _is_softmax_axis1(out[:8])
+            if requested == "mask" or (min(out.shape[2:]) >= 4 and (prob or classes)):
                 why = (
                     "--task mask"
                     if requested == "mask"
-                    else f"output '{output_names[i]}' {list(out.shape)} is a map with values in "
-                    "[0, 1]"
+                    else f"output '{output_names[i]}' {list(out.shape)} is a "
+                    + ("probability map" if prob else "map of class probabilities")
                 )
                 return Task("mask", why, (i,))
         if requested == "mask":
             raise ConfigError("--task mask: no [N, C, H, W] float output")
+    if _postprocessed_detections(outputs) and requested == "auto":
+        return Task(
+            "raw",
+            "the outputs are detections already decoded (boxes [N, K, 4] beside "
+            "[N, K] classes or scores): compared as tensors; --task overrides",
+        )
     for i, out in enumerate(outputs):
-        if out is not None and out.dtype.kind == "f" and out.ndim == 2 and out.shape[1] > 1:
+        if out is not None and is_classifier_output(out):
             why = (
                 "--task classify"
                 if requested == "classify"
@@ -214,6 +226,14 @@ def infer_task(
         raise ConfigError("--task classify: no [N, classes] float output and no label output")
     shapes = [None if o is None else list(o.shape) for o in outputs]
     return Task("raw", f"no output shape says detector, sequence, map or classifier ({shapes})")
+
+
+def _postprocessed_detections(outputs: Sequence[np.ndarray | None]) -> bool:
+    """TF Object Detection API style: boxes [N, K, 4] and per-box [N, K] classes or scores."""
+    boxes = [o for o in outputs if o is not None and o.ndim == 3 and o.shape[2] == 4]
+    return any(
+        o is not None and o.ndim == 2 and o.shape == b.shape[:2] for b in boxes for o in outputs
+    )
 
 
 def _detection(
@@ -239,6 +259,9 @@ def _detection(
             post: dict[str, Any] = {"format": "ssd"}
             if not _in_unit(sc):
                 post["softmax"] = True
+            top = sc[:8].reshape(-1, sc.shape[2]).argmax(axis=1)
+            if sc.shape[2] > 1 and np.mean(top == 0) > 0.5:  # class 0 wins most anchors
+                post["background_class"] = 0
             post["box_format"] = "xyxy"
             if _in_unit(box):
                 post["normalized"] = True
@@ -284,36 +307,50 @@ def _samples(batches: list[np.ndarray]) -> list[np.ndarray]:
 def task_fidelity(task: Task, ref: Batches, got: Batches) -> dict[str, Any]:
     """The report's ``fidelity.task``: ``{"kind", "metric", "value", "details"}``; ``value`` is
     None for ``raw``."""
-    details: dict[str, Any] = {"reason": task.reason}
-    value: float | None = None
-    if task.kind == "detect":
-        value, more = _detection_fidelity(task, ref, got)
-        details.update(more)
-    elif task.kind == "ctc":
-        value, more = ctc_fidelity(
-            np.concatenate(ref[task.outputs[0]]),
-            np.concatenate(got[task.outputs[0]]),
-            blank=task.blank or 0,
+    return Judge(task, ref)(got)
+
+
+class Judge:
+    """:func:`task_fidelity` against one reference, whose decoding is done once (the converter
+    judges many candidates against the same original)."""
+
+    def __init__(self, task: Task, ref: Batches) -> None:
+        self.task = task
+        self._dets = decode_detections(task, ref) if task.kind == "detect" else None
+        self._ref = (
+            np.concatenate(ref[task.outputs[0]])
+            if task.kind in ("ctc", "mask", "classify") and task.outputs
+            else None
         )
-        details.update(more)
-    elif task.kind == "mask":
-        value, more = mask_fidelity(
-            np.concatenate(ref[task.outputs[0]]), np.concatenate(got[task.outputs[0]])
-        )
-        details.update(more)
-    elif task.kind == "classify":
-        r = np.concatenate(ref[task.outputs[0]])
-        g = np.concatenate(got[task.outputs[0]])
-        if r.ndim == 2:
-            r, g = r.argmax(axis=1), g.argmax(axis=1)
-        value = float(np.mean(r.reshape(-1) == g.reshape(-1))) if r.size else 1.0
-        details["samples"] = int(r.shape[0])
-    return {
-        "kind": task.kind,
-        "metric": task.metric,
-        "value": None if value is None else round(float(value), 6),
-        "details": details,
-    }
+
+    def __call__(self, got: Batches) -> dict[str, Any]:
+        task = self.task
+        details: dict[str, Any] = {"reason": task.reason}
+        value: float | None = None
+        if task.kind == "detect":
+            assert self._dets is not None
+            value, more = match_detections(self._dets, decode_detections(task, got))
+            details.update(more, decode=dict(task.postprocess))
+        elif self._ref is not None:
+            g = np.concatenate(got[task.outputs[0]])
+            if task.kind == "ctc":
+                value, more = ctc_fidelity(self._ref, g, blank=task.blank or 0)
+                details.update(more)
+            elif task.kind == "mask":
+                value, more = mask_fidelity(self._ref, g)
+                details.update(more)
+            else:
+                r = self._ref
+                if r.ndim == 2:
+                    r, g = r.argmax(axis=1), g.argmax(axis=1)
+                value = float(np.mean(r.reshape(-1) == g.reshape(-1))) if r.size else 1.0
+                details["samples"] = int(r.shape[0])
+        return {
+            "kind": task.kind,
+            "metric": task.metric,
+            "value": None if value is None else round(float(value), 6),
+            "details": details,
+        }
 
 
 def greedy_ctc(probs: np.ndarray, *, blank: int = 0) -> list[tuple[int, ...]]:
@@ -459,9 +496,3 @@ def decode_detections(task: Task, batches: Batches) -> list[Detections]:
         spec.update(output="out0", scores_output="out1")
     post = Postprocessor(PostprocessSpec(kind="detection", **spec), output_names=names)
     return [post(list(sample))["detections"] for sample in zip(*used)]
-
-
-def _detection_fidelity(task: Task, ref: Batches, got: Batches) -> tuple[float, dict[str, Any]]:
-    f1, details = match_detections(decode_detections(task, ref), decode_detections(task, got))
-    details["decode"] = dict(task.postprocess)
-    return f1, details

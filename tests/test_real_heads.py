@@ -104,7 +104,7 @@ def test_task_floor_and_override_through_the_cli(
     assert r.code == 0, r.err
     raw = json.loads(rep.read_text())
     assert raw["fidelity"]["task"]["value"] is None and raw["budget"]["min_task_metric"] is None
-    # an impossible floor: exit 3, nothing written, the reason names the metric
+    # an impossible floor: refused as bad input (exit 2) before anything is written
     out = tmp_path / "never.onnx"
     r = cli(
         "quantize", yolo["onnx"], "-o", out, "--format", "onnx-int8",
