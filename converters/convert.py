@@ -500,20 +500,15 @@ def _convert(
             c.latency = lat[str(c.path)].to_dict()
     tie_band = None
     if options.host_profile:
-        # Schemes within the timing noise of the fastest tie (the noise is measured: the
-        # spread of each one's interleaved blocks); a tie breaks by size, then by the profile's
-        # order, so the same model, data and profile give the same bytes.
-        best = min(lat[str(c.path)].median_ms for c in passing)
-        noise = max(lat[str(c.path)].noise for c in passing)
-        tie_band = min(max(MIN_TIE_BAND, 3.0 * noise), MAX_TIE_BAND)
-        if 3.0 * noise > MAX_TIE_BAND:
+        index, tie_band, noisy = choose_fastest(
+            [(c.size, lat[str(c.path)].median_ms, lat[str(c.path)].noise) for c in passing]
+        )
+        chosen = passing[index]
+        if noisy:
             warnings_.append(
-                f"latency timing was too noisy to tell the schemes apart (noise {noise:.1%} of "
-                f"the median): ties were judged within {MAX_TIE_BAND:.0%}; rerun on a quieter "
-                "machine or with a longer --latency-seconds"
+                "latency timing was too noisy to tell the schemes apart: ties were judged within "
+                f"{MAX_TIE_BAND:.0%}; rerun on a quieter machine or with a longer --latency-seconds"
             )
-        close = [c for c in passing if lat[str(c.path)].median_ms <= best * (1.0 + tie_band)]
-        chosen = min(close, key=lambda c: (c.size, passing.index(c)))
     else:
         chosen = passing[0]
         warnings_.append(
@@ -644,6 +639,21 @@ def _convert(
         preprocess=preprocess,
         task=task,
     )
+
+
+def choose_fastest(timings: Sequence[tuple[int, float, float]]) -> tuple[int, float, bool]:
+    """The index of the candidate to keep among passing ones given as ``(size, median latency,
+    noise)`` in the profile's order, the tie band, and whether the band was capped.
+
+    Candidates within the timing noise of the fastest tie: the band is 3x the largest measured
+    noise (the standard error of a median, relative), at least :data:`MIN_TIE_BAND` and at most
+    :data:`MAX_TIE_BAND`. A tie breaks by size, then by the profile's order, so the same model,
+    data and profile give the same bytes unless a scheme is clearly faster."""
+    best = min(t[1] for t in timings)
+    noise = max(t[2] for t in timings)
+    band = min(max(MIN_TIE_BAND, 3.0 * noise), MAX_TIE_BAND)
+    close = [i for i, t in enumerate(timings) if t[1] <= best * (1.0 + band)]
+    return min(close, key=lambda i: (timings[i][0], i)), band, 3.0 * noise > MAX_TIE_BAND
 
 
 def _with_budget(
