@@ -176,20 +176,25 @@ def _files(root: Path, d: Any) -> tuple[Path, Path, Path]:
     return root / "m.onnx", root / "cal.npy", root / "eval.npz"
 
 
+def _quantize(cli: Any, root: Path, d: Any, fmt: str) -> dict[str, Any]:
+    """``edge-convert quantize`` on a stand-in with our defaults; its report."""
+    src, cal, ev = _files(root, d)
+    out, rep = root / ("m.tflite" if fmt == "tflite-int8" else "q.onnx"), root / "r.json"
+    r = cli(
+        "quantize", src, "-o", out, "--format", fmt, "--calibration", cal, "--eval", ev,
+        "--report", rep, *FAST,
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    return dict(json.loads(rep.read_text()))
+
+
 @pytest.mark.parametrize("fmt", ["onnx-int8", "tflite-int8"])
 def test_svtr_stand_in_keeps_its_readings(
     cli: Any, standin_svtr: Any, tmp_path: Path, fmt: str
 ) -> None:
     """Attention blocks (MatMul of two activations, LayerNorm, GELU) and a CTC head: judged on
     the greedy-decoded sequences, not on tensor cosine."""
-    src, cal, ev = _files(tmp_path, standin_svtr)
-    out, rep = tmp_path / ("m.tflite" if fmt == "tflite-int8" else "q.onnx"), tmp_path / "r.json"
-    r = cli(
-        "quantize", src, "-o", out, "--format", fmt, "--calibration", cal, "--eval", ev,
-        "--report", rep, *FAST,
-    )  # fmt: skip
-    assert r.code == 0, r.err
-    report = json.loads(rep.read_text())
+    report = _quantize(cli, tmp_path, standin_svtr, fmt)
     task = report["fidelity"]["task"]
     assert task["kind"] == "ctc" and task["details"]["blank"] == 0  # the CTC blank the model has
     assert task["value"] >= 0.97 and task["details"]["cer"] <= 0.01, task
@@ -200,14 +205,7 @@ def test_svtr_stand_in_keeps_its_readings(
 def test_db_stand_in_keeps_its_text_map(
     cli: Any, standin_db: Any, tmp_path: Path, fmt: str
 ) -> None:
-    src, cal, ev = _files(tmp_path, standin_db)
-    out, rep = tmp_path / ("m.tflite" if fmt == "tflite-int8" else "q.onnx"), tmp_path / "r.json"
-    r = cli(
-        "quantize", src, "-o", out, "--format", fmt, "--calibration", cal, "--eval", ev,
-        "--report", rep, *FAST,
-    )  # fmt: skip
-    assert r.code == 0, r.err
-    report = json.loads(rep.read_text())
+    report = _quantize(cli, tmp_path, standin_db, fmt)
     task = report["fidelity"]["task"]
     assert task["kind"] == "mask" and task["metric"] == "iou"
     assert task["value"] >= 0.95 and task["details"]["iou@0.3"] >= 0.95, task
