@@ -76,7 +76,7 @@ def summary_table(report: Mapping[str, Any]) -> str:
             + f"   ({task['details'].get('reason', '')})"
         )
     search = report.get("search") or []
-    if any(e["float_nodes"] for e in search) or len({e["scheme"] for e in search}) < len(search):
+    if len({e["scheme"] for e in search}) < len(search):  # some scheme tried more than one mix
         out.append("")
         out.append("float-fallback search (nodes kept in float -> fidelity, size, latency):")
         out.append(
