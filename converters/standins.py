@@ -33,6 +33,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from converters.task import box_iou, greedy_ctc
 from converters.zoo import _torch, export_onnx
 
 SHAPE_NAMES = ("square", "circle", "triangle")
@@ -540,17 +541,6 @@ def decode_yolov8(
     return xyxy[idx], score[idx], cls[idx]
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of xyxy boxes, (len(a), len(b))."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).clip(0).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).clip(0).prod(-1)
-    return np.asarray(inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-9))
-
-
 @dataclass(frozen=True)
 class DetectionScores:
     recall: float
@@ -582,7 +572,9 @@ def detection_scores(
         pb, ps, pc = decode_yolov8(out, score_threshold=score_threshold, iou_threshold=nms_iou)
         n_det += len(pb)
         used = np.zeros(len(gt_b), bool)
-        ious = box_iou(pb, gt_b)
+        ious = box_iou(
+            np.asarray(pb, np.float64).reshape(-1, 4), np.asarray(gt_b, np.float64).reshape(-1, 4)
+        )
         for j in range(len(pb)):
             cand = np.where(~used & (gt_c == pc[j]) & (ious[j] >= iou))[0]
             if len(cand):
@@ -800,14 +792,10 @@ def svtr_style(
 
 def ctc_greedy(probs: np.ndarray, charset: str = CHARSET) -> str:
     """PP-OCR's CTC decoding of one ``[1, T, C]`` / ``[T, C]`` output: argmax per step, merge
-    repeats, drop blanks (class 0)."""
-    best = np.asarray(probs).reshape(-1, np.asarray(probs).shape[-1]).argmax(-1)
-    out, prev = [], 0
-    for k in best:
-        if k != prev and k != 0:
-            out.append(charset[k - 1])
-        prev = int(k)
-    return "".join(out)
+    repeats, drop blanks (class 0); the converter's own :func:`converters.task.greedy_ctc`."""
+    probs = np.asarray(probs)
+    (seq,) = greedy_ctc(probs.reshape(1, -1, probs.shape[-1]), blank=0)
+    return "".join(charset[k - 1] for k in seq)
 
 
 # --------------------------------------------------------------------------------------------

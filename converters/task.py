@@ -424,7 +424,7 @@ def _is_softmax_axis1(a: np.ndarray) -> bool:
     return bool(np.allclose(a.astype(np.float64).sum(axis=1), 1.0, atol=1e-3))
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of every box in ``a`` [n, 4] with every box in ``b`` [m, 4] (xyxy)."""
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
@@ -455,7 +455,7 @@ def match_detections(
             continue
         rb = np.array([d["box"] for d in r_dets], np.float64)
         gb = np.array([d["box"] for d in g_dets], np.float64)
-        overlap = _box_iou(gb, rb)
+        overlap = box_iou(gb, rb)
         r_cls = np.array([d["class"] for d in r_dets])
         taken = np.zeros(len(r_dets), bool)
         for gi in np.argsort([-d["score"] for d in g_dets], kind="stable"):
