@@ -258,6 +258,7 @@ def test_edge_agent_console_script_starts_fast(agent_env: dict[str, Any], tmp_pa
     # returned, and communicate() would read past them from the raw pipe
     rest = proc.stdout.read()
     proc.wait(timeout=60)
+    proc.stdout.close()
     err_file.close()
     err = (tmp_path / "stderr.txt").read_text()
     assert proc.returncode == 0, err
