@@ -41,7 +41,7 @@ from converters.validate import (
     run_all,
 )
 from edge_agent.errors import EdgeError
-from edge_agent.profiles import detect_host_profile
+from edge_agent.model.profiles import detect_host_profile
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -139,7 +139,7 @@ def telemetry_payload(device: str, seq: int, now: float, uptime: float) -> dict[
 
 
 def status_payload(device: str, now: float) -> dict[str, Any]:
-    from edge_agent import protocol
+    from edge_agent.fleet import protocol
 
     return protocol.status_payload(
         "online",
@@ -156,7 +156,7 @@ def check_payload_schemas() -> None:
     """The synthetic payloads must match the protocol's JSON Schemas (else the numbers lie)."""
     import jsonschema
 
-    from edge_agent.protocol import SCHEMAS
+    from edge_agent.fleet.protocol import SCHEMAS
 
     now = time.time()
     jsonschema.validate(result_payload(0, now), SCHEMAS["result"])
@@ -423,9 +423,9 @@ def wait_delivered(consumer: Helper, topic: str, want: int, timeout: float = 15.
 def agent_run(
     broker: Any, bcpu: Callable[[], float], tmp: Path, topic: str, seconds: float, *, write: bool
 ) -> dict[str, Any]:
-    from edge_agent.mqtt import BrokerSettings, MqttLink
+    from edge_agent.fleet.mqtt import BrokerSettings, MqttLink
+    from edge_agent.fleet.spool import Spool
     from edge_agent.service import MqttResultSink
-    from edge_agent.spool import Spool
 
     spool_dir = Path(tempfile.mkdtemp(dir=tmp))
     spool = Spool(spool_dir / "spool.sqlite")
@@ -557,12 +557,12 @@ def publishing_cost(tmp: Path, *, seconds: float, rounds: int) -> dict[str, Any]
 
 
 def bundle_transfer(tmp: Path, profile: Any, *, rounds: int) -> dict[str, Any]:
-    from edge_agent.bundle import ArtifactInput, verify_bundle, write_bundle
-    from edge_agent.ctl import Client, publish_bundle
-    from edge_agent.keys import generate_keypair, load_private_key, load_trusted_keys
-    from edge_agent.mqtt import BrokerSettings, MqttLink
-    from edge_agent.ota import ChunkFetcher, sha256_file
-    from edge_agent.protocol import DEFAULT_CHUNK_SIZE
+    from edge_agent.fleet.mqtt import BrokerSettings, MqttLink
+    from edge_agent.fleet.protocol import DEFAULT_CHUNK_SIZE
+    from edge_agent.fleet.updater import ChunkFetcher, sha256_file
+    from edge_agent.model.bundle import ArtifactInput, verify_bundle, write_bundle
+    from edge_agent.model.keys import generate_keypair, load_private_key, load_trusted_keys
+    from edgectl.cli import Client, publish_bundle
     from tests.broker import Broker
 
     work = tmp / "bundle"
@@ -662,10 +662,10 @@ def bundle_transfer(tmp: Path, profile: Any, *, rounds: int) -> dict[str, Any]:
 def swap_test(tmp: Path, profile: Any) -> dict[str, Any]:
     from benchmarks.agent import write_video
     from converters import zoo
-    from edge_agent.model import load_model
+    from edge_agent.io.sinks import CallbackSink
+    from edge_agent.io.source import open_source
+    from edge_agent.model.loader import load_model
     from edge_agent.pipeline import Pipeline
-    from edge_agent.sinks import CallbackSink
-    from edge_agent.sources import open_source
 
     frames, fps = 300, 60.0
     work = tmp / "swap"
@@ -935,7 +935,7 @@ def main(argv: list[str] | None = None) -> int:
             return role_simulator(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
         parser.error(f"unknown role {role!r}")
 
-    from edge_agent.profiles import detect_host_profile
+    from edge_agent.model.profiles import detect_host_profile
 
     check_payload_schemas()
     profile = detect_host_profile()

@@ -30,7 +30,7 @@ from converters import zoo
 from converters.canonical import canonicalize
 from converters.pruning import PruneOptions, prune_model
 from converters.validate import make_session, measure_latency
-from edge_agent.profiles import detect_host_profile, load_profile
+from edge_agent.model.profiles import detect_host_profile, load_profile
 
 THREADS = 2
 
@@ -96,7 +96,7 @@ def _digits(tmp: Path) -> dict[str, Any]:
 def _bundles(tmp: Path) -> dict[str, Any]:
     from converters.build import BuildOptions, build_bundle
     from converters.convert import ConvertOptions
-    from edge_agent.keys import generate_keypair
+    from edge_agent.model.keys import generate_keypair
 
     priv, _pub = generate_keypair(tmp / "keys")
     model = canonicalize(

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.convert import RESULTS, _cpu_name, targets_markdown
-from edge_agent.telemetry import Monitor, SystemProbe
+from edge_agent.fleet.telemetry import Monitor, SystemProbe
 
 
 def _median_ms(fn: Any, n: int) -> float:

@@ -41,7 +41,7 @@ from converters.convert import ConvertOptions, convert
 from converters.tflite import count_transposes, onnx_to_tflite
 from converters.validate import LiteRTSession, make_session, measure_latency
 from edge_agent.errors import EdgeError
-from edge_agent.profiles import detect_host_profile
+from edge_agent.model.profiles import detect_host_profile
 
 THREADS = 2
 #: held-out samples (not the calibration set) for the int8-from-fp16 fidelity

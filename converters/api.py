@@ -15,7 +15,7 @@ from typing import Any
 
 from converters.convert import ConvertOptions, convert
 from converters.importers import import_model
-from edge_agent.profiles import DeviceProfile, detect_host_profile, load_profile
+from edge_agent.model.profiles import DeviceProfile, detect_host_profile, load_profile
 
 
 def quantize(

@@ -26,7 +26,7 @@ from converters.convert import ConvertOptions, ConvertResult, convert
 from converters.task import POSTPROCESS_KIND
 from converters.validate import is_classifier_output
 from edge_agent.errors import AccuracyBudgetError, ConfigError
-from edge_agent.profiles import DeviceProfile
+from edge_agent.model.profiles import DeviceProfile
 
 GOLDEN_FILE = "golden.npz"
 #: How close a device's run of the golden input must come to the expected outputs.
@@ -104,8 +104,8 @@ def build_bundle(
     original_size: int | None = None,
 ) -> dict[str, Any]:
     """Convert for every profile, sign and write the bundle; return the build report."""
-    from edge_agent.bundle import ArtifactInput, write_bundle
-    from edge_agent.keys import key_id, load_private_key
+    from edge_agent.model.bundle import ArtifactInput, write_bundle
+    from edge_agent.model.keys import key_id, load_private_key
 
     signing_key = load_private_key(options.sign_key)  # fail before any slow work
     notes: list[str] = []

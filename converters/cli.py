@@ -23,8 +23,8 @@ from converters.convert import QUANTIZE_FORMATS
 from converters.task import ALIASES, TASKS
 from edge_agent.cli import float_list
 from edge_agent.errors import EXIT_INTERNAL, EXIT_OK, ConfigError, EdgeError
-from edge_agent.formats import CALIBRATION_METHODS
-from edge_agent.preprocess import CHANNEL_ORDERS, LAYOUTS, RESIZE_MODES
+from edge_agent.model.formats import CALIBRATION_METHODS
+from edge_agent.model.preprocess import CHANNEL_ORDERS, LAYOUTS, RESIZE_MODES
 
 PROG = "edge-convert"
 
@@ -350,7 +350,7 @@ def _host_arch() -> str:
 
 
 def _profile(name: str | None) -> Any:
-    from edge_agent.profiles import detect_host_profile, load_profile
+    from edge_agent.model.profiles import detect_host_profile, load_profile
 
     return detect_host_profile() if name is None else load_profile(name)
 
@@ -562,8 +562,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from edge_agent.bundle import verify_bundle
-    from edge_agent.keys import load_trusted_keys
+    from edge_agent.model.bundle import verify_bundle
+    from edge_agent.model.keys import load_trusted_keys
 
     if not args.bundle.is_file():
         raise ConfigError(f"{args.bundle}: no such file")
@@ -588,7 +588,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from edge_agent.keys import generate_keypair, key_id, load_public_key
+    from edge_agent.model.keys import generate_keypair, key_id, load_public_key
 
     private, public = generate_keypair(args.out, overwrite=args.force)
     print(f"wrote {private} (private, mode 0600: keep it off devices)")

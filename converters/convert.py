@@ -48,8 +48,8 @@ from converters.validate import (
     run_all,
 )
 from edge_agent.errors import AccuracyBudgetError, ConfigError, EdgeError
-from edge_agent.formats import ONNX_FORMATS, TFLITE_FORMATS, Int8Scheme
-from edge_agent.preprocess import PreprocessSpec
+from edge_agent.model.formats import ONNX_FORMATS, TFLITE_FORMATS, Int8Scheme
+from edge_agent.model.preprocess import PreprocessSpec
 
 #: What ``convert`` produces: every ONNX format, and TFLite fp32 / fp16 / int8 from our own
 #: flatbuffer writer (no TensorFlow; ``converters/tflite.py``, ``converters/tflite_int8.py``).
@@ -58,7 +58,7 @@ QUANTIZE_FORMATS = (*ONNX_FORMATS, *TFLITE_FORMATS)
 _STATIC_INT8 = ("onnx-int8", "tflite-int8")
 
 if TYPE_CHECKING:
-    from edge_agent.profiles import DeviceProfile
+    from edge_agent.model.profiles import DeviceProfile
 
 DEFAULT_MIN_COSINE = 0.99
 #: candidates whose median latencies differ by less than this fraction (or 3x the measured

@@ -6,7 +6,7 @@ Accepted forms:
 - ``.npz``: arrays keyed by input name (or ``x`` for a single-input model), and optionally ``y``
   (labels). Members are streamed out of the zip in chunks, compressed or not.
 - a directory of images (``.jpg .jpeg .png .bmp .webp``), preprocessed with a
-  :class:`~edge_agent.preprocess.PreprocessSpec`; labels may come from sub-directory names
+  :class:`~edge_agent.model.preprocess.PreprocessSpec`; labels may come from sub-directory names
   (``cat/001.jpg``) when the directory holds only sub-directories.
 
 Sample layouts (N samples, the model's input ``[batch, *shape]``):
@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge_agent.errors import DataError
-from edge_agent.preprocess import Preprocessor, PreprocessSpec
+from edge_agent.model.preprocess import Preprocessor, PreprocessSpec
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _NP_DTYPES = {

@@ -17,7 +17,7 @@ def describe(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"{path}: no such file or directory")
     if path.suffix == ".edgebundle":
-        from edge_agent.bundle import read_manifest_unverified
+        from edge_agent.model.bundle import read_manifest_unverified
 
         return {
             "kind": "bundle (UNVERIFIED: run edge-convert verify)",

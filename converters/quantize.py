@@ -32,7 +32,7 @@ from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_d
 
 from converters.validate import make_session
 from edge_agent.errors import ConversionError, first_line
-from edge_agent.formats import Int8Scheme
+from edge_agent.model.formats import Int8Scheme
 
 log = logging.getLogger(__name__)
 

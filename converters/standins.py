@@ -527,7 +527,7 @@ def decode_yolov8(
     """Ultralytics' post-processing of one ``output0`` (``[1, 4 + C, N]`` or ``[4 + C, N]``):
     best class per anchor, score threshold, class-aware NMS. Returns (boxes xyxy, scores,
     classes), best first."""
-    from edge_agent.postprocess import nms
+    from edge_agent.model.postprocess import nms
 
     out = np.asarray(output, np.float32).reshape(-1, output.shape[-1]).T  # (N, 4 + C)
     scores_all = out[:, 4:]

@@ -5,9 +5,9 @@ pixel-scale boxes with [0, 1] class scores keeps cosine 0.998 after int8 while e
 the boxes' scale rounds to zero. So the converter also compares what the model is *for*:
 
 - ``detect``: both models' outputs are decoded and NMS'd exactly as the device does it
-  (:class:`edge_agent.postprocess.Postprocessor`, one implementation), then the converted model's
-  detections are matched to the original's (IoU >= 0.5, same class): F1, mean score error and
-  mean IoU of the matched boxes. YOLO layouts ``[1, 4+C, N]`` (v8, no objectness) and
+  (:class:`edge_agent.model.postprocess.Postprocessor`, one implementation), then the converted
+  model's detections are matched to the original's (IoU >= 0.5, same class): F1, mean score error
+  and mean IoU of the matched boxes. YOLO layouts ``[1, 4+C, N]`` (v8, no objectness) and
   ``[1, N, 5+C]`` (v5, objectness), and SSD-style pairs (boxes ``[1, A, 4]`` + scores
   ``[1, A, C]``).
 - ``ctc``: ``[N, T, C]`` greedy-decoded (best class per step, repeats collapsed, blanks dropped):
@@ -34,7 +34,7 @@ import numpy as np
 
 from converters.validate import is_classifier_output
 from edge_agent.errors import ConfigError
-from edge_agent.postprocess import Postprocessor, PostprocessSpec
+from edge_agent.model.postprocess import Postprocessor, PostprocessSpec
 
 Batches = list[list[np.ndarray]]
 

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_agent.errors import DataError, ModelError, first_line
-from edge_agent.runtimes import nchw_to_model
+from edge_agent.model.runtimes import nchw_to_model
 
 
 def make_session(
@@ -309,8 +309,8 @@ class LiteRTSession:
     Feeds and results keep the ONNX model's names and layout: a 4-D NCHW input the TFLite model
     takes as NHWC is transposed on the way in, and an NHWC output back to NCHW on the way out.
     A batch larger than the model's fixed batch of 1 is run one sample at a time. The model runs
-    in the device's own runtime (``edge_agent.runtimes.tflite``): the same interpreter fallbacks,
-    and int8 inputs and outputs quantized and dequantized as on the device."""
+    in the device's own runtime (``edge_agent.model.runtimes.tflite``): the same interpreter
+    fallbacks, and int8 inputs and outputs quantized and dequantized as on the device."""
 
     def __init__(
         self,
@@ -320,7 +320,7 @@ class LiteRTSession:
         outputs: Sequence[Mapping[str, Any]],
         threads: int = 0,
     ) -> None:
-        from edge_agent.runtimes.tflite import LiteRTRuntime
+        from edge_agent.model.runtimes.tflite import LiteRTRuntime
 
         self._rt = LiteRTRuntime(Path(path), threads=threads)  # ModelError if it cannot load
         self._in = self._rt.inputs

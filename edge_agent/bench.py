@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.sinks import CallbackSink
+from edge_agent.io.sinks import CallbackSink
 
 
 def _source_uri(config: Any, frames: int) -> str:

@@ -179,7 +179,7 @@ def load_effective_config(args: argparse.Namespace) -> Any:
 
 
 def resolve_profile(name: str) -> Any:
-    from edge_agent.profiles import detect_device_profile, load_profile
+    from edge_agent.model.profiles import detect_device_profile, load_profile
 
     return detect_device_profile() if name == "auto" else load_profile(name)
 
@@ -234,8 +234,8 @@ def open_planned_model(config: Any, profile: Any, *, threads: int, source: Any) 
 
 
 def open_model(config: Any, profile: Any, *, threads: int, workers: int = 1) -> Any:
-    from edge_agent.keys import load_trusted_keys
-    from edge_agent.model import load_model
+    from edge_agent.model.keys import load_trusted_keys
+    from edge_agent.model.loader import load_model
 
     model_path = Path(config.model.path)
     keys = None
@@ -260,7 +260,7 @@ def open_model(config: Any, profile: Any, *, threads: int, workers: int = 1) -> 
 
 
 def open_source_from(config: Any) -> Any:
-    from edge_agent.sources import WindowSpec, open_source
+    from edge_agent.io.source import WindowSpec, open_source
 
     s = config.source
     window = None

@@ -12,7 +12,7 @@
     │   └── AccuracyBudgetError    no candidate met the accuracy budget or fidelity floor
     ├── SourceError                an input (camera, stream, file, images, sensor) that cannot be
     │   │                          opened or parsed: a bad URI, a missing or corrupt file
-    │   └── SourceTimeout          read() saw no new frame in time (in ``edge_agent.sources``)
+    │   └── SourceTimeout          read() saw no new frame in time (in ``edge_agent.io.source``)
     ├── BundleError                a model bundle that cannot be read or trusted
     │   ├── UnsafeBundleError      an archive entry is a link, absolute, escapes, or too large
     │   ├── SignatureError         the manifest signature is missing or from no trusted key

@@ -37,11 +37,11 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import EdgeError, ModelError, SourceError
-from edge_agent.model import LoadedModel
-from edge_agent.preprocess import Geometry
+from edge_agent.io.sinks import Sink
+from edge_agent.io.source import Frame, Source, SourceTimeout
+from edge_agent.model.loader import LoadedModel
+from edge_agent.model.preprocess import Geometry
 from edge_agent.rest import infer_lock
-from edge_agent.sinks import Sink
-from edge_agent.sources import Frame, Source, SourceTimeout
 from edge_agent.stats import StageStats
 
 log = logging.getLogger(__name__)

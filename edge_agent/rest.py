@@ -64,8 +64,8 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from edge_agent.errors import ConfigError, EdgeError, first_line
-from edge_agent.model import LoadedModel
-from edge_agent.runtimes import Runtime, TensorSpec
+from edge_agent.model.loader import LoadedModel
+from edge_agent.model.runtimes import Runtime, TensorSpec
 
 log = logging.getLogger(__name__)
 

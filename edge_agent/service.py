@@ -7,7 +7,7 @@ source into its sinks (JSONL, stdout). With ``--broker`` / ``[mqtt] broker`` it 
   persistent ``seq``), telemetry every ``[telemetry] interval``, events, and a retained status
   with a Will, all through the on-disk spool so nothing is lost while offline;
 - answers commands (``cmd/ping|update|rollback|reload``) and follows its desired state
-  (device-twin pattern) with health-gated over-the-air updates (``edge_agent.ota``);
+  (device-twin pattern) with health-gated over-the-air updates (``edge_agent.fleet.updater``);
 - on a finite source, exits 0 only after the spool has drained, or after
   ``[mqtt] flush_timeout`` seconds, saying how many messages stay spooled for the next run.
 
@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import edge_agent
-from edge_agent import protocol
 from edge_agent.errors import ConfigError, EdgeError, UpdateError
-from edge_agent.protocol import Desired, ProtocolError, Topics
+from edge_agent.fleet import protocol
+from edge_agent.fleet.protocol import Desired, ProtocolError, Topics
 
 log = logging.getLogger("edge-agent")
 
@@ -124,9 +124,9 @@ class Service:
             resolve_profile,
             thread_plan,
         )
+        from edge_agent.io.sinks import open_sink
         from edge_agent.notify import Notifier, Watchdog
         from edge_agent.pipeline import MotionGate, Pipeline
-        from edge_agent.sinks import open_sink
 
         config = self.config
         config.require_runnable()
@@ -152,12 +152,12 @@ class Service:
         )
         recovered = None
         if self.mqtt_enabled and config.ota.enabled:
-            from edge_agent.ota import ModelStore
+            from edge_agent.fleet.updater import ModelStore
 
             self.store = ModelStore(state_dir, keep=config.ota.keep_models)
             recovered = self.store.recover()
         model = self._open_initial_model()
-        from edge_agent.ota import HealthProbe
+        from edge_agent.fleet.updater import HealthProbe
 
         self.probe = HealthProbe()
         self.sinks = [open_sink(s) for s in config.results.sinks]
@@ -198,7 +198,7 @@ class Service:
                 config.rest.host, self.rest.port, model.name,
             )  # fmt: skip
         if config.telemetry.prometheus_port:
-            from edge_agent.integrations import PrometheusServer
+            from edge_agent.fleet.prometheus import PrometheusServer
 
             self.prometheus = PrometheusServer(
                 lambda: self.latest_telemetry, port=config.telemetry.prometheus_port
@@ -253,7 +253,7 @@ class Service:
             config, self.profile, threads=self.threads, source=self.source
         )
         if store is not None and str(config.model.path).endswith(".edgebundle"):
-            from edge_agent.ota import sha256_file
+            from edge_agent.fleet.updater import sha256_file
 
             path = Path(config.model.path)
             sha = sha256_file(path)
@@ -274,7 +274,7 @@ class Service:
         every = self.config.telemetry.monitor_every
         if not every:
             return
-        from edge_agent.telemetry import Monitor
+        from edge_agent.fleet.telemetry import Monitor
 
         stats = (model.manifest or {}).get("calibration_stats")
         self.monitor = Monitor(
@@ -287,9 +287,9 @@ class Service:
         self.pipeline.observer = self.monitor.observe
 
     def _start_mqtt(self, state_dir: Path) -> None:
-        from edge_agent.mqtt import BrokerSettings, MqttLink
-        from edge_agent.spool import Spool
-        from edge_agent.telemetry import SystemProbe
+        from edge_agent.fleet.mqtt import BrokerSettings, MqttLink
+        from edge_agent.fleet.spool import Spool
+        from edge_agent.fleet.telemetry import SystemProbe
 
         m = self.config.mqtt
         assert self.topics is not None
@@ -325,8 +325,8 @@ class Service:
             return
         from edge_agent.cli import open_planned_model
         from edge_agent.config import with_overrides
-        from edge_agent.keys import load_trusted_keys
-        from edge_agent.ota import ChunkFetcher, Updater
+        from edge_agent.fleet.updater import ChunkFetcher, Updater
+        from edge_agent.model.keys import load_trusted_keys
 
         link = self.link
         assert self.topics is not None
@@ -487,7 +487,7 @@ class Service:
         assert self.topics is not None
         self._publish_reported()  # the retained reported state, and status "online"
         if self.config.mqtt.home_assistant:
-            from edge_agent.integrations import home_assistant_discovery
+            from edge_agent.fleet.prometheus import home_assistant_discovery
 
             for topic, payload in home_assistant_discovery(self.topics, self.device):
                 link.send(topic, payload, retain=True)
@@ -632,7 +632,7 @@ class Service:
         self.updater.request(desired)
 
     def _on_command(self, name: str, msg: Any) -> None:
-        from edge_agent.mqtt import reply_properties
+        from edge_agent.fleet.mqtt import reply_properties
 
         assert self.topics is not None
         request_id = None

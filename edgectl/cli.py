@@ -1,4 +1,4 @@
-"""``edgectl``: the operator's side of the protocol (``edge_agent.protocol``).
+"""``edgectl``: the operator's side of the protocol (``edge_agent.fleet.protocol``).
 
 ::
 
@@ -41,9 +41,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from edge_agent import protocol
 from edge_agent.errors import BrokerError, BundleError, EdgeError
-from edge_agent.protocol import Desired, Topics
+from edge_agent.fleet import protocol
+from edge_agent.fleet.protocol import Desired, Topics
 
 PROG = "edgectl"
 EX_OK, EX_INTERNAL, EX_USAGE, EX_FAILED, EX_VERIFY, EX_BROKER, EX_TIMEOUT = 0, 1, 2, 3, 4, 5, 6
@@ -91,7 +91,7 @@ class Client:
     def __init__(self, args: argparse.Namespace, *, client_id: str | None = None) -> None:
         import paho.mqtt.client as mqtt
 
-        from edge_agent.mqtt import BrokerSettings
+        from edge_agent.fleet.mqtt import BrokerSettings
 
         self.settings = BrokerSettings(
             url=args.broker,
@@ -312,13 +312,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def bundle_identity(path: Path, public_keys: Sequence[str]) -> tuple[str, str, str, bytes]:
     """(sha256, name, version, bytes); verified first when keys are given."""
-    from edge_agent.bundle import read_manifest_unverified, verify_bundle
+    from edge_agent.model.bundle import read_manifest_unverified, verify_bundle
 
     if not path.is_file():
         raise EdgeError(f"{path}: no such bundle")
     data = path.read_bytes()
     if public_keys:
-        from edge_agent.keys import load_trusted_keys
+        from edge_agent.model.keys import load_trusted_keys
 
         manifest = verify_bundle(path, trusted_keys=load_trusted_keys(list(public_keys))).manifest
     else:

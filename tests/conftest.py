@@ -73,7 +73,7 @@ def image_calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from edge_agent.keys import generate_keypair
+    from edge_agent.model.keys import generate_keypair
 
     return generate_keypair(tmp_path_factory.mktemp("keys"))
 

@@ -37,8 +37,8 @@ def repack(
     golden: str = "keep",  # keep | recompute | drop
 ) -> Path:
     """A copy of bundle ``src`` with one thing changed, signed with ``signing_key``."""
-    from edge_agent.bundle import _ARTIFACT_KEYS, ArtifactInput, extract_bundle, write_bundle
-    from edge_agent.keys import load_private_key
+    from edge_agent.model.bundle import _ARTIFACT_KEYS, ArtifactInput, extract_bundle, write_bundle
+    from edge_agent.model.keys import load_private_key
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -21,7 +21,7 @@ def _all_edge_agent_modules() -> list[str]:
 
 def test_every_edge_agent_module_imports_without_desktop_packages() -> None:
     modules = _all_edge_agent_modules()
-    assert "edge_agent.bundle" in modules and "edge_agent.profiles" in modules
+    assert "edge_agent.model.bundle" in modules and "edge_agent.model.profiles" in modules
     code = (
         "import importlib, json, sys\n"
         f"for name in {modules!r}:\n"

@@ -13,14 +13,6 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge_agent.bundle import (
-    BUNDLE_SCHEMA_VERSION,
-    ArtifactInput,
-    extract_bundle,
-    read_manifest_unverified,
-    verify_bundle,
-    write_bundle,
-)
 from edge_agent.errors import (
     BundleError,
     ConfigError,
@@ -28,7 +20,15 @@ from edge_agent.errors import (
     SignatureError,
     UnsafeBundleError,
 )
-from edge_agent.keys import key_id
+from edge_agent.model.bundle import (
+    BUNDLE_SCHEMA_VERSION,
+    ArtifactInput,
+    extract_bundle,
+    read_manifest_unverified,
+    verify_bundle,
+    write_bundle,
+)
+from edge_agent.model.keys import key_id
 
 MODEL = b"ONNXMODEL" * 1000
 GOLDEN = b"golden-input-bytes"

@@ -50,8 +50,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, digits: Any, keys: Any) -> 
 
 
 def test_build_bundle_holds_what_the_device_needs(bundle: dict[str, Any], keys: Any) -> None:
-    from edge_agent.bundle import verify_bundle
-    from edge_agent.keys import load_trusted_keys
+    from edge_agent.model.bundle import verify_bundle
+    from edge_agent.model.keys import load_trusted_keys
 
     verified = verify_bundle(bundle["path"], trusted_keys=load_trusted_keys([keys[1]]))
     m = verified.manifest
@@ -85,8 +85,8 @@ def test_golden_input_reproduces_expected_outputs(
 ) -> None:
     import onnxruntime as ort
 
-    from edge_agent.bundle import extract_bundle
-    from edge_agent.keys import load_trusted_keys
+    from edge_agent.model.bundle import extract_bundle
+    from edge_agent.model.keys import load_trusted_keys
 
     dest = tmp_path / "x"
     verified = extract_bundle(bundle["path"], dest, trusted_keys=load_trusted_keys([keys[1]]))
@@ -95,8 +95,8 @@ def test_golden_input_reproduces_expected_outputs(
         for art in verified.manifest["artifacts"]:
             feed = {name: g[key] for name, key in golden["inputs"].items()}
             if art["path"].endswith(".tflite"):  # the arrays are in the ONNX model's NCHW
-                from edge_agent.runtimes import model_to_nchw, nchw_to_model
-                from edge_agent.runtimes.tflite import LiteRTRuntime
+                from edge_agent.model.runtimes import model_to_nchw, nchw_to_model
+                from edge_agent.model.runtimes.tflite import LiteRTRuntime
 
                 rt = LiteRTRuntime(dest / art["path"])
                 outs = rt.infer({k: nchw_to_model(v, rt.inputs[0].shape) for k, v in feed.items()})
@@ -134,7 +134,7 @@ def test_verify_cli_ok_and_tampered(
 
 
 def test_verify_with_wrong_key_exits_4(cli: Any, bundle: dict[str, Any], tmp_path: Path) -> None:
-    from edge_agent.keys import generate_keypair
+    from edge_agent.model.keys import generate_keypair
 
     _, other = generate_keypair(tmp_path / "other")
     r = cli("verify", bundle["path"], "--public-key", other)

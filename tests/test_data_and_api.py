@@ -14,7 +14,7 @@ import pytest
 from converters import zoo
 from converters.data import load_dataset
 from edge_agent.errors import DataError
-from edge_agent.preprocess import Preprocessor, PreprocessSpec
+from edge_agent.model.preprocess import Preprocessor, PreprocessSpec
 
 SPEC = [{"name": "input", "shape": [None, 3, 32, 32], "dtype": "float32"}]
 

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.errors import ConfigError
-from edge_agent.keys import (
+from edge_agent.model.keys import (
     PRIVATE_KEY_NAME,
     PUBLIC_KEY_NAME,
     generate_keypair,

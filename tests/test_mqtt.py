@@ -16,7 +16,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from edge_agent import protocol
+from edge_agent.fleet import protocol
 from tests.broker import Broker, Collector, broker_fixture, make_tls_material  # noqa: F401
 from tests.fleet import (  # noqa: F401  (fleet_env_fixture: the `fleet_env` fixture)
     AgentProcess,
@@ -207,7 +207,7 @@ def test_tls_with_client_certificates(fleet_env: dict[str, Any], tmp_path: Path)
 
 def test_wrong_password_is_refused_with_its_reason(tmp_path: Path) -> None:
     from edge_agent.errors import BrokerError
-    from edge_agent.mqtt import BrokerSettings, MqttLink, require_connected
+    from edge_agent.fleet.mqtt import BrokerSettings, MqttLink, require_connected
 
     with Broker(tmp_path / "broker", users={"device": "right"}) as broker:
         (tmp_path / "pw-wrong").write_text("wrong\n")
@@ -239,7 +239,7 @@ def test_password_comes_from_the_credentials_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from edge_agent.errors import ConfigError
-    from edge_agent.mqtt import credential_path, read_secret
+    from edge_agent.fleet.mqtt import credential_path, read_secret
 
     creds = tmp_path / "creds"
     creds.mkdir()
@@ -264,7 +264,7 @@ def test_password_comes_from_the_credentials_directory(
 )
 def test_bad_broker_urls(url: str, needle: str) -> None:
     from edge_agent.errors import ConfigError
-    from edge_agent.mqtt import BrokerSettings
+    from edge_agent.fleet.mqtt import BrokerSettings
 
     with pytest.raises(ConfigError, match=needle):
         BrokerSettings(url=url)
@@ -354,7 +354,7 @@ def test_will_marks_a_killed_agent_offline(
 def test_docs_hold_the_generated_schemas() -> None:
     doc = (Path(__file__).resolve().parent.parent / "docs" / "mqtt.md").read_text()
     assert protocol.markdown_schemas() in doc, (
-        "regenerate: python -m edge_agent.protocol --markdown"
+        "regenerate: python -m edge_agent.fleet.protocol --markdown"
     )
     for name in protocol.COMMANDS:
         assert f"`{name}`" in doc
@@ -556,8 +556,8 @@ def test_cli_contract_broker_device_id_and_state_dir_flags(
 
 
 def test_result_modes_all_change_and_rate_limited(tmp_path: Path) -> None:
+    from edge_agent.fleet.spool import Spool
     from edge_agent.service import MqttResultSink
-    from edge_agent.spool import Spool
 
     def result(seq: int, label: str) -> dict[str, Any]:
         return {"seq": seq, "output": {"kind": "classification", "class": 0, "label": label}}
@@ -631,7 +631,7 @@ def test_shared_subscriptions_split_the_fleet_between_exporters(broker: Broker) 
 
 def test_a_url_with_credentials_is_refused_without_echoing_them() -> None:
     from edge_agent.errors import ConfigError
-    from edge_agent.mqtt import BrokerSettings
+    from edge_agent.fleet.mqtt import BrokerSettings
 
     for url in ("tcp://admin:s3cret@broker", "mqtt://admin:s3cret@broker:1883"):
         with pytest.raises(ConfigError) as err:
@@ -640,7 +640,7 @@ def test_a_url_with_credentials_is_refused_without_echoing_them() -> None:
 
 
 def test_home_assistant_shows_a_stopped_device_as_unavailable() -> None:
-    from edge_agent.integrations import home_assistant_discovery
+    from edge_agent.fleet.prometheus import home_assistant_discovery
 
     configs = [json.loads(p) for _, p in home_assistant_discovery(protocol.Topics("d1"), "d1")]
     for c in configs:

@@ -18,8 +18,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edge_agent import protocol
-from edge_agent.keys import generate_keypair, load_trusted_keys
+from edge_agent.fleet import protocol
+from edge_agent.model.keys import generate_keypair, load_trusted_keys
 from tests.broker import Broker, Collector, broker_fixture  # noqa: F401
 from tests.fleet import (  # noqa: F401  (fleet_env_fixture: the `fleet_env` fixture)
     AgentProcess,
@@ -493,8 +493,8 @@ def test_bundle_needing_a_newer_agent_is_refused(
     broker: Broker, fleet_env: dict[str, Any], tmp_path: Path
 ) -> None:
     from edge_agent.errors import UpdateError
-    from edge_agent.ota import check_compatible
-    from edge_agent.profiles import load_profile
+    from edge_agent.fleet.updater import check_compatible
+    from edge_agent.model.profiles import load_profile
 
     manifest = {
         "name": "m",

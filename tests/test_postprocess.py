@@ -14,14 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent.errors import ConfigError, ModelError
-from edge_agent.postprocess import (
+from edge_agent.model.postprocess import (
     NONFINITE,
     Postprocessor,
     PostprocessSpec,
     nms,
     softmax,
 )
-from edge_agent.preprocess import Preprocessor, PreprocessSpec
+from edge_agent.model.preprocess import Preprocessor, PreprocessSpec
 
 
 def _plain_json(obj: Any) -> Any:

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from edge_agent.errors import ProfileError
-from edge_agent.formats import ARTIFACT_FORMATS, INT8_SCHEMES
-from edge_agent.profiles import (
+from edge_agent.model.formats import ARTIFACT_FORMATS, INT8_SCHEMES
+from edge_agent.model.profiles import (
     PACKAGE_PROFILES_DIR,
     DeviceProfile,
     detect_host_profile,

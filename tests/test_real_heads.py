@@ -117,8 +117,8 @@ def test_task_floor_and_override_through_the_cli(
 def test_yolo_bundle_carries_the_detection_postprocessing(
     cli: Any, yolo: dict[str, Any], keys: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from edge_agent.bundle import verify_bundle
-    from edge_agent.keys import load_trusted_keys
+    from edge_agent.model.bundle import verify_bundle
+    from edge_agent.model.keys import load_trusted_keys
 
     out = tmp_path / "yolo.edgebundle"
     r = cli(

@@ -15,8 +15,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_agent.errors import ConfigError
-from edge_agent.model import LoadedModel, load_model
-from edge_agent.profiles import detect_host_profile
+from edge_agent.model.loader import LoadedModel, load_model
+from edge_agent.model.profiles import detect_host_profile
 from edge_agent.rest import RestServer
 
 W1 = np.arange(12, dtype=np.float32).reshape(4, 3) / 10

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_agent.errors import ModelError
-from edge_agent.runtimes import available_runtimes, load_runtime, warmup
+from edge_agent.model.runtimes import available_runtimes, load_runtime, warmup
 from tests.tflite_models import fully_connected
 
 RNG = np.random.default_rng(0)

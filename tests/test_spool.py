@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from edge_agent import spool as spool_module
 from edge_agent.errors import ConfigError
-from edge_agent.spool import Spool, SpooledMessage
+from edge_agent.fleet import spool as spool_module
+from edge_agent.fleet.spool import Spool, SpooledMessage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,7 +186,7 @@ def test_seq_survives_a_killed_process(tmp_path: Path, open_spool: OpenSpool, de
     code = """
         import os, signal, sys
         from pathlib import Path
-        from edge_agent.spool import Spool
+        from edge_agent.fleet.spool import Spool
         spool = Spool(Path(sys.argv[1]), commit_interval=5.0)
         for i in range(300):
             stream = ("results", "telemetry", "events")[i % 3]
@@ -216,7 +216,7 @@ def test_sigkill_mid_stream_keeps_a_contiguous_prefix(tmp_path: Path) -> None:
     code = """
         import sys, time
         from pathlib import Path
-        from edge_agent.spool import Spool
+        from edge_agent.fleet.spool import Spool
         spool = Spool(Path(sys.argv[1]), commit_interval=float(sys.argv[2]))
         while True:
             seq = spool.allocate_seq("results")
@@ -396,7 +396,7 @@ def test_corrupt_file_is_moved_aside_and_a_fresh_spool_works(
                 spool.put("results", "r", os.urandom(1000), seq=i)
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
-    caplog.set_level(logging.WARNING, logger="edge_agent.spool")
+    caplog.set_level(logging.WARNING, logger="edge_agent.fleet.spool")
     spool = open_spool(path)
     aside = list(tmp_path.glob("spool.db.corrupt-*"))
     assert len(aside) == 1 and aside[0].stat().st_size > 0
@@ -459,7 +459,7 @@ def test_full_disk_drops_results_then_loses_events_with_one_warning(
     conn = spool._wconn
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
     conn.execute(f"PRAGMA max_page_count = {pages + 20}")  # ~80 KB more: SQLITE_FULL after
-    caplog.set_level(logging.WARNING, logger="edge_agent.spool")
+    caplog.set_level(logging.WARNING, logger="edge_agent.fleet.spool")
 
     for i in range(2000):
         spool.put("results", "r", b"r" * 300, seq=i)

@@ -15,8 +15,7 @@ import psutil
 import pytest
 
 from edge_agent.errors import ConfigError
-from edge_agent.postprocess import NONFINITE
-from edge_agent.telemetry import (
+from edge_agent.fleet.telemetry import (
     RPI_THROTTLED,
     SYSTEM_KEYS,
     TEGRA_RELEASE,
@@ -24,6 +23,7 @@ from edge_agent.telemetry import (
     SystemProbe,
     channel_axis,
 )
+from edge_agent.model.postprocess import NONFINITE
 
 # --- fake trees -------------------------------------------------------------------------------
 
@@ -165,7 +165,7 @@ def test_unparsable_get_throttled_is_none_and_logged_once(
 ) -> None:
     rpi_throttled(tmp_path, "not hex\n")
     p = probe(tmp_path)
-    with caplog.at_level(logging.DEBUG, logger="edge_agent.telemetry"):
+    with caplog.at_level(logging.DEBUG, logger="edge_agent.fleet.telemetry"):
         first, second = p.sample(), p.sample()
     assert first["throttled"] is None and second["throttled"] is None
     assert first["cpu_percent"] is not None  # one failing probe does not spoil the others
@@ -581,7 +581,7 @@ def test_malformed_calibration_parts_are_ignored_with_a_warning(
     stats = calibration(histogram=None)
     stats["inputs"]["input"] = {"channel_axis": 1, "mean": [0.1, 0.2], "std": [0.3]}
     stats["class_histogram"] = ["a", "b"]
-    with caplog.at_level(logging.WARNING, logger="edge_agent.telemetry"):
+    with caplog.at_level(logging.WARNING, logger="edge_agent.fleet.telemetry"):
         m = Monitor(calibration_stats=stats, every=1)
     assert len(caplog.records) == 2
     rng = np.random.default_rng(15)

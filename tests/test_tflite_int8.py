@@ -20,7 +20,7 @@ from onnx import helper
 from converters import quantize as q
 from converters.tflite import count_ops, count_transposes, onnx_to_tflite
 from converters.tflite_int8 import Int8Config, activation_qparams, load_ranges
-from edge_agent.formats import Int8Scheme
+from edge_agent.model.formats import Int8Scheme
 from tests.test_tflite_writer import _E2E, _e2e_net, _model, _nhwc, _w
 
 HYP = settings(max_examples=12, deadline=None)
@@ -79,7 +79,7 @@ class Int8Case:
     def run(self, data: bytes) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per test feed: (float ONNX, onnxruntime int8, TFLite int8) of the first output, all
         in the TFLite layout."""
-        from edge_agent.runtimes.tflite import LiteRTRuntime
+        from edge_agent.model.runtimes.tflite import LiteRTRuntime
 
         path = self.tmp / "case.tflite"
         path.write_bytes(data)

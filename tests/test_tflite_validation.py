@@ -36,7 +36,7 @@ def test_litert_session_runs_batches_one_sample_at_a_time(tmp_path: Path) -> Non
 
 
 def test_litert_session_transposes_image_layouts() -> None:
-    from edge_agent.runtimes import model_to_nchw, nchw_to_model
+    from edge_agent.model.runtimes import model_to_nchw, nchw_to_model
 
     x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)  # NCHW
     nhwc = nchw_to_model(x, [1, 4, 5, 3])

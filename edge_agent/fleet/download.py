@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, NoReturn
 
-from edge_agent.durable import fsync_dir
+from edge_agent.common.durable import fsync_dir
 from edge_agent.errors import UpdateError, first_line
 
 __all__ = ["CHUNK_SIZE", "download", "redact_url"]

@@ -9,10 +9,10 @@ Delivery through outages is ours, not paho's (paho 2.2 fails a QoS 1 publish mad
 disconnected, and re-sends its own in-flight messages on reconnect). So:
 
 - Everything that must arrive (results, telemetry, events) goes into the on-disk
-  :class:`~edge_agent.spool.Spool` first; the network thread sends committed rows in order, QoS 1,
-  and deletes a row only when its PUBACK arrives. A connection that drops loses nothing: the next
-  one starts again from the oldest unacked row (duplicates are possible; every message carries a
-  ``seq`` to drop them by).
+  :class:`~edge_agent.fleet.spool.Spool` first; the network thread sends committed rows in order,
+  QoS 1, and deletes a row only when its PUBACK arrives. A connection that drops loses nothing: the
+  next one starts again from the oldest unacked row (duplicates are possible; every message carries
+  a ``seq`` to drop them by).
 - Every connection attempt uses a fresh paho client, so no half-sent state survives into the next
   session; subscriptions are made again on each CONNACK.
 - State topics (retained status, reported, command replies) are sent directly while connected
@@ -42,7 +42,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edge_agent.errors import BrokerError, ConfigError
-from edge_agent.spool import Spool
+from edge_agent.fleet.spool import Spool
 
 log = logging.getLogger(__name__)
 

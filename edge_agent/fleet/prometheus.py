@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import edge_agent
-from edge_agent.protocol import Topics
+from edge_agent.fleet.protocol import Topics
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The MQTT protocol between the agent and ``edgectl``: topics and payloads (a contract).
 
 One module defines it and both sides import it; ``docs/mqtt.md`` documents it and its JSON
-Schemas come from :data:`SCHEMAS` below (``python -m edge_agent.protocol --markdown``).
+Schemas come from :data:`SCHEMAS` below (``python -m edge_agent.fleet.protocol --markdown``).
 
 Topics, under a configurable prefix (default ``edge``)::
 

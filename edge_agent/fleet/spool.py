@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from edge_agent.errors import ConfigError, first_line
-from edge_agent.protocol import STREAMS, ProtocolError
+from edge_agent.fleet.protocol import STREAMS, ProtocolError
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The ``system`` and ``monitoring`` blocks of the agent's MQTT telemetry payload
-(``edge/<device>/telemetry``, schema in :mod:`edge_agent.protocol`).
+(``edge/<device>/telemetry``, schema in :mod:`edge_agent.fleet.protocol`).
 
 :class:`SystemProbe` (``system``): what the board is doing, read on each telemetry tick.
 

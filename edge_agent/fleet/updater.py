@@ -4,15 +4,15 @@ The device reconciles towards its desired state (``edge/<device>/desired``, or a
 the desired bundle differs from the committed one, :class:`Updater` runs, in its own thread:
 
 1. **fetch**: a bundle kept on disk from before (a rollback is instant); else the ``url`` of the
-   desired state over HTTP(S), resumed with Range requests (``edge_agent.download``); else the
+   desired state over HTTP(S), resumed with Range requests (``edge_agent.fleet.download``); else the
    retained chunks ``edgectl publish`` left on the broker (:class:`ChunkFetcher`), each checked
    against its sha256 as it arrives, kept on disk so an interrupted transfer resumes. Whatever
    the route, the whole file must hash to the desired sha256.
 2. **verify** before anything is loaded: the Ed25519 signature against the trusted keys and each
-   artifact's sha256 (``edge_agent.bundle``), compatibility (an artifact for this profile whose
-   runtime is installed, and the agent version the bundle requires), anti-rollback (the version
-   may not go below the floor, the highest version ever committed, unless the desired state says
-   ``allow_downgrade``: what ``edgectl rollback`` sets).
+   artifact's sha256 (``edge_agent.model.bundle``), compatibility (an artifact for this profile
+   whose runtime is installed, and the agent version the bundle requires), anti-rollback (the
+   version may not go below the floor, the highest version ever committed, unless the desired state
+   says ``allow_downgrade``: what ``edgectl rollback`` sets).
 3. **stage**: the pending update is written to ``state.json`` first, then the bundle is extracted
    into the state directory, loaded and warmed beside the running model, and its golden input
    smoke-tested.
@@ -56,9 +56,9 @@ from pathlib import Path
 from typing import Any
 
 import edge_agent
-from edge_agent.durable import atomic_write, fsync_dir
+from edge_agent.common.durable import atomic_write, fsync_dir
 from edge_agent.errors import BundleError, EdgeError, ModelError, UpdateError
-from edge_agent.protocol import (
+from edge_agent.fleet.protocol import (
     SCHEMA_VERSION,
     Desired,
     ProtocolError,
@@ -529,7 +529,7 @@ def bundle_latency_ms(model: Any) -> float | None:
 
 def check_compatible(manifest: Mapping[str, Any], profile: Any) -> None:
     """Raises UpdateError when the bundle is not for this device or needs a newer agent."""
-    from edge_agent.model import choose_artifact
+    from edge_agent.model.loader import choose_artifact
 
     named = {p for a in manifest.get("artifacts", []) for p in a.get("profiles", [])}
     if named and profile.name not in named:
@@ -774,7 +774,7 @@ class Updater:
             return kept
         max_bytes = int(self.settings.max_bundle_mb * 2**20)
         if desired.url:
-            from edge_agent.download import download
+            from edge_agent.fleet.download import download
 
             dest = self.store.downloads / f"{desired.sha256}.edgebundle"
             ca = Path(self.settings.ca_file) if self.settings.ca_file else None
@@ -792,7 +792,7 @@ class Updater:
         return self.fetch_mqtt(desired.sha256, self._stop)
 
     def _verify(self, path: Path, desired: Desired) -> dict[str, Any]:
-        from edge_agent.bundle import verify_bundle
+        from edge_agent.model.bundle import verify_bundle
 
         if sha256_file(path) != desired.sha256:
             path.unlink(missing_ok=True)

@@ -55,7 +55,7 @@ from typing import IO, Any, NoReturn
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge_agent.durable import fsync_dir
+from edge_agent.common.durable import fsync_dir
 from edge_agent.errors import (
     BundleError,
     ConfigError,
@@ -64,8 +64,8 @@ from edge_agent.errors import (
     SignatureError,
     UnsafeBundleError,
 )
-from edge_agent.formats import ARTIFACT_FORMATS, RUNTIME_FOR_FORMAT
-from edge_agent.keys import key_id as compute_key_id
+from edge_agent.model.formats import ARTIFACT_FORMATS, RUNTIME_FOR_FORMAT
+from edge_agent.model.keys import key_id as compute_key_id
 
 BUNDLE_SCHEMA_VERSION = 1
 BUNDLE_SUFFIX = ".edgebundle"

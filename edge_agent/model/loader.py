@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import ConfigError, ModelError
-from edge_agent.formats import RUNTIME_FOR_FORMAT
-from edge_agent.postprocess import Postprocessor, PostprocessSpec
-from edge_agent.preprocess import Geometry, Preprocessor, PreprocessSpec
-from edge_agent.profiles import DeviceProfile
-from edge_agent.runtimes import (
+from edge_agent.model.formats import RUNTIME_FOR_FORMAT
+from edge_agent.model.postprocess import Postprocessor, PostprocessSpec
+from edge_agent.model.preprocess import Geometry, Preprocessor, PreprocessSpec
+from edge_agent.model.profiles import DeviceProfile
+from edge_agent.model.runtimes import (
     Runtime,
     available_runtimes,
     load_runtime,
@@ -118,7 +118,7 @@ def _install_bundle(
     bundle: Path, *, state_dir: Path, trusted_keys: Mapping[str, Any]
 ) -> tuple[Path, dict[str, Any]]:
     """Verify and extract into ``state_dir/models/<name>-<version>``; never half-installed."""
-    from edge_agent.bundle import extract_bundle
+    from edge_agent.model.bundle import extract_bundle
 
     models = state_dir / "models"
     models.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ Kinds and the result each one produces (keys are a contract the sinks and the cl
   "score"}``; scores are probabilities (``softmax = true`` turns logits into them).
 - ``detection``: ``{"kind", "detections": [{"box": [x1, y1, x2, y2], "score", "class",
   "label"}, ...]}``, sorted by score, class-wise NMS unless ``class_agnostic``; boxes in source
-  pixels when a :class:`~edge_agent.preprocess.Geometry` is given, clipped to the source size.
+  pixels when a :class:`~edge_agent.model.preprocess.Geometry` is given, clipped to the source size.
 - ``segmentation``: ``{"kind", "classes": [{"index", "label", "fraction"}, ...], "dominant",
   "size": [H, W]}``, classes present sorted by pixel fraction.
 - ``raw``: ``{"kind", "outputs": {name: list | {"shape", "mean", "min", "max"}}}``.
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import ConfigError, ModelError
-from edge_agent.preprocess import Geometry
+from edge_agent.model.preprocess import Geometry
 
 KINDS = ("classification", "detection", "segmentation", "raw")
 DETECTION_FORMATS = ("yolo", "ssd")

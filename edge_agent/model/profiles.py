@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edge_agent.errors import ProfileError
-from edge_agent.formats import ARTIFACT_FORMATS, INT8_SCHEMES
+from edge_agent.model.formats import ARTIFACT_FORMATS, INT8_SCHEMES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,7 +41,7 @@ ARCH_FEATURES = {
 }
 CPU_FEATURES = ARCH_FEATURES["aarch64"] + ARCH_FEATURES["x86_64"]
 SYSTEM_PROFILES_DIR = Path("/etc/edge-agent/profiles")
-PACKAGE_PROFILES_DIR = Path(__file__).resolve().parents[1] / "device_profiles"
+PACKAGE_PROFILES_DIR = Path(__file__).resolve().parents[2] / "device_profiles"
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _INT8_FORMATS = tuple(f for f in ARTIFACT_FORMATS if "int8" in f)

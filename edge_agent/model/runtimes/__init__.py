@@ -109,11 +109,11 @@ def load_runtime(
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
     if path.suffix == ".onnx":
-        from edge_agent.runtimes.onnx import OnnxRuntime
+        from edge_agent.model.runtimes.onnx import OnnxRuntime
 
         return OnnxRuntime(path, threads=threads, providers=providers)
     if path.suffix == ".tflite":
-        from edge_agent.runtimes.tflite import LiteRTRuntime
+        from edge_agent.model.runtimes.tflite import LiteRTRuntime
 
         return LiteRTRuntime(path, threads=threads)
     raise ModelError(f"{path}: unknown model type; expected .onnx or .tflite (or a .edgebundle)")
@@ -121,8 +121,8 @@ def load_runtime(
 
 def available_runtimes() -> dict[str, str | None]:
     """Each runtime's version, or None when it cannot be imported here."""
-    from edge_agent.runtimes import onnx as onnx_rt
-    from edge_agent.runtimes import tflite as tflite_rt
+    from edge_agent.model.runtimes import onnx as onnx_rt
+    from edge_agent.model.runtimes import tflite as tflite_rt
 
     return {"onnxruntime": onnx_rt.runtime_version(), "litert": tflite_rt.runtime_version()}
 

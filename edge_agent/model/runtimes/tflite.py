@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import ModelError, first_line
-from edge_agent.runtimes import TensorSpec, dequantize, quantize
+from edge_agent.model.runtimes import TensorSpec, dequantize, quantize
 
 log = logging.getLogger(__name__)
 
