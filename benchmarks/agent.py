@@ -26,8 +26,8 @@ from converters import zoo
 from edge_agent.bench import raw_fps
 from edge_agent.cli import open_planned_model
 from edge_agent.config import AgentConfig, with_overrides
+from edge_agent.io import open_source
 from edge_agent.io.sinks import CallbackSink
-from edge_agent.io.source import open_source
 from edge_agent.model.loader import load_model
 from edge_agent.model.profiles import detect_host_profile
 from edge_agent.pipeline import Pipeline

@@ -425,7 +425,7 @@ def agent_run(
 ) -> dict[str, Any]:
     from edge_agent.fleet.mqtt import BrokerSettings, MqttLink
     from edge_agent.fleet.spool import Spool
-    from edge_agent.service import MqttResultSink
+    from edge_agent.io.sinks import MqttResultSink
 
     spool_dir = Path(tempfile.mkdtemp(dir=tmp))
     spool = Spool(spool_dir / "spool.sqlite")
@@ -557,9 +557,10 @@ def publishing_cost(tmp: Path, *, seconds: float, rounds: int) -> dict[str, Any]
 
 
 def bundle_transfer(tmp: Path, profile: Any, *, rounds: int) -> dict[str, Any]:
+    from edge_agent.common.hashing import sha256_file
     from edge_agent.fleet.mqtt import BrokerSettings, MqttLink
     from edge_agent.fleet.protocol import DEFAULT_CHUNK_SIZE
-    from edge_agent.fleet.updater import ChunkFetcher, sha256_file
+    from edge_agent.fleet.updater import ChunkFetcher
     from edge_agent.model.bundle import ArtifactInput, verify_bundle, write_bundle
     from edge_agent.model.keys import generate_keypair, load_private_key, load_trusted_keys
     from edgectl.cli import Client, publish_bundle
@@ -662,8 +663,8 @@ def bundle_transfer(tmp: Path, profile: Any, *, rounds: int) -> dict[str, Any]:
 def swap_test(tmp: Path, profile: Any) -> dict[str, Any]:
     from benchmarks.agent import write_video
     from converters import zoo
+    from edge_agent.io import open_source
     from edge_agent.io.sinks import CallbackSink
-    from edge_agent.io.source import open_source
     from edge_agent.model.loader import load_model
     from edge_agent.pipeline import Pipeline
 

@@ -260,7 +260,7 @@ def open_model(config: Any, profile: Any, *, threads: int, workers: int = 1) -> 
 
 
 def open_source_from(config: Any) -> Any:
-    from edge_agent.io.source import WindowSpec, open_source
+    from edge_agent.io import WindowSpec, open_source
 
     s = config.source
     window = None

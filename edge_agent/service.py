@@ -36,46 +36,6 @@ from edge_agent.fleet.protocol import Desired, ProtocolError, Topics
 log = logging.getLogger("edge-agent")
 
 
-class MqttResultSink:
-    """Results into the spool (never blocks): all of them, only on change of the top class or
-    label, or rate-limited."""
-
-    def __init__(self, spool: Any, topic: str, *, mode: str = "all", max_rate: float = 0.0):
-        self.spool, self.topic, self.mode = spool, topic, mode
-        self.min_interval = 1.0 / max_rate if max_rate > 0 else 0.0
-        self._last_key: Any = object()
-        self._last_sent = 0.0
-        self.skipped = 0
-
-    def write(self, result: dict[str, Any]) -> None:
-        seq = int(result["seq"])
-        if self._wanted(result):
-            self.spool.put("results", self.topic, protocol.dumps(result), seq=seq)
-        else:  # not sent, but its seq is taken: the counter must not hand it out again
-            self.spool.observe_seq("results", seq)
-
-    def _wanted(self, result: dict[str, Any]) -> bool:
-        if self.mode == "none":
-            return False
-        if self.mode == "change":
-            out = result.get("output") or {}
-            key = (out.get("class"), out.get("label"), out.get("dominant"))
-            if key == self._last_key:
-                self.skipped += 1
-                return False
-            self._last_key = key
-        if self.min_interval:
-            now = time.monotonic()
-            if now - self._last_sent < self.min_interval:
-                self.skipped += 1
-                return False
-            self._last_sent = now
-        return True
-
-    def close(self) -> None:
-        pass
-
-
 class Service:
     def __init__(self, config: Any, *, summary_path: Path | None = None) -> None:
         self.config = config
@@ -124,7 +84,7 @@ class Service:
             resolve_profile,
             thread_plan,
         )
-        from edge_agent.io.sinks import open_sink
+        from edge_agent.io.sinks import MqttResultSink, open_sink
         from edge_agent.notify import Notifier, Watchdog
         from edge_agent.pipeline import MotionGate, Pipeline
 
@@ -253,7 +213,7 @@ class Service:
             config, self.profile, threads=self.threads, source=self.source
         )
         if store is not None and str(config.model.path).endswith(".edgebundle"):
-            from edge_agent.fleet.updater import sha256_file
+            from edge_agent.common.hashing import sha256_file
 
             path = Path(config.model.path)
             sha = sha256_file(path)

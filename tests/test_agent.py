@@ -96,8 +96,8 @@ def test_run_on_a_video_with_a_signed_bundle(agent_env: dict[str, Any], tmp_path
 
 
 def test_hot_swap_under_load_loses_no_frame(agent_env: dict[str, Any], tmp_path: Path) -> None:
+    from edge_agent.io import open_source
     from edge_agent.io.sinks import CallbackSink
-    from edge_agent.io.source import open_source
     from edge_agent.pipeline import Pipeline
 
     load = _bundle_loader(agent_env, tmp_path, threads=1)
@@ -336,8 +336,8 @@ def test_two_workers_keep_capture_order_through_a_hot_swap(
     """Throughput mode: two frames in flight on one onnxruntime session, a swap mid-stream, the
     old model closed as soon as swap_model returns. Every frame comes out once, in order, none
     on a closed model, and the predictions equal a one-worker run's."""
+    from edge_agent.io import open_source
     from edge_agent.io.sinks import CallbackSink
-    from edge_agent.io.source import open_source
     from edge_agent.pipeline import Pipeline
 
     load_one = _bundle_loader(agent_env, tmp_path, threads=2, workers=1)
@@ -388,7 +388,7 @@ def test_worker_plan_throughput_only_for_unpaced_files_and_slow_models(
 ) -> None:
     import edge_agent.cli as cli
     from edge_agent.config import AgentConfig, with_overrides
-    from edge_agent.io.source import open_source
+    from edge_agent.io import open_source
     from edge_agent.model.profiles import load_profile
 
     video = agent_env["root"] / "digits.mp4"
@@ -423,8 +423,8 @@ def test_worker_plan_throughput_only_for_unpaced_files_and_slow_models(
 
 
 def test_litert_model_keeps_one_worker(tmp_path: Path) -> None:
+    from edge_agent.io import WindowSpec, open_source
     from edge_agent.io.sinks import CallbackSink
-    from edge_agent.io.source import WindowSpec, open_source
     from edge_agent.model.loader import load_model
     from edge_agent.model.profiles import load_profile
     from edge_agent.pipeline import Pipeline
@@ -459,8 +459,8 @@ def test_postprocessing_error_is_counted_not_fatal(
     import dataclasses
 
     from edge_agent.errors import ModelError
+    from edge_agent.io import open_source
     from edge_agent.io.sinks import CallbackSink
-    from edge_agent.io.source import open_source
     from edge_agent.pipeline import Pipeline
 
     model = _bundle_loader(agent_env, tmp_path, threads=1)("1.0.0")

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.common.urls import redact_url
 from edge_agent.errors import UpdateError
-from edge_agent.fleet.download import download, redact_url
+from edge_agent.fleet.download import download
 from tests.broker import make_tls_material
 
 SIZE = 1_000_000

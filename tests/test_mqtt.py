@@ -557,7 +557,7 @@ def test_cli_contract_broker_device_id_and_state_dir_flags(
 
 def test_result_modes_all_change_and_rate_limited(tmp_path: Path) -> None:
     from edge_agent.fleet.spool import Spool
-    from edge_agent.service import MqttResultSink
+    from edge_agent.io.sinks import MqttResultSink
 
     def result(seq: int, label: str) -> dict[str, Any]:
         return {"seq": seq, "output": {"kind": "classification", "class": 0, "label": label}}

@@ -19,9 +19,9 @@ import cv2
 import numpy as np
 import pytest
 
+import edge_agent.io as sources
 from edge_agent.errors import ConfigError, EdgeError, SourceError
-from edge_agent.io import source as sources
-from edge_agent.io.source import (
+from edge_agent.io import (
     BackoffPolicy,
     CaptureSource,
     FileSensorSource,
@@ -482,7 +482,7 @@ def test_sensor_stdin_in_a_real_process() -> None:
     samples = np.random.default_rng(7).uniform(-5, 5, size=(41, 2)).astype(np.float32)
     code = (
         "import json\n"
-        "from edge_agent.io.source import open_source\n"
+        "from edge_agent.io import open_source\n"
         "with open_source('sensor:stdin?size=6&hop=4&channels=2') as source:\n"
         "    while (frame := source.read()) is not None:\n"
         "        print(json.dumps([frame.index, frame.data.tolist()]))\n"

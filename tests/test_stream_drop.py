@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.io.source import open_source
+from edge_agent.io import open_source
 
 
 class _Mjpeg(BaseHTTPRequestHandler):

@@ -41,30 +41,16 @@ from pathlib import Path
 from typing import BinaryIO, NoReturn
 
 from edge_agent.common.durable import fsync_dir
+from edge_agent.common.hashing import sha256_prefix
+from edge_agent.common.urls import INVALID_URL, redact_url
 from edge_agent.errors import UpdateError, first_line
 
-__all__ = ["CHUNK_SIZE", "download", "redact_url"]
+__all__ = ["CHUNK_SIZE", "download"]
 
 CHUNK_SIZE = 64 * 1024
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)\s*\Z", re.IGNORECASE)
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)\s*\Z", re.IGNORECASE)
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
-_INVALID = "<invalid URL>"
-
-
-def redact_url(url: str) -> str:
-    """``url`` as it may appear in a message or a log: no user, password, query or fragment."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        netloc = parts.hostname or ""
-        if ":" in netloc:
-            netloc = f"[{netloc}]"
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-    except ValueError:
-        return _INVALID
-    query = "?..." if parts.query else ""
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) + query
 
 
 def _request(url: str, offset: int) -> urllib.request.Request:
@@ -95,20 +81,6 @@ def _describe(exc: BaseException, timeout: float) -> str:
     if isinstance(reason, BaseException):
         return first_line(reason)
     return str(reason)
-
-
-def _hash_file(path: Path, size: int) -> hashlib._Hash:
-    """The sha256 state after the first ``size`` bytes of ``path`` (a part being resumed)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        remaining = size
-        while remaining > 0:
-            chunk = f.read(min(CHUNK_SIZE, remaining))
-            if not chunk:
-                break
-            digest.update(chunk)
-            remaining -= len(chunk)
-    return digest
 
 
 def _int_header(value: str | None) -> int | None:
@@ -146,7 +118,7 @@ class _Download:
         self.offset = self.part.stat().st_size if self.part.is_file() else 0
         if self.offset > self._limit:  # left by another download: not a prefix of this file
             self.restart()
-        self.digest = _hash_file(self.part, self.offset) if self.offset else hashlib.sha256()
+        self.digest = sha256_prefix(self.part, self.offset)[1] if self.offset else hashlib.sha256()
 
     @property
     def _limit(self) -> int:
@@ -280,8 +252,8 @@ def download(
     Raises :class:`~edge_agent.errors.UpdateError`.
     """
     safe = redact_url(url)
-    if safe == _INVALID:
-        raise UpdateError(f"{_INVALID}: cannot parse the download URL")
+    if safe == INVALID_URL:
+        raise UpdateError(f"{INVALID_URL}: cannot parse the download URL")
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise UpdateError(f"{safe}: not an http:// or https:// URL")

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from edge_agent.common.backoff import BackoffPolicy
 from edge_agent.errors import BrokerError, ConfigError
 from edge_agent.fleet.spool import Spool
 
@@ -112,6 +113,15 @@ class BrokerSettings:
             raise ConfigError("broker TLS: cert_file and key_file go together")
         if self.password_file and not self.username:
             raise ConfigError("broker: password_file needs a username")
+        self.backoff  # noqa: B018 - validates the reconnect delays
+
+    @property
+    def backoff(self) -> BackoffPolicy:
+        """Reconnect delays: doubling from ``reconnect_min_s`` up to ``reconnect_max_s``, with
+        full jitter (many devices losing one broker do not come back in step)."""
+        return BackoffPolicy(
+            initial=self.reconnect_min_s, maximum=self.reconnect_max_s, full_jitter=True
+        )
 
     @property
     def host(self) -> str:
@@ -324,10 +334,7 @@ class MqttLink:
         return client
 
     def _backoff(self, attempt: int) -> None:
-        s = self.settings
-        ceiling = min(s.reconnect_max_s, s.reconnect_min_s * (2 ** min(attempt, 16)))
-        delay = self._rng.uniform(s.reconnect_min_s, max(ceiling, s.reconnect_min_s))
-        self._stop.wait(delay)
+        self._stop.wait(self.settings.backoff.delay(attempt, self._rng))
 
     def _error(self, text: str) -> None:
         if text != self.last_error:

@@ -57,6 +57,7 @@ from typing import Any
 
 import edge_agent
 from edge_agent.common.durable import atomic_write, fsync_dir
+from edge_agent.common.hashing import sha256_file
 from edge_agent.errors import BundleError, EdgeError, ModelError, UpdateError
 from edge_agent.fleet.protocol import (
     SCHEMA_VERSION,
@@ -87,14 +88,6 @@ def version_key(version: str) -> tuple[Any, ...]:
     """Orders ``1.2.10`` after ``1.2.9``: numeric parts as numbers, the rest as text."""
     parts = re.split(r"[.+-]", version)
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- the committed pointer -------------------------------------------------------------------

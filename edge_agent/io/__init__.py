@@ -1,2 +1,35 @@
 """Inputs and outputs of the loop: one module per kind of source behind the ``Source`` base, and
-the result sinks."""
+the result sinks.
+
+``from edge_agent.io import open_source, Source, …`` is the public surface; the modules are
+``source`` (the base), ``opencv``, ``images``, ``synthetic``, ``sensors``, ``network``, ``uri``
+and ``sinks``."""
+
+from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
+from edge_agent.errors import SourceError
+from edge_agent.io.images import ImageFilesSource
+from edge_agent.io.network import UdpSensorSource
+from edge_agent.io.opencv import CaptureSource, VideoFileSource
+from edge_agent.io.sensors import FileSensorSource, StdinSensorSource
+from edge_agent.io.source import Frame, Source, SourceStats, SourceTimeout, WindowSpec
+from edge_agent.io.synthetic import SyntheticSource
+from edge_agent.io.uri import open_source
+
+__all__ = [
+    "DEFAULT_BACKOFF",
+    "BackoffPolicy",
+    "CaptureSource",
+    "FileSensorSource",
+    "Frame",
+    "ImageFilesSource",
+    "Source",
+    "SourceError",
+    "SourceStats",
+    "SourceTimeout",
+    "StdinSensorSource",
+    "SyntheticSource",
+    "UdpSensorSource",
+    "VideoFileSource",
+    "WindowSpec",
+    "open_source",
+]

@@ -1,24 +1,22 @@
-"""Where results go: a JSONL file, stdout, or a Python callback (MQTT comes with the telemetry
-issue). One JSON object per result, the same object for every sink."""
+"""Where results go: a JSONL file, stdout, the MQTT spool, or a Python callback. One JSON object
+per result, the same object for every sink, written as compact JSON without NaN
+(``edge_agent.fleet.protocol.dumps``, the wire's encoding)."""
 
 from __future__ import annotations
 
-import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from edge_agent.errors import ConfigError
+from edge_agent.fleet.protocol import dumps
 
 
 class Sink(Protocol):
     def write(self, result: dict[str, Any]) -> None: ...
     def close(self) -> None: ...
-
-
-def _dumps(result: dict[str, Any]) -> str:
-    return json.dumps(result, separators=(",", ":"), allow_nan=False)
 
 
 class JsonlSink:
@@ -34,7 +32,7 @@ class JsonlSink:
 
     def write(self, result: dict[str, Any]) -> None:
         assert self._fh is not None, "sink is closed"
-        self._fh.write(_dumps(result) + "\n")
+        self._fh.write(dumps(result).decode() + "\n")
         self._fh.flush()
 
     def close(self) -> None:
@@ -49,7 +47,7 @@ class StdoutSink:
 
     def write(self, result: dict[str, Any]) -> None:
         stream = self._stream or sys.stdout
-        stream.write(_dumps(result) + "\n")
+        stream.write(dumps(result).decode() + "\n")
         stream.flush()
 
     def close(self) -> None:
@@ -62,6 +60,46 @@ class CallbackSink:
 
     def write(self, result: dict[str, Any]) -> None:
         self._fn(result)
+
+    def close(self) -> None:
+        pass
+
+
+class MqttResultSink:
+    """Results into the spool (never blocks): all of them, only on change of the top class or
+    label, or rate-limited."""
+
+    def __init__(self, spool: Any, topic: str, *, mode: str = "all", max_rate: float = 0.0):
+        self.spool, self.topic, self.mode = spool, topic, mode
+        self.min_interval = 1.0 / max_rate if max_rate > 0 else 0.0
+        self._last_key: Any = object()
+        self._last_sent = 0.0
+        self.skipped = 0
+
+    def write(self, result: dict[str, Any]) -> None:
+        seq = int(result["seq"])
+        if self._wanted(result):
+            self.spool.put("results", self.topic, dumps(result), seq=seq)
+        else:  # not sent, but its seq is taken: the counter must not hand it out again
+            self.spool.observe_seq("results", seq)
+
+    def _wanted(self, result: dict[str, Any]) -> bool:
+        if self.mode == "none":
+            return False
+        if self.mode == "change":
+            out = result.get("output") or {}
+            key = (out.get("class"), out.get("label"), out.get("dominant"))
+            if key == self._last_key:
+                self.skipped += 1
+                return False
+            self._last_key = key
+        if self.min_interval:
+            now = time.monotonic()
+            if now - self._last_sent < self.min_interval:
+                self.skipped += 1
+                return False
+            self._last_sent = now
+        return True
 
     def close(self) -> None:
         pass

@@ -56,6 +56,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_agent.common.durable import fsync_dir
+from edge_agent.common.hashing import sha256_prefix
 from edge_agent.errors import (
     BundleError,
     ConfigError,
@@ -694,15 +695,6 @@ def read_manifest_unverified(
 # --- writing -------------------------------------------------------------------------------
 
 
-def _hash_file(path: Path) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
 class _HashingReader:
     """Feeds tarfile from a file while hashing what it hands over."""
 
@@ -774,7 +766,8 @@ def write_bundle(
     hashes: dict[str, tuple[int, str]] = {}
     for name, local in sources.items():
         try:
-            hashes[name] = _hash_file(local)
+            size, digest = sha256_prefix(local)
+            hashes[name] = (size, digest.hexdigest())
         except OSError as exc:
             raise ConfigError(f"{local}: cannot read {name}: {exc.strerror or exc}") from exc
     final["artifacts"] = [

@@ -1,0 +1,176 @@
+"""Video files, cameras and network streams, read through OpenCV's VideoCapture."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
+from edge_agent.errors import SourceError, first_line
+from edge_agent.io.source import (
+    EndOfStream,
+    Pacer,
+    Source,
+    check_fps,
+    check_pace,
+)
+
+STREAM_TIMEOUT_MS = 5000  # open/read timeout of a network stream, so a dead server cannot hang us
+STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
+
+
+def _open_capture(target: int | str, api: int, params: list[int], label: str, what: str) -> Any:
+    try:
+        cap = cv2.VideoCapture(target, api, params)
+    except cv2.error as exc:
+        raise SourceError(f"{label}: {what}: {first_line(exc)}") from exc
+    if not cap.isOpened():
+        cap.release()
+        raise SourceError(f"{label}: {what}")
+    return cap
+
+
+class _CvCaptureSource(Source):
+    """A source read through an OpenCV VideoCapture held in ``_cap``; releases it on
+    disconnect."""
+
+    _cap: Any = None
+
+    def _disconnect(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+class VideoFileSource(_CvCaptureSource):
+    """A video file: finite, every frame in order. ``loop`` starts again at the end (re-opening
+    the file, so a file that vanished is noticed); ``live`` runs it like a camera: a capture thread
+    paced at the file's frame rate, latest-frame semantics, reconnection when the file is gone."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        uri: str | None = None,
+        loop: bool = False,
+        live: bool = False,
+        pace: str = "none",
+        fps: float | None = None,
+        reconnect: BackoffPolicy = DEFAULT_BACKOFF,
+    ) -> None:
+        super().__init__(uri or f"file:{path}", kind="image", live=live, reconnect=reconnect)
+        check_pace(self._label, pace)
+        check_fps(self._label, "fps", fps)
+        self.path = Path(path)
+        self.loop = loop
+        self._paced = live or pace == "native"
+        self._fps = fps
+        self._count = 0  # frames in the file as the container reports it (0: unknown)
+        self._since_open = 0
+
+    def _connect(self) -> None:
+        if not self.path.is_file():
+            raise SourceError(
+                f"{self._label}: no such file {self.path}; check the path "
+                "(a camera is camera:N, a folder of images is images:DIR)"
+            )
+        cap = _open_capture(
+            str(self.path),
+            cv2.CAP_ANY,
+            [],
+            self._label,
+            f"cannot decode {self.path} (not a video, or corrupt); check or re-encode the file",
+        )
+        if self._paced and self._pacer is None:
+            fps = self._fps or cap.get(cv2.CAP_PROP_FPS)
+            if not (fps and fps > 0 and math.isfinite(fps)):
+                cap.release()
+                raise SourceError(f"{self._label}: the file reports no frame rate; pass fps=N")
+            self._pacer = Pacer(float(fps))
+        count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+        self._count = int(count) if count and math.isfinite(count) and count > 0 else 0
+        self._cap = cap
+        self._since_open = 0
+
+    def _capture(self, timeout: float | None) -> np.ndarray | None:
+        ok, image = self._cap.read()
+        if ok:
+            self._since_open += 1
+            return image
+        if self._since_open == 0:
+            raise SourceError(f"{self._label}: no frame could be decoded from {self.path}")
+        if not self.loop:
+            if self._since_open < self._count - 1:
+                raise SourceError(
+                    f"{self._label}: decoding stopped after {self._since_open} of {self._count} "
+                    "frames (file truncated or corrupt)"
+                )
+            raise EndOfStream
+        self._disconnect()
+        self._connect()  # raises SourceError when the file is gone
+        ok, image = self._cap.read()
+        if not ok:
+            raise SourceError(f"{self._label}: no frame could be decoded from {self.path}")
+        self._since_open = 1
+        return image
+
+
+class CaptureSource(_CvCaptureSource):
+    """A camera (by index or device path) or a network stream (RTSP, HTTP): live. Opening never
+    fails for want of the device: it reports "degraded" and keeps trying."""
+
+    _connect_in_open = False
+
+    def __init__(
+        self,
+        target: int | str,
+        *,
+        uri: str | None = None,
+        fps: float | None = None,
+        reconnect: BackoffPolicy = DEFAULT_BACKOFF,
+    ) -> None:
+        default_uri = f"camera:{target}" if isinstance(target, int) else target
+        super().__init__(uri or default_uri, kind="image", live=True, reconnect=reconnect)
+        check_fps(self._label, "fps", fps)
+        self.target = target
+        self._fps = fps
+
+    def _connect(self) -> None:
+        target = self.target
+        if isinstance(target, str) and target.lower().startswith(STREAM_SCHEMES):
+            params = [
+                cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+                STREAM_TIMEOUT_MS,
+                cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+                STREAM_TIMEOUT_MS,
+            ]
+            what = "cannot connect to the stream; check the address and that the camera is up"
+            self._cap = _open_capture(target, cv2.CAP_FFMPEG, params, self._label, what)
+            return
+        if isinstance(target, str) and not os.path.exists(target):
+            raise SourceError(f"{self._label}: no such device; is the camera plugged in?")
+        what = "cannot open the camera (missing or busy); check `v4l2-ctl --list-devices`"
+        cap = _open_capture(target, cv2.CAP_ANY, [], self._label, what)
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # the newest frame, not one queued in the driver
+        if self._fps:
+            cap.set(cv2.CAP_PROP_FPS, self._fps)
+        self._cap = cap
+
+    def _capture(self, timeout: float | None) -> np.ndarray | None:
+        ok, image = self._cap.read()
+        if not ok:
+            raise SourceError(f"{self._label}: no frame (camera unplugged or stream dropped)")
+        return image
+
+
+__all__ = [
+    "STREAM_SCHEMES",
+    "STREAM_TIMEOUT_MS",
+    "CaptureSource",
+    "VideoFileSource",
+]

@@ -1,0 +1,252 @@
+"""Source URIs (a contract, listed in ``edge_agent.io.source``) → a ``Source``, unopened."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
+from edge_agent.common.urls import redact_uri
+from edge_agent.errors import SourceError
+from edge_agent.io.images import ImageFilesSource
+from edge_agent.io.network import UdpSensorSource
+from edge_agent.io.opencv import STREAM_SCHEMES, CaptureSource, VideoFileSource
+from edge_agent.io.sensors import FileSensorSource, StdinSensorSource
+from edge_agent.io.source import (
+    Source,
+    WindowSpec,
+    check_fps,
+    check_pace,
+)
+from edge_agent.io.synthetic import DEFAULT_SYNTHETIC_FPS, PATTERNS, SyntheticSource
+
+_USAGE = (
+    "use camera:N, /dev/videoN, rtsp://…, http(s)://…, file:PATH, images:GLOB, sensor:stdin, "
+    "sensor:file:PATH, sensor:udp://HOST:PORT or synthetic:?…"
+)
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+$")
+_QUERY = re.compile(r"^[A-Za-z_]+=[^&=]*(&[A-Za-z_]+=[^&=]*)*$")
+
+
+def _split_query(text: str) -> tuple[str, dict[str, str]]:
+    head, sep, query = text.rpartition("?")
+    if sep and (query == "" or _QUERY.match(query)):
+        return head, dict(parse_qsl(query, keep_blank_values=True))
+    return text, {}
+
+
+class _Options:
+    """The ``?key=value`` options of one URI, typed and checked; unknown keys are an error."""
+
+    def __init__(self, uri: str, query: dict[str, str]) -> None:
+        self.label = redact_uri(uri)
+        self.values = query
+        self.known: list[str] = []
+
+    def _raw(self, key: str) -> str | None:
+        self.known.append(key)
+        return self.values.get(key)
+
+    def _bad(self, key: str, raw: str, rule: str) -> SourceError:
+        return SourceError(f"{self.label}: {key} = {raw!r}: {rule}")
+
+    def integer(self, key: str, default: int | None, minimum: int) -> int | None:
+        raw = self._raw(key)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise self._bad(key, raw, "expected an integer") from None
+        if value < minimum:
+            raise self._bad(key, raw, f"must be >= {minimum}")
+        return value
+
+    def number(self, key: str, default: float | None) -> float | None:
+        raw = self._raw(key)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise self._bad(key, raw, "expected a number") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise self._bad(key, raw, "must be > 0")
+        return value
+
+    def flag(self, key: str) -> bool:
+        raw = self._raw(key)
+        if raw is None:
+            return False
+        value = raw.strip().lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off", ""):
+            return False
+        raise self._bad(key, raw, "expected 1 or 0")
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        raw = self._raw(key)
+        if raw is None:
+            return default
+        if raw not in choices:
+            raise self._bad(key, raw, f"expected one of {'|'.join(choices)}")
+        return raw
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.values) - set(self.known))
+        if unknown:
+            known = ", ".join(self.known) or "none"
+            raise SourceError(f"{self.label}: unknown option(s) {unknown}; known here: {known}")
+
+
+def open_source(
+    uri: str,
+    *,
+    pace: str = "none",
+    fps: float | None = None,
+    window: WindowSpec | None = None,
+    reconnect: BackoffPolicy = DEFAULT_BACKOFF,
+) -> Source:
+    """Parse ``uri`` and build its source, without opening it.
+
+    ``pace`` ("none" | "native") times the finite image sources (files, images, synthetic);
+    ``fps`` overrides their native frame rate (and requests a rate from a camera); ``window``
+    is the sensors' windowing; ``reconnect`` the backoff of live sources. Raises ``SourceError``
+    for an unknown scheme or a bad option; a missing file is reported by ``open()``."""
+    label = redact_uri(uri)
+    check_pace(label, pace)
+    check_fps(label, "fps", fps)
+    text = uri.strip()
+    if not text:
+        raise SourceError(f"source: empty URI; {_USAGE}")
+    if text.lower().startswith(STREAM_SCHEMES):
+        return CaptureSource(text, uri=uri, reconnect=reconnect)  # the query belongs to the server
+    if text.startswith("/dev/video"):
+        return CaptureSource(text, uri=uri, fps=fps, reconnect=reconnect)
+    scheme, sep, rest = text.partition(":")
+    if not sep or not _SCHEME.match(scheme):  # a plain path (also C:\… on Windows)
+        path, query = _split_query(text)
+        opts = _Options(uri, query)
+        if Path(path).is_dir() or any(c in path for c in "*?["):
+            return _images(uri, path, opts, pace=pace, fps=fps)
+        return _video_file(uri, path, opts, pace=pace, fps=fps, reconnect=reconnect)
+    scheme = scheme.lower()
+    rest, query = _split_query(rest)
+    opts = _Options(uri, query)
+    if scheme == "camera":
+        if not rest.isdigit():
+            raise SourceError(
+                f"{label}: expected camera:N with N a camera index (0, 1, …), or /dev/videoN"
+            )
+        cam_fps = opts.number("fps", fps)
+        opts.finish()
+        return CaptureSource(int(rest), uri=uri, fps=cam_fps, reconnect=reconnect)
+    if scheme == "file":
+        path = rest[2:] if rest.startswith("//") else rest
+        return _video_file(uri, path, opts, pace=pace, fps=fps, reconnect=reconnect)
+    if scheme == "images":
+        return _images(uri, rest, opts, pace=pace, fps=fps)
+    if scheme == "synthetic":
+        if rest:
+            raise SourceError(f"{label}: expected synthetic:?width=…&height=…&fps=…&frames=…")
+        source = SyntheticSource(
+            uri=uri,
+            width=opts.integer("width", 640, 1) or 640,
+            height=opts.integer("height", 480, 1) or 480,
+            fps=opts.number("fps", fps) or DEFAULT_SYNTHETIC_FPS,
+            frames=opts.integer("frames", None, 0),
+            pattern=opts.choice("pattern", "gradient", PATTERNS),
+            live=opts.flag("live"),
+            pace=pace,
+            seed=opts.integer("seed", 0, 0) or 0,
+        )
+        opts.finish()
+        return source
+    if scheme == "sensor":
+        return _sensor(uri, rest, opts, window=window, reconnect=reconnect)
+    raise SourceError(f"{label}: unknown source scheme {scheme!r}; {_USAGE}")
+
+
+def _video_file(
+    uri: str,
+    path: str,
+    opts: _Options,
+    *,
+    pace: str,
+    fps: float | None,
+    reconnect: BackoffPolicy,
+) -> Source:
+    if not path:
+        raise SourceError(f"{opts.label}: no path; expected file:PATH")
+    source = VideoFileSource(
+        path,
+        uri=uri,
+        loop=opts.flag("loop"),
+        live=opts.flag("live"),
+        pace=pace,
+        fps=opts.number("fps", fps),
+        reconnect=reconnect,
+    )
+    opts.finish()
+    return source
+
+
+def _images(uri: str, pattern: str, opts: _Options, *, pace: str, fps: float | None) -> Source:
+    if not pattern:
+        raise SourceError(f"{opts.label}: no folder or pattern; expected images:GLOB")
+    source = ImageFilesSource(pattern, uri=uri, pace=pace, fps=opts.number("fps", fps))
+    opts.finish()
+    return source
+
+
+def _sensor(
+    uri: str,
+    rest: str,
+    opts: _Options,
+    *,
+    window: WindowSpec | None,
+    reconnect: BackoffPolicy,
+) -> Source:
+    label = opts.label
+    size = opts.integer("size", window.size if window else None, 1)
+    hop = opts.integer("hop", window.hop if window else size, 1)
+    channels = opts.integer("channels", window.channels if window else None, 1)
+    if size is None or hop is None or channels is None:
+        raise SourceError(
+            f"{label}: a sensor needs a window: pass window=WindowSpec(size, hop, channels) "
+            "or add ?size=N&hop=N&channels=N"
+        )
+    spec = WindowSpec(size=size, hop=hop, channels=channels)
+    source: Source
+    if rest == "stdin":
+        source = StdinSensorSource(window=spec, uri=uri)
+    elif rest.startswith("file:"):
+        path = rest[len("file:") :]
+        if not path:
+            raise SourceError(f"{label}: no path; expected sensor:file:PATH")
+        source = FileSensorSource(path, window=spec, uri=uri, idle=opts.number("idle", None))
+    elif rest.startswith("udp://"):
+        parts = urlsplit(rest)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname or port is None:
+            raise SourceError(f"{label}: expected sensor:udp://HOST:PORT (e.g. 127.0.0.1:9000)")
+        source = UdpSensorSource(parts.hostname, port, window=spec, uri=uri, reconnect=reconnect)
+    else:
+        raise SourceError(
+            f"{label}: unknown sensor input; use sensor:stdin, sensor:file:PATH "
+            "or sensor:udp://HOST:PORT"
+        )
+    opts.finish()
+    return source
+
+
+__all__ = [
+    "open_source",
+]
