@@ -558,9 +558,9 @@ def publishing_cost(tmp: Path, *, seconds: float, rounds: int) -> dict[str, Any]
 
 def bundle_transfer(tmp: Path, profile: Any, *, rounds: int) -> dict[str, Any]:
     from edge_agent.common.hashing import sha256_file
+    from edge_agent.fleet.fetch import ChunkFetcher
     from edge_agent.fleet.mqtt import BrokerSettings, MqttLink
     from edge_agent.fleet.protocol import DEFAULT_CHUNK_SIZE
-    from edge_agent.fleet.updater import ChunkFetcher
     from edge_agent.model.bundle import ArtifactInput, verify_bundle, write_bundle
     from edge_agent.model.keys import generate_keypair, load_private_key, load_trusted_keys
     from edgectl.cli import Client, publish_bundle

@@ -112,12 +112,12 @@ class Service:
         )
         recovered = None
         if self.mqtt_enabled and config.ota.enabled:
-            from edge_agent.fleet.updater import ModelStore
+            from edge_agent.fleet.store import ModelStore
 
             self.store = ModelStore(state_dir, keep=config.ota.keep_models)
             recovered = self.store.recover()
         model = self._open_initial_model()
-        from edge_agent.fleet.updater import HealthProbe
+        from edge_agent.fleet.health import HealthProbe
 
         self.probe = HealthProbe()
         self.sinks = [open_sink(s) for s in config.results.sinks]
@@ -285,7 +285,8 @@ class Service:
             return
         from edge_agent.cli import open_planned_model
         from edge_agent.config import with_overrides
-        from edge_agent.fleet.updater import ChunkFetcher, Updater
+        from edge_agent.fleet.fetch import ChunkFetcher
+        from edge_agent.fleet.updater import Updater
         from edge_agent.model.keys import load_trusted_keys
 
         link = self.link

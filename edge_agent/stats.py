@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,19 @@ _LOG_MIN = math.log(_MIN_NS)
 _STEP = (math.log(_MAX_NS) - _LOG_MIN) / _BUCKETS
 #: Upper edge of each bucket, in ns; percentiles report the bucket's geometric middle.
 _MIDDLES_MS = np.exp(_LOG_MIN + (np.arange(_BUCKETS) + 0.5) * _STEP) / 1e6
+
+
+def rank(count: int, p: float) -> int:
+    """The nearest-rank position (1-based) of the p-th percentile (0-100) among ``count``
+    ordered values: the one rule for the histograms here and for plain lists."""
+    return max(1, math.ceil(count * p / 100.0))
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """The p-th percentile (0-100) of ``values`` by nearest rank, or None when empty."""
+    if not values:
+        return None
+    return sorted(values)[min(len(values), rank(len(values), p)) - 1]
 
 
 class LatencyHistogram:
@@ -43,7 +57,7 @@ class LatencyHistogram:
         """The p-th percentile (0-100) in ms, or None when empty."""
         if self.count == 0:
             return None
-        target = max(1, math.ceil(self.count * p / 100.0))
+        target = rank(self.count, p)
         seen = 0
         for i, c in enumerate(self._counts):
             seen += c

@@ -5,7 +5,7 @@ the desired bundle differs from the committed one, :class:`Updater` runs, in its
 
 1. **fetch**: a bundle kept on disk from before (a rollback is instant); else the ``url`` of the
    desired state over HTTP(S), resumed with Range requests (``edge_agent.fleet.download``); else the
-   retained chunks ``edgectl publish`` left on the broker (:class:`ChunkFetcher`), each checked
+   retained chunks ``edgectl publish`` left on the broker (``edge_agent.fleet.fetch``), each checked
    against its sha256 as it arrives, kept on disk so an interrupted transfer resumes. Whatever
    the route, the whole file must hash to the desired sha256.
 2. **verify** before anything is loaded: the Ed25519 signature against the trusted keys and each
@@ -34,490 +34,38 @@ model. The last ``keep_models`` committed bundles stay on disk.
 
 ``EDGE_AGENT_CRASH_AT=download|stage|swap|commit`` makes the agent SIGKILL itself at that step:
 the fault-injection point the crash tests use (a designed seam, like a synthetic Source).
+
+The parts: ``store`` (state.json and the kept bundles), ``download`` and ``fetch`` (the two
+routes a bundle arrives by), ``health`` (what the window measures), and this module, which
+orders them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
-import math
-import os
 import queue
-import re
 import shutil
-import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import edge_agent
-from edge_agent.common.durable import atomic_write, fsync_dir
 from edge_agent.common.hashing import sha256_file
 from edge_agent.errors import BundleError, EdgeError, ModelError, UpdateError
+from edge_agent.fleet.health import HealthProbe, HealthVerdict, bundle_latency_ms, top_fraction
 from edge_agent.fleet.protocol import (
-    SCHEMA_VERSION,
     Desired,
-    ProtocolError,
-    bundle_chunk_topic,
-    bundle_meta_topic,
-    loads,
 )
+from edge_agent.fleet.store import ModelStore, crash_point, version_key
+from edge_agent.stats import percentile
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
-#: A transfer missing at most this many chunks subscribes to each; more, to one wildcard.
-MAX_CHUNK_SUBSCRIPTIONS = 24
-_CRASH_ENV = "EDGE_AGENT_CRASH_AT"
 STOPPING = "the agent is stopping"
-
-
-def crash_point(step: str) -> None:
-    """Fault injection for the crash tests: SIGKILL ourselves at ``step`` when asked to."""
-    if os.environ.get(_CRASH_ENV) == step:
-        log.warning("crash point %s: killing the agent (%s is set)", step, _CRASH_ENV)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def version_key(version: str) -> tuple[Any, ...]:
-    """Orders ``1.2.10`` after ``1.2.9``: numeric parts as numbers, the rest as text."""
-    parts = re.split(r"[.+-]", version)
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
-
-
-# --- the committed pointer -------------------------------------------------------------------
-
-
-class ModelStore:
-    """``<state_dir>/ota/``: ``state.json`` (current, floor, history, pending, failed) and the
-    kept bundles (``bundles/<sha256>.edgebundle``)."""
-
-    def __init__(self, state_dir: Path, *, keep: int = 3) -> None:
-        self.root = Path(state_dir) / "ota"
-        self.bundles = self.root / "bundles"
-        self.downloads = self.root / "downloads"
-        self.keep = keep
-        for d in (self.root, self.bundles, self.downloads):
-            d.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self.state = self._load()
-
-    def _load(self) -> dict[str, Any]:
-        path = self.root / STATE_FILE
-        empty: dict[str, Any] = {
-            "schema": SCHEMA_VERSION,
-            "current": None,
-            "floor": None,
-            "history": [],
-            "pending": None,
-            "failed": {},
-        }
-        if not path.exists():
-            return empty
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError("not an object")
-        except (OSError, ValueError) as exc:
-            aside = path.with_name(f"{STATE_FILE}.corrupt-{int(time.time())}")
-            path.rename(aside)
-            log.warning("ota: %s unreadable (%s); moved to %s, starting afresh", path, exc, aside)
-            return empty
-        return {**empty, **data}
-
-    def _save(self) -> None:
-        atomic_write(self.root / STATE_FILE, json.dumps(self.state, indent=2).encode() + b"\n")
-
-    @property
-    def current(self) -> dict[str, Any] | None:
-        cur = self.state.get("current")
-        return dict(cur) if isinstance(cur, dict) else None
-
-    @property
-    def floor(self) -> str | None:
-        return self.state.get("floor")
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        return [dict(h) for h in self.state.get("history", [])]
-
-    def bundle_path(self, sha256: str) -> Path | None:
-        path = self.bundles / f"{sha256}.edgebundle"
-        return path if path.is_file() else None
-
-    def failed_reason(self, desired: Desired) -> str | None:
-        entry = self.state.get("failed", {}).get(desired.sha256)
-        if not isinstance(entry, dict):
-            return None
-        return (
-            str(entry.get("reason")) if entry.get("deployment", "") == desired.deployment else None
-        )
-
-    def keep_bundle(self, src: Path, sha256: str) -> Path:
-        dest = self.bundles / f"{sha256}.edgebundle"
-        if dest.exists():
-            if src != dest:
-                src.unlink(missing_ok=True)
-            return dest
-        os.replace(src, dest)
-        fsync_dir(self.bundles)
-        return dest
-
-    def begin(self, entry: Mapping[str, Any]) -> None:
-        with self._lock:
-            self.state["pending"] = dict(entry, started=time.time())
-            self._save()
-
-    def commit(self, entry: Mapping[str, Any]) -> None:
-        with self._lock:
-            committed = dict(entry, committed=time.time())
-            self.state["current"] = committed
-            floor = self.state.get("floor")
-            if floor is None or version_key(str(entry["version"])) > version_key(str(floor)):
-                self.state["floor"] = str(entry["version"])
-            history = [
-                h for h in self.state.get("history", []) if h.get("sha256") != entry["sha256"]
-            ]
-            history.append(committed)
-            self.state["history"] = history[-self.keep :]
-            self.state["pending"] = None
-            self.state.get("failed", {}).pop(entry["sha256"], None)
-            self._save()
-        self.prune()
-
-    def abort(self, sha256: str, *, reason: str, deployment: str = "") -> None:
-        with self._lock:
-            self.state["pending"] = None
-            self.state.setdefault("failed", {})[sha256] = {
-                "reason": reason,
-                "deployment": deployment,
-                "ts": time.time(),
-            }
-            self._save()
-
-    def forget_failure(self, sha256: str) -> None:
-        with self._lock:
-            if self.state.get("failed", {}).pop(sha256, None) is not None:
-                self._save()
-
-    def cancel(self) -> None:
-        """The update did not finish for a reason that is not the bundle's (the agent stopped):
-        no longer pending, and not recorded as failed, so it is tried again."""
-        with self._lock:
-            self.state["pending"] = None
-            self._save()
-
-    def recover(self) -> dict[str, Any] | None:
-        """At start-up: an update still pending means the agent died during it. It is recorded
-        as failed; the caller runs the committed model and reports the rollback."""
-        pending = self.state.get("pending")
-        if not isinstance(pending, dict):
-            return None
-        self.abort(
-            str(pending.get("sha256")),
-            reason="the agent restarted during the update (crash or power loss)",
-            deployment=str(pending.get("deployment", "")),
-        )
-        return dict(pending)
-
-    def prune(self) -> None:
-        """Keep the bundles of the history (and the current one); drop the rest."""
-        keep = {h.get("sha256") for h in self.state.get("history", [])}
-        cur = self.current
-        if cur:
-            keep.add(cur.get("sha256"))
-        for path in self.bundles.glob("*.edgebundle"):
-            if path.stem not in keep:
-                path.unlink(missing_ok=True)
-
-
-# --- MQTT chunk transfer -----------------------------------------------------------------------
-
-
-@dataclass
-class _Transfer:
-    sha256: str
-    directory: Path
-    meta: dict[str, Any] | None = None
-    have: set[int] = field(default_factory=set)
-    bad: dict[int, str] = field(default_factory=dict)
-    last_progress: float = field(default_factory=time.monotonic)
-    received: int = 0
-    event: threading.Event = field(default_factory=threading.Event)
-
-
-class ChunkFetcher:
-    """Fetches a bundle from retained chunks on the broker. ``handle`` is fed every message on
-    ``<prefix>/bundles/#`` (from the network thread); ``fetch`` runs in the updater's thread."""
-
-    def __init__(
-        self,
-        *,
-        subscribe: Callable[[list[str]], None],
-        unsubscribe: Callable[[list[str]], None],
-        downloads: Path,
-        prefix: str,
-        timeout: float,
-        max_bytes: int,
-    ) -> None:
-        self._subscribe, self._unsubscribe = subscribe, unsubscribe
-        self.downloads = downloads
-        self.prefix = prefix
-        self.timeout = timeout
-        self.max_bytes = max_bytes
-        self._active: _Transfer | None = None
-        self._lock = threading.Lock()
-        self.chunks_received = 0  # over the fetcher's life: how much a resume saved
-
-    def handle(self, topic: str, payload: bytes) -> None:
-        t = self._active
-        if t is None:
-            return
-        base = f"{self.prefix}/bundles/{t.sha256}/"
-        if not topic.startswith(base):
-            return
-        rest = topic[len(base) :]
-        with self._lock:
-            if rest == "meta":
-                try:
-                    t.meta = self._check_meta(
-                        t.sha256, loads(payload, what="bundle meta", limit=1 << 22)
-                    )
-                except (ProtocolError, UpdateError) as exc:
-                    t.meta = {"error": str(exc)}
-                t.last_progress = time.monotonic()
-                t.event.set()
-                return
-            m = re.fullmatch(r"chunk/(\d{1,7})", rest)
-            if m is None or t.meta is None or "error" in t.meta:
-                return
-            index = int(m.group(1))
-            chunks = t.meta["chunks"]
-            if index >= len(chunks) or index in t.have:
-                return
-            size, chunk_size = t.meta["size"], t.meta["chunk_size"]
-            want = chunk_size if index < len(chunks) - 1 else size - chunk_size * (len(chunks) - 1)
-            if len(payload) != want:  # checked before anything is written: no disk filling
-                if payload:  # an empty retained payload is a deleted chunk: still missing
-                    t.bad[index] = f"{len(payload)} bytes, expected {want}"
-                    t.event.set()
-                return
-            if hashlib.sha256(payload).hexdigest() != chunks[index]:
-                t.bad[index] = "sha256 mismatch"
-                t.event.set()
-                return
-            path = t.directory / f"{index}.chunk"
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "wb") as fh:
-                fh.write(payload)
-            os.replace(tmp, path)
-            t.have.add(index)
-            t.received += 1
-            self.chunks_received += 1
-            t.last_progress = time.monotonic()
-            t.event.set()
-        if len(t.have) == len(t.meta["chunks"]) // 2 + 1:
-            crash_point("download")
-
-    def _check_meta(self, sha256: str, meta: dict[str, Any]) -> dict[str, Any]:
-        size, chunk_size, chunks = meta.get("size"), meta.get("chunk_size"), meta.get("chunks")
-        ok = (
-            meta.get("sha256") == sha256
-            and isinstance(size, int)
-            and isinstance(chunk_size, int)
-            and size > 0
-            and chunk_size > 0
-            and isinstance(chunks, list)
-            and all(isinstance(c, str) and re.fullmatch(r"[0-9a-f]{64}", c) for c in chunks)
-        )
-        if not ok:
-            raise UpdateError(f"bundle {sha256[:12]}: its meta message is malformed")
-        assert isinstance(size, int) and isinstance(chunk_size, int) and isinstance(chunks, list)
-        if size > self.max_bytes:
-            raise UpdateError(
-                f"bundle {sha256[:12]}: {size} bytes is larger than [ota] max_bundle_mb allows"
-            )
-        if len(chunks) != math.ceil(size / chunk_size):
-            raise UpdateError(
-                f"bundle {sha256[:12]}: meta lists {len(chunks)} chunks for {size} bytes"
-            )
-        return meta
-
-    def fetch(self, sha256: str, *, cancel: threading.Event) -> Path:
-        final = self.downloads / f"{sha256}.edgebundle"
-        if final.is_file() and sha256_file(final) == sha256:
-            return final
-        directory = self.downloads / sha256
-        directory.mkdir(parents=True, exist_ok=True)
-        t = _Transfer(sha256=sha256, directory=directory)
-        meta_topic = bundle_meta_topic(sha256, prefix=self.prefix)
-        subscribed = [meta_topic]
-        self._active = t
-        self._subscribe([meta_topic])
-        try:
-            self._wait(t, cancel, lambda: t.meta is not None, what="the bundle's meta message")
-            assert t.meta is not None
-            if "error" in t.meta:
-                raise UpdateError(str(t.meta["error"]))
-            chunks = t.meta["chunks"]
-            with self._lock:  # chunks kept from an interrupted transfer count, if still good
-                for i, want in enumerate(chunks):
-                    path = directory / f"{i}.chunk"
-                    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == want:
-                        t.have.add(i)
-            missing = [i for i in range(len(chunks)) if i not in t.have]
-            log.info(
-                "ota: bundle %s: %d chunks, %d on disk already, fetching %d",
-                sha256[:12], len(chunks), len(chunks) - len(missing), len(missing),
-            )  # fmt: skip
-            if len(missing) <= MAX_CHUNK_SUBSCRIPTIONS:  # a resume: only what is missing
-                topics = [bundle_chunk_topic(sha256, i, prefix=self.prefix) for i in missing]
-            else:  # one wildcard (brokers cap subscriptions per connection: AWS IoT, 50)
-                topics = [f"{self.prefix}/bundles/{sha256}/chunk/+"]
-            if topics:
-                self._subscribe(topics)
-                subscribed += topics
-            self._wait(
-                t,
-                cancel,
-                lambda: len(t.have) == len(chunks) or bool(t.bad),
-                what=lambda: (
-                    f"chunks: {len(t.have)} of {len(chunks)} received (truncated transfer)"
-                ),
-            )
-            if t.bad:
-                index = min(t.bad)
-                what = t.bad[index]
-                check = "its sha256 check" if what == "sha256 mismatch" else f"its size ({what})"
-                raise UpdateError(
-                    f"bundle {sha256[:12]}: chunk {index} of {len(chunks)} failed {check} "
-                    "(corrupted on the broker or in transit); republish it with edgectl publish"
-                )
-            return self._assemble(t, final)
-        finally:
-            self._active = None
-            self._unsubscribe(subscribed)
-
-    def _wait(
-        self,
-        t: _Transfer,
-        cancel: threading.Event,
-        done: Callable[[], bool],
-        *,
-        what: str | Callable[[], str],
-    ) -> None:
-        while not done():
-            if cancel.is_set():
-                raise UpdateError("update cancelled: the agent is stopping")
-            if time.monotonic() - t.last_progress > self.timeout:
-                text = what() if callable(what) else f"no {what} within {self.timeout:g} s"
-                raise UpdateError(
-                    f"bundle {t.sha256[:12]}: {text}, nothing new for {self.timeout:g} s "
-                    "(is it published? edgectl publish BUNDLE)"
-                )
-            t.event.wait(0.2)
-            t.event.clear()
-
-    def _assemble(self, t: _Transfer, final: Path) -> Path:
-        assert t.meta is not None
-        part = final.with_suffix(".edgebundle.part")
-        digest = hashlib.sha256()
-        with open(part, "wb") as out:
-            for i in range(len(t.meta["chunks"])):
-                data = (t.directory / f"{i}.chunk").read_bytes()
-                digest.update(data)
-                out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        if digest.hexdigest() != t.sha256 or part.stat().st_size != t.meta["size"]:
-            part.unlink(missing_ok=True)
-            shutil.rmtree(t.directory, ignore_errors=True)
-            raise UpdateError(
-                f"bundle {t.sha256[:12]}: the assembled file does not hash to its sha256"
-            )
-        os.replace(part, final)
-        shutil.rmtree(t.directory, ignore_errors=True)
-        return final
-
-
-# --- the updater -------------------------------------------------------------------------------
-
-
-@dataclass
-class HealthVerdict:
-    ok: bool
-    reason: str | None
-    frames: int
-    errors: int
-    p95_ms: float | None
-    reference_ms: float | None
-
-
-class HealthProbe:
-    """A result sink that remembers, per model version, recent inference latency, errors and
-    top classes: what the health window judges a new model by."""
-
-    def __init__(self, *, keep: int = 500) -> None:
-        self.keep = keep
-        self._lock = threading.Lock()
-        self._by_model: dict[tuple[str, str], dict[str, list[Any]]] = {}
-
-    def write(self, result: dict[str, Any]) -> None:
-        ident = result.get("model") or {}
-        key = (str(ident.get("name")), str(ident.get("version")))
-        out = result.get("output") or {}
-        with self._lock:
-            rec = self._by_model.setdefault(key, {"lat": [], "err": [], "cls": []})
-            rec["lat"].append(float(result["latency_ms"]["inference"]))
-            rec["err"].append("error" in out)
-            rec["cls"].append(out.get("class"))
-            if len(rec["lat"]) > self.keep:
-                for k in rec:
-                    del rec[k][: len(rec[k]) - self.keep]
-
-    def close(self) -> None:
-        pass
-
-    def reset(self, key: tuple[str, str]) -> None:
-        with self._lock:
-            self._by_model.pop(key, None)
-
-    def snapshot(self, key: tuple[str, str]) -> dict[str, list[Any]]:
-        with self._lock:
-            rec = self._by_model.get(key, {"lat": [], "err": [], "cls": []})
-            return {k: list(v) for k, v in rec.items()}
-
-
-def _p95(values: list[float]) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-
-
-def _top_fraction(classes: list[Any]) -> float | None:
-    known = [c for c in classes if c is not None]
-    if len(known) < 20:
-        return None
-    counts: dict[Any, int] = {}
-    for c in known:
-        counts[c] = counts.get(c, 0) + 1
-    return max(counts.values()) / len(known)
-
-
-def bundle_latency_ms(model: Any) -> float | None:
-    """The converter's measured latency for the artifact this device runs."""
-    manifest = model.manifest or {}
-    for entry in manifest.get("validation", []) or []:
-        if str(model.artifact).endswith(str(entry.get("artifact", "\0"))):
-            value = entry.get("latency_ms")
-            return float(value) if isinstance(value, (int, float)) else None
-    return None
 
 
 def check_compatible(manifest: Mapping[str, Any], profile: Any) -> None:
@@ -809,7 +357,7 @@ class Updater:
     def _reference_ms(self, old: Any, new: Any) -> float | None:
         candidates = [bundle_latency_ms(new)]
         prev = self.probe.snapshot((old.name, old.version))["lat"]
-        candidates.append(_p95(prev[-200:]))
+        candidates.append(percentile(prev[-200:], 95))
         known = [c for c in candidates if c]
         return max(known) if known else None
 
@@ -838,7 +386,7 @@ class Updater:
         rec = self.probe.snapshot(key)
         frames = len(rec["lat"])
         errors = max(self._errors(new_model, before), sum(rec["err"]))
-        p95 = _p95(rec["lat"])
+        p95 = percentile(rec["lat"], 95)
         verdict = HealthVerdict(True, None, frames, errors, p95, reference)
         if self._stop.is_set():
             verdict.ok, verdict.reason = False, STOPPING
@@ -862,8 +410,8 @@ class Updater:
                 f"{reference:.2f} ms plus {s.latency_slack_ms:g} ms"
             )
         elif s.check_collapse:
-            new_top = _top_fraction(rec["cls"])
-            old_top = _top_fraction(self.probe.snapshot((old_model.name, old_model.version))["cls"])
+            new_top = top_fraction(rec["cls"])
+            old_top = top_fraction(self.probe.snapshot((old_model.name, old_model.version))["cls"])
             if new_top is not None and old_top is not None and new_top >= 0.99 and old_top < 0.8:
                 verdict.ok = False
                 verdict.reason = (
