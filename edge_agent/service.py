@@ -448,7 +448,7 @@ class Service:
         assert self.topics is not None
         self._publish_reported()  # the retained reported state, and status "online"
         if self.config.mqtt.home_assistant:
-            from edge_agent.fleet.prometheus import home_assistant_discovery
+            from edge_agent.fleet.homeassistant import home_assistant_discovery
 
             for topic, payload in home_assistant_discovery(self.topics, self.device):
                 link.send(topic, payload, retain=True)

@@ -466,8 +466,10 @@ def test_home_assistant_prometheus_and_edgectl_views(
         wait_until(lambda: "edge_agent_fps{" in metrics(), timeout=20, what="prometheus metrics")
         text = metrics()
         assert f'device="{DEVICE}"' in text and 'version="1.0.0"' in text
-        assert "edge_agent_latency_ms{" in text and 'stage="inference",quantile="95"' in text
+        # a summary's quantiles are fractions, and prometheus_client sorts the labels
+        assert "edge_agent_latency_ms{" in text and 'quantile="0.95",stage="inference"' in text
         assert "# TYPE edge_agent_fps gauge" in text
+        assert "# TYPE edge_agent_latency_ms summary" in text
 
         run = edgectl("status", "--json", broker=broker.url)
         assert run.returncode == 0, run.stderr
@@ -640,7 +642,7 @@ def test_a_url_with_credentials_is_refused_without_echoing_them() -> None:
 
 
 def test_home_assistant_shows_a_stopped_device_as_unavailable() -> None:
-    from edge_agent.fleet.prometheus import home_assistant_discovery
+    from edge_agent.fleet.homeassistant import home_assistant_discovery
 
     configs = [json.loads(p) for _, p in home_assistant_discovery(protocol.Topics("d1"), "d1")]
     for c in configs:

@@ -606,3 +606,53 @@ def test_channel_count_differing_from_calibration_is_not_compared() -> None:
     snap = m.snapshot()
     assert snap["input"]["input"] == {"mean": [7.0], "std": [0.0]}
     assert snap["drift"]["input"] is None and not snap["drift"]["drifted"]
+
+
+def test_prometheus_exposition_types_counters_gauges_and_a_latency_summary() -> None:
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edge_agent.fleet.prometheus import PrometheusServer
+
+    latest: dict[str, Any] = {}
+    server = PrometheusServer(lambda: latest, port=0)
+    server.start()
+    try:
+
+        def scrape() -> str:
+            url = f"http://127.0.0.1:{server.port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return str(r.read().decode())
+
+        assert "edge_agent_" not in scrape()  # nothing before the first telemetry
+        latest.update(
+            device="cam-1",
+            model={"name": "digits", "version": "1.2.0"},
+            uptime_s=12.5,
+            spool_depth=3,
+            pipeline={
+                "fps": 29.5,
+                "results": 370,
+                "dropped": 4,
+                "inference_errors": 1,
+                "latency_ms": {"inference": {"p50": 1.5, "p95": 2.5, "p99": None}},
+            },
+            system={"cpu_percent": 40.0, "cpu_temp_c": None},
+        )
+        families = {f.name: f for f in text_string_to_metric_families(scrape())}
+    finally:
+        server.stop()
+    assert families["edge_agent_fps"].type == "gauge"
+    assert families["edge_agent_results"].type == "counter"
+    assert families["edge_agent_dropped"].type == "counter"
+    assert families["edge_agent_inference_errors"].type == "counter"
+    assert "edge_agent_cpu_temp_celsius" not in families  # unknown values are left out
+    summary = families["edge_agent_latency_ms"]
+    assert summary.type == "summary"
+    quantiles = {s.labels["quantile"]: s.value for s in summary.samples}
+    assert quantiles == {"0.5": 1.5, "0.95": 2.5}
+    (results,) = families["edge_agent_results"].samples
+    assert results.name == "edge_agent_results_total" and results.value == 370
+    assert results.labels == {"device": "cam-1", "model": "digits", "version": "1.2.0"}
