@@ -24,11 +24,11 @@ import numpy as np
 
 from converters import zoo
 from edge_agent.bench import raw_fps
-from edge_agent.cli import open_planned_model
 from edge_agent.config import AgentConfig, with_overrides
 from edge_agent.io import open_source
 from edge_agent.io.sinks import CallbackSink
 from edge_agent.model.loader import load_model
+from edge_agent.model.plan import open_planned_model
 from edge_agent.model.profiles import detect_host_profile
 from edge_agent.pipeline import Pipeline
 
@@ -118,7 +118,7 @@ def compare(
         model_path, profile=profile, state_dir=Path(tempfile.mkdtemp()), threads=threads
     )
     # The agent: its own plan for a file at pace none, same thread total (what edge-agent run
-    # does: edge_agent.cli.open_planned_model).
+    # does: edge_agent.model.plan.open_planned_model).
     config = with_overrides(
         AgentConfig(),
         agent={"state_dir": tempfile.mkdtemp()},

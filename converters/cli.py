@@ -21,7 +21,7 @@ from typing import Any
 
 from converters.convert import QUANTIZE_FORMATS
 from converters.task import ALIASES, TASKS
-from edge_agent.cli import float_list
+from edge_agent.common.argtypes import float_list
 from edge_agent.errors import EXIT_INTERNAL, EXIT_OK, ConfigError, EdgeError
 from edge_agent.model.formats import CALIBRATION_METHODS
 from edge_agent.model.preprocess import CHANNEL_ORDERS, LAYOUTS, RESIZE_MODES

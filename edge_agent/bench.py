@@ -27,8 +27,9 @@ def raw_fps(model: Any, feed: Mapping[str, np.ndarray], frames: int) -> float:
 
 
 def run_bench(config: Any, *, frames: int, profile: Any) -> dict[str, Any]:
-    from edge_agent.cli import open_model, open_planned_model, open_source_from, thread_plan
     from edge_agent.config import with_overrides
+    from edge_agent.io.uri import open_source_from
+    from edge_agent.model.plan import open_model, open_planned_model, thread_plan
     from edge_agent.pipeline import Pipeline
 
     config = with_overrides(config, source={"uri": _source_uri(config, frames)})

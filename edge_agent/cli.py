@@ -3,17 +3,13 @@
 ``run`` serves a model over a source; ``check-config`` validates a config file without starting;
 ``bench`` compares the raw runtime with the full pipeline. Errors are one line on stderr.
 
-Exit codes (sysexits.h, so systemd's ``RestartPreventExitStatus=78`` works):
+Exit codes: ``edge_agent.errors.AgentExit`` (sysexits.h, so that systemd's
+``RestartPreventExitStatus=78`` works), listed in ``docs/cli.md``: 0 done, 2 usage, 65 model
+unusable, 66 source unavailable, 70 internal error, 74 bundle failed verification, 78
+configuration error.
 
-==== ============================================================================
-0    done: a finite source ended, ``--max-frames`` reached, or SIGTERM/SIGINT
-2    usage: bad command-line syntax (argparse)
-65   EX_DATAERR: the model is unusable (unreadable, golden test failed, does not fit)
-66   EX_NOINPUT: the source cannot be opened
-70   EX_SOFTWARE: internal error (a bug)
-74   EX_IOERR: a bundle failed verification
-78   EX_CONFIG: configuration error (bad file, key, value, profile or missing keys)
-==== ============================================================================
+Planning (profile, threads, workers, the model for that plan) lives in ``edge_agent.model.plan``;
+this module parses and dispatches.
 """
 
 from __future__ import annotations
@@ -27,32 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import BundleError, ConfigError, EdgeError, ModelError, SourceError
+from edge_agent.common.argtypes import float_list
+from edge_agent.errors import AgentExit, ConfigError, EdgeError, agent_exit_code
+from edge_agent.model.plan import resolve_profile
 
 PROG = "edge-agent"
-EX_OK, EX_DATAERR, EX_NOINPUT, EX_SOFTWARE, EX_IOERR, EX_CONFIG = 0, 65, 66, 70, 74, 78
-
-
-def exit_code_for(exc: EdgeError) -> int:
-    if isinstance(exc, ConfigError):
-        return EX_CONFIG
-    if isinstance(exc, BundleError):
-        return EX_IOERR
-    if isinstance(exc, SourceError):
-        return EX_NOINPUT
-    if isinstance(exc, ModelError):
-        return EX_DATAERR
-    return EX_CONFIG
-
-
-def float_list(text: str) -> tuple[float, ...]:
-    """argparse type for ``--mean 0.485,0.456,0.406`` (both command lines use it)."""
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,99 +153,6 @@ def load_effective_config(args: argparse.Namespace) -> Any:
     )
 
 
-def resolve_profile(name: str) -> Any:
-    from edge_agent.model.profiles import detect_device_profile, load_profile
-
-    return detect_device_profile() if name == "auto" else load_profile(name)
-
-
-def thread_plan(profile: Any, *, requested: int, source_kind: str) -> int:
-    """Runtime threads: what was asked for, else all cores on 1-2 core boards (decoding then
-    shares them, which measured best here) and all but one core on bigger ones, leaving that
-    core to the capture thread's decoding and preprocessing."""
-    if requested:
-        return requested
-    cores = int(profile.cores)
-    if source_kind != "image" or cores <= 2:
-        return max(1, min(profile.threads, cores))
-    return max(1, min(profile.threads, cores - 1))
-
-
-#: Throughput mode runs at most this many frames at once (memory: one set of activations each).
-MAX_WORKERS = 4
-#: Throughput mode only pays for a model whose warm inference takes at least this long: decoding
-#: and preprocessing a 640x480 frame costs about 0.7 ms of CPU, and with a faster model a second
-#: worker starves the capture thread instead (the measurements: docs/agent.md, "Workers").
-THROUGHPUT_MIN_MS = 5.0
-
-
-def worker_plan(*, requested: int, threads: int, source: Any, pace: str) -> int:
-    """Inference workers: what was asked for, else one per runtime thread (each inferring its own
-    frame with one intra-op thread) when the source is throughput-bound (a video file, images or
-    a synthetic source at pace none: nobody waits on a frame's latency), else one worker with
-    every thread (live and paced sources: the newest frame as fast as possible)."""
-    if requested:
-        return requested
-    if getattr(source, "live", True) or getattr(source, "kind", "") != "image" or pace != "none":
-        return 1  # sensor stdin / tailed files are finite but arrive in real time
-    return max(1, min(threads, MAX_WORKERS))
-
-
-def open_planned_model(config: Any, profile: Any, *, threads: int, source: Any) -> tuple[Any, int]:
-    """The model, loaded for the worker plan: configured workers as asked; in auto mode one
-    worker, reloaded for throughput mode when the source is throughput-bound and a warm
-    inference takes at least ``THROUGHPUT_MIN_MS``. Returns (model, planned workers)."""
-    requested = int(config.pipeline.workers)
-    workers = worker_plan(
-        requested=requested, threads=threads, source=source, pace=config.source.pace
-    )
-    if requested or workers == 1:
-        return open_model(config, profile, threads=threads, workers=workers), workers
-    model = open_model(config, profile, threads=threads)
-    if model.warm_ms < THROUGHPUT_MIN_MS or not getattr(model.runtime, "concurrent", False):
-        return model, 1
-    model.close()
-    return open_model(config, profile, threads=threads, workers=workers), workers
-
-
-def open_model(config: Any, profile: Any, *, threads: int, workers: int = 1) -> Any:
-    from edge_agent.model.keys import load_trusted_keys
-    from edge_agent.model.loader import load_model
-
-    model_path = Path(config.model.path)
-    keys = None
-    if model_path.suffix == ".edgebundle":
-        keys = load_trusted_keys([Path(k) for k in config.model.trusted_keys])
-    labels = None
-    if config.model.labels:
-        label_path = Path(config.model.labels)
-        if not label_path.is_file():
-            raise ConfigError(f"config: [model] labels = {config.model.labels!r}: no such file")
-        labels = tuple(line.strip() for line in label_path.read_text().splitlines() if line.strip())
-    return load_model(
-        model_path,
-        profile=profile,
-        state_dir=Path(config.agent.state_dir),
-        trusted_keys=keys,
-        threads=threads,
-        preprocess_overrides=config.preprocess.overrides(),
-        labels=labels,
-        workers=workers,
-    )
-
-
-def open_source_from(config: Any) -> Any:
-    from edge_agent.io import WindowSpec, open_source
-
-    s = config.source
-    window = None
-    if s.window_size:
-        window = WindowSpec(
-            size=s.window_size, hop=s.window_hop or s.window_size, channels=s.window_channels or 1
-        )
-    return open_source(s.uri, pace=s.pace, window=window)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -288,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exit_code_for(exc)
+        return agent_exit_code(exc)
     except Exception as exc:
         if args.verbose:
             traceback.print_exc()
@@ -296,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{PROG}: internal error: {type(exc).__name__}: {exc} (rerun with --verbose)",
             file=sys.stderr,
         )
-        return EX_SOFTWARE
+        return AgentExit.SOFTWARE
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -308,7 +190,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"config OK: {config.path or '(defaults)'}; profile {profile.name}; "
         f"device {config.device_id}"
     )
-    return EX_OK
+    return AgentExit.OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -327,7 +209,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("bench needs --model PATH")
     result = run_bench(config, frames=args.frames, profile=resolve_profile(config.agent.profile))
     print(json.dumps(result, indent=2))
-    return EX_OK
+    return AgentExit.OK
 
 
 if __name__ == "__main__":  # pragma: no cover

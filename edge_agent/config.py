@@ -223,7 +223,8 @@ class MqttSection:
             )
         _at_least("mqtt", self, 0, "results_max_rate", "spool_max_mb", "flush_timeout")
         _at_least("mqtt", self, 5, "keepalive")
-        from edge_agent.fleet.protocol import ProtocolError, check_name
+        from edge_agent.errors import ProtocolError
+        from edge_agent.fleet.protocol import check_name
 
         for group in self.groups:
             try:

@@ -18,23 +18,74 @@
     │   ├── SignatureError         the manifest signature is missing or from no trusted key
     │   └── IntegrityError         an artifact's size or sha256 does not match the manifest
     ├── BrokerError                the MQTT broker refused us (CONNACK reason) or cannot be reached
-    └── UpdateError                an over-the-air update that cannot go ahead: download, transfer,
-                                   compatibility, anti-rollback or health window (names the cause)
+    ├── ProtocolError              a topic part or payload that breaks the fleet protocol (also a
+    │                              ``ValueError``; raised by ``edge_agent.fleet.protocol``)
+    ├── UpdateError                an over-the-air update that cannot go ahead: download, transfer,
+    │                              compatibility, anti-rollback or health window (names the cause)
+    ├── RolloutAborted             ``edgectl rollout`` stopped: too many devices failed
+    └── NoAnswer                   ``edgectl``: a device did not answer in time
 
 Third-party errors (onnx, onnxruntime, cryptography, OpenCV, torch) are translated at the
 boundary: ``raise ModelError(f"{path}: ...") from exc``.
 
-Command-line exit codes (see ``docs/cli.md``): 0 ok, 1 internal error, 2 bad input,
-3 accuracy budget not met, 4 bundle failed verification.
+Exit codes: one table per program, here, each with the one function that maps an error to its
+code (documented once, in ``docs/cli.md``, "Exit codes"). The numbers are a contract:
+
+- ``edge-convert`` (:class:`ConvertExit`): 0 ok, 1 internal error, 2 bad input, 3 accuracy
+  budget not met (nothing written), 4 bundle failed verification. ``EdgeError.exit_code``.
+- ``edge-agent`` (:class:`AgentExit`, sysexits.h, so that systemd's
+  ``RestartPreventExitStatus=78`` works): 0 done, 2 usage, 65 model unusable, 66 source
+  unavailable, 70 internal error, 74 bundle failed verification, 78 configuration error.
+  :func:`agent_exit_code`.
+- ``edgectl`` (:class:`CtlExit`): 0 ok, 1 internal error, 2 usage or bad input, 3 rollout
+  aborted or a device reported failure, 4 bundle failed verification, 5 broker unreachable or
+  refused, 6 no answer in time. :func:`edgectl_exit_code`.
 """
 
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_INTERNAL = 1  # a bug: an exception we did not expect (the traceback is shown with --verbose)
-EXIT_BAD_INPUT = 2  # bad input: flag, file, model, data or profile
-EXIT_BUDGET = 3  # the accuracy budget / fidelity floor could not be met; nothing was written
-EXIT_VERIFY = 4  # a bundle failed verification (signature, integrity or unsafe archive)
+from enum import IntEnum
+
+
+class ConvertExit(IntEnum):
+    """``edge-convert``'s exit codes."""
+
+    OK = 0
+    INTERNAL = 1  # a bug: an exception we did not expect (the traceback is shown with --verbose)
+    BAD_INPUT = 2  # bad input: flag, file, model, data or profile
+    BUDGET = 3  # the accuracy budget / fidelity floor could not be met; nothing was written
+    VERIFY = 4  # a bundle failed verification (signature, integrity or unsafe archive)
+
+
+class AgentExit(IntEnum):
+    """``edge-agent``'s exit codes (sysexits.h)."""
+
+    OK = 0  # a finite source ended, --max-frames reached, or SIGTERM/SIGINT
+    USAGE = 2  # bad command-line syntax (argparse)
+    DATAERR = 65  # the model is unusable (unreadable, golden test failed, does not fit)
+    NOINPUT = 66  # the source cannot be opened
+    SOFTWARE = 70  # internal error (a bug)
+    IOERR = 74  # a bundle failed verification
+    CONFIG = 78  # configuration error (bad file, key, value, profile or missing keys)
+
+
+class CtlExit(IntEnum):
+    """``edgectl``'s exit codes."""
+
+    OK = 0
+    INTERNAL = 1  # a bug
+    USAGE = 2  # bad command-line syntax or bad input
+    FAILED = 3  # a rollout aborted, or a device reported failure
+    VERIFY = 4  # a bundle failed verification
+    BROKER = 5  # the broker cannot be reached or refused us
+    TIMEOUT = 6  # a device did not answer in time
+
+
+EXIT_OK = ConvertExit.OK
+EXIT_INTERNAL = ConvertExit.INTERNAL
+EXIT_BAD_INPUT = ConvertExit.BAD_INPUT
+EXIT_BUDGET = ConvertExit.BUDGET
+EXIT_VERIFY = ConvertExit.VERIFY
 
 
 def first_line(exc: BaseException) -> str:
@@ -47,7 +98,7 @@ def first_line(exc: BaseException) -> str:
 class EdgeError(Exception):
     """Base of every error the project raises on purpose."""
 
-    exit_code = EXIT_BAD_INPUT
+    exit_code: int = EXIT_BAD_INPUT
 
 
 class ConfigError(EdgeError):
@@ -109,10 +160,50 @@ class BrokerError(EdgeError):
     reached. The agent keeps retrying with backoff; ``edgectl`` exits with it."""
 
 
+class ProtocolError(EdgeError, ValueError):
+    """A topic part or payload that breaks the fleet protocol (the message names what)."""
+
+
 class UpdateError(EdgeError):
     """An over-the-air update that cannot go ahead: the download or transfer failed, the bundle
     does not suit this device, its version is below the anti-rollback floor, or it failed the
     health window. The device stays on its working model."""
+
+
+class RolloutAborted(EdgeError):
+    """A staged rollout stopped because too many devices failed (or a device reported failure)."""
+
+    exit_code = CtlExit.FAILED
+
+
+class NoAnswer(EdgeError):
+    """A device did not answer in time."""
+
+    exit_code = CtlExit.TIMEOUT
+
+
+def agent_exit_code(exc: EdgeError) -> int:
+    """``edge-agent``'s code for an error that ended it."""
+    if isinstance(exc, ConfigError):
+        return AgentExit.CONFIG
+    if isinstance(exc, BundleError):
+        return AgentExit.IOERR
+    if isinstance(exc, SourceError):
+        return AgentExit.NOINPUT
+    if isinstance(exc, ModelError):
+        return AgentExit.DATAERR
+    return AgentExit.CONFIG
+
+
+def edgectl_exit_code(exc: EdgeError) -> int:
+    """``edgectl``'s code for an error that ended it."""
+    if isinstance(exc, BundleError):
+        return CtlExit.VERIFY
+    if isinstance(exc, BrokerError):
+        return CtlExit.BROKER
+    if isinstance(exc, (RolloutAborted, NoAnswer)):
+        return int(exc.exit_code)
+    return CtlExit.USAGE
 
 
 __all__ = [
@@ -122,19 +213,27 @@ __all__ = [
     "EXIT_OK",
     "EXIT_VERIFY",
     "AccuracyBudgetError",
+    "AgentExit",
     "BrokerError",
     "BundleError",
     "ConfigError",
     "ConversionError",
+    "ConvertExit",
+    "CtlExit",
     "DataError",
     "EdgeError",
     "IntegrityError",
     "ModelError",
+    "NoAnswer",
     "ProfileError",
+    "ProtocolError",
+    "RolloutAborted",
     "SignatureError",
     "SourceError",
     "UnsafeBundleError",
     "UnsupportedModelError",
     "UpdateError",
+    "agent_exit_code",
+    "edgectl_exit_code",
     "first_line",
 ]

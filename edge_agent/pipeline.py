@@ -41,7 +41,7 @@ from edge_agent.io.sinks import Sink
 from edge_agent.io.source import Frame, Source, SourceTimeout
 from edge_agent.model.loader import LoadedModel
 from edge_agent.model.preprocess import Geometry
-from edge_agent.rest import infer_lock
+from edge_agent.model.runtimes import infer_lock
 from edge_agent.stats import StageStats
 
 log = logging.getLogger(__name__)

@@ -40,9 +40,9 @@ path, 405 wrong method, 411 no Content-Length, 413 body over ``max_body``, 500 i
 failed, 503 no model to serve. Never a traceback. Requests are logged at DEBUG.
 
 Thread safety: onnxruntime sessions may run concurrently, LiteRT interpreters may not. Every
-``infer`` made here holds :func:`infer_lock` of the model's runtime (a lock per runtime object,
-kept in a WeakKeyDictionary so it goes away with the runtime). Requests are serialized with
-each other per model; the pipeline does the same if it takes the same lock around its call.
+``infer`` made here holds the runtime's ``infer_lock`` (``edge_agent.model.runtimes``: a lock per
+runtime object, kept in a WeakKeyDictionary so it goes away with the runtime). Requests are
+serialized with each other per model; the pipeline takes the same lock around its call.
 
 The server binds to loopback only unless ``allow_remote=True``: it has no authentication.
 """
@@ -55,7 +55,6 @@ import logging
 import re
 import socket
 import threading
-import weakref
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
@@ -65,12 +64,10 @@ import numpy as np
 
 from edge_agent.errors import ConfigError, EdgeError, first_line
 from edge_agent.model.loader import LoadedModel
-from edge_agent.model.runtimes import Runtime, TensorSpec
+from edge_agent.model.runtimes import TensorSpec, infer_lock
 
 log = logging.getLogger(__name__)
 
-_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
-_locks_guard = threading.Lock()
 
 _TF_DTYPES = {
     "float32": "DT_FLOAT",
@@ -90,16 +87,6 @@ _ROUTE = re.compile(
 
 _POLL_S = 0.05  # how often serve_forever checks for shutdown: bounds how long stop() takes
 _SOCKET_TIMEOUT_S = 30.0  # a client that stalls mid-request frees its thread after this
-
-
-def infer_lock(runtime: Runtime) -> threading.Lock:
-    """The lock that serializes ``infer`` calls on one runtime object (LiteRT interpreters are
-    not thread-safe). Created on first use; forgotten when the runtime is garbage collected."""
-    with _locks_guard:
-        lock = _locks.get(runtime)
-        if lock is None:
-            lock = _locks[runtime] = threading.Lock()
-        return lock
 
 
 class _HttpError(Exception):
@@ -446,4 +433,4 @@ class RestServer:
             thread.join(timeout=5)
 
 
-__all__ = ["RestServer", "infer_lock"]
+__all__ = ["RestServer"]

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import edge_agent
-from edge_agent.errors import ConfigError, EdgeError, UpdateError
+from edge_agent.errors import AgentExit, ConfigError, EdgeError, ProtocolError, UpdateError
 from edge_agent.fleet import protocol
-from edge_agent.fleet.protocol import Desired, ProtocolError, Topics
+from edge_agent.fleet.protocol import Desired, Topics
 
 log = logging.getLogger("edge-agent")
 
@@ -67,8 +67,6 @@ class Service:
     # --- start-up ----------------------------------------------------------------------------
 
     def run(self) -> int:
-        from edge_agent.cli import EX_OK
-
         self.startup()
         try:
             self.main_loop()
@@ -76,15 +74,12 @@ class Service:
             self.shutdown()
         if "error" in self.outcome:
             raise self.outcome["error"]
-        return EX_OK
+        return AgentExit.OK
 
     def startup(self) -> None:
-        from edge_agent.cli import (
-            open_source_from,
-            resolve_profile,
-            thread_plan,
-        )
         from edge_agent.io.sinks import MqttResultSink, open_sink
+        from edge_agent.io.uri import open_source_from
+        from edge_agent.model.plan import resolve_profile, thread_plan
         from edge_agent.notify import Notifier, Watchdog
         from edge_agent.pipeline import MotionGate, Pipeline
 
@@ -192,8 +187,8 @@ class Service:
     def _open_initial_model(self) -> Any:
         """The committed model if OTA installed one, else the configured model; a bundle given
         in config becomes the first committed model, so a rollback can return to it."""
-        from edge_agent.cli import open_planned_model
         from edge_agent.config import with_overrides
+        from edge_agent.model.plan import open_planned_model
 
         config = self.config
         store = self.store
@@ -283,11 +278,11 @@ class Service:
     def _start_updater(self) -> None:
         if not self.config.ota.enabled or self.store is None:
             return
-        from edge_agent.cli import open_planned_model
         from edge_agent.config import with_overrides
         from edge_agent.fleet.fetch import ChunkFetcher
         from edge_agent.fleet.updater import Updater
         from edge_agent.model.keys import load_trusted_keys
+        from edge_agent.model.plan import open_planned_model
 
         link = self.link
         assert self.topics is not None

@@ -41,26 +41,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from edge_agent.errors import BrokerError, BundleError, EdgeError
+from edge_agent.errors import (
+    BrokerError,
+    CtlExit,
+    EdgeError,
+    NoAnswer,
+    RolloutAborted,
+    edgectl_exit_code,
+)
 from edge_agent.fleet import protocol
 from edge_agent.fleet.protocol import Desired, Topics
 
 PROG = "edgectl"
-EX_OK, EX_INTERNAL, EX_USAGE, EX_FAILED, EX_VERIFY, EX_BROKER, EX_TIMEOUT = 0, 1, 2, 3, 4, 5, 6
 
 log = logging.getLogger(PROG)
-
-
-class RolloutAborted(EdgeError):
-    """A staged rollout stopped because too many devices failed (or a device reported failure)."""
-
-    exit_code = EX_FAILED
-
-
-class NoAnswer(EdgeError):
-    """A device did not answer in time."""
-
-    exit_code = EX_TIMEOUT
 
 
 def parse_duration(text: str) -> float:
@@ -451,25 +445,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr)
     try:
         return COMMANDS[args.command](args)
-    except BundleError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EX_VERIFY
-    except BrokerError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EX_BROKER
     except (RolloutAborted, NoAnswer) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
-        return int(exc.exit_code)
-    except (EdgeError, protocol.ProtocolError) as exc:
+        return edgectl_exit_code(exc)
+    except EdgeError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EX_USAGE
+        return edgectl_exit_code(exc)
     except KeyboardInterrupt:
-        return EX_OK
+        return CtlExit.OK
     except Exception as exc:
         if args.verbose:
             raise
         print(f"{PROG}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EX_INTERNAL
+        return CtlExit.INTERNAL
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -485,7 +473,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             f"published {name} {version}: sha256 {sha}, {size} bytes in "
             f"{math.ceil(size / args.chunk_size)} chunks, {time.monotonic() - t0:.2f} s"
         )
-    return EX_OK
+    return CtlExit.OK
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -506,7 +494,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         )
         topic = set_desired(client, desired, device=args.device, group=args.group)
         print(f"desired {name} {version} ({sha[:12]}) on {topic}")
-    return EX_OK
+    return CtlExit.OK
 
 
 def _wait_for(
@@ -607,7 +595,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         for device in done:  # a device's own desired would shadow later group deploys
             clear_desired(client, device)
         print(f"rollout of {name} {version} to {args.group}: {len(done)} devices committed")
-    return EX_OK
+    return CtlExit.OK
 
 
 def clear_desired(client: Client, device: str) -> None:
@@ -654,7 +642,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             else:
                 failures += 1
                 print(f"{device}: {reply.get('error')}", file=sys.stderr)
-    return EX_FAILED if failures else EX_OK
+    return CtlExit.FAILED if failures else CtlExit.OK
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
@@ -662,14 +650,14 @@ def cmd_ping(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         reply = client.request(args.device, "ping", {"id": "ping"}, timeout=args.timeout)
         print(json.dumps({**reply, "rtt_ms": round((time.monotonic() - t0) * 1000, 2)}))
-    return EX_OK if reply.get("ok") else EX_FAILED
+    return CtlExit.OK if reply.get("ok") else CtlExit.FAILED
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     with Client(args) as client:
         rows = status_rows(fleet_snapshot(client, seconds=args.timeout), now=time.time())
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
-    return EX_OK
+    return CtlExit.OK
 
 
 def _telemetry_topics(args: argparse.Namespace, device: str | None) -> list[str]:
@@ -715,7 +703,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         while args.count == 0 or count < args.count:
             seen.acquire()
             count += 1
-    return EX_OK
+    return CtlExit.OK
 
 
 EXPORT_FIELDS = (
@@ -789,7 +777,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         if args.output:
             out.close()
-    return EX_OK
+    return CtlExit.OK
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -39,8 +39,8 @@ def _bundle_loader(
     agent_env: dict[str, Any], tmp_path: Path, *, threads: int, workers: int = 1
 ) -> Callable[[str], Any]:
     """``load(version)``: the digits bundle of that version, loaded (verified, warmed)."""
-    from edge_agent.cli import open_model
     from edge_agent.config import AgentConfig, with_overrides
+    from edge_agent.model.plan import open_model
     from edge_agent.model.profiles import load_profile
 
     profile = load_profile("x86-64")
@@ -386,7 +386,7 @@ def test_two_workers_keep_capture_order_through_a_hot_swap(
 def test_worker_plan_throughput_only_for_unpaced_files_and_slow_models(
     agent_env: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import edge_agent.cli as cli
+    import edge_agent.model.plan as cli
     from edge_agent.config import AgentConfig, with_overrides
     from edge_agent.io import open_source
     from edge_agent.model.profiles import load_profile

@@ -106,15 +106,15 @@ def test_security_exposure_is_low(tmp_path: Path) -> None:
 
 
 def test_unit_matches_the_agent() -> None:
-    from edge_agent.cli import EX_CONFIG
     from edge_agent.config import PipelineSection
+    from edge_agent.errors import AgentExit
 
     assert _unit_values("Type") == ["notify"]
     assert _unit_values("NotifyAccess") == ["main"]
     assert _unit_values("ExecStart") == [
         "/usr/local/bin/edge-agent run --config /etc/edge-agent/agent.toml"
     ]
-    assert _unit_values("RestartPreventExitStatus") == [str(EX_CONFIG)]
+    assert _unit_values("RestartPreventExitStatus") == [str(int(AgentExit.CONFIG))]
     assert _unit_values("StateDirectory") == ["edge-agent"]
     # SIGKILL must not arrive before the agent's own drain gives up.
     assert float(_unit_values("TimeoutStopSec")[0]) > PipelineSection().drain_timeout

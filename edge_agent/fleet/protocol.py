@@ -38,6 +38,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from edge_agent.errors import ProtocolError
+
 SCHEMA_VERSION = 1
 DEFAULT_PREFIX = "edge"
 COMMANDS = ("ping", "update", "rollback", "reload")
@@ -66,10 +68,6 @@ EVENT_KINDS = (
     "spool_full",
     "error",
 )
-
-
-class ProtocolError(ValueError):
-    """A topic part or payload that breaks the protocol (the message names what)."""
 
 
 def check_name(value: str, what: str = "device id") -> str:

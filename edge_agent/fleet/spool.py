@@ -68,8 +68,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from edge_agent.errors import ConfigError, first_line
-from edge_agent.fleet.protocol import STREAMS, ProtocolError
+from edge_agent.errors import ConfigError, ProtocolError, first_line
+from edge_agent.fleet.protocol import STREAMS
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
@@ -247,6 +248,18 @@ def _sensor(
     return source
 
 
+def open_source_from(config: Any) -> Source:
+    """The source a config's ``[source]`` section names (uri, pace, window), unopened."""
+    s = config.source
+    window = None
+    if s.window_size:
+        window = WindowSpec(
+            size=s.window_size, hop=s.window_hop or s.window_size, channels=s.window_channels or 1
+        )
+    return open_source(s.uri, pace=s.pace, window=window)
+
+
 __all__ = [
     "open_source",
+    "open_source_from",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import ModelError, first_line
-from edge_agent.model.runtimes import TensorSpec
+from edge_agent.model.runtimes.base import TensorSpec
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()

@@ -1,5 +1,6 @@
-"""LiteRT (TensorFlow Lite): ai-edge-litert, falling back to tflite-runtime, then to
-TensorFlow's own ``tf.lite``. XNNPACK is the default CPU delegate in all three; the thread count
+"""LiteRT (TensorFlow Lite): ai-edge-litert, falling back to tflite-runtime (the device's two
+runtimes; TensorFlow itself is never imported here). XNNPACK is the default CPU delegate in
+both; the thread count
 comes from the profile or config. int8 / uint8 inputs and outputs are quantized and dequantized
 for the caller."""
 
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import ModelError, first_line
-from edge_agent.model.runtimes import TensorSpec, dequantize, quantize
+from edge_agent.model.runtimes.base import TensorSpec, dequantize, quantize
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,6 @@ def _interpreter_class() -> tuple[Any, str] | None:
         from tflite_runtime import interpreter as tfl_rt
 
         return tfl_rt.Interpreter, "tflite-runtime"
-    except ImportError:
-        pass
-    try:
-        import tensorflow as tf
-
-        return tf.lite.Interpreter, f"tensorflow {tf.__version__}"
     except ImportError:
         return None
 
