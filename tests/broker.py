@@ -45,8 +45,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from converters.demo_live import AMQTT_SCRIPT as _AMQTT_SCRIPT  # one copy, used by the demo too
-from converters.demo_live import free_port as _free_port
+from converters.demo_broker import AMQTT_SCRIPT as _AMQTT_SCRIPT  # one copy, the demo's
+from converters.demo_broker import free_port as _free_port
 
 __all__ = [
     "Broker",

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from converters.demo_live import LoopbackBroker, _mosquitto
+from converters.demo_broker import LoopbackBroker, find_mosquitto
 from converters.demo_report import bars_png, fps_png, histogram_png, swap_accounting, write_report
 
 
@@ -23,7 +23,9 @@ def test_loopback_broker_accepts_mqtt_and_stops(tmp_path: Path, prefer: str) -> 
     if prefer == "amqtt":
         pytest.importorskip("amqtt")
     with LoopbackBroker(tmp_path, prefer=prefer) as broker:
-        assert broker.kind == ("amqtt" if prefer == "amqtt" or not _mosquitto() else "mosquitto")
+        assert broker.kind == (
+            "amqtt" if prefer == "amqtt" or not find_mosquitto() else "mosquitto"
+        )
         got: list[bytes] = []
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
         c.on_message = lambda _c, _u, m: got.append(m.payload)

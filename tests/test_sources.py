@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import edge_agent.io as sources
+from converters.demo_broker import free_port
 from edge_agent.errors import ConfigError, EdgeError, SourceError
 from edge_agent.io import (
     BackoffPolicy,
@@ -68,12 +69,6 @@ def read_all(source: Source, timeout: float = 2.0) -> list[Frame]:
     while (frame := source.read(timeout=timeout)) is not None:
         frames.append(frame)
     return frames
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def reference_windows(samples: np.ndarray, size: int, hop: int) -> np.ndarray:
