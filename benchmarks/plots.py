@@ -1,5 +1,5 @@
 """PNG plots of the benchmark results (``make bench`` runs this last): one chart per benchmark,
-drawn from ``benchmarks/results/*.json`` with OpenCV (no plotting library). A missing result
+drawn from ``benchmarks/results/*.json`` with matplotlib (``converters.charts``). A missing result
 file is skipped. Usage: ``python -m benchmarks.plots [--results DIR]``."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.convert import RESULTS
-from converters.demo_report import bars_png
+from converters.charts import bars_png
 
 
 def _load(results: Path, name: str) -> dict[str, Any] | None:

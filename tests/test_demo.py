@@ -12,8 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
+from converters.charts import bars_png, fps_png, histogram_png
 from converters.demo_broker import LoopbackBroker, find_mosquitto
-from converters.demo_report import bars_png, fps_png, histogram_png, swap_accounting, write_report
+from converters.demo_report import swap_accounting, write_report
 
 
 @pytest.mark.parametrize("prefer", ["auto", "amqtt"])
