@@ -386,13 +386,13 @@ def test_two_workers_keep_capture_order_through_a_hot_swap(
 def test_worker_plan_throughput_only_for_unpaced_files_and_slow_models(
     agent_env: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import edge_agent.model.plan as cli
+    import edge_agent.model.plan as planning
     from edge_agent.config import AgentConfig, with_overrides
     from edge_agent.io import open_source
     from edge_agent.model.profiles import load_profile
 
     video = agent_env["root"] / "digits.mp4"
-    plan = cli.worker_plan
+    plan = planning.worker_plan
     assert plan(requested=0, threads=2, source=open_source(f"file:{video}"), pace="none") == 2
     assert plan(requested=0, threads=4, source=open_source(f"file:{video}"), pace="none") == 4
     assert plan(requested=0, threads=2, source=open_source(f"file:{video}"), pace="native") == 1
@@ -412,12 +412,16 @@ def test_worker_plan_throughput_only_for_unpaced_files_and_slow_models(
         source={"uri": f"file:{video}"},
     )
     # The digits CNN infers in well under a millisecond: auto keeps one worker...
-    model, _ = cli.open_planned_model(cfg, profile, threads=2, source=open_source(f"file:{video}"))
-    assert model.workers == 1 and 0 < model.warm_ms < cli.THROUGHPUT_MIN_MS
+    model, _ = planning.open_planned_model(
+        cfg, profile, threads=2, source=open_source(f"file:{video}")
+    )
+    assert model.workers == 1 and 0 < model.warm_ms < planning.THROUGHPUT_MIN_MS
     model.close()
     # ...and a threshold it clears switches to two frames in flight, one thread each.
-    monkeypatch.setattr(cli, "THROUGHPUT_MIN_MS", 0.0)
-    model, _ = cli.open_planned_model(cfg, profile, threads=2, source=open_source(f"file:{video}"))
+    monkeypatch.setattr(planning, "THROUGHPUT_MIN_MS", 0.0)
+    model, _ = planning.open_planned_model(
+        cfg, profile, threads=2, source=open_source(f"file:{video}")
+    )
     assert model.workers == 2 and model.runtime.concurrent
     model.close()
 
