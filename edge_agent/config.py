@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_agent.common.files import read_text
 from edge_agent.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -421,12 +422,7 @@ def load_config(path: str | Path | None) -> AgentConfig:
             return AgentConfig()
         path = DEFAULT_CONFIG
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config: {path}: no such file") from None
-    except OSError as exc:
-        raise ConfigError(f"config: {path}: cannot read it ({exc.strerror})") from None
+    text = read_text(path, what="config:")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

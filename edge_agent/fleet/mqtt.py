@@ -42,6 +42,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edge_agent.common.backoff import BackoffPolicy
+from edge_agent.common.files import read_text
 from edge_agent.errors import BrokerError, ConfigError
 from edge_agent.fleet.spool import Spool
 
@@ -176,12 +177,7 @@ def credential_path(name: str, *, environ: dict[str, str] | None = None) -> Path
 
 def read_secret(name: str, *, what: str) -> str:
     path = credential_path(name)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path}: no such file") from None
-    except OSError as exc:
-        raise ConfigError(f"{what} {path}: cannot read it ({exc.strerror})") from None
+    text = read_text(path, what=what)
     secret = text.strip("\r\n")
     if not secret:
         raise ConfigError(f"{what} {path}: the file is empty")

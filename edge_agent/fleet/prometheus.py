@@ -63,18 +63,14 @@ class TelemetryCollector(Collector):
             return
         model = telemetry.get("model") or {}
         labels = [str(telemetry.get("device")), str(model.get("name")), str(model.get("version"))]
-        for name, path, help_text in GAUGES:
-            value = _number(telemetry, path)
-            if value is not None:
-                gauge = GaugeMetricFamily(f"edge_agent_{name}", help_text, labels=LABELS)
-                gauge.add_metric(labels, value)
-                yield gauge
-        for name, path, help_text in COUNTERS:
-            value = _number(telemetry, path)
-            if value is not None:
-                counter = CounterMetricFamily(f"edge_agent_{name}", help_text, labels=LABELS)
-                counter.add_metric(labels, value)
-                yield counter
+        family: type[GaugeMetricFamily] | type[CounterMetricFamily]
+        for family, table in ((GaugeMetricFamily, GAUGES), (CounterMetricFamily, COUNTERS)):
+            for name, path, help_text in table:
+                value = _number(telemetry, path)
+                if value is not None:
+                    metric = family(f"edge_agent_{name}", help_text, labels=LABELS)
+                    metric.add_metric(labels, value)
+                    yield metric
         stages = (telemetry.get("pipeline") or {}).get("latency_ms") or {}
         summary = Metric(
             "edge_agent_latency_ms", "Per-stage latency over the last interval.", "summary"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import socket
 
-import numpy as np
-
 from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from edge_agent.errors import SourceError, first_line
 from edge_agent.io.sensors import SensorSource
@@ -64,18 +62,17 @@ class UdpSensorSource(SensorSource):
         self._sock = sock
         self._address = (str(bound[0]), int(bound[1]))
 
-    def _capture(self, timeout: float | None) -> np.ndarray | None:
-        ready = self._windows.ready
+    def _read_more(self, deadline: float | None) -> bool:
+        """One datagram (the socket's own timeout, ``POLL_S``, bounds the wait)."""
         sock = self._sock
         if sock is None:
             raise SourceError(f"{self._label}: socket closed")
-        while not ready:
-            try:
-                n = sock.recv_into(self._buf)
-            except socket.timeout:
-                return None
-            self._windows.feed(bytes(self._view[:n]).split(b"\n"))
-        return ready.popleft()
+        try:
+            n = sock.recv_into(self._buf)
+        except socket.timeout:
+            return False
+        self._windows.feed(bytes(self._view[:n]).split(b"\n"))
+        return True
 
     def _disconnect(self) -> None:
         if self._sock is not None:

@@ -141,6 +141,7 @@ class SensorSource(Source):
         self.window = window
         self._windows = _LineWindows(window)
         self._partial = b""
+        self._eof = False
 
     @property
     def header(self) -> list[str] | None:
@@ -159,6 +160,23 @@ class SensorSource(Source):
         if self._partial:
             self._windows.feed((self._partial,))
             self._partial = b""
+
+    def _capture(self, timeout: float | None) -> np.ndarray | None:
+        """The next window: bytes are read (``_read_more``) until one is complete, the stream
+        ends (``EndOfStream``) or ``timeout`` passes (None)."""
+        ready = self._windows.ready
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not ready:
+            if self._eof:
+                raise EndOfStream
+            if not self._read_more(deadline):
+                return None
+        return ready.popleft()
+
+    def _read_more(self, deadline: float | None) -> bool:
+        """Feed what can be read now into the windows (setting ``_eof`` at the end); False when
+        nothing came before ``deadline``."""
+        raise NotImplementedError
 
 
 class StdinSensorSource(SensorSource):
@@ -181,23 +199,18 @@ class StdinSensorSource(SensorSource):
         except (AttributeError, OSError, ValueError) as exc:
             raise SourceError(f"{self._label}: standard input is not readable here") from exc
 
-    def _capture(self, timeout: float | None) -> np.ndarray | None:
-        ready = self._windows.ready
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not ready:
-            if self._eof:
-                raise EndOfStream
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            readable, _, _ = select.select([self._fd], [], [], wait)
-            if not readable:
-                return None
-            chunk = os.read(self._fd, READ_CHUNK)
-            if chunk:
-                self._feed_chunk(chunk)
-            else:
-                self._eof = True
-                self._feed_rest()
-        return ready.popleft()
+    def _read_more(self, deadline: float | None) -> bool:
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        readable, _, _ = select.select([self._fd], [], [], wait)
+        if not readable:
+            return False
+        chunk = os.read(self._fd, READ_CHUNK)
+        if chunk:
+            self._feed_chunk(chunk)
+        else:
+            self._eof = True
+            self._feed_rest()
+        return True
 
 
 class FileSensorSource(SensorSource):
@@ -233,30 +246,25 @@ class FileSensorSource(SensorSource):
         self._inode = os.fstat(self._file.fileno()).st_ino
         self._last_data = time.monotonic()
 
-    def _capture(self, timeout: float | None) -> np.ndarray | None:
-        ready = self._windows.ready
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not ready:
-            if self._eof:
-                raise EndOfStream
-            chunk = self._file.read(READ_CHUNK)
-            if chunk:
+    def _read_more(self, deadline: float | None) -> bool:
+        chunk = self._file.read(READ_CHUNK)
+        if chunk:
+            self._feed_chunk(chunk)
+            self._last_data = time.monotonic()
+            return True
+        now = time.monotonic()
+        if self._gone() or (self.idle is not None and now - self._last_data >= self.idle):
+            while chunk := self._file.read(READ_CHUNK):  # what was written before it went
                 self._feed_chunk(chunk)
-                self._last_data = time.monotonic()
-                continue
-            now = time.monotonic()
-            if self._gone() or (self.idle is not None and now - self._last_data >= self.idle):
-                while chunk := self._file.read(READ_CHUNK):  # what was written before it went
-                    self._feed_chunk(chunk)
-                self._eof = True
-                self._feed_rest()
-                continue
-            if deadline is not None and now >= deadline:
-                return None
-            wait = POLL_S if deadline is None else min(POLL_S, deadline - now)
-            if self._stop.wait(wait):
-                raise EndOfStream
-        return ready.popleft()
+            self._eof = True
+            self._feed_rest()
+            return True
+        if deadline is not None and now >= deadline:
+            return False
+        wait = POLL_S if deadline is None else min(POLL_S, deadline - now)
+        if self._stop.wait(wait):
+            raise EndOfStream
+        return True
 
     def _gone(self) -> bool:
         try:
