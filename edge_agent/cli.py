@@ -5,8 +5,8 @@
 
 Exit codes: ``edge_agent.errors.AgentExit`` (sysexits.h, so that systemd's
 ``RestartPreventExitStatus=78`` works), listed in ``docs/cli.md``: 0 done, 2 usage, 65 model
-unusable, 66 source unavailable, 70 internal error, 74 bundle failed verification, 78
-configuration error.
+unusable, 66 source unavailable, 69 broker unavailable, 70 internal error, 74 bundle failed
+verification, 75 update could not go ahead, 78 configuration error.
 
 Planning (profile, threads, workers, the model for that plan) lives in ``edge_agent.model.plan``;
 this module parses and dispatches.
@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Run a model on a camera, video, image or sensor source.",
-        epilog="exit codes: 0 ok, 2 usage, 65 model unusable, 66 source unavailable, 70 internal "
-        "error, 74 bundle failed verification, 78 configuration error",
+        epilog="exit codes: 0 ok, 2 usage, 65 model unusable, 66 source unavailable, 69 broker "
+        "unavailable, 70 internal error, 74 bundle failed verification, 75 update failed, "
+        "78 configuration error (the only one systemd does not restart)",
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -229,6 +229,42 @@ def test_missing_model_or_source_is_a_config_error(tmp_path: Path, capsys: Any) 
     assert "[model] path" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        ("ConfigError", 78),
+        ("ProfileError", 78),
+        ("ModelError", 65),
+        ("UnsupportedModelError", 65),
+        ("DataError", 65),
+        ("SourceError", 66),
+        ("SourceTimeout", 66),
+        ("BrokerError", 69),
+        ("SignatureError", 74),
+        ("UpdateError", 75),
+        ("ProtocolError", 70),  # no code of its own: not "do not restart"
+        ("ConversionError", 70),
+    ],
+)
+def test_only_configuration_errors_exit_78(error: str, code: int) -> None:
+    from edge_agent import errors
+    from edge_agent.errors import agent_exit_code
+    from edge_agent.io import SourceTimeout
+
+    kind = SourceTimeout if error == "SourceTimeout" else getattr(errors, error)
+    assert agent_exit_code(kind("x")) == code
+
+
+def test_a_model_that_fails_at_start_is_restarted_not_a_config_error(
+    tmp_path: Path, capsys: Any
+) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    code = _run("run", "--model", broken, "--source", "synthetic:?frames=1",
+                "--state-dir", tmp_path, "--profile", "x86-64")  # fmt: skip
+    assert code == 65, capsys.readouterr().err
+
+
 def test_config_reference_is_generated_from_the_model() -> None:
     ref = markdown_reference()
     assert "## [source]" in ref and "`pace`" in ref and "motion_gate" in ref
