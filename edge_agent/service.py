@@ -49,6 +49,8 @@ class Service:
         self.spool: Any = None
         self.link: Any = None
         self.updater: Any = None
+        self.ota_disabled: str | None = None  # why OTA is off, when it is
+        self._refused_desired: set[str] = set()
         self.store: Any = None
         self.fetcher: Any = None
         self.monitor: Any = None
@@ -276,6 +278,8 @@ class Service:
         self.system = SystemProbe(state_dir=state_dir)
 
     def _start_updater(self) -> None:
+        if not self.config.ota.enabled:
+            self.ota_disabled = "[ota] enabled = false"
         if not self.config.ota.enabled or self.store is None:
             return
         from edge_agent.config import with_overrides
@@ -294,10 +298,22 @@ class Service:
             timeout=self.config.ota.transfer_timeout,
             max_bytes=int(self.config.ota.max_bundle_mb * 2**20),
         )
+        paths = [Path(k) for k in self.config.model.trusted_keys]
+        where = ", ".join(str(k) for k in paths) or "[model] trusted_keys (empty)"
         try:
-            keys = load_trusted_keys([Path(k) for k in self.config.model.trusted_keys])
+            keys = load_trusted_keys(paths)
+            problem = None if keys else "no keys"
         except EdgeError as exc:
-            raise ConfigError(f"OTA needs trusted keys: {exc}") from None
+            problem = str(exc)
+        if problem is not None:  # results and telemetry still flow; updates are refused
+            self.ota_disabled = (
+                f"no trusted keys in {where} ({problem}); create a key pair with "
+                "`edge-convert keygen --out DIR` and list DIR/edge-signing.pub in "
+                "[model] trusted_keys"
+            )
+            log.warning("ota: disabled (%s)", self.ota_disabled)
+            self.event("ota_disabled", reason=self.ota_disabled)
+            return
 
         def load(bundle: Path) -> Any:
             cfg = with_overrides(self.config, model={"path": str(bundle)})
@@ -457,6 +473,7 @@ class Service:
             model=self.pipeline.model.identity if hasattr(self, "pipeline") else None,
             bundle_sha256=(store.current or {}).get("sha256") if store else None,
             update=self.updater.last_update if self.updater else None,
+            ota={"enabled": self.updater is not None, "reason": self.ota_disabled},
             floor=store.floor if store else None,
             history=[
                 {
@@ -580,10 +597,20 @@ class Service:
 
     def reconcile(self) -> None:
         desired = self.effective_desired()
-        if desired is None or self.updater is None:
+        if desired is None:
             return
         current = self.store.current if self.store else None
         if current and current.get("sha256") == desired.sha256:
+            return
+        if self.updater is None:
+            if self.ota_disabled and desired.sha256 not in self._refused_desired:
+                self._refused_desired.add(desired.sha256)  # said once per desired bundle
+                self.event(
+                    "update_failed",
+                    reason=f"OTA is disabled: {self.ota_disabled}",
+                    sha256=desired.sha256,
+                    deployment=desired.deployment,
+                )
             return
         self.updater.request(desired)
 
@@ -625,7 +652,7 @@ class Service:
                 "uptime_s": round(time.monotonic() - self.t_start, 3),
             }
         if self.updater is None:
-            raise UpdateError("OTA is disabled here ([ota] enabled = false)")
+            raise UpdateError(f"OTA is disabled here: {self.ota_disabled or 'not started'}")
         if name == "update":
             desired = Desired.from_payload(data)
             self.updater.request(desired, origin="command")
