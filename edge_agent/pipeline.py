@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import EdgeError, ModelError, SourceError
-from edge_agent.io.sinks import Sink
+from edge_agent.io.sinks import Sink, SinkWriter
 from edge_agent.io.source import Frame, Source, SourceTimeout
 from edge_agent.model.loader import LoadedModel
 from edge_agent.model.preprocess import Geometry
@@ -139,6 +139,7 @@ class Pipeline:
         self._pending: LoadedModel | None = None
         self._swapped = threading.Event()
         self.sinks = list(sinks)
+        self._writer = SinkWriter(self.sinks)  # writes outside the lock, in order
         self.max_frames = max_frames
         self.gate = gate
         self.seq = seq_start
@@ -230,6 +231,7 @@ class Pipeline:
             target=self._capture_loop, name="edge-capture", daemon=True
         )
         self._capture.start()
+        self._writer.start()
         self.state = State.SERVING
         helpers = [
             threading.Thread(target=self._worker, name=f"edge-infer-{i}", daemon=True)
@@ -247,6 +249,7 @@ class Pipeline:
                 t.join(timeout=10.0)
             self._drain_queue()
             self._capture.join(timeout=5.0)
+            self._writer.close()  # every result emitted is written before run() returns
             self.source.close()
             self.state = State.STOPPED
         if self._worker_error is not None:
@@ -429,6 +432,8 @@ class Pipeline:
         Returns _STOP when the loop should end. Called once with the payload, then once more
         (a no-op) from a ``finally``, so a failed frame still hands the turn on."""
         stats, cond = self.stats, self._cond
+        if payload is not None:
+            self._writer.wait_room()  # a sink far behind slows us down, outside the lock
         with cond:
             while self._next_emit < order:
                 if self._stop.is_set() and self._worker_error is not None:
@@ -450,8 +455,7 @@ class Pipeline:
             if is_error:
                 self.inference_errors += 1
             result["seq"] = self.seq
-            for sink in self.sinks:
-                sink.write(result)
+            self._writer.submit(result)  # written in order by the sink thread, off this lock
             self.seq += 1
             self.results += 1
             t_end = time.monotonic_ns()
@@ -510,5 +514,6 @@ class Pipeline:
             "swaps": self.swaps,
             "workers": self.workers,
             "next_seq": self.seq,
+            "sink_errors": dict(self._writer.errors),
             "latency_ms": self.stats.summary(),
         }

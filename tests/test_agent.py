@@ -132,6 +132,53 @@ def test_hot_swap_under_load_loses_no_frame(agent_env: dict[str, Any], tmp_path:
     assert gaps[switch - 1] < np.median(gaps) + 0.1
 
 
+def test_a_failing_or_blocked_sink_stops_neither_the_loop_nor_a_swap(
+    agent_env: dict[str, Any], tmp_path: Path
+) -> None:
+    from edge_agent.io import open_source
+    from edge_agent.io.sinks import CallbackSink
+    from edge_agent.pipeline import Pipeline
+
+    load = _bundle_loader(agent_env, tmp_path, threads=1)
+
+    class Broken:
+        def write(self, result: dict[str, Any]) -> None:
+            raise OSError(28, "No space left on device")
+
+        def close(self) -> None:
+            pass
+
+    release = threading.Event()
+
+    def blocked(result: dict[str, Any]) -> None:
+        release.wait(60)  # a stdout nobody reads
+
+    results: list[dict[str, Any]] = []
+    source = open_source(f"file:{agent_env['root'] / 'digits.mp4'}", pace="native", fps=60.0)
+    pipe = Pipeline(
+        source=source, model=load("1.0.0"),
+        sinks=[Broken(), CallbackSink(blocked), CallbackSink(results.append)],
+    )  # fmt: skip
+    swapped = threading.Event()
+
+    def swap_while_blocked() -> None:
+        while pipe.results < 20:  # emitted (the sinks are still stuck on the first one)
+            time.sleep(0.01)
+        pipe.swap_model(load("1.1.0"), timeout=20).close()
+        swapped.set()
+        release.set()
+
+    t = threading.Thread(target=swap_while_blocked)
+    t.start()
+    summary = pipe.run()
+    t.join(timeout=30)
+    assert swapped.is_set()  # the swap did not wait for the sinks
+    assert summary["results"] == 120 and summary["swaps"] == 1
+    assert summary["sink_errors"] == {"Broken": 120}
+    assert [r["seq"] for r in results] == list(range(120))  # every result, in order
+    assert {r["model"]["version"] for r in results} == {"1.0.0", "1.1.0"}
+
+
 def test_model_that_does_not_fit_the_source_exits_65(tmp_path: Path, capsys: Any) -> None:
     _nan_model(tmp_path / "vec.onnx")  # a [1, 4] vector model: no image preprocessing possible
     code = _run(
