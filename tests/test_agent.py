@@ -584,3 +584,21 @@ def test_interval_histogram_is_what_was_recorded_after_the_mark() -> None:
         assert window.percentile(p) == later.percentile(p)
     assert abs(window.summary()["max"] - 40.0) < 40.0 * 0.05  # the top bucket's middle
     assert whole.since(whole.mark()).percentile(50) is None  # nothing since: empty
+
+
+def test_every_option_says_what_it_does_and_its_default() -> None:
+    import argparse
+
+    from edge_agent.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(commands.choices) == {"run", "check-config", "bench"}
+    for name, sub in [("edge-agent", parser), *commands.choices.items()]:
+        for action in sub._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            flag = "/".join(action.option_strings)
+            assert action.help and len(action.help) > 20, f"{name} {flag}: no help"
+            assert "default" in action.help, f"{name} {flag}: the help does not say the default"
+        assert "default" in sub.format_help()
