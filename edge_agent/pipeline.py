@@ -155,6 +155,10 @@ class Pipeline:
         self.started_mono = 0.0
         self.last_result_mono = 0.0
         self.capture_error: BaseException | None = None
+        #: When the capture loop last went round (a frame read, gated, or a read that timed out
+        #: while the source is quiet or reconnecting): liveness, not results.
+        self.heartbeat_mono = 0.0
+        self._infer_since: dict[int, float] = {}  # thread -> when its runtime.infer() began
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=workers)
         self._stop = threading.Event()
         self._capture: threading.Thread | None = None
@@ -268,6 +272,7 @@ class Pipeline:
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
+            self.heartbeat_mono = time.monotonic()  # waiting for a worker is alive too
             try:
                 self._queue.put(item, timeout=0.2)
                 return True
@@ -288,6 +293,7 @@ class Pipeline:
         _lower_priority()
         try:
             while not self._stop.is_set():
+                self.heartbeat_mono = time.monotonic()
                 try:
                     frame = source.read(timeout=0.5)
                 except SourceTimeout:
@@ -374,6 +380,8 @@ class Pipeline:
                 else infer_lock(runtime)
             )
             t_inf = time.monotonic_ns()
+            ident = threading.get_ident()
+            self._infer_since[ident] = t_inf / 1e9
             try:
                 with guard:
                     outputs = runtime.infer(item.feeds)
@@ -382,6 +390,8 @@ class Pipeline:
                 if n in (1, 10, 100) or n % 1000 == 0:
                     log.warning("inference error #%d: %s", n, exc)
                 return None
+            finally:
+                self._infer_since.pop(ident, None)
             t_post = time.monotonic_ns()
             data = item.frame.data
             size = (
@@ -492,6 +502,15 @@ class Pipeline:
             window = self.stats.since(self._window_mark)
             self._window_mark = self.stats.mark()
         return window.summary()
+
+    def stalled_s(self) -> float:
+        """How long the loop has been stuck: the longer of the time since the capture loop last
+        went round and the age of the oldest inference call still running (0 before start)."""
+        now = time.monotonic()
+        worst = now - self.heartbeat_mono if self.heartbeat_mono else 0.0
+        for since in list(self._infer_since.values()):
+            worst = max(worst, now - since)
+        return worst
 
     def _source_dropped(self) -> int:
         return int(getattr(getattr(self.source, "stats", None), "dropped", 0) or 0)

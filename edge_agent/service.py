@@ -138,7 +138,6 @@ class Service:
             sinks=[*self.sinks, self.probe],
             max_frames=config.pipeline.max_frames or None,
             gate=MotionGate(config.pipeline.motion_gate) if config.pipeline.motion_gate else None,
-            on_progress=self.watchdog.progress,
             workers=model.workers,
             seq_start=seq_start,
         )
@@ -345,16 +344,32 @@ class Service:
     # --- the main loop ------------------------------------------------------------------------
 
     def main_loop(self) -> None:
-        first_result = False
+        from edge_agent.pipeline import State
+
+        first_result = ready = False
+        stall_timeout = self.config.pipeline.stall_timeout or self.watchdog.timeout
+        stalled_said = False
         last_status = 0.0
         next_telemetry = time.monotonic() + min(self.config.telemetry.interval, 5.0)
         while self.worker.is_alive():
             self.worker.join(timeout=0.25)
             now = time.monotonic()
+            if not ready and self.pipeline.state in (State.SERVING, State.DEGRADED):
+                ready = True  # the model is loaded and the source open, or being retried
+                self.notifier.ready()
+                log.info("ready (%s) %.3f s after start", self.pipeline.state.value,
+                         now - self.t_start)  # fmt: skip
             if not first_result and self.pipeline.results:
                 first_result = True
-                self.notifier.ready()
                 log.info("first result %.3f s after start", now - self.t_start)
+            stalled = self.pipeline.stalled_s()
+            if stall_timeout is None or stalled < stall_timeout:
+                self.watchdog.progress()  # alive: frames, gated frames, or a source retried
+                stalled_said = False
+            elif not stalled_said:
+                stalled_said = True
+                log.error("the loop is stuck (%.1f s without progress): watchdog pings stop",
+                          stalled)  # fmt: skip
             self.watchdog.tick()
             if now - last_status > 5.0:
                 last_status = now
@@ -381,6 +396,8 @@ class Service:
         if state == self._last_state:
             return
         previous, self._last_state = self._last_state, state
+        m = self.pipeline.model
+        self.notifier.status(f"{state}: model {m.name} {m.version}")
         if self.mqtt_enabled and state == "degraded":
             err = getattr(getattr(self.source, "stats", None), "last_error", None)
             self.event("source_lost", reason=str(err) if err else "the source stopped delivering")

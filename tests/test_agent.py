@@ -179,6 +179,44 @@ def test_a_failing_or_blocked_sink_stops_neither_the_loop_nor_a_swap(
     assert {r["model"]["version"] for r in results} == {"1.0.0", "1.1.0"}
 
 
+def test_a_stuck_inference_is_a_stall_a_quiet_source_is_not(
+    agent_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """``stalled_s`` (what stops the watchdog's pings): near 0 while the loop goes round,
+    growing while an inference call does not return (a driver stuck in the kernel)."""
+    from edge_agent.io import open_source
+    from edge_agent.pipeline import Pipeline
+
+    model = _bundle_loader(agent_env, tmp_path, threads=1)("1.0.0")
+    real_infer, stuck, release = model.runtime.infer, threading.Event(), threading.Event()
+    calls = 0
+
+    def infer(feeds: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 40:
+            stuck.set()
+            release.wait(30)
+        return real_infer(feeds)
+
+    model.runtime.infer = infer  # a fault injected into the real runtime
+    source = open_source("synthetic:?width=64&height=48&fps=100&live=1")
+    pipe = Pipeline(source=source, model=model, sinks=[])
+    runner = threading.Thread(target=pipe.run)
+    runner.start()
+    try:
+        assert stuck.wait(30)
+        quiet = pipe.stalled_s()
+        time.sleep(1.5)
+        assert pipe.stalled_s() >= 1.4 > quiet  # the call that does not return
+        assert time.monotonic() - pipe.heartbeat_mono < 1.0 < pipe.stalled_s()  # capture goes on
+    finally:
+        release.set()
+        pipe.stop()
+        runner.join(30)
+    assert not runner.is_alive()
+
+
 def test_model_that_does_not_fit_the_source_exits_65(tmp_path: Path, capsys: Any) -> None:
     _nan_model(tmp_path / "vec.onnx")  # a [1, 4] vector model: no image preprocessing possible
     code = _run(
