@@ -5,8 +5,8 @@
 
 Exit codes: ``edge_agent.errors.AgentExit`` (sysexits.h, so that systemd's
 ``RestartPreventExitStatus=78`` works), listed in ``docs/cli.md``: 0 done, 2 usage, 65 model
-unusable, 66 source unavailable, 70 internal error, 74 bundle failed verification, 78
-configuration error.
+unusable, 66 source unavailable, 69 broker unavailable, 70 internal error, 74 bundle failed
+verification, 75 update could not go ahead, 78 configuration error.
 
 Planning (profile, threads, workers, the model for that plan) lives in ``edge_agent.model.plan``;
 this module parses and dispatches.
@@ -31,73 +31,143 @@ PROG = "edge-agent"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every option says what it does and its default; a flag left out keeps the config file's
+    value (``[section] key``), and the config's own default applies when the file has none."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Run a model on a camera, video, image or sensor source.",
-        epilog="exit codes: 0 ok, 2 usage, 65 model unusable, 66 source unavailable, 70 internal "
-        "error, 74 bundle failed verification, 78 configuration error",
+        epilog="exit codes: 0 ok, 2 usage, 65 model unusable, 66 source unavailable, 69 broker "
+        "unavailable, 70 internal error, 74 bundle failed verification, 75 update failed, "
+        "78 configuration error (the only one systemd does not restart)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="debug logging and the traceback of an error (default: info, one-line errors)",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    def config_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config", type=Path, metavar="FILE",
+            help="agent.toml to read (default: /etc/edge-agent/agent.toml when it exists, else "
+            "built-in defaults; every key: docs/agent-config.md)",
+        )  # fmt: skip
+
     def common(p: argparse.ArgumentParser) -> None:
+        config_option(p)
         p.add_argument(
-            "--config", type=Path, help="agent.toml (default /etc/edge-agent/agent.toml)"
-        )
-        p.add_argument("--model", help=".edgebundle, .onnx or .tflite")
+            "--model", metavar="PATH",
+            help="a signed .edgebundle, or a bare .onnx / .tflite file (default: [model] path)",
+        )  # fmt: skip
         p.add_argument(
-            "--source",
-            help="camera:0, /dev/video0, rtsp://…, file:PATH, images:GLOB, sensor:stdin, "
-            "synthetic:",
-        )
-        p.add_argument("--pace", choices=("none", "native"))
-        p.add_argument("--profile", help="device profile name or .toml (default: detected)")
+            "--source", metavar="URI",
+            help="camera:N, /dev/videoN, rtsp://…, http(s)://…, file:PATH, images:GLOB, "
+            "sensor:stdin, sensor:file:PATH, sensor:udp://HOST:PORT, synthetic:?… "
+            "(default: [source] uri; the URI list: docs/agent.md)",
+        )  # fmt: skip
         p.add_argument(
-            "--state-dir", help="installed models live here (default /var/lib/edge-agent)"
-        )
+            "--pace", choices=("none", "native"),
+            help="files, images and synthetic: none = as fast as possible, native = at their "
+            "own frame rate, as a camera would (default: [source] pace, none)",
+        )  # fmt: skip
         p.add_argument(
-            "--trusted-key", action="append", help="public key or directory (repeatable)"
-        )
-        p.add_argument("--threads", type=int, help="runtime threads (default: the profile's plan)")
+            "--profile", metavar="NAME|FILE.toml",
+            help="device profile (default: [agent] profile, auto = detected from the board)",
+        )  # fmt: skip
         p.add_argument(
-            "--workers",
-            type=int,
-            metavar="N",
-            help="frames inferred at once (default: auto, see docs/agent.md)",
-        )
-        p.add_argument("--mean", type=float_list, metavar="M[,M,M]")
-        p.add_argument("--std", type=float_list, metavar="S[,S,S]")
-        p.add_argument("--channels", choices=("rgb", "bgr", "gray"))
-        p.add_argument("--resize", choices=("stretch", "letterbox"))
-        p.add_argument("--labels", help="class labels file for a bare model")
-        p.add_argument("--window", metavar="SIZE,HOP,CHANNELS", help="sensor windows")
+            "--state-dir", metavar="DIR",
+            help="where installed models, the spool and the OTA state live "
+            "(default: [agent] state_dir, /var/lib/edge-agent)",
+        )  # fmt: skip
+        p.add_argument(
+            "--trusted-key", action="append", metavar="PUB|DIR",
+            help="public key (or a directory of .pub files) a bundle's signature must match; "
+            "repeatable (default: [model] trusted_keys, /etc/edge-agent/trusted-keys)",
+        )  # fmt: skip
+        p.add_argument(
+            "--threads", type=int, metavar="N",
+            help="runtime threads in all (default: [model] threads, 0 = the profile's plan)",
+        )  # fmt: skip
+        p.add_argument(
+            "--workers", type=int, metavar="N",
+            help="frames inferred at once (default: [pipeline] workers, 0 = auto: several for a "
+            "file at pace none with a slow model, else 1; see docs/agent.md)",
+        )  # fmt: skip
+        p.add_argument(
+            "--mean", type=float_list, metavar="M[,M,M]",
+            help="a bare model's per-channel mean, subtracted after scaling to 0-1 "
+            "(default: [preprocess] mean, none; bundles carry their own)",
+        )  # fmt: skip
+        p.add_argument(
+            "--std", type=float_list, metavar="S[,S,S]",
+            help="a bare model's per-channel std, divided by after the mean "
+            "(default: [preprocess] std, none)",
+        )  # fmt: skip
+        p.add_argument(
+            "--channels", choices=("rgb", "bgr", "gray"),
+            help="a bare model's channel order (default: [preprocess] channels, from the model)",
+        )  # fmt: skip
+        p.add_argument(
+            "--resize", choices=("stretch", "letterbox"),
+            help="how a frame is fitted to a bare model's input (default: [preprocess] resize, "
+            "stretch)",
+        )  # fmt: skip
+        p.add_argument(
+            "--labels", metavar="FILE",
+            help="class labels, one per line, for a bare model (default: [model] labels, none; "
+            "bundles carry their own)",
+        )  # fmt: skip
+        p.add_argument(
+            "--window", metavar="SIZE,HOP,CHANNELS",
+            help="sensor sources: samples per window, samples between window starts, values per "
+            "sample (default: [source] window_*, or the URI's ?size=&hop=&channels=)",
+        )  # fmt: skip
 
     p = sub.add_parser("run", help="serve the model until the source ends or SIGTERM")
     common(p)
-    p.add_argument("--max-frames", type=int, metavar="N")
-    p.add_argument("--results", action="append", metavar="jsonl:PATH|stdout")
-    p.add_argument("--device-id", help="this device's name in topics (default: the hostname)")
     p.add_argument(
-        "--broker",
-        metavar="mqtt://HOST:PORT|mqtts://HOST:PORT",
-        help="publish results, telemetry and events over MQTT and follow OTA updates",
-    )
-    p.add_argument("--motion-gate", type=float, metavar="T", help="skip static frames (0 = off)")
-    p.add_argument("--summary", type=Path, metavar="FILE.json", help="write the run summary here")
+        "--max-frames", type=int, metavar="N",
+        help="stop after N results (default: [pipeline] max_frames, 0 = until the source ends)",
+    )  # fmt: skip
     p.add_argument(
-        "--rest-port",
-        type=int,
-        metavar="PORT",
-        help="serve TF Serving-style REST predictions on 127.0.0.1:PORT (0 = any free port)",
-    )
+        "--results", action="append", metavar="jsonl:PATH|stdout",
+        help="where results go; repeatable (default: [results] sinks, stdout)",
+    )  # fmt: skip
+    p.add_argument(
+        "--device-id", metavar="NAME",
+        help="this device's name in topics and results (default: [agent] device_id, the hostname)",
+    )  # fmt: skip
+    p.add_argument(
+        "--broker", metavar="mqtt://HOST:PORT|mqtts://HOST:PORT",
+        help="publish results, telemetry and events over MQTT and follow OTA updates "
+        "(default: [mqtt] broker, none: no MQTT)",
+    )  # fmt: skip
+    p.add_argument(
+        "--motion-gate", type=float, metavar="T",
+        help="skip inference while the scene is static: mean absolute change of a 32x32 grey "
+        "thumbnail below T, 0-255 (default: [pipeline] motion_gate, 0 = off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--summary", type=Path, metavar="FILE.json",
+        help="write the run's summary (frames, results, drops, latency) here at exit "
+        "(default: not written)",
+    )  # fmt: skip
+    p.add_argument(
+        "--rest-port", type=int, metavar="PORT",
+        help="also serve TF Serving-style REST predictions on 127.0.0.1:PORT, 0 = any free port "
+        "(default: [rest] enabled and port, off)",
+    )  # fmt: skip
 
     p = sub.add_parser("check-config", help="validate the configuration and exit")
-    p.add_argument("--config", type=Path)
+    config_option(p)
 
-    p = sub.add_parser("bench", help="raw runtime vs full pipeline throughput, side by side")
+    p = sub.add_parser("bench", help="raw runtime vs naive loop vs the pipeline, side by side")
     common(p)
-    p.add_argument("--frames", type=int, default=300)
+    p.add_argument(
+        "--frames", type=int, default=300, metavar="N",
+        help="frames per measurement (default: 300)",
+    )  # fmt: skip
     return parser
 
 

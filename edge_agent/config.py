@@ -138,6 +138,11 @@ class PipelineSection:
         default=0.0,
     )
     drain_timeout: float = _doc("Seconds to finish the current frame on SIGTERM.", default=10.0)
+    stall_timeout: float = _doc(
+        "Seconds an inference call (or the capture loop) may be stuck before the systemd "
+        "watchdog pings stop; 0 = the watchdog's own timeout (WatchdogSec).",
+        default=0.0,
+    )
     workers: int = _doc(
         "Frames inferred at once, each with threads/workers runtime threads. 0 = auto: one per "
         "runtime thread for a file or image source at pace none (throughput), else 1 (latency). "
@@ -146,7 +151,7 @@ class PipelineSection:
     )
 
     def __post_init__(self) -> None:
-        _at_least("pipeline", self, 0, "workers", "max_frames")
+        _at_least("pipeline", self, 0, "workers", "max_frames", "stall_timeout")
         _at_least("pipeline", self, 0, "drain_timeout", strict=True)
 
 

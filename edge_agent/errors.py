@@ -34,8 +34,10 @@ code (documented once, in ``docs/cli.md``, "Exit codes"). The numbers are a cont
 - ``edge-convert`` (:class:`ConvertExit`): 0 ok, 1 internal error, 2 bad input, 3 accuracy
   budget not met (nothing written), 4 bundle failed verification. ``EdgeError.exit_code``.
 - ``edge-agent`` (:class:`AgentExit`, sysexits.h, so that systemd's
-  ``RestartPreventExitStatus=78`` works): 0 done, 2 usage, 65 model unusable, 66 source
-  unavailable, 70 internal error, 74 bundle failed verification, 78 configuration error.
+  ``RestartPreventExitStatus=78`` works): 0 done, 2 usage, 65 model or data unusable, 66 source
+  unavailable, 69 broker unavailable, 70 internal error (or an error with no code of its own),
+  74 bundle failed verification, 75 update could not go ahead, 78 configuration error (the only
+  code systemd does not restart on).
   :func:`agent_exit_code`.
 - ``edgectl`` (:class:`CtlExit`): 0 ok, 1 internal error, 2 usage or bad input, 3 rollout
   aborted or a device reported failure, 4 bundle failed verification, 5 broker unreachable or
@@ -64,8 +66,10 @@ class AgentExit(IntEnum):
     USAGE = 2  # bad command-line syntax (argparse)
     DATAERR = 65  # the model is unusable (unreadable, golden test failed, does not fit)
     NOINPUT = 66  # the source cannot be opened
-    SOFTWARE = 70  # internal error (a bug)
+    UNAVAILABLE = 69  # the broker refused us or cannot be reached (restarted with backoff)
+    SOFTWARE = 70  # internal error (a bug), or an error with no code of its own
     IOERR = 74  # a bundle failed verification
+    TEMPFAIL = 75  # an over-the-air update could not go ahead (restarted)
     CONFIG = 78  # configuration error (bad file, key, value, profile or missing keys)
 
 
@@ -183,16 +187,18 @@ class NoAnswer(EdgeError):
 
 
 def agent_exit_code(exc: EdgeError) -> int:
-    """``edge-agent``'s code for an error that ended it."""
-    if isinstance(exc, ConfigError):
-        return AgentExit.CONFIG
-    if isinstance(exc, BundleError):
-        return AgentExit.IOERR
-    if isinstance(exc, SourceError):
-        return AgentExit.NOINPUT
-    if isinstance(exc, ModelError):
-        return AgentExit.DATAERR
-    return AgentExit.CONFIG
+    """``edge-agent``'s code for an error that ended it. Only a configuration error is 78, the
+    code systemd does not restart on: a model, a source or a broker that fails is restarted."""
+    codes: tuple[tuple[type[EdgeError], AgentExit], ...] = (
+        (ConfigError, AgentExit.CONFIG),
+        (BundleError, AgentExit.IOERR),
+        (SourceError, AgentExit.NOINPUT),
+        (ModelError, AgentExit.DATAERR),
+        (DataError, AgentExit.DATAERR),
+        (BrokerError, AgentExit.UNAVAILABLE),
+        (UpdateError, AgentExit.TEMPFAIL),
+    )
+    return next((code for kind, code in codes if isinstance(exc, kind)), AgentExit.SOFTWARE)
 
 
 def edgectl_exit_code(exc: EdgeError) -> int:

@@ -14,25 +14,30 @@ Outside systemd (``NOTIFY_SOCKET`` unset) every :class:`Notifier` call is a no-o
 fails is counted in :attr:`Notifier.failures`, logged once, and never raised: losing a status
 line must not take the agent down.
 
-**The watchdog proves progress, not liveness.** Pinging from a timer thread would only prove that
-the interpreter runs; an inference call stuck in a driver, or a camera read that never returns,
-would go on being "healthy" forever. So the pings are tied to the work:
+**The watchdog proves that the loop is alive, not only that the interpreter runs.** Pinging
+from a timer thread would go on being "healthy" while an inference call hangs in a driver. So
+the pings are tied to the loop:
 
-- the inference loop calls :meth:`Watchdog.progress` once per frame (it stores
-  ``time.monotonic()``, nothing else, so it is cheap enough for the hot loop). Any loop that is
-  legitimately waiting (reconnecting to a camera, waiting for a model) calls it too;
+- the main loop asks the pipeline how long it has been stuck (``Pipeline.stalled_s``: the time
+  since the capture loop last went round, or the age of an inference call that has not
+  returned). Frames inferred, frames skipped by the motion gate, and a source that is quiet or
+  being reconnected all keep the capture loop going round; while it is below
+  ``[pipeline] stall_timeout`` (default: the watchdog timeout) the main loop calls
+  :meth:`Watchdog.progress` (it stores ``time.monotonic()``, nothing else);
 - the main loop calls :meth:`Watchdog.tick` at least every :attr:`Watchdog.interval` seconds
   (half the timeout). It sends ``WATCHDOG=1`` only if ``progress()`` was called within the
   stall timeout (by default the watchdog timeout itself).
 
-When the inference loop hangs, ``progress()`` stops, ``tick()`` stops pinging, and systemd
-restarts the service within about two timeouts of the last frame::
+When an inference call or the capture loop hangs, ``progress()`` stops, ``tick()`` stops
+pinging, and systemd restarts the service. ``READY=1`` is sent once the model is loaded and the
+source is open or being retried, not at the first result::
 
     notifier = Notifier()                   # from $NOTIFY_SOCKET; a no-op outside systemd
     watchdog = Watchdog(notifier)           # timeout from $WATCHDOG_USEC
     load_model(); notifier.ready()
-    # inference thread, per frame:  watchdog.progress()
-    # main loop:                    while not should_exit: watchdog.tick(); sleep(watchdog.interval)
+    # main loop: while not should_exit:
+    #     if pipeline.stalled_s() < stall_timeout: watchdog.progress()
+    #     watchdog.tick(); sleep(watchdog.interval)
     notifier.stopping()
 """
 

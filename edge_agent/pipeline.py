@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import EdgeError, ModelError, SourceError
-from edge_agent.io.sinks import Sink
+from edge_agent.io.sinks import Sink, SinkWriter
 from edge_agent.io.source import Frame, Source, SourceTimeout
 from edge_agent.model.loader import LoadedModel
 from edge_agent.model.preprocess import Geometry
@@ -139,6 +139,7 @@ class Pipeline:
         self._pending: LoadedModel | None = None
         self._swapped = threading.Event()
         self.sinks = list(sinks)
+        self._writer = SinkWriter(self.sinks)  # writes outside the lock, in order
         self.max_frames = max_frames
         self.gate = gate
         self.seq = seq_start
@@ -154,6 +155,10 @@ class Pipeline:
         self.started_mono = 0.0
         self.last_result_mono = 0.0
         self.capture_error: BaseException | None = None
+        #: When the capture loop last went round (a frame read, gated, or a read that timed out
+        #: while the source is quiet or reconnecting): liveness, not results.
+        self.heartbeat_mono = 0.0
+        self._infer_since: dict[int, float] = {}  # thread -> when its runtime.infer() began
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=workers)
         self._stop = threading.Event()
         self._capture: threading.Thread | None = None
@@ -230,6 +235,7 @@ class Pipeline:
             target=self._capture_loop, name="edge-capture", daemon=True
         )
         self._capture.start()
+        self._writer.start()
         self.state = State.SERVING
         helpers = [
             threading.Thread(target=self._worker, name=f"edge-infer-{i}", daemon=True)
@@ -247,6 +253,7 @@ class Pipeline:
                 t.join(timeout=10.0)
             self._drain_queue()
             self._capture.join(timeout=5.0)
+            self._writer.close()  # every result emitted is written before run() returns
             self.source.close()
             self.state = State.STOPPED
         if self._worker_error is not None:
@@ -265,6 +272,7 @@ class Pipeline:
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
+            self.heartbeat_mono = time.monotonic()  # waiting for a worker is alive too
             try:
                 self._queue.put(item, timeout=0.2)
                 return True
@@ -285,6 +293,7 @@ class Pipeline:
         _lower_priority()
         try:
             while not self._stop.is_set():
+                self.heartbeat_mono = time.monotonic()
                 try:
                     frame = source.read(timeout=0.5)
                 except SourceTimeout:
@@ -371,6 +380,8 @@ class Pipeline:
                 else infer_lock(runtime)
             )
             t_inf = time.monotonic_ns()
+            ident = threading.get_ident()
+            self._infer_since[ident] = t_inf / 1e9
             try:
                 with guard:
                     outputs = runtime.infer(item.feeds)
@@ -379,6 +390,8 @@ class Pipeline:
                 if n in (1, 10, 100) or n % 1000 == 0:
                     log.warning("inference error #%d: %s", n, exc)
                 return None
+            finally:
+                self._infer_since.pop(ident, None)
             t_post = time.monotonic_ns()
             data = item.frame.data
             size = (
@@ -429,6 +442,8 @@ class Pipeline:
         Returns _STOP when the loop should end. Called once with the payload, then once more
         (a no-op) from a ``finally``, so a failed frame still hands the turn on."""
         stats, cond = self.stats, self._cond
+        if payload is not None:
+            self._writer.wait_room()  # a sink far behind slows us down, outside the lock
         with cond:
             while self._next_emit < order:
                 if self._stop.is_set() and self._worker_error is not None:
@@ -450,8 +465,7 @@ class Pipeline:
             if is_error:
                 self.inference_errors += 1
             result["seq"] = self.seq
-            for sink in self.sinks:
-                sink.write(result)
+            self._writer.submit(result)  # written in order by the sink thread, off this lock
             self.seq += 1
             self.results += 1
             t_end = time.monotonic_ns()
@@ -489,6 +503,15 @@ class Pipeline:
             self._window_mark = self.stats.mark()
         return window.summary()
 
+    def stalled_s(self) -> float:
+        """How long the loop has been stuck: the longer of the time since the capture loop last
+        went round and the age of the oldest inference call still running (0 before start)."""
+        now = time.monotonic()
+        worst = now - self.heartbeat_mono if self.heartbeat_mono else 0.0
+        for since in list(self._infer_since.values()):
+            worst = max(worst, now - since)
+        return worst
+
     def _source_dropped(self) -> int:
         return int(getattr(getattr(self.source, "stats", None), "dropped", 0) or 0)
 
@@ -510,5 +533,6 @@ class Pipeline:
             "swaps": self.swaps,
             "workers": self.workers,
             "next_seq": self.seq,
+            "sink_errors": dict(self._writer.errors),
             "latency_ms": self.stats.summary(),
         }

@@ -49,6 +49,8 @@ class Service:
         self.spool: Any = None
         self.link: Any = None
         self.updater: Any = None
+        self.ota_disabled: str | None = None  # why OTA is off, when it is
+        self._refused_desired: set[str] = set()
         self.store: Any = None
         self.fetcher: Any = None
         self.monitor: Any = None
@@ -136,7 +138,6 @@ class Service:
             sinks=[*self.sinks, self.probe],
             max_frames=config.pipeline.max_frames or None,
             gate=MotionGate(config.pipeline.motion_gate) if config.pipeline.motion_gate else None,
-            on_progress=self.watchdog.progress,
             workers=model.workers,
             seq_start=seq_start,
         )
@@ -276,6 +277,8 @@ class Service:
         self.system = SystemProbe(state_dir=state_dir)
 
     def _start_updater(self) -> None:
+        if not self.config.ota.enabled:
+            self.ota_disabled = "[ota] enabled = false"
         if not self.config.ota.enabled or self.store is None:
             return
         from edge_agent.config import with_overrides
@@ -294,10 +297,22 @@ class Service:
             timeout=self.config.ota.transfer_timeout,
             max_bytes=int(self.config.ota.max_bundle_mb * 2**20),
         )
+        paths = [Path(k) for k in self.config.model.trusted_keys]
+        where = ", ".join(str(k) for k in paths) or "[model] trusted_keys (empty)"
         try:
-            keys = load_trusted_keys([Path(k) for k in self.config.model.trusted_keys])
+            keys = load_trusted_keys(paths)
+            problem = None if keys else "no keys"
         except EdgeError as exc:
-            raise ConfigError(f"OTA needs trusted keys: {exc}") from None
+            problem = str(exc)
+        if problem is not None:  # results and telemetry still flow; updates are refused
+            self.ota_disabled = (
+                f"no trusted keys in {where} ({problem}); create a key pair with "
+                "`edge-convert keygen --out DIR` and list DIR/edge-signing.pub in "
+                "[model] trusted_keys"
+            )
+            log.warning("ota: disabled (%s)", self.ota_disabled)
+            self.event("ota_disabled", reason=self.ota_disabled)
+            return
 
         def load(bundle: Path) -> Any:
             cfg = with_overrides(self.config, model={"path": str(bundle)})
@@ -329,16 +344,32 @@ class Service:
     # --- the main loop ------------------------------------------------------------------------
 
     def main_loop(self) -> None:
-        first_result = False
+        from edge_agent.pipeline import State
+
+        first_result = ready = False
+        stall_timeout = self.config.pipeline.stall_timeout or self.watchdog.timeout
+        stalled_said = False
         last_status = 0.0
         next_telemetry = time.monotonic() + min(self.config.telemetry.interval, 5.0)
         while self.worker.is_alive():
             self.worker.join(timeout=0.25)
             now = time.monotonic()
+            if not ready and self.pipeline.state in (State.SERVING, State.DEGRADED):
+                ready = True  # the model is loaded and the source open, or being retried
+                self.notifier.ready()
+                log.info("ready (%s) %.3f s after start", self.pipeline.state.value,
+                         now - self.t_start)  # fmt: skip
             if not first_result and self.pipeline.results:
                 first_result = True
-                self.notifier.ready()
                 log.info("first result %.3f s after start", now - self.t_start)
+            stalled = self.pipeline.stalled_s()
+            if stall_timeout is None or stalled < stall_timeout:
+                self.watchdog.progress()  # alive: frames, gated frames, or a source retried
+                stalled_said = False
+            elif not stalled_said:
+                stalled_said = True
+                log.error("the loop is stuck (%.1f s without progress): watchdog pings stop",
+                          stalled)  # fmt: skip
             self.watchdog.tick()
             if now - last_status > 5.0:
                 last_status = now
@@ -365,6 +396,8 @@ class Service:
         if state == self._last_state:
             return
         previous, self._last_state = self._last_state, state
+        m = self.pipeline.model
+        self.notifier.status(f"{state}: model {m.name} {m.version}")
         if self.mqtt_enabled and state == "degraded":
             err = getattr(getattr(self.source, "stats", None), "last_error", None)
             self.event("source_lost", reason=str(err) if err else "the source stopped delivering")
@@ -457,6 +490,7 @@ class Service:
             model=self.pipeline.model.identity if hasattr(self, "pipeline") else None,
             bundle_sha256=(store.current or {}).get("sha256") if store else None,
             update=self.updater.last_update if self.updater else None,
+            ota={"enabled": self.updater is not None, "reason": self.ota_disabled},
             floor=store.floor if store else None,
             history=[
                 {
@@ -580,10 +614,20 @@ class Service:
 
     def reconcile(self) -> None:
         desired = self.effective_desired()
-        if desired is None or self.updater is None:
+        if desired is None:
             return
         current = self.store.current if self.store else None
         if current and current.get("sha256") == desired.sha256:
+            return
+        if self.updater is None:
+            if self.ota_disabled and desired.sha256 not in self._refused_desired:
+                self._refused_desired.add(desired.sha256)  # said once per desired bundle
+                self.event(
+                    "update_failed",
+                    reason=f"OTA is disabled: {self.ota_disabled}",
+                    sha256=desired.sha256,
+                    deployment=desired.deployment,
+                )
             return
         self.updater.request(desired)
 
@@ -625,7 +669,7 @@ class Service:
                 "uptime_s": round(time.monotonic() - self.t_start, 3),
             }
         if self.updater is None:
-            raise UpdateError("OTA is disabled here ([ota] enabled = false)")
+            raise UpdateError(f"OTA is disabled here: {self.ota_disabled or 'not started'}")
         if name == "update":
             desired = Desired.from_payload(data)
             self.updater.request(desired, origin="command")

@@ -132,6 +132,91 @@ def test_hot_swap_under_load_loses_no_frame(agent_env: dict[str, Any], tmp_path:
     assert gaps[switch - 1] < np.median(gaps) + 0.1
 
 
+def test_a_failing_or_blocked_sink_stops_neither_the_loop_nor_a_swap(
+    agent_env: dict[str, Any], tmp_path: Path
+) -> None:
+    from edge_agent.io import open_source
+    from edge_agent.io.sinks import CallbackSink
+    from edge_agent.pipeline import Pipeline
+
+    load = _bundle_loader(agent_env, tmp_path, threads=1)
+
+    class Broken:
+        def write(self, result: dict[str, Any]) -> None:
+            raise OSError(28, "No space left on device")
+
+        def close(self) -> None:
+            pass
+
+    release = threading.Event()
+
+    def blocked(result: dict[str, Any]) -> None:
+        release.wait(60)  # a stdout nobody reads
+
+    results: list[dict[str, Any]] = []
+    source = open_source(f"file:{agent_env['root'] / 'digits.mp4'}", pace="native", fps=60.0)
+    pipe = Pipeline(
+        source=source, model=load("1.0.0"),
+        sinks=[Broken(), CallbackSink(blocked), CallbackSink(results.append)],
+    )  # fmt: skip
+    swapped = threading.Event()
+
+    def swap_while_blocked() -> None:
+        while pipe.results < 20:  # emitted (the sinks are still stuck on the first one)
+            time.sleep(0.01)
+        pipe.swap_model(load("1.1.0"), timeout=20).close()
+        swapped.set()
+        release.set()
+
+    t = threading.Thread(target=swap_while_blocked)
+    t.start()
+    summary = pipe.run()
+    t.join(timeout=30)
+    assert swapped.is_set()  # the swap did not wait for the sinks
+    assert summary["results"] == 120 and summary["swaps"] == 1
+    assert summary["sink_errors"] == {"Broken": 120}
+    assert [r["seq"] for r in results] == list(range(120))  # every result, in order
+    assert {r["model"]["version"] for r in results} == {"1.0.0", "1.1.0"}
+
+
+def test_a_stuck_inference_is_a_stall_a_quiet_source_is_not(
+    agent_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """``stalled_s`` (what stops the watchdog's pings): near 0 while the loop goes round,
+    growing while an inference call does not return (a driver stuck in the kernel)."""
+    from edge_agent.io import open_source
+    from edge_agent.pipeline import Pipeline
+
+    model = _bundle_loader(agent_env, tmp_path, threads=1)("1.0.0")
+    real_infer, stuck, release = model.runtime.infer, threading.Event(), threading.Event()
+    calls = 0
+
+    def infer(feeds: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 40:
+            stuck.set()
+            release.wait(30)
+        return real_infer(feeds)
+
+    model.runtime.infer = infer  # a fault injected into the real runtime
+    source = open_source("synthetic:?width=64&height=48&fps=100&live=1")
+    pipe = Pipeline(source=source, model=model, sinks=[])
+    runner = threading.Thread(target=pipe.run)
+    runner.start()
+    try:
+        assert stuck.wait(30)
+        quiet = pipe.stalled_s()
+        time.sleep(1.5)
+        assert pipe.stalled_s() >= 1.4 > quiet  # the call that does not return
+        assert time.monotonic() - pipe.heartbeat_mono < 1.0 < pipe.stalled_s()  # capture goes on
+    finally:
+        release.set()
+        pipe.stop()
+        runner.join(30)
+    assert not runner.is_alive()
+
+
 def test_model_that_does_not_fit_the_source_exits_65(tmp_path: Path, capsys: Any) -> None:
     _nan_model(tmp_path / "vec.onnx")  # a [1, 4] vector model: no image preprocessing possible
     code = _run(
@@ -227,6 +312,42 @@ def test_missing_model_or_source_is_a_config_error(tmp_path: Path, capsys: Any) 
     (tmp_path / "a.toml").write_text("[source]\nuri = 'synthetic:'\n")
     assert _run("run", "--config", tmp_path / "a.toml") == 78
     assert "[model] path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        ("ConfigError", 78),
+        ("ProfileError", 78),
+        ("ModelError", 65),
+        ("UnsupportedModelError", 65),
+        ("DataError", 65),
+        ("SourceError", 66),
+        ("SourceTimeout", 66),
+        ("BrokerError", 69),
+        ("SignatureError", 74),
+        ("UpdateError", 75),
+        ("ProtocolError", 70),  # no code of its own: not "do not restart"
+        ("ConversionError", 70),
+    ],
+)
+def test_only_configuration_errors_exit_78(error: str, code: int) -> None:
+    from edge_agent import errors
+    from edge_agent.errors import agent_exit_code
+    from edge_agent.io import SourceTimeout
+
+    kind = SourceTimeout if error == "SourceTimeout" else getattr(errors, error)
+    assert agent_exit_code(kind("x")) == code
+
+
+def test_a_model_that_fails_at_start_is_restarted_not_a_config_error(
+    tmp_path: Path, capsys: Any
+) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    code = _run("run", "--model", broken, "--source", "synthetic:?frames=1",
+                "--state-dir", tmp_path, "--profile", "x86-64")  # fmt: skip
+    assert code == 65, capsys.readouterr().err
 
 
 def test_config_reference_is_generated_from_the_model() -> None:
@@ -501,3 +622,21 @@ def test_interval_histogram_is_what_was_recorded_after_the_mark() -> None:
         assert window.percentile(p) == later.percentile(p)
     assert abs(window.summary()["max"] - 40.0) < 40.0 * 0.05  # the top bucket's middle
     assert whole.since(whole.mark()).percentile(50) is None  # nothing since: empty
+
+
+def test_every_option_says_what_it_does_and_its_default() -> None:
+    import argparse
+
+    from edge_agent.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(commands.choices) == {"run", "check-config", "bench"}
+    for name, sub in [("edge-agent", parser), *commands.choices.items()]:
+        for action in sub._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            flag = "/".join(action.option_strings)
+            assert action.help and len(action.help) > 20, f"{name} {flag}: no help"
+            assert "default" in action.help, f"{name} {flag}: the help does not say the default"
+        assert "default" in sub.format_help()

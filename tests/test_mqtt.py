@@ -651,3 +651,45 @@ def test_home_assistant_shows_a_stopped_device_as_unavailable() -> None:
         assert avail["payload_not_available"] == "offline"
         # stopped and offline both map to offline; HA ignores values it does not know
         assert "== 'online' else 'offline'" in avail["value_template"]
+
+
+def test_a_broker_without_trusted_keys_runs_with_ota_disabled(
+    broker: Broker, fleet_env: dict[str, Any], digits: Any, tmp_path: Path
+) -> None:
+    """Results and telemetry flow; OTA says once, in the log, an event and the reported state,
+    why it is off, and refuses updates with that reason."""
+    missing = tmp_path / "no-such-keys"
+    cfg = agent_config(
+        broker=broker.url, device=DEVICE, state_dir=tmp_path / "state", model=digits.onnx,
+        source=f"file:{fleet_env['video']}?loop=1&live=1", keys=missing, telemetry_interval=0.5,
+    )  # fmt: skip
+    topics = protocol.Topics(DEVICE)
+    with Collector(broker, [f"edge/{DEVICE}/#"]) as seen, AgentProcess(tmp_path, cfg) as agent:
+        seen.wait_for(
+            lambda m: len(payloads(m, "/results")) >= 5 and payloads(m, "/telemetry")
+            and events(m, "ota_disabled") and payloads(m, "/reported"),
+            timeout=30,
+        )  # fmt: skip
+        reported = payloads(seen.messages, "/reported")[-1]
+        _validate("reported", reported)
+        assert reported["ota"]["enabled"] is False
+        assert str(missing) in reported["ota"]["reason"]
+        assert "edge-convert keygen" in reported["ota"]["reason"]
+        (event,) = events(seen.messages, "ota_disabled")
+        _validate("event", event)
+        desired = {
+            "schema": protocol.SCHEMA_VERSION,
+            "bundle": {"sha256": "ab" * 32, "name": "digits", "version": "2.0.0"},
+        }
+        seen.publish(topics.desired, json.dumps(desired).encode(), retain=True)
+        seen.wait_for(lambda m: events(m, "update_failed"), timeout=20)
+        (refused,) = events(seen.messages, "update_failed")
+        assert refused["reason"].startswith("OTA is disabled: no trusted keys")
+        with Collector(broker, [topics.reply("update")], v311=True) as replies:
+            replies.publish(topics.command("update"), json.dumps(desired).encode())
+            reply = json.loads(replies.wait_for(lambda m: len(m) >= 1)[0].payload)
+        assert reply["ok"] is False and "no trusted keys" in reply["error"]
+        assert agent.alive()
+        assert agent.stop() == 0
+        seen.publish(topics.desired, b"", retain=True)  # leave no retained desired state behind
+    assert "ota: disabled (no trusted keys in" in agent.text()

@@ -4,9 +4,12 @@ go degraded without raising, reconnect, and deliver frames again."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -14,6 +17,7 @@ import numpy as np
 import pytest
 
 from edge_agent.io import open_source
+from tests.fleet import fleet_env_fixture  # noqa: F401  (the `fleet_env` fixture)
 
 
 class _Mjpeg(BaseHTTPRequestHandler):
@@ -27,7 +31,8 @@ class _Mjpeg(BaseHTTPRequestHandler):
         i = 0
         try:
             while not self.server.stopping:  # type: ignore[attr-defined]
-                ok, jpg = cv2.imencode(".jpg", np.full((120, 160, 3), (i * 7) % 255, np.uint8))
+                level = 90 if self.server.static else (i * 7) % 255  # type: ignore[attr-defined]
+                ok, jpg = cv2.imencode(".jpg", np.full((120, 160, 3), level, np.uint8))
                 assert ok
                 head = b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(
                     jpg
@@ -39,9 +44,10 @@ class _Mjpeg(BaseHTTPRequestHandler):
             pass
 
 
-def _serve(port: int) -> ThreadingHTTPServer:
+def _serve(port: int, *, static: bool = False) -> ThreadingHTTPServer:
     server = ThreadingHTTPServer(("127.0.0.1", port), _Mjpeg)
     server.stopping = False  # type: ignore[attr-defined]
+    server.static = static  # type: ignore[attr-defined]  # the same frame over and over
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
@@ -82,3 +88,67 @@ def test_stream_server_stopped_and_restarted() -> None:
     finally:
         source.close()
         _stop(server)
+
+
+@pytest.mark.slow
+def test_the_watchdog_feeds_on_a_static_scene_and_a_lost_camera(
+    fleet_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """A real notify socket and watchdog (2 s): the motion gate skips every frame of a static
+    scene, then the stream is gone for three watchdog timeouts and comes back. READY comes
+    before any result, the pings never stop, and the state goes degraded, then serving."""
+    import socket
+    import subprocess
+
+    from tests.fleet import EDGE_AGENT
+
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(str(tmp_path / "notify"))
+    rx.settimeout(0.2)
+    server = _serve(0, static=True)
+    port = server.server_address[1]
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "2000000"}
+    env.pop("WATCHDOG_PID", None)
+    results = tmp_path / "results.jsonl"
+    log_file = (tmp_path / "agent.log").open("wb")
+    agent = subprocess.Popen(
+        [EDGE_AGENT, "run", "--model", str(fleet_env["root"] / "digits-1.0.0.edgebundle"),
+         "--trusted-key", str(fleet_env["pub"]), "--source", f"http://127.0.0.1:{port}/s.mjpg",
+         "--motion-gate", "2", "--results", f"jsonl:{results}", "--state-dir", str(tmp_path),
+         "--profile", "x86-64"],
+        env=env, stderr=log_file,
+    )  # fmt: skip
+    log_file.close()  # the child has its own descriptor
+    got: list[tuple[float, bytes]] = []
+
+    def collect(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                got.append((time.monotonic(), rx.recv(4096)))
+
+    try:
+        collect(5.0)  # start-up and the static scene
+        _stop(server)  # the camera is unplugged ...
+        collect(6.0)  # ... for three watchdog timeouts
+        server = _serve(port, static=True)
+        collect(5.0)
+        assert agent.poll() is None, (tmp_path / "agent.log").read_text()
+    finally:
+        agent.terminate()
+        agent.wait(30)
+        _stop(server)
+        rx.close()
+    log = (tmp_path / "agent.log").read_text()
+    kinds = [m for _, m in got]
+    assert b"READY=1" in kinds, log
+    # the gate passes the first frame (and the first after the reconnect), then skips the rest
+    assert len(results.read_text().splitlines()) <= 3
+    pings = [t for t, m in got if m == b"WATCHDOG=1"]
+    ready_at = next(t for t, m in got if m == b"READY=1")
+    assert pings and pings[0] - ready_at < 2.0
+    assert max(np.diff([ready_at, *pings])) < 2.0, "a watchdog timeout passed without a ping"
+    assert pings[-1] > got[-1][0] - 2.0  # still pinging at the end
+    states = [m.decode() for _, m in got if m.startswith(b"STATUS=")]
+    lost = next(i for i, s in enumerate(states) if s.startswith("STATUS=degraded"))
+    assert any(s.startswith("STATUS=serving") for s in states[lost:]), states

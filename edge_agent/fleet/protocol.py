@@ -64,6 +64,7 @@ EVENT_KINDS = (
     "rolled_back",
     "source_lost",
     "source_restored",
+    "ota_disabled",
     "drift",
     "spool_full",
     "error",
@@ -303,16 +304,19 @@ def reported_payload(
     floor: str | None,
     history: list[Mapping[str, Any]],
     ts: float,
+    ota: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``update`` is the last update attempt: ``{"sha256", "version", "state", "reason",
     "deployment"}`` with state one of downloading, verifying, health_check, committed, failed,
-    rolled_back."""
+    rolled_back. ``ota`` is ``{"enabled", "reason"}``: whether this device follows updates, and
+    why not (no trusted keys, or ``[ota] enabled = false``)."""
     return {
         "schema": SCHEMA_VERSION,
         "device": device,
         "model": dict(model) if model else None,
         "bundle_sha256": bundle_sha256,
         "update": dict(update) if update else None,
+        "ota": dict(ota) if ota else {"enabled": True, "reason": None},
         "floor": floor,
         "history": [dict(h) for h in history],
         "ts": ts,
@@ -521,6 +525,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                     "reason": _STR_OR_NULL,
                     "deployment": {"type": "string"},
                 },
+            },
+            "ota": {
+                "type": "object",
+                "properties": {"enabled": {"type": "boolean"}, "reason": _STR_OR_NULL},
             },
             "floor": _STR_OR_NULL,
             "history": {"type": "array", "items": {"type": "object"}},

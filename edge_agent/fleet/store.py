@@ -5,7 +5,6 @@ tests (``EDGE_AGENT_CRASH_AT``)."""
 import json
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.common.durable import atomic_write, fsync_dir
+from edge_agent.common.semver import version_key
 from edge_agent.fleet.protocol import (
     SCHEMA_VERSION,
     Desired,
@@ -31,12 +31,6 @@ def crash_point(step: str) -> None:
     if os.environ.get(_CRASH_ENV) == step:
         log.warning("crash point %s: killing the agent (%s is set)", step, _CRASH_ENV)
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def version_key(version: str) -> tuple[Any, ...]:
-    """Orders ``1.2.10`` after ``1.2.9``: numeric parts as numbers, the rest as text."""
-    parts = re.split(r"[.+-]", version)
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
 
 
 # --- the committed pointer -------------------------------------------------------------------

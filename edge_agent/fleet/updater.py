@@ -55,12 +55,13 @@ from typing import Any
 
 import edge_agent
 from edge_agent.common.hashing import sha256_file
+from edge_agent.common.semver import version_key
 from edge_agent.errors import BundleError, EdgeError, ModelError, UpdateError
 from edge_agent.fleet.health import HealthProbe, HealthVerdict, bundle_latency_ms, top_fraction
 from edge_agent.fleet.protocol import (
     Desired,
 )
-from edge_agent.fleet.store import ModelStore, crash_point, version_key
+from edge_agent.fleet.store import ModelStore, crash_point
 from edge_agent.stats import percentile
 
 log = logging.getLogger(__name__)

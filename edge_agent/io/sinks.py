@@ -4,14 +4,19 @@ per result, the same object for every sink, written as compact JSON without NaN
 
 from __future__ import annotations
 
+import logging
+import queue
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, first_line
 from edge_agent.fleet.protocol import dumps
+
+log = logging.getLogger(__name__)
 
 
 class Sink(Protocol):
@@ -103,6 +108,85 @@ class MqttResultSink:
 
     def close(self) -> None:
         pass
+
+
+class SinkWriter:
+    """Writes results to the sinks in its own thread, in the order they were submitted, so that
+    a slow sink (a blocked stdout, a busy journal) never holds the pipeline's lock, its workers or
+    a hot swap. A sink that raises is logged (the first error, then every 100th) and counted in
+    ``errors``; that result is dropped for that sink only, and the others go on.
+
+    ``submit`` never blocks; ``wait_room`` (called before taking the pipeline's lock) holds the
+    caller back while ``max_pending`` results wait, so that a sink slower than the model for good
+    slows the loop down rather than filling memory."""
+
+    def __init__(self, sinks: Sequence[Sink], *, max_pending: int = 256) -> None:
+        self.sinks = list(sinks)
+        self.max_pending = max_pending
+        self.errors: dict[str, int] = {}
+        self.written = 0
+        self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._submitted = 0
+        self._done = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pending(self) -> int:
+        return self._submitted - self.written
+
+    def start(self) -> None:
+        if self._thread is None and self.sinks:
+            self._thread = threading.Thread(target=self._run, name="edge-sinks", daemon=True)
+            self._thread.start()
+
+    def submit(self, result: dict[str, Any]) -> None:
+        if not self.sinks:
+            return
+        if self._thread is None:  # not started: write in the caller's thread
+            self._write(result)
+            return
+        self._submitted += 1
+        self._queue.put(result)
+
+    def wait_room(self, timeout: float = 0.5) -> None:
+        if self.pending < self.max_pending:
+            return
+        with self._done:
+            self._done.wait_for(lambda: self.pending < self.max_pending, timeout)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every submitted result is written; False when ``timeout`` passed first."""
+        with self._done:
+            return self._done.wait_for(lambda: self.pending <= 0, timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued (for at most ``timeout`` seconds), then stop the thread. The
+        sinks themselves stay open: their owner closes them."""
+        if self._thread is None:
+            return
+        self.flush(timeout)
+        self._queue.put(None)
+        self._thread.join(timeout=1.0)
+        self._thread = None
+
+    def _run(self) -> None:
+        get = self._queue.get
+        while (result := get()) is not None:
+            self._write(result)
+            with self._done:
+                self.written += 1
+                self._done.notify_all()
+
+    def _write(self, result: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            try:
+                sink.write(result)
+            except Exception as exc:  # a sink's failure is its own: the loop goes on
+                name = type(sink).__name__
+                n = self.errors[name] = self.errors.get(name, 0) + 1
+                if n == 1 or n % 100 == 0:
+                    log.warning("sink %s failed (%d so far; result dropped there): %s",
+                                name, n, first_line(exc))  # fmt: skip
 
 
 def open_sink(spec: str) -> Sink:

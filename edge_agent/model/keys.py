@@ -96,8 +96,7 @@ def _read(path: Path, what: str) -> bytes:
         return Path(path).read_bytes()
     except FileNotFoundError:
         raise ConfigError(
-            f"{path}: no such {what} file "
-            "(create a key pair with edge_agent.model.keys.generate_keypair)"
+            f"{path}: no such {what} file (create a key pair with `edge-convert keygen --out DIR`)"
         ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
