@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         )  # fmt: skip
         p.add_argument(
             "--source", metavar="URI",
-            help="camera:N, /dev/videoN, rtsp://…, http(s)://…, file:PATH, images:GLOB, "
+            help="camera:N, /dev/videoN, rpicam:N (a Pi camera), rtsp://…, http(s)://…, "
+            "udp://…, tcp://…, file:PATH, images:GLOB, "
             "sensor:stdin, sensor:file:PATH, sensor:udp://HOST:PORT, synthetic:?… "
             "(default: [source] uri; the URI list: docs/agent.md)",
         )  # fmt: skip

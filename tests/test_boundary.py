@@ -63,6 +63,7 @@ DEVICE_DEPENDENCIES = frozenset(
         "cryptography",
         "prometheus_client",
         "tomli",
+        "picamera2",  # optional: Raspberry Pi OS's own package, imported only by picamera2: sources
     }
 )
 #: The device's loop: what the operator's wing must not import.

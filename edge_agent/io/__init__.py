@@ -2,14 +2,15 @@
 the result sinks.
 
 ``from edge_agent.io import open_source, Source, …`` is the public surface; the modules are
-``source`` (the base), ``opencv``, ``images``, ``synthetic``, ``sensors``, ``network``, ``uri``
-and ``sinks``."""
+``source`` (the base), ``opencv``, ``rpicam``, ``images``, ``synthetic``, ``sensors``,
+``network``, ``uri`` and ``sinks``."""
 
 from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from edge_agent.errors import SourceError
 from edge_agent.io.images import ImageFilesSource
 from edge_agent.io.network import UdpSensorSource
 from edge_agent.io.opencv import CaptureSource, VideoFileSource
+from edge_agent.io.rpicam import Picamera2Source, RpicamSource
 from edge_agent.io.sensors import FileSensorSource, StdinSensorSource
 from edge_agent.io.source import Frame, Source, SourceStats, SourceTimeout, WindowSpec
 from edge_agent.io.synthetic import SyntheticSource
@@ -22,6 +23,8 @@ __all__ = [
     "FileSensorSource",
     "Frame",
     "ImageFilesSource",
+    "Picamera2Source",
+    "RpicamSource",
     "Source",
     "SourceError",
     "SourceStats",

@@ -21,7 +21,8 @@ from edge_agent.io.source import (
 )
 
 STREAM_TIMEOUT_MS = 5000  # open/read timeout of a network stream, so a dead server cannot hang us
-STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
+#: Network streams read through OpenCV's FFmpeg backend (MJPEG, H.264, MPEG-TS, …).
+STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://")
 
 
 def _open_capture(target: int | str, api: int, params: list[int], label: str, what: str) -> Any:
@@ -121,8 +122,8 @@ class VideoFileSource(_CvCaptureSource):
 
 
 class CaptureSource(_CvCaptureSource):
-    """A camera (by index or device path) or a network stream (RTSP, HTTP): live. Opening never
-    fails for want of the device: it reports "degraded" and keeps trying."""
+    """A camera (by index or device path) or a network stream (RTSP, HTTP, UDP, TCP): live.
+    Opening never fails for want of the device: it reports "degraded" and keeps trying."""
 
     _connect_in_open = False
 

@@ -6,7 +6,11 @@ URIs (a contract; keep these spellings)::
 
     camera:0                         a camera by index                         live
     /dev/video0                      a camera by device path                   live
-    rtsp://…  http://…  https://…    a network stream                          live
+    rpicam:0                         a Pi camera through rpicam-vid            live
+                                     (?width=W&height=H&fps=F&stride=S)
+    picamera2:0                      a Pi camera through Picamera2             live
+    rtsp://…  http(s)://…            a network stream                          live
+    udp://HOST:PORT  tcp://HOST:PORT a network stream (MPEG-TS, H.264, MJPEG)  live
     file:PATH  or a plain PATH       a video file  (?loop=1 &live=1 &fps=F)    finite
     images:GLOB  or a directory      sorted image files  (?fps=F)              finite
     sensor:stdin                     sample lines on standard input            finite
@@ -16,7 +20,8 @@ URIs (a contract; keep these spellings)::
 
 Where each kind lives: this module is the ``Source`` base (threads, the one-slot buffer,
 reconnection, pacing, statistics); ``opencv`` reads files, cameras and network streams,
-``images`` folders of images, ``synthetic`` generated frames, ``sensors`` sample lines from
+``rpicam`` the Pi's camera modules (rpicam-vid, Picamera2), ``images`` folders of images,
+``synthetic`` generated frames, ``sensors`` sample lines from
 stdin or a tailed file, ``network`` UDP datagrams; ``uri`` turns a URI into one of them
 (``open_source``). ``edge_agent.io`` exports the public names of all of them.
 

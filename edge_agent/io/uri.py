@@ -14,6 +14,7 @@ from edge_agent.errors import SourceError
 from edge_agent.io.images import ImageFilesSource
 from edge_agent.io.network import UdpSensorSource
 from edge_agent.io.opencv import STREAM_SCHEMES, CaptureSource, VideoFileSource
+from edge_agent.io.rpicam import DEFAULT_FPS, DEFAULT_SIZE, Picamera2Source, RpicamSource
 from edge_agent.io.sensors import FileSensorSource, StdinSensorSource
 from edge_agent.io.source import (
     Source,
@@ -24,8 +25,9 @@ from edge_agent.io.source import (
 from edge_agent.io.synthetic import DEFAULT_SYNTHETIC_FPS, PATTERNS, SyntheticSource
 
 _USAGE = (
-    "use camera:N, /dev/videoN, rtsp://…, http(s)://…, file:PATH, images:GLOB, sensor:stdin, "
-    "sensor:file:PATH, sensor:udp://HOST:PORT or synthetic:?…"
+    "use camera:N, /dev/videoN, rpicam:N, picamera2:N, rtsp://…, http(s)://…, udp://…, tcp://…, "
+    "file:PATH, images:GLOB, sensor:stdin, sensor:file:PATH, sensor:udp://HOST:PORT or "
+    "synthetic:?…"
 )
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+$")
@@ -146,6 +148,8 @@ def open_source(
         cam_fps = opts.number("fps", fps)
         opts.finish()
         return CaptureSource(int(rest), uri=uri, fps=cam_fps, reconnect=reconnect)
+    if scheme in ("rpicam", "picamera2"):
+        return _pi_camera(uri, scheme, rest, opts, fps=fps, reconnect=reconnect)
     if scheme == "file":
         path = rest[2:] if rest.startswith("//") else rest
         return _video_file(uri, path, opts, pace=pace, fps=fps, reconnect=reconnect)
@@ -170,6 +174,33 @@ def open_source(
     if scheme == "sensor":
         return _sensor(uri, rest, opts, window=window, reconnect=reconnect)
     raise SourceError(f"{label}: unknown source scheme {scheme!r}; {_USAGE}")
+
+
+def _pi_camera(
+    uri: str,
+    scheme: str,
+    rest: str,
+    opts: _Options,
+    *,
+    fps: float | None,
+    reconnect: BackoffPolicy,
+) -> Source:
+    if rest and not rest.isdigit():
+        raise SourceError(f"{opts.label}: expected {scheme}:N with N a camera index (0, 1, …)")
+    camera = int(rest or 0)
+    width = opts.integer("width", DEFAULT_SIZE[0], 2) or DEFAULT_SIZE[0]
+    height = opts.integer("height", DEFAULT_SIZE[1], 2) or DEFAULT_SIZE[1]
+    rate = opts.number("fps", fps) or DEFAULT_FPS
+    source: Source
+    if scheme == "rpicam":
+        stride = opts.integer("stride", None, 2)
+        source = RpicamSource(camera, uri=uri, width=width, height=height, fps=rate,
+                              stride=stride, reconnect=reconnect)  # fmt: skip
+    else:
+        source = Picamera2Source(camera, uri=uri, width=width, height=height, fps=rate,
+                                 reconnect=reconnect)  # fmt: skip
+    opts.finish()
+    return source
 
 
 def _video_file(

@@ -1,0 +1,259 @@
+"""The Raspberry Pi camera modules: libcamera's own tools and Picamera2, since OpenCV's V4L2
+capture does not see a CSI camera on Raspberry Pi OS (the sensor's device node gives raw Bayer
+data; only libcamera runs the ISP).
+
+- ``rpicam:[INDEX][?width=W&height=H&fps=F]`` runs ``rpicam-vid`` (``libcamera-vid`` on releases
+  before Bookworm) with ``--codec yuv420 -o -``: uncompressed YUV420 (I420) frames back to back
+  on a pipe, each a Y plane of ``stride x height`` bytes and U and V planes of
+  ``stride/2 x height/2``, where the stride is the width rounded up to 64 bytes (the ISP's
+  alignment; a width that is a multiple of 64, such as 640, 1280 or 1920, has no padding;
+  ``?stride=`` overrides it). Frames are converted to BGR with OpenCV. Nothing to install in
+  Python: rpicam-apps ships with Raspberry Pi OS.
+- ``picamera2:[INDEX][?width=W&height=H&fps=F]`` uses Picamera2 when it can be imported (it is a
+  system package on Raspberry Pi OS: create the agent's venv with ``--system-site-packages``).
+
+Both are live sources: a capture thread keeps the newest frame, and a camera that is missing,
+busy or whose process dies is retried with backoff (``degraded`` meanwhile).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import subprocess
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
+from edge_agent.errors import SourceError, first_line
+from edge_agent.io.source import POLL_S, Source, check_fps
+
+RPICAM_BINARIES = ("rpicam-vid", "libcamera-vid")
+STRIDE_ALIGN = 64
+DEFAULT_SIZE = (640, 480)
+DEFAULT_FPS = 30.0
+_STOP_TIMEOUT_S = 2.0
+FIRST_FRAME_TIMEOUT_S = 15.0  # a camera module starts in 1-2 s; a cold Pi Zero, more
+
+
+def yuv420_stride(width: int, align: int = STRIDE_ALIGN) -> int:
+    """The Y plane's row length in bytes for ``width`` pixels (U and V rows are half of it)."""
+    return -(-width // align) * align
+
+
+def i420_to_bgr(frame: bytes | bytearray | memoryview, width: int, height: int,
+                stride: int) -> np.ndarray:  # fmt: skip
+    """One strided YUV420 frame (as ``rpicam-vid --codec yuv420`` writes it) as BGR uint8."""
+    buf = np.frombuffer(frame, np.uint8)
+    y_size, c_stride = stride * height, stride // 2
+    c_size = c_stride * (height // 2)
+    y = buf[:y_size].reshape(height, stride)[:, :width]
+    u = buf[y_size : y_size + c_size].reshape(height // 2, c_stride)[:, : width // 2]
+    v = buf[y_size + c_size : y_size + 2 * c_size].reshape(height // 2, c_stride)[:, : width // 2]
+    packed = np.concatenate([y.ravel(), u.ravel(), v.ravel()]).reshape(height * 3 // 2, width)
+    return cv2.cvtColor(packed, cv2.COLOR_YUV2BGR_I420)
+
+
+class RpicamSource(Source):
+    """``rpicam-vid`` on a pipe: live, reconnecting (the process is started again)."""
+
+    _connect_in_open = False
+
+    def __init__(
+        self,
+        camera: int = 0,
+        *,
+        uri: str | None = None,
+        width: int = DEFAULT_SIZE[0],
+        height: int = DEFAULT_SIZE[1],
+        fps: float = DEFAULT_FPS,
+        stride: int | None = None,
+        binary: str | None = None,
+        reconnect: BackoffPolicy = DEFAULT_BACKOFF,
+    ) -> None:
+        super().__init__(uri or f"rpicam:{camera}", kind="image", live=True, reconnect=reconnect)
+        check_fps(self._label, "fps", fps)
+        if width < 2 or height < 2 or width % 2 or height % 2:
+            raise SourceError(f"{self._label}: width and height must be even and >= 2")
+        self.camera, self.width, self.height, self.fps = camera, width, height, fps
+        self.stride = stride or yuv420_stride(width)
+        if self.stride < width or self.stride % 2:
+            raise SourceError(f"{self._label}: stride = {self.stride}: must be even and >= width")
+        self.frame_bytes = self.stride * height * 3 // 2
+        self.binary = binary
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._buf = bytearray(self.frame_bytes)
+        self._have = 0
+        self._stderr: deque[str] = deque(maxlen=5)
+
+    def command(self, binary: str) -> list[str]:
+        """The command line: raw YUV420 on stdout, no preview, no time limit."""
+        return [
+            binary, "--camera", str(self.camera), "--codec", "yuv420",
+            "--width", str(self.width), "--height", str(self.height),
+            "--framerate", f"{self.fps:g}", "--timeout", "0", "--nopreview", "--flush",
+            "-o", "-",
+        ]  # fmt: skip
+
+    def _find_binary(self) -> str:
+        for name in (self.binary,) if self.binary else RPICAM_BINARIES:
+            found = shutil.which(name) if name else None
+            if found:
+                return found
+        raise SourceError(
+            f"{self._label}: {' or '.join((self.binary,) if self.binary else RPICAM_BINARIES)} "
+            "not found; on Raspberry Pi OS: sudo apt install rpicam-apps"
+        )
+
+    def _connect(self) -> None:
+        binary = self._find_binary()
+        self._stderr.clear()
+        try:
+            proc = subprocess.Popen(
+                self.command(binary),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                bufsize=0,
+            )
+        except OSError as exc:
+            raise SourceError(f"{self._label}: cannot start {binary}: {first_line(exc)}") from exc
+        assert proc.stdout is not None and proc.stderr is not None
+        threading.Thread(
+            target=self._drain_stderr, args=(proc.stderr,), name="rpicam-stderr", daemon=True
+        ).start()
+        self._proc, self._have = proc, 0
+        # Connected means the camera delivers, not that the process started: wait for its first
+        # bytes (a camera takes a second or two to start), or for it to give up.
+        fd = proc.stdout.fileno()
+        deadline = time.monotonic() + FIRST_FRAME_TIMEOUT_S
+        while not self._stop.is_set():
+            readable, _, _ = select.select([fd], [], [], POLL_S)
+            if readable:
+                n = os.readv(fd, [memoryview(self._buf)])
+                if n == 0:
+                    error = self._exited()
+                    self._disconnect()
+                    raise error
+                self._have = n
+                return
+            if time.monotonic() > deadline:
+                self._disconnect()
+                raise SourceError(
+                    f"{self._label}: rpicam-vid sent nothing in {FIRST_FRAME_TIMEOUT_S:g} s"
+                )
+
+    def _drain_stderr(self, pipe: Any) -> None:
+        """Keep the last lines rpicam-vid printed (it reports a missing camera there)."""
+        with pipe:
+            for raw in iter(pipe.readline, b""):
+                line = raw.decode(errors="replace").strip()
+                if line:
+                    self._stderr.append(line)
+
+    def _exited(self) -> SourceError:
+        proc = self._proc
+        code = proc.wait(_STOP_TIMEOUT_S) if proc is not None else None
+        said = f": {self._stderr[-1]}" if self._stderr else ""
+        return SourceError(f"{self._label}: rpicam-vid exited (code {code}){said}")
+
+    def _capture(self, timeout: float | None) -> np.ndarray | None:
+        proc = self._proc
+        if proc is None or proc.stdout is None:
+            raise SourceError(f"{self._label}: not connected")
+        fd = proc.stdout.fileno()
+        view = memoryview(self._buf)
+        while self._have < self.frame_bytes:
+            readable, _, _ = select.select([fd], [], [], timeout)
+            if not readable:
+                return None  # nothing within the poll interval: the base loop checks for close
+            n = os.readv(fd, [view[self._have :]])
+            if n == 0:
+                raise self._exited()
+            self._have += n
+        self._have = 0
+        return i420_to_bgr(view, self.width, self.height, self.stride)
+
+    def _disconnect(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(_STOP_TIMEOUT_S)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+class Picamera2Source(Source):
+    """A camera through Picamera2 (libcamera's Python binding): live, reconnecting."""
+
+    _connect_in_open = False
+
+    def __init__(
+        self,
+        camera: int = 0,
+        *,
+        uri: str | None = None,
+        width: int = DEFAULT_SIZE[0],
+        height: int = DEFAULT_SIZE[1],
+        fps: float = DEFAULT_FPS,
+        reconnect: BackoffPolicy = DEFAULT_BACKOFF,
+    ) -> None:
+        super().__init__(uri or f"picamera2:{camera}", kind="image", live=True, reconnect=reconnect)
+        check_fps(self._label, "fps", fps)
+        self.camera, self.width, self.height, self.fps = camera, width, height, fps
+        self._cam: Any = None
+
+    def _connect(self) -> None:
+        try:
+            from picamera2 import Picamera2  # type: ignore[import-not-found]
+        except ImportError:
+            raise SourceError(
+                f"{self._label}: picamera2 cannot be imported; on Raspberry Pi OS it is a system "
+                "package (sudo apt install python3-picamera2): create the agent's venv with "
+                "--system-site-packages, or use rpicam:"
+            ) from None
+        try:
+            cam = Picamera2(self.camera)
+            # "RGB888" is B, G, R in memory: OpenCV's order
+            config = cam.create_video_configuration(
+                main={"size": (self.width, self.height), "format": "RGB888"},
+                controls={"FrameRate": self.fps},
+            )
+            cam.configure(config)
+            cam.start()
+        except Exception as exc:  # a missing or busy camera: degraded, retried
+            raise SourceError(f"{self._label}: cannot start the camera: {first_line(exc)}") from exc
+        self._cam = cam
+
+    def _capture(self, timeout: float | None) -> np.ndarray | None:
+        image = self._cam.capture_array("main")
+        return np.ascontiguousarray(image[:, :, :3])
+
+    def _disconnect(self) -> None:
+        cam, self._cam = self._cam, None
+        if cam is not None:
+            try:
+                cam.stop()
+            finally:
+                cam.close()
+
+
+__all__ = [
+    "RPICAM_BINARIES",
+    "Picamera2Source",
+    "RpicamSource",
+    "i420_to_bgr",
+    "yuv420_stride",
+]

@@ -1,0 +1,238 @@
+"""The Pi's camera through rpicam-vid (a stand-in on PATH that writes what the real one writes:
+strided YUV420 on a pipe), Picamera2 when it is missing, and network streams (MPEG-TS over TCP
+and UDP) written with OpenCV's FFmpeg backend."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from converters.demo_broker import free_port
+from edge_agent.common.backoff import BackoffPolicy
+from edge_agent.errors import SourceError
+from edge_agent.io import Frame, open_source
+from edge_agent.io.rpicam import RpicamSource, i420_to_bgr, yuv420_stride
+
+STANDIN = Path(__file__).resolve().parent / "bin"
+FAST = BackoffPolicy(initial=0.05, maximum=0.2, factor=2.0, jitter=0.2)
+
+
+@pytest.fixture
+def standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("PATH", f"{STANDIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("RPICAM_STANDIN_FRAMES", raising=False)
+    monkeypatch.delenv("RPICAM_STANDIN_NO_CAMERA", raising=False)
+    yield
+
+
+def expected_bgr(i: int, w: int, h: int) -> np.ndarray:
+    """What frame i of the stand-in shows, converted by OpenCV from an unpadded I420 frame."""
+    r, c = np.mgrid[0:h, 0:w]
+    y = ((r + 2 * c + 3 * i) % 256).astype(np.uint8)
+    u = np.full((h // 2, w // 2), 100 + i % 50, np.uint8)
+    v = np.full((h // 2, w // 2), 150, np.uint8)
+    packed = np.concatenate([y.ravel(), u.ravel(), v.ravel()]).reshape(h * 3 // 2, w)
+    return cv2.cvtColor(packed, cv2.COLOR_YUV2BGR_I420)
+
+
+def wait_frame(source: object, timeout: float = 20.0) -> Frame:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            frame = source.read(timeout=0.5)  # type: ignore[attr-defined]
+        except SourceError:
+            continue
+        if frame is not None:
+            return frame  # type: ignore[no-any-return]
+    raise AssertionError("no frame in time")
+
+
+def test_strides_follow_the_isp_alignment() -> None:
+    assert [yuv420_stride(w) for w in (64, 100, 640, 1280, 1920, 1)] == [64, 128, 640, 1280, 1920,
+                                                                         64]  # fmt: skip
+
+
+def test_a_strided_yuv420_frame_decodes_like_an_unpadded_one() -> None:
+    w, h, stride = 100, 60, 128
+    want = expected_bgr(3, w, h)
+    r, c = np.mgrid[0:h, 0:w]
+    y = np.full((h, stride), 0xEE, np.uint8)
+    y[:, :w] = (r + 2 * c + 9) % 256
+    u = np.full((h // 2, stride // 2), 0xEE, np.uint8)
+    u[:, : w // 2] = 103
+    v = np.full((h // 2, stride // 2), 0xEE, np.uint8)
+    v[:, : w // 2] = 150
+    got = i420_to_bgr(np.concatenate([y.ravel(), u.ravel(), v.ravel()]).tobytes(), w, h, stride)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_rpicam_frames_come_through_with_their_stride(standin: None) -> None:
+    # 100 px wide: rows are padded to 128 bytes, the padding holds 0xEE
+    source = open_source("rpicam:0?width=100&height=60&fps=30", reconnect=FAST)
+    assert isinstance(source, RpicamSource) and source.live and source.stride == 128
+    with source:
+        frame = wait_frame(source)
+        assert frame.data.shape == (60, 100, 3) and frame.data.dtype == np.uint8
+        # the frame is one of the stand-in's: find which (the newest one wins on a live source)
+        diffs = [np.abs(frame.data.astype(int) - expected_bgr(i, 100, 60)).max() for i in range(60)]
+        assert min(diffs) == 0, min(diffs)
+        assert source.stats.status == "ok"
+
+
+def test_rpicam_comes_back_when_its_process_dies(
+    standin: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RPICAM_STANDIN_FRAMES", "5")  # every run of it ends after 5 frames
+    source = RpicamSource(0, width=64, height=48, fps=50, reconnect=FAST)
+    with source:
+        deadline = time.monotonic() + 30
+        while source.stats.reconnects < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = source.stats
+    assert stats.reconnects >= 2 and stats.frames >= 10, stats
+    assert "rpicam-vid exited (code 0)" in (stats.last_error or "")
+
+
+def test_no_camera_is_degraded_with_rpicam_vid_own_words(
+    standin: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RPICAM_STANDIN_NO_CAMERA", "1")
+    source = RpicamSource(0, width=64, height=48, reconnect=FAST)
+    with source:
+        deadline = time.monotonic() + 20
+        while source.stats.status != "degraded" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(SourceError):
+            source.read(timeout=0.3)
+        stats = source.stats
+    assert stats.status == "degraded"
+    assert "no cameras available" in (stats.last_error or ""), stats
+
+
+def test_without_rpicam_vid_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    source = RpicamSource(0, width=64, height=48, reconnect=FAST)
+    with source:
+        deadline = time.monotonic() + 20
+        while source.stats.status != "degraded" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        error = source.stats.last_error or ""
+    assert "rpicam-vid or libcamera-vid not found" in error and "apt install rpicam-apps" in error
+
+
+def test_picamera2_missing_says_how_to_get_it() -> None:
+    try:
+        import picamera2  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("picamera2 is installed here")
+    source = open_source("picamera2:0?width=320&height=240", reconnect=FAST)
+    with source:
+        deadline = time.monotonic() + 20
+        while source.stats.status != "degraded" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        error = source.stats.last_error or ""
+    assert "--system-site-packages" in error and "python3-picamera2" in error
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("rpicam:x", "expected rpicam:N"),
+        ("rpicam:0?width=99", "even"),
+        ("rpicam:0?colour=1", "unknown option"),
+        ("picamera2:0?fps=0", "must be > 0"),
+    ],
+)
+def test_bad_camera_uris_are_refused(uri: str, message: str) -> None:
+    with pytest.raises(SourceError, match=message):
+        open_source(uri)
+
+
+def _mpegts(path: Path, frames: int) -> bytes:
+    writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"mp4v"), 25,
+                             (160, 120))  # fmt: skip
+    assert writer.isOpened()
+    for i in range(frames):
+        writer.write(np.full((120, 160, 3), (i * 5) % 255, np.uint8))
+    writer.release()
+    return path.read_bytes()
+
+
+def test_a_tcp_stream(tmp_path: Path) -> None:
+    data = _mpegts(tmp_path / "s.ts", 100)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, contextlib.suppress(OSError):  # the reader hangs up once it has a frame
+            for i in range(0, len(data), 1316):
+                conn.sendall(data[i : i + 1316])
+                time.sleep(0.002)
+            time.sleep(1.0)
+
+    threading.Thread(target=serve, daemon=True).start()
+    source = open_source(f"tcp://127.0.0.1:{port}", reconnect=FAST)
+    assert source.live
+    with source:
+        frame = wait_frame(source)
+    server.close()
+    assert frame.data.shape == (120, 160, 3)
+
+
+def test_a_udp_stream(tmp_path: Path) -> None:
+    data = _mpegts(tmp_path / "s.ts", 100)
+    port = free_port()
+    stop = threading.Event()
+
+    def send() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            while not stop.is_set():  # a camera streaming MPEG-TS to us, 7 TS packets a datagram
+                for i in range(0, len(data), 1316):
+                    tx.sendto(data[i : i + 1316], ("127.0.0.1", port))
+                    time.sleep(0.001)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    source = open_source(f"udp://127.0.0.1:{port}", reconnect=FAST)
+    try:
+        with source:
+            frame = wait_frame(source)
+    finally:
+        stop.set()
+        sender.join(5)
+    assert frame.data.shape == (120, 160, 3)
+
+
+def test_the_agent_serves_a_model_on_the_pi_camera(
+    standin: None, digits: object, tmp_path: Path
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    results = tmp_path / "results.jsonl"
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "edge-agent"), "run",
+         "--model", str(digits.onnx),  # type: ignore[attr-defined]
+         "--source", "rpicam:0?width=64&height=48&fps=30", "--max-frames", "5",
+         "--results", f"jsonl:{results}", "--state-dir", str(tmp_path), "--profile", "x86-64"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["seq"] for r in rows] == [0, 1, 2, 3, 4]
+    assert all("error" not in r["output"] for r in rows), rows[0]
