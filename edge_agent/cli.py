@@ -160,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: [rest] enabled and port, off)",
     )  # fmt: skip
 
+    p = sub.add_parser(
+        "tune",
+        help="measure the fastest threads/workers plan for this model and source, and cache it",
+    )
+    common(p)
+    p.add_argument(
+        "--seconds", type=float, default=3.0, metavar="S",
+        help="time to spend measuring, over all the plans tried (default: 3)",
+    )  # fmt: skip
+
     p = sub.add_parser("check-config", help="validate the configuration and exit")
     config_option(p)
 
@@ -236,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check_config(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "tune":
+            return cmd_tune(args)
         return cmd_run(args)
     except EdgeError as exc:
         if args.verbose:
@@ -270,6 +282,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     service = Service(load_effective_config(args), summary_path=args.summary)
     service.rest_port = getattr(args, "rest_port", None)
     return service.run()
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from edge_agent.io.uri import open_source_from
+    from edge_agent.tune import open_tuned_model
+
+    config = load_effective_config(args)
+    config.require_runnable()
+    if config.model.threads or config.pipeline.workers:
+        raise ConfigError("tune measures the plan: leave out --threads and --workers")
+    if not 0 < args.seconds <= 600:
+        raise ConfigError(f"--seconds {args.seconds}: expected 0 < S <= 600")
+    profile = resolve_profile(config.agent.profile)
+    state_dir = Path(config.agent.state_dir)
+    model, plan = open_tuned_model(
+        config, profile, source=open_source_from(config), state_dir=state_dir, tune=True,
+        seconds=args.seconds,
+    )  # fmt: skip
+    model.close()
+    print(json.dumps({"model": model.identity, "profile": profile.name, "plan": plan.to_dict(),
+                      "cached_in": str(state_dir / "plans.json")}, indent=2))  # fmt: skip
+    return AgentExit.OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -138,6 +138,11 @@ class PipelineSection:
         default=0.0,
     )
     drain_timeout: float = _doc("Seconds to finish the current frame on SIGTERM.", default=10.0)
+    tune: bool = _doc(
+        "Measure the fastest threads/workers plan at start (up to 3 s) when none is cached for "
+        "this model, device and kind of source; `edge-agent tune` does it on demand.",
+        default=False,
+    )
     stall_timeout: float = _doc(
         "Seconds an inference call (or the capture loop) may be stuck before the systemd "
         "watchdog pings stop; 0 = the watchdog's own timeout (WatchdogSec).",

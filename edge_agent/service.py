@@ -49,6 +49,7 @@ class Service:
         self.spool: Any = None
         self.link: Any = None
         self.updater: Any = None
+        self.plan: Any = None  # edge_agent.tune.Plan: threads and workers, and how chosen
         self.ota_disabled: str | None = None  # why OTA is off, when it is
         self._refused_desired: set[str] = set()
         self.store: Any = None
@@ -189,25 +190,30 @@ class Service:
         """The committed model if OTA installed one, else the configured model; a bundle given
         in config becomes the first committed model, so a rollback can return to it."""
         from edge_agent.config import with_overrides
-        from edge_agent.model.plan import open_planned_model
+        from edge_agent.tune import open_tuned_model
 
         config = self.config
         store = self.store
         current = store.current if store is not None else None
+        state_dir = Path(config.agent.state_dir)
+
+        def planned(cfg: Any) -> Any:
+            model, self.plan = open_tuned_model(
+                cfg, self.profile, source=self.source, state_dir=state_dir,
+                tune=bool(cfg.pipeline.tune),
+            )  # fmt: skip
+            self.threads = self.plan.threads
+            log.info("plan: %s", self.plan.describe())
+            return model
+
         if current is not None:
             path = store.bundle_path(str(current["sha256"]))
             if path is not None:
                 try:
-                    cfg = with_overrides(config, model={"path": str(path)})
-                    model, _ = open_planned_model(
-                        cfg, self.profile, threads=self.threads, source=self.source
-                    )
-                    return model
+                    return planned(with_overrides(config, model={"path": str(path)}))
                 except EdgeError as exc:
                     log.error("committed model %s unusable (%s); using [model] path", path, exc)
-        model, _ = open_planned_model(
-            config, self.profile, threads=self.threads, source=self.source
-        )
+        model = planned(config)
         if store is not None and str(config.model.path).endswith(".edgebundle"):
             from edge_agent.common.hashing import sha256_file
 
@@ -285,7 +291,7 @@ class Service:
         from edge_agent.fleet.fetch import ChunkFetcher
         from edge_agent.fleet.updater import Updater
         from edge_agent.model.keys import load_trusted_keys
-        from edge_agent.model.plan import open_planned_model
+        from edge_agent.model.plan import open_model
 
         link = self.link
         assert self.topics is not None
@@ -314,12 +320,11 @@ class Service:
             self.event("ota_disabled", reason=self.ota_disabled)
             return
 
-        def load(bundle: Path) -> Any:
+        def load(bundle: Path) -> Any:  # a new model runs the plan the pipeline runs
             cfg = with_overrides(self.config, model={"path": str(bundle)})
-            model, _ = open_planned_model(
-                cfg, self.profile, threads=self.threads, source=self.source
+            return open_model(
+                cfg, self.profile, threads=self.threads, workers=self.pipeline.workers
             )
-            return model
 
         self.updater = Updater(
             store=self.store,
@@ -536,6 +541,7 @@ class Service:
                 "gated": p.gated,
                 "workers": p.workers,
                 "latency_ms": latency,
+                "plan": self.plan.to_dict() if self.plan is not None else None,
             },
             "system": self.system.sample() if self.system is not None else {},
             "monitoring": monitoring,

@@ -547,7 +547,7 @@ def test_worker_plan_throughput_only_for_unpaced_files_and_slow_models(
     model.close()
 
 
-def test_litert_model_keeps_one_worker(tmp_path: Path) -> None:
+def test_litert_runs_one_interpreter_per_worker(tmp_path: Path) -> None:
     from edge_agent.io import WindowSpec, open_source
     from edge_agent.io.sinks import CallbackSink
     from edge_agent.model.loader import load_model
@@ -556,24 +556,35 @@ def test_litert_model_keeps_one_worker(tmp_path: Path) -> None:
     from tests.tflite_models import fully_connected
 
     path = tmp_path / "fc.tflite"
-    path.write_bytes(fully_connected(np.eye(3, 4, dtype=np.float32), np.zeros(3, np.float32)))
-    model = load_model(
-        path, profile=load_profile("x86-64"), state_dir=tmp_path, threads=2, workers=2
-    )
-    assert model.workers == 1 and model.runtime.concurrent is False
+    weights = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
+    path.write_bytes(fully_connected(weights, np.zeros(3, np.float32)))
     data = tmp_path / "s.csv"
-    data.write_text("a\n" + "".join(f"{i}\n" for i in range(40)))
-    out: list[dict[str, Any]] = []
-    pipe = Pipeline(
-        source=open_source(
-            f"sensor:file:{data}?idle=0.3", window=WindowSpec(size=4, hop=4, channels=1)
-        ),
-        model=model,
-        sinks=[CallbackSink(out.append)],
-        workers=2,  # asked for, but a LiteRT interpreter is not thread-safe
-    )
-    summary = pipe.run()
-    assert summary["workers"] == 1 and [r["seq"] for r in out] == list(range(10))
+    data.write_text("a\n" + "".join(f"{i}\n" for i in range(400)))
+
+    def run(workers: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        model = load_model(
+            path, profile=load_profile("x86-64"), state_dir=tmp_path, threads=2, workers=workers
+        )
+        assert model.workers == workers and model.runtime.instances == workers
+        assert model.runtime.concurrent is (workers > 1)
+        out: list[dict[str, Any]] = []
+        pipe = Pipeline(
+            source=open_source(
+                f"sensor:file:{data}?idle=0.3", window=WindowSpec(size=4, hop=4, channels=1)
+            ),
+            model=model,
+            sinks=[CallbackSink(out.append)],
+            workers=2,  # one interpreter cannot serve two workers: the pipeline uses one
+        )
+        summary = pipe.run()
+        model.close()
+        return summary, out
+
+    one, single = run(1)
+    two, pooled = run(2)
+    assert one["workers"] == 1 and two["workers"] == 2
+    assert [r["seq"] for r in pooled] == list(range(100))  # in order across the two
+    assert [r["output"] for r in pooled] == [r["output"] for r in single]  # the same answers
 
 
 def test_postprocessing_error_is_counted_not_fatal(
@@ -631,7 +642,7 @@ def test_every_option_says_what_it_does_and_its_default() -> None:
 
     parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert set(commands.choices) == {"run", "check-config", "bench"}
+    assert set(commands.choices) == {"run", "check-config", "bench", "tune"}
     for name, sub in [("edge-agent", parser), *commands.choices.items()]:
         for action in sub._actions:
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):

@@ -77,8 +77,8 @@ LAYERS = (
     ("edge_agent.model",),
     ("edge_agent.fleet",),
     ("edge_agent.io",),
-    ("edge_agent.config", "edge_agent.pipeline", "edge_agent.rest", "edge_agent.notify",
-     "edge_agent.service", "edge_agent.bench", "edge_agent.cli"),
+    ("edge_agent.config", "edge_agent.pipeline", "edge_agent.tune", "edge_agent.rest",
+     "edge_agent.notify", "edge_agent.service", "edge_agent.bench", "edge_agent.cli"),
 )  # fmt: skip
 
 

@@ -413,6 +413,17 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                     "dropped": {"type": "integer"},
                     "inference_errors": {"type": "integer"},
                     "latency_ms": {"type": "object", "additionalProperties": _PCTL},
+                    "plan": {
+                        "type": ["object", "null"],
+                        "properties": {
+                            "threads": {"type": "integer"},
+                            "workers": {"type": "integer"},
+                            "how": {"enum": ["requested", "rule", "cached", "tuned"]},
+                            "mode": {"enum": ["throughput", "live"]},
+                            "fps": _NUM_OR_NULL,
+                            "latency_ms": _NUM_OR_NULL,
+                        },
+                    },
                 },
             },
             "system": {

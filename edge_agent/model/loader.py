@@ -206,9 +206,8 @@ def load_model(
     workers: int = 1,
 ) -> LoadedModel:
     """Load, warm up and (for bundles) smoke-test a model. ``threads`` is the total; with
-    ``workers`` > 1 and a thread-safe runtime (onnxruntime) each of that many concurrent
-    inferences gets ``threads // workers`` of them. A runtime that is not thread-safe (LiteRT)
-    keeps one worker with every thread."""
+    ``workers`` > 1 each of that many concurrent inferences gets ``threads // workers`` of them
+    (onnxruntime runs one session concurrently; LiteRT gets one interpreter per worker)."""
     path = Path(path)
     overrides = dict(preprocess_overrides or {})
     threads = threads or profile.threads
@@ -220,10 +219,11 @@ def load_model(
             )
         root, manifest = _install_bundle(path, state_dir=state_dir, trusted_keys=trusted_keys)
         art = choose_artifact(manifest, profile)
-        if RUNTIME_FOR_FORMAT.get(art["format"]) != "onnxruntime":
-            workers = 1
         runtime = load_runtime(
-            root / art["path"], threads=max(1, threads // workers), providers=profile.onnx_providers
+            root / art["path"],
+            threads=max(1, threads // workers),
+            providers=profile.onnx_providers,
+            instances=workers,
         )
         pre_data = manifest.get("preprocess")
         pre = None
@@ -248,10 +248,11 @@ def load_model(
         model.warm_ms = warmup(runtime)
         golden_check(model, root)
         return model
-    if path.suffix != ".onnx":
-        workers = 1
     runtime = load_runtime(
-        path, threads=max(1, threads // workers), providers=profile.onnx_providers
+        path,
+        threads=max(1, threads // workers),
+        providers=profile.onnx_providers,
+        instances=workers,
     )
     shape = runtime.inputs[0].shape
     pre = None

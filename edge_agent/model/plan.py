@@ -59,7 +59,7 @@ def open_planned_model(config: Any, profile: Any, *, threads: int, source: Any) 
     if requested or workers == 1:
         return open_model(config, profile, threads=threads, workers=workers), workers
     model = open_model(config, profile, threads=threads)
-    if model.warm_ms < THROUGHPUT_MIN_MS or not getattr(model.runtime, "concurrent", False):
+    if model.warm_ms < THROUGHPUT_MIN_MS:
         return model, 1
     model.close()
     return open_model(config, profile, threads=threads, workers=workers), workers

@@ -36,8 +36,11 @@ def load_runtime(
     *,
     threads: int = 0,
     providers: Sequence[str] = ("CPUExecutionProvider",),
+    instances: int = 1,
 ) -> Runtime:
-    """Load a model file with the runtime its type needs."""
+    """Load a model file with the runtime its type needs. ``instances`` > 1 lets that many
+    ``infer`` calls run at once: onnxruntime sessions are thread-safe by themselves; LiteRT gets
+    that many interpreters, each with ``threads`` threads."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
@@ -48,7 +51,7 @@ def load_runtime(
     if path.suffix == ".tflite":
         from edge_agent.model.runtimes.tflite import LiteRTRuntime
 
-        return LiteRTRuntime(path, threads=threads)
+        return LiteRTRuntime(path, threads=threads, instances=instances)
     raise ModelError(f"{path}: unknown model type; expected .onnx or .tflite (or a .edgebundle)")
 
 

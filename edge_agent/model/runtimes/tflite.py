@@ -7,6 +7,7 @@ for the caller."""
 from __future__ import annotations
 
 import logging
+import queue
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,14 @@ def _spec(detail: Mapping[str, Any]) -> TensorSpec:
 
 
 class LiteRTRuntime:
-    name = "litert"
-    concurrent = False  # an interpreter is not thread-safe: one invoke at a time
+    """One model in ``instances`` interpreters. An interpreter is not thread-safe, so each
+    ``infer`` takes one from a pool and gives it back: with one instance calls are serialized;
+    with several (the pipeline's workers) as many run at once, each with ``threads`` threads.
+    Interpreters are cheap: the weights are mapped from the same file."""
 
-    def __init__(self, path: Path, *, threads: int = 0) -> None:
+    name = "litert"
+
+    def __init__(self, path: Path, *, threads: int = 0, instances: int = 1) -> None:
         found = _interpreter_class()
         if found is None:
             raise ModelError(
@@ -66,19 +71,30 @@ class LiteRTRuntime:
                 "pip install ai-edge-litert (or tflite-runtime)"
             )
         cls, self.version = found
+        self.instances = max(1, instances)
+        self.concurrent = self.instances > 1
+        interps = []
         try:
-            self._interp = cls(model_path=str(path), num_threads=threads or None)
-            self._interp.allocate_tensors()
+            for _ in range(self.instances):
+                interp = cls(model_path=str(path), num_threads=threads or None)
+                interp.allocate_tensors()
+                interps.append(interp)
         except Exception as exc:
             raise ModelError(f"{path}: LiteRT cannot load it: {first_line(exc)}") from exc
-        self._in = self._interp.get_input_details()
-        self._out = self._interp.get_output_details()
+        first = interps[0]
+        self._in = first.get_input_details()
+        self._out = first.get_output_details()
         self.inputs = [_spec(d) for d in self._in]
         self.outputs = [_spec(d) for d in self._out]
         self._in_index = {d["name"]: (d["index"], spec) for d, spec in zip(self._in, self.inputs)}
+        self._pool: queue.LifoQueue[Any] = queue.LifoQueue()
+        for interp in interps:
+            self._pool.put(interp)
+        self._interp: Any = first  # kept for close()
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        interp = self._interp
+        pool = self._pool
+        interp = pool.get()
         try:
             for name, value in feeds.items():
                 index, spec = self._in_index[name]
@@ -97,6 +113,9 @@ class LiteRTRuntime:
             raise ModelError(f"no model input named {exc}") from exc
         except Exception as exc:
             raise ModelError(f"inference failed: {first_line(exc)}") from exc
+        finally:
+            pool.put(interp)
 
     def close(self) -> None:
         self._interp = None
+        self._pool = queue.LifoQueue()

@@ -1,0 +1,254 @@
+"""The measured plan: which runtime threads and inference workers serve this model fastest on
+this device, measured rather than assumed (a rule tuned on one runtime loses on another: on a
+2-core board a ~1 ms TFLite model runs fastest with one thread, a 10 ms one with two workers).
+
+``edge-agent tune`` (or ``[pipeline] tune = true`` at start, when nothing is cached yet) tries
+the plans that fit the cores, for a bounded time (``seconds``, 3 by default):
+
+- a **throughput** source (a video file, images or a synthetic source at pace none): intra-op
+  threads {1, all} with one worker, and two workers sharing all threads (onnxruntime runs one
+  session twice at once; LiteRT gets one interpreter per worker). Each plan runs the real
+  pipeline on a fresh copy of the source; the most results per second wins.
+- a **live** or paced source (a camera, a stream, a sensor): one worker, threads {1, all}; the
+  lowest median inference latency wins (the newest frame as fast as possible).
+
+The choice is cached in ``<state_dir>/plans.json``, keyed by the artifact's sha256, the
+profile, the kind of source, the cores and the runtime, and used by every later start.
+``--threads`` / ``--workers`` (``[model] threads``, ``[pipeline] workers``) still override it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.common.durable import atomic_write
+from edge_agent.common.hashing import sha256_file
+from edge_agent.io.uri import open_source_from
+from edge_agent.model.plan import open_model, open_planned_model, thread_plan
+from edge_agent.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+CACHE_FILE = "plans.json"
+TUNE_SECONDS = 3.0
+MIN_RESULTS = 20  # fewer in a throughput trial (a short file): the trial does not count
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the model runs: ``threads`` in all, ``workers`` frames at once. ``how``: requested
+    (flags or config), rule (no measurement yet), cached or tuned; ``fps`` / ``latency_ms``: what
+    the measurement saw (throughput / live sources)."""
+
+    threads: int
+    workers: int
+    how: str = "rule"
+    mode: str = "throughput"
+    fps: float | None = None
+    latency_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        seen = ""
+        if self.fps is not None:
+            seen = f", measured {self.fps:.1f} fps"
+        elif self.latency_ms is not None:
+            seen = f", measured {self.latency_ms:.3f} ms an inference"
+        return f"{self.workers} worker(s) x {max(1, self.threads // self.workers)} thread(s) " \
+               f"({self.how}, {self.mode}{seen})"  # fmt: skip
+
+
+def source_mode(source: Any, pace: str) -> str:
+    """``throughput`` when nobody waits on a frame's latency (a file, images or synthetic at
+    pace none), else ``live``."""
+    if getattr(source, "live", True) or getattr(source, "kind", "") != "image" or pace != "none":
+        return "live"
+    return "throughput"
+
+
+def available_cores() -> int:
+    """The CPUs this process may run on (a container or a cpuset may give it fewer)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def candidates(cores: int, mode: str) -> list[tuple[int, int]]:
+    """(threads in all, workers) worth trying on ``cores`` cores."""
+    every = max(1, cores)
+    plans = [(1, 1), (every, 1)]
+    if mode == "throughput" and every >= 2:
+        plans.append((every, 2))
+    return list(dict.fromkeys(plans))
+
+
+def cache_key(model: Any, profile: Any, mode: str) -> str:
+    return "|".join(
+        [sha256_file(model.artifact), str(profile.name), mode, str(available_cores()),
+         str(model.runtime.name)]
+    )  # fmt: skip
+
+
+def load_cache(state_dir: Path) -> dict[str, Any]:
+    path = Path(state_dir) / CACHE_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def save_plan(state_dir: Path, key: str, plan: Plan) -> None:
+    """Remember ``plan`` (a device that cannot write its state directory just measures again)."""
+    cache = load_cache(state_dir)
+    cache[key] = {**plan.to_dict(), "how": "cached", "measured_at": time.time()}
+    try:
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(state_dir) / CACHE_FILE, json.dumps(cache, indent=2).encode() + b"\n")
+    except OSError as exc:
+        log.warning("plan: cannot cache it in %s (%s)", state_dir, exc.strerror or exc)
+
+
+def measure_throughput(model: Any, config: Any, *, workers: int, seconds: float) -> float | None:
+    """Results per second of the real pipeline over a fresh copy of the configured source."""
+    pipe = Pipeline(source=open_source_from(config), model=model, sinks=[], workers=workers)
+    runner = threading.Thread(target=pipe.run, name="edge-tune", daemon=True)
+    runner.start()
+    runner.join(seconds)
+    pipe.stop()
+    runner.join(10.0)
+    summary = pipe.summary()
+    if summary["results"] < MIN_RESULTS or not summary["elapsed_s"]:
+        return None
+    return float(summary["results"] / summary["elapsed_s"])
+
+
+def measure_latency(model: Any, *, seconds: float) -> float:
+    """The median warm inference time in ms, on zero inputs."""
+    runtime = model.runtime
+    feeds = {
+        spec.name: np.zeros(
+            [d or 1 for d in spec.shape], np.dtype(spec.dtype if not spec.quantized else "float32")
+        )
+        for spec in runtime.inputs
+    }
+    times: list[float] = []
+    deadline = time.monotonic() + seconds
+    while len(times) < 5 or (time.monotonic() < deadline and len(times) < 2000):
+        t0 = time.perf_counter()
+        runtime.infer(feeds)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000.0
+
+
+def open_tuned_model(
+    config: Any,
+    profile: Any,
+    *,
+    source: Any,
+    state_dir: Path,
+    tune: bool = False,
+    seconds: float = TUNE_SECONDS,
+) -> tuple[Any, Plan]:
+    """The model loaded for its plan: the requested one, else the cached one, else (with
+    ``tune``) the fastest measured now (and cached), else the rule's (``model.plan``)."""
+    kind = getattr(source, "kind", "image")
+    mode = source_mode(source, config.source.pace)
+    requested_threads, requested_workers = int(config.model.threads), int(config.pipeline.workers)
+    if requested_threads or requested_workers:
+        threads = thread_plan(profile, requested=requested_threads, source_kind=kind)
+        model, workers = open_planned_model(config, profile, threads=threads, source=source)
+        return model, Plan(threads, workers, how="requested", mode=mode)
+    threads = thread_plan(profile, requested=0, source_kind=kind)
+    model, workers = open_planned_model(config, profile, threads=threads, source=source)
+    key = cache_key(model, profile, mode)
+    hit = load_cache(state_dir).get(key)
+    if isinstance(hit, dict) and not tune:
+        try:
+            plan = Plan(int(hit["threads"]), int(hit["workers"]), how="cached", mode=mode,
+                        fps=hit.get("fps"), latency_ms=hit.get("latency_ms"))  # fmt: skip
+        except (KeyError, TypeError, ValueError):
+            plan = None
+        if plan is not None:
+            if (plan.threads, plan.workers) != (threads, workers):
+                model.close()
+                model = open_model(config, profile, threads=plan.threads, workers=plan.workers)
+            return model, plan
+    if not tune:
+        return model, Plan(threads, workers, how="rule", mode=mode)
+    return _tune(config, profile, model, (threads, workers), key=key, mode=mode,
+                 state_dir=state_dir, seconds=seconds)  # fmt: skip
+
+
+def _tune(
+    config: Any,
+    profile: Any,
+    loaded: Any,
+    loaded_plan: tuple[int, int],
+    *,
+    key: str,
+    mode: str,
+    state_dir: Path,
+    seconds: float,
+) -> tuple[Any, Plan]:
+    plans = candidates(min(int(profile.cores), available_cores()), mode)
+    per_plan = max(0.2, seconds / len(plans))
+    best: tuple[float, Any, Plan] | None = None  # (score: higher is better, model, plan)
+    for threads, workers in plans:
+        if (threads, workers) == loaded_plan and loaded is not None:
+            model, loaded = loaded, None
+        else:
+            model = open_model(config, profile, threads=threads, workers=workers)
+        if mode == "throughput":
+            fps = measure_throughput(model, config, workers=workers, seconds=per_plan)
+            plan = Plan(threads, workers, how="tuned", mode=mode,
+                        fps=None if fps is None else round(fps, 2))  # fmt: skip
+            score = -1.0 if fps is None else fps
+        else:
+            latency = measure_latency(model, seconds=per_plan)
+            plan = Plan(threads, workers, how="tuned", mode=mode, latency_ms=round(latency, 4))
+            score = -latency
+        log.info("plan: tried %s", plan.describe())
+        if best is None or score > best[0]:
+            if best is not None:
+                best[1].close()
+            best = (score, model, plan)
+        else:
+            model.close()
+    if loaded is not None:
+        loaded.close()
+    assert best is not None
+    _, model, plan = best
+    if plan.fps is None and plan.latency_ms is None:  # nothing measurable (a short file)
+        return model, Plan(plan.threads, plan.workers, how="rule", mode=mode)
+    save_plan(state_dir, key, plan)
+    return model, plan
+
+
+__all__ = [
+    "CACHE_FILE",
+    "TUNE_SECONDS",
+    "Plan",
+    "available_cores",
+    "cache_key",
+    "candidates",
+    "load_cache",
+    "measure_latency",
+    "measure_throughput",
+    "open_tuned_model",
+    "save_plan",
+    "source_mode",
+]
