@@ -651,3 +651,36 @@ def test_every_option_says_what_it_does_and_its_default() -> None:
             assert action.help and len(action.help) > 20, f"{name} {flag}: no help"
             assert "default" in action.help, f"{name} {flag}: the help does not say the default"
         assert "default" in sub.format_help()
+
+
+def test_results_are_encoded_once_for_every_json_sink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from edge_agent.io import sinks
+
+    calls = 0
+    real = sinks.dumps
+
+    def counting(payload: Any) -> bytes:
+        nonlocal calls
+        calls += 1
+        return real(payload)
+
+    monkeypatch.setattr(sinks, "dumps", counting)
+    out, seen = io.StringIO(), []
+    jsonl = sinks.JsonlSink(tmp_path / "r.jsonl")
+    writer = sinks.SinkWriter([jsonl, sinks.StdoutSink(out), sinks.CallbackSink(seen.append)])
+    writer.start()
+    for seq in range(3):
+        writer.submit({"seq": seq, "output": {"class": seq}})
+    writer.close()
+    jsonl.close()
+    assert calls == 3  # one encoding per result, shared by the JSONL file and stdout
+    lines = (tmp_path / "r.jsonl").read_text().splitlines()
+    assert lines == out.getvalue().splitlines() == [
+        '{"seq":0,"output":{"class":0}}', '{"seq":1,"output":{"class":1}}',
+        '{"seq":2,"output":{"class":2}}',
+    ]  # fmt: skip
+    assert [r["seq"] for r in seen] == [0, 1, 2]

@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 
 class Sink(Protocol):
+    """``write`` takes the result. A sink that sends it as JSON also has
+    ``write_encoded(result, data)``, which the SinkWriter calls with the result encoded once
+    for all such sinks."""
+
     def write(self, result: dict[str, Any]) -> None: ...
     def close(self) -> None: ...
 
@@ -33,11 +37,14 @@ class JsonlSink:
             raise ConfigError(
                 f"results: jsonl:{path}: the directory {self.path.parent} does not exist"
             )
-        self._fh: IO[str] | None = self.path.open("a", encoding="utf-8")
+        self._fh: IO[bytes] | None = self.path.open("ab")
 
     def write(self, result: dict[str, Any]) -> None:
+        self.write_encoded(result, dumps(result))
+
+    def write_encoded(self, result: dict[str, Any], data: bytes) -> None:
         assert self._fh is not None, "sink is closed"
-        self._fh.write(dumps(result).decode() + "\n")
+        self._fh.write(data + b"\n")
         self._fh.flush()
 
     def close(self) -> None:
@@ -51,8 +58,11 @@ class StdoutSink:
         self._stream = stream
 
     def write(self, result: dict[str, Any]) -> None:
+        self.write_encoded(result, dumps(result))
+
+    def write_encoded(self, result: dict[str, Any], data: bytes) -> None:
         stream = self._stream or sys.stdout
-        stream.write(dumps(result).decode() + "\n")
+        stream.write(data.decode() + "\n")
         stream.flush()
 
     def close(self) -> None:
@@ -82,9 +92,12 @@ class MqttResultSink:
         self.skipped = 0
 
     def write(self, result: dict[str, Any]) -> None:
+        self.write_encoded(result, None)
+
+    def write_encoded(self, result: dict[str, Any], data: bytes | None) -> None:
         seq = int(result["seq"])
         if self._wanted(result):
-            self.spool.put("results", self.topic, dumps(result), seq=seq)
+            self.spool.put("results", self.topic, data or dumps(result), seq=seq)
         else:  # not sent, but its seq is taken: the counter must not hand it out again
             self.spool.observe_seq("results", seq)
 
@@ -178,9 +191,16 @@ class SinkWriter:
                 self._done.notify_all()
 
     def _write(self, result: dict[str, Any]) -> None:
+        encoded: bytes | None = None  # once for every sink that sends JSON
         for sink in self.sinks:
             try:
-                sink.write(result)
+                write_encoded = getattr(sink, "write_encoded", None)
+                if write_encoded is None:
+                    sink.write(result)
+                    continue
+                if encoded is None:
+                    encoded = dumps(result)
+                write_encoded(result, encoded)
             except Exception as exc:  # a sink's failure is its own: the loop goes on
                 name = type(sink).__name__
                 n = self.errors[name] = self.errors.get(name, 0) + 1
