@@ -285,24 +285,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from edge_agent.io.uri import open_source_from
-    from edge_agent.tune import open_tuned_model
+    from edge_agent.tune import run_tune
 
     config = load_effective_config(args)
     config.require_runnable()
-    if config.model.threads or config.pipeline.workers:
-        raise ConfigError("tune measures the plan: leave out --threads and --workers")
-    if not 0 < args.seconds <= 600:
-        raise ConfigError(f"--seconds {args.seconds}: expected 0 < S <= 600")
-    profile = resolve_profile(config.agent.profile)
-    state_dir = Path(config.agent.state_dir)
-    model, plan = open_tuned_model(
-        config, profile, source=open_source_from(config), state_dir=state_dir, tune=True,
-        seconds=args.seconds,
-    )  # fmt: skip
-    model.close()
-    print(json.dumps({"model": model.identity, "profile": profile.name, "plan": plan.to_dict(),
-                      "cached_in": str(state_dir / "plans.json")}, indent=2))  # fmt: skip
+    result = run_tune(config, resolve_profile(config.agent.profile), seconds=args.seconds)
+    print(json.dumps(result, indent=2))
     return AgentExit.OK
 
 

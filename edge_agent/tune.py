@@ -12,8 +12,9 @@ the plans that fit the cores, for a bounded time (``seconds``, 3 by default):
 - a **live** or paced source (a camera, a stream, a sensor): one worker, threads {1, all}; the
   lowest median inference latency wins (the newest frame as fast as possible).
 
-The choice is cached in ``<state_dir>/plans.json``, keyed by the artifact's sha256, the
-profile, the kind of source, the cores and the runtime, and used by every later start.
+The choice is cached in ``<state_dir>/plans.json``, keyed by the model file's sha256 (with the
+profile it fixes the artifact and its runtime), the profile, the kind of source and the cores,
+and used by every later start without loading the model twice.
 ``--threads`` / ``--workers`` (``[model] threads``, ``[pipeline] workers``) still override it.
 """
 
@@ -33,6 +34,7 @@ import numpy as np
 
 from edge_agent.common.durable import atomic_write
 from edge_agent.common.hashing import sha256_file
+from edge_agent.errors import ConfigError
 from edge_agent.io.uri import open_source_from
 from edge_agent.model.plan import open_model, open_planned_model, thread_plan
 from edge_agent.pipeline import Pipeline
@@ -95,11 +97,21 @@ def candidates(cores: int, mode: str) -> list[tuple[int, int]]:
     return list(dict.fromkeys(plans))
 
 
-def cache_key(model: Any, profile: Any, mode: str) -> str:
-    return "|".join(
-        [sha256_file(model.artifact), str(profile.name), mode, str(available_cores()),
-         str(model.runtime.name)]
-    )  # fmt: skip
+def cache_key(model_path: Path, profile: Any, mode: str) -> str:
+    """The model file (a bundle and the profile fix the artifact and its runtime), the profile,
+    the kind of source and the CPUs: known before anything is loaded."""
+    return "|".join([sha256_file(model_path), str(profile.name), mode, str(available_cores())])
+
+
+def cached_plan(state_dir: Path, key: str, mode: str) -> Plan | None:
+    hit = load_cache(state_dir).get(key)
+    if not isinstance(hit, dict):
+        return None
+    try:
+        return Plan(int(hit["threads"]), int(hit["workers"]), how="cached", mode=mode,
+                    fps=hit.get("fps"), latency_ms=hit.get("latency_ms"))  # fmt: skip
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def load_cache(state_dir: Path) -> dict[str, Any]:
@@ -168,74 +180,70 @@ def open_tuned_model(
     kind = getattr(source, "kind", "image")
     mode = source_mode(source, config.source.pace)
     requested_threads, requested_workers = int(config.model.threads), int(config.pipeline.workers)
+    threads = thread_plan(profile, requested=requested_threads, source_kind=kind)
     if requested_threads or requested_workers:
-        threads = thread_plan(profile, requested=requested_threads, source_kind=kind)
         model, workers = open_planned_model(config, profile, threads=threads, source=source)
         return model, Plan(threads, workers, how="requested", mode=mode)
-    threads = thread_plan(profile, requested=0, source_kind=kind)
+    key = cache_key(Path(config.model.path), profile, mode)
+    plan = None if tune else cached_plan(state_dir, key, mode)
+    if plan is not None:
+        return open_model(config, profile, threads=plan.threads, workers=plan.workers), plan
+    if tune:
+        tuned = _tune(config, profile, key=key, mode=mode, state_dir=state_dir, seconds=seconds)
+        if tuned is not None:
+            return tuned
     model, workers = open_planned_model(config, profile, threads=threads, source=source)
-    key = cache_key(model, profile, mode)
-    hit = load_cache(state_dir).get(key)
-    if isinstance(hit, dict) and not tune:
-        try:
-            plan = Plan(int(hit["threads"]), int(hit["workers"]), how="cached", mode=mode,
-                        fps=hit.get("fps"), latency_ms=hit.get("latency_ms"))  # fmt: skip
-        except (KeyError, TypeError, ValueError):
-            plan = None
-        if plan is not None:
-            if (plan.threads, plan.workers) != (threads, workers):
-                model.close()
-                model = open_model(config, profile, threads=plan.threads, workers=plan.workers)
-            return model, plan
-    if not tune:
-        return model, Plan(threads, workers, how="rule", mode=mode)
-    return _tune(config, profile, model, (threads, workers), key=key, mode=mode,
-                 state_dir=state_dir, seconds=seconds)  # fmt: skip
+    return model, Plan(threads, workers, how="rule", mode=mode)
 
 
 def _tune(
-    config: Any,
-    profile: Any,
-    loaded: Any,
-    loaded_plan: tuple[int, int],
-    *,
-    key: str,
-    mode: str,
-    state_dir: Path,
-    seconds: float,
-) -> tuple[Any, Plan]:
+    config: Any, profile: Any, *, key: str, mode: str, state_dir: Path, seconds: float
+) -> tuple[Any, Plan] | None:
+    """Each candidate plan loaded and measured in turn; the fastest kept loaded and cached.
+    None when no trial could be measured (a file too short to count)."""
     plans = candidates(min(int(profile.cores), available_cores()), mode)
     per_plan = max(0.2, seconds / len(plans))
     best: tuple[float, Any, Plan] | None = None  # (score: higher is better, model, plan)
     for threads, workers in plans:
-        if (threads, workers) == loaded_plan and loaded is not None:
-            model, loaded = loaded, None
-        else:
-            model = open_model(config, profile, threads=threads, workers=workers)
+        model = open_model(config, profile, threads=threads, workers=workers)
         if mode == "throughput":
             fps = measure_throughput(model, config, workers=workers, seconds=per_plan)
             plan = Plan(threads, workers, how="tuned", mode=mode,
                         fps=None if fps is None else round(fps, 2))  # fmt: skip
-            score = -1.0 if fps is None else fps
+            score = fps
         else:
             latency = measure_latency(model, seconds=per_plan)
             plan = Plan(threads, workers, how="tuned", mode=mode, latency_ms=round(latency, 4))
             score = -latency
         log.info("plan: tried %s", plan.describe())
-        if best is None or score > best[0]:
+        if score is not None and (best is None or score > best[0]):
             if best is not None:
                 best[1].close()
             best = (score, model, plan)
         else:
             model.close()
-    if loaded is not None:
-        loaded.close()
-    assert best is not None
+    if best is None:
+        return None
     _, model, plan = best
-    if plan.fps is None and plan.latency_ms is None:  # nothing measurable (a short file)
-        return model, Plan(plan.threads, plan.workers, how="rule", mode=mode)
     save_plan(state_dir, key, plan)
     return model, plan
+
+
+def run_tune(config: Any, profile: Any, *, seconds: float = TUNE_SECONDS) -> dict[str, Any]:
+    """``edge-agent tune``: measure the plan for the configured model and source, cache it, and
+    say what was chosen."""
+    if config.model.threads or config.pipeline.workers:
+        raise ConfigError("tune measures the plan: leave out --threads and --workers")
+    if not 0 < seconds <= 600:
+        raise ConfigError(f"--seconds {seconds}: expected 0 < S <= 600")
+    state_dir = Path(config.agent.state_dir)
+    model, plan = open_tuned_model(
+        config, profile, source=open_source_from(config), state_dir=state_dir, tune=True,
+        seconds=seconds,
+    )  # fmt: skip
+    model.close()
+    return {"model": model.identity, "profile": profile.name, "plan": plan.to_dict(),
+            "cached_in": str(state_dir / CACHE_FILE)}  # fmt: skip
 
 
 __all__ = [
@@ -244,11 +252,13 @@ __all__ = [
     "Plan",
     "available_cores",
     "cache_key",
+    "cached_plan",
     "candidates",
     "load_cache",
     "measure_latency",
     "measure_throughput",
     "open_tuned_model",
+    "run_tune",
     "save_plan",
     "source_mode",
 ]
