@@ -50,6 +50,7 @@ class Service:
         self.link: Any = None
         self.updater: Any = None
         self.plan: Any = None  # edge_agent.tune.Plan: threads and workers, and how chosen
+        self.threads = 0  # the plan's runtime threads in all (set with the model)
         self.ota_disabled: str | None = None  # why OTA is off, when it is
         self._refused_desired: set[str] = set()
         self.store: Any = None
@@ -82,7 +83,7 @@ class Service:
     def startup(self) -> None:
         from edge_agent.io.sinks import MqttResultSink, open_sink
         from edge_agent.io.uri import open_source_from
-        from edge_agent.model.plan import resolve_profile, thread_plan
+        from edge_agent.model.plan import resolve_profile
         from edge_agent.notify import Notifier, Watchdog
         from edge_agent.pipeline import MotionGate, Pipeline
 
@@ -103,11 +104,6 @@ class Service:
                     f"({exc.strerror})"
                 ) from None
         self.source = open_source_from(config)
-        self.threads = thread_plan(
-            self.profile,
-            requested=config.model.threads,
-            source_kind=getattr(self.source, "kind", "image"),
-        )
         recovered = None
         if self.mqtt_enabled and config.ota.enabled:
             from edge_agent.fleet.store import ModelStore
