@@ -60,10 +60,34 @@ def i420_to_bgr(frame: bytes | bytearray | memoryview, width: int, height: int,
     return cv2.cvtColor(packed, cv2.COLOR_YUV2BGR_I420)
 
 
-class RpicamSource(Source):
-    """``rpicam-vid`` on a pipe: live, reconnecting (the process is started again)."""
+class _PiCamera(Source):
+    """A camera module by index, at a size and frame rate: live, connected (and reconnected) in
+    the capture thread, so a missing camera is ``degraded``, not an error at start."""
 
     _connect_in_open = False
+    scheme = ""
+
+    def __init__(
+        self,
+        camera: int = 0,
+        *,
+        uri: str | None = None,
+        width: int = DEFAULT_SIZE[0],
+        height: int = DEFAULT_SIZE[1],
+        fps: float = DEFAULT_FPS,
+        reconnect: BackoffPolicy = DEFAULT_BACKOFF,
+    ) -> None:
+        super().__init__(
+            uri or f"{self.scheme}:{camera}", kind="image", live=True, reconnect=reconnect
+        )
+        check_fps(self._label, "fps", fps)
+        self.camera, self.width, self.height, self.fps = camera, width, height, fps
+
+
+class RpicamSource(_PiCamera):
+    """``rpicam-vid`` on a pipe: live, reconnecting (the process is started again)."""
+
+    scheme = "rpicam"
 
     def __init__(
         self,
@@ -77,11 +101,9 @@ class RpicamSource(Source):
         binary: str | None = None,
         reconnect: BackoffPolicy = DEFAULT_BACKOFF,
     ) -> None:
-        super().__init__(uri or f"rpicam:{camera}", kind="image", live=True, reconnect=reconnect)
-        check_fps(self._label, "fps", fps)
+        super().__init__(camera, uri=uri, width=width, height=height, fps=fps, reconnect=reconnect)
         if width < 2 or height < 2 or width % 2 or height % 2:
             raise SourceError(f"{self._label}: width and height must be even and >= 2")
-        self.camera, self.width, self.height, self.fps = camera, width, height, fps
         self.stride = stride or yuv420_stride(width)
         if self.stride < width or self.stride % 2:
             raise SourceError(f"{self._label}: stride = {self.stride}: must be even and >= width")
@@ -131,23 +153,34 @@ class RpicamSource(Source):
         self._proc, self._have = proc, 0
         # Connected means the camera delivers, not that the process started: wait for its first
         # bytes (a camera takes a second or two to start), or for it to give up.
-        fd = proc.stdout.fileno()
         deadline = time.monotonic() + FIRST_FRAME_TIMEOUT_S
-        while not self._stop.is_set():
-            readable, _, _ = select.select([fd], [], [], POLL_S)
-            if readable:
-                n = os.readv(fd, [memoryview(self._buf)])
-                if n == 0:
-                    error = self._exited()
-                    self._disconnect()
-                    raise error
-                self._have = n
-                return
-            if time.monotonic() > deadline:
-                self._disconnect()
-                raise SourceError(
-                    f"{self._label}: rpicam-vid sent nothing in {FIRST_FRAME_TIMEOUT_S:g} s"
-                )
+        try:
+            while not self._stop.is_set():
+                if self._read_some(POLL_S):
+                    return
+                if time.monotonic() > deadline:
+                    raise SourceError(
+                        f"{self._label}: rpicam-vid sent nothing in {FIRST_FRAME_TIMEOUT_S:g} s"
+                    )
+        except SourceError:
+            self._disconnect()
+            raise
+
+    def _read_some(self, timeout: float | None) -> bool:
+        """Read what the pipe holds into the frame buffer; False when nothing came within
+        ``timeout``. Raises SourceError when rpicam-vid has exited."""
+        proc = self._proc
+        if proc is None or proc.stdout is None:
+            raise SourceError(f"{self._label}: not connected")
+        fd = proc.stdout.fileno()
+        readable, _, _ = select.select([fd], [], [], timeout)
+        if not readable:
+            return False
+        n = os.readv(fd, [memoryview(self._buf)[self._have :]])
+        if n == 0:
+            raise self._exited()
+        self._have += n
+        return True
 
     def _drain_stderr(self, pipe: Any) -> None:
         """Keep the last lines rpicam-vid printed (it reports a missing camera there)."""
@@ -164,21 +197,11 @@ class RpicamSource(Source):
         return SourceError(f"{self._label}: rpicam-vid exited (code {code}){said}")
 
     def _capture(self, timeout: float | None) -> np.ndarray | None:
-        proc = self._proc
-        if proc is None or proc.stdout is None:
-            raise SourceError(f"{self._label}: not connected")
-        fd = proc.stdout.fileno()
-        view = memoryview(self._buf)
         while self._have < self.frame_bytes:
-            readable, _, _ = select.select([fd], [], [], timeout)
-            if not readable:
+            if not self._read_some(timeout):
                 return None  # nothing within the poll interval: the base loop checks for close
-            n = os.readv(fd, [view[self._have :]])
-            if n == 0:
-                raise self._exited()
-            self._have += n
         self._have = 0
-        return i420_to_bgr(view, self.width, self.height, self.stride)
+        return i420_to_bgr(self._buf, self.width, self.height, self.stride)
 
     def _disconnect(self) -> None:
         proc, self._proc = self._proc, None
@@ -195,25 +218,11 @@ class RpicamSource(Source):
             proc.stdout.close()
 
 
-class Picamera2Source(Source):
+class Picamera2Source(_PiCamera):
     """A camera through Picamera2 (libcamera's Python binding): live, reconnecting."""
 
-    _connect_in_open = False
-
-    def __init__(
-        self,
-        camera: int = 0,
-        *,
-        uri: str | None = None,
-        width: int = DEFAULT_SIZE[0],
-        height: int = DEFAULT_SIZE[1],
-        fps: float = DEFAULT_FPS,
-        reconnect: BackoffPolicy = DEFAULT_BACKOFF,
-    ) -> None:
-        super().__init__(uri or f"picamera2:{camera}", kind="image", live=True, reconnect=reconnect)
-        check_fps(self._label, "fps", fps)
-        self.camera, self.width, self.height, self.fps = camera, width, height, fps
-        self._cam: Any = None
+    scheme = "picamera2"
+    _cam: Any = None
 
     def _connect(self) -> None:
         try:
