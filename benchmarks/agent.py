@@ -83,6 +83,12 @@ def _models(tmp: Path) -> dict[str, Path]:
     return out
 
 
+def _target(name: str, value: Any, op: str, limit: float) -> dict[str, Any]:
+    """One row of the targets table: ``value`` against ``limit`` by ``op`` (">=" or "<=")."""
+    met = value >= limit if op == ">=" else value <= limit
+    return {"target": name, "value": value, "limit": f"{op} {limit}", "met": met}
+
+
 def naive_fps(model: Any, video: Path, frames: int) -> float:
     cap = cv2.VideoCapture(str(video))
     n = 0
@@ -256,60 +262,26 @@ def main(argv: list[str] | None = None) -> int:
     h, s = result["heavy-256"], result["small-128"]
     th, ts = result["tflite-heavy-256"], result["tflite-small-128"]
     result["targets"] = [
-        {
-            "target": "~1 ms TFLite model: agent / naive loop",
-            "value": ts["agent_vs_naive"],
-            "limit": ">= 1.1",
-            "met": ts["agent_vs_naive"] >= 1.1,
-        },
-        {
-            "target": "~10 ms TFLite model: agent / raw invoke (all threads)",
-            "value": th["agent_vs_raw"],
-            "limit": ">= 1.0",
-            "met": th["agent_vs_raw"] >= 1.0,
-        },
-        {
-            "target": "~10 ms ONNX model: agent / raw invoke (all threads)",
-            "value": h["agent_vs_raw"],
-            "limit": ">= 1.0",
-            "met": h["agent_vs_raw"] >= 1.0,
-        },
-        {
-            "target": "heavy model: agent / raw invoke",
-            "value": h["agent_vs_raw"],
-            "limit": ">= 0.95",
-            "met": h["agent_vs_raw"] >= 0.95,
-        },
-        {
-            "target": "small model: agent / naive loop",
-            "value": s["agent_vs_naive"],
-            "limit": ">= 1.0",
-            "met": s["agent_vs_naive"] >= 1.0,
-        },
-        {
-            "target": "per-frame overhead p50 (ms)",
-            "value": max(h["overhead_p50_ms"], s["overhead_p50_ms"]),
-            "limit": "<= 0.3",
-            "met": max(h["overhead_p50_ms"], s["overhead_p50_ms"]) <= 0.3,
-        },
-        {
-            "target": "live-paced capture-to-result p99 / p50",
-            "value": result["live_paced"]["p99_over_p50"],
-            "limit": "<= 3",
-            "met": result["live_paced"]["p99_over_p50"] <= 3,
-        },
-        {
-            "target": "RSS with a ~5 MB model (MB)",
-            "value": result["process"]["peak_rss_mb"],
-            "limit": "<= 150",
-            "met": result["process"]["peak_rss_mb"] <= 150,
-        },
-        {
-            "target": "process start to first result (s)",
-            "value": result["process"]["first_result_s"],
-            "limit": "<= 2",
-            "met": result["process"]["first_result_s"] <= 2,
-        },
+        _target("~1 ms TFLite model: agent / naive loop", ts["agent_vs_naive"], ">=", 1.1),
+        _target(
+            "~10 ms TFLite model: agent / raw invoke (all threads)", th["agent_vs_raw"], ">=", 1.0
+        ),
+        _target(
+            "~10 ms ONNX model: agent / raw invoke (all threads)", h["agent_vs_raw"], ">=", 1.0
+        ),
+        _target("heavy model: agent / raw invoke", h["agent_vs_raw"], ">=", 0.95),
+        _target("small model: agent / naive loop", s["agent_vs_naive"], ">=", 1.0),
+        _target(
+            "per-frame overhead p50 (ms)",
+            max(h["overhead_p50_ms"], s["overhead_p50_ms"]),
+            "<=",
+            0.3,
+        ),
+        _target(
+            "live-paced capture-to-result p99 / p50", result["live_paced"]["p99_over_p50"], "<=", 3
+        ),
+        _target("RSS with a ~5 MB model (MB)", result["process"]["peak_rss_mb"], "<=", 150),
+        _target("process start to first result (s)", result["process"]["first_result_s"], "<=", 2),
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "agent.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -21,6 +21,7 @@ from edge_agent.common.backoff import BackoffPolicy
 from edge_agent.errors import SourceError
 from edge_agent.io import Frame, open_source
 from edge_agent.io.rpicam import RpicamSource, i420_to_bgr, yuv420_stride
+from tests.fleet import wait_until
 
 STANDIN = Path(__file__).resolve().parent / "bin"
 FAST = BackoffPolicy(initial=0.05, maximum=0.2, factor=2.0, jitter=0.2)
@@ -94,9 +95,7 @@ def test_rpicam_comes_back_when_its_process_dies(
     monkeypatch.setenv("RPICAM_STANDIN_FRAMES", "5")  # every run of it ends after 5 frames
     source = RpicamSource(0, width=64, height=48, fps=50, reconnect=FAST)
     with source:
-        deadline = time.monotonic() + 30
-        while source.stats.reconnects < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: source.stats.reconnects >= 2, timeout=30, what="two reconnects")
         stats = source.stats
     assert stats.reconnects >= 2 and stats.frames >= 10, stats
     assert "rpicam-vid exited (code 0)" in (stats.last_error or "")
@@ -108,9 +107,7 @@ def test_no_camera_is_degraded_with_rpicam_vid_own_words(
     monkeypatch.setenv("RPICAM_STANDIN_NO_CAMERA", "1")
     source = RpicamSource(0, width=64, height=48, reconnect=FAST)
     with source:
-        deadline = time.monotonic() + 20
-        while source.stats.status != "degraded" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: source.stats.status == "degraded", timeout=20, what="degraded")
         with pytest.raises(SourceError):
             source.read(timeout=0.3)
         stats = source.stats
@@ -122,9 +119,7 @@ def test_without_rpicam_vid_the_error_says_what_to_install(monkeypatch: pytest.M
     monkeypatch.setenv("PATH", "/nonexistent")
     source = RpicamSource(0, width=64, height=48, reconnect=FAST)
     with source:
-        deadline = time.monotonic() + 20
-        while source.stats.status != "degraded" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: source.stats.status == "degraded", timeout=20, what="degraded")
         error = source.stats.last_error or ""
     assert "rpicam-vid or libcamera-vid not found" in error and "apt install rpicam-apps" in error
 
@@ -138,9 +133,7 @@ def test_picamera2_missing_says_how_to_get_it() -> None:
         pytest.skip("picamera2 is installed here")
     source = open_source("picamera2:0?width=320&height=240", reconnect=FAST)
     with source:
-        deadline = time.monotonic() + 20
-        while source.stats.status != "degraded" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: source.stats.status == "degraded", timeout=20, what="degraded")
         error = source.stats.last_error or ""
     assert "--system-site-packages" in error and "python3-picamera2" in error
 
