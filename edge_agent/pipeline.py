@@ -116,7 +116,6 @@ class Pipeline:
         max_frames: int | None = None,
         gate: MotionGate | None = None,
         seq_start: int = 0,
-        on_progress: Callable[[], None] | None = None,
         workers: int = 1,
         observer: Callable[[dict[str, np.ndarray], dict[str, Any], list[np.ndarray]], None]
         | None = None,
@@ -143,7 +142,6 @@ class Pipeline:
         self.max_frames = max_frames
         self.gate = gate
         self.seq = seq_start
-        self.on_progress = on_progress
         self.state = State.STARTING
         self.stats = StageStats.new()
         self._window_mark = self.stats.mark()  # where telemetry's interval started
@@ -477,8 +475,6 @@ class Pipeline:
             # wait for this frame's turn (the other worker's inference, not overhead).
             stats.overhead.record((t_end - t_start) - (t_done - t_inf) - (t_emit - t_ready))
             self.last_result_mono = time.monotonic()
-            if self.on_progress is not None:
-                self.on_progress()
             if self.max_frames is not None and self.results >= self.max_frames:
                 self._stop.set()
                 return _STOP
