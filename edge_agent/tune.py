@@ -30,13 +30,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edge_agent.common.durable import atomic_write
 from edge_agent.common.hashing import sha256_file
 from edge_agent.errors import ConfigError
 from edge_agent.io.uri import open_source_from
 from edge_agent.model.plan import open_model, open_planned_model, thread_plan
+from edge_agent.model.runtimes import zero_feeds
 from edge_agent.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -151,12 +150,7 @@ def measure_throughput(model: Any, config: Any, *, workers: int, seconds: float)
 def measure_latency(model: Any, *, seconds: float) -> float:
     """The median warm inference time in ms, on zero inputs."""
     runtime = model.runtime
-    feeds = {
-        spec.name: np.zeros(
-            [d or 1 for d in spec.shape], np.dtype(spec.dtype if not spec.quantized else "float32")
-        )
-        for spec in runtime.inputs
-    }
+    feeds = zero_feeds(runtime)
     times: list[float] = []
     deadline = time.monotonic() + seconds
     while len(times) < 5 or (time.monotonic() < deadline and len(times) < 2000):

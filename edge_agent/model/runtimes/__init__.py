@@ -26,6 +26,7 @@ from edge_agent.model.runtimes.base import (
     nchw_to_model,
     quantize,
     warmup,
+    zero_feeds,
 )
 
 log = logging.getLogger(__name__)
@@ -74,4 +75,5 @@ __all__ = [
     "nchw_to_model",
     "quantize",
     "warmup",
+    "zero_feeds",
 ]

@@ -73,15 +73,21 @@ def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
     )
 
 
-def warmup(runtime: Runtime, *, runs: int = 3) -> float:
-    """Run a few zero inputs so the first real frame does not pay allocation and kernel setup.
-    Returns the fastest warm run in milliseconds (the first pays the setup, so it is not one)."""
-    feeds = {
+def zero_feeds(runtime: Runtime) -> dict[str, np.ndarray]:
+    """A zero input for every model input (dynamic dimensions as 1), in what ``infer`` takes:
+    float32 for quantized inputs, which the runtime quantizes."""
+    return {
         spec.name: np.zeros(
             [d or 1 for d in spec.shape], np.dtype(spec.dtype if not spec.quantized else "float32")
         )
         for spec in runtime.inputs
     }
+
+
+def warmup(runtime: Runtime, *, runs: int = 3) -> float:
+    """Run a few zero inputs so the first real frame does not pay allocation and kernel setup.
+    Returns the fastest warm run in milliseconds (the first pays the setup, so it is not one)."""
+    feeds = zero_feeds(runtime)
     times = []
     for _ in range(max(runs, 2)):
         t0 = time.perf_counter()
@@ -126,4 +132,5 @@ __all__ = [
     "nchw_to_model",
     "quantize",
     "warmup",
+    "zero_feeds",
 ]
