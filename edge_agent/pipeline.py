@@ -104,6 +104,32 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CAPTURE_NICENESS)
 
 
+def split_cores() -> tuple[set[int], set[int]] | None:
+    """(the capture thread's core, the inference threads' cores) when the capture thread is
+    pinned apart: the last CPU this process may use for decoding, the others for the model.
+    None with fewer than two CPUs or where affinity is not supported."""
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    if len(cores) < 2:
+        return None
+    return {cores[-1]}, set(cores[:-1])
+
+
+def _pin_thread(cores: set[int] | None) -> set[int] | None:
+    """Pin the calling thread (Linux: pid 0 is the caller) to ``cores``; returns its previous
+    mask, or None when nothing changed."""
+    if not cores:
+        return None
+    try:
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, cores)
+    except (AttributeError, OSError):
+        return None
+    return before
+
+
 class Pipeline:
     """One source, one model at a time, any number of sinks."""
 
@@ -117,6 +143,7 @@ class Pipeline:
         gate: MotionGate | None = None,
         seq_start: int = 0,
         workers: int = 1,
+        pin_capture: bool = False,
         observer: Callable[[dict[str, np.ndarray], dict[str, Any], list[np.ndarray]], None]
         | None = None,
     ) -> None:
@@ -130,6 +157,10 @@ class Pipeline:
             )
             workers = 1
         self.workers = workers
+        #: The capture thread on a core of its own, the inference threads on the others (a plan
+        #: the tuner may measure faster: no decode preempts a one-thread invoke).
+        self.pin_capture = pin_capture
+        self._cores = split_cores() if pin_capture else None
         #: Called with (feeds, output, raw outputs) for every frame, in the worker thread, outside
         #: any lock (telemetry's Monitor: it samples every Nth call itself). Must be cheap.
         self.observer = observer
@@ -241,9 +272,13 @@ class Pipeline:
         ]
         for t in helpers:
             t.start()
+        restore = _pin_thread(self._cores[1] if self._cores else None)
         try:
             self._inference_loop()
         finally:
+            if restore is not None:  # the caller's thread goes on with its own mask
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(0, restore)
             self._mark_drops()
             self.state = State.STOPPING
             self._stop.set()
@@ -280,6 +315,7 @@ class Pipeline:
 
     def _worker(self) -> None:
         try:
+            _pin_thread(self._cores[1] if self._cores else None)
             self._inference_loop()
         except BaseException as exc:  # re-raised by run()
             self._worker_error = exc
@@ -288,7 +324,10 @@ class Pipeline:
     def _capture_loop(self) -> None:
         source, gate = self.source, self.gate
         order = 0
-        _lower_priority()
+        if self._cores is not None:
+            _pin_thread(self._cores[0])
+        else:
+            _lower_priority()
         try:
             while not self._stop.is_set():
                 self.heartbeat_mono = time.monotonic()
@@ -528,6 +567,7 @@ class Pipeline:
             "inference_errors": self.inference_errors,
             "swaps": self.swaps,
             "workers": self.workers,
+            "pin_capture": self._cores is not None,
             "next_seq": self.seq,
             "sink_errors": dict(self._writer.errors),
             "latency_ms": self.stats.summary(),

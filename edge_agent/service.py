@@ -136,6 +136,7 @@ class Service:
             max_frames=config.pipeline.max_frames or None,
             gate=MotionGate(config.pipeline.motion_gate) if config.pipeline.motion_gate else None,
             workers=model.workers,
+            pin_capture=bool(self.plan is not None and self.plan.pin),
             seq_start=seq_start,
         )
         self._setup_monitor(model)

@@ -8,7 +8,9 @@ the plans that fit the cores, for a bounded time (``seconds``, 3 by default):
 - a **throughput** source (a video file, images or a synthetic source at pace none): intra-op
   threads {1, all} with one worker, and two workers sharing all threads (onnxruntime runs one
   session twice at once; LiteRT gets one interpreter per worker). Each plan runs the real
-  pipeline on a fresh copy of the source; the most results per second wins.
+  pipeline on a fresh copy of the source; the most results per second wins. One more plan pins
+  the capture thread to a core of its own and the one-thread model to the others (on a 2-core
+  board: decoding never preempts the invoke, and neither thread's caches are shared).
 - a **live** or paced source (a camera, a stream, a sensor): one worker, threads {1, all}; the
   lowest median inference latency wins (the newest frame as fast as possible).
 
@@ -47,7 +49,8 @@ MIN_RESULTS = 20  # fewer in a throughput trial (a short file): the trial does n
 
 @dataclass(frozen=True)
 class Plan:
-    """How the model runs: ``threads`` in all, ``workers`` frames at once. ``how``: requested
+    """How the model runs: ``threads`` in all, ``workers`` frames at once, ``pin``: the capture
+    thread on a core of its own (``Pipeline(pin_capture=…)``). ``how``: requested
     (flags or config), rule (no measurement yet), cached or tuned; ``fps`` / ``latency_ms``: what
     the measurement saw (throughput / live sources)."""
 
@@ -57,6 +60,7 @@ class Plan:
     mode: str = "throughput"
     fps: float | None = None
     latency_ms: float | None = None
+    pin: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,8 +71,9 @@ class Plan:
             seen = f", measured {self.fps:.1f} fps"
         elif self.latency_ms is not None:
             seen = f", measured {self.latency_ms:.3f} ms an inference"
-        return f"{self.workers} worker(s) x {max(1, self.threads // self.workers)} thread(s) " \
-               f"({self.how}, {self.mode}{seen})"  # fmt: skip
+        pinned = ", capture pinned apart" if self.pin else ""
+        return f"{self.workers} worker(s) x {max(1, self.threads // self.workers)} thread(s)" \
+               f"{pinned} ({self.how}, {self.mode}{seen})"  # fmt: skip
 
 
 def source_mode(source: Any, pace: str) -> str:
@@ -87,12 +92,14 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def candidates(cores: int, mode: str) -> list[tuple[int, int]]:
-    """(threads in all, workers) worth trying on ``cores`` cores."""
+def candidates(cores: int, mode: str) -> list[tuple[int, int, bool]]:
+    """(threads in all, workers, capture pinned apart) worth trying on ``cores`` cores. Pinning
+    is measured on throughput sources only (a live source's trial is the model alone)."""
     every = max(1, cores)
-    plans = [(1, 1), (every, 1)]
+    plans = [(1, 1, False), (every, 1, False)]
     if mode == "throughput" and every >= 2:
-        plans.append((every, 2))
+        plans.append((every, 2, False))
+        plans.append((every - 1, 1, True))
     return list(dict.fromkeys(plans))
 
 
@@ -108,7 +115,8 @@ def cached_plan(state_dir: Path, key: str, mode: str) -> Plan | None:
         return None
     try:
         return Plan(int(hit["threads"]), int(hit["workers"]), how="cached", mode=mode,
-                    fps=hit.get("fps"), latency_ms=hit.get("latency_ms"))  # fmt: skip
+                    pin=bool(hit.get("pin", False)), fps=hit.get("fps"),
+                    latency_ms=hit.get("latency_ms"))  # fmt: skip
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -133,9 +141,13 @@ def save_plan(state_dir: Path, key: str, plan: Plan) -> None:
         log.warning("plan: cannot cache it in %s (%s)", state_dir, exc.strerror or exc)
 
 
-def measure_throughput(model: Any, config: Any, *, workers: int, seconds: float) -> float | None:
+def measure_throughput(
+    model: Any, config: Any, *, workers: int, seconds: float, pin: bool = False
+) -> float | None:
     """Results per second of the real pipeline over a fresh copy of the configured source."""
-    pipe = Pipeline(source=open_source_from(config), model=model, sinks=[], workers=workers)
+    pipe = Pipeline(
+        source=open_source_from(config), model=model, sinks=[], workers=workers, pin_capture=pin
+    )
     runner = threading.Thread(target=pipe.run, name="edge-tune", daemon=True)
     runner.start()
     runner.join(seconds)
@@ -198,11 +210,11 @@ def _tune(
     plans = candidates(min(int(profile.cores), available_cores()), mode)
     per_plan = max(0.2, seconds / len(plans))
     best: tuple[float, Any, Plan] | None = None  # (score: higher is better, model, plan)
-    for threads, workers in plans:
+    for threads, workers, pin in plans:
         model = open_model(config, profile, threads=threads, workers=workers)
         if mode == "throughput":
-            fps = measure_throughput(model, config, workers=workers, seconds=per_plan)
-            plan = Plan(threads, workers, how="tuned", mode=mode,
+            fps = measure_throughput(model, config, workers=workers, seconds=per_plan, pin=pin)
+            plan = Plan(threads, workers, how="tuned", mode=mode, pin=pin,
                         fps=None if fps is None else round(fps, 2))  # fmt: skip
             score = fps
         else:

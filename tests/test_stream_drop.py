@@ -90,13 +90,18 @@ def test_stream_server_stopped_and_restarted() -> None:
         _stop(server)
 
 
+#: How long the camera stays unplugged: the issue's field case, far past the source's longest
+#: reconnect backoff (30 s) and many watchdog timeouts.
+OUTAGE_S = 90.0
+
+
 @pytest.mark.slow
 def test_the_watchdog_feeds_on_a_static_scene_and_a_lost_camera(
     fleet_env: dict[str, Any], tmp_path: Path
 ) -> None:
     """A real notify socket and watchdog (2 s): the motion gate skips every frame of a static
-    scene, then the stream is gone for three watchdog timeouts and comes back. READY comes
-    before any result, the pings never stop, and the state goes degraded, then serving."""
+    scene, then the stream is gone for 90 s and comes back. READY comes before any result, the
+    pings never stop, the agent is never restarted, and the state goes degraded, then serving."""
     import socket
     import subprocess
 
@@ -121,18 +126,27 @@ def test_the_watchdog_feeds_on_a_static_scene_and_a_lost_camera(
     log_file.close()  # the child has its own descriptor
     got: list[tuple[float, bytes]] = []
 
-    def collect(seconds: float) -> None:
+    def collect(seconds: float, until: bytes | None = None) -> bool:
+        """Notifications for ``seconds``, or until one starting with ``until`` arrives."""
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             with contextlib.suppress(TimeoutError):
                 got.append((time.monotonic(), rx.recv(4096)))
+                if until is not None and got[-1][1].startswith(until):
+                    return True
+        return until is None
 
     try:
-        collect(5.0)  # start-up and the static scene
+        assert collect(30.0, until=b"READY=1"), (tmp_path / "agent.log").read_text()
+        collect(4.0)  # the static scene: the gate skips every frame after the first
         _stop(server)  # the camera is unplugged ...
-        collect(6.0)  # ... for three watchdog timeouts
+        assert collect(20.0, until=b"STATUS=degraded"), (tmp_path / "agent.log").read_text()
+        collect(OUTAGE_S - (time.monotonic() - got[-1][0]))  # ... for 90 s in all
+        unplugged_until = time.monotonic()
         server = _serve(port, static=True)
-        collect(5.0)
+        # the longest backoff (30 s, +20 % jitter) and a reconnect: then serving again
+        assert collect(60.0, until=b"STATUS=serving"), (tmp_path / "agent.log").read_text()
+        collect(3.0)
         assert agent.poll() is None, (tmp_path / "agent.log").read_text()
     finally:
         agent.terminate()
@@ -141,14 +155,14 @@ def test_the_watchdog_feeds_on_a_static_scene_and_a_lost_camera(
         rx.close()
     log = (tmp_path / "agent.log").read_text()
     kinds = [m for _, m in got]
-    assert b"READY=1" in kinds, log
+    assert kinds.count(b"READY=1") == 1, log  # one start: never restarted, never re-readied
     # the gate passes the first frame (and the first after the reconnect), then skips the rest
     assert len(results.read_text().splitlines()) <= 3
     pings = [t for t, m in got if m == b"WATCHDOG=1"]
     ready_at = next(t for t, m in got if m == b"READY=1")
     assert pings and pings[0] - ready_at < 2.0
     assert max(np.diff([ready_at, *pings])) < 2.0, "a watchdog timeout passed without a ping"
-    assert pings[-1] > got[-1][0] - 2.0  # still pinging at the end
-    states = [m.decode() for _, m in got if m.startswith(b"STATUS=")]
-    lost = next(i for i, s in enumerate(states) if s.startswith("STATUS=degraded"))
-    assert any(s.startswith("STATUS=serving") for s in states[lost:]), states
+    assert pings[-1] > unplugged_until  # pinged through the outage and after it
+    degraded = next(t for t, m in got if m.startswith(b"STATUS=degraded"))
+    serving_again = next(t for t, m in got if m.startswith(b"STATUS=serving") and t > degraded)
+    assert serving_again - degraded >= OUTAGE_S - 5.0, log

@@ -4,6 +4,7 @@ caches the fastest, and `edge-agent run` uses it; flags still override it."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ import pytest
 
 from edge_agent.config import AgentConfig, with_overrides
 from edge_agent.io import open_source
+from edge_agent.model.loader import load_model
 from edge_agent.model.profiles import load_profile
+from edge_agent.pipeline import Pipeline
 from edge_agent.tune import (
     CACHE_FILE,
     Plan,
@@ -47,9 +50,12 @@ def small_tflite(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_candidates_fit_the_cores_and_the_kind_of_source() -> None:
-    assert candidates(1, "throughput") == [(1, 1)]
-    assert candidates(2, "throughput") == [(1, 1), (2, 1), (2, 2)]
-    assert candidates(4, "live") == [(1, 1), (4, 1)]  # live: one worker, latency first
+    assert candidates(1, "throughput") == [(1, 1, False)]
+    assert candidates(2, "throughput") == [(1, 1, False), (2, 1, False), (2, 2, False),
+                                           (1, 1, True)]  # fmt: skip
+    assert candidates(4, "throughput")[-1] == (3, 1, True)  # capture on a core of its own
+    # live: one worker, latency first, and nothing pinned (the trial is the model alone)
+    assert candidates(4, "live") == [(1, 1, False), (4, 1, False)]
     assert source_mode(open_source("synthetic:?frames=3"), "none") == "throughput"
     assert source_mode(open_source("synthetic:?frames=3"), "native") == "live"
     assert source_mode(open_source("synthetic:?live=1"), "none") == "live"
@@ -79,7 +85,8 @@ def test_tuning_measures_caches_and_the_cache_is_used(small_tflite: Path, tmp_pa
     assert (entry["threads"], entry["workers"], entry["fps"]) == (plan.threads, plan.workers,
                                                                   plan.fps)  # fmt: skip
     again, cached = open_tuned_model(config, profile, source=open_source(uri), state_dir=tmp_path)
-    assert cached == Plan(plan.threads, plan.workers, "cached", "throughput", plan.fps, None)
+    assert cached == Plan(plan.threads, plan.workers, "cached", "throughput", plan.fps, None,
+                          plan.pin)  # fmt: skip
     assert again.workers == plan.workers
     again.close()
     # flags win over the cache
@@ -138,3 +145,52 @@ def test_edge_agent_tune_then_run_uses_the_cached_plan(small_tflite: Path, tmp_p
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 78 and "leave out --threads" in bad.stderr
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs two CPUs and Linux thread affinity",
+)
+def test_a_pinned_plan_puts_capture_and_inference_on_different_cores(
+    small_tflite: Path, tmp_path: Path
+) -> None:
+    """The pinned plan as the pipeline runs it: the capture thread's mask is one core, the
+    inference thread's the others, and the caller's own mask is restored afterwards."""
+    from edge_agent.pipeline import split_cores
+
+    masks: dict[str, set[int]] = {}
+
+    class Spy:
+        def write(self, result: dict[str, Any]) -> None:  # runs in the sink thread
+            masks.setdefault("sink", os.sched_getaffinity(0))
+
+        def close(self) -> None:
+            pass
+
+    model = load_model(
+        small_tflite, profile=load_profile("x86-64"), threads=1, state_dir=tmp_path
+    )
+    source = open_source("synthetic:?width=160&height=120&frames=30")
+    real_read = source.read
+
+    def read(timeout: float | None = None) -> Any:
+        masks.setdefault("capture", os.sched_getaffinity(0))
+        return real_read(timeout=timeout)
+
+    source.read = read  # type: ignore[method-assign]
+    real_infer = model.runtime.infer
+
+    def infer(feeds: Any) -> Any:
+        masks.setdefault("inference", os.sched_getaffinity(0))
+        return real_infer(feeds)
+
+    model.runtime.infer = infer  # type: ignore[method-assign]
+    before = os.sched_getaffinity(0)
+    pipe = Pipeline(source=source, model=model, sinks=[Spy()], pin_capture=True)
+    summary = pipe.run()
+    model.close()
+    split = split_cores()
+    assert split is not None and summary["pin_capture"] is True and summary["results"] == 30
+    assert masks["capture"] == split[0] and masks["inference"] == split[1]
+    assert not masks["capture"] & masks["inference"]
+    assert os.sched_getaffinity(0) == before
