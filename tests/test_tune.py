@@ -167,9 +167,7 @@ def test_a_pinned_plan_puts_capture_and_inference_on_different_cores(
         def close(self) -> None:
             pass
 
-    model = load_model(
-        small_tflite, profile=load_profile("x86-64"), threads=1, state_dir=tmp_path
-    )
+    model = load_model(small_tflite, profile=load_profile("x86-64"), threads=1, state_dir=tmp_path)
     source = open_source("synthetic:?width=160&height=120&frames=30")
     real_read = source.read
 

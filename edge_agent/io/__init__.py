@@ -3,10 +3,11 @@ the result sinks.
 
 ``from edge_agent.io import open_source, Source, …`` is the public surface; the modules are
 ``source`` (the base), ``opencv``, ``rpicam``, ``images``, ``synthetic``, ``sensors``,
-``network``, ``uri`` and ``sinks``."""
+``audio``, ``network``, ``uri`` and ``sinks``."""
 
 from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from edge_agent.errors import SourceError
+from edge_agent.io.audio import WavSource
 from edge_agent.io.images import ImageFilesSource
 from edge_agent.io.network import UdpSensorSource
 from edge_agent.io.opencv import CaptureSource, VideoFileSource
@@ -33,6 +34,7 @@ __all__ = [
     "SyntheticSource",
     "UdpSensorSource",
     "VideoFileSource",
+    "WavSource",
     "WindowSpec",
     "open_source",
 ]

@@ -16,6 +16,7 @@ URIs (a contract; keep these spellings)::
     sensor:stdin                     sample lines on standard input            finite
     sensor:file:PATH                 a file being appended, tailed (?idle=S)   finite
     sensor:udp://HOST:PORT           datagrams of sample lines                 live
+    wav:PATH?size=N&hop=N            a PCM WAV file, windowed                  finite
     synthetic:?width=640&height=480&fps=30&frames=100&pattern=noise|gradient|digits&live=1
 
 Where each kind lives: this module is the ``Source`` base (threads, the one-slot buffer,

@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl, urlsplit
 from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from edge_agent.common.urls import redact_uri
 from edge_agent.errors import SourceError
+from edge_agent.io.audio import WavSource
 from edge_agent.io.images import ImageFilesSource
 from edge_agent.io.network import UdpSensorSource
 from edge_agent.io.opencv import STREAM_SCHEMES, CaptureSource, VideoFileSource
@@ -26,7 +27,8 @@ from edge_agent.io.synthetic import DEFAULT_SYNTHETIC_FPS, PATTERNS, SyntheticSo
 
 _USAGE = (
     "use camera:N, /dev/videoN, rpicam:N, picamera2:N, rtsp://…, http(s)://…, udp://…, tcp://…, "
-    "file:PATH, images:GLOB, sensor:stdin, sensor:file:PATH, sensor:udp://HOST:PORT or "
+    "file:PATH, images:GLOB, sensor:stdin, sensor:file:PATH, sensor:udp://HOST:PORT, "
+    "wav:PATH?size=N&hop=N or "
     "synthetic:?…"
 )
 
@@ -173,6 +175,8 @@ def open_source(
         return source
     if scheme == "sensor":
         return _sensor(uri, rest, opts, window=window, reconnect=reconnect)
+    if scheme == "wav":
+        return _wav(uri, rest, opts, window=window, pace=pace)
     raise SourceError(f"{label}: unknown source scheme {scheme!r}; {_USAGE}")
 
 
@@ -231,6 +235,24 @@ def _images(uri: str, pattern: str, opts: _Options, *, pace: str, fps: float | N
     if not pattern:
         raise SourceError(f"{opts.label}: no folder or pattern; expected images:GLOB")
     source = ImageFilesSource(pattern, uri=uri, pace=pace, fps=opts.number("fps", fps))
+    opts.finish()
+    return source
+
+
+def _wav(uri: str, path: str, opts: _Options, *, window: WindowSpec | None, pace: str) -> Source:
+    """``wav:PATH?size=N&hop=N`` (``channels`` comes from the file; when a window is given its
+    channel count must match)."""
+    size = opts.integer("size", window.size if window else None, 1)
+    hop = opts.integer("hop", window.hop if window else size, 1)
+    if not path:
+        raise SourceError(f"{opts.label}: no path; expected wav:PATH?size=N&hop=N")
+    if size is None or hop is None:
+        raise SourceError(
+            f"{opts.label}: an audio file needs a window: add ?size=N&hop=N (samples), "
+            "or pass --window SIZE,HOP"
+        )
+    source = WavSource(path, uri=uri, size=size, hop=hop,
+                       channels=window.channels if window else None, pace=pace)  # fmt: skip
     opts.finish()
     return source
 
