@@ -157,9 +157,8 @@ class Pipeline:
             )
             workers = 1
         self.workers = workers
-        #: The capture thread on a core of its own, the inference threads on the others (a plan
-        #: the tuner may measure faster: no decode preempts a one-thread invoke).
-        self.pin_capture = pin_capture
+        #: (capture core, inference cores) with ``pin_capture``: the capture thread on a core of
+        #: its own, the inference threads on the others (a plan the tuner may measure faster).
         self._cores = split_cores() if pin_capture else None
         #: Called with (feeds, output, raw outputs) for every frame, in the worker thread, outside
         #: any lock (telemetry's Monitor: it samples every Nth call itself). Must be cheap.
@@ -276,9 +275,7 @@ class Pipeline:
         try:
             self._inference_loop()
         finally:
-            if restore is not None:  # the caller's thread goes on with its own mask
-                with contextlib.suppress(OSError):
-                    os.sched_setaffinity(0, restore)
+            _pin_thread(restore)  # the caller's thread goes on with its own mask
             self._mark_drops()
             self.state = State.STOPPING
             self._stop.set()

@@ -55,9 +55,8 @@ class WavSource(Source):
         self.expected_channels = channels
         self._paced = pace == "native"
         self._wav: wave.Wave_read | None = None
-        self._buf = np.empty((0, channels or 1), np.float32)
-        self.rate = 0
-        self.channels = channels or 0
+        self._buf = np.empty((0, 1), np.float32)  # samples read, not yet past a window: _connect
+        self.rate = self.channels = self._width = 0  # the file's, known once opened
 
     def _connect(self) -> None:
         try:
