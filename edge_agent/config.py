@@ -102,7 +102,7 @@ class PreprocessSection:
 class SourceSection:
     uri: str = _doc(
         "camera:0, /dev/video0, rtsp://..., file:PATH, images:GLOB, sensor:stdin, "
-        "sensor:file:PATH, sensor:udp://HOST:PORT, wav:PATH, synthetic:",
+        "sensor:file:PATH, sensor:udp://HOST:PORT, wav:PATH, alsa:DEVICE, synthetic:",
         default="",
     )
     pace: str = _doc(

@@ -3,6 +3,7 @@ library, read back through ``wav:PATH`` and compared with windows cut by hand.""
 
 from __future__ import annotations
 
+import os
 import time
 import wave
 from pathlib import Path
@@ -10,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_agent.common.backoff import BackoffPolicy
 from edge_agent.errors import SourceError
-from edge_agent.io import WavSource, WindowSpec, open_source
+from edge_agent.io import AlsaSource, SourceTimeout, WavSource, WindowSpec, open_source
+from tests.fleet import wait_until
 
 
 def _write(path: Path, samples: np.ndarray, *, rate: int = 16000, width: int = 2) -> None:
@@ -92,3 +95,123 @@ def test_native_pace_plays_at_the_recording_rate(tmp_path: Path) -> None:
     elapsed = time.monotonic() - t0
     assert len(got) == 8
     assert elapsed >= 7 / 8 - 0.05  # never faster than the recording (a lower bound only)
+
+
+# --- microphones through arecord: a stand-in on PATH writes raw PCM as the real one does ---
+
+STANDIN = Path(__file__).resolve().parent / "bin"
+FAST = BackoffPolicy(initial=0.05, maximum=0.2, factor=2.0, jitter=0.2)
+
+
+@pytest.fixture
+def arecord(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The stand-in on PATH; returns the file its command lines are logged to."""
+    monkeypatch.setenv("PATH", f"{STANDIN}{os.pathsep}{os.environ['PATH']}")
+    for key in ("ARECORD_STANDIN_SECONDS", "ARECORD_STANDIN_NO_DEVICE"):
+        monkeypatch.delenv(key, raising=False)
+    log = tmp_path / "arecord.log"
+    monkeypatch.setenv("ARECORD_STANDIN_LOG", str(log))
+    return log
+
+
+def _standin_signal(n: np.ndarray, rate: int, channels: int, full: int) -> np.ndarray:
+    """What the stand-in records, as float in [-1, 1]: [len(n), channels]."""
+    c = np.arange(channels)
+    v = np.round(0.375 * full * np.sin(2 * np.pi * 440 * n[:, None] / rate + c[None, :]))
+    return v / full
+
+
+def _live_window(source: AlsaSource, timeout: float = 20.0) -> np.ndarray:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            frame = source.read(timeout=0.5)
+        except SourceError:
+            continue
+        if frame is not None:
+            return frame.data
+    raise AssertionError(f"no window in time: {source.stats}")
+
+
+@pytest.mark.parametrize(("fmt", "full"), [("S16_LE", 32768), ("S24_3LE", 1 << 23),
+                                           ("S32_LE", 1 << 31), ("U8", 128)])  # fmt: skip
+def test_a_microphone_gives_the_windows_arecord_records(arecord: Path, fmt: str, full: int) -> None:
+    rate, size, hop = 8000, 400, 400
+    source = open_source(f"alsa:hw:1,0?rate={rate}&channels=2&format={fmt}&size={size}&hop={hop}")
+    assert isinstance(source, AlsaSource)
+    with source:
+        window = _live_window(source)
+    assert window.shape == (size, 2) and window.dtype == np.float32
+    # a live source may have dropped windows before this one: find where it starts
+    reference = _standin_signal(np.arange(rate * 30), rate, 2, full)
+    starts = [k * hop for k in range(len(reference) // hop - 1)]
+    errors = [np.abs(reference[s : s + size] - window).max() for s in starts[: rate // hop * 20]]
+    assert min(errors) < 2.0 / full + 1e-6, min(errors)
+    assert arecord.read_text().split("\n")[0] == (f"-D hw:1,0 -f {fmt} -r {rate} -c 2 -t raw -q")
+
+
+def test_windows_start_every_hop(arecord: Path) -> None:
+    rate = 16000  # the default; 440 Hz repeats every 400 samples (11 periods)
+    with open_source("alsa:default", window=WindowSpec(size=320, hop=80, channels=1)) as source:
+        a = _live_window(source)
+        b = _live_window(source)
+    assert a.shape == b.shape == (320, 1) and not np.array_equal(a, b)
+    reference = _standin_signal(np.arange(1200), rate, 1, 32768)[:, 0]
+
+    def offsets(w: np.ndarray) -> list[int]:
+        return [s for s in range(400) if np.abs(reference[s : s + 320] - w[:, 0]).max() < 1e-4]
+
+    # each window starts a whole number of hops into the recording
+    assert offsets(a) and all(s % 80 == 0 for s in offsets(a)), offsets(a)
+    assert offsets(b) and all(s % 80 == 0 for s in offsets(b)), offsets(b)
+
+
+def test_an_unplugged_microphone_comes_back(arecord: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ARECORD_STANDIN_SECONDS", "0.3")
+    source = open_source("alsa:default?size=160&hop=160", reconnect=FAST)
+    with source:
+        _live_window(source)
+        wait_until(lambda: source.stats.reconnects >= 2, timeout=30, what="two reconnects")
+        _live_window(source)
+        stats = source.stats
+    assert "arecord exited (code 1): arecord: pcm_read:2221: read error: No such device" in (
+        stats.last_error or ""
+    ), stats
+    assert len(arecord.read_text().splitlines()) >= 3
+
+
+def test_a_missing_microphone_is_degraded_in_arecords_words(
+    arecord: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ARECORD_STANDIN_NO_DEVICE", "1")
+    source = open_source("alsa:hw:9,0?size=160", reconnect=FAST)
+    with source:
+        wait_until(lambda: source.stats.status == "degraded", timeout=20, what="degraded")
+        with pytest.raises(SourceTimeout):
+            source.read(timeout=0.2)
+        stats = source.stats
+    assert "audio open error: No such file or directory" in (stats.last_error or ""), stats
+
+
+def test_without_arecord_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    source = open_source("alsa:default?size=160", reconnect=FAST)
+    with source:
+        wait_until(lambda: source.stats.last_error is not None, timeout=20, what="an error")
+        error = source.stats.last_error or ""
+    assert "arecord not found" in error and "alsa-utils" in error
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("alsa:default", "needs a window"),
+        ("alsa:default?size=160&format=F32_LE", "expected one of"),
+        ("alsa:default?size=160&rate=0", "rate"),
+        ("alsa:default?size=160&gain=2", "unknown option"),
+    ],
+)
+def test_bad_microphone_uris_are_refused_in_one_line(uri: str, message: str) -> None:
+    with pytest.raises(SourceError, match=message) as info:
+        open_source(uri)
+    assert "\n" not in str(info.value)

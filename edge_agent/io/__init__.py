@@ -3,11 +3,11 @@ the result sinks.
 
 ``from edge_agent.io import open_source, Source, …`` is the public surface; the modules are
 ``source`` (the base), ``opencv``, ``rpicam``, ``images``, ``synthetic``, ``sensors``,
-``audio``, ``network``, ``uri`` and ``sinks``."""
+``audio``, ``network``, ``process`` (capture tools on a pipe), ``uri`` and ``sinks``."""
 
 from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from edge_agent.errors import SourceError
-from edge_agent.io.audio import WavSource
+from edge_agent.io.audio import AlsaSource, WavSource
 from edge_agent.io.images import ImageFilesSource
 from edge_agent.io.network import UdpSensorSource
 from edge_agent.io.opencv import CaptureSource, VideoFileSource
@@ -19,6 +19,7 @@ from edge_agent.io.uri import open_source
 
 __all__ = [
     "DEFAULT_BACKOFF",
+    "AlsaSource",
     "BackoffPolicy",
     "CaptureSource",
     "FileSensorSource",

@@ -1,18 +1,29 @@
-"""Audio files as sensor streams: ``wav:PATH?size=N&hop=N`` reads PCM WAV with the standard
-library's ``wave`` (8, 16, 24 or 32-bit integer samples, any number of channels) and cuts it
-into windows ``[size, channels]`` of float32 in [-1, 1], a new one every ``hop`` samples, as the
-sensor sources do. Finite: every window in order; ``pace="native"`` delivers one window every
-``hop / rate`` seconds, so a recording can stand in for a microphone."""
+"""Audio as sensor streams, cut into windows ``[size, channels]`` of float32 in [-1, 1], a new one
+every ``hop`` samples, as the sensor sources do.
+
+- ``wav:PATH?size=N&hop=N`` reads PCM WAV with the standard library's ``wave`` (8, 16, 24 or
+  32-bit integer samples, any number of channels). Finite: every window in order;
+  ``pace="native"`` delivers one window every ``hop / rate`` seconds, so a recording can stand
+  in for a microphone.
+- ``alsa:DEVICE?rate=16000&channels=1&format=S16_LE&size=N&hop=N`` records from a microphone
+  through ALSA's ``arecord`` (package alsa-utils) writing raw interleaved PCM to a pipe
+  (``arecord -D DEVICE -f FORMAT -r RATE -c CHANNELS -t raw -q``), so no Python audio package is
+  needed. Live: the newest window is kept, a window the loop had no time for is dropped
+  (counted), and a device that is missing or unplugged is retried with backoff.
+"""
 
 from __future__ import annotations
 
+import time
 import wave
 from pathlib import Path
 
 import numpy as np
 
+from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from edge_agent.errors import SourceError
-from edge_agent.io.source import EndOfStream, Pacer, Source
+from edge_agent.io.process import PipeProcess, find_binary
+from edge_agent.io.source import POLL_S, EndOfStream, Pacer, Source
 
 #: Samples read per call (then windows are cut from the buffer with numpy).
 CHUNK_SAMPLES = 4096
@@ -100,4 +111,102 @@ class WavSource(Source):
             self._wav = None
 
 
-__all__ = ["CHUNK_SAMPLES", "WavSource", "pcm_to_float"]
+#: arecord's sample formats that we read, and their bytes per sample (8-bit is unsigned).
+ALSA_FORMATS = {"U8": 1, "S16_LE": 2, "S24_3LE": 3, "S32_LE": 4}
+ARECORD_BINARIES = ("arecord",)
+DEFAULT_RATE = 16000
+FIRST_SAMPLES_TIMEOUT_S = 5.0  # a USB microphone starts in well under a second
+
+
+class AlsaSource(Source):
+    """A microphone through ``arecord`` on a pipe: live, reconnecting (the process is started
+    again when the device is missing, busy or unplugged)."""
+
+    _connect_in_open = False
+
+    def __init__(
+        self,
+        device: str = "default",
+        *,
+        uri: str | None = None,
+        size: int,
+        hop: int,
+        rate: int = DEFAULT_RATE,
+        channels: int = 1,
+        sample_format: str = "S16_LE",
+        binary: str | None = None,
+        reconnect: BackoffPolicy = DEFAULT_BACKOFF,
+    ) -> None:
+        super().__init__(uri or f"alsa:{device}", kind="sensor", live=True, reconnect=reconnect)
+        if sample_format not in ALSA_FORMATS:
+            raise SourceError(
+                f"{self._label}: format = {sample_format!r}: expected one of {list(ALSA_FORMATS)}"
+            )
+        for key, value in (("size", size), ("hop", hop), ("rate", rate), ("channels", channels)):
+            if value < 1:
+                raise SourceError(f"{self._label}: {key} = {value}: must be >= 1")
+        self.device, self.size, self.hop = device, size, hop
+        self.rate, self.channels, self.sample_format = rate, channels, sample_format
+        self.binary = binary
+        self._width = ALSA_FORMATS[sample_format]
+        self._sample_bytes = self._width * channels
+        self._proc: PipeProcess | None = None
+        self._raw = bytearray(max(CHUNK_SAMPLES, size) * self._sample_bytes)
+        self._have = 0  # bytes in _raw
+        self._buf = np.empty((0, channels), np.float32)
+
+    def command(self, binary: str) -> list[str]:
+        """The command line: raw interleaved PCM on stdout, nothing else."""
+        return [
+            binary, "-D", self.device, "-f", self.sample_format, "-r", str(self.rate),
+            "-c", str(self.channels), "-t", "raw", "-q",
+        ]  # fmt: skip
+
+    def _connect(self) -> None:
+        names = (self.binary,) if self.binary else ARECORD_BINARIES
+        binary = find_binary(self._label, names, "install alsa-utils (sudo apt install alsa-utils)")
+        self._proc, self._have = PipeProcess(self._label, self.command(binary)), 0
+        self._buf = np.empty((0, self.channels), np.float32)
+        # connected means samples arrive, not that arecord started (it fails on a missing device)
+        deadline = time.monotonic() + FIRST_SAMPLES_TIMEOUT_S
+        try:
+            while not self._stop.is_set():
+                if self._read_some(POLL_S):
+                    return
+                if time.monotonic() > deadline:
+                    raise SourceError(
+                        f"{self._label}: arecord sent nothing in {FIRST_SAMPLES_TIMEOUT_S:g} s"
+                    )
+        except SourceError:
+            self._disconnect()
+            raise
+
+    def _read_some(self, timeout: float | None) -> bool:
+        if self._proc is None:
+            raise SourceError(f"{self._label}: not connected")
+        n = self._proc.read_into(memoryview(self._raw)[self._have :], timeout)
+        self._have += n
+        whole = self._have - self._have % self._sample_bytes
+        if whole:
+            chunk = pcm_to_float(bytes(self._raw[:whole]), self._width, self.channels)
+            self._buf = np.concatenate([self._buf, chunk]) if len(self._buf) else chunk
+            rest = self._have - whole
+            self._raw[:rest] = self._raw[whole : self._have]
+            self._have = rest
+        return n > 0
+
+    def _capture(self, timeout: float | None) -> np.ndarray | None:
+        while len(self._buf) < self.size:
+            if not self._read_some(timeout):
+                return None  # nothing within the poll interval: the base loop checks for close
+        window = self._buf[: self.size].copy()
+        self._buf = self._buf[self.hop :]
+        return window
+
+    def _disconnect(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.stop()
+
+
+__all__ = ["ALSA_FORMATS", "CHUNK_SAMPLES", "AlsaSource", "WavSource", "pcm_to_float"]

@@ -18,13 +18,7 @@ busy or whose process dies is retried with backoff (``degraded`` meanwhile).
 
 from __future__ import annotations
 
-import os
-import select
-import shutil
-import subprocess
-import threading
 import time
-from collections import deque
 from typing import Any
 
 import cv2
@@ -32,13 +26,13 @@ import numpy as np
 
 from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from edge_agent.errors import SourceError, first_line
+from edge_agent.io.process import PipeProcess, find_binary
 from edge_agent.io.source import POLL_S, Source, check_fps
 
 RPICAM_BINARIES = ("rpicam-vid", "libcamera-vid")
 STRIDE_ALIGN = 64
 DEFAULT_SIZE = (640, 480)
 DEFAULT_FPS = 30.0
-_STOP_TIMEOUT_S = 2.0
 FIRST_FRAME_TIMEOUT_S = 15.0  # a camera module starts in 1-2 s; a cold Pi Zero, more
 
 
@@ -109,10 +103,9 @@ class RpicamSource(_PiCamera):
             raise SourceError(f"{self._label}: stride = {self.stride}: must be even and >= width")
         self.frame_bytes = self.stride * height * 3 // 2
         self.binary = binary
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: PipeProcess | None = None
         self._buf = bytearray(self.frame_bytes)
         self._have = 0
-        self._stderr: deque[str] = deque(maxlen=5)
 
     def command(self, binary: str) -> list[str]:
         """The command line: raw YUV420 on stdout, no preview, no time limit."""
@@ -123,34 +116,10 @@ class RpicamSource(_PiCamera):
             "-o", "-",
         ]  # fmt: skip
 
-    def _find_binary(self) -> str:
-        for name in (self.binary,) if self.binary else RPICAM_BINARIES:
-            found = shutil.which(name) if name else None
-            if found:
-                return found
-        raise SourceError(
-            f"{self._label}: {' or '.join((self.binary,) if self.binary else RPICAM_BINARIES)} "
-            "not found; on Raspberry Pi OS: sudo apt install rpicam-apps"
-        )
-
     def _connect(self) -> None:
-        binary = self._find_binary()
-        self._stderr.clear()
-        try:
-            proc = subprocess.Popen(
-                self.command(binary),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                bufsize=0,
-            )
-        except OSError as exc:
-            raise SourceError(f"{self._label}: cannot start {binary}: {first_line(exc)}") from exc
-        assert proc.stdout is not None and proc.stderr is not None
-        threading.Thread(
-            target=self._drain_stderr, args=(proc.stderr,), name="rpicam-stderr", daemon=True
-        ).start()
-        self._proc, self._have = proc, 0
+        names = (self.binary,) if self.binary else RPICAM_BINARIES
+        binary = find_binary(self._label, names, "on Raspberry Pi OS: sudo apt install rpicam-apps")
+        self._proc, self._have = PipeProcess(self._label, self.command(binary)), 0
         # Connected means the camera delivers, not that the process started: wait for its first
         # bytes (a camera takes a second or two to start), or for it to give up.
         deadline = time.monotonic() + FIRST_FRAME_TIMEOUT_S
@@ -169,32 +138,11 @@ class RpicamSource(_PiCamera):
     def _read_some(self, timeout: float | None) -> bool:
         """Read what the pipe holds into the frame buffer; False when nothing came within
         ``timeout``. Raises SourceError when rpicam-vid has exited."""
-        proc = self._proc
-        if proc is None or proc.stdout is None:
+        if self._proc is None:
             raise SourceError(f"{self._label}: not connected")
-        fd = proc.stdout.fileno()
-        readable, _, _ = select.select([fd], [], [], timeout)
-        if not readable:
-            return False
-        n = os.readv(fd, [memoryview(self._buf)[self._have :]])
-        if n == 0:
-            raise self._exited()
+        n = self._proc.read_into(memoryview(self._buf)[self._have :], timeout)
         self._have += n
-        return True
-
-    def _drain_stderr(self, pipe: Any) -> None:
-        """Keep the last lines rpicam-vid printed (it reports a missing camera there)."""
-        with pipe:
-            for raw in iter(pipe.readline, b""):
-                line = raw.decode(errors="replace").strip()
-                if line:
-                    self._stderr.append(line)
-
-    def _exited(self) -> SourceError:
-        proc = self._proc
-        code = proc.wait(_STOP_TIMEOUT_S) if proc is not None else None
-        said = f": {self._stderr[-1]}" if self._stderr else ""
-        return SourceError(f"{self._label}: rpicam-vid exited (code {code}){said}")
+        return n > 0
 
     def _capture(self, timeout: float | None) -> np.ndarray | None:
         while self._have < self.frame_bytes:
@@ -205,17 +153,8 @@ class RpicamSource(_PiCamera):
 
     def _disconnect(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(_STOP_TIMEOUT_S)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        if proc is not None:
+            proc.stop()
 
 
 class Picamera2Source(_PiCamera):

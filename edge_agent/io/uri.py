@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl, urlsplit
 from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from edge_agent.common.urls import redact_uri
 from edge_agent.errors import SourceError
-from edge_agent.io.audio import WavSource
+from edge_agent.io.audio import ALSA_FORMATS, DEFAULT_RATE, AlsaSource, WavSource
 from edge_agent.io.images import ImageFilesSource
 from edge_agent.io.network import UdpSensorSource
 from edge_agent.io.opencv import STREAM_SCHEMES, CaptureSource, VideoFileSource
@@ -28,7 +28,7 @@ from edge_agent.io.synthetic import DEFAULT_SYNTHETIC_FPS, PATTERNS, SyntheticSo
 _USAGE = (
     "use camera:N, /dev/videoN, rpicam:N, picamera2:N, rtsp://…, http(s)://…, udp://…, tcp://…, "
     "file:PATH, images:GLOB, sensor:stdin, sensor:file:PATH, sensor:udp://HOST:PORT, "
-    "wav:PATH?size=N&hop=N or "
+    "wav:PATH?size=N&hop=N, alsa:DEVICE?size=N&hop=N or "
     "synthetic:?…"
 )
 
@@ -177,6 +177,8 @@ def open_source(
         return _sensor(uri, rest, opts, window=window, reconnect=reconnect)
     if scheme == "wav":
         return _wav(uri, rest, opts, window=window, pace=pace)
+    if scheme == "alsa":
+        return _alsa(uri, rest, opts, window=window, reconnect=reconnect)
     raise SourceError(f"{label}: unknown source scheme {scheme!r}; {_USAGE}")
 
 
@@ -253,6 +255,37 @@ def _wav(uri: str, path: str, opts: _Options, *, window: WindowSpec | None, pace
         )
     source = WavSource(path, uri=uri, size=size, hop=hop,
                        channels=window.channels if window else None, pace=pace)  # fmt: skip
+    opts.finish()
+    return source
+
+
+def _alsa(
+    uri: str, device: str, opts: _Options, *, window: WindowSpec | None, reconnect: BackoffPolicy
+) -> Source:
+    """``alsa:DEVICE?rate=R&channels=C&format=F&size=N&hop=N`` (DEVICE defaults to ``default``;
+    ``hw:1,0`` and ``plughw:CARD=Mic`` are ALSA's own spellings)."""
+    size = opts.integer("size", window.size if window else None, 1)
+    hop = opts.integer("hop", window.hop if window else size, 1)
+    if size is None or hop is None:
+        raise SourceError(
+            f"{opts.label}: a microphone needs a window: add ?size=N&hop=N (samples), "
+            "or pass --window SIZE,HOP"
+        )
+    channels = opts.integer("channels", window.channels if window else 1, 1) or 1
+    if window is not None and channels != window.channels:
+        raise SourceError(
+            f"{opts.label}: channels = {channels}, the window expects {window.channels}"
+        )
+    source = AlsaSource(
+        device or "default",
+        uri=uri,
+        size=size,
+        hop=hop,
+        rate=opts.integer("rate", DEFAULT_RATE, 1) or DEFAULT_RATE,
+        channels=channels,
+        sample_format=opts.choice("format", "S16_LE", tuple(ALSA_FORMATS)),
+        reconnect=reconnect,
+    )
     opts.finish()
     return source
 
