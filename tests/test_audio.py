@@ -215,3 +215,37 @@ def test_bad_microphone_uris_are_refused_in_one_line(uri: str, message: str) -> 
     with pytest.raises(SourceError, match=message) as info:
         open_source(uri)
     assert "\n" not in str(info.value)
+
+
+def test_the_agent_serves_a_model_on_a_microphone(arecord: Path, tmp_path: Path) -> None:
+    """End to end: edge-agent run over alsa: (the stand-in), a model that takes the loudest
+    sample of each window; the stand-in's sine peaks at 0.375 of full scale."""
+    import json
+    import subprocess
+    import sys
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMax", ["x"], ["peak"], axes=[1], keepdims=0)],
+        "peak",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 160, 1])],
+        [helper.make_tensor_value_info("peak", TensorProto.FLOAT, [1, 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "peak.onnx"))
+    results = tmp_path / "results.jsonl"
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "edge-agent"), "run",
+         "--model", str(tmp_path / "peak.onnx"), "--source", "alsa:default?rate=16000",
+         "--window", "160,160,1", "--max-frames", "5", "--results", f"jsonl:{results}",
+         "--state-dir", str(tmp_path), "--profile", "x86-64"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["seq"] for r in rows] == [0, 1, 2, 3, 4]
+    peaks = [next(iter(r["output"]["outputs"].values())) for r in rows]
+    assert all(abs(np.asarray(p).item() - 0.375) < 0.01 for p in peaks), peaks
