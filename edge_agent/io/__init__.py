@@ -3,7 +3,8 @@ the result sinks.
 
 ``from edge_agent.io import open_source, Source, …`` is the public surface; the modules are
 ``source`` (the base), ``opencv``, ``rpicam``, ``images``, ``synthetic``, ``sensors``,
-``audio``, ``network``, ``process`` (capture tools on a pipe), ``uri`` and ``sinks``."""
+``audio``, ``network``, ``process`` (capture tools on a pipe), ``streams`` (several
+sources read as one, fairly), ``uri`` and ``sinks``."""
 
 from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from edge_agent.errors import SourceError
@@ -14,6 +15,7 @@ from edge_agent.io.opencv import CaptureSource, VideoFileSource
 from edge_agent.io.rpicam import Picamera2Source, RpicamSource
 from edge_agent.io.sensors import FileSensorSource, StdinSensorSource
 from edge_agent.io.source import Frame, Source, SourceStats, SourceTimeout, WindowSpec
+from edge_agent.io.streams import StreamSet
 from edge_agent.io.synthetic import SyntheticSource
 from edge_agent.io.uri import open_source
 
@@ -32,6 +34,7 @@ __all__ = [
     "SourceStats",
     "SourceTimeout",
     "StdinSensorSource",
+    "StreamSet",
     "SyntheticSource",
     "UdpSensorSource",
     "VideoFileSource",

@@ -1,0 +1,206 @@
+"""Several sources read as one: each stream keeps only its newest frame (a live source) or its
+next frame (a finite one), and :meth:`StreamSet.take` picks the next frame across the streams
+that have one ready, fairly:
+
+- ``round-robin``: the streams take turns, starting after the one served last;
+- ``oldest``: the frame captured first, whichever stream it is from.
+
+One reader thread per stream reads its source (and runs ``prepare`` on the frame, so decoding
+and preprocessing of different streams overlap) into that stream's one slot. A live stream
+overwrites a frame nobody took (counted in its ``dropped``); a finite stream's reader waits
+until its frame is taken, so a file loses nothing. A stream that ends or is lost never blocks
+the others: ``take`` serves whatever is ready and returns ``None`` only when every stream has
+ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent.errors import SourceError
+from edge_agent.io.source import Frame, Source, SourceTimeout
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("round-robin", "oldest")
+READ_TIMEOUT_S = 0.5  # how long a reader waits on its source before checking for close()
+
+
+@dataclass
+class StreamCounters:
+    """What one stream did: frames read, frames taken, frames overwritten in its slot before
+    they were taken (live streams), and whether it ended (with the error, if one ended it)."""
+
+    read: int = 0
+    taken: int = 0
+    dropped: int = 0
+    ended: bool = False
+    error: str | None = None
+
+
+@dataclass
+class Taken:
+    """A frame :meth:`StreamSet.take` handed out: its stream, the frame, what ``prepare``
+    made of it, and the stream's own count of frames taken before it (0, 1, 2, …)."""
+
+    stream: str
+    frame: Frame
+    prepared: Any
+    order: int
+
+
+class _Stream:
+    def __init__(self, name: str, source: Source) -> None:
+        self.name, self.source = name, source
+        self.slot: tuple[Frame, Any] | None = None
+        self.counters = StreamCounters()
+        self.thread: threading.Thread | None = None
+
+
+class StreamSet:
+    def __init__(
+        self,
+        streams: Sequence[tuple[str, Source]],
+        *,
+        policy: str = "round-robin",
+        prepare: Callable[[str, Frame], Any] | None = None,
+    ) -> None:
+        if not streams:
+            raise SourceError("streams: none given")
+        names = [name for name, _ in streams]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise SourceError(f"streams: duplicate name(s) {dupes}; each stream needs its own")
+        if policy not in POLICIES:
+            raise SourceError(f"streams: policy = {policy!r}: expected one of {POLICIES}")
+        self.policy = policy
+        self._prepare = prepare
+        self._streams = [_Stream(name, source) for name, source in streams]
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._next = 0  # round-robin: the index to look at first
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self._streams]
+
+    def source(self, name: str) -> Source:
+        return next(s.source for s in self._streams if s.name == name)
+
+    def counters(self) -> dict[str, StreamCounters]:
+        """A copy of every stream's counters, by name."""
+        with self._cond:
+            return {s.name: StreamCounters(**vars(s.counters)) for s in self._streams}
+
+    def ready(self) -> dict[str, int]:
+        """The streams with a frame waiting now, and when it was captured (monotonic ns)."""
+        with self._cond:
+            return {s.name: s.slot[0].capture_ns for s in self._streams if s.slot is not None}
+
+    def open(self) -> None:
+        """Open every source (a SourceError names the stream; the ones opened are closed) and
+        start the readers."""
+        opened: list[_Stream] = []
+        for stream in self._streams:
+            try:
+                stream.source.open()
+            except SourceError as exc:
+                for done in opened:
+                    done.source.close()
+                raise SourceError(f"stream {stream.name}: {exc}") from exc
+            opened.append(stream)
+        for stream in self._streams:
+            stream.thread = threading.Thread(
+                target=self._read, args=(stream,), name=f"stream {stream.name}", daemon=True
+            )
+            stream.thread.start()
+
+    def _read(self, stream: _Stream) -> None:
+        source, counters, cond = stream.source, stream.counters, self._cond
+        error: str | None = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    frame = source.read(timeout=READ_TIMEOUT_S)
+                except SourceTimeout:
+                    continue
+                if frame is None:
+                    break
+                prepared = self._prepare(stream.name, frame) if self._prepare else None
+                with cond:
+                    counters.read += 1
+                    if not source.live:  # a file's next frame waits for its turn
+                        cond.wait_for(lambda: stream.slot is None or self._stop.is_set())
+                        if self._stop.is_set():
+                            break
+                    elif stream.slot is not None:
+                        counters.dropped += 1
+                    stream.slot = (frame, prepared)
+                    cond.notify_all()
+        except Exception as exc:  # one stream's failure ends that stream, never the others
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("stream %s stopped: %s", stream.name, error)
+        finally:
+            with cond:
+                counters.ended = True
+                counters.error = error or source.stats.last_error
+                cond.notify_all()
+
+    def _ready(self) -> bool:
+        return any(s.slot is not None for s in self._streams) or all(
+            s.counters.ended for s in self._streams
+        )
+
+    def take(self, timeout: float | None = None) -> Taken | None:
+        """The next frame by the policy; ``None`` once every stream has ended (and its last
+        frame was taken). Raises SourceTimeout when no stream had a frame within ``timeout``."""
+        with self._cond:
+            if not self._cond.wait_for(self._ready, timeout):
+                raise SourceTimeout(f"streams: no frame within {timeout:g} s")
+            ready = [i for i, s in enumerate(self._streams) if s.slot is not None]
+            if not ready:
+                return None
+            if self.policy == "oldest":
+                pick = min(ready, key=lambda i: self._slot_ns(i))
+            else:
+                n = len(self._streams)
+                pick = min(ready, key=lambda i: (i - self._next) % n)
+                self._next = (pick + 1) % n
+            stream = self._streams[pick]
+            assert stream.slot is not None
+            frame, prepared = stream.slot
+            stream.slot = None
+            order = stream.counters.taken
+            stream.counters.taken += 1
+            self._cond.notify_all()  # a finite reader may put its next frame now
+            return Taken(stream.name, frame, prepared, order)
+
+    def _slot_ns(self, index: int) -> int:
+        slot = self._streams[index].slot
+        return slot[0].capture_ns if slot is not None else time.monotonic_ns()
+
+    def close(self) -> None:
+        """Stop the readers and close every source. Idempotent."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        for stream in self._streams:
+            stream.source.close()
+        for stream in self._streams:
+            if stream.thread is not None:
+                stream.thread.join(timeout=5.0)
+
+    def __enter__(self) -> StreamSet:
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+__all__ = ["POLICIES", "StreamCounters", "StreamSet", "Taken"]
