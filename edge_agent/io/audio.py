@@ -14,7 +14,6 @@ every ``hop`` samples, as the sensor sources do.
 
 from __future__ import annotations
 
-import time
 import wave
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 
 from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from edge_agent.errors import SourceError
-from edge_agent.io.process import PipeProcess, find_binary
+from edge_agent.io.process import PipeProcess, find_binary, wait_for_output
 from edge_agent.io.source import POLL_S, EndOfStream, Pacer, Source
 
 #: Samples read per call (then windows are cut from the buffer with numpy).
@@ -167,16 +166,9 @@ class AlsaSource(Source):
         binary = find_binary(self._label, names, "install alsa-utils (sudo apt install alsa-utils)")
         self._proc, self._have = PipeProcess(self._label, self.command(binary)), 0
         self._buf = np.empty((0, self.channels), np.float32)
-        # connected means samples arrive, not that arecord started (it fails on a missing device)
-        deadline = time.monotonic() + FIRST_SAMPLES_TIMEOUT_S
         try:
-            while not self._stop.is_set():
-                if self._read_some(POLL_S):
-                    return
-                if time.monotonic() > deadline:
-                    raise SourceError(
-                        f"{self._label}: arecord sent nothing in {FIRST_SAMPLES_TIMEOUT_S:g} s"
-                    )
+            wait_for_output(self._label, "arecord", self._read_some, self._stop,
+                            FIRST_SAMPLES_TIMEOUT_S, POLL_S)  # fmt: skip
         except SourceError:
             self._disconnect()
             raise

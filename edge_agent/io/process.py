@@ -10,8 +10,9 @@ import select
 import shutil
 import subprocess
 import threading
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from edge_agent.errors import SourceError, first_line
@@ -26,6 +27,25 @@ def find_binary(label: str, names: Sequence[str], hint: str) -> str:
         if found:
             return found
     raise SourceError(f"{label}: {' or '.join(names)} not found; {hint}")
+
+
+def wait_for_output(
+    label: str,
+    name: str,
+    read_some: Callable[[float], bool],
+    stop: threading.Event,
+    timeout_s: float,
+    poll_s: float,
+) -> None:
+    """Connected means the tool delivers, not that it started (a camera takes a second or two,
+    a missing device makes the tool exit): call ``read_some(poll_s)`` until it returns True,
+    ``stop`` is set, or ``timeout_s`` passes (SourceError)."""
+    deadline = time.monotonic() + timeout_s
+    while not stop.is_set():
+        if read_some(poll_s):
+            return
+        if time.monotonic() > deadline:
+            raise SourceError(f"{label}: {name} sent nothing in {timeout_s:g} s")
 
 
 class PipeProcess:
@@ -93,4 +113,4 @@ class PipeProcess:
             proc.stdout.close()
 
 
-__all__ = ["STOP_TIMEOUT_S", "PipeProcess", "find_binary"]
+__all__ = ["STOP_TIMEOUT_S", "PipeProcess", "find_binary", "wait_for_output"]

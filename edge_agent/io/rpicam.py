@@ -18,7 +18,6 @@ busy or whose process dies is retried with backoff (``degraded`` meanwhile).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import cv2
@@ -26,7 +25,7 @@ import numpy as np
 
 from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from edge_agent.errors import SourceError, first_line
-from edge_agent.io.process import PipeProcess, find_binary
+from edge_agent.io.process import PipeProcess, find_binary, wait_for_output
 from edge_agent.io.source import POLL_S, Source, check_fps
 
 RPICAM_BINARIES = ("rpicam-vid", "libcamera-vid")
@@ -120,17 +119,9 @@ class RpicamSource(_PiCamera):
         names = (self.binary,) if self.binary else RPICAM_BINARIES
         binary = find_binary(self._label, names, "on Raspberry Pi OS: sudo apt install rpicam-apps")
         self._proc, self._have = PipeProcess(self._label, self.command(binary)), 0
-        # Connected means the camera delivers, not that the process started: wait for its first
-        # bytes (a camera takes a second or two to start), or for it to give up.
-        deadline = time.monotonic() + FIRST_FRAME_TIMEOUT_S
         try:
-            while not self._stop.is_set():
-                if self._read_some(POLL_S):
-                    return
-                if time.monotonic() > deadline:
-                    raise SourceError(
-                        f"{self._label}: rpicam-vid sent nothing in {FIRST_FRAME_TIMEOUT_S:g} s"
-                    )
+            wait_for_output(self._label, "rpicam-vid", self._read_some, self._stop,
+                            FIRST_FRAME_TIMEOUT_S, POLL_S)  # fmt: skip
         except SourceError:
             self._disconnect()
             raise
