@@ -97,6 +97,19 @@ def test_native_pace_plays_at_the_recording_rate(tmp_path: Path) -> None:
     assert elapsed >= 7 / 8 - 0.05  # never faster than the recording (a lower bound only)
 
 
+def test_a_hop_longer_than_a_read_skips_exactly_hop_samples(tmp_path: Path) -> None:
+    """hop > the samples read so far: the skip carries over into samples not yet read."""
+    n, size, hop = 10_000, 100, 4500  # a hop longer than one read chunk (4096 samples)
+    ints = np.arange(n, dtype=np.int64).reshape(-1, 1) % 30000
+    path = tmp_path / "skip.wav"
+    _write(path, ints)
+    got = _windows(f"wav:{path}?size={size}&hop={hop}")
+    starts = list(range(0, n - size + 1, hop))  # 0, 4500, 9000
+    assert len(got) == len(starts)
+    for window, start in zip(got, starts):
+        np.testing.assert_allclose(window[:, 0], ints[start : start + size, 0] / 32768, atol=1e-6)
+
+
 # --- microphones through arecord: a stand-in on PATH writes raw PCM as the real one does ---
 
 STANDIN = Path(__file__).resolve().parent / "bin"

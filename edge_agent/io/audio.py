@@ -46,6 +46,32 @@ def pcm_to_float(raw: bytes, width: int, channels: int) -> np.ndarray:
     return data.reshape(-1, channels)
 
 
+class PcmWindows:
+    """Samples in (float32 ``[n, channels]``, any chunk size), windows out: ``size`` samples, a
+    new one every ``hop``. A hop longer than what has arrived carries its skip into the samples
+    still to come, so windows always start at multiples of ``hop``."""
+
+    def __init__(self, size: int, hop: int, channels: int) -> None:
+        self.size, self.hop = size, hop
+        self._buf = np.empty((0, channels), np.float32)
+        self._skip = 0  # samples still to drop before the next window starts
+
+    def feed(self, chunk: np.ndarray) -> None:
+        if self._skip:
+            dropped = min(self._skip, len(chunk))
+            chunk, self._skip = chunk[dropped:], self._skip - dropped
+        self._buf = np.concatenate([self._buf, chunk]) if len(self._buf) else chunk
+
+    def next(self) -> np.ndarray | None:
+        """The next whole window, or None until enough samples have arrived."""
+        if len(self._buf) < self.size:
+            return None
+        window = self._buf[: self.size].copy()
+        self._skip = max(self.hop - len(self._buf), 0)
+        self._buf = self._buf[self.hop :]
+        return window
+
+
 class WavSource(Source):
     def __init__(
         self,
@@ -65,7 +91,7 @@ class WavSource(Source):
         self.expected_channels = channels
         self._paced = pace == "native"
         self._wav: wave.Wave_read | None = None
-        self._buf = np.empty((0, 1), np.float32)  # samples read, not yet past a window: _connect
+        self._windows = PcmWindows(size, hop, 1)  # for the file's channel count: _connect
         self.rate = self.channels = self._width = 0  # the file's, known once opened
 
     def _connect(self) -> None:
@@ -86,7 +112,7 @@ class WavSource(Source):
                 f"{self.expected_channels}"
             )
         self._wav, self.rate, self.channels, self._width = wav, rate, channels, width
-        self._buf = np.empty((0, channels), np.float32)
+        self._windows = PcmWindows(self.size, self.hop, channels)
         if self._paced:
             self._pacer = Pacer(rate / self.hop)
 
@@ -94,14 +120,11 @@ class WavSource(Source):
         wav = self._wav
         if wav is None:
             raise EndOfStream
-        while len(self._buf) < self.size:
+        while (window := self._windows.next()) is None:
             raw = wav.readframes(max(CHUNK_SAMPLES, self.size))
             if not raw:
                 raise EndOfStream  # a last partial window is not a window
-            chunk = pcm_to_float(raw, self._width, self.channels)
-            self._buf = np.concatenate([self._buf, chunk]) if len(self._buf) else chunk
-        window = self._buf[: self.size].copy()
-        self._buf = self._buf[self.hop :]
+            self._windows.feed(pcm_to_float(raw, self._width, self.channels))
         return window
 
     def _disconnect(self) -> None:
@@ -152,7 +175,7 @@ class AlsaSource(Source):
         self._proc: PipeProcess | None = None
         self._raw = bytearray(max(CHUNK_SAMPLES, size) * self._sample_bytes)
         self._have = 0  # bytes in _raw
-        self._buf = np.empty((0, channels), np.float32)
+        self._windows = PcmWindows(size, hop, channels)
 
     def command(self, binary: str) -> list[str]:
         """The command line: raw interleaved PCM on stdout, nothing else."""
@@ -165,7 +188,7 @@ class AlsaSource(Source):
         names = (self.binary,) if self.binary else ARECORD_BINARIES
         binary = find_binary(self._label, names, "install alsa-utils (sudo apt install alsa-utils)")
         self._proc, self._have = PipeProcess(self._label, self.command(binary)), 0
-        self._buf = np.empty((0, self.channels), np.float32)
+        self._windows = PcmWindows(self.size, self.hop, self.channels)
         try:
             wait_for_output(self._label, "arecord", self._read_some, self._stop,
                             FIRST_SAMPLES_TIMEOUT_S, POLL_S)  # fmt: skip
@@ -180,19 +203,16 @@ class AlsaSource(Source):
         self._have += n
         whole = self._have - self._have % self._sample_bytes
         if whole:
-            chunk = pcm_to_float(bytes(self._raw[:whole]), self._width, self.channels)
-            self._buf = np.concatenate([self._buf, chunk]) if len(self._buf) else chunk
+            self._windows.feed(pcm_to_float(bytes(self._raw[:whole]), self._width, self.channels))
             rest = self._have - whole
             self._raw[:rest] = self._raw[whole : self._have]
             self._have = rest
         return n > 0
 
     def _capture(self, timeout: float | None) -> np.ndarray | None:
-        while len(self._buf) < self.size:
+        while (window := self._windows.next()) is None:
             if not self._read_some(timeout):
                 return None  # nothing within the poll interval: the base loop checks for close
-        window = self._buf[: self.size].copy()
-        self._buf = self._buf[self.hop :]
         return window
 
     def _disconnect(self) -> None:
@@ -201,4 +221,4 @@ class AlsaSource(Source):
             proc.stop()
 
 
-__all__ = ["ALSA_FORMATS", "CHUNK_SAMPLES", "AlsaSource", "WavSource", "pcm_to_float"]
+__all__ = ["ALSA_FORMATS", "CHUNK_SAMPLES", "AlsaSource", "PcmWindows", "WavSource", "pcm_to_float"]
