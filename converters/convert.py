@@ -149,6 +149,9 @@ class Candidate:
     method: str | None = None
     #: how far its worst budget check clears the floor (negative: missed by that much)
     margin: float = float("-inf")
+    #: why it was made: ``budget`` (the fewest float nodes that meet the budget) or ``speed``
+    #: (that mix with every unweighted op in float too: kept only when measured faster)
+    purpose: str = "budget"
 
     @property
     def size(self) -> int:
@@ -500,10 +503,19 @@ def _convert(
             c.latency = lat[str(c.path)].to_dict()
     tie_band = None
     if options.host_profile:
+        # each scheme's budget point, then its speed point (same scheme, unweighted ops float)
+        points = [
+            p
+            for c in passing
+            for p in (c, *(e for e in c.explored if e.purpose == "speed" and e.passed))
+            if str(p.path) in lat
+        ]
         index, tie_band, noisy = choose_fastest(
-            [(c.size, lat[str(c.path)].median_ms, lat[str(c.path)].noise) for c in passing]
+            [(p.size, lat[str(p.path)].median_ms, lat[str(p.path)].noise) for p in points]
         )
-        chosen = passing[index]
+        chosen = points[index]
+        # the report's candidate row of that scheme is the point kept
+        candidates = [chosen if chosen in c.explored else c for c in candidates]
         if noisy:
             warnings_.append(
                 "latency timing was too noisy to tell the schemes apart: ties were judged within "
@@ -587,6 +599,7 @@ def _convert(
                 "scheme": c.scheme or c.label,
                 "passed": c.passed,
                 "chosen": c is chosen,
+                "purpose": c.purpose,
                 "reason": c.error,
                 "size_bytes": c.size,
                 "latency_ms": None if c.latency is None else c.latency["median"],
@@ -602,6 +615,7 @@ def _convert(
         "search": [
             {
                 "scheme": c.scheme or c.label,
+                "purpose": e.purpose,
                 "float_nodes": len(e.float_nodes),
                 "passed": e.passed,
                 "task_metric": (e.fidelity.get("task") or {}).get("value"),
@@ -668,6 +682,7 @@ def _with_budget(
     tail: Sequence[Mapping[str, Any]] = (),
     method: str | None = None,
     methods: Sequence[str] = (),
+    unweighted: Sequence[Mapping[str, Any]] = (),
 ) -> Candidate:
     """Quantize; while the budget is missed, keep more of the most sensitive units in float.
 
@@ -681,7 +696,52 @@ def _with_budget(
 
     With ``method`` (static int8: ``make`` then takes ``method=``), the other calibration
     ``methods`` are tried after the first miss, and the one with the best task metric
-    calibrates the rest of the search."""
+    calibrates the rest of the search.
+
+    Once a mix meets the budget, the same mix with the ``unweighted`` nodes in float too (only
+    the learned weights in int8: nearly the same size) is made and checked as a ``speed``
+    point: int8 softmax, elementwise and normalisation kernels are slower than float ones on
+    some runtimes and CPUs, and the interleaved timing decides (:func:`choose_fastest`)."""
+    found = _search_budget(
+        label, make, ranking_fn, evaluate, scheme=scheme, fallback=fallback,
+        always_float=always_float, tail=tail, method=method, methods=methods,
+    )  # fmt: skip
+    kept = {e["node"] for e in found.float_nodes}
+    extra = [
+        {
+            **u,
+            "reason": "no learned weights: kept float for speed (only the weights are int8 in "
+            "this mix, which is kept only when measured faster)",
+        }
+        for u in unweighted
+        if u["node"] not in kept
+    ]
+    if not (found.passed and extra and fallback):
+        return found
+    how = found.method
+    names = [e["node"] for e in found.float_nodes + extra]
+    path = make(names, "speed") if how is None else make(names, f"{how}-speed", method=how)
+    fast = evaluate(Candidate(label, path, scheme=scheme, method=how, purpose="speed"))
+    fast.float_nodes = [dict(e) for e in found.float_nodes] + extra
+    found.explored.append(fast)
+    fast.explored = found.explored
+    return found
+
+
+def _search_budget(
+    label: str,
+    make: Any,
+    ranking_fn: Any,
+    evaluate: Any,
+    *,
+    scheme: str,
+    fallback: bool,
+    always_float: Sequence[Mapping[str, Any]],
+    tail: Sequence[Mapping[str, Any]],
+    method: str | None,
+    methods: Sequence[str],
+) -> Candidate:
+    """:func:`_with_budget`'s search for the fewest float units that meet the budget."""
     explored: list[Candidate] = []
     # --no-float-fallback: int8 as it comes, nothing kept in float
     base = [dict(e) for e in always_float] if fallback else []
@@ -797,8 +857,9 @@ class _Calibrations:
 
 
 def _head_float(canon: CanonicalModel, cache: Path) -> dict[str, list[dict[str, Any]]]:
-    """What the head analysis keeps float in every int8 candidate, and the decode tail the
-    fallback tries first (:mod:`converters.heads`)."""
+    """What the head analysis keeps float in every int8 candidate, the decode tail the
+    fallback tries first (:mod:`converters.heads`), and the unweighted nodes of the speed
+    point (:func:`_with_budget`)."""
     from converters.tflite_int8 import load_ranges
 
     always = heads.mixed_range_outputs(canon.model, load_ranges(cache))
@@ -814,7 +875,13 @@ def _head_float(canon: CanonicalModel, cache: Path) -> dict[str, list[dict[str, 
         for name in heads.decode_tail(canon.model)
         if name not in kept
     ]
-    return {"always_float": always, "tail": tail}
+    unweighted = set(q.unweighted_nodes(canon.model))
+    speed = [
+        {"node": n.name, "op_type": n.op_type}
+        for n in canon.model.graph.node
+        if n.name in unweighted
+    ]
+    return {"always_float": always, "tail": tail, "unweighted": speed}
 
 
 def _int8_candidate(

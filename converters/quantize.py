@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import tempfile
 import warnings
@@ -33,6 +34,7 @@ from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_d
 from converters.validate import make_session
 from edge_agent.errors import ConversionError, first_line
 from edge_agent.model.formats import Int8Scheme
+from edge_agent.model.runtimes.onnx import SESSION_CONFIG_KEY
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +142,44 @@ def quantize_int8_static(
             raise ConversionError(
                 f"int8 quantization ({scheme.name}) failed: {first_line(exc)}"
             ) from exc
+    if fmt == QuantFormat.QOperator:
+        _hint_qoperator(out_path)
     return out_path
+
+
+def _hint_qoperator(path: Path) -> None:
+    """Record in a QOperator graph's metadata that onnxruntime's QDQ passes are to stay off
+    (:data:`edge_agent.model.runtimes.onnx.SESSION_HINTS`): the graph has no QDQ units for them
+    to fuse, and with them on, the ops kept in float lose their fusions (a SiLU or a GELU runs
+    as four or five kernels). The device and every measurement here load it the same way."""
+    model = onnx.load_model(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    props[SESSION_CONFIG_KEY] = json.dumps({"session.disable_quant_qdq": "1"})
+    onnx.helper.set_model_props(model, props)
+    onnx.save_model(model, str(path))
+
+
+def unweighted_nodes(model: onnx.ModelProto, *, min_weights: int = 256) -> list[str]:
+    """The nodes with no learned weights: every node but the :data:`WEIGHTED_OPS` with a
+    constant weight (for MatMul, either operand) and the nodes with a constant input of
+    ``min_weights`` values or more (a learned position embedding added, say). Keeping these in
+    float while the rest is int8 costs almost nothing in size and saves the int8 softmax,
+    elementwise and normalisation kernels, which on some runtimes are slower than float."""
+    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            t = next((a.t for a in n.attribute if a.name == "value"), None)
+            if t is not None:
+                sizes[n.output[0]] = int(np.prod(t.dims))
+    out = []
+    for node in model.graph.node:
+        operands = node.input[:2] if node.op_type == "MatMul" else node.input[1:2]
+        if node.op_type in WEIGHTED_OPS and any(i in sizes for i in operands):
+            continue
+        if any(sizes.get(i, 0) >= min_weights for i in node.input):
+            continue
+        out.append(node.name)
+    return out
 
 
 def quantize_int8_dynamic(

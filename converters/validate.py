@@ -21,23 +21,17 @@ import onnxruntime as ort
 
 from edge_agent.errors import DataError, ModelError, first_line
 from edge_agent.model.runtimes import nchw_to_model
+from edge_agent.model.runtimes.onnx import open_session
 
 
 def make_session(
     model: bytes | str, *, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)
 ) -> ort.InferenceSession:
-    """A CPU session. Intra-op threads do not spin between runs: several sessions live side by
-    side here (original, candidates), and a spinning pool would steal the cores of the next."""
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(model, so, providers=list(providers))
-    except Exception as exc:
-        raise ModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from exc
+    """A CPU session made as the device makes it (:func:`edge_agent.model.runtimes.onnx.
+    open_session`, the model's session hints included). Intra-op threads do not spin between
+    runs: several sessions live side by side here (original, candidates), and a spinning pool
+    would steal the cores of the next."""
+    return open_session(model, threads=threads, providers=providers)
 
 
 class Progress:

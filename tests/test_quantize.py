@@ -493,3 +493,38 @@ def test_fixed_batch_larger_than_one(cli: Any, tmp_path: Path) -> None:
     assert r.code == 0, r.err
     (y,) = _run(tmp_path / "q.onnx", np.zeros((4, 6), np.float32))
     assert y.shape == (4, 3)
+
+
+def test_unweighted_nodes_are_the_ones_with_no_learned_weights() -> None:
+    """The speed point keeps these in float: not the convolutions and matrix products with
+    constant weights, and not a node holding a large constant (a learned position embedding),
+    whose int8 copy is what makes the model small."""
+    from converters.quantize import unweighted_nodes
+
+    rng = np.random.default_rng(0)
+
+    def const(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Reshape", ["c", "shape"], ["r"], name="reshape"),
+        helper.make_node("Add", ["r", "pos"], ["p"], name="add_pos"),  # 16 x 64 learned
+        helper.make_node("MatMul", ["p", "wq"], ["q"], name="matmul_w"),
+        helper.make_node("MatMul", ["wk", "p"], ["k"], name="matmul_w_first"),
+        helper.make_node("Transpose", ["q"], ["qt"], name="transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["k", "q"], ["s"], name="matmul_act"),  # two activations
+        helper.make_node("Mul", ["s", "scale"], ["ss"], name="scale"),
+        helper.make_node("Softmax", ["ss"], ["y"], name="softmax"),
+    ]
+    shape = numpy_helper.from_array(np.array([16, 64], np.int64), "shape")
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [const("w", 4, 4, 1, 1), shape, const("pos", 16, 64), const("wq", 64, 64),
+         const("wk", 16, 16), const("scale")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert unweighted_nodes(model) == ["reshape", "transpose", "matmul_act", "scale", "softmax"]

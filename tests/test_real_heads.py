@@ -199,6 +199,26 @@ def test_svtr_stand_in_keeps_its_readings(
     assert task["kind"] == "ctc" and task["details"]["blank"] == 0  # the CTC blank the model has
     assert task["value"] >= 0.97 and task["details"]["cer"] <= 0.01, task
     assert report["size_bytes"]["ratio"] <= 0.40
+    # every scheme that met the budget also tried its speed point (the unweighted ops float:
+    # softmax, GELU, layer norm, the attention products); only the weights are int8 there, so
+    # it is hardly larger than the budget point
+    for scheme in {c["scheme"] for c in report["candidates"] if c["passed"]}:
+        points = [s for s in report["search"] if s["scheme"] == scheme]
+        budget = min(
+            (s for s in points if s["purpose"] == "budget" and s["passed"]),
+            key=lambda s: s["float_nodes"],
+        )
+        (speed,) = [s for s in points if s["purpose"] == "speed"]
+        assert speed["float_nodes"] > budget["float_nodes"] + 20, scheme
+        assert speed["size_bytes"] <= 1.1 * budget["size_bytes"], scheme
+        assert speed["latency_ms"] is not None
+    chosen = [s for s in report["search"] if s["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["passed"]
+    if (report["int8_scheme"] or "").endswith("-qop"):  # a QOperator graph carries its hint
+        from edge_agent.model.runtimes.onnx import SESSION_CONFIG_KEY
+
+        meta = {p.key: p.value for p in onnx.load(str(tmp_path / "q.onnx")).metadata_props}
+        assert json.loads(meta[SESSION_CONFIG_KEY]) == {"session.disable_quant_qdq": "1"}
 
 
 @pytest.mark.parametrize("fmt", ["onnx-int8", "tflite-int8"])

@@ -3,6 +3,7 @@ on .tflite files written from the flatbuffer schema (float, and int8 in/out)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +94,116 @@ def test_bad_model_files_are_model_errors(tmp_path: Path) -> None:
             (tmp_path / name).write_bytes(b"x")
         with pytest.raises(ModelError, match=name.split(".")[0]):
             load_runtime(tmp_path / name)
+
+
+# --- session hints (a QOperator int8 graph asks for onnxruntime's QDQ passes to stay off) ---
+
+
+def _conv_gelu_conv(path: Path) -> None:
+    """x -> Conv -> GELU (PyTorch's Erf form) -> Conv: an int8 graph keeps the GELU in float
+    between two QLinearConvs, behind a DequantizeLinear."""
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Div", ["c1", "sqrt2"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["a"]),
+        helper.make_node("Mul", ["c1", "a"], ["m"]),
+        helper.make_node("Mul", ["m", "half"], ["g"]),
+        helper.make_node("Conv", ["g", "w2"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((4, 8, 3, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array(np.sqrt(2), np.float32), "sqrt2"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv-gelu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])],
+        inits,
+    )
+    for n in graph.node:
+        n.name = n.output[0]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def _kernels(path: Path, **config: str) -> set[str]:
+    """The op types onnxruntime runs for ``path``, from its own profile."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(path.with_suffix(""))
+    so.log_severity_level = 3
+    for k, v in config.items():
+        so.add_session_config_entry(k, v)
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess.run(None, {"x": np.zeros((1, 3, 16, 16), np.float32)})
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    return {
+        e["args"]["op_name"]
+        for e in events
+        if e.get("cat") == "Node" and "op_name" in e.get("args", {})
+    }
+
+
+def test_a_qoperator_int8_graph_carries_its_session_hint_and_the_device_applies_it(
+    tmp_path: Path,
+) -> None:
+    from converters import quantize as q
+    from edge_agent.model.formats import Int8Scheme as Scheme
+    from edge_agent.model.runtimes.onnx import SESSION_CONFIG_KEY, open_session
+
+    src = tmp_path / "fp32.onnx"
+    _conv_gelu_conv(src)
+    rng = np.random.default_rng(2)
+    cache = q.calibrate(
+        src,
+        ({"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(8)),
+        method="minmax",
+        cache_path=tmp_path / "cal.json",
+    )
+    gelu = ["d", "e", "a", "m", "g"]
+    made = {}
+    for graph in ("qop", "qdq"):
+        made[graph] = q.quantize_int8_static(
+            src, tmp_path / f"{graph}.onnx", scheme=Scheme.parse(f"u8s8-{graph}"),
+            cache_path=cache, method="minmax", nodes_to_exclude=gelu,
+        )  # fmt: skip
+    meta = {p.key: p.value for p in onnx.load(str(made["qop"])).metadata_props}
+    assert json.loads(meta[SESSION_CONFIG_KEY]) == {"session.disable_quant_qdq": "1"}
+    assert SESSION_CONFIG_KEY not in {p.key for p in onnx.load(str(made["qdq"])).metadata_props}
+    # the device's session (and the converter's, the same function) takes the hint ...
+    sess = open_session(made["qop"], threads=1)
+    assert sess.get_session_options().get_session_config_entry("session.disable_quant_qdq") == "1"
+    plain = open_session(made["qdq"], threads=1).get_session_options()
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        plain.get_session_config_entry("session.disable_quant_qdq")
+    # ... and it matters: with the QDQ passes on, the float GELU behind a DequantizeLinear
+    # stays five kernels (Div, Erf, Add, Mul, Mul); with the hint it is one fused Gelu
+    assert "Erf" in _kernels(made["qop"]) and "Gelu" not in _kernels(made["qop"])
+    hinted = _kernels(made["qop"], **{"session.disable_quant_qdq": "1"})
+    assert "Gelu" in hinted and "Erf" not in hinted and "QLinearConv" in hinted
+
+
+def test_session_hints_are_an_allow_list() -> None:
+    from edge_agent.model.runtimes.onnx import SESSION_CONFIG_KEY, session_hints
+
+    asked = {
+        "session.disable_quant_qdq": "1",
+        "session.load_model_format": "ORT",  # not the model's to choose
+        "session.intra_op.allow_spinning": "1",
+    }
+    assert session_hints({SESSION_CONFIG_KEY: json.dumps(asked)}) == {
+        "session.disable_quant_qdq": "1"
+    }
+    assert session_hints({SESSION_CONFIG_KEY: '{"session.disable_quant_qdq": "yes"}'}) == {}
+    assert session_hints({SESSION_CONFIG_KEY: "not json"}) == {}
+    assert session_hints({SESSION_CONFIG_KEY: "[1, 2]"}) == {}
+    assert session_hints({}) == {}

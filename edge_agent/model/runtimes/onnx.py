@@ -3,6 +3,7 @@ falling back with one warning when a provider is absent."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,6 +42,76 @@ def _spec(arg: Any) -> TensorSpec:
     return TensorSpec(name=arg.name, shape=shape, dtype=_ORT_TYPES.get(arg.type, str(arg.type)))
 
 
+#: ONNX metadata key under which the converter records the onnxruntime session settings an
+#: artifact was measured with: a JSON object of session config entries. Only the entries in
+#: :data:`SESSION_HINTS` are honoured; anything else in it is ignored (a model file never
+#: chooses how it is loaded beyond these).
+SESSION_CONFIG_KEY = "edge.onnxruntime.session_config"
+#: the session config entries a model may ask for, with the values allowed.
+#: ``session.disable_quant_qdq``: the artifact is a QOperator int8 graph (QLinearConv ...), so
+#: onnxruntime's QDQ passes have nothing to fuse; left on, they keep DequantizeLinear nodes
+#: unfolded and block the float fusions (Gelu, SiLU) around the ops kept in float.
+SESSION_HINTS: dict[str, frozenset[str]] = {"session.disable_quant_qdq": frozenset({"0", "1"})}
+
+
+def session_hints(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The allowed session config entries a model's metadata asks for (none when absent or
+    malformed: a hint is an optimisation, never a reason to refuse a model)."""
+    raw = metadata.get(SESSION_CONFIG_KEY)
+    if not raw:
+        return {}
+    try:
+        asked = json.loads(raw)
+    except ValueError:
+        return {}
+    if not isinstance(asked, dict):
+        return {}
+    return {
+        k: str(v)
+        for k, v in sorted(asked.items())
+        if k in SESSION_HINTS and str(v) in SESSION_HINTS[k]
+    }
+
+
+def open_session(
+    model: Path | str | bytes,
+    *,
+    threads: int = 0,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    spinning: bool = False,
+) -> Any:
+    """An ``onnxruntime.InferenceSession`` made as the agent runs models and as the converter
+    measures them: full graph optimisation, ``threads`` intra-op threads (0: onnxruntime's
+    default), no spinning unless asked (the capture thread shares the cores), and the session
+    hints in the model's metadata (:func:`session_hints`; the session is then made again with
+    them). Raises :class:`ModelError` naming the model when it cannot be loaded."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ModelError("onnxruntime is not installed; pip install onnxruntime") from exc
+    where = "the model" if isinstance(model, bytes) else str(model)
+    source = model if isinstance(model, bytes) else str(model)
+
+    def make(hints: Mapping[str, str]) -> Any:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        for key, value in hints.items():
+            so.add_session_config_entry(key, value)
+        try:
+            return ort.InferenceSession(source, so, providers=list(providers))
+        except Exception as exc:
+            raise ModelError(f"{where}: onnxruntime cannot load it: {first_line(exc)}") from exc
+
+    session = make({})
+    hints = session_hints(session.get_modelmeta().custom_metadata_map)
+    return make(hints) if hints else session
+
+
 class OnnxRuntime:
     name = "onnxruntime"
     concurrent = True  # InferenceSession.run may be called from several threads at once
@@ -67,18 +138,7 @@ class OnnxRuntime:
                 log.warning("onnxruntime: %s is not available here; falling back", p)
         if "CPUExecutionProvider" not in chosen:
             chosen.append("CPUExecutionProvider")
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        # The capture thread shares the cores: a spinning intra-op pool would steal its time.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        try:
-            self._session = ort.InferenceSession(str(path), so, providers=chosen)
-        except Exception as exc:
-            raise ModelError(f"{path}: onnxruntime cannot load it: {first_line(exc)}") from exc
+        self._session = open_session(path, threads=threads, providers=chosen, spinning=spinning)
         self.providers = list(self._session.get_providers())
         self.inputs = [_spec(i) for i in self._session.get_inputs()]
         self.outputs = [_spec(o) for o in self._session.get_outputs()]
