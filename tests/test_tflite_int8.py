@@ -408,7 +408,11 @@ def test_tflite_int8_keeps_the_most_sensitive_nodes_float_to_meet_a_tighter_floo
     r = run("--min-cosine", f"{floor:.7f}")
     assert r["fidelity"]["cosine"] >= floor
     kept = [n["node"] for n in r["float_nodes"]]
-    assert kept and all("noise-to-signal" in n["reason"] for n in r["float_nodes"])
+    # the ranked nodes; and when the speed point was timed faster, the unweighted ops with them
+    ranked = [n for n in r["float_nodes"] if "noise-to-signal" in n["reason"]]
+    speed = [n for n in r["float_nodes"] if n not in ranked]
+    assert ranked and all("no learned weights" in n["reason"] for n in speed)
+    assert all(n["op_type"] not in ("Conv", "Gemm", "MatMul") for n in speed)
     ops = count_ops((tmp_path / "m.tflite").read_bytes())
     assert ops["QUANTIZE"] >= 1 and ops["DEQUANTIZE"] >= 1  # around the float region(s)
     it = Interpreter(model_path=str(tmp_path / "m.tflite"))
