@@ -15,8 +15,10 @@ this module parses and dispatches.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -61,11 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="a signed .edgebundle, or a bare .onnx / .tflite file (default: [model] path)",
         )  # fmt: skip
         p.add_argument(
-            "--source", metavar="URI",
+            "--source", metavar="URI|NAME=URI", action="append",
             help="camera:N, /dev/videoN, rpicam:N (a Pi camera), rtsp://…, http(s)://…, "
-            "udp://…, tcp://…, file:PATH, images:GLOB, "
+            "udp://…, tcp://…, file:PATH, images:GLOB, wav:PATH, alsa:DEVICE, "
             "sensor:stdin, sensor:file:PATH, sensor:udp://HOST:PORT, synthetic:?… "
-            "(default: [source] uri; the URI list: docs/agent.md)",
+            "(default: [source] uri; the URI list: docs/agent.md). Repeat it as NAME=URI to "
+            "serve several named streams with one model (default: [[sources]])",
         )  # fmt: skip
         p.add_argument(
             "--pace", choices=("none", "native"),
@@ -192,11 +195,54 @@ def _window(text: str | None) -> tuple[int | None, int | None, int | None]:
     return size, hop, channels
 
 
+_NAMED = re.compile(r"([A-Za-z0-9_.-]{1,64})=(.+)")
+
+
+def _sources(given: Sequence[str] | None) -> tuple[str | None, list[tuple[str, str]]]:
+    """``--source`` as given: (one URI, no streams) or (None, [(name, URI), ...])."""
+    if not given:
+        return None, []
+    named = [_NAMED.fullmatch(g) for g in given]
+    if len(given) == 1 and named[0] is None:
+        return given[0], []
+    if all(m is not None for m in named):
+        pairs = [(m.group(1), m.group(2)) for m in named if m is not None]
+        names = [n for n, _ in pairs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"--source {dupes[0]}=…: the name is used twice")
+        return None, pairs
+    bad = next(g for g, m in zip(given, named) if m is None)
+    raise ConfigError(
+        f"--source {bad}: with several sources, name each one: --source NAME=URI "
+        "(e.g. --source front=rtsp://cam1/stream --source back=rpicam:0)"
+    )
+
+
 def load_effective_config(args: argparse.Namespace) -> Any:
-    from edge_agent.config import load_config, with_overrides
+    from edge_agent.config import StreamSection, load_config, with_overrides
 
     config = load_config(args.config)
     size, hop, channels = _window(getattr(args, "window", None))
+    uri, streams = _sources(getattr(args, "source", None))
+    if streams:  # named streams from the command line replace the file's source(s)
+        config = dataclasses.replace(
+            config,
+            source=dataclasses.replace(config.source, uri=""),
+            sources=tuple(
+                StreamSection(
+                    name=name,
+                    uri=u,
+                    pace=getattr(args, "pace", None) or "none",
+                    window_size=size or 0,
+                    window_hop=hop or 0,
+                    window_channels=channels or 0,
+                )
+                for name, u in streams
+            ),
+        )
+    elif uri is not None and config.sources:  # one source from the command line: just that
+        config = dataclasses.replace(config, sources=())
     keys = [str(k) for k in args.trusted_key] if getattr(args, "trusted_key", None) else None
     return with_overrides(
         config,
@@ -218,7 +264,7 @@ def load_effective_config(args: argparse.Namespace) -> Any:
             "resize": getattr(args, "resize", None),
         },
         source={
-            "uri": getattr(args, "source", None),
+            "uri": uri,
             "pace": getattr(args, "pace", None),
             "window_size": size,
             "window_hop": hop,

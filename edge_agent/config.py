@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.common.files import read_text
+from edge_agent.common.names import stream_name_problem
 from edge_agent.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -118,6 +119,56 @@ class SourceSection:
                 f"config: [source] pace = {self.pace!r}: expected one of 'none', 'native'"
             )
         _at_least("source", self, 0, "window_size", "window_hop", "window_channels")
+
+
+@dataclass(frozen=True)
+class StreamSection:
+    """One of several streams one agent serves with one model (``[[sources]]``, a list)."""
+
+    name: str = _doc(
+        "The stream's name: 1-64 letters, digits, '_', '-' or '.'; results carry it as "
+        "`stream`, telemetry and Prometheus label by it.",
+        default="",
+    )
+    uri: str = _doc("What [source] uri takes.", default="")
+    pace: str = _doc("Files: none or native, as [source] pace.", default="none")
+    fps: float = _doc(
+        "Most frames a second taken from this stream (0 = every frame); a live camera at 30 "
+        "served at 15 skips every other frame in its reader.",
+        default=0.0,
+    )
+    roi: tuple[int, ...] = _doc(
+        "Region of interest [x, y, width, height] in source pixels: images are cropped to it "
+        "before preprocessing ([] = the whole frame).",
+        default=(),
+    )
+    window_size: int = _doc("Sensor and audio streams: samples per window.", default=0)
+    window_hop: int = _doc("Sensor and audio streams: samples between window starts.", default=0)
+    window_channels: int = _doc("Sensor and audio streams: values per sample.", default=0)
+
+    def __post_init__(self) -> None:
+        where = f"[[sources]] {self.name or '(unnamed)'}:"
+        if not self.name:
+            raise ConfigError(f"config: {where} name is not set (every stream needs one)")
+        problem = stream_name_problem(self.name)
+        if problem:
+            raise ConfigError(f"config: [[sources]] {problem}")
+        if not self.uri:
+            raise ConfigError(f"config: {where} uri is not set")
+        if self.pace not in ("none", "native"):
+            raise ConfigError(
+                f"config: {where} pace = {self.pace!r}: expected one of 'none', 'native'"
+            )
+        if self.fps < 0:
+            raise ConfigError(f"config: {where} fps = {self.fps}: must be >= 0")
+        if self.roi and (len(self.roi) != 4 or min(self.roi[2:]) < 1 or min(self.roi[:2]) < 0):
+            raise ConfigError(
+                f"config: {where} roi = {list(self.roi)}: expected [x, y, width, height], "
+                "x and y >= 0, width and height >= 1"
+            )
+        for key in ("window_size", "window_hop", "window_channels"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config: {where} {key} = {getattr(self, key)}: must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -334,7 +385,20 @@ class AgentConfig:
     mqtt: MqttSection = field(default_factory=MqttSection)
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
     ota: OtaSection = field(default_factory=OtaSection)
+    #: ``[[sources]]``: several named streams served by one model (instead of ``[source]``)
+    sources: tuple[StreamSection, ...] = ()
     path: str = ""
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"config: [[sources]] name {dupes[0]!r} is used twice")
+        if self.sources and self.source.uri:
+            raise ConfigError(
+                "config: [source] uri and [[sources]] are both set: one source, or a list of "
+                "named streams, not both"
+            )
 
     @property
     def device_id(self) -> str:
@@ -343,8 +407,11 @@ class AgentConfig:
     def require_runnable(self) -> None:
         if not self.model.path:
             raise ConfigError("config: [model] path is not set (or pass --model PATH)")
-        if not self.source.uri:
-            raise ConfigError("config: [source] uri is not set (or pass --source URI)")
+        if not self.source.uri and not self.sources:
+            raise ConfigError(
+                "config: [source] uri is not set (or pass --source URI, or name several "
+                "streams: [[sources]] / --source NAME=URI)"
+            )
 
 
 _SECTION_CLASSES: dict[str, type] = {
@@ -383,7 +450,9 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
         items = [value] if isinstance(value, (str, int, float)) else value
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{where}: expected a list")
-        want: type = float if key in ("mean", "std") else str
+        want: type = float if key in ("mean", "std") else int if key == "roi" else str
+        if want is int and any(isinstance(v, bool) or not isinstance(v, int) for v in items):
+            raise ConfigError(f"{where}: expected a list of whole numbers")
         try:
             return tuple(want(v) for v in items)
         except (TypeError, ValueError):
@@ -398,8 +467,8 @@ def _default(f: dataclasses.Field[Any]) -> Any:
     return factory()
 
 
-def _section(name: str, data: Any) -> Any:
-    cls = _SECTION_CLASSES[name]
+def _section(name: str, data: Any, cls: type | None = None) -> Any:
+    cls = cls or _SECTION_CLASSES[name]
     if not isinstance(data, Mapping):
         raise ConfigError(f"config: [{name}] must be a table, not {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -415,14 +484,23 @@ def _section(name: str, data: Any) -> Any:
     return cls(**values)
 
 
-def parse_config(data: Mapping[str, Any], *, path: str = "") -> AgentConfig:
-    unknown = sorted(set(data) - set(_SECTION_CLASSES))
-    if unknown:
+def parse_streams(items: Any) -> tuple[StreamSection, ...]:
+    """``[[sources]]``: a list of tables, one per stream."""
+    if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
         raise ConfigError(
-            f"config: unknown section [{unknown[0]}] (known: {', '.join(_SECTION_CLASSES)})"
+            f"config: sources = {items!r}: expected [[sources]] tables (name = ..., uri = ...)"
         )
+    return tuple(_section("[sources]", item, StreamSection) for item in items)
+
+
+def parse_config(data: Mapping[str, Any], *, path: str = "") -> AgentConfig:
+    known = [*_SECTION_CLASSES, "sources"]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"config: unknown section [{unknown[0]}] (known: {', '.join(known)})")
     sections = {name: _section(name, data.get(name, {})) for name in _SECTION_CLASSES}
-    return AgentConfig(**sections, path=path)
+    streams = parse_streams(data["sources"]) if "sources" in data else ()
+    return AgentConfig(**sections, sources=streams, path=path)
 
 
 def load_config(path: str | Path | None) -> AgentConfig:
@@ -465,8 +543,15 @@ def markdown_reference() -> str:
         "`python -m edge_agent.config --markdown`; do not edit by hand.",
         "",
     ]
-    for name, cls in _SECTION_CLASSES.items():
-        lines += [f"## [{name}]", "", "| key | default | meaning |", "|---|---|---|"]
+    for name, cls in [*_SECTION_CLASSES.items(), ("[sources]", StreamSection)]:
+        lines += [f"## [{name}]", ""]
+        if cls is StreamSection:
+            lines += [
+                "Several named streams served by one model, instead of `[source]`: one "
+                "`[[sources]]` table per stream (or `--source NAME=URI`, repeated).",
+                "",
+            ]
+        lines += ["| key | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
             default = _default(f)
             if isinstance(default, tuple):

@@ -15,6 +15,17 @@ which synchronise at every operator (the measurements: docs/agent.md, "Workers")
 still leave in capture order: each worker waits for its turn to emit, so ``seq``
 follows the frames.
 
+Several streams: with ``streams=`` (named sources, :class:`edge_agent.io.streams.Stream`) one
+model serves them all. Each stream has a reader thread that keeps its newest frame (live) or its
+next one (file), runs that stream's motion gate and region of interest and preprocesses the
+frame, so decoding and preprocessing of different streams overlap; the capture thread picks the
+next frame across the streams with one ready (:class:`~edge_agent.io.streams.StreamSet`:
+round-robin or oldest-first) and hands it to the workers as above. Results still leave in the
+order frames were picked, so each stream's results are in its capture order; each result
+carries ``stream`` and ``stream_seq`` (that stream's own count, gap-free), besides the
+device-wide ``seq``. Counters, latency and state are kept per stream too; a lost stream is
+``degraded`` on its own and never stalls the others.
+
 Hot swap: :meth:`Pipeline.swap_model` takes a model that is already loaded and warmed beside the
 running one; the inference thread switches between two frames. A frame preprocessed for the old
 model is prepared again for the new one, so no frame is lost and the stall is one
@@ -31,14 +42,16 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from edge_agent.common.urls import redact_uri
 from edge_agent.errors import EdgeError, ModelError, SourceError
 from edge_agent.io.sinks import Sink, SinkWriter
 from edge_agent.io.source import Frame, Source, SourceTimeout
+from edge_agent.io.streams import Stream, StreamSet
 from edge_agent.model.loader import LoadedModel
 from edge_agent.model.preprocess import Geometry
 from edge_agent.model.runtimes import infer_lock
@@ -59,6 +72,38 @@ class State(enum.Enum):
 @dataclass
 class _Item:
     order: int
+    frame: Frame
+    feeds: dict[str, np.ndarray]
+    geometry: Geometry | None
+    model: LoadedModel
+    pre_ns: int
+    stream: str | None = None
+
+
+@dataclass
+class _StreamTally:
+    """One stream's own counters and latency, beside the pipeline's totals."""
+
+    stream: Stream
+    gate: MotionGate | None
+    stats: StageStats = field(default_factory=StageStats.new)
+    frames: int = 0
+    gated: int = 0
+    results: int = 0
+    errors: int = 0
+    seq: int = 0
+    reconnects: int = 0
+    window_mark: Any = None  # where this stream's telemetry interval started
+
+    def __post_init__(self) -> None:
+        self.window_mark = self.stats.mark()
+
+
+@dataclass
+class _Prepared:
+    """What a stream's reader made of a frame: the frame (cropped to the region of interest),
+    the model's feeds, and the model they were made for."""
+
     frame: Frame
     feeds: dict[str, np.ndarray]
     geometry: Geometry | None
@@ -131,12 +176,14 @@ def _pin_thread(cores: set[int] | None) -> set[int] | None:
 
 
 class Pipeline:
-    """One source, one model at a time, any number of sinks."""
+    """One source (or several named streams), one model at a time, any number of sinks."""
 
     def __init__(
         self,
         *,
-        source: Source,
+        source: Source | None = None,
+        streams: Sequence[Stream] = (),
+        policy: str = "round-robin",
         model: LoadedModel,
         sinks: Sequence[Sink],
         max_frames: int | None = None,
@@ -149,6 +196,8 @@ class Pipeline:
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers = {workers}: must be >= 1")
+        if (source is None) == (not streams):
+            raise ValueError("Pipeline: give a source or streams, not both and not neither")
         if workers > 1 and not getattr(model.runtime, "concurrent", False):
             log.warning(
                 "%s runtime is not thread-safe: using 1 inference worker, not %d",
@@ -163,7 +212,22 @@ class Pipeline:
         #: Called with (feeds, output, raw outputs) for every frame, in the worker thread, outside
         #: any lock (telemetry's Monitor: it samples every Nth call itself). Must be cheap.
         self.observer = observer
-        self.source = source
+        #: the one source; with streams, the first stream's (its kind stands for them all)
+        self.source: Source = source if source is not None else streams[0].source
+        self._tallies: dict[str, _StreamTally] = {}
+        self._streams: StreamSet | None = None
+        if streams:
+            self._tallies = {
+                st.name: _StreamTally(st, MotionGate(gate.threshold) if gate else None)
+                for st in streams
+            }
+            self._streams = StreamSet(
+                [(st.name, st.source) for st in streams],
+                policy=policy,
+                prepare=self._prepare_stream,
+                max_fps={st.name: st.max_fps for st in streams if st.max_fps},
+            )
+            self._tally_lock = threading.Lock()
         self._model = model
         self._pending: LoadedModel | None = None
         self._swapped = threading.Event()
@@ -256,11 +320,16 @@ class Pipeline:
 
     def run(self) -> dict[str, Any]:
         """Serve until the source ends, ``max_frames`` results, or :meth:`stop`. Returns the
-        summary. Raises SourceError when the source cannot be opened."""
-        self.source.open()
+        summary. Raises SourceError when the source (any stream) cannot be opened."""
+        if self._streams is not None:
+            self._streams.open()
+        else:
+            self.source.open()
         self.started_mono = time.monotonic()
         self._capture = threading.Thread(
-            target=self._capture_loop, name="edge-capture", daemon=True
+            target=self._capture_loop if self._streams is None else self._streams_loop,
+            name="edge-capture",
+            daemon=True,
         )
         self._capture.start()
         self._writer.start()
@@ -284,7 +353,10 @@ class Pipeline:
             self._drain_queue()
             self._capture.join(timeout=5.0)
             self._writer.close()  # every result emitted is written before run() returns
-            self.source.close()
+            if self._streams is not None:
+                self._streams.close()
+            else:
+                self.source.close()
             self.state = State.STOPPED
         if self._worker_error is not None:
             raise self._worker_error
@@ -354,7 +426,89 @@ class Pipeline:
         finally:
             self._put(_END)
 
+    def _prepare_stream(self, name: str, frame: Frame) -> _Prepared | None:
+        """A stream reader's work on each frame (its thread): count it, crop it to the
+        stream's region of interest, gate it, preprocess it for the current model. None when
+        the motion gate skips it."""
+        tally = self._tallies[name]
+        with self._tally_lock:
+            self.frames += 1
+            tally.frames += 1
+        data = frame.data
+        roi = tally.stream.roi
+        if roi is not None and data.ndim >= 2 and data.dtype == np.uint8:
+            x, y, w, h = roi
+            data = data[y : y + h, x : x + w]
+            frame = replace(frame, data=data)
+        if tally.gate is not None and not tally.gate.changed(data):
+            with self._tally_lock:
+                self.gated += 1
+                tally.gated += 1
+            return None
+        model = self._model
+        t0 = time.monotonic_ns()
+        feeds, geometry = model.prepare(data)
+        return _Prepared(frame, feeds, geometry, model, time.monotonic_ns() - t0)
+
+    def _streams_loop(self) -> None:
+        """The capture thread with streams: the next frame across the streams, to the workers."""
+        streams = self._streams
+        assert streams is not None
+        order = 0
+        checked = 0.0
+        _lower_priority()
+        try:
+            while not self._stop.is_set():
+                self.heartbeat_mono = time.monotonic()
+                try:
+                    taken = streams.take(timeout=0.5)
+                except SourceTimeout:
+                    self._update_degraded()
+                    continue
+                if taken is None:
+                    break
+                now = time.monotonic()
+                if now - checked > 0.25:  # the streams' states, a few times a second
+                    checked = now
+                    self._update_degraded()
+                prep = taken.prepared
+                if prep is None:  # gated in the reader
+                    continue
+                item = _Item(
+                    order, prep.frame, prep.feeds, prep.geometry, prep.model, prep.pre_ns,
+                    stream=taken.stream,
+                )  # fmt: skip
+                order += 1
+                if not self._put(item):
+                    return
+        except BaseException as exc:  # reported by run(); the loop must not die silently
+            self.capture_error = exc
+            log.error("capture stopped: %s", exc)
+        finally:
+            self._put(_END)
+
+    def stream_status(self) -> dict[str, str]:
+        """Each stream's state: ``serving``, ``degraded`` (its source lost, being retried) or
+        ``ended``; empty without streams."""
+        out = {}
+        counters = self._streams.counters() if self._streams is not None else {}
+        for name, tally in self._tallies.items():
+            status = getattr(getattr(tally.stream.source, "stats", None), "status", "ok")
+            c = counters.get(name)
+            if c is not None and c.ended and status != "degraded":
+                out[name] = "ended"
+            else:
+                out[name] = "degraded" if status == "degraded" else "serving"
+        return out
+
     def _update_degraded(self) -> None:
+        if self._tallies:
+            lost = "degraded" in self.stream_status().values()
+            if lost and self.state == State.SERVING:
+                self.state = State.DEGRADED
+            elif not lost and self.state == State.DEGRADED:
+                self.state = State.SERVING
+            return
         status = getattr(getattr(self.source, "stats", None), "status", "ok")
         if status == "degraded" and self.state == State.SERVING:
             self.state = State.DEGRADED
@@ -456,6 +610,7 @@ class Pipeline:
             self._release(model)
         result = {
             "seq": 0,  # set in capture order by _emit
+            **({} if item.stream is None else {"stream": item.stream, "stream_seq": 0}),
             "capture_ts": item.frame.capture_ts,
             "result_ts": time.time(),
             "frame": item.frame.index,
@@ -499,14 +654,21 @@ class Pipeline:
             if is_error:
                 self.inference_errors += 1
             result["seq"] = self.seq
+            tally = self._tallies.get(result.get("stream", "")) if self._tallies else None
+            if tally is not None:
+                result["stream_seq"] = tally.seq
+                tally.seq += 1
+                tally.results += 1
+                tally.errors += is_error
             self._writer.submit(result)  # written in order by the sink thread, off this lock
             self.seq += 1
             self.results += 1
             t_end = time.monotonic_ns()
-            stats.capture_to_result.record(t_done - capture_ns)
-            stats.preprocess.record(pre_ns)
-            stats.inference.record(t_post - t_inf)
-            stats.postprocess.record(t_done - t_post)
+            for st in (stats,) if tally is None else (stats, tally.stats):
+                st.capture_to_result.record(t_done - capture_ns)
+                st.preprocess.record(pre_ns)
+                st.inference.record(t_post - t_inf)
+                st.postprocess.record(t_done - t_post)
             # Our own cost per frame: everything but inference and postprocessing, and not the
             # wait for this frame's turn (the other worker's inference, not overhead).
             stats.overhead.record((t_end - t_start) - (t_done - t_inf) - (t_emit - t_ready))
@@ -533,6 +695,14 @@ class Pipeline:
         with self._cond:
             window = self.stats.since(self._window_mark)
             self._window_mark = self.stats.mark()
+        return window.summary()
+
+    def take_stream_window(self, name: str) -> dict[str, dict[str, float | int | None]]:
+        """One stream's per-stage latency since the last call for it, as :meth:`take_window`."""
+        with self._cond:
+            tally = self._tallies[name]
+            window = tally.stats.since(tally.window_mark)
+            tally.window_mark = tally.stats.mark()
         return window.summary()
 
     def stalled_s(self) -> float:
@@ -568,4 +738,36 @@ class Pipeline:
             "next_seq": self.seq,
             "sink_errors": dict(self._writer.errors),
             "latency_ms": self.stats.summary(),
+            **({"streams": self.stream_summary(elapsed)} if self._tallies else {}),
         }
+
+    def stream_summary(self, elapsed: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per stream: state, frames, results, fps over ``elapsed`` (the run so far when
+        None), drops (live streams: frames overwritten before they were taken), frames skipped
+        for its fps cap, frames gated, errors, the next ``stream_seq``, and latency."""
+        if elapsed is None:
+            elapsed = time.monotonic() - self.started_mono if self.started_mono else 0.0
+        counters = self._streams.counters() if self._streams is not None else {}
+        status = self.stream_status()
+        out: dict[str, dict[str, Any]] = {}
+        with self._cond:
+            for name, t in self._tallies.items():
+                c = counters.get(name)
+                src_stats = getattr(t.stream.source, "stats", None)
+                out[name] = {
+                    "state": status[name],
+                    "uri": redact_uri(t.stream.source.uri),
+                    "frames": t.frames,
+                    "results": t.results,
+                    "fps": round(t.results / elapsed, 3) if elapsed > 0 else 0.0,
+                    "dropped": (c.dropped if c else 0) + int(getattr(src_stats, "dropped", 0)),
+                    "skipped": c.skipped if c else 0,
+                    "gated": t.gated,
+                    "errors": t.errors,
+                    "reconnects": int(getattr(src_stats, "reconnects", 0)),
+                    "last_error": (c.error if c else None)
+                    or getattr(src_stats, "last_error", None),
+                    "next_stream_seq": t.seq,
+                    "latency_ms": t.stats.summary(),
+                }
+        return out

@@ -62,6 +62,8 @@ class Service:
         self._desired_changed = threading.Event()
         self._last_state = ""
         self._telemetry_last = (time.monotonic(), 0, 0)
+        self._stream_states: dict[str, str] = {}
+        self._stream_results: dict[str, int] = {}  # results per stream at the last telemetry
         self._drifting = False
         self.prometheus: Any = None
         self.rest_port: int | None = None  # --rest-port
@@ -82,7 +84,7 @@ class Service:
 
     def startup(self) -> None:
         from edge_agent.io.sinks import MqttResultSink, open_sink
-        from edge_agent.io.uri import open_source_from
+        from edge_agent.io.uri import open_source_from, open_streams_from
         from edge_agent.model.plan import resolve_profile
         from edge_agent.notify import Notifier, Watchdog
         from edge_agent.pipeline import MotionGate, Pipeline
@@ -103,7 +105,9 @@ class Service:
                     f"config: [agent] state_dir = {str(state_dir)!r}: cannot create it "
                     f"({exc.strerror})"
                 ) from None
-        self.source = open_source_from(config)
+        #: several named streams ([[sources]] / --source NAME=URI), or none: one [source]
+        self.streams = open_streams_from(config) if config.sources else []
+        self.source = self.streams[0].source if self.streams else open_source_from(config)
         recovered = None
         if self.mqtt_enabled and config.ota.enabled:
             from edge_agent.fleet.store import ModelStore
@@ -130,7 +134,8 @@ class Service:
         self.notifier = Notifier()
         self.watchdog = Watchdog(notifier=self.notifier)
         self.pipeline = Pipeline(
-            source=self.source,
+            source=None if self.streams else self.source,
+            streams=self.streams,
             model=model,
             sinks=[*self.sinks, self.probe],
             max_frames=config.pipeline.max_frames or None,
@@ -179,7 +184,8 @@ class Service:
         log.info(
             "serving %s %s (%s, %s threads, %d workers) on %s; profile %s%s",
             model.name, model.version, model.format, self.threads, model.workers,
-            config.source.uri, self.profile.name,
+            ", ".join(f"{st.name}={st.source.uri}" for st in self.streams) or config.source.uri,
+            self.profile.name,
             f"; mqtt {self.link.settings.safe_url} as {self.device}" if self.link else "",
         )  # fmt: skip
 
@@ -195,9 +201,12 @@ class Service:
         state_dir = Path(config.agent.state_dir)
 
         def planned(cfg: Any) -> Any:
+            if self.streams:  # planned for the first stream's kind and pace; tuning measures
+                # one source, so several streams use the rule's plan (or one cached for it)
+                cfg = with_overrides(cfg, source={"pace": config.sources[0].pace})
             model, self.plan = open_tuned_model(
                 cfg, self.profile, source=self.source, state_dir=state_dir,
-                tune=bool(cfg.pipeline.tune),
+                tune=bool(cfg.pipeline.tune) and not self.streams,
             )  # fmt: skip
             self.threads = self.plan.threads
             log.info("plan: %s", self.plan.describe())
@@ -379,6 +388,8 @@ class Service:
                 m = self.pipeline.model
                 self.notifier.status(f"{s['state']}: {s['fps']} fps, model {m.name} {m.version}")
             self._watch_state()
+            if self.streams:
+                self._watch_streams()
             if self.monitor is not None and self.monitor_model is not self.pipeline.model:
                 self._setup_monitor(self.pipeline.model)
             if now >= next_telemetry:
@@ -393,6 +404,25 @@ class Service:
                 self.worker.join(timeout=self.config.pipeline.drain_timeout)
                 break
 
+    def _watch_streams(self) -> None:
+        """``source_lost`` / ``source_restored`` per stream, naming it (several streams)."""
+        status = self.pipeline.stream_status()
+        for name, state in status.items():
+            before = self._stream_states.get(name, "serving")
+            self._stream_states[name] = state
+            if state == before or not self.mqtt_enabled:
+                continue
+            if state == "degraded":
+                stream = next(st for st in self.streams if st.name == name)
+                err = getattr(stream.source.stats, "last_error", None)
+                self.event(
+                    "source_lost",
+                    reason=str(err) if err else "the source stopped delivering",
+                    stream=name,
+                )
+            elif before == "degraded" and state == "serving":
+                self.event("source_restored", stream=name)
+
     def _watch_state(self) -> None:
         state = self.pipeline.state.value
         if state == self._last_state:
@@ -400,6 +430,8 @@ class Service:
         previous, self._last_state = self._last_state, state
         m = self.pipeline.model
         self.notifier.status(f"{state}: model {m.name} {m.version}")
+        if self.streams:  # each stream's loss and return is its own event
+            return
         if self.mqtt_enabled and state == "degraded":
             err = getattr(getattr(self.source, "stats", None), "last_error", None)
             self.event("source_lost", reason=str(err) if err else "the source stopped delivering")
@@ -539,10 +571,35 @@ class Service:
                 "workers": p.workers,
                 "latency_ms": latency,
                 "plan": self.plan.to_dict() if self.plan is not None else None,
+                **({"streams": self._stream_telemetry(interval)} if self.streams else {}),
             },
             "system": self.system.sample() if self.system is not None else {},
             "monitoring": monitoring,
         }
+
+    def _stream_telemetry(self, interval: float) -> dict[str, dict[str, Any]]:
+        """One entry per stream: its state, fps over the interval, counters and latency
+        percentiles of the interval (the pipeline's totals are beside it)."""
+        out = {}
+        for name, s in self.pipeline.stream_summary().items():
+            before = self._stream_results.get(name, 0)
+            self._stream_results[name] = s["results"]
+            window = self.pipeline.take_stream_window(name)
+            out[name] = {
+                "state": s["state"],
+                "fps": round((s["results"] - before) / interval, 3),
+                "results": s["results"],
+                "frames": s["frames"],
+                "dropped": s["dropped"],
+                "skipped": s["skipped"],
+                "gated": s["gated"],
+                "errors": s["errors"],
+                "reconnects": s["reconnects"],
+                "latency_ms": {
+                    k: {q: v.get(q) for q in ("p50", "p95", "p99")} for k, v in window.items()
+                },
+            }
+        return out
 
     def publish_telemetry(self) -> None:
         if self.spool is None and self.prometheus is None:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from edge_agent.common.names import stream_name_problem
 from edge_agent.errors import SourceError
 from edge_agent.io.source import Frame, Source, SourceTimeout
 
@@ -29,6 +30,38 @@ log = logging.getLogger(__name__)
 
 POLICIES = ("round-robin", "oldest")
 READ_TIMEOUT_S = 0.5  # how long a reader waits on its source before checking for close()
+
+
+def check_stream_name(name: str) -> str:
+    """``name`` when it can name a stream; else SourceError saying why."""
+    problem = stream_name_problem(name)
+    if problem:
+        raise SourceError(problem)
+    return name
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One named source of a multi-stream pipeline, with its own options: ``max_fps`` caps the
+    frames taken from it a second (0: all), ``roi`` is a region of interest ``(x, y, width,
+    height)`` in source pixels that images are cropped to before preprocessing."""
+
+    name: str
+    source: Source
+    max_fps: float = 0.0
+    roi: tuple[int, int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        check_stream_name(self.name)
+        if not self.max_fps >= 0:
+            raise SourceError(f"stream {self.name}: fps = {self.max_fps}: must be >= 0")
+        if self.roi is not None:
+            x, y, w, h = self.roi
+            if x < 0 or y < 0 or w < 1 or h < 1:
+                raise SourceError(
+                    f"stream {self.name}: roi = {list(self.roi)}: expected [x, y, width, "
+                    "height] with x, y >= 0 and width, height >= 1"
+                )
 
 
 @dataclass
@@ -41,6 +74,8 @@ class StreamCounters:
     dropped: int = 0
     ended: bool = False
     error: str | None = None
+    #: frames skipped to hold the stream's ``max_fps`` (not drops: asked for)
+    skipped: int = 0
 
 
 @dataclass
@@ -55,11 +90,13 @@ class Taken:
 
 
 class _Stream:
-    def __init__(self, name: str, source: Source) -> None:
+    def __init__(self, name: str, source: Source, max_fps: float) -> None:
         self.name, self.source = name, source
         self.slot: tuple[Frame, Any] | None = None
         self.counters = StreamCounters()
         self.thread: threading.Thread | None = None
+        #: the least time between two frames kept (0: every frame)
+        self.min_gap_ns = int(1e9 / max_fps) if max_fps > 0 else 0
 
 
 class StreamSet:
@@ -69,7 +106,12 @@ class StreamSet:
         *,
         policy: str = "round-robin",
         prepare: Callable[[str, Frame], Any] | None = None,
+        max_fps: Mapping[str, float] | None = None,
     ) -> None:
+        """``prepare(name, frame)`` runs in the stream's reader on every frame kept; what it
+        returns is handed out with the frame (:class:`Taken`). ``max_fps`` caps a stream's rate
+        by name: a frame captured sooner than ``1 / max_fps`` after the last one kept is
+        skipped in the reader, before ``prepare`` (a 30 fps camera served at 15)."""
         if not streams:
             raise SourceError("streams: none given")
         names = [name for name, _ in streams]
@@ -80,7 +122,14 @@ class StreamSet:
             raise SourceError(f"streams: policy = {policy!r}: expected one of {POLICIES}")
         self.policy = policy
         self._prepare = prepare
-        self._streams = [_Stream(name, source) for name, source in streams]
+        caps = dict(max_fps or {})
+        unknown = sorted(set(caps) - set(names))
+        if unknown:
+            raise SourceError(f"streams: max_fps names no stream: {unknown}")
+        for name, fps in caps.items():
+            if not fps >= 0:
+                raise SourceError(f"streams: stream {name}: max_fps = {fps}: must be >= 0")
+        self._streams = [_Stream(name, source, caps.get(name, 0.0)) for name, source in streams]
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._next = 0  # round-robin: the index to look at first
@@ -123,6 +172,7 @@ class StreamSet:
     def _read(self, stream: _Stream) -> None:
         source, counters, cond = stream.source, stream.counters, self._cond
         error: str | None = None
+        last_kept_ns = -(1 << 62)
         try:
             while not self._stop.is_set():
                 try:
@@ -131,6 +181,12 @@ class StreamSet:
                     continue
                 if frame is None:
                     break
+                if stream.min_gap_ns:
+                    if frame.capture_ns - last_kept_ns < stream.min_gap_ns:
+                        with cond:
+                            counters.skipped += 1
+                        continue
+                    last_kept_ns = frame.capture_ns
                 prepared = self._prepare(stream.name, frame) if self._prepare else None
                 with cond:
                     counters.read += 1
@@ -203,4 +259,4 @@ class StreamSet:
         self.close()
 
 
-__all__ = ["POLICIES", "StreamCounters", "StreamSet", "Taken"]
+__all__ = ["POLICIES", "Stream", "StreamCounters", "StreamSet", "Taken", "check_stream_name"]

@@ -23,6 +23,7 @@ from edge_agent.io.source import (
     check_fps,
     check_pace,
 )
+from edge_agent.io.streams import Stream
 from edge_agent.io.synthetic import DEFAULT_SYNTHETIC_FPS, PATTERNS, SyntheticSource
 
 _USAGE = (
@@ -345,7 +346,29 @@ def open_source_from(config: Any) -> Source:
     return open_source(s.uri, pace=s.pace, window=window)
 
 
+def open_streams_from(config: Any) -> list[Stream]:
+    """The named streams a config's ``[[sources]]`` list names, unopened, with their options
+    (fps cap, region of interest). A bad URI names its stream."""
+    out = []
+    for s in config.sources:
+        window = None
+        if s.window_size:
+            window = WindowSpec(
+                size=s.window_size,
+                hop=s.window_hop or s.window_size,
+                channels=s.window_channels or 1,
+            )
+        try:
+            source = open_source(s.uri, pace=s.pace, window=window)
+        except SourceError as exc:
+            raise SourceError(f"stream {s.name}: {exc}") from exc
+        roi = (s.roi[0], s.roi[1], s.roi[2], s.roi[3]) if s.roi else None
+        out.append(Stream(s.name, source, max_fps=s.fps, roi=roi))
+    return out
+
+
 __all__ = [
     "open_source",
     "open_source_from",
+    "open_streams_from",
 ]

@@ -1,0 +1,264 @@
+"""Several streams, one model (issue 14): named streams from config and the command line, every
+frame of every file stream served once and in its order, each result tagged with its stream
+and that stream's own gap-free count, a region of interest per stream, an fps cap per stream,
+and a lost stream degrading alone while the others are served. Real video files written with
+OpenCV, real synthetic sources, a real onnxruntime model."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from edge_agent.cli import main as edge_agent
+from edge_agent.config import parse_config
+from edge_agent.errors import ConfigError, SourceError
+from edge_agent.io import open_source
+from edge_agent.io.sinks import CallbackSink
+from edge_agent.io.streams import Stream
+from edge_agent.pipeline import Pipeline, State
+from tests.fleet import wait_until
+
+W, H = 64, 48
+
+
+def _mean_model(path: Path) -> Path:
+    """x [1, 3, H, W] -> y [1, 3]: each channel's mean (what the frame's colour was)."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=0)],
+        "mean",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, H, W])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _video(path: Path, *, channel: int, frames: int, split: bool = False) -> Path:
+    """Frame i is black but for one BGR channel at 8 + 12 i (with ``split``, only the right
+    half is lit), so a result tells which stream and which frame it came from."""
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30.0, (W, H))
+    for i in range(frames):
+        img = np.zeros((H, W, 3), np.uint8)
+        img[:, W // 2 if split else 0 :, channel] = (8 + 12 * i) % 256
+        out.write(img)
+    out.release()
+    return path
+
+
+def _load(path: Path, tmp: Path, *, workers: int = 1) -> Any:
+    from edge_agent.model.loader import load_model
+    from edge_agent.model.profiles import load_profile
+
+    return load_model(
+        path, profile=load_profile("x86-64"), state_dir=tmp / "state", threads=1, workers=workers
+    )
+
+
+def _value(result: dict[str, Any]) -> list[float]:
+    """The model's output (RGB channel means, 0-255) of a result."""
+    (y,) = result["output"]["outputs"].values()
+    return [round(v * 255.0, 1) for v in np.asarray(y).reshape(-1)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_frame_of_every_file_stream_once_in_its_order(tmp_path: Path, workers: int) -> None:
+    sizes = {"red": (2, 9), "green": (1, 14), "blue": (0, 5)}  # BGR channel, frames
+    streams = [
+        Stream(name, open_source(str(_video(tmp_path / f"{name}.mp4", channel=c, frames=n))))
+        for name, (c, n) in sizes.items()
+    ]
+    results: list[dict[str, Any]] = []
+    pipe = Pipeline(
+        streams=streams,
+        model=_load(_mean_model(tmp_path / "m.onnx"), tmp_path, workers=workers),
+        sinks=[CallbackSink(results.append)],
+        workers=workers,
+    )
+    summary = pipe.run()
+    total = sum(n for _, n in sizes.values())
+    assert [r["seq"] for r in results] == list(range(total))  # the device-wide count, gap-free
+    for name, (channel, frames) in sizes.items():
+        mine = [r for r in results if r["stream"] == name]
+        assert [r["frame"] for r in mine] == list(range(frames))
+        assert [r["stream_seq"] for r in mine] == list(range(frames))
+        rgb = 2 - channel  # the model sees RGB
+        for r in mine:
+            v = _value(r)
+            assert abs(v[rgb] - (8 + 12 * r["frame"])) <= 5, (name, r["frame"], v)
+            assert all(abs(x) <= 5 for i, x in enumerate(v) if i != rgb), (name, v)
+        s = summary["streams"][name]
+        assert s["results"] == s["frames"] == frames and s["next_stream_seq"] == frames
+        assert s["state"] == "ended" and s["dropped"] == 0
+        assert s["latency_ms"]["inference"]["count"] == frames
+    assert summary["results"] == total and summary["workers"] == workers
+
+
+def test_round_robin_serves_streams_in_turn(tmp_path: Path) -> None:
+    """Three file streams always ready: round-robin gives each a turn, a, b, c, a, b, c ..."""
+    streams = [
+        Stream(n, open_source(str(_video(tmp_path / f"{n}.mp4", channel=i, frames=8))))
+        for i, n in enumerate("abc")
+    ]
+    results: list[dict[str, Any]] = []
+    Pipeline(
+        streams=streams,
+        model=_load(_mean_model(tmp_path / "m.onnx"), tmp_path),
+        sinks=[CallbackSink(results.append)],
+    ).run()
+    order = [r["stream"] for r in results]
+    assert sorted(order) == sorted("abc" * 8)
+    # every window of three consecutive results holds each stream once (but at the ends, where
+    # a reader may not have had its first or last frame ready at a pick)
+    middle = order[3:-3]
+    assert sum(len(set(middle[i : i + 3])) == 3 for i in range(len(middle) - 2)) >= len(middle) - 6
+
+
+def test_a_region_of_interest_crops_before_preprocessing(tmp_path: Path) -> None:
+    video = _video(tmp_path / "half.mp4", channel=1, frames=6, split=True)
+    streams = [
+        Stream("whole", open_source(str(video))),
+        Stream("right", open_source(str(video)), roi=(W // 2, 0, W // 2, H)),
+    ]
+    results: list[dict[str, Any]] = []
+    Pipeline(
+        streams=streams,
+        model=_load(_mean_model(tmp_path / "m.onnx"), tmp_path),
+        sinks=[CallbackSink(results.append)],
+    ).run()
+    for r in results:
+        green, lit = _value(r)[1], 8 + 12 * r["frame"]
+        # the right half only: the full level; the whole frame: half of it (stretched to fit)
+        want = lit if r["stream"] == "right" else lit / 2
+        assert abs(green - want) <= 5, (r["stream"], r["frame"], green)
+    assert sorted(r["stream"] for r in results) == ["right"] * 6 + ["whole"] * 6
+
+
+def test_an_fps_cap_skips_frames_in_the_reader(tmp_path: Path) -> None:
+    """A source delivering about 100 frames a second, capped at 10: most frames are skipped
+    (counted, not dropped), and what is served is at least 1/10 s apart."""
+    video = _video(tmp_path / "v.mp4", channel=0, frames=60)
+    capped = Stream("capped", open_source(str(video), pace="native", fps=100.0), max_fps=10.0)
+    results: list[dict[str, Any]] = []
+    summary = Pipeline(
+        streams=[capped],
+        model=_load(_mean_model(tmp_path / "m.onnx"), tmp_path),
+        sinks=[CallbackSink(results.append)],
+    ).run()
+    s = summary["streams"]["capped"]
+    assert s["results"] + s["skipped"] == 60 and s["dropped"] == 0
+    assert 2 <= s["results"] <= 30  # 60 frames over >= 0.6 s: at most ~7 at 10 fps, slack kept
+    ts = [r["capture_ts"] for r in results]
+    assert all(b - a >= 0.095 for a, b in zip(ts, ts[1:]))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_lost_stream_degrades_alone_and_the_others_are_served(tmp_path: Path) -> None:
+    dead = Stream("door", open_source(f"rtsp://127.0.0.1:{_closed_port()}/none"))
+    live = Stream("yard", open_source(f"synthetic:?width={W}&height={H}&fps=60&live=1"))
+    results: list[dict[str, Any]] = []
+    pipe = Pipeline(
+        streams=[dead, live],
+        model=_load(_mean_model(tmp_path / "m.onnx"), tmp_path),
+        sinks=[CallbackSink(results.append)],
+        max_frames=150,
+    )
+    runner = threading.Thread(target=pipe.run)
+    runner.start()
+    try:
+        wait_until(
+            lambda: pipe.stream_status().get("door") == "degraded", timeout=20, what="door lost"
+        )
+        wait_until(lambda: pipe.state is State.DEGRADED, timeout=10, what="pipeline degraded")
+        assert pipe.stream_status()["yard"] == "serving"
+    finally:
+        runner.join(60)
+    assert not runner.is_alive()
+    summary = pipe.summary()
+    assert summary["results"] == 150 and {r["stream"] for r in results} == {"yard"}
+    assert [r["stream_seq"] for r in results] == list(range(150))
+    door = summary["streams"]["door"]
+    assert door["results"] == 0 and "cannot connect" in (door["last_error"] or "")
+    assert summary["streams"]["yard"]["results"] == 150
+
+
+# --- configuration and the command line -----------------------------------------------------
+
+
+def test_sources_in_config_and_their_errors() -> None:
+    config = parse_config(
+        {
+            "sources": [
+                {"name": "front", "uri": "rtsp://cam1/s", "fps": 15, "roi": [0, 0, 320, 240]},
+                {"name": "mic", "uri": "wav:a.wav", "window_size": 512},
+            ]
+        }
+    )
+    assert [s.name for s in config.sources] == ["front", "mic"]
+    assert config.sources[0].roi == (0, 0, 320, 240) and config.sources[0].fps == 15.0
+    bad = [
+        ({"sources": [{"name": "a", "uri": "x"}, {"name": "a", "uri": "y"}]}, "'a' is used twice"),
+        ({"sources": [{"uri": "x"}]}, "name is not set"),
+        ({"sources": [{"name": "a b", "uri": "x"}]}, "stream name 'a b'"),
+        ({"sources": [{"name": "a", "uri": "x", "roi": [1, 2]}]}, "roi = [1, 2]"),
+        ({"sources": [{"name": "a", "uri": "x", "fps": -1}]}, "fps = -1"),
+        ({"source": {"uri": "x"}, "sources": [{"name": "a", "uri": "y"}]}, "both set"),
+        ({"sources": {"name": "a"}}, "expected [[sources]] tables"),
+    ]
+    for data, needle in bad:
+        with pytest.raises(ConfigError, match=None) as info:
+            parse_config(data)
+        assert needle in str(info.value), (data, str(info.value))
+
+
+def test_a_bad_stream_uri_names_its_stream() -> None:
+    from edge_agent.io.uri import open_streams_from
+
+    config = parse_config(
+        {"sources": [{"name": "ok", "uri": "synthetic:"}, {"name": "bad", "uri": "nope:x"}]}
+    )
+    with pytest.raises(SourceError, match=r"^stream bad: "):
+        open_streams_from(config)
+
+
+def test_run_serves_named_streams_from_the_command_line(tmp_path: Path) -> None:
+    model = _mean_model(tmp_path / "m.onnx")
+    a = _video(tmp_path / "a.mp4", channel=2, frames=7)
+    b = _video(tmp_path / "b.mp4", channel=0, frames=4)
+    out, summary = tmp_path / "r.jsonl", tmp_path / "s.json"
+    code = edge_agent(
+        [
+            "run", "--model", str(model), "--source", f"left=file:{a}", "--source", f"right={b}",
+            "--results", f"jsonl:{out}", "--state-dir", str(tmp_path / "st"),
+            "--summary", str(summary),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["stream"] for r in results) == ["left"] * 7 + ["right"] * 4
+    assert [r["stream_seq"] for r in results if r["stream"] == "right"] == [0, 1, 2, 3]
+    assert set(json.loads(summary.read_text())["streams"]) == {"left", "right"}
+
+
+def test_mixing_a_plain_and_a_named_source_is_refused(tmp_path: Path, capsys: Any) -> None:
+    code = edge_agent(
+        ["run", "--model", str(tmp_path / "m.onnx"), "--source", "synthetic:",
+         "--source", "b=synthetic:", "--state-dir", str(tmp_path)]
+    )  # fmt: skip
+    assert code == 78
+    assert "--source synthetic:: with several sources, name each one" in capsys.readouterr().err
