@@ -512,7 +512,8 @@ class Service:
         if self.config.mqtt.home_assistant:
             from edge_agent.fleet.homeassistant import home_assistant_discovery
 
-            for topic, payload in home_assistant_discovery(self.topics, self.device):
+            names = [st.name for st in self.streams]
+            for topic, payload in home_assistant_discovery(self.topics, self.device, streams=names):
                 link.send(topic, payload, retain=True)
 
     def _publish_reported(self) -> None:

@@ -25,7 +25,14 @@ from edge_agent.io import open_source
 from edge_agent.io.sinks import CallbackSink
 from edge_agent.io.streams import Stream
 from edge_agent.pipeline import Pipeline, State
-from tests.fleet import wait_until
+from tests.broker import Broker, Collector, broker_fixture  # noqa: F401
+from tests.fleet import (  # noqa: F401  (fleet_env_fixture: the `fleet_env` fixture)
+    AgentProcess,
+    agent_config,
+    fleet_env_fixture,
+    payloads,
+    wait_until,
+)
 
 W, H = 64, 48
 
@@ -262,3 +269,94 @@ def test_mixing_a_plain_and_a_named_source_is_refused(tmp_path: Path, capsys: An
     )  # fmt: skip
     assert code == 78
     assert "--source synthetic:: with several sources, name each one" in capsys.readouterr().err
+
+
+# --- over MQTT: results, telemetry, events, Home Assistant and Prometheus per stream ---------
+
+
+def test_streams_over_mqtt_carry_their_names_everywhere(
+    broker: Broker, fleet_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """Two named streams of the digits video through the agent process and a real Mosquitto:
+    every result has its stream and a gap-free stream_seq beside the device-wide seq, telemetry
+    has one entry per stream (schema-valid), Home Assistant gets each stream's sensors."""
+    import jsonschema
+
+    from edge_agent.fleet import protocol
+
+    video = fleet_env["video"]
+    cfg = agent_config(
+        broker=broker.url, device="nvr-1", state_dir=tmp_path / "state",
+        model=fleet_env["root"] / "digits-1.0.0.edgebundle", source="", keys=fleet_env["pub"],
+        telemetry_interval=0.5, mqtt_extra="home_assistant = true",
+        extra=f'[[sources]]\nname = "gate"\nuri = "file:{video}"\npace = "native"\n\n'
+        f'[[sources]]\nname = "dock"\nuri = "file:{video}"\npace = "native"\n',
+    )  # fmt: skip
+    with (
+        Collector(broker, ["edge/#", "homeassistant/#"]) as consumer,
+        AgentProcess(tmp_path, cfg) as agent,
+    ):
+        assert agent.wait(90) == 0, agent.text()
+        consumer.wait_for(lambda m: len(payloads(m, "/results")) >= 240, timeout=20)
+        msgs = consumer.messages
+    results = payloads(msgs, "/results")
+    assert [r["seq"] for r in results] == list(range(240))
+    for name in ("gate", "dock"):
+        mine = [r for r in results if r["stream"] == name]
+        assert [r["stream_seq"] for r in mine] == list(range(120))
+        assert [r["frame"] for r in mine] == list(range(120))
+    for r in results[:10]:
+        jsonschema.validate(r, protocol.SCHEMAS["result"])
+    telemetry = payloads(msgs, "/telemetry")
+    for t in telemetry:
+        jsonschema.validate(t, protocol.SCHEMAS["telemetry"])
+    last = telemetry[-1]["pipeline"]
+    assert set(last["streams"]) == {"gate", "dock"}
+    assert last["streams"]["gate"]["results"] == last["streams"]["dock"]["results"] == 120
+    assert any(t["pipeline"]["streams"]["gate"]["fps"] > 0 for t in telemetry)
+    ha = {m.topic for m in msgs if m.topic.startswith("homeassistant/")}
+    for name in ("gate", "dock"):
+        assert f"homeassistant/sensor/nvr-1_{name}_fps/config" in ha
+        assert f"homeassistant/sensor/nvr-1_{name}_state/config" in ha
+
+
+def test_prometheus_labels_each_stream() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.registry import CollectorRegistry
+
+    from edge_agent.fleet.prometheus import TelemetryCollector
+
+    latency = {"capture_to_result": {"p50": 20.0, "p95": 31.0, "p99": None}}
+    stream = {"state": "serving", "fps": 14.5, "results": 300, "dropped": 2, "latency_ms": latency}
+    telemetry = {
+        "device": "nvr-1",
+        "model": {"name": "det", "version": "2.0.0"},
+        "pipeline": {
+            "fps": 14.5,
+            "results": 300,
+            "latency_ms": {},
+            "streams": {"front": stream, "back": {**stream, "state": "degraded", "fps": 0.0}},
+        },
+    }
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TelemetryCollector(lambda: telemetry))
+    from prometheus_client import generate_latest
+
+    families = {
+        f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())
+    }
+    up = {s.labels["stream"]: s.value for s in families["edge_agent_stream_up"].samples}
+    assert up == {"front": 1.0, "back": 0.0}
+    fps = {s.labels["stream"]: s.value for s in families["edge_agent_stream_fps"].samples}
+    assert fps == {"front": 14.5, "back": 0.0}
+    (res, _) = families["edge_agent_stream_results"].samples
+    assert res.name == "edge_agent_stream_results_total" and res.value == 300
+    assert res.labels == {"device": "nvr-1", "model": "det", "version": "2.0.0", "stream": "back"}
+    lat = families["edge_agent_stream_latency_ms"]
+    assert lat.type == "summary"
+    assert {(s.labels["stream"], s.labels["quantile"]) for s in lat.samples} == {
+        ("front", "0.5"),
+        ("front", "0.95"),
+        ("back", "0.5"),
+        ("back", "0.95"),
+    }

@@ -9,6 +9,7 @@ unavailable in Home Assistant without anything else running.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import edge_agent
@@ -32,10 +33,38 @@ HA_SENSORS = (
 )
 
 
+#: per stream, with several: (key, name, template over telemetry's pipeline.streams.<stream>,
+#: unit, device class)
+HA_STREAM_SENSORS = (
+    ("fps", "rate", "{{{{ value_json.pipeline.streams['{s}'].fps }}}}", "fps", None),
+    (
+        "latency_p95",
+        "latency p95",
+        "{{{{ value_json.pipeline.streams['{s}'].latency_ms.capture_to_result.p95 }}}}",
+        "ms",
+        "duration",
+    ),
+    ("state", "state", "{{{{ value_json.pipeline.streams['{s}'].state }}}}", None, None),
+    (
+        "dropped",
+        "dropped frames",
+        "{{{{ value_json.pipeline.streams['{s}'].dropped }}}}",
+        None,
+        None,
+    ),
+)
+
+
 def home_assistant_discovery(
-    topics: Topics, device: str, *, discovery_prefix: str = "homeassistant"
+    topics: Topics,
+    device: str,
+    *,
+    discovery_prefix: str = "homeassistant",
+    streams: Sequence[str] = (),
 ) -> list[tuple[str, bytes]]:
-    """(topic, retained payload) for every sensor, plus the last label from the results."""
+    """(topic, retained payload) for every sensor, plus the last label from the results; with
+    several ``streams``, each stream's rate, latency, state and drops as sensors of their own
+    (``<device>_<stream>_<key>``)."""
     dev = {
         "identifiers": [f"edge_agent_{device}"],
         "name": f"edge-agent {device}",
@@ -55,6 +84,18 @@ def home_assistant_discovery(
     sensors.append(
         ("last_label", "Last label", "{{ value_json.output.label }}", None, None, topics.results)
     )
+    for stream in streams:
+        for key, name, template, unit, device_class in HA_STREAM_SENSORS:
+            sensors.append(
+                (
+                    f"{stream}_{key}",
+                    f"{stream} {name}",
+                    template.format(s=stream),
+                    unit,
+                    device_class,
+                    topics.telemetry,
+                )
+            )
     for key, name, template, unit, device_class, state_topic in sensors:
         config: dict[str, Any] = {
             "name": name,
@@ -76,4 +117,4 @@ def home_assistant_discovery(
     return out
 
 
-__all__ = ["HA_SENSORS", "home_assistant_discovery"]
+__all__ = ["HA_SENSORS", "HA_STREAM_SENSORS", "home_assistant_discovery"]

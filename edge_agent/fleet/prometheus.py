@@ -6,7 +6,10 @@ gauges for rates and levels (``edge_agent_fps``, ``edge_agent_cpu_percent``, …
 what only grows (``edge_agent_results_total``, ``edge_agent_dropped_total``,
 ``edge_agent_inference_errors_total``), and the per-stage latency over the last telemetry
 interval as a summary (``edge_agent_latency_ms{stage,quantile}``, quantiles 0.5, 0.95, 0.99).
-Every sample is labelled with the device, the model and its version. Nothing is exposed until
+Every sample is labelled with the device, the model and its version. With several streams, each
+stream has its own families labelled ``stream`` too (``edge_agent_stream_up``,
+``edge_agent_stream_fps``, ``edge_agent_stream_results_total``,
+``edge_agent_stream_dropped_total``, ``edge_agent_stream_latency_ms``). Nothing is exposed until
 the first telemetry.
 """
 
@@ -83,6 +86,53 @@ class TelemetryCollector(Collector):
                     summary.add_sample("edge_agent_latency_ms", sample, value)
         if summary.samples:
             yield summary
+        streams = (telemetry.get("pipeline") or {}).get("streams") or {}
+        if streams:
+            yield from _stream_metrics(labels, streams)
+
+
+#: per stream, with several: (metric, key in telemetry's pipeline.streams.<stream>, help)
+STREAM_GAUGES = (("stream_fps", "fps", "Results per second of this stream, last interval."),)
+STREAM_COUNTERS = (
+    ("stream_results", "results", "Results of this stream since start."),
+    ("stream_dropped", "dropped", "Frames of this stream dropped since start."),
+)
+
+
+def _stream_metrics(labels: list[str], streams: Mapping[str, Any]) -> Iterator[Metric]:
+    """Per-stream families, labelled with the stream besides the device, model and version;
+    ``edge_agent_stream_up`` is 1 while the stream is served, 0 while it is lost or ended."""
+    names = (*LABELS, "stream")
+    up = GaugeMetricFamily("edge_agent_stream_up", "1 while the stream is served.", labels=names)
+    tables = ((GaugeMetricFamily, STREAM_GAUGES), (CounterMetricFamily, STREAM_COUNTERS))
+    made = {
+        name: family(f"edge_agent_{name}", help_text, labels=names)
+        for family, table in tables
+        for name, _, help_text in table
+    }
+    latency = Metric(
+        "edge_agent_stream_latency_ms", "Per-stage latency of this stream, last interval.",
+        "summary",
+    )  # fmt: skip
+    for stream, entry in sorted(streams.items()):
+        entry = entry if isinstance(entry, Mapping) else {}
+        values = [*labels, str(stream)]
+        up.add_metric(values, 1.0 if entry.get("state") == "serving" else 0.0)
+        for _, table in tables:
+            for name, key, _ in table:
+                value = _number(entry, (key,))
+                if value is not None:
+                    made[name].add_metric(values, value)
+        for stage, pct in (entry.get("latency_ms") or {}).items():
+            for key, quantile in QUANTILES:
+                value = _number(pct or {}, (key,))
+                if value is not None:
+                    sample = dict(zip(names, values), stage=str(stage), quantile=quantile)
+                    latency.add_sample("edge_agent_stream_latency_ms", sample, value)
+    yield up
+    yield from made.values()
+    if latency.samples:
+        yield latency
 
 
 class PrometheusServer:
