@@ -184,6 +184,7 @@ class Pipeline:
         source: Source | None = None,
         streams: Sequence[Stream] = (),
         policy: str = "round-robin",
+        batch: int = 1,
         model: LoadedModel,
         sinks: Sequence[Sink],
         max_frames: int | None = None,
@@ -198,6 +199,11 @@ class Pipeline:
             raise ValueError(f"workers = {workers}: must be >= 1")
         if (source is None) == (not streams):
             raise ValueError("Pipeline: give a source or streams, not both and not neither")
+        if batch < 1 or (batch > 1 and not streams):
+            raise ValueError(f"batch = {batch}: must be >= 1, and 1 without streams")
+        #: frames of several streams inferred in one call (:func:`edge_agent.model.plan.
+        #: batch_plan` decides it by measurement)
+        self.batch = batch
         if workers > 1 and not getattr(model.runtime, "concurrent", False):
             log.warning(
                 "%s runtime is not thread-safe: using 1 inference worker, not %d",
@@ -461,25 +467,34 @@ class Pipeline:
             while not self._stop.is_set():
                 self.heartbeat_mono = time.monotonic()
                 try:
-                    taken = streams.take(timeout=0.5)
+                    taken = streams.take_many(self.batch, timeout=0.5)
                 except SourceTimeout:
                     self._update_degraded()
                     continue
-                if taken is None:
+                if not taken:
                     break
                 now = time.monotonic()
                 if now - checked > 0.25:  # the streams' states, a few times a second
                     checked = now
                     self._update_degraded()
-                prep = taken.prepared
-                if prep is None:  # gated in the reader
-                    continue
-                item = _Item(
-                    order, prep.frame, prep.feeds, prep.geometry, prep.model, prep.pre_ns,
-                    stream=taken.stream,
-                )  # fmt: skip
-                order += 1
-                if not self._put(item):
+                items = []
+                for t in taken:
+                    prep = t.prepared
+                    if prep is None:  # gated in the reader
+                        continue
+                    items.append(
+                        _Item(
+                            order,
+                            prep.frame,
+                            prep.feeds,
+                            prep.geometry,
+                            prep.model,
+                            prep.pre_ns,
+                            stream=t.stream,
+                        )
+                    )
+                    order += 1
+                if items and not self._put(items[0] if len(items) == 1 else items):
                     return
         except BaseException as exc:  # reported by run(); the loop must not die silently
             self.capture_error = exc
@@ -530,10 +545,17 @@ class Pipeline:
                 with contextlib.suppress(queue.Full):
                     self._queue.put_nowait(_END)  # for the other workers
                 return
-            try:
-                result = self._process(item)
-            finally:
-                self._emit(item.order, None)  # no-op when _process emitted it
+            if isinstance(item, list):  # frames of several streams, inferred in one call
+                try:
+                    result = self._process_batch(item)
+                finally:
+                    for one in item:
+                        self._emit(one.order, None)  # no-op for those emitted
+            else:
+                try:
+                    result = self._process(item)
+                finally:
+                    self._emit(item.order, None)  # no-op when _process emitted it
             if result is _STOP:
                 return
 
@@ -625,6 +647,96 @@ class Pipeline:
         }
         timing = (t_start, t_inf, t_post, t_done, t_ready, pre_ns, item.frame.capture_ns)
         return self._emit(item.order, (result, "error" in output, timing))
+
+    def _process_batch(self, items: list[_Item]) -> Any:
+        """Frames of several streams in one inference call (the model's batch dimension): one
+        result each, emitted in order. Each result's ``inference`` latency is the call's time
+        divided by the frames in it."""
+        t_start = time.monotonic_ns()
+        model = self._take_pending()
+        payloads: list[Any] = []
+        try:
+            pre = []
+            for it in items:
+                pre_ns = it.pre_ns
+                if it.model is not model:  # preprocessed for the old model: prepare it again
+                    t0 = time.monotonic_ns()
+                    it.feeds, it.geometry = model.prepare(it.frame.data)
+                    pre_ns += time.monotonic_ns() - t0
+                pre.append(pre_ns)
+            feeds = {k: np.concatenate([it.feeds[k] for it in items]) for k in items[0].feeds}
+            runtime = model.runtime
+            t_inf = time.monotonic_ns()
+            ident = threading.get_ident()
+            self._infer_since[ident] = t_inf / 1e9
+            try:
+                outputs = runtime.infer(feeds)  # batching is planned for onnxruntime only
+            except ModelError as exc:
+                counts = [self._count_error(model) for _ in items]
+                if counts[0] == 1 or counts[0] // 1000 != counts[-1] // 1000:
+                    log.warning(
+                        "inference error #%d (a batch of %d): %s", counts[-1], len(items), exc
+                    )
+                return None
+            finally:
+                self._infer_since.pop(ident, None)
+            t_post = time.monotonic_ns()
+            per_frame_inf = (t_post - t_inf) // len(items)
+            for i, it in enumerate(items):
+                t0 = time.monotonic_ns()
+                mine = [o[i : i + 1] for o in outputs]
+                data = it.frame.data
+                size = (
+                    (data.shape[1], data.shape[0])
+                    if data.ndim >= 2 and data.dtype == np.uint8
+                    else None
+                )
+                try:
+                    output = model.postprocessor(mine, geometry=it.geometry, source_size=size)
+                except Exception as exc:  # outputs this model's postprocessing cannot read
+                    n = self._count_error(model)
+                    if n in (1, 10, 100) or n % 1000 == 0:
+                        log.warning("postprocessing error #%d: %s", n, exc)
+                    payloads.append(None)
+                    continue
+                if "error" in output:
+                    with self._cond:
+                        self._model_errors[id(model)] = self._model_errors.get(id(model), 0) + 1
+                t_done = time.monotonic_ns()
+                observer = self.observer
+                if observer is not None:
+                    try:
+                        observer({k: v[i : i + 1] for k, v in feeds.items()}, output, mine)
+                    except Exception:  # monitoring must never cost a frame
+                        log.exception("pipeline observer failed")
+                        self.observer = None
+                t_ready = time.monotonic_ns()
+                result = {
+                    "seq": 0,  # set in capture order by _emit
+                    "stream": it.stream,
+                    "stream_seq": 0,
+                    "capture_ts": it.frame.capture_ts,
+                    "result_ts": time.time(),
+                    "frame": it.frame.index,
+                    "model": model.identity,
+                    "latency_ms": {
+                        "capture_to_result": round((t_done - it.frame.capture_ns) / 1e6, 4),
+                        "preprocess": round(pre[i] / 1e6, 4),
+                        "inference": round(per_frame_inf / 1e6, 4),
+                        "postprocess": round((t_done - t0) / 1e6, 4),
+                    },
+                    "output": output,
+                }
+                # the frame's share of the call, as if it had been inferred alone
+                timing = (t_start, t_post - per_frame_inf, t_post, t_done, t_ready, pre[i],
+                          it.frame.capture_ns)  # fmt: skip
+                payloads.append((result, "error" in output, timing))
+        finally:
+            self._release(model)
+        for it, payload in zip(items, payloads):
+            if payload is not None and self._emit(it.order, payload) is _STOP:
+                return _STOP
+        return None
 
     def _emit(self, order: int, payload: Any) -> Any:
         """Write a result (or skip a frame that has none) when its turn in capture order comes.
@@ -734,6 +846,7 @@ class Pipeline:
             "inference_errors": self.inference_errors,
             "swaps": self.swaps,
             "workers": self.workers,
+            "batch": self.batch,
             "pin_capture": self._cores is not None,
             "next_seq": self.seq,
             "sink_errors": dict(self._writer.errors),

@@ -133,9 +133,18 @@ class Service:
             )
         self.notifier = Notifier()
         self.watchdog = Watchdog(notifier=self.notifier)
+        batch = 1
+        if self.streams:
+            from edge_agent.model.plan import batch_plan
+
+            batch, why = batch_plan(model, streams=len(self.streams))
+            log.info(
+                "streams: %d, %d frame(s) an inference call (%s)", len(self.streams), batch, why
+            )
         self.pipeline = Pipeline(
             source=None if self.streams else self.source,
             streams=self.streams,
+            batch=batch,
             model=model,
             sinks=[*self.sinks, self.probe],
             max_frames=config.pipeline.max_frames or None,
@@ -570,6 +579,7 @@ class Service:
                 "inference_errors": p.inference_errors,
                 "gated": p.gated,
                 "workers": p.workers,
+                "batch": p.batch,
                 "latency_ms": latency,
                 "plan": self.plan.to_dict() if self.plan is not None else None,
                 **({"streams": self._stream_telemetry(interval)} if self.streams else {}),

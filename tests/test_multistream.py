@@ -360,3 +360,60 @@ def test_prometheus_labels_each_stream() -> None:
         ("back", "0.5"),
         ("back", "0.95"),
     }
+
+
+# --- batches of several streams' frames in one call -----------------------------------------
+
+
+def _dynamic_mean_model(path: Path) -> Path:
+    """As :func:`_mean_model`, with a dynamic batch dimension."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=0)],
+        "mean",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, H, W])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_frames_of_several_streams_in_one_call_keep_their_own_results(tmp_path: Path) -> None:
+    sizes = {"red": (2, 9), "green": (1, 12), "blue": (0, 6)}
+    streams = [
+        Stream(name, open_source(str(_video(tmp_path / f"{name}.mp4", channel=c, frames=n))))
+        for name, (c, n) in sizes.items()
+    ]
+    model = _load(_dynamic_mean_model(tmp_path / "m.onnx"), tmp_path)
+    calls: list[int] = []
+    real = model.runtime.infer
+
+    def infer(feeds: Any) -> Any:  # records each call's batch, then runs the real runtime
+        calls.append(next(iter(feeds.values())).shape[0])
+        return real(feeds)
+
+    model.runtime.infer = infer
+    results: list[dict[str, Any]] = []
+    summary = Pipeline(
+        streams=streams, model=model, sinks=[CallbackSink(results.append)], batch=3
+    ).run()
+    assert summary["batch"] == 3 and sum(calls) == 27 and max(calls) > 1
+    assert [r["seq"] for r in results] == list(range(27))
+    for name, (channel, frames) in sizes.items():
+        mine = [r for r in results if r["stream"] == name]
+        assert [r["frame"] for r in mine] == list(range(frames))
+        assert [r["stream_seq"] for r in mine] == list(range(frames))
+        for r in mine:
+            assert abs(_value(r)[2 - channel] - (8 + 12 * r["frame"]) % 256) <= 5, (name, r)
+
+
+def test_the_batch_plan_says_why(tmp_path: Path) -> None:
+    from edge_agent.model.plan import batch_plan
+
+    fixed = _load(_mean_model(tmp_path / "fixed.onnx"), tmp_path)
+    assert batch_plan(fixed, streams=4) == (1, "the model's batch dimension is fixed")
+    dynamic = _load(_dynamic_mean_model(tmp_path / "dyn.onnx"), tmp_path)
+    assert batch_plan(dynamic, streams=1) == (1, "one stream")
+    k, how = batch_plan(dynamic, streams=6)  # measured: 4 frames a call or 1, with the numbers
+    assert k in (1, 4) and "4 frames a call cost" in how

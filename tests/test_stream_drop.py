@@ -6,57 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pytest
 
 from edge_agent.io import open_source
 from tests.fleet import fleet_env_fixture  # noqa: F401  (the `fleet_env` fixture)
-
-
-class _Mjpeg(BaseHTTPRequestHandler):
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-        self.end_headers()
-        i = 0
-        try:
-            while not self.server.stopping:  # type: ignore[attr-defined]
-                level = 90 if self.server.static else (i * 7) % 255  # type: ignore[attr-defined]
-                ok, jpg = cv2.imencode(".jpg", np.full((120, 160, 3), level, np.uint8))
-                assert ok
-                head = b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(
-                    jpg
-                )
-                self.wfile.write(head + jpg.tobytes() + b"\r\n")
-                i += 1
-                time.sleep(0.02)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-
-def _serve(port: int, *, static: bool = False) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("127.0.0.1", port), _Mjpeg)
-    server.stopping = False  # type: ignore[attr-defined]
-    server.static = static  # type: ignore[attr-defined]  # the same frame over and over
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
-def _stop(server: ThreadingHTTPServer) -> None:
-    server.stopping = True  # type: ignore[attr-defined]
-    server.shutdown()
-    server.server_close()
+from tests.mjpeg import serve_mjpeg, stop_mjpeg
 
 
 def _wait(predicate: Any, timeout: float) -> bool:
@@ -70,24 +29,24 @@ def _wait(predicate: Any, timeout: float) -> bool:
 
 @pytest.mark.slow
 def test_stream_server_stopped_and_restarted() -> None:
-    server = _serve(0)
+    server = serve_mjpeg(0)
     port = server.server_address[1]
     source = open_source(f"http://127.0.0.1:{port}/stream.mjpg")
     source.open()
     try:
         first = source.read(timeout=10.0)
         assert first is not None and first.data.shape == (120, 160, 3)
-        _stop(server)  # the camera goes away mid-stream
+        stop_mjpeg(server)  # the camera goes away mid-stream
         assert _wait(lambda: source.stats.status == "degraded", 10.0), source.stats
         before = source.stats.frames
-        server = _serve(port)  # ...and comes back
+        server = serve_mjpeg(port)  # ...and comes back
         assert _wait(lambda: source.stats.status == "ok", 20.0), source.stats
         frame = source.read(timeout=10.0)
         assert frame is not None and frame.index >= before
         assert source.stats.reconnects >= 1
     finally:
         source.close()
-        _stop(server)
+        stop_mjpeg(server)
 
 
 #: How long the camera stays unplugged: the issue's field case, far past the source's longest
@@ -110,7 +69,7 @@ def test_the_watchdog_feeds_on_a_static_scene_and_a_lost_camera(
     rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     rx.bind(str(tmp_path / "notify"))
     rx.settimeout(0.2)
-    server = _serve(0, static=True)
+    server = serve_mjpeg(0, static=True)
     port = server.server_address[1]
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "2000000"}
     env.pop("WATCHDOG_PID", None)
@@ -139,11 +98,11 @@ def test_the_watchdog_feeds_on_a_static_scene_and_a_lost_camera(
     try:
         assert collect(30.0, until=b"READY=1"), (tmp_path / "agent.log").read_text()
         collect(4.0)  # the static scene: the gate skips every frame after the first
-        _stop(server)  # the camera is unplugged ...
+        stop_mjpeg(server)  # the camera is unplugged ...
         assert collect(20.0, until=b"STATUS=degraded"), (tmp_path / "agent.log").read_text()
         collect(OUTAGE_S - (time.monotonic() - got[-1][0]))  # ... for 90 s in all
         unplugged_until = time.monotonic()
-        server = _serve(port, static=True)
+        server = serve_mjpeg(port, static=True)
         # the longest backoff (30 s, +20 % jitter) and a reconnect: then serving again
         assert collect(60.0, until=b"STATUS=serving"), (tmp_path / "agent.log").read_text()
         collect(3.0)
@@ -151,7 +110,7 @@ def test_the_watchdog_feeds_on_a_static_scene_and_a_lost_camera(
     finally:
         agent.terminate()
         agent.wait(30)
-        _stop(server)
+        stop_mjpeg(server)
         rx.close()
     log = (tmp_path / "agent.log").read_text()
     kinds = [m for _, m in got]

@@ -236,6 +236,24 @@ class StreamSet:
             self._cond.notify_all()  # a finite reader may put its next frame now
             return Taken(stream.name, frame, prepared, order)
 
+    def take_many(self, n: int, timeout: float | None = None) -> list[Taken]:
+        """Up to ``n`` frames, in the policy's order: waits (``timeout``) for the first, then
+        takes what else is ready now. ``[]`` once every stream has ended; SourceTimeout when
+        nothing came within ``timeout``."""
+        first = self.take(timeout)
+        if first is None:
+            return []
+        out = [first]
+        while len(out) < n:
+            try:
+                more = self.take(timeout=0)
+            except SourceTimeout:
+                break
+            if more is None:
+                break
+            out.append(more)
+        return out
+
     def _slot_ns(self, index: int) -> int:
         slot = self._streams[index].slot
         return slot[0].capture_ns if slot is not None else time.monotonic_ns()
