@@ -330,10 +330,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return service.run()
 
 
+def _one_source(config: Any, command: str) -> Any:
+    """``config`` when it names one source; a ConfigError for ``command`` otherwise."""
+    if config.sources:
+        raise ConfigError(
+            f"edge-agent {command} measures one source: pass --source URI (one stream of "
+            f"{', '.join(s.name for s in config.sources)}), not NAME=URI or [[sources]]"
+        )
+    return config
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from edge_agent.tune import run_tune
 
-    config = load_effective_config(args)
+    config = _one_source(load_effective_config(args), "tune")
     config.require_runnable()
     result = run_tune(config, resolve_profile(config.agent.profile), seconds=args.seconds)
     print(json.dumps(result, indent=2))
@@ -343,7 +353,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from edge_agent.bench import run_bench
 
-    config = load_effective_config(args)
+    config = _one_source(load_effective_config(args), "bench")
     if not config.model.path:
         raise ConfigError("bench needs --model PATH")
     result = run_bench(config, frames=args.frames, profile=resolve_profile(config.agent.profile))

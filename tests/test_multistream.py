@@ -417,3 +417,13 @@ def test_the_batch_plan_says_why(tmp_path: Path) -> None:
     assert batch_plan(dynamic, streams=1) == (1, "one stream")
     k, how = batch_plan(dynamic, streams=6)  # measured: 4 frames a call or 1, with the numbers
     assert k in (1, 4) and "4 frames a call cost" in how
+
+
+@pytest.mark.parametrize("command", ["tune", "bench"])
+def test_tune_and_bench_measure_one_source(tmp_path: Path, capsys: Any, command: str) -> None:
+    code = edge_agent(
+        [command, "--model", str(_mean_model(tmp_path / "m.onnx")), "--source", "a=synthetic:",
+         "--source", "b=synthetic:", "--state-dir", str(tmp_path)]
+    )  # fmt: skip
+    assert code == 78
+    assert f"edge-agent {command} measures one source" in capsys.readouterr().err
