@@ -503,11 +503,19 @@ def _convert(
             c.latency = lat[str(c.path)].to_dict()
     tie_band = None
     if options.host_profile:
-        # each scheme's budget point, then its speed point (same scheme, unweighted ops float)
+        # each scheme's budget point, then its speed point (same scheme, unweighted ops float),
+        # which must stay as small as int8 promises (at most 10 % above its budget point)
         points = [
             p
             for c in passing
-            for p in (c, *(e for e in c.explored if e.purpose == "speed" and e.passed))
+            for p in (
+                c,
+                *(
+                    e
+                    for e in c.explored
+                    if e.purpose == "speed" and e.passed and e.size <= 1.1 * c.size
+                ),
+            )
             if str(p.path) in lat
         ]
         index, tie_band, noisy = choose_fastest(

@@ -159,24 +159,46 @@ def _hint_qoperator(path: Path) -> None:
     onnx.save_model(model, str(path))
 
 
+#: ops that quantizers and the TFLite writer fold into the weighted op before them (a fused
+#: activation, a bias or scale): kept with it, so keeping them float would keep it float too
+_FOLDED = ("Relu", "Clip", "LeakyRelu", "PRelu", "Add", "Sub", "Mul", "Div", "BatchNormalization")
+
+
 def unweighted_nodes(model: onnx.ModelProto, *, min_weights: int = 256) -> list[str]:
     """The nodes with no learned weights: every node but the :data:`WEIGHTED_OPS` with a
-    constant weight (for MatMul, either operand) and the nodes with a constant input of
-    ``min_weights`` values or more (a learned position embedding added, say). Keeping these in
-    float while the rest is int8 costs almost nothing in size and saves the int8 softmax,
-    elementwise and normalisation kernels, which on some runtimes are slower than float."""
+    constant weight (for MatMul, either operand), the nodes with a constant input of
+    ``min_weights`` values or more (a learned position embedding added, say), and the
+    activation, bias or scale right after a weighted op that is folded into it (a Conv's Relu,
+    a MatMul's bias Add). Keeping these in float while the rest is int8 costs almost nothing in
+    size and saves the int8 softmax, elementwise and normalisation kernels, which on some
+    runtimes are slower than float."""
     sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant":
             t = next((a.t for a in n.attribute if a.name == "value"), None)
             if t is not None:
                 sizes[n.output[0]] = int(np.prod(t.dims))
+    consumers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    weighted: set[str] = set()  # outputs of weighted ops (and of what is folded into them)
     out = []
     for node in model.graph.node:
         operands = node.input[:2] if node.op_type == "MatMul" else node.input[1:2]
         if node.op_type in WEIGHTED_OPS and any(i in sizes for i in operands):
+            weighted.update(node.output)
             continue
         if any(sizes.get(i, 0) >= min_weights for i in node.input):
+            continue
+        acts = [i for i in node.input if i and i not in sizes]
+        if (
+            node.op_type in _FOLDED
+            and len(acts) == 1
+            and acts[0] in weighted
+            and consumers.get(acts[0]) == 1
+        ):
+            weighted.update(node.output)
             continue
         out.append(node.name)
     return out

@@ -357,7 +357,8 @@ def test_tflite_int8_cli_on_digits_matches_fp32_and_onnx_int8(digits: Any, tmp_p
         assert r["accuracy"]["drop"] <= 0.5
         assert r["fidelity"]["top1_agreement"] >= 0.99
         assert r["size_bytes"]["ratio"] < 0.35
-        assert r["float_nodes"] == []
+        # every weighted op int8 (only the speed point's unweighted ops may be float)
+        assert all("no learned weights" in n["reason"] for n in r["float_nodes"])
     it = Interpreter(model_path=str(tmp_path / "d8io.tflite"))
     assert it.get_input_details()[0]["dtype"] == np.int8
     with np.load(digits.eval) as d:

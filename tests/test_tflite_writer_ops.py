@@ -564,7 +564,8 @@ def test_quantize_cli_writes_an_int8_model_with_every_new_op(tmp_path: Path) -> 
     code = edge_convert(
         ["quantize", str(tmp_path / "rec.onnx"), "-o", str(out), "--format", "tflite-int8",
          "--calibration", str(tmp_path / "cal.npz"), "--report", str(rep),
-         "--input-shape", "input=1,3,15,13", "--task", "raw", "--latency-seconds", "0.1"]
+         "--input-shape", "input=1,3,15,13", "--task", "raw", "--latency-seconds", "0.1",
+         "--no-float-fallback"]  # every op in int8: no speed point (unweighted ops float)
     )  # fmt: skip
     assert code == 0 and out.exists()
     report = json.loads(rep.read_text())
