@@ -76,12 +76,13 @@ def _run_for(pipe: Pipeline, seconds: float, marks: dict[float, Any] | None = No
     runner.join(30)
 
 
-def live_four(model_path: Path, tmp: Path, seconds: float) -> dict[str, Any]:
-    """Four live 15 fps streams on one model."""
+def live_four(model_path: Path, tmp: Path, seconds: float, policy: str) -> dict[str, Any]:
+    """Four live 15 fps streams on one model, picked by ``policy``."""
     model = _load(model_path, tmp)
     names = [f"cam{i}" for i in range(4)]
     pipe = Pipeline(
         streams=[Stream(n, open_source(LIVE)) for n in names],
+        policy=policy,
         model=model,
         sinks=[CallbackSink(lambda r: None)],
     )
@@ -89,7 +90,12 @@ def live_four(model_path: Path, tmp: Path, seconds: float) -> dict[str, Any]:
     summary = pipe.summary()
     model.close()
     total = sum(s["results"] for s in summary["streams"].values())
-    out = {"warm_ms": round(model.warm_ms, 3), "seconds": summary["elapsed_s"], "streams": {}}
+    out: dict[str, Any] = {
+        "policy": policy,
+        "warm_ms": round(model.warm_ms, 3),
+        "seconds": summary["elapsed_s"],
+        "streams": {},
+    }
     for name, s in summary["streams"].items():
         lat = s["latency_ms"]["capture_to_result"]
         out["streams"][name] = {
@@ -239,9 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edge-streams-") as tmp_name:
         tmp = Path(tmp_name)
         model = _model(tmp, 16, 160)  # ~3 ms on the 2-core build machines
-        print("## four live streams", flush=True)
-        live = live_four(model, tmp, args.seconds)
-        print(json.dumps(live, indent=1), flush=True)
+        lives = {}
+        for policy in ("round-robin", "oldest"):
+            print(f"## four live streams, {policy}", flush=True)
+            lives[policy] = live_four(model, tmp, args.seconds, policy)
+            print(json.dumps(lives[policy], indent=1), flush=True)
         print("## eight file streams", flush=True)
         files = files_eight(model, tmp, args.frames)
         print(json.dumps(files, indent=1), flush=True)
@@ -249,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         outage = unplugged(model, tmp, before=10.0, outage=args.outage)
         print(json.dumps(outage, indent=1), flush=True)
     targets = []
+
+    def jitter(live: dict[str, Any]) -> float:
+        return max(s["p99_over_p50"] or 99.0 for s in live["streams"].values())
+
+    # both pick policies measured; the targets hold the better one to them (the tables show both)
+    live = min(lives.values(), key=jitter)
     per = live["streams"].values()
     targets.append(
         _target(
@@ -295,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": host.cores,
                     "features": list(host.cpu_features)},
-        "live": live, "files": files, "unplugged": outage, "targets": targets,
+        "live": lives, "files": files, "unplugged": outage, "targets": targets,
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "streams.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -307,22 +321,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
-    live, files, out = result["live"], result["files"], result["unplugged"]
+    files, out = result["files"], result["unplugged"]
+    first = next(iter(result["live"].values()))
     lines = [
         f"Streams benchmark, {result['when']}, {m['cpu']} ({m['cores']} cores; "
         f"{', '.join(m['features'])}). `make bench` (`python -m benchmarks.streams`).",
         "",
-        f"Four live 640x480 synthetic streams at 15 fps, one ResNet-style model "
-        f"(warm inference {live['warm_ms']} ms), {live['seconds']} s:",
+        f"Four live 640x480 synthetic streams at 15 fps (frames captured at the same instants, "
+        f"as synchronised cameras), one ResNet-style model (warm inference {first['warm_ms']} "
+        f"ms), {first['seconds']} s per pick policy:",
         "",
-        "| stream | fps | share | dropped | capture-to-result p50 ms | p99 ms | p99 / p50 |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| policy | stream | fps | share | dropped | capture-to-result p50 ms | p99 ms | p99 / p50 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for n, s in live["streams"].items():
-        lines.append(
-            f"| {n} | {s['fps']} | {s['share']} | {s['dropped']} | {s['p50_ms']} | "
-            f"{s['p99_ms']} | {s['p99_over_p50']} |"
-        )
+    for policy, live in result["live"].items():
+        for n, s in live["streams"].items():
+            lines.append(
+                f"| {policy} | {n} | {s['fps']} | {s['share']} | {s['dropped']} | {s['p50_ms']} | "
+                f"{s['p99_ms']} | {s['p99_over_p50']} |"
+            )
     lines += [
         "",
         f"Eight 640x480 mp4v files at pace none ({files['frames']} frames in all), start to exit:",
