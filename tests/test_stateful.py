@@ -13,7 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_agent.errors import ModelError
+from edge_agent.errors import BundleError, ModelError
+from edge_agent.model.bundle import (
+    BUNDLE_SCHEMA_VERSION,
+    validate_manifest,
+)
 from edge_agent.model.runtimes import TensorSpec
 from edge_agent.model.state import (
     StatePair,
@@ -175,3 +179,46 @@ def test_state_store_is_thread_safe() -> None:
         t.join()
     got = {s: float(store.get(s)["s"][0]) for s in ("a", "b", "shared")}
     assert got == {"a": steps, "b": steps, "shared": 2 * steps}
+
+
+# --- the bundle's "state" ------------------------------------------------------------------
+
+
+def _manifest(**extra: Any) -> dict[str, Any]:
+    return {
+        "schema": BUNDLE_SCHEMA_VERSION,
+        "name": "vad",
+        "version": "1.0.0",
+        "created": "2026-12-01T00:00:00Z",
+        "artifacts": [],
+        "files": [],
+        **extra,
+    }
+
+
+def test_manifests_without_state_stay_valid() -> None:
+    validate_manifest(_manifest())
+    validate_manifest(_manifest(state=[]))
+    validate_manifest(_manifest(state=[{"input": "h", "output": "hn"}]))
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        (None, "state = None: must be a list"),
+        ({"input": "h"}, "must be a list"),
+        (["h"], "state[0] = 'h': must be an object"),
+        ([{"input": "h", "output": "hn", "shape": [1]}], "unknown key 'shape'"),
+        ([{"output": "hn"}], "state[0].input = None: must be the name of a model input"),
+        ([{"input": "h", "output": ""}], "state[0].output = '': must be the name"),
+        ([{"input": "h", "output": "h"}], "input and output are both 'h'"),
+        ([{"input": "h", "output": "hn"}, {"input": "h", "output": "cn"}], "already in another"),
+        ([{"input": "h", "output": "hn", "initial": "0"}], "initial = '0': must be a number"),
+        ([{"input": "h", "output": "hn", "initial": False}], "initial = False"),
+    ],
+)
+def test_bad_state_entries_get_one_line(state: Any, message: str) -> None:
+    with pytest.raises(BundleError) as info:
+        validate_manifest(_manifest(state=state), where="vad.edgebundle")
+    text = str(info.value)
+    assert message in text and text.startswith("vad.edgebundle: manifest: ") and "\n" not in text
