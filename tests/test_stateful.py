@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from onnx import TensorProto, helper, numpy_helper
 
 from edge_agent.errors import BundleError, ModelError
 from edge_agent.model.bundle import (
     BUNDLE_SCHEMA_VERSION,
+    ArtifactInput,
     validate_manifest,
+    verify_bundle,
+    write_bundle,
 )
+from edge_agent.model.keys import key_id
+from edge_agent.model.loader import LoadedModel, load_model
+from edge_agent.model.profiles import load_profile
 from edge_agent.model.runtimes import TensorSpec
 from edge_agent.model.state import (
     StatePair,
@@ -222,3 +232,118 @@ def test_bad_state_entries_get_one_line(state: Any, message: str) -> None:
         validate_manifest(_manifest(state=state), where="vad.edgebundle")
     text = str(info.value)
     assert message in text and text.startswith("vad.edgebundle: manifest: ") and "\n" not in text
+
+
+def _accumulator(path: Path, *, state: str = "state", state_out: str = "stateN") -> Path:
+    """``stateN = state + input @ ones(3, 2)``, ``output = stateN @ ones(2, 1)``; the state is
+    the model's FIRST input (the data input is not inputs[0])."""
+    ones32, ones21 = np.ones((3, 2), np.float32), np.ones((2, 1), np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "w"], ["m"]),
+            helper.make_node("Add", [state, "m"], [state_out]),
+            helper.make_node("MatMul", [state_out, "v"], ["output"]),
+        ],
+        "accumulator",
+        [
+            helper.make_tensor_value_info(state, TensorProto.FLOAT, [1, 2]),
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3]),
+        ],
+        [
+            helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1]),
+            helper.make_tensor_value_info(state_out, TensorProto.FLOAT, [1, 2]),
+        ],
+        [numpy_helper.from_array(ones32, "w"), numpy_helper.from_array(ones21, "v")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _load(path: Path, tmp_path: Path, **kw: Any) -> LoadedModel:
+    return load_model(
+        path, profile=load_profile("x86-64"), state_dir=tmp_path / "state", threads=1, **kw
+    )
+
+
+ONE = {"input": np.ones((1, 3), np.float32)}
+
+
+def test_loaded_model_carries_one_state_per_stream(tmp_path: Path) -> None:
+    model = _load(_accumulator(tmp_path / "acc.onnx"), tmp_path)
+    assert model.stateful and model.input_name == "input" and model.input_shape == (1, 3)
+    assert [(p.input, p.output) for p in model.state_pairs] == [("state", "stateN")]
+    # each window adds 3 to both state elements; the output sums them
+    assert [float(model.infer(ONE, stream="a")[0][0, 0]) for _ in range(3)] == [6.0, 12.0, 18.0]
+    assert float(model.infer(ONE, stream="b")[0][0, 0]) == 6.0
+    assert float(model.infer(ONE)[0][0, 0]) == 6.0  # the default stream is a stream too
+    model.reset_state("a")
+    assert float(model.infer(ONE, stream="a")[0][0, 0]) == 6.0
+    assert float(model.infer(ONE, stream="b")[0][0, 0]) == 12.0
+    model.reset_state()
+    assert float(model.infer(ONE, stream="b")[0][0, 0]) == 6.0
+    # the window feed comes from the first non-state input
+    feeds = model.prepare_window(np.ones((3, 1), np.float32))
+    assert list(feeds) == ["input"]
+
+
+def test_a_model_without_state_is_untouched(tmp_path: Path) -> None:
+    path = _accumulator(tmp_path / "acc.onnx", state="carry", state_out="carry_next")
+    model = _load(path, tmp_path)
+    assert not model.stateful and model.state_pairs == ()
+    assert model.input_name == "carry"  # no rule pairs carry -> carry_next: inputs[0], as before
+    feeds = {"carry": np.zeros((1, 2), np.float32), **ONE}
+    for _ in range(2):  # nothing carried: the same answer every time
+        assert float(model.infer(feeds, stream="a")[0][0, 0]) == 6.0
+    model.reset_state("a")  # harmless
+
+
+def _bundle(
+    tmp_path: Path, key: Ed25519PrivateKey, model: Path, state: list[dict[str, Any]] | None
+) -> Path:
+    manifest: dict[str, Any] = {"name": "acc", "version": "1.0.0"}
+    if state is not None:
+        manifest["state"] = state
+    out = tmp_path / "acc.edgebundle"
+    write_bundle(
+        out,
+        manifest=manifest,
+        artifacts=[ArtifactInput(path=model, format="onnx-fp32", precision="fp32",
+                                 profiles=("x86-64",))],
+        signing_key=key,
+    )  # fmt: skip
+    return out
+
+
+def test_bundle_state_round_trips_and_wins_over_detection(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    trusted = {key_id(key.public_key()): key.public_key()}
+    path = _accumulator(tmp_path / "acc.onnx", state="carry", state_out="carry_next")
+    declared = [{"input": "carry", "output": "carry_next", "initial": 1.5}]
+    bundle = _bundle(tmp_path, key, path, declared)
+    assert verify_bundle(bundle, trusted_keys=trusted).manifest["state"] == declared
+    model = _load(bundle, tmp_path, trusted_keys=trusted)
+    assert model.stateful and model.input_name == "input"
+    assert model.state_pairs == (
+        StatePair(input="carry", output="carry_next", shape=(1, 2), initial=1.5),
+    )
+    # from 1.5: 2 * (1.5 + 3) = 9, then 2 * (1.5 + 6) = 15
+    assert [float(model.infer(ONE, stream="s")[0][0, 0]) for _ in range(2)] == [9.0, 15.0]
+
+
+def test_bundle_state_can_declare_none_or_be_refused(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    trusted = {key_id(key.public_key()): key.public_key()}
+    path = _accumulator(tmp_path / "acc.onnx")  # detected as stateful by its names
+    (tmp_path / "none").mkdir()
+    model = _load(_bundle(tmp_path / "none", key, path, []), tmp_path / "none",
+                  trusted_keys=trusted)  # fmt: skip
+    assert not model.stateful  # an empty list declares a model without state
+    (tmp_path / "bad").mkdir()
+    bad = _bundle(tmp_path / "bad", key, path, [{"input": "state", "output": "output"}])
+    with pytest.raises(ModelError) as info:
+        _load(bad, tmp_path / "bad", trusted_keys=trusted)
+    message = str(info.value)
+    assert "'state' -> 'output'" in message and "differ in shape" in message
+    assert "\n" not in message
