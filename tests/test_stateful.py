@@ -347,3 +347,32 @@ def test_bundle_state_can_declare_none_or_be_refused(tmp_path: Path) -> None:
     message = str(info.value)
     assert "'state' -> 'output'" in message and "differ in shape" in message
     assert "\n" not in message
+
+
+# --- the binary task of a streaming model ------------------------------------------------
+
+
+def test_binary_task_for_streaming_models() -> None:
+    from converters.task import decision_fidelity, infer_task
+
+    prob = np.array([[0.1], [0.7], [0.4], [0.9]], np.float32)
+    state = np.zeros((4, 8), np.float32)
+    names = ["output", "stateN"]
+    task = infer_task([prob, None], output_names=names, stateful=True)
+    assert (task.kind, task.metric, task.outputs, task.threshold) == (
+        "binary",
+        "decision_agreement",
+        (0,),
+        0.5,
+    )
+    # not streaming: unchanged (a [N, 1] output is compared as a tensor; the state output,
+    # unhidden, would even be taken for a classifier)
+    assert infer_task([prob], output_names=["output"]).kind == "raw"
+    assert infer_task([prob, state], output_names=names).kind == "classify"
+    pair = np.concatenate([1 - prob, prob], axis=1)
+    assert infer_task([pair, None], output_names=names, stateful=True).kind == "binary"
+    logit = np.array([[-2.0], [3.0]], np.float32)
+    forced = infer_task([logit], output_names=["y"], requested="binary")
+    assert forced.kind == "binary" and forced.threshold == 0.0
+    value, details = decision_fidelity(prob, prob[[0, 1, 3, 3]], threshold=0.5)
+    assert value == 0.75 and details["yes_original"] == 2 and details["yes_converted"] == 3
