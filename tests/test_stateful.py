@@ -6,13 +6,15 @@ the state by hand with plain onnxruntime."""
 
 from __future__ import annotations
 
+import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
@@ -376,3 +378,133 @@ def test_binary_task_for_streaming_models() -> None:
     assert forced.kind == "binary" and forced.threshold == 0.0
     value, details = decision_fidelity(prob, prob[[0, 1, 3, 3]], threshold=0.5)
     assert value == 0.75 and details["yes_original"] == 2 and details["yes_converted"] == 3
+
+
+# --- the converter, in sequence ------------------------------------------------------------
+
+
+def _leaky(path: Path) -> Path:
+    """A Silero-shaped state ``[2, 1, 4]`` (batch on axis 1): ``stateN = 0.5 * state +
+    input @ w`` (broadcast over the two layers), ``output = sigmoid(flatten(stateN) @ v)``."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((3, 4)).astype(np.float32)
+    v = rng.standard_normal((8, 1)).astype(np.float32) * 0.5
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "w"], ["m"]),
+            helper.make_node("Mul", ["state", "half"], ["decayed"]),
+            helper.make_node("Add", ["decayed", "m"], ["stateN"]),
+            helper.make_node("Reshape", ["stateN", "flat"], ["f"]),
+            helper.make_node("MatMul", ["f", "v"], ["logit"]),
+            helper.make_node("Sigmoid", ["logit"], ["output"]),
+        ],
+        "leaky",
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, 1, 4]),
+        ],
+        [
+            helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1]),
+            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, 1, 4]),
+        ],
+        [
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(v, "v"),
+            numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+            numpy_helper.from_array(np.array([1, 8], np.int64), "flat"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _hand_carried(path: Path, windows: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    state = np.zeros((2, 1, 4), np.float32)
+    outs, states = [], []
+    for x in windows:
+        states.append(state)
+        out, state = sess.run(["output", "stateN"], {"input": x[None], "state": state})
+        outs.append(float(out[0, 0]))
+    return np.array(outs), states
+
+
+def test_run_sequence_and_calibration_states_follow_the_float_model(tmp_path: Path) -> None:
+    from converters import stateful
+    from converters.data import Dataset, Subset, _ArrayRows
+    from converters.validate import make_session
+
+    path = _leaky(tmp_path / "leaky.onnx")
+    windows = np.random.default_rng(0).standard_normal((12, 3)).astype(np.float32)
+    want, fed = _hand_carried(path, windows)
+    sess = make_session(str(path))
+    inputs = [{"name": "input", "shape": [1, 3], "dtype": "float32"},
+              {"name": "state", "shape": [2, 1, 4], "dtype": "float32"}]  # fmt: skip
+    outputs = [{"name": "output", "shape": [1, 1], "dtype": "float32"},
+               {"name": "stateN", "shape": [2, 1, 4], "dtype": "float32"}]  # fmt: skip
+    pairs = stateful.state_pairs_of(inputs, outputs)
+    assert [(p.input, p.output, p.shape) for p in pairs] == [("state", "stateN", (2, 1, 4))]
+    assert [s["name"] for s in stateful.data_inputs(inputs, pairs)] == ["input"]
+    ds = Dataset(inputs={"input": _ArrayRows(windows)}, labels=None, description="w")
+    subset = Subset(ds, range(len(windows)))
+    got = stateful.run_sequence(sess, subset.batches(batch=5), pairs)  # batches split up
+    np.testing.assert_allclose(np.concatenate(got[0])[:, 0], want, rtol=1e-6)
+    calib = stateful.with_states(subset, sess, pairs, keep=4)
+    rows = list(calib.batches(batch=1))
+    picks = [0, 4, 7, 11]  # evenly spread over the 12 windows
+    assert len(rows) == 4
+    for row, i in zip(rows, picks):
+        assert row["state"].shape == (2, 1, 4)
+        np.testing.assert_array_equal(row["input"], windows[i : i + 1])
+        np.testing.assert_allclose(row["state"], fed[i], rtol=1e-6)
+    assert np.abs(rows[-1]["state"]).max() > 0.1  # real states, not zeros
+    two = next(calib.batches(batch=2))["state"]  # two windows: along the batch axis (1)
+    assert two.shape == (2, 2, 4)
+
+
+def test_sequence_split_keeps_windows_in_order(tmp_path: Path) -> None:
+    from converters.data import split_data
+
+    specs = [{"name": "input", "shape": [1, 3], "dtype": "float32"}]
+    np.save(tmp_path / "cal.npy", np.zeros((50, 3), np.float32))
+    np.save(tmp_path / "eval.npy", np.zeros((30, 3), np.float32))
+    kw: dict[str, Any] = dict(preprocess=None, max_calibration_samples=8, sequence=True)
+    held = split_data(specs, calibration=tmp_path / "cal.npy", eval=None,
+                      max_validation_samples=1000, **kw)  # fmt: skip
+    assert held.calib is not None
+    assert held.calib.indices == list(range(40)) and held.val.indices == list(range(40, 50))
+    assert "last fifth" in held.source
+    given = split_data(specs, calibration=tmp_path / "cal.npy", eval=tmp_path / "eval.npy",
+                       max_validation_samples=20, **kw)  # fmt: skip
+    assert given.calib is not None and given.calib.indices == list(range(50))
+    assert given.val.indices == list(range(20))
+    assert any("first 20 of 30 windows" in w for w in given.warnings)
+
+
+@pytest.mark.slow
+def test_silero_shaped_state_converts_to_tflite_int8(
+    cli: Callable[..., Any], tmp_path: Path
+) -> None:
+    path = _leaky(tmp_path / "leaky.onnx")
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "cal.npy", rng.standard_normal((200, 3)).astype(np.float32))
+    windows = rng.standard_normal((100, 3)).astype(np.float32)
+    np.save(tmp_path / "eval.npy", windows)
+    out = tmp_path / "leaky.tflite"
+    res = cli("quantize", path, "-o", out, "--format", "tflite-int8",
+              "--calibration", tmp_path / "cal.npy", "--eval", tmp_path / "eval.npy",
+              "--min-cosine", 0.95, "--min-task-metric", 0.9, "--no-float-fallback",
+              "--latency-seconds", 0.2, "--report", tmp_path / "r.json")  # fmt: skip
+    assert res.code == 0, res.err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["state"]["pairs"][0]["shape"] == [2, 1, 4]
+    assert report["fidelity"]["task"]["kind"] == "binary"
+    model = _load(out, tmp_path)
+    assert [(p.input, p.shape) for p in model.state_pairs] == [("state", (2, 1, 4))]
+    got = np.array([float(model.infer({"input": x[None]}, stream="s")[0][0, 0]) for x in windows])
+    want, _ = _hand_carried(path, windows)
+    # int8 of a toy: close, not equal (the carried state is requantized every window)
+    assert np.mean(np.abs(got - want)) < 0.03
+    assert np.mean((got > 0.5) == (want > 0.5)) >= 0.95
