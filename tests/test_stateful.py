@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import wave
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -508,3 +509,215 @@ def test_silero_shaped_state_converts_to_tflite_int8(
     # int8 of a toy: close, not equal (the carried state is requantized every window)
     assert np.mean(np.abs(got - want)) < 0.03
     assert np.mean((got > 0.5) == (want > 0.5)) >= 0.95
+
+
+# --- the target: a GRU voice-activity detector over a 60 s WAV -----------------------------
+
+SECONDS = 60.0
+
+
+def _write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
+    pcm = np.clip(np.round(samples * 32767.0), -32768, 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+
+
+def _read_wav_windows(path: Path, size: int) -> np.ndarray:
+    """The reference's own reading: stdlib wave, cut by hand (not the agent's source)."""
+    with wave.open(str(path), "rb") as w:
+        raw = w.readframes(w.getnframes())
+    x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+    count = len(x) // size
+    return x[: count * size].reshape(count, size)
+
+
+def _reference(onnx_path: Path, windows: np.ndarray, hidden: int) -> np.ndarray:
+    """Plain onnxruntime, the state carried by hand: the speech probability per window."""
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    state = np.zeros((1, 1, hidden), np.float32)
+    probs = []
+    for window in windows:
+        prob, state = sess.run(["output", "stateN"], {"input": window[None], "state": state})
+        probs.append(float(prob[0, 0]))
+    return np.array(probs)
+
+
+def _agent_windows(path: Path, size: int) -> list[np.ndarray]:
+    """The windows as the agent reads them: the wav: source."""
+    from edge_agent.io import open_source
+
+    out = []
+    with open_source(f"wav:{path}?size={size}&hop={size}") as src:
+        while (frame := src.read(timeout=5.0)) is not None:
+            out.append(frame.data)
+    return out
+
+
+def _through_agent(model: LoadedModel, windows: Sequence[np.ndarray], stream: str) -> np.ndarray:
+    return np.array(
+        [float(model.infer(model.prepare(w)[0], stream=stream)[0][0, 0]) for w in windows]
+    )
+
+
+@pytest.fixture(scope="module")
+def vad_files(standin_vad: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from converters.standins import audio_windows, speech_audio
+
+    root = tmp_path_factory.mktemp("vad")
+    (root / "vad.onnx").write_bytes(standin_vad.onnx)
+    audio, _ = speech_audio(np.random.default_rng(2026), SECONDS, rate=standin_vad.rate)
+    _write_wav(root / "speech.wav", audio, standin_vad.rate)
+    other, _ = speech_audio(np.random.default_rng(7), 20.0, rate=standin_vad.rate)
+    _write_wav(root / "other.wav", other, standin_vad.rate)
+    np.save(root / "calibration.npy", standin_vad.calibration)
+    # the converter's evaluation stream: the WAV's windows, in order
+    np.save(root / "eval.npy", _read_wav_windows(root / "speech.wav", standin_vad.window))
+    assert len(audio_windows(audio)) == len(np.load(root / "eval.npy"))
+    return {
+        "onnx": root / "vad.onnx",
+        "wav": root / "speech.wav",
+        "other": root / "other.wav",
+        "calibration": root / "calibration.npy",
+        "eval": root / "eval.npy",
+        "root": root,
+    }
+
+
+@pytest.mark.slow
+def test_the_stand_in_needs_its_state(standin_vad: Any) -> None:
+    assert standin_vad.accuracy >= 0.95
+    assert standin_vad.accuracy - standin_vad.accuracy_reset >= 0.1
+
+
+@pytest.mark.slow
+def test_vad_fp32_decisions_equal_a_hand_carried_reference(
+    standin_vad: Any, vad_files: dict[str, Path], cli: Callable[..., Any], tmp_path: Path
+) -> None:
+    window, hidden = standin_vad.window, standin_vad.hidden
+    windows = _read_wav_windows(vad_files["wav"], window)
+    assert len(windows) == int(SECONDS * standin_vad.rate) // window
+    ref = _reference(vad_files["onnx"], windows, hidden) > 0.5
+    assert 0.2 < ref.mean() < 0.8  # both decisions occur
+    agent = _agent_windows(vad_files["wav"], window)
+    assert len(agent) == len(windows)
+
+    onnx_model = _load(vad_files["onnx"], tmp_path)
+    assert onnx_model.stateful and onnx_model.input_name == "input"
+    assert [(p.input, p.output) for p in onnx_model.state_pairs] == [("state", "stateN")]
+    assert np.array_equal(_through_agent(onnx_model, agent, "mic") > 0.5, ref)
+
+    tfl = tmp_path / "vad.tflite"
+    res = cli("quantize", vad_files["onnx"], "-o", tfl, "--format", "tflite-fp32",
+              "--eval", vad_files["eval"], "--max-eval-samples", 5000,
+              "--latency-seconds", 0.2, "--report", tmp_path / "fp32.json")  # fmt: skip
+    assert res.code == 0, res.err
+    report = json.loads((tmp_path / "fp32.json").read_text())
+    assert report["fidelity"]["task"]["kind"] == "binary"
+    assert report["fidelity"]["task"]["value"] == 1.0
+    tfl_model = _load(tfl, tmp_path)
+    assert tfl_model.stateful and tfl_model.input_name == "input"
+    assert np.array_equal(_through_agent(tfl_model, agent, "mic") > 0.5, ref)
+
+    # the state matters: every window from the initial state decides otherwise, often
+    alone = []
+    for w in agent:
+        onnx_model.reset_state("alone")
+        alone.append(float(onnx_model.infer(onnx_model.prepare(w)[0], stream="alone")[0][0, 0]))
+    assert np.mean((np.array(alone) > 0.5) != ref) > 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx-int8", "tflite-int8"])
+def test_vad_int8_agrees_with_fp32_over_the_stream(
+    fmt: str,
+    standin_vad: Any,
+    vad_files: dict[str, Path],
+    cli: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    windows = _read_wav_windows(vad_files["wav"], standin_vad.window)
+    fp32 = _reference(vad_files["onnx"], windows, standin_vad.hidden) > 0.5
+    out = tmp_path / ("vad.onnx" if fmt == "onnx-int8" else "vad.tflite")
+    scheme = ("--scheme", "u8s8-qop") if fmt == "onnx-int8" else ()
+    res = cli("quantize", vad_files["onnx"], "-o", out, "--format", fmt, *scheme,
+              "--calibration", vad_files["calibration"], "--eval", vad_files["eval"],
+              "--max-eval-samples", 5000, "--latency-seconds", 0.2,
+              "--report", tmp_path / "r.json")  # fmt: skip
+    assert res.code == 0, res.err
+    report = json.loads((tmp_path / "r.json").read_text())
+    task = report["fidelity"]["task"]
+    assert task["kind"] == "binary" and task["details"]["samples"] == len(windows)
+    assert task["value"] >= 0.98
+    assert report["state"]["pairs"] == [
+        {"input": "state", "output": "stateN", "initial": 0.0, "shape": [1, 1, standin_vad.hidden]}
+    ]
+    assert "states along" in report["calibration"]["source"]
+    state_entry = next(e for e in report["fidelity"]["per_output"] if e["name"] == "stateN")
+    assert state_entry["state"] is True
+
+    model = _load(out, tmp_path)
+    assert model.stateful
+    got = _through_agent(model, _agent_windows(vad_files["wav"], standin_vad.window), "mic") > 0.5
+    agreement = float(np.mean(got == fp32))
+    assert agreement >= 0.98, agreement
+    # the converter's own measure over the same stream is the one the device sees
+    assert abs(agreement - task["value"]) <= 0.005
+
+
+@pytest.mark.slow
+def test_interleaved_streams_decide_as_if_alone(
+    standin_vad: Any, vad_files: dict[str, Path], tmp_path: Path
+) -> None:
+    size = standin_vad.window
+    a = _agent_windows(vad_files["wav"], size)[:400]
+    b = _agent_windows(vad_files["other"], size)
+    model = _load(vad_files["onnx"], tmp_path)
+    alone_a = _through_agent(model, a, "a-alone")
+    alone_b = _through_agent(model, b, "b-alone")
+    mixed: dict[str, list[float]] = {"a": [], "b": []}
+    for i in range(max(len(a), len(b))):
+        for name, windows in (("a", a), ("b", b)):
+            if i < len(windows):
+                out = model.infer(model.prepare(windows[i])[0], stream=name)
+                mixed[name].append(float(out[0][0, 0]))
+    assert np.array_equal(np.array(mixed["a"]), alone_a)
+    assert np.array_equal(np.array(mixed["b"]), alone_b)
+    # a restarted stream starts afresh: the same windows give the first run's answers again
+    model.reset_state("a")
+    assert np.array_equal(_through_agent(model, a[:50], "a"), alone_a[:50])
+
+
+@pytest.mark.slow
+def test_build_writes_the_state_and_the_device_serves_it(
+    standin_vad: Any,
+    vad_files: dict[str, Path],
+    cli: Callable[..., Any],
+    keys: tuple[Path, Path],
+    tmp_path: Path,
+) -> None:
+    from edge_agent.model.keys import load_trusted_keys
+
+    private, public = keys
+    bundle = tmp_path / "vad.edgebundle"
+    res = cli("build", vad_files["onnx"], "--profile", "raspberry-pi-5",
+              "--calibration", vad_files["calibration"], "--eval", vad_files["eval"],
+              "--max-eval-samples", 5000, "--latency-seconds", 0.2,
+              "--sign-key", private, "--name", "vad", "-o", bundle)  # fmt: skip
+    assert res.code == 0, res.err
+    trusted = load_trusted_keys([public])
+    manifest = verify_bundle(bundle, trusted_keys=trusted).manifest
+    assert manifest["state"] == [{"input": "state", "output": "stateN", "initial": 0.0}]
+    assert manifest["postprocess"] == {"kind": "raw"}
+    assert set(manifest["golden"]["inputs"]) == {"input", "state"}
+    assert "stateN" not in manifest["calibration_stats"]["outputs"]
+    # load_model runs the golden test (the stream's first window, from the initial state)
+    model = load_model(bundle, profile=load_profile("raspberry-pi-5"),
+                       state_dir=tmp_path / "device", trusted_keys=trusted, threads=1)  # fmt: skip
+    assert model.format == "tflite-int8" and model.stateful and model.input_name == "input"
+    windows = _agent_windows(vad_files["wav"], standin_vad.window)
+    fp32 = _reference(vad_files["onnx"], np.stack(windows)[..., 0], standin_vad.hidden) > 0.5
+    got = _through_agent(model, windows, "mic") > 0.5
+    assert np.mean(got == fp32) >= 0.98
