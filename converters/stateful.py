@@ -16,7 +16,7 @@ The device's code decides what a state pair is (one rule on both sides).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -74,40 +74,45 @@ def _windows(feeds: Iterable[Mapping[str, np.ndarray]]) -> Iterable[dict[str, np
             yield {name: x[j : j + 1] for name, x in feed.items()}
 
 
+def _steps(
+    session: Any, feeds: Iterable[Mapping[str, np.ndarray]], pairs: Sequence[StatePair]
+) -> Iterator[tuple[dict[str, np.ndarray], list[np.ndarray]]]:
+    """Every window of ``feeds`` through ``session`` in order, from the initial state, each
+    run's state outputs fed into the next: yields (the state inputs fed, the outputs)."""
+    names = [o.name for o in session.get_outputs()]
+    index = {name: i for i, name in enumerate(names)}
+    missing = [p.output for p in pairs if p.output not in index]
+    if missing:
+        raise ModelError(f"state output '{missing[0]}' is not an output of the model")
+    state = initial_feeds(pairs)
+    for window in _windows(feeds):
+        try:
+            outs = session.run(names, {**window, **state})
+        except Exception as exc:
+            raise ModelError(f"inference failed: {first_line(exc)}") from exc
+        yield state, outs
+        state = {
+            p.input: np.asarray(outs[index[p.output]], dtype=p.dtype).reshape(p.shape)
+            for p in pairs
+        }
+
+
 def run_sequence(
     session: Any,
     feeds: Iterable[Mapping[str, np.ndarray]],
     pairs: Sequence[StatePair],
     *,
     progress: Progress | None = None,
-    states: list[dict[str, np.ndarray]] | None = None,
 ) -> Batches:
     """Run every window of ``feeds`` (the data inputs, in stream order) through ``session``
     one at a time, from the initial state, feeding each run's state outputs back into the next.
     Returns each output's arrays, one per window (state outputs included), as
-    :func:`converters.validate.run_all` does. ``states``, when given, receives the state
-    inputs each window was fed."""
-    names = [o.name for o in session.get_outputs()]
-    index = {name: i for i, name in enumerate(names)}
-    missing = [p.output for p in pairs if p.output not in index]
-    if missing:
-        raise ModelError(f"state output '{missing[0]}' is not an output of the model")
-    chunks: Batches = [[] for _ in names]
-    state = initial_feeds(pairs)
-    for window in _windows(feeds):
-        if states is not None:
-            states.append(state)
-        try:
-            outs = session.run(names, {**window, **state})
-        except Exception as exc:
-            raise ModelError(f"inference failed: {first_line(exc)}") from exc
+    :func:`converters.validate.run_all` does."""
+    chunks: Batches = [[] for _ in session.get_outputs()]
+    for _state, outs in _steps(session, feeds, pairs):
         for i, out in enumerate(outs):
             out = np.asarray(out)
             chunks[i].append(out if out.ndim else out[None])
-        state = {
-            p.input: np.asarray(outs[index[p.output]], dtype=p.dtype).reshape(p.shape)
-            for p in pairs
-        }
         if progress is not None:
             progress.update()
     return chunks
@@ -135,10 +140,14 @@ def with_states(
 ) -> Subset:
     """Samples for calibration: ``keep`` windows of ``subset`` evenly spread, each with the
     state the float model (``session``) carried into it, running the whole of ``subset`` in
-    order from the initial state. An in-memory subset whose feeds hold every model input."""
-    fed: list[dict[str, np.ndarray]] = []
-    run_sequence(session, subset.batches(batch=batch), pairs, states=fed)
-    picks = evenly(range(len(fed)), keep)
+    order from the initial state (only the picked windows' states are kept). An in-memory
+    subset whose feeds hold every model input."""
+    picks = evenly(range(len(subset)), keep)
+    wanted = set(picks)
+    fed: dict[int, dict[str, np.ndarray]] = {}
+    for i, (state, _outs) in enumerate(_steps(session, subset.batches(batch=batch), pairs)):
+        if i in wanted:
+            fed[i] = state
     data = subset.ds.read_rows([subset.indices[i] for i in picks])
     inputs: dict[str, Any] = {name: _ArrayRows(x) for name, x in data.items()}
     for pair in pairs:
@@ -147,7 +156,7 @@ def with_states(
         inputs=inputs,
         labels=None,
         description=f"{subset.ds.description} (in sequence: the float model's states along "
-        f"{len(fed)} windows)",
+        f"{len(subset)} windows)",
     )
     return Subset(ds, range(len(picks)))
 
