@@ -5,7 +5,10 @@ For each profile the first format in its ``formats`` list is made (ONNX ones thr
 onnxruntime's quantizer, TFLite ones through our own writer: no TensorFlow). Profiles that ask for
 the same thing share one conversion, and identical artifacts are stored once. If a format misses
 the accuracy budget, the profile's next format is tried. Golden inputs and outputs are stored in
-the ONNX model's layout; the device transposes them for an NHWC TFLite artifact.
+the ONNX model's layout; the device transposes them for an NHWC TFLite artifact. A streaming
+model's state pairs (found as the device finds them, :mod:`converters.stateful`) are written to
+the manifest's ``state``, and its golden input is the stream's first window with the initial
+state.
 """
 
 from __future__ import annotations
@@ -54,8 +57,11 @@ class BuildOptions:
 def _postprocess(task: str, labels: Sequence[str] | None, result: ConvertResult) -> dict[str, Any]:
     """The bundle's ``postprocess`` block: the ``--task`` given, else the task the converter
     judged the model on (a detector's decoding options and metadata labels included)."""
+    state = {p.output for p in result.state_pairs}
     classifier = [
-        name for name, arr in result.golden_outputs.items() if is_classifier_output(np.asarray(arr))
+        name
+        for name, arr in result.golden_outputs.items()
+        if is_classifier_output(np.asarray(arr)) and name not in state
     ]
     judged = result.task
     if task == "auto":
@@ -242,6 +248,8 @@ def build_bundle(
             "validation": validation,
             "calibration_stats": stats,
         }
+        if first.state_pairs:
+            manifest["state"] = [p.to_manifest() for p in first.state_pairs]
         final = write_bundle(
             options.output,
             manifest=manifest,

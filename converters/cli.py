@@ -114,8 +114,8 @@ def _add_task_floor(p: argparse.ArgumentParser) -> None:
         "--min-task-metric",
         type=float,
         metavar="V",
-        help="floor on the task metric: detection F1, CTC sequence agreement, mask IoU, top-1 "
-        "agreement (default 0.95 / 0.97 / 0.95 / none)",
+        help="floor on the task metric: detection F1, CTC sequence agreement, mask IoU, binary "
+        "decision agreement, top-1 agreement (default 0.95 / 0.97 / 0.95 / 0.98 / none)",
     )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import platform
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from converters import heads
+from converters import heads, stateful
 from converters import quantize as q
 from converters.canonical import CanonicalModel, canonicalize, fix_ir_version, tensor_spec
 from converters.data import Subset, evenly, split_data
@@ -50,6 +50,7 @@ from converters.validate import (
 from edge_agent.errors import AccuracyBudgetError, ConfigError, EdgeError
 from edge_agent.model.formats import ONNX_FORMATS, TFLITE_FORMATS, Int8Scheme
 from edge_agent.model.preprocess import PreprocessSpec
+from edge_agent.model.state import StatePair
 
 #: What ``convert`` produces: every ONNX format, and TFLite fp32 / fp16 / int8 from our own
 #: flatbuffer writer (no TensorFlow; ``converters/tflite.py``, ``converters/tflite_int8.py``).
@@ -171,6 +172,8 @@ class ConvertResult:
     preprocess: PreprocessSpec | None
     #: what the model is for, as judged (``fidelity.task`` in the report)
     task: Task | None = None
+    #: a streaming model's state pairs (validated in sequence: :mod:`converters.stateful`)
+    state_pairs: tuple[StatePair, ...] = ()
 
 
 class _Budget:
@@ -211,6 +214,8 @@ class _Budget:
             return f"task {task['kind']}: {task['metric']} {task['value']:.4f} < {self.min_task}"
         if self.min_cosine is not None:
             for entry in fid.get("per_output", []):
+                if entry.get("state"):  # judged by what it does to the other outputs
+                    continue
                 if entry["kind"] == "tensor" and entry["cosine"] < self.min_cosine:
                     return (
                         f"output '{entry['name']}' cosine {entry['cosine']:.4f} < {self.min_cosine}"
@@ -233,6 +238,8 @@ class _Budget:
             margins.append(value - self.min_task)
         if self.min_cosine is not None:
             for entry in fid.get("per_output", []):
+                if entry.get("state"):
+                    continue
                 if entry["kind"] == "tensor":
                     margins.append(entry["cosine"] - self.min_cosine)
                 elif entry["kind"] == "labels":
@@ -316,10 +323,15 @@ def _convert(
     in_specs = tensor_spec(canon.model)
     out_specs = tensor_spec(canon.model, outputs=True)
     threads = options.profile.threads if options.host_profile else 0
-    preprocess = options.preprocess or image_preprocess(in_specs, options.preprocess_overrides)
+    # a streaming model: the data feeds the other inputs, windows run in sequence
+    pairs = stateful.state_pairs_of(in_specs, out_specs)
+    data_specs = stateful.data_inputs(in_specs, pairs)
+    state_outputs = {p.output for p in pairs}
+    preprocess = options.preprocess or image_preprocess(data_specs, options.preprocess_overrides)
 
     # --- data ---------------------------------------------------------------------------
-    fixed_batch = _fixed_batch(in_specs)
+    fixed_batch = _fixed_batch(data_specs)
+    stateful.check_batch(fixed_batch, pairs)
     step = fixed_batch or 1  # sample counts are kept multiples of a fixed batch
     if options.calibration is None and options.fmt in _STATIC_INT8:
         alt = "onnx-int8-dynamic" if options.fmt == "onnx-int8" else "tflite-fp16"
@@ -328,13 +340,14 @@ def _convert(
             f"image directory); or use --format {alt}"
         )
     data = split_data(
-        in_specs,
+        data_specs,
         calibration=options.calibration,
         eval=options.eval,
         preprocess=preprocess,
         max_calibration_samples=options.max_calibration_samples,
         max_validation_samples=options.max_validation_samples,
         fixed_batch=fixed_batch,
+        sequence=bool(pairs),
     )
     warnings_ += data.warnings
     val, calib, val_source = data.val, data.calib, data.source
@@ -347,17 +360,22 @@ def _convert(
     progress = options.progress
     orig_bytes = _original_for_runtime(imported)
     orig_sess = make_session(orig_bytes, threads=threads)
-    ref = run_all(
-        orig_sess,
-        val.batches(batch=batch),
-        progress=Progress("validation", len(val), enabled=progress),
-    )
+
+    def outputs_of(sess: Any, progress_: Progress | None = None) -> Any:
+        """Every validation sample's outputs; a streaming model's windows in sequence, the
+        session carrying its own state."""
+        if pairs:
+            return stateful.run_sequence(sess, val.batches(batch=batch), pairs, progress=progress_)
+        return run_all(sess, val.batches(batch=batch), progress=progress_)
+
+    ref = outputs_of(orig_sess, Progress("validation", len(val), enabled=progress))
     out_names = [o.name for o in orig_sess.get_outputs()]
     task = infer_task(
-        concat(ref),
+        stateful.hide_state(concat(ref), out_names, pairs),
         output_names=out_names,
         metadata=model_metadata(imported.metadata_props),
         requested=options.task,
+        stateful=bool(pairs),
     )
     judge = Judge(task, ref)
     if task.kind == "detect" and options.task == "auto":
@@ -390,11 +408,16 @@ def _convert(
             return LiteRTSession(path, inputs=in_specs, outputs=out_specs, threads=threads)
         return make_session(str(path), threads=threads)
 
+    if pairs and calib is not None:  # the state inputs: the float model's states in sequence
+        calib = stateful.with_states(
+            calib, orig_sess, pairs, keep=options.max_calibration_samples, batch=batch
+        )
+
     def evaluate(cand: Candidate) -> Candidate:
         try:
             sess = session_for(cand.path)
-            got = run_all(sess, val.batches(batch=batch))
-            cand.fidelity = compare_outputs(ref, got, out_names)
+            got = outputs_of(sess)
+            cand.fidelity = compare_outputs(ref, got, out_names, state=state_outputs)
             cand.fidelity["task"] = judge(got)
             cand.accuracy = accuracy(concat(got), labels) if labels is not None else None
             reason = budget.check(cand.fidelity, cand.accuracy, acc_ref)
@@ -423,9 +446,13 @@ def _convert(
         range_feeds = (
             list(Subset(calib.ds, evenly(calib.indices, 16)).batches(batch=step)) if calib else []
         )
-        range_feeds = range_feeds or list(
-            Subset(val.ds, evenly(val.indices, 16)).batches(batch=step)
-        )
+        if not range_feeds:
+            val16 = (
+                stateful.with_states(val, orig_sess, pairs, keep=16)
+                if pairs
+                else Subset(val.ds, evenly(val.indices, 16))
+            )
+            range_feeds = list(val16.batches(batch=step))
         hot = q.fp16_overflow_nodes(canon.model, range_feeds, threads=threads)
         onnx.save_model(q.to_fp16(canon.model, node_block_list=[h["node"] for h in hot]), str(path))
         cand = evaluate(Candidate("fp16", path))
@@ -482,6 +509,8 @@ def _convert(
 
     # --- latency, choice ---------------------------------------------------------------
     feed = next(val.batches(batch=step))
+    if pairs:  # the stream's first window, from the initial state
+        feed = {**feed, **stateful.initial_feeds(pairs)}
     passing = [c for c in candidates if c.passed]
     if not passing:
         raise AccuracyBudgetError(_budget_failure(fmt, candidates, budget))
@@ -562,7 +591,8 @@ def _convert(
     golden_out = dict(zip(out_names, sessions[str(chosen.path)].run(out_names, golden_in)))
     stats = None
     if calib is not None:
-        stats = calibration_statistics(calib, orig_sess, batch=batch)
+        skip = {p.input for p in pairs} | state_outputs
+        stats = calibration_statistics(calib, orig_sess, batch=batch, skip=skip)
     report: dict[str, Any] = {
         "format": fmt,
         "output": None,
@@ -642,6 +672,12 @@ def _convert(
             "steps": canon.steps,
         },
         "slower_than_original": slower,
+        "state": None
+        if not pairs
+        else {
+            "pairs": [{**p.to_manifest(), "shape": list(p.shape)} for p in pairs],
+            "validation": "the windows in sequence, each model carrying its own state",
+        },
         "warnings": warnings_,
     }
     size = report["size_bytes"]
@@ -660,6 +696,7 @@ def _convert(
         output_specs=out_specs,
         preprocess=preprocess,
         task=task,
+        state_pairs=pairs,
     )
 
 
@@ -1008,15 +1045,20 @@ def _budget_failure(fmt: str, candidates: Sequence[Candidate], budget: _Budget) 
     return f"no {fmt} model met the budget ({tried}); nothing was written"
 
 
-def calibration_statistics(subset: Subset, session: Any, *, batch: int) -> dict[str, Any]:
+def calibration_statistics(
+    subset: Subset, session: Any, *, batch: int, skip: Collection[str] = ()
+) -> dict[str, Any]:
     """Summary statistics of the calibration inputs and the float model's outputs on them:
-    what the device compares live data with to detect drift."""
+    what the device compares live data with to detect drift. The tensors named in ``skip`` (a
+    streaming model's state inputs and outputs) are left out."""
     sums: dict[str, Any] = {}
     count = 0
     out_names = [o.name for o in session.get_outputs()]
     outputs: list[list[np.ndarray]] = [[] for _ in out_names]
     for feed in subset.batches(batch=batch):
         for name, x in feed.items():
+            if name in skip:
+                continue
             x64 = x.astype(np.float64)
             axis = 1 if x.ndim == 4 and x.shape[1] in (1, 3) else x.ndim - 1
             red = tuple(a for a in range(x.ndim) if a != axis)
@@ -1038,9 +1080,11 @@ def calibration_statistics(subset: Subset, session: Any, *, batch: int) -> dict[
             "std": np.round(np.sqrt(var), 6).tolist(),
         }
     outs: dict[str, Any] = {}
-    full = concat(outputs)
+    full = [None if name in skip else arr for name, arr in zip(out_names, concat(outputs))]
     preds = class_predictions(full)
     for name, arr in zip(out_names, full):
+        if name in skip:
+            continue
         entry: dict[str, Any] = {}
         if arr is None:  # data-dependent size: summarise the values of every batch together
             arr = np.concatenate([o.reshape(-1) for o in outputs[out_names.index(name)]])

@@ -439,11 +439,27 @@ def split_data(
     max_calibration_samples: int,
     max_validation_samples: int,
     fixed_batch: int | None = None,
+    sequence: bool = False,
 ) -> DataSplit:
     """Validation on ``eval`` when given (calibration on all of ``calibration``), else on every
     5th calibration sample (calibration on the rest), else on random inputs (with a warning).
     With a fixed batch > 1, both sides are trimmed to whole batches (DataError if one is left
-    empty)."""
+    empty).
+
+    ``sequence``: the samples are the windows of one stream, in order (a streaming model,
+    :mod:`converters.stateful`), so both sides stay contiguous: validation on the first
+    ``max_validation_samples`` windows of ``eval``, or on the last fifth of ``calibration``
+    (calibration on the windows before it); calibration gets every one of its windows, in
+    order (the converter picks at most ``max_calibration_samples`` of them after running the
+    float model over all)."""
+    if sequence:
+        return _split_sequence(
+            input_specs,
+            calibration=calibration,
+            eval=eval,
+            preprocess=preprocess,
+            max_validation_samples=max_validation_samples,
+        )
     warnings: list[str] = []
     opened: list[Dataset] = []
     calib_ds = None
@@ -489,4 +505,54 @@ def split_data(
                 "samples for calibration and for validation, or make the batch dynamic"
             )
     calib = Subset(calib_ds, cal_idx) if calib_ds is not None else None
+    return DataSplit(Subset(val_ds, val_idx), calib, source, warnings, opened)
+
+
+def _split_sequence(
+    input_specs: Sequence[Mapping[str, Any]],
+    *,
+    calibration: Path | None,
+    eval: Path | None,
+    preprocess: PreprocessSpec | None,
+    max_validation_samples: int,
+) -> DataSplit:
+    """:func:`split_data` for the windows of one stream: contiguous runs, in order."""
+    warnings: list[str] = []
+    opened: list[Dataset] = []
+    calib = None
+    if calibration is not None:
+        calib_ds = load_dataset(calibration, input_specs=input_specs, preprocess=preprocess)
+        opened.append(calib_ds)
+        calib = Subset(calib_ds, range(len(calib_ds)))
+    if eval is not None:
+        val_ds = load_dataset(eval, input_specs=input_specs, preprocess=preprocess)
+        opened.append(val_ds)
+        val_idx = list(range(min(len(val_ds), max_validation_samples)))
+        source = f"{val_ds.description} (--eval, {len(val_idx)} windows in sequence)"
+    elif calib is not None:
+        n = len(calib)
+        cut = n - max(1, n // 5) if n > 1 else n
+        val_ds, val_idx = calib.ds, list(range(cut, n))[:max_validation_samples] or [0]
+        calib = Subset(calib.ds, range(cut) if cut else range(n))
+        source = (
+            f"{val_ds.description} (the last fifth held out of calibration, in sequence: "
+            f"{len(val_idx)} windows)"
+        )
+        if n < 2:
+            warnings.append(
+                "one calibration window: validated on the window it was calibrated with"
+            )
+    else:
+        val_ds = random_dataset(input_specs, n=RANDOM_VALIDATION_SAMPLES)
+        val_idx = list(range(len(val_ds)))
+        source = f"{val_ds.description} (in sequence)"
+        warnings.append(
+            "no --calibration or --eval data: fidelity was measured on a stream of random "
+            "inputs, which says little about real data"
+        )
+    if len(val_ds) > len(val_idx) and eval is not None:
+        warnings.append(
+            f"validated on the first {len(val_idx)} of {len(val_ds)} windows of the stream; "
+            "raise --max-eval-samples to cover all of it"
+        )
     return DataSplit(Subset(val_ds, val_idx), calib, source, warnings, opened)

@@ -24,8 +24,10 @@ the quality floors) can differ between machines. Needs the ``torch`` extra.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -1001,3 +1003,306 @@ def mask_iou(prob: np.ndarray, target: np.ndarray, *, threshold: float = 0.3) ->
     tgt = np.asarray(target) > 0.5
     union = np.logical_or(pred, tgt).sum()
     return 1.0 if union == 0 else float(np.logical_and(pred, tgt).sum() / union)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. A streaming voice-activity detector (recurrent state between windows)
+
+VAD_RATE = 16000
+#: samples per window (32 ms at 16 kHz, as Silero VAD's)
+VAD_WINDOW = 512
+VAD_BANDS = 16
+#: the labels stay "speech" this long after an utterance's last syllable (s): a hangover
+VAD_HANGOVER = 0.2
+#: the band magnitudes' floor inside the log: it hides the background noise, and keeps the
+#: quiet end (where int8 has the fewest steps) from deciding much
+_VAD_EPS = 3e-2
+#: the DFT bins the front end keeps: 62.5 Hz to 4 kHz at 16 kHz
+_VAD_BINS = (2, 130)
+
+
+@dataclass(frozen=True)
+class VadStandIn:
+    """A recurrent voice-activity detector and its calibration data.
+
+    ``calibration`` is ``(N, window)`` float32: the consecutive windows of one synthetic
+    recording (a stream, in order), what ``edge-convert --calibration`` reads."""
+
+    onnx: bytes
+    rate: int
+    window: int
+    hidden: int
+    calibration: np.ndarray
+    train_seconds: float
+    #: per-window accuracy against the labels, over a held-out recording, carrying the state
+    #: and (``accuracy_reset``) starting every window from the initial state
+    accuracy: float
+    accuracy_reset: float
+
+
+def speech_audio(
+    rng: np.random.Generator, seconds: float, *, rate: int = VAD_RATE
+) -> tuple[np.ndarray, np.ndarray]:
+    """A mono recording with structure, and its per-sample speech labels.
+
+    Utterances of 0.4-2.5 s are runs of voiced syllables (80-250 ms each, 20-160 ms apart): a
+    gliding fundamental of 90-260 Hz with harmonics up to 4 kHz shaped by three formant peaks,
+    with soft attacks and decays. Between them, 0.5-2.5 s of background noise, often with a
+    distractor that is not speech: a noise burst or a pure tone. The labels cover each utterance
+    from its first syllable to :data:`VAD_HANGOVER` after its last (the gaps between syllables
+    included): what a VAD with a hangover says, and what needs a state to say.
+
+    Returns float32 samples in [-1, 1] and a boolean mask of the same length."""
+    n = int(seconds * rate)
+    x = np.zeros(n, np.float64)
+    mask = np.zeros(n, bool)
+    t = float(rng.uniform(0.2, 1.0))
+    while t < seconds:
+        gap = float(rng.uniform(0.5, 2.5))
+        g0, g1 = int(t * rate), min(n, int((t + gap) * rate))
+        if rng.random() < 0.6 and g1 - g0 > 0.4 * rate:
+            length = int(rng.uniform(0.03, 0.3) * rate)
+            s = int(rng.integers(g0, max(g0 + 1, g1 - length)))
+            length = min(length, n - s)
+            if length > 0:
+                if rng.random() < 0.5:
+                    burst = rng.normal(0.0, rng.uniform(0.03, 0.15), length)
+                else:
+                    tt = np.arange(length) / rate
+                    burst = rng.uniform(0.05, 0.3) * np.sin(2 * np.pi * rng.uniform(800, 3500) * tt)
+                x[s : s + length] += burst * np.hanning(length)
+        t += gap
+        if t >= seconds:
+            break
+        start, span, amp = t, float(rng.uniform(0.4, 2.5)), float(rng.uniform(0.05, 0.5))
+        while t < start + span and t < seconds:
+            syllable = float(rng.uniform(0.08, 0.25))
+            s = int(t * rate)
+            length = min(int(syllable * rate), n - s)
+            if length <= 0:
+                break
+            f0 = rng.uniform(90, 260) * np.linspace(1.0, rng.uniform(0.85, 1.15), length)
+            phase = 2 * np.pi * np.cumsum(f0) / rate
+            formants = (rng.uniform(300, 900), rng.uniform(900, 2500), rng.uniform(2200, 3500))
+            y = np.zeros(length)
+            for k in range(1, int(4000 / f0.max()) + 1):
+                fk = k * float(f0.mean())
+                gain = sum(np.exp(-0.5 * ((fk - f) / rng.uniform(80, 200)) ** 2) for f in formants)
+                y += (gain + 0.05) * np.sin(k * phase + rng.uniform(0, 2 * np.pi)) / np.sqrt(k)
+            ramp = np.arange(length)
+            env = np.minimum(1.0, np.minimum(ramp, ramp[::-1]) / (0.02 * rate))
+            x[s : s + length] += y / (np.abs(y).max() + 1e-9) * amp * rng.uniform(0.6, 1.0) * env
+            t += syllable + float(rng.uniform(0.02, 0.16))
+        mask[int(start * rate) : min(n, int((t + VAD_HANGOVER) * rate))] = True
+    x += rng.normal(0.0, rng.uniform(0.002, 0.01), n)
+    return np.clip(x, -1.0, 1.0).astype(np.float32), mask
+
+
+def audio_windows(samples: np.ndarray, window: int = VAD_WINDOW) -> np.ndarray:
+    """Consecutive, non-overlapping windows ``(N, window)`` (a last partial one dropped), as
+    ``wav:PATH?size=window&hop=window`` cuts them."""
+    count = len(samples) // window
+    return np.ascontiguousarray(samples[: count * window].reshape(count, window), np.float32)
+
+
+def window_labels(mask: np.ndarray, window: int = VAD_WINDOW) -> np.ndarray:
+    """Per window: speech when most of its samples are."""
+    count = len(mask) // window
+    return mask[: count * window].reshape(count, window).mean(axis=1) > 0.5
+
+
+def vad_frontend(
+    *, window: int = VAD_WINDOW, bands: int = VAD_BANDS, rate: int = VAD_RATE
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed front end as two matrices: ``dft`` ``(window, 2K)`` (a Hann-windowed DFT's
+    cosine and sine parts over :data:`_VAD_BINS`, scaled so that a full-scale sine peaks near
+    0.5) and ``bands`` ``(2K, bands)`` (mel-spaced triangles over the bins, the cosine and sine
+    halves summed). Log band magnitudes: ``log(|x @ dft| @ bands + eps)``: magnitudes, not
+    powers, so the features span half the range in int8 (quiet speech keeps its steps)."""
+    n = np.arange(window)
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * n / window)
+    bins = np.arange(*_VAD_BINS)
+    angle = 2 * np.pi * np.outer(n, bins) / window
+    dft = np.concatenate([np.cos(angle), np.sin(angle)], axis=1) * hann[:, None] * (2.0 / window)
+    freqs = bins * rate / window
+
+    def mel(f: Any) -> Any:
+        return 2595.0 * np.log10(1.0 + np.asarray(f) / 700.0)
+
+    edges = 700.0 * (10 ** (np.linspace(mel(60.0), mel(4000.0), bands + 2) / 2595.0) - 1.0)
+    tri = np.zeros((len(bins), bands))
+    for b in range(bands):
+        lo, mid, hi = edges[b], edges[b + 1], edges[b + 2]
+        tri[:, b] = np.clip(
+            np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)), 0, None
+        )
+    return dft.astype(np.float32), np.concatenate([tri, tri], axis=0).astype(np.float32)
+
+
+def _vad_features(windows: np.ndarray, dft: np.ndarray, bands: np.ndarray) -> np.ndarray:
+    y = windows.astype(np.float32) @ dft
+    return np.log(np.abs(y) @ bands + np.float32(_VAD_EPS)).astype(np.float32)
+
+
+def _vad_cell(torch: Any, gru: Any, head: Any, *, dft: np.ndarray, bands: np.ndarray,
+              mean: np.ndarray, std: np.ndarray) -> Any:  # fmt: skip
+    """The trained ``nn.GRU`` + ``nn.Linear`` as one step of plain ops, for export: the front
+    end (MatMul, Abs, MatMul, Add, Log), the GRU cell written out with PyTorch's gate equations
+    (Concat, Gemm, Sigmoid, Tanh, Mul, Add, Sub) and the head (Gemm, Sigmoid). The features'
+    standardisation is folded into the input weights; the reset and update gates each take the
+    features and the state concatenated (one Gemm with a constant bias). ``forward(input
+    [1, window], state [1, 1, H]) -> (output [1, 1], stateN [1, 1, H])``."""
+    nn = torch.nn
+    hidden = gru.hidden_size
+    inv = torch.from_numpy(1.0 / std)
+    shift = torch.from_numpy(mean / std)
+    w_ih, w_hh = gru.weight_ih_l0.detach(), gru.weight_hh_l0.detach()
+    b_ih, b_hh = gru.bias_ih_l0.detach(), gru.bias_hh_l0.detach()
+
+    def linear(weight: Any, bias: Any) -> Any:
+        layer = nn.Linear(weight.shape[1], weight.shape[0])
+        layer.weight.data.copy_(weight)
+        layer.bias.data.copy_(bias)
+        return layer
+
+    def rows(i: int) -> slice:
+        return slice(i * hidden, (i + 1) * hidden)
+
+    def x_side(i: int) -> tuple[Any, Any]:  # (f - mean) / std, folded into the weights
+        return w_ih[rows(i)] * inv, b_ih[rows(i)] - w_ih[rows(i)] @ shift
+
+    gates = {}
+    for i, gate in enumerate("rz"):
+        w_x, b_x = x_side(i)
+        gates[gate] = linear(torch.cat([w_x, w_hh[rows(i)]], 1), b_x + b_hh[rows(i)])
+    w_x, b_x = x_side(2)
+    gates["xn"] = linear(w_x, b_x)
+    gates["hn"] = linear(w_hh[rows(2)], b_hh[rows(2)])
+
+    class VadCell(nn.Module):  # type: ignore[name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("dft", torch.from_numpy(dft))
+            self.register_buffer("bands", torch.from_numpy(bands))
+            self.gates = nn.ModuleDict(gates)
+            self.head = head
+            self.hidden = hidden
+
+        def forward(self, x: Any, state: Any) -> tuple[Any, Any]:
+            g = self.gates
+            h = state.reshape(1, self.hidden)
+            y = x @ self.dft
+            f = torch.log(torch.abs(y) @ self.bands + _VAD_EPS)
+            fh = torch.cat([f, h], 1)
+            r = torch.sigmoid(g["r"](fh))
+            z = torch.sigmoid(g["z"](fh))
+            n = torch.tanh(g["xn"](f) + r * g["hn"](h))
+            h_next = n + z * (h - n)
+            return torch.sigmoid(self.head(h_next)), h_next.reshape(1, 1, self.hidden)
+
+    return VadCell().eval()
+
+
+def vad_style(
+    *,
+    hidden: int = 32,
+    steps: int = 150,
+    batch: int = 24,
+    sequence: int = 64,
+    train_audio_seconds: float = 240.0,
+    calibration_seconds: float = 30.0,
+    opset: int = 17,
+    seed: int = 0,
+    threads: int = 1,
+) -> VadStandIn:
+    """A Silero-VAD-shaped streaming detector of :func:`speech_audio`, trained with BCE.
+
+    Inputs ``input`` ``[1, 512]`` (samples in [-1, 1]) and ``state`` ``[1, 1, hidden]``;
+    outputs ``output`` ``[1, 1]`` (the speech probability) and ``stateN`` ``[1, 1, hidden]``,
+    the state to feed back with the next window (Silero v5's names, found by the agent's
+    detection). Inside: 16 log mel-band magnitudes of the Hann-windowed window, one GRU cell and
+    a logistic head. Trained as ``nn.GRU`` over sequences of window features (fast), exported
+    as the same cell written out in plain ops (:func:`_vad_cell`), so ONNX needs no GRU op and
+    the TFLite writer no RNN kernel. The labels' hangover and the gaps between syllables make
+    the state matter: ``accuracy_reset`` (every window from the initial state) is far below
+    ``accuracy``.
+
+    Measured on the 2-core AMD EPYC build machine (defaults): about 4 s (training and the
+    held-out check); accuracy 0.98 carrying the state, 0.76 without; u8s8 int8 kept 0.996 to
+    0.999 of the float decisions on four 60 s recordings.
+    """
+    r_train, r_cal, r_eval, r_batch = _rngs(seed + 3, 4)
+    per_recording = int(train_audio_seconds / 6 * VAD_RATE) // VAD_WINDOW
+    if per_recording <= sequence:
+        raise ValueError(
+            f"vad_style: train_audio_seconds = {train_audio_seconds}: six recordings of "
+            f"{per_recording} windows are too short for sequences of {sequence}; give more audio "
+            "or a shorter sequence"
+        )
+    dft, bands = vad_frontend()
+    start = time.perf_counter()
+    recordings = [speech_audio(r_train, train_audio_seconds / 6) for _ in range(6)]
+    feats = [_vad_features(audio_windows(x), dft, bands) for x, _ in recordings]
+    labels = [window_labels(m) for _, m in recordings]
+    every = np.concatenate(feats)
+    mean, std = every.mean(axis=0), every.std(axis=0) + 1e-3
+    with _deterministic(seed, threads) as torch:
+        torch.set_flush_denormal(True)  # a saturated GRU's gradients are denormal: slow
+        try:
+            xs = [torch.from_numpy((f - mean) / std) for f in feats]
+            ys = [torch.from_numpy(y.astype(np.float32)) for y in labels]
+            gru = torch.nn.GRU(VAD_BANDS, hidden, batch_first=True)
+            head = torch.nn.Linear(hidden, 1)
+            opt = torch.optim.Adam([*gru.parameters(), *head.parameters()], lr=1e-2)
+            burn_in = 8  # the first windows of a crop have no history to judge by
+            for _ in range(steps):
+                picks = [int(r_batch.integers(len(xs))) for _ in range(batch)]
+                offsets = [int(r_batch.integers(0, len(xs[i]) - sequence)) for i in picks]
+                xb = torch.stack([xs[i][o : o + sequence] for i, o in zip(picks, offsets)])
+                yb = torch.stack([ys[i][o : o + sequence] for i, o in zip(picks, offsets)])
+                out, _ = gru(xb)
+                logits = head(out)[..., 0]
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    logits[:, burn_in:], yb[:, burn_in:]
+                )
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            gru.eval()
+            head.eval()
+            seconds = time.perf_counter() - start
+            x_eval, m_eval = speech_audio(r_eval, 60.0)
+            f_eval = torch.from_numpy(
+                (_vad_features(audio_windows(x_eval), dft, bands) - mean) / std
+            )
+            y_eval = window_labels(m_eval)
+            with torch.no_grad():
+                carried = torch.sigmoid(head(gru(f_eval[None])[0]))[0, :, 0].numpy()
+                alone = torch.sigmoid(head(gru(f_eval[:, None, :])[0]))[:, 0, 0].numpy()
+            cell = _vad_cell(torch, gru, head, dft=dft, bands=bands, mean=mean, std=std)
+            buf = io.BytesIO()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    cell,
+                    (torch.zeros(1, VAD_WINDOW), torch.zeros(1, 1, hidden)),
+                    buf,
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=["input", "state"],
+                    output_names=["output", "stateN"],
+                    do_constant_folding=True,
+                )
+        finally:
+            torch.set_flush_denormal(False)  # torch's default
+    x_cal, _ = speech_audio(r_cal, calibration_seconds)
+    return VadStandIn(
+        onnx=_finish(buf.getvalue()),
+        rate=VAD_RATE,
+        window=VAD_WINDOW,
+        hidden=hidden,
+        calibration=audio_windows(x_cal),
+        train_seconds=seconds,
+        accuracy=float(np.mean((carried > 0.5) == y_eval)),
+        accuracy_reset=float(np.mean((alone > 0.5) == y_eval)),
+    )

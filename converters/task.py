@@ -16,6 +16,11 @@ the boxes' scale rounds to zero. So the converter also compares what the model i
   (0.3 and 0.5; the worse counts) or, for several classes with scores, the mean IoU of the
   argmax maps.
 - ``classify``: top-1 agreement.
+- ``binary``: one yes/no decision per sample, from a ``[N, 1]`` probability (thresholded at 0.5;
+  at 0 for a logit outside [0, 1]) or a ``[N, 2]`` pair (the larger wins): decision agreement.
+  Chosen by itself for a streaming model's (``converters.stateful``) ``[N, 1]`` probability or
+  ``[N, 2]`` probabilities, a voice-activity detector's speech / no speech; ``--task binary``
+  for any other model.
 - ``raw``: no task metric; the cosine floor alone applies.
 
 :func:`infer_task` tells the task from the outputs' shapes and values and the model's metadata
@@ -38,7 +43,7 @@ from edge_agent.model.postprocess import Postprocessor, PostprocessSpec
 
 Batches = list[list[np.ndarray]]
 
-TASKS = ("classify", "detect", "ctc", "mask", "raw")
+TASKS = ("classify", "detect", "ctc", "mask", "binary", "raw")
 #: the bundle's postprocessing kinds, accepted as task names too (``build --task``)
 ALIASES = {"classification": "classify", "detection": "detect", "segmentation": "mask"}
 #: the task metric each task is judged on, and the default floor the budget applies to it
@@ -47,9 +52,12 @@ METRICS = {
     "detect": "f1",
     "ctc": "sequence_agreement",
     "mask": "iou",
+    "binary": "decision_agreement",
     "raw": None,
 }
-DEFAULT_FLOORS: dict[str, float] = {"detect": 0.95, "ctc": 0.97, "mask": 0.95}
+DEFAULT_FLOORS: dict[str, float] = {"detect": 0.95, "ctc": 0.97, "mask": 0.95, "binary": 0.98}
+#: a ``binary`` task's [N, 1] probability says yes above this
+BINARY_THRESHOLD = 0.5
 #: detections match at this IoU or more, and only within one class
 MATCH_IOU = 0.5
 MASK_THRESHOLDS = (0.3, 0.5)
@@ -59,6 +67,7 @@ POSTPROCESS_KIND = {
     "detect": "detection",
     "mask": "segmentation",
     "ctc": "raw",
+    "binary": "raw",
     "raw": "raw",
 }
 
@@ -90,6 +99,8 @@ class Task:
     num_classes: int | None = None
     #: ctc: the blank class
     blank: int | None = None
+    #: binary with a [N, 1] output: a value above it says yes (None: a [N, 2] output's argmax)
+    threshold: float | None = None
 
     @property
     def metric(self) -> str | None:
@@ -152,15 +163,25 @@ def infer_task(
     output_names: Sequence[str],
     metadata: Mapping[str, str] | None = None,
     requested: str = "auto",
+    stateful: bool = False,
 ) -> Task:
     """The task of a model whose outputs on the validation samples are ``outputs`` (each
-    concatenated over the samples; None where batch shapes differed)."""
+    concatenated over the samples; None where batch shapes differed, and for a streaming
+    model's state outputs). ``stateful``: the model carries a state between windows, so a
+    ``[N, 1]`` / ``[N, 2]`` probability is read as a binary decision per window."""
     meta = dict(metadata or {})
     requested = canonical_task(requested)
     labels = _names(meta)
     meta_task = meta.get("task")
     if requested == "raw":
         return Task("raw", "--task raw")
+    if requested == "binary" or (requested == "auto" and stateful):
+        found = _binary(outputs, output_names=output_names, forced=requested == "binary")
+        if found is not None:
+            return found
+        if requested == "binary":
+            shapes = [None if o is None else list(o.shape) for o in outputs]
+            raise ConfigError(f"--task binary: no [N, 1] or [N, 2] float output (shapes {shapes})")
     if requested in ("auto", "detect"):
         found = _detection(outputs, labels=labels, meta_task=meta_task, forced=requested)
         if found is not None:
@@ -226,6 +247,28 @@ def infer_task(
         raise ConfigError("--task classify: no [N, classes] float output and no label output")
     shapes = [None if o is None else list(o.shape) for o in outputs]
     return Task("raw", f"no output shape says detector, sequence, map or classifier ({shapes})")
+
+
+def _binary(
+    outputs: Sequence[np.ndarray | None], *, output_names: Sequence[str], forced: bool
+) -> Task | None:
+    """A yes/no decision per sample: a [N, 1] output (in [0, 1]: a probability, decided at
+    :data:`BINARY_THRESHOLD`; forced, a logit outside it at 0), or a [N, 2] one (probabilities,
+    or any pair when forced: the larger wins)."""
+    for i, out in enumerate(outputs):
+        if out is None or out.ndim != 2 or out.dtype.kind != "f" or out.shape[1] not in (1, 2):
+            continue
+        name = f"output '{output_names[i]}' {list(out.shape)}"
+        why = "--task binary; " if forced else "a streaming model's "
+        if out.shape[1] == 1 and _in_unit(out):
+            why += f"{name} in [0, 1]: a probability, yes above {BINARY_THRESHOLD}"
+            return Task("binary", why, (i,), threshold=BINARY_THRESHOLD)
+        if out.shape[1] == 1 and forced:
+            why += f"{name} outside [0, 1]: a logit, yes above 0"
+            return Task("binary", why, (i,), threshold=0.0)
+        if out.shape[1] == 2 and (forced or _is_distribution(out)):
+            return Task("binary", f"{why}{name}: a pair of scores, the larger wins", (i,))
+    return None
 
 
 def _postprocessed_detections(outputs: Sequence[np.ndarray | None]) -> bool:
@@ -319,7 +362,7 @@ class Judge:
         self._dets = decode_detections(task, ref) if task.kind == "detect" else None
         self._ref = (
             np.concatenate(ref[task.outputs[0]])
-            if task.kind in ("ctc", "mask", "classify") and task.outputs
+            if task.kind in ("ctc", "mask", "classify", "binary") and task.outputs
             else None
         )
 
@@ -339,6 +382,9 @@ class Judge:
             elif task.kind == "mask":
                 value, more = mask_fidelity(self._ref, g)
                 details.update(more)
+            elif task.kind == "binary":
+                value, more = decision_fidelity(self._ref, g, threshold=task.threshold)
+                details.update(more)
             else:
                 r = self._ref
                 if r.ndim == 2:
@@ -351,6 +397,27 @@ class Judge:
             "value": None if value is None else round(float(value), 6),
             "details": details,
         }
+
+
+def decisions(scores: np.ndarray, *, threshold: float | None) -> np.ndarray:
+    """Yes / no per sample: a [N, 1] score above ``threshold``, or a [N, 2] pair's argmax."""
+    s = np.asarray(scores).reshape(np.asarray(scores).shape[0], -1)
+    return s.argmax(axis=1) == 1 if threshold is None else s[:, 0] > threshold
+
+
+def decision_fidelity(
+    ref: np.ndarray, got: np.ndarray, *, threshold: float | None
+) -> tuple[float, dict[str, Any]]:
+    """The share of samples whose decision (:func:`decisions`) the converted model keeps."""
+    r, g = decisions(ref, threshold=threshold), decisions(got, threshold=threshold)
+    value = float(np.mean(r == g)) if r.size else 1.0
+    return value, {
+        "samples": int(r.shape[0]),
+        "threshold": threshold,
+        "yes_original": int(r.sum()),
+        "yes_converted": int(g.sum()),
+        "decision_agreement": round(value, 6),
+    }
 
 
 def greedy_ctc(probs: np.ndarray, *, blank: int = 0) -> list[tuple[int, ...]]:

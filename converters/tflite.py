@@ -745,6 +745,7 @@ _UNARY = {
     "Abs": _B.ABS,
     "Neg": _B.NEG,
     "Sqrt": _B.SQRT,
+    "Log": _B.LOG,
     "Identity": -1,
 }
 

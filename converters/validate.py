@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,15 +124,22 @@ def _cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     return np.clip(cos, -1.0, 1.0)
 
 
-def compare_outputs(ref: Batches, got: Batches, names: Sequence[str]) -> dict[str, Any]:
+def compare_outputs(
+    ref: Batches, got: Batches, names: Sequence[str], *, state: Collection[str] = ()
+) -> dict[str, Any]:
     """Fidelity of ``got`` against ``ref``: the report's ``fidelity`` block.
 
     Batches whose output shapes differ (data-dependent outputs) count against
-    ``shape_agreement`` and are left out of the other measures."""
+    ``shape_agreement`` and are left out of the other measures. The outputs named in ``state``
+    (a streaming model's state, fed back into the next window) are listed with
+    ``"state": true`` but left out of the summary measures and the budget: what the state
+    does shows in the other outputs over the sequence."""
     per_output: list[dict[str, Any]] = []
     top1: list[float] = []
     for name, r_batches, g_batches in zip(names, ref, got):
         entry: dict[str, Any] = {"name": name}
+        if name in state:
+            entry["state"] = True
         pairs = list(zip(r_batches, g_batches))
         matched = [(r, g) for r, g in pairs if r.shape == g.shape]
         if len(matched) < len(pairs):
@@ -165,12 +172,12 @@ def compare_outputs(ref: Batches, got: Batches, names: Sequence[str]) -> dict[st
             max_abs_error=float(np.max(np.abs(diff))) if diff.size else 0.0,
             snr_db=round(float(snr), 2) if np.isfinite(snr) else None,
         )
-        if is_classifier_output(r):
+        if is_classifier_output(r) and name not in state:
             agreement = float(np.mean(np.argmax(r, axis=1) == np.argmax(g, axis=1)))
             entry["top1_agreement"] = agreement
             top1.append(agreement)
         per_output.append(entry)
-    tensors = [e for e in per_output if e["kind"] == "tensor"]
+    tensors = [e for e in per_output if e["kind"] == "tensor" and not e.get("state")]
     return {
         "cosine": min((e["cosine"] for e in tensors), default=None),
         "cosine_min": min((e["cosine_min"] for e in tensors), default=None),
@@ -348,8 +355,12 @@ class LiteRTSession:
         step = shapes[0][0] if shapes and shapes[0] else 1
         chunks: list[list[np.ndarray]] = [[] for _ in self._out]
         for start in range(0, batch, max(step, 1)):
+            # one run takes the feed whole (a state [2, 1, 128] has no batch axis first)
+            whole = batch <= step
             tfl_feeds = {
-                spec.name: nchw_to_model(x[start : start + step] if x.ndim else x, shape)
+                spec.name: nchw_to_model(
+                    x[start : start + step] if x.ndim and not whole else x, shape
+                )
                 for spec, shape, x in zip(self._in, shapes, arrays)
             }
             for i, (y, arg) in enumerate(zip(self._rt.infer(tfl_feeds), self._outputs)):

@@ -99,3 +99,11 @@ def standin_db() -> Any:
     from converters.standins import db_style
 
     return db_style()
+
+
+@pytest.fixture(scope="session")
+def standin_vad() -> Any:
+    """The GRU voice-activity detector (converters/standins.py: vad_style): a few seconds."""
+    from converters.standins import vad_style
+
+    return vad_style()

@@ -240,6 +240,44 @@ def test_db_finds_the_text(db: standins.TextDetectorStandIn) -> None:
 # All three
 
 
+# --------------------------------------------------------------------------------------------
+# The streaming voice-activity detector
+
+
+def test_vad_io_ops_and_data(standin_vad: standins.VadStandIn) -> None:
+    model = _check_loadable(standin_vad.onnx, 17)
+    h = standin_vad.hidden
+    io = [
+        [(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in vs]
+        for vs in (model.graph.input, model.graph.output)
+    ]
+    assert io == [
+        [("input", [1, standin_vad.window]), ("state", [1, 1, h])],
+        [("output", [1, 1]), ("stateN", [1, 1, h])],
+    ]
+    ops = _op_types(model)
+    assert not ops & {"GRU", "LSTM", "RNN", "Loop", "Scan"}  # the cell as plain ops
+    assert {"MatMul", "Abs", "Log", "Concat", "Gemm", "Sigmoid", "Tanh", "Sub"} <= ops
+    cal = standin_vad.calibration
+    assert cal.dtype == np.float32 and cal.shape[1] == standin_vad.window
+    assert len(cal) == int(30.0 * standin_vad.rate) // standin_vad.window
+    assert float(np.abs(cal).max()) <= 1.0
+
+
+def test_vad_speech_audio_has_structure() -> None:
+    rng = np.random.default_rng(0)
+    audio, mask = standins.speech_audio(rng, 20.0)
+    assert audio.dtype == np.float32 and audio.shape == mask.shape == (20 * standins.VAD_RATE,)
+    assert 0.2 < mask.mean() < 0.8
+    labels = standins.window_labels(mask)
+    windows = standins.audio_windows(audio)
+    assert len(labels) == len(windows) == 20 * standins.VAD_RATE // standins.VAD_WINDOW
+    loud = np.sqrt((windows**2).mean(axis=1))
+    # speech windows are louder on the whole; the hangover and syllable gaps are not
+    assert np.median(loud[labels]) > 3 * np.median(loud[~labels])
+    assert np.mean(loud[labels] < 0.02) > 0.05
+
+
 @pytest.mark.parametrize(
     "build",
     [
@@ -248,8 +286,11 @@ def test_db_finds_the_text(db: standins.TextDetectorStandIn) -> None:
         ),
         lambda: standins.svtr_style(dim=16, steps=2, batch=2, n_calibration=1, n_eval=1),
         lambda: standins.db_style(size=64, width=4, steps=2, batch=2, n_calibration=1, n_eval=1),
+        lambda: standins.vad_style(
+            hidden=8, steps=2, train_audio_seconds=30.0, calibration_seconds=1.0
+        ),
     ],
-    ids=["yolov8", "svtr", "db"],
+    ids=["yolov8", "svtr", "db", "vad"],
 )
 def test_same_seed_same_bytes(build: object) -> None:
     assert callable(build)

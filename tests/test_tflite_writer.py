@@ -540,15 +540,16 @@ def test_more_unary(op: str) -> None:
     assert count_transposes(data) == 0
 
 
-@pytest.mark.parametrize("op", ["Max", "Min", "Pow", "Sqrt"])
+@pytest.mark.parametrize("op", ["Max", "Min", "Pow", "Sqrt", "Log"])
 def test_more_elementwise(op: str) -> None:
-    nodes = [helper.make_node("Abs", ["x"], ["a"])]  # positive inputs for Pow / Sqrt
-    if op == "Sqrt":
-        nodes.append(helper.make_node("Sqrt", ["a"], ["y"]))
+    nodes = [helper.make_node("Abs", ["x"], ["a"])]  # positive inputs for Pow / Sqrt / Log
+    unary = op in ("Sqrt", "Log")
+    if unary:
+        nodes.append(helper.make_node(op, ["a"], ["y"]))
     else:
         nodes.append(helper.make_node(op, ["a", "c"], ["y"]))
     c = np.array([0.5, 1.5, 2.0], np.float32).reshape(3, 1, 1)
-    m = _model(nodes, {"x": [1, 3, 4, 5]}, ["y"], {"c": c} if op != "Sqrt" else {})
+    m = _model(nodes, {"x": [1, 3, 4, 5]}, ["y"], {"c": c} if not unary else {})
     err, data = _compare(m)
     assert err <= TOL
     assert count_transposes(data) == 0

@@ -18,6 +18,12 @@ The manifest is a JSON object with at least::
     artifacts [{path, format, precision, sha256, size, runtime, profiles: [...], ...extra}]
     files     [{path, sha256, size}]   other files, e.g. a golden input "golden.npz"
 
+Optional, checked here when present::
+
+    state     [{input, output, initial}]   a streaming model's state pairs: the output fed back
+                                           into the input with the stream's next window
+                                           (``initial``: the starting value, default 0.0)
+
 Other top-level keys (inputs, outputs, preprocess, golden, calibration_stats, ...) belong to the
 converter and pass through this module untouched.
 
@@ -95,6 +101,8 @@ _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 _ARTIFACT_KEYS = ("path", "format", "precision", "sha256", "size", "runtime", "profiles")
 _FILE_KEYS = ("path", "sha256", "size")
 _FILLED_KEYS = ("schema", "artifacts", "files")
+#: the keys of one ``state`` entry; ``initial`` may be left out (0.0)
+STATE_KEYS = ("input", "output", "initial")
 
 
 # --- values --------------------------------------------------------------------------------
@@ -423,6 +431,38 @@ def validate_manifest(
                 fail(f"{where_entry}.size = {entry['size']!r}: must be an integer >= 0")
             if list_key == "artifacts":
                 _validate_artifact(entry, where_entry, fail)
+    if "state" in manifest:
+        _validate_state(manifest["state"], fail)
+
+
+def _validate_state(entries: Any, fail: Callable[[str], NoReturn]) -> None:
+    """The optional ``state`` list: a streaming model's state pairs (``edge_agent.model.state``;
+    whether the names and shapes fit the model is checked when it is loaded)."""
+    if not isinstance(entries, list):
+        fail(
+            f"state = {entries!r}: must be a list of {{input, output, initial}} objects "
+            "(leave the key out for a model without declared state)"
+        )
+    seen: set[tuple[str, str]] = set()
+    for i, entry in enumerate(entries):
+        where = f"state[{i}]"
+        if not isinstance(entry, dict):
+            fail(f"{where} = {entry!r}: must be an object with keys {', '.join(STATE_KEYS)}")
+        extra = sorted(set(entry) - set(STATE_KEYS))
+        if extra:
+            fail(f"{where}: unknown key {extra[0]!r} (known: {', '.join(STATE_KEYS)})")
+        for key in ("input", "output"):
+            value = entry.get(key)
+            if not isinstance(value, str) or not value:
+                fail(f"{where}.{key} = {value!r}: must be the name of a model {key}")
+            if (key, value) in seen:
+                fail(f"{where}.{key} = {value!r}: already in another state pair; keep one")
+            seen.add((key, value))
+        if entry["input"] == entry["output"]:
+            fail(f"{where}: input and output are both {entry['input']!r}; they must differ")
+        initial = entry.get("initial", 0.0)
+        if not isinstance(initial, (int, float)) or isinstance(initial, bool):
+            fail(f"{where}.initial = {initial!r}: must be a number (the state's starting value)")
 
 
 def _validate_artifact(entry: dict[str, Any], where: str, fail: Callable[[str], NoReturn]) -> None:

@@ -3,6 +3,10 @@
 ``load_model`` accepts a signed ``.edgebundle`` (verified, extracted into the state directory,
 the artifact chosen for this device's profile, then smoke-tested on the bundle's golden input)
 or a bare ``.onnx`` / ``.tflite`` file with preprocessing given by flags and raw output.
+
+A stateful model (a recurrent voice-activity detector, say: ``edge_agent.model.state``) carries
+one state per stream: :meth:`LoadedModel.infer` feeds a stream's state in and keeps the state
+that comes out; :meth:`LoadedModel.reset_state` forgets it when the stream restarts.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ from edge_agent.model.preprocess import Geometry, Preprocessor, PreprocessSpec
 from edge_agent.model.profiles import DeviceProfile
 from edge_agent.model.runtimes import (
     Runtime,
+    TensorSpec,
     available_runtimes,
     load_runtime,
     model_to_nchw,
     nchw_to_model,
     warmup,
 )
+from edge_agent.model.state import StatePair, StreamState, state_pairs
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +57,61 @@ class LoadedModel:
     workers: int = 1
     #: The fastest warm-up inference in milliseconds (what the thread plan decides on).
     warm_ms: float = 0.0
+    #: the first input that is not a state input: what a frame or a window feeds
     input_name: str = field(init=False)
     input_shape: tuple[int | None, ...] = field(init=False)
+    #: the model's state pairs: declared in the bundle's manifest (``state``), else detected
+    #: from the runtime's inputs and outputs; empty for a model without state
+    state_pairs: tuple[StatePair, ...] = field(init=False)
+    _states: StreamState | None = field(init=False, repr=False, default=None)
+    _output_names: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        spec = self.runtime.inputs[0]
+        declared = (self.manifest or {}).get("state")
+        self.state_pairs = state_pairs(
+            declared=declared, inputs=self.runtime.inputs, outputs=self.runtime.outputs
+        )
+        state_inputs = {p.input for p in self.state_pairs}
+        data = [s for s in self.runtime.inputs if s.name not in state_inputs]
+        if not data:
+            names = ", ".join(s.name for s in self.runtime.inputs)
+            raise ModelError(
+                f"model {self.name}: every input ({names}) is a state input, so nothing takes "
+                "the frames; declare the model's state pairs in the bundle's manifest (state)"
+            )
+        spec: TensorSpec = data[0]
         self.input_name, self.input_shape = spec.name, spec.shape
+        self._states = StreamState(self.state_pairs) if self.state_pairs else None
+        self._output_names = [o.name for o in self.runtime.outputs]
 
     @property
     def identity(self) -> dict[str, str]:
         return {"name": self.name, "version": self.version}
+
+    @property
+    def stateful(self) -> bool:
+        """True when the model carries a state from one window of a stream to the next (its
+        windows must then run in order, one at a time per stream)."""
+        return bool(self.state_pairs)
+
+    def infer(self, feeds: Mapping[str, np.ndarray], *, stream: str = "") -> list[np.ndarray]:
+        """Run once; outputs in ``runtime.outputs`` order. A stateful model is fed ``stream``'s
+        state (the initial value on its first window) and keeps the state it returns for the
+        stream's next window; one window of a stream at a time (calls for the same stream
+        wait for each other, other streams do not). A model without state: ``runtime.infer``."""
+        states = self._states
+        if states is None:
+            return self.runtime.infer(feeds)
+        with states.hold(stream):
+            outs = self.runtime.infer(states.feeds(stream, feeds))
+            states.update(stream, dict(zip(self._output_names, outs)))
+        return outs
+
+    def reset_state(self, stream: str | None = None) -> None:
+        """Forget ``stream``'s state (every stream's with None): its next window starts from the
+        initial state, as after a restart. Nothing to do for a model without state."""
+        if self._states is not None:
+            self._states.reset(stream)
 
     def prepare(self, data: np.ndarray) -> tuple[dict[str, np.ndarray], Geometry | None]:
         """A source frame's data -> the feed: uint8 images through the image preprocessing,
