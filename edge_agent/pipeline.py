@@ -78,6 +78,8 @@ class _Item:
     model: LoadedModel
     pre_ns: int
     stream: str | None = None
+    #: the stream's source restarted before this frame: a stateful model starts it afresh
+    reset: bool = False
 
 
 @dataclass
@@ -109,6 +111,7 @@ class _Prepared:
     geometry: Geometry | None
     model: LoadedModel
     pre_ns: int
+    reset: bool = False
 
 
 _END = object()
@@ -197,6 +200,14 @@ class Pipeline:
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers = {workers}: must be >= 1")
+        if workers > 1 and model.stateful:
+            log.warning(
+                "%s carries a state from one window to the next: using 1 inference worker, not "
+                "%d (a stream's windows run in order)",
+                model.name,
+                workers,
+            )
+            workers = 1
         if (source is None) == (not streams):
             raise ValueError("Pipeline: give a source or streams, not both and not neither")
         if batch < 1 or (batch > 1 and not streams):
@@ -399,6 +410,7 @@ class Pipeline:
     def _capture_loop(self) -> None:
         source, gate = self.source, self.gate
         order = 0
+        reconnects = 0
         if self._cores is not None:
             _pin_thread(self._cores[0])
         else:
@@ -423,6 +435,9 @@ class Pipeline:
                 t0 = time.monotonic_ns()
                 feeds, geometry = model.prepare(frame.data)
                 item = _Item(order, frame, feeds, geometry, model, time.monotonic_ns() - t0)
+                if model.stateful:  # a restarted source starts its state afresh
+                    restarts = source.stats.reconnects
+                    item.reset, reconnects = restarts != reconnects, restarts
                 order += 1
                 if not self._put(item):
                     return
@@ -454,7 +469,11 @@ class Pipeline:
         model = self._model
         t0 = time.monotonic_ns()
         feeds, geometry = model.prepare(data)
-        return _Prepared(frame, feeds, geometry, model, time.monotonic_ns() - t0)
+        prepared = _Prepared(frame, feeds, geometry, model, time.monotonic_ns() - t0)
+        if model.stateful:  # a restarted source starts its state afresh
+            restarts = tally.stream.source.stats.reconnects
+            prepared.reset, tally.reconnects = restarts != tally.reconnects, restarts
+        return prepared
 
     def _streams_loop(self) -> None:
         """The capture thread with streams: the next frame across the streams, to the workers."""
@@ -491,6 +510,7 @@ class Pipeline:
                             prep.model,
                             prep.pre_ns,
                             stream=t.stream,
+                            reset=prep.reset,
                         )
                     )
                     order += 1
@@ -594,7 +614,9 @@ class Pipeline:
             self._infer_since[ident] = t_inf / 1e9
             try:
                 with guard:
-                    outputs = runtime.infer(item.feeds)
+                    if item.reset:
+                        model.reset_state(item.stream or "")
+                    outputs = model.infer(item.feeds, stream=item.stream or "")
             except ModelError as exc:
                 n = self._count_error(model)
                 if n in (1, 10, 100) or n % 1000 == 0:

@@ -7,6 +7,7 @@ the state by hand with plain onnxruntime."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import wave
 from collections.abc import Callable, Sequence
@@ -721,3 +722,106 @@ def test_build_writes_the_state_and_the_device_serves_it(
     fp32 = _reference(vad_files["onnx"], np.stack(windows)[..., 0], standin_vad.hidden) > 0.5
     got = _through_agent(model, windows, "mic") > 0.5
     assert np.mean(got == fp32) >= 0.98
+
+
+# --- through the agent's loop: one state per stream, afresh when a stream restarts -----------
+
+
+@pytest.mark.slow
+def test_the_loop_carries_each_streams_state_in_order(
+    standin_vad: Any, vad_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """Two WAV streams through one Pipeline and one VAD (asked for two workers: it keeps one,
+    so each stream's windows run in order): every window's decision equals the hand-carried
+    reference of its own file, as if each stream had the model to itself."""
+    from edge_agent.io import open_source
+    from edge_agent.io.sinks import CallbackSink
+    from edge_agent.io.streams import Stream
+    from edge_agent.pipeline import Pipeline
+
+    window, hidden = standin_vad.window, standin_vad.hidden
+    wavs = {"speech": vad_files["wav"], "other": vad_files["other"]}
+    streams = [
+        Stream(n, open_source(f"wav:{p}?size={window}&hop={window}")) for n, p in wavs.items()
+    ]
+    results: list[dict[str, Any]] = []
+    pipe = Pipeline(
+        streams=streams,
+        model=_load(vad_files["onnx"], tmp_path),
+        sinks=[CallbackSink(results.append)],
+        workers=2,
+    )
+    summary = pipe.run()
+    assert pipe.workers == 1 and summary["inference_errors"] == 0
+    for name, path in wavs.items():
+        ref = _reference(vad_files["onnx"], _read_wav_windows(path, window), hidden) > 0.5
+        mine = [r for r in results if r["stream"] == name]
+        assert [r["stream_seq"] for r in mine] == list(range(len(ref)))
+        got = np.array([r["output"]["outputs"]["output"][0][0] for r in mine]) > 0.5
+        assert np.array_equal(got, ref), name
+
+
+def _counter(path: Path, size: int) -> Path:
+    """``stateN = state + 1 + 0 * sum(input)``, ``output = stateN``: windows since the state
+    was last reset."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["input"], ["s"], keepdims=1),
+            helper.make_node("Mul", ["s", "zero"], ["z"]),
+            helper.make_node("Add", ["state", "one"], ["next"]),
+            helper.make_node("Add", ["next", "z"], ["stateN"]),
+            helper.make_node("Identity", ["stateN"], ["output"]),
+        ],
+        "counter",
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, size]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [1, 1]),
+        ],
+        [
+            helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1]),
+            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [1, 1]),
+        ],
+        [
+            numpy_helper.from_array(np.zeros((1, 1), np.float32), "zero"),
+            numpy_helper.from_array(np.ones((1, 1), np.float32), "one"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_restarted_microphone_starts_its_state_afresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A microphone that is unplugged every 0.2 s of audio (the arecord stand-in) and comes
+    back: after each restart the model's state starts again from its initial value, and
+    between restarts it counts on."""
+    from edge_agent.common.backoff import BackoffPolicy
+    from edge_agent.io import open_source
+    from edge_agent.io.sinks import CallbackSink
+    from edge_agent.pipeline import Pipeline
+
+    standin = Path(__file__).resolve().parent / "bin"
+    monkeypatch.setenv("PATH", f"{standin}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("ARECORD_STANDIN_SECONDS", "0.2")
+    monkeypatch.delenv("ARECORD_STANDIN_NO_DEVICE", raising=False)
+    fast = BackoffPolicy(initial=0.05, maximum=0.2, factor=2.0, jitter=0.2)
+    source = open_source("alsa:default?size=160&hop=160", reconnect=fast)
+    model = _load(_counter(tmp_path / "counter.onnx", 160), tmp_path)
+    assert model.stateful
+    counts: list[int] = []
+    pipe = Pipeline(
+        source=source,
+        model=model,
+        sinks=[CallbackSink(lambda r: counts.append(int(r["output"]["outputs"]["output"][0][0])))],
+        max_frames=120,
+    )
+    pipe.run()
+    restarts = [i for i, c in enumerate(counts) if c == 1]
+    assert restarts[0] == 0 and len(restarts) >= 3, counts  # started, then restarted twice+
+    assert source.stats.reconnects >= len(restarts) - 1
+    # between restarts the state counts on (a live source may drop windows, never go back)
+    for a, b in zip(counts, counts[1:]):
+        assert b == 1 or b > a, counts
