@@ -10,6 +10,9 @@ model, side by side with what users do today (one agent process per camera), in 
 3. **A stream unplugged for 30 s**: four live streams, one of them an MJPEG camera on
    loopback that is stopped for 30 s and started again; the other three's rate and p99
    before and during the outage.
+4. **A stateful voice-activity model over 60 s of audio** (``converters.standins.vad_style``):
+   per-window decisions through the agent's loop against a reference loop that carries the
+   state by hand, in ONNX and TFLite, fp32 and int8.
 
 Writes ``benchmarks/results/streams.json`` and ``streams.md``; exits 1 when a target is missed.
 """
@@ -235,6 +238,90 @@ def unplugged(model_path: Path, tmp: Path, *, before: float, outage: float) -> d
     return out
 
 
+def _wav(path: Path, samples: Any, rate: int) -> None:
+    import wave
+
+    import numpy as np
+
+    pcm = np.clip(np.round(samples * 32767.0), -32768, 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+
+
+def vad_sixty(tmp: Path, seconds: float = 60.0) -> dict[str, Any]:
+    """The stateful VAD stand-in over a 60 s WAV, through the agent's loop (``wav:`` source,
+    one state carried by the pipeline), against plain onnxruntime carrying the state by hand;
+    fp32 and int8, ONNX and TFLite (made by ``edge-convert quantize``)."""
+    import wave
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from converters.cli import main as edge_convert
+    from converters.standins import speech_audio, vad_style
+
+    t0 = time.perf_counter()
+    vad = vad_style()
+    train_s = time.perf_counter() - t0
+    root = tmp / "vad"
+    root.mkdir()
+    (root / "vad.onnx").write_bytes(vad.onnx)
+    audio, _ = speech_audio(np.random.default_rng(2026), seconds, rate=vad.rate)
+    _wav(root / "speech.wav", audio, vad.rate)
+    with wave.open(str(root / "speech.wav"), "rb") as w:  # read back by hand, not by the agent
+        x = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768.0
+    windows = x[: len(x) // vad.window * vad.window].reshape(-1, vad.window)
+    np.save(root / "cal.npy", vad.calibration)
+    np.save(root / "eval.npy", windows)
+    sess = ort.InferenceSession(str(root / "vad.onnx"), providers=["CPUExecutionProvider"])
+    state, ref = np.zeros((1, 1, vad.hidden), np.float32), []
+    for win in windows:
+        prob, state = sess.run(["output", "stateN"], {"input": win[None], "state": state})
+        ref.append(float(prob[0, 0]) > 0.5)
+    reference = np.array(ref)
+    paths = {"onnx-fp32": root / "vad.onnx"}
+    for fmt, ext in (("tflite-fp32", "tflite"), ("onnx-int8", "onnx"), ("tflite-int8", "tflite")):
+        out = root / f"{fmt}.{ext}"
+        args = ["quantize", str(root / "vad.onnx"), "-o", str(out), "--format", fmt,
+                "--eval", str(root / "eval.npy"), "--max-eval-samples", "5000",
+                "--latency-seconds", "0.3"]  # fmt: skip
+        if "int8" in fmt:
+            args += ["--calibration", str(root / "cal.npy")]
+        if edge_convert(args) != 0:
+            raise RuntimeError(f"edge-convert quantize --format {fmt} failed on the VAD")
+        paths[fmt] = out
+    out_rows: dict[str, Any] = {}
+    for fmt, path in paths.items():
+        results: list[dict[str, Any]] = []
+        pipe = Pipeline(
+            source=open_source(f"wav:{root / 'speech.wav'}?size={vad.window}&hop={vad.window}"),
+            model=_load(path, tmp, threads=1),
+            sinks=[CallbackSink(results.append)],
+        )
+        pipe.run()
+        decisions = np.array([r["output"]["outputs"]["output"][0][0] > 0.5 for r in results])
+        out_rows[fmt] = {
+            "windows": len(decisions),
+            "agreement": round(float(np.mean(decisions == reference)), 4)
+            if len(decisions) == len(reference)
+            else None,
+            "differ": int(np.sum(decisions != reference))
+            if len(decisions) == len(reference)
+            else None,
+            "size_kb": round(path.stat().st_size / 1024, 1),
+        }
+    return {
+        "seconds": seconds,
+        "windows": len(reference),
+        "speech_share": round(float(reference.mean()), 3),
+        "train_s": round(train_s, 1),
+        "formats": out_rows,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=20.0, help="the live run's length")
@@ -256,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         print("## a stream unplugged", flush=True)
         outage = unplugged(model, tmp, before=10.0, outage=args.outage)
         print(json.dumps(outage, indent=1), flush=True)
+        print("## a stateful VAD over 60 s of audio", flush=True)
+        vad = vad_sixty(tmp)
+        print(json.dumps(vad, indent=1), flush=True)
     targets = []
 
     def jitter(live: dict[str, Any]) -> float:
@@ -303,13 +393,23 @@ def main(argv: list[str] | None = None) -> int:
             "unplugged 30 s: others' worst p99 rise (fraction)", round(p99_change, 4), "<=", 0.10
         )
     )
+    for fmt, row in vad["formats"].items():
+        floor = 0.98 if "int8" in fmt else 1.0
+        targets.append(
+            _target(
+                f"VAD over 60 s, {fmt}: decision agreement with the hand-carried loop",
+                row["agreement"],
+                ">=",
+                floor,
+            )
+        )
     host = detect_host_profile()
     result = {
         "benchmark": "streams",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": host.cores,
                     "features": list(host.cpu_features)},
-        "live": lives, "files": files, "unplugged": outage, "targets": targets,
+        "live": lives, "files": files, "unplugged": outage, "vad": vad, "targets": targets,
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "streams.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -367,6 +467,20 @@ def markdown(result: dict[str, Any]) -> str:
         )
     d = out["door"]
     lines.append(f"| door (unplugged) | {d['fps_before']} | {d['fps_outage']} | | |")
+    vad = result["vad"]
+    lines += [
+        "",
+        f"The stateful VAD stand-in (trained in {vad['train_s']} s) over a {vad['seconds']:.0f} s "
+        f"WAV ({vad['windows']} windows, speech in {vad['speech_share']} of them), through the "
+        "agent's loop, against onnxruntime carrying the state by hand:",
+        "",
+        "| format | size KB | windows | agreement | windows that differ |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for fmt, row in vad["formats"].items():
+        lines.append(
+            f"| {fmt} | {row['size_kb']} | {row['windows']} | {row['agreement']} | {row['differ']} |"
+        )
     lines += ["", "| target | value | limit | met |", "|---|---:|---|---|"]
     for t in result["targets"]:
         lines.append(
