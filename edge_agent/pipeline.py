@@ -139,6 +139,17 @@ class MotionGate:
         return True
 
 
+def _to_frame(output: dict[str, Any], roi: tuple[int, int, int, int]) -> dict[str, Any]:
+    """A result computed on a stream's region of interest, in the whole frame's terms:
+    detection boxes moved by the region's corner (other kinds describe the region itself)."""
+    if output.get("kind") == "detection":
+        x, y = roi[0], roi[1]
+        for d in output.get("detections", ()):
+            b = d["box"]
+            d["box"] = [b[0] + x, b[1] + y, b[2] + x, b[3] + y]
+    return output
+
+
 #: How much nicer than the inference threads the capture thread runs (Linux, per thread).
 CAPTURE_NICENESS = 10
 
@@ -633,6 +644,8 @@ class Pipeline:
             )
             try:
                 output = model.postprocessor(outputs, geometry=item.geometry, source_size=size)
+                if item.stream is not None and (roi := self._tallies[item.stream].stream.roi):
+                    output = _to_frame(output, roi)
             except Exception as exc:  # outputs this model's postprocessing cannot read
                 n = self._count_error(model)
                 if n in (1, 10, 100) or n % 1000 == 0:
@@ -715,6 +728,8 @@ class Pipeline:
                 )
                 try:
                     output = model.postprocessor(mine, geometry=it.geometry, source_size=size)
+                    if it.stream is not None and (roi := self._tallies[it.stream].stream.roi):
+                        output = _to_frame(output, roi)
                 except Exception as exc:  # outputs this model's postprocessing cannot read
                     n = self._count_error(model)
                     if n in (1, 10, 100) or n % 1000 == 0:

@@ -427,3 +427,16 @@ def test_tune_and_bench_measure_one_source(tmp_path: Path, capsys: Any, command:
     )  # fmt: skip
     assert code == 78
     assert f"edge-agent {command} measures one source" in capsys.readouterr().err
+
+
+def test_detections_on_a_region_of_interest_come_back_in_frame_pixels() -> None:
+    from edge_agent.pipeline import _to_frame
+
+    out = {
+        "kind": "detection",
+        "detections": [{"box": [1.0, 2.0, 11.0, 12.0], "score": 0.9, "class": 0, "label": "a"}],
+    }
+    moved = _to_frame(out, (320, 40, 640, 480))
+    assert moved["detections"][0]["box"] == [321.0, 42.0, 331.0, 52.0]
+    top = {"kind": "classification", "class": 3, "score": 0.8, "top": []}
+    assert _to_frame(dict(top), (5, 5, 10, 10)) == top  # describes the region: unchanged
