@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
+import jsonschema
 import numpy as np
 import pytest
 
@@ -103,6 +104,8 @@ def test_policies_pick_the_frames_they_name(tmp_path: Path) -> None:
     assert m["output"]["score"] == 0.3 and m["device"] == "cam-1" and m["stream"] is None
     loaded = sampler.store.load(m["id"])
     assert loaded is not None and loaded[1][:2] == b"\xff\xd8"  # a JPEG
+    for meta in metas:
+        jsonschema.validate(meta, protocol.SCHEMAS["sample_meta"])
 
     # drift, while the monitor says so; random 1 in N; sensor windows as .npy
     drifting = {"on": False}
