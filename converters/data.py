@@ -8,6 +8,10 @@ Accepted forms:
 - a directory of images (``.jpg .jpeg .png .bmp .webp``), preprocessed with a
   :class:`~edge_agent.model.preprocess.PreprocessSpec`; labels may come from sub-directory names
   (``cat/001.jpg``) when the directory holds only sub-directories.
+- a dataset folder of samples from the field (``edgectl collect --out DIR``): ``samples.jsonl``
+  lists the files (``images/*.jpg``, preprocessed like an image directory, or ``windows/*.npy``,
+  sensor or audio windows read as they are). Labels: each line's ``label`` (an integer class
+  index a person fills in; null until then), used when every line has one.
 
 Sample layouts (N samples, the model's input ``[batch, *shape]``):
 
@@ -32,6 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge_agent.errors import DataError
+from edge_agent.model.formats import DATASET_INDEX
 from edge_agent.model.preprocess import Preprocessor, PreprocessSpec
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -242,7 +247,9 @@ def load_dataset(
         raise DataError(f"{path}: no such file or directory")
     names = [str(s["name"]) for s in input_specs]
     dtypes = {str(s["name"]): _NP_DTYPES.get(str(s["dtype"])) for s in input_specs}
-    if path.is_dir():
+    if path.is_dir() and (path / DATASET_INDEX).is_file():
+        ds = _samples_dataset(path, input_specs, preprocess)
+    elif path.is_dir():
         ds = _image_dataset(path, input_specs, preprocess)
     elif path.suffix == ".npy":
         if len(names) != 1:
@@ -314,6 +321,76 @@ def _image_dataset(
         inputs={str(spec["name"]): _ImageRows(files, Preprocessor(preprocess))},
         labels=labels,
         description=f"{path} ({len(files)} images)",
+    )
+
+
+class _WindowRows:
+    """Sensor or audio windows, one ``.npy`` file each (no pickle), stacked."""
+
+    def __init__(self, files: Sequence[Path]) -> None:
+        self.files = list(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        out = []
+        for path in self.files[start:stop]:
+            try:
+                out.append(np.load(path, allow_pickle=False)[None])
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{path}: not a numeric .npy window ({exc})") from exc
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def _samples_dataset(
+    path: Path, input_specs: Sequence[Mapping[str, Any]], preprocess: PreprocessSpec | None
+) -> Dataset:
+    """A folder written by ``edgectl collect``: ``samples.jsonl`` and the files it lists."""
+    import json
+
+    if len(input_specs) != 1:
+        raise DataError(f"{path}: a samples folder feeds single-input models only")
+    index = path / DATASET_INDEX
+    rows = []
+    for n, line in enumerate(index.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            file = path / str(row["file"])
+        except (ValueError, KeyError, TypeError):
+            raise DataError(
+                f"{index}:{n}: not a sample line (edgectl collect writes them)"
+            ) from None
+        label = row.get("label")
+        if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
+            raise DataError(
+                f"{index}:{n}: label = {label!r}: expected an integer class index, or null"
+            )
+        if not file.is_file():
+            raise DataError(f"{index}:{n}: {row['file']} is missing")
+        rows.append((file, label))
+    if not rows:
+        raise DataError(f"{index}: lists no samples")
+    kinds = {f.suffix.lower() for f, _ in rows}
+    if len(kinds) != 1:
+        raise DataError(f"{path}: mixes images and windows; collect them into separate folders")
+    spec = input_specs[0]
+    files = [f for f, _ in rows]
+    inputs: RowSource
+    if kinds == {".npy"}:
+        inputs = _WindowRows(files)
+    else:
+        pre = preprocess or PreprocessSpec.for_input_shape(list(spec["shape"]))
+        inputs = _ImageRows(files, Preprocessor(pre))
+    labelled = [lab for _, lab in rows if lab is not None]
+    labels = _ArrayRows(np.array(labelled, np.int64)) if len(labelled) == len(rows) else None
+    note = "labelled" if labels is not None else f"{len(labelled)} of {len(rows)} labelled"
+    return Dataset(
+        inputs={str(spec["name"]): inputs},
+        labels=labels,
+        description=f"{path} ({len(rows)} samples from the field, {note})",
     )
 
 

@@ -374,6 +374,98 @@ class OtaSection:
 
 
 @dataclass(frozen=True)
+class CaptureSection:
+    """Samples from the field for the next model: frames (JPEG) or sensor windows the model
+    struggled with, kept in a bounded store and sent at the lowest priority. Every policy is
+    off by default; capture runs while at least one is on (and ``edgectl capture --device D
+    --off`` has not stopped it: see docs/security.md)."""
+
+    low_confidence: float = _doc(
+        "Capture when the top score (classification) or a detection's score is below this "
+        "(0 = off).",
+        default=0.0,
+    )
+    near_threshold: float = _doc(
+        "Capture when that score is within near_margin of this decision threshold (0 = off).",
+        default=0.0,
+    )
+    near_margin: float = _doc(
+        "The margin d of near_threshold: T - d <= score <= T + d.", default=0.05
+    )
+    drift: bool = _doc("Capture while telemetry's monitor reports drift.", default=False)
+    disagreement: bool = _doc(
+        "Capture the frames where a shadow model disagrees with the serving one (the shadow "
+        "calls the sampler's hook; see docs/mqtt.md).",
+        default=False,
+    )
+    random_every: int = _doc("Capture 1 frame in N, whatever its output (0 = off).", default=0)
+    class_quota: int = _doc(
+        "At most this many samples per predicted class in 24 hours (0 = no quota).", default=0
+    )
+    max_per_minute: int = _doc("Most samples in any minute (0 = no limit).", default=6)
+    max_per_hour: int = _doc("Most samples in any hour (0 = no limit).", default=60)
+    max_per_day: int = _doc("Most samples in any 24 hours (0 = no limit).", default=500)
+    max_mb: float = _doc(
+        "On-disk store bound (<state_dir>/samples): above it the oldest samples go first.",
+        default=256.0,
+    )
+    disk_share: float = _doc(
+        "...and never more than this share of the file system (its size as free space plus "
+        "the store).",
+        default=0.1,
+    )
+    jpeg_quality: int = _doc("JPEG quality of captured frames (1-100).", default=90)
+    chunk_kb: int = _doc("Chunk size over MQTT, KiB (1-1024).", default=32)
+    upload_url: str = _doc(
+        "Send samples by HTTP(S) PUT to <url>/<device>/<id>.jpg|.npy and then <id>.json "
+        "instead of MQTT ('' = over MQTT).",
+        default="",
+    )
+    token_file: str = _doc(
+        "File holding the bearer token for upload_url (a bare name is looked up in "
+        "$CREDENTIALS_DIRECTORY). Never on the command line.",
+        default="",
+    )
+    ca_file: str = _doc(
+        "CA certificate for an https:// upload_url ('' = the system's).", default=""
+    )
+
+    def __post_init__(self) -> None:
+        for key in ("low_confidence", "near_threshold", "near_margin", "disk_share"):
+            value = getattr(self, key)
+            if not 0 <= value <= 1:
+                raise ConfigError(f"config: [capture] {key} = {value}: must be between 0 and 1")
+        if self.disk_share == 0:
+            raise ConfigError("config: [capture] disk_share = 0: must be > 0")
+        _at_least("capture", self, 0, "random_every", "class_quota", "max_per_minute")
+        _at_least("capture", self, 0, "max_per_hour", "max_per_day")
+        _at_least("capture", self, 0, "max_mb", strict=True)
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(
+                f"config: [capture] jpeg_quality = {self.jpeg_quality}: must be 1-100"
+            )
+        if not 1 <= self.chunk_kb <= 1024:
+            raise ConfigError(f"config: [capture] chunk_kb = {self.chunk_kb}: must be 1-1024")
+        if self.upload_url and not self.upload_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"config: [capture] upload_url = {self.upload_url!r}: expected http:// or https://"
+            )
+        if self.token_file and not self.upload_url:
+            raise ConfigError("config: [capture] token_file is set without upload_url")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any policy is on."""
+        return bool(
+            self.low_confidence
+            or self.near_threshold
+            or self.drift
+            or self.disagreement
+            or self.random_every
+        )
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -385,6 +477,7 @@ class AgentConfig:
     mqtt: MqttSection = field(default_factory=MqttSection)
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
     ota: OtaSection = field(default_factory=OtaSection)
+    capture: CaptureSection = field(default_factory=CaptureSection)
     #: ``[[sources]]``: several named streams served by one model (instead of ``[source]``)
     sources: tuple[StreamSection, ...] = ()
     path: str = ""
@@ -425,6 +518,7 @@ _SECTION_CLASSES: dict[str, type] = {
     "mqtt": MqttSection,
     "telemetry": TelemetrySection,
     "ota": OtaSection,
+    "capture": CaptureSection,
 }
 
 

@@ -208,6 +208,7 @@ class Pipeline:
         pin_capture: bool = False,
         observer: Callable[[dict[str, np.ndarray], dict[str, Any], list[np.ndarray]], None]
         | None = None,
+        sampler: Callable[[Frame, dict[str, Any], Any, str | None], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers = {workers}: must be >= 1")
@@ -240,6 +241,9 @@ class Pipeline:
         #: Called with (feeds, output, raw outputs) for every frame, in the worker thread, outside
         #: any lock (telemetry's Monitor: it samples every Nth call itself). Must be cheap.
         self.observer = observer
+        #: Called with (frame, output, model identity, stream) for every frame, in the worker
+        #: thread, outside any lock (``[capture]``'s Sampler: decides cheaply, hands off).
+        self.sampler = sampler
         #: the one source; with streams, the first stream's (its kind stands for them all)
         self.source: Source = source if source is not None else streams[0].source
         self._tallies: dict[str, _StreamTally] = {}
@@ -662,6 +666,12 @@ class Pipeline:
                 except Exception:  # monitoring must never cost a frame
                     log.exception("pipeline observer failed")
                     self.observer = None
+            if (sampler := self.sampler) is not None:
+                try:
+                    sampler(item.frame, output, model.identity, item.stream)
+                except Exception:  # capture must never cost a frame
+                    log.exception("pipeline sampler failed")
+                    self.sampler = None
             t_ready = time.monotonic_ns()
         finally:
             self._release(model)
@@ -747,6 +757,12 @@ class Pipeline:
                     except Exception:  # monitoring must never cost a frame
                         log.exception("pipeline observer failed")
                         self.observer = None
+                if (sampler := self.sampler) is not None:
+                    try:
+                        sampler(it.frame, output, model.identity, it.stream)
+                    except Exception:  # capture must never cost a frame
+                        log.exception("pipeline sampler failed")
+                        self.sampler = None
                 t_ready = time.monotonic_ns()
                 result = {
                     "seq": 0,  # set in capture order by _emit

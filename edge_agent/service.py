@@ -69,6 +69,8 @@ class Service:
         self.rest_port: int | None = None  # --rest-port
         self._last_bad_desired = -1e9
         self.latest_telemetry: dict[str, Any] | None = None
+        self.sampler: Any = None  # [capture]: edge_agent.fleet.capture.Sampler
+        self.uploader: Any = None
 
     # --- start-up ----------------------------------------------------------------------------
 
@@ -154,6 +156,7 @@ class Service:
             seq_start=seq_start,
         )
         self._setup_monitor(model)
+        self._setup_capture(state_dir)
         self.rest = None
         if config.rest.enabled or self.rest_port is not None:
             from edge_agent.rest import RestServer
@@ -262,6 +265,40 @@ class Service:
         )
         self.monitor_model = model
         self.pipeline.observer = self.monitor.observe
+
+    def _setup_capture(self, state_dir: Path) -> None:
+        """``[capture]``: samples from the field, sent over MQTT at the lowest priority or by
+        HTTP(S) PUT (edge_agent.fleet.capture, edge_agent.fleet.samples)."""
+        c = self.config.capture
+        if not c.enabled:
+            return
+        from edge_agent.fleet.capture import Sampler
+        from edge_agent.fleet.samples import HttpUploader, SampleOutbox, SampleStore
+
+        store = SampleStore(
+            state_dir / "samples", max_bytes=int(c.max_mb * 2**20), disk_share=c.disk_share
+        )
+        self.sampler = Sampler(
+            c, store=store, device=self.device, state_path=state_dir / "capture.json",
+            drifting=lambda: self._drifting,
+        )  # fmt: skip
+        if c.upload_url:
+            from edge_agent.fleet.mqtt import read_secret
+
+            token = read_secret(c.token_file, what="[capture] token_file") if c.token_file else None
+            self.uploader = HttpUploader(
+                store, url=c.upload_url, device=self.device, token=token, ca_file=c.ca_file
+            )
+            self.uploader.start()
+        elif self.link is not None and self.topics is not None:
+            self.link.low_priority = SampleOutbox(store, self.topics)
+        else:
+            log.warning("capture: no broker and no [capture] upload_url: samples stay in %s",
+                        store.directory)  # fmt: skip
+        self.sampler.start()
+        self.pipeline.sampler = self.sampler
+        log.info("capture: %s (%d samples waiting)", "on" if self.sampler.enabled else
+                 "off (edgectl capture --off)", len(store))  # fmt: skip
 
     def _start_mqtt(self, state_dir: Path) -> None:
         from edge_agent.fleet.mqtt import BrokerSettings, MqttLink
@@ -452,6 +489,10 @@ class Service:
     def shutdown(self) -> None:
         if self.updater is not None:
             self.updater.stop()
+        if self.sampler is not None:
+            self.sampler.stop()
+        if self.uploader is not None:
+            self.uploader.stop()
         if self.rest is not None:
             self.rest.stop()
         if self.prometheus is not None:
@@ -586,6 +627,7 @@ class Service:
             },
             "system": self.system.sample() if self.system is not None else {},
             "monitoring": monitoring,
+            **({"capture": self.sampler.telemetry()} if self.sampler is not None else {}),
         }
 
     def _stream_telemetry(self, interval: float) -> dict[str, dict[str, Any]]:
@@ -730,6 +772,19 @@ class Service:
             topic, protocol.dumps(reply), properties=reply_properties(msg.correlation_data)
         )
 
+    def _capture_command(self, data: Mapping[str, Any]) -> Any:
+        """``edgectl capture --device D --off [--purge] | --on``."""
+        enabled, purge = data.get("enabled"), data.get("purge", False)
+        if not isinstance(enabled, bool) or not isinstance(purge, bool):
+            raise ProtocolError("command capture: enabled (and purge) must be true or false")
+        if self.sampler is None:
+            if enabled:
+                raise ProtocolError(
+                    "command capture: no [capture] policy is configured on this device"
+                )
+            return {"enabled": False, "configured": False, "purged": 0, "waiting": 0}
+        return self.sampler.set_enabled(enabled, purge=purge)
+
     def _command(self, name: str, data: Mapping[str, Any]) -> Any:
         if name == "ping":
             return {
@@ -739,6 +794,8 @@ class Service:
                 "state": self.pipeline.state.value,
                 "uptime_s": round(time.monotonic() - self.t_start, 3),
             }
+        if name == "capture":
+            return self._capture_command(data)
         if self.updater is None:
             raise UpdateError(f"OTA is disabled here: {self.ota_disabled or 'not started'}")
         if name == "update":

@@ -12,6 +12,8 @@
     edgectl status [--timeout S] [--json]
     edgectl watch [DEVICE] [--count N]
     edgectl export --format jsonl|csv [--duration S] [--share GROUP] [-o FILE]
+    edgectl collect --out DIR [--device D | --group G] [--since WHEN] [--duration S] [--idle S]
+    edgectl capture --device D (--off [--purge] | --on)
 
 Nothing but the broker is central: bundles are stored on it as retained chunks
 (``edge/bundles/<sha256>/…``), desired states are retained, and the fleet view is built from
@@ -325,7 +327,7 @@ def publish_bundle(
 ) -> tuple[str, str, str]:
     """Retained, individually hashed chunks, then the meta message; waits for every PUBACK."""
     sha, name, version, data = bundle_identity(path, public_keys)
-    chunks = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
+    chunks = protocol.split_chunks(data, chunk_size)
     infos = []
     for i, chunk in enumerate(chunks):
         topic = protocol.bundle_chunk_topic(sha, i, prefix=client.prefix)
@@ -334,7 +336,7 @@ def publish_bundle(
         sha256=sha,
         size=len(data),
         chunk_size=chunk_size,
-        chunks=[hashlib.sha256(c).hexdigest() for c in chunks],
+        chunks=protocol.chunk_hashes(chunks),
         name=name,
         version=version,
     )
@@ -437,6 +439,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=parse_duration, default=0.0, help="0 = until interrupted")
     p.add_argument("--share", help="MQTT 5 shared subscription group")
     p.add_argument("-o", "--output", type=Path)
+
+    p = sub.add_parser("collect", help="receive samples from the field into a dataset folder")
+    p.add_argument("--out", type=Path, required=True, help="the dataset folder (created)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--device")
+    target.add_argument("--group")
+    p.add_argument("--since", help="captured since: 2h, 7d, a Unix time or 2026-12-01T10:30 (UTC)")
+    p.add_argument("--duration", type=parse_duration, default=0.0, help="0 = until interrupted")
+    p.add_argument("--idle", type=parse_duration, default=0.0,
+                   help="stop after this long without a new sample (0 = never)")  # fmt: skip
+    p.add_argument("--keep", action="store_true", help="leave collected samples on the broker")
+    p.add_argument("--discover", type=parse_duration, default=2.0, metavar="DURATION")
+
+    p = sub.add_parser("capture", help="switch a device's sample capture off (privacy) or on")
+    p.add_argument("--device", required=True)
+    switch = p.add_mutually_exclusive_group(required=True)
+    switch.add_argument("--off", action="store_true", help="stop capturing at once")
+    switch.add_argument("--on", action="store_true", help="capture again (per its [capture])")
+    p.add_argument("--purge", action="store_true", help="with --off: delete samples not sent yet")
+    p.add_argument("--timeout", type=parse_duration, default=5.0)
     return parser
 
 
@@ -780,6 +802,51 @@ def cmd_export(args: argparse.Namespace) -> int:
     return CtlExit.OK
 
 
+def cmd_collect(args: argparse.Namespace) -> int:
+    from edgectl.collect import DatasetFolder, SampleAssembler, collect, parse_since
+
+    since = parse_since(args.since) if args.since else None
+    folder = DatasetFolder(args.out)
+    with Client(args) as client:
+        p = client.prefix
+        devices: list[str] | None = None
+        if args.group:
+            fleet = fleet_snapshot(client, seconds=args.discover)
+            devices = sorted(
+                d for d, v in fleet.items()
+                if args.group in ((v.get("status") or {}).get("groups") or [])
+            )  # fmt: skip
+            if not devices:
+                raise EdgeError(f"group {args.group!r}: no device declares it (edgectl status)")
+        elif args.device:
+            devices = [protocol.check_name(args.device)]
+        topics = [Topics(d, prefix=p).samples for d in devices] if devices else [f"{p}/+/samples/#"]
+        assembler = SampleAssembler(folder, prefix=p, since=since, devices=devices)
+        clear = None if args.keep else (lambda t: client.publish(t, b"", retain=True))
+        stats = collect(
+            subscribe=client.subscribe, clear=clear, assembler=assembler, topics=topics,
+            duration=args.duration, idle=args.idle,
+        )  # fmt: skip
+        time.sleep(0.2)  # let the last clears leave before disconnecting
+    print(
+        f"{stats.written} samples written to {args.out}, {stats.duplicates} already there, "
+        f"{stats.older} older than --since left on the broker, {stats.bad} failed their check, "
+        f"{assembler.incomplete()} incomplete"
+    )
+    return CtlExit.OK
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    body = {"enabled": bool(args.on), "purge": bool(args.purge)}
+    with Client(args) as client:
+        reply = client.request(args.device, "capture", body, timeout=args.timeout)
+    if not reply.get("ok"):
+        print(f"{args.device}: {reply.get('error')}", file=sys.stderr)
+        return CtlExit.FAILED
+    print(json.dumps(reply.get("result")))
+    return CtlExit.OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "publish": cmd_publish,
     "deploy": cmd_deploy,
@@ -789,6 +856,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "watch": cmd_watch,
     "export": cmd_export,
+    "collect": cmd_collect,
+    "capture": cmd_capture,
 }
 
 

@@ -23,6 +23,15 @@ from converters.demo_live import digits_video
 
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
 EDGECTL = str(Path(sys.executable).parent / "edgectl")
+#: The checkout under test, first on the children's path: the console scripts above would
+#: otherwise import whichever checkout the venv was installed from (a shared venv, a worktree).
+REPO = str(Path(__file__).resolve().parents[1])
+
+
+def checkout_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``os.environ`` with this checkout first on ``PYTHONPATH``, then ``extra``."""
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
 
 
 def repack(
@@ -174,7 +183,7 @@ class AgentProcess:
         self.config = workdir / f"{name}.toml"
         self.config.write_text(config_text)
         self.log = workdir / f"{name}.log"
-        self.env = {**os.environ, **(env or {})}
+        self.env = checkout_env(env)
         self.args = list(args)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -245,6 +254,7 @@ def edgectl(*args: str, broker: str, timeout: float = 60.0) -> subprocess.Comple
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=checkout_env(),
     )
 
 

@@ -21,6 +21,7 @@ from edge_agent.fleet.protocol import (
     ProtocolError,
     bundle_chunk_topic,
     bundle_meta_topic,
+    chunk_problem,
     loads,
 )
 from edge_agent.fleet.store import crash_point
@@ -95,15 +96,14 @@ class ChunkFetcher:
             chunks = t.meta["chunks"]
             if index >= len(chunks) or index in t.have:
                 return
-            size, chunk_size = t.meta["size"], t.meta["chunk_size"]
-            want = chunk_size if index < len(chunks) - 1 else size - chunk_size * (len(chunks) - 1)
-            if len(payload) != want:  # checked before anything is written: no disk filling
-                if payload:  # an empty retained payload is a deleted chunk: still missing
-                    t.bad[index] = f"{len(payload)} bytes, expected {want}"
-                    t.event.set()
+            if not payload:  # an empty retained payload is a deleted chunk: still missing
                 return
-            if hashlib.sha256(payload).hexdigest() != chunks[index]:
-                t.bad[index] = "sha256 mismatch"
+            problem = chunk_problem(  # checked before anything is written: no disk filling
+                payload, index=index, size=t.meta["size"], chunk_size=t.meta["chunk_size"],
+                hashes=chunks,
+            )  # fmt: skip
+            if problem is not None:
+                t.bad[index] = problem
                 t.event.set()
                 return
             path = t.directory / f"{index}.chunk"

@@ -18,6 +18,11 @@ disconnected, and re-sends its own in-flight messages on reconnect). So:
 - State topics (retained status, reported, command replies) are sent directly while connected
   (:meth:`MqttLink.send`) and re-sent on reconnect by the caller's ``on_connect`` hook.
 
+- Samples from the field (``[capture]``) go at the lowest priority: ``low_priority`` (a
+  :class:`~edge_agent.fleet.samples.SampleOutbox`) is asked for its next chunks only when the
+  spool has no row waiting, with at most ``samples.MAX_INFLIGHT`` of them in flight, so results,
+  telemetry and events always go first.
+
 Publishing never blocks the caller: the spool's ``put`` is a bounded in-memory queue, and
 :meth:`MqttLink.send` only appends to a deque the network thread drains.
 
@@ -208,6 +213,7 @@ class MqttLink:
         on_message: Callable[[Message], None] | None = None,
         on_connect: Callable[[MqttLink], None] | None = None,
         rng: random.Random | None = None,
+        low_priority: Any = None,
     ) -> None:
         self.settings = settings
         self.client_id = settings.client_id or client_id
@@ -216,6 +222,8 @@ class MqttLink:
         self.subscriptions = list(subscriptions)
         self.on_message = on_message
         self.on_connect = on_connect
+        #: sent only when the spool has nothing waiting (samples: ``SampleOutbox``)
+        self.low_priority = low_priority
         self._rng = rng or random.Random()
         self._password = settings.password()
         for key in ("ca_file", "cert_file", "key_file"):
@@ -238,6 +246,7 @@ class MqttLink:
         self._lock = threading.Lock()
         # per-connection state, reset on each connect (network thread only)
         self._inflight: dict[int, int] = {}
+        self._low_inflight: dict[int, Any] = {}  # mid -> low_priority key
         self._acks: list[int] = []
         self._last_sent_id = 0
         self._conn_state = "idle"
@@ -361,6 +370,9 @@ class MqttLink:
         client = self._new_client(protocol)
         self._conn_state, self._refused = "connecting", None
         self._inflight, self._acks, self._last_sent_id = {}, [], 0
+        self._low_inflight = {}
+        if self.low_priority is not None:
+            self.low_priority.reset()  # what was in flight goes again on this connection
         try:
             try:
                 if protocol == "5":
@@ -476,7 +488,7 @@ class MqttLink:
         if room <= 0:
             return True
         if not spool.has_pending(after_id=self._last_sent_id):  # no query when nothing is new
-            return bool(self._inflight)
+            return self._pump_low(client) or bool(self._inflight)
         for row in spool.pending(after_id=self._last_sent_id, limit=room):
             info = client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
             if info.rc != 0:  # the socket went away mid-batch: resend from here next time
@@ -488,6 +500,25 @@ class MqttLink:
                 self._inflight[info.mid] = row.id
             self.sent += 1
         return True
+
+    def _pump_low(self, client: Any) -> bool:
+        """With no spool row waiting: the next low-priority messages (sample chunks), a few in
+        flight at a time. True while any are in flight."""
+        low = self.low_priority
+        if low is None:
+            return False
+        from edge_agent.fleet.samples import MAX_INFLIGHT as LOW_INFLIGHT
+
+        room = LOW_INFLIGHT - len(self._low_inflight)
+        if room > 0:
+            for key, topic, payload in low.take(room):
+                info = client.publish(topic, payload, qos=1, retain=True)
+                if info.rc != 0:
+                    low.retry(key)
+                    break
+                self._low_inflight[info.mid] = key
+                self.sent += 1
+        return bool(self._low_inflight)
 
     def _flush_acks(self) -> None:
         if self._acks and self.spool is not None:
@@ -510,6 +541,9 @@ class MqttLink:
             self._conn_state = "lost"
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        if mid in self._low_inflight:
+            self._on_low_publish(self._low_inflight.pop(mid), reason)
+            return
         row = self._inflight.pop(mid, None)
         if row is None:
             return
@@ -528,6 +562,20 @@ class MqttLink:
                 log.warning("mqtt: broker rejected a message (%s)", _reason_text(reason))
         self.acked += 1
         self._acks.append(row)
+
+    def _on_low_publish(self, key: Any, reason: Any) -> None:
+        low = self.low_priority
+        if low is None:
+            return
+        if getattr(reason, "is_failure", False):
+            if int(getattr(reason, "value", 0)) not in PERMANENT_PUBACK_FAILURES:
+                low.retry(key)
+                return
+            log.warning("mqtt: broker rejected a sample (%s); dropped", _reason_text(reason))
+            low.acked(key, ok=False)
+            return
+        self.acked += 1
+        low.acked(key)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         if self.on_message is None:

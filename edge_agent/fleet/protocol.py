@@ -9,7 +9,7 @@ Topics, under a configurable prefix (default ``edge``)::
     edge/<device>/telemetry         retained  every N seconds: rates, latency, system, monitoring
     edge/<device>/results           QoS 1     each result, the same object as the JSONL sink
     edge/<device>/events            QoS 1     model loaded, update started/verified/committed/...
-    edge/<device>/cmd/<name>        in        ping | update | rollback | reload
+    edge/<device>/cmd/<name>        in        ping | update | rollback | reload | capture
     edge/<device>/cmd/<name>/reply  out       the reply for MQTT 3.1.1 clients (MQTT 5 clients
                                               get it on their response topic, with their
                                               correlation data)
@@ -18,6 +18,8 @@ Topics, under a configurable prefix (default ``edge``)::
     edge/groups/<group>/desired     retained  the same, for every device that declares the group
     edge/bundles/<sha256>/meta      retained  a published bundle: size, chunk size, chunk hashes
     edge/bundles/<sha256>/chunk/<i> retained  its bytes, in chunks (binary payloads)
+    edge/<device>/samples/<id>/meta      retained  a captured sample: why, output, chunk hashes
+    edge/<device>/samples/<id>/chunk/<i> retained  its frame (JPEG) or window (.npy), in chunks
 
 Every JSON payload carries ``"schema": SCHEMA_VERSION``. Results, telemetry and events carry a
 per-device ``seq`` that only grows, kept across restarts (one counter per stream: ``results``,
@@ -31,6 +33,7 @@ topic here has 5 (``edge/<device>/cmd/<name>/reply``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -42,7 +45,7 @@ from edge_agent.errors import ProtocolError
 
 SCHEMA_VERSION = 1
 DEFAULT_PREFIX = "edge"
-COMMANDS = ("ping", "update", "rollback", "reload")
+COMMANDS = ("ping", "update", "rollback", "reload", "capture")
 STREAMS = ("results", "telemetry", "events")
 #: Default bundle chunk size: under AWS IoT Core's 128 KB payload limit, with room for headers.
 DEFAULT_CHUNK_SIZE = 96 * 1024
@@ -51,6 +54,11 @@ MAX_COMMAND_BYTES = 64 * 1024
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SAMPLE_ID = re.compile(r"^[0-9]{16}-[0-9a-f]{6}$")
+#: Why a sample was captured (``[capture]`` policies; ``disagreement`` is the shadow's).
+SAMPLE_REASONS = ("low_confidence", "near_threshold", "drift", "disagreement", "random")
+#: Default sample chunk: small, so a chunk on a slow uplink holds a result back only briefly.
+DEFAULT_SAMPLE_CHUNK = 32 * 1024
 
 #: Event kinds (``edge/<device>/events``), each with a ``reason`` where one applies.
 EVENT_KINDS = (
@@ -83,6 +91,42 @@ def check_sha256(value: Any) -> str:
     if not isinstance(value, str) or not _SHA256.match(value):
         raise ProtocolError(f"sha256 {value!r}: expected 64 lowercase hex digits")
     return value
+
+
+def check_sample_id(value: Any) -> str:
+    if not isinstance(value, str) or not _SAMPLE_ID.match(value):
+        raise ProtocolError(
+            f"sample id {value!r}: expected 16 digits (capture time, us), '-', 6 hex digits"
+        )
+    return value
+
+
+# --- chunks: bundles and samples travel the same way --------------------------------------------
+
+
+def split_chunks(data: bytes, chunk_size: int) -> list[bytes]:
+    """``data`` cut into ``chunk_size`` pieces (the last one shorter)."""
+    if chunk_size < 1:
+        raise ProtocolError(f"chunk size {chunk_size}: must be >= 1")
+    return [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
+
+
+def chunk_hashes(chunks: list[bytes]) -> list[str]:
+    return [hashlib.sha256(c).hexdigest() for c in chunks]
+
+
+def chunk_problem(
+    payload: bytes, *, index: int, size: int, chunk_size: int, hashes: list[str]
+) -> str | None:
+    """Why chunk ``index`` is not the one a meta message lists (its size, then its sha256), or
+    None when it is. Checked before anything is written."""
+    count = len(hashes)
+    want = chunk_size if index < count - 1 else size - chunk_size * (count - 1)
+    if len(payload) != want:
+        return f"{len(payload)} bytes, expected {want}"
+    if hashlib.sha256(payload).hexdigest() != hashes[index]:
+        return "sha256 mismatch"
+    return None
 
 
 @dataclass(frozen=True)
@@ -143,6 +187,34 @@ class Topics:
 
     def group_desired(self, group: str) -> str:
         return group_desired_topic(group, prefix=self.prefix)
+
+    @property
+    def samples(self) -> str:
+        """Every sample topic of this device (a subscription)."""
+        return f"{self.base}/samples/#"
+
+    def sample_meta(self, sample_id: str) -> str:
+        return f"{self.base}/samples/{check_sample_id(sample_id)}/meta"
+
+    def sample_chunk(self, sample_id: str, index: int) -> str:
+        return f"{self.base}/samples/{check_sample_id(sample_id)}/chunk/{int(index)}"
+
+
+def parse_sample_topic(topic: str, *, prefix: str = DEFAULT_PREFIX) -> tuple[str, str, int] | None:
+    """``(device, sample id, chunk index)`` for ``<prefix>/<device>/samples/<id>/chunk/<i>``,
+    index -1 for ``.../meta``; None for any other topic."""
+    parts = topic.split("/")
+    head = prefix.split("/")
+    if parts[: len(head)] != head:
+        return None
+    rest = parts[len(head) :]
+    if len(rest) < 4 or rest[1] != "samples" or not _SAMPLE_ID.match(rest[2]):
+        return None
+    if rest[3:] == ["meta"]:
+        return rest[0], rest[2], -1
+    if len(rest) == 5 and rest[3] == "chunk" and rest[4].isdigit() and len(rest[4]) <= 7:
+        return rest[0], rest[2], int(rest[4])
+    return None
 
 
 def group_desired_topic(group: str, *, prefix: str = DEFAULT_PREFIX) -> str:
@@ -337,6 +409,53 @@ def bundle_meta_payload(
     }
 
 
+def sample_meta_payload(
+    *,
+    device: str,
+    sample_id: str,
+    kind: str,
+    reasons: list[str],
+    capture_ts: float,
+    stream: str | None,
+    frame: int | None,
+    model: Mapping[str, str] | None,
+    output: Mapping[str, Any],
+    data: bytes,
+    chunk_size: int,
+    shape: list[int],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A captured sample's meta message: everything but its bytes, with the hashes of the chunks
+    they travel in. ``kind``: ``jpeg`` (an image frame) or ``npy`` (a sensor or audio window,
+    float32 ``[size, channels]``, numpy's format without pickle)."""
+    if kind not in ("jpeg", "npy"):
+        raise ProtocolError(f"sample kind {kind!r}: expected 'jpeg' or 'npy'")
+    for reason in reasons:
+        if reason not in SAMPLE_REASONS:
+            raise ProtocolError(
+                f"sample reason {reason!r}: expected one of {', '.join(SAMPLE_REASONS)}"
+            )
+    chunks = split_chunks(data, chunk_size)
+    return {
+        "schema": SCHEMA_VERSION,
+        "device": device,
+        "id": check_sample_id(sample_id),
+        "kind": kind,
+        "reasons": list(reasons),
+        "capture_ts": capture_ts,
+        "stream": stream,
+        "frame": frame,
+        "model": dict(model) if model else None,
+        "output": dict(output),
+        "shape": list(shape),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "chunk_size": chunk_size,
+        "chunks": chunk_hashes(chunks),
+        **(dict(extra) if extra else {}),
+    }
+
+
 # --- JSON Schemas (docs/mqtt.md and the tests use these) ------------------------------------
 
 _NUM = {"type": "number"}
@@ -494,6 +613,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "bundle": {"type": "object"},
             "allow_downgrade": {"type": "boolean"},
             "version": {"type": "string"},
+            "enabled": {"type": "boolean"},
+            "purge": {"type": "boolean"},
         },
     },
     "reply": {
@@ -579,6 +700,42 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "chunks": {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
             "name": {"type": "string"},
             "version": {"type": "string"},
+        },
+    },
+    "sample_meta": {
+        "title": "edge/<device>/samples/<id>/meta (retained; its chunks first, then this)",
+        "type": "object",
+        "required": [
+            "schema",
+            "device",
+            "id",
+            "kind",
+            "reasons",
+            "capture_ts",
+            "model",
+            "output",
+            "sha256",
+            "size",
+            "chunk_size",
+            "chunks",
+        ],
+        "properties": {
+            "schema": _SCHEMA,
+            "device": {"type": "string"},
+            "id": {"type": "string", "pattern": _SAMPLE_ID.pattern},
+            "kind": {"enum": ["jpeg", "npy"]},
+            "reasons": {"type": "array", "items": {"enum": list(SAMPLE_REASONS)}},
+            "capture_ts": _NUM,
+            "stream": _STR_OR_NULL,
+            "frame": {"type": ["integer", "null"]},
+            "model": _MODEL,
+            "output": {"type": "object"},
+            "shadow_output": {"type": "object"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "size": {"type": "integer", "minimum": 1},
+            "chunk_size": {"type": "integer", "minimum": 1},
+            "chunks": {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
         },
     },
 }

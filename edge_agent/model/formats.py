@@ -72,3 +72,11 @@ INT8_SCHEMES = (
 
 #: The calibration methods onnxruntime offers, in the CLI's spelling.
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+#: A dataset folder of samples from the field (``edgectl collect --out DIR``), which
+#: ``edge-convert --calibration DIR`` / ``--eval DIR`` read: one JSON line per sample in
+#: ``DATASET_INDEX`` (its ``file``, the model's ``output``, ``reasons``, ``label``: null until a
+#: person fills in the class index) and the files in one folder per kind.
+DATASET_INDEX = "samples.jsonl"
+DATASET_FOLDERS = {"jpeg": "images", "npy": "windows"}
+DATASET_EXTENSIONS = {"jpeg": ".jpg", "npy": ".npy"}
