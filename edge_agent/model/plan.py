@@ -100,7 +100,8 @@ def batch_plan(model: Any, *, streams: int, max_batch: int = 4) -> tuple[int, st
     """How many frames of different streams to infer in one call, and why: more than one only
     for several streams on a model with a dynamic batch dimension, in a runtime that takes one
     (onnxruntime), without recurrent state, when a batch measured on zero inputs is at least
-    :data:`BATCH_MIN_GAIN` cheaper per frame than single frames (median of 5 calls each)."""
+    :data:`BATCH_MIN_GAIN` cheaper per frame than single frames (medians of 8 interleaved
+    calls each)."""
     import statistics
     import time
 
@@ -121,18 +122,20 @@ def batch_plan(model: Any, *, streams: int, max_batch: int = 4) -> tuple[int, st
     one = zero_feeds(runtime)
     many = {name: np.concatenate([x] * k) for name, x in one.items()}
 
-    def per_frame(feeds: dict[str, Any], frames: int) -> float:
-        times = []
-        for _ in range(6):
-            t0 = time.perf_counter()
-            runtime.infer(feeds)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times[1:]) / frames
+    def timed(feeds: dict[str, Any]) -> float:
+        t0 = time.perf_counter()
+        runtime.infer(feeds)
+        return time.perf_counter() - t0
 
     try:
-        single, batched = per_frame(one, 1), per_frame(many, k)
+        timed(many)  # the first call of a new shape allocates: not counted
+        singles, batches = [], []
+        for _ in range(8):  # interleaved, so a busy moment slows both alike
+            singles.append(timed(one))
+            batches.append(timed(many) / k)
     except Exception as exc:  # a graph whose dynamic batch does not really work
         return 1, f"a batch of {k} failed: {exc}"
+    single, batched = statistics.median(singles), statistics.median(batches)
     gain = 1.0 - batched / single
     how = f"{k} frames a call cost {batched * 1e3:.3f} ms each vs {single * 1e3:.3f} ms alone"
     return (k, how) if gain >= BATCH_MIN_GAIN else (1, how)
