@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from typing import Any
 import psutil
 
 from benchmarks.agent import write_video
+from benchmarks.convert import _cpu_name
 from converters import zoo
 from edge_agent.io import open_source
 from edge_agent.io.sinks import CallbackSink
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "streams",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": host.cores,
+        "machine": {"cpu": _cpu_name(), "cores": host.cores,
                     "features": list(host.cpu_features)},
         "live": lives, "files": files, "unplugged": outage, "vad": vad, "targets": targets,
     }  # fmt: skip
