@@ -765,7 +765,10 @@ def _with_budget(
         return found
     how = found.method
     names = [e["node"] for e in found.float_nodes + extra]
-    path = make(names, "speed") if how is None else make(names, f"{how}-speed", method=how)
+    try:
+        path = make(names, "speed") if how is None else make(names, f"{how}-speed", method=how)
+    except EdgeError:  # an optional point: the budget's mix stands without it
+        return found
     fast = evaluate(Candidate(label, path, scheme=scheme, method=how, purpose="speed"))
     fast.float_nodes = [dict(e) for e in found.float_nodes] + extra
     found.explored.append(fast)

@@ -80,6 +80,8 @@ class _Item:
     stream: str | None = None
     #: the stream's source restarted before this frame: a stateful model starts it afresh
     reset: bool = False
+    #: the frame before the stream's region of interest cropped it (None: not cropped)
+    whole: Frame | None = None
 
 
 @dataclass
@@ -111,7 +113,10 @@ class _Prepared:
     geometry: Geometry | None
     model: LoadedModel
     pre_ns: int
-    reset: bool = False
+    #: the source's restarts when the frame was read (-1: not tracked, a model without state)
+    reconnects: int = -1
+    #: the frame before the region of interest cropped it (None: not cropped)
+    whole: Frame | None = None
 
 
 _END = object()
@@ -137,6 +142,18 @@ class MotionGate:
             return False
         self._last = thumb
         return True
+
+
+def _batchable(model: LoadedModel) -> bool:
+    """Whether ``model`` takes frames of several streams in one call: onnxruntime, a dynamic
+    batch dimension on every input and output, no state (what ``model.plan.batch_plan`` also
+    requires before it measures)."""
+    rt = model.runtime
+    return (
+        rt.name == "onnxruntime"
+        and not model.stateful
+        and all(spec.shape and spec.shape[0] is None for spec in [*rt.inputs, *rt.outputs])
+    )
 
 
 def _to_frame(output: dict[str, Any], roi: tuple[int, int, int, int]) -> dict[str, Any]:
@@ -472,10 +489,20 @@ class Pipeline:
             tally.frames += 1
         data = frame.data
         roi = tally.stream.roi
+        whole = None
         if roi is not None and data.ndim >= 2 and data.dtype == np.uint8:
             x, y, w, h = roi
             data = data[y : y + h, x : x + w]
-            frame = replace(frame, data=data)
+            if data.size == 0:  # a frame smaller than the region: nothing to infer
+                with self._tally_lock:
+                    tally.errors += 1
+                if tally.errors in (1, 100) or tally.errors % 10000 == 0:
+                    log.warning(
+                        "stream %s: roi %s is outside its %dx%d frames; fix [[sources]] roi",
+                        name, list(roi), frame.data.shape[1], frame.data.shape[0],
+                    )  # fmt: skip
+                return None
+            whole, frame = frame, replace(frame, data=data)
         if tally.gate is not None and not tally.gate.changed(data):
             with self._tally_lock:
                 self.gated += 1
@@ -484,10 +511,9 @@ class Pipeline:
         model = self._model
         t0 = time.monotonic_ns()
         feeds, geometry = model.prepare(data)
-        prepared = _Prepared(frame, feeds, geometry, model, time.monotonic_ns() - t0)
-        if model.stateful:  # a restarted source starts its state afresh
-            restarts = tally.stream.source.stats.reconnects
-            prepared.reset, tally.reconnects = restarts != tally.reconnects, restarts
+        prepared = _Prepared(frame, feeds, geometry, model, time.monotonic_ns() - t0, whole=whole)
+        if model.stateful:  # compared when taken: a dropped frame cannot lose the restart
+            prepared.reconnects = tally.stream.source.stats.reconnects
         return prepared
 
     def _streams_loop(self) -> None:
@@ -516,6 +542,13 @@ class Pipeline:
                     prep = t.prepared
                     if prep is None:  # gated in the reader
                         continue
+                    reset = False
+                    if prep.reconnects >= 0:  # a stateful model: did the source restart?
+                        tally = self._tallies[t.stream]
+                        reset, tally.reconnects = (
+                            prep.reconnects != tally.reconnects,
+                            prep.reconnects,
+                        )
                     items.append(
                         _Item(
                             order,
@@ -525,7 +558,8 @@ class Pipeline:
                             prep.model,
                             prep.pre_ns,
                             stream=t.stream,
-                            reset=prep.reset,
+                            reset=reset,
+                            whole=prep.whole,
                         )
                     )
                     order += 1
@@ -668,7 +702,7 @@ class Pipeline:
                     self.observer = None
             if (sampler := self.sampler) is not None:
                 try:
-                    sampler(item.frame, output, model.identity, item.stream)
+                    sampler(item.whole or item.frame, output, model.identity, item.stream)
                 except Exception:  # capture must never cost a frame
                     log.exception("pipeline sampler failed")
                     self.sampler = None
@@ -697,8 +731,19 @@ class Pipeline:
         """Frames of several streams in one inference call (the model's batch dimension): one
         result each, emitted in order. Each result's ``inference`` latency is the call's time
         divided by the frames in it."""
+        if not _batchable(self._pending or self._model):  # swapped to one that cannot batch
+            for it in items:
+                try:
+                    if self._process(it) is _STOP:
+                        return _STOP
+                finally:
+                    self._emit(it.order, None)  # no-op when _process emitted it
+            return None
         t_start = time.monotonic_ns()
         model = self._take_pending()
+        if not _batchable(model):  # it changed just now: the next batch goes frame by frame
+            self._release(model)
+            return self._process_batch(items)
         payloads: list[Any] = []
         try:
             pre = []
@@ -759,7 +804,7 @@ class Pipeline:
                         self.observer = None
                 if (sampler := self.sampler) is not None:
                     try:
-                        sampler(it.frame, output, model.identity, it.stream)
+                        sampler(it.whole or it.frame, output, model.identity, it.stream)
                     except Exception:  # capture must never cost a frame
                         log.exception("pipeline sampler failed")
                         self.sampler = None
@@ -786,8 +831,8 @@ class Pipeline:
                 payloads.append((result, "error" in output, timing))
         finally:
             self._release(model)
-        for it, payload in zip(items, payloads):
-            if payload is not None and self._emit(it.order, payload) is _STOP:
+        for it, payload in zip(items, payloads):  # in order: a frame without a result
+            if self._emit(it.order, payload) is _STOP:  # hands its turn on (payload None)
                 return _STOP
         return None
 
@@ -880,6 +925,13 @@ class Pipeline:
         return worst
 
     def _source_dropped(self) -> int:
+        if self._tallies:  # every stream's: its source's and its slot's
+            counters = self._streams.counters() if self._streams is not None else {}
+            return sum(
+                int(getattr(getattr(t.stream.source, "stats", None), "dropped", 0) or 0)
+                + (counters[n].dropped if n in counters else 0)
+                for n, t in self._tallies.items()
+            )
         return int(getattr(getattr(self.source, "stats", None), "dropped", 0) or 0)
 
     def summary(self) -> dict[str, Any]:

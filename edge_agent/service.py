@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import edge_agent
+from edge_agent.common.urls import redact_uri
 from edge_agent.errors import AgentExit, ConfigError, EdgeError, ProtocolError, UpdateError
 from edge_agent.fleet import protocol
 from edge_agent.fleet.protocol import Desired, Topics
@@ -196,7 +197,8 @@ class Service:
         log.info(
             "serving %s %s (%s, %s threads, %d workers) on %s; profile %s%s",
             model.name, model.version, model.format, self.threads, model.workers,
-            ", ".join(f"{st.name}={st.source.uri}" for st in self.streams) or config.source.uri,
+            ", ".join(f"{st.name}={redact_uri(st.source.uri)}" for st in self.streams)
+            or redact_uri(config.source.uri),
             self.profile.name,
             f"; mqtt {self.link.settings.safe_url} as {self.device}" if self.link else "",
         )  # fmt: skip

@@ -109,9 +109,11 @@ class StreamSet:
         max_fps: Mapping[str, float] | None = None,
     ) -> None:
         """``prepare(name, frame)`` runs in the stream's reader on every frame kept; what it
-        returns is handed out with the frame (:class:`Taken`). ``max_fps`` caps a stream's rate
-        by name: a frame captured sooner than ``1 / max_fps`` after the last one kept is
-        skipped in the reader, before ``prepare`` (a 30 fps camera served at 15)."""
+        returns is handed out with the frame (:class:`Taken`), and ``None`` drops the frame (a
+        motion gate said so) without touching the frame waiting in the slot. ``max_fps`` caps a
+        stream's rate by name: frames are kept on a ``1 / max_fps`` cadence (a frame up to a
+        quarter of that early counts as on time), the others skipped in the reader, before
+        ``prepare`` (a 30 fps camera served at 15)."""
         if not streams:
             raise SourceError("streams: none given")
         names = [name for name, _ in streams]
@@ -172,7 +174,7 @@ class StreamSet:
     def _read(self, stream: _Stream) -> None:
         source, counters, cond = stream.source, stream.counters, self._cond
         error: str | None = None
-        last_kept_ns = -(1 << 62)
+        due_ns = -(1 << 62)
         try:
             while not self._stop.is_set():
                 try:
@@ -181,13 +183,18 @@ class StreamSet:
                     continue
                 if frame is None:
                     break
-                if stream.min_gap_ns:
-                    if frame.capture_ns - last_kept_ns < stream.min_gap_ns:
+                if stream.min_gap_ns:  # hold the cadence: a frame up to a quarter gap early
+                    gap = stream.min_gap_ns  # is on time (camera jitter), one earlier skipped
+                    if frame.capture_ns < due_ns - gap // 4:
                         with cond:
                             counters.skipped += 1
                         continue
-                    last_kept_ns = frame.capture_ns
+                    due_ns = max(due_ns, frame.capture_ns) + gap
                 prepared = self._prepare(stream.name, frame) if self._prepare else None
+                if self._prepare is not None and prepared is None:
+                    with cond:  # prepare dropped it (a motion gate): the slot keeps its frame
+                        counters.read += 1
+                    continue
                 with cond:
                     counters.read += 1
                     if not source.live:  # a file's next frame waits for its turn

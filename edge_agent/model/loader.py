@@ -73,6 +73,13 @@ class LoadedModel:
         )
         state_inputs = {p.input for p in self.state_pairs}
         data = [s for s in self.runtime.inputs if s.name not in state_inputs]
+        if not data and declared is None:  # names that look like state on an x -> xn model
+            log.info(
+                "model %s: inputs named like state (%s) would leave nothing to feed: no state",
+                self.name,
+                ", ".join(sorted(state_inputs)),
+            )
+            self.state_pairs, state_inputs, data = (), set(), list(self.runtime.inputs)
         if not data:
             names = ", ".join(s.name for s in self.runtime.inputs)
             raise ModelError(

@@ -117,7 +117,9 @@ def batch_plan(model: Any, *, streams: int, max_batch: int = 4) -> tuple[int, st
         return 1, f"{runtime.name} runs one frame a call"
     if getattr(model, "stateful", False):
         return 1, "the model carries state per stream"
-    if any(spec.shape and spec.shape[0] is not None for spec in runtime.inputs):
+    if any(
+        not spec.shape or spec.shape[0] is not None for spec in [*runtime.inputs, *runtime.outputs]
+    ):
         return 1, "the model's batch dimension is fixed"
     one = zero_feeds(runtime)
     many = {name: np.concatenate([x] * k) for name, x in one.items()}
@@ -135,6 +137,8 @@ def batch_plan(model: Any, *, streams: int, max_batch: int = 4) -> tuple[int, st
             batches.append(timed(many) / k)
     except Exception as exc:  # a graph whose dynamic batch does not really work
         return 1, f"a batch of {k} failed: {exc}"
+    if any(np.shape(o)[:1] != (k,) for o in runtime.infer(many)):
+        return 1, "the model's outputs are not one row per frame"
     single, batched = statistics.median(singles), statistics.median(batches)
     gain = 1.0 - batched / single
     how = f"{k} frames a call cost {batched * 1e3:.3f} ms each vs {single * 1e3:.3f} ms alone"
