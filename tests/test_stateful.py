@@ -825,3 +825,21 @@ def test_a_restarted_microphone_starts_its_state_afresh(
     # between restarts the state counts on (a live source may drop windows, never go back)
     for a, b in zip(counts, counts[1:]):
         assert b == 1 or b > a, counts
+
+
+def test_state_like_names_on_a_model_with_no_other_input_are_not_state(tmp_path: Path) -> None:
+    """An image-to-image model whose tensors happen to be called image_in / image_out loads as
+    it did before state pairs existed: its one input takes the frames."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["image_in"], ["image_out"])],
+        "denoise",
+        [helper.make_tensor_value_info("image_in", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("image_out", TensorProto.FLOAT, [1, 3, 8, 8])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    loaded = _load(tmp_path / "m.onnx", tmp_path)
+    assert not loaded.stateful and loaded.input_name == "image_in"
+    x = np.ones((1, 3, 8, 8), np.float32)
+    np.testing.assert_array_equal(loaded.infer({"image_in": x}, stream="s")[0], x)
