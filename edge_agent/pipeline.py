@@ -277,6 +277,7 @@ class Pipeline:
                 max_fps={st.name: st.max_fps for st in streams if st.max_fps},
             )
             self._tally_lock = threading.Lock()
+            self._niced = threading.local()  # the reader threads that lowered their priority
         self._model = model
         self._pending: LoadedModel | None = None
         self._swapped = threading.Event()
@@ -484,6 +485,9 @@ class Pipeline:
         stream's region of interest, gate it, preprocess it for the current model. None when
         the motion gate skips it."""
         tally = self._tallies[name]
+        if not getattr(self._niced, "done", False):  # each reader once: nicer than inference
+            _lower_priority()
+            self._niced.done = True
         with self._tally_lock:
             self.frames += 1
             tally.frames += 1

@@ -111,26 +111,6 @@ def test_every_frame_of_every_file_stream_once_in_its_order(tmp_path: Path, work
     assert summary["results"] == total and summary["workers"] == workers
 
 
-def test_round_robin_serves_streams_in_turn(tmp_path: Path) -> None:
-    """Three file streams always ready: round-robin gives each a turn, a, b, c, a, b, c ..."""
-    streams = [
-        Stream(n, open_source(str(_video(tmp_path / f"{n}.mp4", channel=i, frames=8))))
-        for i, n in enumerate("abc")
-    ]
-    results: list[dict[str, Any]] = []
-    Pipeline(
-        streams=streams,
-        model=_load(_mean_model(tmp_path / "m.onnx"), tmp_path),
-        sinks=[CallbackSink(results.append)],
-    ).run()
-    order = [r["stream"] for r in results]
-    assert sorted(order) == sorted("abc" * 8)
-    # every window of three consecutive results holds each stream once (but at the ends, where
-    # a reader may not have had its first or last frame ready at a pick)
-    middle = order[3:-3]
-    assert sum(len(set(middle[i : i + 3])) == 3 for i in range(len(middle) - 2)) >= len(middle) - 6
-
-
 def test_a_region_of_interest_crops_before_preprocessing(tmp_path: Path) -> None:
     video = _video(tmp_path / "half.mp4", channel=1, frames=6, split=True)
     streams = [

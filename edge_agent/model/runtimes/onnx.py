@@ -83,8 +83,9 @@ def open_session(
     """An ``onnxruntime.InferenceSession`` made as the agent runs models and as the converter
     measures them: full graph optimisation, ``threads`` intra-op threads (0: onnxruntime's
     default), no spinning unless asked (the capture thread shares the cores), and the session
-    hints in the model's metadata (:func:`session_hints`; the session is then made again with
-    them). Raises :class:`ModelError` naming the model when it cannot be loaded."""
+    hints in the model's metadata (:func:`session_hints`, read first by an unoptimised session
+    that is released before the real one is made). Raises :class:`ModelError` naming the model
+    when it cannot be loaded."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -92,24 +93,32 @@ def open_session(
     where = "the model" if isinstance(model, bytes) else str(model)
     source = model if isinstance(model, bytes) else str(model)
 
-    def make(hints: Mapping[str, str]) -> Any:
+    def make(hints: Mapping[str, str], *, probe: bool = False) -> Any:
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            if probe
+            else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        )
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         for key, value in hints.items():
             so.add_session_config_entry(key, value)
-        try:
-            return ort.InferenceSession(source, so, providers=list(providers))
+        try:  # the probe on the CPU only: a TensorRT engine is not built to read metadata
+            chosen = ["CPUExecutionProvider"] if probe else list(providers)
+            return ort.InferenceSession(source, so, providers=chosen)
         except Exception as exc:
             raise ModelError(f"{where}: onnxruntime cannot load it: {first_line(exc)}") from exc
 
-    session = make({})
-    hints = session_hints(session.get_modelmeta().custom_metadata_map)
-    return make(hints) if hints else session
+    # A cheap, unoptimised session reads the metadata; it is gone before the real one is made,
+    # so a hinted model never holds two sessions' memory at once (an OTA swap holds two models).
+    probe = make({}, probe=True)
+    hints = session_hints(probe.get_modelmeta().custom_metadata_map)
+    del probe
+    return make(hints)
 
 
 class OnnxRuntime:
