@@ -678,41 +678,58 @@ class Pipeline:
             finally:
                 self._infer_since.pop(ident, None)
             t_post = time.monotonic_ns()
-            data = item.frame.data
-            size = (
-                (data.shape[1], data.shape[0])
-                if data.ndim >= 2 and data.dtype == np.uint8
-                else None
-            )
-            try:
-                output = model.postprocessor(outputs, geometry=item.geometry, source_size=size)
-                if item.stream is not None and (roi := self._tallies[item.stream].stream.roi):
-                    output = _to_frame(output, roi)
-            except Exception as exc:  # outputs this model's postprocessing cannot read
-                n = self._count_error(model)
-                if n in (1, 10, 100) or n % 1000 == 0:
-                    log.warning("postprocessing error #%d: %s", n, exc)
-                return None
-            if "error" in output:
-                with self._cond:
-                    self._model_errors[id(model)] = self._model_errors.get(id(model), 0) + 1
-            t_done = time.monotonic_ns()
-            observer = self.observer
-            if observer is not None:
-                try:
-                    observer(item.feeds, output, outputs)
-                except Exception:  # monitoring must never cost a frame
-                    log.exception("pipeline observer failed")
-                    self.observer = None
-            if (sampler := self.sampler) is not None:
-                try:
-                    sampler(item.whole or item.frame, output, model.identity, item.stream)
-                except Exception:  # capture must never cost a frame
-                    log.exception("pipeline sampler failed")
-                    self.sampler = None
-            t_ready = time.monotonic_ns()
+            payload = self._outcome(
+                model, item, outputs, item.feeds,
+                pre_ns=pre_ns, t_start=t_start, t_inf=t_inf, t_post=t_post,
+            )  # fmt: skip
         finally:
             self._release(model)
+        return None if payload is None else self._emit(item.order, payload)
+
+    def _outcome(
+        self,
+        model: LoadedModel,
+        item: _Item,
+        outputs: list[np.ndarray],
+        feeds: dict[str, np.ndarray],
+        *,
+        pre_ns: int,
+        t_start: int,
+        t_inf: int,
+        t_post: int,
+    ) -> Any:
+        """One frame's outputs -> (its result, whether it is an error, the timing ``_emit``
+        records); None when its postprocessing fails (counted). Inference took ``t_inf`` to
+        ``t_post``; the monitor and the sampler see the frame here, outside every lock."""
+        data = item.frame.data
+        size = (data.shape[1], data.shape[0]) if data.ndim >= 2 and data.dtype == np.uint8 else None
+        try:
+            output = model.postprocessor(outputs, geometry=item.geometry, source_size=size)
+            if item.stream is not None and (roi := self._tallies[item.stream].stream.roi):
+                output = _to_frame(output, roi)
+        except Exception as exc:  # outputs this model's postprocessing cannot read
+            n = self._count_error(model)
+            if n in (1, 10, 100) or n % 1000 == 0:
+                log.warning("postprocessing error #%d: %s", n, exc)
+            return None
+        if "error" in output:
+            with self._cond:
+                self._model_errors[id(model)] = self._model_errors.get(id(model), 0) + 1
+        t_done = time.monotonic_ns()
+        observer = self.observer
+        if observer is not None:
+            try:
+                observer(feeds, output, outputs)
+            except Exception:  # monitoring must never cost a frame
+                log.exception("pipeline observer failed")
+                self.observer = None
+        if (sampler := self.sampler) is not None:
+            try:
+                sampler(item.whole or item.frame, output, model.identity, item.stream)
+            except Exception:  # capture must never cost a frame
+                log.exception("pipeline sampler failed")
+                self.sampler = None
+        t_ready = time.monotonic_ns()
         result = {
             "seq": 0,  # set in capture order by _emit
             **({} if item.stream is None else {"stream": item.stream, "stream_seq": 0}),
@@ -729,7 +746,7 @@ class Pipeline:
             "output": output,
         }
         timing = (t_start, t_inf, t_post, t_done, t_ready, pre_ns, item.frame.capture_ns)
-        return self._emit(item.order, (result, "error" in output, timing))
+        return result, "error" in output, timing
 
     def _process_batch(self, items: list[_Item]) -> Any:
         """Frames of several streams in one inference call (the model's batch dimension): one
@@ -774,65 +791,21 @@ class Pipeline:
                 return None
             finally:
                 self._infer_since.pop(ident, None)
-            t_post = time.monotonic_ns()
-            per_frame_inf = (t_post - t_inf) // len(items)
+            per_frame = (time.monotonic_ns() - t_inf) // len(items)
             for i, it in enumerate(items):
-                t0 = time.monotonic_ns()
-                mine = [o[i : i + 1] for o in outputs]
-                data = it.frame.data
-                size = (
-                    (data.shape[1], data.shape[0])
-                    if data.ndim >= 2 and data.dtype == np.uint8
-                    else None
+                t0 = time.monotonic_ns()  # the frame's share of the call, as if inferred alone
+                payloads.append(
+                    self._outcome(
+                        model,
+                        it,
+                        [o[i : i + 1] for o in outputs],
+                        {k: v[i : i + 1] for k, v in feeds.items()},
+                        pre_ns=pre[i],
+                        t_start=t_start,
+                        t_inf=t0 - per_frame,
+                        t_post=t0,
+                    )
                 )
-                try:
-                    output = model.postprocessor(mine, geometry=it.geometry, source_size=size)
-                    if it.stream is not None and (roi := self._tallies[it.stream].stream.roi):
-                        output = _to_frame(output, roi)
-                except Exception as exc:  # outputs this model's postprocessing cannot read
-                    n = self._count_error(model)
-                    if n in (1, 10, 100) or n % 1000 == 0:
-                        log.warning("postprocessing error #%d: %s", n, exc)
-                    payloads.append(None)
-                    continue
-                if "error" in output:
-                    with self._cond:
-                        self._model_errors[id(model)] = self._model_errors.get(id(model), 0) + 1
-                t_done = time.monotonic_ns()
-                observer = self.observer
-                if observer is not None:
-                    try:
-                        observer({k: v[i : i + 1] for k, v in feeds.items()}, output, mine)
-                    except Exception:  # monitoring must never cost a frame
-                        log.exception("pipeline observer failed")
-                        self.observer = None
-                if (sampler := self.sampler) is not None:
-                    try:
-                        sampler(it.whole or it.frame, output, model.identity, it.stream)
-                    except Exception:  # capture must never cost a frame
-                        log.exception("pipeline sampler failed")
-                        self.sampler = None
-                t_ready = time.monotonic_ns()
-                result = {
-                    "seq": 0,  # set in capture order by _emit
-                    "stream": it.stream,
-                    "stream_seq": 0,
-                    "capture_ts": it.frame.capture_ts,
-                    "result_ts": time.time(),
-                    "frame": it.frame.index,
-                    "model": model.identity,
-                    "latency_ms": {
-                        "capture_to_result": round((t_done - it.frame.capture_ns) / 1e6, 4),
-                        "preprocess": round(pre[i] / 1e6, 4),
-                        "inference": round(per_frame_inf / 1e6, 4),
-                        "postprocess": round((t_done - t0) / 1e6, 4),
-                    },
-                    "output": output,
-                }
-                # the frame's share of the call, as if it had been inferred alone
-                timing = (t_start, t_post - per_frame_inf, t_post, t_done, t_ready, pre[i],
-                          it.frame.capture_ns)  # fmt: skip
-                payloads.append((result, "error" in output, timing))
         finally:
             self._release(model)
         for it, payload in zip(items, payloads):  # in order: a frame without a result
