@@ -242,19 +242,6 @@ def unplugged(model_path: Path, tmp: Path, *, before: float, outage: float) -> d
     return out
 
 
-def _wav(path: Path, samples: Any, rate: int) -> None:
-    import wave
-
-    import numpy as np
-
-    pcm = np.clip(np.round(samples * 32767.0), -32768, 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-
-
 def vad_sixty(tmp: Path, seconds: float = 60.0) -> dict[str, Any]:
     """The stateful VAD stand-in over a 60 s WAV, through the agent's loop (``wav:`` source,
     one state carried by the pipeline), against plain onnxruntime carrying the state by hand;
@@ -265,7 +252,7 @@ def vad_sixty(tmp: Path, seconds: float = 60.0) -> dict[str, Any]:
     import onnxruntime as ort
 
     from converters.cli import main as edge_convert
-    from converters.standins import speech_audio, vad_style
+    from converters.standins import speech_audio, vad_style, write_wav
 
     t0 = time.perf_counter()
     vad = vad_style()
@@ -274,7 +261,7 @@ def vad_sixty(tmp: Path, seconds: float = 60.0) -> dict[str, Any]:
     root.mkdir()
     (root / "vad.onnx").write_bytes(vad.onnx)
     audio, _ = speech_audio(np.random.default_rng(2026), seconds, rate=vad.rate)
-    _wav(root / "speech.wav", audio, vad.rate)
+    write_wav(root / "speech.wav", audio, vad.rate)
     with wave.open(str(root / "speech.wav"), "rb") as w:  # read back by hand, not by the agent
         x = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768.0
     windows = x[: len(x) // vad.window * vad.window].reshape(-1, vad.window)

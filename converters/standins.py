@@ -1098,6 +1098,19 @@ def speech_audio(
     return np.clip(x, -1.0, 1.0).astype(np.float32), mask
 
 
+def write_wav(path: Any, samples: np.ndarray, rate: int = VAD_RATE) -> None:
+    """``samples`` (mono, float in [-1, 1]) as a 16-bit PCM WAV file at ``rate``, with the
+    standard library's ``wave``: what :func:`speech_audio` makes, as a microphone recording."""
+    import wave
+
+    pcm = np.clip(np.round(np.asarray(samples) * 32767.0), -32768, 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+
+
 def audio_windows(samples: np.ndarray, window: int = VAD_WINDOW) -> np.ndarray:
     """Consecutive, non-overlapping windows ``(N, window)`` (a last partial one dropped), as
     ``wav:PATH?size=window&hop=window`` cuts them."""

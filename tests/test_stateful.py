@@ -517,15 +517,6 @@ def test_silero_shaped_state_converts_to_tflite_int8(
 SECONDS = 60.0
 
 
-def _write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
-    pcm = np.clip(np.round(samples * 32767.0), -32768, 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-
-
 def _read_wav_windows(path: Path, size: int) -> np.ndarray:
     """The reference's own reading: stdlib wave, cut by hand (not the agent's source)."""
     with wave.open(str(path), "rb") as w:
@@ -565,14 +556,14 @@ def _through_agent(model: LoadedModel, windows: Sequence[np.ndarray], stream: st
 
 @pytest.fixture(scope="module")
 def vad_files(standin_vad: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from converters.standins import audio_windows, speech_audio
+    from converters.standins import audio_windows, speech_audio, write_wav
 
     root = tmp_path_factory.mktemp("vad")
     (root / "vad.onnx").write_bytes(standin_vad.onnx)
     audio, _ = speech_audio(np.random.default_rng(2026), SECONDS, rate=standin_vad.rate)
-    _write_wav(root / "speech.wav", audio, standin_vad.rate)
+    write_wav(root / "speech.wav", audio, standin_vad.rate)
     other, _ = speech_audio(np.random.default_rng(7), 20.0, rate=standin_vad.rate)
-    _write_wav(root / "other.wav", other, standin_vad.rate)
+    write_wav(root / "other.wav", other, standin_vad.rate)
     np.save(root / "calibration.npy", standin_vad.calibration)
     # the converter's evaluation stream: the WAV's windows, in order
     np.save(root / "eval.npy", _read_wav_windows(root / "speech.wav", standin_vad.window))
