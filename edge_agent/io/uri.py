@@ -335,9 +335,8 @@ def _sensor(
     return source
 
 
-def open_source_from(config: Any) -> Source:
-    """The source a config's ``[source]`` section names (uri, pace, window), unopened."""
-    s = config.source
+def _open_section(s: Any) -> Source:
+    """The source one ``[source]`` or ``[[sources]]`` table names (uri, pace, window), unopened."""
     window = None
     if s.window_size:
         window = WindowSpec(
@@ -346,20 +345,18 @@ def open_source_from(config: Any) -> Source:
     return open_source(s.uri, pace=s.pace, window=window)
 
 
+def open_source_from(config: Any) -> Source:
+    """The source a config's ``[source]`` section names (uri, pace, window), unopened."""
+    return _open_section(config.source)
+
+
 def open_streams_from(config: Any) -> list[Stream]:
     """The named streams a config's ``[[sources]]`` list names, unopened, with their options
     (fps cap, region of interest). A bad URI names its stream."""
     out = []
     for s in config.sources:
-        window = None
-        if s.window_size:
-            window = WindowSpec(
-                size=s.window_size,
-                hop=s.window_hop or s.window_size,
-                channels=s.window_channels or 1,
-            )
         try:
-            source = open_source(s.uri, pace=s.pace, window=window)
+            source = _open_section(s)
         except SourceError as exc:
             raise SourceError(f"stream {s.name}: {exc}") from exc
         roi = (s.roi[0], s.roi[1], s.roi[2], s.roi[3]) if s.roi else None
