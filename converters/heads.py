@@ -37,7 +37,7 @@ def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in model.graph.node for o in n.output if o}
 
 
-def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     out: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -126,7 +126,7 @@ def decode_tail(model: onnx.ModelProto) -> list[str]:
 def blocks(model: onnx.ModelProto) -> list[dict[str, Any]]:
     """Attention and layer-norm blocks: ``{"kind", "nodes": [names in graph order]}``."""
     prod = _producers(model)
-    cons = _consumers(model)
+    cons = consumers(model)
     inits = {i.name for i in model.graph.initializer}
     order = {n.name: k for k, n in enumerate(model.graph.node)}
     found: list[dict[str, Any]] = []

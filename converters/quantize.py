@@ -31,6 +31,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
+from converters.heads import consumers
 from converters.validate import make_session
 from edge_agent.errors import ConversionError, first_line
 from edge_agent.model.formats import Int8Scheme
@@ -178,10 +179,7 @@ def unweighted_nodes(model: onnx.ModelProto, *, min_weights: int = 256) -> list[
             t = next((a.t for a in n.attribute if a.name == "value"), None)
             if t is not None:
                 sizes[n.output[0]] = int(np.prod(t.dims))
-    consumers: dict[str, int] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
+    readers = consumers(model)
     weighted: set[str] = set()  # outputs of weighted ops (and of what is folded into them)
     out = []
     for node in model.graph.node:
@@ -196,7 +194,7 @@ def unweighted_nodes(model: onnx.ModelProto, *, min_weights: int = 256) -> list[
             node.op_type in _FOLDED
             and len(acts) == 1
             and acts[0] in weighted
-            and consumers.get(acts[0]) == 1
+            and len(readers.get(acts[0], ())) == 1
         ):
             weighted.update(node.output)
             continue
