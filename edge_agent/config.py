@@ -190,9 +190,11 @@ class PipelineSection:
     )
     drain_timeout: float = _doc("Seconds to finish the current frame on SIGTERM.", default=10.0)
     tune: bool = _doc(
-        "Measure the fastest threads/workers plan at start (up to 3 s) when none is cached for "
-        "this model, device and kind of source; `edge-agent tune` does it on demand.",
-        default=False,
+        "Measure the fastest threads/workers plan at start when none is cached for this model, "
+        "device and kind of source: the agent serves from the first frame with the rule's plan "
+        "and tries the others on the running pipeline (about 3 s), keeping and caching the "
+        "fastest; `edge-agent tune` does it on demand, before serving.",
+        default=True,
     )
     stall_timeout: float = _doc(
         "Seconds an inference call (or the capture loop) may be stuck before the systemd "

@@ -222,6 +222,7 @@ class Pipeline:
         gate: MotionGate | None = None,
         seq_start: int = 0,
         workers: int = 1,
+        max_workers: int | None = None,
         pin_capture: bool = False,
         observer: Callable[[dict[str, np.ndarray], dict[str, Any], list[np.ndarray]], None]
         | None = None,
@@ -251,7 +252,10 @@ class Pipeline:
                 workers,
             )
             workers = 1
+        #: the inference workers at work now (:meth:`set_workers` changes it while running, up to
+        #: ``max_workers`` threads started: the tuner measures plans on the running pipeline)
         self.workers = workers
+        self._spawned = workers if model.stateful else max(workers, max_workers or 1)
         #: (capture core, inference cores) with ``pin_capture``: the capture thread on a core of
         #: its own, the inference threads on the others (a plan the tuner may measure faster).
         self._cores = split_cores() if pin_capture else None
@@ -280,6 +284,7 @@ class Pipeline:
             self._niced = threading.local()  # the reader threads that lowered their priority
         self._model = model
         self._pending: LoadedModel | None = None
+        self._pending_plan_change = False  # the pending model is the same one, for a new plan
         self._swapped = threading.Event()
         self.sinks = list(sinks)
         self._writer = SinkWriter(self.sinks)  # writes outside the lock, in order
@@ -294,6 +299,7 @@ class Pipeline:
         self.inference_errors = 0
         self.gated = 0
         self.swaps = 0
+        self.plan_changes = 0
         self.started_mono = 0.0
         self.last_result_mono = 0.0
         self.capture_error: BaseException | None = None
@@ -302,6 +308,7 @@ class Pipeline:
         self.heartbeat_mono = 0.0
         self._infer_since: dict[int, float] = {}  # thread -> when its runtime.infer() began
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=workers)
+        self._swap_lock = threading.Lock()  # one swap at a time (the updater's, the tuner's)
         self._stop = threading.Event()
         self._capture: threading.Thread | None = None
         # Emission in capture order, the model switch, and which models are mid-inference.
@@ -329,12 +336,33 @@ class Pipeline:
         if self._dropped_at_stop is None:
             self._dropped_at_stop = self._source_dropped()
 
-    def swap_model(self, new_model: LoadedModel, *, timeout: float = 30.0) -> LoadedModel:
+    def swap_model(
+        self,
+        new_model: LoadedModel,
+        *,
+        timeout: float = 30.0,
+        expect: LoadedModel | None = None,
+        plan_change: bool = False,
+    ) -> LoadedModel:
         """Switch to ``new_model`` (loaded and warmed by the caller) between two frames; returns
-        the old model, which the caller closes. Immediate when the loop is not running."""
+        the old model, which the caller closes. Immediate when the loop is not running. With
+        ``expect``, only if that model is the one serving (else ModelError: somebody else
+        swapped first; the tuner uses it so it never undoes an update). ``plan_change``: the
+        same model loaded for another plan (counted in ``plan_changes``, not ``swaps``)."""
+        with self._swap_lock:
+            if expect is not None and self._model is not expect:
+                raise ModelError(f"swap to {new_model.name}: the serving model changed meanwhile")
+            self._pending_plan_change = plan_change
+            return self._swap(new_model, timeout)
+
+    def _swap(self, new_model: LoadedModel, timeout: float) -> LoadedModel:
         if self._capture is None or not self._capture.is_alive():
-            old, self._model = self._model, new_model
-            self.swaps += 1
+            with self._cond:
+                old, self._model = self._model, new_model
+                if self._pending_plan_change:
+                    self.plan_changes += 1
+                else:
+                    self.swaps += 1
             return old
         old = self._model
         self._swapped.clear()
@@ -354,6 +382,14 @@ class Pipeline:
                     log.error("old model %s still in use after the swap", old.version)
                     break
         return old
+
+    def set_workers(self, workers: int) -> None:
+        """Use ``workers`` inference workers from the next frame on (1 up to the ``max_workers``
+        started; a model that is not thread-safe is still called by one worker at a time)."""
+        if not 1 <= workers <= self._spawned:
+            raise ValueError(f"workers = {workers}: this pipeline has 1 to {self._spawned}")
+        self._queue.maxsize = workers  # read under the queue's own lock at each put
+        self.workers = workers
 
     def errors_of(self, model: LoadedModel) -> int:
         """Failed frames (inference errors, NaN/inf outputs) of this model object."""
@@ -385,8 +421,8 @@ class Pipeline:
         self._writer.start()
         self.state = State.SERVING
         helpers = [
-            threading.Thread(target=self._worker, name=f"edge-infer-{i}", daemon=True)
-            for i in range(1, self.workers)
+            threading.Thread(target=self._worker, args=(i,), name=f"edge-infer-{i}", daemon=True)
+            for i in range(1, self._spawned)
         ]
         for t in helpers:
             t.start()
@@ -432,10 +468,10 @@ class Pipeline:
                 continue
         return False
 
-    def _worker(self) -> None:
+    def _worker(self, index: int) -> None:
         try:
             _pin_thread(self._cores[1] if self._cores else None)
-            self._inference_loop()
+            self._inference_loop(index)
         except BaseException as exc:  # re-raised by run()
             self._worker_error = exc
             self._stop.set()
@@ -603,9 +639,12 @@ class Pipeline:
         elif status == "ok" and self.state == State.DEGRADED:
             self.state = State.SERVING
 
-    def _inference_loop(self) -> None:
+    def _inference_loop(self, index: int = 0) -> None:
         get = self._queue.get
         while not self._stop.is_set():
+            if index >= self.workers:  # a worker the plan does not use now
+                self._stop.wait(0.1)
+                continue
             try:
                 item = get(timeout=0.5)
             except queue.Empty:
@@ -870,10 +909,13 @@ class Pipeline:
         self.state = State.SWAPPING
         self._model = new_model
         self._pending = None
-        self.swaps += 1
+        if self._pending_plan_change:
+            self.plan_changes += 1
+        else:
+            self.swaps += 1
+            log.info("serving %s %s", new_model.name, new_model.version)
         self.state = State.SERVING
         self._swapped.set()
-        log.info("serving %s %s", new_model.name, new_model.version)
 
     # --- reporting ----------------------------------------------------------------------
 
@@ -927,6 +969,7 @@ class Pipeline:
             "gated": self.gated,
             "inference_errors": self.inference_errors,
             "swaps": self.swaps,
+            "plan_changes": self.plan_changes,
             "workers": self.workers,
             "batch": self.batch,
             "pin_capture": self._cores is not None,

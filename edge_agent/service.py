@@ -51,13 +51,15 @@ class Service:
         self.link: Any = None
         self.updater: Any = None
         self.plan: Any = None  # edge_agent.tune.Plan: threads and workers, and how chosen
+        self._tune_config: Any = None  # the model's config when its plan is measured at start
+        self.tuner: Any = None  # edge_agent.tune.OnlineTuner, while it measures
         self.threads = 0  # the plan's runtime threads in all (set with the model)
         self.ota_disabled: str | None = None  # why OTA is off, when it is
         self._refused_desired: set[str] = set()
         self.store: Any = None
         self.fetcher: Any = None
         self.monitor: Any = None
-        self.monitor_model: Any = None
+        self.monitor_swaps = -1  # the pipeline's model swaps when the monitor was set up
         self.system: Any = None
         self._desired: dict[str, Desired | None] = {}
         self._desired_changed = threading.Event()
@@ -153,6 +155,7 @@ class Service:
             max_frames=config.pipeline.max_frames or None,
             gate=MotionGate(config.pipeline.motion_gate) if config.pipeline.motion_gate else None,
             workers=model.workers,
+            max_workers=2 if self._tune_config is not None else None,  # the tuner may try 2
             pin_capture=bool(self.plan is not None and self.plan.pin),
             seq_start=seq_start,
         )
@@ -194,6 +197,13 @@ class Service:
         self.outcome: dict[str, Any] = {}
         self.worker = threading.Thread(target=self._serve, name="edge-infer", daemon=True)
         self.worker.start()
+        if self._tune_config is not None:
+            from edge_agent.tune import start_online_tuning
+
+            self.tuner = start_online_tuning(
+                self.pipeline, self._tune_config, self.profile, current=self.plan,
+                state_dir=state_dir, on_done=self._tuned,
+            )  # fmt: skip
         log.info(
             "serving %s %s (%s, %s threads, %d workers) on %s; profile %s%s",
             model.name, model.version, model.format, self.threads, model.workers,
@@ -219,11 +229,19 @@ class Service:
                 # one source, so several streams use the rule's plan (or one cached for it)
                 cfg = with_overrides(cfg, source={"pace": config.sources[0].pace})
             model, self.plan = open_tuned_model(
-                cfg, self.profile, source=self.source, state_dir=state_dir,
-                tune=bool(cfg.pipeline.tune) and not self.streams,
-            )  # fmt: skip
+                cfg, self.profile, source=self.source, state_dir=state_dir
+            )
             self.threads = self.plan.threads
-            log.info("plan: %s", self.plan.describe())
+            # [pipeline] tune: no plan cached for this model yet, so it is measured while
+            # serving (edge_agent.tune.OnlineTuner), beginning with the rule's plan
+            self._tune_config = (
+                cfg
+                if cfg.pipeline.tune and self.plan.how == "rule" and not self.streams
+                and not model.stateful
+                else None
+            )  # fmt: skip
+            also = "; measuring the others while serving" if self._tune_config else ""
+            log.info("plan: %s%s", self.plan.describe(), also)
             return model
 
         if current is not None:
@@ -265,7 +283,7 @@ class Service:
             drift_threshold=self.config.telemetry.drift_threshold,
             output_drift_threshold=self.config.telemetry.output_drift_threshold,
         )
-        self.monitor_model = model
+        self.monitor_swaps = self.pipeline.swaps  # a plan change keeps the model: not counted
         self.pipeline.observer = self.monitor.observe
 
     def _setup_capture(self, state_dir: Path) -> None:
@@ -438,7 +456,7 @@ class Service:
             self._watch_state()
             if self.streams:
                 self._watch_streams()
-            if self.monitor is not None and self.monitor_model is not self.pipeline.model:
+            if self.monitor is not None and self.monitor_swaps != self.pipeline.swaps:
                 self._setup_monitor(self.pipeline.model)
             if now >= next_telemetry:
                 next_telemetry = now + self.config.telemetry.interval
@@ -488,7 +506,16 @@ class Service:
 
     # --- shutdown -----------------------------------------------------------------------------
 
+    def _tuned(self, plan: Any) -> None:
+        """The online tuner's choice, serving now: later models (updates) load for it too."""
+        self.plan, self.threads = plan, plan.threads
+        log.info("plan: %s", plan.describe())
+        if self.mqtt_enabled:
+            self.event("plan_tuned", plan=plan.to_dict())
+
     def shutdown(self) -> None:
+        if self.tuner is not None:
+            self.tuner.stop()
         if self.updater is not None:
             self.updater.stop()
         if self.sampler is not None:

@@ -38,7 +38,7 @@ from edge_agent.errors import ConfigError
 from edge_agent.io.uri import open_source_from
 from edge_agent.model.plan import open_model, open_planned_model, thread_plan
 from edge_agent.model.runtimes import zero_feeds
-from edge_agent.pipeline import Pipeline
+from edge_agent.pipeline import Pipeline, State
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,157 @@ def _tune(
     return model, plan
 
 
+class OnlineTuner:
+    """The plan measured at start without delaying the first result: the pipeline serves from
+    its first frame with the rule's plan while this thread loads the same model for each other
+    plan in turn, swaps it in between two frames (``Pipeline.swap_model``, no frame lost) and
+    measures it on the live traffic (throughput: results a second; live: the median inference
+    time); the fastest is kept serving and cached. A plan that meets a quiet source (a gated
+    scene, a lost camera) waits for frames for up to ``patience`` seconds, then the tuning ends
+    with the plan serving then, and nothing cached. An update swapped in by somebody else
+    (``expect``) ends it too; the tuner closes only the models it loaded and got back."""
+
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        open_plan: Any,
+        current: Plan,
+        mode: str,
+        cores: int,
+        seconds: float = TUNE_SECONDS,
+        patience: float = 120.0,
+        on_done: Any = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.open_plan = open_plan  # (threads, workers) -> the model loaded for that plan
+        self.current = current
+        self.mode = mode
+        self.plans = [(t, w) for t, w, pin in candidates(cores, mode) if not pin]
+        if (current.threads, current.workers) in self.plans:  # measured first, as it serves
+            self.plans.remove((current.threads, current.workers))
+        self.plans.insert(0, (current.threads, current.workers))
+        self.per_plan = max(0.3, seconds / len(self.plans))
+        self.patience = patience
+        self.on_done = on_done
+        self.result: Plan | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edge-tune", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30.0)
+
+    def _wait_results(self, n: int, since: int) -> bool:
+        """Wait until ``n`` results beyond ``since`` (False: stopped or the source is quiet)."""
+        deadline = time.monotonic() + self.patience
+        while self.pipeline.results < since + n:
+            if self._stop.wait(0.02) or time.monotonic() > deadline:
+                return False
+            if self.pipeline.state in (State.STOPPING, State.STOPPED):
+                return False
+        return True
+
+    def _measure(self) -> float | None:
+        """This plan's score (higher is better) on the traffic now; None when it cannot be."""
+        pipe = self.pipeline
+        if not self._wait_results(2 * pipe.workers, pipe.results):  # the plan warms up
+            return None
+        mark, n0, t0 = pipe.stats.mark(), pipe.results, time.monotonic()
+        if self._stop.wait(self.per_plan) or not self._wait_results(MIN_RESULTS // 4, n0):
+            return None
+        if self.mode == "throughput":
+            return (pipe.results - n0) / (time.monotonic() - t0)
+        p50 = pipe.stats.since(mark).inference.summary()["p50"]
+        return None if p50 is None else -float(p50)
+
+    def _run(self) -> None:
+        pipe = self.pipeline
+        serving = pipe.model
+        held: dict[tuple[int, int], Any] = {}  # models loaded here, not serving now
+        scores: dict[tuple[int, int], float] = {}
+        plan = (self.current.threads, self.current.workers)
+        try:
+            for candidate in self.plans:
+                if candidate != plan:
+                    model = held.pop(candidate, None) or self.open_plan(*candidate)
+                    try:
+                        old = pipe.swap_model(model, expect=serving, plan_change=True)
+                    except Exception:  # an update came first: it owns the pipeline now
+                        model.close()
+                        return
+                    held[plan], serving, plan = old, model, candidate
+                    pipe.set_workers(candidate[1])
+                score = self._measure()
+                if score is None:
+                    log.info("plan: tuning ended, no traffic to measure (keeping %dx%d)",
+                             plan[1], max(1, plan[0] // plan[1]))  # fmt: skip
+                    return
+                scores[candidate] = score
+                log.info("plan: tried %d worker(s) x %d thread(s): %s", candidate[1],
+                         max(1, candidate[0] // candidate[1]), self._say(score))  # fmt: skip
+            best = max(scores, key=lambda k: scores[k])
+            if best != plan:
+                model = held.pop(best)
+                try:
+                    held[plan] = pipe.swap_model(model, expect=serving, plan_change=True)
+                except Exception:
+                    model.close()
+                    return
+                pipe.set_workers(best[1])
+            score = scores[best]
+            self.result = Plan(
+                best[0], best[1], how="tuned", mode=self.mode,
+                fps=round(score, 2) if self.mode == "throughput" else None,
+                latency_ms=round(-score, 4) if self.mode == "live" else None,
+            )  # fmt: skip
+            if self.on_done is not None:
+                self.on_done(self.result)
+        except Exception as exc:  # the pipeline goes on with the plan it serves
+            log.warning("plan: tuning failed (%s); keeping the plan serving", exc)
+        finally:
+            for model in held.values():
+                model.close()
+
+    def _say(self, score: float) -> str:
+        if self.mode == "throughput":
+            return f"{score:.1f} results/s"
+        return f"{-score:.3f} ms an inference (median)"
+
+
+def start_online_tuning(
+    pipeline: Any, config: Any, profile: Any, *, current: Plan, state_dir: Path, on_done: Any
+) -> OnlineTuner | None:
+    """``[pipeline] tune`` at start: an :class:`OnlineTuner` on the running ``pipeline`` for
+    the model of ``config``, caching what it finds like ``edge-agent tune``; None when there is
+    nothing to choose (one core, or a single candidate)."""
+    cores = min(int(profile.cores), available_cores())
+    tuner = OnlineTuner(
+        pipeline,
+        open_plan=lambda threads, workers: open_model(
+            config, profile, threads=threads, workers=workers
+        ),
+        current=current,
+        mode=current.mode,
+        cores=cores,
+        on_done=None,
+    )
+    if len(tuner.plans) < 2:
+        return None
+    key = cache_key(Path(config.model.path), profile, current.mode)
+
+    def done(plan: Plan) -> None:
+        save_plan(state_dir, key, plan)
+        on_done(plan)
+
+    tuner.on_done = done
+    tuner.start()
+    return tuner
+
+
 def run_tune(config: Any, profile: Any, *, seconds: float = TUNE_SECONDS) -> dict[str, Any]:
     """``edge-agent tune``: measure the plan for the configured model and source, cache it, and
     say what was chosen."""
@@ -255,6 +406,7 @@ def run_tune(config: Any, profile: Any, *, seconds: float = TUNE_SECONDS) -> dic
 __all__ = [
     "CACHE_FILE",
     "TUNE_SECONDS",
+    "OnlineTuner",
     "Plan",
     "available_cores",
     "cache_key",
@@ -267,4 +419,5 @@ __all__ = [
     "run_tune",
     "save_plan",
     "source_mode",
+    "start_online_tuning",
 ]

@@ -192,3 +192,150 @@ def test_a_pinned_plan_puts_capture_and_inference_on_different_cores(
     assert masks["capture"] == split[0] and masks["inference"] == split[1]
     assert not masks["capture"] & masks["inference"]
     assert os.sched_getaffinity(0) == before
+
+
+def test_tuning_at_start_serves_from_the_first_frame_and_loses_none(
+    small_tflite: Path, tmp_path: Path
+) -> None:
+    """The online tuner: results flow before it has measured anything, every plan is tried on
+    the running pipeline, no frame is lost or reordered through the plan changes, the fastest
+    plan ends up serving with its workers, and it is cached for the next start."""
+    import threading
+
+    from edge_agent.io.sinks import CallbackSink
+    from edge_agent.model.plan import open_model
+    from edge_agent.tune import OnlineTuner, start_online_tuning
+
+    uri = "synthetic:?width=160&height=120&frames=100000&pattern=noise"
+    config = _config(small_tflite, uri, tmp_path)
+    profile = load_profile("x86-64")
+    model, rule = open_tuned_model(config, profile, source=open_source(uri), state_dir=tmp_path)
+    assert rule.how == "rule"
+    seqs: list[int] = []
+    first = threading.Event()
+
+    def sink(result: dict[str, Any]) -> None:
+        seqs.append(result["seq"])
+        first.set()
+
+    pipe = Pipeline(
+        source=open_source(uri), model=model, sinks=[CallbackSink(sink)],
+        workers=model.workers, max_workers=2,
+    )  # fmt: skip
+    runner = threading.Thread(target=pipe.run, daemon=True)
+    runner.start()
+    chosen: list[Plan] = []
+    tuner = start_online_tuning(
+        pipe, config, profile, current=rule, state_dir=tmp_path, on_done=chosen.append
+    )
+    assert isinstance(tuner, OnlineTuner)
+    assert first.wait(30) and not chosen  # serving while the tuner has yet to decide
+    tuner._thread.join(60)
+    assert chosen, "the tuner did not finish"
+    (plan,) = chosen
+    cores = min(profile.cores, available_cores())
+    tried = {(t, w) for t, w, pin in candidates(cores, "throughput") if not pin}
+    assert plan.how == "tuned" and (plan.threads, plan.workers) in tried and plan.fps
+    assert pipe.plan_changes >= len(tried) - 1 and pipe.swaps == 0
+    assert pipe.workers == plan.workers and pipe.model.workers == plan.workers
+    n = len(seqs)
+    wait = threading.Event()
+    while len(seqs) < n + 20 and not wait.wait(0.05):
+        pass
+    pipe.stop()
+    runner.join(30)
+    assert seqs == list(range(len(seqs)))  # gap-free and in order through every plan change
+    (entry,) = load_cache(tmp_path).values()
+    assert (entry["threads"], entry["workers"]) == (plan.threads, plan.workers)
+    pipe.model.close()
+    # the next start finds it cached and does not tune
+    again, cached = open_tuned_model(config, profile, source=open_source(uri), state_dir=tmp_path)
+    assert cached.how == "cached" and (cached.threads, cached.workers) == (plan.threads,
+                                                                          plan.workers)  # fmt: skip
+    again.close()
+    assert open_model(config, profile, threads=1).workers == 1
+
+
+def test_the_tuner_gives_way_to_an_update(small_tflite: Path, tmp_path: Path) -> None:
+    """A model swapped in by somebody else (an update) ends the tuning: the tuner never swaps
+    it out, never closes it, and caches nothing."""
+    import threading
+
+    from edge_agent.model.plan import open_model
+    from edge_agent.tune import OnlineTuner
+
+    uri = "synthetic:?width=160&height=120&frames=100000&pattern=noise"
+    config = _config(small_tflite, uri, tmp_path)
+    profile = load_profile("x86-64")
+    model = open_model(config, profile, threads=1)
+    update = open_model(config, profile, threads=1)
+    pipe = Pipeline(source=open_source(uri), model=model, sinks=[], max_workers=2)
+    runner = threading.Thread(target=pipe.run, daemon=True)
+    runner.start()
+    gate = threading.Event()
+    opened: list[Any] = []
+
+    def open_plan(threads: int, workers: int) -> Any:
+        gate.wait(30)  # the update lands while the tuner loads its next plan
+        opened.append(open_model(config, profile, threads=threads, workers=workers))
+        return opened[-1]
+
+    chosen: list[Plan] = []
+    tuner = OnlineTuner(
+        pipe, open_plan=open_plan, current=Plan(1, 1), mode="throughput", cores=2,
+        seconds=0.6, on_done=chosen.append,
+    )  # fmt: skip
+    tuner.start()
+    old = pipe.swap_model(update)  # the updater's swap
+    assert old is model
+    gate.set()
+    tuner._thread.join(60)
+    assert not tuner._thread.is_alive() and not chosen and tuner.result is None
+    assert pipe.model is update and pipe.swaps == 1 and pipe.plan_changes == 0
+    results = pipe.results
+    done = threading.Event()
+    while pipe.results < results + 5 and not done.wait(0.05):
+        pass  # the update still serves: it was not closed under the pipeline
+    pipe.stop()
+    runner.join(30)
+    assert pipe.inference_errors == 0 and not (tmp_path / CACHE_FILE).exists()
+    update.close()
+    model.close()
+
+
+def test_edge_agent_run_tunes_while_serving_and_says_so(small_tflite: Path, tmp_path: Path) -> None:
+    """`edge-agent run` with nothing cached: the first result does not wait for the tuning; the
+    start log says the plan is being measured, then which plan won; plans.json holds it."""
+    import signal
+
+    proc = subprocess.Popen(
+        [EDGE_AGENT, "run", "--model", str(small_tflite), "--state-dir", str(tmp_path),
+         "--profile", "x86-64", "--results", "stdout",
+         "--source", "synthetic:?width=160&height=120&frames=1000000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first["seq"] == 0
+        log: list[str] = []
+        for line in proc.stderr:  # bounded by the test's timeout
+            log.append(line)
+            if "(tuned, throughput" in line:
+                break
+        text = "".join(log)
+        assert "measuring the others while serving" in text, text
+        assert text.index("measuring the others") < text.index("(tuned, throughput")
+        # every candidate, and the rule's plan when it is not one of them (the profile says
+        # 4 cores: the rule leaves one to the capture thread)
+        assert text.count("plan: tried") >= len(
+            [c for c in candidates(min(4, available_cores()), "throughput") if not c[2]]
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    seqs = [json.loads(line)["seq"] for line in out.splitlines()]
+    assert seqs == list(range(1, len(seqs) + 1))  # none lost through the plan changes
+    (entry,) = load_cache(tmp_path).values()
+    assert entry["how"] == "cached" and entry["fps"] > 0

@@ -73,6 +73,7 @@ EVENT_KINDS = (
     "source_lost",
     "source_restored",
     "ota_disabled",
+    "plan_tuned",
     "drift",
     "spool_full",
     "error",
