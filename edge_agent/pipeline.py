@@ -285,6 +285,7 @@ class Pipeline:
         self._model = model
         self._pending: LoadedModel | None = None
         self._pending_plan_change = False  # the pending model is the same one, for a new plan
+        self._workers_before_state = 0  # the plan's workers while a stateful model runs on 1
         self._swapped = threading.Event()
         self.sinks = list(sinks)
         self._writer = SinkWriter(self.sinks)  # writes outside the lock, in order
@@ -352,8 +353,17 @@ class Pipeline:
         with self._swap_lock:
             if expect is not None and self._model is not expect:
                 raise ModelError(f"swap to {new_model.name}: the serving model changed meanwhile")
+            if new_model.stateful and self.workers > 1:  # a stream's windows run in order
+                log.warning("%s carries a state: 1 inference worker while it serves, not %d",
+                            new_model.name, self.workers)  # fmt: skip
+                self._workers_before_state = self.workers
+                self.set_workers(1)
             self._pending_plan_change = plan_change
-            return self._swap(new_model, timeout)
+            old = self._swap(new_model, timeout)
+            if not new_model.stateful and self._workers_before_state:
+                self.set_workers(self._workers_before_state)  # the plan's workers again
+                self._workers_before_state = 0
+            return old
 
     def _swap(self, new_model: LoadedModel, timeout: float) -> LoadedModel:
         if self._capture is None or not self._capture.is_alive():

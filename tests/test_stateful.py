@@ -834,3 +834,61 @@ def test_state_like_names_on_a_model_with_no_other_input_are_not_state(tmp_path:
     assert not loaded.stateful and loaded.input_name == "image_in"
     x = np.ones((1, 3, 8, 8), np.float32)
     np.testing.assert_array_equal(loaded.infer({"image_in": x}, stream="s")[0], x)
+
+
+def test_a_stateful_model_swapped_in_runs_on_one_worker(tmp_path: Path) -> None:
+    """A stateful model swapped in over the air into a two-worker pipeline: the pipeline drops
+    to one worker while it serves (its windows run in order: the count goes on 1, 2, 3, ...
+    with nothing out of order), and gets its workers back when a stateless model follows."""
+    import threading
+
+    from converters.standins import write_wav
+    from edge_agent.io import open_source
+    from edge_agent.io.sinks import CallbackSink
+    from edge_agent.pipeline import Pipeline
+
+    size = 160
+    wav = tmp_path / "long.wav"
+    write_wav(wav, np.sin(np.arange(16000 * 60) / 7.0) * 0.3)  # 60 s: 6000 windows
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["input"], ["output"], keepdims=1)],
+        "plain",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, size])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1])],
+    )
+    plain_onnx = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    plain_onnx.ir_version = 8
+    onnx.save(plain_onnx, str(tmp_path / "plain.onnx"))
+    plain = _load(tmp_path / "plain.onnx", tmp_path, workers=2)
+    counter = _load(_counter(tmp_path / "counter.onnx", size), tmp_path)
+    plain_again = _load(tmp_path / "plain.onnx", tmp_path, workers=2)
+    outputs: list[tuple[str, float]] = []
+    pipe = Pipeline(
+        source=open_source(f"wav:{wav}?size={size}&hop={size}"),
+        model=plain,
+        sinks=[CallbackSink(lambda r: outputs.append(
+            (r["model"]["name"], float(r["output"]["outputs"]["output"][0][0]))))],
+        workers=2,
+    )  # fmt: skip
+    runner = threading.Thread(target=pipe.run, daemon=True)
+    runner.start()
+    tick = threading.Event()
+
+    def until(n: int) -> None:
+        while len(outputs) < n and runner.is_alive():
+            tick.wait(0.01)
+
+    until(50)
+    assert pipe.workers == 2
+    pipe.swap_model(counter)
+    assert pipe.workers == 1
+    start = len(outputs)
+    until(start + 200)
+    pipe.swap_model(plain_again)
+    assert pipe.workers == 2
+    pipe.stop()
+    runner.join(30)
+    counts = [int(v) for name, v in outputs[start:] if name == "counter"]
+    assert len(counts) >= 100 and counts == list(range(1, len(counts) + 1)), counts[:20]
+    for m in (plain, counter, plain_again):
+        m.close()
