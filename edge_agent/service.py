@@ -202,7 +202,7 @@ class Service:
 
             self.tuner = start_online_tuning(
                 self.pipeline, self._tune_config, self.profile, current=self.plan,
-                state_dir=state_dir, on_done=self._tuned,
+                state_dir=state_dir, on_done=self._tuned, streams=max(1, len(self.streams)),
             )  # fmt: skip
         log.info(
             "serving %s %s (%s, %s threads, %d workers) on %s; profile %s%s",
@@ -225,19 +225,18 @@ class Service:
         state_dir = Path(config.agent.state_dir)
 
         def planned(cfg: Any) -> Any:
-            if self.streams:  # planned for the first stream's kind and pace; tuning measures
-                # one source, so several streams use the rule's plan (or one cached for it)
+            if self.streams:  # planned for the first stream's kind and pace, and cached
+                # apart from one source's plan (edge_agent.tune.cache_key)
                 cfg = with_overrides(cfg, source={"pace": config.sources[0].pace})
             model, self.plan = open_tuned_model(
-                cfg, self.profile, source=self.source, state_dir=state_dir
-            )
+                cfg, self.profile, source=self.source, state_dir=state_dir,
+                streams=max(1, len(self.streams)),
+            )  # fmt: skip
             self.threads = self.plan.threads
             # [pipeline] tune: no plan cached for this model yet, so it is measured while
             # serving (edge_agent.tune.OnlineTuner), beginning with the rule's plan
             self._tune_config = (
-                cfg
-                if cfg.pipeline.tune and self.plan.how == "rule" and not self.streams
-                and not model.stateful
+                cfg if cfg.pipeline.tune and self.plan.how == "rule" and not model.stateful
                 else None
             )  # fmt: skip
             also = "; measuring the others while serving" if self._tune_config else ""

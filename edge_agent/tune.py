@@ -103,10 +103,12 @@ def candidates(cores: int, mode: str) -> list[tuple[int, int, bool]]:
     return list(dict.fromkeys(plans))
 
 
-def cache_key(model_path: Path, profile: Any, mode: str) -> str:
+def cache_key(model_path: Path, profile: Any, mode: str, streams: int = 1) -> str:
     """The model file (a bundle and the profile fix the artifact and its runtime), the profile,
-    the kind of source and the CPUs: known before anything is loaded."""
-    return "|".join([sha256_file(model_path), str(profile.name), mode, str(available_cores())])
+    the kind of source, the CPUs and, with several streams, how many: known before anything is
+    loaded (eight files want another plan than one)."""
+    parts = [sha256_file(model_path), str(profile.name), mode, str(available_cores())]
+    return "|".join(parts + ([f"streams={streams}"] if streams > 1 else []))
 
 
 def cached_plan(state_dir: Path, key: str, mode: str) -> Plan | None:
@@ -180,9 +182,13 @@ def open_tuned_model(
     state_dir: Path,
     tune: bool = False,
     seconds: float = TUNE_SECONDS,
+    streams: int = 1,
 ) -> tuple[Any, Plan]:
     """The model loaded for its plan: the requested one, else the cached one, else (with
-    ``tune``) the fastest measured now (and cached), else the rule's (``model.plan``)."""
+    ``tune``) the fastest measured now (and cached), else the rule's (``model.plan``). With
+    several ``streams`` read at pace none, the rule is one worker of one thread per core: the
+    streams' readers decode in parallel, so no capture thread waits on a second worker (with
+    one source it would)."""
     kind = getattr(source, "kind", "image")
     mode = source_mode(source, config.source.pace)
     requested_threads, requested_workers = int(config.model.threads), int(config.pipeline.workers)
@@ -190,11 +196,16 @@ def open_tuned_model(
     if requested_threads or requested_workers:
         model, workers = open_planned_model(config, profile, threads=threads, source=source)
         return model, Plan(threads, workers, how="requested", mode=mode)
-    key = cache_key(Path(config.model.path), profile, mode)
+    key = cache_key(Path(config.model.path), profile, mode, streams)
     plan = None if tune else cached_plan(state_dir, key, mode)
     if plan is not None:
         return open_model(config, profile, threads=plan.threads, workers=plan.workers), plan
-    if tune:
+    if streams > 1 and mode == "throughput":
+        cores = min(int(profile.cores), available_cores())
+        workers = min(cores, streams)
+        model = open_model(config, profile, threads=cores, workers=workers)
+        return model, Plan(cores, model.workers, how="rule", mode=mode)
+    if tune and streams == 1:
         tuned = _tune(config, profile, key=key, mode=mode, state_dir=state_dir, seconds=seconds)
         if tuned is not None:
             return tuned
@@ -357,7 +368,14 @@ class OnlineTuner:
 
 
 def start_online_tuning(
-    pipeline: Any, config: Any, profile: Any, *, current: Plan, state_dir: Path, on_done: Any
+    pipeline: Any,
+    config: Any,
+    profile: Any,
+    *,
+    current: Plan,
+    state_dir: Path,
+    on_done: Any,
+    streams: int = 1,
 ) -> OnlineTuner | None:
     """``[pipeline] tune`` at start: an :class:`OnlineTuner` on the running ``pipeline`` for
     the model of ``config``, caching what it finds like ``edge-agent tune``; None when there is
@@ -375,7 +393,7 @@ def start_online_tuning(
     )
     if len(tuner.plans) < 2:
         return None
-    key = cache_key(Path(config.model.path), profile, current.mode)
+    key = cache_key(Path(config.model.path), profile, current.mode, streams)
 
     def done(plan: Plan) -> None:
         save_plan(state_dir, key, plan)

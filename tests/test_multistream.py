@@ -498,3 +498,31 @@ def test_a_frame_prepare_drops_never_takes_a_waiting_frames_place() -> None:
     assert [t.frame.index for t in taken] == list(range(0, 20, 2))
     assert all(t.prepared == t.frame.index for t in taken)
     assert streams.counters()["s"].read == 20
+
+
+def test_file_streams_decode_with_one_thread_each_and_the_same_frames(tmp_path: Path) -> None:
+    """Several file streams: each decoder gets one FFmpeg thread (they decode side by side
+    already); a plain one-file source keeps FFmpeg's own choice. The frames are the same."""
+    from edge_agent.io.uri import open_source_from, open_streams_from
+
+    a = _video(tmp_path / "a.mp4", channel=1, frames=12)
+    b = _video(tmp_path / "b.mp4", channel=2, frames=12)
+    config = parse_config(
+        {"sources": [{"name": "a", "uri": f"file:{a}"}, {"name": "b", "uri": f"file:{b}"}]}
+    )
+    streams = open_streams_from(config)
+    assert [st.source.decode_threads for st in streams] == [1, 1]  # type: ignore[attr-defined]
+    single = open_source_from(parse_config({"source": {"uri": f"file:{a}"}}))
+    assert single.decode_threads == 0  # type: ignore[attr-defined]
+
+    def frames(source: Any) -> list[np.ndarray]:
+        source.open()
+        out = []
+        while (frame := source.read(timeout=5.0)) is not None:
+            out.append(frame.data)
+        source.close()
+        return out
+
+    one, default = frames(streams[0].source), frames(single)
+    assert len(one) == len(default) == 12
+    assert all(np.array_equal(x, y) for x, y in zip(one, default, strict=True))

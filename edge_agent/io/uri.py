@@ -360,6 +360,8 @@ def open_streams_from(config: Any) -> list[Stream]:
         except SourceError as exc:
             raise SourceError(f"stream {s.name}: {exc}") from exc
         roi = (s.roi[0], s.roi[1], s.roi[2], s.roi[3]) if s.roi else None
+        if len(config.sources) > 1 and isinstance(source, VideoFileSource):
+            source.decode_threads = 1  # the streams decode side by side already
         out.append(Stream(s.name, source, max_fps=s.fps, roi=roi))
     return out
 
