@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.common.slots import put_latest
 from edge_agent.errors import EdgeError
 from edge_agent.fleet.protocol import ShadowSpec
 from edge_agent.model.agreement import frame_agreement
@@ -269,7 +270,7 @@ class ShadowController:
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._cancel.set()
-        self._submit(_STOP)
+        put_latest(self._jobs, _STOP)
         self._thread.join(timeout)
         self._unload(reason=None)
 
@@ -280,16 +281,7 @@ class ShadowController:
             return
         self._wanted = spec
         self._cancel.set()  # a transfer for a shadow no longer wanted stops
-        self._submit(spec)
-
-    def _submit(self, job: Any) -> None:
-        while True:
-            try:
-                self._jobs.put_nowait(job)
-                return
-            except queue.Full:
-                with contextlib.suppress(queue.Empty):
-                    self._jobs.get_nowait()
+        put_latest(self._jobs, spec)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -42,7 +42,6 @@ orders them.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import shutil
@@ -56,6 +55,7 @@ from typing import Any
 import edge_agent
 from edge_agent.common.hashing import sha256_file
 from edge_agent.common.semver import version_key
+from edge_agent.common.slots import put_latest
 from edge_agent.errors import BundleError, EdgeError, ModelError, UpdateError
 from edge_agent.fleet.health import HealthProbe, HealthVerdict, bundle_latency_ms, top_fraction
 from edge_agent.fleet.protocol import (
@@ -144,13 +144,7 @@ class Updater:
 
     def _submit(self, job: _Job) -> None:
         """Replace whatever waits (a flood of commands holds one job, not a queue of them)."""
-        while True:
-            try:
-                self._jobs.put_nowait(job)
-                return
-            except queue.Full:
-                with contextlib.suppress(queue.Empty):
-                    self._jobs.get_nowait()
+        put_latest(self._jobs, job)
 
     def request(self, desired: Desired, *, origin: str = "desired") -> None:
         self._submit(_Job("update", desired=desired, origin=origin))
