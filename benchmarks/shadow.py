@@ -58,7 +58,7 @@ def _run(model: Any, shadow_model: Any, seconds: float) -> dict[str, Any]:
         "shadow": runner is not None,
         "seconds": round(wall, 3),
         "fps": round(results / wall, 2),
-        "p99_ms": p99,
+        "p99_ms": None if p99 is None else round(p99, 3),
     }
     if runner is not None:
         runner.stop()
