@@ -47,8 +47,9 @@ bench: $(VENV)/.stamp-dev
 	$(PY) -m benchmarks.mqtt; m=$$?; $(PY) -m benchmarks.streams; s=$$?; \
 	if [ -f $(TFVENV)/.stamp ]; then $(PY) -m benchmarks.tflite --tf-python $(TFVENV)/bin/python; \
 	else $(PY) -m benchmarks.tflite; fi; t=$$?; $(PY) -m benchmarks.prune; p=$$?; \
-	$(PY) -m benchmarks.telemetry; $(PY) -m benchmarks.capture; k=$$?; $(PY) -m benchmarks.plots; \
-	echo "benchmarks: convert exit $$c, agent exit $$a, mqtt exit $$m, streams exit $$s, tflite exit $$t, prune exit $$p, capture exit $$k (1 = a target missed; see the tables)"
+	$(PY) -m benchmarks.telemetry; $(PY) -m benchmarks.capture; k=$$?; $(PY) -m benchmarks.shadow; h=$$?; \
+	$(PY) -m benchmarks.plots; \
+	echo "benchmarks: convert exit $$c, agent exit $$a, mqtt exit $$m, streams exit $$s, tflite exit $$t, prune exit $$p, capture exit $$k, shadow exit $$h (1 = a target missed; see the tables)"
 
 lint: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff format --check .

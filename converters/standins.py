@@ -35,8 +35,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from converters.task import box_iou, greedy_ctc
 from converters.zoo import _torch, export_onnx
+from edge_agent.model.agreement import box_iou, greedy_ctc
 
 SHAPE_NAMES = ("square", "circle", "triangle")
 #: Ultralytics' defaults for ``predict``: confidence 0.25, NMS IoU 0.45 (class-aware).
@@ -808,7 +808,8 @@ def svtr_style(
 
 def ctc_greedy(probs: np.ndarray, charset: str = CHARSET) -> str:
     """PP-OCR's CTC decoding of one ``[1, T, C]`` / ``[T, C]`` output: argmax per step, merge
-    repeats, drop blanks (class 0); the converter's own :func:`converters.task.greedy_ctc`."""
+    repeats, drop blanks (class 0): :func:`edge_agent.model.agreement.greedy_ctc`, the
+    converter's own."""
     probs = np.asarray(probs)
     (seq,) = greedy_ctc(probs.reshape(1, -1, probs.shape[-1]), blank=0)
     return "".join(charset[k - 1] for k in seq)

@@ -25,7 +25,9 @@ the boxes' scale rounds to zero. So the converter also compares what the model i
 
 :func:`infer_task` tells the task from the outputs' shapes and values and the model's metadata
 (Ultralytics writes ``task``, ``names``, ``stride``), and says why; ``--task`` overrides it.
-:func:`task_fidelity` computes the report's ``fidelity.task`` block.
+:func:`task_fidelity` computes the report's ``fidelity.task`` block. The metrics themselves live
+in :mod:`edge_agent.model.agreement`, one copy, which the device's shadow runner judges a candidate
+model by too.
 """
 
 from __future__ import annotations
@@ -39,6 +41,16 @@ import numpy as np
 
 from converters.validate import is_classifier_output
 from edge_agent.errors import ConfigError
+from edge_agent.model.agreement import (
+    Detections,
+    ctc_fidelity,
+    decision_fidelity,
+    in_unit,
+    is_distribution,
+    is_softmax_axis1,
+    mask_fidelity,
+    match_detections,
+)
 from edge_agent.model.postprocess import Postprocessor, PostprocessSpec
 
 Batches = list[list[np.ndarray]]
@@ -58,9 +70,6 @@ METRICS = {
 DEFAULT_FLOORS: dict[str, float] = {"detect": 0.95, "ctc": 0.97, "mask": 0.95, "binary": 0.98}
 #: a ``binary`` task's [N, 1] probability says yes above this
 BINARY_THRESHOLD = 0.5
-#: detections match at this IoU or more, and only within one class
-MATCH_IOU = 0.5
-MASK_THRESHOLDS = (0.3, 0.5)
 #: the bundle postprocessing kind of each task (``ctc`` has none on the device yet: raw)
 POSTPROCESS_KIND = {
     "classify": "classification",
@@ -138,25 +147,6 @@ def _names(meta: Mapping[str, str]) -> tuple[str, ...] | None:
     return None
 
 
-def _in_unit(a: np.ndarray) -> bool:
-    return bool(a.size) and float(a.min()) >= -1e-6 and float(a.max()) <= 1.0 + 1e-6
-
-
-def _is_distribution(a: np.ndarray) -> bool:
-    """Rows over the last axis are probabilities (softmax) or log-probabilities (judged on the
-    first few samples)."""
-    if a.size == 0 or a.shape[-1] < 2:
-        return False
-    a64 = a[:8].astype(np.float64)
-    if float(a64.min()) >= -1e-6 and np.allclose(a64.sum(axis=-1), 1.0, atol=1e-3):
-        return True
-    if float(a64.max()) <= 1e-6:
-        top = a64.max(axis=-1, keepdims=True)
-        lse = np.log(np.exp(a64 - top).sum(axis=-1)) + top[..., 0]
-        return bool(np.allclose(lse, 0.0, atol=1e-3))
-    return False
-
-
 def infer_task(
     outputs: Sequence[np.ndarray | None],
     *,
@@ -196,7 +186,7 @@ def infer_task(
         for i, out in enumerate(outputs):
             if out is None or out.ndim != 3 or out.dtype.kind != "f" or min(out.shape[1:]) < 2:
                 continue
-            if requested == "ctc" or _is_distribution(out):
+            if requested == "ctc" or is_distribution(out):
                 blank = int(np.bincount(out.argmax(axis=-1).ravel()).argmax())
                 why = (
                     "--task ctc"
@@ -215,8 +205,8 @@ def infer_task(
                 continue
             # one probability channel, or per-pixel class probabilities (softmax over C); an
             # image-like output in [0, 1] (super-resolution, denoising) is not a mask
-            prob = out.shape[1] == 1 and _in_unit(out)
-            classes = out.shape[1] > 1 and _in_unit(out) and _is_softmax_axis1(out[:8])
+            prob = out.shape[1] == 1 and in_unit(out)
+            classes = out.shape[1] > 1 and in_unit(out) and is_softmax_axis1(out[:8])
             if requested == "mask" or (min(out.shape[2:]) >= 4 and (prob or classes)):
                 why = (
                     "--task mask"
@@ -260,13 +250,13 @@ def _binary(
             continue
         name = f"output '{output_names[i]}' {list(out.shape)}"
         why = "--task binary; " if forced else "a streaming model's "
-        if out.shape[1] == 1 and _in_unit(out):
+        if out.shape[1] == 1 and in_unit(out):
             why += f"{name} in [0, 1]: a probability, yes above {BINARY_THRESHOLD}"
             return Task("binary", why, (i,), threshold=BINARY_THRESHOLD)
         if out.shape[1] == 1 and forced:
             why += f"{name} outside [0, 1]: a logit, yes above 0"
             return Task("binary", why, (i,), threshold=0.0)
-        if out.shape[1] == 2 and (forced or _is_distribution(out)):
+        if out.shape[1] == 2 and (forced or is_distribution(out)):
             return Task("binary", f"{why}{name}: a pair of scores, the larger wins", (i,))
     return None
 
@@ -300,13 +290,13 @@ def _detection(
             if s == b or sc is None or sc.ndim != 3 or sc.shape[:2] != box.shape[:2]:
                 continue
             post: dict[str, Any] = {"format": "ssd"}
-            if not _in_unit(sc):
+            if not in_unit(sc):
                 post["softmax"] = True
             top = sc[:8].reshape(-1, sc.shape[2]).argmax(axis=1)
             if sc.shape[2] > 1 and np.mean(top == 0) > 0.5:  # class 0 wins most anchors
                 post["background_class"] = 0
             post["box_format"] = "xyxy"
-            if _in_unit(box):
+            if in_unit(box):
                 post["normalized"] = True
             return Task(
                 "detect",
@@ -318,7 +308,7 @@ def _detection(
     for i, out in enumerate(outputs):
         if out is None or out.ndim != 3 or out.dtype.kind != "f" or min(out.shape[1:]) < 5:
             continue
-        if not tagged and forced != "detect" and _is_distribution(out):
+        if not tagged and forced != "detect" and is_distribution(out):
             continue  # a CTC head [1, T, C] (softmax rows), not boxes
         features_first = out.shape[1] < out.shape[2]
         rows = out.transpose(0, 2, 1) if features_first else out  # [N, boxes, features]
@@ -327,7 +317,7 @@ def _detection(
         first = 4 if version == 8 else 5
         classes = nc if nc is not None and first + nc <= feats else None
         scores = rows[..., first : first + classes] if classes else rows[..., first:]
-        looks = _in_unit(scores) and not _in_unit(rows[..., :4])
+        looks = in_unit(scores) and not in_unit(rows[..., :4])
         if not (tagged or forced == "detect" or looks):
             continue
         layout = "[1, 4+C, N]" if features_first else f"[1, N, {first}+C]"
@@ -397,156 +387,6 @@ class Judge:
             "value": None if value is None else round(float(value), 6),
             "details": details,
         }
-
-
-def decisions(scores: np.ndarray, *, threshold: float | None) -> np.ndarray:
-    """Yes / no per sample: a [N, 1] score above ``threshold``, or a [N, 2] pair's argmax."""
-    s = np.asarray(scores).reshape(np.asarray(scores).shape[0], -1)
-    return s.argmax(axis=1) == 1 if threshold is None else s[:, 0] > threshold
-
-
-def decision_fidelity(
-    ref: np.ndarray, got: np.ndarray, *, threshold: float | None
-) -> tuple[float, dict[str, Any]]:
-    """The share of samples whose decision (:func:`decisions`) the converted model keeps."""
-    r, g = decisions(ref, threshold=threshold), decisions(got, threshold=threshold)
-    value = float(np.mean(r == g)) if r.size else 1.0
-    return value, {
-        "samples": int(r.shape[0]),
-        "threshold": threshold,
-        "yes_original": int(r.sum()),
-        "yes_converted": int(g.sum()),
-        "decision_agreement": round(value, 6),
-    }
-
-
-def greedy_ctc(probs: np.ndarray, *, blank: int = 0) -> list[tuple[int, ...]]:
-    """Best class per step, repeats collapsed, blanks dropped: one sequence per sample."""
-    best = np.asarray(probs).argmax(axis=-1)  # [N, T]
-    out = []
-    for row in best:
-        keep = np.ones(row.shape[0], bool)
-        keep[1:] = row[1:] != row[:-1]
-        out.append(tuple(int(c) for c in row[keep] if c != blank))
-    return out
-
-
-def edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
-    """Levenshtein distance (insertions, deletions, substitutions)."""
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
-
-
-def ctc_fidelity(
-    ref: np.ndarray, got: np.ndarray, *, blank: int = 0
-) -> tuple[float, dict[str, Any]]:
-    """Exact-sequence agreement of the greedy decodings, and the character error rate of the
-    converted sequences against the original's."""
-    rs, gs = greedy_ctc(ref, blank=blank), greedy_ctc(got, blank=blank)
-    same = sum(r == g for r, g in zip(rs, gs))
-    chars = sum(len(r) for r in rs)
-    errors = sum(edit_distance(r, g) for r, g in zip(rs, gs))
-    agreement = same / len(rs) if rs else 1.0
-    cer = errors / chars if chars else float(errors > 0)
-    return agreement, {
-        "samples": len(rs),
-        "blank": blank,
-        "sequence_agreement": round(agreement, 6),
-        "cer": round(cer, 6),
-    }
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = int(np.count_nonzero(a | b))
-    return 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union
-
-
-def mask_fidelity(ref: np.ndarray, got: np.ndarray) -> tuple[float, dict[str, Any]]:
-    """IoU of the converted model's masks against the original's, pooled over the samples.
-
-    One channel, or channels holding independent probabilities in [0, 1]: thresholded at 0.3 and
-    0.5, the worse IoU counts. Several channels of scores: mean IoU of the argmax class maps over
-    the classes present."""
-    details: dict[str, Any] = {"samples": int(ref.shape[0])}
-    if ref.shape[1] == 1 or (ref.shape[1] > 1 and _in_unit(ref) and not _is_softmax_axis1(ref)):
-        per = {f"iou@{t}": round(_iou(ref > t, got > t), 6) for t in MASK_THRESHOLDS}
-        details.update(per)
-        return min(per.values()), details
-    r, g = ref.argmax(axis=1), got.argmax(axis=1)
-    present = np.union1d(np.unique(r), np.unique(g))
-    ious = [_iou(r == c, g == c) for c in present]
-    details["classes"] = int(present.size)
-    details["pixel_agreement"] = round(float(np.mean(r == g)), 6)
-    value = float(np.mean(ious)) if ious else 1.0
-    details["mean_iou"] = round(value, 6)
-    return value, details
-
-
-def _is_softmax_axis1(a: np.ndarray) -> bool:
-    return bool(np.allclose(a.astype(np.float64).sum(axis=1), 1.0, atol=1e-3))
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box in ``a`` [n, 4] with every box in ``b`` [m, 4] (xyxy)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
-    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
-
-
-Detections = list[dict[str, Any]]
-
-
-def match_detections(
-    ref: Sequence[Detections], got: Sequence[Detections], *, iou: float = MATCH_IOU
-) -> tuple[float, dict[str, Any]]:
-    """F1 of ``got`` against ``ref`` (lists of the device's detection dicts, one per sample):
-    each converted detection, best score first, matches the unmatched original detection of the
-    same class it overlaps most, if that IoU is at least ``iou``."""
-    tp = n_ref = n_got = 0
-    score_err: list[float] = []
-    ious: list[float] = []
-    for r_dets, g_dets in zip(ref, got):
-        n_ref += len(r_dets)
-        n_got += len(g_dets)
-        if not r_dets or not g_dets:
-            continue
-        rb = np.array([d["box"] for d in r_dets], np.float64)
-        gb = np.array([d["box"] for d in g_dets], np.float64)
-        overlap = box_iou(gb, rb)
-        r_cls = np.array([d["class"] for d in r_dets])
-        taken = np.zeros(len(r_dets), bool)
-        for gi in np.argsort([-d["score"] for d in g_dets], kind="stable"):
-            cand = np.where((r_cls == g_dets[gi]["class"]) & ~taken, overlap[gi], -1.0)
-            ri = int(cand.argmax())
-            if cand[ri] >= iou:
-                taken[ri] = True
-                tp += 1
-                ious.append(float(cand[ri]))
-                score_err.append(abs(float(g_dets[gi]["score"]) - float(r_dets[ri]["score"])))
-    f1 = 1.0 if n_ref + n_got == 0 else 2.0 * tp / (n_ref + n_got)
-    details = {
-        "samples": len(ref),
-        "detections_original": n_ref,
-        "detections_converted": n_got,
-        "matched": tp,
-        "precision": round(tp / n_got, 6) if n_got else None,
-        "recall": round(tp / n_ref, 6) if n_ref else None,
-        "f1": round(f1, 6),
-        "mean_score_error": round(float(np.mean(score_err)), 6) if score_err else None,
-        "mean_iou": round(float(np.mean(ious)), 6) if ious else None,
-        "match_iou": iou,
-    }
-    return f1, details
 
 
 def decode_detections(task: Task, batches: Batches) -> list[Detections]:

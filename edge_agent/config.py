@@ -468,6 +468,27 @@ class CaptureSection:
 
 
 @dataclass(frozen=True)
+class ShadowSection:
+    """A candidate model run in shadow beside the serving one (the desired state's ``shadow``,
+    ``edgectl shadow``): on a share of the frames, in a low-priority thread, never served."""
+
+    max_share: float = _doc(
+        "CPU budget: the shadow's time (preprocessing, inference, postprocessing, comparison) "
+        "stays within this share of the serving model's inference time; frames beyond it, or "
+        "arriving while the shadow is busy, are not shadowed (counted). 0 refuses shadows.",
+        default=0.25,
+    )
+    threads: int = _doc("Runtime threads of the shadow model.", default=1)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_share <= 1:
+            raise ConfigError(
+                f"config: [shadow] max_share = {self.max_share}: must be between 0 and 1"
+            )
+        _at_least("shadow", self, 1, "threads")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -480,6 +501,7 @@ class AgentConfig:
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
     ota: OtaSection = field(default_factory=OtaSection)
     capture: CaptureSection = field(default_factory=CaptureSection)
+    shadow: ShadowSection = field(default_factory=ShadowSection)
     #: ``[[sources]]``: several named streams served by one model (instead of ``[source]``)
     sources: tuple[StreamSection, ...] = ()
     path: str = ""
@@ -521,6 +543,7 @@ _SECTION_CLASSES: dict[str, type] = {
     "telemetry": TelemetrySection,
     "ota": OtaSection,
     "capture": CaptureSection,
+    "shadow": ShadowSection,
 }
 
 

@@ -171,13 +171,14 @@ def _to_frame(output: dict[str, Any], roi: tuple[int, int, int, int]) -> dict[st
 CAPTURE_NICENESS = 10
 
 
-def _lower_priority() -> None:
+def _lower_priority(niceness: int = CAPTURE_NICENESS) -> None:
     """Let the runtime's threads win the cores: onnxruntime synchronises its threads at every
     operator, so a decode that preempts one of them stalls them all. A nicer capture thread
-    decodes in the gaps instead. Raising niceness needs no privilege; failure is harmless."""
+    decodes in the gaps instead (the shadow thread too, nicer still: ``edge_agent.shadow``).
+    Raising niceness needs no privilege; failure is harmless."""
     # (SCHED_IDLE measured no better here, and would starve capture on a busy device.)
     with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CAPTURE_NICENESS)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
 
 
 def split_cores() -> tuple[set[int], set[int]] | None:
@@ -227,6 +228,7 @@ class Pipeline:
         observer: Callable[[dict[str, np.ndarray], dict[str, Any], list[np.ndarray]], None]
         | None = None,
         sampler: Callable[[Frame, dict[str, Any], Any, str | None], None] | None = None,
+        shadow: Callable[..., None] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers = {workers}: must be >= 1")
@@ -265,6 +267,10 @@ class Pipeline:
         #: Called with (frame, output, model identity, stream) for every frame, in the worker
         #: thread, outside any lock (``[capture]``'s Sampler: decides cheaply, hands off).
         self.sampler = sampler
+        #: Called with (frame, output, raw outputs, inference ns, model identity, stream) for
+        #: every frame, in the worker thread, outside any lock (the shadow model's
+        #: ``ShadowRunner.offer``: hands the frame off or drops it, never waits).
+        self.shadow = shadow
         #: the one source; with streams, the first stream's (its kind stands for them all)
         self.source: Source = source if source is not None else streams[0].source
         self._tallies: dict[str, _StreamTally] = {}
@@ -778,6 +784,12 @@ class Pipeline:
             except Exception:  # capture must never cost a frame
                 log.exception("pipeline sampler failed")
                 self.sampler = None
+        if (shadow := self.shadow) is not None:
+            try:
+                shadow(item.frame, output, outputs, t_post - t_inf, model.identity, item.stream)
+            except Exception:  # the shadow must never cost a frame
+                log.exception("pipeline shadow hook failed")
+                self.shadow = None
         t_ready = time.monotonic_ns()
         result = {
             "seq": 0,  # set in capture order by _emit

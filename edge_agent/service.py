@@ -73,6 +73,7 @@ class Service:
         self._last_bad_desired = -1e9
         self.latest_telemetry: dict[str, Any] | None = None
         self.sampler: Any = None  # [capture]: edge_agent.fleet.capture.Sampler
+        self.shadow: Any = None  # edge_agent.shadow.ShadowController, with OTA
         self.uploader: Any = None
 
     # --- start-up ----------------------------------------------------------------------------
@@ -181,6 +182,7 @@ class Service:
             self.prometheus.start()
         if self.mqtt_enabled:
             self._start_updater()
+            self._start_shadow()
             self.event("agent_started", version=edge_agent.__version__, profile=self.profile.name)
             self.event("model_loaded", model=model.identity, format=model.format)
             if recovered is not None:
@@ -411,6 +413,30 @@ class Service:
         )
         self.updater.start()
 
+    def _start_shadow(self) -> None:
+        """The desired state's ``shadow``: fetched and verified through the updater, loaded
+        with ``[shadow] threads`` (edge_agent.shadow)."""
+        if self.updater is None:
+            return
+        from edge_agent.config import with_overrides
+        from edge_agent.model.plan import open_model
+        from edge_agent.shadow import ShadowController
+
+        def load(bundle: Path) -> Any:
+            cfg = with_overrides(self.config, model={"path": str(bundle)})
+            return open_model(cfg, self.profile, threads=self.config.shadow.threads, workers=1)
+
+        self.shadow = ShadowController(
+            settings=self.config.shadow,
+            fetch_verified=self.updater.fetch_verified,
+            load=load,
+            pipeline=self.pipeline,
+            sampler=self.sampler,
+            event=self.event,
+            report=self._publish_reported,
+        )
+        self.shadow.start()
+
     def _serve(self) -> None:
         try:
             self.outcome["summary"] = self.pipeline.run()
@@ -515,6 +541,8 @@ class Service:
     def shutdown(self) -> None:
         if self.tuner is not None:
             self.tuner.stop()
+        if self.shadow is not None:
+            self.shadow.stop()
         if self.updater is not None:
             self.updater.stop()
         if self.sampler is not None:
@@ -604,6 +632,7 @@ class Service:
             bundle_sha256=(store.current or {}).get("sha256") if store else None,
             update=self.updater.last_update if self.updater else None,
             ota={"enabled": self.updater is not None, "reason": self.ota_disabled},
+            shadow=self.shadow.reported() if self.shadow is not None else None,
             floor=store.floor if store else None,
             history=[
                 {
@@ -656,7 +685,11 @@ class Service:
             "system": self.system.sample() if self.system is not None else {},
             "monitoring": monitoring,
             **({"capture": self.sampler.telemetry()} if self.sampler is not None else {}),
+            **({"shadow": shadow} if (shadow := self._shadow_telemetry()) else {}),
         }
+
+    def _shadow_telemetry(self) -> dict[str, Any] | None:
+        return self.shadow.telemetry() if self.shadow is not None else None
 
     def _stream_telemetry(self, interval: float) -> dict[str, dict[str, Any]]:
         """One entry per stream: its state, fps over the interval, counters and latency
@@ -755,6 +788,8 @@ class Service:
 
     def reconcile(self) -> None:
         desired = self.effective_desired()
+        if self.shadow is not None:  # a shadow beside the serving model, or none
+            self.shadow.request(desired.shadow if desired is not None else None)
         if desired is None:
             return
         current = self.store.current if self.store else None

@@ -7,6 +7,10 @@
     edgectl publish BUNDLE [--chunk-size BYTES] [--public-key KEY]
     edgectl deploy BUNDLE (--device ID | --group NAME) [--url URL]
     edgectl rollout BUNDLE --group NAME --canary PCT --wait DURATION --max-failures PCT
+            [--require-shadow AGREEMENT [--frames N] [--shadow-timeout DURATION]]
+    edgectl shadow BUNDLE (--device ID | --group NAME) [--frames N] [--url URL]
+    edgectl shadow --status [--device ID | --group NAME] [--json]
+    edgectl shadow --stop (--device ID | --group NAME)
     edgectl rollback (--device ID | --group NAME) [--version V]
     edgectl ping DEVICE
     edgectl status [--timeout S] [--json]
@@ -21,15 +25,16 @@ retained status and telemetry. ``watch`` and ``export`` take ``--share GROUP`` t
 shared subscription (``$share/GROUP/edge/+/telemetry``), so several instances split a large
 fleet between them.
 
-Exit codes: 0 ok, 1 internal error, 2 bad input, 3 a rollout aborted (canaries failed) or a
-device reported a failed update, 4 the bundle failed verification, 5 the broker refused us or
-could not be reached, 6 a device did not answer in time.
+Exit codes: 0 ok, 1 internal error, 2 bad input, 3 a rollout aborted (canaries failed, or their
+shadow did not agree enough) or a device reported a failed update, 4 the bundle failed
+verification, 5 the broker refused us or could not be reached, 6 a device did not answer in time.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -52,7 +57,7 @@ from edge_agent.errors import (
     edgectl_exit_code,
 )
 from edge_agent.fleet import protocol
-from edge_agent.fleet.protocol import Desired, Topics
+from edge_agent.fleet.protocol import Desired, ShadowSpec, Topics
 
 PROG = "edgectl"
 
@@ -65,6 +70,29 @@ def parse_duration(text: str) -> float:
     if not m:
         raise argparse.ArgumentTypeError(f"duration {text!r}: expected e.g. 30s, 5m or 1h")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def parse_agreement(text: str) -> float:
+    """``0.95`` or ``95%`` -> 0.95."""
+    try:
+        value = float(text.rstrip("%")) / (100.0 if text.endswith("%") else 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"agreement {text!r}: expected a fraction 0-1 (or a percentage: 95%)"
+        ) from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"agreement {text!r}: must be between 0 and 1")
+    return value
+
+
+def parse_frames(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"frames {text!r}: expected a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"frames {text!r}: must be at least 1")
+    return value
 
 
 def parse_percent(text: str) -> float:
@@ -413,6 +441,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=protocol.DEFAULT_CHUNK_SIZE)
     p.add_argument("--public-key", action="append", default=[])
     p.add_argument("--discover", type=parse_duration, default=2.0, metavar="DURATION")
+    p.add_argument(
+        "--require-shadow",
+        type=parse_agreement,
+        metavar="AGREEMENT",
+        help="run the candidate in shadow on the canaries first; go on only when "
+        "each one's agreement over --frames frames is at least this (0-1 or 95%%)",
+    )
+    p.add_argument(
+        "--frames",
+        type=parse_frames,
+        default=protocol.DEFAULT_SHADOW_FRAMES,
+        help="frames each canary's shadow compares (with --require-shadow)",
+    )
+    p.add_argument("--shadow-timeout", type=parse_duration, default=300.0, metavar="DURATION",
+                   help="longest wait for the canaries' shadow frames")  # fmt: skip
+
+    p = sub.add_parser(
+        "shadow", help="run a candidate bundle in shadow beside the serving model (never served)"
+    )
+    p.add_argument("bundle", type=Path, nargs="?", help="the candidate (not with --status/--stop)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--device")
+    target.add_argument("--group")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--status", action="store_true", help="a table of the devices' shadows")
+    mode.add_argument("--stop", action="store_true", help="end the shadow (it is unloaded)")
+    p.add_argument(
+        "--frames",
+        type=parse_frames,
+        default=protocol.DEFAULT_SHADOW_FRAMES,
+        help="frames to compare (shadow_completed when reached; it goes on after)",
+    )
+    p.add_argument("--url", help="devices fetch it from this HTTP(S) URL instead of the broker")
+    p.add_argument("--chunk-size", type=int, default=protocol.DEFAULT_CHUNK_SIZE)
+    p.add_argument("--public-key", action="append", default=[], help="verify with this key first")
+    p.add_argument(
+        "--timeout",
+        type=parse_duration,
+        default=1.5,
+        metavar="DURATION",
+        help="--status: how long to gather retained telemetry",
+    )
+    p.add_argument("--json", action="store_true", help="--status as JSON")  # fmt: skip
 
     p = sub.add_parser("rollback", help="return a device or group to its previous model")
     target = p.add_mutually_exclusive_group(required=True)
@@ -576,6 +647,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         n_canary = max(1, math.ceil(len(members) * args.canary / 100))
         rest = members[n_canary:]
         waves = [members[:n_canary]]
+        if args.require_shadow is not None:
+            _shadow_gate(client, args, waves[0], previous, sha, name, version, deployment)
         per_wave = max(1, math.ceil(len(rest) / max(args.waves, 1))) if rest else 0
         waves += (
             [rest[i : i + per_wave] for i in range(0, len(rest), per_wave or 1)] if rest else []
@@ -617,6 +690,133 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         for device in done:  # a device's own desired would shadow later group deploys
             clear_desired(client, device)
         print(f"rollout of {name} {version} to {args.group}: {len(done)} devices committed")
+    return CtlExit.OK
+
+
+def _shadow_gate(
+    client: Client,
+    args: argparse.Namespace,
+    canaries: list[str],
+    previous: dict[str, Any],
+    sha: str,
+    name: str,
+    version: str,
+    deployment: str,
+) -> None:
+    """``rollout --require-shadow``: the candidate in shadow on the canaries (beside what they
+    serve), until each compared ``--frames`` frames; their own desired states are then put back
+    as they were. RolloutAborted (one line, exit 3) unless every canary's agreement holds."""
+    from edgectl.shadow import desired_topic, retained, wait_for_shadows
+
+    missing = [d for d in canaries if not previous.get(d)]
+    if missing:
+        raise EdgeError(
+            f"--require-shadow: {', '.join(missing)} report no bundle they run (OTA off?): a "
+            "shadow runs beside a bundle the device follows"
+        )
+    topics = {d: desired_topic(client.prefix, device=d, group=None) for d in canaries}
+    saved = retained(client, list(topics.values()))
+    spec = ShadowSpec(sha256=sha, name=name, version=version, frames=args.frames,
+                      deployment=deployment)  # fmt: skip
+    for d in canaries:
+        own = saved.get(topics[d])
+        base = (
+            Desired.from_payload(protocol.loads(own, what=topics[d], limit=1 << 20))
+            if own is not None
+            else Desired(sha256=str(previous[d]), deployment=f"shadow-{deployment}")
+        )
+        set_desired(client, dataclasses.replace(base, shadow=spec), device=d)
+    print(f"shadow on canaries: {', '.join(canaries)} ({args.frames} frames each)", flush=True)
+    try:
+        outcome = wait_for_shadows(
+            client, canaries, sha, frames=args.frames, timeout=args.shadow_timeout
+        )
+    finally:
+        for d in canaries:  # back as they were: the shadow stops and is unloaded
+            own = saved.get(topics[d])
+            client.publish(
+                topics[d], own if own is not None else b"", retain=True
+            ).wait_for_publish(10)
+    problems = []
+    for d in canaries:
+        o = outcome[d]
+        if o.state == "failed":
+            problems.append(f"{d}: the shadow failed ({o.reason})")
+        elif o.state == "timeout":
+            problems.append(
+                f"{d}: compared {o.frames} of {args.frames} frames in {args.shadow_timeout:g} s"
+            )
+        elif o.agreement is None or o.agreement < args.require_shadow:
+            problems.append(
+                f"{d}: agreement {o.agreement if o.agreement is not None else float('nan'):.3f} "
+                f"< {args.require_shadow:g} over {o.frames} frames"
+            )
+    if problems:
+        raise RolloutAborted(
+            f"rollout of {name} {version} aborted in shadow, nothing served from it: "
+            + "; ".join(problems)
+        )
+    print(
+        "shadow on canaries: "
+        + ", ".join(
+            f"{d} agreement {outcome[d].agreement:.3f} over {outcome[d].frames} frames"
+            + (f" (latency x{outcome[d].latency_ratio:g})" if outcome[d].latency_ratio else "")
+            for d in canaries
+        ),
+        flush=True,
+    )
+
+
+def cmd_shadow(args: argparse.Namespace) -> int:
+    from edgectl.shadow import (
+        format_shadow_table,
+        new_deployment,
+        shadow_rows,
+        with_shadow,
+        without_shadow,
+    )
+
+    if args.status or args.stop:
+        if args.bundle is not None:
+            raise EdgeError(f"shadow: no BUNDLE with --{'status' if args.status else 'stop'}")
+    elif args.bundle is None:
+        raise EdgeError("shadow: name a BUNDLE (or --status, or --stop)")
+    if not args.status and not (args.device or args.group):
+        raise EdgeError("shadow: --device ID or --group NAME is required")
+    with Client(args) as client:
+        if args.status:
+            fleet = fleet_snapshot(client, seconds=args.timeout)
+            if args.device:
+                fleet = {d: v for d, v in fleet.items() if d == args.device}
+            elif args.group:
+                fleet = {
+                    d: v for d, v in fleet.items()
+                    if args.group in ((v.get("status") or {}).get("groups") or [])
+                }  # fmt: skip
+            rows = shadow_rows(fleet)
+            print(json.dumps(rows, indent=2) if args.json else format_shadow_table(rows))
+            return CtlExit.OK
+        if args.stop:
+            print(without_shadow(client, device=args.device, group=args.group))
+            return CtlExit.OK
+        bundle = args.bundle
+        if bundle is None:  # checked above; for the type checker
+            raise EdgeError("shadow: name a BUNDLE")
+        if args.url:
+            sha, name, version, _ = bundle_identity(bundle, args.public_key)
+        else:
+            sha, name, version = publish_bundle(
+                client, bundle, chunk_size=args.chunk_size, public_keys=args.public_key
+            )
+        spec = ShadowSpec(
+            sha256=sha, name=name, version=version, url=args.url or "", frames=args.frames,
+            deployment=f"shadow-{new_deployment()}",
+        )  # fmt: skip
+        topic, desired = with_shadow(client, spec, device=args.device, group=args.group)
+        client.publish(
+            topic, protocol.dumps(desired.to_payload(ts=time.time())), retain=True
+        ).wait_for_publish(10)
+        print(f"shadow {name} {version} ({sha[:12]}) beside {desired.sha256[:12]} on {topic}")
     return CtlExit.OK
 
 
@@ -858,6 +1058,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "export": cmd_export,
     "collect": cmd_collect,
     "capture": cmd_capture,
+    "shadow": cmd_shadow,
 }
 
 

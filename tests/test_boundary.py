@@ -68,9 +68,11 @@ DEVICE_DEPENDENCIES = frozenset(
 )
 #: The device's loop: what the operator's wing must not import.
 DEVICE_LOOP = ("edge_agent.pipeline", "edge_agent.service", "edge_agent.cli", "edge_agent.bench",
-               "edge_agent.rest", "edge_agent.notify", "edge_agent.io")  # fmt: skip
+               "edge_agent.rest", "edge_agent.notify", "edge_agent.io",
+               "edge_agent.shadow")  # fmt: skip
 #: What is built on the loop: the pipeline imports none of it.
-FEATURES = ("edge_agent.rest", "edge_agent.service", "edge_agent.cli", "edge_agent.bench")
+FEATURES = ("edge_agent.rest", "edge_agent.service", "edge_agent.cli", "edge_agent.bench",
+            "edge_agent.shadow")  # fmt: skip
 #: Layers of edge_agent, bottom up: a module imports only from its own layer or below.
 LAYERS = (
     ("edge_agent", "edge_agent.errors", "edge_agent.stats", "edge_agent.common"),
@@ -78,7 +80,8 @@ LAYERS = (
     ("edge_agent.fleet",),
     ("edge_agent.io",),
     ("edge_agent.config", "edge_agent.pipeline", "edge_agent.tune", "edge_agent.rest",
-     "edge_agent.notify", "edge_agent.service", "edge_agent.bench", "edge_agent.cli"),
+     "edge_agent.notify", "edge_agent.service", "edge_agent.bench", "edge_agent.cli",
+     "edge_agent.shadow"),
 )  # fmt: skip
 
 

@@ -357,7 +357,8 @@ def test_bundle_state_can_declare_none_or_be_refused(tmp_path: Path) -> None:
 
 
 def test_binary_task_for_streaming_models() -> None:
-    from converters.task import decision_fidelity, infer_task
+    from converters.task import infer_task
+    from edge_agent.model.agreement import decision_fidelity
 
     prob = np.array([[0.1], [0.7], [0.4], [0.9]], np.float32)
     state = np.zeros((4, 8), np.float32)

@@ -8,17 +8,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from converters import heads
-from converters.task import (
-    Task,
+from converters.task import Task, infer_task, task_fidelity
+from edge_agent.errors import ConfigError
+from edge_agent.model.agreement import (
     ctc_fidelity,
     edit_distance,
     greedy_ctc,
-    infer_task,
     mask_fidelity,
     match_detections,
-    task_fidelity,
 )
-from edge_agent.errors import ConfigError
 
 
 def _det(box: list[float], cls: int, score: float) -> dict[str, object]:

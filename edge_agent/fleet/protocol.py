@@ -14,6 +14,7 @@ Topics, under a configurable prefix (default ``edge``)::
                                               get it on their response topic, with their
                                               correlation data)
     edge/<device>/desired           retained  set by the operator: the model this device should run
+                                              (and a ``shadow`` candidate to compare it with)
     edge/<device>/reported          retained  what the device runs, and how its last update went
     edge/groups/<group>/desired     retained  the same, for every device that declares the group
     edge/bundles/<sha256>/meta      retained  a published bundle: size, chunk size, chunk hashes
@@ -57,6 +58,8 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SAMPLE_ID = re.compile(r"^[0-9]{16}-[0-9a-f]{6}$")
 #: Why a sample was captured (``[capture]`` policies; ``disagreement`` is the shadow's).
 SAMPLE_REASONS = ("low_confidence", "near_threshold", "drift", "disagreement", "random")
+#: Frames a shadow compares before ``edgectl`` reads its agreement (``--frames``).
+DEFAULT_SHADOW_FRAMES = 200
 #: Default sample chunk: small, so a chunk on a slow uplink holds a result back only briefly.
 DEFAULT_SAMPLE_CHUNK = 32 * 1024
 
@@ -70,6 +73,10 @@ EVENT_KINDS = (
     "update_committed",
     "update_failed",
     "rolled_back",
+    "shadow_started",
+    "shadow_failed",
+    "shadow_completed",
+    "shadow_stopped",
     "source_lost",
     "source_restored",
     "ota_disabled",
@@ -319,10 +326,86 @@ def reply_payload(
     }
 
 
+def _bundle_fields(data: Mapping[str, Any], *, what: str) -> dict[str, Any]:
+    """``{"sha256", "name", "version", "url"}`` from a desired state's ``bundle`` object."""
+    bundle = data.get("bundle")
+    if not isinstance(bundle, Mapping):
+        raise ProtocolError(f"{what}: 'bundle' must be an object with a sha256")
+    fields: dict[str, Any] = {"sha256": check_sha256(bundle.get("sha256"))}
+    for key in ("name", "version", "url"):
+        value = bundle.get(key, "")
+        if not isinstance(value, str):
+            raise ProtocolError(f"{what}: bundle.{key} must be a string")
+        fields[key] = value
+    return fields
+
+
+def _bundle_payload(sha256: str, name: str, version: str, url: str) -> dict[str, str]:
+    bundle = {"sha256": sha256, "name": name, "version": version}
+    if url:
+        bundle["url"] = url
+    return bundle
+
+
+def _check_url(url: str, what: str) -> None:
+    if url and not url.startswith(("http://", "https://")):
+        raise ProtocolError(f"{what} {url!r}: expected http:// or https://")
+
+
+@dataclass(frozen=True)
+class ShadowSpec:
+    """A candidate bundle the device runs in shadow beside the serving one (the desired
+    state's ``shadow``): fetched and verified as an update, never served. ``frames``: how many
+    frames the operator wants compared (``edgectl shadow --frames``); the shadow goes on after
+    them until it is withdrawn. ``deployment`` tells one request from the next (a failed shadow
+    is not retried for the same one)."""
+
+    sha256: str
+    name: str = ""
+    version: str = ""
+    url: str = ""
+    frames: int = DEFAULT_SHADOW_FRAMES
+    deployment: str = ""
+
+    def __post_init__(self) -> None:
+        check_sha256(self.sha256)
+        _check_url(self.url, "desired shadow url")
+        if isinstance(self.frames, bool) or not isinstance(self.frames, int) or self.frames < 1:
+            raise ProtocolError(f"desired: shadow.frames {self.frames!r}: expected an integer >= 1")
+
+    @classmethod
+    def from_payload(cls, data: Any) -> ShadowSpec:
+        if not isinstance(data, Mapping):
+            raise ProtocolError("desired: 'shadow' must be an object with a bundle")
+        frames = data.get("frames", DEFAULT_SHADOW_FRAMES)
+        deployment = data.get("deployment", "")
+        if not isinstance(deployment, str):
+            raise ProtocolError("desired: shadow.deployment must be a string")
+        return cls(
+            **_bundle_fields(data, what="desired: shadow"), frames=frames, deployment=deployment
+        )
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "bundle": _bundle_payload(self.sha256, self.name, self.version, self.url),
+            "frames": self.frames,
+            "deployment": self.deployment,
+        }
+
+    def as_desired(self) -> Desired:
+        """The update-shaped request the updater fetches and verifies it by (the anti-rollback
+        floor does not apply: a shadow is never served)."""
+        return Desired(
+            sha256=self.sha256, name=self.name, version=self.version, url=self.url,
+            allow_downgrade=True, deployment=self.deployment,
+        )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Desired:
     """The model a device should run (``desired`` topics). ``allow_downgrade`` lets the version
-    go below the device's anti-rollback floor (what ``edgectl rollback`` sets)."""
+    go below the device's anti-rollback floor (what ``edgectl rollback`` sets); ``shadow``, a
+    candidate to run beside it without serving it (``edgectl shadow``)."""
 
     sha256: str
     name: str = ""
@@ -330,42 +413,36 @@ class Desired:
     url: str = ""
     allow_downgrade: bool = False
     deployment: str = ""
+    shadow: ShadowSpec | None = None
 
     def __post_init__(self) -> None:
         check_sha256(self.sha256)
-        if self.url and not self.url.startswith(("http://", "https://")):
-            raise ProtocolError(f"desired url {self.url!r}: expected http:// or https://")
+        _check_url(self.url, "desired url")
 
     @classmethod
     def from_payload(cls, data: Mapping[str, Any]) -> Desired:
-        bundle = data.get("bundle")
-        if not isinstance(bundle, Mapping):
-            raise ProtocolError("desired: 'bundle' must be an object with a sha256")
-        fields: dict[str, Any] = {"sha256": check_sha256(bundle.get("sha256"))}
-        for key in ("name", "version", "url"):
-            value = bundle.get(key, "")
-            if not isinstance(value, str):
-                raise ProtocolError(f"desired: bundle.{key} must be a string")
-            fields[key] = value
+        fields = _bundle_fields(data, what="desired")
         allow = data.get("allow_downgrade", False)
         if not isinstance(allow, bool):
             raise ProtocolError("desired: allow_downgrade must be true or false")
         deployment = data.get("deployment", "")
         if not isinstance(deployment, str):
             raise ProtocolError("desired: deployment must be a string")
-        return cls(**fields, allow_downgrade=allow, deployment=deployment)
+        raw = data.get("shadow")
+        shadow = None if raw is None else ShadowSpec.from_payload(raw)
+        return cls(**fields, allow_downgrade=allow, deployment=deployment, shadow=shadow)
 
     def to_payload(self, *, ts: float) -> dict[str, Any]:
-        bundle = {"sha256": self.sha256, "name": self.name, "version": self.version}
-        if self.url:
-            bundle["url"] = self.url
-        return {
+        payload = {
             "schema": SCHEMA_VERSION,
-            "bundle": bundle,
+            "bundle": _bundle_payload(self.sha256, self.name, self.version, self.url),
             "allow_downgrade": self.allow_downgrade,
             "deployment": self.deployment,
             "ts": ts,
         }
+        if self.shadow is not None:
+            payload["shadow"] = self.shadow.to_payload()
+        return payload
 
 
 def reported_payload(
@@ -378,11 +455,14 @@ def reported_payload(
     history: list[Mapping[str, Any]],
     ts: float,
     ota: Mapping[str, Any] | None = None,
+    shadow: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``update`` is the last update attempt: ``{"sha256", "version", "state", "reason",
     "deployment"}`` with state one of downloading, verifying, health_check, committed, failed,
     rolled_back. ``ota`` is ``{"enabled", "reason"}``: whether this device follows updates, and
-    why not (no trusted keys, or ``[ota] enabled = false``)."""
+    why not (no trusted keys, or ``[ota] enabled = false``). ``shadow``: the shadow model's
+    state (``{"sha256", "version", "state", "reason", "deployment", "frames", "agreement"}``),
+    None when there is none."""
     return {
         "schema": SCHEMA_VERSION,
         "device": device,
@@ -390,6 +470,7 @@ def reported_payload(
         "bundle_sha256": bundle_sha256,
         "update": dict(update) if update else None,
         "ota": dict(ota) if ota else {"enabled": True, "reason": None},
+        "shadow": dict(shadow) if shadow else None,
         "floor": floor,
         "history": [dict(h) for h in history],
         "ts": ts,
@@ -472,6 +553,17 @@ _PCTL = {
     "properties": {"p50": _NUM_OR_NULL, "p95": _NUM_OR_NULL, "p99": _NUM_OR_NULL},
 }
 _SEQ = {"type": "integer", "minimum": 0}
+_BUNDLE = {
+    "type": "object",
+    "required": ["sha256"],
+    "properties": {
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "name": {"type": "string"},
+        "version": {"type": "string"},
+        "url": {"type": "string"},
+    },
+}
+_SHADOW_STATES = ["loading", "running", "failed", "stopped"]
 _SCHEMA = {"const": SCHEMA_VERSION}
 
 SCHEMAS: dict[str, dict[str, Any]] = {
@@ -589,6 +681,32 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                     "drift": {"type": ["object", "null"]},
                 },
             },
+            "shadow": {
+                "type": "object",
+                "required": ["state", "sha256", "frames", "agreement", "errors", "nans"],
+                "properties": {
+                    "state": {"enum": _SHADOW_STATES},
+                    "sha256": {"type": "string"},
+                    "model": _MODEL,
+                    "deployment": {"type": "string"},
+                    "reason": _STR_OR_NULL,
+                    "metric": _STR_OR_NULL,
+                    "target_frames": {"type": "integer"},
+                    "frames": {"type": "integer"},
+                    "agreement": _NUM_OR_NULL,
+                    "disagreements": {"type": "integer"},
+                    "offered": {"type": "integer"},
+                    "skipped_busy": {"type": "integer"},
+                    "skipped_budget": {"type": "integer"},
+                    "errors": {"type": "integer"},
+                    "nans": {"type": "integer"},
+                    "latency_ms": _PCTL,
+                    "serving_latency_ms": _PCTL,
+                    "latency_ratio": _NUM_OR_NULL,
+                    "share": _NUM_OR_NULL,
+                    "max_share": _NUM,
+                },
+            },
         },
     },
     "event": {
@@ -637,18 +755,18 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "required": ["schema", "bundle"],
         "properties": {
             "schema": _SCHEMA,
-            "bundle": {
-                "type": "object",
-                "required": ["sha256"],
-                "properties": {
-                    "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-                    "name": {"type": "string"},
-                    "version": {"type": "string"},
-                    "url": {"type": "string"},
-                },
-            },
+            "bundle": _BUNDLE,
             "allow_downgrade": {"type": "boolean"},
             "deployment": {"type": "string"},
+            "shadow": {
+                "type": ["object", "null"],
+                "required": ["bundle"],
+                "properties": {
+                    "bundle": _BUNDLE,
+                    "frames": {"type": "integer", "minimum": 1},
+                    "deployment": {"type": "string"},
+                },
+            },
             "ts": _NUM,
         },
     },
@@ -683,6 +801,18 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "ota": {
                 "type": "object",
                 "properties": {"enabled": {"type": "boolean"}, "reason": _STR_OR_NULL},
+            },
+            "shadow": {
+                "type": ["object", "null"],
+                "properties": {
+                    "sha256": {"type": "string"},
+                    "version": {"type": "string"},
+                    "state": {"enum": _SHADOW_STATES},
+                    "reason": _STR_OR_NULL,
+                    "deployment": {"type": "string"},
+                    "frames": {"type": "integer"},
+                    "agreement": _NUM_OR_NULL,
+                },
             },
             "floor": _STR_OR_NULL,
             "history": {"type": "array", "items": {"type": "object"}},

@@ -42,7 +42,6 @@ orders them.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import shutil
@@ -56,6 +55,7 @@ from typing import Any
 import edge_agent
 from edge_agent.common.hashing import sha256_file
 from edge_agent.common.semver import version_key
+from edge_agent.common.slots import put_latest
 from edge_agent.errors import BundleError, EdgeError, ModelError, UpdateError
 from edge_agent.fleet.health import HealthProbe, HealthVerdict, bundle_latency_ms, top_fraction
 from edge_agent.fleet.protocol import (
@@ -131,6 +131,7 @@ class Updater:
         self.busy = threading.Event()
         self._jobs: queue.Queue[_Job] = queue.Queue(maxsize=1)  # only the newest request matters
         self._stop = threading.Event()
+        self._fetching = threading.Lock()  # one bundle transfer at a time (update or shadow)
         self._thread = threading.Thread(target=self._run, name="edge-ota", daemon=True)
 
     def start(self) -> None:
@@ -143,13 +144,7 @@ class Updater:
 
     def _submit(self, job: _Job) -> None:
         """Replace whatever waits (a flood of commands holds one job, not a queue of them)."""
-        while True:
-            try:
-                self._jobs.put_nowait(job)
-                return
-            except queue.Full:
-                with contextlib.suppress(queue.Empty):
-                    self._jobs.get_nowait()
+        put_latest(self._jobs, job)
 
     def request(self, desired: Desired, *, origin: str = "desired") -> None:
         self._submit(_Job("update", desired=desired, origin=origin))
@@ -227,9 +222,9 @@ class Updater:
         )
         self._state(desired, "downloading")
         try:
-            path = self._fetch(desired)
-            self._state(desired, "verifying")
-            manifest = self._verify(path, desired)
+            path, manifest = self.fetch_verified(
+                desired, on_fetched=lambda: self._state(desired, "verifying")
+            )
         except (UpdateError, BundleError, EdgeError) as exc:
             self._fail(desired, f"{exc}", kind="update_failed")
             return
@@ -310,7 +305,24 @@ class Updater:
         self.event(kind, reason=reason, sha256=desired.sha256, version=desired.version, **details)
         self._state(desired, "rolled_back" if kind == "rolled_back" else "failed", reason)
 
-    def _fetch(self, desired: Desired) -> Path:
+    def fetch_verified(
+        self,
+        desired: Desired,
+        *,
+        cancel: threading.Event | None = None,
+        on_fetched: Callable[[], None] | None = None,
+    ) -> tuple[Path, dict[str, Any]]:
+        """Steps 1 and 2 (fetch, then verify: hashes, signature, compatibility, the floor) of
+        ``desired``'s bundle: its path and manifest, or UpdateError / BundleError. The shadow
+        (``edge_agent.shadow``) fetches its candidate through here too, from its own thread:
+        one transfer at a time (the MQTT chunk fetcher follows one bundle)."""
+        with self._fetching:
+            path = self._fetch(desired, cancel or self._stop)
+            if on_fetched is not None:
+                on_fetched()
+            return path, self._verify(path, desired)
+
+    def _fetch(self, desired: Desired, cancel: threading.Event) -> Path:
         kept = self.store.bundle_path(desired.sha256)
         if kept is not None:
             return kept
@@ -331,7 +343,7 @@ class Updater:
             return Path(path)
         if self.fetch_mqtt is None:
             raise UpdateError("no route to the bundle: no url in the desired state and no broker")
-        return self.fetch_mqtt(desired.sha256, self._stop)
+        return self.fetch_mqtt(desired.sha256, cancel)
 
     def _verify(self, path: Path, desired: Desired) -> dict[str, Any]:
         from edge_agent.model.bundle import verify_bundle
