@@ -171,7 +171,7 @@ def _to_frame(output: dict[str, Any], roi: tuple[int, int, int, int]) -> dict[st
 CAPTURE_NICENESS = 10
 
 
-def _lower_priority(niceness: int = CAPTURE_NICENESS) -> None:
+def lower_priority(niceness: int = CAPTURE_NICENESS) -> None:
     """Let the runtime's threads win the cores: onnxruntime synchronises its threads at every
     operator, so a decode that preempts one of them stalls them all. A nicer capture thread
     decodes in the gaps instead (the shadow thread too, nicer still: ``edge_agent.shadow``).
@@ -499,7 +499,7 @@ class Pipeline:
         if self._cores is not None:
             _pin_thread(self._cores[0])
         else:
-            _lower_priority()
+            lower_priority()
         try:
             while not self._stop.is_set():
                 self.heartbeat_mono = time.monotonic()
@@ -538,7 +538,7 @@ class Pipeline:
         the motion gate skips it."""
         tally = self._tallies[name]
         if not getattr(self._niced, "done", False):  # each reader once: nicer than inference
-            _lower_priority()
+            lower_priority()
             self._niced.done = True
         with self._tally_lock:
             self.frames += 1
@@ -578,7 +578,7 @@ class Pipeline:
         assert streams is not None
         order = 0
         checked = 0.0
-        _lower_priority()
+        lower_priority()
         try:
             while not self._stop.is_set():
                 self.heartbeat_mono = time.monotonic()

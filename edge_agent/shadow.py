@@ -47,7 +47,7 @@ from edge_agent.errors import EdgeError
 from edge_agent.fleet.protocol import ShadowSpec
 from edge_agent.model.agreement import frame_agreement
 from edge_agent.model.loader import LoadedModel
-from edge_agent.pipeline import _lower_priority  # the capture thread's, with its own niceness
+from edge_agent.pipeline import lower_priority  # the capture thread's, nicer still
 from edge_agent.stats import LatencyHistogram
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class ShadowRunner:
     # --- the shadow thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        _lower_priority(SHADOW_NICENESS)
+        lower_priority(SHADOW_NICENESS)
         while True:
             item = self._slot.get()
             if item is _STOP or self._stopped.is_set():
