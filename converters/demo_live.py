@@ -1,6 +1,7 @@
 """The live half of ``make demo``: a loopback MQTT broker, the agent on a generated digits video,
-live telemetry in the terminal, a second model version rolled out with ``edgectl rollout``, and
-everything the report needs.
+live telemetry in the terminal, a second model version tried in shadow and then rolled out with
+``edgectl rollout --require-shadow``, the low-confidence frames the agent captured collected with
+``edgectl collect``, and everything the report needs.
 
 The broker is Mosquitto when it is installed, else amqtt (pure Python, MQTT 3.1.1: the agent and
 edgectl fall back to it), so the demo needs nothing from apt.
@@ -51,6 +52,8 @@ class LiveRun:
     events: list[dict[str, Any]] = field(default_factory=list)
     swap_ts: float | None = None
     rollout_output: str = ""
+    collect_output: str = ""
+    samples: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     agent_exit: int | None = None
 
@@ -92,8 +95,11 @@ class _Watch:
                 self._print(payload)
             elif kind == "events":
                 self.run.events.append(payload)
-                print(f"  event: {payload.get('kind')} {payload.get('reason') or ''}".rstrip(),
-                      flush=True)  # fmt: skip
+                d = payload.get("details") or {}
+                said = f" agreement {d['agreement']} over {d.get('frames')} frames" if (
+                    d.get("agreement") is not None) else ""  # fmt: skip
+                print(f"  event: {payload.get('kind')}{said} {payload.get('reason') or ''}"
+                      .rstrip(), flush=True)  # fmt: skip
 
     def _print(self, t: dict[str, Any]) -> None:
         p, s = t.get("pipeline", {}), t.get("system", {})
@@ -155,6 +161,11 @@ interval = 1.0
 [ota]
 health_window = 3.0
 health_min_frames = 20
+
+[capture]
+low_confidence = 0.9
+disagreement = true
+max_per_minute = 20
 """
     )
     return cfg
@@ -186,9 +197,13 @@ def run_live(
         agent = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         try:
             time.sleep(before_s)
+            # the candidate runs in shadow on the canary first, never served, and the
+            # rollout goes on only when it agrees with the serving model on 95 % of 60 frames
             rollout = [str(bin_dir / "edgectl"), "--broker", mq.url, "rollout", str(v2),
                        "--group", GROUP, "--canary", "100", "--wait", "30s",
-                       "--max-failures", "0", "--public-key", str(pub)]  # fmt: skip
+                       "--max-failures", "0", "--public-key", str(pub),
+                       "--require-shadow", "0.95", "--frames", "60",
+                       "--shadow-timeout", "60s"]  # fmt: skip
             print("$ " + " ".join(rollout[0:1] + rollout[3:]), flush=True)
             res = subprocess.run(rollout, capture_output=True, text=True, timeout=120)
             run.rollout_output = (res.stdout + res.stderr).strip()
@@ -197,6 +212,15 @@ def run_live(
             if res.returncode != 0:
                 print(f"  edgectl rollout exited {res.returncode}", flush=True)
             time.sleep(after_s)
+            # the low-confidence frames the agent kept ([capture]), from the broker
+            collect = [str(bin_dir / "edgectl"), "--broker", mq.url, "collect", "--out",
+                       str(out / "samples"), "--device", DEVICE, "--idle", "3s",
+                       "--duration", "20s"]  # fmt: skip
+            print("$ " + " ".join(collect[0:1] + collect[3:]), flush=True)
+            res = subprocess.run(collect, capture_output=True, text=True, timeout=60)
+            run.collect_output = (res.stdout + res.stderr).strip()
+            for line in run.collect_output.splitlines()[-3:]:
+                print(f"  {line}", flush=True)
         finally:
             agent.send_signal(signal.SIGTERM)
             try:
@@ -207,6 +231,9 @@ def run_live(
             time.sleep(0.5)  # the last results in flight
             watch.close()
             log.close()
+    index = out / "samples" / "samples.jsonl"
+    if index.exists():
+        run.samples = [json.loads(line) for line in index.read_text().splitlines() if line]
     summary = out / "agent-summary.json"
     if summary.exists():
         run.summary = json.loads(summary.read_text())

@@ -99,6 +99,7 @@ def write_report(
         )
     else:
         lines.append("- **No swap happened**: see `agent.log` and the rollout output below.")
+    lines += _shadow_and_samples(live)
     lines += [
         "",
         "![per-stage latency](latency-histograms.png)",
@@ -115,3 +116,36 @@ def write_report(
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _shadow_and_samples(live: Any) -> list[str]:
+    """The loop's other half: the candidate's shadow agreement before it served, and the
+    low-confidence frames the agent captured for the next training round."""
+    done = [e for e in live.events if e.get("kind") == "shadow_completed"]
+    lines = ["", "## Shadow, then samples", ""]
+    if done:
+        d = done[-1].get("details") or {}
+        lines.append(
+            f"- The candidate ran in shadow on the canary before serving a frame: agreement "
+            f"{d.get('agreement')} with the serving model over {d.get('frames')} frames "
+            f"(`edgectl rollout --require-shadow 0.95 --frames 60`; the rollout went on only "
+            "because it held)."
+        )
+    else:
+        lines.append("- **No shadow completed**: see the rollout output below and `agent.log`.")
+    samples = list(live.samples)
+    lines.append(
+        f"- Samples collected by `edgectl collect` into `samples/` (frames the serving model was "
+        f"less than 90 % sure of, `[capture] low_confidence = 0.9`): {len(samples)}."
+    )
+    if samples:
+        lines += ["", "| sample | reasons | model | class | score |", "|---|---|---|---:|---:|"]
+        for one in samples[:6]:
+            out = one.get("output") or {}
+            model = one.get("model") or {}
+            lines.append(
+                f"| ![](samples/{one['file']}) | {', '.join(one.get('reasons') or [])} | "
+                f"{model.get('version', '?')} | {out.get('class', '-')} | "
+                f"{float(out.get('score') or 0.0):.2f} |"
+            )
+    return lines

@@ -91,6 +91,13 @@ def test_plots_are_real_pngs_and_the_report_names_the_swap(tmp_path: Path) -> No
         summary: ClassVar[dict[str, int]] = {"dropped": 0, "inference_errors": 0, "swaps": 1}
         agent_exit = 0
         rollout_output = "rollout of m 1.1.0 to demo: 1 devices committed"
+        events: ClassVar[list[dict[str, Any]]] = [
+            {"kind": "shadow_completed", "details": {"agreement": 0.983, "frames": 60}}
+        ]
+        samples: ClassVar[list[dict[str, Any]]] = [
+            {"file": "images/demo-1-abc.jpg", "reasons": ["low_confidence"],
+             "model": {"version": "1.0.0"}, "output": {"class": 7, "score": 0.61}}
+        ]  # fmt: skip
 
     rep = {
         "size_bytes": {"original": 100_000, "converted": 26_000},
@@ -102,6 +109,8 @@ def test_plots_are_real_pngs_and_the_report_names_the_swap(tmp_path: Path) -> No
     assert "| int8 | 25.4 | 0.1000 | 98.90 |" in text
     assert "sequence gaps: 0" in text and "1.0x the median frame gap" in text
     assert "dropped frames: 0" in text and "1 devices committed" in text
+    assert "agreement 0.983 with the serving model over 60 frames" in text
+    assert "| ![](samples/images/demo-1-abc.jpg) | low_confidence | 1.0.0 | 7 | 0.61 |" in text
     assert (tmp_path / "latency-histograms.png").exists() and (tmp_path / "fps.png").exists()
     json.dumps(swap_accounting(rows))  # the accounting is plain data
     assert np.isfinite(h).all()
