@@ -165,8 +165,11 @@ def _raising_model(path: Path) -> Path:
     return path
 
 
-def _serve(env: dict[str, Any], tmp: Path, shadow: LoadedModel | None) -> tuple[list[Any], Any]:
-    """The 120-frame digits video through the digits bundle, with or without a shadow."""
+def _serve(
+    env: dict[str, Any], tmp: Path, shadow: LoadedModel | None, sampler: Any = None
+) -> tuple[list[Any], Any]:
+    """The 120-frame digits video through the digits bundle, with or without a shadow (and
+    a ``[capture]`` sampler it reports disagreements to)."""
     profile = load_profile("x86-64")
     model = load_model(
         env["root"] / "digits-1.0.0.edgebundle", profile=profile, state_dir=tmp,
@@ -180,7 +183,7 @@ def _serve(env: dict[str, Any], tmp: Path, shadow: LoadedModel | None) -> tuple[
     )  # fmt: skip
     if shadow is not None:
         spec = ShadowSpec(sha256=SHA, frames=10)
-        runner = ShadowRunner(shadow, spec=spec, max_share=1.0)
+        runner = ShadowRunner(shadow, spec=spec, max_share=1.0, sampler=sampler)
         runner.start()
         pipe.shadow = runner.offer
     try:
@@ -247,6 +250,41 @@ def candidates(
     )  # fmt: skip
     assert code == 0
     return {"agrees": agrees, "disagrees": root / "disagrees.edgebundle"}
+
+
+def test_frames_the_shadow_disagrees_on_become_samples(
+    candidates: dict[str, Path], fleet_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """``[capture] disagreement``: the frames where a candidate trained on shuffled labels and
+    the serving model differ are kept as samples, with both outputs, and only those."""
+    from edge_agent.config import CaptureSection
+    from edge_agent.fleet.capture import Sampler
+    from edge_agent.fleet.samples import SampleStore
+
+    store = SampleStore(tmp_path / "samples", max_bytes=2**24)
+    sampler = Sampler(
+        CaptureSection(disagreement=True, max_per_minute=0, max_per_hour=0, max_per_day=0),
+        store=store, device="cam-1", state_path=tmp_path / "capture.json", queue_size=1000,
+    )  # fmt: skip
+    sampler.start()
+    shadow = load_model(
+        candidates["disagrees"], profile=load_profile("x86-64"), state_dir=tmp_path,
+        trusted_keys=load_trusted_keys([fleet_env["pub"]]), threads=1,
+    )  # fmt: skip
+    try:
+        _, runner = _serve(fleet_env, tmp_path / "run", shadow, sampler)
+        snap = runner.snapshot()
+        wait_until(lambda: len(store) >= snap["disagreements"], timeout=10,
+                   what="the samples written")  # fmt: skip
+    finally:
+        sampler.stop()
+        shadow.close()
+    assert snap["frames"] >= 5 and snap["disagreements"] > 0.5 * snap["frames"], snap
+    metas = [store.load(i)[0] for i in store.ids()]  # type: ignore[index]
+    assert len(metas) == snap["disagreements"]
+    for meta in metas:
+        assert meta["reasons"] == ["disagreement"]
+        assert meta["shadow_output"]["class"] != meta["output"]["class"]
 
 
 def _agent(broker: Broker, env: dict[str, Any], tmp: Path, name: str, **kw: Any) -> AgentProcess:
