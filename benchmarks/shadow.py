@@ -6,7 +6,8 @@ serving one) loaded with one thread and run by ``edge_agent.shadow.ShadowRunner`
 its budget allows. Runs of the same length are alternated (without, with, …); each reports the
 serving results per second and the exact p99 of capture-to-result latency over the run (from
 every result's own latency, not the telemetry histogram), and the
-shadow's frames, agreement and share. The result is the median pair's ratio.
+shadow's frames, agreement and share. The fps result is the median pair's ratio; the p99 one
+compares the p99 of all the runs' results pooled, with and without.
 
 Writes ``benchmarks/results/shadow.json`` and ``shadow.md``; exits 1 when a target (serving fps
 and p99 within 10 % of no shadow) is missed.
@@ -73,6 +74,7 @@ def _run(model: Any, shadow_model: Any, seconds: float) -> dict[str, Any]:
         "seconds": round(wall, 3),
         "fps": round(results / wall, 2),
         "p99_ms": None if p99 is None else round(p99, 3),
+        "latencies_ms": latencies,  # pooled by bench(), not written out
     }
     if runner is not None:
         runner.stop()
@@ -82,7 +84,7 @@ def _run(model: Any, shadow_model: Any, seconds: float) -> dict[str, Any]:
     return out
 
 
-def bench(*, seconds: float = 10.0, pairs: int = 3) -> dict[str, Any]:
+def bench(*, seconds: float = 10.0, pairs: int = 5) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         path = tmp / "resnet.onnx"
@@ -96,8 +98,14 @@ def bench(*, seconds: float = 10.0, pairs: int = 3) -> dict[str, Any]:
         model.close()
         shadow_model.close()
     fps_ratios = [on["fps"] / off["fps"] for off, on in runs]
-    p99_ratios = [on["p99_ms"] / off["p99_ms"] for off, on in runs]
-    fps_ratio, p99_ratio = statistics.median(fps_ratios), statistics.median(p99_ratios)
+    # p99 over every result of all the runs of a kind: one run's p99 is its 3rd-worst result,
+    # which one stall of this shared machine decides; pooled, each side's p99 rests on ~15
+    # results
+    pooled = {
+        kind: float(np.percentile([x for pair in runs for x in pair[i].pop("latencies_ms")], 99))
+        for i, kind in enumerate(("without", "with"))
+    }
+    fps_ratio, p99_ratio = statistics.median(fps_ratios), pooled["with"] / pooled["without"]
     result: dict[str, Any] = {
         "benchmark": "shadow",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -107,6 +115,7 @@ def bench(*, seconds: float = 10.0, pairs: int = 3) -> dict[str, Any]:
         "seconds_per_run": seconds,
         "runs": [{"without": off, "with": on} for off, on in runs],
         "fps_ratio": round(fps_ratio, 4),
+        "p99_pooled_ms": {k: round(v, 3) for k, v in pooled.items()},
         "p99_ratio": round(p99_ratio, 4),
     }
     result["targets"] = [
@@ -136,7 +145,10 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {i} | {off['fps']} | {off['p99_ms']} | {on['fps']} | {on['p99_ms']} | "
             f"{on['shadow_frames']} | {on['share']} |"
         )
-    lines.append(f"| median ratio | | | **{r['fps_ratio']}** | **{r['p99_ratio']}** | | |")
+    pooled = r["p99_pooled_ms"]
+    lines.append(f"| all runs | | {pooled['without']} | | {pooled['with']} | | |")
+    lines.append(f"| ratio (fps: median of pairs; p99: of all runs) | | | **{r['fps_ratio']}** | "
+                 f"**{r['p99_ratio']}** | | |")  # fmt: skip
     lines += targets_markdown(r["targets"])
     return "\n".join(lines) + "\n"
 
@@ -145,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=5)
     args = parser.parse_args(argv)
     result = bench(seconds=args.seconds, pairs=args.pairs)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ to a :class:`ShadowRunner`; a desired state without ``shadow`` stops and unloads
     inference worker: Pipeline._outcome -> ShadowRunner.offer(frame, output, raw, inference ns)
                       budget? slot free? -> the one-slot hand-off (else dropped and counted)
                                 │
-    edge-shadow thread (nicer than the capture thread): prepare -> infer -> postprocess
+    edge-shadow thread (SCHED_IDLE: only on a core that would idle): prepare -> infer -> postprocess
                       -> frame_agreement(serving output, shadow output) -> counters, histograms
                       -> Sampler.disagreement (``[capture] disagreement``) when they differ
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -52,7 +53,8 @@ from edge_agent.stats import LatencyHistogram
 
 log = logging.getLogger(__name__)
 
-#: How much nicer than the inference threads the shadow thread runs (the capture thread: 10).
+#: How much nicer than the inference threads the shadow thread runs where SCHED_IDLE is missing
+#: (the capture thread: 10).
 SHADOW_NICENESS = 15
 _STOP = object()
 
@@ -65,6 +67,17 @@ class _Offer:
     raw: list[np.ndarray]
     stream: str | None
     serving: Mapping[str, str]
+
+
+def idle_priority() -> None:
+    """The calling thread (the shadow's) runs only when a core would otherwise idle: Linux's
+    SCHED_IDLE, which any ordinary thread preempts at once (nice 19 still gets a share, and a
+    wake-up of the serving model's threads can wait behind it). Needs no privilege. Where it
+    is missing: niceness ``SHADOW_NICENESS``."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
+    except (AttributeError, OSError):
+        lower_priority(SHADOW_NICENESS)
 
 
 class ShadowRunner:
@@ -145,7 +158,7 @@ class ShadowRunner:
     # --- the shadow thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        lower_priority(SHADOW_NICENESS)
+        idle_priority()
         while True:
             item = self._slot.get()
             if item is _STOP or self._stopped.is_set():
