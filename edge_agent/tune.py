@@ -22,6 +22,7 @@ and used by every later start without loading the model twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -246,6 +247,17 @@ def _tune(
     return model, plan
 
 
+def release_memory() -> None:
+    """Give the heap a closed model freed back to the system (glibc keeps freed memory for
+    reuse otherwise: trying three plans at start would leave the agent ~50 MB larger)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class OnlineTuner:
     """The plan measured at start without delaying the first result: the pipeline serves from
     its first frame with the rule's plan while this thread loads the same model for each other
@@ -254,7 +266,8 @@ class OnlineTuner:
     time); the fastest is kept serving and cached. A plan that meets a quiet source (a gated
     scene, a lost camera) waits for frames for up to ``patience`` seconds, then the tuning ends
     with the plan serving then, and nothing cached. An update swapped in by somebody else
-    (``expect``) ends it too; the tuner closes only the models it loaded and got back."""
+    (``expect``) ends it too; the tuner closes only the models it got back from its own swaps,
+    and never holds more than two models at once (the best plan is loaded again at the end)."""
 
     def __init__(
         self,
@@ -314,22 +327,15 @@ class OnlineTuner:
         return None if p50 is None else -float(p50)
 
     def _run(self) -> None:
-        pipe = self.pipeline
-        serving = pipe.model
-        held: dict[tuple[int, int], Any] = {}  # models loaded here, not serving now
         scores: dict[tuple[int, int], float] = {}
+        self._serving = self.pipeline.model
         plan = (self.current.threads, self.current.workers)
         try:
             for candidate in self.plans:
                 if candidate != plan:
-                    model = held.pop(candidate, None) or self.open_plan(*candidate)
-                    try:
-                        old = pipe.swap_model(model, expect=serving, plan_change=True)
-                    except Exception:  # an update came first: it owns the pipeline now
-                        model.close()
+                    if not self._switch(candidate):
                         return
-                    held[plan], serving, plan = old, model, candidate
-                    pipe.set_workers(candidate[1])
+                    plan = candidate
                 score = self._measure()
                 if score is None:
                     log.info("plan: tuning ended, no traffic to measure (keeping %dx%d)",
@@ -339,14 +345,8 @@ class OnlineTuner:
                 log.info("plan: tried %d worker(s) x %d thread(s): %s", candidate[1],
                          max(1, candidate[0] // candidate[1]), self._say(score))  # fmt: skip
             best = max(scores, key=lambda k: scores[k])
-            if best != plan:
-                model = held.pop(best)
-                try:
-                    held[plan] = pipe.swap_model(model, expect=serving, plan_change=True)
-                except Exception:
-                    model.close()
-                    return
-                pipe.set_workers(best[1])
+            if best != plan and not self._switch(best):  # loaded again: two models at most
+                return
             score = scores[best]
             self.result = Plan(
                 best[0], best[1], how="tuned", mode=self.mode,
@@ -357,9 +357,22 @@ class OnlineTuner:
                 self.on_done(self.result)
         except Exception as exc:  # the pipeline goes on with the plan it serves
             log.warning("plan: tuning failed (%s); keeping the plan serving", exc)
-        finally:
-            for model in held.values():
-                model.close()
+
+    def _switch(self, plan: tuple[int, int]) -> bool:
+        """The model loaded for ``plan`` serving in place of the one the tuner last put in (or
+        found), which it closes: never more than two loaded at once (a device's memory). False
+        when somebody else (an update) swapped meanwhile: the tuning ends, touching nothing."""
+        model = self.open_plan(*plan)
+        try:
+            old = self.pipeline.swap_model(model, expect=self._serving, plan_change=True)
+        except Exception:
+            model.close()
+            return False
+        self._serving = model
+        old.close()
+        release_memory()
+        self.pipeline.set_workers(plan[1])
+        return True
 
     def _say(self, score: float) -> str:
         if self.mode == "throughput":
