@@ -17,7 +17,6 @@ of a core) is missed.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.convert import RESULTS, _cpu_name, targets_markdown
+from benchmarks.convert import RESULTS, _cpu_name, save_results, targets_markdown
 from converters import zoo
 from edge_agent.config import CaptureSection
 from edge_agent.fleet.capture import Sampler
@@ -156,12 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=3)
     args = parser.parse_args(argv)
     result = bench(seconds=args.seconds, pairs=args.pairs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "capture.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (args.out / "capture.md").write_text(md)
-    print(md)
-    return 0 if all(t["met"] for t in result["targets"]) else 1
+    return save_results(args.out, "capture", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -573,6 +573,16 @@ def targets_markdown(targets: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def save_results(out: Path, name: str, result: dict[str, Any], markdown: str) -> int:
+    """``out/NAME.json`` and ``out/NAME.md``, the table printed; the exit code (1: a target
+    missed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)
+    return 0 if all(t["met"] is not False for t in result["targets"]) else 1
+
+
 def digits_files(tmp: Path) -> tuple[Path, Path, Path]:
     """The trained digits CNN (.onnx), its calibration and its labelled eval split (.npz)."""
     cnn, data = zoo.train_digits_cnn()

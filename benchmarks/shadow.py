@@ -16,7 +16,6 @@ and p99 within 10 % of no shadow) is missed.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.convert import RESULTS, _cpu_name, targets_markdown
+from benchmarks.convert import RESULTS, _cpu_name, save_results, targets_markdown
 from converters import zoo
 from edge_agent.fleet.protocol import ShadowSpec
 from edge_agent.io import open_source
@@ -160,12 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=5)
     args = parser.parse_args(argv)
     result = bench(seconds=args.seconds, pairs=args.pairs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "shadow.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (args.out / "shadow.md").write_text(md)
-    print(md)
-    return 0 if all(t["met"] for t in result["targets"]) else 1
+    return save_results(args.out, "shadow", result, markdown(result))
 
 
 if __name__ == "__main__":
