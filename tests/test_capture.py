@@ -449,3 +449,45 @@ def test_checkout_env_puts_this_checkout_first() -> None:
     assert out.stdout.strip() == str(
         Path(__file__).resolve().parents[1] / "edge_agent" / "__init__.py"
     )
+
+
+def test_an_evicted_sample_half_sent_leaves_nothing_retained(tmp_path: Path) -> None:
+    """A sample evicted (or purged) while its chunks were going out: the outbox clears the
+    chunks already on the broker with empty retained payloads (no meta will ever point to
+    them), then goes on with the next sample; a deferred clear is sent again."""
+    from edge_agent.fleet import protocol
+    from edge_agent.fleet.samples import SampleOutbox, SampleStore
+
+    store = SampleStore(tmp_path / "samples", max_bytes=2**20)
+    topics = protocol.Topics("cam-1")
+
+    def add(n: int) -> str:
+        data = bytes([n]) * 5000
+        sample_id = f"{1_800_000_000_000_000 + n:016d}-abcdef"
+        meta = protocol.sample_meta_payload(
+            device="cam-1", sample_id=sample_id, kind="npy", reasons=["random"],
+            capture_ts=1.8e9, stream=None, frame=n, model=None, output={}, data=data,
+            chunk_size=1024, shape=[5000],
+        )  # fmt: skip
+        assert store.add(meta, data)
+        return sample_id
+
+    first, second = add(1), add(2)
+    box = SampleOutbox(store, topics)
+    sent = box.take(2)
+    assert [k for k, _, _ in sent] == [(first, 0), (first, 1)]
+    for key, _, _ in sent:
+        box.acked(key)
+    assert store.progress(first) == 2
+    store.remove(first, delivered=False)  # evicted (or purged) before its meta went out
+    out = box.take(2)
+    assert {(k, t, p) for k, t, p in out} == {
+        (("clear", first, i), topics.sample_chunk(first, i), b"") for i in (0, 1)
+    }
+    box.retry(out[0][0])  # the broker deferred one: it goes again
+    box.acked(out[1][0])
+    again = box.take(2)
+    assert again[0] == out[0] and again[1][0] == (second, 0)
+    box.acked(again[0][0])
+    assert box.cleared == 2
+    assert all(k[0] == second for k, _, _ in box.take(10))  # nothing more to clear

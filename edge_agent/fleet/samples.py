@@ -20,7 +20,9 @@ message (with every chunk's sha256) on ``.../meta`` once every chunk is acknowle
 collector that sees a meta finds the chunks on the broker. The acknowledged chunks of the
 current sample are written to ``<id>.sent``: after a restart it resumes at the next chunk. A
 sample leaves the store when its meta is acknowledged. ``edgectl collect`` assembles, checks and
-writes each sample once, then clears its retained messages.
+writes each sample once, then clears its retained messages. A sample that leaves the store
+undelivered while it was being sent (evicted, purged) has its retained chunks cleared by the
+outbox (empty retained payloads) before the next sample goes.
 """
 
 from __future__ import annotations
@@ -236,12 +238,24 @@ class SampleOutbox:
         self._acked: set[int] = set()  # chunk indices acknowledged (-1: the meta)
         self._sent: set[int] = set()  # sent on this connection, not acknowledged yet
         self.rejected = 0
+        #: retained chunks of a sample that left the store undelivered (evicted, purged) while
+        #: it was being sent: cleared with empty retained payloads, so the broker keeps nothing
+        #: that no meta will ever point to
+        self._clear: set[tuple[str, int]] = set()
+        self._clearing: set[tuple[str, int]] = set()  # sent, not acknowledged yet
+        self.cleared = 0
 
     def reset(self) -> None:
         """A new connection: what was in flight is sent again."""
         self._sent.clear()
+        self._clear |= self._clearing
+        self._clearing.clear()
 
     def _load_current(self) -> bool:
+        if self._current is not None and self._current not in self.store.ids():
+            # gone undelivered while being sent: its chunks on the broker go too
+            self._clear |= {(self._current, i) for i in self._acked | self._sent if i >= 0}
+            self._current = self._meta = None
         while True:
             sample_id = self.store.oldest()
             if sample_id is None:
@@ -262,7 +276,14 @@ class SampleOutbox:
     def take(self, room: int) -> list[tuple[Any, str, bytes]]:
         """Up to ``room`` messages to publish now: ``(key, topic, payload)``, retained, QoS 1."""
         out: list[tuple[Any, str, bytes]] = []
-        if room <= 0 or not self._load_current():
+        if room <= 0:
+            return out
+        has_sample = self._load_current()
+        while self._clear and len(out) < room:
+            gone, i = self._clear.pop()
+            self._clearing.add((gone, i))
+            out.append((("clear", gone, i), self.topics.sample_chunk(gone, i), b""))
+        if not has_sample:
             return out
         meta, sample_id = self._meta, self._current
         assert meta is not None and sample_id is not None
@@ -284,6 +305,10 @@ class SampleOutbox:
     def acked(self, key: Any, *, ok: bool = True) -> None:
         """The broker acknowledged ``key`` (``ok=False``: it refused it for good, e.g. not
         authorized: the sample is dropped rather than sent forever)."""
+        if key[0] == "clear":
+            self._clearing.discard(key[1:])
+            self.cleared += ok
+            return
         sample_id, index = key
         if sample_id != self._current:
             return
@@ -305,7 +330,10 @@ class SampleOutbox:
 
     def retry(self, key: Any) -> None:
         """The broker deferred ``key``: send it again."""
-        if key[0] == self._current:
+        if key[0] == "clear":
+            self._clearing.discard(key[1:])
+            self._clear.add(key[1:])
+        elif key[0] == self._current:
             self._sent.discard(key[1])
 
 
