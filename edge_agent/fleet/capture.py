@@ -136,6 +136,7 @@ class Sampler:
         self._recent: deque[float] = deque()  # when samples were chosen (24 h)
         self._classes: dict[str, deque[float]] = {}
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._switch = threading.Lock()  # capture --off vs a sample being stored
         self._thread = threading.Thread(target=self._run, name="edge-capture", daemon=True)
         self._on = True
         self._load_state()
@@ -189,8 +190,10 @@ class Sampler:
 
     def set_enabled(self, on: bool, *, purge: bool = False) -> dict[str, Any]:
         """``edgectl capture --on|--off [--purge]``: takes effect at once (the next frame), and
-        frames chosen but not yet stored are discarded; kept across restarts."""
-        self._on = bool(on)
+        frames chosen but not yet stored are discarded (one being encoded too); kept across
+        restarts."""
+        with self._switch:
+            self._on = bool(on)
         discarded = 0
         if not on:
             while True:
@@ -350,9 +353,12 @@ class Sampler:
             capture_ts=capture_ts, stream=stream, frame=index, model=model, output=output,
             data=blob, chunk_size=self.chunk_size, shape=shape, extra=extra,
         )  # fmt: skip
-        if not self.store.add(meta, blob):
-            self.stats.too_large += 1
-            return
+        with self._switch:  # not after an --off --purge that came while it was encoded
+            if not self._on:
+                return
+            if not self.store.add(meta, blob):
+                self.stats.too_large += 1
+                return
         self.stats.captured += 1
         self._save_state()
 
