@@ -85,7 +85,9 @@ def test_int8_conv_nets_with_bn_residuals_depthwise_grouped(
     assert report["fidelity"]["top1_agreement"] >= 0.9
     assert report["size_bytes"]["converted"] < 0.45 * report["size_bytes"]["original"]
     assert report["accuracy"]["original"] is None  # no labels given
-    assert report["float_nodes"] == []
+    # every weighted op in int8; the nodes without weights may stay float where the speed point
+    # (converters.convert._with_budget) measured that faster on this CPU
+    assert only_speed_floats(report), report["float_nodes"]
     assert len(report["candidates"]) >= 2 and sum(c["chosen"] for c in report["candidates"]) == 1
     ops = _op_types(out)
     assert ops & {"QLinearConv", "QuantizeLinear", "ConvInteger"}, ops
@@ -240,7 +242,17 @@ def test_budget_keeps_sensitive_nodes_in_float(cli: Any, tmp_path: Path) -> None
     )  # fmt: skip
     assert r.code == 0, r.err
     loose = json.loads(rep2.read_text())
-    assert loose["float_nodes"] == [] and loose["fidelity"]["cosine"] < 0.99
+    assert only_speed_floats(loose) and loose["fidelity"]["cosine"] < 0.99
+
+
+def only_speed_floats(report: dict[str, Any]) -> bool:
+    """No weighted op kept float: the float nodes (if any) are the speed point's, none of them
+    a Conv, Gemm or MatMul."""
+    return all(
+        n["reason"].startswith("no learned weights: kept float for speed")
+        and n["op_type"] not in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+        for n in report["float_nodes"]
+    )
 
 
 def test_budget_failure_exits_3_and_writes_nothing(cli: Any, digits: Any, tmp_path: Path) -> None:
