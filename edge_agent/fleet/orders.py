@@ -145,9 +145,7 @@ class OrderGuard:
     def enforcing(self) -> bool:
         return bool(self.keys)
 
-    def check(
-        self, payload: Mapping[str, Any], *, scope: str, target: str, order: str
-    ) -> Accepted:
+    def check(self, payload: Mapping[str, Any], *, scope: str, target: str, order: str) -> Accepted:
         """Accepted, or OrderRefused naming why; ``(scope, target, order)``: where it arrived
         (``protocol.order_target`` of its topic)."""
         what = f"{order} for {scope} {target}"

@@ -360,14 +360,14 @@ class OrderEnvelope:
             return None
         if not isinstance(raw, Mapping):
             raise ProtocolError(f"{what}: 'signed' must be an object")
-        strings = {}
         for key in ("key", "scope", "target", "order", "signature"):
-            value = raw.get(key)
-            if not isinstance(value, str):
+            if not isinstance(raw.get(key), str):
                 raise ProtocolError(f"{what}: signed.{key} must be a string")
-            strings[key] = value
-        numbers = {k: _int_field(raw, k, what) for k in ("serial", "issued", "expires")}
-        return cls(**strings, **numbers)
+        return cls(
+            key=raw["key"], scope=raw["scope"], target=raw["target"], order=raw["order"],
+            serial=_int_field(raw, "serial", what), issued=_int_field(raw, "issued", what),
+            expires=_int_field(raw, "expires", what), signature=raw["signature"],
+        )  # fmt: skip
 
     def header(self) -> dict[str, Any]:
         return {
