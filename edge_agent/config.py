@@ -363,8 +363,19 @@ class OtaSection:
     )
     max_bundle_mb: float = _doc("Largest bundle accepted.", default=512.0)
     ca_file: str = _doc("CA certificate for https:// bundle URLs ('' = the system's).", default="")
+    allowed_hosts: tuple[str, ...] = _doc(
+        "Hosts an unsigned order's bundle URL may name ([] = any host, as before). A signed "
+        "order ([fleet] operator_keys) may name any host.",
+        default=(),
+    )
 
     def __post_init__(self) -> None:
+        for host in self.allowed_hosts:
+            if not host or "/" in host or ":" in host.strip("[]"):
+                raise ConfigError(
+                    f"config: [ota] allowed_hosts: {host!r}: expected a bare host name "
+                    "(no scheme, port or path)"
+                )
         keys = ("health_window", "transfer_timeout", "max_bundle_mb", "latency_budget")
         _at_least("ota", self, 0, *keys, strict=True)
         if not 0 <= self.max_error_rate <= 1:
@@ -489,6 +500,18 @@ class ShadowSection:
 
 
 @dataclass(frozen=True)
+class FleetSection:
+    """Who may give this device orders (desired states and commands; docs/security.md)."""
+
+    operator_keys: tuple[str, ...] = _doc(
+        "Operator public keys (.pub files or directories of them) an order must be signed by. "
+        "Set: unsigned, expired, replayed, mis-targeted or unknown-key orders are refused. "
+        "Empty: orders are accepted unsigned (as before), and the agent says so at start.",
+        default=(),
+    )
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -502,6 +525,7 @@ class AgentConfig:
     ota: OtaSection = field(default_factory=OtaSection)
     capture: CaptureSection = field(default_factory=CaptureSection)
     shadow: ShadowSection = field(default_factory=ShadowSection)
+    fleet: FleetSection = field(default_factory=FleetSection)
     #: ``[[sources]]``: several named streams served by one model (instead of ``[source]``)
     sources: tuple[StreamSection, ...] = ()
     path: str = ""
@@ -544,6 +568,7 @@ _SECTION_CLASSES: dict[str, type] = {
     "ota": OtaSection,
     "capture": CaptureSection,
     "shadow": ShadowSection,
+    "fleet": FleetSection,
 }
 
 

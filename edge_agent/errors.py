@@ -19,7 +19,10 @@
     │   └── IntegrityError         an artifact's size or sha256 does not match the manifest
     ├── BrokerError                the MQTT broker refused us (CONNACK reason) or cannot be reached
     ├── ProtocolError              a topic part or payload that breaks the fleet protocol (also a
-    │                              ``ValueError``; raised by ``edge_agent.fleet.protocol``)
+    │   │                          ``ValueError``; raised by ``edge_agent.fleet.protocol``)
+    │   └── OrderRefused           an order (desired state, command) refused by the device:
+    │                              unsigned, unknown key, bad signature, mis-targeted, expired,
+    │                              replayed, or a URL off ``[ota] allowed_hosts``
     ├── UpdateError                an over-the-air update that cannot go ahead: download, transfer,
     │                              compatibility, anti-rollback or health window (names the cause)
     ├── RolloutAborted             ``edgectl rollout`` stopped: too many devices failed
@@ -168,6 +171,10 @@ class ProtocolError(EdgeError, ValueError):
     """A topic part or payload that breaks the fleet protocol (the message names what)."""
 
 
+class OrderRefused(ProtocolError):
+    """An order the device refused (``edge_agent.fleet.orders``); the message is the reason."""
+
+
 class UpdateError(EdgeError):
     """An over-the-air update that cannot go ahead: the download or transfer failed, the bundle
     does not suit this device, its version is below the anti-rollback floor, or it failed the
@@ -231,6 +238,7 @@ __all__ = [
     "IntegrityError",
     "ModelError",
     "NoAnswer",
+    "OrderRefused",
     "ProfileError",
     "ProtocolError",
     "RolloutAborted",

@@ -8,6 +8,7 @@ source into its sinks (JSONL, stdout). With ``--broker`` / ``[mqtt] broker`` it 
   with a Will, all through the on-disk spool so nothing is lost while offline;
 - answers commands (``cmd/ping|update|rollback|reload``) and follows its desired state
   (device-twin pattern) with health-gated over-the-air updates (``edge_agent.fleet.updater``);
+  with ``[fleet] operator_keys``, only orders signed by one of them (``edge_agent.fleet.orders``);
 - on a finite source, exits 0 only after the spool has drained, or after
   ``[mqtt] flush_timeout`` seconds, saying how many messages stay spooled for the next run.
 
@@ -30,7 +31,14 @@ from typing import Any
 
 import edge_agent
 from edge_agent.common.urls import redact_uri
-from edge_agent.errors import AgentExit, ConfigError, EdgeError, ProtocolError, UpdateError
+from edge_agent.errors import (
+    AgentExit,
+    ConfigError,
+    EdgeError,
+    OrderRefused,
+    ProtocolError,
+    UpdateError,
+)
 from edge_agent.fleet import protocol
 from edge_agent.fleet.protocol import Desired, Topics
 
@@ -75,6 +83,8 @@ class Service:
         self.sampler: Any = None  # [capture]: edge_agent.fleet.capture.Sampler
         self.shadow: Any = None  # edge_agent.shadow.ShadowController, with OTA
         self.uploader: Any = None
+        self.orders: Any = None  # edge_agent.fleet.orders.OrderGuard, with MQTT
+        self._refusals_said: set[str] = set()  # order_refused said once per payload
 
     # --- start-up ----------------------------------------------------------------------------
 
@@ -185,6 +195,13 @@ class Service:
             self._start_shadow()
             self.event("agent_started", version=edge_agent.__version__, profile=self.profile.name)
             self.event("model_loaded", model=model.identity, format=model.format)
+            if not self.orders.enforcing:
+                why = (
+                    "no [fleet] operator_keys: orders (desired states, commands) are accepted "
+                    "unsigned; whoever may publish to this device's topics commands it"
+                )
+                log.warning("orders: %s", why)
+                self.event("orders_unsigned", reason=why)
             if recovered is not None:
                 self.event(
                     "rolled_back",
@@ -340,6 +357,7 @@ class Service:
             key_file=m.key_file,
         )
         self.spool = Spool(state_dir / "spool.sqlite", max_bytes=int(m.spool_max_mb * 2**20))
+        self.orders = self._order_guard(state_dir)
         subs = [self.topics.commands]
         if self.config.ota.enabled:
             subs.append(self.topics.desired)
@@ -354,6 +372,46 @@ class Service:
             on_connect=self._on_connect,
         )
         self.system = SystemProbe(state_dir=state_dir)
+
+    def _order_guard(self, state_dir: Path) -> Any:
+        """``[fleet] operator_keys``: who may give orders. Keys that are listed but cannot be
+        loaded stop the agent (a config error): it must never fall back to unsigned orders."""
+        from edge_agent.fleet.orders import LEDGER_FILE, OrderGuard, SerialLedger
+        from edge_agent.model.keys import load_trusted_keys
+
+        listed = self.config.fleet.operator_keys
+        hosts = self.config.ota.allowed_hosts
+        if not listed:
+            return OrderGuard(keys={}, ledger=None, allowed_hosts=hosts)
+        try:
+            keys = load_trusted_keys(listed)
+        except ConfigError as exc:
+            raise ConfigError(f"config: [fleet] operator_keys: {exc}") from None
+        log.info("orders: signed by %s only", ", ".join(sorted(keys)))
+        return OrderGuard(keys=keys, ledger=SerialLedger(state_dir / LEDGER_FILE),
+                          allowed_hosts=hosts)  # fmt: skip
+
+    def _check_order(self, topic: str, data: Mapping[str, Any]) -> None:
+        """OrderRefused unless the guard lets this order through where it arrived."""
+        aimed = protocol.order_target(topic, prefix=self.config.mqtt.topic_prefix)
+        if aimed is None:
+            raise OrderRefused(f"{topic}: not an order topic")
+        scope, target, order = aimed
+        self.orders.check(data, scope=scope, target=target, order=order)
+
+    def _order_refused(self, topic: str, payload: bytes, exc: OrderRefused) -> None:
+        """One ``order_refused`` event per refused payload (a retained one comes again on
+        every reconnect; a flood of copies says it once)."""
+        import hashlib
+
+        digest = hashlib.sha256(topic.encode() + b"\0" + payload).hexdigest()
+        if digest in self._refusals_said:
+            return
+        if len(self._refusals_said) > 1000:
+            self._refusals_said.clear()
+        self._refusals_said.add(digest)
+        log.warning("order refused on %s: %s", topic, exc)
+        self.event("order_refused", reason=str(exc), topic=topic)
 
     def _start_updater(self) -> None:
         if not self.config.ota.enabled:
@@ -561,6 +619,8 @@ class Service:
             assert self.topics is not None
             self.link.stop(final=(self.topics.status, protocol.dumps(self._status("stopped"))))
             self.spool.close()
+            if self.orders is not None and self.orders.ledger is not None:
+                self.orders.ledger.close()
         for sink in self.sinks:
             sink.close()
         self.pipeline.model.close()
@@ -766,7 +826,12 @@ class Service:
             return
         try:
             data = protocol.loads(msg.payload, what=f"{msg.topic}")
-            self._desired[msg.topic] = Desired.from_payload(data)
+            desired = Desired.from_payload(data)
+            self._check_order(msg.topic, data)
+            self._desired[msg.topic] = desired
+        except OrderRefused as exc:  # nothing changes: the previous desired state stands
+            self._order_refused(msg.topic, bytes(msg.payload), exc)
+            return
         except ProtocolError as exc:
             now = time.monotonic()
             if now - self._last_bad_desired > 60.0:  # a flood must not fill the spool
@@ -819,6 +884,15 @@ class Service:
                 )
             data = protocol.loads(msg.payload or b"{}", what=f"command {name}")
             request_id = data.get("id")
+            try:
+                self._check_order(msg.topic, data)
+            except OrderRefused as exc:  # answered on the fixed reply topic, never one it names
+                self._order_refused(msg.topic, bytes(msg.payload or b""), exc)
+                reply = protocol.reply_payload(
+                    name, ok=False, request_id=request_id, error=str(exc)
+                )
+                self.link.send(self.topics.reply(name), protocol.dumps(reply))
+                return
             result = self._command(name, data)
             reply = protocol.reply_payload(name, ok=True, request_id=request_id, result=result)
         except (ProtocolError, UpdateError, EdgeError) as exc:

@@ -3,7 +3,10 @@
 ::
 
     edgectl [--broker URL] [--prefix edge] [--username U --password-file F]
-            [--ca-file F --cert-file F --key-file F] COMMAND ...
+            [--ca-file F --cert-file F --key-file F]
+            [--operator-key FILE [--operator-key-passphrase-file F] [--order-ttl DURATION]]
+            COMMAND ...
+    edgectl keygen --out DIR [--passphrase-file F] [--force]
     edgectl publish BUNDLE [--chunk-size BYTES] [--public-key KEY]
     edgectl deploy BUNDLE (--device ID | --group NAME) [--url URL]
     edgectl rollout BUNDLE --group NAME --canary PCT --wait DURATION --max-failures PCT
@@ -24,6 +27,10 @@ Nothing but the broker is central: bundles are stored on it as retained chunks
 retained status and telemetry. ``watch`` and ``export`` take ``--share GROUP`` to use an MQTT 5
 shared subscription (``$share/GROUP/edge/+/telemetry``), so several instances split a large
 fleet between them.
+
+With ``--operator-key FILE`` (or ``$EDGECTL_OPERATOR_KEY``) every order edgectl publishes (a
+desired state, a command) is signed for its topic (``edgectl.signer``); devices with ``[fleet]
+operator_keys`` refuse anything else. ``keygen`` makes such a key pair.
 
 Exit codes: 0 ok, 1 internal error, 2 bad input, 3 a rollout aborted (canaries failed, or their
 shadow did not agree enough) or a device reported a failed update, 4 the bundle failed
@@ -60,6 +67,8 @@ from edge_agent.fleet import protocol
 from edge_agent.fleet.protocol import Desired, ShadowSpec, Topics
 
 PROG = "edgectl"
+#: The commands that publish orders (desired states, commands): they need the operator key.
+SENDS_ORDERS = frozenset(("deploy", "rollout", "rollback", "shadow", "ping", "capture"))
 
 log = logging.getLogger(PROG)
 
@@ -129,6 +138,11 @@ class Client:
         self._mqtt = mqtt
         self._client_id = client_id or f"edgectl-{uuid.uuid4().hex[:10]}"
         self._password = self.settings.password(what="--password-file")
+        from edgectl.signer import OrderSigner
+
+        self.signer = OrderSigner.from_args(args)
+        if self.signer is not None and getattr(args, "command", "") in SENDS_ORDERS:
+            self.signer.key()  # a bad key or passphrase: said before the broker is reached
         self.protocol = "5"
         self._build(mqtt.MQTTv5)
 
@@ -198,6 +212,11 @@ class Client:
     def publish(
         self, topic: str, payload: bytes, *, retain: bool = False, properties: Any = None
     ) -> Any:
+        """Publish QoS 1; an order (a desired state, a command) is signed first when we hold an
+        operator key, whichever command sends it."""
+        if self.signer is not None and payload and protocol.order_target(topic, prefix=self.prefix):
+            order = protocol.loads(payload, what=topic, limit=1 << 20)
+            payload = protocol.dumps(self.signer.sign(topic, order, prefix=self.prefix))
         info = self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
         if info.rc != 0:
             raise BrokerError(
@@ -412,9 +431,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca-file")
     parser.add_argument("--cert-file")
     parser.add_argument("--key-file")
+    parser.add_argument(
+        "--operator-key", metavar="FILE",
+        help="sign every order with this operator key (default: $EDGECTL_OPERATOR_KEY)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--operator-key-passphrase-file", metavar="FILE",
+        help="the encrypted operator key's passphrase (default: asked on the terminal)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--order-ttl", type=parse_duration, metavar="DURATION",
+        help="signed orders expire after this (default: 1h desired states, 5m commands)",
+    )  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    p = sub.add_parser("keygen", help="write an operator key pair (signs orders)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--passphrase-file", metavar="FILE", help="encrypt the private key with this")
+    p.add_argument("--force", action="store_true", help="overwrite an existing key pair")
 
     p = sub.add_parser("publish", help="store a bundle on the broker as retained chunks")
     p.add_argument("bundle", type=Path)
@@ -551,6 +587,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return CtlExit.INTERNAL
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from edge_agent.fleet.mqtt import read_secret
+    from edge_agent.model.keys import OPERATOR_KEY_STEM, generate_keypair, key_id, load_public_key
+
+    passphrase = (
+        read_secret(args.passphrase_file, what="--passphrase-file").encode()
+        if args.passphrase_file
+        else None
+    )
+    private, public = generate_keypair(
+        args.out, overwrite=args.force, stem=OPERATOR_KEY_STEM, passphrase=passphrase
+    )
+    print(f"wrote {private} (private{', encrypted' if passphrase else ''}, mode 0600: "
+          "keep it with the operator: edgectl --operator-key)")  # fmt: skip
+    print(f"wrote {public} (public: list it in the devices' [fleet] operator_keys)")
+    print(f"key id {key_id(load_public_key(public))}")
+    return CtlExit.OK
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -1048,6 +1103,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "keygen": cmd_keygen,
     "publish": cmd_publish,
     "deploy": cmd_deploy,
     "rollout": cmd_rollout,

@@ -27,6 +27,11 @@ per-device ``seq`` that only grows, kept across restarts (one counter per stream
 ``telemetry``, ``events``), so consumers drop duplicates by ``(device, stream, seq)``: delivery is
 at least once.
 
+Orders (desired states and commands) may carry a ``"signed"`` envelope (:class:`OrderEnvelope`):
+an Ed25519 signature by an operator key over :func:`canonical` of the order, its target, a
+serial that only grows per target, an issue time and an expiry. Devices with ``[fleet]
+operator_keys`` refuse orders without a valid one (``edge_agent.fleet.orders``).
+
 Device ids and group names are one topic level: letters, digits, ``-``, ``_`` and ``.``, at most
 64 characters (:func:`check_name`); AWS IoT Core allows 7 levels below the root, and the deepest
 topic here has 5 (``edge/<device>/cmd/<name>/reply``).
@@ -83,8 +88,20 @@ EVENT_KINDS = (
     "plan_tuned",
     "drift",
     "spool_full",
+    "order_refused",
+    "orders_unsigned",
     "error",
 )
+
+#: Where an order is aimed (:class:`OrderEnvelope`'s ``scope``).
+ORDER_SCOPES = ("device", "group")
+#: Default lifetime of a signed desired state and of a signed command, seconds.
+DESIRED_TTL_S = 3600
+COMMAND_TTL_S = 300
+#: How far an order's issue time may lie ahead of the device's clock.
+MAX_CLOCK_SKEW_S = 300
+_KEY_ID = re.compile(r"^[0-9a-f]{16}$")
+_SIGNATURE = re.compile(r"^[A-Za-z0-9+/]{86}==$")  # base64 of 64 bytes
 
 
 def check_name(value: str, what: str = "device id") -> str:
@@ -254,12 +271,133 @@ def device_of(topic: str, *, prefix: str = DEFAULT_PREFIX) -> str | None:
     return None
 
 
+def order_target(topic: str, *, prefix: str = DEFAULT_PREFIX) -> tuple[str, str, str] | None:
+    """``(scope, target, order)`` of an order topic: ``("device", id, "desired")`` for
+    ``<prefix>/<id>/desired``, ``("group", g, "desired")`` for ``<prefix>/groups/<g>/desired``,
+    ``("device", id, name)`` for ``<prefix>/<id>/cmd/<name>``; None for any other topic."""
+    if not topic.startswith(prefix + "/"):
+        return None
+    parts = topic[len(prefix) + 1 :].split("/")
+    if len(parts) == 3 and parts[0] == "groups" and parts[2] == "desired":
+        return ("group", parts[1], "desired") if _NAME.match(parts[1]) else None
+    if not _NAME.match(parts[0]) or parts[0] in ("groups", "bundles", "edgectl"):
+        return None
+    if parts[1:] == ["desired"]:
+        return "device", parts[0], "desired"
+    if len(parts) == 3 and parts[1] == "cmd" and parts[2] in COMMANDS:
+        return "device", parts[0], parts[2]
+    return None
+
+
 # --- payloads -----------------------------------------------------------------------------
 
 
 def dumps(payload: Mapping[str, Any]) -> bytes:
     """Compact JSON, no NaN (not JSON; consumers choke on it)."""
     return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+
+
+def canonical(value: Any) -> bytes:
+    """The bytes an order's signature covers: JSON with sorted keys, no spaces, UTF-8 (not
+    ASCII-escaped), no NaN. Numbers as Python writes them (floats: shortest round-trip)."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def _int_field(data: Mapping[str, Any], key: str, what: str) -> int:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProtocolError(f"{what}: signed.{key} {value!r}: expected a whole number >= 0")
+    return value
+
+
+@dataclass(frozen=True)
+class OrderEnvelope:
+    """The ``"signed"`` object of a signed order. ``key``: the operator key's id
+    (``edge_agent.model.keys.key_id``); ``scope``/``target``/``order``: where it is aimed
+    (:func:`order_target` of the topic it must arrive on); ``serial``: grows per target (edgectl:
+    milliseconds since the epoch); ``issued``/``expires``: Unix seconds; ``signature``: base64 of
+    the Ed25519 signature over :meth:`signed_bytes`."""
+
+    key: str
+    scope: str
+    target: str
+    order: str
+    serial: int
+    issued: int
+    expires: int
+    signature: str = ""
+
+    def __post_init__(self) -> None:
+        what = "signed order"
+        if not isinstance(self.key, str) or not _KEY_ID.match(self.key):
+            raise ProtocolError(f"{what}: key {self.key!r}: expected a 16-hex-digit key id")
+        if self.scope not in ORDER_SCOPES:
+            raise ProtocolError(f"{what}: scope {self.scope!r}: expected 'device' or 'group'")
+        check_name(self.target, "signed order target")
+        if self.order != "desired" and self.order not in COMMANDS:
+            raise ProtocolError(
+                f"{what}: order {self.order!r}: expected 'desired' or one of {', '.join(COMMANDS)}"
+            )
+        if self.expires <= self.issued:
+            raise ProtocolError(f"{what}: expires {self.expires} is not after issued {self.issued}")
+        if self.signature and not _SIGNATURE.match(self.signature):
+            raise ProtocolError(f"{what}: signature: expected base64 of 64 bytes")
+
+    @property
+    def ledger_key(self) -> str:
+        """Whose serials this one is compared with: desired states and commands apart (a
+        retained desired state comes again on every reconnect; a command never does)."""
+        kind = "desired" if self.order == "desired" else "cmd"
+        return f"{self.scope}/{self.target}/{kind}"
+
+    @classmethod
+    def from_payload(cls, data: Mapping[str, Any], *, what: str) -> OrderEnvelope | None:
+        """The envelope of an order, None when it has none (an unsigned order)."""
+        raw = data.get("signed")
+        if raw is None:
+            return None
+        if not isinstance(raw, Mapping):
+            raise ProtocolError(f"{what}: 'signed' must be an object")
+        for key in ("key", "scope", "target", "order", "signature"):
+            if not isinstance(raw.get(key), str):
+                raise ProtocolError(f"{what}: signed.{key} must be a string")
+        return cls(
+            key=raw["key"], scope=raw["scope"], target=raw["target"], order=raw["order"],
+            serial=_int_field(raw, "serial", what), issued=_int_field(raw, "issued", what),
+            expires=_int_field(raw, "expires", what), signature=raw["signature"],
+        )  # fmt: skip
+
+    def header(self) -> dict[str, Any]:
+        return {
+            "key": self.key, "scope": self.scope, "target": self.target, "order": self.order,
+            "serial": self.serial, "issued": self.issued, "expires": self.expires,
+        }  # fmt: skip
+
+    def signed_bytes(self, body: Mapping[str, Any]) -> bytes:
+        """What the signature covers: :func:`canonical` of ``{"body": <the order without
+        "signed">, ...the header}``."""
+        return canonical({"body": order_body(body), **self.header()})
+
+    def to_payload(self) -> dict[str, Any]:
+        return {**self.header(), "signature": self.signature}
+
+
+def order_body(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """An order without its envelope."""
+    return {k: v for k, v in payload.items() if k != "signed"}
+
+
+def order_urls(payload: Mapping[str, Any]) -> list[str]:
+    """Every bundle URL an order names (its bundle's, its shadow's)."""
+    urls = []
+    for holder in (payload, payload.get("shadow")):
+        bundle = holder.get("bundle") if isinstance(holder, Mapping) else None
+        url = bundle.get("url") if isinstance(bundle, Mapping) else None
+        if isinstance(url, str) and url:
+            urls.append(url)
+    return urls
 
 
 def loads(data: bytes | str, *, what: str, limit: int = MAX_COMMAND_BYTES) -> dict[str, Any]:
@@ -564,6 +702,20 @@ _BUNDLE = {
     },
 }
 _SHADOW_STATES = ["loading", "running", "failed", "stopped"]
+_ORDER = {
+    "type": "object",
+    "required": ["key", "scope", "target", "order", "serial", "issued", "expires", "signature"],
+    "properties": {
+        "key": {"type": "string", "pattern": _KEY_ID.pattern},
+        "scope": {"enum": list(ORDER_SCOPES)},
+        "target": {"type": "string", "pattern": _NAME.pattern},
+        "order": {"enum": ["desired", *COMMANDS]},
+        "serial": {"type": "integer", "minimum": 0},
+        "issued": {"type": "integer", "minimum": 0},
+        "expires": {"type": "integer", "minimum": 0},
+        "signature": {"type": "string", "pattern": _SIGNATURE.pattern},
+    },
+}
 _SCHEMA = {"const": SCHEMA_VERSION}
 
 SCHEMAS: dict[str, dict[str, Any]] = {
@@ -734,6 +886,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "version": {"type": "string"},
             "enabled": {"type": "boolean"},
             "purge": {"type": "boolean"},
+            "signed": _ORDER,
         },
     },
     "reply": {
@@ -768,7 +921,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 },
             },
             "ts": _NUM,
+            "signed": _ORDER,
         },
+    },
+    "order_envelope": {
+        "title": "the 'signed' object of a desired state or a command (see 'Signed orders')",
+        **_ORDER,
     },
     "reported": {
         "title": "edge/<device>/reported (retained)",

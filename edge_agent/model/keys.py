@@ -1,8 +1,11 @@
-"""Ed25519 signing keys for bundles: generate, load, and identify them.
+"""Ed25519 signing keys, for bundles and for operator orders: generate, load, and identify them.
 
 The converter signs a bundle's manifest with a private key (PKCS#8 PEM, mode 0600); devices
 trust one or more public keys (SubjectPublicKeyInfo PEM, ``*.pub``). Trusting the old and the new
 public key at the same time is how keys are rotated. A key is named by :func:`key_id`.
+
+Operator keys (``edgectl keygen``, files ``edge-operator.key`` / ``.pub``) sign orders the same way
+(``edge_agent.fleet.orders``); their private key may be encrypted with a passphrase.
 
 Every failure is a :class:`~edge_agent.errors.ConfigError` naming the file.
 """
@@ -24,6 +27,8 @@ from edge_agent.errors import ConfigError, first_line
 
 PRIVATE_KEY_NAME = "edge-signing.key"
 PUBLIC_KEY_NAME = "edge-signing.pub"
+#: The file stem of an operator key pair (``edgectl keygen``).
+OPERATOR_KEY_STEM = "edge-operator"
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -49,14 +54,21 @@ def _write_new(directory: Path, name: str, data: bytes, mode: int) -> Path:
     return tmp
 
 
-def generate_keypair(out_dir: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
-    """Create ``out_dir/edge-signing.key`` (private, 0600) and ``out_dir/edge-signing.pub``.
+def generate_keypair(
+    out_dir: Path,
+    *,
+    overwrite: bool = False,
+    stem: str = "edge-signing",
+    passphrase: bytes | None = None,
+) -> tuple[Path, Path]:
+    """Create ``out_dir/<stem>.key`` (private, 0600; encrypted when a ``passphrase`` is given)
+    and ``out_dir/<stem>.pub``.
 
     Returns ``(private_path, public_path)``. Refuses to replace existing files unless
     ``overwrite``; both files appear together or not at all.
     """
     out_dir = Path(out_dir)
-    private_path, public_path = out_dir / PRIVATE_KEY_NAME, out_dir / PUBLIC_KEY_NAME
+    private_path, public_path = out_dir / f"{stem}.key", out_dir / f"{stem}.pub"
     if not overwrite:
         for path in (private_path, public_path):
             if path.exists() or path.is_symlink():
@@ -72,15 +84,17 @@ def generate_keypair(out_dir: Path, *, overwrite: bool = False) -> tuple[Path, P
     private_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption(),
     )
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     temps: list[Path] = []
     try:
-        temps.append(_write_new(out_dir, PRIVATE_KEY_NAME, private_pem, 0o600))
-        temps.append(_write_new(out_dir, PUBLIC_KEY_NAME, public_pem, 0o644))
+        temps.append(_write_new(out_dir, private_path.name, private_pem, 0o600))
+        temps.append(_write_new(out_dir, public_path.name, public_pem, 0o644))
         os.replace(temps[0], private_path)
         os.replace(temps[1], public_path)
     except OSError as exc:
@@ -102,17 +116,31 @@ def _read(path: Path, what: str) -> bytes:
         raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
 
 
-def load_private_key(path: Path | str) -> Ed25519PrivateKey:
-    """Load an unencrypted PKCS#8 PEM Ed25519 private key."""
+def private_key_encrypted(path: Path | str) -> bool:
+    """Whether a PEM private key file is encrypted (it then needs a passphrase)."""
+    return b"ENCRYPTED" in _read(Path(path), "private key").split(b"\n", 1)[0]
+
+
+def load_private_key(path: Path | str, *, passphrase: bytes | None = None) -> Ed25519PrivateKey:
+    """Load a PKCS#8 PEM Ed25519 private key (encrypted ones need their ``passphrase``)."""
     data = _read(Path(path), "private key")
     try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError as exc:  # cryptography raises TypeError for a key that needs a password
+        key = serialization.load_pem_private_key(data, password=passphrase)
+    except TypeError as exc:  # a key that needs a password, or a password for a plain key
+        if passphrase is None:
+            raise ConfigError(
+                f"{path}: the private key is encrypted and no passphrase was given; give one, "
+                "or an unencrypted PKCS#8 key (openssl pkcs8 -topk8 -nocrypt)"
+            ) from exc
+        raise ConfigError(f"{path}: the private key is not encrypted; give no passphrase") from exc
+    except ValueError as exc:
+        if passphrase is not None and b"ENCRYPTED" in data:
+            raise ConfigError(f"{path}: wrong passphrase for this private key") from exc
         raise ConfigError(
-            f"{path}: the private key is encrypted; give an unencrypted PKCS#8 key "
-            "(openssl pkcs8 -topk8 -nocrypt)"
+            f"{path}: not a PEM private key ({first_line(exc)}); expected an Ed25519 key from "
+            "generate_keypair"
         ) from exc
-    except (ValueError, UnsupportedAlgorithm) as exc:
+    except UnsupportedAlgorithm as exc:
         raise ConfigError(
             f"{path}: not a PEM private key ({first_line(exc)}); expected an Ed25519 key from "
             "generate_keypair"
@@ -169,6 +197,7 @@ def _kind(key: object) -> str:
 
 
 __all__ = [
+    "OPERATOR_KEY_STEM",
     "PRIVATE_KEY_NAME",
     "PUBLIC_KEY_NAME",
     "generate_keypair",
@@ -176,4 +205,5 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "load_trusted_keys",
+    "private_key_encrypted",
 ]

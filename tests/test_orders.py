@@ -1,0 +1,273 @@
+"""Signed orders (issue 16, point 1) against a real Mosquitto and real ``edge-agent`` processes:
+a deploy signed by ``edgectl`` with an encrypted operator key works end to end; unsigned,
+altered, expired, replayed, mis-targeted and unknown-key orders, a downgrade and a URL without a
+signature are each refused with an ``order_refused`` event and change nothing; the last serial
+survives a restart; without operator keys the agent says so and takes unsigned orders."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_agent.errors import OrderRefused
+from edge_agent.fleet import protocol
+from edge_agent.fleet.orders import OrderGuard, SerialLedger, sign_order
+from edge_agent.model.keys import generate_keypair, load_private_key, load_trusted_keys
+from tests.broker import Broker, Collector, broker_fixture  # noqa: F401
+from tests.fleet import (  # noqa: F401  (fleet_env_fixture: the `fleet_env` fixture)
+    EDGECTL,
+    AgentProcess,
+    agent_config,
+    checkout_env,
+    edgectl,
+    events,
+    fleet_env_fixture,
+    payloads,
+)
+
+DEVICE = "cam-1"
+TOPICS = protocol.Topics(DEVICE)
+PASSPHRASE = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def operator(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """An encrypted operator key pair made by ``edgectl keygen``, and a second, untrusted one."""
+    root = tmp_path_factory.mktemp("operator")
+    (root / "pass").write_text(PASSPHRASE + "\n")
+    run = edgectl("keygen", "--out", str(root / "op"), "--passphrase-file", str(root / "pass"),
+                  broker="mqtt://127.0.0.1:1")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert b"ENCRYPTED" in (root / "op" / "edge-operator.key").read_bytes()
+    other_key, _ = generate_keypair(root / "other", stem="edge-operator")
+    return {
+        "key_file": root / "op" / "edge-operator.key",
+        "pub": root / "op" / "edge-operator.pub",
+        "pass": root / "pass",
+        "key": load_private_key(root / "op" / "edge-operator.key", passphrase=PASSPHRASE.encode()),
+        "other": load_private_key(other_key),
+    }
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _config(broker: Broker, env: dict[str, Any], tmp: Path, *, fleet: str, ota: str = "") -> str:
+    return agent_config(
+        broker=broker.url, device=DEVICE, state_dir=tmp / "state",
+        model=env["root"] / "digits-1.0.0.edgebundle", keys=env["pub"],
+        source=f"file:{env['video']}?loop=1&live=1", mqtt_extra='groups = ["lobby"]',
+        extra=f"{ota}\n\n[fleet]\n{fleet}\n",
+    )  # fmt: skip
+
+
+def _online(consumer: Collector, agent: AgentProcess, after: int = 0) -> None:
+    def up(msgs: list[Any]) -> bool:
+        return any(e["kind"] == "agent_started" for e in events(msgs[after:]))
+
+    try:
+        consumer.wait_for(up, timeout=30)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; log: {agent.text()[-2000:]}") from None
+
+
+def _refused(consumer: Collector, *needles: str, timeout: float = 10.0) -> dict[str, Any]:
+    """The order_refused event whose reason holds every needle."""
+
+    def match(e: dict[str, Any]) -> bool:
+        return all(n in (e.get("reason") or "") for n in needles)
+
+    msgs = consumer.wait_for(lambda m: any(map(match, events(m, "order_refused"))), timeout)
+    return next(e for e in events(msgs, "order_refused") if match(e))
+
+
+def _signed(payload: dict[str, Any], key: Any, topic: str, **kw: Any) -> bytes:
+    scope, target, order = protocol.order_target(topic) or ("", "", "")
+    fields = {"scope": scope, "target": target, "order": order, "ttl": 60,
+              "serial": time.time_ns() // 1_000_000, "issued": int(time.time()), **kw}  # fmt: skip
+    return protocol.dumps(sign_order(payload, key=key, **fields))
+
+
+def _desired(sha: str, **kw: Any) -> dict[str, Any]:
+    return protocol.Desired(sha256=sha, **kw).to_payload(ts=time.time())
+
+
+def test_signed_orders_are_followed_and_every_bad_order_is_refused(
+    broker: Broker, fleet_env: dict[str, Any], operator: dict[str, Any], tmp_path: Path
+) -> None:
+    v100 = _sha(fleet_env["root"] / "digits-1.0.0.edgebundle")
+    v110 = fleet_env["root"] / "digits-1.1.0.edgebundle"
+    cfg = _config(broker, fleet_env, tmp_path, fleet=f'operator_keys = ["{operator["pub"]}"]',
+                  ota='allowed_hosts = ["127.0.0.1"]')  # fmt: skip
+    signed = ("--operator-key", str(operator["key_file"]),
+              "--operator-key-passphrase-file", str(operator["pass"]))  # fmt: skip
+    key, desired_topic = operator["key"], TOPICS.desired
+    with Collector(broker, [f"{TOPICS.base}/#"]) as consumer:
+        agent = AgentProcess(tmp_path, cfg).start()
+        try:
+            _online(consumer, agent)
+            # A deploy signed by edgectl (encrypted key, passphrase from a file) is followed.
+            run = edgectl(*signed, "deploy", str(v110), "--device", DEVICE, broker=broker.url)
+            assert run.returncode == 0, run.stderr
+
+            def committed(msgs: list[Any]) -> bool:
+                return any((r.get("update") or {}).get("state") == "committed"
+                           for r in payloads(msgs, "/reported"))  # fmt: skip
+
+            consumer.wait_for(committed, timeout=40)
+            assert not events(consumer.messages, "orders_unsigned")
+            retained = json.loads(
+                next(m.payload for m in consumer.messages if m.topic == desired_topic)
+            )
+            serial = retained["signed"]["serial"]
+
+            # Each attack: refused with a reason, nothing changes.
+            attacker = Collector(broker).connect()
+            try:
+                down = _desired(v100, version="1.0.0", allow_downgrade=True)
+                attacker.publish(desired_topic, protocol.dumps(down))
+                _refused(consumer, "unsigned", "allow_downgrade")
+                far = _desired(v100, url="http://evil.example/b.edgebundle")
+                attacker.publish(desired_topic, protocol.dumps(far))
+                _refused(consumer, "unsigned", "URL http://evil.example/b.edgebundle")
+                group = protocol.group_desired_topic("lobby")
+                attacker.publish(group, protocol.dumps(_desired(v100)))
+                _refused(consumer, "desired for group lobby: unsigned")
+                old = _signed(_desired(v100, allow_downgrade=True), key, desired_topic,
+                              serial=serial - 1)  # fmt: skip
+                attacker.publish(desired_topic, old)
+                _refused(consumer, "replayed", f"serial {serial - 1}")
+                expired = _signed(_desired(v100), key, desired_topic,
+                                  issued=int(time.time()) - 4000)  # fmt: skip
+                attacker.publish(desired_topic, expired)
+                _refused(consumer, "expired")
+                for_other = _signed(_desired(v100), key, protocol.Topics("cam-2").desired)
+                attacker.publish(desired_topic, for_other)
+                _refused(consumer, "mis-targeted", "device cam-2")
+                for_group = _signed(_desired(v100), key, group)
+                attacker.publish(desired_topic, for_group)
+                _refused(consumer, "mis-targeted", "group lobby")
+                stranger = _signed(_desired(v100), operator["other"], desired_topic)
+                attacker.publish(desired_topic, stranger)
+                _refused(consumer, "which is not trusted")
+                altered = json.loads(_signed(_desired(v100), key, desired_topic))
+                altered["allow_downgrade"] = True
+                attacker.publish(desired_topic, protocol.dumps(altered))
+                _refused(consumer, "bad signature")
+                # An unsigned command naming a response topic: refused, answered on the fixed
+                # reply topic (never on the topic it names).
+                from paho.mqtt.packettypes import PacketTypes
+                from paho.mqtt.properties import Properties
+
+                props = Properties(PacketTypes.PUBLISH)
+                props.ResponseTopic = protocol.Topics("cam-2").desired
+                attacker.publish(TOPICS.command("rollback"), b'{"schema":1,"id":"r1"}',
+                                 properties=props)  # fmt: skip
+                _refused(consumer, "rollback for device cam-1: unsigned")
+                replies = consumer.wait_for(
+                    lambda m: bool(payloads(m, "/cmd/rollback/reply")), timeout=10
+                )
+                reply = payloads(replies, "/cmd/rollback/reply")[-1]
+                assert reply["ok"] is False and "unsigned" in reply["error"], reply
+                ping = _signed({"schema": 1, "id": "p1"}, key, TOPICS.command("ping"))
+                attacker.publish(TOPICS.command("ping"), ping)
+                consumer.wait_for(lambda m: any(r.get("id") == "p1" and r["ok"]
+                                  for r in payloads(m, "/cmd/ping/reply")), timeout=10)  # fmt: skip
+            finally:
+                attacker.close()
+
+            # A signed ping from edgectl: the agent answers, and nothing has changed.
+            run = edgectl(*signed, "ping", DEVICE, broker=broker.url)
+            assert run.returncode == 0, run.stderr
+            reported = payloads(consumer.messages, "/reported")[-1]
+            assert reported["model"]["version"] == "1.1.0", reported
+            assert reported["update"]["state"] == "committed", reported
+            assert len(events(consumer.messages, "update_started")) == 1
+            assert agent.stop() == 0, agent.text()[-2000:]
+
+            # After a restart: the retained signed desired state is the same order (accepted
+            # again, quietly); the ping already seen is a replay.
+            seen = len(consumer.messages)
+            agent = AgentProcess(tmp_path, cfg, name="again").start()
+            _online(consumer, agent, after=seen)
+            attacker = Collector(broker).connect()
+            try:
+                attacker.publish(TOPICS.command("ping"), ping)
+            finally:
+                attacker.close()
+            _refused(consumer, "ping for device cam-1: replayed")
+            later = consumer.messages[seen:]
+            refused = [e["reason"] for e in events(later, "order_refused")]
+            assert not [r for r in refused if r.startswith("desired")], refused
+            assert payloads(later, "/reported")[-1]["model"]["version"] == "1.1.0"
+            assert not events(later, "update_started")
+            assert agent.stop() == 0, agent.text()[-2000:]
+        finally:
+            agent.kill()
+
+
+def test_without_operator_keys_orders_are_unsigned_but_allowed_hosts_hold(
+    broker: Broker, fleet_env: dict[str, Any], tmp_path: Path
+) -> None:
+    cfg = _config(broker, fleet_env, tmp_path, fleet="", ota='allowed_hosts = ["127.0.0.1"]')
+    v110 = _sha(fleet_env["root"] / "digits-1.1.0.edgebundle")
+    with Collector(broker, [f"{TOPICS.base}/#"]) as consumer, AgentProcess(tmp_path, cfg) as agent:
+        _online(consumer, agent)
+        said = consumer.wait_for(lambda m: bool(events(m, "orders_unsigned")), timeout=10)
+        assert "operator_keys" in events(said, "orders_unsigned")[0]["reason"]
+        run = edgectl("ping", DEVICE, broker=broker.url)  # unsigned, as before
+        assert run.returncode == 0, run.stderr
+        far = _desired(v110, url="http://evil.example/b.edgebundle")
+        consumer.publish(TOPICS.desired, protocol.dumps(far))
+        _refused(consumer, "'evil.example' is not in [ota] allowed_hosts")
+        assert not events(consumer.messages, "update_started")
+        assert agent.stop() == 0
+        assert (
+            "operator_keys: orders (desired states, commands) are accepted unsigned" in agent.text()
+        )
+
+
+def test_guard_refuses_orders_from_the_future_and_keeps_serials(
+    operator: dict[str, Any], tmp_path: Path
+) -> None:
+    """The ledger outlives the guard (a restart); a clock far behind the order refuses it."""
+    keys = load_trusted_keys([operator["pub"]])
+    topic = TOPICS.command("ping")
+    now = int(time.time())
+    order = json.loads(_signed({"schema": 1}, operator["key"], topic, serial=7, issued=now))
+    where = {"scope": "device", "target": DEVICE, "order": "ping"}
+    ledger = SerialLedger(tmp_path / "orders.sqlite")
+    behind = OrderGuard(keys=keys, ledger=ledger, clock=lambda: now - 3600)
+    with pytest.raises(OrderRefused, match="in the future"):
+        behind.check(order, **where)
+    assert OrderGuard(keys=keys, ledger=ledger).check(order, **where).serial == 7
+    ledger.close()
+    again = OrderGuard(keys=keys, ledger=SerialLedger(tmp_path / "orders.sqlite"))
+    with pytest.raises(OrderRefused, match="replayed: serial 7"):
+        again.check(order, **where)
+
+
+def test_edgectl_operator_key_errors_are_one_line(operator: dict[str, Any], tmp_path: Path) -> None:
+    """Read before the broker is reached: exit 2 and one line, with no terminal to ask on."""
+    bad = tmp_path / "bad"
+    bad.write_text("wrong\n")
+    for extra, needle in (
+        (("--operator-key-passphrase-file", str(bad)), "wrong passphrase"),
+        ((), "encrypted; give --operator-key-passphrase-file"),
+        (("--operator-key-passphrase-file", str(tmp_path / "none")), "none"),
+    ):
+        run = subprocess.run(
+            [EDGECTL, "--broker", "mqtt://127.0.0.1:1", "--operator-key",
+             str(operator["key_file"]), *extra, "ping", DEVICE],
+            capture_output=True, text=True, timeout=60, env=checkout_env(),
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert run.returncode == 2, run.stderr
+        assert needle in run.stderr and run.stderr.count("\n") == 1, run.stderr
