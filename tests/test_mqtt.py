@@ -759,3 +759,27 @@ def test_a_broker_without_trusted_keys_runs_with_ota_disabled(
         assert agent.stop() == 0
         seen.publish(topics.desired, b"", retain=True)  # leave no retained desired state behind
     assert "ota: disabled (no trusted keys in" in agent.text()
+
+
+def test_edgectl_names_its_password_over_plain_mqtt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import argparse
+
+    from edgectl.cli import Client
+
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    args = argparse.Namespace(
+        broker="mqtt://10.1.2.3:1883", username="ops", password_file=str(secret), ca_file=None,
+        cert_file=None, key_file=None, prefix="edge", operator_key=None,
+    )  # fmt: skip
+    with caplog.at_level("WARNING"):
+        Client(args)  # built, not connected
+    assert "the password travels unencrypted" in caplog.text and "s3cret" not in caplog.text
+    caplog.clear()
+    args.broker = "mqtt://127.0.0.1:1883"
+    with caplog.at_level("WARNING"):
+        Client(args)
+    assert "unencrypted" not in caplog.text

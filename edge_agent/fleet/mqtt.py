@@ -181,8 +181,9 @@ class BrokerSettings:
         if not what:
             return None
         return (
-            f"{self.safe_url} is plain MQTT to another host: {' and '.join(what)} travel "
-            "unencrypted and can be read or altered on the way; use mqtts://"
+            f"{self.safe_url} is plain MQTT to another host: {' and '.join(what)} "
+            f"{'travels' if len(what) == 1 else 'travel'} unencrypted and can be read or altered "
+            "on the way; use mqtts://"
         )
 
     def password(self, *, what: str = "[mqtt] password_file") -> str | None:
