@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 import sys
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,34 @@ class PreprocessSection:
         return out
 
 
+_PASSWORD_SCHEMES = ("rtsp", "rtsps", "http", "https")
+
+
+def _check_password_file(where: str, uri: str, password_file: str) -> None:
+    """``password_file`` goes with a network stream URI that names a user and no password."""
+    if not password_file:
+        return
+    try:
+        parts = urllib.parse.urlsplit(uri.strip())
+        password = parts.password
+    except ValueError:
+        raise ConfigError(f"config: {where} uri: cannot parse it") from None
+    if parts.scheme.lower() not in _PASSWORD_SCHEMES:
+        raise ConfigError(
+            f"config: {where} password_file is set: only rtsp://, rtsps://, http:// and "
+            "https:// stream URIs take one"
+        )
+    if password is not None:
+        raise ConfigError(
+            f"config: {where} uri holds a password and password_file is set: remove the "
+            "password from the uri (rtsp://USER@HOST/...)"
+        )
+    if not parts.username:
+        raise ConfigError(
+            f"config: {where} password_file needs a user in the uri (rtsp://USER@HOST/...)"
+        )
+
+
 @dataclass(frozen=True)
 class SourceSection:
     uri: str = _doc(
@@ -112,6 +141,12 @@ class SourceSection:
     window_size: int = _doc("Sensor sources: samples per window.", default=0)
     window_hop: int = _doc("Sensor sources: samples between window starts.", default=0)
     window_channels: int = _doc("Sensor sources: values per sample.", default=0)
+    password_file: str = _doc(
+        "Network streams: file holding the password of the user in uri (rtsp://USER@HOST/...), "
+        "put into the URI only when the stream is opened, so config, logs and telemetry never "
+        "hold it. A bare name is looked up in $CREDENTIALS_DIRECTORY; chmod 600 the file.",
+        default="",
+    )
 
     def __post_init__(self) -> None:
         if self.pace not in ("none", "native"):
@@ -119,6 +154,7 @@ class SourceSection:
                 f"config: [source] pace = {self.pace!r}: expected one of 'none', 'native'"
             )
         _at_least("source", self, 0, "window_size", "window_hop", "window_channels")
+        _check_password_file("[source]", self.uri, self.password_file)
 
 
 @dataclass(frozen=True)
@@ -145,6 +181,7 @@ class StreamSection:
     window_size: int = _doc("Sensor and audio streams: samples per window.", default=0)
     window_hop: int = _doc("Sensor and audio streams: samples between window starts.", default=0)
     window_channels: int = _doc("Sensor and audio streams: values per sample.", default=0)
+    password_file: str = _doc("Network streams: what [source] password_file takes.", default="")
 
     def __post_init__(self) -> None:
         where = f"[[sources]] {self.name or '(unnamed)'}:"
@@ -169,6 +206,7 @@ class StreamSection:
         for key in ("window_size", "window_hop", "window_channels"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config: {where} {key} = {getattr(self, key)}: must be >= 0")
+        _check_password_file(where.rstrip(":"), self.uri, self.password_file)
 
 
 @dataclass(frozen=True)

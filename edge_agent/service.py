@@ -57,6 +57,7 @@ class Service:
         self.topics: Topics | None = None
         self.spool: Any = None
         self.link: Any = None
+        self.plaintext: str | None = None  # why plain mqtt:// is a risk here, said once at start
         self.updater: Any = None
         self.plan: Any = None  # edge_agent.tune.Plan: threads and workers, and how chosen
         self._tune_config: Any = None  # the model's config when its plan is measured at start
@@ -202,6 +203,9 @@ class Service:
                 )
                 log.warning("orders: %s", why)
                 self.event("orders_unsigned", reason=why)
+            if self.plaintext:
+                log.warning("mqtt: %s", self.plaintext)
+                self.event("plaintext_mqtt", reason=self.plaintext)
             if recovered is not None:
                 self.event(
                     "rolled_back",
@@ -339,7 +343,7 @@ class Service:
                  "off (edgectl capture --off)", len(store))  # fmt: skip
 
     def _start_mqtt(self, state_dir: Path) -> None:
-        from edge_agent.fleet.mqtt import BrokerSettings, MqttLink
+        from edge_agent.fleet.mqtt import PACKET_HEADER_ROOM, BrokerSettings, MqttLink
         from edge_agent.fleet.spool import Spool
         from edge_agent.fleet.telemetry import SystemProbe
 
@@ -362,8 +366,14 @@ class Service:
         if self.config.ota.enabled:
             subs.append(self.topics.desired)
             subs += [self.topics.group_desired(g) for g in m.groups]
+        # The largest payload this agent takes: a bundle's meta with OTA over MQTT, else an order.
+        largest = protocol.MAX_COMMAND_BYTES
+        if self.config.ota.enabled:
+            largest = max(largest, protocol.MAX_BUNDLE_META_BYTES)
+        self.plaintext = settings.plaintext_warning(orders=True)
         self.link = MqttLink(
             settings,
+            max_packet_bytes=largest + PACKET_HEADER_ROOM,
             client_id=f"edge-agent-{self.device}",
             spool=self.spool,
             will=(self.topics.status, protocol.dumps(self._status("offline"))),

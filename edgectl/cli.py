@@ -141,6 +141,9 @@ class Client:
         from edgectl.signer import OrderSigner
 
         self.signer = OrderSigner.from_args(args)
+        plaintext = self.settings.plaintext_warning(orders=False)  # credentials only
+        if plaintext:
+            log.warning("%s", plaintext)
         if self.signer is not None and getattr(args, "command", "") in SENDS_ORDERS:
             self.signer.key()  # a bad key or passphrase: said before the broker is reached
         self.protocol = "5"

@@ -44,6 +44,7 @@ class Knobs:
     wrong_range: bool = False  # a 206 that starts at 0 whatever was asked
     wrong_bytes: bool = False  # the right length, one byte flipped
     no_length: bool = False  # no Content-Length: the body ends when the connection closes
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> 302 Location
     seen: list[Seen] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
 
@@ -65,6 +66,13 @@ class _Handler(BaseHTTPRequestHandler):
         # Recorded before anything is sent: the client may look as soon as it has the bytes.
         seen = Seen(self.path, self.headers.get("Range"), 0, 0, self.headers.get("Authorization"))
         k.seen.append(seen)
+        if self.path in k.redirects:
+            seen.status = 302
+            self.send_response(302)
+            self.send_header("Location", k.redirects[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path.split("?")[0] != PATH:
             seen.status = 404
             self.send_error(404)
@@ -388,3 +396,26 @@ def test_https_missing_ca_file(https_server: tuple[Server, Path], dest: Path) ->
     server, _ = https_server
     with pytest.raises(UpdateError, match="cannot load CA file"):
         download(server.url(), dest, ca_file=dest.parent / "nope.pem")
+
+
+def test_credentials_are_not_forwarded_to_another_host(server: Server, dest: Path) -> None:
+    """A redirect to another origin (here: another port) is followed without the URL's
+    credentials; the second server records what it got."""
+    for other in _serve():
+        server.knobs.redirects["/old"] = other.url()
+        url = server.url("/old").replace("://", "://edge:s3cret@")
+        download(url, dest, expected_size=len(DATA), expected_sha256=SHA)
+        assert dest.read_bytes() == DATA
+        assert server.seen[0].authorization == "Basic ZWRnZTpzM2NyZXQ="  # edge:s3cret
+        assert [s.path for s in other.seen] == [PATH]
+        assert other.seen[0].authorization is None
+
+
+def test_credentials_stay_on_a_redirect_within_the_server(server: Server, dest: Path) -> None:
+    server.knobs.redirects["/old"] = PATH
+    url = server.url("/old").replace("://", "://edge:s3cret@")
+    download(url, dest, expected_size=len(DATA), expected_sha256=SHA)
+    assert [(s.path, s.authorization) for s in server.seen] == [
+        ("/old", "Basic ZWRnZTpzM2NyZXQ="),
+        (PATH, "Basic ZWRnZTpzM2NyZXQ="),
+    ]

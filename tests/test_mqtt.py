@@ -235,6 +235,72 @@ def test_wrong_password_is_refused_with_its_reason(tmp_path: Path) -> None:
         good.stop()
 
 
+def test_broker_drops_what_exceeds_the_announced_packet_size(broker: Broker) -> None:
+    """MQTT 5: the link announces a Maximum Packet Size; Mosquitto drops a larger message for
+    that client (the link stays up) and delivers the next one within the limit."""
+    from edge_agent.fleet.mqtt import PACKET_HEADER_ROOM, BrokerSettings, Message, MqttLink
+
+    got: list[Message] = []
+    limit = 8 * 1024
+    link = MqttLink(
+        BrokerSettings(url=broker.url, protocol="5"),
+        client_id="dev1",
+        subscriptions=["edge/dev1/cmd/+"],
+        on_message=got.append,
+        max_packet_bytes=limit + PACKET_HEADER_ROOM,
+    )
+    link.start()
+    try:
+        assert link.wait_connected(5)
+        assert link.protocol_in_use == "5"
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        deadline = time.monotonic() + 5
+        # the subscription is made after CONNACK: send probes until one arrives
+        while not got and time.monotonic() < deadline:
+            pub.publish("edge/dev1/cmd/ping", b"probe", qos=1).wait_for_publish(2)
+            time.sleep(0.05)
+        assert got, "the link never received a message within the limit"
+        got.clear()
+        pub.publish("edge/dev1/cmd/ping", b"x" * (limit + 2 * PACKET_HEADER_ROOM), qos=1)
+        pub.publish("edge/dev1/cmd/ping", b"y" * limit, qos=1).wait_for_publish(2)
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pub.loop_stop()
+        pub.disconnect()
+        assert [len(m.payload) for m in got] == [limit]  # the large one never came
+        assert link.connected.is_set() and link.connects == 1
+    finally:
+        link.stop()
+
+
+@pytest.mark.parametrize(
+    ("url", "username", "password_file", "orders", "warned"),
+    [
+        ("mqtt://10.1.2.3:1883", "dev", "pw", False, "the password"),
+        ("mqtt://broker.example:1883", "", "", True, "orders"),
+        ("mqtt://10.1.2.3:1883", "", "", False, None),  # nothing worth reading travels
+        ("mqtts://10.1.2.3:8883", "dev", "pw", True, None),
+        ("mqtt://127.0.0.1:1883", "dev", "pw", True, None),
+        ("mqtt://localhost:1883", "dev", "pw", True, None),
+        ("mqtt://[::1]:1883", "dev", "pw", True, None),
+    ],
+)
+def test_plain_mqtt_to_another_host_is_named(
+    url: str, username: str, password_file: str, orders: bool, warned: str | None
+) -> None:
+    from edge_agent.fleet.mqtt import BrokerSettings
+
+    settings = BrokerSettings(url=url, username=username, password_file=password_file)
+    text = settings.plaintext_warning(orders=orders)
+    if warned is None:
+        assert text is None
+    else:
+        assert text is not None and warned in text and "mqtts://" in text
+        assert settings.safe_url in text
+
+
 def test_password_comes_from_the_credentials_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -693,3 +759,27 @@ def test_a_broker_without_trusted_keys_runs_with_ota_disabled(
         assert agent.stop() == 0
         seen.publish(topics.desired, b"", retain=True)  # leave no retained desired state behind
     assert "ota: disabled (no trusted keys in" in agent.text()
+
+
+def test_edgectl_names_its_password_over_plain_mqtt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import argparse
+
+    from edgectl.cli import Client
+
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    args = argparse.Namespace(
+        broker="mqtt://10.1.2.3:1883", username="ops", password_file=str(secret), ca_file=None,
+        cert_file=None, key_file=None, prefix="edge", operator_key=None,
+    )  # fmt: skip
+    with caplog.at_level("WARNING"):
+        Client(args)  # built, not connected
+    assert "the password travels unencrypted" in caplog.text and "s3cret" not in caplog.text
+    caplog.clear()
+    args.broker = "mqtt://127.0.0.1:1883"
+    with caplog.at_level("WARNING"):
+        Client(args)
+    assert "unencrypted" not in caplog.text

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -567,3 +568,70 @@ def test_closing_a_finite_source_while_another_thread_reads_it(tmp_path: Path) -
     reader.join(1.0)
     assert not reader.is_alive() and 3 <= len(got) < 30
     assert source.stats.status == "ended" and source.read() is None
+
+
+# --- RTSP credentials from a file ------------------------------------------------------------
+
+
+def _rtsp_config(tmp_path: Path, **source: str) -> Any:
+    from edge_agent.config import parse_config
+
+    return parse_config({"source": source}, path=str(tmp_path / "agent.toml"))
+
+
+def test_rtsp_password_comes_from_its_file_and_stays_out_of_the_uri(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from edge_agent.io.opencv import CaptureSource
+    from edge_agent.io.uri import open_source_from, open_streams_from
+
+    secret = tmp_path / "cam-password"
+    secret.write_text("p@ss:w/rd\n")
+    secret.chmod(0o644)
+    uri = "rtsp://viewer@10.0.0.7:554/stream1"
+    config = _rtsp_config(tmp_path, uri=uri, password_file=str(secret))
+    assert config.source.uri == uri
+    source = open_source_from(config)
+    assert isinstance(source, CaptureSource)
+    with caplog.at_level("WARNING"):
+        target = source.stream_target()
+    # percent-encoded, so '@', ':' and '/' in the password cannot move the host
+    assert target == "rtsp://viewer:p%40ss%3Aw%2Frd@10.0.0.7:554/stream1"
+    assert "readable by others" in caplog.text and "p@ss" not in caplog.text
+    assert source.uri == uri and "p@ss" not in repr(source) and "p%40" not in repr(source)
+    from edge_agent.config import parse_config
+
+    multi = parse_config(
+        {"sources": [{"name": "door", "uri": uri, "password_file": str(secret)}]},
+        path=str(tmp_path / "agent.toml"),
+    )
+    (stream,) = open_streams_from(multi)
+    assert isinstance(stream.source, CaptureSource)
+    assert stream.source.stream_target() == target
+    assert stream.source.uri == uri
+
+
+@pytest.mark.parametrize(
+    ("uri", "needle"),
+    [
+        ("rtsp://viewer:hunter2@10.0.0.7/s", "uri holds a password and password_file is set"),
+        ("rtsp://10.0.0.7/s", "password_file needs a user in the uri"),
+        ("file:video.mp4", "only rtsp://, rtsps://, http:// and https://"),
+    ],
+)
+def test_rtsp_password_file_misuse_is_one_line(tmp_path: Path, uri: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        _rtsp_config(tmp_path, uri=uri, password_file="cam-password")
+    message = str(err.value)
+    assert needle in message and "\n" not in message and "hunter2" not in message
+    assert message.startswith("config: [source]")
+
+
+def test_rtsp_password_file_missing_is_a_source_error(tmp_path: Path) -> None:
+    from edge_agent.io.uri import open_source
+
+    source = open_source("rtsp://viewer@10.0.0.7/s", password_file=str(tmp_path / "nope"))
+    with pytest.raises(SourceError, match="no such file"):
+        source.stream_target()  # type: ignore[attr-defined]
+    with pytest.raises(SourceError, match="only for network streams"):
+        open_source("camera:0", password_file=str(tmp_path / "nope"))

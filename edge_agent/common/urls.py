@@ -15,6 +15,18 @@ def redact_uri(uri: str) -> str:
     return _CREDENTIALS.sub(r"\1:***@", uri)
 
 
+def with_password(uri: str, password: str) -> str:
+    """``scheme://user@host/...`` with ``password`` put after the user (percent-encoded, so
+    ``@``, ``:`` or ``/`` in it cannot change where the URI points). Only for handing to the
+    library that opens the stream: never log or store the result."""
+    parts = urllib.parse.urlsplit(uri)
+    user, at, host = parts.netloc.rpartition("@")
+    if not at or not user or ":" in user:
+        raise ValueError("expected a URI with a user and no password (scheme://USER@HOST/...)")
+    netloc = f"{user}:{urllib.parse.quote(password, safe='')}@{host}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 def redact_url(url: str) -> str:
     """``url`` reduced to scheme, host, port and path: no user, password, query (``?...`` marks
     that one was there) or fragment. For download URLs, whose query may hold a token."""
@@ -31,4 +43,4 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) + query
 
 
-__all__ = ["INVALID_URL", "redact_uri", "redact_url"]
+__all__ = ["INVALID_URL", "redact_uri", "redact_url", "with_password"]

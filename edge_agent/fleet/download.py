@@ -19,6 +19,10 @@ Plain ``http://`` is allowed on purpose: what is downloaded is a signed bundle, 
 have to be trusted. ``https://`` uses ``ssl.create_default_context(cafile=ca_file)``: the system's
 CAs, or only ``ca_file`` when given.
 
+Credentials in the URL (``https://user:password@host/...``) go as HTTP Basic to that server only:
+a redirect to another scheme, host or port is followed without them (they would otherwise reach
+whatever server the redirect names).
+
 Errors are :class:`~edge_agent.errors.UpdateError`, one line naming the URL (without its
 credentials or query string) and the problem: an HTTP status, a timeout, a lost connection, a
 size or sha256 mismatch, a file too large.
@@ -38,7 +42,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, NoReturn
+from typing import IO, BinaryIO, NoReturn
 
 from edge_agent.common.durable import fsync_dir
 from edge_agent.common.hashing import sha256_prefix
@@ -69,6 +73,36 @@ def _request(url: str, offset: int) -> urllib.request.Request:
         headers["Range"] = f"bytes={offset}-"
     clean = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
     return urllib.request.Request(clean, headers=headers)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    return (
+        scheme,
+        (parts.hostname or "").lower(),
+        parts.port or {"http": 80, "https": 443}.get(scheme),
+    )
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, dropping the credentials (``Authorization``) when one leads to
+    another origin (scheme, host or port): they were given for the first server only."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(new.full_url) != _origin(req.full_url):
+            for name in [k for k in new.headers if k.lower() in ("authorization", "cookie")]:
+                del new.headers[name]
+        return new
 
 
 def _describe(exc: BaseException, timeout: float) -> str:
@@ -270,7 +304,9 @@ def download(
             context = ssl.create_default_context(cafile=None if ca_file is None else str(ca_file))
         except (OSError, ssl.SSLError) as exc:
             raise UpdateError(f"{safe}: cannot load CA file {ca_file}: {first_line(exc)}") from exc
-    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPSHandler(context=context), _RedirectHandler()
+    )
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     transfer = _Download(

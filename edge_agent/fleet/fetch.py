@@ -18,6 +18,7 @@ from typing import Any
 from edge_agent.common.hashing import sha256_file
 from edge_agent.errors import UpdateError
 from edge_agent.fleet.protocol import (
+    MAX_BUNDLE_META_BYTES,
     ProtocolError,
     bundle_chunk_topic,
     bundle_meta_topic,
@@ -82,7 +83,7 @@ class ChunkFetcher:
             if rest == "meta":
                 try:
                     t.meta = self._check_meta(
-                        t.sha256, loads(payload, what="bundle meta", limit=1 << 22)
+                        t.sha256, loads(payload, what="bundle meta", limit=MAX_BUNDLE_META_BYTES)
                     )
                 except (ProtocolError, UpdateError) as exc:
                     t.meta = {"error": str(exc)}

@@ -26,6 +26,14 @@ disconnected, and re-sends its own in-flight messages on reconnect). So:
 Publishing never blocks the caller: the spool's ``put`` is a bounded in-memory queue, and
 :meth:`MqttLink.send` only appends to a deque the network thread drains.
 
+What comes in is bounded by the broker, not by paho: with MQTT 5 the CONNECT announces a Maximum
+Packet Size (``max_packet_bytes``, which the agent sizes from its largest payload cap plus
+``PACKET_HEADER_ROOM``), so a compliant broker drops a larger message for this client instead of
+sending it. paho 2.2 itself has no cap on incoming packets: it reads a packet's whole remaining
+length (up to 256 MiB) into memory before any callback, and ``max_inflight_messages_set`` /
+``max_queued_messages_set`` bound only outgoing messages. With MQTT 3.1.1 nothing is announced;
+the broker's own limit (Mosquitto ``max_packet_size``) is the only bound.
+
 A refused CONNACK is an error with its reason (``last_error``: ``"broker refused the
 connection: Not authorized"``), never "connected"; the link keeps retrying with backoff (a
 daemon must come back when the operator fixes the broker), and ``edgectl`` turns it into an exit.
@@ -33,8 +41,8 @@ daemon must come back when the operator fixes the broker), and ``edgectl`` turns
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-import os
 import random
 import ssl
 import threading
@@ -42,12 +50,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from edge_agent.common.backoff import BackoffPolicy
-from edge_agent.common.files import read_text
+from edge_agent.common.secrets import credential_path, read_secret
 from edge_agent.errors import BrokerError, ConfigError
 from edge_agent.fleet.spool import Spool
 
@@ -65,6 +72,9 @@ AUTO_V5_CONNACK_S = 3.0  # protocol "auto": how long an MQTT 5 CONNECT may go un
 _LOOP_S = 0.01  # one paho loop() wait while there is work: the send latency bound
 _IDLE_LOOP_S = 0.05  # while nothing is queued or in flight (spool commits come every 0.1 s)
 _COALESCE_S = 0.005  # while messages are in flight: gather PUBACKs before reading them
+#: Room above the largest payload for the rest of a PUBLISH packet (fixed header, topic,
+#: packet id, MQTT 5 properties such as a response topic and correlation data).
+PACKET_HEADER_ROOM = 4096
 
 
 @dataclass(frozen=True)
@@ -146,6 +156,36 @@ class BrokerSettings:
     def safe_url(self) -> str:
         return f"{urlsplit(self.url).scheme}://{self.host}:{self.port}"
 
+    @property
+    def loopback(self) -> bool:
+        """The broker is this machine (``localhost`` or a loopback address; no DNS lookup)."""
+        host = self.host.lower()
+        if host == "localhost" or host.endswith(".localhost"):
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    def plaintext_warning(self, *, orders: bool) -> str | None:
+        """What travels unencrypted over this connection, as a warning, or None: credentials
+        (``username``/``password_file``) or orders (``orders``: the caller receives or sends
+        desired states and commands) over plain ``mqtt://`` to a host other than this one."""
+        if self.tls or self.loopback:
+            return None
+        what = []
+        if self.username or self.password_file:
+            what.append("the password" if self.password_file else "the username")
+        if orders:
+            what.append("orders (desired states, commands)")
+        if not what:
+            return None
+        return (
+            f"{self.safe_url} is plain MQTT to another host: {' and '.join(what)} "
+            f"{'travels' if len(what) == 1 else 'travel'} unencrypted and can be read or altered "
+            "on the way; use mqtts://"
+        )
+
     def password(self, *, what: str = "[mqtt] password_file") -> str | None:
         """The password from ``password_file`` (or None without one); ``what`` names the
         setting in an error."""
@@ -165,28 +205,6 @@ class BrokerSettings:
                 str(credential_path(self.cert_file)), str(credential_path(self.key_file))
             )
         return ctx
-
-
-def credential_path(name: str, *, environ: dict[str, str] | None = None) -> Path:
-    """A secret's file: an absolute or relative path as given, or a bare name inside
-    ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=NAME:PATH``) when that is set."""
-    env = os.environ if environ is None else environ
-    path = Path(name)
-    creds = env.get("CREDENTIALS_DIRECTORY")
-    if creds and not path.is_absolute() and len(path.parts) == 1:
-        candidate = Path(creds) / name
-        if candidate.exists():
-            return candidate
-    return path
-
-
-def read_secret(name: str, *, what: str) -> str:
-    path = credential_path(name)
-    text = read_text(path, what=what)
-    secret = text.strip("\r\n")
-    if not secret:
-        raise ConfigError(f"{what} {path}: the file is empty")
-    return secret
 
 
 def _reason_text(reason: Any) -> str:
@@ -214,8 +232,14 @@ class MqttLink:
         on_connect: Callable[[MqttLink], None] | None = None,
         rng: random.Random | None = None,
         low_priority: Any = None,
+        max_packet_bytes: int | None = None,
     ) -> None:
         self.settings = settings
+        #: MQTT 5: announced in CONNECT as Maximum Packet Size, so a compliant broker never
+        #: sends a larger packet (it drops it for this client). None: no limit announced.
+        if max_packet_bytes is not None and not 128 <= max_packet_bytes <= 268_435_455:
+            raise ValueError(f"max_packet_bytes {max_packet_bytes}: expected 128 to 268435455")
+        self.max_packet_bytes = max_packet_bytes
         self.client_id = settings.client_id or client_id
         self.spool = spool
         self.will = will
@@ -338,6 +362,17 @@ class MqttLink:
         client.on_message = self._on_message
         return client
 
+    def _connect_properties(self) -> Any:
+        """MQTT 5 CONNECT properties: the Maximum Packet Size, when set."""
+        if self.max_packet_bytes is None:
+            return None
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)
+        props.MaximumPacketSize = self.max_packet_bytes
+        return props
+
     def _backoff(self, attempt: int) -> None:
         self._stop.wait(self.settings.backoff.delay(attempt, self._rng))
 
@@ -376,7 +411,13 @@ class MqttLink:
         try:
             try:
                 if protocol == "5":
-                    client.connect(s.host, s.port, keepalive=s.keepalive, clean_start=True)
+                    client.connect(
+                        s.host,
+                        s.port,
+                        keepalive=s.keepalive,
+                        clean_start=True,
+                        properties=self._connect_properties(),
+                    )
                 else:
                     client.connect(s.host, s.port, keepalive=s.keepalive)
             except ssl.SSLError as exc:

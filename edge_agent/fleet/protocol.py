@@ -57,6 +57,9 @@ STREAMS = ("results", "telemetry", "events")
 DEFAULT_CHUNK_SIZE = 96 * 1024
 #: Commands larger than this are refused unread (a fuzzed or hostile payload).
 MAX_COMMAND_BYTES = 64 * 1024
+#: A bundle's meta message (its chunk hashes) is read up to this size: the largest payload a
+#: device takes, so with OTA over MQTT its announced Maximum Packet Size is sized from it.
+MAX_BUNDLE_META_BYTES = 4 * 2**20
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -90,6 +93,7 @@ EVENT_KINDS = (
     "spool_full",
     "order_refused",
     "orders_unsigned",
+    "plaintext_mqtt",
     "error",
 )
 

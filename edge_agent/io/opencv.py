@@ -11,7 +11,9 @@ import cv2
 import numpy as np
 
 from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
-from edge_agent.errors import SourceError, first_line
+from edge_agent.common.secrets import read_secret
+from edge_agent.common.urls import with_password
+from edge_agent.errors import ConfigError, SourceError, first_line
 from edge_agent.io.source import (
     EndOfStream,
     Pacer,
@@ -127,7 +129,11 @@ class VideoFileSource(_CvCaptureSource):
 
 class CaptureSource(_CvCaptureSource):
     """A camera (by index or device path) or a network stream (RTSP, HTTP, UDP, TCP): live.
-    Opening never fails for want of the device: it reports "degraded" and keeps trying."""
+    Opening never fails for want of the device: it reports "degraded" and keeps trying.
+
+    ``password_file`` (a network stream whose URI names a user): the password is read from the
+    file at each connection and put into the URI handed to FFmpeg (:meth:`stream_target`); the
+    source's ``uri`` and label never hold it."""
 
     _connect_in_open = False
 
@@ -138,15 +144,32 @@ class CaptureSource(_CvCaptureSource):
         uri: str | None = None,
         fps: float | None = None,
         reconnect: BackoffPolicy = DEFAULT_BACKOFF,
+        password_file: str = "",
     ) -> None:
         default_uri = f"camera:{target}" if isinstance(target, int) else target
         super().__init__(uri or default_uri, kind="image", live=True, reconnect=reconnect)
         check_fps(self._label, "fps", fps)
+        stream = isinstance(target, str) and target.lower().startswith(STREAM_SCHEMES)
+        if password_file and not stream:
+            raise SourceError(f"{self._label}: password_file is only for network streams")
         self.target = target
+        self.password_file = password_file
         self._fps = fps
 
+    def stream_target(self) -> int | str:
+        """What OpenCV opens: the target, with the password from ``password_file`` put in."""
+        if not self.password_file or not isinstance(self.target, str):
+            return self.target
+        try:
+            password = read_secret(self.password_file, what="password_file")
+            return with_password(self.target, password)
+        except ConfigError as exc:
+            raise SourceError(f"{self._label}: {exc}") from None
+        except ValueError as exc:
+            raise SourceError(f"{self._label}: password_file: {exc}") from None
+
     def _connect(self) -> None:
-        target = self.target
+        target = self.stream_target()
         if isinstance(target, str) and target.lower().startswith(STREAM_SCHEMES):
             params = [
                 cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,

@@ -116,12 +116,14 @@ def open_source(
     fps: float | None = None,
     window: WindowSpec | None = None,
     reconnect: BackoffPolicy = DEFAULT_BACKOFF,
+    password_file: str = "",
 ) -> Source:
     """Parse ``uri`` and build its source, without opening it.
 
     ``pace`` ("none" | "native") times the finite image sources (files, images, synthetic);
     ``fps`` overrides their native frame rate (and requests a rate from a camera); ``window``
-    is the sensors' windowing; ``reconnect`` the backoff of live sources. Raises ``SourceError``
+    is the sensors' windowing; ``reconnect`` the backoff of live sources; ``password_file`` the
+    password of a network stream's user, read when it is opened. Raises ``SourceError``
     for an unknown scheme or a bad option; a missing file is reported by ``open()``."""
     label = redact_uri(uri)
     check_pace(label, pace)
@@ -130,7 +132,12 @@ def open_source(
     if not text:
         raise SourceError(f"source: empty URI; {_USAGE}")
     if text.lower().startswith(STREAM_SCHEMES):
-        return CaptureSource(text, uri=uri, reconnect=reconnect)  # the query belongs to the server
+        # the query belongs to the server
+        return CaptureSource(text, uri=uri, reconnect=reconnect, password_file=password_file)
+    if password_file:
+        raise SourceError(
+            f"{label}: password_file is only for network streams (rtsp://, http://...)"
+        )
     if text.startswith("/dev/video"):
         return CaptureSource(text, uri=uri, fps=fps, reconnect=reconnect)
     scheme, sep, rest = text.partition(":")
@@ -342,7 +349,7 @@ def _open_section(s: Any) -> Source:
         window = WindowSpec(
             size=s.window_size, hop=s.window_hop or s.window_size, channels=s.window_channels or 1
         )
-    return open_source(s.uri, pace=s.pace, window=window)
+    return open_source(s.uri, pace=s.pace, window=window, password_file=s.password_file)
 
 
 def open_source_from(config: Any) -> Source:
