@@ -41,6 +41,7 @@ def operator(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """An encrypted operator key pair made by ``edgectl keygen``, and a second, untrusted one."""
     root = tmp_path_factory.mktemp("operator")
     (root / "pass").write_text(PASSPHRASE + "\n")
+    (root / "pass").chmod(0o600)  # a secret file: readable by others would be warned about
     run = edgectl("keygen", "--out", str(root / "op"), "--passphrase-file", str(root / "pass"),
                   broker="mqtt://127.0.0.1:1")  # fmt: skip
     assert run.returncode == 0, run.stderr
@@ -258,6 +259,7 @@ def test_edgectl_operator_key_errors_are_one_line(operator: dict[str, Any], tmp_
     """Read before the broker is reached: exit 2 and one line, with no terminal to ask on."""
     bad = tmp_path / "bad"
     bad.write_text("wrong\n")
+    bad.chmod(0o600)
     for extra, needle in (
         (("--operator-key-passphrase-file", str(bad)), "wrong passphrase"),
         ((), "encrypted; give --operator-key-passphrase-file"),
