@@ -8,7 +8,9 @@ subscriber sees nothing)."""
 from __future__ import annotations
 
 import json
+import shlex
 import stat
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,8 +28,10 @@ from edgectl.acl import mosquitto_acl
 from edgectl.provision import User, load_users
 from tests.broker import Broker, Collector
 from tests.fleet import (  # noqa: F401  (fleet_env_fixture: the `fleet_env` fixture)
+    EDGECTL,
     AgentProcess,
     agent_config,
+    checkout_env,
     edgectl,
     events,
     fleet_env_fixture,
@@ -46,16 +50,34 @@ def _run(*args: str, broker: str = NOWHERE) -> str:
     return run.stdout
 
 
+DOC = Path(__file__).resolve().parents[1] / "docs" / "security.md"
+
+
+def _doc_steps() -> list[str]:
+    """The shell lines of docs/security.md's "A new device, from nothing"."""
+    text = DOC.read_text().split("### A new device, from nothing", 1)[1]
+    block = text.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """docs/security.md's steps: provision two devices, an operator and a consumer, then the
-    ACL from the register."""
+    """docs/security.md's steps, run as written (in a scratch directory), plus a second device
+    for the attacks; then the ACL again from the register."""
     root = tmp_path_factory.mktemp("acl")
+    steps = _doc_steps()
+    assert len(steps) == 4 and steps[-1].endswith("> fleet/acl"), steps
+    for line in steps:
+        argv, _, redirect = line.partition(">")
+        words = shlex.split(argv)
+        assert words[0] == "edgectl", line
+        run = subprocess.run([EDGECTL, *words[1:]], capture_output=True, text=True,
+                             cwd=root, env=checkout_env(), timeout=60)  # fmt: skip
+        assert run.returncode == 0, (line, run.stderr)
+        if redirect:
+            (root / redirect.strip()).write_text(run.stdout)
     out = root / "fleet"
-    _run("provision", "cam-1", "--group", "lobby", "--out", str(out))
     _run("provision", "cam-2", "--out", str(out))
-    _run("provision", "ops", "--role", "operator", "--out", str(out))
-    _run("provision", "reader", "--role", "consumer", "--out", str(out))
     (out / "acl").write_text(_run("acl", "--mosquitto", "--devices-from", str(out)))
     return out
 
