@@ -7,6 +7,9 @@
             [--operator-key FILE [--operator-key-passphrase-file F] [--order-ttl DURATION]]
             COMMAND ...
     edgectl keygen --out DIR [--passphrase-file F] [--force]
+    edgectl provision NAME --out DIR [--role device|operator|consumer] [--group G ...] [--rotate]
+    edgectl acl --mosquitto [--devices-from DIR] [--device D ...] [--group D=G ...]
+            [--operator-user NAME ...] [--consumer-user NAME ...]
     edgectl publish BUNDLE [--chunk-size BYTES] [--public-key KEY]
     edgectl deploy BUNDLE (--device ID | --group NAME) [--url URL]
     edgectl rollout BUNDLE --group NAME --canary PCT --wait DURATION --max-failures PCT
@@ -256,7 +259,7 @@ class Client:
         corr = uuid.uuid4().bytes
         request_id = uuid.uuid4().hex[:12]
         body = {**body, "id": request_id}
-        response = f"{self.prefix}/edgectl/{uuid.uuid4().hex}"
+        response = protocol.response_topic(uuid.uuid4().hex, prefix=self.prefix)
         answer: list[dict[str, Any]] = []
         got = threading.Event()
 
@@ -455,6 +458,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passphrase-file", metavar="FILE", help="encrypt the private key with this")
     p.add_argument("--force", action="store_true", help="overwrite an existing key pair")
 
+    p = sub.add_parser("provision", help="broker credentials for a device (or operator, consumer)")
+    p.add_argument("name", metavar="NAME", help="the device id (its MQTT username)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the provisioning dir")
+    p.add_argument("--role", choices=("device", "operator", "consumer"), default="device")
+    p.add_argument("--group", action="append", default=[], help="a fleet group (repeatable)")
+    p.add_argument("--rotate", action="store_true", help="a new password for an existing user")
+
+    p = sub.add_parser("acl", help="print the broker ACL that fits the protocol")
+    p.add_argument("--mosquitto", action="store_true", required=True, help="a Mosquitto acl_file")
+    p.add_argument("--devices-from", type=Path, metavar="DIR", help="every user provisioned there")
+    p.add_argument("--device", action="append", default=[], help="a device id (repeatable)")
+    p.add_argument("--group", action="append", default=[], metavar="DEVICE=GROUP")
+    p.add_argument("--operator-user", action="append", default=[], metavar="NAME")
+    p.add_argument("--consumer-user", action="append", default=[], metavar="NAME")
+
     p = sub.add_parser("publish", help="store a bundle on the broker as retained chunks")
     p.add_argument("bundle", type=Path)
     p.add_argument("--chunk-size", type=int, default=protocol.DEFAULT_CHUNK_SIZE)
@@ -608,6 +626,41 @@ def cmd_keygen(args: argparse.Namespace) -> int:
           "keep it with the operator: edgectl --operator-key)")  # fmt: skip
     print(f"wrote {public} (public: list it in the devices' [fleet] operator_keys)")
     print(f"key id {key_id(load_public_key(public))}")
+    return CtlExit.OK
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from edgectl.provision import User, provision
+
+    user = User(name=args.name, role=args.role, groups=tuple(args.group))
+    home, written = provision(args.out, user, prefix=args.prefix, rotate=args.rotate)
+    for path in written:
+        print(f"wrote {path}")
+    print(f"{user.role} {user.name}: copy {home}/ to it; give the broker {args.out}/passwd and "
+          f"the ACL (edgectl acl --mosquitto --devices-from {args.out})")  # fmt: skip
+    return CtlExit.OK
+
+
+def cmd_acl(args: argparse.Namespace) -> int:
+    from edgectl.acl import mosquitto_acl
+    from edgectl.provision import User, load_users
+
+    users = load_users(args.devices_from) if args.devices_from else []
+    groups: dict[str, list[str]] = {}
+    for value in args.group:
+        device, sep, group = value.partition("=")
+        if not sep or not device or not group:
+            raise EdgeError(f"--group {value!r}: expected DEVICE=GROUP")
+        groups.setdefault(device, []).append(group)
+    named = set(args.device) | set(groups)
+    users += [User(name=d, groups=tuple(groups.get(d, ()))) for d in sorted(named)]
+    users += [User(name=n, role="operator") for n in args.operator_user]
+    users += [User(name=n, role="consumer") for n in args.consumer_user]
+    if not users:
+        raise EdgeError(
+            "no users: pass --devices-from DIR or --device/--operator-user/--consumer-user"
+        )
+    sys.stdout.write(mosquitto_acl(users, prefix=args.prefix))
     return CtlExit.OK
 
 
@@ -1107,6 +1160,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "keygen": cmd_keygen,
+    "provision": cmd_provision,
+    "acl": cmd_acl,
     "publish": cmd_publish,
     "deploy": cmd_deploy,
     "rollout": cmd_rollout,

@@ -18,9 +18,7 @@ When the tests run as root, the config says ``user root``: mosquitto would other
 
 from __future__ import annotations
 
-import base64
 import datetime
-import hashlib
 import ipaddress
 import os
 import re
@@ -47,6 +45,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from converters.demo_broker import AMQTT_SCRIPT as _AMQTT_SCRIPT  # one copy, the demo's
 from converters.demo_broker import free_port as _free_port
+from edgectl.provision import mosquitto_password_hash
 
 __all__ = [
     "Broker",
@@ -178,21 +177,15 @@ def make_tls_material(directory: Path, *, require_client_cert: bool = True) -> T
 # --- the broker -----------------------------------------------------------------------------
 
 
-def _password_hash(password: str, *, iterations: int = 101) -> str:
-    """Mosquitto 2's ``$7$`` format: PBKDF2-HMAC-SHA512, a 12-byte salt, base64 fields."""
-    salt = os.urandom(12)
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
-    b64 = base64.b64encode
-    return f"$7${iterations}${b64(salt).decode()}${b64(digest).decode()}"
-
-
 def write_password_file(path: Path, users: dict[str, str], *, use_tool: bool = True) -> None:
     """Write a mosquitto password file, with ``mosquitto_passwd -b`` when it is installed (and
     ``use_tool``), else by hashing in Python (the same ``$7$`` format)."""
     tool = shutil.which("mosquitto_passwd") if use_tool else None
     path.unlink(missing_ok=True)
     if tool is None:
-        lines = [f"{user}:{_password_hash(password)}\n" for user, password in users.items()]
+        lines = [
+            f"{user}:{mosquitto_password_hash(password)}\n" for user, password in users.items()
+        ]
         path.write_text("".join(lines))
     else:
         for i, (user, password) in enumerate(users.items()):
@@ -217,10 +210,16 @@ class Broker:
         users: dict[str, str] | None = None,
         max_packet_size: int = 0,
         extra_conf: str = "",
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
     ) -> None:
+        if users is not None and password_file is not None:
+            raise ValueError("pass users or a password_file, not both")
         self.workdir = workdir
         self.tls = tls
         self.users = dict(users) if users is not None else None
+        self.password_file = password_file
+        self.acl_file = acl_file
         self.max_packet_size = max_packet_size
         self.extra_conf = extra_conf
         self.host = HOST
@@ -253,12 +252,16 @@ class Broker:
         ]
         if os.name == "posix" and os.geteuid() == 0:
             lines.append("user root")  # else it drops to `mosquitto`, who cannot write workdir
-        if self.users is None:
-            lines.append("allow_anonymous true")
-        else:
+        if self.users is not None:
             password_file = self.workdir / "passwd"
             write_password_file(password_file, self.users)
             lines += ["allow_anonymous false", f"password_file {password_file}"]
+        elif self.password_file is not None:  # e.g. the one edgectl provision keeps
+            lines += ["allow_anonymous false", f"password_file {self.password_file}"]
+        else:
+            lines.append("allow_anonymous true")
+        if self.acl_file is not None:
+            lines.append(f"acl_file {self.acl_file}")
         if self.tls is not None:
             lines += [
                 f"cafile {self.tls.ca_cert}",
@@ -426,6 +429,7 @@ class Collector:
         self._cond = threading.Condition()
         self.connack: ReasonCode | None = None  # the first CONNACK
         self._subacks: dict[int, list[ReasonCode]] = {}
+        self._pubacks: dict[int, ReasonCode] = {}
         self._lost: ReasonCode | None = None
         self.connects = 0  # successful CONNACKs: 2 after one reconnect
         self._subscribed: dict[str, int] = {}
@@ -434,6 +438,7 @@ class Collector:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
 
     # callbacks (paho's network thread)
     def _on_connect(
@@ -468,6 +473,11 @@ class Collector:
     ) -> None:
         with self._cond:
             self._subacks[mid] = rcs
+            self._cond.notify_all()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, rc: ReasonCode, props: Any) -> None:
+        with self._cond:
+            self._pubacks[mid] = rc
             self._cond.notify_all()
 
     def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -525,14 +535,18 @@ class Collector:
         retain: bool = False,
         qos: int = 1,
         properties: Properties | None = None,
-    ) -> None:
-        """Publish and wait until it is acknowledged (PUBACK for QoS 1) or sent (QoS 0)."""
+    ) -> ReasonCode | None:
+        """Publish and wait until it is acknowledged (PUBACK for QoS 1) or sent (QoS 0); return
+        the PUBACK's reason code (MQTT 5: "Not authorized" when the broker's ACL refused it)."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise ConnectionError(f"{self.broker.url}: publish {topic!r} failed: {info.rc}")
         info.wait_for_publish(self.timeout)
         if not info.is_published():
             raise TimeoutError(f"{self.broker.url}: no PUBACK for {topic!r} in {self.timeout} s")
+        self._wait(lambda: info.mid in self._pubacks, f"on_publish for {topic!r}")
+        with self._cond:
+            return self._pubacks.pop(info.mid)
 
     @property
     def messages(self) -> list[Received]:

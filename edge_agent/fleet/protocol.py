@@ -265,12 +265,22 @@ def fleet_topic(kind: str, *, prefix: str = DEFAULT_PREFIX, share: str | None = 
     return f"$share/{check_name(share, 'share group')}/{topic}" if share else topic
 
 
+#: First levels under the prefix that are not device ids (so no device may be named so).
+RESERVED_LEVELS = ("groups", "bundles", "edgectl")
+
+
+def response_topic(token: str, *, prefix: str = DEFAULT_PREFIX) -> str:
+    """``<prefix>/edgectl/<token>``: where ``edgectl`` asks (MQTT 5 Response Topic) for a command's
+    reply; ``<prefix>/edgectl/+`` is what a device must be allowed to publish to answer it."""
+    return f"{prefix}/edgectl/{token}"
+
+
 def device_of(topic: str, *, prefix: str = DEFAULT_PREFIX) -> str | None:
     """The device id in ``<prefix>/<device>/...``, or None for another topic."""
     if not topic.startswith(prefix + "/"):
         return None
     parts = topic[len(prefix) + 1 :].split("/")
-    if len(parts) >= 2 and parts[0] not in ("groups", "bundles", "edgectl"):
+    if len(parts) >= 2 and parts[0] not in RESERVED_LEVELS:
         return parts[0]
     return None
 
@@ -284,7 +294,7 @@ def order_target(topic: str, *, prefix: str = DEFAULT_PREFIX) -> tuple[str, str,
     parts = topic[len(prefix) + 1 :].split("/")
     if len(parts) == 3 and parts[0] == "groups" and parts[2] == "desired":
         return ("group", parts[1], "desired") if _NAME.match(parts[1]) else None
-    if not _NAME.match(parts[0]) or parts[0] in ("groups", "bundles", "edgectl"):
+    if not _NAME.match(parts[0]) or parts[0] in RESERVED_LEVELS:
         return None
     if parts[1:] == ["desired"]:
         return "device", parts[0], "desired"

@@ -1,0 +1,154 @@
+"""Per-device broker credentials: ``edgectl provision``.
+
+A provisioning directory (``--out DIR``) is the operator's register of broker users::
+
+    DIR/passwd                       the broker's password_file (mosquitto format, 0600)
+    DIR/users/<name>/user.json       name, role (device | operator | consumer), groups
+    DIR/users/<name>/mqtt-password   the password (0600): copy it to the device (or operator)
+    DIR/users/<name>/agent.toml      devices only: the [agent] and [mqtt] lines that go with it
+
+``edgectl acl --devices-from DIR`` reads the register back (:func:`load_users`). Passwords are
+random (:func:`secrets.token_urlsafe`), written only to 0600 files and never printed. The broker
+entry is Mosquitto 2's ``$7$`` PBKDF2-SHA512 hash, computed here rather than by
+``mosquitto_passwd -b`` (which would put the password in the process list).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent.errors import EdgeError, ProtocolError
+from edge_agent.fleet.protocol import check_name
+
+ROLES = ("device", "operator", "consumer")
+PASSWORD_FILE = "mqtt-password"
+BROKER_PASSWD = "passwd"
+#: mosquitto_passwd's defaults (Mosquitto 2): 101 PBKDF2 rounds, a 12-byte salt.
+HASH_ITERATIONS = 101
+_SALT_BYTES = 12
+
+
+@dataclass(frozen=True)
+class User:
+    """One broker user: a device (username = device id), an operator or a consumer."""
+
+    name: str
+    role: str = "device"
+    groups: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            check_name(self.name, "user name")
+            for group in self.groups:
+                check_name(group, "group")
+        except ProtocolError as exc:
+            raise EdgeError(str(exc)) from None
+        if self.role not in ROLES:
+            raise EdgeError(f"role {self.role!r}: expected one of {', '.join(ROLES)}")
+        if self.groups and self.role != "device":
+            raise EdgeError(f"{self.name}: only devices have groups (role {self.role})")
+
+
+def mosquitto_password_hash(password: str, *, iterations: int = HASH_ITERATIONS) -> str:
+    """Mosquitto 2's ``$7$<iterations>$<salt>$<hash>`` (PBKDF2-HMAC-SHA512, base64 fields)."""
+    salt = os.urandom(_SALT_BYTES)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    b64 = base64.b64encode
+    return f"$7${iterations}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, mode 0600 from the start (a temporary file in the
+    same directory, renamed over the old one)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def set_password_entry(passwd: Path, user: str, password: str) -> None:
+    """Add or replace ``user``'s line in a mosquitto password file (kept 0600)."""
+    lines: list[str] = []
+    if passwd.exists():
+        lines = [
+            line
+            for line in passwd.read_text().splitlines()
+            if line.strip() and line.split(":", 1)[0] != user
+        ]
+    lines.append(f"{user}:{mosquitto_password_hash(password)}")
+    write_private(passwd, "\n".join(lines) + "\n")
+
+
+def agent_snippet(user: User, *, prefix: str) -> str:
+    """The agent.toml lines that go with a device's credentials."""
+    groups = ", ".join(json.dumps(g) for g in user.groups)
+    prefix_line = f'topic_prefix = "{prefix}"\n' if prefix != "edge" else ""
+    return (
+        f"# written by edgectl provision: merge into /etc/edge-agent/agent.toml\n"
+        f"[agent]\n"
+        f'device_id = "{user.name}"\n\n'
+        f"[mqtt]\n"
+        f'username = "{user.name}"\n'
+        f"# a bare name is looked up in $CREDENTIALS_DIRECTORY (systemd:\n"
+        f"# LoadCredential={PASSWORD_FILE}:/etc/edge-agent/credentials/{PASSWORD_FILE})\n"
+        f'password_file = "{PASSWORD_FILE}"\n'
+        f"groups = [{groups}]\n"
+        f"{prefix_line}"
+    )
+
+
+def provision(
+    out: Path, user: User, *, prefix: str = "edge", rotate: bool = False
+) -> tuple[Path, list[Path]]:
+    """Give ``user`` a random password: its files under ``out/users/<name>/`` and its entry in
+    ``out/passwd``. Returns ``(user directory, files written)``. An existing user is refused
+    unless ``rotate`` (a new password; the old one stops working when the broker reloads)."""
+    home = out / "users" / user.name
+    if (home / "user.json").exists() and not rotate:
+        raise EdgeError(
+            f"{user.name}: already provisioned in {out}; pass --rotate for a new password"
+        )
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    password = secrets.token_urlsafe(24)
+    written = [home / PASSWORD_FILE, home / "user.json"]
+    write_private(home / PASSWORD_FILE, password + "\n")
+    record = {"name": user.name, "role": user.role, "groups": list(user.groups)}
+    write_private(home / "user.json", json.dumps(record, indent=2) + "\n")
+    if user.role == "device":
+        (home / "agent.toml").write_text(agent_snippet(user, prefix=prefix))
+        written.append(home / "agent.toml")
+    set_password_entry(out / BROKER_PASSWD, user.name, password)
+    written.append(out / BROKER_PASSWD)
+    return home, written
+
+
+def load_users(out: Path) -> list[User]:
+    """Every user provisioned in ``out`` (sorted by name)."""
+    users_dir = out / "users"
+    if not users_dir.is_dir():
+        raise EdgeError(
+            f"{out}: no provisioned users (expected {users_dir}/; run edgectl provision)"
+        )
+    users = []
+    for record in sorted(users_dir.glob("*/user.json")):
+        try:
+            data = json.loads(record.read_text())
+            users.append(
+                User(name=data["name"], role=data["role"], groups=tuple(data.get("groups", ())))
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise EdgeError(f"{record}: not a user record ({exc})") from None
+    return users
