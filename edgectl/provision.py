@@ -23,6 +23,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.common.durable import atomic_write
 from edge_agent.errors import EdgeError, ProtocolError
 from edge_agent.fleet.protocol import check_name
 
@@ -64,19 +65,8 @@ def mosquitto_password_hash(password: str, *, iterations: int = HASH_ITERATIONS)
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, mode 0600 from the start (a temporary file in the
-    same directory, renamed over the old one)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` atomically, mode 0600 from the start."""
+    atomic_write(path, text.encode(), mode=0o600)
 
 
 def set_password_entry(passwd: Path, user: str, password: str) -> None:
