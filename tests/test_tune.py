@@ -333,7 +333,12 @@ def test_edge_agent_run_tunes_while_serving_and_says_so(small_tflite: Path, tmp_
         )
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        # read on through the text wrapper: communicate() would read the pipe beneath it and
+        # miss the lines the first readline() buffered
+        with proc.stdout, proc.stderr:
+            out = proc.stdout.read()
+            proc.stderr.read()
+        proc.wait(60)
     assert proc.returncode == 0
     seqs = [json.loads(line)["seq"] for line in out.splitlines()]
     assert seqs == list(range(1, len(seqs) + 1))  # none lost through the plan changes
