@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import sys
-import tempfile
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 from converters.convert import QUANTIZE_FORMATS
 from converters.task import ALIASES, TASKS
 from edge_agent.common.argtypes import float_list
+from edge_agent.common.durable import atomic_write
 from edge_agent.errors import EXIT_INTERNAL, EXIT_OK, ConfigError, EdgeError
 from edge_agent.model.formats import CALIBRATION_METHODS
 from edge_agent.model.preprocess import CHANNEL_ORDERS, LAYOUTS, RESIZE_MODES
@@ -392,18 +391,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict[str, tuple[int, ...]], in
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename: no partial output."""
+    """Write to a temporary file beside ``path``, then rename: no partial output (the folder
+    is created first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
 
 
 def _check_writable(path: Path) -> None:

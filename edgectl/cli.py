@@ -611,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from edge_agent.fleet.mqtt import read_secret
+    from edge_agent.common.secrets import read_secret
     from edge_agent.model.keys import OPERATOR_KEY_STEM, generate_keypair, key_id, load_public_key
 
     passphrase = (

@@ -191,6 +191,10 @@ class SampleStore:
         with self._lock:
             return len(self._sizes)
 
+    def __contains__(self, sample_id: object) -> bool:
+        with self._lock:
+            return sample_id in self._sizes
+
     def size_bytes(self) -> int:
         with self._lock:
             return sum(self._sizes.values())
@@ -252,7 +256,7 @@ class SampleOutbox:
         self._clearing.clear()
 
     def _load_current(self) -> bool:
-        if self._current is not None and self._current not in self.store.ids():
+        if self._current is not None and self._current not in self.store:
             # gone undelivered while being sent: its chunks on the broker go too
             self._clear |= {(self._current, i) for i in self._acked | self._sent if i >= 0}
             self._current = self._meta = None
