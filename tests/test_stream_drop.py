@@ -49,9 +49,10 @@ def test_stream_server_stopped_and_restarted() -> None:
         stop_mjpeg(server)
 
 
-#: How long the camera stays unplugged: the issue's field case, far past the source's longest
-#: reconnect backoff (30 s) and many watchdog timeouts.
-OUTAGE_S = 90.0
+#: How long the camera stays unplugged: 30 s in the suite (15 watchdog timeouts, and the source's
+#: backoff climbs to its last steps); ``make bench`` runs the issue's field case, 90 s, far past
+#: the longest reconnect backoff (30 s), with ``EDGE_TEST_OUTAGE_S=90``.
+OUTAGE_S = float(os.environ.get("EDGE_TEST_OUTAGE_S", "30"))
 
 
 @pytest.mark.slow
@@ -59,8 +60,9 @@ def test_the_watchdog_feeds_on_a_static_scene_and_a_lost_camera(
     fleet_env: dict[str, Any], tmp_path: Path
 ) -> None:
     """A real notify socket and watchdog (2 s): the motion gate skips every frame of a static
-    scene, then the stream is gone for 90 s and comes back. READY comes before any result, the
-    pings never stop, the agent is never restarted, and the state goes degraded, then serving."""
+    scene, then the stream is gone for ``OUTAGE_S`` and comes back. READY comes before any
+    result, the pings never stop, the agent is never restarted, and the state goes degraded,
+    then serving."""
     import socket
     import subprocess
 
@@ -100,7 +102,7 @@ def test_the_watchdog_feeds_on_a_static_scene_and_a_lost_camera(
         collect(4.0)  # the static scene: the gate skips every frame after the first
         stop_mjpeg(server)  # the camera is unplugged ...
         assert collect(20.0, until=b"STATUS=degraded"), (tmp_path / "agent.log").read_text()
-        collect(OUTAGE_S - (time.monotonic() - got[-1][0]))  # ... for 90 s in all
+        collect(OUTAGE_S - (time.monotonic() - got[-1][0]))  # ... for OUTAGE_S in all
         unplugged_until = time.monotonic()
         server = serve_mjpeg(port, static=True)
         # the longest backoff (30 s, +20 % jitter) and a reconnect: then serving again
