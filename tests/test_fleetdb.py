@@ -486,3 +486,118 @@ def test_history_status_and_export_read_the_database(
     status = {r["device"]: r for r in json.loads(out)}
     assert set(long_run) <= set(status)
     assert status[device]["model"] == "resnet-small 1.4.2" and status[device]["fps"] > 29
+
+
+# --- the dashboards ---------------------------------------------------------------------------
+
+GRAFANA = Path(__file__).resolve().parents[1] / "deploy" / "grafana"
+_GROUP = re.compile(r"\$__timeGroupAlias\((\w+),\s*\$__interval\)")
+_FILTER = re.compile(r"\$__timeFilter\((\w+)\)")
+
+
+def grafana_sql(text: str, *, device: str) -> str:
+    """A dashboard query with Grafana's macros and variables put in, as Grafana would for
+    the last 1,000 days and a 1-minute interval."""
+    text = _GROUP.sub(r"""to_timestamp(floor(extract(epoch FROM \1) / 60) * 60) AS "time\"""", text)
+    text = _FILTER.sub(r"\1 BETWEEN now() - interval '1000 days' AND now()", text)
+    text = text.replace("$device", device)
+    assert "$" not in text, f"a macro or variable the test does not know: {text}"
+    return text
+
+
+def test_every_dashboard_query_runs_against_the_schema(
+    database: Database, long_run: list[str]
+) -> None:
+    """So a dashboard can never query a column that does not exist."""
+    datasource = (GRAFANA / "provisioning/datasources/edge-fleet.yaml").read_text()
+    assert "uid: edge-fleet" in datasource and "type: grafana-postgresql-datasource" in datasource
+    queries_run = 0
+    dashboards = sorted((GRAFANA / "dashboards").glob("*.json"))
+    assert {p.stem for p in dashboards} == {"fleet-overview", "device", "rollouts", "drift"}
+    with database.connect() as conn:
+        conn.execute("SET statement_timeout = '10s'")
+        for path in dashboards:
+            board = json.loads(path.read_text())
+            assert board["uid"].startswith("edge-fleet") and board["panels"], path
+            texts = [v["query"] for v in board["templating"]["list"]]
+            for p in board["panels"]:
+                assert p["datasource"]["uid"] == "edge-fleet", (path.name, p["title"])
+                texts += [t["rawSql"] for t in p["targets"]]
+            for text in texts:
+                try:
+                    conn.execute(grafana_sql(text, device=long_run[3]).encode()).fetchall()
+                except psycopg.Error as exc:
+                    raise AssertionError(f"{path.name}: {exc}\n{text}") from None
+                queries_run += 1
+    assert queries_run >= 25
+
+
+# --- docs/fleet.md ----------------------------------------------------------------------------
+
+FLEET_DOC = Path(__file__).resolve().parents[1] / "docs" / "fleet.md"
+
+
+def _doc_steps() -> list[str]:
+    """The shell lines of docs/fleet.md's "From an empty PostgreSQL to a dashboard"."""
+    text = FLEET_DOC.read_text().split("## From an empty PostgreSQL to a dashboard", 1)[1]
+    block = text.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+def _wait_for_simulated(database: str, line: str) -> None:
+    want = 1
+    for flag in ("--devices", "--count"):
+        found = re.search(flag + r" (\d+)", line)
+        assert found, line
+        want *= int(found.group(1))
+    with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={database}") as conn:
+        query = "SELECT count(*) FROM telemetry"
+        wait_until("the simulated telemetry", lambda: conn.execute(query).fetchone() == (want,))
+
+
+def test_the_fleet_doc_steps_run_as_written(tmp_path: Path) -> None:
+    """Each line as written, in a shell, but on this test's broker port, database and
+    Prometheus port; a line ending in ``&`` runs in the background (stopped at the end)."""
+    steps = _doc_steps()
+    assert len(steps) == 6 and steps[0].startswith("psql") and steps[1].endswith("&"), steps
+    name = f"edge_test_{uuid.uuid4().hex[:12]}"
+    port = str(free_port())
+    venv_bin = str(Path(EDGECTL).parent)
+    env = checkout_env()
+    env["PATH"] = f"{venv_bin}:{env.get('PATH', '')}"
+    outputs: list[str] = []
+    background: subprocess.Popen[str] | None = None
+    with Broker(tmp_path / "broker", extra_conf=BROKER_CONF) as broker:
+        try:
+            for line in steps:
+                line = (line.replace("127.0.0.1:1883", f"127.0.0.1:{broker.port}")
+                        .replace("/fleet", f"/{name}").replace("DATABASE fleet", f"DATABASE {name}")
+                        .replace("9108", port))  # fmt: skip
+                if line.endswith("&"):
+                    log = tmp_path / "collector.log"
+                    with log.open("w") as err:
+                        background = subprocess.Popen(
+                            ["bash", "-c", f"exec {line[:-1]}"], stdout=subprocess.PIPE,
+                            stderr=err, text=True, env=env, cwd=tmp_path,
+                        )  # fmt: skip
+                    wait_until("the collector", lambda: "collecting as" in log.read_text())  # noqa: B023
+                    continue
+                run = subprocess.run(["bash", "-c", line], capture_output=True, text=True,
+                                     env=env, cwd=tmp_path, timeout=60)  # fmt: skip
+                assert run.returncode == 0, (line, run.stdout, run.stderr)
+                outputs.append(run.stdout)
+                if " simulate " in line:  # let the collector commit what was just acknowledged
+                    _wait_for_simulated(name, line)
+        finally:
+            if background is not None:
+                background.send_signal(signal.SIGTERM)
+                background.communicate(timeout=30)
+            with _admin() as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    assert background is not None and background.returncode == 0
+    _create, simulated, status, history, metrics = outputs
+    assert json.loads(simulated)["acked"] == 20 * (2 + 10 + 2)
+    assert status.rstrip().endswith("20 devices, 20 online"), status
+    assert history.rstrip().endswith("10 rows") and "sim-0007" not in history, history
+    assert history.splitlines()[0].split() == ["time", "seq", "fps", "p95", "drift"]
+    assert metrics.startswith('edge_fleet_fps{device="sim-0007"} 29.')
