@@ -1163,6 +1163,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return CtlExit.OK
 
 
+def telemetry_writer(out: IO[str], fmt: str) -> Callable[[dict[str, Any]], object]:
+    """Writes one telemetry payload to ``out`` as a JSON line or a CSV row (header first)."""
+    if fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS)
+        writer.writeheader()
+        return lambda data: writer.writerow(telemetry_row(data))
+    return lambda data: out.write(json.dumps(data, separators=(",", ":")) + "\n")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if not args.db and (args.since or args.until or args.device):
         raise EdgeError("export: --since, --until and --device read the fleet database: add --db")
@@ -1175,29 +1184,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     out: IO[str] = (
         args.output.open("w", encoding="utf-8", newline="") if args.output else sys.stdout
     )
-    if args.db:
-        try:
-            db_writer = (
-                csv.DictWriter(out, fieldnames=EXPORT_FIELDS) if args.format == "csv" else None
-            )
-            if db_writer is not None:
-                db_writer.writeheader()
-            for data in telemetry_payloads(conn, since=since, until=until, device=args.device):
-                if db_writer is not None:
-                    db_writer.writerow(telemetry_row(data))
-                else:
-                    out.write(json.dumps(data, separators=(",", ":")) + "\n")
-        finally:
-            conn.close()
-            if args.output:
-                out.close()
-        return CtlExit.OK
-    lock = threading.Lock()
-    writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS) if args.format == "csv" else None
-    if writer is not None:
-        writer.writeheader()
-    seen: set[tuple[str, int]] = set()
+    write_one = telemetry_writer(out, args.format)
     try:
+        if args.db:  # the history the collector kept
+            try:
+                for data in telemetry_payloads(conn, since=since, until=until, device=args.device):
+                    write_one(data)
+            finally:
+                conn.close()
+            return CtlExit.OK
+        lock = threading.Lock()
+        seen: set[tuple[str, int]] = set()
         with Client(args) as client:
 
             def write(msg: Any) -> None:
@@ -1210,10 +1207,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                     if key in seen:  # at-least-once delivery: drop duplicates by seq
                         return
                     seen.add(key)
-                    if writer is not None:
-                        writer.writerow(telemetry_row(data))
-                    else:
-                        out.write(json.dumps(data, separators=(",", ":")) + "\n")
+                    write_one(data)
                     out.flush()
 
             client.subscribe(

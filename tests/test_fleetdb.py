@@ -210,6 +210,7 @@ def test_simulated_payloads_follow_the_protocol_and_become_typed_rows() -> None:
         ("results", b'{"seq": 1, "ts": 1800000000}', "result_ts None"),
         ("status", b'{"state": "online", "ts": "yesterday"}', "ts 'yesterday'"),
         ("events", b'{"seq": 1, "ts": 1800000000, "reason": "a\\u0000b"}', "u0000"),
+        ("events", b'{"seq": 1, "ts": 1800000000, "details": {"r": "a\\ud800"}}', "surrogate"),
     ],
 )
 def test_a_message_without_a_key_is_rejected_with_its_reason(
@@ -400,6 +401,45 @@ def test_two_collectors_in_a_share_group_split_the_load(database: Database, tmp_
     assert rows_of(database, "events", "pair") == expected_keys(devices, 20, 5)
     # status and reported are read by both (retained): each stored once
     assert [d for d, _ in rows_of(database, "status", "pair")] == devices
+
+
+def test_a_row_the_database_refuses_is_rejected_and_the_rest_are_stored(
+    fleet_broker: Broker, database: Database
+) -> None:
+    """A trigger refuses one message (as a data error): the batch is split until that row is
+    found; it is rejected and acknowledged, every other row is stored, and the collector
+    goes on (in this process: FleetCollector itself)."""
+    from edgectl.cli import broker_settings, build_parser
+    from edgectl.collector import CollectorSettings, FleetCollector
+
+    with database.connect() as conn:
+        conn.execute(
+            "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.device = 'poison-0001' AND NEW.seq = 3 THEN RAISE EXCEPTION 'poisoned' "
+            "USING ERRCODE = 'data_exception'; END IF; RETURN NEW; END $$; "
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON telemetry FOR EACH ROW "
+            "EXECUTE FUNCTION refuse_poison()"
+        )
+    settings = CollectorSettings(db=database.url, share_group="poison", client_id="poison-1",
+                                 batch_ms=300)  # fmt: skip
+    args = build_parser().parse_args(["--broker", fleet_broker.url, "status"])
+    collector = FleetCollector(settings, broker_settings(args))
+    collector.startup()
+    loop = threading.Thread(target=collector.main_loop)
+    loop.start()
+    try:
+        devices = simulate.device_names(3, stem="poison")
+        with simulate.Simulator(fleet_broker.host, fleet_broker.port, devices, rate=20, count=6,
+                                events_every=0, client_id="sim-poison") as sim:  # fmt: skip
+            assert sim.wait(30)
+        wait_until("the other rows", lambda: collector.totals.messages >= 3 * (6 + 2))
+    finally:
+        collector.should_exit.set()
+        loop.join(10)
+        collector.shutdown()
+    want = [key for key in expected_keys(devices, 6, 1) if key != ("poison-0001", 3)]
+    assert rows_of(database, "telemetry", "poison") == want
+    assert collector.totals.rejected == 1 and collector.totals.db_errors >= 1, collector.totals
 
 
 # --- reading it back --------------------------------------------------------------------------

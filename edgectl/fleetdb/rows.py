@@ -216,6 +216,16 @@ _EXTRACT = {
     "status": _status,
     "reported": _reported,
 }
+
+
+def _lone_surrogate(data: Any) -> bool:
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 _TIME_KEY = {"results": "result_ts"}
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
@@ -233,6 +243,8 @@ def to_row(device: str, stream: str, payload: bytes) -> Row:
         raise Rejected(f"expected a JSON object, got {type(data).__name__}")
     if "\\u0000" in text:
         raise Rejected("a \\u0000 in a string (PostgreSQL's jsonb cannot hold it)")
+    if ("\\ud" in text or "\\uD" in text) and _lone_surrogate(data):
+        raise Rejected("a lone UTF-16 surrogate escape in a string (not Unicode text)")
     if stream in SEQ_STREAMS:
         seq = _int(data.get("seq"))
         if seq is None or seq < 0:
