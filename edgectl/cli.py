@@ -84,6 +84,7 @@ from edge_agent.fleet import protocol
 from edge_agent.fleet.protocol import Desired, ShadowSpec, Topics
 from edgectl.fleetdb.rows import DEFAULT_METRICS as DEFAULT_HISTORY_METRICS
 from edgectl.fleetdb.rows import EXPORT_FIELDS, telemetry_row
+from edgectl.tables import aligned, cell
 
 PROG = "edgectl"
 #: The commands that publish orders (desired states, commands): they need the operator key.
@@ -362,17 +363,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     cols = ("device", "state", "model", "fps", "p95_ms", "temp_c", "last_seen_s", "update")
     heads = ("device", "status", "model", "fps", "p95 ms", "temp °C", "last seen s", "update")
 
-    def cell(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.1f}"
-        return str(v)
-
-    table = [list(heads)] + [[cell(r[c]) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = aligned(heads, [[cell(r[c]) for c in cols] for r in rows])
     online = sum(1 for r in rows if r["online"])
     lines.append(f"{len(rows)} devices, {online} online")
     return "\n".join(lines)
@@ -1223,8 +1214,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from edgectl.fleetdb.output import write_rows
     from edgectl.fleetdb.queries import history, parse_metrics
+    from edgectl.tables import write_rows
 
     metrics = parse_metrics(args.metric)
     protocol.check_name(args.device)
