@@ -375,6 +375,33 @@ def test_a_collector_killed_mid_stream_loses_and_duplicates_nothing(
     assert totals["rejected"] == 0 and totals["duplicates"] >= 50, totals
 
 
+def test_a_broker_restart_mid_batch_loses_and_duplicates_nothing(
+    database: Database, tmp_path: Path
+) -> None:
+    """The broker restarts while a batch is received but not committed: the collector
+    reconnects to its session, does not acknowledge the old connection's messages on the new
+    one, and the broker's redelivery is stored once."""
+    broker = Broker(tmp_path / "broker", extra_conf=BROKER_CONF).__enter__()
+    collector = CollectorProcess(tmp_path, broker, database, "restart-1", "--batch-ms", "1500",
+                                 group="restart")  # fmt: skip
+    try:
+        collector.start()
+        devices = simulate.device_names(10, stem="restart")
+        with simulate.Simulator(broker.host, broker.port, devices, rate=50, count=20,
+                                events_every=0, client_id="sim-restart") as sim:  # fmt: skip
+            assert sim.wait(30)
+        broker.restart()  # SIGTERM (it saves the sessions), then the same port again
+        wait_until("every row", lambda: len(rows_of(database, "telemetry", "restart")) == 200)
+        time.sleep(0.5)
+        totals = collector.stop()
+    finally:
+        collector.close()
+        broker.stop()
+    assert rows_of(database, "telemetry", "restart") == expected_keys(devices, 20, 1)
+    assert [d for d, _ in rows_of(database, "status", "restart")] == devices
+    assert totals["rejected"] == 0, totals
+
+
 def test_two_collectors_in_a_share_group_split_the_load(database: Database, tmp_path: Path) -> None:
     # A broker of its own: Mosquitto 2.0 sends retained telemetry to a shared subscription when
     # it is made, so the other tests' devices would count in the shares.
