@@ -1264,12 +1264,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     t0 = time.monotonic()
     with sim:
-        if args.count:
-            sim.wait(timeout=args.duration or (args.count / args.rate + 60))
-        else:
-            end = t0 + args.duration if args.duration else None
-            while end is None or time.monotonic() < end:
-                time.sleep(0.2)
+        try:
+            if args.count:
+                sim.wait(timeout=args.duration or (args.count / args.rate + 60))
+            else:
+                end = t0 + args.duration if args.duration else None
+                while end is None or time.monotonic() < end:
+                    time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass  # Ctrl-C: stop, and say what was sent
     stats = {**sim.stats(), "seconds": round(time.monotonic() - t0, 2)}
     print(json.dumps(stats), flush=True)
     return CtlExit.OK

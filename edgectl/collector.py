@@ -393,18 +393,30 @@ class FleetCollector:
     def run(self, *, ready: Callable[[str], None] | None = None) -> dict[str, Any]:
         """startup -> main_loop -> shutdown, with SIGTERM/SIGINT setting the flag; the totals.
         ``ready`` gets a line once the subscriptions are acknowledged."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.should_exit.set())
-        self.startup()
-        if ready is not None:
-            ready(
-                f"collecting as {self.client_id} (share group {self.settings.share_group}) "
-                f"into {db.safe_url(self.settings.db)}"
-            )
+        previous = {
+            sig: signal.signal(sig, lambda *_: self.should_exit.set())
+            for sig in (signal.SIGTERM, signal.SIGINT)
+        }
         try:
-            self.main_loop()
+            try:
+                self.startup()
+            except BaseException:
+                self._close_db()
+                if self._client is not None:
+                    self._client.loop_stop()
+                raise
+            if ready is not None:
+                ready(
+                    f"collecting as {self.client_id} (share group {self.settings.share_group}) "
+                    f"into {db.safe_url(self.settings.db)}"
+                )
+            try:
+                self.main_loop()
+            finally:
+                self.shutdown()
         finally:
-            self.shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return self.totals.as_dict()
 
 

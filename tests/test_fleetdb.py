@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -272,13 +273,21 @@ def test_bad_database_options_are_one_line_errors(
         (["collect", "fleet", "--db", database.url, "--out", "x"], 2, "are for samples"),
         (["collect"], 2, "--out DIR is required"),
         (["export", "--since", "2h"], 2, "add --db"),
+        (["collect", "fleet", "--db", database.url, "--share-group", "no/slash"], 2,
+         "--share-group 'no/slash'"),
     ]  # fmt: skip
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    cases.append((["collect", "fleet", "--db", database.url, "--prometheus",
+                   str(taken.getsockname()[1])], 2, "cannot listen on 127.0.0.1"))  # fmt: skip
     for argv, code, message in cases:
         got, _, err = ctl(capsys, *argv)
         assert got == code, (argv, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (argv, err)
         assert "secret" not in err
+    taken.close()
 
 
 # --- the collector ----------------------------------------------------------------------------

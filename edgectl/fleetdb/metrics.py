@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from edge_agent.errors import ConfigError
 from edgectl.fleetdb.rows import Row
 
 
@@ -81,4 +82,9 @@ class CollectorMetrics:
     def serve(self, port: int, *, host: str = "127.0.0.1") -> None:
         from prometheus_client import start_http_server
 
-        start_http_server(port, addr=host, registry=self.registry)
+        try:
+            start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(
+                f"--prometheus {port}: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from None
