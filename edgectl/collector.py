@@ -245,6 +245,9 @@ class FleetCollector:
             except Rejected as exc:
                 log.warning("%s: rejected: %s", msg.topic, exc)
                 stream = "rejected"
+            except Exception:  # a bug: say so, and never stop paho's thread over one message
+                log.exception("%s: cannot make a row of it: rejected", msg.topic)
+                stream = "rejected"
         self._queue.put(Item(generation, msg.mid, msg.qos, stream, row))
 
     # --- the loop -----------------------------------------------------------------------------
