@@ -28,7 +28,7 @@
     edgectl collect [samples] --out DIR [--device D | --group G] [--since WHEN] [--duration S]
             [--idle S]
     edgectl collect fleet --db URL [--db-password-file F] [--share-group G] [--client-id ID]
-            [--results] [--prometheus PORT] [--duration S]
+            [--results] [--prometheus PORT] [--duration S] [--retire]
     edgectl simulate --devices N --rate HZ [--count N | --duration S]
     edgectl capture --device D (--off [--purge] | --on)
 
@@ -650,7 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", help="captured since: 2h, 7d, a Unix time or 2026-12-01T10:30 (UTC)")
     p.add_argument("--duration", type=parse_duration, default=0.0, help="0 = until interrupted")
     p.add_argument("--idle", type=parse_duration, default=0.0,
-                   help="stop after this long without a new sample (0 = never)")  # fmt: skip
+                   help="stop after this long without a new sample, or message with fleet "
+                   "(0 = never; fleet --retire: 2s)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="leave collected samples on the broker")
     p.add_argument("--discover", type=parse_duration, default=2.0, metavar="DURATION")
     fleet = p.add_argument_group("collect fleet (the streams into PostgreSQL)")
@@ -662,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="this collector's MQTT session (stable, one per collector; default "
                        "edgectl-collect-G-HOSTNAME)")  # fmt: skip
     fleet.add_argument("--results", action="store_true", help="keep every result too")
+    fleet.add_argument("--retire", action="store_true",
+                       help="store what waits in this --client-id's session, then end the "
+                       "session: the share group no longer gives it a share")  # fmt: skip
     fleet.add_argument("--prometheus", type=int, default=0, metavar="PORT",
                        help="serve fleet gauges and the collector's counters on "
                        "127.0.0.1:PORT")  # fmt: skip
@@ -1230,17 +1234,20 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_collect_fleet(args: argparse.Namespace) -> int:
     from edgectl.collector import CollectorSettings, FleetCollector, summary_line
 
-    if args.out or args.device or args.group or args.since or args.keep or args.idle:
-        raise EdgeError("collect fleet: --out, --device, --group, --since, --idle and --keep "
+    if args.out or args.device or args.group or args.since or args.keep:
+        raise EdgeError("collect fleet: --out, --device, --group, --since and --keep "
                         "are for samples (edgectl collect --out DIR)")  # fmt: skip
     if not args.db:
         raise EdgeError("collect fleet: --db URL is required (or $EDGECTL_DB)")
+    if args.retire and not args.client_id:
+        raise EdgeError("collect fleet --retire: name the collector to retire with --client-id")
     try:
         settings = CollectorSettings(
             db=args.db, db_password_file=args.db_password_file, share_group=args.share_group,
             client_id=args.client_id, results=args.results, prefix=args.prefix,
             prometheus_port=args.prometheus, batch_rows=args.batch_rows,
             batch_ms=args.batch_ms, retention_days=args.retention_days, duration=args.duration,
+            retire=args.retire, idle_s=args.idle,
         )  # fmt: skip
     except ValueError as exc:
         raise EdgeError(str(exc)) from None

@@ -80,6 +80,8 @@ class CollectorSettings:
     receive_maximum: int = 5000
     retention_days: float = 0.0
     duration: float = 0.0  # 0: until stopped
+    retire: bool = False  # drain this collector's session, then end it (see retire_loop)
+    idle_s: float = 0.0  # stop after this long without a message (0: never; --retire: 2 s)
 
     def __post_init__(self) -> None:
         protocol.check_name(self.share_group, "--share-group")
@@ -146,6 +148,7 @@ class FleetCollector:
         self._conn: psycopg.Connection | None = None
         self._writer: Writer | None = None
         self._client: Any = None
+        self._end_session = False
 
     # --- startup ------------------------------------------------------------------------------
 
@@ -272,6 +275,9 @@ class FleetCollector:
         return batch
 
     def main_loop(self) -> None:
+        if self.settings.retire:
+            self.retire_loop()
+            return
         end = time.monotonic() + self.settings.duration if self.settings.duration else None
         while not self.should_exit.is_set():
             if end is not None and time.monotonic() >= end:
@@ -279,6 +285,31 @@ class FleetCollector:
             batch = self._take_batch(wait=0.2)
             if batch:
                 self._process(batch)
+
+    def _drain_until_idle(self) -> None:
+        idle_since = time.monotonic()
+        while (
+            not self.should_exit.is_set() and time.monotonic() - idle_since < self.settings.idle_s
+        ):
+            batch = self._take_batch(wait=0.1)
+            if batch:
+                self._process(batch)
+                idle_since = time.monotonic()
+
+    def retire_loop(self) -> None:
+        """``--retire``: store what the broker kept in this collector's session (its share while
+        it was away), unsubscribe, store what was still on its way, then end the session
+        (DISCONNECT with a session expiry of 0) so the broker stops giving it a share."""
+        self._drain_until_idle()
+        done = threading.Event()
+        self._client.on_unsubscribe = lambda *a: done.set()
+        self._client.unsubscribe([t for t, _ in self.settings.topics()])
+        if not done.wait(10.0):
+            raise BrokerError("mqtt: no UNSUBACK within 10 s: the session was kept")
+        self._drain_until_idle()
+        if self.should_exit.is_set():
+            raise BrokerError("interrupted: the session was kept (run --retire again)")
+        self._end_session = True
 
     def _process(self, batch: Sequence[Item]) -> None:
         rows = [item.row for item in batch if item.row is not None]
@@ -389,7 +420,14 @@ class FleetCollector:
             except DatabaseError:
                 break
         if self._client is not None:
-            self._client.disconnect()
+            props = None
+            if self._end_session:
+                from paho.mqtt.packettypes import PacketTypes
+                from paho.mqtt.properties import Properties
+
+                props = Properties(PacketTypes.DISCONNECT)
+                props.SessionExpiryInterval = 0
+            self._client.disconnect(properties=props)
             self._client.loop_stop()
         self._close_db()
 

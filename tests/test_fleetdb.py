@@ -271,6 +271,7 @@ def test_bad_database_options_are_one_line_errors(
         (["history", "cam-1", "--db", database.url, "--since", "soon"], 2, "--since 'soon'"),
         (["collect", "fleet"], 2, "--db URL is required"),
         (["collect", "fleet", "--db", database.url, "--out", "x"], 2, "are for samples"),
+        (["collect", "fleet", "--db", database.url, "--retire"], 2, "with --client-id"),
         (["collect"], 2, "--out DIR is required"),
         (["export", "--since", "2h"], 2, "add --db"),
         (["collect", "fleet", "--db", database.url, "--share-group", "no/slash"], 2,
@@ -476,6 +477,45 @@ def test_a_row_the_database_refuses_is_rejected_and_the_rest_are_stored(
     want = [key for key in expected_keys(devices, 6, 1) if key != ("poison-0001", 3)]
     assert rows_of(database, "telemetry", "poison") == want
     assert collector.totals.rejected == 1 and collector.totals.db_errors >= 1, collector.totals
+
+
+def test_a_stopped_collector_keeps_its_share_until_retired(
+    database: Database, tmp_path: Path
+) -> None:
+    """Mosquitto goes on giving a stopped collector's session its share; ``--retire`` stores
+    what waits there and ends the session, after which the other collector gets everything."""
+    broker = Broker(tmp_path / "broker", extra_conf=BROKER_CONF).__enter__()
+    a, b = (CollectorProcess(tmp_path, broker, database, f"retire-{k}", group="retire")
+            for k in "ab")  # fmt: skip
+    devices = simulate.device_names(10, stem="retire")
+
+    def publish(seq_start: int, count: int) -> None:
+        with simulate.Simulator(broker.host, broker.port, devices, rate=40, count=count,
+                                events_every=0, seq_start=seq_start, retained_state=False,
+                                client_id="sim-retire") as sim:  # fmt: skip
+            assert sim.wait(30)
+
+    try:
+        a.start()
+        b.start()
+        a.stop()  # its session stays, subscribed
+        publish(0, 20)  # a's share waits in its session
+        run = edgectl("collect", "fleet", "--db", database.url, "--client-id", "retire-a",
+                      "--share-group", "retire", "--retire", "--idle", "0.5",
+                      broker=broker.url)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        # its share of the 200 (the broker alternates), beyond the 10 retained copies that
+        # Mosquitto sends a shared subscription as it is made
+        assert json.loads(run.stdout.splitlines()[-1])["per_stream"]["telemetry"] >= 60, run
+        wait_until("a's share", lambda: len(rows_of(database, "telemetry", "retire")) == 200)
+        publish(20, 10)  # only b is left in the group
+        wait_until("everything at b", lambda: len(rows_of(database, "telemetry", "retire")) == 300)
+        b.stop()
+    finally:
+        a.close()
+        b.close()
+        broker.stop()
+    assert rows_of(database, "telemetry", "retire") == expected_keys(devices, 30, 1)
 
 
 # --- reading it back --------------------------------------------------------------------------
