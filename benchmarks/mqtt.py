@@ -39,6 +39,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgectl.simulate import result_payload, status_payload, telemetry_payload
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 PREFIX = "edge"
@@ -52,104 +54,6 @@ FLEET_WINDOW_S = 10.0
 
 
 # --- payloads ---------------------------------------------------------------------------------
-
-
-def result_payload(seq: int, now: float) -> dict[str, Any]:
-    """The JSONL / MQTT result object as the pipeline builds it (docs/mqtt.md, ``result``)."""
-    top = [
-        {"index": 7, "label": "forklift", "score": 0.8312},
-        {"index": 2, "label": "pallet", "score": 0.1101},
-        {"index": 5, "label": "person", "score": 0.0344},
-    ]
-    return {
-        "seq": seq,
-        "capture_ts": now - 0.0042,
-        "result_ts": now,
-        "frame": seq,
-        "model": {"name": "resnet-small", "version": "1.4.2"},
-        "latency_ms": {
-            "capture_to_result": 4.2113,
-            "preprocess": 0.6021,
-            "inference": 2.9874,
-            "postprocess": 0.0412,
-        },
-        "output": {
-            "kind": "classification",
-            "top": top,
-            "class": 7,
-            "label": "forklift",
-            "score": 0.8312,
-        },
-    }
-
-
-def telemetry_payload(device: str, seq: int, now: float, uptime: float) -> dict[str, Any]:
-    """What ``Service.telemetry_payload`` publishes (docs/mqtt.md, ``telemetry``)."""
-
-    def pct(p50: float) -> dict[str, float]:
-        return {"p50": p50, "p95": round(p50 * 1.6, 4), "p99": round(p50 * 2.3, 4)}
-
-    return {
-        "schema": 1,
-        "seq": seq,
-        "device": device,
-        "ts": now,
-        "interval_s": 1.0,
-        "uptime_s": round(uptime, 3),
-        "state": "serving",
-        "model": {"name": "resnet-small", "version": "1.4.2"},
-        "spool_depth": 0,
-        "pipeline": {
-            "fps": 29.97,
-            "results": int(uptime * 30),
-            "frames": int(uptime * 30),
-            "dropped": 0,
-            "inference_errors": 0,
-            "gated": 0,
-            "workers": 1,
-            "latency_ms": {
-                "capture_to_result": pct(4.21),
-                "preprocess": pct(0.61),
-                "inference": pct(2.98),
-                "postprocess": pct(0.04),
-                "overhead": pct(0.09),
-            },
-        },
-        "system": {
-            "cpu_percent": 41.5,
-            "load": [0.82, 0.71, 0.64],
-            "ram_percent": 37.2,
-            "ram_used_mb": 1480.3,
-            "disk_percent": 22.1,
-            "cpu_temp_c": 54.2,
-            "throttled": None,
-            "process_rss_mb": 96.4,
-        },
-        "monitoring": {
-            "samples": 30,
-            "input": {"input": {"mean": [0.4412, 0.4267, 0.3981], "std": [0.2213, 0.2154, 0.2302]}},
-            "output": {
-                "class_histogram": [0.0, 0.0, 0.1, 0.0, 0.0, 0.03, 0.0, 0.87, 0.0, 0.0],
-                "mean_top1": 0.8312,
-                "errors": 0,
-            },
-            "drift": None,
-        },
-    }
-
-
-def status_payload(device: str, now: float) -> dict[str, Any]:
-    from edge_agent.fleet import protocol
-
-    return protocol.status_payload(
-        "online",
-        device=device,
-        agent_version="0.1.0",
-        model={"name": "resnet-small", "version": "1.4.2"},
-        profile="rpi4",
-        groups=("bench",),
-        ts=now,
-    )
 
 
 def check_payload_schemas() -> None:

@@ -26,6 +26,8 @@
     ├── UpdateError                an over-the-air update that cannot go ahead: download, transfer,
     │                              compatibility, anti-rollback or health window (names the cause)
     ├── RolloutAborted             ``edgectl rollout`` stopped: too many devices failed
+    ├── DatabaseError              ``edgectl``'s fleet database (PostgreSQL) cannot be reached,
+    │                              refused us, or has a schema newer than this edgectl
     └── NoAnswer                   ``edgectl``: a device did not answer in time
 
 Third-party errors (onnx, onnxruntime, cryptography, OpenCV, torch) are translated at the
@@ -44,7 +46,8 @@ code (documented once, in ``docs/cli.md``, "Exit codes"). The numbers are a cont
   :func:`agent_exit_code`.
 - ``edgectl`` (:class:`CtlExit`): 0 ok, 1 internal error, 2 usage or bad input, 3 rollout
   aborted or a device reported failure, 4 bundle failed verification, 5 broker unreachable or
-  refused, 6 no answer in time. :func:`edgectl_exit_code`.
+  refused, 6 no answer in time, 7 the fleet database unreachable, refused us or has a newer
+  schema. :func:`edgectl_exit_code`.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class CtlExit(IntEnum):
     VERIFY = 4  # a bundle failed verification
     BROKER = 5  # the broker cannot be reached or refused us
     TIMEOUT = 6  # a device did not answer in time
+    DATABASE = 7  # the fleet database cannot be reached, refused us, or its schema is newer
 
 
 EXIT_OK = ConvertExit.OK
@@ -193,6 +197,13 @@ class NoAnswer(EdgeError):
     exit_code = CtlExit.TIMEOUT
 
 
+class DatabaseError(EdgeError):
+    """``edgectl``'s fleet database (PostgreSQL, ``--db``) cannot be reached, refused us, or
+    holds a schema newer than this edgectl knows (the message says which, never the password)."""
+
+    exit_code = CtlExit.DATABASE
+
+
 def agent_exit_code(exc: EdgeError) -> int:
     """``edge-agent``'s code for an error that ended it. Only a configuration error is 78, the
     code systemd does not restart on: a model, a source or a broker that fails is restarted."""
@@ -214,7 +225,7 @@ def edgectl_exit_code(exc: EdgeError) -> int:
         return CtlExit.VERIFY
     if isinstance(exc, BrokerError):
         return CtlExit.BROKER
-    if isinstance(exc, (RolloutAborted, NoAnswer)):
+    if isinstance(exc, (RolloutAborted, NoAnswer, DatabaseError)):
         return int(exc.exit_code)
     return CtlExit.USAGE
 
@@ -234,6 +245,7 @@ __all__ = [
     "ConvertExit",
     "CtlExit",
     "DataError",
+    "DatabaseError",
     "EdgeError",
     "IntegrityError",
     "ModelError",

@@ -19,10 +19,17 @@
     edgectl shadow --stop (--device ID | --group NAME)
     edgectl rollback (--device ID | --group NAME) [--version V]
     edgectl ping DEVICE
-    edgectl status [--timeout S] [--json]
+    edgectl status [--timeout S] [--json] [--db URL [--db-password-file F]]
     edgectl watch [DEVICE] [--count N]
     edgectl export --format jsonl|csv [--duration S] [--share GROUP] [-o FILE]
-    edgectl collect --out DIR [--device D | --group G] [--since WHEN] [--duration S] [--idle S]
+    edgectl export --db URL [--since WHEN] [--until WHEN] [--device D] --format jsonl|csv [-o FILE]
+    edgectl history DEVICE --db URL [--since WHEN] [--until WHEN] [--metric fps,p95,…]
+            [--format table|json|csv]
+    edgectl collect [samples] --out DIR [--device D | --group G] [--since WHEN] [--duration S]
+            [--idle S]
+    edgectl collect fleet --db URL [--db-password-file F] [--share-group G] [--client-id ID]
+            [--results] [--prometheus PORT] [--duration S] [--retire]
+    edgectl simulate --devices N --rate HZ [--count N | --duration S]
     edgectl capture --device D (--off [--purge] | --on)
 
 Nothing but the broker is central: bundles are stored on it as retained chunks
@@ -35,9 +42,15 @@ With ``--operator-key FILE`` (or ``$EDGECTL_OPERATOR_KEY``) every order edgectl 
 desired state, a command) is signed for its topic (``edgectl.signer``); devices with ``[fleet]
 operator_keys`` refuse anything else. ``keygen`` makes such a key pair.
 
+``--db`` (default ``$EDGECTL_DB``) names the fleet database that ``collect fleet`` fills
+(``edgectl.collector``): ``status`` and ``export`` then read it instead of the broker, and
+``history`` needs it. A libpq URL without a password: that comes from ``--db-password-file`` or
+``PGPASSFILE``.
+
 Exit codes: 0 ok, 1 internal error, 2 bad input, 3 a rollout aborted (canaries failed, or their
 shadow did not agree enough) or a device reported a failed update, 4 the bundle failed
-verification, 5 the broker refused us or could not be reached, 6 a device did not answer in time.
+verification, 5 the broker refused us or could not be reached, 6 a device did not answer in time,
+7 the fleet database cannot be reached, refused us, or its schema is newer than this edgectl.
 """
 
 from __future__ import annotations
@@ -49,6 +62,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import sys
 import threading
@@ -68,6 +82,9 @@ from edge_agent.errors import (
 )
 from edge_agent.fleet import protocol
 from edge_agent.fleet.protocol import Desired, ShadowSpec, Topics
+from edgectl.fleetdb.rows import DEFAULT_METRICS as DEFAULT_HISTORY_METRICS
+from edgectl.fleetdb.rows import EXPORT_FIELDS, telemetry_row
+from edgectl.tables import aligned, cell
 
 PROG = "edgectl"
 #: The commands that publish orders (desired states, commands): they need the operator key.
@@ -120,6 +137,21 @@ def parse_percent(text: str) -> float:
 # --- the client -----------------------------------------------------------------------------
 
 
+def broker_settings(args: argparse.Namespace) -> Any:
+    """The broker options (``--broker``, ``--username``, ``--password-file``, TLS files) as
+    ``edge_agent.fleet.mqtt.BrokerSettings``."""
+    from edge_agent.fleet.mqtt import BrokerSettings
+
+    return BrokerSettings(
+        url=args.broker,
+        username=args.username or "",
+        password_file=args.password_file or "",
+        ca_file=args.ca_file or "",
+        cert_file=args.cert_file or "",
+        key_file=args.key_file or "",
+    )
+
+
 class Client:
     """A blocking paho client for a command-line tool: connect (or raise BrokerError with the
     CONNACK reason), publish and wait for PUBACK, subscribe and collect."""
@@ -127,16 +159,7 @@ class Client:
     def __init__(self, args: argparse.Namespace, *, client_id: str | None = None) -> None:
         import paho.mqtt.client as mqtt
 
-        from edge_agent.fleet.mqtt import BrokerSettings
-
-        self.settings = BrokerSettings(
-            url=args.broker,
-            username=args.username or "",
-            password_file=args.password_file or "",
-            ca_file=args.ca_file or "",
-            cert_file=args.cert_file or "",
-            key_file=args.key_file or "",
-        )
+        self.settings = broker_settings(args)
         self.prefix = args.prefix
         self._mqtt = mqtt
         self._client_id = client_id or f"edgectl-{uuid.uuid4().hex[:10]}"
@@ -340,17 +363,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     cols = ("device", "state", "model", "fps", "p95_ms", "temp_c", "last_seen_s", "update")
     heads = ("device", "status", "model", "fps", "p95 ms", "temp °C", "last seen s", "update")
 
-    def cell(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.1f}"
-        return str(v)
-
-    table = [list(heads)] + [[cell(r[c]) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = aligned(heads, [[cell(r[c]) for c in cols] for r in rows])
     online = sum(1 for r in rows if r["online"])
     lines.append(f"{len(rows)} devices, {online} online")
     return "\n".join(lines)
@@ -423,12 +436,49 @@ def set_desired(
 # --- commands -----------------------------------------------------------------------------
 
 
+def add_db_arguments(parser: Any) -> None:
+    parser.add_argument(
+        "--db", default=os.environ.get("EDGECTL_DB", ""), metavar="URL",
+        help="the fleet database: a PostgreSQL URL without a password (default: $EDGECTL_DB)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--db-password-file", default="", metavar="FILE",
+        help="its password (else libpq's PGPASSFILE / ~/.pgpass)",
+    )  # fmt: skip
+
+
+def _database(args: argparse.Namespace) -> Any:
+    """A connection to ``--db`` whose schema this edgectl can read."""
+    from edgectl.fleetdb import db
+
+    conn = db.connect(args.db, password_file=args.db_password_file, autocommit=True)
+    try:
+        db.check_version(conn)
+    except EdgeError:
+        conn.close()
+        raise
+    return conn
+
+
+def _time_range(args: argparse.Namespace, *, since_default: str | None) -> tuple[float, float]:
+    from edgectl.collect import parse_since
+
+    now = time.time()
+    since_text = args.since or since_default
+    since = parse_since(since_text, now=now) if since_text else 0.0
+    until = parse_since(args.until, now=now, what="--until") if args.until else now + 1.0
+    if until <= since:
+        raise EdgeError(f"--until {args.until!r} is not after --since {since_text!r}")
+    return since, until
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Operate a fleet of edge agents over MQTT.",
         epilog="exit codes: 0 ok, 1 internal error, 2 bad input, 3 rollout aborted or update "
-        "failed, 4 bundle failed verification, 5 broker refused or unreachable, 6 no answer",
+        "failed, 4 bundle failed verification, 5 broker refused or unreachable, 6 no answer, "
+        "7 fleet database unreachable or newer",
     )
     parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
     parser.add_argument("--prefix", default=protocol.DEFAULT_PREFIX)
@@ -556,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="the fleet table from retained status and telemetry")
     p.add_argument("--timeout", type=parse_duration, default=1.5, metavar="DURATION")
     p.add_argument("--json", action="store_true")
+    add_db_arguments(p)
 
     p = sub.add_parser("watch", help="telemetry and events, live")
     p.add_argument("device", nargs="?")
@@ -567,18 +618,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=parse_duration, default=0.0, help="0 = until interrupted")
     p.add_argument("--share", help="MQTT 5 shared subscription group")
     p.add_argument("-o", "--output", type=Path)
+    add_db_arguments(p)
+    p.add_argument("--since", help="with --db: from (30m, 2h, 7d, a Unix time, an ISO date)")
+    p.add_argument("--until", help="with --db: until (the same forms; default now)")
+    p.add_argument("--device", help="with --db: this device only")
 
-    p = sub.add_parser("collect", help="receive samples from the field into a dataset folder")
-    p.add_argument("--out", type=Path, required=True, help="the dataset folder (created)")
+    p = sub.add_parser("history", help="one device's telemetry over time, from the database")
+    p.add_argument("device")
+    add_db_arguments(p)
+    p.add_argument("--since", default="24h", help="from: 30m, 2h, 7d, a Unix time or an ISO "
+                   "date, UTC (default 24h)")  # fmt: skip
+    p.add_argument("--until", help="until (the same forms; default now)")
+    p.add_argument("--metric", default=",".join(DEFAULT_HISTORY_METRICS),
+                   help="comma-separated: fps, p50, p95, p99, latency, cpu, ram, temp, "
+                   "drift, drift_output, drifted, dropped, errors, results, spool, shadow, "
+                   "model, state")  # fmt: skip
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--limit", type=int, default=100_000, help="at most this many rows")
+
+    p = sub.add_parser(
+        "collect",
+        help="samples from the field into a dataset folder; `collect fleet`: the fleet's "
+        "streams into PostgreSQL",
+    )
+    p.add_argument("what", nargs="?", choices=("samples", "fleet"), default="samples",
+                   help="samples (the default): --out DIR; fleet: --db URL")  # fmt: skip
+    p.add_argument("--out", type=Path, help="samples: the dataset folder (created)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--device")
     target.add_argument("--group")
     p.add_argument("--since", help="captured since: 2h, 7d, a Unix time or 2026-12-01T10:30 (UTC)")
     p.add_argument("--duration", type=parse_duration, default=0.0, help="0 = until interrupted")
     p.add_argument("--idle", type=parse_duration, default=0.0,
-                   help="stop after this long without a new sample (0 = never)")  # fmt: skip
+                   help="stop after this long without a new sample, or message with fleet "
+                   "(0 = never; fleet --retire: 2s)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="leave collected samples on the broker")
     p.add_argument("--discover", type=parse_duration, default=2.0, metavar="DURATION")
+    fleet = p.add_argument_group("collect fleet (the streams into PostgreSQL)")
+    add_db_arguments(fleet)
+    fleet.add_argument("--share-group", default="edge-collectors", metavar="G",
+                       help="MQTT 5 shared-subscription group: collectors in one group "
+                       "split the fleet")  # fmt: skip
+    fleet.add_argument("--client-id", default="", metavar="ID",
+                       help="this collector's MQTT session (stable, one per collector; default "
+                       "edgectl-collect-G-HOSTNAME)")  # fmt: skip
+    fleet.add_argument("--results", action="store_true", help="keep every result too")
+    fleet.add_argument("--retire", action="store_true",
+                       help="store what waits in this --client-id's session, then end the "
+                       "session: the share group no longer gives it a share")  # fmt: skip
+    fleet.add_argument("--prometheus", type=int, default=0, metavar="PORT",
+                       help="serve fleet gauges and the collector's counters on "
+                       "127.0.0.1:PORT")  # fmt: skip
+    fleet.add_argument("--batch-rows", type=int, default=1000, metavar="N")
+    fleet.add_argument("--batch-ms", type=float, default=200.0, metavar="MS")
+    fleet.add_argument("--retention-days", type=float, default=0.0, metavar="DAYS",
+                       help="with TimescaleDB: drop older rows (0 = keep everything)")  # fmt: skip
+
+    p = sub.add_parser(
+        "simulate", help="simulated devices on the broker (size a broker, a database)"
+    )
+    p.add_argument("--devices", type=int, required=True, metavar="N")
+    p.add_argument("--rate", type=float, default=0.2, metavar="HZ", help="telemetry per device")
+    p.add_argument(
+        "--count", type=int, default=0, help="telemetry messages per device (0: --duration)"
+    )
+    p.add_argument("--duration", type=parse_duration, default=0.0, help="0 = until interrupted")
+    p.add_argument(
+        "--events-every", type=int, default=5, metavar="K", help="an event every K telemetry"
+    )
+    p.add_argument(
+        "--results-every", type=int, default=0, metavar="K", help="a result every K (0: none)"
+    )
+    p.add_argument("--connections", type=int, default=4)
+    p.add_argument("--stem", default="sim", help="device ids: STEM-0000, STEM-0001, …")
+    p.add_argument("--first", type=int, default=0, help="the first device's number")
 
     p = sub.add_parser("capture", help="switch a device's sample capture off (privacy) or on")
     p.add_argument("--device", required=True)
@@ -987,8 +1100,14 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with Client(args) as client:
-        rows = status_rows(fleet_snapshot(client, seconds=args.timeout), now=time.time())
+    if args.db:  # the fleet database, as the collector keeps it
+        from edgectl.fleetdb.queries import fleet_latest
+
+        with _database(args) as conn:
+            rows = status_rows(fleet_latest(conn), now=time.time())
+    else:
+        with Client(args) as client:
+            rows = status_rows(fleet_snapshot(client, seconds=args.timeout), now=time.time())
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return CtlExit.OK
 
@@ -1039,50 +1158,38 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return CtlExit.OK
 
 
-EXPORT_FIELDS = (
-    "device", "seq", "ts", "model_name", "model_version", "fps", "results", "dropped",
-    "inference_errors", "inference_p50_ms", "inference_p95_ms", "inference_p99_ms",
-    "capture_to_result_p95_ms", "cpu_percent", "ram_percent", "cpu_temp_c", "spool_depth",
-)  # fmt: skip
-
-
-def telemetry_row(data: dict[str, Any]) -> dict[str, Any]:
-    p = data.get("pipeline") or {}
-    lat = p.get("latency_ms") or {}
-    inf, c2r = lat.get("inference") or {}, lat.get("capture_to_result") or {}
-    s = data.get("system") or {}
-    m = data.get("model") or {}
-    return {
-        "device": data.get("device"),
-        "seq": data.get("seq"),
-        "ts": data.get("ts"),
-        "model_name": m.get("name"),
-        "model_version": m.get("version"),
-        "fps": p.get("fps"),
-        "results": p.get("results"),
-        "dropped": p.get("dropped"),
-        "inference_errors": p.get("inference_errors"),
-        "inference_p50_ms": inf.get("p50"),
-        "inference_p95_ms": inf.get("p95"),
-        "inference_p99_ms": inf.get("p99"),
-        "capture_to_result_p95_ms": c2r.get("p95"),
-        "cpu_percent": s.get("cpu_percent"),
-        "ram_percent": s.get("ram_percent"),
-        "cpu_temp_c": s.get("cpu_temp_c"),
-        "spool_depth": data.get("spool_depth"),
-    }
+def telemetry_writer(out: IO[str], fmt: str) -> Callable[[dict[str, Any]], object]:
+    """Writes one telemetry payload to ``out`` as a JSON line or a CSV row (header first)."""
+    if fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS)
+        writer.writeheader()
+        return lambda data: writer.writerow(telemetry_row(data))
+    return lambda data: out.write(json.dumps(data, separators=(",", ":")) + "\n")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if not args.db and (args.since or args.until or args.device):
+        raise EdgeError("export: --since, --until and --device read the fleet database: add --db")
+    if args.db:
+        from edgectl.fleetdb.queries import telemetry_payloads
+
+        since, until = _time_range(args, since_default=None)
+        conn = _database(args)
+        conn.autocommit = False  # a server-side cursor lives in a transaction
     out: IO[str] = (
         args.output.open("w", encoding="utf-8", newline="") if args.output else sys.stdout
     )
-    lock = threading.Lock()
-    writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS) if args.format == "csv" else None
-    if writer is not None:
-        writer.writeheader()
-    seen: set[tuple[str, int]] = set()
+    write_one = telemetry_writer(out, args.format)
     try:
+        if args.db:  # the history the collector kept
+            try:
+                for data in telemetry_payloads(conn, since=since, until=until, device=args.device):
+                    write_one(data)
+            finally:
+                conn.close()
+            return CtlExit.OK
+        lock = threading.Lock()
+        seen: set[tuple[str, int]] = set()
         with Client(args) as client:
 
             def write(msg: Any) -> None:
@@ -1095,10 +1202,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                     if key in seen:  # at-least-once delivery: drop duplicates by seq
                         return
                     seen.add(key)
-                    if writer is not None:
-                        writer.writerow(telemetry_row(data))
-                    else:
-                        out.write(json.dumps(data, separators=(",", ":")) + "\n")
+                    write_one(data)
                     out.flush()
 
             client.subscribe(
@@ -1113,9 +1217,83 @@ def cmd_export(args: argparse.Namespace) -> int:
     return CtlExit.OK
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    from edgectl.fleetdb.queries import history, parse_metrics
+    from edgectl.tables import write_rows
+
+    metrics = parse_metrics(args.metric)
+    protocol.check_name(args.device)
+    since, until = _time_range(args, since_default="24h")
+    with _database(args) as conn:
+        rows = history(conn, args.device, since=since, until=until, metrics=metrics,
+                       limit=args.limit)  # fmt: skip
+    write_rows(rows, ["time", "seq", *metrics], fmt=args.format, out=sys.stdout)
+    return CtlExit.OK
+
+
+def cmd_collect_fleet(args: argparse.Namespace) -> int:
+    from edgectl.collector import CollectorSettings, FleetCollector, summary_line
+
+    if args.out or args.device or args.group or args.since or args.keep:
+        raise EdgeError("collect fleet: --out, --device, --group, --since and --keep "
+                        "are for samples (edgectl collect --out DIR)")  # fmt: skip
+    if not args.db:
+        raise EdgeError("collect fleet: --db URL is required (or $EDGECTL_DB)")
+    if args.retire and not args.client_id:
+        raise EdgeError("collect fleet --retire: name the collector to retire with --client-id")
+    try:
+        settings = CollectorSettings(
+            db=args.db, db_password_file=args.db_password_file, share_group=args.share_group,
+            client_id=args.client_id, results=args.results, prefix=args.prefix,
+            prometheus_port=args.prometheus, batch_rows=args.batch_rows,
+            batch_ms=args.batch_ms, retention_days=args.retention_days, duration=args.duration,
+            retire=args.retire, idle_s=args.idle,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise EdgeError(str(exc)) from None
+    collector = FleetCollector(settings, broker_settings(args))
+    totals = collector.run(ready=lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True))
+    print(summary_line(totals), flush=True)
+    return CtlExit.OK
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from edgectl.simulate import Simulator, device_names
+
+    if args.devices < 1:
+        raise EdgeError(f"--devices {args.devices}: must be at least 1")
+    settings = broker_settings(args)
+    sim = Simulator(
+        settings.host, settings.port, device_names(args.devices, start=args.first, stem=args.stem),
+        rate=args.rate, count=args.count, events_every=args.events_every,
+        results_every=args.results_every, connections=args.connections, prefix=args.prefix,
+        client_id=f"edgectl-simulate-{uuid.uuid4().hex[:8]}",
+    )  # fmt: skip
+    t0 = time.monotonic()
+    with sim:
+        try:
+            if args.count:
+                sim.wait(timeout=args.duration or (args.count / args.rate + 60))
+            else:
+                end = t0 + args.duration if args.duration else None
+                while end is None or time.monotonic() < end:
+                    time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass  # Ctrl-C: stop, and say what was sent
+    stats = {**sim.stats(), "seconds": round(time.monotonic() - t0, 2)}
+    print(json.dumps(stats), flush=True)
+    return CtlExit.OK
+
+
 def cmd_collect(args: argparse.Namespace) -> int:
     from edgectl.collect import DatasetFolder, SampleAssembler, collect, parse_since
 
+    if args.what == "fleet":
+        return cmd_collect_fleet(args)
+    if args.out is None:
+        raise EdgeError("collect: --out DIR is required (samples), or `collect fleet --db URL`")
+    if args.db:
+        raise EdgeError("collect: --db is for `collect fleet`")
     since = parse_since(args.since) if args.since else None
     folder = DatasetFolder(args.out)
     with Client(args) as client:
@@ -1171,6 +1349,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "watch": cmd_watch,
     "export": cmd_export,
     "collect": cmd_collect,
+    "history": cmd_history,
+    "simulate": cmd_simulate,
     "capture": cmd_capture,
     "shadow": cmd_shadow,
 }

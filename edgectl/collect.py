@@ -48,9 +48,10 @@ _FIELDS = ("kind", "shape", "reasons", "capture_ts", "stream", "frame", "model",
 _MAX_CHUNKS = 1 << 16
 
 
-def parse_since(text: str, *, now: float | None = None) -> float:
-    """``--since``: a duration ago (``90s``, ``30m``, ``2h``, ``7d``), a Unix time, or an ISO
-    8601 UTC date / time (``2026-12-01``, ``2026-12-01T10:30``, with or without ``Z``)."""
+def parse_since(text: str, *, now: float | None = None, what: str = "--since") -> float:
+    """``--since`` (or ``what``: ``--until``): a duration ago (``90s``, ``30m``, ``2h``,
+    ``7d``), a Unix time, or an ISO 8601 UTC date / time (``2026-12-01``, ``2026-12-01T10:30``,
+    with or without ``Z``)."""
     now = time.time() if now is None else now
     value = text.strip()
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", value)
@@ -64,7 +65,7 @@ def parse_since(text: str, *, now: float | None = None) -> float:
         except ValueError:
             continue
     raise EdgeError(
-        f"--since {text!r}: expected a duration ago (30m, 2h, 7d), a Unix time or an ISO date "
+        f"{what} {text!r}: expected a duration ago (30m, 2h, 7d), a Unix time or an ISO date "
         "(2026-12-01 or 2026-12-01T10:30, UTC)"
     )
 

@@ -21,6 +21,7 @@ from typing import Any
 from edge_agent.errors import EdgeError
 from edge_agent.fleet import protocol
 from edge_agent.fleet.protocol import Desired, ShadowSpec, Topics
+from edgectl.tables import aligned, cell
 
 #: the deployment of a desired state edgectl created only to carry a shadow
 SHADOW_ONLY = "shadow-"
@@ -143,22 +144,15 @@ def format_shadow_table(rows: list[dict[str, Any]]) -> str:
     heads = ("device", "shadow", "state", "frames", "agreement", "metric", "latency x",
              "errors", "NaNs")  # fmt: skip
 
-    def cell(key: str, row: dict[str, Any]) -> str:
+    def shown(key: str, row: dict[str, Any]) -> str:
         v = row[key]
-        if v is None:
-            return "-"
-        if key == "agreement":
+        if v is not None and key == "agreement":
             return f"{v:.3f}"
-        if key == "frames" and row.get("target"):
+        if v is not None and key == "frames" and row.get("target"):
             return f"{v}/{row['target']}"
-        if isinstance(v, float):
-            return f"{v:.2f}"
-        return str(v)
+        return cell(v, digits=2)
 
-    table = [list(heads)] + [[cell(c, r) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = aligned(heads, [[shown(c, r) for c in cols] for r in rows])
     for r in rows:
         if r["state"] == "failed" and r["reason"]:
             lines.append(f"{r['device']}: {r['reason']}")

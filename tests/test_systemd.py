@@ -25,6 +25,7 @@ from edge_agent.notify import Notifier, Watchdog, watchdog_interval, watchdog_ti
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "edge-agent.service"
+COLLECTOR_UNIT = REPO / "systemd" / "edge-collector.service"
 INSTALL = REPO / "systemd" / "install.sh"
 EXAMPLE = REPO / "systemd" / "agent.toml.example"
 
@@ -118,6 +119,51 @@ def test_unit_matches_the_agent() -> None:
     assert _unit_values("StateDirectory") == ["edge-agent"]
     # SIGKILL must not arrive before the agent's own drain gives up.
     assert float(_unit_values("TimeoutStopSec")[0]) > PipelineSection().drain_timeout
+
+
+# --- the fleet collector's unit (edgectl collect fleet) --------------------------------------
+
+
+@needs_systemd_analyze
+def test_collector_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
+    text = COLLECTOR_UNIT.read_text()
+    assert text.count("ExecStart=/usr/local/bin/edgectl ") == 1
+    copy = tmp_path / "edge-collector.service"
+    copy.write_text(re.sub(r"(?m)^ExecStart=.*$", "ExecStart=/bin/true", text))
+    result = _analyze("verify", str(copy))
+    assert result.returncode == 0 and (result.stdout + result.stderr).strip() == "", result.stderr
+    unit_dir = tmp_path / "etc" / "systemd" / "system"
+    unit_dir.mkdir(parents=True)
+    shutil.copy(COLLECTOR_UNIT, unit_dir / "edge-collector.service")
+    result = _analyze("security", "--offline=yes", f"--root={tmp_path}", "edge-collector.service")
+    match = re.search(r"Overall exposure level for edge-collector\.service: (\d+\.\d+)",
+                      result.stdout)  # fmt: skip
+    assert match, result.stdout[-2000:]
+    assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
+
+
+def test_collector_unit_runs_a_command_edgectl_accepts() -> None:
+    """ExecStart, with the unit's Environment= defaults put in, parses as edgectl's own
+    arguments; exit 2 (bad input) is the one not restarted."""
+    import shlex
+
+    from edge_agent.errors import CtlExit
+    from edgectl.cli import build_parser
+
+    text = COLLECTOR_UNIT.read_text()
+    env = dict(
+        line.split("=", 2)[1:] for line in text.splitlines() if line.startswith("Environment=")
+    )
+    (exec_start,) = [line.split("=", 1)[1] for line in text.splitlines()
+                     if line.startswith("ExecStart=")]  # fmt: skip
+    words = [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], w) for w in shlex.split(exec_start)]
+    assert words[0] == "/usr/local/bin/edgectl"
+    args = build_parser().parse_args(words[1:])
+    assert (args.command, args.what) == ("collect", "fleet")
+    assert args.db == env["EDGECTL_DB"] and args.client_id == env["CLIENT_ID"]
+    assert args.db_password_file == ""
+    assert [v for k, v in (line.split("=", 1) for line in text.splitlines() if "=" in line)
+            if k == "RestartPreventExitStatus"] == [str(int(CtlExit.USAGE))]  # fmt: skip
 
 
 def test_example_config_matches_the_schema() -> None:

@@ -1,0 +1,192 @@
+"""Connecting to the fleet database, and its versioned schema.
+
+``--db`` is a libpq connection string (``postgresql://collector@db.example.net/fleet`` or
+``host=… dbname=…``, or a ``service=NAME`` of ``~/.pg_service.conf``) **without a password**;
+the password comes from ``--db-password-file`` (a bare name is looked up in
+``$CREDENTIALS_DIRECTORY``) or from libpq's own ``PGPASSFILE`` (``~/.pgpass``). Default:
+``$EDGECTL_DB``.
+
+Migrations are the ordered SQL files ``migrations/NNNN_name.sql`` of this package. At start,
+:func:`migrate` takes a transaction-scoped advisory lock (two collectors starting together wait
+for each other instead of racing), reads ``schema_version``, refuses a database newer than
+this edgectl (:class:`DatabaseError`), and applies what is missing, each file and its
+``schema_version`` row in the one transaction. With the TimescaleDB extension installed in the
+database, the stream tables become hypertables (and get a retention policy when asked); that
+path is untested here (no TimescaleDB on the test machine).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg import conninfo
+
+from edge_agent.errors import ConfigError, DatabaseError, first_line
+
+log = logging.getLogger(__name__)
+
+#: The stream tables (each: device, seq, time, payload and typed columns).
+STREAM_TABLES = ("telemetry", "events", "results", "status", "reported")
+#: pg_advisory_xact_lock key of the migrations: "edgectl" in ASCII.
+MIGRATION_LOCK = 0x6564676563746C
+_MIGRATION = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    """Every migration shipped with this edgectl, in order (versions 1, 2, … without gaps)."""
+    found = []
+    for entry in resources.files("edgectl.fleetdb").joinpath("migrations").iterdir():
+        m = _MIGRATION.match(entry.name)
+        if m:
+            found.append(Migration(int(m.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda mig: mig.version)
+    if [mig.version for mig in found] != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"fleetdb migrations are not numbered 1..N: {[m.name for m in found]}")
+    return found
+
+
+def latest_version() -> int:
+    return len(migrations())
+
+
+def safe_url(url: str) -> str:
+    """The connection string as it may be printed: host, port, database and user only."""
+    try:
+        parts = conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "<unparsable --db>"
+    keys = ("host", "port", "dbname", "user", "service")
+    return " ".join(f"{k}={parts[k]}" for k in keys if parts.get(k))
+
+
+def connection_string(url: str, *, password_file: str = "") -> str:
+    """``url`` checked (no password in it) with the password from ``password_file`` added."""
+    if not url:
+        raise ConfigError("--db: empty; give a PostgreSQL URL, e.g. postgresql://user@host/fleet")
+    try:
+        parts = conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError(f"--db: not a PostgreSQL connection string ({first_line(exc)})") from None
+    if parts.get("password"):
+        raise ConfigError(
+            "--db: the URL holds a password; put it in a file (--db-password-file FILE, or "
+            "PGPASSFILE) and leave it out of the URL"
+        )
+    if password_file:
+        from edge_agent.common.secrets import read_secret
+
+        parts["password"] = read_secret(password_file, what="--db-password-file")
+    parts.setdefault("application_name", "edgectl")
+    parts.setdefault("connect_timeout", "10")
+    return conninfo.make_conninfo("", **parts)
+
+
+def connect(url: str, *, password_file: str = "", autocommit: bool = False) -> psycopg.Connection:
+    """A connection, or DatabaseError naming the database (never the password) and why."""
+    dsn = connection_string(url, password_file=password_file)
+    try:
+        return psycopg.connect(dsn, autocommit=autocommit)
+    except psycopg.Error as exc:
+        raise DatabaseError(
+            f"database {safe_url(url)}: cannot connect: {first_line(exc)}"
+        ) from None
+
+
+def current_version(conn: psycopg.Connection) -> int:
+    """The schema version of the database (0: never migrated)."""
+    row = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return 0
+    got = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
+    return int(got[0]) if got else 0
+
+
+def migrate(conn: psycopg.Connection, *, retention_days: float = 0.0) -> list[str]:
+    """Bring the schema up to this edgectl's version; the names of the migrations applied.
+    Raises DatabaseError when the database's schema is newer than this edgectl's."""
+    shipped = migrations()
+    applied: list[str] = []
+    try:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY, "
+                "name text NOT NULL, applied timestamptz NOT NULL DEFAULT now())"
+            )
+            have = current_version(conn)
+            if have > len(shipped):
+                raise DatabaseError(
+                    f"database schema version {have} is newer than this edgectl's "
+                    f"({len(shipped)}): upgrade edgectl"
+                )
+            for mig in shipped[have:]:
+                conn.execute(mig.sql.encode())
+                conn.execute(
+                    "INSERT INTO schema_version (version, name) VALUES (%s, %s)",
+                    (mig.version, mig.name),
+                )
+                applied.append(mig.name)
+            _timescale(conn, retention_days=retention_days)
+    except psycopg.Error as exc:
+        raise DatabaseError(f"database migration failed: {first_line(exc)}") from None
+    for name in applied:
+        log.info("fleetdb: applied %s", name)
+    return applied
+
+
+def check_version(conn: psycopg.Connection) -> None:
+    """For readers (status, export, history): the schema must be there and not newer."""
+    have, want = current_version(conn), latest_version()
+    if have == 0:
+        raise DatabaseError(
+            "the database has no fleet schema yet: start the collector once "
+            "(edgectl collect fleet --db …), it creates it"
+        )
+    if have > want:
+        raise DatabaseError(
+            f"database schema version {have} is newer than this edgectl's ({want}): upgrade edgectl"
+        )
+
+
+def timescale_installed(conn: psycopg.Connection) -> bool:
+    row = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone()
+    return row is not None
+
+
+def _timescale(conn: psycopg.Connection, *, retention_days: float) -> None:
+    """Hypertables (and retention) when TimescaleDB is installed in this database.
+
+    UNTESTED: no TimescaleDB on the machine the tests run on. The primary keys already hold
+    ``time`` (a hypertable's unique indexes must), so the conversion needs no other change."""
+    if not timescale_installed(conn):
+        return
+    for table in STREAM_TABLES:
+        conn.execute(
+            "SELECT create_hypertable(%s, 'time', if_not_exists => TRUE, migrate_data => TRUE)",
+            (table,),
+        )
+        if retention_days > 0:
+            conn.execute(
+                "SELECT add_retention_policy(%s, %s::interval, if_not_exists => TRUE)",
+                (table, f"{retention_days} days"),
+            )
+
+
+def execute(conn: psycopg.Connection, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
+    """A query's rows, or DatabaseError with the server's one-line reason."""
+    try:
+        return conn.execute(query, params).fetchall()
+    except psycopg.Error as exc:
+        raise DatabaseError(f"database query failed: {first_line(exc)}") from None
