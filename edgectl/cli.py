@@ -258,7 +258,8 @@ class Client:
         done = threading.Event()
         self.client.on_subscribe = lambda *a: done.set()
         self.client.subscribe([(t, 1) for t in topics])
-        done.wait(5.0)
+        if done.wait(5.0):
+            log.debug("subscribed: %s", " ".join(topics))
 
     def collect(self, topics: Sequence[str], *, seconds: float) -> list[Any]:
         got: list[Any] = []

@@ -681,13 +681,17 @@ def test_shared_subscriptions_split_the_fleet_between_exporters(broker: Broker) 
 
     procs = [
         subprocess.Popen(
-            [EDGECTL, "--broker", broker.url, "export", "--share", "g", "--duration", "4"],
+            [EDGECTL, "-v", "--broker", broker.url, "export", "--share", "g", "--duration", "6"],
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
         )
         for _ in range(2)
     ]
-    time.sleep(1.5)
+    for p in procs:  # both in the share group (SUBACK received) before the first message
+        assert p.stderr is not None
+        while "subscribed:" not in (line := p.stderr.readline()):
+            assert line, "the exporter ended before it subscribed"
     with Collector(broker) as pub:
         for i in range(40):
             body = {"schema": 1, "seq": i, "device": f"d{i % 4}", "ts": time.time()}

@@ -351,7 +351,7 @@ def test_an_agreeing_shadow_is_reported_and_stops_on_request(
                     s["sha256"] == sha and s["frames"] >= 20
                     for s in _shadow_telemetry(consumer.messages, "cam-s")
                 ),
-                timeout=40, what=f"20 shadowed frames; log: {agent.text()[-2000:]}",
+                timeout=120, what=f"20 shadowed frames; log: {agent.text()[-2000:]}",
             )  # fmt: skip
             shadow = [s for s in _shadow_telemetry(consumer.messages, "cam-s") if s["frames"]][-1]
             assert shadow["state"] == "running" and shadow["agreement"] == 1.0, shadow
