@@ -273,3 +273,100 @@ def test_edgectl_operator_key_errors_are_one_line(operator: dict[str, Any], tmp_
         )  # fmt: skip
         assert run.returncode == 2, run.stderr
         assert needle in run.stderr and run.stderr.count("\n") == 1, run.stderr
+
+
+FLOOD = 2000
+
+
+def test_a_command_flood_is_rate_limited_and_the_loop_is_unaffected(
+    fleet_env: dict[str, Any], operator: dict[str, Any], tmp_path: Path
+) -> None:
+    """2,000 unsigned commands at once: at most the burst (plus the refill) is read, the rest is
+    dropped unread and said in one ``command_rate_limited`` event with the count; results keep
+    flowing without a seq gap, a signed ping afterwards is answered, and nothing changes."""
+    rate, burst = 2.0, 10
+    # max_queued_messages 0: the broker itself drops nothing, so every command reaches the agent
+    with Broker(tmp_path / "broker", extra_conf="max_queued_messages 0") as broker:
+        cfg = _config(broker, fleet_env, tmp_path, fleet=f'operator_keys = ["{operator["pub"]}"]\n'
+                      f"command_rate = {rate}\ncommand_burst = {burst}")  # fmt: skip
+        with (
+            Collector(broker, [f"{TOPICS.base}/#"]) as consumer,
+            AgentProcess(tmp_path, cfg) as agent,
+        ):
+            _online(consumer, agent)
+            consumer.wait_for(lambda m: len(payloads(m, "/results")) >= 5, timeout=20)
+            before = len(payloads(consumer.messages, "/results"))
+            names = ("ping", "reload", "rollback", "update")
+            attacker = Collector(broker)
+            attacker.client.max_inflight_messages_set(500)
+            attacker.connect()
+            t0 = time.monotonic()
+            try:
+                for i in range(FLOOD):
+                    name = names[i % len(names)]
+                    body = {"schema": 1, "id": f"flood-{i}", "sha256": "ab" * 32,
+                            "allow_downgrade": True}  # fmt: skip
+                    info = attacker.client.publish(TOPICS.command(name), protocol.dumps(body), 1)
+                info.wait_for_publish(30)
+                assert info.is_published()
+            finally:
+                attacker.close()
+
+            def flood_replies(msgs: list[Any]) -> list[dict[str, Any]]:
+                return [
+                    r for r in payloads(msgs, "/reply") if str(r.get("id")).startswith("flood-")
+                ]
+
+            def accounted(msgs: list[Any]) -> bool:
+                dropped = sum(e["details"]["dropped"] for e in events(msgs, "command_rate_limited"))
+                return dropped + len(flood_replies(msgs)) == FLOOD
+
+            try:
+                msgs = consumer.wait_for(accounted, timeout=30)
+            except AssertionError:
+                said = events(consumer.messages, "command_rate_limited")
+                raise AssertionError(f"{said}; replies {len(flood_replies(consumer.messages))}; "
+                                     f"log: {agent.text()[-2000:]}") from None  # fmt: skip
+            elapsed = time.monotonic() - t0
+            said = events(msgs, "command_rate_limited")
+            assert len(said) == 1, said  # one event for the whole burst, not one per drop
+            assert "[fleet] command_rate" in said[0]["reason"]
+            replies = flood_replies(msgs)
+            # what was read: at most the burst and what refilled meanwhile (a bound, not a timing)
+            assert len(replies) <= burst + rate * elapsed + 1, (len(replies), elapsed)
+            assert all(r["ok"] is False and "unsigned" in r["error"] for r in replies), replies[:3]
+
+            # Later, a legitimate (signed) command is answered.
+            signed = ("--operator-key", str(operator["key_file"]),
+                      "--operator-key-passphrase-file", str(operator["pass"]))  # fmt: skip
+            run = edgectl(*signed, "ping", DEVICE, broker=broker.url)
+            assert run.returncode == 0 and "pong" in run.stdout, run.stdout + run.stderr
+            # The loop went on: more results, every seq once, none missing.
+            consumer.wait_for(lambda m: len(payloads(m, "/results")) >= before + 10, timeout=20)
+            assert agent.stop() == 0, agent.text()[-2000:]
+    msgs = consumer.messages
+    seqs = sorted({r["seq"] for r in payloads(msgs, "/results")})
+    assert seqs == list(range(seqs[0], seqs[-1] + 1)), "a gap in the results"
+    assert not events(msgs, "update_started") and not events(msgs, "rolled_back")
+    assert payloads(msgs, "/reported")[-1]["model"]["version"] == "1.0.0"
+
+
+def test_token_bucket_refills_and_reports_once_per_window() -> None:
+    from edge_agent.common.ratelimit import QUIET_S, TokenBucket
+
+    now = [100.0]
+    bucket = TokenBucket(rate=2.0, burst=3, window=10.0, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(5)] == [True, True, True, False, False]
+    assert bucket.report() is None  # still flooding: wait until it settles
+    now[0] += QUIET_S
+    assert bucket.report() == 2 and bucket.report() is None
+    assert bucket.take() and bucket.take() and not bucket.take()  # 2 tokens refilled in 1 s
+    now[0] += QUIET_S
+    assert bucket.report() is None  # one report per window
+    for _ in range(100):  # a flood that never stops is said once the window has passed
+        now[0] += 0.1
+        bucket.take()
+    assert bucket.report() is not None
+    assert TokenBucket(rate=0, burst=1).take() and TokenBucket(rate=0, burst=1).take()
+    with pytest.raises(ValueError, match="burst = 0"):
+        TokenBucket(rate=1, burst=0)

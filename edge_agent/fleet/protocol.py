@@ -94,6 +94,7 @@ EVENT_KINDS = (
     "order_refused",
     "orders_unsigned",
     "plaintext_mqtt",
+    "command_rate_limited",
     "error",
 )
 
