@@ -47,6 +47,7 @@ __all__ = [
     "Received",
     "TlsMaterial",
     "broker_fixture",
+    "dynsec_plugin",
     "make_tls_material",
     "mosquitto_binary",
     "write_password_file",
@@ -55,6 +56,11 @@ __all__ = [
 HOST = "127.0.0.1"
 _BIND_ATTEMPTS = 5
 _RUNNING = re.compile(r"mosquitto version \S+ running")
+
+
+def dynsec_plugin() -> Path | None:
+    """Mosquitto's dynamic-security plugin, where Debian and Ubuntu install it (or None)."""
+    return next(iter(sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so"))), None)
 
 
 def mosquitto_binary() -> str:
@@ -135,6 +141,7 @@ class Broker:
         extra_conf: str = "",
         password_file: Path | None = None,
         acl_file: Path | None = None,
+        dynsec: Path | None = None,
     ) -> None:
         if users is not None and password_file is not None:
             raise ValueError("pass users or a password_file, not both")
@@ -143,6 +150,7 @@ class Broker:
         self.users = dict(users) if users is not None else None
         self.password_file = password_file
         self.acl_file = acl_file
+        self.dynsec = dynsec  # the dynamic-security plugin's JSON (its users and roles)
         self.max_packet_size = max_packet_size
         self.extra_conf = extra_conf
         self.host = HOST
@@ -175,7 +183,10 @@ class Broker:
         ]
         if os.name == "posix" and os.geteuid() == 0:
             lines.append("user root")  # else it drops to `mosquitto`, who cannot write workdir
-        if self.tls is not None and self.tls.identity_as_username:
+        if self.dynsec is not None:
+            lines += ["allow_anonymous false", f"plugin {dynsec_plugin()}",
+                      f"plugin_opt_config_file {self.dynsec}"]  # fmt: skip
+        elif self.tls is not None and self.tls.identity_as_username:
             lines.append("allow_anonymous false")  # every client has a cert CN as its name
         elif self.users is not None:
             password_file = self.workdir / "passwd"

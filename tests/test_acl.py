@@ -218,8 +218,10 @@ def test_consumer_cannot_publish_orders(secure_broker: Broker, fleet: Path) -> N
 
 
 @pytest.mark.parametrize(
-    "subscription", [CAM2.commands, CAM2.desired, "edge/#", "edge/+/cmd/+", "#"]
-)
+    "subscription",
+    [CAM2.commands, CAM2.desired, "edge/#", "edge/+/cmd/+", "#",
+     f"$share/x/{CAM2.commands}", f"$share/x/{CAM2.desired}", "$share/x/edge/#"],
+)  # fmt: skip
 def test_device_credentials_cannot_read_another_device(
     subscription: str, secure_broker: Broker, fleet: Path
 ) -> None:
@@ -239,6 +241,20 @@ def test_device_credentials_cannot_read_another_device(
             ops.publish(CAM1.command("ping"), b"sentinel")  # after the rest, on its own topic
         msgs = attacker.wait_for(lambda m: any(x.payload == b"sentinel" for x in m))
     assert not [m for m in msgs if m.topic.startswith(CAM2.base)], msgs
+
+
+def test_a_consumer_reads_through_a_shared_subscription(secure_broker: Broker, fleet: Path) -> None:
+    """``$share/<group>/edge/+/telemetry`` (a collector's): the consumer's read rights apply to
+    what is delivered, so it receives telemetry and none of the orders."""
+    shared = ["$share/db/edge/+/telemetry", "$share/db/edge/+/desired", "$share/db/edge/+/cmd/+"]
+    with _client(secure_broker, fleet, "reader", shared) as reader:
+        with _client(secure_broker, fleet, "ops") as ops:
+            ops.publish(CAM2.command("ping"), b'{"id": "secret"}')
+            ops.publish(CAM2.desired, b'{"secret": 1}')
+        with _client(secure_broker, fleet, "cam-2") as cam2:
+            cam2.publish(CAM2.telemetry, b'{"t": 1}')
+        msgs = reader.wait_for(lambda m: any(x.topic == CAM2.telemetry for x in m))
+    assert [m.topic for m in msgs] == [CAM2.telemetry], msgs
 
 
 # --- a provisioned device works --------------------------------------------------------------
