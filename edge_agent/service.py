@@ -407,13 +407,18 @@ class Service:
         return OrderGuard(keys=keys, ledger=SerialLedger(state_dir / LEDGER_FILE),
                           allowed_hosts=hosts)  # fmt: skip
 
-    def _check_order(self, topic: str, data: Mapping[str, Any]) -> None:
-        """OrderRefused unless the guard lets this order through where it arrived."""
+    def _check_order(
+        self, topic: str, data: Mapping[str, Any], *, response_topic: str | None = None
+    ) -> Any:
+        """The guard's ``Accepted``, or OrderRefused unless it lets this order through where it
+        arrived."""
         aimed = protocol.order_target(topic, prefix=self.config.mqtt.topic_prefix)
         if aimed is None:
             raise OrderRefused(f"{topic}: not an order topic")
         scope, target, order = aimed
-        self.orders.check(data, scope=scope, target=target, order=order)
+        return self.orders.check(
+            data, scope=scope, target=target, order=order, response_topic=response_topic
+        )
 
     def _order_refused(self, topic: str, payload: bytes, exc: OrderRefused) -> None:
         """One ``order_refused`` event per refused payload (a retained one comes again on
@@ -927,6 +932,7 @@ class Service:
 
         assert self.topics is not None
         request_id = None
+        accepted = None
         try:
             if name not in protocol.COMMANDS:
                 raise ProtocolError(
@@ -935,7 +941,7 @@ class Service:
             data = protocol.loads(msg.payload or b"{}", what=f"command {name}")
             request_id = data.get("id")
             try:
-                self._check_order(msg.topic, data)
+                accepted = self._check_order(msg.topic, data, response_topic=msg.response_topic)
             except OrderRefused as exc:  # answered on the fixed reply topic, never one it names
                 self._order_refused(msg.topic, bytes(msg.payload or b""), exc)
                 reply = protocol.reply_payload(
@@ -955,6 +961,8 @@ class Service:
         topic = msg.response_topic or self.topics.reply(name)
         if msg.response_topic and ("+" in topic or "#" in topic):
             topic = self.topics.reply(name)
+        if self.orders.enforcing and (accepted is None or accepted.reply_to != topic):
+            topic = self.topics.reply(name)  # a Response Topic no signature covers
         self.link.send(
             topic, protocol.dumps(reply), properties=reply_properties(msg.correlation_data)
         )

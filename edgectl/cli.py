@@ -225,7 +225,10 @@ class Client:
         operator key, whichever command sends it."""
         if self.signer is not None and payload and protocol.order_target(topic, prefix=self.prefix):
             order = protocol.loads(payload, what=topic, limit=1 << 20)
-            payload = protocol.dumps(self.signer.sign(topic, order, prefix=self.prefix))
+            reply_to = getattr(properties, "ResponseTopic", "") or ""
+            payload = protocol.dumps(
+                self.signer.sign(topic, order, prefix=self.prefix, reply_to=reply_to)
+            )
         info = self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
         if info.rc != 0:
             raise BrokerError(

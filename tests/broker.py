@@ -89,6 +89,8 @@ def make_tls_material(directory: Path, *, require_client_cert: bool = True) -> T
     (CN edge-client), EC P-256, made by ``edgectl.ca`` (one copy); PEM files in ``directory``."""
     from edgectl.ca import init_ca, issue_client, issue_server, load_ca
 
+    for old in ("ca.crt", "ca.key"):  # a fresh CA each time (init_ca refuses to replace one)
+        (directory / old).unlink(missing_ok=True)
     init_ca(directory, name="edge-test-ca", days=30)
     ca = load_ca(directory)
     issue_server(ca, [HOST, "localhost"], directory, days=30)

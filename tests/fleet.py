@@ -248,6 +248,31 @@ def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> N
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+SECURITY_DOC = Path(REPO) / "docs" / "security.md"
+
+
+def doc_steps(heading: str, *, doc: Path = SECURITY_DOC) -> list[str]:
+    """The shell lines of the first ```sh block under ``heading`` (comments stripped)."""
+    text = doc.read_text().split(heading, 1)[1]
+    block = text.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def run_doc_steps(steps: Sequence[str], *, cwd: Path) -> None:
+    """Run ``edgectl`` lines as written, in ``cwd`` (``> FILE`` redirects stdout there)."""
+    import shlex
+
+    for line in steps:
+        argv, _, redirect = line.partition(">")
+        words = shlex.split(argv)
+        assert words[0] == "edgectl", line
+        run = subprocess.run([EDGECTL, *words[1:]], capture_output=True, text=True, cwd=cwd,
+                             env=checkout_env(), timeout=60)  # fmt: skip
+        assert run.returncode == 0, (line, run.stderr)
+        if redirect:
+            (cwd / redirect.strip()).write_text(run.stdout)
+
+
 def edgectl(*args: str, broker: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [EDGECTL, "--broker", broker, *args],

@@ -8,9 +8,7 @@ subscriber sees nothing)."""
 from __future__ import annotations
 
 import json
-import shlex
 import stat
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,11 +29,12 @@ from tests.fleet import (  # noqa: F401  (fleet_env_fixture: the `fleet_env` fix
     EDGECTL,
     AgentProcess,
     agent_config,
-    checkout_env,
+    doc_steps,
     edgectl,
     events,
     fleet_env_fixture,
     payloads,
+    run_doc_steps,
 )
 
 NOWHERE = "mqtt://127.0.0.1:1"  # provision and acl never connect
@@ -50,32 +49,14 @@ def _run(*args: str, broker: str = NOWHERE) -> str:
     return run.stdout
 
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "security.md"
-
-
-def _doc_steps() -> list[str]:
-    """The shell lines of docs/security.md's "A new device, from nothing"."""
-    text = DOC.read_text().split("### A new device, from nothing", 1)[1]
-    block = text.split("```sh\n", 1)[1].split("```", 1)[0]
-    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """docs/security.md's steps, run as written (in a scratch directory), plus a second device
     for the attacks; then the ACL again from the register."""
     root = tmp_path_factory.mktemp("acl")
-    steps = _doc_steps()
+    steps = doc_steps("### A new device, from nothing")
     assert len(steps) == 4 and steps[-1].endswith("> fleet/acl"), steps
-    for line in steps:
-        argv, _, redirect = line.partition(">")
-        words = shlex.split(argv)
-        assert words[0] == "edgectl", line
-        run = subprocess.run([EDGECTL, *words[1:]], capture_output=True, text=True,
-                             cwd=root, env=checkout_env(), timeout=60)  # fmt: skip
-        assert run.returncode == 0, (line, run.stderr)
-        if redirect:
-            (root / redirect.strip()).write_text(run.stdout)
+    run_doc_steps(steps, cwd=root)
     out = root / "fleet"
     _run("provision", "cam-2", "--out", str(out))
     (out / "acl").write_text(_run("acl", "--mosquitto", "--devices-from", str(out)))

@@ -29,9 +29,11 @@ from tests.broker import Broker, Collector, TlsMaterial
 from tests.fleet import (  # noqa: F401  (fleet_env_fixture: the `fleet_env` fixture)
     AgentProcess,
     agent_config,
+    doc_steps,
     edgectl,
     fleet_env_fixture,
     payloads,
+    run_doc_steps,
 )
 
 CAM1, CAM2 = protocol.Topics("cam-1"), protocol.Topics("cam-2")
@@ -44,17 +46,15 @@ def _ctl(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, the broker's certificate for 127.0.0.1 and localhost, certificates for two devices
-    (cam-1 in group lobby), an operator and a consumer, and the ACL of that register."""
+    """docs/security.md's certificate steps, run as written (a CA, the broker's certificate,
+    certificates for cam-1 in group lobby, an operator and a consumer, the ACL), plus a second
+    device for the attacks; then the ACL again from the register."""
     root = tmp_path_factory.mktemp("pki")
+    steps = doc_steps("### With client certificates instead of passwords")
+    assert len(steps) == 6 and steps[-1].endswith("> fleet/acl"), steps
+    run_doc_steps(steps, cwd=root)
     fleet = root / "fleet"
-    _ctl("ca", "init", "--out", str(fleet / "ca"))
-    _ctl("ca", "server", "127.0.0.1", "localhost", "--ca", str(fleet / "ca"),
-         "--out", str(fleet / "broker"))  # fmt: skip
-    _ctl("provision", "cam-1", "--out", str(fleet), "--cert", "--group", "lobby")
     _ctl("provision", "cam-2", "--out", str(fleet), "--cert")
-    _ctl("provision", "ops", "--role", "operator", "--out", str(fleet), "--cert")
-    _ctl("provision", "reader", "--role", "consumer", "--out", str(fleet), "--cert")
     run = edgectl("acl", "--mosquitto", "--devices-from", str(fleet), broker="mqtt://127.0.0.1:1")
     assert run.returncode == 0, run.stderr
     (fleet / "acl").write_text(run.stdout)
@@ -91,7 +91,7 @@ def test_the_ca_issues_what_mosquitto_and_the_agent_need(pki: Path, tmp_path: Pa
     for cert in (server, client):
         cert.verify_directly_issued_by(ca)
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert sans.get_values_for_type(x509.DNSName) == ["broker.lan", "localhost"]
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     cn = client.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
     usage = client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value

@@ -370,3 +370,38 @@ def test_token_bucket_refills_and_reports_once_per_window() -> None:
     assert TokenBucket(rate=0, burst=1).take() and TokenBucket(rate=0, burst=1).take()
     with pytest.raises(ValueError, match="burst = 0"):
         TokenBucket(rate=1, burst=0)
+
+
+def test_the_response_topic_is_covered_by_the_signature(
+    broker: Broker, fleet_env: dict[str, Any], operator: dict[str, Any], tmp_path: Path
+) -> None:
+    """A signed ``reply_to`` is where the reply goes; a Response Topic changed in transit is
+    refused; one no signature covers gets the reply on the fixed reply topic only."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    def props(topic: str) -> Properties:
+        p = Properties(PacketTypes.PUBLISH)
+        p.ResponseTopic = topic
+        return p
+
+    cfg = _config(broker, fleet_env, tmp_path, fleet=f'operator_keys = ["{operator["pub"]}"]')
+    key, ping = operator["key"], TOPICS.command("ping")
+    signed_to, unsigned_to = protocol.response_topic("t1"), protocol.response_topic("t2")
+    watched = [f"{TOPICS.base}/#", "edge/edgectl/#", protocol.Topics("cam-2").desired]
+    with Collector(broker, watched) as consumer, AgentProcess(tmp_path, cfg) as agent:
+        _online(consumer, agent)
+        order = _signed({"schema": 1, "id": "a"}, key, ping, reply_to=signed_to)
+        consumer.publish(ping, order, properties=props(signed_to))
+        consumer.wait_for(lambda m: any(x.topic == signed_to for x in m), timeout=10)
+        order = _signed({"schema": 1, "id": "b"}, key, ping)  # signed without a reply_to
+        consumer.publish(ping, order, properties=props(unsigned_to))
+        consumer.wait_for(lambda m: any(r["id"] == "b" for r in payloads(m, "/cmd/ping/reply")),
+                          timeout=10)  # fmt: skip
+        order = _signed({"schema": 1, "id": "c"}, key, ping, reply_to=signed_to)
+        consumer.publish(ping, order, properties=props(protocol.Topics("cam-2").desired))
+        _refused(consumer, "is not the one signed")
+        assert agent.stop() == 0, agent.text()[-2000:]
+    msgs = consumer.messages
+    assert not [m for m in msgs if m.topic in (unsigned_to, protocol.Topics("cam-2").desired)]
+    assert [json.loads(m.payload)["id"] for m in msgs if m.topic == signed_to] == ["a"]
