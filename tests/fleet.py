@@ -248,6 +248,38 @@ def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> N
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def provisioned_config(
+    home: Path, *, broker: str, fleet_env: Mapping[str, Any], state_dir: Path
+) -> str:
+    """An agent config with the ``[mqtt]`` lines ``edgectl provision`` wrote into
+    ``home/agent.toml`` (run it with ``CREDENTIALS_DIRECTORY=home``), serving the digits video."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    mqtt = tomllib.loads((home / "agent.toml").read_text())["mqtt"]
+    mqtt.pop("broker", None)
+    return agent_config(
+        broker=broker, device=home.name, state_dir=state_dir,
+        model=fleet_env["root"] / "digits-1.0.0.edgebundle", keys=fleet_env["pub"],
+        source=f"file:{fleet_env['video']}?loop=1&live=1",
+        mqtt_extra="\n".join(f"{k} = {json.dumps(v)}" for k, v in mqtt.items()),
+    )  # fmt: skip
+
+
+def wait_serving(reader: Any, agent: AgentProcess, *, timeout: float = 30.0) -> None:
+    """Until ``reader`` (a Collector on the device's results and telemetry) has both; the
+    agent's log in the failure."""
+    try:
+        reader.wait_for(
+            lambda m: bool(payloads(m, "/results")) and bool(payloads(m, "/telemetry")),
+            timeout=timeout,
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; log: {agent.text()[-2000:]}") from None
+
+
 SECURITY_DOC = Path(REPO) / "docs" / "security.md"
 
 

@@ -26,15 +26,15 @@ from edgectl.acl import mosquitto_acl
 from edgectl.provision import User, load_users
 from tests.broker import Broker, Collector
 from tests.fleet import (  # noqa: F401  (fleet_env_fixture: the `fleet_env` fixture)
-    EDGECTL,
     AgentProcess,
-    agent_config,
     doc_steps,
     edgectl,
     events,
     fleet_env_fixture,
     payloads,
+    provisioned_config,
     run_doc_steps,
+    wait_serving,
 )
 
 NOWHERE = "mqtt://127.0.0.1:1"  # provision and acl never connect
@@ -247,13 +247,8 @@ def test_provisioned_device_works_end_to_end_under_the_acl(
     """Telemetry and results reach the consumer, `edgectl ping` is answered over MQTT 5 and on
     the 3.1.1 reply topic, and an OTA to its group over MQTT chunks commits."""
     home = fleet / "users" / "cam-1"
-    mqtt = tomllib.loads((home / "agent.toml").read_text())["mqtt"]
-    mqtt_extra = "\n".join(f"{k} = {json.dumps(v)}" for k, v in mqtt.items())
-    cfg = agent_config(
-        broker=secure_broker.url, device="cam-1", state_dir=tmp_path / "state",
-        model=fleet_env["root"] / "digits-1.0.0.edgebundle", keys=fleet_env["pub"],
-        source=f"file:{fleet_env['video']}?loop=1&live=1", mqtt_extra=mqtt_extra,
-    )  # fmt: skip
+    cfg = provisioned_config(home, broker=secure_broker.url, fleet_env=fleet_env,
+                             state_dir=tmp_path / "state")  # fmt: skip
     ops = ("--username", "ops", "--password-file", str(fleet / "users" / "ops" / "mqtt-password"))
     reader_topics = [
         protocol.fleet_topic(k) for k in ("results", "telemetry", "events", "reported")
@@ -262,13 +257,7 @@ def test_provisioned_device_works_end_to_end_under_the_acl(
         _client(secure_broker, fleet, "reader", reader_topics) as reader,
         AgentProcess(tmp_path, cfg, env={"CREDENTIALS_DIRECTORY": str(home)}) as agent,
     ):
-        try:
-            reader.wait_for(
-                lambda m: bool(payloads(m, "/results")) and bool(payloads(m, "/telemetry")),
-                timeout=30,
-            )
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; log: {agent.text()[-2000:]}") from None
+        wait_serving(reader, agent)
         run = edgectl(*ops, "ping", "cam-1", broker=secure_broker.url)
         assert run.returncode == 0 and "pong" in run.stdout, run.stdout + run.stderr
         with _client(secure_broker, fleet, "ops", [CAM1.reply("ping")], v311=True) as old:

@@ -6,7 +6,6 @@ another CA is refused, and the ACL applies to certificate identities."""
 
 from __future__ import annotations
 
-import json
 import stat
 import sys
 from collections.abc import Iterator
@@ -28,12 +27,12 @@ from edgectl.cli import main as edgectl_main
 from tests.broker import Broker, Collector, TlsMaterial
 from tests.fleet import (  # noqa: F401  (fleet_env_fixture: the `fleet_env` fixture)
     AgentProcess,
-    agent_config,
     doc_steps,
     edgectl,
     fleet_env_fixture,
-    payloads,
+    provisioned_config,
     run_doc_steps,
+    wait_serving,
 )
 
 CAM1, CAM2 = protocol.Topics("cam-1"), protocol.Topics("cam-2")
@@ -126,13 +125,8 @@ def test_a_device_with_its_certificate_works_end_to_end(
     consumer, an operator's ``edgectl ping`` (its own certificate) is answered, and the device
     reads its retained desired state."""
     home = pki / "users" / "cam-1"
-    mqtt = tomllib.loads((home / "agent.toml").read_text())["mqtt"]
-    cfg = agent_config(
-        broker=tls_broker.url, device="cam-1", state_dir=tmp_path / "state",
-        model=fleet_env["root"] / "digits-1.0.0.edgebundle", keys=fleet_env["pub"],
-        source=f"file:{fleet_env['video']}?loop=1&live=1",
-        mqtt_extra="\n".join(f"{k} = {json.dumps(v)}" for k, v in mqtt.items()),
-    )  # fmt: skip
+    cfg = provisioned_config(home, broker=tls_broker.url, fleet_env=fleet_env,
+                             state_dir=tmp_path / "state")  # fmt: skip
     ops = pki / "users" / "ops"
     ops_tls = ("--ca-file", str(ops / "ca.crt"), "--cert-file", str(ops / "client.crt"),
                "--key-file", str(ops / "client.key"))  # fmt: skip
@@ -140,13 +134,7 @@ def test_a_device_with_its_certificate_works_end_to_end(
         _as(tls_broker, pki, "reader", [CAM1.results, CAM1.telemetry]) as reader,
         AgentProcess(tmp_path, cfg, env={"CREDENTIALS_DIRECTORY": str(home)}) as agent,
     ):
-        try:
-            reader.wait_for(
-                lambda m: bool(payloads(m, "/results")) and bool(payloads(m, "/telemetry")),
-                timeout=30,
-            )
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; log: {agent.text()[-2000:]}") from None
+        wait_serving(reader, agent)
         run = edgectl(*ops_tls, "ping", "cam-1", broker=tls_broker.url)
         assert run.returncode == 0 and "pong" in run.stdout, run.stdout + run.stderr
     with _as(tls_broker, pki, "ops") as operator:

@@ -7,27 +7,21 @@ end to end."""
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 from edge_agent.fleet import protocol
 from edgectl.cli import main as edgectl_main
 from tests.broker import Broker, Collector, dynsec_plugin
 from tests.fleet import (  # noqa: F401  (fleet_env_fixture: the `fleet_env` fixture)
     AgentProcess,
-    agent_config,
     edgectl,
     fleet_env_fixture,
-    payloads,
+    provisioned_config,
+    wait_serving,
 )
 
 pytestmark = pytest.mark.skipif(dynsec_plugin() is None, reason="no mosquitto_dynamic_security.so")
@@ -137,25 +131,14 @@ def test_a_device_works_end_to_end_under_dynsec(
     """The agent with provision's snippet: results and telemetry reach the consumer, and an
     operator's ``edgectl ping`` (MQTT 5, reply on edgectl's Response Topic) is answered."""
     home = fleet / "users" / "cam-1"
-    mqtt = tomllib.loads((home / "agent.toml").read_text())["mqtt"]
-    cfg = agent_config(
-        broker=dynsec_broker.url, device="cam-1", state_dir=tmp_path / "state",
-        model=fleet_env["root"] / "digits-1.0.0.edgebundle", keys=fleet_env["pub"],
-        source=f"file:{fleet_env['video']}?loop=1&live=1",
-        mqtt_extra="\n".join(f"{k} = {json.dumps(v)}" for k, v in mqtt.items()),
-    )  # fmt: skip
+    cfg = provisioned_config(home, broker=dynsec_broker.url, fleet_env=fleet_env,
+                             state_dir=tmp_path / "state")  # fmt: skip
     ops = ("--username", "ops", "--password-file", str(fleet / "users" / "ops" / "mqtt-password"))
     with (
         _as(dynsec_broker, fleet, "reader", [CAM1.results, CAM1.telemetry]) as reader,
         AgentProcess(tmp_path, cfg, env={"CREDENTIALS_DIRECTORY": str(home)}) as agent,
     ):
-        try:
-            reader.wait_for(
-                lambda m: bool(payloads(m, "/results")) and bool(payloads(m, "/telemetry")),
-                timeout=30,
-            )
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; log: {agent.text()[-2000:]}") from None
+        wait_serving(reader, agent)
         run = edgectl(*ops, "ping", "cam-1", broker=dynsec_broker.url)
         assert run.returncode == 0 and "pong" in run.stdout, run.stdout + run.stderr
     assert "not authorized" not in agent.text().lower(), agent.text()[-2000:]
