@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.errors import OrderRefused
+from edge_agent.errors import ConfigError, OrderRefused
 from edge_agent.fleet import protocol
 from edge_agent.fleet.orders import OrderGuard, SerialLedger, sign_order
 from edge_agent.model.keys import generate_keypair, load_private_key, load_trusted_keys
@@ -370,6 +370,12 @@ def test_token_bucket_refills_and_reports_once_per_window() -> None:
     assert TokenBucket(rate=0, burst=1).take() and TokenBucket(rate=0, burst=1).take()
     with pytest.raises(ValueError, match="burst = 0"):
         TokenBucket(rate=1, burst=0)
+    from edge_agent.config import FleetSection
+
+    for bad, needle in (({"command_rate": -1.0}, "command_rate = -1.0: must be >= 0"),
+                        ({"command_burst": 0}, "command_burst = 0: must be >= 1")):  # fmt: skip
+        with pytest.raises(ConfigError, match=needle):
+            FleetSection(**bad)
 
 
 def test_the_response_topic_is_covered_by_the_signature(
