@@ -837,7 +837,7 @@ class Service:
             return
         if msg.topic == topics.desired or msg.topic.startswith(f"{prefix}/groups/"):
             with self._waiting_lock:  # the newest desired state of a topic wins
-                if self.order_bucket is not None and not self.order_bucket.take():
+                if self.order_bucket is not None and not self.order_bucket.take(count=False):
                     self._waiting_desired[msg.topic] = msg  # taken when the bucket refills
                     return
                 self._waiting_desired.pop(msg.topic, None)
@@ -855,19 +855,18 @@ class Service:
         bucket = self.order_bucket
         while True:
             with self._waiting_lock:
-                if not self._waiting_desired or not bucket.take():
+                if not self._waiting_desired or not bucket.take(count=False):
                     break
                 topic = next(iter(self._waiting_desired))
                 msg = self._waiting_desired.pop(topic)
             self._on_desired(msg)
         dropped = bucket.report()
         if dropped:
-            log.warning("orders: %d over the rate limit", dropped)
+            log.warning("orders: %d commands dropped by the rate limit", dropped)
             self.event(
                 "command_rate_limited",
-                reason=f"{dropped} orders over {bucket.rate:g}/s (burst {bucket.burst}): "
-                "commands dropped unread, desired states held until the limit allows "
-                "([fleet] command_rate)",
+                reason=f"{dropped} commands dropped unread: over {bucket.rate:g}/s (burst "
+                f"{bucket.burst}; [fleet] command_rate); desired states wait, latest per topic",
                 dropped=dropped,
                 rate=bucket.rate,
                 burst=bucket.burst,

@@ -309,6 +309,8 @@ def test_a_command_flood_is_rate_limited_and_the_loop_is_unaffected(
                     info = attacker.client.publish(TOPICS.command(name), protocol.dumps(body), 1)
                 info.wait_for_publish(30)
                 assert info.is_published()
+                # a desired state in the flood's wake waits for the bucket, it is not lost
+                attacker.publish(TOPICS.desired, protocol.dumps(_desired("cd" * 32)))
             finally:
                 attacker.close()
 
@@ -335,6 +337,7 @@ def test_a_command_flood_is_rate_limited_and_the_loop_is_unaffected(
             # what was read: at most the burst and what refilled meanwhile (a bound, not a timing)
             assert len(replies) <= burst + rate * elapsed + 1, (len(replies), elapsed)
             assert all(r["ok"] is False and "unsigned" in r["error"] for r in replies), replies[:3]
+            _refused(consumer, "desired for device cam-1: unsigned")
 
             # Later, a legitimate (signed) command is answered.
             signed = ("--operator-key", str(operator["key_file"]),
@@ -357,6 +360,7 @@ def test_token_bucket_refills_and_reports_once_per_window() -> None:
     now = [100.0]
     bucket = TokenBucket(rate=2.0, burst=3, window=10.0, clock=lambda: now[0])
     assert [bucket.take() for _ in range(5)] == [True, True, True, False, False]
+    assert not bucket.take(count=False)  # to be retried (a desired state): not a drop
     assert bucket.report() is None  # still flooding: wait until it settles
     now[0] += QUIET_S
     assert bucket.report() == 2 and bucket.report() is None

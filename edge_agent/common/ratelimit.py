@@ -60,8 +60,9 @@ class TokenBucket:
     def limited(self) -> bool:
         return self.rate > 0
 
-    def take(self) -> bool:
-        """Spend a token: True, or False (counted) when the bucket is empty."""
+    def take(self, *, count: bool = True) -> bool:
+        """Spend a token: True, or False when the bucket is empty (counted as a refusal unless
+        ``count`` is false: something that will be retried, not dropped)."""
         if not self.rate:
             return True
         with self._lock:
@@ -71,6 +72,8 @@ class TokenBucket:
             if self._tokens >= 1.0:
                 self._tokens -= 1.0
                 return True
+            if not count:
+                return False
             if not self._dropped:
                 self._first_drop = now
             self._dropped += 1
