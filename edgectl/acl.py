@@ -21,7 +21,8 @@ Two forms of the same rules: ``edgectl acl --mosquitto`` (:func:`mosquitto_acl`,
 ``acl_file``) and ``edgectl acl --dynsec`` (:func:`dynsec_config`, the JSON file of Mosquitto's
 dynamic-security plugin). Mosquitto 2.0's plugin has no ``%u`` in its ACLs, so each device gets
 its own role (``edge-device-<name>``); operators share ``edge-operator``, consumers
-``edge-consumer``. With an ``acl_file``, Mosquitto 2.0 checks a subscription only when a message
+``edge-consumer``, and ``--admin-user`` operators also get ``edge-dynsec-admin`` (the plugin's
+``$CONTROL`` topics, for ``mosquitto_ctrl``). With an ``acl_file``, Mosquitto 2.0 checks a subscription only when a message
 is delivered, so ``$share/<group>/...`` needs no rule of its own; the plugin checks the filter at
 SUBSCRIBE, so its roles also allow the ``$share/+/...`` forms of what may be read.
 """
@@ -125,6 +126,9 @@ def mosquitto_acl(users: Sequence[User], *, prefix: str = DEFAULT_PREFIX) -> str
 #: Role names: one per device (the plugin of Mosquitto 2.0 has no %u), one per other role.
 OPERATOR_ROLE = "edge-operator"
 CONSUMER_ROLE = "edge-consumer"
+#: What ``mosquitto_ctrl dynsec`` needs: the plugin's own control topics, nothing else.
+ADMIN_ROLE = "edge-dynsec-admin"
+CONTROL_TOPIC = "$CONTROL/dynamic-security/#"
 
 
 def device_role(name: str) -> str:
@@ -166,16 +170,30 @@ def password_hashes(provisioned: Path) -> dict[str, dict[str, Any]]:
 
 
 def dynsec_config(
-    users: Sequence[User], *, prefix: str = DEFAULT_PREFIX, provisioned: Path | None = None
+    users: Sequence[User],
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    provisioned: Path | None = None,
+    admins: Sequence[str] = (),
 ) -> str:
     """The JSON of Mosquitto's dynamic-security plugin (``plugin_opt_config_file``): the same
     rules as :func:`mosquitto_acl`, everything else denied. Users provisioned with a password
     in ``provisioned`` carry its hash; the others have none (a certificate's CN, with
     ``use_identity_as_username``, or a password set later: ``mosquitto_ctrl dynsec
-    setClientPassword NAME``)."""
+    setClientPassword NAME``). ``admins``: operators who may also run ``mosquitto_ctrl
+    dynsec`` (the plugin's ``$CONTROL/dynamic-security/#`` topics)."""
     users = merge_users(users)
+    roles_of = {u.name: u.role for u in users}
+    for name in admins:
+        if roles_of.get(name) != "operator":
+            raise EdgeError(f"--admin-user {name}: not an operator here (provision it with "
+                            "--role operator, or name it with --operator-user)")  # fmt: skip
     hashes = password_hashes(provisioned) if provisioned is not None else {}
     roles: list[dict[str, Any]] = []
+    if admins:
+        roles.append({"rolename": ADMIN_ROLE, "textdescription": "mosquitto_ctrl dynsec",
+                      "acls": [_acl(t, CONTROL_TOPIC) for t in ("publishClientSend",
+                               "publishClientReceive", "subscribePattern")]})  # fmt: skip
     clients: list[dict[str, Any]] = []
     for rolename, rules in ((OPERATOR_ROLE, operator_rules), (CONSUMER_ROLE, consumer_rules)):
         if any(u.role == rolename.removeprefix("edge-") for u in users):
@@ -186,8 +204,11 @@ def dynsec_config(
             roles.append(dynsec_role(rolename, *device_rules(user, prefix=prefix)))
         else:
             rolename = OPERATOR_ROLE if user.role == "operator" else CONSUMER_ROLE
+        assigned = [{"rolename": rolename}]
+        if user.name in admins:
+            assigned.append({"rolename": ADMIN_ROLE})
         client = {"username": user.name, "textname": f"{user.role} {user.name}",
-                  "roles": [{"rolename": rolename}], **hashes.get(user.name, {})}  # fmt: skip
+                  "roles": assigned, **hashes.get(user.name, {})}  # fmt: skip
         clients.append(client)
     config = {
         "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,

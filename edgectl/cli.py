@@ -11,8 +11,8 @@
             [--cert [--ca DIR] [--days N]]
     edgectl ca init --out DIR [--name NAME] [--days N]
     edgectl ca server HOST ... --out DIR [--ca DIR] [--days N]
-    edgectl acl (--mosquitto | --dynsec) [--devices-from DIR] [--device D ...] [--group D=G ...]
-            [--operator-user NAME ...] [--consumer-user NAME ...]
+    edgectl acl (--mosquitto | --dynsec [--admin-user NAME ...]) [--devices-from DIR]
+            [--device D ...] [--group D=G ...] [--operator-user NAME ...] [--consumer-user NAME ...]
     edgectl publish BUNDLE [--chunk-size BYTES] [--public-key KEY]
     edgectl deploy BUNDLE (--device ID | --group NAME) [--url URL]
     edgectl rollout BUNDLE --group NAME --canary PCT --wait DURATION --max-failures PCT
@@ -498,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", action="append", default=[], metavar="DEVICE=GROUP")
     p.add_argument("--operator-user", action="append", default=[], metavar="NAME")
     p.add_argument("--consumer-user", action="append", default=[], metavar="NAME")
+    p.add_argument("--admin-user", action="append", default=[], metavar="NAME",
+                   help="--dynsec: an operator who may also run mosquitto_ctrl dynsec")  # fmt: skip
 
     p = sub.add_parser("publish", help="store a bundle on the broker as retained chunks")
     p.add_argument("bundle", type=Path)
@@ -709,10 +711,14 @@ def cmd_acl(args: argparse.Namespace) -> int:
         raise EdgeError(
             "no users: pass --devices-from DIR or --device/--operator-user/--consumer-user"
         )
+    if args.admin_user and not args.dynsec:
+        raise EdgeError("--admin-user: only with --dynsec (an acl_file has no admin topics)")
     if args.dynsec:
         from edgectl.acl import dynsec_config
 
-        sys.stdout.write(dynsec_config(users, prefix=args.prefix, provisioned=args.devices_from))
+        text = dynsec_config(users, prefix=args.prefix, provisioned=args.devices_from,
+                             admins=args.admin_user)  # fmt: skip
+        sys.stdout.write(text)
     else:
         sys.stdout.write(mosquitto_acl(users, prefix=args.prefix))
     return CtlExit.OK

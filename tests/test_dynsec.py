@@ -7,6 +7,8 @@ end to end."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for args in (["cam-1", "--group", "lobby"], ["cam-2"], ["ops", "--role", "operator"],
                  ["reader", "--role", "consumer"]):  # fmt: skip
         assert edgectl_main(["--broker", NOWHERE, "provision", *args, "--out", str(out)]) == 0
-    run = edgectl("acl", "--dynsec", "--devices-from", str(out), broker=NOWHERE)
+    run = edgectl("acl", "--dynsec", "--devices-from", str(out), "--admin-user", "ops",
+                  broker=NOWHERE)  # fmt: skip
     assert run.returncode == 0, run.stderr
     (out / "dynsec.json").write_text(run.stdout)
     return out
@@ -64,6 +67,14 @@ def test_the_json_holds_roles_and_the_provisioned_hashes(fleet: Path) -> None:
     clients = {c["username"]: c for c in config["clients"]}
     assert sorted(clients) == ["cam-1", "cam-2", "ops", "reader"]
     assert clients["cam-1"]["roles"] == [{"rolename": "edge-device-cam-1"}]
+    assert clients["ops"]["roles"] == [{"rolename": "edge-operator"},
+                                       {"rolename": "edge-dynsec-admin"}]  # fmt: skip
+    for args, needle in (
+        (["--dynsec", "--admin-user", "cam-1"], "not an operator"),
+        (["--mosquitto", "--admin-user", "ops"], "only with --dynsec"),
+    ):
+        run = edgectl("acl", *args, "--devices-from", str(fleet), broker=NOWHERE)
+        assert run.returncode == 2 and needle in run.stderr and run.stderr.count("\n") == 1, run
     assert clients["cam-1"]["iterations"] == 101 and len(clients["cam-1"]["salt"]) == 16
     assert _password(fleet, "cam-1") not in (fleet / "dynsec.json").read_text()
     role = next(r for r in config["roles"] if r["rolename"] == "edge-device-cam-1")
@@ -142,3 +153,27 @@ def test_a_device_works_end_to_end_under_dynsec(
         run = edgectl(*ops, "ping", "cam-1", broker=dynsec_broker.url)
         assert run.returncode == 0 and "pong" in run.stdout, run.stdout + run.stderr
     assert "not authorized" not in agent.text().lower(), agent.text()[-2000:]
+
+
+def test_an_admin_operator_runs_mosquitto_ctrl_and_a_device_cannot(
+    dynsec_broker: Broker, fleet: Path
+) -> None:
+    """``--admin-user ops``: ops changes cam-2's password with ``mosquitto_ctrl dynsec`` (the
+    new one works, the old one no longer); a device's publish to the plugin's control topic is
+    refused. Last in the module: it changes cam-2's password."""
+    ctrl = shutil.which("mosquitto_ctrl")
+    if ctrl is None:
+        pytest.skip("no mosquitto_ctrl (package mosquitto-clients)")
+    old, new = _password(fleet, "cam-2"), "rotated-by-mosquitto-ctrl"
+    with _as(dynsec_broker, fleet, "cam-1") as device:
+        rc = device.publish("$CONTROL/dynamic-security/v1", b'{"commands": []}')
+        assert rc is not None and rc.value == NOT_AUTHORIZED, rc
+    run = subprocess.run(
+        [ctrl, "-h", dynsec_broker.host, "-p", str(dynsec_broker.port), "-u", "ops",
+         "-P", _password(fleet, "ops"), "dynsec", "setClientPassword", "cam-2", new],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert run.returncode == 0 and "Error" not in run.stdout + run.stderr, run
+    Collector(dynsec_broker, username="cam-2", password=new).connect().close()
+    with pytest.raises(ConnectionRefusedError):
+        Collector(dynsec_broker, username="cam-2", password=old).connect()
