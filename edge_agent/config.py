@@ -11,6 +11,7 @@ generated from it (``python -m edge_agent.config --markdown``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import socket
 import sys
 import urllib.parse
@@ -547,6 +548,25 @@ class FleetSection:
         "Empty: orders are accepted unsigned (as before), and the agent says so at start.",
         default=(),
     )
+    command_rate: float = _doc(
+        "Orders (commands and desired states) taken per second, sustained, before any parsing "
+        "or signature check; beyond it commands are dropped and a desired state waits (the "
+        "latest per topic), said in one `command_rate_limited` event per 10 s. 0 = no limit.",
+        default=5.0,
+    )
+    command_burst: int = _doc(
+        "Orders taken at once above `command_rate` (a reconnect brings every retained "
+        "desired state together).",
+        default=20,
+    )
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.command_rate):
+            raise ConfigError(
+                f"config: [fleet] command_rate = {self.command_rate}: must be a finite number"
+            )
+        _at_least("fleet", self, 0, "command_rate")
+        _at_least("fleet", self, 1, "command_burst")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import edge_agent
+from edge_agent.common.ratelimit import TokenBucket
 from edge_agent.common.urls import redact_uri
 from edge_agent.errors import (
     AgentExit,
@@ -86,6 +87,9 @@ class Service:
         self.uploader: Any = None
         self.orders: Any = None  # edge_agent.fleet.orders.OrderGuard, with MQTT
         self._refusals_said: set[str] = set()  # order_refused said once per payload
+        self.order_bucket: Any = None  # [fleet] command_rate: a TokenBucket, with MQTT
+        self._waiting_desired: dict[str, Any] = {}  # rate-limited desired states, latest per topic
+        self._waiting_lock = threading.Lock()
 
     # --- start-up ----------------------------------------------------------------------------
 
@@ -362,6 +366,8 @@ class Service:
         )
         self.spool = Spool(state_dir / "spool.sqlite", max_bytes=int(m.spool_max_mb * 2**20))
         self.orders = self._order_guard(state_dir)
+        fleet = self.config.fleet
+        self.order_bucket = TokenBucket(rate=fleet.command_rate, burst=fleet.command_burst)
         subs = [self.topics.commands]
         if self.config.ota.enabled:
             subs.append(self.topics.desired)
@@ -401,13 +407,18 @@ class Service:
         return OrderGuard(keys=keys, ledger=SerialLedger(state_dir / LEDGER_FILE),
                           allowed_hosts=hosts)  # fmt: skip
 
-    def _check_order(self, topic: str, data: Mapping[str, Any]) -> None:
-        """OrderRefused unless the guard lets this order through where it arrived."""
+    def _check_order(
+        self, topic: str, data: Mapping[str, Any], *, response_topic: str | None = None
+    ) -> Any:
+        """The guard's ``Accepted``, or OrderRefused unless it lets this order through where it
+        arrived."""
         aimed = protocol.order_target(topic, prefix=self.config.mqtt.topic_prefix)
         if aimed is None:
             raise OrderRefused(f"{topic}: not an order topic")
         scope, target, order = aimed
-        self.orders.check(data, scope=scope, target=target, order=order)
+        return self.orders.check(
+            data, scope=scope, target=target, order=order, response_topic=response_topic
+        )
 
     def _order_refused(self, topic: str, payload: bytes, exc: OrderRefused) -> None:
         """One ``order_refused`` event per refused payload (a retained one comes again on
@@ -554,6 +565,8 @@ class Service:
             if now >= next_telemetry:
                 next_telemetry = now + self.config.telemetry.interval
                 self.publish_telemetry()
+            if self.order_bucket is not None:
+                self._pace_orders()
             if self._desired_changed.is_set():
                 self._desired_changed.clear()
                 self.reconcile()
@@ -823,11 +836,42 @@ class Service:
                 self.fetcher.handle(msg.topic, msg.payload)
             return
         if msg.topic == topics.desired or msg.topic.startswith(f"{prefix}/groups/"):
+            with self._waiting_lock:  # the newest desired state of a topic wins
+                if self.order_bucket is not None and not self.order_bucket.take(count=False):
+                    self._waiting_desired[msg.topic] = msg  # taken when the bucket refills
+                    return
+                self._waiting_desired.pop(msg.topic, None)
             self._on_desired(msg)
             return
         if msg.topic.startswith(f"{topics.base}/cmd/"):
+            if self.order_bucket is not None and not self.order_bucket.take():
+                return  # a flood: dropped before any parsing or signature check (counted)
             name = msg.topic[len(f"{topics.base}/cmd/") :]
             self._on_command(name, msg)
+
+    def _pace_orders(self) -> None:
+        """On the main loop's tick: desired states held back by the rate limit are taken as the
+        bucket refills, and the commands it dropped are said (one event per window)."""
+        bucket = self.order_bucket
+        while True:
+            with self._waiting_lock:
+                if not self._waiting_desired or not bucket.take(count=False):
+                    break
+                topic = next(iter(self._waiting_desired))
+                msg = self._waiting_desired.pop(topic)
+            self._on_desired(msg)
+        dropped = bucket.report()
+        if dropped:
+            log.warning("orders: %d commands dropped by the rate limit", dropped)
+            self.event(
+                "command_rate_limited",
+                reason=f"{dropped} commands dropped unread: over {bucket.rate:g}/s (burst "
+                f"{bucket.burst}; [fleet] command_rate); desired states wait, latest per topic",
+                dropped=dropped,
+                rate=bucket.rate,
+                burst=bucket.burst,
+                window_s=bucket.window,
+            )
 
     def _on_desired(self, msg: Any) -> None:
         if not msg.payload:
@@ -887,6 +931,7 @@ class Service:
 
         assert self.topics is not None
         request_id = None
+        accepted = None
         try:
             if name not in protocol.COMMANDS:
                 raise ProtocolError(
@@ -895,7 +940,7 @@ class Service:
             data = protocol.loads(msg.payload or b"{}", what=f"command {name}")
             request_id = data.get("id")
             try:
-                self._check_order(msg.topic, data)
+                accepted = self._check_order(msg.topic, data, response_topic=msg.response_topic)
             except OrderRefused as exc:  # answered on the fixed reply topic, never one it names
                 self._order_refused(msg.topic, bytes(msg.payload or b""), exc)
                 reply = protocol.reply_payload(
@@ -915,6 +960,8 @@ class Service:
         topic = msg.response_topic or self.topics.reply(name)
         if msg.response_topic and ("+" in topic or "#" in topic):
             topic = self.topics.reply(name)
+        if self.orders.enforcing and (accepted is None or accepted.reply_to != topic):
+            topic = self.topics.reply(name)  # a Response Topic no signature covers
         self.link.send(
             topic, protocol.dumps(reply), properties=reply_properties(msg.correlation_data)
         )

@@ -8,8 +8,11 @@
             COMMAND ...
     edgectl keygen --out DIR [--passphrase-file F] [--force]
     edgectl provision NAME --out DIR [--role device|operator|consumer] [--group G ...] [--rotate]
-    edgectl acl --mosquitto [--devices-from DIR] [--device D ...] [--group D=G ...]
-            [--operator-user NAME ...] [--consumer-user NAME ...]
+            [--cert [--ca DIR] [--days N]]
+    edgectl ca init --out DIR [--name NAME] [--days N]
+    edgectl ca server HOST ... --out DIR [--ca DIR] [--days N]
+    edgectl acl (--mosquitto | --dynsec [--admin-user NAME ...]) [--devices-from DIR]
+            [--device D ...] [--group D=G ...] [--operator-user NAME ...] [--consumer-user NAME ...]
     edgectl publish BUNDLE [--chunk-size BYTES] [--public-key KEY]
     edgectl deploy BUNDLE (--device ID | --group NAME) [--url URL]
     edgectl rollout BUNDLE --group NAME --canary PCT --wait DURATION --max-failures PCT
@@ -245,7 +248,10 @@ class Client:
         operator key, whichever command sends it."""
         if self.signer is not None and payload and protocol.order_target(topic, prefix=self.prefix):
             order = protocol.loads(payload, what=topic, limit=1 << 20)
-            payload = protocol.dumps(self.signer.sign(topic, order, prefix=self.prefix))
+            reply_to = getattr(properties, "ResponseTopic", "") or ""
+            payload = protocol.dumps(
+                self.signer.sign(topic, order, prefix=self.prefix, reply_to=reply_to)
+            )
         info = self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
         if info.rc != 0:
             raise BrokerError(
@@ -515,14 +521,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=("device", "operator", "consumer"), default="device")
     p.add_argument("--group", action="append", default=[], help="a fleet group (repeatable)")
     p.add_argument("--rotate", action="store_true", help="a new password for an existing user")
+    p.add_argument("--cert", action="store_true",
+                   help="a client certificate (CN = NAME) instead of a password")  # fmt: skip
+    p.add_argument("--ca", type=Path, metavar="DIR", help="the CA (default: OUT/ca)")
+    p.add_argument("--days", type=int, default=825, help="certificate validity (default 825)")
+
+    p = sub.add_parser("ca", help="a small CA for the broker's mutual TLS")
+    ca_sub = p.add_subparsers(dest="ca_command", metavar="ACTION")
+    ca_sub.required = True
+    q = ca_sub.add_parser("init", help="make the CA (ca.crt, ca.key)")
+    q.add_argument("--out", type=Path, required=True, metavar="DIR")
+    q.add_argument("--name", default="edge fleet CA", help="the CA's common name")
+    q.add_argument("--days", type=int, default=3650, help="validity (default 3650)")
+    q = ca_sub.add_parser("server", help="the broker's certificate")
+    q.add_argument("hosts", nargs="+", metavar="HOST", help="DNS names and IP addresses")
+    q.add_argument("--out", type=Path, required=True, metavar="DIR")
+    q.add_argument("--ca", type=Path, required=True, metavar="DIR", help="the CA's directory")
+    q.add_argument("--days", type=int, default=825, help="validity (default 825)")
 
     p = sub.add_parser("acl", help="print the broker ACL that fits the protocol")
-    p.add_argument("--mosquitto", action="store_true", required=True, help="a Mosquitto acl_file")
+    form = p.add_mutually_exclusive_group(required=True)
+    form.add_argument("--mosquitto", action="store_true", help="a Mosquitto acl_file")
+    form.add_argument("--dynsec", action="store_true",
+                      help="Mosquitto's dynamic-security plugin JSON")  # fmt: skip
     p.add_argument("--devices-from", type=Path, metavar="DIR", help="every user provisioned there")
     p.add_argument("--device", action="append", default=[], help="a device id (repeatable)")
     p.add_argument("--group", action="append", default=[], metavar="DEVICE=GROUP")
     p.add_argument("--operator-user", action="append", default=[], metavar="NAME")
     p.add_argument("--consumer-user", action="append", default=[], metavar="NAME")
+    p.add_argument("--admin-user", action="append", default=[], metavar="NAME",
+                   help="--dynsec: an operator who may also run mosquitto_ctrl dynsec")  # fmt: skip
 
     p = sub.add_parser("publish", help="store a bundle on the broker as retained chunks")
     p.add_argument("bundle", type=Path)
@@ -744,14 +772,37 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
+    from edgectl.ca import load_ca
     from edgectl.provision import User, provision
 
     user = User(name=args.name, role=args.role, groups=tuple(args.group))
-    home, written = provision(args.out, user, prefix=args.prefix, rotate=args.rotate)
+    if args.ca and not args.cert:
+        raise EdgeError("--ca DIR without --cert: a CA only issues certificates")
+    ca = load_ca(args.ca or args.out / "ca") if args.cert else None
+    home, written = provision(args.out, user, prefix=args.prefix, rotate=args.rotate, cert=ca,
+                              broker=args.broker, days=args.days)  # fmt: skip
     for path in written:
         print(f"wrote {path}")
-    print(f"{user.role} {user.name}: copy {home}/ to it; give the broker {args.out}/passwd and "
+    broker = "a TLS listener (edgectl ca server)" if ca else f"{args.out}/passwd"
+    print(f"{user.role} {user.name}: copy {home}/ to it; give the broker {broker} and "
           f"the ACL (edgectl acl --mosquitto --devices-from {args.out})")  # fmt: skip
+    return CtlExit.OK
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    from edgectl.ca import init_ca, issue_server, load_ca, mosquitto_listener
+
+    if args.ca_command == "init":
+        written = init_ca(args.out, name=args.name, days=args.days)
+    else:
+        written = issue_server(load_ca(args.ca), args.hosts, args.out, days=args.days)
+    for path in written:
+        print(f"wrote {path}")
+    if args.ca_command == "init":
+        print(f"keep {args.out}/ca.key with the operator; devices and the broker get ca.crt")
+    else:
+        print("# mosquitto.conf: a listener that takes device certificates only")
+        print(mosquitto_listener(args.out), end="")
     return CtlExit.OK
 
 
@@ -774,7 +825,16 @@ def cmd_acl(args: argparse.Namespace) -> int:
         raise EdgeError(
             "no users: pass --devices-from DIR or --device/--operator-user/--consumer-user"
         )
-    sys.stdout.write(mosquitto_acl(users, prefix=args.prefix))
+    if args.admin_user and not args.dynsec:
+        raise EdgeError("--admin-user: only with --dynsec (an acl_file has no admin topics)")
+    if args.dynsec:
+        from edgectl.acl import dynsec_config
+
+        text = dynsec_config(users, prefix=args.prefix, provisioned=args.devices_from,
+                             admins=args.admin_user)  # fmt: skip
+        sys.stdout.write(text)
+    else:
+        sys.stdout.write(mosquitto_acl(users, prefix=args.prefix))
     return CtlExit.OK
 
 
@@ -1340,6 +1400,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "keygen": cmd_keygen,
     "provision": cmd_provision,
+    "ca": cmd_ca,
     "acl": cmd_acl,
     "publish": cmd_publish,
     "deploy": cmd_deploy,

@@ -7,6 +7,13 @@ A provisioning directory (``--out DIR``) is the operator's register of broker us
     DIR/users/<name>/mqtt-password   the password (0600): copy it to the device (or operator)
     DIR/users/<name>/agent.toml      devices only: the [agent] and [mqtt] lines that go with it
 
+With ``--cert`` (``cert=`` here) the user gets a client certificate from the fleet's CA
+(``edgectl.ca``; ``DIR/ca`` unless ``--ca`` names another) instead of a password::
+
+    DIR/users/<name>/client.crt      CN = <name>: with use_identity_as_username, its MQTT user
+    DIR/users/<name>/client.key      its private key (0600)
+    DIR/users/<name>/ca.crt          the CA, to check the broker's certificate with
+
 ``edgectl acl --devices-from DIR`` reads the register back (:func:`load_users`). Passwords are
 random (:func:`secrets.token_urlsafe`), written only to 0600 files and never printed. The broker
 entry is Mosquitto 2's ``$7$`` PBKDF2-SHA512 hash, computed here rather than by
@@ -22,10 +29,14 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_agent.common.durable import atomic_write
 from edge_agent.errors import EdgeError, ProtocolError
 from edge_agent.fleet.protocol import check_name
+
+if TYPE_CHECKING:
+    from edgectl.ca import Authority
 
 ROLES = ("device", "operator", "consumer")
 PASSWORD_FILE = "mqtt-password"
@@ -69,8 +80,9 @@ def write_private(path: Path, text: str) -> None:
     atomic_write(path, text.encode(), mode=0o600)
 
 
-def set_password_entry(passwd: Path, user: str, password: str) -> None:
-    """Add or replace ``user``'s line in a mosquitto password file (kept 0600)."""
+def set_password_entry(passwd: Path, user: str, password: str | None) -> None:
+    """Add or replace ``user``'s line in a mosquitto password file (kept 0600); remove it
+    when ``password`` is None."""
     lines: list[str] = []
     if passwd.exists():
         lines = [
@@ -78,50 +90,97 @@ def set_password_entry(passwd: Path, user: str, password: str) -> None:
             for line in passwd.read_text().splitlines()
             if line.strip() and line.split(":", 1)[0] != user
         ]
-    lines.append(f"{user}:{mosquitto_password_hash(password)}")
+    if password is not None:
+        lines.append(f"{user}:{mosquitto_password_hash(password)}")
+    elif not passwd.exists():
+        return
     write_private(passwd, "\n".join(lines) + "\n")
 
 
-def agent_snippet(user: User, *, prefix: str) -> str:
-    """The agent.toml lines that go with a device's credentials."""
+def agent_snippet(user: User, *, prefix: str, cert: bool = False, broker: str = "") -> str:
+    """The agent.toml lines that go with a device's credentials (a password, or with ``cert``
+    a client certificate; ``broker``: an ``mqtts://`` URL to name, else a placeholder)."""
+    from edgectl.ca import CA_CERT, CLIENT_CERT, CLIENT_KEY
+
     groups = ", ".join(json.dumps(g) for g in user.groups)
     prefix_line = f'topic_prefix = "{prefix}"\n' if prefix != "edge" else ""
+    if cert:
+        url = (
+            f'broker = "{broker}"\n'
+            if broker.startswith("mqtts://")
+            else '# broker = "mqtts://BROKER:8883"  (a host name in the broker\'s certificate)\n'
+        )
+        auth = (
+            f"{url}"
+            f"# bare names are looked up in $CREDENTIALS_DIRECTORY (systemd:\n"
+            f"# LoadCredential={CLIENT_KEY}:/etc/edge-agent/credentials/{CLIENT_KEY}, ...)\n"
+            f'ca_file = "{CA_CERT}"\n'
+            f'cert_file = "{CLIENT_CERT}"\n'
+            f'key_file = "{CLIENT_KEY}"\n'
+        )
+    else:
+        auth = (
+            f'username = "{user.name}"\n'
+            f"# a bare name is looked up in $CREDENTIALS_DIRECTORY (systemd:\n"
+            f"# LoadCredential={PASSWORD_FILE}:/etc/edge-agent/credentials/{PASSWORD_FILE})\n"
+            f'password_file = "{PASSWORD_FILE}"\n'
+        )
     return (
         f"# written by edgectl provision: merge into /etc/edge-agent/agent.toml\n"
         f"[agent]\n"
         f'device_id = "{user.name}"\n\n'
         f"[mqtt]\n"
-        f'username = "{user.name}"\n'
-        f"# a bare name is looked up in $CREDENTIALS_DIRECTORY (systemd:\n"
-        f"# LoadCredential={PASSWORD_FILE}:/etc/edge-agent/credentials/{PASSWORD_FILE})\n"
-        f'password_file = "{PASSWORD_FILE}"\n'
+        f"{auth}"
         f"groups = [{groups}]\n"
         f"{prefix_line}"
     )
 
 
 def provision(
-    out: Path, user: User, *, prefix: str = "edge", rotate: bool = False
+    out: Path,
+    user: User,
+    *,
+    prefix: str = "edge",
+    rotate: bool = False,
+    cert: Authority | None = None,
+    broker: str = "",
+    days: int = 825,
 ) -> tuple[Path, list[Path]]:
-    """Give ``user`` a random password: its files under ``out/users/<name>/`` and its entry in
-    ``out/passwd``. Returns ``(user directory, files written)``. An existing user is refused
-    unless ``rotate`` (a new password; the old one stops working when the broker reloads)."""
+    """Give ``user`` a random password (its files under ``out/users/<name>/``, its entry in
+    ``out/passwd``), or with ``cert`` a client certificate from that CA instead. Returns
+    ``(user directory, files written)``. An existing user is refused unless ``rotate`` (a new
+    password or certificate; a rotated password stops working when the broker reloads)."""
+    from edgectl.ca import issue_client
+
     home = out / "users" / user.name
+    what = "certificate" if cert is not None else "password"
     if (home / "user.json").exists() and not rotate:
         raise EdgeError(
-            f"{user.name}: already provisioned in {out}; pass --rotate for a new password"
+            f"{user.name}: already provisioned in {out}; pass --rotate for a new {what}"
         )
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    password = secrets.token_urlsafe(24)
-    written = [home / PASSWORD_FILE, home / "user.json"]
-    write_private(home / PASSWORD_FILE, password + "\n")
-    record = {"name": user.name, "role": user.role, "groups": list(user.groups)}
+    written: list[Path] = []
+    password = ""
+    if cert is not None:
+        written += issue_client(cert, user.name, home, days=days)
+        if (home / PASSWORD_FILE).exists():  # from password to certificate: the password goes
+            (home / PASSWORD_FILE).unlink()
+            set_password_entry(out / BROKER_PASSWD, user.name, None)
+    else:
+        password = secrets.token_urlsafe(24)
+        write_private(home / PASSWORD_FILE, password + "\n")
+        written.append(home / PASSWORD_FILE)
+    record = {"name": user.name, "role": user.role, "groups": list(user.groups),
+              "auth": "cert" if cert is not None else "password"}  # fmt: skip
     write_private(home / "user.json", json.dumps(record, indent=2) + "\n")
+    written.append(home / "user.json")
     if user.role == "device":
-        (home / "agent.toml").write_text(agent_snippet(user, prefix=prefix))
+        snippet = agent_snippet(user, prefix=prefix, cert=cert is not None, broker=broker)
+        atomic_write(home / "agent.toml", snippet.encode(), mode=0o644)
         written.append(home / "agent.toml")
-    set_password_entry(out / BROKER_PASSWD, user.name, password)
-    written.append(out / BROKER_PASSWD)
+    if password:
+        set_password_entry(out / BROKER_PASSWD, user.name, password)
+        written.append(out / BROKER_PASSWD)
     return home, written
 
 

@@ -88,8 +88,11 @@ class OrderSigner:
             self._last_serial = max(int(time.time() * 1000), self._last_serial + 1)
             return self._last_serial
 
-    def sign(self, topic: str, payload: Mapping[str, Any], *, prefix: str) -> dict[str, Any]:
-        """``payload`` signed for ``topic`` (an order topic: ConfigError otherwise)."""
+    def sign(
+        self, topic: str, payload: Mapping[str, Any], *, prefix: str, reply_to: str = ""
+    ) -> dict[str, Any]:
+        """``payload`` signed for ``topic`` (an order topic: ConfigError otherwise), and for a
+        command sent with an MQTT 5 Response Topic, that topic (``reply_to``)."""
         aimed = order_target(topic, prefix=prefix)
         if aimed is None:
             raise ConfigError(f"{topic}: not an order topic; nothing to sign")
@@ -97,5 +100,5 @@ class OrderSigner:
         ttl = int(self.ttl) if self.ttl is not None else default_ttl(order)
         return sign_order(
             payload, key=self.key(), scope=scope, target=target, order=order,
-            serial=self.serial(), issued=int(time.time()), ttl=ttl,
+            serial=self.serial(), issued=int(time.time()), ttl=ttl, reply_to=reply_to,
         )  # fmt: skip

@@ -18,8 +18,6 @@ When the tests run as root, the config says ``user root``: mosquitto would other
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import re
 import shutil
@@ -36,10 +34,6 @@ from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -53,6 +47,7 @@ __all__ = [
     "Received",
     "TlsMaterial",
     "broker_fixture",
+    "dynsec_plugin",
     "make_tls_material",
     "mosquitto_binary",
     "write_password_file",
@@ -61,6 +56,11 @@ __all__ = [
 HOST = "127.0.0.1"
 _BIND_ATTEMPTS = 5
 _RUNNING = re.compile(r"mosquitto version \S+ running")
+
+
+def dynsec_plugin() -> Path | None:
+    """Mosquitto's dynamic-security plugin, where Debian and Ubuntu install it (or None)."""
+    return next(iter(sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so"))), None)
 
 
 def mosquitto_binary() -> str:
@@ -80,96 +80,27 @@ class TlsMaterial:
     client_cert: Path
     client_key: Path
     require_client_cert: bool = True
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
-
-
-def _issue(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: x509.Certificate | None,
-    issuer_key: ec.EllipticCurvePrivateKey,
-    *,
-    server: bool = False,
-    client: bool = False,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    is_ca = issuer is None
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name if issuer is None else issuer.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=not is_ca,
-                key_cert_sign=is_ca,
-                crl_sign=is_ca,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-            critical=False,
-        )
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]
-            ),
-            critical=False,
-        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    if client:
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
+    #: Mosquitto's ``use_identity_as_username``: a client cert's CN is its user name (the ACL's)
+    identity_as_username: bool = False
 
 
 def make_tls_material(directory: Path, *, require_client_cert: bool = True) -> TlsMaterial:
     """A fresh CA, a server cert (CN 127.0.0.1, SAN 127.0.0.1 + localhost) and a client cert
-    (CN edge-client), EC P-256, valid from a day ago for 30 days; PEM files in ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    pem = serialization.Encoding.PEM
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _issue("edge-test-ca", ca_key, None, ca_key)
-    files: dict[str, Path] = {}
-    (directory / "ca.crt").write_bytes(ca.public_bytes(pem))
-    for role, cn in (("server", HOST), ("client", "edge-client")):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _issue(cn, key, ca, ca_key, server=role == "server", client=role == "client")
-        files[f"{role}_cert"] = directory / f"{role}.crt"
-        files[f"{role}_key"] = directory / f"{role}.key"
-        files[f"{role}_cert"].write_bytes(cert.public_bytes(pem))
-        _write_key(files[f"{role}_key"], key)
+    (CN edge-client), EC P-256, made by ``edgectl.ca`` (one copy); PEM files in ``directory``."""
+    from edgectl.ca import init_ca, issue_client, issue_server, load_ca
+
+    for old in ("ca.crt", "ca.key"):  # a fresh CA each time (init_ca refuses to replace one)
+        (directory / old).unlink(missing_ok=True)
+    init_ca(directory, name="edge-test-ca", days=30)
+    ca = load_ca(directory)
+    issue_server(ca, [HOST, "localhost"], directory, days=30)
+    issue_client(ca, "edge-client", directory, days=30)
     return TlsMaterial(
         ca_cert=directory / "ca.crt",
-        server_cert=files["server_cert"],
-        server_key=files["server_key"],
-        client_cert=files["client_cert"],
-        client_key=files["client_key"],
+        server_cert=directory / "server.crt",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.crt",
+        client_key=directory / "client.key",
         require_client_cert=require_client_cert,
     )
 
@@ -212,6 +143,7 @@ class Broker:
         extra_conf: str = "",
         password_file: Path | None = None,
         acl_file: Path | None = None,
+        dynsec: Path | None = None,
     ) -> None:
         if users is not None and password_file is not None:
             raise ValueError("pass users or a password_file, not both")
@@ -220,6 +152,7 @@ class Broker:
         self.users = dict(users) if users is not None else None
         self.password_file = password_file
         self.acl_file = acl_file
+        self.dynsec = dynsec  # the dynamic-security plugin's JSON (its users and roles)
         self.max_packet_size = max_packet_size
         self.extra_conf = extra_conf
         self.host = HOST
@@ -252,7 +185,12 @@ class Broker:
         ]
         if os.name == "posix" and os.geteuid() == 0:
             lines.append("user root")  # else it drops to `mosquitto`, who cannot write workdir
-        if self.users is not None:
+        if self.dynsec is not None:
+            lines += ["allow_anonymous false", f"plugin {dynsec_plugin()}",
+                      f"plugin_opt_config_file {self.dynsec}"]  # fmt: skip
+        elif self.tls is not None and self.tls.identity_as_username:
+            lines.append("allow_anonymous false")  # every client has a cert CN as its name
+        elif self.users is not None:
             password_file = self.workdir / "passwd"
             write_password_file(password_file, self.users)
             lines += ["allow_anonymous false", f"password_file {password_file}"]
@@ -268,7 +206,7 @@ class Broker:
                 f"certfile {self.tls.server_cert}",
                 f"keyfile {self.tls.server_key}",
                 f"require_certificate {'true' if self.tls.require_client_cert else 'false'}",
-                "use_identity_as_username false",
+                f"use_identity_as_username {'true' if self.tls.identity_as_username else 'false'}",
             ]
         if self.max_packet_size > 0:
             lines.append(f"max_packet_size {self.max_packet_size}")
@@ -393,7 +331,7 @@ class Collector:
     """A paho client (MQTT v5, or 3.1.1 with ``v311=True``) subscribed to ``topics``, collecting
     every message it receives. Use as a context manager (connects, subscribes and waits for the
     SUBACK on enter; disconnects on exit). With a TLS broker it presents the client cert unless
-    ``client_cert=False``."""
+    ``client_cert=False`` (or the ``cert_files`` given)."""
 
     def __init__(
         self,
@@ -406,6 +344,8 @@ class Collector:
         username: str | None = None,
         password: str | None = None,
         client_cert: bool = True,
+        cert_files: tuple[Path, Path] | None = None,
+        ca_file: Path | None = None,
         timeout: float = 5.0,
     ) -> None:
         self.broker = broker
@@ -421,10 +361,13 @@ class Collector:
             self.client.username_pw_set(username, password)
         if broker.tls is not None:
             tls = broker.tls
-            if client_cert:
-                self.client.tls_set(str(tls.ca_cert), str(tls.client_cert), str(tls.client_key))
+            ca = str(ca_file or tls.ca_cert)
+            if cert_files is not None:  # this cert and key (another device's, another CA's)
+                self.client.tls_set(ca, str(cert_files[0]), str(cert_files[1]))
+            elif client_cert:
+                self.client.tls_set(ca, str(tls.client_cert), str(tls.client_key))
             else:
-                self.client.tls_set(str(tls.ca_cert))
+                self.client.tls_set(ca)
         self._messages: list[Received] = []
         self._cond = threading.Condition()
         self.connack: ReasonCode | None = None  # the first CONNACK

@@ -248,6 +248,63 @@ def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> N
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def provisioned_config(
+    home: Path, *, broker: str, fleet_env: Mapping[str, Any], state_dir: Path
+) -> str:
+    """An agent config with the ``[mqtt]`` lines ``edgectl provision`` wrote into
+    ``home/agent.toml`` (run it with ``CREDENTIALS_DIRECTORY=home``), serving the digits video."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    mqtt = tomllib.loads((home / "agent.toml").read_text())["mqtt"]
+    mqtt.pop("broker", None)
+    return agent_config(
+        broker=broker, device=home.name, state_dir=state_dir,
+        model=fleet_env["root"] / "digits-1.0.0.edgebundle", keys=fleet_env["pub"],
+        source=f"file:{fleet_env['video']}?loop=1&live=1",
+        mqtt_extra="\n".join(f"{k} = {json.dumps(v)}" for k, v in mqtt.items()),
+    )  # fmt: skip
+
+
+def wait_serving(reader: Any, agent: AgentProcess, *, timeout: float = 30.0) -> None:
+    """Until ``reader`` (a Collector on the device's results and telemetry) has both; the
+    agent's log in the failure."""
+    try:
+        reader.wait_for(
+            lambda m: bool(payloads(m, "/results")) and bool(payloads(m, "/telemetry")),
+            timeout=timeout,
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; log: {agent.text()[-2000:]}") from None
+
+
+SECURITY_DOC = Path(REPO) / "docs" / "security.md"
+
+
+def doc_steps(heading: str, *, doc: Path = SECURITY_DOC) -> list[str]:
+    """The shell lines of the first ```sh block under ``heading`` (comments stripped)."""
+    text = doc.read_text().split(heading, 1)[1]
+    block = text.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def run_doc_steps(steps: Sequence[str], *, cwd: Path) -> None:
+    """Run ``edgectl`` lines as written, in ``cwd`` (``> FILE`` redirects stdout there)."""
+    import shlex
+
+    for line in steps:
+        argv, _, redirect = line.partition(">")
+        words = shlex.split(argv)
+        assert words[0] == "edgectl", line
+        run = subprocess.run([EDGECTL, *words[1:]], capture_output=True, text=True, cwd=cwd,
+                             env=checkout_env(), timeout=60)  # fmt: skip
+        assert run.returncode == 0, (line, run.stderr)
+        if redirect:
+            (cwd / redirect.strip()).write_text(run.stdout)
+
+
 def edgectl(*args: str, broker: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [EDGECTL, "--broker", broker, *args],

@@ -8,9 +8,7 @@ subscriber sees nothing)."""
 from __future__ import annotations
 
 import json
-import shlex
 import stat
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,14 +26,15 @@ from edgectl.acl import mosquitto_acl
 from edgectl.provision import User, load_users
 from tests.broker import Broker, Collector
 from tests.fleet import (  # noqa: F401  (fleet_env_fixture: the `fleet_env` fixture)
-    EDGECTL,
     AgentProcess,
-    agent_config,
-    checkout_env,
+    doc_steps,
     edgectl,
     events,
     fleet_env_fixture,
     payloads,
+    provisioned_config,
+    run_doc_steps,
+    wait_serving,
 )
 
 NOWHERE = "mqtt://127.0.0.1:1"  # provision and acl never connect
@@ -50,32 +49,14 @@ def _run(*args: str, broker: str = NOWHERE) -> str:
     return run.stdout
 
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "security.md"
-
-
-def _doc_steps() -> list[str]:
-    """The shell lines of docs/security.md's "A new device, from nothing"."""
-    text = DOC.read_text().split("### A new device, from nothing", 1)[1]
-    block = text.split("```sh\n", 1)[1].split("```", 1)[0]
-    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """docs/security.md's steps, run as written (in a scratch directory), plus a second device
     for the attacks; then the ACL again from the register."""
     root = tmp_path_factory.mktemp("acl")
-    steps = _doc_steps()
+    steps = doc_steps("### A new device, from nothing")
     assert len(steps) == 4 and steps[-1].endswith("> fleet/acl"), steps
-    for line in steps:
-        argv, _, redirect = line.partition(">")
-        words = shlex.split(argv)
-        assert words[0] == "edgectl", line
-        run = subprocess.run([EDGECTL, *words[1:]], capture_output=True, text=True,
-                             cwd=root, env=checkout_env(), timeout=60)  # fmt: skip
-        assert run.returncode == 0, (line, run.stderr)
-        if redirect:
-            (root / redirect.strip()).write_text(run.stdout)
+    run_doc_steps(steps, cwd=root)
     out = root / "fleet"
     _run("provision", "cam-2", "--out", str(out))
     (out / "acl").write_text(_run("acl", "--mosquitto", "--devices-from", str(out)))
@@ -218,8 +199,10 @@ def test_consumer_cannot_publish_orders(secure_broker: Broker, fleet: Path) -> N
 
 
 @pytest.mark.parametrize(
-    "subscription", [CAM2.commands, CAM2.desired, "edge/#", "edge/+/cmd/+", "#"]
-)
+    "subscription",
+    [CAM2.commands, CAM2.desired, "edge/#", "edge/+/cmd/+", "#",
+     f"$share/x/{CAM2.commands}", f"$share/x/{CAM2.desired}", "$share/x/edge/#"],
+)  # fmt: skip
 def test_device_credentials_cannot_read_another_device(
     subscription: str, secure_broker: Broker, fleet: Path
 ) -> None:
@@ -241,6 +224,20 @@ def test_device_credentials_cannot_read_another_device(
     assert not [m for m in msgs if m.topic.startswith(CAM2.base)], msgs
 
 
+def test_a_consumer_reads_through_a_shared_subscription(secure_broker: Broker, fleet: Path) -> None:
+    """``$share/<group>/edge/+/telemetry`` (a collector's): the consumer's read rights apply to
+    what is delivered, so it receives telemetry and none of the orders."""
+    shared = ["$share/db/edge/+/telemetry", "$share/db/edge/+/desired", "$share/db/edge/+/cmd/+"]
+    with _client(secure_broker, fleet, "reader", shared) as reader:
+        with _client(secure_broker, fleet, "ops") as ops:
+            ops.publish(CAM2.command("ping"), b'{"id": "secret"}')
+            ops.publish(CAM2.desired, b'{"secret": 1}')
+        with _client(secure_broker, fleet, "cam-2") as cam2:
+            cam2.publish(CAM2.telemetry, b'{"t": 1}')
+        msgs = reader.wait_for(lambda m: any(x.topic == CAM2.telemetry for x in m))
+    assert [m.topic for m in msgs] == [CAM2.telemetry], msgs
+
+
 # --- a provisioned device works --------------------------------------------------------------
 
 
@@ -250,13 +247,8 @@ def test_provisioned_device_works_end_to_end_under_the_acl(
     """Telemetry and results reach the consumer, `edgectl ping` is answered over MQTT 5 and on
     the 3.1.1 reply topic, and an OTA to its group over MQTT chunks commits."""
     home = fleet / "users" / "cam-1"
-    mqtt = tomllib.loads((home / "agent.toml").read_text())["mqtt"]
-    mqtt_extra = "\n".join(f"{k} = {json.dumps(v)}" for k, v in mqtt.items())
-    cfg = agent_config(
-        broker=secure_broker.url, device="cam-1", state_dir=tmp_path / "state",
-        model=fleet_env["root"] / "digits-1.0.0.edgebundle", keys=fleet_env["pub"],
-        source=f"file:{fleet_env['video']}?loop=1&live=1", mqtt_extra=mqtt_extra,
-    )  # fmt: skip
+    cfg = provisioned_config(home, broker=secure_broker.url, fleet_env=fleet_env,
+                             state_dir=tmp_path / "state")  # fmt: skip
     ops = ("--username", "ops", "--password-file", str(fleet / "users" / "ops" / "mqtt-password"))
     reader_topics = [
         protocol.fleet_topic(k) for k in ("results", "telemetry", "events", "reported")
@@ -265,13 +257,7 @@ def test_provisioned_device_works_end_to_end_under_the_acl(
         _client(secure_broker, fleet, "reader", reader_topics) as reader,
         AgentProcess(tmp_path, cfg, env={"CREDENTIALS_DIRECTORY": str(home)}) as agent,
     ):
-        try:
-            reader.wait_for(
-                lambda m: bool(payloads(m, "/results")) and bool(payloads(m, "/telemetry")),
-                timeout=30,
-            )
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; log: {agent.text()[-2000:]}") from None
+        wait_serving(reader, agent)
         run = edgectl(*ops, "ping", "cam-1", broker=secure_broker.url)
         assert run.returncode == 0 and "pong" in run.stdout, run.stdout + run.stderr
         with _client(secure_broker, fleet, "ops", [CAM1.reply("ping")], v311=True) as old:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.errors import OrderRefused
+from edge_agent.errors import ConfigError, OrderRefused
 from edge_agent.fleet import protocol
 from edge_agent.fleet.orders import OrderGuard, SerialLedger, sign_order
 from edge_agent.model.keys import generate_keypair, load_private_key, load_trusted_keys
@@ -273,3 +273,145 @@ def test_edgectl_operator_key_errors_are_one_line(operator: dict[str, Any], tmp_
         )  # fmt: skip
         assert run.returncode == 2, run.stderr
         assert needle in run.stderr and run.stderr.count("\n") == 1, run.stderr
+
+
+FLOOD = 2000
+
+
+def test_a_command_flood_is_rate_limited_and_the_loop_is_unaffected(
+    fleet_env: dict[str, Any], operator: dict[str, Any], tmp_path: Path
+) -> None:
+    """2,000 unsigned commands at once: at most the burst (plus the refill) is read, the rest is
+    dropped unread and said in one ``command_rate_limited`` event with the count; results keep
+    flowing without a seq gap, a signed ping afterwards is answered, and nothing changes."""
+    rate, burst = 2.0, 10
+    # max_queued_messages 0: the broker itself drops nothing, so every command reaches the agent
+    with Broker(tmp_path / "broker", extra_conf="max_queued_messages 0") as broker:
+        cfg = _config(broker, fleet_env, tmp_path, fleet=f'operator_keys = ["{operator["pub"]}"]\n'
+                      f"command_rate = {rate}\ncommand_burst = {burst}")  # fmt: skip
+        with (
+            Collector(broker, [f"{TOPICS.base}/#"]) as consumer,
+            AgentProcess(tmp_path, cfg) as agent,
+        ):
+            _online(consumer, agent)
+            consumer.wait_for(lambda m: len(payloads(m, "/results")) >= 5, timeout=20)
+            before = len(payloads(consumer.messages, "/results"))
+            names = ("ping", "reload", "rollback", "update")
+            attacker = Collector(broker)
+            attacker.client.max_inflight_messages_set(500)
+            attacker.connect()
+            t0 = time.monotonic()
+            try:
+                for i in range(FLOOD):
+                    name = names[i % len(names)]
+                    body = {"schema": 1, "id": f"flood-{i}", "sha256": "ab" * 32,
+                            "allow_downgrade": True}  # fmt: skip
+                    info = attacker.client.publish(TOPICS.command(name), protocol.dumps(body), 1)
+                info.wait_for_publish(30)
+                assert info.is_published()
+                # a desired state in the flood's wake waits for the bucket, it is not lost
+                attacker.publish(TOPICS.desired, protocol.dumps(_desired("cd" * 32)))
+            finally:
+                attacker.close()
+
+            def flood_replies(msgs: list[Any]) -> list[dict[str, Any]]:
+                return [
+                    r for r in payloads(msgs, "/reply") if str(r.get("id")).startswith("flood-")
+                ]
+
+            def accounted(msgs: list[Any]) -> bool:
+                dropped = sum(e["details"]["dropped"] for e in events(msgs, "command_rate_limited"))
+                return dropped + len(flood_replies(msgs)) == FLOOD
+
+            try:
+                msgs = consumer.wait_for(accounted, timeout=30)
+            except AssertionError:
+                said = events(consumer.messages, "command_rate_limited")
+                raise AssertionError(f"{said}; replies {len(flood_replies(consumer.messages))}; "
+                                     f"log: {agent.text()[-2000:]}") from None  # fmt: skip
+            elapsed = time.monotonic() - t0
+            said = events(msgs, "command_rate_limited")
+            assert len(said) == 1, said  # one event for the whole burst, not one per drop
+            assert "[fleet] command_rate" in said[0]["reason"]
+            replies = flood_replies(msgs)
+            # what was read: at most the burst and what refilled meanwhile (a bound, not a timing)
+            assert len(replies) <= burst + rate * elapsed + 1, (len(replies), elapsed)
+            assert all(r["ok"] is False and "unsigned" in r["error"] for r in replies), replies[:3]
+            _refused(consumer, "desired for device cam-1: unsigned")
+
+            # Later, a legitimate (signed) command is answered.
+            signed = ("--operator-key", str(operator["key_file"]),
+                      "--operator-key-passphrase-file", str(operator["pass"]))  # fmt: skip
+            run = edgectl(*signed, "ping", DEVICE, broker=broker.url)
+            assert run.returncode == 0 and "pong" in run.stdout, run.stdout + run.stderr
+            # The loop went on: more results, every seq once, none missing.
+            consumer.wait_for(lambda m: len(payloads(m, "/results")) >= before + 10, timeout=20)
+            assert agent.stop() == 0, agent.text()[-2000:]
+    msgs = consumer.messages
+    seqs = sorted({r["seq"] for r in payloads(msgs, "/results")})
+    assert seqs == list(range(seqs[0], seqs[-1] + 1)), "a gap in the results"
+    assert not events(msgs, "update_started") and not events(msgs, "rolled_back")
+    assert payloads(msgs, "/reported")[-1]["model"]["version"] == "1.0.0"
+
+
+def test_token_bucket_refills_and_reports_once_per_window() -> None:
+    from edge_agent.common.ratelimit import QUIET_S, TokenBucket
+
+    now = [100.0]
+    bucket = TokenBucket(rate=2.0, burst=3, window=10.0, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(5)] == [True, True, True, False, False]
+    assert not bucket.take(count=False)  # to be retried (a desired state): not a drop
+    assert bucket.report() is None  # still flooding: wait until it settles
+    now[0] += QUIET_S
+    assert bucket.report() == 2 and bucket.report() is None
+    assert bucket.take() and bucket.take() and not bucket.take()  # 2 tokens refilled in 1 s
+    now[0] += QUIET_S
+    assert bucket.report() is None  # one report per window
+    for _ in range(100):  # a flood that never stops is said once the window has passed
+        now[0] += 0.1
+        bucket.take()
+    assert bucket.report() is not None
+    assert TokenBucket(rate=0, burst=1).take() and TokenBucket(rate=0, burst=1).take()
+    with pytest.raises(ValueError, match="burst = 0"):
+        TokenBucket(rate=1, burst=0)
+    from edge_agent.config import FleetSection
+
+    for bad, needle in (({"command_rate": -1.0}, "command_rate = -1.0: must be >= 0"),
+                        ({"command_burst": 0}, "command_burst = 0: must be >= 1")):  # fmt: skip
+        with pytest.raises(ConfigError, match=needle):
+            FleetSection(**bad)
+
+
+def test_the_response_topic_is_covered_by_the_signature(
+    broker: Broker, fleet_env: dict[str, Any], operator: dict[str, Any], tmp_path: Path
+) -> None:
+    """A signed ``reply_to`` is where the reply goes; a Response Topic changed in transit is
+    refused; one no signature covers gets the reply on the fixed reply topic only."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    def props(topic: str) -> Properties:
+        p = Properties(PacketTypes.PUBLISH)
+        p.ResponseTopic = topic
+        return p
+
+    cfg = _config(broker, fleet_env, tmp_path, fleet=f'operator_keys = ["{operator["pub"]}"]')
+    key, ping = operator["key"], TOPICS.command("ping")
+    signed_to, unsigned_to = protocol.response_topic("t1"), protocol.response_topic("t2")
+    watched = [f"{TOPICS.base}/#", "edge/edgectl/#", protocol.Topics("cam-2").desired]
+    with Collector(broker, watched) as consumer, AgentProcess(tmp_path, cfg) as agent:
+        _online(consumer, agent)
+        order = _signed({"schema": 1, "id": "a"}, key, ping, reply_to=signed_to)
+        consumer.publish(ping, order, properties=props(signed_to))
+        consumer.wait_for(lambda m: any(x.topic == signed_to for x in m), timeout=10)
+        order = _signed({"schema": 1, "id": "b"}, key, ping)  # signed without a reply_to
+        consumer.publish(ping, order, properties=props(unsigned_to))
+        consumer.wait_for(lambda m: any(r["id"] == "b" for r in payloads(m, "/cmd/ping/reply")),
+                          timeout=10)  # fmt: skip
+        order = _signed({"schema": 1, "id": "c"}, key, ping, reply_to=signed_to)
+        consumer.publish(ping, order, properties=props(protocol.Topics("cam-2").desired))
+        _refused(consumer, "is not the one signed")
+        assert agent.stop() == 0, agent.text()[-2000:]
+    msgs = consumer.messages
+    assert not [m for m in msgs if m.topic in (unsigned_to, protocol.Topics("cam-2").desired)]
+    assert [json.loads(m.payload)["id"] for m in msgs if m.topic == signed_to] == ["a"]

@@ -65,11 +65,13 @@ def sign_order(
     serial: int,
     issued: int,
     ttl: int,
+    reply_to: str = "",
 ) -> dict[str, Any]:
-    """``payload`` with a fresh ``"signed"`` envelope (any old one is replaced)."""
+    """``payload`` with a fresh ``"signed"`` envelope (any old one is replaced); ``reply_to``:
+    the command's MQTT 5 Response Topic, signed with it."""
     envelope = OrderEnvelope(
         key=key_id(key.public_key()), scope=scope, target=target, order=order,
-        serial=serial, issued=issued, expires=issued + ttl,
+        serial=serial, issued=issued, expires=issued + ttl, reply_to=reply_to,
     )  # fmt: skip
     body = order_body(payload)
     signature = base64.b64encode(key.sign(envelope.signed_bytes(body))).decode("ascii")
@@ -116,10 +118,12 @@ class SerialLedger:
 
 @dataclass(frozen=True)
 class Accepted:
-    """An order let through: signed or not, and its serial when signed."""
+    """An order let through: signed or not, its serial when signed, and the Response Topic its
+    signature covers ("" for none)."""
 
     signed: bool
     serial: int | None = None
+    reply_to: str = ""
 
 
 class OrderGuard:
@@ -145,9 +149,20 @@ class OrderGuard:
     def enforcing(self) -> bool:
         return bool(self.keys)
 
-    def check(self, payload: Mapping[str, Any], *, scope: str, target: str, order: str) -> Accepted:
+    def check(
+        self,
+        payload: Mapping[str, Any],
+        *,
+        scope: str,
+        target: str,
+        order: str,
+        response_topic: str | None = None,
+    ) -> Accepted:
         """Accepted, or OrderRefused naming why; ``(scope, target, order)``: where it arrived
-        (``protocol.order_target`` of its topic)."""
+        (``protocol.order_target`` of its topic); ``response_topic``: the MQTT 5 Response Topic
+        it came with. A signed ``reply_to`` must be that very topic (a Response Topic changed
+        in transit is refused); a Response Topic the signature does not cover is not refused,
+        but :attr:`Accepted.reply_to` is then empty and the reply goes to the fixed reply topic."""
         what = f"{order} for {scope} {target}"
         if not self.enforcing:
             self._check_hosts(payload, what)
@@ -174,6 +189,11 @@ class OrderGuard:
                 f"{what}: mis-targeted: signed for {envelope.order} to {envelope.scope} "
                 f"{envelope.target}"
             )
+        if envelope.reply_to and envelope.reply_to != (response_topic or ""):
+            raise OrderRefused(
+                f"{what}: its Response Topic {response_topic!r} is not the one signed "
+                f"({envelope.reply_to!r}): altered in transit"
+            )
         digest = hashlib.sha256(signature).hexdigest()[:32]
         assert self.ledger is not None
         with self._lock:
@@ -197,7 +217,7 @@ class OrderGuard:
                     f"accepted, {last[0]}"
                 )
             self.ledger.record(envelope.ledger_key, envelope.serial, digest)
-        return Accepted(signed=True, serial=envelope.serial)
+        return Accepted(signed=True, serial=envelope.serial, reply_to=envelope.reply_to)
 
     def _check_hosts(self, payload: Mapping[str, Any], what: str) -> None:
         if not self.allowed_hosts:

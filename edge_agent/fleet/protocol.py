@@ -94,6 +94,7 @@ EVENT_KINDS = (
     "order_refused",
     "orders_unsigned",
     "plaintext_mqtt",
+    "command_rate_limited",
     "error",
 )
 
@@ -331,8 +332,10 @@ class OrderEnvelope:
     """The ``"signed"`` object of a signed order. ``key``: the operator key's id
     (``edge_agent.model.keys.key_id``); ``scope``/``target``/``order``: where it is aimed
     (:func:`order_target` of the topic it must arrive on); ``serial``: grows per target (edgectl:
-    milliseconds since the epoch); ``issued``/``expires``: Unix seconds; ``signature``: base64 of
-    the Ed25519 signature over :meth:`signed_bytes`."""
+    milliseconds since the epoch); ``issued``/``expires``: Unix seconds; ``reply_to``: a
+    command's MQTT 5 Response Topic, covered by the signature (absent: none was signed, and the
+    encoding is the one without it); ``signature``: base64 of the Ed25519 signature over
+    :meth:`signed_bytes`."""
 
     key: str
     scope: str
@@ -342,9 +345,14 @@ class OrderEnvelope:
     issued: int
     expires: int
     signature: str = ""
+    reply_to: str = ""
 
     def __post_init__(self) -> None:
         what = "signed order"
+        if not isinstance(self.reply_to, str) or "+" in self.reply_to or "#" in self.reply_to:
+            raise ProtocolError(f"{what}: reply_to {self.reply_to!r}: expected a topic name")
+        if self.reply_to and self.order == "desired":
+            raise ProtocolError(f"{what}: reply_to: a desired state has no reply")
         if not isinstance(self.key, str) or not _KEY_ID.match(self.key):
             raise ProtocolError(f"{what}: key {self.key!r}: expected a 16-hex-digit key id")
         if self.scope not in ORDER_SCOPES:
@@ -381,13 +389,19 @@ class OrderEnvelope:
             key=raw["key"], scope=raw["scope"], target=raw["target"], order=raw["order"],
             serial=_int_field(raw, "serial", what), issued=_int_field(raw, "issued", what),
             expires=_int_field(raw, "expires", what), signature=raw["signature"],
+            reply_to=raw.get("reply_to", ""),
         )  # fmt: skip
 
     def header(self) -> dict[str, Any]:
-        return {
+        """The signed fields; ``reply_to`` only when set (so that orders signed without one,
+        by an older edgectl, verify as before)."""
+        head = {
             "key": self.key, "scope": self.scope, "target": self.target, "order": self.order,
             "serial": self.serial, "issued": self.issued, "expires": self.expires,
         }  # fmt: skip
+        if self.reply_to:
+            head["reply_to"] = self.reply_to
+        return head
 
     def signed_bytes(self, body: Mapping[str, Any]) -> bytes:
         """What the signature covers: :func:`canonical` of ``{"body": <the order without
@@ -728,6 +742,7 @@ _ORDER = {
         "issued": {"type": "integer", "minimum": 0},
         "expires": {"type": "integer", "minimum": 0},
         "signature": {"type": "string", "pattern": _SIGNATURE.pattern},
+        "reply_to": {"type": "string"},
     },
 }
 _SCHEMA = {"const": SCHEMA_VERSION}
