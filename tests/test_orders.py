@@ -181,6 +181,24 @@ def test_signed_orders_are_followed_and_every_bad_order_is_refused(
                 attacker.publish(TOPICS.command("ping"), ping)
                 consumer.wait_for(lambda m: any(r.get("id") == "p1" and r["ok"]
                                   for r in payloads(m, "/cmd/ping/reply")), timeout=10)  # fmt: skip
+                # Oversized. Past the agent's order limit (64 KiB), within the packet size it
+                # announced: refused with the reason. Past that packet size (4 MiB + 4 KiB with
+                # OTA on): the broker never delivers it, so the agent says nothing of it, and
+                # the small unsigned order sent after it is the next one it refuses.
+                pad = "x" * protocol.MAX_COMMAND_BYTES
+                attacker.publish(TOPICS.command("ping"), protocol.dumps({"schema": 1, "p": pad}))
+                limit = f"larger than the {protocol.MAX_COMMAND_BYTES}-byte limit"
+                consumer.wait_for(lambda m: any(not r["ok"] and limit in r["error"]
+                                  for r in payloads(m, "/cmd/ping/reply")), timeout=10)  # fmt: skip
+                before = len(consumer.messages)
+                huge = {**_desired(v100, version="0.0.1"), "note": "y" * (5 * 2**20)}
+                attacker.publish(desired_topic, protocol.dumps(huge))
+                attacker.publish(desired_topic, protocol.dumps(_desired(v100, version="0.0.2")))
+                msgs = consumer.wait_for(
+                    lambda m: bool(events(m[before:], "order_refused")), timeout=10
+                )
+                said = events(msgs[before:], "order_refused") + events(msgs[before:], "error")
+                assert len(said) == 1 and "unsigned" in said[0]["reason"], said
             finally:
                 attacker.close()
 
