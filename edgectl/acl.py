@@ -22,9 +22,9 @@ Two forms of the same rules: ``edgectl acl --mosquitto`` (:func:`mosquitto_acl`,
 dynamic-security plugin). Mosquitto 2.0's plugin has no ``%u`` in its ACLs, so each device gets
 its own role (``edge-device-<name>``); operators share ``edge-operator``, consumers
 ``edge-consumer``, and ``--admin-user`` operators also get ``edge-dynsec-admin`` (the plugin's
-``$CONTROL`` topics, for ``mosquitto_ctrl``). With an ``acl_file``, Mosquitto 2.0 checks a subscription only when a message
-is delivered, so ``$share/<group>/...`` needs no rule of its own; the plugin checks the filter at
-SUBSCRIBE, so its roles also allow the ``$share/+/...`` forms of what may be read.
+``$CONTROL`` topics, for ``mosquitto_ctrl``). With an ``acl_file``, Mosquitto 2.0 checks a
+subscription only when a message is delivered, so ``$share/<group>/...`` needs no rule of its
+own; the plugin checks the filter at SUBSCRIBE, so its roles also allow the ``$share/+/...`` forms of what may be read.
 """
 
 from __future__ import annotations
