@@ -232,6 +232,7 @@ def bench(*, seconds: float, devices: int, rate: float, events_every: int) -> di
     tmp = tempfile.TemporaryDirectory(prefix="bench-fleet-")
     work = Path(tmp.name)
     collectors: list[CollectorProcess] = []
+    sim: subprocess.Popen[str] | None = None
     try:
         broker = Broker(work / "broker", extra_conf=BROKER_CONF,
                         autosave_interval=BROKER_AUTOSAVE_S, log_types=BROKER_LOG_TYPES)  # fmt: skip
@@ -294,6 +295,9 @@ def bench(*, seconds: float, devices: int, rate: float, events_every: int) -> di
             history = time_history(database, device_names(devices)[devices // 2], since)
             load_after = os.getloadavg()
     finally:
+        if sim is not None and sim.poll() is None:  # it failed or overran: stop it
+            sim.kill()
+            sim.wait(10)
         for c in collectors:
             c.close()
         database.drop()
