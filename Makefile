@@ -48,9 +48,10 @@ bench: $(VENV)/.stamp-dev
 	if [ -f $(TFVENV)/.stamp ]; then $(PY) -m benchmarks.tflite --tf-python $(TFVENV)/bin/python; \
 	else $(PY) -m benchmarks.tflite; fi; t=$$?; $(PY) -m benchmarks.prune; p=$$?; \
 	$(PY) -m benchmarks.telemetry; $(PY) -m benchmarks.capture; k=$$?; $(PY) -m benchmarks.shadow; h=$$?; \
+	$(PY) -m benchmarks.fleet; f=$$?; \
 	EDGE_TEST_OUTAGE_S=90 $(PY) -m pytest -q -p no:cacheprovider tests/test_stream_drop.py -k watchdog; o=$$?; \
 	$(PY) -m benchmarks.plots; \
-	echo "benchmarks: convert exit $$c, agent exit $$a, mqtt exit $$m, streams exit $$s, tflite exit $$t, prune exit $$p, capture exit $$k, shadow exit $$h, 90 s camera outage exit $$o (1 = a target missed; see the tables)"
+	echo "benchmarks: convert exit $$c, agent exit $$a, mqtt exit $$m, streams exit $$s, tflite exit $$t, prune exit $$p, capture exit $$k, shadow exit $$h, fleet exit $$f, 90 s camera outage exit $$o (1 = a target missed; see the tables)"
 
 lint: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff format --check .

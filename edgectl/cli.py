@@ -468,7 +468,7 @@ def _database(args: argparse.Namespace) -> Any:
 
 
 def _time_range(args: argparse.Namespace, *, since_default: str | None) -> tuple[float, float]:
-    from edgectl.collect import parse_since
+    from edgectl.when import parse_since
 
     now = time.time()
     since_text = args.since or since_default
@@ -1347,7 +1347,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from edgectl.collect import DatasetFolder, SampleAssembler, collect, parse_since
+    from edgectl.collect import DatasetFolder, SampleAssembler, collect
+    from edgectl.when import parse_since
 
     if args.what == "fleet":
         return cmd_collect_fleet(args)

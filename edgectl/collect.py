@@ -22,12 +22,10 @@ cut off when the folder is opened again.
 
 from __future__ import annotations
 
-import calendar
 import hashlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +37,7 @@ from edge_agent.common.durable import atomic_write, fsync_dir
 from edge_agent.errors import EdgeError, ProtocolError
 from edge_agent.fleet import protocol
 from edge_agent.model.formats import DATASET_EXTENSIONS, DATASET_FOLDERS, DATASET_INDEX
+from edgectl.when import parse_since  # re-exported: its home before edgectl.when
 
 log = logging.getLogger("edgectl")
 
@@ -46,28 +45,6 @@ log = logging.getLogger("edgectl")
 _FIELDS = ("kind", "shape", "reasons", "capture_ts", "stream", "frame", "model", "output",
            "shadow_output", "sha256")  # fmt: skip
 _MAX_CHUNKS = 1 << 16
-
-
-def parse_since(text: str, *, now: float | None = None, what: str = "--since") -> float:
-    """``--since`` (or ``what``: ``--until``): a duration ago (``90s``, ``30m``, ``2h``,
-    ``7d``), a Unix time, or an ISO 8601 UTC date / time (``2026-12-01``, ``2026-12-01T10:30``,
-    with or without ``Z``)."""
-    now = time.time() if now is None else now
-    value = text.strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", value)
-    if m:
-        return now - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-    if re.fullmatch(r"\d{9,}(\.\d+)?", value):
-        return float(value)
-    for fmt in ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"):
-        try:
-            return float(calendar.timegm(time.strptime(value.rstrip("Z"), fmt)))
-        except ValueError:
-            continue
-    raise EdgeError(
-        f"{what} {text!r}: expected a duration ago (30m, 2h, 7d), a Unix time or an ISO date "
-        "(2026-12-01 or 2026-12-01T10:30, UTC)"
-    )
 
 
 class DatasetFolder:

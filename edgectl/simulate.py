@@ -4,9 +4,14 @@ fleet database before buying hardware, and feed the tests and benchmarks.
 Each simulated device publishes, like the agent (``docs/mqtt.md``): a retained ``status``
 (online) and ``reported`` state once at start, then retained ``telemetry`` at ``rate`` Hz with
 a ``seq`` that grows, an event every ``events_every`` telemetry messages (``drift`` every
-tenth, else ``plan_tuned``), and optionally results. Devices are spread over a few MQTT
-connections (``connections``) and evenly over each period, on an absolute schedule, so a slow
-broker shows as lag (``late``, ``max_lag_s``) rather than as a lower rate.
+tenth, else ``plan_tuned``), and optionally results. Device number ``i`` of the list sends its
+events at the seqs where ``(seq + i) % events_every == 0`` (:func:`has_event`; results likewise):
+a fleet's events are spread evenly over time, as real ones are, instead of all coming in one
+period.
+Devices are spread over a few MQTT connections (``connections``) and evenly over each period, on
+an absolute schedule, so a slow broker shows as lag (``late``, ``max_lag_s``) rather than as a
+lower rate. :meth:`Simulator.stop` waits for the broker's PUBACK of everything handed to paho
+before it disconnects, so ``stats()`` counts what the broker accepted.
 
 Every payload validates against ``edge_agent.fleet.protocol.SCHEMAS``
 (``tests/test_fleetdb.py``, ``benchmarks/mqtt.py``).
@@ -151,6 +156,13 @@ def event_payload(device: str, seq: int, now: float) -> dict[str, Any]:
     return protocol.event_payload("plan_tuned", device=device, seq=seq, ts=now, plan="1x2")
 
 
+def has_event(seq: int, index: int, every: int) -> bool:
+    """Whether device number ``index`` of a simulated fleet sends an event with telemetry
+    ``seq`` (an event every ``every`` telemetry messages, 0: none; phases spread over the
+    fleet)."""
+    return every > 0 and (seq + index) % every == 0
+
+
 def device_names(count: int, *, start: int = 0, stem: str = "sim") -> list[str]:
     width = max(4, len(str(start + count - 1)))
     return [f"{stem}-{i:0{width}d}" for i in range(start, start + count)]
@@ -161,8 +173,10 @@ def device_names(count: int, *, start: int = 0, stem: str = "sim") -> list[str]:
 
 @dataclass
 class Counters:
-    published: dict[str, int] = field(default_factory=dict)  # per stream
-    acked: int = 0
+    published: dict[str, int] = field(default_factory=dict)  # per stream, handed to paho
+    acked: int = 0  # PUBACKs with a success code
+    refused: int = 0  # PUBACKs with a failure code (an ACL, a quota)
+    failed: int = 0  # publish() refused at once (not connected): not counted as published
     late: int = 0
     max_lag_s: float = 0.0
 
@@ -204,6 +218,7 @@ class Simulator:
         self.prefix, self.seq_start, self.retained_state = prefix, seq_start, retained_state
         n = max(1, min(connections, len(self.devices)))
         self.slices = [self.devices[k::n] for k in range(n)]
+        self._index = {device: i for i, device in enumerate(self.devices)}
         self.counters = [Counters() for _ in self.slices]
         self._client_id = client_id
         self._clients: list[Any] = []
@@ -225,9 +240,12 @@ class Simulator:
         client.on_connect = lambda *a: connected.set()
         counters = self.counters[k]
 
-        def on_publish(*a: Any) -> None:
+        def on_publish(client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
             with self._acked:
-                counters.acked += 1
+                if getattr(reason, "is_failure", False):
+                    counters.refused += 1
+                else:
+                    counters.acked += 1
                 self._acked.notify_all()
 
         client.on_publish = on_publish
@@ -252,8 +270,13 @@ class Simulator:
             t.start()
         return self
 
-    def _publish(self, k: int, topic: str, data: dict[str, Any], *, retain: bool) -> None:
-        self._clients[k].publish(topic, json.dumps(data), qos=1, retain=retain)
+    def _publish(self, k: int, stream: str, topic: str, data: dict[str, Any], *,
+                 retain: bool) -> None:  # fmt: skip
+        info = self._clients[k].publish(topic, json.dumps(data), qos=1, retain=retain)
+        if info.rc == 0:
+            self.counters[k].count(stream)
+        else:  # not connected: an agent would spool it; the simulator says so
+            self.counters[k].failed += 1
 
     def _run(self, k: int, t0: float) -> None:
         mine, c = self.slices[k], self.counters[k]
@@ -262,10 +285,9 @@ class Simulator:
             for device in mine:
                 now = time.time()
                 t = protocol.Topics(device, prefix=self.prefix)
-                self._publish(k, t.status, status_payload(device, now), retain=True)
-                self._publish(k, t.reported, reported_payload(device, now), retain=True)
-                c.count("status")
-                c.count("reported")
+                self._publish(k, "status", t.status, status_payload(device, now), retain=True)
+                self._publish(k, "reported", t.reported, reported_payload(device, now),
+                              retain=True)  # fmt: skip
         period = 1.0 / self.rate
         step = period / len(mine)
         tick = 0
@@ -283,14 +305,13 @@ class Simulator:
                 t = protocol.Topics(device, prefix=self.prefix)
                 drift = 3.4 if seq % 10 == 9 else 0.4
                 tel = telemetry_payload(device, seq, now, now - wall0 + 60.0, drift=drift)
-                self._publish(k, t.telemetry, tel, retain=True)
-                c.count("telemetry")
-                if self.events_every and seq % self.events_every == 0:
-                    self._publish(k, t.events, event_payload(device, seq, now), retain=False)
-                    c.count("events")
-                if self.results_every and seq % self.results_every == 0:
-                    self._publish(k, t.results, result_payload(seq, now), retain=False)
-                    c.count("results")
+                self._publish(k, "telemetry", t.telemetry, tel, retain=True)
+                if has_event(seq, self._index[device], self.events_every):
+                    self._publish(k, "events", t.events, event_payload(device, seq, now),
+                                  retain=False)  # fmt: skip
+                if has_event(seq, self._index[device], self.results_every):
+                    self._publish(k, "results", t.results, result_payload(seq, now),
+                                  retain=False)  # fmt: skip
             tick += 1
 
     # progress
@@ -305,6 +326,11 @@ class Simulator:
         with self._acked:
             return sum(c.acked for c in self.counters)
 
+    def _answered(self) -> bool:  # under self._acked
+        return sum(c.acked + c.refused for c in self.counters) >= sum(
+            sum(c.published.values()) for c in self.counters
+        )
+
     def done(self) -> bool:
         return all(not t.is_alive() for t in self._threads)
 
@@ -317,24 +343,32 @@ class Simulator:
         with self._acked:
             return self._acked.wait_for(
                 lambda: (until() if until else False)
-                or (self.done() and sum(c.acked for c in self.counters)
-                    >= sum(sum(c.published.values()) for c in self.counters)),
+                or (self.done() and self._answered()),
                 max(0.0, deadline - time.monotonic()),
             )  # fmt: skip
 
     def stats(self) -> dict[str, Any]:
+        with self._acked:
+            refused = sum(c.refused for c in self.counters)
         return {
             "devices": len(self.devices),
             "published": self.published(),
             "acked": self.acked(),
+            "refused": refused,
+            "failed": sum(c.failed for c in self.counters),
             "late": sum(c.late for c in self.counters),
             "max_lag_s": round(max((c.max_lag_s for c in self.counters), default=0.0), 3),
         }
 
-    def stop(self) -> None:
+    def stop(self, *, drain_s: float = 30.0) -> None:
+        """Stop publishing, wait (up to ``drain_s``) until the broker has answered every
+        message handed to paho (those beyond the in-flight window are still in paho's queue),
+        then disconnect: ``stats()`` is then exactly what the broker accepted."""
         self._stop.set()
         for t in self._threads:
             t.join(timeout=5)
+        with self._acked:
+            self._acked.wait_for(self._answered, drain_s)
         for client in self._clients:
             client.disconnect()
             client.loop_stop()

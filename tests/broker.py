@@ -144,6 +144,8 @@ class Broker:
         password_file: Path | None = None,
         acl_file: Path | None = None,
         dynsec: Path | None = None,
+        autosave_interval: int = 1,
+        log_types: Sequence[str] = ("all",),
     ) -> None:
         if users is not None and password_file is not None:
             raise ValueError("pass users or a password_file, not both")
@@ -155,6 +157,8 @@ class Broker:
         self.dynsec = dynsec  # the dynamic-security plugin's JSON (its users and roles)
         self.max_packet_size = max_packet_size
         self.extra_conf = extra_conf
+        self.autosave_interval = autosave_interval
+        self.log_types = tuple(log_types)
         self.host = HOST
         self.port = _free_port()
         self.conf_path = workdir / "mosquitto.conf"
@@ -171,6 +175,11 @@ class Broker:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     @property
+    def pid(self) -> int | None:
+        """The running mosquitto's process id (None when stopped)."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -179,9 +188,9 @@ class Broker:
             f"listener {self.port} {self.host}",
             "persistence true",
             f"persistence_location {self.data_dir}/",
-            "autosave_interval 1",
+            f"autosave_interval {self.autosave_interval}",
             f"log_dest file {self.log_path}",
-            "log_type all",
+            *(f"log_type {t}" for t in self.log_types),
         ]
         if os.name == "posix" and os.geteuid() == 0:
             lines.append("user root")  # else it drops to `mosquitto`, who cannot write workdir

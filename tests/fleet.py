@@ -1,6 +1,8 @@
 """Helpers for the MQTT / OTA tests: real signed bundles (and faulty ones, repacked from a real
 one and signed again, so that each fault is exactly one thing), and ``edge-agent`` processes
-run against a real broker."""
+run against a real broker; for the fleet database (``tests/test_fleetdb.py``,
+``benchmarks/fleet.py``): a PostgreSQL database of one's own and ``edgectl collect fleet``
+processes."""
 
 from __future__ import annotations
 
@@ -12,14 +14,19 @@ import sys
 import tarfile
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import psycopg
 import pytest
 
 from converters.demo_live import digits_video
+
+if TYPE_CHECKING:
+    from tests.broker import Broker
 
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
 EDGECTL = str(Path(sys.executable).parent / "edgectl")
@@ -337,3 +344,87 @@ def fleet_env_fixture(
         )  # fmt: skip
         assert code == 0
     return {"root": root, "video": root / "digits.mp4", "key": keys[0], "pub": keys[1]}
+
+
+# --- the fleet database (issue 17) ----------------------------------------------------------
+
+ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+
+
+def admin_connection() -> psycopg.Connection:
+    try:
+        return psycopg.connect(ADMIN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:  # a failure, not a skip: the tests need it
+        raise RuntimeError(
+            f"PostgreSQL at 127.0.0.1:5432 (user postgres, trust auth) is needed: {exc}"
+        ) from None
+
+
+class Database:
+    """A database of its own, dropped at the end."""
+
+    def __init__(self) -> None:
+        self.name = f"edge_test_{uuid.uuid4().hex[:12]}"
+        with admin_connection() as conn:
+            conn.execute(f'CREATE DATABASE "{self.name}"')
+        self.url = f"postgresql://postgres@127.0.0.1:5432/{self.name}"
+
+    def connect(self) -> psycopg.Connection:
+        return psycopg.connect(self.url, autocommit=True)
+
+    def scalar(self, query: str, params: Any = None) -> Any:
+        with self.connect() as conn:
+            row = conn.execute(query, params).fetchone()
+        return row[0] if row else None
+
+    def drop(self) -> None:
+        with admin_connection() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+class CollectorProcess:
+    """``edgectl collect fleet`` in a child process; its stderr in a log file."""
+
+    def __init__(self, workdir: Path, broker: Broker, database: Database, client_id: str,
+                 *extra: str, group: str = "edge-collectors") -> None:  # fmt: skip
+        self.log = workdir / f"{client_id}.log"
+        self.argv = [
+            EDGECTL, "--broker", broker.url, "collect", "fleet", "--db", database.url,
+            "--client-id", client_id, "--share-group", group, "--batch-ms", "50", *extra,
+        ]  # fmt: skip
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> CollectorProcess:
+        with self.log.open("a") as err:
+            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=err,
+                                         text=True, env=checkout_env())  # fmt: skip
+        starts = self.log.read_text().count("collecting as")
+        wait_until(
+            lambda: self.log.read_text().count("collecting as") > starts or self._exited(),
+            timeout=30.0, what=f"collector ready ({self.log})",
+        )  # fmt: skip
+        assert not self._exited(), self.log.read_text()
+        return self
+
+    def _exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM: the drain, then its summary line."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0, self.log.read_text()
+        return dict(json.loads(out.strip().splitlines()[-1]))
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

@@ -32,43 +32,11 @@ from edgectl import simulate
 from edgectl.fleetdb import db, queries
 from edgectl.fleetdb.rows import Rejected, content_seq, to_row
 from tests.broker import Broker, Collector
-from tests.fleet import EDGECTL, checkout_env
+from tests.fleet import EDGECTL, CollectorProcess, Database, admin_connection, checkout_env
 
-ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 #: Queued messages per offline session: the default (1000) would drop what a killed collector
 #: misses. docs/fleet.md asks the same of a production broker.
 BROKER_CONF = "max_queued_messages 1000000"
-
-
-def _admin() -> psycopg.Connection:
-    try:
-        return psycopg.connect(ADMIN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:  # a failure, not a skip: the tests need it
-        raise RuntimeError(
-            f"PostgreSQL at 127.0.0.1:5432 (user postgres, trust auth) is needed: {exc}"
-        ) from None
-
-
-class Database:
-    """A database of its own, dropped at the end."""
-
-    def __init__(self) -> None:
-        self.name = f"edge_test_{uuid.uuid4().hex[:12]}"
-        with _admin() as conn:
-            conn.execute(f'CREATE DATABASE "{self.name}"')
-        self.url = f"postgresql://postgres@127.0.0.1:5432/{self.name}"
-
-    def connect(self) -> psycopg.Connection:
-        return psycopg.connect(self.url, autocommit=True)
-
-    def scalar(self, query: str, params: Any = None) -> Any:
-        with self.connect() as conn:
-            row = conn.execute(query, params).fetchone()
-        return row[0] if row else None
-
-    def drop(self) -> None:
-        with _admin() as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="module")
@@ -111,54 +79,6 @@ def wait_until(what: str, ready: Callable[[], bool], timeout: float = 30.0) -> N
         time.sleep(0.1)
 
 
-class CollectorProcess:
-    """``edgectl collect fleet`` in a child process; its stderr in a log file."""
-
-    def __init__(self, workdir: Path, broker: Broker, database: Database, client_id: str,
-                 *extra: str, group: str = "edge-collectors") -> None:  # fmt: skip
-        self.log = workdir / f"{client_id}.log"
-        self.argv = [
-            EDGECTL, "--broker", broker.url, "collect", "fleet", "--db", database.url,
-            "--client-id", client_id, "--share-group", group, "--batch-ms", "50", *extra,
-        ]  # fmt: skip
-        self.proc: subprocess.Popen[str] | None = None
-
-    def start(self) -> CollectorProcess:
-        with self.log.open("a") as err:
-            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=err,
-                                         text=True, env=checkout_env())  # fmt: skip
-        starts = self.log.read_text().count("collecting as")
-        wait_until(
-            f"collector ready ({self.log})",
-            lambda: self.log.read_text().count("collecting as") > starts or self._exited(),
-        )
-        assert not self._exited(), self.log.read_text()
-        return self
-
-    def _exited(self) -> bool:
-        return self.proc is not None and self.proc.poll() is not None
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        if self.proc.stdout:
-            self.proc.stdout.close()
-
-    def stop(self) -> dict[str, Any]:
-        """SIGTERM: the drain, then its summary line."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=30)
-        assert self.proc.returncode == 0, self.log.read_text()
-        return dict(json.loads(out.strip().splitlines()[-1]))
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 def rows_of(database: Database, table: str, stem: str) -> list[tuple[str, int]]:
     with database.connect() as conn:
         got = conn.execute(
@@ -169,10 +89,28 @@ def rows_of(database: Database, table: str, stem: str) -> list[tuple[str, int]]:
 
 
 def expected_keys(devices: list[str], count: int, every: int) -> list[tuple[str, int]]:
-    return sorted((d, s) for d in devices for s in range(count) if every and s % every == 0)
+    """The (device, seq) a Simulator of ``devices`` sends, ``count`` telemetry each, one
+    message every ``every`` of them (events' phases spread over the fleet)."""
+    return sorted((d, s) for i, d in enumerate(devices) for s in range(count)
+                  if simulate.has_event(s, i, every))  # fmt: skip
 
 
 # --- rows -------------------------------------------------------------------------------------
+
+
+def test_simulate_for_a_duration_reports_what_the_broker_acknowledged(tmp_path: Path) -> None:
+    """``--duration`` stops mid-period, with messages still in paho's queue: they are
+    acknowledged before the disconnect, so ``published`` is what the broker took. Events come
+    with phases spread over the fleet (a quarter of the devices each period, not all in one)."""
+    with Broker(tmp_path / "broker") as broker:
+        done = edgectl("simulate", "--devices", "400", "--rate", "4", "--duration", "2",
+                       "--events-every", "4", "--connections", "2", broker=broker.url)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    assert stats["published"]["telemetry"] >= 400 * 4, stats
+    assert stats["acked"] == sum(stats["published"].values()), stats
+    assert stats["refused"] == stats["failed"] == 0, stats
+    assert [sum(simulate.has_event(seq, i, 4) for i in range(400)) for seq in range(8)] == [100] * 8
 
 
 def test_simulated_payloads_follow_the_protocol_and_become_typed_rows() -> None:
@@ -708,7 +646,7 @@ def test_the_fleet_doc_steps_run_as_written(tmp_path: Path) -> None:
             if background is not None:
                 background.send_signal(signal.SIGTERM)
                 background.communicate(timeout=30)
-            with _admin() as conn:
+            with admin_connection() as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     assert background is not None and background.returncode == 0
     _create, simulated, status, history, metrics = outputs
