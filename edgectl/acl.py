@@ -24,7 +24,8 @@ its own role (``edge-device-<name>``); operators share ``edge-operator``, consum
 ``edge-consumer``, and ``--admin-user`` operators also get ``edge-dynsec-admin`` (the plugin's
 ``$CONTROL`` topics, for ``mosquitto_ctrl``). With an ``acl_file``, Mosquitto 2.0 checks a
 subscription only when a message is delivered, so ``$share/<group>/...`` needs no rule of its
-own; the plugin checks the filter at SUBSCRIBE, so its roles also allow the ``$share/+/...`` forms of what may be read.
+own; the plugin checks the filter at SUBSCRIBE, so its roles also allow the ``$share/+/...``
+forms of what may be read.
 """
 
 from __future__ import annotations
