@@ -701,7 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--batch-rows", type=int, default=1000, metavar="N")
     fleet.add_argument("--batch-ms", type=float, default=200.0, metavar="MS")
     fleet.add_argument("--retention-days", type=float, default=0.0, metavar="DAYS",
-                       help="with TimescaleDB: drop older rows (0 = keep everything)")  # fmt: skip
+                       help="delete rows older than this, by the device's time: a TimescaleDB "
+                       "retention policy, or hourly batched deletes on plain tables "
+                       "(0 = keep everything)")  # fmt: skip
 
     p = sub.add_parser(
         "simulate", help="simulated devices on the broker (size a broker, a database)"

@@ -60,6 +60,9 @@ log = logging.getLogger("edgectl.collector")
 SHARED_STREAMS = ("telemetry", "events")
 RETAINED_STREAMS = ("status", "reported")
 
+#: How often ``--retention-days`` deletes old rows from plain tables (TimescaleDB: its policy).
+PRUNE_EVERY_S = 3600.0
+
 
 def default_client_id(share_group: str) -> str:
     return f"edgectl-collect-{share_group}-{socket.gethostname()}"[:64]
@@ -279,12 +282,31 @@ class FleetCollector:
             self.retire_loop()
             return
         end = time.monotonic() + self.settings.duration if self.settings.duration else None
+        next_prune = time.monotonic()
         while not self.should_exit.is_set():
-            if end is not None and time.monotonic() >= end:
+            now = time.monotonic()
+            if end is not None and now >= end:
                 break
+            if self.settings.retention_days > 0 and now >= next_prune:
+                next_prune = now + PRUNE_EVERY_S
+                self._prune()
             batch = self._take_batch(wait=0.2)
             if batch:
                 self._process(batch)
+
+    def _prune(self) -> None:
+        """``--retention-days`` without TimescaleDB: delete the rows past it (at start, then
+        hourly). A failure is logged and tried again at the next round."""
+        if self._conn is None:  # away: the writer reconnects it; prune at the next round
+            return
+        try:
+            n = db.prune(self._conn, retention_days=self.settings.retention_days)
+        except DatabaseError as exc:
+            log.warning("fleet database: %s", exc)
+            return
+        if n:
+            log.info("fleet database: deleted %d rows older than %g days", n,
+                     self.settings.retention_days)  # fmt: skip
 
     def _drain_until_idle(self) -> None:
         idle_since = time.monotonic()

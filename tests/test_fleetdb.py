@@ -655,3 +655,26 @@ def test_the_fleet_doc_steps_run_as_written(tmp_path: Path) -> None:
     assert history.rstrip().endswith("10 rows") and "sim-0007" not in history, history
     assert history.splitlines()[0].split() == ["time", "seq", "fps", "p95", "drift"]
     assert metrics.startswith('edge_fleet_fps{device="sim-0007"} 29.')
+
+
+def test_retention_deletes_old_rows_from_plain_tables(database: Database) -> None:
+    """``--retention-days`` without TimescaleDB: rows older than the limit (by the device's
+    time) go, in batches smaller than what there is; newer rows and other devices' stay."""
+    with database.connect() as conn:
+        for age_days, seq in ((10, 1), (9, 2), (8, 3), (1, 4)):
+            conn.execute(
+                "INSERT INTO telemetry (device, seq, time, payload) "
+                "VALUES ('ret-1', %s, now() - make_interval(days => %s), '{}')",
+                (seq, age_days),
+            )
+        conn.execute(
+            "INSERT INTO events (device, seq, time, payload) "
+            "VALUES ('ret-1', 1, now() - interval '30 days', '{}')"
+        )
+        assert db.prune(conn, retention_days=0) == 0  # 0: keep everything
+        assert db.prune(conn, retention_days=5, batch=2) >= 4
+        kept = conn.execute(
+            "SELECT seq FROM telemetry WHERE device = 'ret-1' ORDER BY seq"
+        ).fetchall()
+        gone = conn.execute("SELECT count(*) FROM events WHERE device = 'ret-1'").fetchone()
+    assert [k for (k,) in kept] == [4] and gone == (0,)

@@ -24,7 +24,7 @@ from importlib import resources
 from typing import Any
 
 import psycopg
-from psycopg import conninfo
+from psycopg import conninfo, sql
 
 from edge_agent.errors import ConfigError, DatabaseError, first_line
 
@@ -182,6 +182,30 @@ def _timescale(conn: psycopg.Connection, *, retention_days: float) -> None:
                 "SELECT add_retention_policy(%s, %s::interval, if_not_exists => TRUE)",
                 (table, f"{retention_days} days"),
             )
+
+
+def prune(conn: psycopg.Connection, *, retention_days: float, batch: int = 50_000) -> int:
+    """Without TimescaleDB: delete the stream rows older than ``retention_days`` (by the
+    device's time), in batches of ``batch`` rows so no transaction holds a long lock; the
+    number of rows deleted. With TimescaleDB its retention policy does this (nothing here)."""
+    if retention_days <= 0 or timescale_installed(conn):
+        return 0
+    deleted = 0
+    try:
+        for table in STREAM_TABLES:
+            query = sql.SQL(
+                "DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} "
+                "WHERE time < now() - make_interval(secs => %s) LIMIT %s))"
+            ).format(t=sql.Identifier(table))
+            while True:
+                with conn.transaction():
+                    n = conn.execute(query, (retention_days * 86400.0, batch)).rowcount
+                deleted += max(n, 0)
+                if n < batch:
+                    break
+    except psycopg.Error as exc:
+        raise DatabaseError(f"database retention failed: {first_line(exc)}") from None
+    return deleted
 
 
 def execute(conn: psycopg.Connection, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
