@@ -587,10 +587,7 @@ class Pipeline:
         lanes = {name: i for i, name in enumerate(streams.names)}
         orders = [0] * len(lanes)  # per lane: each stream's results leave in its own order
         checked = 0.0
-        # Not niced, unlike the readers: this thread only hands frames on (about 2 % of a
-        # core), and a niced one woke late on a busy machine, leaving the workers without a
-        # frame: with eight files and two workers they waited on the queue 16-24 % of the time
-        # with it niced, 11-15 % without (three interleaved pairs, a loaded 2-core EPYC).
+        lower_priority()
         try:
             while not self._stop.is_set():
                 self.heartbeat_mono = time.monotonic()
