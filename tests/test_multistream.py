@@ -23,6 +23,7 @@ from edge_agent.config import parse_config
 from edge_agent.errors import ConfigError, SourceError
 from edge_agent.io import open_source
 from edge_agent.io.sinks import CallbackSink
+from edge_agent.io.source import EndOfStream, Source
 from edge_agent.io.streams import Stream
 from edge_agent.pipeline import Pipeline, State
 from tests.broker import Broker, Collector, broker_fixture  # noqa: F401
@@ -526,3 +527,56 @@ def test_file_streams_decode_with_one_thread_each_and_the_same_frames(tmp_path: 
     one, default = frames(streams[0].source), frames(single)
     assert len(one) == len(default) == 12
     assert all(np.array_equal(x, y) for x, y in zip(one, default, strict=True))
+
+
+class _AfterEvent(Source):
+    """A finite image source whose first frame is read only once ``gate`` is set (a designed
+    seam: a fake camera is a Source)."""
+
+    def __init__(self, gate: threading.Event, frames: int) -> None:
+        super().__init__("test:after-event", kind="image", live=False)
+        self._gate, self._left = gate, frames
+
+    def _capture(self, timeout: float | None) -> np.ndarray | None:
+        self._gate.wait(10.0)
+        if self._left == 0:
+            raise EndOfStream
+        self._left -= 1
+        return np.full((H, W, 3), 40, np.uint8)
+
+
+def test_a_stream_held_in_inference_does_not_hold_back_the_others(tmp_path: Path) -> None:
+    """Each stream is a lane of its own when results leave: while one stream's frame is held in
+    inference, two workers keep emitting another stream's frames, all read after it (one
+    emission order for all streams kept them waiting for the held frame's turn)."""
+    model = _load(_mean_model(tmp_path / "m.onnx"), tmp_path, workers=2)
+    real_infer = model.infer
+    held, release, outcome = threading.Event(), threading.Event(), {}
+
+    def infer(feeds: Any, *, stream: str = "") -> Any:
+        if stream == "slow" and not held.is_set():
+            held.set()  # the fast stream's frames are read from now on
+            outcome["released"] = release.wait(10.0)  # False: nothing came past it
+        return real_infer(feeds, stream=stream)
+
+    model.infer = infer
+
+    def sink(result: dict[str, Any]) -> None:
+        if result["stream"] == "fast":
+            release.set()  # a frame picked after the held one came out
+
+    results: list[dict[str, Any]] = []
+    streams = [
+        Stream("slow", open_source(str(_video(tmp_path / "slow.mp4", channel=0, frames=1)))),
+        Stream("fast", _AfterEvent(held, frames=20)),
+    ]
+    summary = Pipeline(
+        streams=streams,
+        model=model,
+        sinks=[CallbackSink(sink), CallbackSink(results.append)],
+        workers=2,
+    ).run()
+    assert outcome == {"released": True}
+    assert summary["results"] == 21
+    assert [r["frame"] for r in results if r["stream"] == "fast"] == list(range(20))
+    assert [r["seq"] for r in results] == list(range(21))
