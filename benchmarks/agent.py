@@ -64,21 +64,22 @@ def _models(tmp: Path) -> dict[str, Path]:
         path = tmp / f"{name}.onnx"
         path.write_bytes(zoo.export_onnx(net, (1, 3, px, px), dynamic_batch=False))
         out[name] = path
-    # TFLite with fp16 weights behind DEQUANTIZE, as mobile SDKs ship them: a ~1 ms model at
-    # 128x128 (a face detector's size) and a ~10 ms one at 256x256 (a landmark model's)
-    import onnx
+    # TFLite with fp16 weights behind DEQUANTIZE, as MediaPipe ships them, with the real models'
+    # op mix (converters/standins.py, trained briefly on generated faces and hands): BlazeFace
+    # (face_detection_short_range: 128x128) and a MobileNetV2/PReLU landmark model at 256x256
+    # (hand / pose landmark style). Sized to the real files' times (issue 13: ~0.75 ms and ~9 ms
+    # with 2 threads): BlazeFace with twice its real channels, because at the real counts this
+    # stand-in invokes in ~0.37 ms on the 2-core EPYC (0.70 ms at twice; the real file 0.75).
+    from converters import standins
 
-    from converters.tflite import onnx_to_tflite
-
-    for name, (net, px) in {
-        "tflite-small-128": (zoo.resnet_style(width=8), 128),
-        "tflite-heavy-256": (zoo.resnet_style(width=24), 256),
-    }.items():
-        onnx_path = tmp / f"{name}.onnx"
-        onnx_path.write_bytes(zoo.export_onnx(net, (1, 3, px, px), dynamic_batch=False))
-        written = onnx_to_tflite(onnx.load(str(onnx_path)), fp16_weights=True)
+    builds: dict[str, Any] = {
+        "tflite-small-128": lambda: standins.blazeface_style(width=2.0),
+        "tflite-heavy-256": standins.landmark_style,
+    }
+    for name, build in builds.items():
+        stand_in = build()
         path = tmp / f"{name}.tflite"
-        path.write_bytes(written if isinstance(written, bytes) else written[0])
+        path.write_bytes(standins.tflite_fp16(stand_in.onnx))
         out[name] = path
     return out
 
@@ -272,9 +273,17 @@ def main(argv: list[str] | None = None) -> int:
     h, s = result["heavy-256"], result["small-128"]
     th, ts = result["tflite-heavy-256"], result["tflite-small-128"]
     result["targets"] = [
-        _target("~1 ms TFLite model: agent / naive loop", ts["agent_vs_naive"], ">=", 1.1),
         _target(
-            "~10 ms TFLite model: agent / raw invoke (all threads)", th["agent_vs_raw"], ">=", 1.0
+            "~1 ms TFLite model (BlazeFace-style): agent / naive loop",
+            ts["agent_vs_naive"],
+            ">=",
+            1.1,
+        ),
+        _target(
+            "~9 ms TFLite model (landmark-style): agent / raw invoke (all threads)",
+            th["agent_vs_raw"],
+            ">=",
+            1.0,
         ),
         _target(
             "~10 ms ONNX model: agent / raw invoke (all threads)", h["agent_vs_raw"], ">=", 1.0
@@ -310,6 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "agent.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"Agent benchmark, {result['when']}, {profile.cores} cores ({', '.join(profile.cpu_features)}), 640x480 mp4v video, batch 1, {args.rounds} alternating rounds: fps are medians, ratios the median of the per-round ratios. `make bench`.",
+        "",
+        "Models: `heavy-256` and `small-128` are ResNet-style ONNX nets (converters/zoo.py); "
+        "`tflite-small-128` is a BlazeFace-style face detector (MediaPipe's short-range front "
+        "model: 128x128, BlazeBlocks, 896 anchors; twice its channels, for the real file's time) "
+        "and `tflite-heavy-256` a MediaPipe-landmark-"
+        "style MobileNetV2/PReLU keypoint model (256x256, 21 keypoints and a presence flag), both "
+        "TFLite with fp16 weights (converters/standins.py: blazeface_style, landmark_style).",
         "",
         "| model | raw invoke fps | naive loop fps | agent fps (workers × threads) | agent / raw | agent / naive | naive / raw | raw invoke of the agent's plan | agent / that | overhead p50 ms |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -1,7 +1,7 @@
 """Stand-ins for real third-party exports, trained briefly in-tree on generated data.
 
 Random weights hide quantization error (every activation is noise, so nothing has a range to
-lose), and :mod:`converters.zoo` models are untrained. These three have the structure of models
+lose), and :mod:`converters.zoo` models are untrained. These have the structure of models
 people ship *and* weights with structure, trained for under a minute on 2 cores on data drawn
 here with numpy and OpenCV (nothing is downloaded):
 
@@ -11,10 +11,19 @@ here with numpy and OpenCV (nothing is downloaded):
   LayerNorm, GELU, a CTC head with softmax), on rendered text lines.
 - :func:`db_style`: a DBNet text detector (FPN, ConvTranspose + BatchNorm head, sigmoid
   probability map), on rendered pages.
+- :func:`vad_style`: a Silero-VAD-shaped streaming detector (a GRU cell written out in plain
+  ops, its state an input and an output), on synthetic speech.
+- :func:`blazeface_style`: MediaPipe's BlazeFace short-range face detector (BlazeBlocks with
+  MaxPool and channel Pad on the stride-2 skips, 896 anchors, ``regressors`` and
+  ``classificators``), on generated faces; :func:`tflite_fp16` writes it with the real file's
+  TFLite op mix.
+- :func:`landmark_style`: a MediaPipe hand-landmark-shaped regressor (MobileNetV2 blocks with
+  PReLU, 21 keypoints and a presence flag), on generated hands.
 
 Each returns a frozen dataclass with the ONNX bytes and numpy calibration inputs, evaluation
 inputs and ground truth. The scoring helpers (:func:`detection_scores`, :func:`ctc_greedy`,
-:func:`mask_iou`) read the models' outputs the way their real post-processing does.
+:func:`mask_iou`, :func:`face_scores`, :func:`keypoint_error`) read the models' outputs the way
+their real post-processing does.
 
 Training is deterministic for a given seed on a given machine: the same seed gives the same
 ONNX bytes. A CPU with other vector units (AVX2 vs AVX-512) may round differently, so bytes (not
@@ -1320,3 +1329,686 @@ def vad_style(
         accuracy=float(np.mean((carried > 0.5) == y_eval)),
         accuracy_reset=float(np.mean((alone > 0.5) == y_eval)),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# 5. A BlazeFace-style face detector (MediaPipe's face_detection_short_range)
+
+#: the six keypoints MediaPipe's face detector regresses, in its order
+FACE_KEYPOINTS = ("right_eye", "left_eye", "nose_tip", "mouth", "right_ear", "left_ear")
+#: the front model's BlazeBlocks: (in, out, stride); 3x3 depthwise, as in the short-range model
+_BLAZE_BACKBONE1 = (
+    (24, 24, 1), (24, 28, 1), (28, 32, 2), (32, 36, 1), (36, 42, 1), (42, 48, 2), (48, 56, 1),
+    (56, 64, 1), (64, 72, 1), (72, 80, 1), (80, 88, 1),
+)  # fmt: skip
+_BLAZE_BACKBONE2 = ((88, 96, 2), (96, 96, 1), (96, 96, 1), (96, 96, 1), (96, 96, 1))
+#: anchors per cell on the stride-8 and stride-16 maps (SSD options of the short-range model:
+#: strides 8, 16, 16, 16, two anchors per layer, fixed anchor size)
+_BLAZE_ANCHORS = ((8, 2), (16, 6))
+
+
+@dataclass(frozen=True)
+class FaceDetectorStandIn:
+    """A BlazeFace-style detector and its data. ``eval_boxes`` is ``(N, 4)`` xyxy in input
+    pixels (all zeros where ``eval_has_face`` is False), ``eval_keypoints`` ``(N, 6, 2)`` in
+    pixels, in :data:`FACE_KEYPOINTS` order. ``anchors`` is ``(896, 4)`` (cx, cy, w, h,
+    normalized), MediaPipe's ``SsdAnchorsCalculator`` output for this input size."""
+
+    onnx: bytes
+    size: int
+    anchors: np.ndarray
+    calibration: np.ndarray
+    eval_images: np.ndarray
+    eval_boxes: np.ndarray
+    eval_keypoints: np.ndarray
+    eval_has_face: np.ndarray
+    train_seconds: float
+
+
+def face_image(
+    rng: np.random.Generator, size: int, *, face: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One synthetic face image: a skin-toned ellipse (0.15-0.5 of the image, slightly rotated)
+    with two dark eye blobs, a nose shade and a mouth line, its ears as bumps on the sides, over
+    a noisy gradient with 0-3 distractors (plain ellipses, rectangles and dark blob pairs
+    without a face around them). Returns (HxWx3 uint8 RGB, box xyxy (4,), keypoints (6, 2)),
+    zeros when ``face`` is False."""
+    img = _background(rng, size, size, 0, 255)
+    for _ in range(int(rng.integers(0, 4))):  # distractors
+        c = tuple(float(v) for v in rng.uniform(0, 255, 3))
+        p = rng.uniform(0.1, 0.9, 2) * size
+        r = rng.uniform(0.05, 0.2, 2) * size
+        kind = int(rng.integers(3))
+        if kind == 0:
+            cv2.ellipse(img, (int(p[0]), int(p[1])), (int(r[0]), int(r[1])),
+                        float(rng.uniform(0, 180)), 0, 360, c, -1, cv2.LINE_AA)  # fmt: skip
+        elif kind == 1:
+            cv2.rectangle(img, (int(p[0] - r[0]), int(p[1] - r[1])),
+                          (int(p[0] + r[0]), int(p[1] + r[1])), c, -1)  # fmt: skip
+        else:
+            for dx in (-r[0] / 2, r[0] / 2):
+                cv2.circle(img, (int(p[0] + dx), int(p[1])), max(1, int(r[1] / 4)), c, -1)
+    box = np.zeros(4, np.float32)
+    kps = np.zeros((6, 2), np.float32)
+    if face:
+        h = float(rng.uniform(0.15, 0.5)) * size
+        w = h * float(rng.uniform(0.7, 0.85))
+        cx = float(rng.uniform(w / 2 + 1, size - w / 2 - 1))
+        cy = float(rng.uniform(h / 2 + 1, size - h / 2 - 1))
+        tilt = float(rng.uniform(-0.25, 0.25))
+        cos, sin = math.cos(tilt), math.sin(tilt)
+
+        def at(u: float, v: float) -> tuple[float, float]:  # face coords (of w/2, h/2) -> px
+            x, y = u * w / 2, v * h / 2
+            return cx + x * cos - y * sin, cy + x * sin + y * cos
+
+        skin = (
+            float(rng.uniform(120, 255)),
+            float(rng.uniform(80, 200)),
+            float(rng.uniform(60, 170)),
+        )
+        ear_r = max(2, round(w * 0.12))
+        ears = [at(-1.0, 0.0), at(1.0, 0.0)]
+        for ex, ey in ears:
+            cv2.circle(img, (round(ex), round(ey)), ear_r, skin, -1, cv2.LINE_AA)
+        cv2.ellipse(img, (round(cx), round(cy)), (round(w / 2), round(h / 2)),
+                    math.degrees(tilt), 0, 360, skin, -1, cv2.LINE_AA)  # fmt: skip
+        dark = tuple(float(v) * rng.uniform(0.1, 0.35) for v in skin)
+        eyes = [at(-0.38, -0.2), at(0.38, -0.2)]
+        eye_r = max(1, round(w * rng.uniform(0.07, 0.11)))
+        for ex, ey in eyes:
+            cv2.circle(img, (round(ex), round(ey)), eye_r, dark, -1, cv2.LINE_AA)
+        nose = at(0.0, 0.15)
+        shade = tuple(float(v) * 0.75 for v in skin)
+        cv2.circle(img, (round(nose[0]), round(nose[1])), max(1, round(w * 0.06)), shade, -1)
+        mouth = at(0.0, 0.5)
+        m0, m1 = at(-0.3, 0.5), at(0.3, 0.5)
+        cv2.line(img, (round(m0[0]), round(m0[1])), (round(m1[0]), round(m1[1])), dark,
+                 max(1, round(h * 0.04)), cv2.LINE_AA)  # fmt: skip
+        # MediaPipe's order: the subject's right eye first (on the image's left)
+        kps = np.array([eyes[0], eyes[1], nose, mouth, ears[0], ears[1]], np.float32)
+        half = np.abs(np.array([[w / 2 * cos, h / 2 * sin], [w / 2 * sin, h / 2 * cos]])).sum(1)
+        box = np.array([cx - half[0], cy - half[1], cx + half[0], cy + half[1]], np.float32)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * 4
+    return np.clip(img, 0, 255).astype(np.uint8), box, kps
+
+
+def _face_batch(
+    rng: np.random.Generator, n: int, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` images, a face in nine of ten: (N x 3 x S x S, boxes, keypoints, has_face)."""
+    has = rng.random(n) < 0.9
+    imgs, boxes, kps = [], np.zeros((n, 4), np.float32), np.zeros((n, 6, 2), np.float32)
+    for i in range(n):
+        img, boxes[i], kps[i] = face_image(rng, size, face=bool(has[i]))
+        imgs.append(img)
+    return _to_chw(imgs), boxes, kps, has
+
+
+def blazeface_anchors(size: int = 128) -> np.ndarray:
+    """MediaPipe's SSD anchors for the short-range face detector, ``(N, 4)`` (cx, cy, w, h),
+    normalized: cell centres of the stride-8 map (2 per cell) then the stride-16 map (6 per
+    cell); fixed size 1 (``fixed_anchor_size``), as the decoder uses them. 896 at 128 px."""
+    rows = []
+    for stride, per in _BLAZE_ANCHORS:
+        g = size // stride
+        c = (np.arange(g, dtype=np.float32) + 0.5) / g
+        cy, cx = np.meshgrid(c, c, indexing="ij")
+        centres = np.repeat(np.stack([cx.ravel(), cy.ravel()], 1), per, axis=0)
+        rows.append(np.concatenate([centres, np.ones_like(centres)], 1))
+    return np.concatenate(rows).astype(np.float32)
+
+
+def _blaze_scales(size: int) -> np.ndarray:
+    """The nominal scale (fraction of the input) each anchor matches faces of: SSD's linear
+    scales from 0.1484375 to 0.75 over four layers, each layer's two anchors at s and
+    sqrt(s * s_next) (the short-range model's options)."""
+    lo, hi, layers = 0.1484375, 0.75, 4
+    s = [lo + (hi - lo) * i / (layers - 1) for i in range(layers)] + [1.0]
+    per_layer = [[s[i], math.sqrt(s[i] * s[i + 1])] for i in range(layers)]
+    first = per_layer[0]
+    rest = [v for layer in per_layer[1:] for v in layer]
+    g0, g1 = size // _BLAZE_ANCHORS[0][0], size // _BLAZE_ANCHORS[1][0]
+    return np.concatenate([np.tile(first, g0 * g0), np.tile(rest, g1 * g1)]).astype(np.float32)
+
+
+def _blaze_targets(
+    boxes: np.ndarray, kps: np.ndarray, has: np.ndarray, size: int, anchors: np.ndarray,
+    scales: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """SSD matching: an anchor (its nominal square at its centre) is a positive for the face
+    when their IoU is at least 0.4, and the best anchor always is. Returns per anchor the score
+    target (B, N), MediaPipe's 16 regression targets in input pixels (box centre offset from
+    the anchor, box size, six keypoint offsets) (B, N, 16) and the positive mask (B, N)."""
+    n = len(anchors)
+    nominal = np.concatenate([anchors[:, :2] - scales[:, None] / 2,
+                              anchors[:, :2] + scales[:, None] / 2], 1) * size  # fmt: skip
+    cls_t = np.zeros((len(boxes), n), np.float32)
+    reg_t = np.zeros((len(boxes), n, 16), np.float32)
+    for i in range(len(boxes)):
+        if not has[i]:
+            continue
+        iou = box_iou(nominal.astype(np.float64), boxes[i : i + 1].astype(np.float64))[:, 0]
+        pos = iou >= 0.4
+        pos[int(np.nanargmax(iou))] = True
+        cls_t[i, pos] = 1.0
+        a = anchors[pos, :2] * size
+        b = boxes[i]
+        centre = np.array([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2], np.float32)
+        wh = np.array([b[2] - b[0], b[3] - b[1]], np.float32)
+        reg_t[i, pos, 0:2] = centre - a
+        reg_t[i, pos, 2:4] = wh
+        reg_t[i, pos, 4:] = (kps[i][None] - a[:, None]).reshape(-1, 12)
+    return cls_t, reg_t, cls_t > 0
+
+
+def blazeface_net(*, size: int = 128, width: float = 1.0) -> Any:
+    """The BlazeFace front model (MediaPipe's face_detection_short_range), as
+    hollance/BlazeFace-PyTorch writes it: a 5x5 stride-2 conv (24 ch) + ReLU, then
+    BlazeBlocks (3x3 depthwise + 1x1 pointwise with a residual Add and ReLU; a stride-2 block
+    pads the depthwise input by (0, 2) as TFLite's SAME does, takes a 2x2 MaxPool on the skip
+    path and Pads channels with zeros to match) down to 88 ch at 1/8 and 96 ch at 1/16, and
+    two heads per map (1x1 convs: 2 and 6 anchors per cell) whose outputs are permuted to
+    channels-last, reshaped to per-anchor rows and concatenated: ``regressors`` ``[1, 896, 16]``
+    and ``classificators`` ``[1, 896, 1]`` (logits). ``width`` scales every channel count
+    (1.0 is the real model). BatchNorm after each conv for training (the real model was
+    trained so too); the export folds it into the convs' biases, as the real file has them."""
+    torch = _torch()
+    nn = torch.nn
+    f = nn.functional
+
+    def ch(c: int) -> int:
+        return max(4, round(c * width))
+
+    class BlazeBlock(nn.Module):  # type: ignore[name-defined]
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.stride, self.channel_pad = stride, cout - cin
+            self.max_pool = nn.MaxPool2d(stride, stride) if stride == 2 else None
+            self.convs = nn.Sequential(
+                nn.Conv2d(cin, cin, 3, stride, 0 if stride == 2 else 1, groups=cin, bias=False),
+                nn.BatchNorm2d(cin),
+                nn.Conv2d(cin, cout, 1, bias=False),
+                nn.BatchNorm2d(cout),
+            )
+            self.act = nn.ReLU()
+
+        def forward(self, x: Any) -> Any:
+            if self.max_pool is not None:
+                h = f.pad(x, (0, 2, 0, 2))
+                x = self.max_pool(x)
+            else:
+                h = x
+            if self.channel_pad > 0:
+                x = f.pad(x, (0, 0, 0, 0, 0, self.channel_pad))
+            return self.act(self.convs(h) + x)
+
+    class BlazeFace(nn.Module):  # type: ignore[name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone1 = nn.Sequential(
+                nn.Conv2d(3, ch(24), 5, 2, bias=False), nn.BatchNorm2d(ch(24)), nn.ReLU(),
+                *(BlazeBlock(ch(a), ch(b), s) for a, b, s in _BLAZE_BACKBONE1),
+            )  # fmt: skip
+            self.backbone2 = nn.Sequential(
+                *(BlazeBlock(ch(a), ch(b), s) for a, b, s in _BLAZE_BACKBONE2)
+            )
+            c8, c16 = ch(88), ch(96)
+            (_, a8), (_, a16) = _BLAZE_ANCHORS
+            self.classifier_8 = nn.Conv2d(c8, a8, 1)
+            self.classifier_16 = nn.Conv2d(c16, a16, 1)
+            self.regressor_8 = nn.Conv2d(c8, a8 * 16, 1)
+            self.regressor_16 = nn.Conv2d(c16, a16 * 16, 1)
+            for head in (self.classifier_8, self.classifier_16):  # background at the start
+                head.bias.data[:] = -4.0
+
+        def forward(self, x: Any) -> tuple[Any, Any]:
+            b = x.shape[0]
+            x = self.backbone1(f.pad(x, (1, 2, 1, 2)))
+            h = self.backbone2(x)
+
+            def rows(t: Any, k: int) -> Any:
+                return t.permute(0, 2, 3, 1).reshape(b, -1, k)
+
+            c = torch.cat([rows(self.classifier_8(x), 1), rows(self.classifier_16(h), 1)], 1)
+            r = torch.cat([rows(self.regressor_8(x), 16), rows(self.regressor_16(h), 16)], 1)
+            return r, c
+
+    if size % 16:
+        raise ValueError(f"blazeface_net: size = {size}: must be a multiple of 16 (e.g. 128)")
+    return BlazeFace()
+
+
+def blazeface_style(
+    *,
+    size: int = 128,
+    width: float = 1.0,
+    steps: int = 60,
+    batch: int = 16,
+    lr: float = 4e-3,
+    n_calibration: int = 32,
+    n_eval: int = 64,
+    seed: int = 0,
+    threads: int = 1,
+) -> FaceDetectorStandIn:
+    """A MediaPipe-BlazeFace-shaped face detector (:func:`blazeface_net`) of :func:`face_image`
+    faces, trained with SSD matching (:func:`blazeface_anchors`): BCE on every anchor's logit
+    (normalized by the positives) and a Huber loss on the positives' 16 regression values in
+    units of the input size.
+
+    Input ``input`` ``[1, 3, size, size]`` (RGB, [0, 1]); outputs ``regressors``
+    ``[1, 896, 16]`` (pixels, decoded as MediaPipe's TensorsToDetections does with
+    ``x_scale = y_scale = w_scale = h_scale = size``) and ``classificators`` ``[1, 896, 1]``
+    (logits), at 128 px. Opset 17. Through :func:`converters.tflite.onnx_to_tflite` with
+    ``fp16_weights=True`` it runs the real model's op mix: CONV_2D, DEPTHWISE_CONV_2D, ADD with
+    a fused ReLU, MAX_POOL_2D, PAD, RESHAPE, CONCATENATION and DEQUANTIZE.
+
+    Measured with the defaults on the 2-core AMD EPYC build machine (shared, load 7-12): about
+    12 s of CPU (75 s wall under that load); on 64 held-out images (60 faces) recall 0.95,
+    precision 0.90 at IoU 0.5, keypoint error 0.08 of the face's height (``width=2.0``, what
+    the agent benchmark runs: 0.97, 0.94, 0.07 in 22-28 s). The tests' build (batches of 8 at
+    8e-3): recall 0.83, precision 0.85. The same net untrained finds none.
+
+    Invoke time with 2 threads (LiteRT, fp16 weights) on that EPYC: about 0.37 ms at the real
+    channel counts, 0.70-0.79 ms at ``width=2.0``; the real file took 0.75 ms on a Zen 4 EPYC.
+    """
+    torch = _torch()
+    r_train, r_cal, r_eval = _rngs(seed + 4, 3)
+    anchors, scales = blazeface_anchors(size), _blaze_scales(size)
+    start = time.perf_counter()
+    with _deterministic(seed, threads):
+        net = blazeface_net(size=size, width=width)
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=lr, total_steps=steps, pct_start=0.15
+        )
+        net.train()
+        for _ in range(steps):
+            x, boxes, kps, has = _face_batch(r_train, batch, size)
+            cls_t, reg_t, pos = (
+                torch.from_numpy(t) for t in _blaze_targets(boxes, kps, has, size, anchors, scales)
+            )
+            reg, logit = net(torch.from_numpy(x))
+            n_pos = pos.sum().clamp(min=1)
+            loss_cls = (
+                torch.nn.functional.binary_cross_entropy_with_logits(
+                    logit[..., 0], cls_t, reduction="sum"
+                )
+                / n_pos
+            )
+            loss_reg = (
+                torch.nn.functional.huber_loss(
+                    reg[pos] / size, reg_t[pos] / size, delta=0.1, reduction="sum"
+                )
+                / n_pos
+            )
+            opt.zero_grad()
+            (loss_cls + 50.0 * loss_reg).backward()
+            opt.step()
+            sched.step()
+        net.eval()
+    seconds = time.perf_counter() - start
+    onnx_bytes = export_onnx(
+        net, (1, 3, size, size), output_names=("regressors", "classificators"),
+        dynamic_batch=False,
+    )  # fmt: skip
+    calibration = _face_batch(r_cal, n_calibration, size)[0]
+    eval_images, eval_boxes, eval_kps, eval_has = _face_batch(r_eval, n_eval, size)
+    return FaceDetectorStandIn(
+        onnx=_finish(onnx_bytes, {"description": "MediaPipe BlazeFace-style stand-in"}),
+        size=size,
+        anchors=anchors,
+        calibration=calibration,
+        eval_images=eval_images,
+        eval_boxes=eval_boxes,
+        eval_keypoints=eval_kps,
+        eval_has_face=eval_has,
+        train_seconds=seconds,
+    )
+
+
+def decode_blazeface(
+    regressors: np.ndarray,
+    classificators: np.ndarray,
+    anchors: np.ndarray,
+    *,
+    size: int,
+    score_threshold: float = 0.5,
+    iou_threshold: float = 0.3,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MediaPipe's post-processing of one output pair, with plain NMS for its weighted
+    blending: sigmoid of the logits clipped to ±100, boxes and keypoints decoded from the
+    anchors (scale ``size``), score threshold, NMS. Returns (boxes xyxy in pixels, scores,
+    keypoints (k, 6, 2) in pixels), best first."""
+    from edge_agent.model.postprocess import nms
+
+    reg = np.asarray(regressors, np.float32).reshape(-1, 16)
+    logit = np.clip(np.asarray(classificators, np.float32).reshape(-1), -100, 100)
+    score = 1 / (1 + np.exp(-logit))
+    keep = score > score_threshold
+    a = anchors[keep, :2] * size
+    r, score = reg[keep], score[keep]
+    centre, half = r[:, :2] + a, r[:, 2:4] / 2
+    boxes = np.concatenate([centre - half, centre + half], 1)
+    kps = r[:, 4:].reshape(-1, 6, 2) + a[:, None]
+    idx = nms(boxes, score, iou_threshold, max_out=100)
+    return boxes[idx], score[idx], kps[idx]
+
+
+@dataclass(frozen=True)
+class FaceScores:
+    recall: float
+    precision: float
+    #: mean keypoint error of the matched detections, as a fraction of the face box's height
+    keypoint_error: float
+    detections: int
+    faces: int
+
+
+def face_scores(
+    outputs: Sequence[Sequence[np.ndarray]],
+    stand_in: FaceDetectorStandIn,
+    *,
+    iou: float = 0.5,
+    score_threshold: float = 0.5,
+) -> FaceScores:
+    """Recall and precision at ``iou`` of decoded (regressors, classificators) pairs, one per
+    evaluation image, against ``stand_in``'s faces; keypoint error of the matched ones."""
+    tp = n_det = 0
+    errors: list[float] = []
+    for (reg, cls), gt, gt_kps, has in zip(
+        outputs, stand_in.eval_boxes, stand_in.eval_keypoints, stand_in.eval_has_face
+    ):
+        boxes, _, kps = decode_blazeface(
+            reg, cls, stand_in.anchors, size=stand_in.size, score_threshold=score_threshold
+        )
+        n_det += len(boxes)
+        if not has or not len(boxes):
+            continue
+        ious = box_iou(boxes.astype(np.float64), gt[None].astype(np.float64))[:, 0]
+        best = int(np.argmax(ious))
+        if ious[best] >= iou:
+            tp += 1
+            err = np.linalg.norm(kps[best] - gt_kps, axis=1).mean() / (gt[3] - gt[1])
+            errors.append(float(err))
+    faces = int(np.sum(stand_in.eval_has_face))
+    return FaceScores(
+        recall=tp / max(faces, 1),
+        precision=tp / max(n_det, 1),
+        keypoint_error=float(np.mean(errors)) if errors else float("inf"),
+        detections=n_det,
+        faces=faces,
+    )
+
+
+def tflite_fp16(onnx_bytes: bytes) -> bytes:
+    """``onnx_bytes`` as ``edge-convert --format tflite-fp16`` writes it: canonicalized
+    (constant folding folds the exporter's pad arithmetic) and written by
+    :func:`converters.tflite.onnx_to_tflite` with fp16 weights behind DEQUANTIZE."""
+    import onnx
+
+    from converters.canonical import canonicalize
+    from converters.tflite import onnx_to_tflite
+
+    return onnx_to_tflite(canonicalize(onnx.load_from_string(onnx_bytes)).model, fp16_weights=True)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. A MediaPipe-landmark-style keypoint regressor (hand / pose landmark models)
+
+#: keypoints of :func:`hand_image`: the wrist, then four joints of each finger from the thumb
+HAND_KEYPOINTS = 21
+#: MobileNetV2's stages after its 32-channel stem: (expansion, out channels, blocks, stride)
+_LANDMARK_STAGES = (
+    (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LandmarkStandIn:
+    """A landmark model and its data: ``eval_keypoints`` is ``(N, 21, 3)`` (x, y in input
+    pixels, z a relative depth in pixels), ``eval_present`` ``(N,)`` bool (no hand: all zeros)."""
+
+    onnx: bytes
+    size: int
+    calibration: np.ndarray
+    eval_images: np.ndarray
+    eval_keypoints: np.ndarray
+    eval_present: np.ndarray
+    train_seconds: float
+
+
+def hand_image(
+    rng: np.random.Generator, size: int, *, hand: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic hand as a palm detector's crop hands it to the landmark model (centred
+    within 0.15 of the image, within 0.8 rad of upright, 0.45-0.75 of the image): a palm
+    polygon and five fingers of three segments (thick lines with round joints), curled at
+    random and tilted in depth (a joint's radius grows as it comes closer), over a noisy
+    gradient with 0-3 distractor strokes and blobs. Returns (HxWx3 uint8 RGB, keypoints
+    (21, 3): x, y in pixels and z, the depth relative to the wrist in pixels, negative
+    towards the camera, as MediaPipe's)."""
+    img = _background(rng, size, size, 0, 255)
+    for _ in range(int(rng.integers(0, 4))):
+        c = tuple(float(v) for v in rng.uniform(0, 255, 3))
+        p, q = rng.uniform(0, size, 2), rng.uniform(0, size, 2)
+        if rng.random() < 0.5:
+            cv2.line(img, (int(p[0]), int(p[1])), (int(q[0]), int(q[1])), c,
+                     int(rng.integers(2, 8)), cv2.LINE_AA)  # fmt: skip
+        else:
+            cv2.circle(img, (int(p[0]), int(p[1])), int(rng.integers(4, size // 6)), c, -1)
+    kps = np.zeros((HAND_KEYPOINTS, 3), np.float32)
+    if hand:
+        scale = float(rng.uniform(0.45, 0.75)) * size
+        angle = float(rng.uniform(-0.8, 0.8))
+        # the hand in its own frame: wrist at the origin, fingers up (-y), unit = hand length
+        pts = [(0.0, 0.0)]
+        for f, base_x in enumerate((-0.28, -0.14, 0.0, 0.13, 0.25)):
+            base = (base_x * (1.4 if f == 0 else 1.0), -0.2 if f == 0 else -0.45)
+            spread = (-0.9 if f == 0 else (base_x * 1.2)) + float(rng.uniform(-0.15, 0.15))
+            seg = 0.13 if f in (0, 4) else 0.16
+            curl = float(rng.uniform(0.0, 0.45))
+            x, y, d = base[0], base[1], spread
+            pts.append((x, y))
+            for _j in range(3):
+                x, y = x + seg * math.sin(d), y - seg * math.cos(d)
+                pts.append((x, y))
+                d += curl * (1 if f else -1)
+                seg *= 0.85
+        local = np.array(pts, np.float32)
+        local -= local.mean(0)
+        rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        xy = local @ rot.T.astype(np.float32) * scale
+        xy += (size / 2 + rng.uniform(-0.15, 0.15, 2) * size).astype(np.float32)
+        tilt = rng.uniform(-0.6, 0.6, 2).astype(np.float32)
+        z = (local @ tilt) * scale
+        z -= z[0]
+        kps = np.concatenate([xy, z[:, None]], 1).astype(np.float32)
+        skin = tuple(float(v) for v in rng.uniform(60, 255, 3))
+        palm = kps[[0, 1, 5, 9, 13, 17], :2]
+        cv2.fillConvexPoly(img, cv2.convexHull(palm.round().astype(np.int32)), skin, cv2.LINE_AA)
+        thick = max(2, round(scale * 0.07))
+        joint = tuple(float(v) * 0.6 for v in skin)
+        for f in range(5):
+            chain = range(1 + 4 * f, 5 + 4 * f)  # the finger's joints, base first
+            for a, b in zip(chain, chain[1:]):
+                pa, pb = kps[a, :2].round().astype(int), kps[b, :2].round().astype(int)
+                cv2.line(img, (int(pa[0]), int(pa[1])), (int(pb[0]), int(pb[1])), skin, thick,
+                         cv2.LINE_AA)  # fmt: skip
+        for k in range(HAND_KEYPOINTS):
+            r = max(1.0, thick * 0.6 * (1 - 0.8 * float(kps[k, 2]) / scale))
+            cv2.circle(img, (round(float(kps[k, 0])), round(float(kps[k, 1]))), round(r), joint,
+                       -1, cv2.LINE_AA)  # fmt: skip
+    img += rng.standard_normal(img.shape, dtype=np.float32) * 4
+    return np.clip(img, 0, 255).astype(np.uint8), kps
+
+
+def _hand_batch(
+    rng: np.random.Generator, n: int, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` images, a hand in four of five: (N x 3 x S x S, keypoints (N, 21, 3), present)."""
+    present = rng.random(n) < 0.8
+    imgs, kps = [], np.zeros((n, HAND_KEYPOINTS, 3), np.float32)
+    for i in range(n):
+        img, kps[i] = hand_image(rng, size, hand=bool(present[i]))
+        imgs.append(img)
+    return _to_chw(imgs), kps, present
+
+
+def landmark_net(*, size: int = 256, width: float = 1.0, keypoints: int = HAND_KEYPOINTS) -> Any:
+    """A MediaPipe landmark model's layout (hand_landmark / pose_landmark: a MobileNetV2-like
+    encoder with PReLU): a 3x3 stride-2 conv + PReLU, inverted residual blocks (1x1 expand +
+    PReLU, 3x3 depthwise + PReLU, 1x1 linear projection, a residual Add where the shape allows)
+    down to 1/32, then two heads over the whole last map (a conv as large as the map, as the
+    real models' final layers are): ``landmarks`` ``[1, 3 * keypoints]`` and ``presence``
+    ``[1, 1]`` through a sigmoid. BatchNorm for training (folded at export). ``width`` scales
+    the channels."""
+    torch = _torch()
+    nn = torch.nn
+
+    def ch(c: float) -> int:
+        return max(8, round(c * width / 4) * 4)
+
+    def cbp(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1) -> list[Any]:
+        return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+                nn.BatchNorm2d(cout), nn.PReLU(cout)]  # fmt: skip
+
+    class InvertedResidual(nn.Module):  # type: ignore[name-defined]
+        def __init__(self, cin: int, cout: int, expand: int, stride: int) -> None:
+            super().__init__()
+            mid = cin * expand
+            layers = cbp(cin, mid) if expand != 1 else []
+            layers += cbp(mid, mid, 3, stride, mid)
+            layers += [nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+            self.conv = nn.Sequential(*layers)
+            self.residual = stride == 1 and cin == cout
+
+        def forward(self, x: Any) -> Any:
+            return x + self.conv(x) if self.residual else self.conv(x)
+
+    class Landmarks(nn.Module):  # type: ignore[name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            cin = ch(32)
+            blocks: list[Any] = cbp(3, cin, 3, 2)
+            for t, c, n, s in _LANDMARK_STAGES:
+                for i in range(n):
+                    blocks.append(InvertedResidual(cin, ch(c), t, s if i == 0 else 1))
+                    cin = ch(c)
+            self.features = nn.Sequential(*blocks)
+            side = size // 32
+            self.landmarks = nn.Conv2d(cin, 3 * keypoints, side)
+            self.presence = nn.Conv2d(cin, 1, side)
+
+        def forward(self, x: Any) -> tuple[Any, Any]:
+            h = self.features(x)
+            b = x.shape[0]
+            return (self.landmarks(h).reshape(b, -1),
+                    torch.sigmoid(self.presence(h)).reshape(b, 1))  # fmt: skip
+
+    if size % 32:
+        raise ValueError(f"landmark_net: size = {size}: must be a multiple of 32 (e.g. 256)")
+    return Landmarks()
+
+
+def landmark_style(
+    *,
+    size: int = 256,
+    width: float = 1.75,
+    steps: int = 60,
+    batch: int = 8,
+    lr: float = 3e-3,
+    n_calibration: int = 16,
+    n_eval: int = 64,
+    seed: int = 0,
+    threads: int = 1,
+) -> LandmarkStandIn:
+    """A MediaPipe-hand-landmark-shaped regressor (:func:`landmark_net`) of :func:`hand_image`
+    keypoints, trained briefly: a squared error on the present hands' keypoints (in units of the
+    input size) and BCE on the presence flag.
+
+    Input ``input`` ``[1, 3, size, size]`` (RGB, [0, 1]); outputs ``landmarks`` ``[1, 63]``
+    (x, y, z of 21 keypoints in input pixels: the trained head is scaled by ``size`` at export,
+    so the weights carry pixel ranges as the real model's do) and ``presence`` ``[1, 1]``.
+    Opset 17. Through :func:`tflite_fp16` it runs CONV_2D, DEPTHWISE_CONV_2D, PRELU, ADD, PAD,
+    RESHAPE, LOGISTIC and DEQUANTIZE.
+
+    Measured with the defaults (256 px, 1.75x MobileNetV2's channels, 7.7 M parameters, a 15 MB
+    fp16 file: sized to invoke in about 9 ms with 2 threads, as the real 256-px landmark models
+    do) on the 2-core AMD EPYC build machine: about 120 s to train (shared machine); on 64
+    held-out images mean keypoint error 0.109 of the image (the best constant answer, the mean
+    hand: 0.157), presence right on 0.91 of them (1.5x: 0.113, 0.98). The tests' build (96 px,
+    half the channels, 60 batches of 16 at 2e-3): 0.120 against 0.145, presence 0.97.
+    """
+    torch = _torch()
+    r_train, r_cal, r_eval = _rngs(seed + 5, 3)
+    # trained on offsets from the image centre (x, y) and the wrist (z); exported in pixels
+    centre = np.tile(np.array([0.5, 0.5, 0.0], np.float32), (HAND_KEYPOINTS, 1))
+    start = time.perf_counter()
+    with _deterministic(seed, threads):
+        net = landmark_net(size=size, width=width)
+        # The heads see the whole last map (fan-in: 9-64 positions x channels): at the
+        # backbone's rate Adam moves each weight by about lr a step, so their outputs by about
+        # lr x fan-in, and training diverges. They start near zero (the centred targets' mean)
+        # and learn at a rate divided by their fan-in (40 / fan-in of it).
+        heads = [*net.landmarks.parameters(), *net.presence.parameters()]
+        fan_in = int(np.prod(net.landmarks.weight.shape[1:]))
+        with torch.no_grad():
+            net.landmarks.weight.mul_(0.01)
+            net.landmarks.bias.zero_()
+        in_heads = {id(p) for p in heads}
+        body = [p for p in net.parameters() if id(p) not in in_heads]
+        opt = torch.optim.AdamW([{"params": body}, {"params": heads}], lr=lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[lr, lr * min(1.0, 40 / fan_in)], total_steps=steps, pct_start=0.15
+        )
+        net.train()
+        for _ in range(steps):
+            x, kps, present = _hand_batch(r_train, batch, size)
+            pts, flag = net(torch.from_numpy(x))
+            keep = torch.from_numpy(present)
+            target = torch.from_numpy((kps / size - centre).reshape(batch, -1))
+            loss_kp = torch.nn.functional.mse_loss(pts[keep], target[keep])
+            loss_p = torch.nn.functional.binary_cross_entropy(
+                flag[:, 0].clamp(1e-6, 1 - 1e-6), keep.float()
+            )
+            opt.zero_grad()
+            (loss_kp + 0.01 * loss_p).backward()
+            opt.step()
+            sched.step()
+        net.eval()
+        with torch.no_grad():  # pixels out, as the real model's
+            net.landmarks.weight.mul_(size)
+            net.landmarks.bias.copy_((net.landmarks.bias + torch.from_numpy(centre.ravel())) * size)
+    seconds = time.perf_counter() - start
+    onnx_bytes = export_onnx(
+        net, (1, 3, size, size), output_names=("landmarks", "presence"),
+        dynamic_batch=False,
+    )  # fmt: skip
+    calibration = _hand_batch(r_cal, n_calibration, size)[0]
+    eval_images, eval_kps, eval_present = _hand_batch(r_eval, n_eval, size)
+    return LandmarkStandIn(
+        onnx=_finish(onnx_bytes, {"description": "MediaPipe hand-landmark-style stand-in"}),
+        size=size,
+        calibration=calibration,
+        eval_images=eval_images,
+        eval_keypoints=eval_kps,
+        eval_present=eval_present,
+        train_seconds=seconds,
+    )
+
+
+def keypoint_error(
+    outputs: Sequence[Sequence[np.ndarray]], stand_in: LandmarkStandIn
+) -> tuple[float, float]:
+    """Of (landmarks, presence) pairs, one per evaluation image: the mean x-y keypoint error
+    over the images with a hand, as a fraction of the input size, and the presence flag's
+    accuracy at 0.5 over all images."""
+    errors, right = [], 0
+    for (pts, flag), gt, present in zip(outputs, stand_in.eval_keypoints, stand_in.eval_present):
+        right += int((float(np.ravel(flag)[0]) > 0.5) == bool(present))
+        if present:
+            xy = np.asarray(pts, np.float32).reshape(-1, 3)[:, :2]
+            errors.append(float(np.linalg.norm(xy - gt[:, :2], axis=1).mean()) / stand_in.size)
+    return float(np.mean(errors)), right / len(outputs)

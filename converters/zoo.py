@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,9 +108,11 @@ def export_onnx(
     opset: int = 17,
     input_name: str = "input",
     output_name: str = "logits",
+    output_names: Sequence[str] | None = None,
     dynamic_batch: bool = True,
 ) -> bytes:
-    """Export with torch's TorchScript-based exporter (fast; writes any opset >= 7)."""
+    """Export with torch's TorchScript-based exporter (fast; writes any opset >= 7).
+    ``output_names`` names the outputs of a model with several (else ``output_name``)."""
     torch = _torch()
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -121,7 +124,7 @@ def export_onnx(
             dynamo=False,
             opset_version=opset,
             input_names=[input_name],
-            output_names=[output_name],
+            output_names=list(output_names or [output_name]),
             dynamic_axes={input_name: {0: "batch"}} if dynamic_batch else None,
             do_constant_folding=True,
         )

@@ -107,3 +107,23 @@ def standin_vad() -> Any:
     from converters.standins import vad_style
 
     return vad_style()
+
+
+@pytest.fixture(scope="session")
+def standin_blazeface() -> Any:
+    """The BlazeFace-style detector (converters/standins.py: blazeface_style) at the real
+    128 px and channel counts, trained on half batches: about 7 s of CPU."""
+    from converters.standins import blazeface_style
+
+    return blazeface_style(steps=60, batch=8, lr=8e-3, n_calibration=4, n_eval=48)
+
+
+@pytest.fixture(scope="session")
+def standin_landmark() -> Any:
+    """The hand-landmark-style regressor (converters/standins.py: landmark_style), built small
+    (96 px, half the channels; the benchmark's is 256 px): about 11 s of CPU."""
+    from converters.standins import landmark_style
+
+    return landmark_style(
+        size=96, width=0.5, steps=60, batch=16, lr=2e-3, n_calibration=4, n_eval=64
+    )
