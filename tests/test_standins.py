@@ -459,10 +459,11 @@ def test_landmark_regresses_the_keypoints(standin_landmark: standins.LandmarkSta
     lm = standin_landmark
     error, presence = standins.keypoint_error(_run_pairs(lm.onnx, lm.eval_images), lm)
     # beats the best constant answer (the evaluation set's own mean hand): measured 0.83 of it
-    # for this build (0.12 of the image against 0.145), 0.72 for the benchmark's
+    # for this build (0.12 of the image against 0.145), 0.72 for the benchmark's; the bound
+    # leaves room for another CPU's float rounding steering the short training elsewhere
     mean = lm.eval_keypoints[lm.eval_present].mean(0).reshape(-1)
     constant, _ = standins.keypoint_error([(mean, np.ones(1))] * len(lm.eval_images), lm)
-    assert error <= 0.9 * constant, (error, constant)
+    assert error <= 0.95 * constant, (error, constant)
     assert presence >= 0.85
     assert lm.eval_present.mean() < 0.9  # so presence is not "always yes"
     # initial weights land far off
