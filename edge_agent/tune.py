@@ -147,19 +147,25 @@ def save_plan(state_dir: Path, key: str, plan: Plan) -> None:
 def measure_throughput(
     model: Any, config: Any, *, workers: int, seconds: float, pin: bool = False
 ) -> float | None:
-    """Results per second of the real pipeline over a fresh copy of the configured source."""
+    """Results per second of the real pipeline over a fresh copy of the configured source, in
+    steady state: counted for ``seconds`` from the first ``2 × workers + 2`` results on (the
+    source's opening and the model's first inferences are not the plan's rate)."""
     pipe = Pipeline(
         source=open_source_from(config), model=model, sinks=[], workers=workers, pin_capture=pin
     )
     runner = threading.Thread(target=pipe.run, name="edge-tune", daemon=True)
     runner.start()
+    warm_until = time.monotonic() + max(2.0, seconds)
+    while pipe.results < 2 * workers + 2 and runner.is_alive() and time.monotonic() < warm_until:
+        time.sleep(0.002)
+    n0, t0 = pipe.results, time.monotonic()
     runner.join(seconds)
+    n1, t1 = pipe.results, time.monotonic()
     pipe.stop()
     runner.join(10.0)
-    summary = pipe.summary()
-    if summary["results"] < MIN_RESULTS or not summary["elapsed_s"]:
+    if pipe.summary()["results"] < MIN_RESULTS or n1 - n0 < MIN_RESULTS // 4 or t1 <= t0:
         return None
-    return float(summary["results"] / summary["elapsed_s"])
+    return float((n1 - n0) / (t1 - t0))
 
 
 def measure_latency(model: Any, *, seconds: float) -> float:
@@ -217,34 +223,45 @@ def open_tuned_model(
 def _tune(
     config: Any, profile: Any, *, key: str, mode: str, state_dir: Path, seconds: float
 ) -> tuple[Any, Plan] | None:
-    """Each candidate plan loaded and measured in turn; the fastest kept loaded and cached.
+    """Each candidate plan loaded and measured twice, in the order A B C C B A (a machine
+    that speeds up or slows down during the trial favours none: one pass each was a coin toss
+    between plans within a few percent of each other); the best mean kept loaded and cached.
     None when no trial could be measured (a file too short to count)."""
     plans = candidates(min(int(profile.cores), available_cores()), mode)
-    per_plan = max(0.2, seconds / len(plans))
-    best: tuple[float, Any, Plan] | None = None  # (score: higher is better, model, plan)
-    for threads, workers, pin in plans:
+    order = plans + plans[::-1]
+    per_plan = max(0.2, seconds / len(order))
+    scores: dict[tuple[int, int, bool], list[float]] = {}
+    for threads, workers, pin in order:
         model = open_model(config, profile, threads=threads, workers=workers)
-        if mode == "throughput":
-            fps = measure_throughput(model, config, workers=workers, seconds=per_plan, pin=pin)
-            plan = Plan(threads, workers, how="tuned", mode=mode, pin=pin,
-                        fps=None if fps is None else round(fps, 2))  # fmt: skip
-            score = fps
-        else:
-            latency = measure_latency(model, seconds=per_plan)
-            plan = Plan(threads, workers, how="tuned", mode=mode, latency_ms=round(latency, 4))
-            score = -latency
-        log.info("plan: tried %s", plan.describe())
-        if score is not None and (best is None or score > best[0]):
-            if best is not None:
-                best[1].close()
-            best = (score, model, plan)
-        else:
+        try:
+            if mode == "throughput":
+                score = measure_throughput(
+                    model, config, workers=workers, seconds=per_plan, pin=pin
+                )
+            else:
+                score = -measure_latency(model, seconds=per_plan)
+        finally:
             model.close()
-    if best is None:
+        if score is not None:
+            scores.setdefault((threads, workers, pin), []).append(score)
+    if not scores:
         return None
-    _, model, plan = best
+    means = {k: statistics.fmean(v) for k, v in scores.items()}
+    for (threads, workers, pin), score in means.items():
+        log.info("plan: tried %s", _tuned(threads, workers, pin, mode, score).describe())
+    threads, workers, pin = max(means, key=lambda k: means[k])
+    plan = _tuned(threads, workers, pin, mode, means[(threads, workers, pin)])
+    model = open_model(config, profile, threads=threads, workers=workers)
     save_plan(state_dir, key, plan)
     return model, plan
+
+
+def _tuned(threads: int, workers: int, pin: bool, mode: str, score: float) -> Plan:
+    """The plan measured at ``score`` (results/s on a throughput source; minus the median
+    inference ms on a live one)."""
+    if mode == "throughput":
+        return Plan(threads, workers, how="tuned", mode=mode, pin=pin, fps=round(score, 2))
+    return Plan(threads, workers, how="tuned", mode=mode, latency_ms=round(-score, 4))
 
 
 def release_memory() -> None:
@@ -289,7 +306,9 @@ class OnlineTuner:
         if (current.threads, current.workers) in self.plans:  # measured first, as it serves
             self.plans.remove((current.threads, current.workers))
         self.plans.insert(0, (current.threads, current.workers))
-        self.per_plan = max(0.3, seconds / len(self.plans))
+        # each plan twice, A B C C B A, so a drift during the trial favours none
+        self.order = self.plans + self.plans[::-1]
+        self.per_plan = max(0.3, seconds / len(self.order))
         self.patience = patience
         self.on_done = on_done
         self.result: Plan | None = None
@@ -327,11 +346,11 @@ class OnlineTuner:
         return None if p50 is None else -float(p50)
 
     def _run(self) -> None:
-        scores: dict[tuple[int, int], float] = {}
+        runs: dict[tuple[int, int], list[float]] = {}
         self._serving = self.pipeline.model
         plan = (self.current.threads, self.current.workers)
         try:
-            for candidate in self.plans:
+            for candidate in self.order:
                 if candidate != plan:
                     if not self._switch(candidate):
                         return
@@ -341,9 +360,11 @@ class OnlineTuner:
                     log.info("plan: tuning ended, no traffic to measure (keeping %dx%d)",
                              plan[1], max(1, plan[0] // plan[1]))  # fmt: skip
                     return
-                scores[candidate] = score
-                log.info("plan: tried %d worker(s) x %d thread(s): %s", candidate[1],
-                         max(1, candidate[0] // candidate[1]), self._say(score))  # fmt: skip
+                runs.setdefault(candidate, []).append(score)
+            scores = {k: statistics.fmean(v) for k, v in runs.items()}
+            for (threads, workers), score in scores.items():
+                log.info("plan: tried %d worker(s) x %d thread(s): %s", workers,
+                         max(1, threads // workers), self._say(score))  # fmt: skip
             best = max(scores, key=lambda k: scores[k])
             if best != plan and not self._switch(best):  # loaded again: two models at most
                 return
