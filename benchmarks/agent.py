@@ -163,7 +163,7 @@ def compare(
     feed = model.prepare_image(img)[0]
     # Each loop runs for about RUN_SECONDS (at least ``frames``, at most the video): 200 frames
     # of a ~1 ms model last 0.2 s, which times the start of a pipeline, not its rate.
-    frames = min(VIDEO_FRAMES, max(frames, int(RUN_SECONDS * raw_fps(model, feed, 50))))
+    frames = max(frames, min(VIDEO_FRAMES, int(RUN_SECONDS * raw_fps(model, feed, 50))))
     raws, naives, agents, overheads, plans = [], [], [], [], []
     for _ in range(rounds):  # alternate, so drift on a shared machine hits all alike
         raws.append(raw_fps(model, feed, frames))

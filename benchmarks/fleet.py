@@ -43,6 +43,7 @@ from typing import Any
 import psutil
 
 from benchmarks.convert import RESULTS, _cpu_name, save_results, targets_markdown
+from edgectl.collector import RETAINED_STREAMS, SHARED_STREAMS
 from edgectl.fleetdb import queries
 from edgectl.fleetdb.rows import DEFAULT_METRICS
 from edgectl.simulate import device_names
@@ -63,8 +64,8 @@ LAG_SKIP_S = 15.0  # the steady-state latency: telemetry sent this long after th
 STORE_TIMEOUT_S = 180.0  # after the simulator stopped: every row stored within this
 HISTORY_RUNS = 5
 HISTORY_TARGET_S = 0.2
-STREAMS = ("status", "reported", "telemetry", "events")
-SHARED = ("telemetry", "events")
+SHARED = SHARED_STREAMS  # the collector's: read through the share group
+STREAMS = (*RETAINED_STREAMS, *SHARED_STREAMS)
 
 
 # --- measuring --------------------------------------------------------------------------------

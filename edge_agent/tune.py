@@ -163,7 +163,7 @@ def measure_throughput(
     n1, t1 = pipe.results, time.monotonic()
     pipe.stop()
     runner.join(10.0)
-    if pipe.summary()["results"] < MIN_RESULTS or n1 - n0 < MIN_RESULTS // 4 or t1 <= t0:
+    if pipe.results < MIN_RESULTS or n1 - n0 < MIN_RESULTS // 4 or t1 <= t0:
         return None
     return float((n1 - n0) / (t1 - t0))
 
@@ -231,27 +231,41 @@ def _tune(
     order = plans + plans[::-1]
     per_plan = max(0.2, seconds / len(order))
     scores: dict[tuple[int, int, bool], list[float]] = {}
-    for threads, workers, pin in order:
-        model = open_model(config, profile, threads=threads, workers=workers)
-        try:
+    model, loaded = None, None  # the model of the last trial, kept for a trial of the same plan
+    try:
+        for threads, workers, pin in order:
+            if loaded != (threads, workers, pin):
+                if model is not None:
+                    model.close()
+                    model = None
+                model = open_model(config, profile, threads=threads, workers=workers)
+                loaded = (threads, workers, pin)
             if mode == "throughput":
                 score = measure_throughput(
                     model, config, workers=workers, seconds=per_plan, pin=pin
                 )
             else:
                 score = -measure_latency(model, seconds=per_plan)
-        finally:
+            if score is not None:
+                scores.setdefault((threads, workers, pin), []).append(score)
+    except BaseException:
+        if model is not None:
             model.close()
-        if score is not None:
-            scores.setdefault((threads, workers, pin), []).append(score)
+        raise
     if not scores:
+        if model is not None:
+            model.close()
         return None
     means = {k: statistics.fmean(v) for k, v in scores.items()}
     for (threads, workers, pin), score in means.items():
         log.info("plan: tried %s", _tuned(threads, workers, pin, mode, score).describe())
-    threads, workers, pin = max(means, key=lambda k: means[k])
-    plan = _tuned(threads, workers, pin, mode, means[(threads, workers, pin)])
-    model = open_model(config, profile, threads=threads, workers=workers)
+    best = max(means, key=lambda k: means[k])
+    if best != loaded:  # the last trial's model is the winner's when A (first and last) wins
+        assert model is not None
+        model.close()
+        model = open_model(config, profile, threads=best[0], workers=best[1])
+    assert model is not None
+    plan = _tuned(*best, mode, means[best])
     save_plan(state_dir, key, plan)
     return model, plan
 
@@ -368,12 +382,7 @@ class OnlineTuner:
             best = max(scores, key=lambda k: scores[k])
             if best != plan and not self._switch(best):  # loaded again: two models at most
                 return
-            score = scores[best]
-            self.result = Plan(
-                best[0], best[1], how="tuned", mode=self.mode,
-                fps=round(score, 2) if self.mode == "throughput" else None,
-                latency_ms=round(-score, 4) if self.mode == "live" else None,
-            )  # fmt: skip
+            self.result = _tuned(best[0], best[1], False, self.mode, scores[best])
             if self.on_done is not None:
                 self.on_done(self.result)
         except Exception as exc:  # the pipeline goes on with the plan it serves

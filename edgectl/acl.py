@@ -36,7 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import EdgeError
-from edge_agent.fleet.protocol import DEFAULT_PREFIX, RESERVED_LEVELS, STREAMS, response_topic
+from edge_agent.fleet.protocol import (
+    DEFAULT_PREFIX,
+    RESERVED_LEVELS,
+    STREAMS,
+    fleet_topic,
+    group_desired_topic,
+    response_topic,
+)
 from edgectl.provision import BROKER_PASSWD, User
 
 #: What a device publishes under its own ``<prefix>/<device>/``.
@@ -77,7 +84,7 @@ def device_rules(user: User, *, prefix: str) -> tuple[list[str], list[str]]:
     base = f"{prefix}/{user.name}"
     writes = [f"{base}/{t}" for t in DEVICE_WRITES] + [response_topic("+", prefix=prefix)]
     reads = [f"{base}/{t}" for t in DEVICE_READS]
-    reads += [f"{prefix}/groups/{g}/desired" for g in user.groups] + [f"{prefix}/bundles/#"]
+    reads += [group_desired_topic(g, prefix=prefix) for g in user.groups] + [f"{prefix}/bundles/#"]
     return writes, reads
 
 
@@ -91,7 +98,7 @@ def operator_rules(*, prefix: str) -> tuple[list[str], list[str]]:
 
 def consumer_rules(*, prefix: str) -> tuple[list[str], list[str]]:
     """``(writes, reads)`` of a consumer: nothing; every device's state and streams."""
-    return [], [f"{prefix}/+/{t}" for t in CONSUMER_READS]
+    return [], [fleet_topic(t, prefix=prefix) for t in CONSUMER_READS]
 
 
 def mosquitto_acl(users: Sequence[User], *, prefix: str = DEFAULT_PREFIX) -> str:
@@ -113,7 +120,7 @@ def mosquitto_acl(users: Sequence[User], *, prefix: str = DEFAULT_PREFIX) -> str
     for user in users:
         if user.role == "device" and user.groups:
             lines += ["", f"user {user.name}"]
-            lines += [f"topic read {p}/groups/{g}/desired" for g in user.groups]
+            lines += [f"topic read {group_desired_topic(g, prefix=p)}" for g in user.groups]
         elif user.role in ("operator", "consumer"):
             rules = operator_rules if user.role == "operator" else consumer_rules
             writes, reads = rules(prefix=p)

@@ -87,7 +87,8 @@ from edge_agent.fleet import protocol
 from edge_agent.fleet.protocol import Desired, ShadowSpec, Topics
 from edgectl.fleetdb.rows import DEFAULT_METRICS as DEFAULT_HISTORY_METRICS
 from edgectl.fleetdb.rows import EXPORT_FIELDS, telemetry_row
-from edgectl.tables import aligned, cell
+from edgectl.fleetdb.rows import METRICS as HISTORY_METRICS
+from edgectl.tables import FORMATS, aligned, cell
 
 PROG = "edgectl"
 #: The commands that publish orders (desired states, commands): they need the operator key.
@@ -659,10 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "date, UTC (default 24h)")  # fmt: skip
     p.add_argument("--until", help="until (the same forms; default now)")
     p.add_argument("--metric", default=",".join(DEFAULT_HISTORY_METRICS),
-                   help="comma-separated: fps, p50, p95, p99, latency, cpu, ram, temp, "
-                   "drift, drift_output, drifted, dropped, errors, results, spool, shadow, "
-                   "model, state")  # fmt: skip
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+                   help=f"comma-separated: {', '.join(HISTORY_METRICS)}")  # fmt: skip
+    p.add_argument("--format", choices=FORMATS, default="table")
     p.add_argument("--limit", type=int, default=100_000, help="at most this many rows")
 
     p = sub.add_parser(
@@ -1349,11 +1348,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
+    if args.what == "fleet":
+        return cmd_collect_fleet(args)
     from edgectl.collect import DatasetFolder, SampleAssembler, collect
     from edgectl.when import parse_since
 
-    if args.what == "fleet":
-        return cmd_collect_fleet(args)
     if args.out is None:
         raise EdgeError("collect: --out DIR is required (samples), or `collect fleet --db URL`")
     if args.db:

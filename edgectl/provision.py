@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from edge_agent.common.durable import atomic_write
 from edge_agent.errors import EdgeError, ProtocolError
-from edge_agent.fleet.protocol import check_name
+from edge_agent.fleet.protocol import DEFAULT_PREFIX, check_name
 
 if TYPE_CHECKING:
     from edgectl.ca import Authority
@@ -103,7 +103,7 @@ def agent_snippet(user: User, *, prefix: str, cert: bool = False, broker: str = 
     from edgectl.ca import CA_CERT, CLIENT_CERT, CLIENT_KEY
 
     groups = ", ".join(json.dumps(g) for g in user.groups)
-    prefix_line = f'topic_prefix = "{prefix}"\n' if prefix != "edge" else ""
+    prefix_line = f'topic_prefix = "{prefix}"\n' if prefix != DEFAULT_PREFIX else ""
     if cert:
         url = (
             f'broker = "{broker}"\n'
@@ -140,7 +140,7 @@ def provision(
     out: Path,
     user: User,
     *,
-    prefix: str = "edge",
+    prefix: str = DEFAULT_PREFIX,
     rotate: bool = False,
     cert: Authority | None = None,
     broker: str = "",

@@ -34,7 +34,7 @@ KEY_ENV = "EDGECTL_OPERATOR_KEY"
 
 def read_passphrase(path: str | None, *, key_path: Path) -> bytes:
     """The passphrase of an encrypted key: from ``path``, or typed at the terminal."""
-    from edge_agent.fleet.mqtt import read_secret
+    from edge_agent.common.secrets import read_secret
 
     if path:
         return read_secret(path, what="--operator-key-passphrase-file").encode()

@@ -395,10 +395,11 @@ class CollectorProcess:
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> CollectorProcess:
+        # counted before the start: a restarted collector may log before we read the log
+        starts = self.log.read_text().count("collecting as") if self.log.exists() else 0
         with self.log.open("a") as err:
             self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=err,
                                          text=True, env=checkout_env())  # fmt: skip
-        starts = self.log.read_text().count("collecting as")
         wait_until(
             lambda: self.log.read_text().count("collecting as") > starts or self._exited(),
             timeout=30.0, what=f"collector ready ({self.log})",

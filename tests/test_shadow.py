@@ -185,27 +185,27 @@ def _serve(
     )  # fmt: skip
     results: list[dict[str, Any]] = []
     runner = None
-    pipe = Pipeline(
-        source=open_source(f"file:{env['video']}"), model=model,
-        sinks=[CallbackSink(results.append)],
-    )  # fmt: skip
     if shadow is not None:
         spec = ShadowSpec(sha256=SHA, frames=10)
         runner = ShadowRunner(shadow, spec=spec, max_share=1.0, sampler=sampler)
         runner.start()
-        pipe.shadow = runner.offer
-    try:
+
+    def one_pass() -> None:
+        pipe = Pipeline(
+            source=open_source(f"file:{env['video']}"), model=model,
+            sinks=[CallbackSink(results.append)],
+        )  # fmt: skip
+        if runner is not None:
+            pipe.shadow = runner.offer
         pipe.run()
+
+    try:
+        one_pass()
         for _ in range(20):
             if runner is None or runner.snapshot()["frames"] >= min_compared:
                 break
             wait_until(lambda: runner._slot.empty(), timeout=10, what="the shadow's last frame")
-            pipe = Pipeline(
-                source=open_source(f"file:{env['video']}"), model=model,
-                sinks=[CallbackSink(results.append)],
-            )  # fmt: skip
-            pipe.shadow = runner.offer
-            pipe.run()
+            one_pass()
     finally:
         if runner is not None:
             wait_until(lambda: runner._slot.empty(), timeout=10, what="the shadow's last frame")

@@ -465,7 +465,7 @@ def test_landmark_regresses_the_keypoints(standin_landmark: standins.LandmarkSta
     constant, _ = standins.keypoint_error([(mean, np.ones(1))] * len(lm.eval_images), lm)
     assert error <= 0.95 * constant, (error, constant)
     assert presence >= 0.85
-    assert lm.eval_present.mean() < 0.9  # so presence is not "always yes"
+    assert lm.eval_present.mean() < 0.85  # below the floor: "always yes" cannot pass
     # initial weights land far off
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)

@@ -106,11 +106,11 @@ def connect(url: str, *, password_file: str = "", autocommit: bool = False) -> p
 
 def current_version(conn: psycopg.Connection) -> int:
     """The schema version of the database (0: never migrated)."""
-    row = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
-    if not row or not row[0]:
+    rows = execute(conn, "SELECT to_regclass('schema_version') IS NOT NULL")
+    if not rows or not rows[0][0]:
         return 0
-    got = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
-    return int(got[0]) if got else 0
+    got = execute(conn, "SELECT coalesce(max(version), 0) FROM schema_version")
+    return int(got[0][0]) if got else 0
 
 
 def migrate(conn: psycopg.Connection, *, retention_days: float = 0.0) -> list[str]:
