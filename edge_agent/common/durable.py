@@ -8,6 +8,7 @@ durable. The bundle writer, the HTTP download and the OTA state all use these.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 
@@ -29,9 +30,11 @@ def fsync_dir(directory: Path) -> None:
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o666) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, whole.
     ``mode`` (less the umask) from the start: ``0o600`` for a secret is never readable by
-    others, not even for a moment."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    others, not even for a moment. The temporary file is new (``O_EXCL``, a random name, no
+    symlink followed): nobody can have placed it, or a link in its name, beforehand."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags, mode)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
