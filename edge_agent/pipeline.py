@@ -188,6 +188,26 @@ def lower_priority(niceness: int = CAPTURE_NICENESS) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
 
 
+def restore_priority() -> bool:
+    """Undo :func:`lower_priority` for the calling thread; False where the system refuses
+    (going back down needs ``RLIMIT_NICE``, which an unprivileged process has at 0 unless its
+    unit raises it: ``LimitNICE=`` in systemd)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 0)
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+def wants_nicer_capture(model: LoadedModel) -> bool:
+    """Whether the capture thread should run nicer than inference with ``model``'s plan: only
+    when one inference uses several threads, which synchronise at every operator (a decode that
+    preempts one stalls them all). With one thread an inference, a nicer capture thread starves
+    the workers of frames instead: two one-thread LiteRT workers on a ~3 ms BlazeFace-style
+    model ran at 338 fps with it and 449 without (2-core EPYC, stop 25)."""
+    return model.threads > 1
+
+
 def split_cores() -> tuple[set[int], set[int]] | None:
     """(the capture thread's core, the inference threads' cores) when the capture thread is
     pinned apart: the last CPU this process may use for decoding, the others for the model.
@@ -232,6 +252,7 @@ class Pipeline:
         workers: int = 1,
         max_workers: int | None = None,
         pin_capture: bool = False,
+        hold_priority: bool = False,
         observer: Callable[[dict[str, np.ndarray], dict[str, Any], list[np.ndarray]], None]
         | None = None,
         sampler: Callable[[Frame, dict[str, Any], Any, str | None], None] | None = None,
@@ -268,6 +289,11 @@ class Pipeline:
         #: (capture core, inference cores) with ``pin_capture``: the capture thread on a core of
         #: its own, the inference threads on the others (a plan the tuner may measure faster).
         self._cores = split_cores() if pin_capture else None
+        #: While True the capture thread keeps its priority whatever the plan (the online tuner
+        #: holds it while it measures plans: a lowered priority cannot always be raised again,
+        #: and would then spoil the next plan's trial); :meth:`release_priority` ends it.
+        self._priority_held = hold_priority
+        self._nicer_capture = not hold_priority and wants_nicer_capture(model)
         #: Called with (feeds, output, raw outputs) for every frame, in the worker thread, outside
         #: any lock (telemetry's Monitor: it samples every Nth call itself). Must be cheap.
         self.observer = observer
@@ -415,6 +441,12 @@ class Pipeline:
         self._queue.maxsize = workers  # read under the queue's own lock at each put
         self.workers = workers
 
+    def release_priority(self) -> None:
+        """The plan is settled: the capture thread's priority follows it from the next frame on
+        (:func:`wants_nicer_capture`)."""
+        self._priority_held = False
+        self._nicer_capture = wants_nicer_capture(self._model)
+
     def errors_of(self, model: LoadedModel) -> int:
         """Failed frames (inference errors, NaN/inf outputs) of this model object."""
         with self._cond:
@@ -504,13 +536,18 @@ class Pipeline:
         source, gate = self.source, self.gate
         order = 0
         reconnects = 0
+        niced = False
         if self._cores is not None:
             _pin_thread(self._cores[0])
-        else:
-            lower_priority()
         try:
             while not self._stop.is_set():
                 self.heartbeat_mono = time.monotonic()
+                if self._nicer_capture != niced and self._cores is None:  # the plan changed
+                    niced = self._nicer_capture
+                    if niced:
+                        lower_priority()
+                    elif not restore_priority():
+                        log.debug("capture: its priority cannot be raised again here")
                 try:
                     frame = source.read(timeout=0.5)
                 except SourceTimeout:
@@ -944,6 +981,7 @@ class Pipeline:
         self.state = State.SWAPPING
         self._model = new_model
         self._pending = None
+        self._nicer_capture = not self._priority_held and wants_nicer_capture(new_model)
         if self._pending_plan_change:
             self.plan_changes += 1
         else:

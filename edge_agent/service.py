@@ -173,6 +173,7 @@ class Service:
             workers=model.workers,
             max_workers=2 if self._tune_config is not None else None,  # the tuner may try 2
             pin_capture=bool(self.plan is not None and self.plan.pin),
+            hold_priority=self._tune_config is not None,  # the tuner releases it when done
             seq_start=seq_start,
         )
         self._setup_monitor(model)
@@ -231,6 +232,8 @@ class Service:
                 self.pipeline, self._tune_config, self.profile, current=self.plan,
                 state_dir=state_dir, on_done=self._tuned, streams=max(1, len(self.streams)),
             )  # fmt: skip
+            if self.tuner is None:  # nothing to measure: the plan serving is the plan
+                self.pipeline.release_priority()
         log.info(
             "serving %s %s (%s, %s threads, %d workers) on %s; profile %s%s",
             model.name, model.version, model.format, self.threads, model.workers,

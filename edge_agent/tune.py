@@ -360,6 +360,12 @@ class OnlineTuner:
         return None if p50 is None else -float(p50)
 
     def _run(self) -> None:
+        try:
+            self._tune()
+        finally:  # settled, whatever the outcome: the capture thread follows the plan serving
+            self.pipeline.release_priority()
+
+    def _tune(self) -> None:
         runs: dict[tuple[int, int], list[float]] = {}
         self._serving = self.pipeline.model
         plan = (self.current.threads, self.current.workers)

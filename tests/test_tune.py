@@ -345,3 +345,71 @@ def test_edge_agent_run_tunes_while_serving_and_says_so(small_tflite: Path, tmp_
     assert seqs == list(range(1, len(seqs) + 1))  # none lost through the plan changes
     (entry,) = load_cache(tmp_path).values()
     assert entry["how"] == "cached" and entry["fps"] > 0
+
+
+def _capture_niceness(source: Any, seen: dict[str, int]) -> None:
+    """Record the capture thread's niceness at each read, from inside that thread."""
+    real_read = source.read
+
+    def read(timeout: float | None = None) -> Any:
+        seen["last"] = _own_niceness()
+        return real_read(timeout=timeout)
+
+    source.read = read  # type: ignore[method-assign]
+
+
+def _own_niceness() -> int:
+    import threading
+
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.parametrize(("threads", "workers", "nicer"), [(2, 1, True), (1, 1, False),
+                                                          (2, 2, False)])  # fmt: skip
+def test_the_capture_thread_is_nicer_only_when_an_inference_uses_several_threads(
+    small_tflite: Path, tmp_path: Path, threads: int, workers: int, nicer: bool
+) -> None:
+    """Several runtime threads an inference synchronise at every operator: the capture thread
+    runs nicer, so a decode cannot stall them. One thread an inference: it keeps its priority
+    (nicer, it would starve the workers of frames)."""
+    model = load_model(small_tflite, profile=load_profile("x86-64"), threads=threads,
+                       workers=workers, state_dir=tmp_path)  # fmt: skip
+    source = open_source("synthetic:?width=160&height=120&frames=20")
+    seen: dict[str, int] = {}
+    _capture_niceness(source, seen)
+    base = _own_niceness()
+    pipe = Pipeline(source=source, model=model, sinks=[], workers=workers)
+    assert pipe.run()["results"] == 20
+    model.close()
+    assert seen["last"] == (max(base, 10) if nicer else base)
+
+
+def test_a_held_priority_waits_for_the_plan_to_settle(small_tflite: Path, tmp_path: Path) -> None:
+    """While the online tuner measures, the capture thread keeps its priority (once lowered it
+    cannot always be raised again, which would spoil the next plan's trial); released, it
+    follows the plan serving."""
+    import threading
+
+    model = load_model(small_tflite, profile=load_profile("x86-64"), threads=2,
+                       state_dir=tmp_path)  # fmt: skip
+    source = open_source("synthetic:?width=160&height=120&frames=1000000")
+    seen: dict[str, int] = {}
+    _capture_niceness(source, seen)
+    base = _own_niceness()
+    pipe = Pipeline(source=source, model=model, sinks=[], hold_priority=True)
+    runner = threading.Thread(target=pipe.run, daemon=True)
+    runner.start()
+    wait = threading.Event()
+    try:
+        while pipe.results < 20 and not wait.wait(0.01):
+            pass
+        assert pipe.results >= 20 and seen["last"] == base  # held
+        pipe.release_priority()
+        n = pipe.results
+        while pipe.results < n + 20 and not wait.wait(0.01):
+            pass
+        assert seen["last"] == max(base, 10)  # two threads an inference: nicer now
+    finally:
+        pipe.stop()
+        runner.join(30)
+        model.close()

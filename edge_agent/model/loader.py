@@ -55,6 +55,9 @@ class LoadedModel:
     manifest: dict[str, Any] | None = None
     #: Concurrent inferences this model was loaded for (its runtime threads are split by it).
     workers: int = 1
+    #: The runtime threads of one inference (``threads // workers`` of the plan; 0: the
+    #: runtime's own default, unknown here).
+    threads: int = 0
     #: The fastest warm-up inference in milliseconds (what the thread plan decides on).
     warm_ms: float = 0.0
     #: the first input that is not a state input: what a frame or a window feeds
@@ -302,6 +305,7 @@ def load_model(
             format=str(art["format"]),
             manifest=manifest,
             workers=workers,
+            threads=max(1, threads // workers),
         )
         model.warm_ms = warmup(runtime)
         golden_check(model, root)
@@ -336,6 +340,7 @@ def load_model(
         artifact=path,
         format="onnx-fp32" if path.suffix == ".onnx" else "tflite-fp32",
         workers=workers,
+        threads=max(1, threads // workers),
     )
     model.warm_ms = warmup(runtime)
     return model

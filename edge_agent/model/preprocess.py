@@ -133,6 +133,13 @@ class Preprocessor:
         self._mul = (np.float32(spec.scale) / std).astype(np.float32)
         self._add = (-mean / std).astype(np.float32)
         self._order = (2, 1, 0) if spec.channels == "rgb" else (0, 1, 2)  # planes of BGR
+        #: one scale and one offset for every channel (the usual 1/255, no mean): scalars
+        self._uniform = bool(
+            np.all(self._mul == self._mul[0]) and np.all(self._add == self._add[0])
+        )
+        #: the offsets, None when they are all 0 (nothing to add)
+        self._offsets = self._add if np.any(self._add) else None
+        self._rows: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # width -> per channel
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """BGR (or gray) uint8 HxW[xC] image -> float32 batch of one, in the spec's layout."""
@@ -146,27 +153,51 @@ class Preprocessor:
         if spec.channels == "gray":
             if image.ndim == 3:
                 image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-            x = image.astype(np.float32)
-            x *= self._mul[0]
-            x += self._add[0]
-            return x[None, None] if spec.layout == "nchw" else x[None, :, :, None]
+            out = np.empty((spec.height, spec.width), np.float32)
+            _scale_into(image, out, self._mul[0], self._offset(0))
+            return out[None, None] if spec.layout == "nchw" else out[None, :, :, None]
         if image.ndim == 2:
             image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
         if spec.layout == "nhwc":
             if spec.channels == "rgb":
                 image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-            x = image.astype(np.float32)
-            x *= self._mul
-            x += self._add
-            return x[None]
+            out = np.empty((1, spec.height, spec.width, 3), np.float32)
+            if self._uniform:
+                _scale_into(image, out[0], self._mul[0], self._offset(0))
+                return out
+            # Per-channel constants as rows as wide as the image (channels interleaved): numpy
+            # then runs one long inner loop a row, not one of 3 elements a pixel (~10x slower).
+            mul, add = self._channel_rows(spec.width)
+            width = spec.width * 3
+            _scale_into(
+                image.reshape(spec.height, width), out.reshape(spec.height, width), mul, add
+            )
+            return out
         # NCHW: split the planes and scale each straight into its place in the output; 3-4x
         # faster than converting, normalizing and transposing the interleaved image.
         planes = cv2.split(image)  # B, G, R
         out = np.empty((1, 3, spec.height, spec.width), np.float32)
         for c, src in enumerate(self._order):
-            np.multiply(planes[src], self._mul[c], out=out[0, c], casting="unsafe")
-            out[0, c] += self._add[c]
+            _scale_into(planes[src], out[0, c], self._mul[c], self._offset(c))
         return out
+
+    def _offset(self, channel: int) -> np.float32 | None:
+        return None if self._offsets is None else self._offsets[channel]
+
+    def _channel_rows(self, width: int) -> tuple[np.ndarray, np.ndarray | None]:
+        rows = self._rows.get(width)
+        if rows is None:
+            add = None if self._offsets is None else np.tile(self._offsets, width)
+            rows = self._rows[width] = (np.tile(self._mul, width), add)
+        return rows
+
+
+def _scale_into(src: np.ndarray, out: np.ndarray, mul: Any, add: Any | None) -> None:
+    """``out = src * mul + add`` in float32, converting ``src`` (uint8) on the way in: one pass
+    and no temporary array (``astype`` then ``*=`` and ``+=`` walk the image three times)."""
+    np.multiply(src, mul, out=out, casting="unsafe")
+    if add is not None:
+        np.add(out, add, out=out)
 
 
 def letterbox(image: np.ndarray, width: int, height: int) -> np.ndarray:

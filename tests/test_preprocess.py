@@ -1,0 +1,78 @@
+"""The image preprocessing against a plain float64 reference, for every layout, channel order
+and kind of normalization (one scale for all channels, or a mean and std per channel)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_agent.model.preprocess import Preprocessor, PreprocessSpec, letterbox
+
+
+def _reference(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """What the spec says, written the slow and obvious way."""
+    if spec.resize == "letterbox":
+        image = letterbox(image, spec.width, spec.height)
+    else:
+        image = cv2.resize(image, (spec.width, spec.height), interpolation=cv2.INTER_LINEAR)
+    if image.ndim == 2 and spec.channels != "gray":
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if spec.channels == "gray":
+        if image.ndim == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        x = image.astype(np.float64)[:, :, None]
+    else:
+        x = image.astype(np.float64)
+        if spec.channels == "rgb":
+            x = x[:, :, ::-1]
+    n = x.shape[2]
+    mean = np.broadcast_to(np.asarray(spec.mean, np.float64), (n,))
+    std = np.broadcast_to(np.asarray(spec.std, np.float64), (n,))
+    x = (x * spec.scale - mean) / std
+    return (x.transpose(2, 0, 1) if spec.layout == "nchw" else x)[None]
+
+
+NORMALIZATIONS = {
+    "scale only": {"scale": 1 / 255},
+    "one mean and std": {"scale": 1 / 255, "mean": (0.5,), "std": (0.5,)},
+    "imagenet": {"scale": 1 / 255, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+    "raw pixels": {"scale": 1.0},
+    "per-channel offset only": {"scale": 1.0, "mean": (104.0, 117.0, 123.0)},
+}
+
+
+@pytest.mark.parametrize("norm", sorted(NORMALIZATIONS))
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("channels", ["rgb", "bgr", "gray"])
+@pytest.mark.parametrize("resize", ["stretch", "letterbox"])
+def test_preprocessing_matches_the_reference(
+    norm: str, layout: str, channels: str, resize: str
+) -> None:
+    kw = dict(NORMALIZATIONS[norm])
+    if channels == "gray" and len(kw.get("mean", ())) == 3:
+        kw["mean"] = kw["mean"][:1]
+    if channels == "gray" and len(kw.get("std", ())) == 3:
+        kw["std"] = kw["std"][:1]
+    spec = PreprocessSpec(
+        width=48, height=40, resize=resize, channels=channels, layout=layout, **kw
+    )
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (120, 90, 3), dtype=np.uint8)
+    image[:, :, 0] //= 4  # channels that differ, so a swapped order shows
+    got = Preprocessor(spec)(image)
+    want = _reference(image, spec)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_gray_frames_and_frames_already_at_the_input_size() -> None:
+    spec = PreprocessSpec(width=32, height=24, layout="nhwc", mean=(0.1, 0.2, 0.3), std=(0.5,))
+    pre = Preprocessor(spec)
+    rng = np.random.default_rng(1)
+    gray = rng.integers(0, 256, (24, 32), dtype=np.uint8)
+    np.testing.assert_allclose(pre(gray), _reference(gray, spec), rtol=1e-5, atol=1e-4)
+    # a crop (not contiguous) of a frame already at the input size
+    big = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    crop = big[5:29, 10:42]
+    np.testing.assert_allclose(pre(crop), _reference(crop, spec), rtol=1e-5, atol=1e-4)
