@@ -441,6 +441,12 @@ class Pipeline:
         self._queue.maxsize = workers  # read under the queue's own lock at each put
         self.workers = workers
 
+    def progress(self) -> tuple[int, float]:
+        """(results so far, when the last one left, monotonic): a consistent pair, so a rate
+        taken between two calls counts whole results over the time they took."""
+        with self._cond:
+            return self.results, self.last_result_mono
+
     def release_priority(self) -> None:
         """The plan is settled: the capture thread's priority follows it from the next frame on
         (:func:`wants_nicer_capture`)."""

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 CACHE_FILE = "plans.json"
 TUNE_SECONDS = 3.0
 MIN_RESULTS = 20  # fewer in a throughput trial (a short file): the trial does not count
+#: A plan this far (a fraction) behind the best after one trial each is not measured again.
+CONTENDER = 0.1
 
 
 @dataclass(frozen=True)
@@ -144,12 +146,52 @@ def save_plan(state_dir: Path, key: str, plan: Plan) -> None:
         log.warning("plan: cannot cache it in %s (%s)", state_dir, exc.strerror or exc)
 
 
+def rate_between(start: tuple[int, float], end: tuple[int, float]) -> float | None:
+    """Results per second between two :meth:`Pipeline.progress` readings: the results that
+    left after the first over the time from the first's last result to the second's. Whole
+    results over their own time (counting results in a fixed window is off by up to one: 4 %
+    of a 0.4 s trial of a 10 ms model)."""
+    (n0, t0), (n1, t1) = start, end
+    if n1 - n0 < MIN_RESULTS // 4 or t1 <= t0:
+        return None
+    return float((n1 - n0) / (t1 - t0))
+
+
+def run_trials(
+    plans: list[Any], seconds: float, trial: Any, *, minimum: float
+) -> dict[Any, list[float]]:
+    """Measure ``plans`` within about ``seconds``: each once (half the time, in order), then
+    the contenders (within :data:`CONTENDER` of the best) again in the reverse order, with the
+    other half; a plan far behind is not measured twice. ``trial(plan, seconds)`` returns its
+    score (higher is better) or None (not measurable: left out). The reverse second pass keeps
+    a machine that speeds up or slows down from favouring any contender (A B C, then C B A);
+    one pass each was a coin toss between plans a few percent apart."""
+    scores: dict[Any, list[float]] = {}
+    first = max(minimum, seconds / 2 / max(1, len(plans)))
+    for plan in plans:
+        score = trial(plan, first)
+        if score is not None:
+            scores.setdefault(plan, []).append(score)
+    if not scores:
+        return scores
+    best = max(v[0] for v in scores.values())
+    contenders = [p for p in plans if p in scores and scores[p][0] >= best - CONTENDER * abs(best)]
+    if len(contenders) < 2:
+        return scores
+    again = max(minimum, seconds / 2 / len(contenders))
+    for plan in contenders[::-1]:
+        score = trial(plan, again)
+        if score is not None:
+            scores[plan].append(score)
+    return scores
+
+
 def measure_throughput(
     model: Any, config: Any, *, workers: int, seconds: float, pin: bool = False
 ) -> float | None:
     """Results per second of the real pipeline over a fresh copy of the configured source, in
-    steady state: counted for ``seconds`` from the first ``2 × workers + 2`` results on (the
-    source's opening and the model's first inferences are not the plan's rate)."""
+    steady state: for ``seconds`` from the first ``2 × workers + 2`` results on (the source's
+    opening and the model's first inferences are not the plan's rate)."""
     pipe = Pipeline(
         source=open_source_from(config), model=model, sinks=[], workers=workers, pin_capture=pin
     )
@@ -158,14 +200,14 @@ def measure_throughput(
     warm_until = time.monotonic() + max(2.0, seconds)
     while pipe.results < 2 * workers + 2 and runner.is_alive() and time.monotonic() < warm_until:
         time.sleep(0.002)
-    n0, t0 = pipe.results, time.monotonic()
+    start = pipe.progress()
     runner.join(seconds)
-    n1, t1 = pipe.results, time.monotonic()
+    end = pipe.progress()
     pipe.stop()
     runner.join(10.0)
-    if pipe.results < MIN_RESULTS or n1 - n0 < MIN_RESULTS // 4 or t1 <= t0:
+    if pipe.results < MIN_RESULTS:
         return None
-    return float((n1 - n0) / (t1 - t0))
+    return rate_between(start, end)
 
 
 def measure_latency(model: Any, *, seconds: float) -> float:
@@ -223,31 +265,29 @@ def open_tuned_model(
 def _tune(
     config: Any, profile: Any, *, key: str, mode: str, state_dir: Path, seconds: float
 ) -> tuple[Any, Plan] | None:
-    """Each candidate plan loaded and measured twice, in the order A B C C B A (a machine
-    that speeds up or slows down during the trial favours none: one pass each was a coin toss
-    between plans within a few percent of each other); the best mean kept loaded and cached.
-    None when no trial could be measured (a file too short to count)."""
+    """The candidate plans loaded and measured (:func:`run_trials`); the best mean kept loaded
+    and cached. None when no trial could be measured (a file too short to count)."""
     plans = candidates(min(int(profile.cores), available_cores()), mode)
-    order = plans + plans[::-1]
-    per_plan = max(0.2, seconds / len(order))
-    scores: dict[tuple[int, int, bool], list[float]] = {}
-    model, loaded = None, None  # the model of the last trial, kept for a trial of the same plan
+    model: Any = None  # the model of the last trial, kept for a trial of the same plan
+    loaded: tuple[int, int, bool] | None = None
+
+    def trial(plan: tuple[int, int, bool], budget: float) -> float | None:
+        nonlocal model, loaded
+        threads, workers, pin = plan
+        if loaded != plan:
+            if model is not None:
+                model.close()
+                model = None
+            model = open_model(config, profile, threads=threads, workers=workers)
+            loaded = plan
+        if mode == "throughput":
+            return measure_throughput(model, config, workers=workers, seconds=budget, pin=pin)
+        return -measure_latency(model, seconds=budget)
+
     try:
-        for threads, workers, pin in order:
-            if loaded != (threads, workers, pin):
-                if model is not None:
-                    model.close()
-                    model = None
-                model = open_model(config, profile, threads=threads, workers=workers)
-                loaded = (threads, workers, pin)
-            if mode == "throughput":
-                score = measure_throughput(
-                    model, config, workers=workers, seconds=per_plan, pin=pin
-                )
-            else:
-                score = -measure_latency(model, seconds=per_plan)
-            if score is not None:
-                scores.setdefault((threads, workers, pin), []).append(score)
+        scores: dict[tuple[int, int, bool], list[float]] = run_trials(
+            plans, seconds, trial, minimum=0.2
+        )
     except BaseException:
         if model is not None:
             model.close()
@@ -260,7 +300,7 @@ def _tune(
     for (threads, workers, pin), score in means.items():
         log.info("plan: tried %s", _tuned(threads, workers, pin, mode, score).describe())
     best = max(means, key=lambda k: means[k])
-    if best != loaded:  # the last trial's model is the winner's when A (first and last) wins
+    if best != loaded:  # the last trial's model is the winner's when it was measured last
         assert model is not None
         model.close()
         model = open_model(config, profile, threads=best[0], workers=best[1])
@@ -287,6 +327,10 @@ def release_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class _Ended(Exception):
+    """The online tuning cannot go on (no traffic, or somebody else swapped the model)."""
 
 
 class OnlineTuner:
@@ -320,9 +364,7 @@ class OnlineTuner:
         if (current.threads, current.workers) in self.plans:  # measured first, as it serves
             self.plans.remove((current.threads, current.workers))
         self.plans.insert(0, (current.threads, current.workers))
-        # each plan twice, A B C C B A, so a drift during the trial favours none
-        self.order = self.plans + self.plans[::-1]
-        self.per_plan = max(0.3, seconds / len(self.order))
+        self.seconds = seconds  # in all, for run_trials
         self.patience = patience
         self.on_done = on_done
         self.result: Plan | None = None
@@ -346,16 +388,16 @@ class OnlineTuner:
                 return False
         return True
 
-    def _measure(self) -> float | None:
+    def _measure(self, seconds: float) -> float | None:
         """This plan's score (higher is better) on the traffic now; None when it cannot be."""
         pipe = self.pipeline
         if not self._wait_results(2 * pipe.workers, pipe.results):  # the plan warms up
             return None
-        mark, n0, t0 = pipe.stats.mark(), pipe.results, time.monotonic()
-        if self._stop.wait(self.per_plan) or not self._wait_results(MIN_RESULTS // 4, n0):
+        mark, start = pipe.stats.mark(), pipe.progress()
+        if self._stop.wait(seconds) or not self._wait_results(MIN_RESULTS // 4, start[0]):
             return None
         if self.mode == "throughput":
-            return (pipe.results - n0) / (time.monotonic() - t0)
+            return rate_between(start, pipe.progress())
         p50 = pipe.stats.since(mark).inference.summary()["p50"]
         return None if p50 is None else -float(p50)
 
@@ -366,31 +408,35 @@ class OnlineTuner:
             self.pipeline.release_priority()
 
     def _tune(self) -> None:
-        runs: dict[tuple[int, int], list[float]] = {}
         self._serving = self.pipeline.model
-        plan = (self.current.threads, self.current.workers)
+        serving = (self.current.threads, self.current.workers)
+
+        def trial(plan: tuple[int, int], seconds: float) -> float:
+            nonlocal serving
+            if plan != serving:
+                if not self._switch(plan):
+                    raise _Ended("an update was swapped in")
+                serving = plan
+            score = self._measure(seconds)
+            if score is None:
+                raise _Ended(f"no traffic to measure (keeping {plan[1]}x"
+                             f"{max(1, plan[0] // plan[1])})")  # fmt: skip
+            return score
+
         try:
-            for candidate in self.order:
-                if candidate != plan:
-                    if not self._switch(candidate):
-                        return
-                    plan = candidate
-                score = self._measure()
-                if score is None:
-                    log.info("plan: tuning ended, no traffic to measure (keeping %dx%d)",
-                             plan[1], max(1, plan[0] // plan[1]))  # fmt: skip
-                    return
-                runs.setdefault(candidate, []).append(score)
+            runs = run_trials(self.plans, self.seconds, trial, minimum=0.3)
             scores = {k: statistics.fmean(v) for k, v in runs.items()}
             for (threads, workers), score in scores.items():
                 log.info("plan: tried %d worker(s) x %d thread(s): %s", workers,
                          max(1, threads // workers), self._say(score))  # fmt: skip
             best = max(scores, key=lambda k: scores[k])
-            if best != plan and not self._switch(best):  # loaded again: two models at most
+            if best != serving and not self._switch(best):  # loaded again: two models at most
                 return
             self.result = _tuned(best[0], best[1], False, self.mode, scores[best])
             if self.on_done is not None:
                 self.on_done(self.result)
+        except _Ended as end:
+            log.info("plan: tuning ended, %s", end)
         except Exception as exc:  # the pipeline goes on with the plan it serves
             log.warning("plan: tuning failed (%s); keeping the plan serving", exc)
 

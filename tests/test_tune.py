@@ -413,3 +413,36 @@ def test_a_held_priority_waits_for_the_plan_to_settle(small_tflite: Path, tmp_pa
         pipe.stop()
         runner.join(30)
         model.close()
+
+
+def test_trials_measure_every_plan_once_then_the_contenders_again_in_reverse() -> None:
+    """Half the time on one trial each; the other half on the plans within 10 % of the best,
+    in the reverse order; a plan far behind, or one that cannot be measured, is not retried."""
+    from edge_agent.tune import run_trials
+
+    rates = {"A": 100.0, "B": 98.0, "C": 50.0, "D": 91.0, "E": None}
+    calls: list[tuple[str, float]] = []
+
+    def trial(plan: str, seconds: float) -> float | None:
+        calls.append((plan, seconds))
+        return rates[plan]
+
+    scores = run_trials(list(rates), 3.0, trial, minimum=0.1)
+    assert [p for p, _ in calls] == ["A", "B", "C", "D", "E", "D", "B", "A"]
+    assert all(s == pytest.approx(0.3) for _, s in calls[:5])  # 1.5 s over five plans
+    assert all(s == pytest.approx(0.5) for _, s in calls[5:])  # 1.5 s over three contenders
+    assert scores == {"A": [100.0, 100.0], "B": [98.0, 98.0], "C": [50.0], "D": [91.0, 91.0]}
+    # latencies (negative scores): within 10 % of the lowest
+    calls.clear()
+    rates.update({"A": -10.0, "B": -10.5, "C": -12.0, "D": -10.9, "E": -30.0})
+    run_trials(list(rates), 1.0, trial, minimum=0.3)
+    assert [p for p, _ in calls] == ["A", "B", "C", "D", "E", "D", "B", "A"]
+    assert calls[0][1] == 0.3  # never below the minimum
+
+
+def test_a_rate_counts_whole_results_over_their_own_time() -> None:
+    from edge_agent.tune import rate_between
+
+    assert rate_between((10, 5.0), (60, 5.5)) == pytest.approx(100.0)
+    assert rate_between((10, 5.0), (12, 5.5)) is None  # too few results to tell
+    assert rate_between((10, 5.0), (60, 5.0)) is None
