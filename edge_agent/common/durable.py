@@ -27,19 +27,33 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o666) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, whole.
-    ``mode`` (less the umask) from the start: ``0o600`` for a secret is never readable by
-    others, not even for a moment. The temporary file is new (``O_EXCL``, a random name, no
-    symlink followed): nobody can have placed it, or a link in its name, beforehand."""
+def write_temp(path: Path, data: bytes, *, mode: int = 0o666, exact: bool = False) -> Path:
+    """Write ``data`` to a new temporary file beside ``path`` and fsync it; returns its path
+    (the caller renames it over ``path``, or removes it). Created with ``mode`` less the umask
+    (``exact``: ``mode`` itself), so a ``0o600`` secret is never readable by others, not even
+    for a moment. The file is new (``O_EXCL``, a random name, no symlink followed): nobody can
+    have placed it, or a link in its name, beforehand."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(tmp, flags, mode)
     try:
         with os.fdopen(fd, "wb") as fh:
+            if exact:
+                os.fchmod(fh.fileno(), mode)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o666) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, whole
+    (:func:`write_temp`, then a rename and an fsync of the directory)."""
+    tmp = write_temp(path, data, mode=mode)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edge_agent.common.durable import write_temp
 from edge_agent.errors import ConfigError, first_line
 
 PRIVATE_KEY_NAME = "edge-signing.key"
@@ -35,23 +35,6 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     """The first 16 hex characters of the sha256 of the raw 32-byte public key."""
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
-
-
-def _write_new(directory: Path, name: str, data: bytes, mode: int) -> Path:
-    """Write ``data`` to a fresh temp file in ``directory`` created with ``mode`` (never wider,
-    not even for an instant) and return its path."""
-    tmp = directory / f".{name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)  # the umask may have narrowed it; make it exact
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
 
 
 def generate_keypair(
@@ -93,8 +76,8 @@ def generate_keypair(
     )
     temps: list[Path] = []
     try:
-        temps.append(_write_new(out_dir, private_path.name, private_pem, 0o600))
-        temps.append(_write_new(out_dir, public_path.name, public_pem, 0o644))
+        temps.append(write_temp(private_path, private_pem, mode=0o600, exact=True))
+        temps.append(write_temp(public_path, public_pem, mode=0o644, exact=True))
         os.replace(temps[0], private_path)
         os.replace(temps[1], public_path)
     except OSError as exc:
