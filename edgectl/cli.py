@@ -177,22 +177,15 @@ class Client:
         if self.signer is not None and getattr(args, "command", "") in SENDS_ORDERS:
             self.signer.key()  # a bad key or passphrase: said before the broker is reached
         self.protocol = "5"
-        self._build(mqtt.MQTTv5)
+        self._build()
 
-    def _build(self, protocol: int) -> None:
-        mqtt = self._mqtt
-        self.client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+    def _build(self) -> None:
+        self.client = self.settings.new_client(
             client_id=self._client_id,
-            protocol=protocol,
+            password=self._password,
+            protocol=self.protocol,
+            max_inflight=200,
         )
-        s = self.settings
-        if s.username:
-            self.client.username_pw_set(s.username, self._password)
-        ctx = s.ssl_context()
-        if ctx is not None:
-            self.client.tls_set_context(ctx)
-        self.client.max_inflight_messages_set(200)
         self._connected = threading.Event()
         self._refused: str | None = None
         self._handlers: list[Callable[[Any], None]] = []
@@ -221,7 +214,7 @@ class Client:
             self.client.loop_stop()
             self.client.disconnect()
             self.protocol = "3.1.1"
-            self._build(self._mqtt.MQTTv311)
+            self._build()
             try:
                 self.client.connect(s.host, s.port, keepalive=30)
             except OSError as exc:
