@@ -1318,8 +1318,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.devices < 1:
         raise EdgeError(f"--devices {args.devices}: must be at least 1")
     settings = broker_settings(args)
+    plaintext = settings.plaintext_warning(orders=False)  # credentials only, as Client says
+    if plaintext:
+        log.warning("%s", plaintext)
     sim = Simulator(
-        settings.host, settings.port, device_names(args.devices, start=args.first, stem=args.stem),
+        settings, device_names(args.devices, start=args.first, stem=args.stem),
         rate=args.rate, count=args.count, events_every=args.events_every,
         results_every=args.results_every, connections=args.connections, prefix=args.prefix,
         client_id=f"edgectl-simulate-{uuid.uuid4().hex[:8]}",
