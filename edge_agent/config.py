@@ -11,6 +11,7 @@ generated from it (``python -m edge_agent.config --markdown``).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import socket
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 
 from edge_agent.common.files import read_text
 from edge_agent.common.names import stream_name_problem
+from edge_agent.common.urls import url_host
 from edge_agent.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -102,6 +104,26 @@ class PreprocessSection:
 
 
 _PASSWORD_SCHEMES = ("rtsp", "rtsps", "http", "https")
+
+
+def _allowed_host(host: str) -> str:
+    """One ``[ota] allowed_hosts`` entry, as ``url_host`` gives a URL's host, or ConfigError: a
+    name or an IPv4 address without a port, or an IPv6 address bare (``::1``) or bracketed
+    (``[::1]``) but without a port (``[::1]:443`` is refused, as ``example.com:443`` is)."""
+    bracketed = host.startswith("[") and host.endswith("]")
+    inner = host[1:-1] if bracketed else host
+    ok = bool(inner) and "/" not in inner and "[" not in inner and "]" not in inner
+    if ok and (":" in inner or bracketed):
+        try:  # a colon is only an IPv6 address's, never a port's; brackets only hold IPv6
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            ok = False
+    if not ok:
+        raise ConfigError(
+            f"config: [ota] allowed_hosts: {host!r}: expected a bare host name or IP address "
+            "(no scheme, port or path; an IPv6 address as ::1 or [::1])"
+        )
+    return url_host(host)
 
 
 def _check_password_file(where: str, uri: str, password_file: str) -> None:
@@ -403,18 +425,15 @@ class OtaSection:
     max_bundle_mb: float = _doc("Largest bundle accepted.", default=512.0)
     ca_file: str = _doc("CA certificate for https:// bundle URLs ('' = the system's).", default="")
     allowed_hosts: tuple[str, ...] = _doc(
-        "Hosts an unsigned order's bundle URL may name ([] = any host, as before). A signed "
-        "order ([fleet] operator_keys) may name any host.",
+        "Hosts an unsigned order's bundle URL may name ([] = any host, as before): names or IP "
+        "addresses, without a port; an IPv6 address as ::1 or [::1]. A signed order ([fleet] "
+        "operator_keys) may name any host.",
         default=(),
     )
 
     def __post_init__(self) -> None:
-        for host in self.allowed_hosts:
-            if not host or "/" in host or ":" in host.strip("[]"):
-                raise ConfigError(
-                    f"config: [ota] allowed_hosts: {host!r}: expected a bare host name "
-                    "(no scheme, port or path)"
-                )
+        hosts = tuple(_allowed_host(host) for host in self.allowed_hosts)
+        object.__setattr__(self, "allowed_hosts", hosts)  # as the OTA check compares them
         keys = ("health_window", "transfer_timeout", "max_bundle_mb", "latency_budget")
         _at_least("ota", self, 0, *keys, strict=True)
         if not 0 <= self.max_error_rate <= 1:

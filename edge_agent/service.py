@@ -87,7 +87,8 @@ class Service:
         self.uploader: Any = None
         self.orders: Any = None  # edge_agent.fleet.orders.OrderGuard, with MQTT
         self._refusals_said: set[str] = set()  # order_refused said once per payload
-        self.order_bucket: Any = None  # [fleet] command_rate: a TokenBucket, with MQTT
+        fleet = config.fleet  # [fleet] command_rate: orders over MQTT, before any parsing
+        self.order_bucket = TokenBucket(rate=fleet.command_rate, burst=fleet.command_burst)
         self._waiting_desired: dict[str, Any] = {}  # rate-limited desired states, latest per topic
         self._waiting_lock = threading.Lock()
 
@@ -369,8 +370,6 @@ class Service:
         )
         self.spool = Spool(state_dir / "spool.sqlite", max_bytes=int(m.spool_max_mb * 2**20))
         self.orders = self._order_guard(state_dir)
-        fleet = self.config.fleet
-        self.order_bucket = TokenBucket(rate=fleet.command_rate, burst=fleet.command_burst)
         subs = [self.topics.commands]
         if self.config.ota.enabled:
             subs.append(self.topics.desired)
@@ -568,8 +567,7 @@ class Service:
             if now >= next_telemetry:
                 next_telemetry = now + self.config.telemetry.interval
                 self.publish_telemetry()
-            if self.order_bucket is not None:
-                self._pace_orders()
+            self._pace_orders()
             if self._desired_changed.is_set():
                 self._desired_changed.clear()
                 self.reconcile()
@@ -840,14 +838,14 @@ class Service:
             return
         if msg.topic == topics.desired or msg.topic.startswith(f"{prefix}/groups/"):
             with self._waiting_lock:  # the newest desired state of a topic wins
-                if self.order_bucket is not None and not self.order_bucket.take(count=False):
+                if not self.order_bucket.take(count=False):
                     self._waiting_desired[msg.topic] = msg  # taken when the bucket refills
                     return
                 self._waiting_desired.pop(msg.topic, None)
             self._on_desired(msg)
             return
         if msg.topic.startswith(f"{topics.base}/cmd/"):
-            if self.order_bucket is not None and not self.order_bucket.take():
+            if not self.order_bucket.take():
                 return  # a flood: dropped before any parsing or signature check (counted)
             name = msg.topic[len(f"{topics.base}/cmd/") :]
             self._on_command(name, msg)

@@ -177,22 +177,15 @@ class Client:
         if self.signer is not None and getattr(args, "command", "") in SENDS_ORDERS:
             self.signer.key()  # a bad key or passphrase: said before the broker is reached
         self.protocol = "5"
-        self._build(mqtt.MQTTv5)
+        self._build()
 
-    def _build(self, protocol: int) -> None:
-        mqtt = self._mqtt
-        self.client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+    def _build(self) -> None:
+        self.client = self.settings.new_client(
             client_id=self._client_id,
-            protocol=protocol,
+            password=self._password,
+            protocol=self.protocol,
+            max_inflight=200,
         )
-        s = self.settings
-        if s.username:
-            self.client.username_pw_set(s.username, self._password)
-        ctx = s.ssl_context()
-        if ctx is not None:
-            self.client.tls_set_context(ctx)
-        self.client.max_inflight_messages_set(200)
         self._connected = threading.Event()
         self._refused: str | None = None
         self._handlers: list[Callable[[Any], None]] = []
@@ -221,7 +214,7 @@ class Client:
             self.client.loop_stop()
             self.client.disconnect()
             self.protocol = "3.1.1"
-            self._build(self._mqtt.MQTTv311)
+            self._build()
             try:
                 self.client.connect(s.host, s.port, keepalive=30)
             except OSError as exc:
@@ -1325,8 +1318,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.devices < 1:
         raise EdgeError(f"--devices {args.devices}: must be at least 1")
     settings = broker_settings(args)
+    plaintext = settings.plaintext_warning(orders=False)  # credentials only, as Client says
+    if plaintext:
+        log.warning("%s", plaintext)
     sim = Simulator(
-        settings.host, settings.port, device_names(args.devices, start=args.first, stem=args.stem),
+        settings, device_names(args.devices, start=args.first, stem=args.stem),
         rate=args.rate, count=args.count, events_every=args.events_every,
         results_every=args.results_every, connections=args.connections, prefix=args.prefix,
         client_id=f"edgectl-simulate-{uuid.uuid4().hex[:8]}",

@@ -167,21 +167,14 @@ class FleetCollector:
         self._connect_broker()
 
     def _connect_broker(self) -> None:
-        import paho.mqtt.client as mqtt
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
         b = self.broker
-        client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
-            protocol=mqtt.MQTTv5, manual_ack=True,
+        client = b.new_client(
+            client_id=self.client_id, password=b.password(what="--password-file"),
+            manual_ack=True, reconnect_delay=(1, 30),
         )  # fmt: skip
-        if b.username:
-            client.username_pw_set(b.username, b.password(what="--password-file"))
-        ctx = b.ssl_context()
-        if ctx is not None:
-            client.tls_set_context(ctx)
-        client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message

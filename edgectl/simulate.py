@@ -13,6 +13,12 @@ an absolute schedule, so a slow broker shows as lag (``late``, ``max_lag_s``) ra
 lower rate. :meth:`Simulator.stop` waits for the broker's PUBACK of everything handed to paho
 before it disconnects, so ``stats()`` counts what the broker accepted.
 
+Each connection is set up from the broker settings every ``edgectl`` command uses (``--broker``,
+``--username``/``--password-file``, the TLS files: ``BrokerSettings.new_client``), and a
+connection the broker refuses (its CONNACK: bad credentials, not authorized) is a
+``BrokerError`` with the reason (``edgectl`` exit 5), never a simulator that runs on and counts
+every publish as ``failed``.
+
 Every payload validates against ``edge_agent.fleet.protocol.SCHEMAS``
 (``tests/test_fleetdb.py``, ``benchmarks/mqtt.py``).
 """
@@ -20,6 +26,7 @@ Every payload validates against ``edge_agent.fleet.protocol.SCHEMAS``
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +35,7 @@ from typing import Any
 
 from edge_agent.errors import BrokerError, ConfigError
 from edge_agent.fleet import protocol
+from edge_agent.fleet.mqtt import BrokerSettings
 
 MODEL = {"name": "resnet-small", "version": "1.4.2"}
 
@@ -185,7 +193,7 @@ class Counters:
 
 
 class Simulator:
-    """``devices`` simulated devices on the broker at ``host:port``.
+    """``devices`` simulated devices on the ``broker`` (its URL, credentials and TLS files).
 
     ``rate``: telemetry messages per device per second; ``count``: stop each device after this
     many telemetry messages (0: until :meth:`stop`); ``events_every``: an event every N
@@ -194,8 +202,7 @@ class Simulator:
 
     def __init__(
         self,
-        host: str,
-        port: int,
+        broker: BrokerSettings,
         devices: list[str],
         *,
         rate: float = 1.0,
@@ -212,7 +219,8 @@ class Simulator:
             raise ConfigError(f"--rate {rate:g}: must be > 0")
         if not devices:
             raise ConfigError("--devices: at least one")
-        self.host, self.port, self.devices = host, port, list(devices)
+        self.broker, self.devices = broker, list(devices)
+        self._password = broker.password(what="--password-file")  # said before connecting
         self.rate, self.count = rate, count
         self.events_every, self.results_every = events_every, results_every
         self.prefix, self.seq_start, self.retained_state = prefix, seq_start, retained_state
@@ -228,16 +236,19 @@ class Simulator:
 
     # connections
     def _connect(self, k: int) -> Any:
-        import paho.mqtt.client as mqtt
-
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=f"{self._client_id}-{k}",
-            protocol=mqtt.MQTTv5,
-        )  # fmt: skip
-        client.max_inflight_messages_set(500)
-        client.max_queued_messages_set(0)
+        b = self.broker
+        client = b.new_client(
+            client_id=f"{self._client_id}-{k}", password=self._password, max_inflight=500
+        )
         connected = threading.Event()
-        client.on_connect = lambda *a: connected.set()
+        refused: list[str] = []
+
+        def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+            if getattr(reason, "is_failure", False):
+                refused.append(str(reason))
+            connected.set()
+
+        client.on_connect = on_connect
         counters = self.counters[k]
 
         def on_publish(client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
@@ -250,17 +261,29 @@ class Simulator:
 
         client.on_publish = on_publish
         try:
-            client.connect(self.host, self.port, keepalive=30)
+            client.connect(b.host, b.port, keepalive=b.keepalive)
+        except ssl.SSLError as exc:
+            raise BrokerError(
+                f"mqtt {b.safe_url}: TLS handshake failed: {exc.reason or exc}"
+            ) from None
         except OSError as exc:
-            raise BrokerError(f"mqtt {self.host}:{self.port}: cannot connect: {exc}") from None
+            raise BrokerError(f"mqtt {b.safe_url}: cannot connect: {exc.strerror or exc}") from None
         client.loop_start()
         if not connected.wait(10):
             client.loop_stop()
-            raise BrokerError(f"mqtt {self.host}:{self.port}: no CONNACK within 10 s")
+            raise BrokerError(f"mqtt {b.safe_url}: no CONNACK within 10 s")
+        if refused:  # not connected: paho would only retry with the same credentials
+            client.loop_stop()
+            raise BrokerError(f"mqtt {b.safe_url}: broker refused the connection: {refused[0]}")
         return client
 
     def start(self) -> Simulator:
-        self._clients = [self._connect(k) for k in range(len(self.slices))]
+        try:
+            for k in range(len(self.slices)):
+                self._clients.append(self._connect(k))
+        except BaseException:
+            self._disconnect()  # those already up
+            raise
         t0 = time.monotonic() + 0.1
         self._threads = [
             threading.Thread(target=self._run, args=(k, t0), daemon=True, name=f"sim-{k}")
@@ -369,9 +392,13 @@ class Simulator:
             t.join(timeout=5)
         with self._acked:
             self._acked.wait_for(self._answered, drain_s)
+        self._disconnect()
+
+    def _disconnect(self) -> None:
         for client in self._clients:
             client.disconnect()
             client.loop_stop()
+        self._clients = []
 
     def __enter__(self) -> Simulator:
         return self.start()

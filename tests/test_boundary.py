@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import pkgutil
 import subprocess
@@ -162,3 +163,34 @@ def test_the_boundary_check_finds_what_it_forbids(tmp_path: Path) -> None:
     assert any("edgectl imports the device's loop (edge_agent.io.source)" in p for p in problems)
     assert "edge_agent/pipeline:2: the loop imports edge_agent.rest, a feature above it" in problems
     assert len(problems) == 7, problems
+
+
+def _paho_client_calls(root: Path, packages: tuple[str, ...]) -> list[str]:
+    """``path:line`` of every ``paho.mqtt.client.Client(...)`` call (as ``mqtt.Client(`` or an
+    imported ``Client(``) in ``packages``."""
+    found = []
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+            aliases = {a.asname or a.name for node in ast.walk(tree)
+                       if isinstance(node, ast.Import) for a in node.names
+                       if a.name == "paho.mqtt.client"}  # fmt: skip
+            names = {a.asname or a.name for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module == "paho.mqtt.client"
+                     for a in node.names if a.name == "Client"}  # fmt: skip
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.Call):
+                    continue
+                f = node.func
+                by_module = isinstance(f, ast.Attribute) and f.attr == "Client"
+                if (by_module and ast.unparse(f.value) in aliases) or ast.unparse(f) in names:
+                    found.append(f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
+def test_one_place_sets_up_a_paho_client() -> None:
+    """Client id, protocol, credentials, TLS and reconnect settings are written once
+    (``BrokerSettings.new_client``): the agent's link and edgectl's client, collector and
+    simulator all build their clients through it."""
+    calls = _paho_client_calls(REPO, ("edge_agent", "edgectl"))
+    assert [c.rsplit(":", 1)[0] for c in calls] == ["edge_agent/fleet/mqtt.py"], calls

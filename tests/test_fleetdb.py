@@ -27,11 +27,12 @@ import pytest
 
 from converters.demo_broker import free_port
 from edge_agent.errors import CtlExit, DatabaseError
+from edge_agent.fleet.mqtt import BrokerSettings
 from edge_agent.fleet.protocol import SCHEMAS, Topics
 from edgectl import simulate
 from edgectl.fleetdb import db, queries
 from edgectl.fleetdb.rows import Rejected, content_seq, to_row
-from tests.broker import Broker, Collector
+from tests.broker import Broker, Collector, make_tls_material
 from tests.fleet import EDGECTL, CollectorProcess, Database, admin_connection, checkout_env
 
 #: Queued messages per offline session: the default (1000) would drop what a killed collector
@@ -69,6 +70,11 @@ def ctl(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(["--broker", "mqtt://127.0.0.1:1", *argv])
     got = capsys.readouterr()
     return code, got.out, got.err
+
+
+def on(broker: Broker) -> BrokerSettings:
+    """The broker settings of ``broker`` (anonymous, plain MQTT) for a Simulator."""
+    return BrokerSettings(url=broker.url)
 
 
 def wait_until(what: str, ready: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -111,6 +117,61 @@ def test_simulate_for_a_duration_reports_what_the_broker_acknowledged(tmp_path: 
     assert stats["acked"] == sum(stats["published"].values()), stats
     assert stats["refused"] == stats["failed"] == 0, stats
     assert [sum(simulate.has_event(seq, i, 4) for i in range(400)) for seq in range(8)] == [100] * 8
+
+
+def _secret(path: Path, text: str) -> Path:
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_simulate_logs_in_with_the_edgectl_credentials_and_stops_when_refused(
+    tmp_path: Path,
+) -> None:
+    """A broker with a password file: a wrong password is the broker's refusal, one line and
+    exit 5 (nothing published); the right one (``--username``/``--password-file``, as every
+    edgectl command takes them) gets every message to a subscriber."""
+    count, devices = 3, 4
+    with Broker(tmp_path / "broker", users={"sim": "right", "ops": "ops"}) as broker:
+        wrong = _secret(tmp_path / "wrong", "guess")
+        refused = edgectl("--username", "sim", "--password-file", str(wrong), "simulate",
+                          "--devices", str(devices), "--rate", "20", "--count", str(count),
+                          broker=broker.url)  # fmt: skip
+        assert refused.returncode == CtlExit.BROKER, (refused.returncode, refused.stderr)
+        assert refused.stderr.count("\n") == 1, refused.stderr
+        assert f"error: mqtt {broker.url}: broker refused the connection:" in refused.stderr
+        assert "guess" not in refused.stderr and refused.stdout == ""
+        right = _secret(tmp_path / "right", "right")
+        with Collector(broker, ["edge/+/telemetry"], username="ops", password="ops") as seen:
+            done = edgectl("--username", "sim", "--password-file", str(right), "simulate",
+                           "--devices", str(devices), "--rate", "20", "--count", str(count),
+                           "--connections", "2", broker=broker.url)  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            msgs = seen.wait_for(lambda m: len(m) >= devices * count, timeout=10)
+    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    assert stats["published"]["telemetry"] == devices * count, stats
+    assert stats["acked"] == sum(stats["published"].values()) and stats["failed"] == 0, stats
+    assert sorted({m.topic for m in msgs}) == [Topics(d).telemetry
+                                               for d in simulate.device_names(devices)]  # fmt: skip
+
+
+def test_simulate_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    """``mqtts://`` with ``--ca-file``, ``--cert-file`` and ``--key-file``, as for every edgectl
+    command: the simulated devices' messages arrive over TLS."""
+    tls = make_tls_material(tmp_path / "tls")
+    with Broker(tmp_path / "broker", tls=tls) as broker:
+        assert broker.url.startswith("mqtts://")
+        with Collector(broker, ["edge/+/telemetry"]) as seen:
+            done = edgectl("--ca-file", str(tls.ca_cert), "--cert-file", str(tls.client_cert),
+                           "--key-file", str(tls.client_key), "simulate", "--devices", "2",
+                           "--rate", "20", "--count", "3", broker=broker.url)  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            seen.wait_for(lambda m: len(m) >= 6, timeout=10)
+        untrusted = edgectl("simulate", "--devices", "1", "--count", "1", broker=broker.url)
+    assert untrusted.returncode == CtlExit.BROKER and untrusted.stderr.count("\n") == 1, (
+        untrusted.stderr
+    )
+    assert "TLS handshake failed" in untrusted.stderr, untrusted.stderr
 
 
 def test_simulated_payloads_follow_the_protocol_and_become_typed_rows() -> None:
@@ -244,7 +305,7 @@ def test_every_message_is_stored_exactly_once(
     try:
         devices = simulate.device_names(20, stem="once")
         sim = simulate.Simulator(
-            fleet_broker.host, fleet_broker.port, devices, rate=20, count=12, events_every=3,
+            on(fleet_broker), devices, rate=20, count=12, events_every=3,
             results_every=2, client_id="sim-once",
         )  # fmt: skip
         with sim:
@@ -300,7 +361,7 @@ def test_a_collector_killed_mid_stream_loses_and_duplicates_nothing(
     collector = CollectorProcess(tmp_path, fleet_broker, database, "kill-1", group="kill")
     collector.start()
     devices = simulate.device_names(25, stem="kill")
-    sim = simulate.Simulator(fleet_broker.host, fleet_broker.port, devices, rate=12, count=40,
+    sim = simulate.Simulator(on(fleet_broker), devices, rate=12, count=40,
                              events_every=4, client_id="sim-kill").start()  # fmt: skip
     try:
         wait_until("rows arriving", lambda: len(rows_of(database, "telemetry", "kill")) >= 150)
@@ -335,7 +396,7 @@ def test_a_broker_restart_mid_batch_loses_and_duplicates_nothing(
     try:
         collector.start()
         devices = simulate.device_names(10, stem="restart")
-        with simulate.Simulator(broker.host, broker.port, devices, rate=50, count=20,
+        with simulate.Simulator(on(broker), devices, rate=50, count=20,
                                 events_every=0, client_id="sim-restart") as sim:  # fmt: skip
             assert sim.wait(30)
         broker.restart()  # SIGTERM (it saves the sessions), then the same port again
@@ -360,7 +421,7 @@ def test_two_collectors_in_a_share_group_split_the_load(database: Database, tmp_
         for c in pair:
             c.start()
         devices = simulate.device_names(30, stem="pair")
-        with simulate.Simulator(broker.host, broker.port, devices, rate=15, count=20,
+        with simulate.Simulator(on(broker), devices, rate=15, count=20,
                                 events_every=5, client_id="sim-pair") as sim:  # fmt: skip
             assert sim.wait(60)
         wait_until("every row", lambda: len(rows_of(database, "telemetry", "pair")) == 600)
@@ -404,7 +465,7 @@ def test_a_row_the_database_refuses_is_rejected_and_the_rest_are_stored(
     loop.start()
     try:
         devices = simulate.device_names(3, stem="poison")
-        with simulate.Simulator(fleet_broker.host, fleet_broker.port, devices, rate=20, count=6,
+        with simulate.Simulator(on(fleet_broker), devices, rate=20, count=6,
                                 events_every=0, client_id="sim-poison") as sim:  # fmt: skip
             assert sim.wait(30)
         wait_until("the other rows", lambda: collector.totals.messages >= 3 * (6 + 2))
@@ -428,7 +489,7 @@ def test_a_stopped_collector_keeps_its_share_until_retired(
     devices = simulate.device_names(10, stem="retire")
 
     def publish(seq_start: int, count: int) -> None:
-        with simulate.Simulator(broker.host, broker.port, devices, rate=40, count=count,
+        with simulate.Simulator(on(broker), devices, rate=40, count=count,
                                 events_every=0, seq_start=seq_start, retained_state=False,
                                 client_id="sim-retire") as sim:  # fmt: skip
             assert sim.wait(30)

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from edge_agent.common.urls import url_host
+from edge_agent.config import load_config
 from edge_agent.errors import ConfigError, OrderRefused
 from edge_agent.fleet import protocol
 from edge_agent.fleet.orders import OrderGuard, SerialLedger, sign_order
@@ -251,6 +253,52 @@ def test_without_operator_keys_orders_are_unsigned_but_allowed_hosts_hold(
         assert (
             "operator_keys: orders (desired states, commands) are accepted unsigned" in agent.text()
         )
+
+
+@pytest.mark.parametrize(
+    ("entry", "url"),
+    [
+        ("[::1]", "http://[::1]:8443/b.edgebundle"),
+        ("::1", "https://[::1]/b.edgebundle"),
+        ("[0:0::1]", "http://[::1]:80/b.edgebundle"),  # the same address, written out
+        ("::1", "http://[0::0:1]:80/b.edgebundle"),
+        ("FD00::A", "http://[fd00::a]/b.edgebundle"),
+        ("Models.Example.com", "https://models.example.com:8443/b.edgebundle"),
+        ("10.0.0.1", "http://10.0.0.1:8080/b.edgebundle"),
+    ],
+)
+def test_allowed_hosts_take_ipv6_literals_and_match_the_url_host(
+    entry: str, url: str, tmp_path: Path
+) -> None:
+    """An IPv6 literal, bracketed or bare, is taken and compares equal with the host of a URL
+    naming that address (``urlsplit(url).hostname``); the guard lets the unsigned order
+    through, and refuses the same URL on another host."""
+    path = tmp_path / "agent.toml"
+    path.write_text(f"[ota]\nallowed_hosts = [{json.dumps(entry)}]\n")
+    hosts = load_config(path).ota.allowed_hosts
+    assert hosts == (url_host(entry),) and "[" not in hosts[0]
+    guard = OrderGuard(keys={}, ledger=None, allowed_hosts=hosts)
+    where = {"scope": "device", "target": DEVICE, "order": "desired"}
+    assert not guard.check(_desired("ab" * 32, url=url), **where).signed
+    with pytest.raises(OrderRefused, match="'::2' is not in"):
+        guard.check(_desired("ab" * 32, url="http://[::2]/b.edgebundle"), **where)
+
+
+@pytest.mark.parametrize(
+    "entry", ["example.com:443", "10.0.0.1:80", "[::1]:443", "[example.com]", "[10.0.0.1]",
+              "[::1", "https://example.com", "example.com/bundles", ""],
+)  # fmt: skip
+def test_allowed_hosts_refuse_ports_schemes_and_paths_in_one_line(
+    entry: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(f"[ota]\nallowed_hosts = [{json.dumps(entry)}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"config {path}: [ota] allowed_hosts: {entry!r}: "), message
+    assert "no scheme, port or path; an IPv6 address as ::1 or [::1]" in message
+    assert "\n" not in message
 
 
 def test_guard_refuses_orders_from_the_future_and_keeps_serials(

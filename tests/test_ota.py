@@ -5,9 +5,11 @@ and explicit rollback, and a staged rollout that aborts and reverts its canaries
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,9 +134,9 @@ def _frames(video: Path) -> np.ndarray:
     return np.stack(out)
 
 
-@pytest.fixture()
-def http_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    root = tmp_path / "www"
+def _serve_directory(root: Path, host: str) -> Iterator[tuple[str, Path]]:
+    """An HTTP server for ``root`` on ``host`` (an IPv4 or IPv6 loopback address): its base
+    URL, and ``root``."""
     root.mkdir()
 
     class Handler(http.server.SimpleHTTPRequestHandler):
@@ -144,12 +146,30 @@ def http_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         def log_message(self, *a: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = Server((host, 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    netloc = f"[{host}]" if ":" in host else host
+    yield f"http://{netloc}:{server.server_address[1]}", root
     server.shutdown()
     server.server_close()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture()
+def http_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    yield from _serve_directory(tmp_path / "www", "127.0.0.1")
 
 
 def test_ota_over_http(
@@ -174,6 +194,31 @@ def test_ota_over_http(
 
         time.sleep(0.5)
         assert probe.messages == []
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 on loopback here (cannot bind ::1)")
+def test_ota_over_http_from_an_ipv6_literal_on_allowed_hosts(
+    broker: Broker, fleet_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """``[ota] allowed_hosts = ["[::1]"]`` (a bracketed IPv6 literal) lets an unsigned order
+    name ``http://[::1]:PORT/...``: the config takes it, the order is let through and the bundle
+    comes over HTTP on IPv6."""
+    bundle = fleet_env["root"] / "digits-1.1.0.edgebundle"
+    cfg = _config(broker, fleet_env, tmp_path, extra='allowed_hosts = ["[::1]"]')
+    with (
+        contextlib.contextmanager(_serve_directory)(tmp_path / "www6", "::1") as (base, root),
+        Collector(broker, [f"{TOPICS.base}/#"]) as consumer,
+        AgentProcess(tmp_path, cfg) as agent,
+    ):
+        assert base.startswith("http://[::1]:")
+        (root / "b.edgebundle").write_bytes(bundle.read_bytes())
+        _online(broker, agent)
+        sha = _deploy(broker, bundle, "--url", f"{base}/b.edgebundle")
+        rep = _outcome(consumer, sha)
+        assert rep["update"]["state"] == "committed", (rep, agent.text())
+        assert rep["model"]["version"] == "1.1.0"
+        assert not events(consumer.messages, "order_refused")
+        assert agent.stop() == 0
 
 
 def _nan_on_live_model(data: bytes) -> bytes:

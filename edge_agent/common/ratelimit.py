@@ -51,14 +51,9 @@ class TokenBucket:
         self._tokens = float(burst)
         self._stamp = clock()
         self._dropped = 0  # refused since the last report
-        self.dropped_total = 0
         self._first_drop = 0.0
         self._last_drop = 0.0
         self._last_report = -math.inf
-
-    @property
-    def limited(self) -> bool:
-        return self.rate > 0
 
     def take(self, *, count: bool = True) -> bool:
         """Spend a token: True, or False when the bucket is empty (counted as a refusal unless
@@ -77,7 +72,6 @@ class TokenBucket:
             if not self._dropped:
                 self._first_drop = now
             self._dropped += 1
-            self.dropped_total += 1
             self._last_drop = now
             return False
 

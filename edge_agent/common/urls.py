@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import urllib.parse
 
@@ -43,4 +44,18 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) + query
 
 
-__all__ = ["INVALID_URL", "redact_uri", "redact_url", "with_password"]
+def url_host(host: str) -> str:
+    """A URL's host as ``[ota] allowed_hosts`` compares it: lower case, and an IPv6 literal
+    without its brackets, in its short form (``[0:0::1]``, ``::1`` -> ``::1``), as
+    ``urlsplit(url).hostname`` gives it. A name or an IPv4 address is only lower-cased."""
+    host = host.lower()
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if ":" in bare:
+        try:
+            return ipaddress.IPv6Address(bare).compressed
+        except ValueError:
+            pass
+    return host
+
+
+__all__ = ["INVALID_URL", "redact_uri", "redact_url", "url_host", "with_password"]

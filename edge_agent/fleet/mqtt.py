@@ -193,6 +193,50 @@ class BrokerSettings:
             return None
         return read_secret(self.password_file, what=what)
 
+    def new_client(
+        self,
+        *,
+        client_id: str,
+        password: str | None,
+        protocol: str = "5",
+        max_inflight: int = 20,
+        manual_ack: bool = False,
+        reconnect_delay: tuple[int, int] | None = None,
+    ) -> Any:
+        """A paho client for this broker, not yet connected: the one place its setup is
+        written (the agent's :class:`MqttLink`, ``edgectl``'s client, collector and simulator).
+
+        MQTT ``protocol`` "5" or "3.1.1" (with a clean session), ``client_id`` as given (a
+        caller applies ``self.client_id`` where it may override), the ``username`` with
+        ``password`` (read once by the caller with :meth:`password`, so an unreadable file is
+        said before any connection), the TLS context for mqtts://, at most ``max_inflight``
+        QoS 1 messages unacknowledged (paho's default is 20), ``manual_ack`` (PUBACKs sent by
+        the caller), and paho's own reconnect delays (``reconnect_delay``, seconds min and max;
+        None: paho's). Callbacks, a Will and the CONNECT itself are the caller's."""
+        if protocol not in ("5", "3.1.1"):
+            raise ValueError(f"protocol {protocol!r}: expected '5' or '3.1.1'")
+        import paho.mqtt.client as mqtt
+
+        kwargs: dict[str, Any] = {}
+        if protocol != "5":
+            kwargs["clean_session"] = True
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311,
+            manual_ack=manual_ack,
+            **kwargs,
+        )
+        client.max_inflight_messages_set(max_inflight)
+        if self.username:
+            client.username_pw_set(self.username, password)
+        ctx = self.ssl_context()
+        if ctx is not None:
+            client.tls_set_context(ctx)
+        if reconnect_delay is not None:
+            client.reconnect_delay_set(*reconnect_delay)
+        return client
+
     def ssl_context(self) -> ssl.SSLContext | None:
         """For mqtts://: the CA (else the system's) and the client certificate, if any."""
         if not self.tls:
@@ -335,25 +379,12 @@ class MqttLink:
     # --- the network thread ----------------------------------------------------------------
 
     def _new_client(self, protocol: str) -> Any:
-        import paho.mqtt.client as mqtt
-
-        proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
-        kwargs: dict[str, Any] = {}
-        if protocol != "5":
-            kwargs["clean_session"] = True
-        client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+        client = self.settings.new_client(
             client_id=self.client_id,
-            protocol=proto,
-            **kwargs,
+            password=self._password,
+            protocol=protocol,
+            max_inflight=MAX_INFLIGHT,
         )
-        client.max_inflight_messages_set(MAX_INFLIGHT)
-        client.max_queued_messages_set(0)
-        if self.settings.username:
-            client.username_pw_set(self.settings.username, self._password)
-        ctx = self.settings.ssl_context()
-        if ctx is not None:
-            client.tls_set_context(ctx)
         if self.will is not None:
             client.will_set(self.will[0], self.will[1], qos=1, retain=True)
         client.on_connect = self._on_connect

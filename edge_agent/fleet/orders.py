@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edge_agent.common.urls import url_host
 from edge_agent.errors import ConfigError, OrderRefused
 from edge_agent.fleet.protocol import (
     COMMAND_TTL_S,
@@ -141,7 +142,7 @@ class OrderGuard:
             raise ValueError("an OrderGuard with operator keys needs a SerialLedger")
         self.keys = dict(keys)
         self.ledger = ledger
-        self.allowed_hosts = {h.lower() for h in allowed_hosts}
+        self.allowed_hosts = {url_host(h) for h in allowed_hosts}
         self.clock = clock
         self._lock = threading.Lock()  # check-then-record is one step
 
@@ -223,7 +224,7 @@ class OrderGuard:
         if not self.allowed_hosts:
             return
         for url in order_urls(payload):
-            host = (urlsplit(url).hostname or "").lower()
+            host = url_host(urlsplit(url).hostname or "")
             if host not in self.allowed_hosts:
                 raise OrderRefused(
                     f"{what}: URL host {host!r} is not in [ota] allowed_hosts; only a signed "
