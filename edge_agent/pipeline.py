@@ -128,6 +128,7 @@ class _Prepared:
 
 _END = object()
 _STOP = object()
+_SKIP = object()  # a parked turn without a result (the frame failed)
 
 
 class MotionGate:
@@ -355,6 +356,13 @@ class Pipeline:
         self._cond = threading.Condition()
         #: per lane (a stream; one lane with one source), the order of the next frame to emit
         self._next_emit = [0] * max(1, len(streams))
+        #: per lane, results done before their turn (order -> payload, _SKIP for a frame with
+        #: none): their worker goes on to the next frame, and the worker whose result comes
+        #: first writes them after its own (two one-thread workers each waited for the other in
+        #: turn, the cores idle meanwhile)
+        self._parked: list[dict[int, Any]] = [{} for _ in self._next_emit]
+        #: results parked in a lane at most; beyond, a worker waits for its turn as before
+        self._park_limit = 2 * max(workers, max_workers or 1) + 2
         self._in_flight: dict[int, int] = {}
         self._model_errors: dict[int, int] = {}
         self._worker_error: BaseException | None = None
@@ -929,58 +937,70 @@ class Pipeline:
         return None
 
     def _emit(self, lane: int, order: int, payload: Any) -> Any:
-        """Write a result (or skip a frame that has none) when its turn in capture order comes
-        in its lane (its stream: streams do not wait for each other). Returns _STOP when the
-        loop should end. Called once with the payload, then once more (a no-op) from a
+        """Write a result (or skip a frame that has none) in capture order in its lane (its
+        stream: streams do not wait for each other). A result done before its turn is parked,
+        and its worker goes on; the result before it writes it when it leaves. Returns _STOP
+        when the loop should end. Called once with the payload, then once more (a no-op) from a
         ``finally``, so a failed frame still hands the turn on."""
-        stats, cond = self.stats, self._cond
         if payload is not None:
             self._writer.wait_room()  # a sink far behind slows us down, outside the lock
+        cond = self._cond
         with cond:
-            turns = self._next_emit
-            while turns[lane] < order:
+            turns, parked = self._next_emit, self._parked[lane]
+            if turns[lane] > order or order in parked:  # already written, skipped or parked
+                return None
+            while turns[lane] < order and len(parked) >= self._park_limit:
                 if self._stop.is_set() and self._worker_error is not None:
                     return _STOP
                 cond.wait(0.5)
-            if turns[lane] > order:  # already emitted (or skipped) this frame
+            if turns[lane] < order:  # an earlier frame is still in inference
+                parked[order] = _SKIP if payload is None else payload
                 return None
-            turns[lane] = order + 1
-            cond.notify_all()
-            if payload is None:
-                return None
-            if self.max_frames is not None and self.results >= self.max_frames:
-                self._stop.set()
-                return _STOP
-            result, is_error, (t_start, t_inf, t_post, t_done, t_ready, pre_ns, capture_ns) = (
-                payload
-            )
-            t_emit = time.monotonic_ns()
-            if is_error:
-                self.inference_errors += 1
-            result["seq"] = self.seq
-            tally = self._tallies.get(result.get("stream", "")) if self._tallies else None
-            if tally is not None:
-                result["stream_seq"] = tally.seq
-                tally.seq += 1
-                tally.results += 1
-                tally.errors += is_error
-            self._writer.submit(result)  # written in order by the sink thread, off this lock
-            self.seq += 1
-            self.results += 1
-            t_end = time.monotonic_ns()
-            for st in (stats,) if tally is None else (stats, tally.stats):
-                st.capture_to_result.record(t_done - capture_ns)
-                st.preprocess.record(pre_ns)
-                st.inference.record(t_post - t_inf)
-                st.postprocess.record(t_done - t_post)
-            # Our own cost per frame: everything but inference and postprocessing, and not the
-            # wait for this frame's turn (the other worker's inference, not overhead).
-            stats.overhead.record((t_end - t_start) - (t_done - t_inf) - (t_emit - t_ready))
-            self.last_result_mono = time.monotonic()
-            if self.max_frames is not None and self.results >= self.max_frames:
-                self._stop.set()
-                return _STOP
+            out = self._write_turn(lane, order, payload)
+            while out is None and turns[lane] in parked:  # the results that waited on this one
+                after = parked.pop(turns[lane])
+                out = self._write_turn(lane, turns[lane], None if after is _SKIP else after)
+            return out
+
+    def _write_turn(self, lane: int, order: int, payload: Any) -> Any:
+        """The lane's turn ``order``: write its result, or skip it (None). Called with the
+        lock held, in turn order."""
+        self._next_emit[lane] = order + 1
+        self._cond.notify_all()
+        if payload is None:
             return None
+        if self.max_frames is not None and self.results >= self.max_frames:
+            self._stop.set()
+            return _STOP
+        stats = self.stats
+        result, is_error, (t_start, t_inf, t_post, t_done, t_ready, pre_ns, capture_ns) = payload
+        t_emit = time.monotonic_ns()
+        if is_error:
+            self.inference_errors += 1
+        result["seq"] = self.seq
+        tally = self._tallies.get(result.get("stream", "")) if self._tallies else None
+        if tally is not None:
+            result["stream_seq"] = tally.seq
+            tally.seq += 1
+            tally.results += 1
+            tally.errors += is_error
+        self._writer.submit(result)  # written in order by the sink thread, off this lock
+        self.seq += 1
+        self.results += 1
+        t_end = time.monotonic_ns()
+        for st in (stats,) if tally is None else (stats, tally.stats):
+            st.capture_to_result.record(t_done - capture_ns)
+            st.preprocess.record(pre_ns)
+            st.inference.record(t_post - t_inf)
+            st.postprocess.record(t_done - t_post)
+        # Our own cost per frame: everything but inference and postprocessing, and not the
+        # wait for this frame's turn (the other worker's inference, not overhead).
+        stats.overhead.record((t_end - t_start) - (t_done - t_inf) - (t_emit - t_ready))
+        self.last_result_mono = time.monotonic()
+        if self.max_frames is not None and self.results >= self.max_frames:
+            self._stop.set()
+            return _STOP
+        return None
 
     def _switch(self, new_model: LoadedModel) -> None:
         # called with self._cond held

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -580,3 +581,39 @@ def test_a_stream_held_in_inference_does_not_hold_back_the_others(tmp_path: Path
     assert summary["results"] == 21
     assert [r["frame"] for r in results if r["stream"] == "fast"] == list(range(20))
     assert [r["seq"] for r in results] == list(range(21))
+
+
+def test_a_result_done_before_its_turn_does_not_hold_its_worker(tmp_path: Path) -> None:
+    """One source, two workers: while frame 0 is held in inference, the other worker parks each
+    result it finishes and goes on to the next frame (it used to wait for frame 0's turn, its
+    core idle); the results still leave in capture order, seq gap-free."""
+    model = _load(_mean_model(tmp_path / "m.onnx"), tmp_path, workers=2)
+    real_infer = model.infer
+    outcome: dict[str, bool] = {}
+    inferred: list[int] = []
+    lock = threading.Lock()
+
+    def infer(feeds: Any, *, stream: str = "") -> Any:
+        with lock:
+            first = not inferred
+            inferred.append(1)
+        if first:  # frame 0: held until four frames after it were inferred (10 s at most)
+            deadline = time.monotonic() + 10.0
+            while len(inferred) < 5 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            outcome["passed"] = len(inferred) >= 5
+        return real_infer(feeds, stream=stream)
+
+    model.infer = infer
+    results: list[dict[str, Any]] = []
+    summary = Pipeline(
+        source=open_source("synthetic:?width=64&height=48&frames=12"),
+        model=model,
+        sinks=[CallbackSink(results.append)],
+        workers=2,
+    ).run()
+    model.close()
+    assert outcome["passed"], "the second worker waited for frame 0 instead of going on"
+    assert summary["results"] == 12
+    assert [r["seq"] for r in results] == list(range(12))
+    assert [r["frame"] for r in results] == list(range(12))
