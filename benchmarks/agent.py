@@ -314,9 +314,13 @@ def main(argv: list[str] | None = None) -> int:
                 models[name], video, frames=args.frames, rounds=args.rounds, threads=profile.cores
             )
             print(name, json.dumps(result[name]), flush=True)
-        result["live_paced"] = live_latency(
-            models["small-128"], video, frames=min(args.frames, 150)
-        )
+        # three 5 s runs, the median one: the p99 of 150 results is their second slowest, so
+        # one preempted frame of a run on a shared machine moved it from 1.2 to 3.3
+        runs = [
+            live_latency(models["small-128"], video, frames=min(args.frames, 150)) for _ in range(3)
+        ]
+        runs.sort(key=lambda r: r["p99_over_p50"])
+        result["live_paced"] = {**runs[1], "runs_p99_over_p50": [r["p99_over_p50"] for r in runs]}
         print("live", json.dumps(result["live_paced"]), flush=True)
         # the first start measures the plan while serving (and caches it); a device then runs
         # with it from every later start, which is what its memory is sized for
@@ -351,7 +355,10 @@ def main(argv: list[str] | None = None) -> int:
             0.3,
         ),
         _target(
-            "live-paced capture-to-result p99 / p50", result["live_paced"]["p99_over_p50"], "<=", 3
+            "live-paced capture-to-result p99 / p50 (median of 3 runs)",
+            result["live_paced"]["p99_over_p50"],
+            "<=",
+            3,
         ),
         _target(
             "RSS with a ~5 MB model (MB), plan cached", result["process"]["peak_rss_mb"], "<=", 150
