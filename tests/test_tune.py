@@ -446,3 +446,26 @@ def test_a_rate_counts_whole_results_over_their_own_time() -> None:
     assert rate_between((10, 5.0), (60, 5.5)) == pytest.approx(100.0)
     assert rate_between((10, 5.0), (12, 5.5)) is None  # too few results to tell
     assert rate_between((10, 5.0), (60, 5.0)) is None
+
+
+@pytest.mark.parametrize(("workers", "nicer"), [(1, True), (2, False)])
+def test_stream_readers_follow_the_same_rule(
+    small_tflite: Path, tmp_path: Path, workers: int, nicer: bool
+) -> None:
+    """Several streams: each reader thread runs nicer only when an inference uses several
+    threads (two threads in all: one worker of two, or two workers of one)."""
+    from edge_agent.io.streams import Stream
+
+    model = load_model(small_tflite, profile=load_profile("x86-64"), threads=2,
+                       workers=workers, state_dir=tmp_path)  # fmt: skip
+    seen: list[dict[str, int]] = [{}, {}]
+    streams = []
+    for i in range(2):
+        source = open_source("synthetic:?width=160&height=120&frames=15")
+        _capture_niceness(source, seen[i])
+        streams.append(Stream(f"s{i}", source))
+    base = _own_niceness()
+    pipe = Pipeline(streams=streams, model=model, sinks=[], workers=workers)
+    assert pipe.run()["results"] == 30
+    model.close()
+    assert [s["last"] for s in seen] == [max(base, 10) if nicer else base] * 2
