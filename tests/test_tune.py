@@ -469,3 +469,26 @@ def test_stream_readers_follow_the_same_rule(
     assert pipe.run()["results"] == 30
     model.close()
     assert [s["last"] for s in seen] == [max(base, 10) if nicer else base] * 2
+
+
+@pytest.mark.parametrize(("workers", "decode_threads"), [(1, 0), (2, 1)])
+def test_a_video_file_decodes_in_one_thread_when_workers_fill_the_cores(
+    small_tflite: Path, tmp_path: Path, workers: int, decode_threads: int
+) -> None:
+    """Several one-thread workers keep the cores busy, so FFmpeg decodes in one thread (its
+    default, one a core, only adds handoffs); one worker leaves it FFmpeg's choice (0)."""
+    import cv2
+    import numpy as np
+
+    video = tmp_path / "v.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 30.0, (160, 120))
+    for i in range(12):
+        writer.write(np.full((120, 160, 3), i * 20, np.uint8))
+    writer.release()
+    model = load_model(small_tflite, profile=load_profile("x86-64"), threads=2,
+                       workers=workers, state_dir=tmp_path)  # fmt: skip
+    source = open_source(f"file:{video}")
+    pipe = Pipeline(source=source, model=model, sinks=[], workers=workers)
+    assert pipe.run()["results"] == 12
+    model.close()
+    assert source.decode_threads == decode_threads  # type: ignore[attr-defined]
