@@ -12,8 +12,9 @@ latency, right for live sources). With ``workers=N`` (a thread-safe runtime, suc
 onnxruntime, loaded with threads/N intra-op threads each), N frames are in flight at once: on a
 throughput-bound source (a file at ``pace="none"``) this beats one frame with N intra-op threads,
 which synchronise at every operator (the measurements: docs/agent.md, "Workers"). Results
-still leave in capture order: each worker waits for its turn to emit, so ``seq``
-follows the frames.
+still leave in capture order, so ``seq`` follows the frames: a worker done before its turn
+parks its result and takes the next frame, and the worker of the frame ahead writes the parked
+results after its own (:meth:`Pipeline._emit`).
 
 Several streams: with ``streams=`` (named sources, :class:`edge_agent.io.streams.Stream`) one
 model serves them all. Each stream has a reader thread that keeps its newest frame (live) or its
@@ -296,6 +297,7 @@ class Pipeline:
         #: and would then spoil the next plan's trial); :meth:`release_priority` ends it.
         self._priority_held = hold_priority
         self._nicer_capture = not hold_priority and wants_nicer_capture(model)
+        self._restore_refused = False  # said once
         #: Called with (feeds, output, raw outputs) for every frame, in the worker thread, outside
         #: any lock (telemetry's Monitor: it samples every Nth call itself). Must be cheap.
         self.observer = observer
@@ -602,8 +604,12 @@ class Pipeline:
         if want != niced:
             if want:
                 lower_priority()
-            elif not restore_priority():
-                log.debug("capture: its priority cannot be raised again here")
+            elif not restore_priority() and not self._restore_refused:
+                self._restore_refused = True
+                log.info(
+                    "capture: a reader's priority cannot be raised back (RLIMIT_NICE); it stays "
+                    "nicer than inference"
+                )
         return want
 
     def _prepare_stream(self, name: str, frame: Frame) -> _Prepared | None:
@@ -966,9 +972,12 @@ class Pipeline:
             turns, parked = self._next_emit, self._parked[lane]
             if turns[lane] > order or order in parked:  # already written, skipped or parked
                 return None
-            while turns[lane] < order and len(parked) >= self._park_limit:
-                if self._stop.is_set() and self._worker_error is not None:
-                    return _STOP
+            # a full park waits for the turn, but not once the loop stops: the turn may never
+            # come (max_frames reached by the result ahead, or its worker gone), and a result
+            # parked beyond the limit is still written if it does
+            while (
+                turns[lane] < order and len(parked) >= self._park_limit and not self._stop.is_set()
+            ):
                 cond.wait(0.5)
             if turns[lane] < order:  # an earlier frame is still in inference
                 parked[order] = _SKIP if payload is None else payload

@@ -152,7 +152,7 @@ def rate_between(start: tuple[int, float], end: tuple[int, float]) -> float | No
     results over their own time (counting results in a fixed window is off by up to one: 4 %
     of a 0.4 s trial of a 10 ms model)."""
     (n0, t0), (n1, t1) = start, end
-    if n1 - n0 < MIN_RESULTS // 4 or t1 <= t0:
+    if n0 == 0 or n1 - n0 < MIN_RESULTS // 4 or t1 <= t0:  # no result yet at the start: no time
         return None
     return float((n1 - n0) / (t1 - t0))
 

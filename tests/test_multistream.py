@@ -617,3 +617,44 @@ def test_a_result_done_before_its_turn_does_not_hold_its_worker(tmp_path: Path) 
     assert summary["results"] == 12
     assert [r["seq"] for r in results] == list(range(12))
     assert [r["frame"] for r in results] == list(range(12))
+
+
+def test_max_frames_ends_the_run_with_a_full_park(tmp_path: Path) -> None:
+    """The result that reaches max_frames ends the loop while the other worker waits with a
+    full park (more results done than may wait): it sees the stop instead of a turn that
+    never comes, and run() returns."""
+    model = _load(_mean_model(tmp_path / "m.onnx"), tmp_path, workers=2)
+    real_infer = model.infer
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def infer(feeds: Any, *, stream: str = "") -> Any:
+        with lock:
+            calls.append(1)
+            n = len(calls)
+        if n == 3:  # held until the other worker has filled the park (6) and inferred one more
+            deadline = time.monotonic() + 10.0
+            while len(calls) < 3 + 7 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return real_infer(feeds, stream=stream)
+
+    model.infer = infer
+    before = set(threading.enumerate())
+    pipe = Pipeline(
+        source=open_source("synthetic:?width=64&height=48&frames=1000"),
+        model=model,
+        sinks=[],
+        workers=2,
+        max_frames=3,
+    )
+    runner = threading.Thread(target=pipe.run, daemon=True)
+    runner.start()
+    runner.join(60)
+    stuck = runner.is_alive()
+    pipe.stop()
+    runner.join(10)
+    model.close()
+    assert not stuck, "run() did not return at max_frames"
+    left = [t.name for t in set(threading.enumerate()) - before if t.name.startswith("edge-infer")]
+    assert not left, f"a worker was left waiting for a turn that never comes: {left}"
+    assert pipe.results == 3

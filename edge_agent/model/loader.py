@@ -55,8 +55,8 @@ class LoadedModel:
     manifest: dict[str, Any] | None = None
     #: Concurrent inferences this model was loaded for (its runtime threads are split by it).
     workers: int = 1
-    #: The runtime threads of one inference (``threads // workers`` of the plan; 0: the
-    #: runtime's own default, unknown here).
+    #: The runtime threads of one inference (``threads // workers`` of the plan, at least 1;
+    #: ``load_model`` always sets it).
     threads: int = 0
     #: The fastest warm-up inference in milliseconds (what the thread plan decides on).
     warm_ms: float = 0.0
