@@ -59,7 +59,6 @@ verification, 5 the broker refused us or could not be reached, 6 a device did no
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import hashlib
 import json
@@ -86,9 +85,10 @@ from edge_agent.errors import (
 from edge_agent.fleet import protocol
 from edge_agent.fleet.protocol import Desired, ShadowSpec, Topics
 from edgectl.fleetdb.rows import DEFAULT_METRICS as DEFAULT_HISTORY_METRICS
-from edgectl.fleetdb.rows import EXPORT_FIELDS, telemetry_row
 from edgectl.fleetdb.rows import METRICS as HISTORY_METRICS
+from edgectl.fleetdb.rows import telemetry_writer
 from edgectl.tables import FORMATS, aligned, cell
+from edgectl.when import time_range
 
 PROG = "edgectl"
 #: The commands that publish orders (desired states, commands): they need the operator key.
@@ -449,28 +449,9 @@ def add_db_arguments(parser: Any) -> None:
 
 
 def _database(args: argparse.Namespace) -> Any:
-    """A connection to ``--db`` whose schema this edgectl can read."""
     from edgectl.fleetdb import db
 
-    conn = db.connect(args.db, password_file=args.db_password_file, autocommit=True)
-    try:
-        db.check_version(conn)
-    except EdgeError:
-        conn.close()
-        raise
-    return conn
-
-
-def _time_range(args: argparse.Namespace, *, since_default: str | None) -> tuple[float, float]:
-    from edgectl.when import parse_since
-
-    now = time.time()
-    since_text = args.since or since_default
-    since = parse_since(since_text, now=now) if since_text else 0.0
-    until = parse_since(args.until, now=now, what="--until") if args.until else now + 1.0
-    if until <= since:
-        raise EdgeError(f"--until {args.until!r} is not after --since {since_text!r}")
-    return since, until
+    return db.connect_checked(args.db, password_file=args.db_password_file)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1213,22 +1194,13 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return CtlExit.OK
 
 
-def telemetry_writer(out: IO[str], fmt: str) -> Callable[[dict[str, Any]], object]:
-    """Writes one telemetry payload to ``out`` as a JSON line or a CSV row (header first)."""
-    if fmt == "csv":
-        writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS)
-        writer.writeheader()
-        return lambda data: writer.writerow(telemetry_row(data))
-    return lambda data: out.write(json.dumps(data, separators=(",", ":")) + "\n")
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     if not args.db and (args.since or args.until or args.device):
         raise EdgeError("export: --since, --until and --device read the fleet database: add --db")
     if args.db:
         from edgectl.fleetdb.queries import telemetry_payloads
 
-        since, until = _time_range(args, since_default=None)
+        since, until = time_range(args.since, args.until, since_default=None)
         conn = _database(args)
         conn.autocommit = False  # a server-side cursor lives in a transaction
     out: IO[str] = (
@@ -1278,7 +1250,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
     metrics = parse_metrics(args.metric)
     protocol.check_name(args.device)
-    since, until = _time_range(args, since_default="24h")
+    since, until = time_range(args.since, args.until, since_default="24h")
     with _database(args) as conn:
         rows = history(conn, args.device, since=since, until=until, metrics=metrics,
                        limit=args.limit)  # fmt: skip
@@ -1329,15 +1301,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     t0 = time.monotonic()
     with sim:
-        try:
-            if args.count:
-                sim.wait(timeout=args.duration or (args.count / args.rate + 60))
-            else:
-                end = t0 + args.duration if args.duration else None
-                while end is None or time.monotonic() < end:
-                    time.sleep(0.2)
-        except KeyboardInterrupt:
-            pass  # Ctrl-C: stop, and say what was sent
+        sim.run_for(args.duration)
     stats = {**sim.stats(), "seconds": round(time.monotonic() - t0, 2)}
     print(json.dumps(stats), flush=True)
     return CtlExit.OK

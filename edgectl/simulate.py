@@ -370,6 +370,20 @@ class Simulator:
                 max(0.0, deadline - time.monotonic()),
             )  # fmt: skip
 
+    def run_for(self, duration: float) -> None:
+        """Publish until done (with ``count``: every device finished and acknowledged, or
+        ``duration`` seconds, by default the count's own time plus a minute), else for
+        ``duration`` seconds (0: until Ctrl-C). Ctrl-C ends it early."""
+        try:
+            if self.count:
+                self.wait(timeout=duration or (self.count / self.rate + 60))
+                return
+            end = time.monotonic() + duration if duration else None
+            while end is None or time.monotonic() < end:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass  # stop, and say what was sent
+
     def stats(self) -> dict[str, Any]:
         with self._acked:
             refused = sum(c.refused for c in self.counters)

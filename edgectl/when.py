@@ -34,3 +34,18 @@ def parse_since(text: str, *, now: float | None = None, what: str = "--since") -
         f"{what} {text!r}: expected a duration ago (30m, 2h, 7d), a Unix time or an ISO date "
         "(2026-12-01 or 2026-12-01T10:30, UTC)"
     )
+
+
+def time_range(
+    since: str | None, until: str | None, *, since_default: str | None
+) -> tuple[float, float]:
+    """``--since`` / ``--until`` as Unix times: ``since`` (else ``since_default``; neither: the
+    beginning), ``until`` (else a second from now). Raises :class:`EdgeError` when ``until`` is
+    not after ``since``."""
+    now = time.time()
+    since_text = since or since_default
+    start = parse_since(since_text, now=now) if since_text else 0.0
+    end = parse_since(until, now=now, what="--until") if until else now + 1.0
+    if end <= start:
+        raise EdgeError(f"--until {until!r} is not after --since {since_text!r}")
+    return start, end

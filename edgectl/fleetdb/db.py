@@ -160,6 +160,18 @@ def check_version(conn: psycopg.Connection) -> None:
         )
 
 
+def connect_checked(url: str, *, password_file: str = "") -> psycopg.Connection:
+    """A connection (autocommit) to a fleet database whose schema this edgectl can read
+    (:func:`check_version`); closed again when it cannot."""
+    conn = connect(url, password_file=password_file, autocommit=True)
+    try:
+        check_version(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def timescale_installed(conn: psycopg.Connection) -> bool:
     row = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone()
     return row is not None

@@ -18,12 +18,14 @@ twice is stored once.
 
 from __future__ import annotations
 
+import csv
 import datetime
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from edge_agent.fleet import protocol
 
@@ -160,6 +162,16 @@ def telemetry_row(data: dict[str, Any]) -> dict[str, Any]:
         "cpu_temp_c": s.get("cpu_temp_c"),
         "spool_depth": data.get("spool_depth"),
     }
+
+
+def telemetry_writer(out: IO[str], fmt: str) -> Callable[[dict[str, Any]], object]:
+    """Writes one telemetry payload to ``out`` as a JSON line or a CSV row of
+    :data:`EXPORT_FIELDS` (header first)."""
+    if fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS)
+        writer.writeheader()
+        return lambda data: writer.writerow(telemetry_row(data))
+    return lambda data: out.write(json.dumps(data, separators=(",", ":")) + "\n")
 
 
 def _telemetry(data: dict[str, Any]) -> tuple[Any, ...]:
