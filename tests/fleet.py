@@ -312,7 +312,11 @@ def run_doc_steps(steps: Sequence[str], *, cwd: Path) -> None:
             (cwd / redirect.strip()).write_text(run.stdout)
 
 
-def edgectl(*args: str, broker: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def edgectl(
+    *args: str, broker: str = "mqtt://127.0.0.1:1", timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """``edgectl ARGS`` as a process (the default broker: a port nobody listens on, for the
+    commands that need none)."""
     return subprocess.run(
         [EDGECTL, "--broker", broker, *args],
         capture_output=True,

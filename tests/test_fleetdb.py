@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,16 @@ from edgectl import simulate
 from edgectl.fleetdb import db, queries
 from edgectl.fleetdb.rows import Rejected, content_seq, to_row
 from tests.broker import Broker, Collector, make_tls_material
-from tests.fleet import EDGECTL, CollectorProcess, Database, admin_connection, checkout_env
+from tests.fleet import (
+    EDGECTL,
+    CollectorProcess,
+    Database,
+    admin_connection,
+    checkout_env,
+    doc_steps,
+    edgectl,
+    wait_until,
+)
 
 #: Queued messages per offline session: the default (1000) would drop what a killed collector
 #: misses. docs/fleet.md asks the same of a production broker.
@@ -55,13 +64,6 @@ def fleet_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         yield b
 
 
-def edgectl(*args: str, broker: str = "mqtt://127.0.0.1:1", timeout: float = 60) -> Any:
-    return subprocess.run(
-        [EDGECTL, "--broker", broker, *args], capture_output=True, text=True,
-        env=checkout_env(), timeout=timeout,
-    )  # fmt: skip
-
-
 def ctl(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     """``edgectl ARGV`` in this process (the exit code, stdout, stderr): the CLI's own paths
     without a second Python start each."""
@@ -75,14 +77,6 @@ def ctl(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def on(broker: Broker) -> BrokerSettings:
     """The broker settings of ``broker`` (anonymous, plain MQTT) for a Simulator."""
     return BrokerSettings(url=broker.url)
-
-
-def wait_until(what: str, ready: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.1)
 
 
 def rows_of(database: Database, table: str, stem: str) -> list[tuple[str, int]]:
@@ -312,8 +306,14 @@ def test_every_message_is_stored_exactly_once(
             assert sim.wait(60)
         total = sum(sim.published().values())
         assert total == 20 * (2 + 12 + 4 + 6)
-        wait_until("every telemetry row", lambda: len(rows_of(database, "telemetry", "once"))
-                   == 240 and len(rows_of(database, "results", "once")) == 120)  # fmt: skip
+        wait_until(
+            lambda: (
+                len(rows_of(database, "telemetry", "once")) == 240
+                and len(rows_of(database, "results", "once")) == 120
+            ),
+            timeout=30.0,
+            what="every telemetry row",
+        )
         # at-least-once: the same messages again (read back from the table: same device, seq
         # and time), on their topics, as a broker redelivering would
         with database.connect() as conn:
@@ -336,7 +336,7 @@ def test_every_message_is_stored_exactly_once(
             )
             return 'edge_collector_duplicates_total{stream="telemetry"} 120.0' in metrics
 
-        wait_until("120 duplicates counted", scraped)
+        wait_until(what="120 duplicates counted", timeout=30.0, predicate=scraped)
         totals = collector.stop()
     finally:
         collector.close()
@@ -364,14 +364,22 @@ def test_a_collector_killed_mid_stream_loses_and_duplicates_nothing(
     sim = simulate.Simulator(on(fleet_broker), devices, rate=12, count=40,
                              events_every=4, client_id="sim-kill").start()  # fmt: skip
     try:
-        wait_until("rows arriving", lambda: len(rows_of(database, "telemetry", "kill")) >= 150)
+        wait_until(
+            what="rows arriving",
+            timeout=30.0,
+            predicate=lambda: len(rows_of(database, "telemetry", "kill")) >= 150,
+        )
         collector.kill()  # SIGKILL, mid-stream: some messages received, not yet committed
         killed_at = len(rows_of(database, "telemetry", "kill"))
         assert killed_at < 1000, "the stream ended before the kill: nothing was tested"
         time.sleep(0.5)  # the stream goes on into the collector's session on the broker
         collector.start()
         assert sim.wait(60)
-        wait_until("every row", lambda: len(rows_of(database, "telemetry", "kill")) == 1000)
+        wait_until(
+            what="every row",
+            timeout=30.0,
+            predicate=lambda: len(rows_of(database, "telemetry", "kill")) == 1000,
+        )
         totals = collector.stop()
     finally:
         sim.stop()
@@ -400,7 +408,11 @@ def test_a_broker_restart_mid_batch_loses_and_duplicates_nothing(
                                 events_every=0, client_id="sim-restart") as sim:  # fmt: skip
             assert sim.wait(30)
         broker.restart()  # SIGTERM (it saves the sessions), then the same port again
-        wait_until("every row", lambda: len(rows_of(database, "telemetry", "restart")) == 200)
+        wait_until(
+            what="every row",
+            timeout=30.0,
+            predicate=lambda: len(rows_of(database, "telemetry", "restart")) == 200,
+        )
         time.sleep(0.5)
         totals = collector.stop()
     finally:
@@ -424,7 +436,11 @@ def test_two_collectors_in_a_share_group_split_the_load(database: Database, tmp_
         with simulate.Simulator(on(broker), devices, rate=15, count=20,
                                 events_every=5, client_id="sim-pair") as sim:  # fmt: skip
             assert sim.wait(60)
-        wait_until("every row", lambda: len(rows_of(database, "telemetry", "pair")) == 600)
+        wait_until(
+            what="every row",
+            timeout=30.0,
+            predicate=lambda: len(rows_of(database, "telemetry", "pair")) == 600,
+        )
         time.sleep(0.3)
         totals = [c.stop() for c in pair]
     finally:
@@ -468,7 +484,11 @@ def test_a_row_the_database_refuses_is_rejected_and_the_rest_are_stored(
         with simulate.Simulator(on(fleet_broker), devices, rate=20, count=6,
                                 events_every=0, client_id="sim-poison") as sim:  # fmt: skip
             assert sim.wait(30)
-        wait_until("the other rows", lambda: collector.totals.messages >= 3 * (6 + 2))
+        wait_until(
+            what="the other rows",
+            timeout=30.0,
+            predicate=lambda: collector.totals.messages >= 3 * (6 + 2),
+        )
     finally:
         collector.should_exit.set()
         loop.join(10)
@@ -506,9 +526,17 @@ def test_a_stopped_collector_keeps_its_share_until_retired(
         # its share of the 200 (the broker alternates), beyond the 10 retained copies that
         # Mosquitto sends a shared subscription as it is made
         assert json.loads(run.stdout.splitlines()[-1])["per_stream"]["telemetry"] >= 60, run
-        wait_until("a's share", lambda: len(rows_of(database, "telemetry", "retire")) == 200)
+        wait_until(
+            what="a's share",
+            timeout=30.0,
+            predicate=lambda: len(rows_of(database, "telemetry", "retire")) == 200,
+        )
         publish(20, 10)  # only b is left in the group
-        wait_until("everything at b", lambda: len(rows_of(database, "telemetry", "retire")) == 300)
+        wait_until(
+            what="everything at b",
+            timeout=30.0,
+            predicate=lambda: len(rows_of(database, "telemetry", "retire")) == 300,
+        )
         b.stop()
     finally:
         a.close()
@@ -652,13 +680,6 @@ def test_every_dashboard_query_runs_against_the_schema(
 FLEET_DOC = Path(__file__).resolve().parents[1] / "docs" / "fleet.md"
 
 
-def _doc_steps() -> list[str]:
-    """The shell lines of docs/fleet.md's "From an empty PostgreSQL to a dashboard"."""
-    text = FLEET_DOC.read_text().split("## From an empty PostgreSQL to a dashboard", 1)[1]
-    block = text.split("```sh\n", 1)[1].split("```", 1)[0]
-    return [line.strip() for line in block.splitlines() if line.strip()]
-
-
 def _wait_for_simulated(database: str, line: str) -> None:
     want = 1
     for flag in ("--devices", "--count"):
@@ -667,13 +688,17 @@ def _wait_for_simulated(database: str, line: str) -> None:
         want *= int(found.group(1))
     with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={database}") as conn:
         query = "SELECT count(*) FROM telemetry"
-        wait_until("the simulated telemetry", lambda: conn.execute(query).fetchone() == (want,))
+        wait_until(
+            what="the simulated telemetry",
+            timeout=30.0,
+            predicate=lambda: conn.execute(query).fetchone() == (want,),
+        )
 
 
 def test_the_fleet_doc_steps_run_as_written(tmp_path: Path) -> None:
     """Each line as written, in a shell, but on this test's broker port, database and
     Prometheus port; a line ending in ``&`` runs in the background (stopped at the end)."""
-    steps = _doc_steps()
+    steps = doc_steps("## From an empty PostgreSQL to a dashboard", doc=FLEET_DOC)
     assert len(steps) == 6 and steps[0].startswith("psql") and steps[1].endswith("&"), steps
     name = f"edge_test_{uuid.uuid4().hex[:12]}"
     port = str(free_port())
@@ -695,7 +720,11 @@ def test_the_fleet_doc_steps_run_as_written(tmp_path: Path) -> None:
                             ["bash", "-c", f"exec {line[:-1]}"], stdout=subprocess.PIPE,
                             stderr=err, text=True, env=env, cwd=tmp_path,
                         )  # fmt: skip
-                    wait_until("the collector", lambda: "collecting as" in log.read_text())  # noqa: B023
+                    wait_until(
+                        what="the collector",
+                        timeout=30.0,
+                        predicate=lambda: "collecting as" in log.read_text(),  # noqa: B023
+                    )
                     continue
                 run = subprocess.run(["bash", "-c", line], capture_output=True, text=True,
                                      env=env, cwd=tmp_path, timeout=60)  # fmt: skip
