@@ -207,7 +207,8 @@ def wants_nicer_capture(model: LoadedModel) -> bool:
     when one inference uses several threads, which synchronise at every operator (a decode that
     preempts one stalls them all). With one thread an inference, a nicer capture thread starves
     the workers of frames instead: two one-thread LiteRT workers on a ~3 ms BlazeFace-style
-    model ran at 338 fps with it and 449 without (2-core EPYC, stop 25)."""
+    model ran at 338 fps with it and 449 without (2-core EPYC, stop 25; one-off runs, described
+    in docs/agent.md)."""
     return model.threads > 1
 
 
@@ -487,7 +488,8 @@ class Pipeline:
             if self.workers > 1 and isinstance(src, VideoFileSource) and not src.decode_threads:
                 # One-thread workers keep every core busy: FFmpeg's own decoding threads only
                 # add handoffs (BlazeFace-style, 2 x 1: 552-588 fps with one, 519-535 with its
-                # default of one a core; no change with the 13 ms landmark-style model).
+                # default of one a core; no change with the 13 ms landmark-style model; two
+                # one-off 3,000-frame runs each of benchmarks.agent.agent_run, stop 25).
                 src.decode_threads = 1
             src.open()
         self.started_mono = time.monotonic()
