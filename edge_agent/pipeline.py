@@ -130,7 +130,6 @@ class _Prepared:
 
 _END = object()
 _STOP = object()
-_SKIP = object()  # a parked turn without a result (the frame failed)
 
 
 class MotionGate:
@@ -360,7 +359,7 @@ class Pipeline:
         self._cond = threading.Condition()
         #: per lane (a stream; one lane with one source), the order of the next frame to emit
         self._next_emit = [0] * max(1, len(streams))
-        #: per lane, results done before their turn (order -> payload, _SKIP for a frame with
+        #: per lane, results done before their turn (order -> payload, None for a frame with
         #: none): their worker goes on to the next frame, and the worker whose result comes
         #: first writes them after its own (two one-thread workers each waited for the other in
         #: turn, the cores idle meanwhile)
@@ -609,8 +608,8 @@ class Pipeline:
             elif not restore_priority() and not self._restore_refused:
                 self._restore_refused = True
                 log.info(
-                    "capture: a reader's priority cannot be raised back (RLIMIT_NICE); it stays "
-                    "nicer than inference"
+                    "capture: a capture thread's priority cannot be raised back (RLIMIT_NICE); "
+                    "it stays nicer than inference"
                 )
         return want
 
@@ -982,12 +981,11 @@ class Pipeline:
             ):
                 cond.wait(0.5)
             if turns[lane] < order:  # an earlier frame is still in inference
-                parked[order] = _SKIP if payload is None else payload
+                parked[order] = payload  # None: a frame without a result, skipped in turn
                 return None
             out = self._write_turn(lane, order, payload)
             while out is None and turns[lane] in parked:  # the results that waited on this one
-                after = parked.pop(turns[lane])
-                out = self._write_turn(lane, turns[lane], None if after is _SKIP else after)
+                out = self._write_turn(lane, turns[lane], parked.pop(turns[lane]))
             return out
 
     def _write_turn(self, lane: int, order: int, payload: Any) -> Any:

@@ -415,7 +415,7 @@ class OnlineTuner:
             nonlocal serving
             if plan != serving:
                 if not self._switch(plan):
-                    raise _Ended("an update was swapped in")
+                    raise _Ended("the model could not be swapped (an update came in, or timed out)")
                 serving = plan
             score = self._measure(seconds)
             if score is None:
