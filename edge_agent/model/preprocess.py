@@ -139,7 +139,13 @@ class Preprocessor:
         )
         #: the offsets, None when they are all 0 (nothing to add)
         self._offsets = self._add if np.any(self._add) else None
-        self._rows: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # width -> per channel
+        #: NHWC with per-channel constants: them as rows of the output's width (channels
+        #: interleaved), for one long inner loop a row
+        offsets = self._offsets
+        self._rows = (
+            np.tile(self._mul, spec.width),
+            None if offsets is None else np.tile(offsets, spec.width),
+        )
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """BGR (or gray) uint8 HxW[xC] image -> float32 batch of one, in the spec's layout."""
@@ -167,7 +173,7 @@ class Preprocessor:
                 return out
             # Per-channel constants as rows as wide as the image (channels interleaved): numpy
             # then runs one long inner loop a row, not one of 3 elements a pixel (~10x slower).
-            mul, add = self._channel_rows(spec.width)
+            mul, add = self._rows
             width = spec.width * 3
             _scale_into(
                 image.reshape(spec.height, width), out.reshape(spec.height, width), mul, add
@@ -183,13 +189,6 @@ class Preprocessor:
 
     def _offset(self, channel: int) -> np.float32 | None:
         return None if self._offsets is None else self._offsets[channel]
-
-    def _channel_rows(self, width: int) -> tuple[np.ndarray, np.ndarray | None]:
-        rows = self._rows.get(width)
-        if rows is None:
-            add = None if self._offsets is None else np.tile(self._offsets, width)
-            rows = self._rows[width] = (np.tile(self._mul, width), add)
-        return rows
 
 
 def _scale_into(src: np.ndarray, out: np.ndarray, mul: Any, add: Any | None) -> None:
