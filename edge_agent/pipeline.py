@@ -60,6 +60,7 @@ from edge_agent.io.streams import Stream, StreamSet
 from edge_agent.model.loader import LoadedModel
 from edge_agent.model.preprocess import Geometry
 from edge_agent.model.runtimes import infer_lock
+from edge_agent.niceness import ThreadPriority, lower_priority, priority_restorable
 from edge_agent.stats import StageStats
 
 log = logging.getLogger(__name__)
@@ -176,31 +177,6 @@ def _to_frame(output: dict[str, Any], roi: tuple[int, int, int, int]) -> dict[st
     return output
 
 
-#: How much nicer than the inference threads the capture thread runs (Linux, per thread).
-CAPTURE_NICENESS = 10
-
-
-def lower_priority(niceness: int = CAPTURE_NICENESS) -> None:
-    """Let the runtime's threads win the cores: onnxruntime synchronises its threads at every
-    operator, so a decode that preempts one of them stalls them all. A nicer capture thread
-    decodes in the gaps instead (the shadow thread too, nicer still: ``edge_agent.shadow``).
-    Raising niceness needs no privilege; failure is harmless."""
-    # (SCHED_IDLE measured no better here, and would starve capture on a busy device.)
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-
-
-def restore_priority() -> bool:
-    """Undo :func:`lower_priority` for the calling thread; False where the system refuses
-    (going back down needs ``RLIMIT_NICE``, which an unprivileged process has at 0 unless its
-    unit raises it: ``LimitNICE=`` in systemd)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 0)
-    except (AttributeError, OSError):
-        return False
-    return True
-
-
 def wants_nicer_capture(model: LoadedModel) -> bool:
     """Whether the capture thread should run nicer than inference with ``model``'s plan: only
     when one inference uses several threads, which synchronise at every operator (a decode that
@@ -292,11 +268,14 @@ class Pipeline:
         #: (capture core, inference cores) with ``pin_capture``: the capture thread on a core of
         #: its own, the inference threads on the others (a plan the tuner may measure faster).
         self._cores = split_cores() if pin_capture else None
-        #: While True the capture thread keeps its priority whatever the plan (the online tuner
-        #: holds it while it measures plans: a lowered priority cannot always be raised again,
-        #: and would then spoil the next plan's trial); :meth:`release_priority` ends it.
-        self._priority_held = hold_priority
-        self._nicer_capture = not hold_priority and wants_nicer_capture(model)
+        #: While True the capture thread keeps its priority whatever the plan. ``hold_priority``
+        #: (the online tuner, which measures plans on this pipeline) asks for it, and it is
+        #: granted only where a lowered priority cannot be raised again (no ``RLIMIT_NICE``, as
+        #: outside the shipped unit): a capture thread stuck nicer would spoil the one-thread
+        #: plans' trials. Where it can, each plan is measured at the priority it serves with, as
+        #: ``edge-agent tune`` does. :meth:`release_priority` ends it.
+        self._priority_held = hold_priority and not priority_restorable()
+        self._nicer_capture = not self._priority_held and wants_nicer_capture(model)
         self._restore_refused = False  # said once
         #: Called with (feeds, output, raw outputs) for every frame, in the worker thread, outside
         #: any lock (telemetry's Monitor: it samples every Nth call itself). Must be cheap.
@@ -324,7 +303,7 @@ class Pipeline:
                 max_fps={st.name: st.max_fps for st in streams if st.max_fps},
             )
             self._tally_lock = threading.Lock()
-            self._niced = threading.local()  # .now: whether this reader thread runs nicer
+            self._readers = threading.local()  # .priority: this reader thread's
         self._model = model
         self._pending: LoadedModel | None = None
         self._pending_plan_change = False  # the pending model is the same one, for a new plan
@@ -484,11 +463,17 @@ class Pipeline:
             self._streams.open()
         else:
             src = self.source
-            if self.workers > 1 and isinstance(src, VideoFileSource) and not src.decode_threads:
+            if self._spawned > 1 and isinstance(src, VideoFileSource) and not src.decode_threads:
                 # One-thread workers keep every core busy: FFmpeg's own decoding threads only
                 # add handoffs (BlazeFace-style, 2 x 1: 552-588 fps with one, 519-535 with its
                 # default of one a core; no change with the 13 ms landmark-style model; two
-                # one-off 3,000-frame runs each of benchmarks.agent.agent_run, stop 25).
+                # one-off 3,000-frame runs each of benchmarks.agent.agent_run, stop 25). Also
+                # when the online tuner may try several workers (``max_workers``): the decoder
+                # cannot change once open, so every plan is measured as the several-worker
+                # plans serve. With one worker, one decoding thread measured: BlazeFace-style
+                # 1 x 2, 527-537 fps against 421-511 (one run 395); small ONNX 1 x 2, 908-962
+                # against 952-980 (about 2 % less); 1 x 1 the same (4 alternating 2,000-3,000
+                # frame runs each of a one-off script, stop 26).
                 src.decode_threads = 1
             src.open()
         self.started_mono = time.monotonic()
@@ -560,14 +545,14 @@ class Pipeline:
         source, gate = self.source, self.gate
         order = 0
         reconnects = 0
-        niced = False
+        priority = ThreadPriority()
         if self._cores is not None:
             _pin_thread(self._cores[0])
         try:
             while not self._stop.is_set():
                 self.heartbeat_mono = time.monotonic()
                 if self._cores is None:  # pinned apart, it keeps its priority
-                    niced = self._follow_plan_priority(niced)
+                    self._follow_plan_priority(priority)
                 try:
                     frame = source.read(timeout=0.5)
                 except SourceTimeout:
@@ -597,28 +582,25 @@ class Pipeline:
         finally:
             self._put(_END)
 
-    def _follow_plan_priority(self, niced: bool) -> bool:
+    def _follow_plan_priority(self, priority: ThreadPriority) -> None:
         """Bring the calling capture or reader thread's priority to the plan's
-        (:func:`wants_nicer_capture`; ``niced``: whether it is nicer now); returns whether it
-        is nicer afterwards. Cheap when nothing changed: called for every frame."""
-        want = self._nicer_capture
-        if want != niced:
-            if want:
-                lower_priority()
-            elif not restore_priority() and not self._restore_refused:
-                self._restore_refused = True
-                log.info(
-                    "capture: a capture thread's priority cannot be raised back (RLIMIT_NICE); "
-                    "it stays nicer than inference"
-                )
-        return want
+        (:func:`wants_nicer_capture`). Cheap when nothing changed: called for every frame."""
+        if not priority.follow(self._nicer_capture) and not self._restore_refused:
+            self._restore_refused = True
+            log.info(
+                "capture: a capture thread's priority cannot be raised back (RLIMIT_NICE); "
+                "it stays nicer than inference"
+            )
 
     def _prepare_stream(self, name: str, frame: Frame) -> _Prepared | None:
         """A stream reader's work on each frame (its thread): count it, crop it to the
         stream's region of interest, gate it, preprocess it for the current model. None when
         the motion gate skips it."""
         tally = self._tallies[name]
-        self._niced.now = self._follow_plan_priority(getattr(self._niced, "now", False))
+        priority = getattr(self._readers, "priority", None)
+        if priority is None:
+            priority = self._readers.priority = ThreadPriority()
+        self._follow_plan_priority(priority)
         with self._tally_lock:
             self.frames += 1
             tally.frames += 1

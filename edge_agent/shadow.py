@@ -48,7 +48,7 @@ from edge_agent.errors import EdgeError
 from edge_agent.fleet.protocol import ShadowSpec
 from edge_agent.model.agreement import frame_agreement
 from edge_agent.model.loader import LoadedModel
-from edge_agent.pipeline import lower_priority  # the capture thread's, nicer still
+from edge_agent.niceness import lower_priority
 from edge_agent.stats import LatencyHistogram
 
 log = logging.getLogger(__name__)
