@@ -72,12 +72,13 @@ def check_payload_schemas() -> None:
 
 
 def _connect(host: str, port: int, client_id: str, *, inflight: int = 100) -> Any:
-    import paho.mqtt.client as mqtt
+    """A plain paho client (MQTT 5, ``inflight`` QoS 1 unacknowledged), connected and looping:
+    set up as every client of ours is (``BrokerSettings.new_client``), but with none of
+    MqttLink's spool or reconnect logic."""
+    from edge_agent.fleet.mqtt import BrokerSettings
 
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-    )
-    client.max_inflight_messages_set(inflight)
+    settings = BrokerSettings(url=f"mqtt://{host}:{port}")
+    client = settings.new_client(client_id=client_id, password=None, max_inflight=inflight)
     connected = threading.Event()
     client.on_connect = lambda *a: connected.set()
     client.connect(host, port, keepalive=30)
