@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 
 from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
+from edge_agent.common.buffers import BufferPool
 from edge_agent.common.secrets import read_secret
 from edge_agent.common.urls import with_password
 from edge_agent.errors import ConfigError, SourceError, first_line
@@ -43,6 +44,22 @@ class _CvCaptureSource(Source):
     disconnect."""
 
     _cap: Any = None
+    _pool: BufferPool | None = None
+    _shape: tuple[int, ...] | None = None  # the last frame's
+
+    def _read(self) -> tuple[bool, Any]:
+        """The next frame from ``_cap``, decoded into a pooled buffer of the last frame's shape
+        that nobody holds any more (``edge_agent.common.buffers``: no fresh 0.9 MB a frame to
+        fault in); a frame of another size gets a new one."""
+        if self._shape is None:
+            ok, image = self._cap.read()
+        else:
+            if self._pool is None:
+                self._pool = BufferPool()
+            ok, image = self._cap.read(self._pool.take(self._shape, np.uint8))
+        if ok:
+            self._shape = image.shape
+        return ok, image
 
     def _disconnect(self) -> None:
         if self._cap is not None:
@@ -105,7 +122,7 @@ class VideoFileSource(_CvCaptureSource):
         self._since_open = 0
 
     def _capture(self, timeout: float | None) -> np.ndarray | None:
-        ok, image = self._cap.read()
+        ok, image = self._read()
         if ok:
             self._since_open += 1
             return image
@@ -120,7 +137,7 @@ class VideoFileSource(_CvCaptureSource):
             raise EndOfStream
         self._disconnect()
         self._connect()  # raises SourceError when the file is gone
-        ok, image = self._cap.read()
+        ok, image = self._read()
         if not ok:
             raise SourceError(f"{self._label}: no frame could be decoded from {self.path}")
         self._since_open = 1
@@ -190,7 +207,7 @@ class CaptureSource(_CvCaptureSource):
         self._cap = cap
 
     def _capture(self, timeout: float | None) -> np.ndarray | None:
-        ok, image = self._cap.read()
+        ok, image = self._read()
         if not ok:
             raise SourceError(f"{self._label}: no frame (camera unplugged or stream dropped)")
         return image

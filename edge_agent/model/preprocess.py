@@ -14,6 +14,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from edge_agent.common.buffers import BufferPool
 from edge_agent.errors import ConfigError, DataError
 
 RESIZE_MODES = ("stretch", "letterbox")
@@ -127,6 +128,8 @@ class Preprocessor:
 
     def __init__(self, spec: PreprocessSpec) -> None:
         self.spec = spec
+        #: the output tensors, reused once nobody holds them (a 256x256 input is 0.8 MB a frame)
+        self._outputs = BufferPool()
         n = spec.num_channels
         std = np.broadcast_to(np.asarray(spec.std, np.float32), (n,))
         mean = np.broadcast_to(np.asarray(spec.mean, np.float32), (n,))
@@ -159,7 +162,7 @@ class Preprocessor:
         if spec.channels == "gray":
             if image.ndim == 3:
                 image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-            out = np.empty((spec.height, spec.width), np.float32)
+            out = self._outputs.take((spec.height, spec.width), np.float32)
             _scale_into(image, out, self._mul[0], self._offset(0))
             return out[None, None] if spec.layout == "nchw" else out[None, :, :, None]
         if image.ndim == 2:
@@ -167,7 +170,7 @@ class Preprocessor:
         if spec.layout == "nhwc":
             if spec.channels == "rgb":
                 image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-            out = np.empty((1, spec.height, spec.width, 3), np.float32)
+            out = self._outputs.take((1, spec.height, spec.width, 3), np.float32)
             if self._uniform:
                 _scale_into(image, out[0], self._mul[0], self._offset(0))
                 return out
@@ -182,7 +185,7 @@ class Preprocessor:
         # NCHW: split the planes and scale each straight into its place in the output; 3-4x
         # faster than converting, normalizing and transposing the interleaved image.
         planes = cv2.split(image)  # B, G, R
-        out = np.empty((1, 3, spec.height, spec.width), np.float32)
+        out = self._outputs.take((1, 3, spec.height, spec.width), np.float32)
         for c, src in enumerate(self._order):
             _scale_into(planes[src], out[0, c], self._mul[c], self._offset(c))
         return out
