@@ -2,9 +2,10 @@
 
 A 640×480 BGR frame is 0.9 MB and a 256×256 float32 input 0.8 MB: allocated afresh for every
 frame, glibc hands such blocks back to the kernel and takes them again (mmap, or trimming the
-heap), and every page of every frame is faulted in anew. Decoding into a buffer that is already
-mapped cut the agent's CPU a frame by about 9 % on a 1 ms model (two one-thread workers over a
-640×480 mp4v file, 2-core EPYC, stop 26; docs/agent.md).
+heap), and their pages are faulted in anew. Decoding into a buffer that is already
+mapped took the small ONNX model (~1 ms, two one-thread workers over a 640×480 mp4v file) from
+1,106 to 1,168 fps and its CPU a frame from 1.49 to 1.43 ms (medians of 6 alternating runs of
+a one-off script, 2-core EPYC, stop 26); on the 1.4-18 ms models the change was within noise.
 
 A buffer is free when the pool holds the only reference to it: whoever keeps a frame or a
 tensor (the queue, a worker, a sink, a view of it) keeps it out of the pool, so nothing is ever
