@@ -80,11 +80,20 @@ def _connect(host: str, port: int, client_id: str, *, inflight: int = 100) -> An
     settings = BrokerSettings(url=f"mqtt://{host}:{port}")
     client = settings.new_client(client_id=client_id, password=None, max_inflight=inflight)
     connected = threading.Event()
-    client.on_connect = lambda *a: connected.set()
-    client.connect(host, port, keepalive=30)
+    refused: list[str] = []
+
+    def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:  # a refused CONNACK calls on_connect too
+            refused.append(str(reason))
+        connected.set()
+
+    client.on_connect = on_connect
+    client.connect(host, port, keepalive=settings.keepalive)
     client.loop_start()
     if not connected.wait(10):
         raise SystemExit(f"no CONNACK from {host}:{port}")
+    if refused:
+        raise SystemExit(f"{host}:{port} refused the connection: {refused[0]}")
     return client
 
 

@@ -39,6 +39,17 @@ def lower_priority(niceness: int = CAPTURE_NICENESS) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, now + niceness))
 
 
+def idle_priority(*, fallback: int) -> None:
+    """The calling thread runs only when a core would otherwise idle (the shadow model's):
+    Linux's SCHED_IDLE, which any ordinary thread preempts at once (nice 19 still gets a share,
+    and a wake-up of the serving model's threads can wait behind it). Needs no privilege. Where
+    it is missing: ``fallback`` nicer (:func:`lower_priority`)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
+    except (AttributeError, OSError):
+        lower_priority(fallback)
+
+
 def restore_priority(niceness: int) -> bool:
     """Bring the calling thread back to ``niceness`` (its own before :func:`lower_priority`);
     False where the system refuses (no ``RLIMIT_NICE`` down to it, no ``CAP_SYS_NICE``)."""

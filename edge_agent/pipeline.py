@@ -187,6 +187,14 @@ def wants_nicer_capture(model: LoadedModel) -> bool:
     return model.threads > 1
 
 
+def available_cores() -> int:
+    """The CPUs this process may run on (a container or a cpuset may give it fewer)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def split_cores() -> tuple[set[int], set[int]] | None:
     """(the capture thread's core, the inference threads' cores) when the capture thread is
     pinned apart: the last CPU this process may use for decoding, the others for the model.
@@ -463,17 +471,16 @@ class Pipeline:
             self._streams.open()
         else:
             src = self.source
-            if self._spawned > 1 and isinstance(src, VideoFileSource) and not src.decode_threads:
-                # One-thread workers keep every core busy: FFmpeg's own decoding threads only
-                # add handoffs (BlazeFace-style, 2 x 1: 552-588 fps with one, 519-535 with its
-                # default of one a core; no change with the 13 ms landmark-style model; two
-                # one-off 3,000-frame runs each of benchmarks.agent.agent_run, stop 25). Also
-                # when the online tuner may try several workers (``max_workers``): the decoder
-                # cannot change once open, so every plan is measured as the several-worker
-                # plans serve. With one worker, one decoding thread measured: BlazeFace-style
-                # 1 x 2, 527-537 fps against 421-511 (one run 395); small ONNX 1 x 2, 908-962
-                # against 952-980 (about 2 % less); 1 x 1 the same (4 alternating 2,000-3,000
-                # frame runs each of a one-off script, stop 26).
+            if isinstance(src, VideoFileSource) and not src.decode_threads and self._fills_cores():
+                # The inference threads fill the cores: FFmpeg's own decoding threads only add
+                # handoffs (BlazeFace-style 2 x 1: 552-588 fps with one, 519-535 with its default
+                # of one a core; no change with the 13 ms landmark-style model; two one-off
+                # 3,000-frame runs each of benchmarks.agent.agent_run, stop 25. 1 x 2: 527-537
+                # against 421-511; small ONNX 1 x 2: 908-962 against 952-980, about 2 % less;
+                # 1 x 1 the same either way; 4 alternating runs each of a one-off script, stop 26).
+                # A plan that leaves a core free (1 x 3 on 4 cores) keeps FFmpeg's choice: a
+                # large H.264 file may need those threads. The decoder cannot change once open,
+                # so with the online tuner (``max_workers``) every plan is measured with one.
                 src.decode_threads = 1
             src.open()
         self.started_mono = time.monotonic()
@@ -515,6 +522,11 @@ class Pipeline:
             err = self.capture_error
             raise err if isinstance(err, EdgeError) else SourceError(str(err))
         return self.summary()
+
+    def _fills_cores(self) -> bool:
+        """Whether the inference threads of the plan served (or of those the online tuner may
+        try: ``max_workers``) keep every core this process may use busy."""
+        return self._spawned > 1 or self._model.threads * self.workers >= available_cores()
 
     def _drain_queue(self) -> None:
         try:

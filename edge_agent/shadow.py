@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -48,13 +47,13 @@ from edge_agent.errors import EdgeError
 from edge_agent.fleet.protocol import ShadowSpec
 from edge_agent.model.agreement import frame_agreement
 from edge_agent.model.loader import LoadedModel
-from edge_agent.niceness import lower_priority
+from edge_agent.niceness import idle_priority
 from edge_agent.stats import LatencyHistogram
 
 log = logging.getLogger(__name__)
 
-#: How much nicer than the inference threads the shadow thread runs where SCHED_IDLE is missing
-#: (the capture thread: 10).
+#: How much nicer than the thread that started it the shadow thread runs where SCHED_IDLE is
+#: missing (the capture thread, when it runs nicer: CAPTURE_NICENESS, 10).
 SHADOW_NICENESS = 15
 _STOP = object()
 
@@ -67,17 +66,6 @@ class _Offer:
     raw: list[np.ndarray]
     stream: str | None
     serving: Mapping[str, str]
-
-
-def idle_priority() -> None:
-    """The calling thread (the shadow's) runs only when a core would otherwise idle: Linux's
-    SCHED_IDLE, which any ordinary thread preempts at once (nice 19 still gets a share, and a
-    wake-up of the serving model's threads can wait behind it). Needs no privilege. Where it
-    is missing: niceness ``SHADOW_NICENESS``."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
-    except (AttributeError, OSError):
-        lower_priority(SHADOW_NICENESS)
 
 
 class ShadowRunner:
@@ -164,7 +152,7 @@ class ShadowRunner:
     # --- the shadow thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        idle_priority()
+        idle_priority(fallback=SHADOW_NICENESS)
         while True:
             item = self._slot.get()
             if item is _STOP or self._stopped.is_set():

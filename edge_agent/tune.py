@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import statistics
 import threading
 import time
@@ -39,7 +38,7 @@ from edge_agent.errors import ConfigError
 from edge_agent.io.uri import open_source_from
 from edge_agent.model.plan import open_model, open_planned_model, thread_plan
 from edge_agent.model.runtimes import zero_feeds
-from edge_agent.pipeline import Pipeline, State
+from edge_agent.pipeline import Pipeline, State, available_cores
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +84,6 @@ def source_mode(source: Any, pace: str) -> str:
     if getattr(source, "live", True) or getattr(source, "kind", "") != "image" or pace != "none":
         return "live"
     return "throughput"
-
-
-def available_cores() -> int:
-    """The CPUs this process may run on (a container or a cpuset may give it fewer)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def candidates(cores: int, mode: str) -> list[tuple[int, int, bool]]:
@@ -521,7 +512,6 @@ __all__ = [
     "TUNE_SECONDS",
     "OnlineTuner",
     "Plan",
-    "available_cores",
     "cache_key",
     "cached_plan",
     "candidates",

@@ -76,7 +76,8 @@ FEATURES = ("edge_agent.rest", "edge_agent.service", "edge_agent.cli", "edge_age
             "edge_agent.shadow")  # fmt: skip
 #: Layers of edge_agent, bottom up: a module imports only from its own layer or below.
 LAYERS = (
-    ("edge_agent", "edge_agent.errors", "edge_agent.stats", "edge_agent.common"),
+    ("edge_agent", "edge_agent.errors", "edge_agent.stats", "edge_agent.niceness",
+     "edge_agent.common"),
     ("edge_agent.model",),
     ("edge_agent.fleet",),
     ("edge_agent.io",),

@@ -29,8 +29,8 @@ def _in_thread(start: int, body: Any) -> Any:
     out: dict[str, Any] = {}
 
     def run() -> None:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), start)
         try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), start)
             out["value"] = body()
         except BaseException as exc:  # re-raised below, in the test's thread
             out["error"] = exc
@@ -75,12 +75,16 @@ def test_the_probe_leaves_the_calling_thread_alone() -> None:
 
 
 @pytest.mark.skipif(
-    os.geteuid() != 0 or not (shutil.which("setpriv") and shutil.which("prlimit")),
-    reason="needs root to drop to an unprivileged user (setpriv, prlimit from util-linux)",
+    not (shutil.which("setpriv") and shutil.which("prlimit")),
+    reason="needs setpriv and prlimit (util-linux)",
 )
-def test_an_unprivileged_process_without_rlimit_nice_is_told_it_cannot_go_back() -> None:
-    """As `edge-agent run` from a shell (RLIMIT_NICE 0, no capabilities): the probe says no, and
-    a capture thread that went nicer stays nicer, said once (follow returns False once)."""
+def test_a_process_without_rlimit_nice_or_cap_sys_nice_is_told_it_cannot_go_back() -> None:
+    """As `edge-agent run` from a shell (RLIMIT_NICE 0, no CAP_SYS_NICE): the probe says no, and
+    a capture thread that went nicer stays nicer, said once (follow returns False once). The
+    child keeps this process's user and files; only the capability and the limit go."""
+    base = thread_niceness()
+    if base is None or base >= 19:
+        pytest.skip(f"niceness {base}: nothing to go back from")
     code = (
         "import threading\n"
         "from edge_agent.niceness import ThreadPriority, priority_restorable, thread_niceness\n"
@@ -92,15 +96,15 @@ def test_an_unprivileged_process_without_rlimit_nice_is_told_it_cannot_go_back()
         "t = threading.Thread(target=body); t.start(); t.join()\n"
         "print(out)\n"
     )
+    command = ["prlimit", "--nice=0:0", "setpriv", "--bounding-set=-sys_nice",
+               "--inh-caps=-sys_nice", sys.executable, "-c"]  # fmt: skip
+    if subprocess.run([*command, "pass"], capture_output=True, timeout=60).returncode != 0:
+        pytest.skip("cannot start a process without CAP_SYS_NICE here (prlimit/setpriv refused)")
     result = subprocess.run(
-        ["prlimit", "--nice=0:0", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-         "--inh-caps=-all", sys.executable, "-c", code],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        [*command, code], cwd=REPO, capture_output=True, text=True, timeout=60,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    base = thread_niceness()
-    assert base is not None
     nicer = min(19, base + CAPTURE_NICENESS)
     # refused once (False), then left alone: nicer it stays, whatever the plan asks
     assert result.stdout.strip() == str([False, True, nicer, False, nicer, True, True, nicer])

@@ -76,6 +76,23 @@ def test_a_strided_yuv420_frame_decodes_like_an_unpadded_one() -> None:
     np.testing.assert_array_equal(got, want)
 
 
+def test_an_unpadded_yuv420_frame_decodes_in_place_into_the_buffer_given() -> None:
+    """640, 1280 or 1920 wide: no padding, so the pipe's bytes are read as they are (no copy)
+    and converted into the frame buffer handed in (a pooled one in RpicamSource)."""
+    w, h = 128, 60
+    want = expected_bgr(7, w, h)
+    r, c = np.mgrid[0:h, 0:w]
+    y = ((r + 2 * c + 21) % 256).astype(np.uint8)
+    u = np.full((h // 2, w // 2), 107, np.uint8)
+    v = np.full((h // 2, w // 2), 150, np.uint8)
+    raw = bytearray(np.concatenate([y.ravel(), u.ravel(), v.ravel()]).tobytes())
+    out = np.zeros((h, w, 3), np.uint8)
+    got = i420_to_bgr(raw, w, h, yuv420_stride(w), out)
+    assert got is out
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(i420_to_bgr(raw, w, h, w), want)  # and without one
+
+
 def test_rpicam_frames_come_through_with_their_stride(standin: None) -> None:
     # 100 px wide: rows are padded to 128 bytes, the padding holds 0xEE
     source = open_source("rpicam:0?width=100&height=60&fps=30", reconnect=FAST)

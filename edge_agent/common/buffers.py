@@ -23,23 +23,27 @@ import numpy as np
 
 def _refs(bufs: list[Any], i: int) -> int:
     """The references to ``bufs[i]`` as ``sys.getrefcount`` sees them from here: the one way
-    they are counted, for the pool's buffers and for the baseline below."""
+    they are counted, for the pool's buffers and for its probe (the baseline)."""
     buf = bufs[i]
     return sys.getrefcount(buf)
-
-
-#: What :func:`_refs` reports for an object only its list holds (measured, not assumed:
-#: interpreters differ in the references they count).
-_FREE = _refs([object()], 0)
 
 
 class BufferPool:
     """Up to ``keep`` arrays, each handed out again once nobody else holds it."""
 
     def __init__(self, keep: int = 8) -> None:
+        if keep < 1:
+            raise ValueError(f"keep = {keep}: must be >= 1")
         self._keep = keep
+        #: Only a GIL makes a reference count an owner count: a free-threaded build (3.13t)
+        #: counts some references elsewhere, so there nothing is reused.
+        self._reuse = bool(getattr(sys, "_is_gil_enabled", lambda: True)())
+        #: An object only this list holds: what a free buffer's count looks like, measured in
+        #: every take(), in the taking thread (a trace or profile function on 3.9-3.12 adds a
+        #: reference to the locals of the thread it hooks, and hooks are per thread).
+        self._probe = [object()]
         self._bufs: list[np.ndarray] = []
-        self._oldest = 0  # with every buffer held: the next to forget (round robin)
+        self._next = 0  # with every buffer held: the next one to forget (round robin)
         self._lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -48,10 +52,13 @@ class BufferPool:
         a free one of another shape (a camera that changed its resolution), else of a held one
         (which the pool then forgets)."""
         dtype = np.dtype(dtype)
+        if not self._reuse:
+            return np.empty(shape, dtype)
         with self._lock:
+            free = _refs(self._probe, 0)
             stale = -1
             for i in range(len(self._bufs)):
-                if _refs(self._bufs, i) > _FREE:
+                if _refs(self._bufs, i) > free:
                     continue  # held: a frame still queued, a feed still being inferred
                 buf = self._bufs[i]
                 if buf.shape == shape and buf.dtype == dtype:
@@ -60,12 +67,12 @@ class BufferPool:
             new = np.empty(shape, dtype)
             if len(self._bufs) < self._keep:
                 self._bufs.append(new)
-            else:  # in place of a free one of another shape, else of the one held longest
-                # (its holder keeps it as an ordinary array: a sink that keeps frames for a
-                # while does not stop the reuse for the rest)
+            else:  # in place of a free one of another shape, else of a held one, round robin
+                # (its holder keeps it as an ordinary array: frames kept for a while, or more
+                # in flight than the pool keeps, do not stop the reuse for the rest)
                 if stale < 0:
-                    stale = self._oldest
-                    self._oldest = (self._oldest + 1) % self._keep
+                    stale = self._next
+                    self._next = (self._next + 1) % self._keep
                 self._bufs[stale] = new
             return new
 

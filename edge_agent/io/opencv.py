@@ -45,20 +45,20 @@ class _CvCaptureSource(Source):
 
     _cap: Any = None
     _pool: BufferPool | None = None
-    _shape: tuple[int, ...] | None = None  # the last frame's
+    _last: tuple[tuple[int, ...], Any] | None = None  # the last frame's shape and dtype
 
     def _read(self) -> tuple[bool, Any]:
         """The next frame from ``_cap``, decoded into a pooled buffer of the last frame's shape
-        that nobody holds any more (``edge_agent.common.buffers``: no fresh 0.9 MB a frame to
-        fault in); a frame of another size gets a new one."""
-        if self._shape is None:
+        and dtype that nobody holds any more (``edge_agent.common.buffers``: no fresh 0.9 MB a
+        frame to fault in); a frame of another size gets a new one."""
+        if self._last is None:
             ok, image = self._cap.read()
         else:
             if self._pool is None:
                 self._pool = BufferPool()
-            ok, image = self._cap.read(self._pool.take(self._shape, np.uint8))
+            ok, image = self._cap.read(self._pool.take(*self._last))
         if ok:
-            self._shape = image.shape
+            self._last = image.shape, image.dtype
         return ok, image
 
     def _disconnect(self) -> None:

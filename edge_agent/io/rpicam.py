@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
+from edge_agent.common.buffers import BufferPool
 from edge_agent.errors import SourceError, first_line
 from edge_agent.io.process import PipeProcess, find_binary, wait_for_output
 from edge_agent.io.source import POLL_S, Source, check_fps
@@ -40,17 +41,22 @@ def yuv420_stride(width: int, align: int = STRIDE_ALIGN) -> int:
     return -(-width // align) * align
 
 
-def i420_to_bgr(frame: bytes | bytearray | memoryview, width: int, height: int,
-                stride: int) -> np.ndarray:  # fmt: skip
-    """One strided YUV420 frame (as ``rpicam-vid --codec yuv420`` writes it) as BGR uint8."""
+def i420_to_bgr(frame: bytes | bytearray | memoryview, width: int, height: int, stride: int,
+                out: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """One strided YUV420 frame (as ``rpicam-vid --codec yuv420`` writes it) as BGR uint8, into
+    ``out`` when it is given (``height x width x 3`` uint8)."""
     buf = np.frombuffer(frame, np.uint8)
-    y_size, c_stride = stride * height, stride // 2
-    c_size = c_stride * (height // 2)
-    y = buf[:y_size].reshape(height, stride)[:, :width]
-    u = buf[y_size : y_size + c_size].reshape(height // 2, c_stride)[:, : width // 2]
-    v = buf[y_size + c_size : y_size + 2 * c_size].reshape(height // 2, c_stride)[:, : width // 2]
-    packed = np.concatenate([y.ravel(), u.ravel(), v.ravel()]).reshape(height * 3 // 2, width)
-    return cv2.cvtColor(packed, cv2.COLOR_YUV2BGR_I420)
+    if stride == width:  # no padding (640, 1280, 1920 wide): already the layout OpenCV reads
+        packed = buf[: width * height * 3 // 2].reshape(height * 3 // 2, width)
+    else:
+        y_size, c_stride = stride * height, stride // 2
+        c_size = c_stride * (height // 2)
+        y = buf[:y_size].reshape(height, stride)[:, :width]
+        u = buf[y_size : y_size + c_size].reshape(height // 2, c_stride)[:, : width // 2]
+        v = buf[y_size + c_size : y_size + 2 * c_size].reshape(height // 2, c_stride)
+        v = v[:, : width // 2]
+        packed = np.concatenate([y.ravel(), u.ravel(), v.ravel()]).reshape(height * 3 // 2, width)
+    return cv2.cvtColor(packed, cv2.COLOR_YUV2BGR_I420, dst=out)
 
 
 class _PiCamera(Source):
@@ -105,6 +111,7 @@ class RpicamSource(_PiCamera):
         self._proc: PipeProcess | None = None
         self._buf = bytearray(self.frame_bytes)
         self._have = 0
+        self._bgr = BufferPool()  # the BGR frames, reused once nobody holds them
 
     def command(self, binary: str) -> list[str]:
         """The command line: raw YUV420 on stdout, no preview, no time limit."""
@@ -140,7 +147,8 @@ class RpicamSource(_PiCamera):
             if not self._read_some(timeout):
                 return None  # nothing within the poll interval: the base loop checks for close
         self._have = 0
-        return i420_to_bgr(self._buf, self.width, self.height, self.stride)
+        out = self._bgr.take((self.height, self.width, 3), np.uint8)
+        return i420_to_bgr(self._buf, self.width, self.height, self.stride, out)
 
     def _disconnect(self) -> None:
         proc, self._proc = self._proc, None
