@@ -44,7 +44,7 @@ from edge_agent.fleet.protocol import (
     group_desired_topic,
     response_topic,
 )
-from edgectl.provision import BROKER_PASSWD, User
+from edgectl.provision import BROKER_PASSWD, User, load_users
 
 #: What a device publishes under its own ``<prefix>/<device>/``.
 DEVICE_WRITES = ("status", *STREAMS, "reported", "samples/#", "cmd/+/reply")
@@ -52,6 +52,35 @@ DEVICE_WRITES = ("status", *STREAMS, "reported", "samples/#", "cmd/+/reply")
 DEVICE_READS = ("desired", "cmd/+")
 #: What a consumer reads of every device.
 CONSUMER_READS = ("status", *STREAMS, "reported")
+
+
+def users_from(
+    *,
+    devices_from: Path | None = None,
+    devices: Sequence[str] = (),
+    groups: Sequence[str] = (),
+    operators: Sequence[str] = (),
+    consumers: Sequence[str] = (),
+) -> list[User]:
+    """The users an ACL is written for: those provisioned in ``devices_from``, then the devices
+    named (``devices``, and any named in a ``DEVICE=GROUP`` of ``groups``, with those groups),
+    the operators and the consumers. EdgeError for a malformed group or no user at all."""
+    users = load_users(devices_from) if devices_from else []
+    member: dict[str, list[str]] = {}
+    for value in groups:
+        device, sep, group = value.partition("=")
+        if not sep or not device or not group:
+            raise EdgeError(f"--group {value!r}: expected DEVICE=GROUP")
+        member.setdefault(device, []).append(group)
+    named = set(devices) | set(member)
+    users += [User(name=d, groups=tuple(member.get(d, ()))) for d in sorted(named)]
+    users += [User(name=n, role="operator") for n in operators]
+    users += [User(name=n, role="consumer") for n in consumers]
+    if not users:
+        raise EdgeError(
+            "no users: pass --devices-from DIR or --device/--operator-user/--consumer-user"
+        )
+    return users
 
 
 def check_users(users: Sequence[User]) -> None:

@@ -782,24 +782,15 @@ def cmd_ca(args: argparse.Namespace) -> int:
 
 
 def cmd_acl(args: argparse.Namespace) -> int:
-    from edgectl.acl import mosquitto_acl
-    from edgectl.provision import User, load_users
+    from edgectl.acl import mosquitto_acl, users_from
 
-    users = load_users(args.devices_from) if args.devices_from else []
-    groups: dict[str, list[str]] = {}
-    for value in args.group:
-        device, sep, group = value.partition("=")
-        if not sep or not device or not group:
-            raise EdgeError(f"--group {value!r}: expected DEVICE=GROUP")
-        groups.setdefault(device, []).append(group)
-    named = set(args.device) | set(groups)
-    users += [User(name=d, groups=tuple(groups.get(d, ()))) for d in sorted(named)]
-    users += [User(name=n, role="operator") for n in args.operator_user]
-    users += [User(name=n, role="consumer") for n in args.consumer_user]
-    if not users:
-        raise EdgeError(
-            "no users: pass --devices-from DIR or --device/--operator-user/--consumer-user"
-        )
+    users = users_from(
+        devices_from=args.devices_from,
+        devices=args.device,
+        groups=args.group,
+        operators=args.operator_user,
+        consumers=args.consumer_user,
+    )
     if args.admin_user and not args.dynsec:
         raise EdgeError("--admin-user: only with --dynsec (an acl_file has no admin topics)")
     if args.dynsec:
