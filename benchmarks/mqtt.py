@@ -93,6 +93,7 @@ def _connect(host: str, port: int, client_id: str, *, inflight: int = 100) -> An
     if not connected.wait(10):
         raise SystemExit(f"no CONNACK from {host}:{port}")
     if refused:
+        client.loop_stop()
         raise SystemExit(f"{host}:{port} refused the connection: {refused[0]}")
     return client
 

@@ -29,7 +29,7 @@ def lower_priority(niceness: int = CAPTURE_NICENESS) -> None:
     """Make the calling thread ``niceness`` nicer than it is now (at most 19). Lets the
     runtime's threads win the cores: onnxruntime synchronises its threads at every operator, so
     a decode that preempts one of them stalls them all, while a nicer capture thread decodes in
-    the gaps (the shadow thread runs nicer still: ``edge_agent.shadow``). Needs no privilege;
+    the gaps (the shadow thread runs nicer still: :func:`idle_priority`). Needs no privilege;
     failure is harmless."""
     # (SCHED_IDLE measured no better here, and would starve capture on a busy device.)
     now = thread_niceness()

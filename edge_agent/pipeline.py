@@ -273,6 +273,7 @@ class Pipeline:
         #: ``max_workers`` threads started: the tuner measures plans on the running pipeline)
         self.workers = workers
         self._spawned = workers if model.stateful else max(workers, max_workers or 1)
+        self._tuning = max_workers is not None and not model.stateful  # plans may change
         #: (capture core, inference cores) with ``pin_capture``: the capture thread on a core of
         #: its own, the inference threads on the others (a plan the tuner may measure faster).
         self._cores = split_cores() if pin_capture else None
@@ -471,16 +472,19 @@ class Pipeline:
             self._streams.open()
         else:
             src = self.source
-            if isinstance(src, VideoFileSource) and not src.decode_threads and self._fills_cores():
+            if (
+                isinstance(src, VideoFileSource)
+                and not src.decode_threads
+                and self._one_decoding_thread()
+            ):
                 # The inference threads fill the cores: FFmpeg's own decoding threads only add
-                # handoffs (BlazeFace-style 2 x 1: 552-588 fps with one, 519-535 with its default
-                # of one a core; no change with the 13 ms landmark-style model; two one-off
-                # 3,000-frame runs each of benchmarks.agent.agent_run, stop 25. 1 x 2: 527-537
-                # against 421-511; small ONNX 1 x 2: 908-962 against 952-980, about 2 % less;
-                # 1 x 1 the same either way; 4 alternating runs each of a one-off script, stop 26).
-                # A plan that leaves a core free (1 x 3 on 4 cores) keeps FFmpeg's choice: a
-                # large H.264 file may need those threads. The decoder cannot change once open,
-                # so with the online tuner (``max_workers``) every plan is measured with one.
+                # handoffs. BlazeFace-style 2 x 1: 552-588 fps with one, 519-535 with its default
+                # of one a core; no change with the 13 ms landmark-style model (two one-off
+                # 3,000-frame runs each of benchmarks.agent.agent_run, stop 25). BlazeFace-style
+                # 1 x 2: 527-537 against 421-511, about +10 %; small ONNX 1 x 2: 908-962 against
+                # 952-980, about -2 %, taken for one rule for every runtime; 1 x 1 the same either
+                # way (4 alternating runs each of a one-off script, stop 26). A plan that leaves
+                # a core free keeps FFmpeg's choice: a large H.264 file may need those threads.
                 src.decode_threads = 1
             src.open()
         self.started_mono = time.monotonic()
@@ -523,10 +527,19 @@ class Pipeline:
             raise err if isinstance(err, EdgeError) else SourceError(str(err))
         return self.summary()
 
-    def _fills_cores(self) -> bool:
-        """Whether the inference threads of the plan served (or of those the online tuner may
-        try: ``max_workers``) keep every core this process may use busy."""
-        return self._spawned > 1 or self._model.threads * self.workers >= available_cores()
+    def _one_decoding_thread(self) -> bool:
+        """Whether a video file should decode in one FFmpeg thread: the plan's inference threads
+        keep every core this process may use busy, or the capture thread has a core of its own
+        (a pinned plan: FFmpeg's threads would run on the inference cores), or the online tuner
+        may try such plans (``max_workers``; the decoder cannot change once open)."""
+        if self._tuning or self._cores is not None:
+            return True
+        model = self._model
+        if model.format.startswith("onnx"):  # the workers share one session's intra-op pool
+            busy = self.workers + model.threads - 1
+        else:  # an interpreter a worker, each with its own threads
+            busy = self.workers * model.threads
+        return busy >= available_cores()
 
     def _drain_queue(self) -> None:
         try:

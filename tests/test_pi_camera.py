@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,6 +105,29 @@ def test_rpicam_frames_come_through_with_their_stride(standin: None) -> None:
         diffs = [np.abs(frame.data.astype(int) - expected_bgr(i, 100, 60)).max() for i in range(60)]
         assert min(diffs) == 0, min(diffs)
         assert source.stats.status == "ok"
+
+
+def test_rpicam_frames_without_padding_come_through_in_reused_buffers(standin: None) -> None:
+    """128 px wide: no padding, so the pipe's bytes are converted as they are, into BGR frames
+    the source reuses once nobody holds them (a frame kept is never overwritten)."""
+    source = open_source("rpicam:0?width=128&height=64&fps=30", reconnect=FAST)
+    assert isinstance(source, RpicamSource) and source.stride == 128
+    expected = [expected_bgr(i, 128, 64) for i in range(600)]  # 20 s of frames at 30 fps
+    kept = None
+    let_go: list[weakref.ref[np.ndarray]] = []  # alive only while the pool keeps them
+    reused = 0
+    with source:
+        for n in range(12):
+            frame = wait_frame(source)
+            assert any(np.array_equal(frame.data, want) for want in expected)
+            reused += any(ref() is frame.data for ref in let_go)
+            if n == 0:
+                kept = frame.data.copy(), frame.data
+            else:
+                let_go.append(weakref.ref(frame.data))
+            del frame
+    assert kept is not None and np.array_equal(kept[0], kept[1])  # held, never written over
+    assert reused >= 1
 
 
 def test_rpicam_comes_back_when_its_process_dies(

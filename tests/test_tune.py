@@ -536,25 +536,40 @@ def test_stream_readers_follow_the_same_rule(
 
 
 @pytest.mark.parametrize(
-    ("threads", "workers", "max_workers", "decode_threads"),
-    [("all", 1, None, 1), ("all", 2, None, 1), (1, 1, 2, 1), (1, 1, None, 0)],
+    ("fmt", "threads", "workers", "cores", "extra", "decode_threads"),
+    [
+        ("tflite", 2, 1, 2, {}, 1),  # 1 x 2 fills 2 cores
+        ("tflite", 2, 2, 2, {}, 1),  # 2 x 1
+        ("tflite", 1, 1, 2, {}, 0),  # 1 x 1 leaves a core free: FFmpeg's choice
+        ("tflite", 1, 1, 2, {"max_workers": 2}, 1),  # the online tuner may try 2 x 1
+        ("tflite", 1, 1, 2, {"pin_capture": True}, 1),  # capture on a core of its own
+        ("tflite", 2, 2, 4, {}, 0),  # 2 x 1 on 4 cores: two free
+        ("tflite", 4, 2, 4, {}, 1),  # 2 x 2, an interpreter a worker: 4 busy
+        ("onnx", 4, 2, 4, {}, 0),  # 2 x 2 sharing one session's pool: 3 busy
+        ("onnx", 2, 1, 2, {}, 1),
+    ],
 )
 def test_a_video_file_decodes_in_one_thread_when_inference_fills_the_cores(
     small_tflite: Path,
     tmp_path: Path,
-    threads: int | str,
+    monkeypatch: pytest.MonkeyPatch,
+    fmt: str,
+    threads: int,
     workers: int,
-    max_workers: int | None,
+    cores: int,
+    extra: dict[str, Any],
     decode_threads: int,
 ) -> None:
-    """Inference threads on every core (1 x all, 2 x half): FFmpeg decodes in one thread (its
-    default, one a core, only adds handoffs); also from the start when the online tuner may
-    try several workers (max_workers: the decoder cannot change once open); a plan that leaves
-    a core free (1 x 1 here) leaves it FFmpeg's choice (0)."""
-    cores = available_cores()
-    if cores < 2:
+    """Inference threads on every core: FFmpeg decodes in one thread (its default, one a core,
+    only adds handoffs); also with the capture thread pinned apart, and from the start when the
+    online tuner may try several workers (the decoder cannot change once open). A plan that
+    leaves a core free keeps FFmpeg's choice (0). The cores are the test's (4: patched)."""
+    import edge_agent.pipeline
+
+    if available_cores() < 2:
         pytest.skip("one CPU: every plan fills it")
-    total = cores if threads == "all" else int(threads)
+    monkeypatch.setattr(edge_agent.pipeline, "available_cores", lambda: cores)
+    model_path = small_tflite if fmt == "tflite" else small_tflite.with_suffix(".onnx")
     import cv2
     import numpy as np
 
@@ -563,11 +578,11 @@ def test_a_video_file_decodes_in_one_thread_when_inference_fills_the_cores(
     for i in range(12):
         writer.write(np.full((120, 160, 3), i * 20, np.uint8))
     writer.release()
-    model = load_model(small_tflite, profile=load_profile("x86-64"), threads=total,
+    model = load_model(model_path, profile=load_profile("x86-64"), threads=threads,
                        workers=workers, state_dir=tmp_path)  # fmt: skip
+    assert (model.threads, model.workers) == (threads // workers, workers)
     source = open_source(f"file:{video}")
-    pipe = Pipeline(source=source, model=model, sinks=[], workers=workers,
-                    max_workers=max_workers)  # fmt: skip
+    pipe = Pipeline(source=source, model=model, sinks=[], workers=workers, **extra)
     assert pipe.run()["results"] == 12
     model.close()
     assert source.decode_threads == decode_threads  # type: ignore[attr-defined]
