@@ -3,11 +3,14 @@ caches the fastest, and `edge-agent run` uses it; flags still override it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -201,8 +204,6 @@ def test_tuning_at_start_serves_from_the_first_frame_and_loses_none(
     """The online tuner: results flow before it has measured anything, every plan is tried on
     the running pipeline, no frame is lost or reordered through the plan changes, the fastest
     plan ends up serving with its workers, and it is cached for the next start."""
-    import threading
-
     from edge_agent.io.sinks import CallbackSink
     from edge_agent.model.plan import open_model
     from edge_agent.tune import OnlineTuner, start_online_tuning
@@ -261,8 +262,6 @@ def test_tuning_at_start_serves_from_the_first_frame_and_loses_none(
 def test_the_tuner_gives_way_to_an_update(small_tflite: Path, tmp_path: Path) -> None:
     """A model swapped in by somebody else (an update) ends the tuning: the tuner never swaps
     it out, never closes it, and caches nothing."""
-    import threading
-
     from edge_agent.model.plan import open_model
     from edge_agent.tune import OnlineTuner
 
@@ -376,6 +375,28 @@ def _base_niceness() -> int:
     return base
 
 
+@contextlib.contextmanager
+def _serving(pipe: Pipeline) -> Iterator[Callable[[int], None]]:
+    """``pipe`` running in a thread; yields ``more(n)``, which waits (30 s at most) until ``n``
+    more results have left; stops it on the way out."""
+    runner = threading.Thread(target=pipe.run, daemon=True)
+    runner.start()
+    wait = threading.Event()
+
+    def more(n: int) -> None:
+        want = pipe.results + n
+        deadline = time.monotonic() + 30
+        while pipe.results < want and time.monotonic() < deadline:
+            wait.wait(0.01)
+        assert pipe.results >= want
+
+    try:
+        yield more
+    finally:
+        pipe.stop()
+        runner.join(30)
+
+
 @pytest.mark.parametrize(("threads", "workers", "nicer"), [(2, 1, True), (1, 1, False),
                                                           (2, 2, False)])  # fmt: skip
 def test_the_capture_thread_is_nicer_only_when_an_inference_uses_several_threads(
@@ -403,8 +424,6 @@ def test_a_held_priority_waits_for_the_plan_to_settle(
     RLIMIT_NICE, tested for real in test_niceness.py), the capture thread keeps its priority
     while the online tuner measures (nicer, it would spoil the next plan's trial); released, it
     follows the plan serving."""
-    import threading
-
     import edge_agent.pipeline
 
     monkeypatch.setattr(edge_agent.pipeline, "priority_restorable", lambda: False)
@@ -415,23 +434,14 @@ def test_a_held_priority_waits_for_the_plan_to_settle(
     _capture_niceness(source, seen)
     base = _base_niceness()
     pipe = Pipeline(source=source, model=model, sinks=[], hold_priority=True)
-    runner = threading.Thread(target=pipe.run, daemon=True)
-    runner.start()
-    wait = threading.Event()
     try:
-        deadline = time.monotonic() + 30
-        while pipe.results < 20 and time.monotonic() < deadline:
-            wait.wait(0.01)
-        assert pipe.results >= 20 and seen["last"] == base  # held
-        pipe.release_priority()
-        n = pipe.results
-        deadline = time.monotonic() + 30
-        while pipe.results < n + 20 and time.monotonic() < deadline:
-            wait.wait(0.01)
-        assert seen["last"] == min(19, base + 10)  # two threads an inference: nicer now
+        with _serving(pipe) as more:
+            more(20)
+            assert seen["last"] == base  # held
+            pipe.release_priority()
+            more(20)
+            assert seen["last"] == min(19, base + 10)  # two threads an inference: nicer now
     finally:
-        pipe.stop()
-        runner.join(30)
         model.close()
 
 
@@ -442,8 +452,6 @@ def test_where_priority_can_go_back_the_tuner_measures_each_plan_at_its_own(
     while the online tuner measures: the capture thread runs nicer under a plan of two threads
     an inference and goes back to its own niceness when a one-thread plan is swapped in, so
     every plan is measured as it serves (as `edge-agent tune` measures them)."""
-    import threading
-
     from edge_agent.niceness import priority_restorable
 
     if not priority_restorable():
@@ -455,26 +463,14 @@ def test_where_priority_can_go_back_the_tuner_measures_each_plan_at_its_own(
     _capture_niceness(source, seen)
     base = _base_niceness()
     pipe = Pipeline(source=source, model=two, sinks=[], hold_priority=True)
-    runner = threading.Thread(target=pipe.run, daemon=True)
-    runner.start()
-    wait = threading.Event()
-
-    def results(n: int) -> None:
-        deadline = time.monotonic() + 30
-        while pipe.results < n and time.monotonic() < deadline:
-            wait.wait(0.01)
-        assert pipe.results >= n
-
     try:
-        results(20)
-        assert seen["last"] == min(19, base + 10)  # not held: the plan's priority at once
-        assert pipe.swap_model(one, expect=two, plan_change=True) is two
-        n = pipe.results
-        results(n + 20)
-        assert seen["last"] == base  # back to its own, for the one-thread plan
+        with _serving(pipe) as more:
+            more(20)
+            assert seen["last"] == min(19, base + 10)  # not held: the plan's priority at once
+            assert pipe.swap_model(one, expect=two, plan_change=True) is two
+            more(20)
+            assert seen["last"] == base  # back to its own, for the one-thread plan
     finally:
-        pipe.stop()
-        runner.join(30)
         two.close()
         one.close()
 
