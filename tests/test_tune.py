@@ -348,8 +348,10 @@ def test_edge_agent_run_tunes_while_serving_and_says_so(small_tflite: Path, tmp_
     assert entry["how"] == "cached" and entry["fps"] > 0
 
 
-def _capture_niceness(source: Any, seen: dict[str, int]) -> None:
-    """Record the capture thread's niceness at each read, from inside that thread."""
+def _capture_niceness(source: Any) -> dict[str, int]:
+    """Record the capture thread's niceness at each read, from inside that thread, in the dict
+    returned (``"last"``)."""
+    seen: dict[str, int] = {}
     real_read = source.read
 
     def read(timeout: float | None = None) -> Any:
@@ -357,6 +359,7 @@ def _capture_niceness(source: Any, seen: dict[str, int]) -> None:
         return real_read(timeout=timeout)
 
     source.read = read  # type: ignore[method-assign]
+    return seen
 
 
 def _own_niceness() -> int:
@@ -408,8 +411,7 @@ def test_the_capture_thread_is_nicer_only_when_an_inference_uses_several_threads
     model = load_model(small_tflite, profile=load_profile("x86-64"), threads=threads,
                        workers=workers, state_dir=tmp_path)  # fmt: skip
     source = open_source("synthetic:?width=160&height=120&frames=20")
-    seen: dict[str, int] = {}
-    _capture_niceness(source, seen)
+    seen = _capture_niceness(source)
     base = _base_niceness()
     pipe = Pipeline(source=source, model=model, sinks=[], workers=workers)
     assert pipe.run()["results"] == 20
@@ -430,8 +432,7 @@ def test_a_held_priority_waits_for_the_plan_to_settle(
     model = load_model(small_tflite, profile=load_profile("x86-64"), threads=2,
                        state_dir=tmp_path)  # fmt: skip
     source = open_source("synthetic:?width=160&height=120&frames=1000000")
-    seen: dict[str, int] = {}
-    _capture_niceness(source, seen)
+    seen = _capture_niceness(source)
     base = _base_niceness()
     pipe = Pipeline(source=source, model=model, sinks=[], hold_priority=True)
     try:
@@ -459,8 +460,7 @@ def test_where_priority_can_go_back_the_tuner_measures_each_plan_at_its_own(
     two = load_model(small_tflite, profile=load_profile("x86-64"), threads=2, state_dir=tmp_path)
     one = load_model(small_tflite, profile=load_profile("x86-64"), threads=1, state_dir=tmp_path)
     source = open_source("synthetic:?width=160&height=120&frames=1000000")
-    seen: dict[str, int] = {}
-    _capture_niceness(source, seen)
+    seen = _capture_niceness(source)
     base = _base_niceness()
     pipe = Pipeline(source=source, model=two, sinks=[], hold_priority=True)
     try:
@@ -518,11 +518,11 @@ def test_stream_readers_follow_the_same_rule(
 
     model = load_model(small_tflite, profile=load_profile("x86-64"), threads=2,
                        workers=workers, state_dir=tmp_path)  # fmt: skip
-    seen: list[dict[str, int]] = [{}, {}]
+    seen: list[dict[str, int]] = []
     streams = []
     for i in range(2):
         source = open_source("synthetic:?width=160&height=120&frames=15")
-        _capture_niceness(source, seen[i])
+        seen.append(_capture_niceness(source))
         streams.append(Stream(f"s{i}", source))
     base = _base_niceness()
     pipe = Pipeline(streams=streams, model=model, sinks=[], workers=workers)
