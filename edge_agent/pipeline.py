@@ -408,6 +408,7 @@ class Pipeline:
         if self._capture is None or not self._capture.is_alive():
             with self._cond:
                 old, self._model = self._model, new_model
+                self._count_errors_from(old, new_model)
                 if self._pending_plan_change:
                     self.plan_changes += 1
                 else:
@@ -1035,9 +1036,18 @@ class Pipeline:
             return _STOP
         return None
 
+    def _count_errors_from(self, old: LoadedModel, new: LoadedModel) -> None:
+        """``new`` serves from now on: its failed frames count from 0, and only the models that
+        can still have frames in flight keep a count. Called with ``self._cond`` held. The counts
+        are keyed by ``id()``, which a model loaded after a closed one may get again: kept, a
+        good update inherited the failures of the rolled-back one before it and failed its
+        health window at once (tests/test_ota.py, staged rollout, 2026-12-07)."""
+        self._model_errors = {id(old): self._model_errors.get(id(old), 0), id(new): 0}
+
     def _switch(self, new_model: LoadedModel) -> None:
         # called with self._cond held
         self.state = State.SWAPPING
+        self._count_errors_from(self._model, new_model)
         self._model = new_model
         self._pending = None
         self._nicer_capture = not self._priority_held and wants_nicer_capture(new_model)

@@ -615,6 +615,11 @@ def test_postprocessing_error_is_counted_not_fatal(
     summary = pipe.run()
     assert summary["results"] == 0 and summary["inference_errors"] == 120
     assert pipe.errors_of(broken) == 120
+    # Serving again, it counts afresh: a model loaded where a closed one lived gets its id(),
+    # the key of the counts, and must not inherit that one's failures (its health window).
+    assert pipe.swap_model(model) is broken
+    assert pipe.swap_model(broken) is model
+    assert pipe.errors_of(broken) == 0
     model.close()
 
 
