@@ -65,6 +65,41 @@ def test_a_pool_keeps_at_least_one() -> None:
         BufferPool(keep=0)
 
 
+def test_buffers_no_take_of_a_window_needed_are_let_go() -> None:
+    """After a burst (six frames held at once), a pool that then needs one buffer at a time
+    lets the other five go at the end of a window, and their memory with them."""
+    pool = BufferPool(keep=8, window=16)
+    burst = [pool.take((1000,), np.uint8) for _ in range(6)]
+    refs = [weakref.ref(b) for b in burst]
+    del burst
+    assert len(pool) == 6
+    for _ in range(32):  # the window the burst began, and a whole one after it
+        one = pool.take((1000,), np.uint8)
+        del one
+    assert len(pool) == 1
+    assert sum(ref() is None for ref in refs) == 5  # freed: nobody else held them
+    one = pool.take((1000,), np.uint8)
+    assert any(ref() is one for ref in refs)  # the one kept is still reused
+
+
+def test_buffers_in_use_are_kept_through_windows() -> None:
+    """Two frames in flight at a time (a queue and a worker): the pool keeps the three buffers
+    the pattern needs through many windows and never allocates again."""
+    pool = BufferPool(keep=8, window=8)
+    in_flight = [pool.take((100,), np.uint8), pool.take((100,), np.uint8)]
+    seen = {id(b) for b in in_flight}
+    for _ in range(200):
+        in_flight.pop(0)
+        in_flight.append(pool.take((100,), np.uint8))
+        seen.add(id(in_flight[-1]))
+    assert len(seen) <= 3 and len(pool) <= 3
+
+
+def test_a_window_must_hold_a_take() -> None:
+    with pytest.raises(ValueError, match="window = 0"):
+        BufferPool(window=0)
+
+
 def test_threads_never_get_a_buffer_another_holds() -> None:
     pool = BufferPool(keep=4)
     clash = threading.Event()
