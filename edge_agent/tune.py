@@ -7,7 +7,8 @@ the plans that fit the cores, for a bounded time (``seconds``, 3 by default):
 
 - a **throughput** source (a video file, images or a synthetic source at pace none): intra-op
   threads {1, all} with one worker, and two workers sharing all threads (onnxruntime runs one
-  session twice at once; LiteRT gets one interpreter per worker). Each plan runs the real
+  session twice at once; LiteRT gets one interpreter per worker) or, on 4 cores or more, one
+  thread each (the other cores left to decoding). Each plan runs the real
   pipeline on a fresh copy of the source; the most results per second wins. One more plan pins
   the capture thread to a core of its own and the one-thread model to the others (on a 2-core
   board: decoding never preempts the invoke, and neither thread's caches are shared).
@@ -93,6 +94,9 @@ def candidates(cores: int, mode: str) -> list[tuple[int, int, bool]]:
     plans = [(1, 1, False), (every, 1, False)]
     if mode == "throughput" and every >= 2:
         plans.append((every, 2, False))
+        # two one-thread workers (the same as the above on 2 cores): on 4 or more, the other
+        # cores are left to the capture thread and FFmpeg's decoding threads
+        plans.append((2, 2, False))
         plans.append((every - 1, 1, True))
     return list(dict.fromkeys(plans))
 

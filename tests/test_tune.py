@@ -57,7 +57,8 @@ def test_candidates_fit_the_cores_and_the_kind_of_source() -> None:
     assert candidates(1, "throughput") == [(1, 1, False)]
     assert candidates(2, "throughput") == [(1, 1, False), (2, 1, False), (2, 2, False),
                                            (1, 1, True)]  # fmt: skip
-    assert candidates(4, "throughput")[-1] == (3, 1, True)  # capture on a core of its own
+    assert candidates(4, "throughput") == [(1, 1, False), (4, 1, False), (4, 2, False),
+                                           (2, 2, False), (3, 1, True)]  # fmt: skip
     # live: one worker, latency first, and nothing pinned (the trial is the model alone)
     assert candidates(4, "live") == [(1, 1, False), (4, 1, False)]
     assert source_mode(open_source("synthetic:?frames=3"), "none") == "throughput"
