@@ -99,11 +99,19 @@ EXIT_BUDGET = ConvertExit.BUDGET
 EXIT_VERIFY = ConvertExit.VERIFY
 
 
+#: The longest third-party message :func:`first_line` passes on, in characters
+ONE_LINE_MAX = 300
+
+
 def first_line(exc: BaseException) -> str:
-    """The first line of a third-party error's message (or its type name): what goes into our
-    one-line messages when we translate it at the boundary."""
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
+    """A third-party error's message as one line (or its type name): what goes into our
+    one-line messages when we translate it at the boundary. Its lines are joined, not cut at
+    the first (onnxruntime's "Got invalid dimensions for input: … for the following indices"
+    says which on the next), up to :data:`ONE_LINE_MAX` characters."""
+    text = " ".join(str(exc).split())
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= ONE_LINE_MAX else text[: ONE_LINE_MAX - 1] + "…"
 
 
 class EdgeError(Exception):

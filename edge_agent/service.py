@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import edge_agent
+from edge_agent.common.durable import atomic_write
 from edge_agent.common.ratelimit import TokenBucket
 from edge_agent.common.urls import redact_uri
 from edge_agent.errors import (
@@ -39,6 +40,7 @@ from edge_agent.errors import (
     OrderRefused,
     ProtocolError,
     UpdateError,
+    first_line,
 )
 from edge_agent.fleet import protocol
 from edge_agent.fleet.protocol import Desired, Topics
@@ -115,6 +117,15 @@ class Service:
         config.require_runnable()
         self.profile = resolve_profile(config.agent.profile)
         state_dir = Path(config.agent.state_dir)
+        if state_dir.exists() and not state_dir.is_dir():
+            raise ConfigError(f"config: [agent] state_dir = {str(state_dir)!r}: not a directory")
+        if self.summary_path is not None:  # checked now, not after the whole run
+            where = self.summary_path.parent
+            if self.summary_path.is_dir() or not where.is_dir():
+                problem = (
+                    "is a directory" if self.summary_path.is_dir() else f"no directory {where}"
+                )
+                raise ConfigError(f"--summary {self.summary_path}: {problem}")
         if self.mqtt_enabled:
             try:
                 self.topics = Topics(self.device, prefix=config.mqtt.topic_prefix)
@@ -646,10 +657,16 @@ class Service:
             if self.orders is not None and self.orders.ledger is not None:
                 self.orders.ledger.close()
         for sink in self.sinks:
-            sink.close()
+            try:
+                sink.close()
+            except Exception as exc:  # its last results are lost; the rest of the stop goes on
+                log.warning("results: a sink failed to close: %s", first_line(exc))
         self.pipeline.model.close()
         if self.summary_path is not None:
-            self.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+            try:
+                atomic_write(self.summary_path, json.dumps(summary, indent=2).encode() + b"\n")
+            except OSError as exc:
+                log.warning("--summary %s: cannot write it (%s)", self.summary_path, exc.strerror)
         log.info(
             "stopped: %s",
             json.dumps({k: summary[k] for k in ("results", "fps", "dropped", "inference_errors")}),

@@ -38,7 +38,7 @@ from edge_agent.common.hashing import sha256_file
 from edge_agent.errors import ConfigError
 from edge_agent.io.uri import open_source_from
 from edge_agent.model.plan import open_model, open_planned_model, thread_plan
-from edge_agent.model.runtimes import zero_feeds
+from edge_agent.model.runtimes import model_file, zero_feeds
 from edge_agent.pipeline import Pipeline, State, available_cores
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def cache_key(model_path: Path, profile: Any, mode: str, streams: int = 1) -> st
     """The model file (a bundle and the profile fix the artifact and its runtime), the profile,
     the kind of source, the CPUs and, with several streams, how many: known before anything is
     loaded (eight files want another plan than one)."""
-    parts = [sha256_file(model_path), str(profile.name), mode, str(available_cores())]
+    parts = [sha256_file(model_file(model_path)), str(profile.name), mode, str(available_cores())]
     return "|".join(parts + ([f"streams={streams}"] if streams > 1 else []))
 
 

@@ -5,6 +5,7 @@ per result, the same object for every sink, written as compact JSON without NaN
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sys
 import threading
@@ -29,7 +30,9 @@ class Sink(Protocol):
 
 
 class JsonlSink:
-    """Appends one line per result and flushes it (a reader tailing the file sees it at once)."""
+    """Appends one line per result and flushes it (a reader tailing the file sees it at once).
+    The file is opened at the first result: an agent that stops before one (a source that
+    cannot be opened) leaves no empty file behind."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -37,20 +40,33 @@ class JsonlSink:
             raise ConfigError(
                 f"results: jsonl:{path}: the directory {self.path.parent} does not exist"
             )
-        self._fh: IO[bytes] | None = self.path.open("ab")
+        target = self.path if self.path.exists() else self.path.parent
+        if self.path.is_dir() or not os.access(target, os.W_OK):
+            why = "is a directory" if self.path.is_dir() else f"{target} is not writable"
+            raise ConfigError(f"results: jsonl:{path}: {why}")
+        self._fh: IO[bytes] | None = None
+        self._closed = False
 
     def write(self, result: dict[str, Any]) -> None:
         self.write_encoded(result, dumps(result))
 
     def write_encoded(self, result: dict[str, Any], data: bytes) -> None:
-        assert self._fh is not None, "sink is closed"
+        assert not self._closed, "sink is closed"
+        if self._fh is None:
+            self._fh = self.path.open("ab")
         self._fh.write(data + b"\n")
         self._fh.flush()
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        self._closed = True
+        fh, self._fh = self._fh, None
+        if fh is None:
+            return
+        try:
+            fh.close()  # closed even when its last flush fails (a full disk)
+        except OSError as exc:
+            log.warning("results: jsonl:%s: its last results were not written (%s)",
+                        self.path, exc.strerror or exc)  # fmt: skip
 
 
 class StdoutSink:

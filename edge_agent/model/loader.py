@@ -32,6 +32,7 @@ from edge_agent.model.runtimes import (
     TensorSpec,
     available_runtimes,
     load_runtime,
+    model_file,
     model_to_nchw,
     nchw_to_model,
     warmup,
@@ -200,6 +201,25 @@ def _install_bundle(
     return dest, manifest
 
 
+#: Operators only a quantized ONNX graph has, as their names appear in the file
+_ONNX_INT8_OPS = (b"QuantizeLinear", b"QLinearConv", b"QLinearMatMul", b"ConvInteger",
+                  b"MatMulInteger")  # fmt: skip
+
+
+def _bare_format(path: Path, runtime: Any) -> str:
+    """The artifact format of a model file given without a bundle's manifest: onnx-int8 (or
+    -int8-dynamic) when its graph has quantization operators, onnx-fp16 with float16 inputs;
+    a TFLite file's as LiteRT reports its tensors; else fp32."""
+    if path.suffix == ".tflite":
+        return f"tflite-{getattr(runtime, 'precision', 'fp32')}"
+    data = path.read_bytes()
+    if b"DynamicQuantizeLinear" in data:
+        return "onnx-int8-dynamic"
+    if any(op in data for op in _ONNX_INT8_OPS):
+        return "onnx-int8"
+    return "onnx-fp16" if any(t.dtype == "float16" for t in runtime.inputs) else "onnx-fp32"
+
+
 def _layout_for(spec: PreprocessSpec, runtime: Any) -> PreprocessSpec:
     """The manifest's preprocessing describes the ONNX model (NCHW); a TFLite artifact of it
     takes NHWC. Follow the artifact's own input shape."""
@@ -212,6 +232,40 @@ def _layout_for(spec: PreprocessSpec, runtime: Any) -> PreprocessSpec:
     if spec.layout == "nhwc" and tuple(shape[2:4]) == (h, w) and shape[1] in (1, 3):
         return dataclasses.replace(spec, layout="nchw")
     return spec
+
+
+def _check_fits(pre: Preprocessor, runtime: Any, *, path: Path, overridden: bool) -> None:
+    """The preprocessing's channels and size against the model's one image input, where the
+    model fixes them: caught at start, not as every frame's inference error. ConfigError when
+    the preprocessing options (``overridden``) made it wrong, else ModelError."""
+    if len(runtime.inputs) != 1 or len(runtime.inputs[0].shape) != 4:
+        return
+    spec, name, shape = pre.spec, runtime.inputs[0].name, runtime.inputs[0].shape
+    _, a, b, c = shape
+    channels, height, width = (a, b, c) if spec.layout == "nchw" else (c, a, b)
+    problems = []
+    if isinstance(channels, int) and channels != spec.num_channels:
+        problems.append(
+            f"{channels} channel(s), the preprocessing gives {spec.num_channels} ({spec.channels})"
+        )
+    if (
+        isinstance(height, int)
+        and isinstance(width, int)
+        and (height, width)
+        != (
+            spec.height,
+            spec.width,
+        )
+    ):
+        problems.append(
+            f"{width}x{height} images, the preprocessing gives {spec.width}x{spec.height}"
+        )
+    if not problems:
+        return
+    message = f"{path}: input '{name}' {list(shape)} takes " + "; ".join(problems)
+    if overridden:
+        raise ConfigError(f"{message}: change --channels (or [preprocess] channels) to fit")
+    raise ModelError(message)
 
 
 def golden_check(model: LoadedModel, root: Path) -> None:
@@ -269,7 +323,7 @@ def load_model(
     """Load, warm up and (for bundles) smoke-test a model. ``threads`` is the total; with
     ``workers`` > 1 each of that many concurrent inferences gets ``threads // workers`` of them
     (onnxruntime runs one session concurrently; LiteRT gets one interpreter per worker)."""
-    path = Path(path)
+    path = model_file(path)
     overrides = dict(preprocess_overrides or {})
     threads = threads or profile.threads
     workers = max(1, min(workers, threads))
@@ -291,6 +345,7 @@ def load_model(
         if pre_data:
             spec = _layout_for(PreprocessSpec.from_dict({**pre_data, **overrides}), runtime)
             pre = Preprocessor(spec)
+            _check_fits(pre, runtime, path=path, overridden=bool(overrides))
         post_spec = PostprocessSpec.from_manifest(manifest.get("postprocess") or {"kind": "raw"})
         input_size = None if pre is None else (pre.spec.width, pre.spec.height)
         model = LoadedModel(
@@ -324,9 +379,17 @@ def load_model(
         except ConfigError:
             if overrides:
                 raise
+        if pre is not None:
+            _check_fits(pre, runtime, path=path, overridden=bool(overrides))
     post_data: dict[str, Any] = {"kind": "raw"}
     if labels:
         post_data = {"kind": "classification", "labels": list(labels)}
+        classes = runtime.outputs[0].shape[-1] if runtime.outputs[0].shape else None
+        if isinstance(classes, int) and classes != len(labels):
+            log.warning(
+                "labels: %d given for %s's %d classes; a class without one is reported "
+                "with label null", len(labels), path.name, classes,
+            )  # fmt: skip
     model = LoadedModel(
         name=path.stem,
         version="0.0.0",
@@ -338,7 +401,7 @@ def load_model(
             input_size=None if pre is None else (pre.spec.width, pre.spec.height),
         ),
         artifact=path,
-        format="onnx-fp32" if path.suffix == ".onnx" else "tflite-fp32",
+        format=_bare_format(path, runtime),
         workers=workers,
         threads=max(1, threads // workers),
     )

@@ -32,6 +32,15 @@ from edge_agent.model.runtimes.base import (
 log = logging.getLogger(__name__)
 
 
+def model_file(path: str | Path) -> Path:
+    """``path`` when it is a file, else ModelError ``"<path>: no such model file"`` (exit 65):
+    checked before anything reads it (its hash, a bundle's signature, a runtime)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    return path
+
+
 def load_runtime(
     path: str | Path,
     *,
@@ -42,9 +51,7 @@ def load_runtime(
     """Load a model file with the runtime its type needs. ``instances`` > 1 lets that many
     ``infer`` calls run at once: onnxruntime sessions are thread-safe by themselves; LiteRT gets
     that many interpreters, each with ``threads`` threads."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: no such model file")
+    path = model_file(path)
     if path.suffix == ".onnx":
         from edge_agent.model.runtimes.onnx import OnnxRuntime
 
@@ -71,6 +78,7 @@ __all__ = [
     "dequantize",
     "infer_lock",
     "load_runtime",
+    "model_file",
     "model_to_nchw",
     "nchw_to_model",
     "quantize",

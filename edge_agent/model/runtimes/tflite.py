@@ -41,6 +41,17 @@ def runtime_version() -> str | None:
     return None if found is None else found[1]
 
 
+def _precision(details: list[Mapping[str, Any]]) -> str:
+    """int8 when any tensor is quantized to 8 bits, else fp16 when any is float16, else fp32."""
+    types = {np.dtype(d["dtype"]) for d in details}
+    if any(
+        np.dtype(d["dtype"]) in (np.int8, np.uint8) and d.get("quantization", (0.0, 0))[0]
+        for d in details
+    ):
+        return "int8"
+    return "fp16" if np.dtype(np.float16) in types else "fp32"
+
+
 def _spec(detail: Mapping[str, Any]) -> TensorSpec:
     dtype = np.dtype(detail["dtype"]).name
     scale, zero = detail.get("quantization", (0.0, 0))
@@ -91,6 +102,8 @@ class LiteRTRuntime:
         for interp in interps:
             self._pool.put(interp)
         self._interp: Any = first  # kept for close()
+        #: what its weights are stored as: "int8" (quantized tensors), "fp16" or "fp32"
+        self.precision = _precision(first.get_tensor_details())
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         pool = self._pool
