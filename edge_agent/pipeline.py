@@ -1095,6 +1095,11 @@ class Pipeline:
             )
         return int(getattr(getattr(self.source, "stats", None), "dropped", 0) or 0)
 
+    def _source_unreadable(self) -> int:
+        """Inputs the sources skipped because they could not be decoded (a corrupt image)."""
+        sources = [t.stream.source for t in self._tallies.values()] or [self.source]
+        return sum(int(getattr(getattr(s, "stats", None), "skipped", 0) or 0) for s in sources)
+
     def summary(self) -> dict[str, Any]:
         elapsed = max(time.monotonic() - self.started_mono, 1e-9) if self.started_mono else 0.0
         dropped = self._source_dropped()
@@ -1108,6 +1113,7 @@ class Pipeline:
             "fps": round(self.results / elapsed, 3) if elapsed else 0.0,
             "elapsed_s": round(elapsed, 3),
             "dropped": dropped,
+            "unreadable": self._source_unreadable(),
             "gated": self.gated,
             "inference_errors": self.inference_errors,
             "swaps": self.swaps,
@@ -1142,6 +1148,7 @@ class Pipeline:
                     "fps": round(t.results / elapsed, 3) if elapsed > 0 else 0.0,
                     "dropped": (c.dropped if c else 0) + int(getattr(src_stats, "dropped", 0)),
                     "skipped": c.skipped if c else 0,
+                    "unreadable": int(getattr(src_stats, "skipped", 0) or 0),
                     "gated": t.gated,
                     "errors": t.errors,
                     "reconnects": int(getattr(src_stats, "reconnects", 0)),

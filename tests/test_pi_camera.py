@@ -19,7 +19,7 @@ import pytest
 
 from converters.demo_broker import free_port
 from edge_agent.common.backoff import BackoffPolicy
-from edge_agent.errors import SourceError
+from edge_agent.errors import AgentExit, ConfigError, SourceError, agent_exit_code
 from edge_agent.io import Frame, open_source
 from edge_agent.io.rpicam import RpicamSource, i420_to_bgr, yuv420_stride
 from tests.fleet import wait_until
@@ -33,6 +33,7 @@ def standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("PATH", f"{STANDIN}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("RPICAM_STANDIN_FRAMES", raising=False)
     monkeypatch.delenv("RPICAM_STANDIN_NO_CAMERA", raising=False)
+    monkeypatch.delenv("RPICAM_STANDIN_ERROR_AT_END", raising=False)
     yield
 
 
@@ -140,6 +141,22 @@ def test_rpicam_comes_back_when_its_process_dies(
         stats = source.stats
     assert stats.reconnects >= 2 and stats.frames >= 10, stats
     assert "rpicam-vid exited (code 0)" in (stats.last_error or "")
+    assert "INFO RPI pisp.cpp: Sensor" in (stats.last_error or "")  # no error: its last line
+
+
+def test_rpicam_exit_quotes_its_error_not_a_later_info_line(
+    standin: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rpicam-vid says ``ERROR: …`` and libcamera then logs INFO lines as it stops: the reason
+    quoted is the error."""
+    monkeypatch.setenv("RPICAM_STANDIN_FRAMES", "3")
+    monkeypatch.setenv("RPICAM_STANDIN_ERROR_AT_END", "1")
+    source = RpicamSource(0, width=64, height=48, fps=50, reconnect=FAST)
+    with source:
+        wait_until(lambda: source.stats.last_error is not None, timeout=30, what="an exit")
+        error = source.stats.last_error or ""
+    assert error.endswith("rpicam-vid exited (code 0): ERROR: Device timeout detected, "
+                          "attempting a restart!!!"), error  # fmt: skip
 
 
 def test_no_camera_is_degraded_with_rpicam_vid_own_words(
@@ -165,18 +182,41 @@ def test_without_rpicam_vid_the_error_says_what_to_install(monkeypatch: pytest.M
     assert "rpicam-vid or libcamera-vid not found" in error and "apt install rpicam-apps" in error
 
 
-def test_picamera2_missing_says_how_to_get_it() -> None:
+def _without_picamera2() -> None:
     try:
         import picamera2  # type: ignore[import-not-found]  # noqa: F401
     except ImportError:
-        pass
-    else:
-        pytest.skip("picamera2 is installed here")
+        return
+    pytest.skip("picamera2 is installed here")
+
+
+def test_picamera2_missing_fails_at_open_and_says_how_to_get_it() -> None:
+    """A missing module is an install problem no retry fixes: open() raises ConfigError (exit
+    78, not restarted by systemd) in the caller's thread, one line, instead of degrading."""
+    _without_picamera2()
     source = open_source("picamera2:0?width=320&height=240", reconnect=FAST)
-    with source:
-        wait_until(lambda: source.stats.status == "degraded", timeout=20, what="degraded")
-        error = source.stats.last_error or ""
-    assert "--system-site-packages" in error and "python3-picamera2" in error
+    with pytest.raises(ConfigError) as info:
+        source.open()
+    error = str(info.value)
+    assert error.startswith("picamera2:0") and "\n" not in error
+    assert "--system-site-packages" in error and "python3-picamera2" in error and "rpicam:" in error
+    assert agent_exit_code(info.value) == AgentExit.CONFIG == 78
+    assert source.stats.status == "ok" and source.stats.status_changes == 0  # nothing retried
+
+
+def test_the_agent_exits_78_at_start_without_picamera2(digits: object, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    _without_picamera2()
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "edge-agent"), "run",
+         "--model", str(digits.onnx),  # type: ignore[attr-defined]
+         "--source", "picamera2:0", "--state-dir", str(tmp_path), "--profile", "x86-64"],
+        capture_output=True, text=True, timeout=60,  # retrying would serve until killed
+    )  # fmt: skip
+    assert run.returncode == 78, run.stderr
+    assert "python3-picamera2" in run.stderr and "reconnecting" not in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize(

@@ -165,6 +165,7 @@ def test_missing_and_corrupt_inputs_fail_at_open(tmp_path: Path) -> None:
         (f"images:{tmp_path}/*.png", "no image files"),
         (f"sensor:file:{tmp_path}/missing.csv?size=2&channels=1", "no such file"),
         (f"file:{tmp_path}/missing.mp4?loop=1&live=1", "no such file"),
+        (f"file:{tmp_path}/empty", "is not a regular file or a FIFO"),  # it exists: say what
     ]
     for uri, words in cases:
         source = open_source(uri)
@@ -237,12 +238,16 @@ def test_video_file_paced_at_its_native_rate(tmp_path: Path) -> None:
     assert gaps.min() > 0.03
 
 
-def test_video_truncated_midway_ends_with_an_error(tmp_path: Path) -> None:
+def test_video_truncated_midway_ends_with_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A video cannot skip what it cannot decode (OpenCV's read fails only at the end or after
+    thousands of bad packets): it ends there, and says so once, not silently."""
     video = write_video(tmp_path / "clip.avi", 30, 20.0, fourcc="MJPG")
     data = video.read_bytes()
     video.write_bytes(data[: len(data) // 2])
     statuses: list[str] = []
-    with open_source(f"file:{video}") as source:
+    with caplog.at_level("WARNING", logger="edge_agent.io"), open_source(f"file:{video}") as source:
         source.on_status(lambda stats: statuses.append(stats.status))
         frames = read_all(source)
         stats = source.stats
@@ -250,6 +255,8 @@ def test_video_truncated_midway_ends_with_an_error(tmp_path: Path) -> None:
     assert stats.status == "ended" and stats.last_error is not None
     assert "truncated or corrupt" in stats.last_error and str(video) in stats.last_error
     assert statuses == ["ended"]
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 1 and "truncated or corrupt" in said[0] and "ended" in said[0], said
 
 
 def test_images_by_glob_and_by_directory(tmp_path: Path) -> None:
@@ -268,6 +275,67 @@ def test_images_by_glob_and_by_directory(tmp_path: Path) -> None:
         start = time.monotonic()
         assert len(read_all(source)) == 5
         assert time.monotonic() - start >= 0.07  # 4 intervals of 20 ms
+
+
+def test_images_that_cannot_be_decoded_are_skipped_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Garbage bytes and a truncated PNG among good ones: every good image is read, in order,
+    each bad one is passed over with one warning naming it and counted; the run goes on."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(5):
+        assert cv2.imwrite(str(folder / f"{i}.png"), np.full((H, W, 3), 40 * i, np.uint8))
+    (folder / "2b.png").write_bytes(os.urandom(600))  # garbage
+    noisy = np.random.default_rng(1).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    assert cv2.imwrite(str(folder / "3b.png"), noisy)
+    whole = (folder / "3b.png").read_bytes()
+    (folder / "3b.png").write_bytes(whole[: len(whole) // 2])  # truncated
+    with caplog.at_level("WARNING", logger="edge_agent.io"), open_source(f"images:{folder}") as src:
+        frames = read_all(src)
+        stats = src.stats
+    assert [int(f.data[0, 0, 0]) for f in frames] == [0, 40, 80, 120, 160]
+    assert [f.index for f in frames] == [0, 1, 2, 3, 4]
+    assert (stats.frames, stats.skipped, stats.status) == (5, 2, "ended")
+    assert stats.last_error is not None and "3b.png" in stats.last_error
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 2 and all("\n" not in line for line in said), said
+    assert str(folder / "2b.png") in said[0] and str(folder / "3b.png") in said[1]
+
+
+def test_an_images_source_of_only_bad_files_ends_with_them_counted(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"not a png at all")
+    with open_source(f"images:{tmp_path}") as source:
+        assert source.read(timeout=1.0) is None
+        stats = source.stats
+    assert (stats.frames, stats.skipped, stats.status) == (0, 1, "ended")
+
+
+def test_a_fifo_is_read_as_a_video_file(tmp_path: Path) -> None:
+    """``file:PATH`` on a named pipe: the frames as a writer pushes them (MPEG-TS), to its end."""
+    clip = tmp_path / "clip.ts"
+    writer = cv2.VideoWriter(str(clip), cv2.CAP_FFMPEG, cv2.VideoWriter.fourcc(*"mp4v"), 25,
+                             (W, H))  # fmt: skip
+    assert writer.isOpened()
+    for i in range(20):
+        writer.write(np.full((H, W, 3), 8 * i, np.uint8))
+    writer.release()
+    data = clip.read_bytes()
+    fifo = tmp_path / "fifo.ts"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "wb") as pipe, contextlib.suppress(BrokenPipeError):
+            pipe.write(data)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    with open_source(f"file:{fifo}") as source:
+        frames = read_all(source)
+        stats = source.stats
+    feeder.join(5)
+    assert len(frames) == 20 and stats.last_error is None, stats
+    assert all(abs(float(f.data.mean()) - 8 * i) < 4 for i, f in enumerate(frames))
 
 
 def test_synthetic_finite_patterns() -> None:
@@ -386,6 +454,49 @@ def test_stream_on_a_closed_port_degrades_and_retries(scheme: str) -> None:
     source.close()
     assert time.monotonic() - start < 1.0
     assert source.stats.status == "ended"
+
+
+_REFUSED_STREAM_CHILD = """
+import logging, sys, time
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+from edge_agent.io import BackoffPolicy, open_source
+source = open_source(sys.argv[1], reconnect=BackoffPolicy(initial=5.0, maximum=5.0, jitter=0.0))
+source.open()
+deadline = time.monotonic() + 20
+while source.stats.status != "degraded" and time.monotonic() < deadline:
+    time.sleep(0.02)
+source.close()
+"""
+
+
+@pytest.mark.parametrize(
+    ("user_env", "theirs"),
+    [
+        ({}, []),
+        ({"OPENCV_LOG_LEVEL": "WARNING"}, ["VIDEOIO(FFMPEG)"]),
+        ({"OPENCV_LOG_LEVEL": "INFO", "OPENCV_FFMPEG_LOGLEVEL": "24"}, ["Connection to tcp"]),
+    ],
+)
+def test_a_refused_stream_is_said_once_in_our_words(
+    user_env: dict[str, str], theirs: list[str]
+) -> None:
+    """OpenCV's and FFmpeg's own lines (``[tcp @ 0x…] Connection to … failed: Connection
+    refused``, ``[ WARN…] VIDEOIO(FFMPEG) …``) stay off standard error; our one line says why.
+    A user's own OPENCV_LOG_LEVEL / OPENCV_FFMPEG_LOGLEVEL is left alone: their lines come back."""
+    uri = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")} | user_env
+    run = subprocess.run([sys.executable, "-c", _REFUSED_STREAM_CHILD, uri], env=env, cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         timeout=60)  # fmt: skip
+    out = run.stdout  # both: OpenCV writes its INFO lines (FFmpeg's, routed) to stdout
+    assert run.returncode == 0, out
+    lines = out.splitlines()
+    ours = [line for line in lines if line.startswith(f"{uri}: lost:")]
+    assert len(ours) == 1 and "refused the connection" in ours[0], out
+    if not theirs:
+        assert lines == ours, out  # no "[tcp @", no "VIDEOIO(FFMPEG)", nothing else
+    for needle in theirs:
+        assert needle in out, out
 
 
 # -- sensors -------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""A folder (or a glob) of image files, read in sorted order: finite."""
+"""A folder (or a glob) of image files, read in sorted order: finite. A file that cannot be
+decoded (not an image, truncated, or gone since the folder was listed) is skipped with one
+warning naming it and counted in ``stats.skipped``; reading goes on with the next file."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_agent.errors import SourceError
+from edge_agent.errors import SourceError, first_line
 from edge_agent.io.source import (
     EndOfStream,
     Pacer,
@@ -25,7 +27,8 @@ DEFAULT_IMAGE_FPS = 10.0
 
 
 class ImageFilesSource(Source):
-    """Image files, sorted by name: a directory (its image files) or a glob pattern. Finite."""
+    """Image files, sorted by name: a directory (its image files) or a glob pattern. Finite.
+    A file that cannot be decoded is skipped (one warning, ``stats.skipped``)."""
 
     def __init__(
         self,
@@ -61,14 +64,20 @@ class ImageFilesSource(Source):
             self._pacer = Pacer(self._fps)
 
     def _capture(self, timeout: float | None) -> np.ndarray | None:
-        if self._next >= len(self._files):
-            raise EndOfStream
-        path = self._files[self._next]
-        self._next += 1
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image is None:
-            raise SourceError(f"{self._label}: cannot read {path} (vanished or corrupt)")
-        return image
+        """The next file that decodes; the ones that do not are skipped on the way."""
+        while self._next < len(self._files):
+            path = self._files[self._next]
+            self._next += 1
+            try:
+                image = cv2.imread(path, cv2.IMREAD_COLOR)
+            except cv2.error as exc:
+                why = first_line(exc)
+            else:
+                if image is not None:
+                    return image
+                why = "not an image, or truncated" if os.path.exists(path) else "it vanished"
+            self._skip(f"{self._label}: cannot decode {path} ({why}); skipped it")
+        raise EndOfStream
 
 
 __all__ = [

@@ -1,9 +1,22 @@
-"""Video files, cameras and network streams, read through OpenCV's VideoCapture."""
+"""Video files, cameras and network streams, read through OpenCV's VideoCapture.
+
+OpenCV's and FFmpeg's own messages (``[tcp @ 0x…] Connection to … failed``, ``[ WARN:…]
+VIDEOIO(FFMPEG): …``, ``Stream ends prematurely``) would go to standard error on every
+reconnection of a stream; our one line says the source was lost and is retried. So importing
+this module lowers OpenCV's log level to errors and FFmpeg's to fatal errors
+(:func:`quiet_opencv_logs`), unless ``OPENCV_LOG_LEVEL`` / ``OPENCV_FFMPEG_LOGLEVEL`` is set
+already: a user's own setting (``OPENCV_FFMPEG_LOGLEVEL=32`` to debug a camera) wins. It is done
+at import because OpenCV reads ``OPENCV_FFMPEG_LOGLEVEL`` once, when its FFmpeg backend is first
+used (a video written or read before the first source opens would be too late).
+"""
 
 from __future__ import annotations
 
 import math
 import os
+import socket
+import stat
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +39,23 @@ from edge_agent.io.source import (
 STREAM_TIMEOUT_MS = 5000  # open/read timeout of a network stream, so a dead server cannot hang us
 #: Network streams read through OpenCV's FFmpeg backend (MJPEG, H.264, MPEG-TS, …).
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://")
+_DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443}
+PROBE_TIMEOUT_S = 2.0  # the TCP probe that says why a stream could not be opened
+#: FFmpeg's level while the agent reads through OpenCV: AV_LOG_FATAL (its errors are per
+#: connection attempt or per damaged packet; our own message says the stream is lost)
+FFMPEG_LOG_LEVEL = "8"
+
+
+def quiet_opencv_logs() -> None:
+    """Lower OpenCV's log level to errors and FFmpeg's to fatal errors, unless the environment
+    sets ``OPENCV_LOG_LEVEL`` / ``OPENCV_FFMPEG_LOGLEVEL`` (then it is left as given). Called
+    when this module is imported: OpenCV's FFmpeg backend reads its variable once, at first use."""
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", FFMPEG_LOG_LEVEL)
+
+
+quiet_opencv_logs()
 
 
 def _open_capture(target: int | str, api: int, params: list[int], label: str, what: str) -> Any:
@@ -37,6 +67,33 @@ def _open_capture(target: int | str, api: int, params: list[int], label: str, wh
         cap.release()
         raise SourceError(f"{label}: {what}")
     return cap
+
+
+def why_unreachable(target: str) -> str:
+    """Why a network stream could not be opened, in a few words, from a plain TCP connection to
+    its host and port (FFmpeg's own message is hidden, :func:`quiet_opencv_logs`): refused, no
+    answer, unknown host, or "the server answered" (then the path or the format is wrong). Empty
+    for UDP (nothing to connect to). Never names the user or the password."""
+    try:
+        parts = urllib.parse.urlsplit(target)
+        host, port = parts.hostname, parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:
+        return ""
+    if parts.scheme.lower() == "udp" or not host or not port:
+        return ""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            pass
+    except ConnectionRefusedError:
+        return f"{where} refused the connection"
+    except socket.gaierror:
+        return f"cannot resolve {host}"
+    except TimeoutError:
+        return f"{where} did not answer in {PROBE_TIMEOUT_S:g} s"
+    except OSError as exc:
+        return f"{where}: {exc.strerror or first_line(exc)}"
+    return f"{where} answered, but no video could be read there (path or format)"
 
 
 class _CvCaptureSource(Source):
@@ -98,10 +155,17 @@ class VideoFileSource(_CvCaptureSource):
         self.decode_threads = 0
 
     def _connect(self) -> None:
-        if not self.path.is_file():
+        try:
+            mode = self.path.stat().st_mode
+        except OSError:
             raise SourceError(
                 f"{self._label}: no such file {self.path}; check the path "
                 "(a camera is camera:N, a folder of images is images:DIR)"
+            ) from None
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):  # a FIFO is read as it comes
+            raise SourceError(
+                f"{self._label}: {self.path} is not a regular file or a FIFO; check the path "
+                "(a camera is camera:N or /dev/videoN, a folder of images is images:DIR)"
             )
         cap = _open_capture(
             str(self.path),
@@ -194,8 +258,16 @@ class CaptureSource(_CvCaptureSource):
                 cv2.CAP_PROP_READ_TIMEOUT_MSEC,
                 STREAM_TIMEOUT_MS,
             ]
-            what = "cannot connect to the stream; check the address and that the camera is up"
-            self._cap = _open_capture(target, cv2.CAP_FFMPEG, params, self._label, what)
+            try:
+                self._cap = _open_capture(target, cv2.CAP_FFMPEG, params, self._label, "")
+            except SourceError as exc:
+                why = why_unreachable(target)
+                if exc.__cause__ is not None:  # OpenCV raised: its words too
+                    why = "; ".join(w for w in (why, first_line(exc.__cause__)) if w)
+                raise SourceError(
+                    f"{self._label}: cannot connect to the stream{f' ({why})' if why else ''}; "
+                    "check the address and that the camera is up"
+                ) from exc
             return
         if isinstance(target, str) and not os.path.exists(target):
             raise SourceError(f"{self._label}: no such device; is the camera plugged in?")
@@ -214,8 +286,11 @@ class CaptureSource(_CvCaptureSource):
 
 
 __all__ = [
+    "FFMPEG_LOG_LEVEL",
     "STREAM_SCHEMES",
     "STREAM_TIMEOUT_MS",
     "CaptureSource",
     "VideoFileSource",
+    "quiet_opencv_logs",
+    "why_unreachable",
 ]

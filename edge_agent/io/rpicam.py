@@ -11,6 +11,8 @@ data; only libcamera runs the ISP).
   Python: rpicam-apps ships with Raspberry Pi OS.
 - ``picamera2:[INDEX][?width=W&height=H&fps=F]`` uses Picamera2 when it can be imported (it is a
   system package on Raspberry Pi OS: create the agent's venv with ``--system-site-packages``).
+  When it cannot be, ``open()`` raises ``ConfigError`` (an install problem that no retry fixes:
+  ``edge-agent`` exits 78, which systemd does not restart).
 
 Both are live sources: a capture thread keeps the newest frame, and a camera that is missing,
 busy or whose process dies is retried with backoff (``degraded`` meanwhile).
@@ -25,7 +27,7 @@ import numpy as np
 
 from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from edge_agent.common.buffers import BufferPool
-from edge_agent.errors import SourceError, first_line
+from edge_agent.errors import ConfigError, SourceError, first_line
 from edge_agent.io.process import PipeProcess, find_binary, wait_for_output
 from edge_agent.io.source import POLL_S, Source, check_fps
 
@@ -156,23 +158,35 @@ class RpicamSource(_PiCamera):
             proc.stop()
 
 
+def _import_picamera2(label: str) -> Any:
+    """Picamera2's camera class, or ConfigError saying how to install it."""
+    try:
+        from picamera2 import Picamera2  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise ConfigError(
+            f"{label}: picamera2 cannot be imported ({first_line(exc)}); on Raspberry Pi OS it "
+            "is a system package (sudo apt install python3-picamera2): create the agent's venv "
+            "with --system-site-packages, or use rpicam:"
+        ) from None
+    return Picamera2
+
+
 class Picamera2Source(_PiCamera):
-    """A camera through Picamera2 (libcamera's Python binding): live, reconnecting."""
+    """A camera through Picamera2 (libcamera's Python binding): live, reconnecting. Without
+    Picamera2, ``open()`` raises ``ConfigError`` (in the caller's thread: no retry fixes it)."""
 
     scheme = "picamera2"
     _cam: Any = None
+    _picamera2: Any = None  # the Picamera2 class, imported by open()
+
+    def open(self) -> None:
+        if self._picamera2 is None:
+            self._picamera2 = _import_picamera2(self._label)
+        super().open()
 
     def _connect(self) -> None:
         try:
-            from picamera2 import Picamera2  # type: ignore[import-not-found]
-        except ImportError:
-            raise SourceError(
-                f"{self._label}: picamera2 cannot be imported; on Raspberry Pi OS it is a system "
-                "package (sudo apt install python3-picamera2): create the agent's venv with "
-                "--system-site-packages, or use rpicam:"
-            ) from None
-        try:
-            cam = Picamera2(self.camera)
+            cam = self._picamera2(self.camera)
             # "RGB888" is B, G, R in memory: OpenCV's order
             config = cam.create_video_configuration(
                 main={"size": (self.width, self.height), "format": "RGB888"},

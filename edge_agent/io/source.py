@@ -34,7 +34,9 @@ Two timing models:
 - **finite** (``live = False``): files, images, stdin, tailed files, synthetic. ``read()`` works in
   the caller's thread and returns every frame in order. ``pace="native"`` sleeps to the source's
   frame rate, so a file can stand in for a camera without dropping frames. An error ends the
-  stream (``status = "ended"``, ``last_error`` set); nothing is reconnected.
+  stream (``status = "ended"``, ``last_error`` set, one warning logged); nothing is reconnected.
+  An image file that cannot be decoded does not end an ``images:`` source: it is skipped with
+  one warning naming it and counted in ``stats.skipped``.
 - **live** (``live = True``): cameras, streams, UDP sensors, ``synthetic:?live=1`` and
   ``file:PATH?loop=1&live=1``. A capture thread reads continuously and keeps only the newest frame
   in a one-slot buffer; a frame overwritten before ``read()`` took it counts in ``stats.dropped``.
@@ -101,6 +103,7 @@ class SourceStats:
     last_error: str | None = None  # the last problem seen (kept after the source recovers)
     bad_lines: int = 0  # sensor lines skipped: unparsable or with the wrong channel count
     status_changes: int = 0  # how many times status changed
+    skipped: int = 0  # inputs passed over because they cannot be decoded (image files)
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,7 @@ class Source(ABC):
         self._index = 0
         self._frames = 0
         self._dropped = 0
+        self._skipped = 0
         self._reconnects = 0
         self._status = "ok"
         self._last_error: str | None = None
@@ -310,6 +314,7 @@ class Source(ABC):
                 last_error=self._last_error,
                 bad_lines=self._bad_line_count(),
                 status_changes=self._status_changes,
+                skipped=self._skipped,
             )
 
     def on_status(self, callback: StatusCallback) -> None:
@@ -363,12 +368,22 @@ class Source(ABC):
             except Exception:
                 logger.exception("%s: status callback failed", self._label)
 
+    def _skip(self, error: str) -> None:
+        """One input of a finite source passed over (a file that cannot be decoded): counted in
+        ``stats.skipped``, kept as ``last_error``, said once in the log; reading goes on."""
+        with self._cond:
+            self._skipped += 1
+            self._last_error = error
+        logger.warning("%s", error)
+
     def _end(self, error: str | None) -> None:
         with self._cond:
             self._done = True
             self._cond.notify_all()
         if not self.live:
             self._disconnect()
+        if error is not None and not self._stop.is_set():  # an early end is said, once
+            logger.warning("%s; the source ended there", error)
         self._set_status("ended", error)
 
     def _publish(self, data: np.ndarray) -> None:
