@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.common.urls import redact_uri
+from edge_agent.errors import ConfigError, SourceError
 from edge_agent.io.sinks import CallbackSink
 
 
@@ -32,6 +34,8 @@ def run_bench(config: Any, *, frames: int, profile: Any) -> dict[str, Any]:
     from edge_agent.model.plan import open_model, open_planned_model, thread_plan
     from edge_agent.pipeline import Pipeline
 
+    if frames < 1:
+        raise ConfigError(f"--frames {frames}: must be >= 1")
     config = with_overrides(config, source={"uri": _source_uri(config, frames)})
     probe = open_source_from(config)
     threads = thread_plan(
@@ -45,8 +49,15 @@ def run_bench(config: Any, *, frames: int, profile: Any) -> dict[str, Any]:
     # 1. raw invoke loop on one prepared frame
     probe.open()
     first = probe.read(timeout=10.0)
+    why = probe.stats.last_error or "it ended before its first frame"
     probe.close()
-    assert first is not None, "the source produced no frame"
+    if first is None:
+        model.close()
+        if agent_model is not model:
+            agent_model.close()
+        label = redact_uri(config.source.uri)
+        why = why.removeprefix(f"{label}: ")
+        raise SourceError(f"{label}: the source produced no frame: {why}")
     raw = raw_fps(model, model.prepare(first.data)[0], frames)
     infer = model.runtime.infer
 

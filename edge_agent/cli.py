@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
             "built-in defaults; every key: docs/agent-config.md)",
         )  # fmt: skip
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def common(p: argparse.ArgumentParser, *, plan: bool = True) -> None:
+        """The options of run, tune and bench; ``plan=False`` (tune, which measures the plan)
+        leaves out --threads and --workers."""
         config_option(p)
         p.add_argument(
             "--model", metavar="PATH",
@@ -89,15 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
             help="public key (or a directory of .pub files) a bundle's signature must match; "
             "repeatable (default: [model] trusted_keys, /etc/edge-agent/trusted-keys)",
         )  # fmt: skip
-        p.add_argument(
-            "--threads", type=int, metavar="N",
-            help="runtime threads in all (default: [model] threads, 0 = the profile's plan)",
-        )  # fmt: skip
-        p.add_argument(
-            "--workers", type=int, metavar="N",
-            help="frames inferred at once (default: [pipeline] workers, 0 = auto: several for a "
-            "file at pace none with a slow model, else 1; see docs/agent.md)",
-        )  # fmt: skip
+        if plan:
+            p.add_argument(
+                "--threads", type=int, metavar="N",
+                help="runtime threads in all, >= 0 (default: [model] threads, 0 = the "
+                "profile's plan)",
+            )  # fmt: skip
+            p.add_argument(
+                "--workers", type=int, metavar="N",
+                help="frames inferred at once (default: [pipeline] workers, 0 = auto: several "
+                "for a file at pace none with a slow model, else 1; see docs/agent.md)",
+            )  # fmt: skip
         p.add_argument(
             "--mean", type=float_list, metavar="M[,M,M]",
             help="a bare model's per-channel mean, subtracted after scaling to 0-1 "
@@ -167,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tune",
         help="measure the fastest threads/workers plan for this model and source, and cache it",
     )
-    common(p)
+    common(p, plan=False)
     p.add_argument(
         "--seconds", type=float, default=3.0, metavar="S",
         help="time to spend measuring, over all the plans tried (default: 3)",
@@ -180,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument(
         "--frames", type=int, default=300, metavar="N",
-        help="frames per measurement (default: 300)",
+        help="frames per measurement, >= 1 (default: 300)",
     )  # fmt: skip
     return parser
 
@@ -271,6 +275,7 @@ def load_effective_config(args: argparse.Namespace) -> Any:
             "window_channels": channels,
         },
         results={"sinks": getattr(args, "results", None)},
+        rest={"port": getattr(args, "rest_port", None)},  # checked here; the service serves it
         mqtt={"broker": getattr(args, "broker", None)},
         pipeline={
             "max_frames": getattr(args, "max_frames", None),
@@ -311,10 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from edge_agent.config import load_config
+    from edge_agent.config import check_without_side_effects, load_config
 
     config = load_config(args.config)
     profile = resolve_profile(config.agent.profile)
+    check_without_side_effects(config)
     print(
         f"config OK: {config.path or '(defaults)'}; profile {profile.name}; "
         f"device {config.device_id}"

@@ -77,6 +77,9 @@ class ModelSection:
         "Class labels file (one per line) for a bare model; bundles carry their own.", default=""
     )
 
+    def __post_init__(self) -> None:
+        _at_least("model", self, 0, "threads")
+
 
 @dataclass(frozen=True)
 class PreprocessSection:
@@ -272,6 +275,10 @@ class PipelineSection:
     def __post_init__(self) -> None:
         _at_least("pipeline", self, 0, "workers", "max_frames", "stall_timeout")
         _at_least("pipeline", self, 0, "drain_timeout", strict=True)
+        if not 0 <= self.motion_gate <= 255:
+            raise ConfigError(
+                f"config: [pipeline] motion_gate = {self.motion_gate:g}: must be 0-255 (0 = off)"
+            )
 
 
 @dataclass(frozen=True)
@@ -282,11 +289,16 @@ class RestSection:
         "Serve POST /v1/models/<name>:predict for programs on this device.", default=False
     )
     host: str = _doc("Bind address; loopback only (127.0.0.1 or ::1).", default="127.0.0.1")
-    port: int = _doc("TCP port (TF Serving's REST default is 8501).", default=8501)
+    port: int = _doc(
+        "TCP port (TF Serving's REST default is 8501); 0 = any free port (the log says which).",
+        default=8501,
+    )
 
     def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"config: [rest] port = {self.port}: must be 1-65535")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(
+                f"config: [rest] port = {self.port}: must be 0-65535 (0 = any free port)"
+            )
 
 
 @dataclass(frozen=True)
@@ -740,6 +752,70 @@ def load_config(path: str | Path | None) -> AgentConfig:
         return parse_config(data, path=str(path))
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("config:", f"config {path}:", 1)) from None
+
+
+def check_without_side_effects(config: AgentConfig) -> None:
+    """What ``edge-agent run`` would reject as a configuration error, checked without connecting,
+    opening a camera or writing anything (``edge-agent check-config``): the model file (and a
+    bundle's trusted keys), the labels file, each source URI, the broker URL's form, each result
+    sink's form and a file sink's directory, the operator keys. ConfigError for the first bad
+    key, naming the file, the key and its value."""
+    try:
+        _check_without_side_effects(config)
+    except ConfigError as exc:
+        where = f"config {config.path}:" if config.path else "config:"
+        raise ConfigError(str(exc).replace("config:", where, 1)) from exc
+
+
+def _check_without_side_effects(config: AgentConfig) -> None:
+    from edge_agent.errors import SourceError
+    from edge_agent.io.sinks import parse_sink
+    from edge_agent.io.uri import check_sources_of
+    from edge_agent.model.keys import load_trusted_keys
+
+    model = config.model
+    if model.path:
+        if not Path(model.path).is_file():
+            why = "not a file" if Path(model.path).exists() else "no such file"
+            raise ConfigError(f"config: [model] path = {model.path!r}: {why}")
+        if Path(model.path).suffix == ".edgebundle":  # as edge_agent.model.plan.open_model
+            try:
+                load_trusted_keys([Path(k) for k in model.trusted_keys])
+            except ConfigError as exc:
+                raise ConfigError(f"config: [model] trusted_keys: {exc}") from None
+    if model.labels:
+        if not Path(model.labels).is_file():
+            raise ConfigError(f"config: [model] labels = {model.labels!r}: no such file")
+        read_text(model.labels, what="config: [model] labels")
+    try:
+        check_sources_of(config)
+    except SourceError as exc:
+        where = "[[sources]]" if config.sources else "[source] uri:"
+        raise ConfigError(f"config: {where} {exc}") from None
+    for spec in config.results.sinks:
+        try:
+            kind, path = parse_sink(spec)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"config: [results] sinks: {str(exc).removeprefix('results = ')}"
+            ) from None
+        if kind == "jsonl" and not Path(path).parent.is_dir():
+            raise ConfigError(
+                f"config: [results] sinks: {spec!r}: the directory {Path(path).parent} does "
+                "not exist"
+            )
+    if config.mqtt.broker:
+        from edge_agent.fleet.mqtt import BrokerSettings
+
+        try:  # what edge_agent.service builds: it checks the URL's form, connects to nothing
+            BrokerSettings.from_section(config.mqtt)
+        except ConfigError as exc:
+            raise ConfigError(f"config: [mqtt] {exc}") from None
+        if config.fleet.operator_keys:  # as the service's order guard loads them
+            try:
+                load_trusted_keys(config.fleet.operator_keys)
+            except ConfigError as exc:
+                raise ConfigError(f"config: [fleet] operator_keys: {exc}") from None
 
 
 def with_overrides(config: AgentConfig, **sections: Mapping[str, Any]) -> AgentConfig:

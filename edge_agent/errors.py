@@ -11,7 +11,9 @@
     ├── ConversionError            quantization or optimisation failed
     │   └── AccuracyBudgetError    no candidate met the accuracy budget or fidelity floor
     ├── SourceError                an input (camera, stream, file, images, sensor) that cannot be
-    │   │                          opened or parsed: a bad URI, a missing or corrupt file
+    │   │                          opened or read: a missing or corrupt file, an absent camera
+    │   ├── SourceURIError         a source URI that cannot be parsed: an unknown scheme or
+    │   │                          option, a bad option value (also a ConfigError: exit 78)
     │   └── SourceTimeout          read() saw no new frame in time (in ``edge_agent.io.source``)
     ├── BundleError                a model bundle that cannot be read or trusted
     │   ├── UnsafeBundleError      an archive entry is a link, absolute, escapes, or too large
@@ -151,9 +153,15 @@ class AccuracyBudgetError(ConversionError):
 
 
 class SourceError(EdgeError):
-    """An input (camera, stream, video file, images, sensor) that cannot be opened or read: a bad
-    URI, a missing or corrupt file. A live source that is lost does not raise: it reports
-    ``status = "degraded"`` and reconnects."""
+    """An input (camera, stream, video file, images, sensor) that cannot be opened or read: a
+    missing or corrupt file, an absent camera. A live source that is lost does not raise: it
+    reports ``status = "degraded"`` and reconnects."""
+
+
+class SourceURIError(ConfigError, SourceError):
+    """A source URI that cannot be parsed, names an unknown scheme or option, or gives an option
+    a bad value (``edge_agent.io.uri.open_source``): a configuration error (exit 78, not
+    restarted), and still a ``SourceError`` for callers that catch that around opening."""
 
 
 class BundleError(EdgeError):
@@ -264,6 +272,7 @@ __all__ = [
     "RolloutAborted",
     "SignatureError",
     "SourceError",
+    "SourceURIError",
     "UnsafeBundleError",
     "UnsupportedModelError",
     "UpdateError",

@@ -368,17 +368,7 @@ class Service:
 
         m = self.config.mqtt
         assert self.topics is not None
-        settings = BrokerSettings(
-            url=m.broker,
-            protocol=m.protocol,
-            keepalive=m.keepalive,
-            client_id=m.client_id,
-            username=m.username,
-            password_file=m.password_file,
-            ca_file=m.ca_file,
-            cert_file=m.cert_file,
-            key_file=m.key_file,
-        )
+        settings = BrokerSettings.from_section(m)
         self.spool = Spool(state_dir / "spool.sqlite", max_bytes=int(m.spool_max_mb * 2**20))
         self.orders = self._order_guard(state_dir)
         subs = [self.topics.commands]
@@ -476,11 +466,14 @@ class Service:
         except EdgeError as exc:
             problem = str(exc)
         if problem is not None:  # results and telemetry still flow; updates are refused
-            self.ota_disabled = (
-                f"no trusted keys in {where} ({problem}); create a key pair with "
-                "`edge-convert keygen --out DIR` and list DIR/edge-signing.pub in "
-                "[model] trusted_keys"
+            detail = problem.removeprefix(f"{where}: ")  # said once, not twice
+            hint = (
+                ""
+                if "edge-convert keygen" in detail
+                else "; create a key pair with `edge-convert keygen --out DIR` and list "
+                "DIR/edge-signing.pub in [model] trusted_keys"
             )
+            self.ota_disabled = f"no trusted keys in {where} ({detail}){hint}"
             log.warning("ota: disabled (%s)", self.ota_disabled)
             self.event("ota_disabled", reason=self.ota_disabled)
             return
@@ -669,7 +662,7 @@ class Service:
                 log.warning("--summary %s: cannot write it (%s)", self.summary_path, exc.strerror)
         log.info(
             "stopped: %s",
-            json.dumps({k: summary[k] for k in ("results", "fps", "dropped", "inference_errors")}),
+            json.dumps({k: summary[k] for k in ("results", "fps", "dropped", "unreadable", "inference_errors")}),
         )
 
     def _flush_spool(self) -> None:

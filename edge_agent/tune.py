@@ -498,7 +498,9 @@ def run_tune(config: Any, profile: Any, *, seconds: float = TUNE_SECONDS) -> dic
     """``edge-agent tune``: measure the plan for the configured model and source, cache it, and
     say what was chosen."""
     if config.model.threads or config.pipeline.workers:
-        raise ConfigError("tune measures the plan: leave out --threads and --workers")
+        raise ConfigError(
+            "tune measures the plan: leave [model] threads and [pipeline] workers at 0"
+        )
     if not 0 < seconds <= 600:
         raise ConfigError(f"--seconds {seconds}: expected 0 < S <= 600")
     state_dir = Path(config.agent.state_dir)

@@ -462,13 +462,33 @@ def build_parser() -> argparse.ArgumentParser:
         "failed, 4 bundle failed verification, 5 broker refused or unreachable, 6 no answer, "
         "7 fleet database unreachable or newer",
     )
-    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
-    parser.add_argument("--prefix", default=protocol.DEFAULT_PREFIX)
-    parser.add_argument("--username")
-    parser.add_argument("--password-file", help="a file holding the password (never the password)")
-    parser.add_argument("--ca-file")
-    parser.add_argument("--cert-file")
-    parser.add_argument("--key-file")
+    parser.add_argument(
+        "--broker", default="mqtt://127.0.0.1:1883", metavar="URL",
+        help="mqtt://HOST[:PORT], or mqtts://HOST[:PORT] for TLS; no credentials in it "
+        "(default: mqtt://127.0.0.1:1883)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prefix", default=protocol.DEFAULT_PREFIX,
+        help="the first topic level, as the devices' [mqtt] topic_prefix "
+        f"(default: {protocol.DEFAULT_PREFIX})",
+    )  # fmt: skip
+    parser.add_argument("--username", help="the broker user (default: none, anonymous)")
+    parser.add_argument(
+        "--password-file",
+        help="a file holding the password (never the password); needs --username (default: none)",
+    )
+    parser.add_argument(
+        "--ca-file", metavar="FILE",
+        help="CA certificate (PEM) that signed an mqtts:// broker's (default: the system's CAs)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cert-file", metavar="FILE",
+        help="client certificate (PEM) for mutual TLS, with --key-file (default: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--key-file", metavar="FILE",
+        help="the client certificate's private key (PEM), with --cert-file (default: none)",
+    )  # fmt: skip
     parser.add_argument(
         "--operator-key", metavar="FILE",
         help="sign every order with this operator key (default: $EDGECTL_OPERATOR_KEY)",
@@ -481,20 +501,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--order-ttl", type=parse_duration, metavar="DURATION",
         help="signed orders expire after this (default: 1h desired states, 5m commands)",
     )  # fmt: skip
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="debug logging and the traceback of an internal error (default: warnings only)",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     p = sub.add_parser("keygen", help="write an operator key pair (signs orders)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument(
+        "--out", type=Path, required=True, metavar="DIR",
+        help="where edge-operator.key (private, 0600) and edge-operator.pub are written",
+    )  # fmt: skip
     p.add_argument("--passphrase-file", metavar="FILE", help="encrypt the private key with this")
     p.add_argument("--force", action="store_true", help="overwrite an existing key pair")
 
     p = sub.add_parser("provision", help="broker credentials for a device (or operator, consumer)")
     p.add_argument("name", metavar="NAME", help="the device id (its MQTT username)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the provisioning dir")
-    p.add_argument("--role", choices=("device", "operator", "consumer"), default="device")
-    p.add_argument("--group", action="append", default=[], help="a fleet group (repeatable)")
+    p.add_argument(
+        "--role", choices=("device", "operator", "consumer"), default="device",
+        help="device: its own topics; operator: gives orders, reads the fleet; consumer: reads "
+        "results and telemetry (default: device)",
+    )  # fmt: skip
+    p.add_argument(
+        "--group", action="append", default=[],
+        help="a fleet group the device belongs to (repeatable; devices only; default: none)",
+    )  # fmt: skip
     p.add_argument("--rotate", action="store_true", help="a new password for an existing user")
     p.add_argument("--cert", action="store_true",
                    help="a client certificate (CN = NAME) instead of a password")  # fmt: skip
@@ -505,13 +538,17 @@ def build_parser() -> argparse.ArgumentParser:
     ca_sub = p.add_subparsers(dest="ca_command", metavar="ACTION")
     ca_sub.required = True
     q = ca_sub.add_parser("init", help="make the CA (ca.crt, ca.key)")
-    q.add_argument("--out", type=Path, required=True, metavar="DIR")
-    q.add_argument("--name", default="edge fleet CA", help="the CA's common name")
+    q.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="where ca.crt and ca.key (0600) are written")  # fmt: skip
+    q.add_argument("--name", default="edge fleet CA",
+                   help="the CA's common name (default: edge fleet CA)")  # fmt: skip
     q.add_argument("--days", type=int, default=3650, help="validity (default 3650)")
     q = ca_sub.add_parser("server", help="the broker's certificate")
     q.add_argument("hosts", nargs="+", metavar="HOST", help="DNS names and IP addresses")
-    q.add_argument("--out", type=Path, required=True, metavar="DIR")
-    q.add_argument("--ca", type=Path, required=True, metavar="DIR", help="the CA's directory")
+    q.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="where server.crt and server.key are written")  # fmt: skip
+    q.add_argument("--ca", type=Path, required=True, metavar="DIR",
+                   help="the CA's directory (edgectl ca init --out)")  # fmt: skip
     q.add_argument("--days", type=int, default=825, help="validity (default 825)")
 
     p = sub.add_parser("acl", help="print the broker ACL that fits the protocol")
@@ -521,37 +558,70 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Mosquitto's dynamic-security plugin JSON")  # fmt: skip
     p.add_argument("--devices-from", type=Path, metavar="DIR", help="every user provisioned there")
     p.add_argument("--device", action="append", default=[], help="a device id (repeatable)")
-    p.add_argument("--group", action="append", default=[], metavar="DEVICE=GROUP")
-    p.add_argument("--operator-user", action="append", default=[], metavar="NAME")
-    p.add_argument("--consumer-user", action="append", default=[], metavar="NAME")
+    p.add_argument("--group", action="append", default=[], metavar="DEVICE=GROUP",
+                   help="a device's fleet group (repeatable)")  # fmt: skip
+    p.add_argument("--operator-user", action="append", default=[], metavar="NAME",
+                   help="an operator's broker user (repeatable)")  # fmt: skip
+    p.add_argument("--consumer-user", action="append", default=[], metavar="NAME",
+                   help="a consumer's broker user: reads results and telemetry "
+                   "(repeatable)")  # fmt: skip
     p.add_argument("--admin-user", action="append", default=[], metavar="NAME",
                    help="--dynsec: an operator who may also run mosquitto_ctrl dynsec")  # fmt: skip
 
     p = sub.add_parser("publish", help="store a bundle on the broker as retained chunks")
-    p.add_argument("bundle", type=Path)
-    p.add_argument("--chunk-size", type=int, default=protocol.DEFAULT_CHUNK_SIZE)
-    p.add_argument("--public-key", action="append", default=[], help="verify with this key first")
+    p.add_argument("bundle", type=Path, help="the .edgebundle")
+    p.add_argument("--chunk-size", type=int, default=protocol.DEFAULT_CHUNK_SIZE, metavar="BYTES",
+                   help=f"bytes per retained chunk on the broker "
+                   f"(default: {protocol.DEFAULT_CHUNK_SIZE})")  # fmt: skip
+    p.add_argument("--public-key", action="append", default=[], metavar="PUB|DIR",
+                   help="verify the bundle's signature with this key (a .pub file or a directory "
+                   "of them) first; repeatable (default: not verified here; devices always "
+                   "verify)")  # fmt: skip
 
     p = sub.add_parser("deploy", help="publish a bundle and make it a device's or group's desired")
-    p.add_argument("bundle", type=Path)
+    p.add_argument("bundle", type=Path, help="the .edgebundle")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--device")
-    target.add_argument("--group")
-    p.add_argument("--url", help="devices fetch it from this HTTP(S) URL instead of the broker")
-    p.add_argument("--chunk-size", type=int, default=protocol.DEFAULT_CHUNK_SIZE)
-    p.add_argument("--public-key", action="append", default=[])
-    p.add_argument("--allow-downgrade", action="store_true")
+    target.add_argument("--device", metavar="ID", help="set this device's desired state")
+    target.add_argument("--group", metavar="NAME",
+                        help="set this group's desired state: every device that declares the "
+                        "group follows it")  # fmt: skip
+    p.add_argument("--url", help="devices fetch it from this HTTP(S) URL instead of the broker "
+                   "(default: published on the broker)")  # fmt: skip
+    p.add_argument("--chunk-size", type=int, default=protocol.DEFAULT_CHUNK_SIZE, metavar="BYTES",
+                   help=f"bytes per retained chunk on the broker "
+                   f"(default: {protocol.DEFAULT_CHUNK_SIZE})")  # fmt: skip
+    p.add_argument("--public-key", action="append", default=[], metavar="PUB|DIR",
+                   help="verify the bundle's signature with this key (a .pub file or a directory "
+                   "of them) first; repeatable (default: not verified here; devices always "
+                   "verify)")  # fmt: skip
+    p.add_argument("--allow-downgrade", action="store_true",
+                   help="let devices install a version below their anti-rollback floor (the "
+                   "highest they ever committed) (default: refused there)")  # fmt: skip
 
     p = sub.add_parser("rollout", help="staged rollout to a group: canaries first, then waves")
-    p.add_argument("bundle", type=Path)
-    p.add_argument("--group", required=True)
-    p.add_argument("--canary", type=parse_percent, default=10.0, metavar="PCT")
-    p.add_argument("--wait", type=parse_duration, default=120.0, metavar="DURATION")
-    p.add_argument("--max-failures", type=parse_percent, default=0.0, metavar="PCT")
-    p.add_argument("--waves", type=int, default=2, help="waves after the canaries")
-    p.add_argument("--chunk-size", type=int, default=protocol.DEFAULT_CHUNK_SIZE)
-    p.add_argument("--public-key", action="append", default=[])
-    p.add_argument("--discover", type=parse_duration, default=2.0, metavar="DURATION")
+    p.add_argument("bundle", type=Path, help="the .edgebundle")
+    p.add_argument("--group", required=True, metavar="NAME",
+                   help="the devices that declare this group")  # fmt: skip
+    p.add_argument("--canary", type=parse_percent, default=10.0, metavar="PCT",
+                   help="share of the group updated first, at least one device "
+                   "(default: 10%%)")  # fmt: skip
+    p.add_argument("--wait", type=parse_duration, default=120.0, metavar="DURATION",
+                   help="how long each wave's devices have to commit (default: 2m)")  # fmt: skip
+    p.add_argument("--max-failures", type=parse_percent, default=0.0, metavar="PCT",
+                   help="abort, reverting every device touched, when more of a wave fails "
+                   "(default: 0%%)")  # fmt: skip
+    p.add_argument("--waves", type=int, default=2,
+                   help="waves after the canaries (default: 2)")  # fmt: skip
+    p.add_argument("--chunk-size", type=int, default=protocol.DEFAULT_CHUNK_SIZE, metavar="BYTES",
+                   help=f"bytes per retained chunk on the broker "
+                   f"(default: {protocol.DEFAULT_CHUNK_SIZE})")  # fmt: skip
+    p.add_argument("--public-key", action="append", default=[], metavar="PUB|DIR",
+                   help="verify the bundle's signature with this key (a .pub file or a directory "
+                   "of them) first; repeatable (default: not verified here; devices always "
+                   "verify)")  # fmt: skip
+    p.add_argument("--discover", type=parse_duration, default=2.0, metavar="DURATION",
+                   help="how long to gather retained status to find the group's devices "
+                   "(default: 2s)")  # fmt: skip
     p.add_argument(
         "--require-shadow",
         type=parse_agreement,
@@ -563,18 +633,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--frames",
         type=parse_frames,
         default=protocol.DEFAULT_SHADOW_FRAMES,
-        help="frames each canary's shadow compares (with --require-shadow)",
+        help="frames each canary's shadow compares (with --require-shadow; default: "
+        f"{protocol.DEFAULT_SHADOW_FRAMES})",
     )
     p.add_argument("--shadow-timeout", type=parse_duration, default=300.0, metavar="DURATION",
-                   help="longest wait for the canaries' shadow frames")  # fmt: skip
+                   help="longest wait for the canaries' shadow frames (default: 5m)")  # fmt: skip
 
     p = sub.add_parser(
         "shadow", help="run a candidate bundle in shadow beside the serving model (never served)"
     )
     p.add_argument("bundle", type=Path, nargs="?", help="the candidate (not with --status/--stop)")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--device")
-    target.add_argument("--group")
+    target.add_argument("--device", metavar="ID",
+                        help="this device (with --status: only this one)")  # fmt: skip
+    target.add_argument("--group", metavar="NAME",
+                        help="this group's devices (with --status: only these)")  # fmt: skip
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--status", action="store_true", help="a table of the devices' shadows")
     mode.add_argument("--stop", action="store_true", help="end the shadow (it is unloaded)")
@@ -582,61 +655,79 @@ def build_parser() -> argparse.ArgumentParser:
         "--frames",
         type=parse_frames,
         default=protocol.DEFAULT_SHADOW_FRAMES,
-        help="frames to compare (shadow_completed when reached; it goes on after)",
+        help="frames to compare (shadow_completed when reached; it goes on after; default: "
+        f"{protocol.DEFAULT_SHADOW_FRAMES})",
     )
-    p.add_argument("--url", help="devices fetch it from this HTTP(S) URL instead of the broker")
-    p.add_argument("--chunk-size", type=int, default=protocol.DEFAULT_CHUNK_SIZE)
-    p.add_argument("--public-key", action="append", default=[], help="verify with this key first")
+    p.add_argument("--url", help="devices fetch it from this HTTP(S) URL instead of the broker "
+                   "(default: published on the broker)")  # fmt: skip
+    p.add_argument("--chunk-size", type=int, default=protocol.DEFAULT_CHUNK_SIZE, metavar="BYTES",
+                   help=f"bytes per retained chunk on the broker "
+                   f"(default: {protocol.DEFAULT_CHUNK_SIZE})")  # fmt: skip
+    p.add_argument("--public-key", action="append", default=[], metavar="PUB|DIR",
+                   help="verify the bundle's signature with this key (a .pub file or a directory "
+                   "of them) first; repeatable (default: not verified here; devices always "
+                   "verify)")  # fmt: skip
     p.add_argument(
         "--timeout",
         type=parse_duration,
         default=1.5,
         metavar="DURATION",
-        help="--status: how long to gather retained telemetry",
+        help="--status: how long to gather retained telemetry (default: 1.5s)",
     )
     p.add_argument("--json", action="store_true", help="--status as JSON")  # fmt: skip
 
     p = sub.add_parser("rollback", help="return a device or group to its previous model")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--device")
-    target.add_argument("--group")
+    target.add_argument("--device", metavar="ID", help="this device")
+    target.add_argument("--group", metavar="NAME",
+                        help="every device that declares this group (found from retained "
+                        "status)")  # fmt: skip
     p.add_argument("--version", help="the version to return to (default: the previous one)")
-    p.add_argument("--timeout", type=parse_duration, default=10.0)
+    p.add_argument("--timeout", type=parse_duration, default=10.0, metavar="DURATION",
+                   help="how long to wait for each device's answer (default: 10s)")  # fmt: skip
 
     p = sub.add_parser("ping", help="ask a device to answer")
-    p.add_argument("device")
-    p.add_argument("--timeout", type=parse_duration, default=5.0)
+    p.add_argument("device", help="the device id")
+    p.add_argument("--timeout", type=parse_duration, default=5.0, metavar="DURATION",
+                   help="how long to wait for the answer (default: 5s)")  # fmt: skip
 
     p = sub.add_parser("status", help="the fleet table from retained status and telemetry")
-    p.add_argument("--timeout", type=parse_duration, default=1.5, metavar="DURATION")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=parse_duration, default=1.5, metavar="DURATION",
+                   help="how long to gather retained status and telemetry; not with --db "
+                   "(default: 1.5s)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="the rows as JSON (default: a table)")
     add_db_arguments(p)
 
     p = sub.add_parser("watch", help="telemetry and events, live")
-    p.add_argument("device", nargs="?")
+    p.add_argument("device", nargs="?", help="only this device (default: every device)")
     p.add_argument("--count", type=int, default=0, help="stop after N messages (0 = never)")
     p.add_argument("--share", help="MQTT 5 shared subscription group")
 
     p = sub.add_parser("export", help="telemetry as JSON lines or CSV")
-    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
+                   help="JSON lines or CSV (default: jsonl)")  # fmt: skip
     p.add_argument("--duration", type=parse_duration, default=0.0, help="0 = until interrupted")
     p.add_argument("--share", help="MQTT 5 shared subscription group")
-    p.add_argument("-o", "--output", type=Path)
+    p.add_argument("-o", "--output", type=Path, metavar="FILE",
+                   help="write here (default: standard output)")  # fmt: skip
     add_db_arguments(p)
     p.add_argument("--since", help="with --db: from (30m, 2h, 7d, a Unix time, an ISO date)")
     p.add_argument("--until", help="with --db: until (the same forms; default now)")
     p.add_argument("--device", help="with --db: this device only")
 
     p = sub.add_parser("history", help="one device's telemetry over time, from the database")
-    p.add_argument("device")
+    p.add_argument("device", help="the device id")
     add_db_arguments(p)
     p.add_argument("--since", default="24h", help="from: 30m, 2h, 7d, a Unix time or an ISO "
                    "date, UTC (default 24h)")  # fmt: skip
     p.add_argument("--until", help="until (the same forms; default now)")
     p.add_argument("--metric", default=",".join(DEFAULT_HISTORY_METRICS),
-                   help=f"comma-separated: {', '.join(HISTORY_METRICS)}")  # fmt: skip
-    p.add_argument("--format", choices=FORMATS, default="table")
-    p.add_argument("--limit", type=int, default=100_000, help="at most this many rows")
+                   help=f"comma-separated: {', '.join(HISTORY_METRICS)} "
+                   f"(default: {','.join(DEFAULT_HISTORY_METRICS)})")  # fmt: skip
+    p.add_argument("--format", choices=FORMATS, default="table",
+                   help="a table, JSON or CSV (default: table)")  # fmt: skip
+    p.add_argument("--limit", type=int, default=100_000,
+                   help="at most this many rows (default: 100000)")  # fmt: skip
 
     p = sub.add_parser(
         "collect",
@@ -647,20 +738,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples (the default): --out DIR; fleet: --db URL")  # fmt: skip
     p.add_argument("--out", type=Path, help="samples: the dataset folder (created)")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--device")
-    target.add_argument("--group")
+    target.add_argument("--device", metavar="ID",
+                        help="samples: only this device's (default: every device's)")  # fmt: skip
+    target.add_argument("--group", metavar="NAME",
+                        help="samples: only the devices that declare this group")  # fmt: skip
     p.add_argument("--since", help="captured since: 2h, 7d, a Unix time or 2026-12-01T10:30 (UTC)")
     p.add_argument("--duration", type=parse_duration, default=0.0, help="0 = until interrupted")
     p.add_argument("--idle", type=parse_duration, default=0.0,
                    help="stop after this long without a new sample, or message with fleet "
                    "(0 = never; fleet --retire: 2s)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="leave collected samples on the broker")
-    p.add_argument("--discover", type=parse_duration, default=2.0, metavar="DURATION")
+    p.add_argument("--discover", type=parse_duration, default=2.0, metavar="DURATION",
+                   help="with --group: how long to gather retained status to find its devices "
+                   "(default: 2s)")  # fmt: skip
     fleet = p.add_argument_group("collect fleet (the streams into PostgreSQL)")
     add_db_arguments(fleet)
     fleet.add_argument("--share-group", default="edge-collectors", metavar="G",
                        help="MQTT 5 shared-subscription group: collectors in one group "
-                       "split the fleet")  # fmt: skip
+                       "split the fleet (default: edge-collectors)")  # fmt: skip
     fleet.add_argument("--client-id", default="", metavar="ID",
                        help="this collector's MQTT session (stable, one per collector; default "
                        "edgectl-collect-G-HOSTNAME)")  # fmt: skip
@@ -671,8 +766,12 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--prometheus", type=int, default=0, metavar="PORT",
                        help="serve fleet gauges and the collector's counters on "
                        "127.0.0.1:PORT")  # fmt: skip
-    fleet.add_argument("--batch-rows", type=int, default=1000, metavar="N")
-    fleet.add_argument("--batch-ms", type=float, default=200.0, metavar="MS")
+    fleet.add_argument("--batch-rows", type=int, default=1000, metavar="N",
+                       help="most rows written to the database at once, 1-100000 "
+                       "(default: 1000)")  # fmt: skip
+    fleet.add_argument("--batch-ms", type=float, default=200.0, metavar="MS",
+                       help="how long a batch gathers rows after its first, in ms "
+                       "(default: 200)")  # fmt: skip
     fleet.add_argument("--retention-days", type=float, default=0.0, metavar="DAYS",
                        help="delete rows older than this, by the device's time: a TimescaleDB "
                        "retention policy, or hourly batched deletes on plain tables "
@@ -681,29 +780,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "simulate", help="simulated devices on the broker (size a broker, a database)"
     )
-    p.add_argument("--devices", type=int, required=True, metavar="N")
-    p.add_argument("--rate", type=float, default=0.2, metavar="HZ", help="telemetry per device")
+    p.add_argument("--devices", type=int, required=True, metavar="N",
+                   help="how many simulated devices, >= 1")  # fmt: skip
+    p.add_argument("--rate", type=float, default=0.2, metavar="HZ",
+                   help="telemetry messages a second per device (default: 0.2)")  # fmt: skip
     p.add_argument(
         "--count", type=int, default=0, help="telemetry messages per device (0: --duration)"
     )
     p.add_argument("--duration", type=parse_duration, default=0.0, help="0 = until interrupted")
     p.add_argument(
-        "--events-every", type=int, default=5, metavar="K", help="an event every K telemetry"
+        "--events-every",
+        type=int,
+        default=5,
+        metavar="K",
+        help="an event every K telemetry (default: 5)",
     )
     p.add_argument(
         "--results-every", type=int, default=0, metavar="K", help="a result every K (0: none)"
     )
-    p.add_argument("--connections", type=int, default=4)
-    p.add_argument("--stem", default="sim", help="device ids: STEM-0000, STEM-0001, …")
-    p.add_argument("--first", type=int, default=0, help="the first device's number")
+    p.add_argument("--connections", type=int, default=4,
+                   help="MQTT connections the devices are spread over (default: 4)")  # fmt: skip
+    p.add_argument("--stem", default="sim",
+                   help="device ids: STEM-0000, STEM-0001, … (default: sim)")  # fmt: skip
+    p.add_argument("--first", type=int, default=0,
+                   help="the first device's number (default: 0)")  # fmt: skip
 
     p = sub.add_parser("capture", help="switch a device's sample capture off (privacy) or on")
-    p.add_argument("--device", required=True)
+    p.add_argument("--device", required=True, metavar="ID", help="the device")
     switch = p.add_mutually_exclusive_group(required=True)
     switch.add_argument("--off", action="store_true", help="stop capturing at once")
     switch.add_argument("--on", action="store_true", help="capture again (per its [capture])")
     p.add_argument("--purge", action="store_true", help="with --off: delete samples not sent yet")
-    p.add_argument("--timeout", type=parse_duration, default=5.0)
+    p.add_argument("--timeout", type=parse_duration, default=5.0, metavar="DURATION",
+                   help="how long to wait for the device's answer (default: 5s)")  # fmt: skip
     return parser
 
 

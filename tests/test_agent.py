@@ -301,10 +301,25 @@ def test_bad_config_names_key_and_value(
     assert needle in capsys.readouterr().err
 
 
-def test_check_config_accepts_the_shipped_example(capsys: Any) -> None:
+def test_check_config_accepts_the_shipped_example(capsys: Any, tmp_path: Path) -> None:
+    """The example as shipped, with its model and key directory where this machine has them
+    (check-config checks that the files it names exist)."""
+    from edge_agent.model.keys import generate_keypair
+
     example = Path(__file__).resolve().parents[1] / "systemd" / "agent.toml.example"
-    assert _run("check-config", "--config", example) == 0
+    generate_keypair(tmp_path / "keys")
+    (tmp_path / "model.edgebundle").write_bytes(b"")
+    text = example.read_text()
+    assert "/var/lib/edge-agent/model.edgebundle" in text and "/etc/edge-agent/trusted-keys" in text
+    text = text.replace("/var/lib/edge-agent/model.edgebundle", str(tmp_path / "model.edgebundle"))
+    config = tmp_path / "agent.toml"
+    config.write_text(text.replace("/etc/edge-agent/trusted-keys", str(tmp_path / "keys")))
+    assert _run("check-config", "--config", config) == 0
     assert "config OK" in capsys.readouterr().out
+    assert _run("check-config", "--config", example) == 78  # its model is not on this machine
+    assert "[model] path = '/var/lib/edge-agent/model.edgebundle': no such file" in (
+        capsys.readouterr().err
+    )
 
 
 def test_missing_model_or_source_is_a_config_error(tmp_path: Path, capsys: Any) -> None:

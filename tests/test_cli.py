@@ -336,3 +336,236 @@ def test_console_script_runs_as_a_user_would(digits: Any, tmp_path: Path) -> Non
         r.stderr.strip()
         == f"edge-convert: error: {tmp_path / 'nope.onnx'}: no such file or directory"
     )
+
+
+# --- edge-agent and edgectl as a new user meets them (real processes) -----------------------
+
+BIN = Path(sys.executable).parent
+
+
+def _agent(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "edge-agent"), *(str(a) for a in args)],
+        capture_output=True, text=True, timeout=120, cwd=cwd,
+    )  # fmt: skip
+
+
+def _agent_error(r: subprocess.CompletedProcess[str]) -> str:
+    """The one line an edge-agent error is (the log lines above it are not errors)."""
+    lines = [line for line in r.stderr.strip().splitlines() if line.startswith("edge-agent: ")]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("edge-agent: error: "), lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def gray_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bare ONNX model on 1x1x8x8 gray input: its mean."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=0)],
+        "gray",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path_factory.mktemp("gray") / "gray.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("uri", "needle"),
+    [
+        ("rpicam:0?widht=100", "unknown option(s) ['widht']"),
+        ("rpicam:0?width=abc", "width = 'abc'"),
+        ("rpicam:0?width=101", "even"),
+        ("rpicam:0?fps=0", "fps = '0'"),
+        ("rpicam:x", "expected rpicam:N"),
+        ("bogus://x", "unknown source scheme 'bogus'"),
+    ],
+)
+def test_a_malformed_source_uri_is_a_config_error_not_retried(
+    gray_model: Path, uri: str, needle: str
+) -> None:
+    r = _agent("run", "--model", gray_model, "--source", uri, "--max-frames", "1")
+    line = _agent_error(r)
+    assert r.returncode == 78, (uri, r.returncode, line)
+    assert uri in line and needle in line, line
+
+
+def test_a_source_that_cannot_be_opened_stays_66(gray_model: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.mp4"
+    r = _agent("run", "--model", gray_model, "--source", f"file:{missing}", "--max-frames", "1")
+    line = _agent_error(r)
+    assert r.returncode == 66, line
+    assert str(missing) in line and "no such file" in line
+
+
+#: (agent.toml, what the error says); {tmp} is a folder, {model} a real bare model
+BAD_CONFIGS = [
+    ('[model]\npath = "/nonexist.edgebundle"\n',
+     "[model] path = '/nonexist.edgebundle': no such file"),
+    ('[model]\npath = "{tmp}"\n', "[model] path = '{tmp}': not a file"),
+    ('[source]\nuri = "rpicam:0?widht=3"\n', "[source] uri: rpicam:0?widht=3: unknown option"),
+    ('[source]\nuri = "bogus://x"\n', "[source] uri: bogus://x: unknown source scheme 'bogus'"),
+    ('[[sources]]\nname = "front"\nuri = "rpicam:0?fps=0"\n', "stream front: rpicam:0?fps=0"),
+    ('[mqtt]\nbroker = "ftp://x"\n', "[mqtt] broker 'ftp://x': expected mqtt://"),
+    ('[results]\nsinks = ["jsonl:/nonexist/x.jsonl"]\n',
+     "'jsonl:/nonexist/x.jsonl': the directory /nonexist does not exist"),
+    ('[results]\nsinks = ["jsnl:x"]\n', "[results] sinks: 'jsnl:x': expected jsonl:PATH"),
+    ("[model]\nthreads = -1\n", "[model] threads = -1: must be >= 0"),
+    ("[pipeline]\nmotion_gate = 300.0\n", "[pipeline] motion_gate = 300: must be 0-255"),
+    ("[pipeline]\nmotion_gate = -1.0\n", "[pipeline] motion_gate = -1: must be 0-255"),
+    ("[rest]\nport = 70000\n", "[rest] port = 70000: must be 0-65535"),
+    ('[model]\npath = "{model}"\nlabels = "{tmp}/none.txt"\n',
+     "[model] labels = '{tmp}/none.txt': no such file"),
+    ('[model]\npath = "{tmp}/m.edgebundle"\ntrusted_keys = ["{tmp}/none.pub"]\n',
+     "[model] trusted_keys: {tmp}/none.pub: no such public key file"),
+    ('[mqtt]\nbroker = "mqtt://localhost"\n[fleet]\noperator_keys = ["{tmp}/op.pub"]\n',
+     "[fleet] operator_keys: {tmp}/op.pub: no such public key file"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "needle"), BAD_CONFIGS)
+def test_check_config_refuses_what_run_would_refuse(
+    gray_model: Path, tmp_path: Path, text: str, needle: str
+) -> None:
+    (tmp_path / "m.edgebundle").write_bytes(b"not read before the keys are")
+    path = tmp_path / "agent.toml"
+    path.write_text(text.format(tmp=tmp_path, model=gray_model))
+    r = _agent("check-config", "--config", path)
+    line = _agent_error(r)
+    assert r.returncode == 78, (text, r.returncode, line)
+    assert needle.format(tmp=tmp_path) in line and f"config {path}: " in line, line
+    assert "config OK" not in r.stdout
+
+
+def test_check_config_opens_connects_and_writes_nothing(gray_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f'[model]\npath = "{gray_model}"\n[source]\nuri = "rpicam:0?width=640&height=480"\n'
+        f'[results]\nsinks = ["jsonl:{out}/r.jsonl", "stdout"]\n'
+        '[mqtt]\nbroker = "mqtt://127.0.0.1:9"\n[rest]\nport = 0\n'
+    )
+    r = _agent("check-config", "--config", path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"config OK: {path}")
+    assert list(out.iterdir()) == []  # the sink's file is not created
+
+
+def test_config_files_that_are_not_utf8_are_config_errors(gray_model: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "b.toml"
+    bad.write_bytes(b"\xff\xfe[model]\n")
+    r = _agent("check-config", "--config", bad)
+    line = _agent_error(r)
+    assert r.returncode == 78 and str(bad) in line and "not UTF-8 text" in line, line
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes(b"cat\n\xff\xfedog\n")
+    good = tmp_path / "agent.toml"
+    good.write_text(f'[model]\npath = "{gray_model}"\nlabels = "{labels}"\n')
+    r = _agent("check-config", "--config", good)
+    line = _agent_error(r)
+    assert r.returncode == 78 and str(labels) in line and "not UTF-8 text" in line, line
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--threads", "-1"], "[model] threads = -1: must be >= 0"),
+        (["--motion-gate", "999"], "[pipeline] motion_gate = 999: must be 0-255"),
+        (["--motion-gate", "-1"], "[pipeline] motion_gate = -1: must be 0-255"),
+        (["--rest-port", "70000"], "[rest] port = 70000: must be 0-65535"),
+    ],
+)
+def test_out_of_range_flags_are_config_errors(
+    gray_model: Path, flags: list[str], needle: str
+) -> None:
+    r = _agent("run", "--model", gray_model, "--source", "synthetic:?frames=2", *flags)
+    line = _agent_error(r)
+    assert r.returncode == 78 and needle in line, line
+
+
+def test_rest_port_0_in_the_config_serves_on_a_free_port(gray_model: Path, tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f'[model]\npath = "{gray_model}"\n[source]\nuri = "synthetic:?frames=3&width=8&height=8"\n'
+        "[rest]\nenabled = true\nport = 0\n"
+    )
+    r = _agent("run", "--config", path, "--results", "stdout")
+    assert r.returncode == 0, r.stderr
+    served = [
+        line for line in r.stderr.splitlines() if "REST endpoint on http://127.0.0.1:" in line
+    ]
+    assert served and ":0/" not in served[0], r.stderr
+
+
+def test_bench_refuses_no_frames_and_a_source_without_one(gray_model: Path, tmp_path: Path) -> None:
+    for frames in ("0", "-5"):
+        r = _agent("bench", "--model", gray_model, "--frames", frames)
+        line = _agent_error(r)
+        assert r.returncode == 78 and f"--frames {frames}: must be >= 1" in line, line
+    png = tmp_path / "corrupt.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    r = _agent("bench", "--model", gray_model, "--frames", "5", "--source", f"images:{png}")
+    line = _agent_error(r)
+    assert r.returncode == 66, line
+    assert f"images:{png}: the source produced no frame: " in line and "Assertion" not in line
+
+
+def test_tune_does_not_offer_the_options_it_refuses() -> None:
+    r = _agent("tune", "--help")
+    assert r.returncode == 0 and "--seconds" in r.stdout
+    assert "--threads" not in r.stdout and "--workers" not in r.stdout
+    r = _agent("bench", "--help")
+    assert "--threads" in r.stdout and "--workers" in r.stdout
+    r = _agent("tune", "--threads", "2")
+    assert r.returncode == 2 and "unrecognized arguments: --threads" in r.stderr
+
+
+def test_edgectl_deploy_help_describes_every_option() -> None:
+    r = subprocess.run([str(BIN / "edgectl"), "deploy", "--help"], capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split("options:", 1)[1].split())
+    for flag, words in [
+        ("--device ID", "desired state"),
+        ("--group NAME", "every device that declares"),
+        ("--chunk-size BYTES", "(default: 98304)"),
+        ("--public-key PUB|DIR", "default: not verified here"),
+        ("--allow-downgrade", "install a version below"),
+    ]:
+        assert f"{flag} " in text, flag
+        after = text.split(f"{flag} ", 1)[1]
+        assert words in after[:200], (flag, after[:200])
+
+
+def test_every_edgectl_option_says_what_it_does_and_its_default() -> None:
+    import argparse
+
+    from edgectl.cli import build_parser
+
+    def walk(name: str, parser: argparse.ArgumentParser) -> list[str]:
+        missing = []
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, p in action.choices.items():
+                    missing += walk(f"{name} {sub}", p)
+                continue
+            flag = "/".join(action.option_strings) or action.dest
+            if not action.help:
+                missing.append(f"{name} {flag}: no help")
+            elif (action.option_strings and not action.required
+                  and action.default not in (None, False, [], "", 0)
+                  and "default" not in action.help):  # fmt: skip
+                missing.append(f"{name} {flag}: the default {action.default!r} is not said")
+        return missing
+
+    assert walk("edgectl", build_parser()) == []

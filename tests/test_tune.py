@@ -145,11 +145,18 @@ def test_edge_agent_tune_then_run_uses_the_cached_plan(small_tflite: Path, tmp_p
         f"plan: {plan['workers']} worker(s)" in run.stderr and "(cached, throughput" in run.stderr
     )
     assert len(run.stdout.splitlines()) == 20
-    bad = subprocess.run(
+    bad = subprocess.run(  # tune does not offer --threads: it measures them
         [EDGE_AGENT, "tune", *common, "--threads", "1", "--source", "synthetic:"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert bad.returncode == 78 and "leave out --threads" in bad.stderr
+    assert bad.returncode == 2 and "--threads" in bad.stderr
+    pinned = tmp_path / "pinned.toml"
+    pinned.write_text("[model]\nthreads = 1\n")
+    bad = subprocess.run(
+        [EDGE_AGENT, "tune", *common, "--config", pinned, "--source", "synthetic:"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 78 and "leave [model] threads" in bad.stderr
 
 
 @pytest.mark.skipif(

@@ -131,6 +131,13 @@ class BrokerSettings:
             raise ConfigError("broker: password_file needs a username")
         self.backoff  # noqa: B018 - validates the reconnect delays
 
+    @classmethod
+    def from_section(cls, m: Any) -> BrokerSettings:
+        """From the config's ``[mqtt]`` section (checks its form; connects to nothing)."""
+        return cls(url=m.broker, protocol=m.protocol, keepalive=m.keepalive,
+                   client_id=m.client_id, username=m.username, password_file=m.password_file,
+                   ca_file=m.ca_file, cert_file=m.cert_file, key_file=m.key_file)  # fmt: skip
+
     @property
     def backoff(self) -> BackoffPolicy:
         """Reconnect delays: doubling from ``reconnect_min_s`` up to ``reconnect_max_s``, with

@@ -225,10 +225,17 @@ class SinkWriter:
                                 name, n, first_line(exc))  # fmt: skip
 
 
+def parse_sink(spec: str) -> tuple[str, str]:
+    """``jsonl:PATH`` → ("jsonl", PATH), ``stdout`` → ("stdout", ""); else ConfigError. Opens
+    nothing (``edge-agent check-config``)."""
+    if spec == "stdout":
+        return "stdout", ""
+    if spec.startswith("jsonl:") and len(spec) > len("jsonl:"):
+        return "jsonl", spec[len("jsonl:") :]
+    raise ConfigError(f"results = {spec!r}: expected jsonl:PATH or stdout")
+
+
 def open_sink(spec: str) -> Sink:
     """``jsonl:PATH`` or ``stdout`` (the CLI's ``--results``)."""
-    if spec == "stdout":
-        return StdoutSink()
-    if spec.startswith("jsonl:") and len(spec) > len("jsonl:"):
-        return JsonlSink(spec[len("jsonl:") :])
-    raise ConfigError(f"results = {spec!r}: expected jsonl:PATH or stdout")
+    kind, path = parse_sink(spec)
+    return StdoutSink() if kind == "stdout" else JsonlSink(path)

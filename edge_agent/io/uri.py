@@ -1,4 +1,11 @@
-"""Source URIs (a contract, listed in ``edge_agent.io.source``) → a ``Source``, unopened."""
+"""Source URIs (a contract, listed in ``edge_agent.io.source``) → a ``Source``, unopened.
+
+A URI that cannot be parsed (an unknown scheme or option, a bad option value) is a configuration
+error, :class:`SourceURIError` (exit 78, not restarted): building a source does no I/O, so every
+error raised before ``open()`` is the URI's. What fails when the source is opened (a missing
+file, a camera that is not there, a refused connection) stays a ``SourceError`` (exit 66).
+:func:`check_source_uri` validates a URI without opening anything (``edge-agent check-config``).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from edge_agent.common.urls import redact_uri
-from edge_agent.errors import SourceError
+from edge_agent.errors import SourceError, SourceURIError
 from edge_agent.io.audio import ALSA_FORMATS, DEFAULT_RATE, AlsaSource, WavSource
 from edge_agent.io.images import ImageFilesSource
 from edge_agent.io.network import UdpSensorSource
@@ -123,8 +130,34 @@ def open_source(
     ``pace`` ("none" | "native") times the finite image sources (files, images, synthetic);
     ``fps`` overrides their native frame rate (and requests a rate from a camera); ``window``
     is the sensors' windowing; ``reconnect`` the backoff of live sources; ``password_file`` the
-    password of a network stream's user, read when it is opened. Raises ``SourceError``
-    for an unknown scheme or a bad option; a missing file is reported by ``open()``."""
+    password of a network stream's user, read when it is opened. Raises
+    :class:`SourceURIError` (a ``ConfigError``, exit 78) for an unparsable URI, an unknown
+    scheme or option, or a bad option value; a missing file is reported by ``open()``
+    (``SourceError``, exit 66). The sources' constructors do no I/O: only ``open()`` does."""
+    try:
+        return _build_source(uri, pace=pace, fps=fps, window=window, reconnect=reconnect,
+                             password_file=password_file)  # fmt: skip
+    except SourceError as exc:  # built, not opened: every error here is the URI's
+        raise SourceURIError(str(exc)) from exc
+
+
+def check_source_uri(
+    uri: str, *, window: WindowSpec | None = None, password_file: str = ""
+) -> None:
+    """Validate ``uri`` as :func:`open_source` does, opening nothing (no file, camera, process
+    or socket): :class:`SourceURIError` naming the URI and its bad part, else None."""
+    open_source(uri, window=window, password_file=password_file)
+
+
+def _build_source(
+    uri: str,
+    *,
+    pace: str,
+    fps: float | None,
+    window: WindowSpec | None,
+    reconnect: BackoffPolicy,
+    password_file: str,
+) -> Source:
     label = redact_uri(uri)
     check_pace(label, pace)
     check_fps(label, "fps", fps)
@@ -352,6 +385,19 @@ def _open_section(s: Any) -> Source:
     return open_source(s.uri, pace=s.pace, window=window, password_file=s.password_file)
 
 
+def check_sources_of(config: Any) -> None:
+    """Validate every source URI a config names (``[source]`` or each ``[[sources]]``), opening
+    nothing: :class:`SourceURIError` (exit 78) for the first bad one, naming its stream."""
+    if config.sources:
+        for s in config.sources:
+            try:
+                _open_section(s)
+            except SourceURIError as exc:
+                raise SourceURIError(f"stream {s.name}: {exc}") from exc
+    elif config.source.uri:
+        _open_section(config.source)
+
+
 def open_source_from(config: Any) -> Source:
     """The source a config's ``[source]`` section names (uri, pace, window), unopened."""
     return _open_section(config.source)
@@ -364,8 +410,8 @@ def open_streams_from(config: Any) -> list[Stream]:
     for s in config.sources:
         try:
             source = _open_section(s)
-        except SourceError as exc:
-            raise SourceError(f"stream {s.name}: {exc}") from exc
+        except SourceURIError as exc:
+            raise SourceURIError(f"stream {s.name}: {exc}") from exc
         roi = (s.roi[0], s.roi[1], s.roi[2], s.roi[3]) if s.roi else None
         if len(config.sources) > 1 and isinstance(source, VideoFileSource):
             source.decode_threads = 1  # the streams decode side by side already
@@ -374,6 +420,8 @@ def open_streams_from(config: Any) -> list[Stream]:
 
 
 __all__ = [
+    "check_source_uri",
+    "check_sources_of",
     "open_source",
     "open_source_from",
     "open_streams_from",

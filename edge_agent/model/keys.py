@@ -121,17 +121,17 @@ def load_private_key(path: Path | str, *, passphrase: bytes | None = None) -> Ed
             raise ConfigError(f"{path}: wrong passphrase for this private key") from exc
         raise ConfigError(
             f"{path}: not a PEM private key ({first_line(exc)}); expected an Ed25519 key from "
-            "generate_keypair"
+            "`edge-convert keygen`"
         ) from exc
     except UnsupportedAlgorithm as exc:
         raise ConfigError(
             f"{path}: not a PEM private key ({first_line(exc)}); expected an Ed25519 key from "
-            "generate_keypair"
+            "`edge-convert keygen`"
         ) from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(
             f"{path}: is not an Ed25519 key (it holds {_kind(key)}); bundles are signed with "
-            "Ed25519 (generate a key pair with generate_keypair)"
+            "Ed25519 (create a key pair with `edge-convert keygen --out DIR`)"
         )
     return key
 
@@ -144,7 +144,7 @@ def load_public_key(path: Path | str) -> Ed25519PublicKey:
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise ConfigError(
             f"{path}: not a PEM public key ({first_line(exc)}); expected the {PUBLIC_KEY_NAME} "
-            "written by generate_keypair"
+            "written by `edge-convert keygen`"
         ) from exc
     if not isinstance(key, Ed25519PublicKey):
         raise ConfigError(

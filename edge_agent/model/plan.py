@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import ConfigError
+from edge_agent.common.files import read_text
 
 
 def resolve_profile(name: str) -> Any:
@@ -75,10 +75,8 @@ def open_model(config: Any, profile: Any, *, threads: int, workers: int = 1) -> 
         keys = load_trusted_keys([Path(k) for k in config.model.trusted_keys])
     labels = None
     if config.model.labels:
-        label_path = Path(config.model.labels)
-        if not label_path.is_file():
-            raise ConfigError(f"config: [model] labels = {config.model.labels!r}: no such file")
-        labels = tuple(line.strip() for line in label_path.read_text().splitlines() if line.strip())
+        text = read_text(config.model.labels, what="config: [model] labels")
+        labels = tuple(line.strip() for line in text.splitlines() if line.strip())
     return load_model(
         model_path,
         profile=profile,

@@ -53,8 +53,8 @@ class PreprocessSpec:
         for key, values in (("mean", self.mean), ("std", self.std)):
             if len(values) not in (1, n):
                 raise ConfigError(
-                    f"preprocess: {key} = {list(values)}: give 1 or {n} values for "
-                    f"{self.channels} input"
+                    f"preprocess: {key} = {list(values)}: give "
+                    f"{'1 value' if n == 1 else f'1 or {n} values'} for {self.channels} input"
                 )
         if any(s == 0 for s in self.std):
             raise ConfigError(f"preprocess: std = {list(self.std)}: values must be non-zero")
