@@ -488,6 +488,11 @@ class Pipeline:
                 # a core free keeps FFmpeg's choice: a large H.264 file may need those threads.
                 src.decode_threads = 1
             src.open()
+        # Serving once the source is: a camera or stream that connects in its capture thread
+        # is "starting" until its first frame, or "degraded" when it is not there (the watchdog
+        # pings all along; READY=1 waits for one or the other).
+        single = self._streams is None and self.source.connects_in_background
+        self.state = State.STARTING if single else State.SERVING
         self.started_mono = time.monotonic()
         self._capture = threading.Thread(
             target=self._capture_loop if self._streams is None else self._streams_loop,
@@ -496,7 +501,6 @@ class Pipeline:
         )
         self._capture.start()
         self._writer.start()
-        self.state = State.SERVING
         helpers = [
             threading.Thread(target=self._worker, args=(i,), name=f"edge-infer-{i}", daemon=True)
             for i in range(1, self._spawned)
@@ -588,6 +592,8 @@ class Pipeline:
                     break
                 if self.state is State.DEGRADED:  # frames again: the source is back
                     self._update_degraded()
+                elif self.state is State.STARTING:  # the first frame: the source is there
+                    self.state = State.SERVING
                 self.frames += 1
                 if gate is not None and not gate.changed(frame.data):
                     self.gated += 1
@@ -744,7 +750,7 @@ class Pipeline:
                 self.state = State.SERVING
             return
         status = getattr(getattr(self.source, "stats", None), "status", "ok")
-        if status == "degraded" and self.state == State.SERVING:
+        if status == "degraded" and self.state in (State.SERVING, State.STARTING):
             self.state = State.DEGRADED
         elif status == "ok" and self.state == State.DEGRADED:
             self.state = State.SERVING
@@ -1046,7 +1052,7 @@ class Pipeline:
 
     def _switch(self, new_model: LoadedModel) -> None:
         # called with self._cond held
-        self.state = State.SWAPPING
+        before, self.state = self.state, State.SWAPPING
         self._count_errors_from(self._model, new_model)
         self._model = new_model
         self._pending = None
@@ -1056,7 +1062,8 @@ class Pipeline:
         else:
             self.swaps += 1
             log.info("serving %s %s", new_model.name, new_model.version)
-        self.state = State.SERVING
+        # a swap does not bring a lost source back, nor a camera that has not started
+        self.state = before if before in (State.DEGRADED, State.STARTING) else State.SERVING
         self._swapped.set()
 
     # --- reporting ----------------------------------------------------------------------

@@ -47,6 +47,9 @@ from edge_agent.fleet.protocol import Desired, Topics
 
 log = logging.getLogger("edge-agent")
 
+#: What the last log line ("stopped: …") says of the summary
+STOPPED_KEYS = ("results", "fps", "dropped", "unreadable", "inference_errors")
+
 
 class Service:
     def __init__(self, config: Any, *, summary_path: Path | None = None) -> None:
@@ -662,7 +665,7 @@ class Service:
                 log.warning("--summary %s: cannot write it (%s)", self.summary_path, exc.strerror)
         log.info(
             "stopped: %s",
-            json.dumps({k: summary[k] for k in ("results", "fps", "dropped", "unreadable", "inference_errors")}),
+            json.dumps({k: summary[k] for k in STOPPED_KEYS}),
         )
 
     def _flush_spool(self) -> None:

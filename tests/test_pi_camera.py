@@ -310,3 +310,56 @@ def test_the_agent_serves_a_model_on_the_pi_camera(
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["seq"] for r in rows] == [0, 1, 2, 3, 4]
     assert all("error" not in r["output"] for r in rows), rows[0]
+
+
+def _notifications(tmp_path: Path, args: list[str], *, seconds: float) -> list[bytes]:
+    """What ``edge-agent run ARGS`` tells a real notify socket in its first ``seconds``."""
+    import subprocess
+    import sys
+
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(str(tmp_path / "notify"))
+    rx.settimeout(0.2)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "2000000"}
+    env.pop("WATCHDOG_PID", None)
+    agent = subprocess.Popen(
+        [str(Path(sys.executable).parent / "edge-agent"), "run", *args,
+         "--state-dir", str(tmp_path), "--profile", "x86-64"],
+        env=env, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    got: list[bytes] = []
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                got.append(rx.recv(4096))
+    finally:
+        agent.terminate()
+        agent.wait(30)
+        rx.close()
+    return got
+
+
+@pytest.mark.parametrize("camera", ["absent", "present"])
+def test_ready_says_degraded_or_serving_only_once_the_camera_says(
+    standin: None, digits: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, camera: str
+) -> None:
+    """rpicam-vid starts, then finds no camera (or delivers frames): READY=1 comes with the
+    state the camera gave, "degraded" or "serving", never "serving" before the camera is known
+    to be there (it used to say serving for the moment rpicam-vid took to fail). The watchdog
+    is pinged meanwhile."""
+    if camera == "absent":
+        monkeypatch.setenv("RPICAM_STANDIN_NO_CAMERA", "1")
+    got = _notifications(
+        tmp_path,
+        ["--model", str(digits.onnx),  # type: ignore[attr-defined]
+         "--source", "rpicam:0?width=64&height=48&fps=30"],
+        seconds=8.0,
+    )  # fmt: skip
+    states = [m.split(b"=", 1)[1].split(b":")[0] for m in got if m.startswith(b"STATUS=")]
+    assert b"READY=1" in got and b"WATCHDOG=1" in got, got
+    known = [s for s in states if s != b"starting"]  # starting: rpicam-vid not heard from yet
+    expected = b"degraded" if camera == "absent" else b"serving"
+    assert known and known[0] == expected, got
+    if camera == "absent":
+        assert b"serving" not in states, got

@@ -218,6 +218,13 @@ class Source(ABC):
 
     # -- the public protocol -------------------------------------------------------------------
 
+    @property
+    def connects_in_background(self) -> bool:
+        """True when ``open()`` returns before the source is connected: a camera or a stream
+        that connects (and reconnects) in its capture thread, so its first frame, or its first
+        ``degraded``, says whether it is there."""
+        return self.live and not self._connect_in_open
+
     def open(self) -> None:
         """Open the source (and start its capture thread if it is live). Raises ``SourceError``."""
         if self._state is not _State.UNOPENED:
