@@ -312,8 +312,9 @@ def test_the_agent_serves_a_model_on_the_pi_camera(
     assert all("error" not in r["output"] for r in rows), rows[0]
 
 
-def _notifications(tmp_path: Path, args: list[str], *, seconds: float) -> list[bytes]:
-    """What ``edge-agent run ARGS`` tells a real notify socket in its first ``seconds``."""
+def _notifications(tmp_path: Path, args: list[str], *, seconds: float, until: bytes) -> list[bytes]:
+    """What ``edge-agent run ARGS`` tells a real notify socket in its first ``seconds``, or until
+    it has said READY=1 and a message that starts with ``until``."""
     import subprocess
     import sys
 
@@ -333,6 +334,8 @@ def _notifications(tmp_path: Path, args: list[str], *, seconds: float) -> list[b
         while time.monotonic() < end:
             with contextlib.suppress(TimeoutError):
                 got.append(rx.recv(4096))
+            if b"READY=1" in got and any(m.startswith(until) for m in got):
+                break
     finally:
         agent.terminate()
         agent.wait(30)
@@ -354,7 +357,7 @@ def test_ready_says_degraded_or_serving_only_once_the_camera_says(
         tmp_path,
         ["--model", str(digits.onnx),  # type: ignore[attr-defined]
          "--source", "rpicam:0?width=64&height=48&fps=30"],
-        seconds=8.0,
+        seconds=30.0, until=b"STATUS=" + (b"degraded" if camera == "absent" else b"serving"),
     )  # fmt: skip
     states = [m.split(b"=", 1)[1].split(b":")[0] for m in got if m.startswith(b"STATUS=")]
     assert b"READY=1" in got and b"WATCHDOG=1" in got, got
