@@ -783,10 +783,11 @@ def _check_without_side_effects(config: AgentConfig) -> None:
                 load_trusted_keys([Path(k) for k in model.trusted_keys])
             except ConfigError as exc:
                 raise ConfigError(f"config: [model] trusted_keys: {exc}") from None
-    if model.labels:
-        if not Path(model.labels).is_file():
-            raise ConfigError(f"config: [model] labels = {model.labels!r}: no such file")
+    if model.labels:  # the message run gives (edge_agent.model.plan.open_model reads it so)
         read_text(model.labels, what="config: [model] labels")
+    state_dir = Path(config.agent.state_dir)
+    if state_dir.exists() and not state_dir.is_dir():  # as edge_agent.service refuses it
+        raise ConfigError(f"config: [agent] state_dir = {str(state_dir)!r}: not a directory")
     try:
         check_sources_of(config)
     except SourceError as exc:

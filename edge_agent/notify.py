@@ -30,7 +30,8 @@ the pings are tied to the loop:
 
 When an inference call or the capture loop hangs, ``progress()`` stops, ``tick()`` stops
 pinging, and systemd restarts the service. ``READY=1`` is sent once the model is loaded and the
-source is open or being retried, not at the first result::
+source is open (a camera or a stream: its first frame) or being retried, not at the first
+result::
 
     notifier = Notifier()                   # from $NOTIFY_SOCKET; a no-op outside systemd
     watchdog = Watchdog(notifier)           # timeout from $WATCHDOG_USEC

@@ -131,6 +131,10 @@ class _Prepared:
 
 _END = object()
 _STOP = object()
+#: A camera or stream still without a frame this long after it was opened is "degraded" (READY=1
+#: goes out; systemd's start timeout is 90 s), even while its status says nothing is wrong (an
+#: rpicam-vid that started and went quiet, a FIFO with no writer).
+STARTING_LIMIT_S = 20.0
 
 
 class MotionGate:
@@ -324,6 +328,7 @@ class Pipeline:
         self.gate = gate
         self.seq = seq_start
         self.state = State.STARTING
+        self._framed = False  # a frame came from the source: degraded can turn to serving
         self.stats = StageStats.new()
         self._window_mark = self.stats.mark()  # where telemetry's interval started
         self.frames = 0
@@ -588,6 +593,7 @@ class Pipeline:
                 except SourceTimeout:
                     self._update_degraded()
                     continue
+                self._framed = True
                 if frame is None:
                     break
                 if self.state is State.DEGRADED:  # frames again: the source is back
@@ -750,9 +756,15 @@ class Pipeline:
                 self.state = State.SERVING
             return
         status = getattr(getattr(self.source, "stats", None), "status", "ok")
-        if status == "degraded" and self.state in (State.SERVING, State.STARTING):
+        silent = (
+            self.state is State.STARTING and time.monotonic() - self.started_mono > STARTING_LIMIT_S
+        )
+        if silent:
+            log.warning("%s: no frame %g s after it was opened; degraded until one comes",
+                        redact_uri(self.source.uri), STARTING_LIMIT_S)  # fmt: skip
+        if (status == "degraded" or silent) and self.state in (State.SERVING, State.STARTING):
             self.state = State.DEGRADED
-        elif status == "ok" and self.state == State.DEGRADED:
+        elif status == "ok" and self.state == State.DEGRADED and self._framed:
             self.state = State.SERVING
 
     def _inference_loop(self, index: int = 0) -> None:
@@ -1062,8 +1074,8 @@ class Pipeline:
         else:
             self.swaps += 1
             log.info("serving %s %s", new_model.name, new_model.version)
-        # a swap does not bring a lost source back, nor a camera that has not started
-        self.state = before if before in (State.DEGRADED, State.STARTING) else State.SERVING
+        # a swap does not bring a lost source back, start a camera, or undo a stop
+        self.state = before
         self._swapped.set()
 
     # --- reporting ----------------------------------------------------------------------
@@ -1105,7 +1117,7 @@ class Pipeline:
     def _source_unreadable(self) -> int:
         """Inputs the sources skipped because they could not be decoded (a corrupt image)."""
         sources = [t.stream.source for t in self._tallies.values()] or [self.source]
-        return sum(int(getattr(getattr(s, "stats", None), "skipped", 0) or 0) for s in sources)
+        return sum(int(getattr(getattr(s, "stats", None), "unreadable", 0) or 0) for s in sources)
 
     def summary(self) -> dict[str, Any]:
         elapsed = max(time.monotonic() - self.started_mono, 1e-9) if self.started_mono else 0.0
@@ -1155,7 +1167,7 @@ class Pipeline:
                     "fps": round(t.results / elapsed, 3) if elapsed > 0 else 0.0,
                     "dropped": (c.dropped if c else 0) + int(getattr(src_stats, "dropped", 0)),
                     "skipped": c.skipped if c else 0,
-                    "unreadable": int(getattr(src_stats, "skipped", 0) or 0),
+                    "unreadable": int(getattr(src_stats, "unreadable", 0) or 0),
                     "gated": t.gated,
                     "errors": t.errors,
                     "reconnects": int(getattr(src_stats, "reconnects", 0)),

@@ -124,7 +124,7 @@ class Service:
             raise ConfigError(f"config: [agent] state_dir = {str(state_dir)!r}: not a directory")
         if self.summary_path is not None:  # checked now, not after the whole run
             where = self.summary_path.parent
-            if self.summary_path.is_dir() or not where.is_dir():
+            if self.summary_path.is_dir() or not where.is_dir():  # /dev/stdout passes
                 problem = (
                     "is a directory" if self.summary_path.is_dir() else f"no directory {where}"
                 )
@@ -659,8 +659,15 @@ class Service:
                 log.warning("results: a sink failed to close: %s", first_line(exc))
         self.pipeline.model.close()
         if self.summary_path is not None:
+            data = json.dumps(summary, indent=2).encode() + b"\n"
             try:
-                atomic_write(self.summary_path, json.dumps(summary, indent=2).encode() + b"\n")
+                if self.summary_path.is_symlink() or (
+                    self.summary_path.exists() and not self.summary_path.is_file()
+                ):  # /dev/stdout, a symlink: written through, never replaced
+                    with self.summary_path.open("wb") as fh:
+                        fh.write(data)
+                else:
+                    atomic_write(self.summary_path, data)
             except OSError as exc:
                 log.warning("--summary %s: cannot write it (%s)", self.summary_path, exc.strerror)
         log.info(

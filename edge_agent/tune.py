@@ -96,7 +96,8 @@ def candidates(cores: int, mode: str) -> list[tuple[int, int, bool]]:
         plans.append((every, 2, False))
         # two one-thread workers (the same as the above on 2 cores): on 4 or more, the other
         # cores are left to the capture thread and FFmpeg's decoding threads
-        plans.append((2, 2, False))
+        if every >= 4:
+            plans.append((2, 2, False))
         plans.append((every - 1, 1, True))
     return list(dict.fromkeys(plans))
 
@@ -499,7 +500,8 @@ def run_tune(config: Any, profile: Any, *, seconds: float = TUNE_SECONDS) -> dic
     say what was chosen."""
     if config.model.threads or config.pipeline.workers:
         raise ConfigError(
-            "tune measures the plan: leave [model] threads and [pipeline] workers at 0"
+            f"[model] threads = {config.model.threads}, [pipeline] workers = "
+            f"{config.pipeline.workers}: tune measures the plan; leave both at 0"
         )
     if not 0 < seconds <= 600:
         raise ConfigError(f"--seconds {seconds}: expected 0 < S <= 600")

@@ -87,12 +87,15 @@ def test_buffers_in_use_are_kept_through_windows() -> None:
     the pattern needs through many windows and never allocates again."""
     pool = BufferPool(keep=8, window=8)
     in_flight = [pool.take((100,), np.uint8), pool.take((100,), np.uint8)]
-    seen = {id(b) for b in in_flight}
+    made = [weakref.ref(b) for b in in_flight]  # every buffer ever handed out (ids get reused)
     for _ in range(200):
         in_flight.pop(0)
-        in_flight.append(pool.take((100,), np.uint8))
-        seen.add(id(in_flight[-1]))
-    assert len(seen) <= 3 and len(pool) <= 3
+        new = pool.take((100,), np.uint8)
+        if not any(ref() is new for ref in made):
+            made.append(weakref.ref(new))
+        in_flight.append(new)
+    assert len(made) <= 3 and len(pool) <= 3
+    assert all(ref() is not None for ref in made)  # none let go: every one still in use
 
 
 def test_a_window_must_hold_a_take() -> None:

@@ -422,7 +422,7 @@ BAD_CONFIGS = [
     ("[pipeline]\nmotion_gate = -1.0\n", "[pipeline] motion_gate = -1: must be 0-255"),
     ("[rest]\nport = 70000\n", "[rest] port = 70000: must be 0-65535"),
     ('[model]\npath = "{model}"\nlabels = "{tmp}/none.txt"\n',
-     "[model] labels = '{tmp}/none.txt': no such file"),
+     "[model] labels {tmp}/none.txt: no such file"),
     ('[model]\npath = "{tmp}/m.edgebundle"\ntrusted_keys = ["{tmp}/none.pub"]\n',
      "[model] trusted_keys: {tmp}/none.pub: no such public key file"),
     ('[mqtt]\nbroker = "mqtt://localhost"\n[fleet]\noperator_keys = ["{tmp}/op.pub"]\n',

@@ -366,3 +366,55 @@ def test_ready_says_degraded_or_serving_only_once_the_camera_says(
     assert known and known[0] == expected, got
     if camera == "absent":
         assert b"serving" not in states, got
+
+
+def test_a_camera_that_starts_and_stays_silent_is_degraded_after_the_limit(
+    digits: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A camera process that starts and never sends a frame (its status says nothing is wrong):
+    the pipeline is "starting", then "degraded" once STARTING_LIMIT_S has passed, so READY=1
+    goes out before systemd's start timeout; serving only when a frame comes."""
+    from edge_agent import pipeline as pipeline_module
+    from edge_agent.io.sinks import CallbackSink
+    from edge_agent.io.source import Source
+    from edge_agent.model.loader import load_model
+    from edge_agent.model.profiles import load_profile
+    from edge_agent.pipeline import Pipeline, State
+
+    speak = threading.Event()
+
+    class QuietCamera(Source):  # a designed seam: a live source that connects in the background
+        _connect_in_open = False
+
+        def __init__(self) -> None:
+            super().__init__("quiet:0", kind="image", live=True, reconnect=FAST)
+
+        def _connect(self) -> None:
+            pass
+
+        def _capture(self, timeout: float | None) -> np.ndarray | None:
+            if speak.wait(timeout):
+                return np.zeros((8, 8, 3), np.uint8)
+            return None
+
+        def _disconnect(self) -> None:
+            pass
+
+    monkeypatch.setattr(pipeline_module, "STARTING_LIMIT_S", 1.0)
+    model = load_model(
+        digits.onnx,  # type: ignore[attr-defined]
+        profile=load_profile("x86-64"), state_dir=tmp_path, threads=1,
+    )  # fmt: skip
+    pipe = Pipeline(source=QuietCamera(), model=model, sinks=[CallbackSink(lambda r: None)])
+    runner = threading.Thread(target=pipe.run, daemon=True)
+    runner.start()
+    try:
+        wait_until(lambda: pipe.state is State.STARTING, timeout=10, what="starting")
+        wait_until(lambda: pipe.state is State.DEGRADED, timeout=30, what="degraded")
+        speak.set()  # the first frame
+        wait_until(lambda: pipe.state is State.SERVING, timeout=30, what="serving")
+        wait_until(lambda: pipe.results > 0, timeout=30, what="a result")
+    finally:
+        pipe.stop()
+        runner.join(30)
+        model.close()

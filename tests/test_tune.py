@@ -156,7 +156,7 @@ def test_edge_agent_tune_then_run_uses_the_cached_plan(small_tflite: Path, tmp_p
         [EDGE_AGENT, "tune", *common, "--config", pinned, "--source", "synthetic:"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert bad.returncode == 78 and "leave [model] threads" in bad.stderr
+    assert bad.returncode == 78 and "[model] threads = 1" in bad.stderr
 
 
 @pytest.mark.skipif(

@@ -1,6 +1,6 @@
 """A folder (or a glob) of image files, read in sorted order: finite. A file that cannot be
 decoded (not an image, truncated, or gone since the folder was listed) is skipped with one
-warning naming it and counted in ``stats.skipped``; reading goes on with the next file."""
+warning naming it and counted in ``stats.unreadable``; reading goes on with the next file."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ DEFAULT_IMAGE_FPS = 10.0
 
 class ImageFilesSource(Source):
     """Image files, sorted by name: a directory (its image files) or a glob pattern. Finite.
-    A file that cannot be decoded is skipped (one warning, ``stats.skipped``)."""
+    A file that cannot be decoded is skipped (one warning, ``stats.unreadable``)."""
 
     def __init__(
         self,

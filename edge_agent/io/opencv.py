@@ -79,7 +79,8 @@ def why_unreachable(target: str) -> str:
         host, port = parts.hostname, parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
     except ValueError:
         return ""
-    if parts.scheme.lower() == "udp" or not host or not port:
+    listening = "listen" in parts.query  # tcp://…?listen=1, rtsp_flags=listen: we are the server
+    if parts.scheme.lower() == "udp" or listening or not host or not port:
         return ""
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
@@ -89,10 +90,12 @@ def why_unreachable(target: str) -> str:
         return f"{where} refused the connection"
     except socket.gaierror:
         return f"cannot resolve {host}"
-    except TimeoutError:
+    except socket.timeout:  # TimeoutError from 3.10 on
         return f"{where} did not answer in {PROBE_TIMEOUT_S:g} s"
     except OSError as exc:
         return f"{where}: {exc.strerror or first_line(exc)}"
+    except ValueError:  # a host name IDNA cannot encode
+        return f"cannot resolve {host}"
     return f"{where} answered, but no video could be read there (path or format)"
 
 

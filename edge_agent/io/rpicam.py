@@ -162,7 +162,9 @@ def _import_picamera2(label: str) -> Any:
     """Picamera2's camera class, or ConfigError saying how to install it."""
     try:
         from picamera2 import Picamera2  # type: ignore[import-not-found]
-    except ImportError as exc:
+    except (
+        Exception
+    ) as exc:  # missing, or broken (numpy ABI, libcamera bindings): no retry fixes it
         raise ConfigError(
             f"{label}: picamera2 cannot be imported ({first_line(exc)}); on Raspberry Pi OS it "
             "is a system package (sudo apt install python3-picamera2): create the agent's venv "

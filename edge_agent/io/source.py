@@ -36,7 +36,7 @@ Two timing models:
   frame rate, so a file can stand in for a camera without dropping frames. An error ends the
   stream (``status = "ended"``, ``last_error`` set, one warning logged); nothing is reconnected.
   An image file that cannot be decoded does not end an ``images:`` source: it is skipped with
-  one warning naming it and counted in ``stats.skipped``.
+  one warning naming it and counted in ``stats.unreadable``.
 - **live** (``live = True``): cameras, streams, UDP sensors, ``synthetic:?live=1`` and
   ``file:PATH?loop=1&live=1``. A capture thread reads continuously and keeps only the newest frame
   in a one-slot buffer; a frame overwritten before ``read()`` took it counts in ``stats.dropped``.
@@ -103,7 +103,7 @@ class SourceStats:
     last_error: str | None = None  # the last problem seen (kept after the source recovers)
     bad_lines: int = 0  # sensor lines skipped: unparsable or with the wrong channel count
     status_changes: int = 0  # how many times status changed
-    skipped: int = 0  # inputs passed over because they cannot be decoded (image files)
+    unreadable: int = 0  # inputs passed over because they cannot be decoded (image files)
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ class Source(ABC):
         self._index = 0
         self._frames = 0
         self._dropped = 0
-        self._skipped = 0
+        self._unreadable = 0
         self._reconnects = 0
         self._status = "ok"
         self._last_error: str | None = None
@@ -321,7 +321,7 @@ class Source(ABC):
                 last_error=self._last_error,
                 bad_lines=self._bad_line_count(),
                 status_changes=self._status_changes,
-                skipped=self._skipped,
+                unreadable=self._unreadable,
             )
 
     def on_status(self, callback: StatusCallback) -> None:
@@ -377,9 +377,9 @@ class Source(ABC):
 
     def _skip(self, error: str) -> None:
         """One input of a finite source passed over (a file that cannot be decoded): counted in
-        ``stats.skipped``, kept as ``last_error``, said once in the log; reading goes on."""
+        ``stats.unreadable``, kept as ``last_error``, said once in the log; reading goes on."""
         with self._cond:
-            self._skipped += 1
+            self._unreadable += 1
             self._last_error = error
         logger.warning("%s", error)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_agent.common.names import stream_name_problem
-from edge_agent.errors import SourceError
+from edge_agent.errors import ConfigError, SourceError
 from edge_agent.io.source import Frame, Source, SourceTimeout
 
 log = logging.getLogger(__name__)
@@ -170,10 +170,10 @@ class StreamSet:
         for stream in self._streams:
             try:
                 stream.source.open()
-            except SourceError as exc:
+            except (SourceError, ConfigError) as exc:  # ConfigError: no Picamera2
                 for done in opened:
                     done.source.close()
-                raise SourceError(f"stream {stream.name}: {exc}") from exc
+                raise type(exc)(f"stream {stream.name}: {exc}") from exc
             opened.append(stream)
         for stream in self._streams:
             stream.thread = threading.Thread(

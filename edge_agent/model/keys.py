@@ -93,7 +93,8 @@ def _read(path: Path, what: str) -> bytes:
         return Path(path).read_bytes()
     except FileNotFoundError:
         raise ConfigError(
-            f"{path}: no such {what} file (create a key pair with `edge-convert keygen --out DIR`)"
+            f"{path}: no such {what} file (create a key pair with `edge-convert keygen --out DIR`, "
+            "or `edgectl keygen` for operator keys)"
         ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
@@ -121,17 +122,17 @@ def load_private_key(path: Path | str, *, passphrase: bytes | None = None) -> Ed
             raise ConfigError(f"{path}: wrong passphrase for this private key") from exc
         raise ConfigError(
             f"{path}: not a PEM private key ({first_line(exc)}); expected an Ed25519 key from "
-            "`edge-convert keygen`"
+            "`edge-convert keygen` (bundles) or `edgectl keygen` (orders)"
         ) from exc
     except UnsupportedAlgorithm as exc:
         raise ConfigError(
             f"{path}: not a PEM private key ({first_line(exc)}); expected an Ed25519 key from "
-            "`edge-convert keygen`"
+            "`edge-convert keygen` (bundles) or `edgectl keygen` (orders)"
         ) from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(
-            f"{path}: is not an Ed25519 key (it holds {_kind(key)}); bundles are signed with "
-            "Ed25519 (create a key pair with `edge-convert keygen --out DIR`)"
+            f"{path}: is not an Ed25519 key (it holds {_kind(key)}); bundles and orders are "
+            "signed with Ed25519 (`edge-convert keygen` for bundles, `edgectl keygen` for orders)"
         )
     return key
 
@@ -144,7 +145,7 @@ def load_public_key(path: Path | str) -> Ed25519PublicKey:
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise ConfigError(
             f"{path}: not a PEM public key ({first_line(exc)}); expected the {PUBLIC_KEY_NAME} "
-            "written by `edge-convert keygen`"
+            "written by `edge-convert keygen` (bundles) or `edgectl keygen` (orders)"
         ) from exc
     if not isinstance(key, Ed25519PublicKey):
         raise ConfigError(

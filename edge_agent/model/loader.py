@@ -237,7 +237,7 @@ def _layout_for(spec: PreprocessSpec, runtime: Any) -> PreprocessSpec:
 def _check_fits(pre: Preprocessor, runtime: Any, *, path: Path, overridden: bool) -> None:
     """The preprocessing's channels and size against the model's one image input, where the
     model fixes them: caught at start, not as every frame's inference error. ConfigError when
-    the preprocessing options (``overridden``) made it wrong, else ModelError."""
+    ``--channels`` (``overridden``) made the channels wrong, else ModelError."""
     if len(runtime.inputs) != 1 or len(runtime.inputs[0].shape) != 4:
         return
     spec, name, shape = pre.spec, runtime.inputs[0].name, runtime.inputs[0].shape
@@ -263,7 +263,7 @@ def _check_fits(pre: Preprocessor, runtime: Any, *, path: Path, overridden: bool
     if not problems:
         return
     message = f"{path}: input '{name}' {list(shape)} takes " + "; ".join(problems)
-    if overridden:
+    if overridden and problems[0].startswith(f"{channels} channel"):
         raise ConfigError(f"{message}: change --channels (or [preprocess] channels) to fit")
     raise ModelError(message)
 
@@ -345,7 +345,7 @@ def load_model(
         if pre_data:
             spec = _layout_for(PreprocessSpec.from_dict({**pre_data, **overrides}), runtime)
             pre = Preprocessor(spec)
-            _check_fits(pre, runtime, path=path, overridden=bool(overrides))
+            _check_fits(pre, runtime, path=path, overridden="channels" in overrides)
         post_spec = PostprocessSpec.from_manifest(manifest.get("postprocess") or {"kind": "raw"})
         input_size = None if pre is None else (pre.spec.width, pre.spec.height)
         model = LoadedModel(
@@ -380,7 +380,7 @@ def load_model(
             if overrides:
                 raise
         if pre is not None:
-            _check_fits(pre, runtime, path=path, overridden=bool(overrides))
+            _check_fits(pre, runtime, path=path, overridden="channels" in overrides)
     post_data: dict[str, Any] = {"kind": "raw"}
     if labels:
         post_data = {"kind": "classification", "labels": list(labels)}
