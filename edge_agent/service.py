@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -46,6 +47,30 @@ from edge_agent.fleet import protocol
 from edge_agent.fleet.protocol import Desired, Topics
 
 log = logging.getLogger("edge-agent")
+
+#: --summary paths that are this process's own stdout / stderr: written to the open stream
+#: (opening /dev/stdout again would truncate a file it is redirected to, results and all)
+_OWN_STREAMS = {
+    **dict.fromkeys(("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"), "stdout"),
+    **dict.fromkeys(("/dev/stderr", "/dev/fd/2", "/proc/self/fd/2"), "stderr"),
+}
+
+
+def _write_summary(path: Path, data: bytes) -> None:
+    """``--summary``: our own stdout or stderr as the open stream; a symlink or a special file
+    written through (a regular target replaced in place, anything else appended to), never
+    replaced by a plain file; else atomically (no half-written summary)."""
+    name = _OWN_STREAMS.get(str(path))
+    if name is not None:
+        stream = getattr(sys, name)
+        stream.write(data.decode())
+        stream.flush()
+    elif path.is_symlink() or (path.exists() and not path.is_file()):
+        with path.open("wb" if path.is_file() else "ab") as fh:
+            fh.write(data)
+    else:
+        atomic_write(path, data)
+
 
 #: What the last log line ("stopped: …") says of the summary
 STOPPED_KEYS = ("results", "fps", "dropped", "unreadable", "inference_errors")
@@ -659,15 +684,8 @@ class Service:
                 log.warning("results: a sink failed to close: %s", first_line(exc))
         self.pipeline.model.close()
         if self.summary_path is not None:
-            data = json.dumps(summary, indent=2).encode() + b"\n"
             try:
-                if self.summary_path.is_symlink() or (
-                    self.summary_path.exists() and not self.summary_path.is_file()
-                ):  # /dev/stdout, a symlink: written through, never replaced
-                    with self.summary_path.open("wb") as fh:
-                        fh.write(data)
-                else:
-                    atomic_write(self.summary_path, data)
+                _write_summary(self.summary_path, json.dumps(summary, indent=2).encode() + b"\n")
             except OSError as exc:
                 log.warning("--summary %s: cannot write it (%s)", self.summary_path, exc.strerror)
         log.info(

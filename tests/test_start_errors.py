@@ -203,3 +203,28 @@ def test_a_third_party_message_is_one_line_with_all_its_lines() -> None:
     assert first_line(RuntimeError("")) == "RuntimeError"
     long = first_line(RuntimeError("x" * 1000))
     assert len(long) == 300 and long.endswith("…")
+
+
+def test_a_summary_to_dev_stdout_follows_the_results_in_a_redirected_file(
+    tmp_path: Path, fleet_env: dict[str, Any]
+) -> None:
+    """``--results stdout --summary /dev/stdout > out``: the results, then the summary, in the
+    file (opening /dev/stdout again would truncate it, results and all)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.jsonl"
+    with out.open("wb") as fh:
+        run = subprocess.run(
+            [str(Path(sys.executable).parent / "edge-agent"), "run",
+             "--model", str(fleet_env["root"] / "digits-1.0.0.edgebundle"),
+             "--trusted-key", str(fleet_env["pub"]), "--source", f"file:{fleet_env['video']}",
+             "--max-frames", "5", "--results", "stdout", "--summary", "/dev/stdout",
+             "--state-dir", str(tmp_path / "state"), "--threads", "1"],
+            stdout=fh, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    text = out.read_text()
+    lines = text.splitlines()
+    assert [json.loads(line)["seq"] for line in lines[:5]] == [0, 1, 2, 3, 4]
+    assert json.loads("\n".join(lines[5:]))["results"] == 5
