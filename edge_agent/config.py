@@ -769,7 +769,7 @@ def check_without_side_effects(config: AgentConfig) -> None:
 
 def _check_without_side_effects(config: AgentConfig) -> None:
     from edge_agent.errors import SourceError
-    from edge_agent.io.sinks import parse_sink
+    from edge_agent.io.sinks import jsonl_problem, parse_sink
     from edge_agent.io.uri import check_sources_of
     from edge_agent.model.keys import load_trusted_keys
 
@@ -800,11 +800,9 @@ def _check_without_side_effects(config: AgentConfig) -> None:
             raise ConfigError(
                 f"config: [results] sinks: {str(exc).removeprefix('results = ')}"
             ) from None
-        if kind == "jsonl" and not Path(path).parent.is_dir():
-            raise ConfigError(
-                f"config: [results] sinks: {spec!r}: the directory {Path(path).parent} does "
-                "not exist"
-            )
+        problem = jsonl_problem(Path(path)) if kind == "jsonl" else None
+        if problem:  # what JsonlSink refuses at run
+            raise ConfigError(f"config: [results] sinks: {spec!r}: {problem}")
     if config.mqtt.broker:
         from edge_agent.fleet.mqtt import BrokerSettings
 

@@ -29,6 +29,17 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+def jsonl_problem(path: Path) -> str | None:
+    """Why a ``jsonl:`` results file cannot be written at ``path`` (its directory missing, a
+    directory in its place, not writable), or None. Opens nothing."""
+    if not path.parent.is_dir():
+        return f"the directory {path.parent} does not exist"
+    if path.is_dir():
+        return "is a directory"
+    target = path if path.exists() else path.parent
+    return None if os.access(target, os.W_OK) else f"{target} is not writable"
+
+
 class JsonlSink:
     """Appends one line per result and flushes it (a reader tailing the file sees it at once).
     The file is opened at the first result: an agent that stops before one (a source that
@@ -36,14 +47,9 @@ class JsonlSink:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.parent.is_dir():
-            raise ConfigError(
-                f"results: jsonl:{path}: the directory {self.path.parent} does not exist"
-            )
-        target = self.path if self.path.exists() else self.path.parent
-        if self.path.is_dir() or not os.access(target, os.W_OK):
-            why = "is a directory" if self.path.is_dir() else f"{target} is not writable"
-            raise ConfigError(f"results: jsonl:{path}: {why}")
+        problem = jsonl_problem(self.path)
+        if problem:
+            raise ConfigError(f"results: jsonl:{path}: {problem}")
         self._fh: IO[bytes] | None = None
         self._closed = False
 
