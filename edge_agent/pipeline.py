@@ -496,8 +496,11 @@ class Pipeline:
         # Serving once the source is: a camera or stream that connects in its capture thread
         # is "starting" until its first frame, or "degraded" when it is not there (the watchdog
         # pings all along; READY=1 waits for one or the other).
-        single = self._streams is None and self.source.connects_in_background
-        self.state = State.STARTING if single else State.SERVING
+        if self._streams is None:
+            background = self.source.connects_in_background
+        else:  # several: starting until each that connects in the background has sent a frame
+            background = any(t.stream.source.connects_in_background for t in self._tallies.values())
+        self.state = State.STARTING if background else State.SERVING
         self.started_mono = time.monotonic()
         self._capture = threading.Thread(
             target=self._capture_loop if self._streams is None else self._streams_loop,
@@ -734,25 +737,36 @@ class Pipeline:
             self._put(_END)
 
     def stream_status(self) -> dict[str, str]:
-        """Each stream's state: ``serving``, ``degraded`` (its source lost, being retried) or
-        ``ended``; empty without streams."""
+        """Each stream's state: ``starting`` (a camera or stream that connects in the
+        background, no frame from it yet), ``serving``, ``degraded`` (its source lost, being
+        retried, or silent :data:`STARTING_LIMIT_S` after it was opened) or ``ended``; empty
+        without streams."""
         out = {}
         counters = self._streams.counters() if self._streams is not None else {}
+        waited = time.monotonic() - self.started_mono if self.started_mono else 0.0
         for name, tally in self._tallies.items():
-            status = getattr(getattr(tally.stream.source, "stats", None), "status", "ok")
+            source = tally.stream.source
+            status = getattr(getattr(source, "stats", None), "status", "ok")
             c = counters.get(name)
             if c is not None and c.ended and status != "degraded":
                 out[name] = "ended"
+            elif status == "degraded":
+                out[name] = "degraded"
+            elif c is not None and c.read + c.skipped == 0 and source.connects_in_background:
+                out[name] = "starting" if waited <= STARTING_LIMIT_S else "degraded"
             else:
-                out[name] = "degraded" if status == "degraded" else "serving"
+                out[name] = "serving"
         return out
 
     def _update_degraded(self) -> None:
         if self._tallies:
-            lost = "degraded" in self.stream_status().values()
-            if lost and self.state == State.SERVING:
+            states = set(self.stream_status().values())
+            if "degraded" in states and self.state in (State.SERVING, State.STARTING):
                 self.state = State.DEGRADED
-            elif not lost and self.state == State.DEGRADED:
+            elif not states & {"degraded", "starting"} and self.state in (
+                State.DEGRADED,
+                State.STARTING,
+            ):
                 self.state = State.SERVING
             return
         status = getattr(getattr(self.source, "stats", None), "status", "ok")

@@ -611,21 +611,27 @@ class Service:
 
     def _watch_streams(self) -> None:
         """``source_lost`` / ``source_restored`` per stream, naming it (several streams)."""
+        from edge_agent.pipeline import STARTING_LIMIT_S
+
         status = self.pipeline.stream_status()
         for name, state in status.items():
             before = self._stream_states.get(name, "serving")
             self._stream_states[name] = state
-            if state == before or not self.mqtt_enabled:
+            if state == before:
                 continue
             if state == "degraded":
                 stream = next(st for st in self.streams if st.name == name)
                 err = getattr(stream.source.stats, "last_error", None)
-                self.event(
-                    "source_lost",
-                    reason=str(err) if err else "the source stopped delivering",
-                    stream=name,
-                )
-            elif before == "degraded" and state == "serving":
+                if err:
+                    reason = str(err)
+                elif before == "starting":  # connected, and never a frame
+                    reason = f"no frame {STARTING_LIMIT_S:g} s after it was opened"
+                    log.warning("stream %s: %s; degraded until one comes", name, reason)
+                else:
+                    reason = "the source stopped delivering"
+                if self.mqtt_enabled:
+                    self.event("source_lost", reason=reason, stream=name)
+            elif before == "degraded" and state == "serving" and self.mqtt_enabled:
                 self.event("source_restored", stream=name)
 
     def _watch_state(self) -> None:

@@ -187,6 +187,58 @@ def test_a_lost_stream_degrades_alone_and_the_others_are_served(tmp_path: Path) 
     assert summary["streams"]["yard"]["results"] == 150
 
 
+def test_streams_start_as_starting_until_each_sends_and_a_silent_one_degrades(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several streams that connect in the background: the pipeline is "starting" (no READY=1
+    yet) until each has sent a frame; one that connects and stays silent is "degraded" once
+    STARTING_LIMIT_S has passed (the others served meanwhile), and serving at its first frame."""
+    from edge_agent import pipeline as pipeline_module
+
+    speak = threading.Event()
+
+    class QuietCamera(Source):  # a designed seam: a live source that connects in the background
+        _connect_in_open = False
+
+        def __init__(self) -> None:
+            super().__init__("quiet:0", kind="image", live=True)
+
+        def _connect(self) -> None:
+            pass
+
+        def _capture(self, timeout: float | None) -> np.ndarray | None:
+            if speak.wait(timeout):
+                time.sleep(0.02)
+                return np.zeros((H, W, 3), np.uint8)
+            return None
+
+        def _disconnect(self) -> None:
+            pass
+
+    monkeypatch.setattr(pipeline_module, "STARTING_LIMIT_S", 4.0)
+    live = Stream("yard", open_source(f"synthetic:?width={W}&height={H}&fps=30&live=1"))
+    pipe = Pipeline(
+        streams=[Stream("door", QuietCamera()), live],
+        model=_load(_mean_model(tmp_path / "m.onnx"), tmp_path),
+        sinks=[CallbackSink(lambda r: None)],
+    )
+    runner = threading.Thread(target=pipe.run, daemon=True)
+    runner.start()
+    try:
+        wait_until(lambda: pipe.results > 0, timeout=20, what="the yard served")
+        assert pipe.state is State.STARTING  # the door has sent nothing yet
+        assert pipe.stream_status() == {"door": "starting", "yard": "serving"}
+        wait_until(lambda: pipe.state is State.DEGRADED, timeout=20, what="degraded")
+        assert pipe.stream_status()["door"] == "degraded"
+        speak.set()
+        wait_until(lambda: pipe.state is State.SERVING, timeout=20, what="serving")
+        assert pipe.stream_status() == {"door": "serving", "yard": "serving"}
+    finally:
+        pipe.stop()
+        runner.join(30)
+    assert not runner.is_alive()
+
+
 # --- configuration and the command line -----------------------------------------------------
 
 

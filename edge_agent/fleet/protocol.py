@@ -825,7 +825,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                             "type": "object",
                             "required": ["state", "fps", "results", "dropped", "latency_ms"],
                             "properties": {
-                                "state": {"enum": ["serving", "degraded", "ended"]},
+                                "state": {"enum": ["starting", "serving", "degraded", "ended"]},
                                 "fps": _NUM,
                                 "results": {"type": "integer"},
                                 "frames": {"type": "integer"},
