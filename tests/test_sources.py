@@ -311,16 +311,21 @@ def test_an_images_source_of_only_bad_files_ends_with_them_counted(tmp_path: Pat
     assert (stats.frames, stats.unreadable, stats.status) == (0, 1, "ended")
 
 
-def test_a_fifo_is_read_as_a_video_file(tmp_path: Path) -> None:
-    """``file:PATH`` on a named pipe: the frames as a writer pushes them (MPEG-TS), to its end."""
+def _ts_clip(tmp_path: Path, frames: int = 20) -> bytes:
+    """An MPEG-TS clip of ``frames`` frames, frame i filled with 8 * i."""
     clip = tmp_path / "clip.ts"
     writer = cv2.VideoWriter(str(clip), cv2.CAP_FFMPEG, cv2.VideoWriter.fourcc(*"mp4v"), 25,
                              (W, H))  # fmt: skip
     assert writer.isOpened()
-    for i in range(20):
+    for i in range(frames):
         writer.write(np.full((H, W, 3), 8 * i, np.uint8))
     writer.release()
-    data = clip.read_bytes()
+    return clip.read_bytes()
+
+
+def test_a_fifo_is_read_as_a_video_file(tmp_path: Path) -> None:
+    """``file:PATH`` on a named pipe: the frames as a writer pushes them (MPEG-TS), to its end."""
+    data = _ts_clip(tmp_path)
     fifo = tmp_path / "fifo.ts"
     os.mkfifo(fifo)
 
@@ -336,6 +341,44 @@ def test_a_fifo_is_read_as_a_video_file(tmp_path: Path) -> None:
     feeder.join(5)
     assert len(frames) == 20 and stats.last_error is None, stats
     assert all(abs(float(f.data.mean()) - 8 * i) < 4 for i, f in enumerate(frames))
+
+
+def test_a_fifo_with_no_writer_yet_opens_at_once_and_starts_at_its_first_frame(
+    digits: Any, tmp_path: Path
+) -> None:
+    """Opening a FIFO nobody writes to yet returns at once (FFmpeg's own open would block the
+    agent before READY=1, saying nothing): the pipeline is "starting", each read times out, and
+    the frames flow once a writer comes."""
+    from edge_agent.io.sinks import CallbackSink
+    from edge_agent.model.loader import load_model
+    from edge_agent.model.profiles import load_profile
+    from edge_agent.pipeline import Pipeline, State
+
+    data = _ts_clip(tmp_path)
+    fifo = tmp_path / "fifo.ts"
+    os.mkfifo(fifo)
+    source = open_source(f"file:{fifo}")
+    assert source.connects_in_background
+    results: list[dict[str, Any]] = []
+    ended = threading.Event()
+    model = load_model(digits.onnx, profile=load_profile("x86-64"), state_dir=tmp_path, threads=1)
+    pipe = Pipeline(source=source, model=model, sinks=[CallbackSink(results.append)])
+    runner = threading.Thread(target=lambda: (pipe.run(), ended.set()), daemon=True)
+    runner.start()
+    try:
+        wait_until(lambda: pipe.started_mono > 0, timeout=20)  # the source opened
+        time.sleep(1.2)  # two read timeouts: still no writer, still starting, nothing read
+        assert pipe.state is State.STARTING and pipe.frames == 0
+        assert pipe.stalled_s() < 1.0  # the capture loop goes round meanwhile
+        with open(fifo, "wb") as writer, contextlib.suppress(BrokenPipeError):
+            writer.write(data)
+        runner.join(30)
+    finally:
+        pipe.stop()
+        runner.join(10)
+        model.close()
+    assert ended.is_set() and len(results) == 20
+    assert source.stats.last_error is None
 
 
 def test_synthetic_finite_patterns() -> None:

@@ -12,8 +12,10 @@ used (a video written or read before the first source opens would be too late).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import select
 import socket
 import stat
 import urllib.parse
@@ -35,6 +37,8 @@ from edge_agent.io.source import (
     check_fps,
     check_pace,
 )
+
+logger = logging.getLogger(__name__)
 
 STREAM_TIMEOUT_MS = 5000  # open/read timeout of a network stream, so a dead server cannot hang us
 #: Network streams read through OpenCV's FFmpeg backend (MJPEG, H.264, MPEG-TS, …).
@@ -156,6 +160,21 @@ class VideoFileSource(_CvCaptureSource):
         #: 1: they decode in parallel already, and eight decoders each with a thread per core
         #: spend about 13 % more CPU a frame here (2-core Xeon, eight 640x480 mp4v files).
         self.decode_threads = 0
+        #: a FIFO waiting for its writer: our own non-blocking descriptor, polled by ``_capture``
+        #: (FFmpeg's open would block until a writer comes, before READY=1, saying nothing)
+        self._fifo: int | None = None
+        self._fifo_said = False
+
+    @property
+    def connects_in_background(self) -> bool:
+        """A FIFO is there once its writer has sent something (``starting`` until then)."""
+        return super().connects_in_background or self._is_fifo()
+
+    def _is_fifo(self) -> bool:
+        try:
+            return stat.S_ISFIFO(self.path.stat().st_mode)
+        except OSError:
+            return False
 
     def _connect(self) -> None:
         try:
@@ -165,14 +184,43 @@ class VideoFileSource(_CvCaptureSource):
                 f"{self._label}: no such file {self.path}; check the path "
                 "(a camera is camera:N, a folder of images is images:DIR)"
             ) from None
-        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):  # a FIFO is read as it comes
+        if stat.S_ISFIFO(mode):  # read as it comes, once a writer has sent something
+            try:
+                self._fifo = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                raise SourceError(
+                    f"{self._label}: cannot open the FIFO {self.path}: {exc.strerror or exc}"
+                ) from None
+            return
+        if not stat.S_ISREG(mode):
             raise SourceError(
                 f"{self._label}: {self.path} is not a regular file or a FIFO; check the path "
                 "(a camera is camera:N or /dev/videoN, a folder of images is images:DIR)"
             )
+        self._open_cap()
+
+    def _writer_came(self, timeout: float | None) -> bool:
+        """Whether the FIFO's writer has sent something, waiting up to ``timeout``; then FFmpeg
+        reads our own descriptor (``pipe:N``): opening the path again would block once a
+        writer that sent everything has gone, and what it sent would be lost."""
+        fd = self._fifo
+        assert fd is not None
+        if not self._fifo_said:
+            self._fifo_said = True
+            logger.info("%s: waiting for a writer on the FIFO", self._label)
+        wait_ms = -1 if timeout is None else max(0, int(timeout * 1000))
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(wait_ms):
+            return False
+        os.set_blocking(fd, True)  # FFmpeg waits for the writer's next bytes, as on a file
+        self._open_cap(f"pipe:{fd}", cv2.CAP_FFMPEG)
+        return True
+
+    def _open_cap(self, target: str | None = None, api: int = cv2.CAP_ANY) -> None:
         cap = _open_capture(
-            str(self.path),
-            cv2.CAP_ANY,
+            target or str(self.path),
+            api,
             [cv2.CAP_PROP_N_THREADS, self.decode_threads] if self.decode_threads else [],
             self._label,
             f"cannot decode {self.path} (not a video, or corrupt); check or re-encode the file",
@@ -188,7 +236,15 @@ class VideoFileSource(_CvCaptureSource):
         self._cap = cap
         self._since_open = 0
 
+    def _disconnect(self) -> None:
+        super()._disconnect()  # FFmpeg leaves a pipe:N descriptor open: ours to close
+        if self._fifo is not None:
+            os.close(self._fifo)
+            self._fifo = None
+
     def _capture(self, timeout: float | None) -> np.ndarray | None:
+        if self._cap is None and self._fifo is not None and not self._writer_came(timeout):
+            return None
         ok, image = self._read()
         if ok:
             self._since_open += 1
@@ -204,6 +260,9 @@ class VideoFileSource(_CvCaptureSource):
             raise EndOfStream
         self._disconnect()
         self._connect()  # raises SourceError when the file is gone
+        if self._cap is None:  # a FIFO again: its next writer
+            self._since_open = 0
+            return None
         ok, image = self._read()
         if not ok:
             raise SourceError(f"{self._label}: no frame could be decoded from {self.path}")
