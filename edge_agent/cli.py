@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
             "bundles carry their own)",
         )  # fmt: skip
         p.add_argument(
+            "--softmax", choices=("auto", "yes", "no"),
+            help="a bare model's class scores, with --labels: a softmax over them (default: "
+            "[model] softmax, auto: when they are logits, outside [0, 1])",
+        )  # fmt: skip
+        p.add_argument(
             "--window", metavar="SIZE,HOP,CHANNELS",
             help="sensor sources: samples per window, samples between window starts, values per "
             "sample (default: [source] window_*, or the URI's ?size=&hop=&channels=)",
@@ -260,6 +265,7 @@ def load_effective_config(args: argparse.Namespace) -> Any:
             "trusted_keys": keys,
             "threads": getattr(args, "threads", None),
             "labels": getattr(args, "labels", None),
+            "softmax": getattr(args, "softmax", None),
         },
         preprocess={
             "mean": getattr(args, "mean", None),

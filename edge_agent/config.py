@@ -76,9 +76,18 @@ class ModelSection:
     labels: str = _doc(
         "Class labels file (one per line) for a bare model; bundles carry their own.", default=""
     )
+    softmax: str = _doc(
+        "A bare model's class scores (with labels): auto (a softmax when they are logits, "
+        "outside [0, 1]), yes or no.",
+        default="auto",
+    )
 
     def __post_init__(self) -> None:
         _at_least("model", self, 0, "threads")
+        if self.softmax not in ("auto", "yes", "no"):
+            raise ConfigError(
+                f"config: [model] softmax = {self.softmax!r}: expected auto, yes or no"
+            )
 
 
 @dataclass(frozen=True)

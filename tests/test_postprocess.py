@@ -450,3 +450,65 @@ def test_nms_plain_cases() -> None:
     assert nms(boxes, scores, 0.5, max_out=1).tolist() == [1]
     assert nms(boxes, scores, 0.9, max_out=10).tolist() == [1, 2, 0]
     assert nms(np.zeros((0, 4)), np.zeros(0), 0.5, max_out=5).tolist() == []
+
+
+# --- a bare model's class scores: softmax when they are logits ----------------------------
+
+
+def _bare_classifier(path: Any, *, with_softmax: bool) -> Any:
+    """A bare ONNX classifier (an 8x8 gray image, 3 classes) whose scores are logits, or
+    probabilities when it ends in a Softmax."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(1).standard_normal((64, 3)).astype(np.float32) * 4.0
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["f"]),
+        helper.make_node("MatMul", ["f", "w"], ["logits" if with_softmax else "y"]),
+    ]
+    if with_softmax:
+        nodes.append(helper.make_node("Softmax", ["logits"], ["y"], axis=-1))
+    graph = helper.make_graph(
+        nodes, "c",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("with_softmax", "choice", "applied"),
+    [(False, "auto", True), (True, "auto", False), (False, "no", False), (True, "yes", True)],
+)
+def test_a_bare_models_logits_get_a_softmax_unless_told(
+    tmp_path: Any, with_softmax: bool, choice: str, applied: bool
+) -> None:
+    from edge_agent.model.loader import load_model
+    from edge_agent.model.profiles import load_profile
+
+    path = _bare_classifier(tmp_path / "c.onnx", with_softmax=with_softmax)
+    model = load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path,
+                       labels=("a", "b", "c"), softmax=choice)  # fmt: skip
+    try:
+        assert model.postprocessor.spec.softmax is applied
+        image = np.random.default_rng(2).integers(0, 256, (8, 8, 3), np.uint8)
+        feeds, geometry = model.prepare(image)
+        out = model.postprocessor(model.infer(feeds), geometry=geometry)
+        scores = [e["score"] for e in out["top"]]
+        probabilities = applied or with_softmax
+        assert (min(scores) >= 0.0 and max(scores) <= 1.0) is probabilities, scores
+        if probabilities:
+            assert sum(scores) == pytest.approx(1.0, abs=1e-3)
+    finally:
+        model.close()
+
+
+def test_a_bad_softmax_choice_is_a_config_error() -> None:
+    from edge_agent.config import parse_config
+
+    with pytest.raises(ConfigError, match=r"\[model\] softmax = 'maybe'"):
+        parse_config({"model": {"softmax": "maybe"}})

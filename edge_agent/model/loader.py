@@ -36,6 +36,7 @@ from edge_agent.model.runtimes import (
     model_to_nchw,
     nchw_to_model,
     warmup,
+    zero_feeds,
 )
 from edge_agent.model.state import StatePair, StreamState, state_pairs
 
@@ -206,6 +207,40 @@ _ONNX_INT8_OPS = (b"QuantizeLinear", b"QLinearConv", b"QLinearMatMul", b"ConvInt
                   b"MatMulInteger")  # fmt: skip
 
 
+SOFTMAX_CHOICES = ("auto", "yes", "no")
+
+
+def _logit_range(runtime: Any) -> tuple[float, float] | None:
+    """The first output's range over a zero input and a noise input when it leaves [0, 1] (the
+    scores are logits, not probabilities: a softmax or sigmoid never does), else None."""
+    rng = np.random.default_rng(0)
+    lo, hi = np.inf, -np.inf
+    for noisy in (False, True):
+        feeds = zero_feeds(runtime)
+        if noisy:
+            feeds = {k: rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f"
+                     else v for k, v in feeds.items()}  # fmt: skip
+        out = np.asarray(runtime.infer(feeds)[0], np.float64)
+        lo, hi = min(lo, float(out.min())), max(hi, float(out.max()))
+    return (lo, hi) if lo < -1e-6 or hi > 1 + 1e-6 else None
+
+
+def _bare_softmax(softmax: str, runtime: Any, path: Path) -> bool:
+    """Whether a bare classification model's scores get a softmax: ``yes``, ``no``, or
+    ``auto``: when they are logits (:func:`_logit_range`), said once in the log."""
+    if softmax not in SOFTMAX_CHOICES:
+        raise ConfigError(f"[model] softmax = {softmax!r}: expected one of {SOFTMAX_CHOICES}")
+    if softmax != "auto":
+        return softmax == "yes"
+    seen = _logit_range(runtime)
+    if seen is not None:
+        log.info(
+            "scores: %s's outputs are logits (%.3g to %.3g seen), not probabilities: softmax "
+            "applied ([model] softmax = no keeps them)", path.name, *seen,
+        )  # fmt: skip
+    return seen is not None
+
+
 def _bare_format(path: Path, runtime: Any) -> str:
     """The artifact format of a model file given without a bundle's manifest: onnx-int8 (or
     -int8-dynamic) when its graph has quantization operators, onnx-fp16 with float16 inputs;
@@ -319,10 +354,13 @@ def load_model(
     preprocess_overrides: Mapping[str, Any] | None = None,
     labels: tuple[str, ...] | None = None,
     workers: int = 1,
+    softmax: str = "auto",
 ) -> LoadedModel:
     """Load, warm up and (for bundles) smoke-test a model. ``threads`` is the total; with
     ``workers`` > 1 each of that many concurrent inferences gets ``threads // workers`` of them
-    (onnxruntime runs one session concurrently; LiteRT gets one interpreter per worker)."""
+    (onnxruntime runs one session concurrently; LiteRT gets one interpreter per worker).
+    ``softmax`` (a bare model with ``labels``): ``yes``, ``no`` or ``auto`` (when its scores
+    are logits); a bundle's manifest says it."""
     path = model_file(path)
     overrides = dict(preprocess_overrides or {})
     threads = threads or profile.threads
@@ -384,6 +422,7 @@ def load_model(
     post_data: dict[str, Any] = {"kind": "raw"}
     if labels:
         post_data = {"kind": "classification", "labels": list(labels)}
+        post_data["softmax"] = _bare_softmax(softmax, runtime, path)
         classes = runtime.outputs[0].shape[-1] if runtime.outputs[0].shape else None
         if isinstance(classes, int) and classes != len(labels):
             log.warning(

@@ -86,6 +86,7 @@ def open_model(config: Any, profile: Any, *, threads: int, workers: int = 1) -> 
         preprocess_overrides=config.preprocess.overrides(),
         labels=labels,
         workers=workers,
+        softmax=config.model.softmax,
     )
 
 
