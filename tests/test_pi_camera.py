@@ -217,6 +217,19 @@ def test_the_agent_exits_78_at_start_without_picamera2(digits: object, tmp_path:
     )  # fmt: skip
     assert run.returncode == 78, run.stderr
     assert "python3-picamera2" in run.stderr and "reconnecting" not in run.stderr, run.stderr
+    # check-config says so too, without importing it (or starting any camera)
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[model]\npath = "{digits.onnx}"\n'  # type: ignore[attr-defined]
+        f'[agent]\nstate_dir = "{tmp_path}"\nprofile = "x86-64"\n'
+        '[[sources]]\nname = "porch"\nuri = "picamera2:0"\n'
+    )
+    check = subprocess.run(
+        [str(Path(sys.executable).parent / "edge-agent"), "check-config", "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert check.returncode == 78, check.stderr
+    assert "stream porch: picamera2:0: picamera2 cannot be imported" in check.stderr, check.stderr
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ busy or whose process dies is retried with backoff (``degraded`` meanwhile).
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import cv2
@@ -158,6 +159,14 @@ class RpicamSource(_PiCamera):
             proc.stop()
 
 
+def _no_picamera2(label: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"{label}: picamera2 cannot be imported ({why}); on Raspberry Pi OS it is a system "
+        "package (sudo apt install python3-picamera2): create the agent's venv with "
+        "--system-site-packages, or use rpicam:"
+    )
+
+
 def _import_picamera2(label: str) -> Any:
     """Picamera2's camera class, or ConfigError saying how to install it."""
     try:
@@ -165,11 +174,7 @@ def _import_picamera2(label: str) -> Any:
     except (
         Exception
     ) as exc:  # missing, or broken (numpy ABI, libcamera bindings): no retry fixes it
-        raise ConfigError(
-            f"{label}: picamera2 cannot be imported ({first_line(exc)}); on Raspberry Pi OS it "
-            "is a system package (sudo apt install python3-picamera2): create the agent's venv "
-            "with --system-site-packages, or use rpicam:"
-        ) from None
+        raise _no_picamera2(label, first_line(exc)) from None
     return Picamera2
 
 
@@ -185,6 +190,12 @@ class Picamera2Source(_PiCamera):
         if self._picamera2 is None:
             self._picamera2 = _import_picamera2(self._label)
         super().open()
+
+    def check_installed(self) -> None:
+        """ConfigError when Picamera2 is not installed where this Python finds packages, found
+        without importing it (``check-config``: importing starts libcamera)."""
+        if importlib.util.find_spec("picamera2") is None:
+            raise _no_picamera2(self._label, "no module named 'picamera2'")
 
     def _connect(self) -> None:
         try:

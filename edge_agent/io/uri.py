@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from edge_agent.common.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from edge_agent.common.urls import redact_uri
-from edge_agent.errors import SourceError, SourceURIError
+from edge_agent.errors import ConfigError, SourceError, SourceURIError
 from edge_agent.io.audio import ALSA_FORMATS, DEFAULT_RATE, AlsaSource, WavSource
 from edge_agent.io.images import ImageFilesSource
 from edge_agent.io.network import UdpSensorSource
@@ -391,11 +391,19 @@ def check_sources_of(config: Any) -> None:
     if config.sources:
         for s in config.sources:
             try:
-                _open_section(s)
+                _check_installed(_open_section(s))
             except SourceURIError as exc:
                 raise SourceURIError(f"stream {s.name}: {exc}") from exc
+            except ConfigError as exc:
+                raise ConfigError(f"stream {s.name}: {exc}") from exc
     elif config.source.uri:
-        _open_section(config.source)
+        _check_installed(_open_section(config.source))
+
+
+def _check_installed(source: Source) -> None:
+    """What a source needs installed besides us (Picamera2), or ConfigError."""
+    if isinstance(source, Picamera2Source):
+        source.check_installed()
 
 
 def open_source_from(config: Any) -> Source:
