@@ -24,6 +24,7 @@ from typing import Any
 import jsonschema
 import psycopg
 import pytest
+from psycopg.pq import TransactionStatus
 
 from converters.demo_broker import free_port
 from edge_agent.errors import CtlExit, DatabaseError
@@ -747,24 +748,105 @@ def test_the_fleet_doc_steps_run_as_written(tmp_path: Path) -> None:
     assert metrics.startswith('edge_fleet_fps{device="sim-0007"} 29.')
 
 
-def test_retention_deletes_old_rows_from_plain_tables(database: Database) -> None:
-    """``--retention-days`` without TimescaleDB: rows older than the limit (by the device's
-    time) go, in batches smaller than what there is; newer rows and other devices' stay."""
-    with database.connect() as conn:
-        for age_days, seq in ((10, 1), (9, 2), (8, 3), (1, 4)):
-            conn.execute(
-                "INSERT INTO telemetry (device, seq, time, payload) "
-                "VALUES ('ret-1', %s, now() - make_interval(days => %s), '{}')",
-                (seq, age_days),
-            )
+@pytest.fixture
+def own_database() -> Iterator[Database]:
+    """A migrated database of the test's own, for retention: the module's holds other tests'
+    rows of fixed dates (``long_run``), which age past any limit as the calendar moves on."""
+    d = Database()
+    try:
+        with d.connect() as conn:
+            db.migrate(conn)
+        yield d
+    finally:
+        d.drop()
+
+
+def test_retention_deletes_old_rows_from_plain_tables(own_database: Database) -> None:
+    """``--retention-days`` without TimescaleDB, on a connection like the collector's (not in
+    autocommit mode): rows older than the limit (by the device's time) go, in batches of at
+    most ``batch`` rows, each committed (another session sees them gone, and the connection is
+    left outside any transaction, so the collector's next batch write commits too); newer rows
+    and other devices' stay. The old rows are spread over pages of newer ones (padded
+    payloads: a few rows a page), so the batches walk many windows of pages."""
+    with own_database.connect() as conn:
         conn.execute(
-            "INSERT INTO events (device, seq, time, payload) "
-            "VALUES ('ret-1', 1, now() - interval '30 days', '{}')"
+            "INSERT INTO telemetry (device, seq, time, payload) "
+            "SELECT 'ret-1', s, now() - make_interval(days => CASE WHEN s % 2 = 0 THEN 10 "
+            "ELSE 1 END), jsonb_build_object('pad', repeat('x', 900)) "
+            "FROM generate_series(1, 200) AS s"
         )
+        conn.execute(
+            "INSERT INTO events (device, seq, time, payload) VALUES "
+            "('ret-1', 1, now() - interval '30 days', '{}'), ('ret-2', 1, now(), '{}')"
+        )
+        conn.execute("ANALYZE telemetry")
+        # which transaction deleted each row
+        conn.execute(
+            "CREATE TABLE pruned (xid text NOT NULL); "
+            "CREATE FUNCTION note_prune() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "INSERT INTO pruned VALUES (pg_current_xact_id()::text); RETURN OLD; END $$; "
+            "CREATE TRIGGER note_prune AFTER DELETE ON telemetry FOR EACH ROW "
+            "EXECUTE FUNCTION note_prune()"
+        )
+        pages = conn.execute("SELECT relpages FROM pg_class WHERE relname = 'telemetry'")
+        assert pages.fetchone()[0] >= 20  # type: ignore[index]
+    conn = db.connect(own_database.url)  # as the collector's: autocommit off
+    try:
         assert db.prune(conn, retention_days=0) == 0  # 0: keep everything
-        assert db.prune(conn, retention_days=5, batch=2) >= 4
-        kept = conn.execute(
-            "SELECT seq FROM telemetry WHERE device = 'ret-1' ORDER BY seq"
-        ).fetchall()
-        gone = conn.execute("SELECT count(*) FROM events WHERE device = 'ret-1'").fetchone()
-    assert [k for (k,) in kept] == [4] and gone == (0,)
+        assert db.prune(conn, retention_days=5, batch=2) == 100 + 1
+        assert conn.info.transaction_status is TransactionStatus.IDLE
+        with conn.transaction(), pytest.raises(RuntimeError, match="inside a transaction"):
+            db.prune(conn, retention_days=5)
+    finally:
+        conn.close()  # without a commit of its own
+    with own_database.connect() as conn:
+        kept = conn.execute("SELECT seq FROM telemetry ORDER BY seq").fetchall()
+        events = conn.execute("SELECT device FROM events").fetchall()
+        per_xact = conn.execute(
+            "SELECT max(n), count(*) FROM (SELECT count(*) AS n FROM pruned GROUP BY xid) AS x"
+        ).fetchone()
+    assert [k for (k,) in kept] == list(range(1, 201, 2)) and events == [("ret-2",)]
+    assert per_xact is not None and per_xact[0] <= 2 and per_xact[1] >= 50, per_xact
+
+
+def test_a_prune_batch_reads_only_its_window_of_pages(
+    database: Database, long_run: list[str]
+) -> None:
+    """So a batch never scans again the pages earlier batches emptied (one per batch, it made
+    a large backlog's prune quadratic)."""
+    with database.connect() as conn:
+        params = {"first": "(10,0)", "end": "(20,0)", "cutoff": queries.utc(HIST_T0),
+                  "limit": 50_000}  # fmt: skip
+        plan = queries.explain(conn, db.prune_query("telemetry"), params)
+    assert "Tid Range Scan on telemetry" in plan and "Seq Scan" not in plan, plan
+
+
+def test_a_collector_with_retention_prunes_and_commits_what_it_stores(
+    fleet_broker: Broker, own_database: Database, tmp_path: Path
+) -> None:
+    """``collect fleet --retention-days``: the rows past the limit go at start, and every row
+    it stores afterwards is committed (seen from another session), as without retention."""
+    with own_database.connect() as conn:
+        conn.execute(
+            "INSERT INTO telemetry (device, seq, time, payload) "
+            "VALUES ('prune-old', 1, now() - interval '30 days', '{}')"
+        )
+    collector = CollectorProcess(tmp_path, fleet_broker, own_database, "prune-1",
+                                 "--retention-days", "5", group="prune")  # fmt: skip
+    collector.start()
+    try:
+        devices = simulate.device_names(3, stem="prune")
+        with simulate.Simulator(on(fleet_broker), devices, rate=20, count=4,
+                                events_every=0, client_id="sim-prune") as sim:  # fmt: skip
+            assert sim.wait(30)
+        wait_until(
+            what="every row, committed",
+            timeout=30.0,
+            predicate=lambda: len(rows_of(own_database, "telemetry", "prune")) == 12,
+        )
+        totals = collector.stop()
+    finally:
+        collector.close()
+    # and prune-old (30 days old) gone
+    assert rows_of(own_database, "telemetry", "prune") == expected_keys(devices, 4, 1)
+    assert totals["rows"] >= 12 and totals["rejected"] == 0, totals

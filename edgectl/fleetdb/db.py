@@ -25,6 +25,7 @@ from typing import Any
 
 import psycopg
 from psycopg import conninfo, sql
+from psycopg.pq import TransactionStatus
 
 from edge_agent.errors import ConfigError, DatabaseError, first_line
 
@@ -196,25 +197,66 @@ def _timescale(conn: psycopg.Connection, *, retention_days: float) -> None:
             )
 
 
+#: Rows per heap page assumed for a table without statistics (never analyzed): the most an
+#: 8 kB page holds (MaxHeapTuplesPerPage), so a window never holds many more than ``batch``.
+_MAX_ROWS_PER_PAGE = 291
+
+
+def prune_query(table: str) -> sql.Composed:
+    """One batch of :func:`prune`: at most ``limit`` rows of ``table`` older than ``cutoff``,
+    in the pages from ``first`` up to (not including) ``end`` (``'(page,0)'`` TIDs). A TID
+    range scan reads only those pages (``tests/test_fleetdb.py`` checks the plan)."""
+    return sql.SQL(
+        "DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} "
+        "WHERE ctid >= %(first)s::tid AND ctid < %(end)s::tid AND time < %(cutoff)s "
+        "LIMIT %(limit)s))"
+    ).format(t=sql.Identifier(table))
+
+
 def prune(conn: psycopg.Connection, *, retention_days: float, batch: int = 50_000) -> int:
     """Without TimescaleDB: delete the stream rows older than ``retention_days`` (by the
-    device's time), in batches of ``batch`` rows so no transaction holds a long lock; the
-    number of rows deleted. With TimescaleDB its retention policy does this (nothing here)."""
-    if retention_days <= 0 or timescale_installed(conn):
+    device's time); the number of rows deleted. With TimescaleDB its retention policy does
+    this (nothing here).
+
+    Every transaction deletes at most ``batch`` rows and commits, so none holds its locks for
+    long; ``conn`` (autocommit or not) must therefore not be inside a transaction. Each table
+    is walked once, a window of pages (about ``batch`` rows by its statistics) at a time: a
+    batch never scans again what earlier batches emptied, so a large backlog costs a pass over
+    the table, not one per batch. Pages added while it runs hold rows received meanwhile;
+    older rows that arrive late go at the next prune."""
+    if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+        raise RuntimeError("fleetdb.prune: the connection is inside a transaction")
+    if retention_days <= 0:
         return 0
     deleted = 0
     try:
-        for table in STREAM_TABLES:
-            query = sql.SQL(
-                "DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} "
-                "WHERE time < now() - make_interval(secs => %s) LIMIT %s))"
-            ).format(t=sql.Identifier(table))
-            while True:
-                with conn.transaction():
-                    n = conn.execute(query, (retention_days * 86400.0, batch)).rowcount
-                deleted += max(n, 0)
-                if n < batch:
-                    break
+        with conn.transaction():
+            if timescale_installed(conn):
+                return 0
+            cutoff = execute(conn, "SELECT now() - make_interval(secs => %s)",
+                             (retention_days * 86400.0,))[0][0]  # fmt: skip
+            sizes = {
+                table: execute(
+                    conn,
+                    "SELECT pg_relation_size(oid) / current_setting('block_size')::int, "
+                    "CASE WHEN relpages > 0 AND reltuples > 0 THEN reltuples / relpages END "
+                    "FROM pg_class WHERE oid = %s::regclass",
+                    (table,),
+                )[0]
+                for table in STREAM_TABLES
+            }
+        for table, (pages, per_page) in sizes.items():
+            window = max(1, int(batch / (per_page or _MAX_ROWS_PER_PAGE)))
+            query = prune_query(table)
+            for first in range(0, pages, window):
+                params = {"first": f"({first},0)", "end": f"({first + window},0)",
+                          "cutoff": cutoff, "limit": batch}  # fmt: skip
+                while True:  # the window again until a batch finds fewer than it may take
+                    with conn.transaction():
+                        n = conn.execute(query, params).rowcount
+                    deleted += max(n, 0)
+                    if n < batch:
+                        break
     except psycopg.Error as exc:
         raise DatabaseError(f"database retention failed: {first_line(exc)}") from None
     return deleted
