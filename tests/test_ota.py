@@ -11,6 +11,7 @@ import http.server
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,25 @@ from tests.fleet import (  # noqa: F401  (fleet_env_fixture: the `fleet_env` fix
 
 DEVICE = "cam-1"
 TOPICS = protocol.Topics(DEVICE)
+
+#: ``rollout --discover`` and ``status --timeout``: how long edgectl gathers retained messages
+#: after its SUBACK. Mosquitto sends them with the SUBACK, so on loopback 0.5 s holds them all;
+#: the defaults (2 s, 1.5 s) are sized for a broker across a network, and were fixed waits here.
+QUICK_DISCOVER = ("--discover", "0.5s")
+QUICK_STATUS = ("--timeout", "0.5s")
+
+
+def _status_rows(broker: Broker, until: Any, *, timeout: float = 15.0) -> list[dict[str, Any]]:
+    """``edgectl status --json``'s rows, read again until ``until(rows)`` holds or ``timeout``
+    passes (the caller asserts): a device's model there is its latest telemetry's, so a swap
+    or a rollback shows at its next telemetry tick, not at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = edgectl("status", "--json", *QUICK_STATUS, broker=broker.url)
+        assert run.returncode == 0, run.stderr
+        rows: list[dict[str, Any]] = json.loads(run.stdout)
+        if until(rows) or time.monotonic() > deadline:
+            return rows
 
 
 def _sha(path: Path) -> str:
@@ -480,6 +500,7 @@ def test_staged_rollout_aborts_and_reverts_when_canaries_fail(
     source = f"file:{_dim_video(tmp_path / 'dim.mp4')}?loop=1&live=1"
     agents = []
     names = [f"lobby-{i}" for i in range(4)]
+    old, new = "digits 1.0.0", "digits 1.2.0"
     try:
         for name in names:
             d = tmp_path / name
@@ -496,22 +517,23 @@ def test_staged_rollout_aborts_and_reverts_when_canaries_fail(
             )
         run = edgectl(
             "rollout", str(faulty["health_window"]), "--group", "lobby", "--canary", "25",
-            "--wait", "30s", "--max-failures", "0", broker=broker.url, timeout=120,
+            "--wait", "30s", "--max-failures", "0", *QUICK_DISCOVER, broker=broker.url,
+            timeout=120,
         )  # fmt: skip
         assert run.returncode == 3, (run.stdout, run.stderr)
         assert "aborted at canaries" in run.stderr
-        run = edgectl("status", broker=broker.url)
-        assert run.returncode == 0
-        assert run.stdout.count("digits 1.0.0") == 4, run.stdout
+        rows = _status_rows(broker, lambda got: [r["model"] for r in got] == [old] * 4)
+        assert [r["model"] for r in rows] == [old] * 4, rows
+        assert [r["update"] for r in rows[1:]] == [None] * 3, rows  # the rest never got it
         run = edgectl(
             "rollout", str(faulty["good_120"]), "--group", "lobby", "--canary", "25",
-            "--wait", "40s", "--max-failures", "0", "--waves", "2", broker=broker.url, timeout=180,
+            "--wait", "40s", "--max-failures", "0", "--waves", "2", *QUICK_DISCOVER,
+            broker=broker.url, timeout=180,
         )  # fmt: skip
         assert run.returncode == 0, (run.stdout, run.stderr)
         assert "canaries:" in run.stdout and "wave 2" in run.stdout
-        status = edgectl("status", "--json", broker=broker.url)
-        rows = json.loads(status.stdout)
-        assert [r["model"] for r in rows] == ["digits 1.2.0"] * 4, rows
+        rows = _status_rows(broker, lambda got: [r["model"] for r in got] == [new] * 4)
+        assert [r["model"] for r in rows] == [new] * 4, rows
         assert all(r["online"] for r in rows)
     finally:
         for a in agents:

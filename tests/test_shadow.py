@@ -34,6 +34,12 @@ from tests.fleet import fleet_env_fixture as fleet_env_fixture
 
 SHA = "ab" * 32
 
+#: ``rollout --discover`` and ``status --timeout``: how long edgectl gathers retained messages
+#: after its SUBACK. Mosquitto sends them with the SUBACK, so on loopback 0.5 s holds them all;
+#: the defaults (2 s, 1.5 s) are sized for a broker across a network, and were fixed waits here.
+QUICK_DISCOVER = ("--discover", "0.5s")
+QUICK_STATUS = ("--timeout", "0.5s")
+
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -412,8 +418,8 @@ def test_a_disagreeing_shadow_blocks_the_rollout(
             _online(broker, names)
             run = edgectl(
                 "rollout", str(bad), "--group", "yard", "--canary", "50", "--wait", "30s",
-                "--require-shadow", "0.9", "--frames", "30", "--shadow-timeout", "60s",
-                broker=broker.url, timeout=150,
+                "--require-shadow", "0.9", "--frames", "15", "--shadow-timeout", "60s",
+                *QUICK_DISCOVER, broker=broker.url, timeout=150,
             )  # fmt: skip
             assert run.returncode == 3, (run.stdout, run.stderr)
             reason = run.stderr.strip().splitlines()
@@ -428,11 +434,12 @@ def test_a_disagreeing_shadow_blocks_the_rollout(
             good = edgectl(
                 "rollout", str(candidates["agrees"]), "--group", "yard", "--canary", "50",
                 "--wait", "40s", "--require-shadow", "0.9", "--frames", "15",
-                broker=broker.url, timeout=180,
+                *QUICK_DISCOVER, broker=broker.url, timeout=180,
             )  # fmt: skip
             assert good.returncode == 0, (good.stdout, good.stderr)
             assert "shadow on canaries: yard-0 agreement 1.000" in good.stdout, good.stdout
-        rows = json.loads(edgectl("status", "--json", broker=broker.url).stdout)
+        status = edgectl("status", "--json", *QUICK_STATUS, broker=broker.url)
+        rows = json.loads(status.stdout)
         assert [r["model"] for r in rows if r["device"] in names] == ["digits 2.0.0"] * 2, rows
     finally:
         for a in agents:
