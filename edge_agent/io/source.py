@@ -441,6 +441,10 @@ class Source(ABC):
                 except Exception as exc:  # never crash: report and reconnect
                     self._disconnect()
                     connected, lost = False, True
+                    with self._cond:  # a frame from before the loss is stale once it is back
+                        if self._pending is not None:
+                            self._pending = None
+                            self._dropped += 1
                     self._set_status("degraded", self._describe(exc))
                     continue
                 if data is not None:
