@@ -616,6 +616,8 @@ class Service:
         status = self.pipeline.stream_status()
         for name, state in status.items():
             before = self._stream_states.get(name, "serving")
+            if state == "starting" and before == "degraded":
+                continue  # back, but no frame yet: still lost until its first one
             self._stream_states[name] = state
             if state == before:
                 continue

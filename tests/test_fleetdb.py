@@ -795,7 +795,7 @@ def test_retention_deletes_old_rows_from_plain_tables(own_database: Database) ->
         assert db.prune(conn, retention_days=0) == 0  # 0: keep everything
         assert db.prune(conn, retention_days=5, batch=2) == 100 + 1
         assert conn.info.transaction_status is TransactionStatus.IDLE
-        with conn.transaction(), pytest.raises(RuntimeError, match="inside a transaction"):
+        with conn.transaction(), pytest.raises(DatabaseError, match="inside a transaction"):
             db.prune(conn, retention_days=5)
     finally:
         conn.close()  # without a commit of its own

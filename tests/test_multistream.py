@@ -215,7 +215,7 @@ def test_streams_start_as_starting_until_each_sends_and_a_silent_one_degrades(
         def _disconnect(self) -> None:
             pass
 
-    monkeypatch.setattr(pipeline_module, "STARTING_LIMIT_S", 4.0)
+    monkeypatch.setattr(pipeline_module, "STARTING_LIMIT_S", 8.0)
     live = Stream("yard", open_source(f"synthetic:?width={W}&height={H}&fps=30&live=1"))
     pipe = Pipeline(
         streams=[Stream("door", QuietCamera()), live],

@@ -789,3 +789,32 @@ def test_rtsp_password_file_missing_is_a_source_error(tmp_path: Path) -> None:
         source.stream_target()  # type: ignore[attr-defined]
     with pytest.raises(SourceError, match="only for network streams"):
         open_source("camera:0", password_file=str(tmp_path / "nope"))
+
+
+def test_a_frame_from_before_a_loss_is_not_served_after_it() -> None:
+    """A live source lost with a frame waiting in its slot: once it is back, the first read is
+    a frame captured after the loss; the stale one is counted as dropped."""
+    captured = threading.Event()
+    failed = threading.Event()
+    steps = iter(["frame", "fail"])
+
+    class Flaky(Source):  # a designed seam: a live source that fails once, after one frame
+        def __init__(self) -> None:
+            super().__init__("flaky:0", kind="image", live=True, reconnect=FAST)
+
+        def _capture(self, timeout: float | None) -> np.ndarray | None:
+            step = next(steps, "after")
+            if step == "frame":
+                captured.set()
+                return np.zeros((4, 4, 3), np.uint8)
+            if step == "fail":
+                failed.set()
+                raise OSError("unplugged")
+            time.sleep(0.01)
+            return np.full((4, 4, 3), 9, np.uint8)
+
+    with Flaky() as source:
+        assert captured.wait(5) and failed.wait(5)
+        frame = source.read(timeout=5.0)
+        assert frame is not None and frame.index >= 1 and int(frame.data[0, 0, 0]) == 9
+        assert source.stats.dropped >= 1 and source.stats.reconnects == 1

@@ -225,7 +225,7 @@ def prune(conn: psycopg.Connection, *, retention_days: float, batch: int = 50_00
     the table, not one per batch. Pages added while it runs hold rows received meanwhile;
     older rows that arrive late go at the next prune."""
     if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
-        raise RuntimeError("fleetdb.prune: the connection is inside a transaction")
+        raise DatabaseError("database retention: the connection is inside a transaction")
     if retention_days <= 0:
         return 0
     deleted = 0
@@ -247,6 +247,8 @@ def prune(conn: psycopg.Connection, *, retention_days: float, batch: int = 50_00
             }
         for table, (pages, per_page) in sizes.items():
             window = max(1, int(batch / (per_page or _MAX_ROWS_PER_PAGE)))
+            if conn.info.server_version < 140000:  # no TID range scan: one window, as before
+                window = max(pages, 1)
             query = prune_query(table)
             for first in range(0, pages, window):
                 params = {"first": f"({first},0)", "end": f"({first + window},0)",
