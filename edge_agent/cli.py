@@ -27,6 +27,7 @@ from typing import Any
 
 from edge_agent.common.argtypes import float_list
 from edge_agent.errors import AgentExit, ConfigError, EdgeError, agent_exit_code
+from edge_agent.model.formats import SOFTMAX_CHOICES
 from edge_agent.model.plan import resolve_profile
 
 PROG = "edge-agent"
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
             "bundles carry their own)",
         )  # fmt: skip
         p.add_argument(
-            "--softmax", choices=("auto", "yes", "no"),
+            "--softmax", choices=SOFTMAX_CHOICES,
             help="a bare model's class scores, with --labels: a softmax over them (default: "
             "[model] softmax, auto: when they are logits, outside [0, 1])",
         )  # fmt: skip

@@ -25,6 +25,7 @@ from edge_agent.common.files import read_text
 from edge_agent.common.names import stream_name_problem
 from edge_agent.common.urls import url_host
 from edge_agent.errors import ConfigError
+from edge_agent.model.formats import SOFTMAX_CHOICES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -84,7 +85,7 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         _at_least("model", self, 0, "threads")
-        if self.softmax not in ("auto", "yes", "no"):
+        if self.softmax not in SOFTMAX_CHOICES:
             raise ConfigError(
                 f"config: [model] softmax = {self.softmax!r}: expected auto, yes or no"
             )

@@ -512,3 +512,33 @@ def test_a_bad_softmax_choice_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match=r"\[model\] softmax = 'maybe'"):
         parse_config({"model": {"softmax": "maybe"}})
+
+
+def test_softmax_auto_is_decided_once_a_model_file(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tuner's trials and a swap back load the same file again: one probe, one log line;
+    a new file at the same path is probed afresh."""
+    import logging
+
+    from edge_agent.model import loader
+    from edge_agent.model.profiles import load_profile
+
+    probes: list[Any] = []
+    real_probe = loader._logit_range
+    monkeypatch.setattr(loader, "_logit_range", lambda rt: probes.append(rt) or real_probe(rt))
+    path = _bare_classifier(tmp_path / "c.onnx", with_softmax=False)
+    caplog.set_level(logging.INFO, logger=loader.log.name)
+    for _ in range(3):
+        model = loader.load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path,
+                                  labels=("a", "b", "c"))  # fmt: skip
+        assert model.postprocessor.spec.softmax is True
+        model.close()
+    said = [r for r in caplog.records if "outputs are logits" in r.getMessage()]
+    assert (len(probes), len(said)) == (1, 1)
+    _bare_classifier(tmp_path / "new.onnx", with_softmax=True)
+    (tmp_path / "new.onnx").replace(path)  # a new model file in the old one's place
+    model = loader.load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path,
+                              labels=("a", "b", "c"))  # fmt: skip
+    assert model.postprocessor.spec.softmax is False and len(probes) == 2
+    model.close()

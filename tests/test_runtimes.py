@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_agent.errors import ModelError
 from edge_agent.model.runtimes import available_runtimes, load_runtime, warmup
-from tests.tflite_models import fully_connected
+from tests.tflite_models import fully_connected, pixel_mean
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((3, 4)).astype(np.float32)
@@ -84,6 +84,49 @@ def test_litert_quantizes_int8_io_for_the_caller(tmp_path: Path) -> None:
     xq = np.clip(np.round(x / 0.05) + 3, -128, 127)
     expect = ((xq - 3) * 0.05) @ W.T + B
     np.testing.assert_allclose(y, expect, atol=0.1 + 1e-6)  # one output quantization step
+
+
+@pytest.mark.parametrize(
+    ("dtype", "q", "seen"),
+    [
+        # MobileNet / SSD quant as TensorFlow and Coral ship them: [-1, 1] in uint8
+        ("uint8", (1 / 128, 128), lambda px: (px - 128) / 128),
+        # EfficientDet-Lite from Model Maker: zero point 127
+        ("uint8", (0.0078125, 127), lambda px: (px - 127) * 0.0078125),
+        # a full-integer model with int8 input, calibrated on [0, 1]
+        ("int8", (1 / 255, -128), lambda px: px / 255),
+    ],
+)
+def test_a_bare_models_quantized_image_input_takes_the_pixels_as_they_are(
+    tmp_path: Path, dtype: str, q: tuple[float, int], seen: object
+) -> None:
+    """A bare TFLite model whose image input is quantized is fed the pixels onto its whole
+    integer range (as the TFLite Task Library does), not 0..1 quantized (128..255 there); a
+    scaling the user gives wins."""
+    from edge_agent.model.loader import load_model
+    from edge_agent.model.profiles import load_profile
+
+    path = tmp_path / "m.tflite"
+    path.write_bytes(pixel_mean(16, dtype, q))
+    image = np.random.default_rng(3).integers(0, 256, (16, 16, 3), np.uint8)
+    rgb_mean = image[:, :, ::-1].reshape(-1, 3).astype(np.float64).mean(0)
+    assert callable(seen)
+    for overrides, want in (({}, seen(rgb_mean)), ({"scale": 1 / 255}, None)):
+        model = load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path,
+                           preprocess_overrides=overrides)  # fmt: skip
+        try:
+            feeds, _ = model.prepare_image(image)
+            got = np.asarray(model.infer(feeds)[0], np.float64)[0]
+        finally:
+            model.close()
+        if want is not None:
+            np.testing.assert_allclose(got, want, atol=1e-4)
+        else:  # the user's 1/255, quantized with the model's own scale and zero point
+            x = np.clip(
+                np.round(image[:, :, ::-1] / 255 / q[0]) + q[1],
+                *((0, 255) if dtype == "uint8" else (-128, 127)),
+            )
+            np.testing.assert_allclose(got, ((x - q[1]) * q[0]).reshape(-1, 3).mean(0), atol=1e-4)
 
 
 def test_bad_model_files_are_model_errors(tmp_path: Path) -> None:

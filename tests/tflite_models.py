@@ -1,6 +1,8 @@
 """Tiny real .tflite models written with the flatbuffer schema that ships inside ai-edge-litert
 (no TensorFlow): a float fully-connected layer, and the same with int8 input and output
-(DEQUANTIZE -> FULLY_CONNECTED -> QUANTIZE), to exercise the runtime's quantized I/O."""
+(DEQUANTIZE -> FULLY_CONNECTED -> QUANTIZE), to exercise the runtime's quantized I/O; and an
+image model with a quantized input, as mobile SDKs and Coral ship them, that outputs the mean
+of what it was fed (to see the preprocessing through the model's own eyes)."""
 
 from __future__ import annotations
 
@@ -82,6 +84,39 @@ def fully_connected(
         sg.operators = [_op(0, [4], [0]), _op(1, [0, 1, 2], [3], fc_options), _op(2, [3], [5])]
         sg.inputs, sg.outputs = [4], [5]
     sg.tensors = tensors
+    model.subgraphs = [sg]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def pixel_mean(size: int, dtype: str, q: tuple[float, int]) -> bytes:
+    """Input [1, size, size, 3] of ``dtype`` (uint8 or int8) quantized with ``q`` = (scale,
+    zero point) -> DEQUANTIZE -> MEAN over the image -> float32 [1, 3]: what the model made of
+    its input, channel by channel."""
+    f32, i32 = S.TensorType.FLOAT32, S.TensorType.INT32
+    qtype = {"uint8": S.TensorType.UINT8, "int8": S.TensorType.INT8}[dtype]
+    model = S.ModelT()
+    model.version, model.description = 3, b"edge-inference test model"
+    buffers = [S.BufferT() for _ in range(5)]
+    buffers[3].data = list(np.array([1, 2], np.int32).tobytes())
+    model.buffers = buffers
+    sg = S.SubGraphT()
+    sg.name = b"main"
+    sg.tensors = [
+        _tensor("image", [1, size, size, 3], 1, qtype, q),
+        _tensor("image_float", [1, size, size, 3], 2, f32),
+        _tensor("axes", [2], 3, i32),
+        _tensor("mean", [1, 3], 4, f32),
+    ]
+    model.operatorCodes = [_opcode(S.BuiltinOperator.DEQUANTIZE), _opcode(S.BuiltinOperator.MEAN)]
+    reducer = S.ReducerOptionsT()
+    reducer.keepDims = False
+    sg.operators = [
+        _op(0, [0], [1]),
+        _op(1, [1, 2], [3], (S.BuiltinOptions.ReducerOptions, reducer)),
+    ]
+    sg.inputs, sg.outputs = [0], [3]
     model.subgraphs = [sg]
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")

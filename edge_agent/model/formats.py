@@ -10,6 +10,9 @@ ONNX_FORMATS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "onnx-int8-dynamic")
 TFLITE_FORMATS = ("tflite-fp32", "tflite-fp16", "tflite-int8")
 ARTIFACT_FORMATS = ONNX_FORMATS + TFLITE_FORMATS
 
+#: ``[model] softmax`` / ``--softmax``: whether a bare classification model's scores get one.
+SOFTMAX_CHOICES = ("auto", "yes", "no")
+
 #: The runtime that executes each artifact format.
 RUNTIME_FOR_FORMAT = {
     **dict.fromkeys(ONNX_FORMATS, "onnxruntime"),

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import ConfigError, ModelError
-from edge_agent.model.formats import RUNTIME_FOR_FORMAT
+from edge_agent.model.formats import RUNTIME_FOR_FORMAT, SOFTMAX_CHOICES
 from edge_agent.model.postprocess import Postprocessor, PostprocessSpec
 from edge_agent.model.preprocess import Geometry, Preprocessor, PreprocessSpec
 from edge_agent.model.profiles import DeviceProfile
@@ -207,9 +207,6 @@ _ONNX_INT8_OPS = (b"QuantizeLinear", b"QLinearConv", b"QLinearMatMul", b"ConvInt
                   b"MatMulInteger")  # fmt: skip
 
 
-SOFTMAX_CHOICES = ("auto", "yes", "no")
-
-
 def _logit_range(runtime: Any) -> tuple[float, float] | None:
     """The first output's range over a zero input and a noise input when it leaves [0, 1] (the
     scores are logits, not probabilities: a softmax or sigmoid never does), else None."""
@@ -225,20 +222,79 @@ def _logit_range(runtime: Any) -> tuple[float, float] | None:
     return (lo, hi) if lo < -1e-6 or hi > 1 + 1e-6 else None
 
 
+def _decoded_detection(
+    outputs: Mapping[str, str], labels: tuple[str, ...] | None, path: Path
+) -> dict[str, Any]:
+    """The postprocessing of a bare model ending in TFLite_Detection_PostProcess: detections
+    from its four outputs (by role, as the op lists them), boxes (ymin, xmin, ymax, xmax) in
+    [0, 1] of the input; ``labels`` by class index (the op's classes leave out the
+    background)."""
+    if path not in _DECODED_SAID:  # once a file: the tuner's trials load it again
+        _DECODED_SAID.add(path)
+        log.info("postprocess: %s ends in TFLite_Detection_PostProcess: its detections are "
+                 "reported (score >= %g)", path.name,
+                 PostprocessSpec(kind="detection").score_threshold)  # fmt: skip
+    data: dict[str, Any] = {
+        "kind": "detection", "format": "decoded", "box_format": "yxyx", "normalized": True,
+        "output": outputs["boxes"], "classes_output": outputs["classes"],
+        "scores_output": outputs["scores"], "count_output": outputs["count"],
+    }  # fmt: skip
+    if labels:
+        data["labels"] = list(labels)
+    return data
+
+
+_DECODED_SAID: set[Path] = set()  # the model files :func:`_decoded_detection` has spoken of
+#: ``softmax = auto``'s decision per model file (its path, size and modification time): the
+#: tuner's trials and a swap back to the same file load it again, and neither probes it again
+#: nor says it again in the log
+_LOGITS_SEEN: dict[tuple[str, int, int], bool] = {}
+
+
 def _bare_softmax(softmax: str, runtime: Any, path: Path) -> bool:
     """Whether a bare classification model's scores get a softmax: ``yes``, ``no``, or
-    ``auto``: when they are logits (:func:`_logit_range`), said once in the log."""
+    ``auto``: when they are logits (:func:`_logit_range`), decided once a model file and said
+    once in the log."""
     if softmax not in SOFTMAX_CHOICES:
         raise ConfigError(f"[model] softmax = {softmax!r}: expected one of {SOFTMAX_CHOICES}")
     if softmax != "auto":
         return softmax == "yes"
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _LOGITS_SEEN:
+        return _LOGITS_SEEN[key]
     seen = _logit_range(runtime)
+    _LOGITS_SEEN[key] = seen is not None
     if seen is not None:
         log.info(
             "scores: %s's outputs are logits (%.3g to %.3g seen), not probabilities: softmax "
             "applied ([model] softmax = no keeps them)", path.name, *seen,
         )  # fmt: skip
     return seen is not None
+
+
+_PIXELS_SAID: set[Path] = set()  # the model files :func:`_pixel_scaling` has spoken of
+#: The scaling keys of ``[preprocess]``: one given leaves a quantized input's scaling to the user
+_SCALING_KEYS = ("scale", "mean", "std")
+
+
+def _pixel_scaling(spec: Any, overrides: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """A bare model's image input quantized to 8 bits (the TFLite files mobile SDKs and Coral
+    ship: uint8 with scale 1/128 and zero point 128 for [-1, 1], and the like) takes the pixels
+    themselves: 0..255 onto its whole integer range (uint8: the pixel; int8: the pixel - 128),
+    as the TFLite Task Library feeds them. The default 1/255 would quantize to 128..255 there.
+    Scaling of the user's (``[preprocess] scale``, ``mean`` or ``std``) wins."""
+    if not spec.quantized or any(k in overrides for k in _SCALING_KEYS):
+        return {}
+    offset = 0 if spec.dtype == "uint8" else 128  # the integer a 0 pixel becomes
+    scale = float(spec.scale)
+    if path not in _PIXELS_SAID:  # once a file: the tuner's trials load it again
+        _PIXELS_SAID.add(path)
+        log.info(
+            "input: %s takes %s (scale %.6g, zero point %d): fed the pixels as they are",
+            path.name, spec.dtype, scale, spec.zero_point,
+        )  # fmt: skip
+    return {"scale": scale, "mean": ((offset + spec.zero_point) * scale,), "std": (1.0,)}
 
 
 def _bare_format(path: Path, runtime: Any) -> str:
@@ -413,14 +469,18 @@ def load_model(
     pre = None
     if len(runtime.inputs) == 1 and len(shape) == 4:
         try:
-            pre = Preprocessor(PreprocessSpec.for_input_shape(list(shape), **overrides))
+            defaults = _pixel_scaling(runtime.inputs[0], overrides, path)
+            pre = Preprocessor(PreprocessSpec.for_input_shape(list(shape), **defaults, **overrides))
         except ConfigError:
             if overrides:
                 raise
         if pre is not None:
             _check_fits(pre, runtime, path=path, overridden="channels" in overrides)
     post_data: dict[str, Any] = {"kind": "raw"}
-    if labels:
+    decoded = getattr(runtime, "detection_outputs", None)
+    if decoded:  # an SSD / EfficientDet-Lite TFLite file: boxes, classes, scores, count
+        post_data = _decoded_detection(decoded, labels, path)
+    elif labels:
         post_data = {"kind": "classification", "labels": list(labels)}
         post_data["softmax"] = _bare_softmax(softmax, runtime, path)
         classes = runtime.outputs[0].shape[-1] if runtime.outputs[0].shape else None

@@ -32,7 +32,9 @@ from edge_agent.errors import ConfigError, ModelError
 from edge_agent.model.preprocess import Geometry
 
 KINDS = ("classification", "detection", "segmentation", "raw")
-DETECTION_FORMATS = ("yolo", "ssd")
+#: ``decoded``: the model decoded and suppressed its boxes itself (TFLite's
+#: ``TFLite_Detection_PostProcess``: boxes, classes, scores and their count)
+DETECTION_FORMATS = ("yolo", "ssd", "decoded")
 YOLO_VERSIONS = (5, 8)
 BOX_FORMATS = ("cxcywh", "xyxy", "yxyx")
 NONFINITE = "non-finite output"
@@ -60,13 +62,20 @@ class PostprocessSpec:
     softmax: bool = False
     #: Classification: how many of the best classes to report.
     top_k: int = 5
-    #: Detection: ``yolo`` (one output) or ``ssd`` (a boxes and a scores output).
+    #: Detection: ``yolo`` (one output), ``ssd`` (a boxes and a scores output) or ``decoded``
+    #: (boxes ``[1, M, 4]``, classes ``[1, M]``, scores ``[1, M]`` and their count ``[1]``,
+    #: decoded and suppressed by the model: no NMS here).
     format: str = "yolo"
     #: YOLO layout: 5 = ``[N, A, 5+C]`` with objectness, 8 = ``[N, 4+C, A]`` without; None =
     #: from the shape (8 when the feature axis comes first, i.e. ``shape[1] < shape[2]``).
     yolo_version: int | None = None
     #: SSD: the scores output ``[N, A, C]`` by name; None = the first output that is not boxes.
+    #: ``decoded``: the scores ``[1, M]``; None = the third output.
     scores_output: str | None = None
+    #: ``decoded``: the class indices ``[1, M]`` by name; None = the second output.
+    classes_output: str | None = None
+    #: ``decoded``: how many of the M are detections ``[1]``, by name; None = the fourth output.
+    count_output: str | None = None
     #: Detection: drop boxes scoring below this (score = objectness * class score for YOLOv5).
     score_threshold: float = 0.25
     #: Detection: NMS suppresses a box whose IoU with a better one is above this.
@@ -91,7 +100,7 @@ class PostprocessSpec:
 
     def __post_init__(self) -> None:
         _check_choice("kind", self.kind, KINDS)
-        for key in ("output", "scores_output"):
+        for key in ("output", "scores_output", "classes_output", "count_output"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value):
                 raise _bad(key, value, "must be an output name")
@@ -181,6 +190,8 @@ class Postprocessor:
             raise ConfigError("postprocess: the model has no outputs")
         self.index = self._resolve("output", spec.output, default=0)
         self.scores_index: int | None = None
+        #: ``decoded``: the classes and count outputs
+        self.classes_index = self.count_index = 0
         # SSD without names: boxes/scores may come in either order; decided by shape per call.
         self._ssd_auto = False
         if spec.kind == "detection" and spec.format == "ssd":
@@ -196,6 +207,21 @@ class Postprocessor:
                     f"postprocess: scores_output = {spec.scores_output!r}: is also the boxes output"
                 )
             self._ssd_auto = spec.output is None and spec.scores_output is None
+        if spec.kind == "detection" and spec.format == "decoded":
+            if len(self.output_names) < 4:
+                raise ConfigError(
+                    f"postprocess: format = 'decoded': needs boxes, classes, scores and count "
+                    f"outputs, the model has {list(self.output_names)}"
+                )
+            self.classes_index = self._resolve("classes_output", spec.classes_output, default=1)
+            self.scores_index = self._resolve("scores_output", spec.scores_output, default=2)
+            self.count_index = self._resolve("count_output", spec.count_output, default=3)
+            roles = (self.index, self.classes_index, self.scores_index, self.count_index)
+            if len(set(roles)) != 4:
+                raise ConfigError(
+                    "postprocess: format = 'decoded': output, classes_output, scores_output "
+                    "and count_output must name four different outputs"
+                )
         self._anchors: np.ndarray | None = None
         self._variances = np.asarray(spec.variances, np.float64)
         yx = spec.box_format == "yxyx"
@@ -283,6 +309,8 @@ class Postprocessor:
         source_size: tuple[int, int] | None,
     ) -> dict[str, Any]:
         spec = self.spec
+        if spec.format == "decoded":
+            return self._decoded(outputs, geometry=geometry, source_size=source_size)
         if spec.format == "yolo":
             out = np.asarray(outputs[self.index])
             if not _all_finite(out):
@@ -308,7 +336,55 @@ class Postprocessor:
             span = float(xyxy.max() - xyxy.min()) + 1.0
             shifted = xyxy + (classes.astype(np.float64) * span)[:, None]
             keep = nms(shifted, scores, spec.iou_threshold, max_out=spec.max_detections)
-        xyxy, scores, classes = xyxy[keep], scores[keep], classes[keep]
+        return self._detections(
+            xyxy[keep], scores[keep], classes[keep], geometry=geometry, source_size=source_size
+        )
+
+    def _decoded(
+        self,
+        outputs: Sequence[np.ndarray],
+        *,
+        geometry: Geometry | None,
+        source_size: tuple[int, int] | None,
+    ) -> dict[str, Any]:
+        """Boxes the model decoded and suppressed (TFLite_Detection_PostProcess): the first
+        ``count`` of them, those scoring at least ``score_threshold``, no NMS."""
+        spec = self.spec
+        assert self.scores_index is not None
+        boxes = np.asarray(outputs[self.index])
+        scores = np.asarray(outputs[self.scores_index]).reshape(-1)
+        classes = np.asarray(outputs[self.classes_index]).reshape(-1)
+        count = np.asarray(outputs[self.count_index]).reshape(-1)
+        if boxes.shape[-1:] != (4,) or boxes.size // 4 != scores.size or count.size != 1:
+            raise ModelError(
+                f"postprocess: decoded detections have shapes {list(boxes.shape)} (boxes), "
+                f"{list(np.shape(outputs[self.classes_index]))} (classes), "
+                f"{list(np.shape(outputs[self.scores_index]))} (scores) and "
+                f"{list(count.shape)} (count), expected [1, M, 4], [1, M], [1, M] and [1]"
+            )
+        if not (_all_finite(boxes) and _all_finite(scores) and _all_finite(count)):
+            return self._nonfinite({"detections": []})
+        n = max(0, min(int(count[0]), scores.size, classes.size))
+        scores = scores[:n].astype(np.float64)
+        keep = np.flatnonzero(scores >= spec.score_threshold)
+        keep = keep[np.argsort(-scores[keep], kind="stable")][: spec.max_detections]
+        xyxy = _to_xyxy(boxes.reshape(-1, 4)[keep].astype(np.float64), spec.box_format)
+        xyxy = self._to_input_pixels(xyxy, geometry=geometry, source_size=source_size)
+        return self._detections(
+            xyxy, scores[keep], np.rint(classes[keep]).astype(np.int64),
+            geometry=geometry, source_size=source_size,
+        )  # fmt: skip
+
+    def _detections(
+        self,
+        xyxy: np.ndarray,
+        scores: np.ndarray,
+        classes: np.ndarray,
+        *,
+        geometry: Geometry | None,
+        source_size: tuple[int, int] | None,
+    ) -> dict[str, Any]:
+        """Boxes in input pixels -> the result: in source pixels, clipped to the source."""
         if geometry is not None:
             x1, y1 = geometry.to_source(xyxy[:, 0], xyxy[:, 1])
             x2, y2 = geometry.to_source(xyxy[:, 2], xyxy[:, 3])

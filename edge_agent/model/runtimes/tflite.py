@@ -19,6 +19,12 @@ from edge_agent.model.runtimes.base import TensorSpec, dequantize, quantize
 
 log = logging.getLogger(__name__)
 
+#: TensorFlow's SSD post-processing, a custom op every LiteRT build registers: the TFLite SSD
+#: and EfficientDet-Lite files of the TFLite examples, Coral and MediaPipe end in it
+DETECTION_POSTPROCESS = "TFLite_Detection_PostProcess"
+#: What its four outputs are, in the op's order
+DETECTION_ROLES = ("boxes", "classes", "scores", "count")
+
 
 def _interpreter_class() -> tuple[Any, str] | None:
     try:
@@ -66,6 +72,25 @@ def _spec(detail: Mapping[str, Any]) -> TensorSpec:
     )
 
 
+def _detection_outputs(interp: Any, outputs: list[Mapping[str, Any]]) -> dict[str, str] | None:
+    """The model's output names by role (:data:`DETECTION_ROLES`) when its graph ends in
+    :data:`DETECTION_POSTPROCESS`, read from the op itself: exports list its four outputs in
+    different orders, and their names (``StatefulPartitionedCall:3``) say nothing. None when
+    there is no such op, or this runtime cannot list its ops."""
+    try:
+        ops = interp._get_ops_details()
+    except Exception:  # a runtime without it (private API): the model's outputs as they are
+        return None
+    names = {int(d["index"]): str(d["name"]) for d in outputs}
+    for op in ops:
+        if op.get("op_name") != DETECTION_POSTPROCESS:
+            continue
+        outs = [int(i) for i in op.get("outputs", ())]
+        if len(outs) == len(DETECTION_ROLES) and all(i in names for i in outs):
+            return {role: names[i] for role, i in zip(DETECTION_ROLES, outs)}
+    return None
+
+
 class LiteRTRuntime:
     """One model in ``instances`` interpreters. An interpreter is not thread-safe, so each
     ``infer`` takes one from a pool and gives it back: with one instance calls are serialized;
@@ -104,6 +129,8 @@ class LiteRTRuntime:
         self._interp: Any = first  # kept for close()
         #: what its weights are stored as: "int8" (quantized tensors), "fp16" or "fp32"
         self.precision = _precision(first.get_tensor_details())
+        #: the model's outputs by role when it ends in TFLite_Detection_PostProcess, else None
+        self.detection_outputs = _detection_outputs(first, self._out)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         pool = self._pool
