@@ -76,3 +76,22 @@ def test_gray_frames_and_frames_already_at_the_input_size() -> None:
     big = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
     crop = big[5:29, 10:42]
     np.testing.assert_allclose(pre(crop), _reference(crop, spec), rtol=1e-5, atol=1e-4)
+
+
+def test_pixels_as_the_quantized_inputs_integers_with_no_float_pass() -> None:
+    """A quantized input that takes the pixels: uint8 gets them, int8 gets pixel - 128, in
+    NHWC (RGB or gray); an NCHW spec keeps the float path."""
+    image = np.random.default_rng(4).integers(0, 256, (6, 8, 3), np.uint8)
+    rgb = PreprocessSpec(width=8, height=6, layout="nhwc", channels="rgb")
+    got = Preprocessor(rgb, pixels_as="uint8")(image)
+    assert got.dtype == np.uint8 and got.shape == (1, 6, 8, 3)
+    np.testing.assert_array_equal(got[0], image[:, :, ::-1])
+    got = Preprocessor(rgb, pixels_as="int8")(image)
+    assert got.dtype == np.int8
+    np.testing.assert_array_equal(got[0], image[:, :, ::-1].astype(np.int16) - 128)
+    gray = PreprocessSpec(width=8, height=6, layout="nhwc", channels="gray")
+    got = Preprocessor(gray, pixels_as="uint8")(image)
+    assert got.shape == (1, 6, 8, 1) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got[0, :, :, 0], cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
+    nchw = PreprocessSpec(width=8, height=6, layout="nchw", channels="rgb")
+    assert Preprocessor(nchw, pixels_as="uint8")(image).dtype == np.float32

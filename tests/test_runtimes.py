@@ -116,6 +116,9 @@ def test_a_bare_models_quantized_image_input_takes_the_pixels_as_they_are(
                            preprocess_overrides=overrides)  # fmt: skip
         try:
             feeds, _ = model.prepare_image(image)
+            # the pixels go in as the input's integers, with no float pass; the user's scaling
+            # goes through float and the runtime quantizes it
+            assert feeds["image"].dtype == (np.dtype(dtype) if not overrides else np.float32)
             got = np.asarray(model.infer(feeds)[0], np.float64)[0]
         finally:
             model.close()

@@ -470,7 +470,10 @@ def load_model(
     if len(runtime.inputs) == 1 and len(shape) == 4:
         try:
             defaults = _pixel_scaling(runtime.inputs[0], overrides, path)
-            pre = Preprocessor(PreprocessSpec.for_input_shape(list(shape), **defaults, **overrides))
+            pre = Preprocessor(
+                PreprocessSpec.for_input_shape(list(shape), **defaults, **overrides),
+                pixels_as=runtime.inputs[0].dtype if defaults else None,
+            )
         except ConfigError:
             if overrides:
                 raise

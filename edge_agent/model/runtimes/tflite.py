@@ -138,7 +138,7 @@ class LiteRTRuntime:
         try:
             for name, value in feeds.items():
                 index, spec = self._in_index[name]
-                if spec.quantized:
+                if spec.quantized and value.dtype != np.dtype(spec.dtype):  # else quantized already
                     value = quantize(value, spec)
                 elif value.dtype != np.dtype(spec.dtype):
                     value = value.astype(spec.dtype)
