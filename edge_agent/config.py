@@ -97,7 +97,11 @@ class PreprocessSection:
 
     mean: tuple[float, ...] = _doc("Per-channel mean subtracted after scaling.", default=())
     std: tuple[float, ...] = _doc("Per-channel std divided by after the mean.", default=())
-    scale: float = _doc("Pixel scale applied first (0 = the default 1/255).", default=0.0)
+    scale: float = _doc(
+        "Pixel scale applied first (0 = the default: 1/255; for a bare "
+        "model's 8-bit image input, the pixels as its integers).",
+        default=0.0,
+    )
     channels: str = _doc("Channel order: rgb, bgr or gray ('' = from the model).", default="")
     resize: str = _doc("stretch or letterbox ('' = stretch).", default="")
 

@@ -95,23 +95,28 @@ def test_litert_quantizes_int8_io_for_the_caller(tmp_path: Path) -> None:
         ("uint8", (0.0078125, 127), lambda px: (px - 127) * 0.0078125),
         # a full-integer model with int8 input, calibrated on [0, 1]
         ("int8", (1 / 255, -128), lambda px: px / 255),
+        # uint8 with no quantization, cast inside (as some detector exports take it)
+        ("uint8", None, lambda px: px),
     ],
 )
 def test_a_bare_models_quantized_image_input_takes_the_pixels_as_they_are(
-    tmp_path: Path, dtype: str, q: tuple[float, int], seen: object
+    tmp_path: Path, dtype: str, q: tuple[float, int] | None, seen: object
 ) -> None:
     """A bare TFLite model whose image input is quantized is fed the pixels onto its whole
     integer range (as the TFLite Task Library does), not 0..1 quantized (128..255 there); a
     scaling the user gives wins."""
     from edge_agent.model.loader import load_model
+    from edge_agent.model.preprocess import Preprocessor
     from edge_agent.model.profiles import load_profile
+    from edge_agent.model.runtimes import quantize
 
     path = tmp_path / "m.tflite"
     path.write_bytes(pixel_mean(16, dtype, q))
     image = np.random.default_rng(3).integers(0, 256, (16, 16, 3), np.uint8)
     rgb_mean = image[:, :, ::-1].reshape(-1, 3).astype(np.float64).mean(0)
     assert callable(seen)
-    for overrides, want in (({}, seen(rgb_mean)), ({"scale": 1 / 255}, None)):
+    tries = [({}, seen(rgb_mean))] + ([({"scale": 1 / 255}, None)] if q is not None else [])
+    for overrides, want in tries:
         model = load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path,
                            preprocess_overrides=overrides)  # fmt: skip
         try:
@@ -120,11 +125,16 @@ def test_a_bare_models_quantized_image_input_takes_the_pixels_as_they_are(
             # goes through float and the runtime quantizes it
             assert feeds["image"].dtype == (np.dtype(dtype) if not overrides else np.float32)
             got = np.asarray(model.infer(feeds)[0], np.float64)[0]
+            if not overrides:  # the float path (an NCHW input) gives the same integers
+                spec, x = model.runtime.inputs[0], Preprocessor(model.preprocessor.spec)(image)
+                again = quantize(x, spec) if spec.quantized else x.astype(spec.dtype)
+                np.testing.assert_array_equal(again, feeds["image"])
         finally:
             model.close()
         if want is not None:
             np.testing.assert_allclose(got, want, atol=1e-4)
         else:  # the user's 1/255, quantized with the model's own scale and zero point
+            assert q is not None
             x = np.clip(
                 np.round(image[:, :, ::-1] / 255 / q[0]) + q[1],
                 *((0, 255) if dtype == "uint8" else (-128, 127)),

@@ -22,14 +22,13 @@ from edge_agent.model.loader import load_model
 from edge_agent.model.postprocess import Postprocessor, PostprocessSpec
 from edge_agent.model.profiles import load_profile
 
-pytest.importorskip("torch")
-
 NAMES = ("square", "circle", "triangle")
 W, H = 640, 480  # the camera's frames; the model sees 128 x 128
 
 
 @pytest.fixture(scope="module")
 def ssd(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    pytest.importorskip("torch")
     from converters import standins
 
     stand_in = standins.ssd_style()
@@ -171,6 +170,14 @@ def test_decoded_detections_take_count_threshold_and_max_detections() -> None:
     assert none == {"kind": "detection", "detections": []}
     nan = _decoded()([boxes, classes, np.full((1, 4), np.nan, np.float32), count])
     assert nan["error"] == "non-finite output"
+    bad_class = classes.copy()
+    bad_class[0, 0] = np.inf
+    assert _decoded()([boxes, bad_class, scores, count])["error"] == "non-finite output"
+    padding = scores.copy()
+    padding[0, 3] = np.nan  # past the count: not read
+    assert len(_decoded()([boxes, classes, padding, count])["detections"]) == 2
+    many = _decoded()([boxes, classes, scores, np.array([99.0], np.float32)])  # count > M
+    assert [d["score"] for d in many["detections"]] == [0.9, 0.8, 0.5]
 
 
 def test_decoded_needs_four_outputs_of_the_right_shapes() -> None:
@@ -182,3 +189,5 @@ def test_decoded_needs_four_outputs_of_the_right_shapes() -> None:
                       output_names=OUT)  # fmt: skip
     with pytest.raises(ModelError, match=r"expected \[1, M, 4\], \[1, M\], \[1, M\] and \[1\]"):
         _decoded()([np.zeros((1, 3, 4)), np.zeros((1, 2)), np.zeros((1, 2)), np.zeros(1)])
+    with pytest.raises(ModelError, match="decoded detections have shapes"):  # classes short
+        _decoded()([np.zeros((1, 3, 4)), np.zeros((1, 2)), np.zeros((1, 3)), np.zeros(1)])

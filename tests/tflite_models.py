@@ -90,10 +90,11 @@ def fully_connected(
     return bytes(builder.Output())
 
 
-def pixel_mean(size: int, dtype: str, q: tuple[float, int]) -> bytes:
+def pixel_mean(size: int, dtype: str, q: tuple[float, int] | None) -> bytes:
     """Input [1, size, size, 3] of ``dtype`` (uint8 or int8) quantized with ``q`` = (scale,
     zero point) -> DEQUANTIZE -> MEAN over the image -> float32 [1, 3]: what the model made of
-    its input, channel by channel."""
+    its input, channel by channel. ``q`` None: a plain integer input and a CAST instead (as an
+    export that takes uint8 and casts it inside)."""
     f32, i32 = S.TensorType.FLOAT32, S.TensorType.INT32
     qtype = {"uint8": S.TensorType.UINT8, "int8": S.TensorType.INT8}[dtype]
     model = S.ModelT()
@@ -109,7 +110,8 @@ def pixel_mean(size: int, dtype: str, q: tuple[float, int]) -> bytes:
         _tensor("axes", [2], 3, i32),
         _tensor("mean", [1, 3], 4, f32),
     ]
-    model.operatorCodes = [_opcode(S.BuiltinOperator.DEQUANTIZE), _opcode(S.BuiltinOperator.MEAN)]
+    first = S.BuiltinOperator.DEQUANTIZE if q is not None else S.BuiltinOperator.CAST
+    model.operatorCodes = [_opcode(first), _opcode(S.BuiltinOperator.MEAN)]
     reducer = S.ReducerOptionsT()
     reducer.keepDims = False
     sg.operators = [

@@ -229,8 +229,8 @@ def _decoded_detection(
     from its four outputs (by role, as the op lists them), boxes (ymin, xmin, ymax, xmax) in
     [0, 1] of the input; ``labels`` by class index (the op's classes leave out the
     background)."""
-    if path not in _DECODED_SAID:  # once a file: the tuner's trials load it again
-        _DECODED_SAID.add(path)
+    if str(path.resolve()) not in _DECODED_SAID:  # once a file: the tuner's trials load it again
+        _DECODED_SAID.add(str(path.resolve()))
         log.info("postprocess: %s ends in TFLite_Detection_PostProcess: its detections are "
                  "reported (score >= %g)", path.name,
                  PostprocessSpec(kind="detection").score_threshold)  # fmt: skip
@@ -244,7 +244,7 @@ def _decoded_detection(
     return data
 
 
-_DECODED_SAID: set[Path] = set()  # the model files :func:`_decoded_detection` has spoken of
+_DECODED_SAID: set[str] = set()  # the model files :func:`_decoded_detection` has spoken of
 #: ``softmax = auto``'s decision per model file (its path, size and modification time): the
 #: tuner's trials and a swap back to the same file load it again, and neither probes it again
 #: nor says it again in the log
@@ -273,28 +273,40 @@ def _bare_softmax(softmax: str, runtime: Any, path: Path) -> bool:
     return seen is not None
 
 
-_PIXELS_SAID: set[Path] = set()  # the model files :func:`_pixel_scaling` has spoken of
+_PIXELS_SAID: set[tuple[Any, ...]] = set()  # the model inputs :func:`_say_pixels` spoke of
 #: The scaling keys of ``[preprocess]``: one given leaves a quantized input's scaling to the user
 _SCALING_KEYS = ("scale", "mean", "std")
 
 
-def _pixel_scaling(spec: Any, overrides: Mapping[str, Any], path: Path) -> dict[str, Any]:
-    """A bare model's image input quantized to 8 bits (the TFLite files mobile SDKs and Coral
-    ship: uint8 with scale 1/128 and zero point 128 for [-1, 1], and the like) takes the pixels
-    themselves: 0..255 onto its whole integer range (uint8: the pixel; int8: the pixel - 128),
-    as the TFLite Task Library feeds them. The default 1/255 would quantize to 128..255 there.
+def _pixel_scaling(spec: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The scaling of a bare model's image input that takes the pixels themselves, else {}:
+
+    - quantized to 8 bits (the TFLite files mobile SDKs and Coral ship: uint8 with scale 1/128
+      and zero point 128 for [-1, 1], and the like): 0..255 onto its whole integer range
+      (uint8: the pixel; int8: the pixel - 128), as the TFLite Task Library feeds them. The
+      default 1/255 would quantize to 128..255 there;
+    - uint8 without quantization (an export that casts its input inside): the pixel.
+
     Scaling of the user's (``[preprocess] scale``, ``mean`` or ``std``) wins."""
-    if not spec.quantized or any(k in overrides for k in _SCALING_KEYS):
+    if any(k in overrides for k in _SCALING_KEYS):
         return {}
-    offset = 0 if spec.dtype == "uint8" else 128  # the integer a 0 pixel becomes
-    scale = float(spec.scale)
-    if path not in _PIXELS_SAID:  # once a file: the tuner's trials load it again
-        _PIXELS_SAID.add(path)
-        log.info(
-            "input: %s takes %s (scale %.6g, zero point %d): fed the pixels as they are",
-            path.name, spec.dtype, scale, spec.zero_point,
-        )  # fmt: skip
-    return {"scale": scale, "mean": ((offset + spec.zero_point) * scale,), "std": (1.0,)}
+    if spec.quantized:
+        offset = 0 if spec.dtype == "uint8" else 128  # the integer a 0 pixel becomes
+        scale = float(spec.scale)
+        return {"scale": scale, "mean": ((offset + spec.zero_point) * scale,), "std": (1.0,)}
+    if spec.dtype == "uint8":
+        return {"scale": 1.0, "mean": (0.0,), "std": (1.0,)}
+    return {}
+
+
+def _say_pixels(spec: Any, path: Path) -> None:
+    """Said once a model file (the tuner's trials load it again)."""
+    key = (str(path.resolve()), spec.dtype, spec.scale, spec.zero_point)
+    if key in _PIXELS_SAID:
+        return
+    _PIXELS_SAID.add(key)
+    how = "" if not spec.quantized else f" (scale {spec.scale:.6g}, zero point {spec.zero_point})"
+    log.info("input: %s takes %s%s: fed the pixels as they are", path.name, spec.dtype, how)
 
 
 def _bare_format(path: Path, runtime: Any) -> str:
@@ -469,11 +481,13 @@ def load_model(
     pre = None
     if len(runtime.inputs) == 1 and len(shape) == 4:
         try:
-            defaults = _pixel_scaling(runtime.inputs[0], overrides, path)
+            defaults = _pixel_scaling(runtime.inputs[0], overrides)
             pre = Preprocessor(
                 PreprocessSpec.for_input_shape(list(shape), **defaults, **overrides),
                 pixels_as=runtime.inputs[0].dtype if defaults else None,
             )
+            if defaults:
+                _say_pixels(runtime.inputs[0], path)
         except ConfigError:
             if overrides:
                 raise

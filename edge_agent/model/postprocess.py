@@ -355,20 +355,27 @@ class Postprocessor:
         scores = np.asarray(outputs[self.scores_index]).reshape(-1)
         classes = np.asarray(outputs[self.classes_index]).reshape(-1)
         count = np.asarray(outputs[self.count_index]).reshape(-1)
-        if boxes.shape[-1:] != (4,) or boxes.size // 4 != scores.size or count.size != 1:
+        if (
+            boxes.shape[-1:] != (4,)
+            or not boxes.size // 4 == scores.size == classes.size
+            or count.size != 1
+        ):
             raise ModelError(
                 f"postprocess: decoded detections have shapes {list(boxes.shape)} (boxes), "
                 f"{list(np.shape(outputs[self.classes_index]))} (classes), "
                 f"{list(np.shape(outputs[self.scores_index]))} (scores) and "
                 f"{list(count.shape)} (count), expected [1, M, 4], [1, M], [1, M] and [1]"
             )
-        if not (_all_finite(boxes) and _all_finite(scores) and _all_finite(count)):
+        if not _all_finite(count):
             return self._nonfinite({"detections": []})
-        n = max(0, min(int(count[0]), scores.size, classes.size))
-        scores = scores[:n].astype(np.float64)
+        n = max(0, min(int(count[0]), scores.size))  # the rows past the count are padding
+        boxes, scores, classes = boxes.reshape(-1, 4)[:n], scores[:n], classes[:n]
+        if not (_all_finite(boxes) and _all_finite(scores) and _all_finite(classes)):
+            return self._nonfinite({"detections": []})
+        scores = scores.astype(np.float64)
         keep = np.flatnonzero(scores >= spec.score_threshold)
         keep = keep[np.argsort(-scores[keep], kind="stable")][: spec.max_detections]
-        xyxy = _to_xyxy(boxes.reshape(-1, 4)[keep].astype(np.float64), spec.box_format)
+        xyxy = _to_xyxy(boxes[keep].astype(np.float64), spec.box_format)
         xyxy = self._to_input_pixels(xyxy, geometry=geometry, source_size=source_size)
         return self._detections(
             xyxy, scores[keep], np.rint(classes[keep]).astype(np.int64),

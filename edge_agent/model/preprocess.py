@@ -158,7 +158,8 @@ class Preprocessor:
         )
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        """BGR (or gray) uint8 HxW[xC] image -> float32 batch of one, in the spec's layout."""
+        """BGR (or gray) uint8 HxW[xC] image -> float32 batch of one, in the spec's layout
+        (with :attr:`pixels_as`, an NHWC batch of that integer type)."""
         spec = self.spec
         if image is None or image.ndim not in (2, 3) or image.size == 0:
             raise DataError(f"not an image: shape {getattr(image, 'shape', None)}")

@@ -7,7 +7,9 @@ crash. What they share (``TensorSpec``, the ``Runtime`` interface, quantization,
 is in ``runtimes/base.py``.
 
 Every runtime takes and returns float32 arrays for float models and quantizes / dequantizes
-int8 / uint8 inputs and outputs for the caller, using each tensor's scale and zero point.
+int8 / uint8 inputs and outputs for the caller, using each tensor's scale and zero point; a
+feed that already has a quantized input's integer type (an image fed its pixels, see
+``Preprocessor(pixels_as=…)``) goes in as it is.
 """
 
 from __future__ import annotations

@@ -86,8 +86,11 @@ def _detection_outputs(interp: Any, outputs: list[Mapping[str, Any]]) -> dict[st
         if op.get("op_name") != DETECTION_POSTPROCESS:
             continue
         outs = [int(i) for i in op.get("outputs", ())]
-        if len(outs) == len(DETECTION_ROLES) and all(i in names for i in outs):
-            return {role: names[i] for role, i in zip(DETECTION_ROLES, outs)}
+        found = [names.get(i, "") for i in outs]
+        if len(found) == len(DETECTION_ROLES) and all(found) and len(set(found)) == len(found):
+            return dict(zip(DETECTION_ROLES, found))
+        log.warning("%s: its outputs are not the model's four, each with its own name: "
+                    "reported raw", DETECTION_POSTPROCESS)  # fmt: skip
     return None
 
 
