@@ -508,6 +508,19 @@ def test_trials_measure_every_plan_once_then_the_contenders_again_in_reverse() -
     assert calls[0][1] == 0.3  # never below the minimum
 
 
+def test_a_tie_between_throughput_plans_goes_to_more_workers() -> None:
+    """Within 3 % of the best, the plan with the most workers wins (then the better score);
+    further behind it does not; latency plans (minus ms) keep the best score."""
+    from edge_agent.tune import best_plan
+
+    # (threads, workers, pin): 1 x 2 measured 2 % ahead of 2 x 1
+    assert best_plan({(2, 1, False): 102.0, (2, 2, False): 100.0}, "throughput") == (2, 2, False)
+    assert best_plan({(2, 1, False): 110.0, (2, 2, False): 100.0}, "throughput") == (2, 1, False)
+    ties = {(1, 1, True): 100.0, (2, 2, False): 98.0, (2, 2, True): 99.0, (2, 1, False): 101.0}
+    assert best_plan(ties, "throughput") == (2, 2, True)
+    assert best_plan({(2, 1): -10.0, (2, 2): -10.2}, "latency") == (2, 1)
+
+
 def test_a_rate_counts_whole_results_over_their_own_time() -> None:
     from edge_agent.tune import rate_between
 
