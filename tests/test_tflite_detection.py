@@ -1,9 +1,12 @@
-"""A TFLite detector as the TFLite examples, Coral and MediaPipe ship them: int8 with a uint8
+"""Bare detector files as people download them, through the agent with no postprocessing
+flags. A TFLite detector as the TFLite examples, Coral and MediaPipe ship them: int8 with a uint8
 input, ending in TensorFlow's ``TFLite_Detection_PostProcess`` custom op (boxes, classes, scores
 and their count, listed in the file in another order than the op's). The stand-in
 (``converters.standins.ssd_style``: SSD-MobileNet-style, trained briefly on coloured shapes) runs
 in real LiteRT, bare, through ``load_model`` and ``edge-agent run``: the agent feeds it the
-pixels, finds the op's outputs by role, and reports its detections in source pixels."""
+pixels, finds the op's outputs by role, and reports its detections in source pixels. And an
+Ultralytics YOLOv8 export (``converters.standins.yolov8_style``, with its metadata), whose one
+output is read as the head it is."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import onnx
 import pytest
 
 from edge_agent.cli import main as edge_agent
@@ -191,3 +195,66 @@ def test_decoded_needs_four_outputs_of_the_right_shapes() -> None:
         _decoded()([np.zeros((1, 3, 4)), np.zeros((1, 2)), np.zeros((1, 2)), np.zeros(1)])
     with pytest.raises(ModelError, match="decoded detections have shapes"):  # classes short
         _decoded()([np.zeros((1, 3, 4)), np.zeros((1, 2)), np.zeros((1, 3)), np.zeros(1)])
+
+
+# --- a bare YOLO export: its one output is the head -------------------------------------------
+
+
+def _normalized_yolo(model: onnx.ModelProto, size: int) -> onnx.ModelProto:
+    """The head as Ultralytics' TFLite export writes it: the box rows (cx, cy, w, h) divided by
+    the input size, so boxes come in [0, 1] of the input."""
+    from onnx import helper, numpy_helper
+
+    out = model.graph.output[0].name
+    model.graph.output[0].name = "output0"
+    for node in model.graph.node:
+        node.output[:] = ["pixels" if o == out else o for o in node.output]
+    rows = model.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    div = np.ones((1, rows, 1), np.float32)
+    div[0, :4] = size
+    model.graph.initializer.append(numpy_helper.from_array(div, "box_scale"))
+    model.graph.node.append(helper.make_node("Div", ["pixels", "box_scale"], ["output0"]))
+    return model
+
+
+@pytest.mark.parametrize("units", ["pixels", "normalized"])
+def test_a_bare_ultralytics_export_reports_detections_with_its_own_names(
+    standin_yolo: Any, tmp_path: Path, units: str
+) -> None:
+    """``edge-agent run --model yolov8.onnx`` with no flags: the class names come from the
+    export's metadata (task = detect), the one output is read as a YOLOv8 head, the frame is
+    letterboxed as Ultralytics does, and the boxes' units (input pixels in the ONNX export,
+    [0, 1] in the TFLite one) are read from the model."""
+    d = standin_yolo
+    model = onnx.load_from_string(d.onnx)
+    if units == "normalized":
+        model = _normalized_yolo(model, d.size)
+    path = tmp_path / "yolov8_style.onnx"
+    onnx.save(model, str(path))
+    loaded = load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path)
+    try:
+        spec = loaded.postprocessor.spec
+        assert (spec.kind, spec.format, spec.yolo_version) == ("detection", "yolo", 8)
+        assert spec.labels == d.names and spec.normalized is (units == "normalized")
+        assert loaded.preprocessor is not None and loaded.preprocessor.spec.resize == "letterbox"
+        scale = 2  # each 96-px image as a 192-px frame
+        found = []
+        for x in d.eval_images:
+            image = np.clip(x.transpose(1, 2, 0) * 255 + 0.5, 0, 255).astype(np.uint8)
+            frame = cv2.resize(image[:, :, ::-1], None, fx=scale, fy=scale)
+            feeds, geometry = loaded.prepare_image(frame)
+            size = (frame.shape[1], frame.shape[0])
+            out = loaded.postprocessor(loaded.infer(feeds), geometry=geometry, source_size=size)
+            found.append(out["detections"])
+    finally:
+        loaded.close()
+    hit = total = 0
+    for dets, gt_boxes, gt_classes in zip(found, d.eval_boxes, d.eval_classes):
+        keep = gt_classes >= 0
+        total += int(keep.sum())
+        if dets:
+            iou = box_iou(gt_boxes[keep] * scale, np.array([x["box"] for x in dets]))
+            for row, cls in zip(iou, gt_classes[keep]):
+                hit += any(v >= 0.5 and x["class"] == cls for v, x in zip(row, dets))
+    assert hit / total >= 0.8, hit / total
+    assert all(x["label"] == d.names[x["class"]] for dets in found for x in dets)

@@ -244,6 +244,60 @@ def _decoded_detection(
     return data
 
 
+def _metadata_names(runtime: Any) -> tuple[str, ...] | None:
+    """The class names an Ultralytics detector export carries (``task = detect``, ``names`` a
+    dict literal of index -> name), else None. Read with ``ast.literal_eval``: literals only,
+    nothing is run."""
+    import ast
+
+    meta = getattr(runtime, "metadata", None) or {}
+    if meta.get("task") != "detect" or "names" not in meta:
+        return None
+    try:
+        names = ast.literal_eval(meta["names"])
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    if not isinstance(names, dict) or not names or sorted(names) != list(range(len(names))):
+        return None
+    return tuple(str(names[i]) for i in range(len(names)))
+
+
+def _yolo_head(runtime: Any, labels: tuple[str, ...] | None) -> int | None:
+    """The YOLO version of a bare model whose one output is a YOLO head for ``labels``' classes:
+    8 for ``[1, 4 + C, A]`` (Ultralytics YOLOv8 and later; or ``[1, A, 4 + C]``), 5 for
+    ``[1, A, 5 + C]`` (YOLOv5: objectness, then the classes); else None."""
+    if not labels or len(runtime.outputs) != 1 or getattr(runtime, "detection_outputs", None):
+        return None
+    shape = runtime.outputs[0].shape
+    if len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
+        return None
+    a, b, c = int(shape[1]), int(shape[2]), len(labels)
+    if c + 4 in (a, b) and max(a, b) > c + 5:
+        return 8
+    if b == c + 5 and a > b:
+        return 5
+    return None
+
+
+def _yolo_detection(
+    runtime: Any, version: int, labels: tuple[str, ...] | None, pre: Any, path: Path
+) -> dict[str, Any]:
+    """A bare YOLO head's postprocessing: Ultralytics' ONNX exports give boxes in input pixels,
+    its TFLite exports in [0, 1] of the input; which, is read from the model on a zero image
+    (the boxes' centres span the input whatever it shows: beyond 2 they are pixels)."""
+    feeds = {runtime.inputs[0].name: pre(np.zeros((pre.spec.height, pre.spec.width, 3), np.uint8))}
+    out = np.asarray(runtime.infer(feeds)[0], np.float64)[0]
+    rows = out.T if out.shape[0] < out.shape[1] else out  # [A, 4 + C (+1)]
+    normalized = bool(np.nanmax(np.abs(rows[:, :2])) <= 2.0)
+    if str(path.resolve()) not in _DECODED_SAID:
+        _DECODED_SAID.add(str(path.resolve()))
+        log.info("postprocess: %s's output is a YOLOv%d head for %d classes (boxes %s): its "
+                 "detections are reported", path.name, version, len(labels or ()),
+                 "in [0, 1]" if normalized else "in input pixels")  # fmt: skip
+    return {"kind": "detection", "format": "yolo", "yolo_version": version,
+            "normalized": normalized, "labels": list(labels or ())}  # fmt: skip
+
+
 _DECODED_SAID: set[str] = set()  # the model files :func:`_decoded_detection` has spoken of
 #: ``softmax = auto``'s decision per model file (its path, size and modification time): the
 #: tuner's trials and a swap back to the same file load it again, and neither probes it again
@@ -479,6 +533,10 @@ def load_model(
     )
     shape = runtime.inputs[0].shape
     pre = None
+    labels = labels or _metadata_names(runtime)
+    yolo = _yolo_head(runtime, labels)
+    if yolo is not None and len(shape) == 4:
+        overrides.setdefault("resize", "letterbox")  # as Ultralytics feeds its models
     if len(runtime.inputs) == 1 and len(shape) == 4:
         try:
             defaults = _pixel_scaling(runtime.inputs[0], overrides)
@@ -497,6 +555,8 @@ def load_model(
     decoded = getattr(runtime, "detection_outputs", None)
     if decoded:  # an SSD / EfficientDet-Lite TFLite file: boxes, classes, scores, count
         post_data = _decoded_detection(decoded, labels, path)
+    elif yolo is not None and pre is not None:
+        post_data = _yolo_detection(runtime, yolo, labels, pre, path)
     elif labels:
         post_data = {"kind": "classification", "labels": list(labels)}
         post_data["softmax"] = _bare_softmax(softmax, runtime, path)

@@ -152,6 +152,8 @@ class OnnxRuntime:
         self.inputs = [_spec(i) for i in self._session.get_inputs()]
         self.outputs = [_spec(o) for o in self._session.get_outputs()]
         self._out_names = [o.name for o in self.outputs]
+        #: the model's ``metadata_props`` (an Ultralytics export's task and class names)
+        self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         try:
