@@ -2385,3 +2385,95 @@ def add_detection_postprocess(
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+def add_tflite_metadata(
+    tflite: bytes,
+    *,
+    mean: Sequence[float] = (),
+    std: Sequence[float] = (),
+    label_files: dict[int, tuple[str, Sequence[str]]] | None = None,
+    value_labels: bool = True,
+) -> bytes:
+    """``tflite`` with metadata as MediaPipe, Model Maker and the TFLite Task Library's writers
+    store it (TFLite Support's ``metadata_schema.fbs``, identifier ``M001``): the first input's
+    NormalizationOptions (``mean``, ``std``), and for output *i* in ``label_files`` a label file
+    (name, lines) named in its TensorMetadata (TENSOR_VALUE_LABELS, a detector's classes; with
+    ``value_labels=False`` TENSOR_AXIS_LABELS, a classifier's) and packed into the zip archive
+    appended to the model. Written with flatbuffers' Builder, field ids from the schema."""
+    import zipfile
+
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as S
+
+    model = S.ModelT.InitFromPackedBuf(tflite, 0)
+    n_outputs = len(model.subgraphs[0].outputs)
+    label_files = label_files or {}
+    b = flatbuffers.Builder(1024)
+
+    def vector(offsets: list[int]) -> int:
+        b.StartVector(4, len(offsets), 4)
+        for o in reversed(offsets):
+            b.PrependUOffsetTRelative(o)
+        return int(b.EndVector())
+
+    def floats(values: Sequence[float]) -> int:
+        b.StartVector(4, len(values), 4)
+        for v in reversed(values):
+            b.PrependFloat32(float(v))
+        return int(b.EndVector())
+
+    units = []
+    if mean:
+        mean_v, std_v = floats(mean), floats(std)
+        b.StartObject(2)  # NormalizationOptions: mean, std
+        b.PrependUOffsetTRelativeSlot(0, mean_v, 0)
+        b.PrependUOffsetTRelativeSlot(1, std_v, 0)
+        norm = b.EndObject()
+        b.StartObject(2)  # ProcessUnit: options_type, options
+        b.PrependUint8Slot(0, 1, 0)  # ProcessUnitOptions.NormalizationOptions
+        b.PrependUOffsetTRelativeSlot(1, norm, 0)
+        units.append(b.EndObject())
+    image = b.CreateString("image")
+    unit_v = vector(units)
+    b.StartObject(7)  # TensorMetadata: name, …, process_units (4)
+    b.PrependUOffsetTRelativeSlot(0, image, 0)
+    b.PrependUOffsetTRelativeSlot(4, unit_v, 0)
+    inputs = [b.EndObject()]
+    outputs = []
+    for i in range(n_outputs):
+        files = []
+        if i in label_files:
+            fname = b.CreateString(label_files[i][0])
+            b.StartObject(4)  # AssociatedFile: name, description, type, locale
+            b.PrependUOffsetTRelativeSlot(0, fname, 0)
+            b.PrependInt8Slot(2, 3 if value_labels else 2, 0)
+            files.append(b.EndObject())
+        file_v = vector(files)
+        b.StartObject(7)
+        b.PrependUOffsetTRelativeSlot(6, file_v, 0)  # TensorMetadata.associated_files
+        outputs.append(b.EndObject())
+    in_v, out_v = vector(inputs), vector(outputs)
+    b.StartObject(7)  # SubGraphMetadata: …, input_tensor_metadata (2), output_tensor_metadata (3)
+    b.PrependUOffsetTRelativeSlot(2, in_v, 0)
+    b.PrependUOffsetTRelativeSlot(3, out_v, 0)
+    graph = b.EndObject()
+    name = b.CreateString("stand-in")
+    graphs = vector([graph])
+    b.StartObject(8)  # ModelMetadata: name, …, subgraph_metadata (3)
+    b.PrependUOffsetTRelativeSlot(0, name, 0)
+    b.PrependUOffsetTRelativeSlot(3, graphs, 0)
+    b.Finish(b.EndObject(), file_identifier=b"M001")
+    buf = S.BufferT()
+    buf.data = np.frombuffer(bytes(b.Output()), np.uint8)
+    model.buffers.append(buf)
+    entry = S.MetadataT()
+    entry.name, entry.buffer = b"TFLITE_METADATA", len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), entry]
+    out = flatbuffers.Builder(1024)
+    out.Finish(model.Pack(out), file_identifier=b"TFL3")
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        for fname, lines in label_files.values():
+            z.writestr(fname, "\n".join(lines) + "\n")
+    return bytes(out.Output()) + (archive.getvalue() if label_files else b"")

@@ -142,6 +142,35 @@ def test_a_bare_models_quantized_image_input_takes_the_pixels_as_they_are(
             np.testing.assert_allclose(got, ((x - q[1]) * q[0]).reshape(-1, 3).mean(0), atol=1e-4)
 
 
+def test_a_tflite_files_metadata_gives_its_float_inputs_normalization(tmp_path: Path) -> None:
+    """A float model whose TFLite metadata says (pixel - 127.5) / 127.5 (MediaPipe's and Model
+    Maker's float models) is fed [-1, 1]; the same file without metadata gets the default 1/255;
+    a scaling the user gives wins over the metadata."""
+    pytest.importorskip("torch")  # converters.standins writes the metadata
+    from converters.standins import add_tflite_metadata
+    from edge_agent.model.loader import load_model
+    from edge_agent.model.profiles import load_profile
+
+    plain = pixel_mean(16, "float32", None)
+    image = np.random.default_rng(5).integers(0, 256, (16, 16, 3), np.uint8)
+    rgb = image[:, :, ::-1].reshape(-1, 3).astype(np.float64).mean(0)
+    cases = [
+        (add_tflite_metadata(plain, mean=(127.5,), std=(127.5,)), {}, (rgb - 127.5) / 127.5),
+        (plain, {}, rgb / 255),
+        (add_tflite_metadata(plain, mean=(127.5,), std=(127.5,)), {"scale": 1 / 255}, rgb / 255),
+    ]
+    for i, (data, overrides, want) in enumerate(cases):
+        path = tmp_path / f"m{i}.tflite"
+        path.write_bytes(data)
+        model = load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path,
+                           preprocess_overrides=overrides)  # fmt: skip
+        try:
+            got = np.asarray(model.infer(model.prepare_image(image)[0])[0], np.float64)[0]
+        finally:
+            model.close()
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
 def test_bad_model_files_are_model_errors(tmp_path: Path) -> None:
     (tmp_path / "junk.tflite").write_bytes(b"\x00" * 64)
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")

@@ -109,6 +109,31 @@ def test_a_bare_tflite_ssd_reports_its_own_detections_in_frame_pixels(
         model.close()
 
 
+def test_a_tflite_ssds_labels_come_from_its_metadata(ssd: Any, tmp_path: Path) -> None:
+    """The file as Model Maker and MediaPipe write it: a label map packed into the file and
+    named in its classes output's metadata; no --labels needed, and --labels still wins."""
+    from converters.standins import add_tflite_metadata
+
+    path = tmp_path / "with_metadata.tflite"
+    names = ("Square", "Circle", "Triangle")
+    # the classes output is the file's fourth (scores, boxes, count, classes)
+    path.write_bytes(
+        add_tflite_metadata(ssd[1].read_bytes(), label_files={3: ("labelmap.txt", names)})
+    )
+    for given, want in ((None, names), (NAMES, NAMES)):
+        model = load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path, labels=given)
+        try:
+            assert model.postprocessor.spec.labels == want
+            frame = _frame(ssd[0].eval_images[0])
+            feeds, geometry = model.prepare_image(frame)
+            out = model.postprocessor(model.infer(feeds), geometry=geometry, source_size=(W, H))
+            assert out["detections"] and all(
+                d["label"] == want[d["class"]] for d in out["detections"]
+            )
+        finally:
+            model.close()
+
+
 def test_edge_agent_run_on_a_tflite_ssd_and_a_video(ssd: Any, tmp_path: Path) -> None:
     """The file as a new user runs it: ``edge-agent run --model x.tflite --labels …`` on a
     video; each result's detections carry labels and frame-pixel boxes."""
@@ -221,10 +246,10 @@ def _normalized_yolo(model: onnx.ModelProto, size: int) -> onnx.ModelProto:
 def test_a_bare_ultralytics_export_reports_detections_with_its_own_names(
     standin_yolo: Any, tmp_path: Path, units: str
 ) -> None:
-    """``edge-agent run --model yolov8.onnx`` with no flags: the class names come from the
-    export's metadata (task = detect), the one output is read as a YOLOv8 head, the frame is
-    letterboxed as Ultralytics does, and the boxes' units (input pixels in the ONNX export,
-    [0, 1] in the TFLite one) are read from the model."""
+    """The load ``edge-agent run --model yolov8.onnx`` does, with no flags: the class names
+    come from the export's metadata (task = detect), the one output is read as a YOLOv8 head,
+    the (non-square) frame is letterboxed as Ultralytics does, and the boxes' units (input
+    pixels in the ONNX export, [0, 1] in the TFLite one) are read from the model."""
     d = standin_yolo
     model = onnx.load_from_string(d.onnx)
     if units == "normalized":
@@ -237,11 +262,12 @@ def test_a_bare_ultralytics_export_reports_detections_with_its_own_names(
         assert (spec.kind, spec.format, spec.yolo_version) == ("detection", "yolo", 8)
         assert spec.labels == d.names and spec.normalized is (units == "normalized")
         assert loaded.preprocessor is not None and loaded.preprocessor.spec.resize == "letterbox"
-        scale = 2  # each 96-px image as a 192-px frame
+        scale = 2  # each 96-px image as the top of a 192x216 frame: letterboxed with padding
         found = []
         for x in d.eval_images:
             image = np.clip(x.transpose(1, 2, 0) * 255 + 0.5, 0, 255).astype(np.uint8)
-            frame = cv2.resize(image[:, :, ::-1], None, fx=scale, fy=scale)
+            frame = np.full((216, 192, 3), 114, np.uint8)
+            frame[:192] = cv2.resize(image[:, :, ::-1], None, fx=scale, fy=scale)
             feeds, geometry = loaded.prepare_image(frame)
             size = (frame.shape[1], frame.shape[0])
             out = loaded.postprocessor(loaded.infer(feeds), geometry=geometry, source_size=size)
@@ -258,3 +284,35 @@ def test_a_bare_ultralytics_export_reports_detections_with_its_own_names(
                 hit += any(v >= 0.5 and x["class"] == cls for v, x in zip(row, dets))
     assert hit / total >= 0.8, hit / total
     assert all(x["label"] == d.names[x["class"]] for dets in found for x in dets)
+
+
+def test_an_ultralytics_export_that_is_not_a_head_stays_raw(tmp_path: Path) -> None:
+    """An export whose metadata says detect but whose output is not a head (NMS inside:
+    [1, 300, 6]) stays raw: its names do not make it a classifier; bad names are ignored."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Flatten", ["images"], ["flat"]),
+        helper.make_node("Slice", ["flat", "start", "end", "axis"], ["part"]),
+        helper.make_node("Reshape", ["part", "shape"], ["output0"]),
+    ]
+    inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+             (("start", [0]), ("end", [1800]), ("axis", [1]), ("shape", [1, 300, 6]))]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "nms_inside",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 300, 6])], inits,
+    )  # fmt: skip
+    for names in ("{0: 'a', 1: 'b'}", "{[1]: 'a'}", "{0: 'a', 'x': 'b'}", "not a literal"):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        for key, value in (("task", "detect"), ("names", names)):
+            prop = model.metadata_props.add()
+            prop.key, prop.value = key, value
+        path = tmp_path / "nms.onnx"
+        onnx.save(model, str(path))
+        loaded = load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path)
+        try:
+            assert loaded.postprocessor.spec.kind == "raw", names
+        finally:
+            loaded.close()

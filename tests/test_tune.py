@@ -518,7 +518,7 @@ def test_a_tie_between_throughput_plans_goes_to_more_workers() -> None:
     assert best_plan({(2, 1, False): 110.0, (2, 2, False): 100.0}, "throughput") == (2, 1, False)
     ties = {(1, 1, True): 100.0, (2, 2, False): 98.0, (2, 2, True): 99.0, (2, 1, False): 101.0}
     assert best_plan(ties, "throughput") == (2, 2, True)
-    assert best_plan({(2, 1): -10.0, (2, 2): -10.2}, "latency") == (2, 1)
+    assert best_plan({(2, 1): -10.0, (2, 2): -10.2}, "live") == (2, 1)
 
 
 def test_a_rate_counts_whole_results_over_their_own_time() -> None:

@@ -94,9 +94,9 @@ def pixel_mean(size: int, dtype: str, q: tuple[float, int] | None) -> bytes:
     """Input [1, size, size, 3] of ``dtype`` (uint8 or int8) quantized with ``q`` = (scale,
     zero point) -> DEQUANTIZE -> MEAN over the image -> float32 [1, 3]: what the model made of
     its input, channel by channel. ``q`` None: a plain integer input and a CAST instead (as an
-    export that takes uint8 and casts it inside)."""
+    export that takes uint8 and casts it inside); ``dtype`` float32: the MEAN alone."""
     f32, i32 = S.TensorType.FLOAT32, S.TensorType.INT32
-    qtype = {"uint8": S.TensorType.UINT8, "int8": S.TensorType.INT8}[dtype]
+    qtype = {"uint8": S.TensorType.UINT8, "int8": S.TensorType.INT8, "float32": f32}[dtype]
     model = S.ModelT()
     model.version, model.description = 3, b"edge-inference test model"
     buffers = [S.BufferT() for _ in range(5)]
@@ -118,6 +118,8 @@ def pixel_mean(size: int, dtype: str, q: tuple[float, int] | None) -> bytes:
         _op(0, [0], [1]),
         _op(1, [1, 2], [3], (S.BuiltinOptions.ReducerOptions, reducer)),
     ]
+    if dtype == "float32":  # a float input: the MEAN of it as it is
+        sg.operators = [_op(1, [0, 2], [3], (S.BuiltinOptions.ReducerOptions, reducer))]
     sg.inputs, sg.outputs = [0], [3]
     model.subgraphs = [sg]
     builder = flatbuffers.Builder(1024)

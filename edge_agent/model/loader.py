@@ -39,6 +39,7 @@ from edge_agent.model.runtimes import (
     zero_feeds,
 )
 from edge_agent.model.state import StatePair, StreamState, state_pairs
+from edge_agent.model.tflite_metadata import TfliteMetadata, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,35 @@ def _decoded_detection(
     return data
 
 
+def _metadata_labels(
+    meta: TfliteMetadata, runtime: Any, decoded: Mapping[str, str] | None
+) -> tuple[str, ...] | None:
+    """The labels a TFLite file's metadata gives: a detector's for its classes output, else
+    its first output's (a classifier's)."""
+    index = 0
+    if decoded:
+        names = [o.name for o in runtime.outputs]
+        index = names.index(decoded["classes"])
+    return meta.labels.get(index)
+
+
+def _metadata_scaling(
+    meta: TfliteMetadata, spec: Any, overrides: Mapping[str, Any], path: Path
+) -> dict[str, Any]:
+    """A float input's normalization as a TFLite file's metadata gives it ((pixel - mean) /
+    std: MediaPipe's and Model Maker's float models take [-1, 1], mean = std = 127.5), unless
+    the user gives a scaling."""
+    if not meta.mean or spec.quantized or any(k in overrides for k in _SCALING_KEYS):
+        return {}
+    key = (str(path.resolve()), "normalization")
+    if key not in _PIXELS_SAID:
+        _PIXELS_SAID.add(key)
+        log.info("input: %s's metadata normalizes it: (pixel - %s) / %s", path.name,
+                 "/".join(f"{m:g}" for m in meta.mean),
+                 "/".join(f"{v:g}" for v in meta.std))  # fmt: skip
+    return {"scale": 1.0, "mean": meta.mean, "std": meta.std}
+
+
 def _metadata_names(runtime: Any) -> tuple[str, ...] | None:
     """The class names an Ultralytics detector export carries (``task = detect``, ``names`` a
     dict literal of index -> name), else None. Read with ``ast.literal_eval``: literals only,
@@ -251,28 +281,35 @@ def _metadata_names(runtime: Any) -> tuple[str, ...] | None:
     import ast
 
     meta = getattr(runtime, "metadata", None) or {}
-    if meta.get("task") != "detect" or "names" not in meta:
+    text = meta.get("names")
+    if meta.get("task") != "detect" or not isinstance(text, str) or len(text) > 1 << 20:
         return None
     try:
-        names = ast.literal_eval(meta["names"])
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        names = ast.literal_eval(text)
+    except Exception:  # not a literal, or one that cannot be built (an unhashable key)
         return None
-    if not isinstance(names, dict) or not names or sorted(names) != list(range(len(names))):
+    if (
+        not isinstance(names, dict)
+        or not names
+        or not all(type(k) is int for k in names)
+        or sorted(names) != list(range(len(names)))
+    ):
         return None
     return tuple(str(names[i]) for i in range(len(names)))
 
 
 def _yolo_head(runtime: Any, labels: tuple[str, ...] | None) -> int | None:
     """The YOLO version of a bare model whose one output is a YOLO head for ``labels``' classes:
-    8 for ``[1, 4 + C, A]`` (Ultralytics YOLOv8 and later; or ``[1, A, 4 + C]``), 5 for
-    ``[1, A, 5 + C]`` (YOLOv5: objectness, then the classes); else None."""
+    8 for ``[1, 4 + C, A]`` (Ultralytics YOLOv8 and later), 5 for ``[1, A, 5 + C]`` (YOLOv5:
+    objectness, then the classes); else None. ``[1, A, 4 + C]`` is not taken: it is also a
+    YOLOv5 head with one label too many (a label map with a ``???`` line)."""
     if not labels or len(runtime.outputs) != 1 or getattr(runtime, "detection_outputs", None):
         return None
     shape = runtime.outputs[0].shape
     if len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
         return None
     a, b, c = int(shape[1]), int(shape[2]), len(labels)
-    if c + 4 in (a, b) and max(a, b) > c + 5:
+    if a == c + 4 and b > a:
         return 8
     if b == c + 5 and a > b:
         return 5
@@ -285,10 +322,16 @@ def _yolo_detection(
     """A bare YOLO head's postprocessing: Ultralytics' ONNX exports give boxes in input pixels,
     its TFLite exports in [0, 1] of the input; which, is read from the model on a zero image
     (the boxes' centres span the input whatever it shows: beyond 2 they are pixels)."""
-    feeds = {runtime.inputs[0].name: pre(np.zeros((pre.spec.height, pre.spec.width, 3), np.uint8))}
-    out = np.asarray(runtime.infer(feeds)[0], np.float64)[0]
-    rows = out.T if out.shape[0] < out.shape[1] else out  # [A, 4 + C (+1)]
-    normalized = bool(np.nanmax(np.abs(rows[:, :2])) <= 2.0)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    normalized = _BOXES_NORMALIZED.get(key)
+    if normalized is None:  # once a file: the tuner's trials and swaps load it again
+        image = np.zeros((pre.spec.height, pre.spec.width, 3), np.uint8)
+        out = np.asarray(runtime.infer({runtime.inputs[0].name: pre(image)})[0], np.float64)[0]
+        rows = out.T if out.shape[0] < out.shape[1] else out  # [A, 4 + C (+1)]
+        centres = np.abs(rows[:, :2])
+        normalized = bool(np.isfinite(centres).all() and centres.max() <= 2.0)
+        _BOXES_NORMALIZED[key] = normalized
     if str(path.resolve()) not in _DECODED_SAID:
         _DECODED_SAID.add(str(path.resolve()))
         log.info("postprocess: %s's output is a YOLOv%d head for %d classes (boxes %s): its "
@@ -298,7 +341,11 @@ def _yolo_detection(
             "normalized": normalized, "labels": list(labels or ())}  # fmt: skip
 
 
-_DECODED_SAID: set[str] = set()  # the model files :func:`_decoded_detection` has spoken of
+_DECODED_SAID: set[str] = set()
+#: :func:`_yolo_detection`'s reading of a file's box units (path, size, modification time)
+_BOXES_NORMALIZED: dict[
+    tuple[str, int, int], bool
+] = {}  # the model files :func:`_decoded_detection` has spoken of
 #: ``softmax = auto``'s decision per model file (its path, size and modification time): the
 #: tuner's trials and a swap back to the same file load it again, and neither probes it again
 #: nor says it again in the log
@@ -533,18 +580,25 @@ def load_model(
     )
     shape = runtime.inputs[0].shape
     pre = None
-    labels = labels or _metadata_names(runtime)
-    yolo = _yolo_head(runtime, labels)
-    if yolo is not None and len(shape) == 4:
-        overrides.setdefault("resize", "letterbox")  # as Ultralytics feeds its models
+    meta = read_metadata(path) if path.suffix == ".tflite" else TfliteMetadata()
+    decoded = getattr(runtime, "detection_outputs", None)
+    labels = labels or _metadata_labels(meta, runtime, decoded)
+    # an Ultralytics export's own class names serve only its head, when its output is one
+    names = None if labels else _metadata_names(runtime)
+    yolo = _yolo_head(runtime, labels or names)
+    if yolo is not None and names:
+        labels = names
     if len(runtime.inputs) == 1 and len(shape) == 4:
         try:
-            defaults = _pixel_scaling(runtime.inputs[0], overrides)
+            pixels = _pixel_scaling(runtime.inputs[0], overrides)
+            defaults = pixels or _metadata_scaling(meta, runtime.inputs[0], overrides, path)
+            if yolo is not None and "resize" not in overrides:
+                defaults = {**defaults, "resize": "letterbox"}  # as Ultralytics feeds its models
             pre = Preprocessor(
                 PreprocessSpec.for_input_shape(list(shape), **defaults, **overrides),
-                pixels_as=runtime.inputs[0].dtype if defaults else None,
+                pixels_as=runtime.inputs[0].dtype if pixels else None,
             )
-            if defaults:
+            if pixels:
                 _say_pixels(runtime.inputs[0], path)
         except ConfigError:
             if overrides:
@@ -552,7 +606,6 @@ def load_model(
         if pre is not None:
             _check_fits(pre, runtime, path=path, overridden="channels" in overrides)
     post_data: dict[str, Any] = {"kind": "raw"}
-    decoded = getattr(runtime, "detection_outputs", None)
     if decoded:  # an SSD / EfficientDet-Lite TFLite file: boxes, classes, scores, count
         post_data = _decoded_detection(decoded, labels, path)
     elif yolo is not None and pre is not None:

@@ -1,0 +1,163 @@
+"""What a ``.tflite`` file's own metadata says about feeding it and reading it: the input's
+normalization and the label files, as the TFLite Support metadata schema (``M001``, the one
+MediaPipe, Model Maker and the TFLite Task Library write) stores them.
+
+The metadata is a flatbuffer in the model's buffer named ``TFLITE_METADATA``; the files it
+names (``labelmap.txt``…) are packed into the ``.tflite`` file as a zip archive appended to it.
+Only the fields used here are read, with flatbuffers' table API (field ids as in
+``metadata_schema.fbs``: ModelMetadata.subgraph_metadata 3; SubGraphMetadata
+.input_tensor_metadata 2, .output_tensor_metadata 3; TensorMetadata.process_units 4,
+.associated_files 6; ProcessUnit.options 0 (type) and 1; NormalizationOptions.mean 0, .std 1;
+AssociatedFile.name 0, .type 2). A file without metadata, metadata this cannot read, or a
+runtime without the flatbuffer schema (tflite-runtime alone) gives an empty result: the
+model is fed and read as without it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+METADATA_NAME = "TFLITE_METADATA"
+#: ProcessUnitOptions' member for NormalizationOptions
+_NORMALIZATION = 1
+#: AssociatedFileType: labels of an axis (a classifier's classes), of values (a detector's)
+_LABEL_FILE_TYPES = (2, 3)
+
+
+@dataclass(frozen=True)
+class TfliteMetadata:
+    """``mean`` / ``std``: the first input's normalization ((x - mean) / std on 0..255
+    pixels), empty when none is given; ``labels``: per output index, the labels its metadata
+    names, one a line."""
+
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    labels: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+
+def read_metadata(path: Path) -> TfliteMetadata:
+    """The metadata of the ``.tflite`` file at ``path`` (empty when it has none or it cannot
+    be read here)."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+        from flatbuffers import table  # type: ignore[import-untyped]
+    except ImportError:
+        return TfliteMetadata()
+    data = path.read_bytes()
+    try:
+        meta = _metadata_buffer(schema, data)
+        if meta is None:
+            return TfliteMetadata()
+        return _parse(table, meta, data)
+    except Exception as exc:  # a damaged or newer metadata: fed and read as without it
+        log.warning("%s: its TFLite metadata cannot be read (%s); not used", path.name, exc)
+        return TfliteMetadata()
+
+
+def _metadata_buffer(schema: Any, data: bytes) -> bytes | None:
+    model = schema.Model.GetRootAs(data, 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name() == METADATA_NAME.encode():
+            return bytes(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+    return None
+
+
+class _Table:
+    """A flatbuffer table, read by field id."""
+
+    def __init__(self, table: Any, buf: bytearray, pos: int) -> None:
+        self._t = table.Table(buf, pos)
+        self._table = table
+
+    def _offset(self, slot: int) -> int:
+        return int(self._t.Offset(4 + 2 * slot))
+
+    def child(self, slot: int) -> _Table | None:
+        o = self._offset(slot)
+        if not o:
+            return None
+        return _Table(self._table, self._t.Bytes, self._t.Indirect(o + self._t.Pos))
+
+    def children(self, slot: int) -> list[_Table]:
+        o = self._offset(slot)
+        if not o:
+            return []
+        start = self._t.Vector(o)
+        return [
+            _Table(self._table, self._t.Bytes, self._t.Indirect(start + 4 * i))
+            for i in range(self._t.VectorLen(o))
+        ]
+
+    def floats(self, slot: int) -> tuple[float, ...]:
+        from flatbuffers import number_types
+
+        o = self._offset(slot)
+        if not o:
+            return ()
+        return tuple(float(x) for x in self._t.GetVectorAsNumpy(number_types.Float32Flags, o))
+
+    def byte(self, slot: int) -> int:
+        from flatbuffers import number_types
+
+        o = self._offset(slot)
+        return int(self._t.Get(number_types.Uint8Flags, o + self._t.Pos)) if o else 0
+
+    def string(self, slot: int) -> str:
+        o = self._offset(slot)
+        return bytes(self._t.String(o + self._t.Pos)).decode() if o else ""
+
+
+def _parse(table: Any, meta: bytes, model_bytes: bytes) -> TfliteMetadata:
+    import flatbuffers
+
+    buf = bytearray(meta)
+    root = _Table(table, buf, flatbuffers.encode.Get(flatbuffers.packer.uoffset, buf, 0))
+    subgraphs = root.children(3)
+    if not subgraphs:
+        return TfliteMetadata()
+    graph = subgraphs[0]
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    inputs = graph.children(2)
+    for unit in inputs[0].children(4) if inputs else []:
+        options = unit.child(1)
+        if unit.byte(0) == _NORMALIZATION and options is not None:
+            mean, std = options.floats(0), options.floats(1)
+            break
+    if not (mean and std and len(mean) in (1, 3) and len(std) in (1, 3) and all(std)):
+        mean, std = (), ()  # none, or none this can use: fed as without it
+    labels: dict[int, tuple[str, ...]] = {}
+    archive = _archive(model_bytes)
+    for index, tensor in enumerate(graph.children(3)):
+        for f in tensor.children(6):
+            text = None if archive is None else _member(archive, f.string(0))
+            if f.byte(2) in _LABEL_FILE_TYPES and text is not None:
+                labels[index] = tuple(line.strip() for line in text.splitlines() if line.strip())
+                break
+    return TfliteMetadata(mean=mean, std=std, labels=labels)
+
+
+def _archive(data: bytes) -> zipfile.ZipFile | None:
+    """The zip archive appended to a model file with associated files, else None."""
+    try:
+        return zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        return None
+
+
+def _member(archive: zipfile.ZipFile, name: str) -> str | None:
+    try:
+        return archive.read(name).decode("utf-8", errors="replace")
+    except KeyError:
+        return None
+
+
+__all__ = ["METADATA_NAME", "TfliteMetadata", "read_metadata"]
