@@ -145,7 +145,7 @@ def test_a_bare_models_quantized_image_input_takes_the_pixels_as_they_are(
 def test_a_tflite_files_metadata_gives_its_float_inputs_normalization(tmp_path: Path) -> None:
     """A float model whose TFLite metadata says (pixel - 127.5) / 127.5 (MediaPipe's and Model
     Maker's float models) is fed [-1, 1]; the same file without metadata gets the default 1/255;
-    a scaling the user gives wins over the metadata."""
+    a scaling the user gives wins over the metadata; a quantized input ignores it."""
     pytest.importorskip("torch")  # converters.standins writes the metadata
     from converters.standins import add_tflite_metadata
     from edge_agent.model.loader import load_model
@@ -154,10 +154,20 @@ def test_a_tflite_files_metadata_gives_its_float_inputs_normalization(tmp_path: 
     plain = pixel_mean(16, "float32", None)
     image = np.random.default_rng(5).integers(0, 256, (16, 16, 3), np.uint8)
     rgb = image[:, :, ::-1].reshape(-1, 3).astype(np.float64).mean(0)
+    mean, std = np.array([123.0, 117.0, 104.0]), np.array([58.0, 57.0, 57.5])
     cases = [
         (add_tflite_metadata(plain, mean=(127.5,), std=(127.5,)), {}, (rgb - 127.5) / 127.5),
         (plain, {}, rgb / 255),
         (add_tflite_metadata(plain, mean=(127.5,), std=(127.5,)), {"scale": 1 / 255}, rgb / 255),
+        # per channel, in the model's (RGB) order
+        (add_tflite_metadata(plain, mean=tuple(mean), std=tuple(std)), {}, (rgb - mean) / std),
+        # a quantized input takes the pixels whatever the metadata says (what it says is the
+        # float model's: the quantization already maps it)
+        (
+            add_tflite_metadata(pixel_mean(16, "uint8", (1 / 128, 128)), mean=(0.0,), std=(1.0,)),
+            {},
+            (rgb - 128) / 128,
+        ),
     ]
     for i, (data, overrides, want) in enumerate(cases):
         path = tmp_path / f"m{i}.tflite"
@@ -169,6 +179,28 @@ def test_a_tflite_files_metadata_gives_its_float_inputs_normalization(tmp_path: 
         finally:
             model.close()
         np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_a_tflite_classifiers_labels_come_from_its_metadata_when_they_fit(tmp_path: Path) -> None:
+    """Labels packed into the file for a [1, C] output make a classifier of it (no --labels);
+    a label file of another count does not."""
+    pytest.importorskip("torch")
+    from converters.standins import add_tflite_metadata
+    from edge_agent.model.loader import load_model
+    from edge_agent.model.profiles import load_profile
+
+    plain = pixel_mean(16, "float32", None)  # output [1, 3]
+    for labels, kind in ((("red", "green", "blue"), "classification"), (("a", "b"), "raw")):
+        path = tmp_path / f"c{len(labels)}.tflite"
+        path.write_bytes(add_tflite_metadata(plain, label_files={0: ("labels.txt", labels)},
+                                             value_labels=False))  # fmt: skip
+        model = load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path)
+        try:
+            assert model.postprocessor.spec.kind == kind
+            if kind == "classification":
+                assert model.postprocessor.spec.labels == labels
+        finally:
+            model.close()
 
 
 def test_bad_model_files_are_model_errors(tmp_path: Path) -> None:

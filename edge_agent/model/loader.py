@@ -248,13 +248,17 @@ def _decoded_detection(
 def _metadata_labels(
     meta: TfliteMetadata, runtime: Any, decoded: Mapping[str, str] | None
 ) -> tuple[str, ...] | None:
-    """The labels a TFLite file's metadata gives: a detector's for its classes output, else
-    its first output's (a classifier's)."""
-    index = 0
+    """The labels a TFLite file's metadata gives: a detector's for its classes output, or a
+    classifier's for its one ``[1, C]`` output with C labels; else None (labels on a
+    segmenter's map, or a file of another count, do not make a classifier of it)."""
     if decoded:
         names = [o.name for o in runtime.outputs]
-        index = names.index(decoded["classes"])
-    return meta.labels.get(index)
+        return meta.labels.get(names.index(decoded["classes"]))
+    labels = meta.labels.get(0)
+    shape = tuple(runtime.outputs[0].shape) if len(runtime.outputs) == 1 else ()
+    if labels and len(shape) == 2 and shape[1] == len(labels):
+        return labels
+    return None
 
 
 def _metadata_scaling(
@@ -264,6 +268,12 @@ def _metadata_scaling(
     std: MediaPipe's and Model Maker's float models take [-1, 1], mean = std = 127.5), unless
     the user gives a scaling."""
     if not meta.mean or spec.quantized or any(k in overrides for k in _SCALING_KEYS):
+        return {}
+    shape = spec.shape
+    channels = shape[-1] if shape[-1] in (1, 3) else shape[1] if len(shape) == 4 else None
+    if "channels" in overrides or spec.dtype not in ("float32", "float16"):
+        channels = None  # the user's channels, or an integer input: the defaults, not these
+    if channels is None or any(len(v) not in (1, channels) for v in (meta.mean, meta.std)):
         return {}
     key = (str(path.resolve()), "normalization")
     if key not in _PIXELS_SAID:
@@ -341,11 +351,10 @@ def _yolo_detection(
             "normalized": normalized, "labels": list(labels or ())}  # fmt: skip
 
 
+#: the model files :func:`_decoded_detection` and :func:`_yolo_detection` have spoken of
 _DECODED_SAID: set[str] = set()
 #: :func:`_yolo_detection`'s reading of a file's box units (path, size, modification time)
-_BOXES_NORMALIZED: dict[
-    tuple[str, int, int], bool
-] = {}  # the model files :func:`_decoded_detection` has spoken of
+_BOXES_NORMALIZED: dict[tuple[str, int, int], bool] = {}
 #: ``softmax = auto``'s decision per model file (its path, size and modification time): the
 #: tuner's trials and a swap back to the same file load it again, and neither probes it again
 #: nor says it again in the log
@@ -586,8 +595,6 @@ def load_model(
     # an Ultralytics export's own class names serve only its head, when its output is one
     names = None if labels else _metadata_names(runtime)
     yolo = _yolo_head(runtime, labels or names)
-    if yolo is not None and names:
-        labels = names
     if len(runtime.inputs) == 1 and len(shape) == 4:
         try:
             pixels = _pixel_scaling(runtime.inputs[0], overrides)
@@ -609,7 +616,7 @@ def load_model(
     if decoded:  # an SSD / EfficientDet-Lite TFLite file: boxes, classes, scores, count
         post_data = _decoded_detection(decoded, labels, path)
     elif yolo is not None and pre is not None:
-        post_data = _yolo_detection(runtime, yolo, labels, pre, path)
+        post_data = _yolo_detection(runtime, yolo, labels or names, pre, path)
     elif labels:
         post_data = {"kind": "classification", "labels": list(labels)}
         post_data["softmax"] = _bare_softmax(softmax, runtime, path)

@@ -42,23 +42,38 @@ class TfliteMetadata:
     labels: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
 
+#: the label files read from an archive: at most this many bytes each (no zip bomb)
+MAX_LABEL_FILE = 1 << 20
+#: what :func:`read_metadata` found, per file (its path, size and modification time): the
+#: tuner's trials and swaps load the same file again
+_SEEN: dict[tuple[str, int, int], TfliteMetadata] = {}
+
+
 def read_metadata(path: Path) -> TfliteMetadata:
     """The metadata of the ``.tflite`` file at ``path`` (empty when it has none or it cannot
-    be read here)."""
+    be read here), read once a file."""
     try:
         from ai_edge_litert import schema_py_generated as schema
         from flatbuffers import table  # type: ignore[import-untyped]
     except ImportError:
         return TfliteMetadata()
-    data = path.read_bytes()
     try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        return TfliteMetadata()
+    if key in _SEEN:
+        return _SEEN[key]
+    found = TfliteMetadata()
+    try:
+        data = path.read_bytes()
         meta = _metadata_buffer(schema, data)
-        if meta is None:
-            return TfliteMetadata()
-        return _parse(table, meta, data)
+        if meta is not None:
+            found = _parse(table, meta, data)
     except Exception as exc:  # a damaged or newer metadata: fed and read as without it
         log.warning("%s: its TFLite metadata cannot be read (%s); not used", path.name, exc)
-        return TfliteMetadata()
+    _SEEN[key] = found
+    return found
 
 
 def _metadata_buffer(schema: Any, data: bytes) -> bytes | None:
@@ -140,7 +155,10 @@ def _parse(table: Any, meta: bytes, model_bytes: bytes) -> TfliteMetadata:
         for f in tensor.children(6):
             text = None if archive is None else _member(archive, f.string(0))
             if f.byte(2) in _LABEL_FILE_TYPES and text is not None:
-                labels[index] = tuple(line.strip() for line in text.splitlines() if line.strip())
+                lines = [line.strip() for line in text.splitlines()]
+                while lines and not lines[-1]:  # a trailing newline, as the Task Library reads
+                    lines.pop()
+                labels[index] = tuple(lines)
                 break
     return TfliteMetadata(mean=mean, std=std, labels=labels)
 
@@ -154,9 +172,12 @@ def _archive(data: bytes) -> zipfile.ZipFile | None:
 
 
 def _member(archive: zipfile.ZipFile, name: str) -> str | None:
+    """A member's text, or None: missing, too large, or unreadable (the rest is still used)."""
     try:
-        return archive.read(name).decode("utf-8", errors="replace")
-    except KeyError:
+        if archive.getinfo(name).file_size > MAX_LABEL_FILE:
+            return None
+        return archive.read(name).decode("utf-8-sig", errors="replace")
+    except Exception:  # missing, damaged, encrypted, compressed in a way zipfile cannot read
         return None
 
 
