@@ -65,6 +65,7 @@ DEVICE_DEPENDENCIES = frozenset(
         "prometheus_client",
         "tomli",
         "picamera2",  # optional: Raspberry Pi OS's own package, imported only by picamera2: sources
+        "flatbuffers",  # ai-edge-litert's own; read by edge_agent.model.tflite_metadata
     }
 )
 #: The device's loop: what the operator's wing must not import.
