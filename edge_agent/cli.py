@@ -27,7 +27,7 @@ from typing import Any
 
 from edge_agent.common.argtypes import float_list
 from edge_agent.errors import AgentExit, ConfigError, EdgeError, agent_exit_code
-from edge_agent.model.formats import SOFTMAX_CHOICES
+from edge_agent.model.formats import POSTPROCESS_CHOICES, SOFTMAX_CHOICES
 from edge_agent.model.plan import resolve_profile
 
 PROG = "edge-agent"
@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--softmax", choices=SOFTMAX_CHOICES,
             help="a bare model's class scores, with --labels: a softmax over them (default: "
             "[model] softmax, auto: when they are logits, outside [0, 1])",
+        )  # fmt: skip
+        p.add_argument(
+            "--postprocess", choices=POSTPROCESS_CHOICES,
+            help="a bare model's outputs: auto, detections from a detector it recognises (an SSD "
+            "or EfficientDet-Lite TFLite file, a YOLO export) and classes with labels; or raw "
+            "(default: [model] postprocess, auto)",
         )  # fmt: skip
         p.add_argument(
             "--window", metavar="SIZE,HOP,CHANNELS",
@@ -267,6 +273,7 @@ def load_effective_config(args: argparse.Namespace) -> Any:
             "threads": getattr(args, "threads", None),
             "labels": getattr(args, "labels", None),
             "softmax": getattr(args, "softmax", None),
+            "postprocess": getattr(args, "postprocess", None),
         },
         preprocess={
             "mean": getattr(args, "mean", None),

@@ -25,7 +25,7 @@ from edge_agent.common.files import read_text
 from edge_agent.common.names import stream_name_problem
 from edge_agent.common.urls import url_host
 from edge_agent.errors import ConfigError
-from edge_agent.model.formats import SOFTMAX_CHOICES
+from edge_agent.model.formats import POSTPROCESS_CHOICES, SOFTMAX_CHOICES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -82,12 +82,21 @@ class ModelSection:
         "outside [0, 1]), yes or no.",
         default="auto",
     )
+    postprocess: str = _doc(
+        "A bare model's outputs: auto (detections from a detector it recognises, classes with "
+        "labels) or raw (reported as they are).",
+        default="auto",
+    )
 
     def __post_init__(self) -> None:
         _at_least("model", self, 0, "threads")
         if self.softmax not in SOFTMAX_CHOICES:
             raise ConfigError(
                 f"config: [model] softmax = {self.softmax!r}: expected auto, yes or no"
+            )
+        if self.postprocess not in POSTPROCESS_CHOICES:
+            raise ConfigError(
+                f"config: [model] postprocess = {self.postprocess!r}: expected auto or raw"
             )
 
 

@@ -316,3 +316,35 @@ def test_an_ultralytics_export_that_is_not_a_head_stays_raw(tmp_path: Path) -> N
             assert loaded.postprocessor.spec.kind == "raw", names
         finally:
             loaded.close()
+
+
+def test_postprocess_raw_reports_a_recognised_detector_as_it_is(
+    ssd: Any, standin_yolo: Any, tmp_path: Path
+) -> None:
+    """``--postprocess raw`` (``[model] postprocess``): the SSD file and the Ultralytics export
+    report their outputs raw, with no letterbox; the inputs are still fed right; a bad value
+    is a configuration error."""
+    from edge_agent.config import parse_config
+
+    yolo = tmp_path / "yolo.onnx"
+    yolo.write_bytes(standin_yolo.onnx)
+    for path in (ssd[1], yolo):
+        model = load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path,
+                           labels=NAMES, postprocess="raw")  # fmt: skip
+        try:
+            assert model.postprocessor.spec.kind == "raw"
+            assert model.preprocessor is not None and model.preprocessor.spec.resize == "stretch"
+        finally:
+            model.close()
+    assert parse_config({"model": {"postprocess": "raw"}}).model.postprocess == "raw"
+    with pytest.raises(ConfigError, match=r"\[model\] postprocess = 'boxes'"):
+        parse_config({"model": {"postprocess": "boxes"}})
+    out = tmp_path / "r.jsonl"
+    code = edge_agent(
+        ["run", "--model", str(ssd[1]), "--postprocess", "raw", "--source",
+         "synthetic:?frames=2&width=64&height=48", "--results", f"jsonl:{out}",
+         "--state-dir", str(tmp_path / "st")]
+    )  # fmt: skip
+    assert code == 0
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["output"]["kind"] for r in results] == ["raw", "raw"]

@@ -12,6 +12,9 @@ ARTIFACT_FORMATS = ONNX_FORMATS + TFLITE_FORMATS
 
 #: ``[model] softmax`` / ``--softmax``: whether a bare classification model's scores get one.
 SOFTMAX_CHOICES = ("auto", "yes", "no")
+#: ``[model] postprocess`` / ``--postprocess``: a bare model's outputs read as what they are
+#: (auto: a detector's detections, a classifier's classes) or reported raw.
+POSTPROCESS_CHOICES = ("auto", "raw")
 
 #: The runtime that executes each artifact format.
 RUNTIME_FOR_FORMAT = {

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import ConfigError, ModelError
-from edge_agent.model.formats import RUNTIME_FOR_FORMAT, SOFTMAX_CHOICES
+from edge_agent.model.formats import POSTPROCESS_CHOICES, RUNTIME_FOR_FORMAT, SOFTMAX_CHOICES
 from edge_agent.model.postprocess import Postprocessor, PostprocessSpec
 from edge_agent.model.preprocess import Geometry, Preprocessor, PreprocessSpec
 from edge_agent.model.profiles import DeviceProfile
@@ -533,12 +533,14 @@ def load_model(
     labels: tuple[str, ...] | None = None,
     workers: int = 1,
     softmax: str = "auto",
+    postprocess: str = "auto",
 ) -> LoadedModel:
     """Load, warm up and (for bundles) smoke-test a model. ``threads`` is the total; with
     ``workers`` > 1 each of that many concurrent inferences gets ``threads // workers`` of them
     (onnxruntime runs one session concurrently; LiteRT gets one interpreter per worker).
     ``softmax`` (a bare model with ``labels``): ``yes``, ``no`` or ``auto`` (when its scores
-    are logits); a bundle's manifest says it."""
+    are logits); a bundle's manifest says it. ``postprocess`` (a bare model): ``auto`` (a
+    detector it recognises reports detections, labels make a classifier) or ``raw``."""
     path = model_file(path)
     overrides = dict(preprocess_overrides or {})
     threads = threads or profile.threads
@@ -589,11 +591,16 @@ def load_model(
     )
     shape = runtime.inputs[0].shape
     pre = None
+    if postprocess not in POSTPROCESS_CHOICES:
+        raise ConfigError(
+            f"[model] postprocess = {postprocess!r}: expected one of {POSTPROCESS_CHOICES}"
+        )
     meta = read_metadata(path) if path.suffix == ".tflite" else TfliteMetadata()
-    decoded = getattr(runtime, "detection_outputs", None)
-    labels = labels or _metadata_labels(meta, runtime, decoded)
+    auto = postprocess == "auto"
+    decoded = getattr(runtime, "detection_outputs", None) if auto else None
+    labels = (labels or _metadata_labels(meta, runtime, decoded)) if auto else None
     # an Ultralytics export's own class names serve only its head, when its output is one
-    names = None if labels else _metadata_names(runtime)
+    names = None if labels or not auto else _metadata_names(runtime)
     yolo = _yolo_head(runtime, labels or names)
     if len(runtime.inputs) == 1 and len(shape) == 4:
         try:

@@ -87,6 +87,7 @@ def open_model(config: Any, profile: Any, *, threads: int, workers: int = 1) -> 
         labels=labels,
         workers=workers,
         softmax=config.model.softmax,
+        postprocess=config.model.postprocess,
     )
 
 
