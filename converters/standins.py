@@ -2328,9 +2328,10 @@ def add_detection_postprocess(
     them and listed in another order than the op's, as some exports list them.
     ``uint8_input``: an int8 model's float input (followed by its QUANTIZE) becomes uint8 with
     the same scale (zero point + 128), so the QUANTIZE requantizes exactly."""
-    import flatbuffers  # type: ignore[import-untyped]
     from ai_edge_litert import schema_py_generated as S
-    from flatbuffers import flexbuffers
+    from flatbuffers import flexbuffers  # type: ignore[import-untyped]
+
+    from converters.tflite import pack_model
 
     model = S.ModelT.InitFromPackedBuf(tflite, 0)
     sg = model.subgraphs[0]
@@ -2382,9 +2383,7 @@ def add_detection_postprocess(
     sg.operators.append(op)
     boxes, cls, conf, count = outs
     sg.outputs = [conf, boxes, count, cls]
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return pack_model(model)
 
 
 def add_tflite_metadata(
@@ -2405,6 +2404,8 @@ def add_tflite_metadata(
 
     import flatbuffers
     from ai_edge_litert import schema_py_generated as S
+
+    from converters.tflite import pack_model
 
     model = S.ModelT.InitFromPackedBuf(tflite, 0)
     n_outputs = len(model.subgraphs[0].outputs)
@@ -2470,10 +2471,8 @@ def add_tflite_metadata(
     entry = S.MetadataT()
     entry.name, entry.buffer = b"TFLITE_METADATA", len(model.buffers) - 1
     model.metadata = [*(model.metadata or []), entry]
-    out = flatbuffers.Builder(1024)
-    out.Finish(model.Pack(out), file_identifier=b"TFL3")
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as z:
         for fname, lines in label_files.values():
             z.writestr(fname, "\n".join(lines) + "\n")
-    return bytes(out.Output()) + (archive.getvalue() if label_files else b"")
+    return pack_model(model) + (archive.getvalue() if label_files else b"")

@@ -46,7 +46,14 @@ from onnx import helper, numpy_helper, shape_inference
 from converters.tflite_int8 import Int8Config, quantize_graph
 from edge_agent.errors import UnsupportedModelError
 
-__all__ = ["FP16_MIN_ELEMENTS", "SUPPORTED_OPS", "count_ops", "count_transposes", "onnx_to_tflite"]
+__all__ = [
+    "FP16_MIN_ELEMENTS",
+    "SUPPORTED_OPS",
+    "count_ops",
+    "count_transposes",
+    "onnx_to_tflite",
+    "pack_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -393,9 +400,14 @@ class _Writer:
         model.subgraphs = [sg]
         model.buffers = self.buffers
         model.operatorCodes = self.codes
-        builder = flatbuffers.Builder(1024)
-        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-        return bytes(builder.Output())
+        return pack_model(model)
+
+
+def pack_model(model: Any) -> bytes:
+    """A schema ``ModelT`` as ``.tflite`` bytes (identifier ``TFL3``)."""
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 # -- helpers for converters ----------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Reading the small text files the agent is configured by (its config, secrets)."""
+"""Reading the small text files the agent is configured by (its config, secrets), and telling
+a file from its replacement."""
 
 from __future__ import annotations
 
@@ -23,4 +24,11 @@ def read_text(path: str | Path, *, what: str) -> str:
         ) from None
 
 
-__all__ = ["read_text"]
+def file_identity(path: Path) -> tuple[str, int, int]:
+    """The file as a key for what was learnt from it once (its real path, size and modification
+    time): a load of the same file again finds it; a new file in its place does not."""
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+__all__ = ["file_identity", "read_text"]

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.common.files import file_identity
 from edge_agent.errors import ConfigError, ModelError
 from edge_agent.model.formats import POSTPROCESS_CHOICES, RUNTIME_FOR_FORMAT, SOFTMAX_CHOICES
 from edge_agent.model.postprocess import Postprocessor, PostprocessSpec
@@ -230,8 +231,7 @@ def _decoded_detection(
     from its four outputs (by role, as the op lists them), boxes (ymin, xmin, ymax, xmax) in
     [0, 1] of the input; ``labels`` by class index (the op's classes leave out the
     background)."""
-    if str(path.resolve()) not in _DECODED_SAID:  # once a file: the tuner's trials load it again
-        _DECODED_SAID.add(str(path.resolve()))
+    if _first_time(path, "decoded"):
         log.info("postprocess: %s ends in TFLite_Detection_PostProcess: its detections are "
                  "reported (score >= %g)", path.name,
                  PostprocessSpec(kind="detection").score_threshold)  # fmt: skip
@@ -269,15 +269,12 @@ def _metadata_scaling(
     the user gives a scaling."""
     if not meta.mean or spec.quantized or any(k in overrides for k in _SCALING_KEYS):
         return {}
-    shape = spec.shape
-    channels = shape[-1] if shape[-1] in (1, 3) else shape[1] if len(shape) == 4 else None
+    channels = spec.shape[-1]  # a TFLite input is NHWC
     if "channels" in overrides or spec.dtype not in ("float32", "float16"):
         channels = None  # the user's channels, or an integer input: the defaults, not these
     if channels is None or any(len(v) not in (1, channels) for v in (meta.mean, meta.std)):
         return {}
-    key = (str(path.resolve()), "normalization")
-    if key not in _PIXELS_SAID:
-        _PIXELS_SAID.add(key)
+    if _first_time(path, "normalization"):
         log.info("input: %s's metadata normalizes it: (pixel - %s) / %s", path.name,
                  "/".join(f"{m:g}" for m in meta.mean),
                  "/".join(f"{v:g}" for v in meta.std))  # fmt: skip
@@ -313,7 +310,7 @@ def _yolo_head(runtime: Any, labels: tuple[str, ...] | None) -> int | None:
     8 for ``[1, 4 + C, A]`` (Ultralytics YOLOv8 and later), 5 for ``[1, A, 5 + C]`` (YOLOv5:
     objectness, then the classes); else None. ``[1, A, 4 + C]`` is not taken: it is also a
     YOLOv5 head with one label too many (a label map with a ``???`` line)."""
-    if not labels or len(runtime.outputs) != 1 or getattr(runtime, "detection_outputs", None):
+    if not labels or len(runtime.outputs) != 1:  # a detection op's file has four
         return None
     shape = runtime.outputs[0].shape
     if len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
@@ -332,8 +329,7 @@ def _yolo_detection(
     """A bare YOLO head's postprocessing: Ultralytics' ONNX exports give boxes in input pixels,
     its TFLite exports in [0, 1] of the input; which, is read from the model on a zero image
     (the boxes' centres span the input whatever it shows: beyond 2 they are pixels)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = file_identity(path)
     normalized = _BOXES_NORMALIZED.get(key)
     if normalized is None:  # once a file: the tuner's trials and swaps load it again
         image = np.zeros((pre.spec.height, pre.spec.width, 3), np.uint8)
@@ -342,8 +338,7 @@ def _yolo_detection(
         centres = np.abs(rows[:, :2])
         normalized = bool(np.isfinite(centres).all() and centres.max() <= 2.0)
         _BOXES_NORMALIZED[key] = normalized
-    if str(path.resolve()) not in _DECODED_SAID:
-        _DECODED_SAID.add(str(path.resolve()))
+    if _first_time(path, "yolo"):
         log.info("postprocess: %s's output is a YOLOv%d head for %d classes (boxes %s): its "
                  "detections are reported", path.name, version, len(labels or ()),
                  "in [0, 1]" if normalized else "in input pixels")  # fmt: skip
@@ -351,8 +346,20 @@ def _yolo_detection(
             "normalized": normalized, "labels": list(labels or ())}  # fmt: skip
 
 
-#: the model files :func:`_decoded_detection` and :func:`_yolo_detection` have spoken of
-_DECODED_SAID: set[str] = set()
+#: what has been said of which model file (:func:`_first_time`)
+_SAID: set[tuple[Any, ...]] = set()
+
+
+def _first_time(path: Path, *what: Any) -> bool:
+    """True the first time ``what`` is to be said of this model file, then False: the tuner's
+    trials and swaps load the same file again, and the log says each thing once."""
+    key = (str(path.resolve()), *what)
+    if key in _SAID:
+        return False
+    _SAID.add(key)
+    return True
+
+
 #: :func:`_yolo_detection`'s reading of a file's box units (path, size, modification time)
 _BOXES_NORMALIZED: dict[tuple[str, int, int], bool] = {}
 #: ``softmax = auto``'s decision per model file (its path, size and modification time): the
@@ -369,8 +376,7 @@ def _bare_softmax(softmax: str, runtime: Any, path: Path) -> bool:
         raise ConfigError(f"[model] softmax = {softmax!r}: expected one of {SOFTMAX_CHOICES}")
     if softmax != "auto":
         return softmax == "yes"
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = file_identity(path)
     if key in _LOGITS_SEEN:
         return _LOGITS_SEEN[key]
     seen = _logit_range(runtime)
@@ -383,7 +389,6 @@ def _bare_softmax(softmax: str, runtime: Any, path: Path) -> bool:
     return seen is not None
 
 
-_PIXELS_SAID: set[tuple[Any, ...]] = set()  # the model inputs :func:`_say_pixels` spoke of
 #: The scaling keys of ``[preprocess]``: one given leaves a quantized input's scaling to the user
 _SCALING_KEYS = ("scale", "mean", "std")
 
@@ -411,10 +416,8 @@ def _pixel_scaling(spec: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
 
 def _say_pixels(spec: Any, path: Path) -> None:
     """Said once a model file (the tuner's trials load it again)."""
-    key = (str(path.resolve()), spec.dtype, spec.scale, spec.zero_point)
-    if key in _PIXELS_SAID:
+    if not _first_time(path, "pixels", spec.dtype, spec.scale, spec.zero_point):
         return
-    _PIXELS_SAID.add(key)
     how = "" if not spec.quantized else f" (scale {spec.scale:.6g}, zero point {spec.zero_point})"
     log.info("input: %s takes %s%s: fed the pixels as they are", path.name, spec.dtype, how)
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_agent.common.files import file_identity
+
 log = logging.getLogger(__name__)
 
 METADATA_NAME = "TFLITE_METADATA"
@@ -58,8 +60,7 @@ def read_metadata(path: Path) -> TfliteMetadata:
     except ImportError:
         return TfliteMetadata()
     try:
-        st = path.stat()
-        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        key = file_identity(path)
     except OSError:
         return TfliteMetadata()
     if key in _SEEN:
