@@ -605,6 +605,67 @@ def decode_yolov8(
     return xyxy[idx], score[idx], cls[idx]
 
 
+def yolo_end2end(onnx_bytes: bytes, *, max_det: int = 100) -> bytes:
+    """A YOLOv8-style export (:func:`yolov8_style`) as Ultralytics' end-to-end exports end
+    (YOLO26 and YOLOv10, whose one-to-one head needs no NMS): one output ``output0``
+    ``[1, max_det, 6]`` of rows (x1, y1, x2, y2 in input pixels, score, class), best first.
+
+    The tail is Ultralytics' ``Detect.postprocess`` written again in torch and exported by the
+    same exporter, so the graph ends in the ops theirs does (TopK twice, GatherElements, Mod,
+    Div, Concat): the ``max_det`` anchors whose best class scores highest, then the ``max_det``
+    best (anchor, class) pairs among them. It is merged after the stand-in's head with
+    ``onnx.compose``; the metadata gains ``end2end = True``. The head underneath is the
+    one-to-many head :func:`yolov8_style` trained, so a shape has several rows (a real end-to-end
+    head, trained one-to-one, gives one): it stands in for the format, not the training."""
+    import onnx
+    from onnx import compose
+
+    torch = _torch()
+    model = onnx.load_from_string(onnx_bytes)
+    dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+    nc, anchors = dims[1] - 4, dims[2]
+    if max_det > anchors:
+        raise ValueError(f"yolo_end2end: max_det = {max_det}: the head has {anchors} anchors")
+
+    class Tail(torch.nn.Module):  # type: ignore[name-defined]
+        def forward(self, preds: Any) -> Any:
+            rows = preds.permute(0, 2, 1)  # [1, A, 4 + C]
+            boxes, scores = rows.split([4, nc], dim=-1)
+            xy, wh = boxes.split([2, 2], dim=-1)
+            boxes = torch.cat([xy - wh / 2, xy + wh / 2], dim=-1)
+            best = scores.amax(dim=-1).topk(max_det)[1].unsqueeze(-1)  # [1, k, 1]
+            scores = scores.gather(1, best.repeat(1, 1, nc))
+            scores, index = scores.flatten(1).topk(max_det)
+            anchor = best.gather(1, (index // nc).unsqueeze(-1))
+            boxes = boxes.gather(1, anchor.repeat(1, 1, 4))
+            classes = (index % nc).unsqueeze(-1).float()
+            return torch.cat([boxes, scores.unsqueeze(-1), classes], dim=-1)
+
+    tail_bytes = export_onnx(
+        Tail(), (1, 4 + nc, anchors), opset=17, input_name="preds", output_name="detections",
+        dynamic_batch=False,
+    )  # fmt: skip
+    tail = onnx.load_from_string(tail_bytes)
+    tail.ir_version = model.ir_version
+    tail = compose.add_prefix(tail, "end2end/")
+    head = model.graph.output[0].name
+    for node in model.graph.node:  # the head's output becomes an inner tensor
+        node.output[:] = ["head" if o == head else o for o in node.output]
+    model.graph.output[0].name = "head"
+    merged = compose.merge_models(model, tail, io_map=[("head", "end2end/preds")])
+    opsets = {o.domain: o.version for o in merged.opset_import}  # one import a domain
+    del merged.opset_import[:]
+    merged.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
+    detections = merged.graph.output[0].name
+    merged.graph.output[0].name = "output0"
+    for node in merged.graph.node:
+        node.output[:] = ["output0" if o == detections else o for o in node.output]
+    del merged.metadata_props[:]
+    metadata = {p.key: p.value for p in model.metadata_props}
+    metadata["end2end"] = "True"
+    return _finish(merged.SerializeToString(), metadata)
+
+
 @dataclass(frozen=True)
 class DetectionScores:
     recall: float

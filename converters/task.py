@@ -8,8 +8,9 @@ the boxes' scale rounds to zero. So the converter also compares what the model i
   (:class:`edge_agent.model.postprocess.Postprocessor`, one implementation), then the converted
   model's detections are matched to the original's (IoU >= 0.5, same class): F1, mean score error
   and mean IoU of the matched boxes. YOLO layouts ``[1, 4+C, N]`` (v8, no objectness) and
-  ``[1, N, 5+C]`` (v5, objectness), and SSD-style pairs (boxes ``[1, A, 4]`` + scores
-  ``[1, A, C]``).
+  ``[1, N, 5+C]`` (v5, objectness), SSD-style pairs (boxes ``[1, A, 4]`` + scores
+  ``[1, A, C]``), and rows the model decoded and suppressed itself (``[1, M, 6]``: box, score,
+  class; Ultralytics' end-to-end YOLO26 and YOLOv10, or an export made with ``nms=True``).
 - ``ctc``: ``[N, T, C]`` greedy-decoded (best class per step, repeats collapsed, blanks dropped):
   exact-sequence agreement and character error rate.
 - ``mask``: probability or segmentation maps ``[N, C, H, W]``: IoU of the thresholded masks
@@ -32,7 +33,6 @@ model by too.
 
 from __future__ import annotations
 
-import ast
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +51,7 @@ from edge_agent.model.agreement import (
     mask_fidelity,
     match_detections,
 )
+from edge_agent.model.export_metadata import class_names, decodes_itself
 from edge_agent.model.postprocess import Postprocessor, PostprocessSpec
 
 Batches = list[list[np.ndarray]]
@@ -131,22 +132,6 @@ def model_metadata(props: Sequence[Any]) -> dict[str, str]:
     return {p.key: p.value for p in props}
 
 
-def _names(meta: Mapping[str, str]) -> tuple[str, ...] | None:
-    """Ultralytics' ``names`` metadata (a Python dict literal ``{0: 'person', ...}``)."""
-    text = meta.get("names")
-    if not text:
-        return None
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return None
-    if isinstance(value, dict) and all(isinstance(k, int) for k in value):
-        return tuple(str(value[k]) for k in sorted(value))
-    if isinstance(value, (list, tuple)):
-        return tuple(str(v) for v in value)
-    return None
-
-
 def infer_task(
     outputs: Sequence[np.ndarray | None],
     *,
@@ -161,7 +146,7 @@ def infer_task(
     ``[N, 1]`` / ``[N, 2]`` probability is read as a binary decision per window."""
     meta = dict(metadata or {})
     requested = canonical_task(requested)
-    labels = _names(meta)
+    labels = class_names(meta)
     meta_task = meta.get("task")
     if requested == "raw":
         return Task("raw", "--task raw")
@@ -173,14 +158,18 @@ def infer_task(
             shapes = [None if o is None else list(o.shape) for o in outputs]
             raise ConfigError(f"--task binary: no [N, 1] or [N, 2] float output (shapes {shapes})")
     if requested in ("auto", "detect"):
-        found = _detection(outputs, labels=labels, meta_task=meta_task, forced=requested)
+        found = _detection(
+            outputs, labels=labels, meta_task=meta_task, forced=requested,
+            says_decoded=decodes_itself(meta),
+        )  # fmt: skip
         if found is not None:
             return found
         if requested == "detect":
             shapes = [None if o is None else list(o.shape) for o in outputs]
             raise ConfigError(
                 f"--task detect: no output looks like a detector's (shapes {shapes}); expected "
-                "YOLO [1, 4+C, N] / [1, N, 5+C], or SSD boxes [1, A, 4] with scores [1, A, C]"
+                "YOLO [1, 4+C, N] / [1, N, 5+C], rows [1, M, 6] (box, score, class), or SSD boxes "
+                "[1, A, 4] with scores [1, A, C]"
             )
     if requested in ("auto", "ctc"):
         for i, out in enumerate(outputs):
@@ -269,12 +258,28 @@ def _postprocessed_detections(outputs: Sequence[np.ndarray | None]) -> bool:
     )
 
 
+def decoded_rows(out: np.ndarray) -> bool:
+    """Whether ``out`` ``[N, M, 6]`` holds rows (x1, y1, x2, y2, score, class) that a model
+    decoded and suppressed itself (Ultralytics' end-to-end heads, YOLO26 and YOLOv10, or an
+    export made with ``nms=True``, padded with zero rows): scores in [0, 1], classes whole
+    numbers from 0, and every row it reports (score > 0) a box with x2 >= x1 and y2 >= y1. A
+    one-class YOLOv5 head ``[N, A, 6]`` holds a class score where the class index would be."""
+    if out.ndim != 3 or out.shape[2] != 6 or out.shape[1] <= 6 or out.dtype.kind != "f":
+        return False
+    scores, classes = out[..., 4], out[..., 5]
+    if not (in_unit(scores) and np.all(classes >= 0) and np.all(classes == np.round(classes))):
+        return False
+    rows = out[scores > 0]
+    return bool(np.all(rows[:, 2] >= rows[:, 0]) and np.all(rows[:, 3] >= rows[:, 1]))
+
+
 def _detection(
     outputs: Sequence[np.ndarray | None],
     *,
     labels: tuple[str, ...] | None,
     meta_task: str | None,
     forced: str,
+    says_decoded: bool = False,
 ) -> Task | None:
     nc = len(labels) if labels else None
     tagged = meta_task in ("detect", "segment", "pose", "obb")
@@ -306,6 +311,16 @@ def _detection(
                 labels=labels,
             )
     for i, out in enumerate(outputs):
+        if out is not None and decoded_rows(out):
+            said = "the metadata says end2end or nms; " if says_decoded else ""
+            post = {"format": "end2end", "box_format": "xyxy"}
+            if in_unit(out[..., :4]):
+                post["normalized"] = True
+            why = (
+                f"{why_meta}{said}output {list(out.shape)}: rows of box, score and class, "
+                "decoded and suppressed by the model (an end-to-end head or NMS inside)"
+            )
+            return Task("detect", why, (i,), post, labels=labels)
         if out is None or out.ndim != 3 or out.dtype.kind != "f" or min(out.shape[1:]) < 5:
             continue
         if not tagged and forced != "detect" and is_distribution(out):

@@ -203,6 +203,39 @@ def test_a_tflite_classifiers_labels_come_from_its_metadata_when_they_fit(tmp_pa
             model.close()
 
 
+def test_an_exporters_metadata_packed_into_a_tflite_file_is_read_as_properties(
+    tmp_path: Path,
+) -> None:
+    """The dict an Ultralytics TFLite export packs into the zip appended to it (JSON in
+    ``metadata.json``, or one Python literal in a ``.txt``) is read as ``properties``, with no
+    TFLite metadata around it; a label file, a JSON list, code and a file past the size cap
+    are not."""
+    import json
+    import zipfile
+
+    from edge_agent.model.tflite_metadata import MAX_LABEL_FILE, read_metadata
+
+    plain = pixel_mean(16, "float32", None)
+    cases = [
+        ("metadata.json", json.dumps({"task": "detect", "names": {"0": "a"}, "end2end": True}),
+         {"task": "detect", "names": {"0": "a"}, "end2end": True}),
+        ("temp_meta.txt", str({"task": "detect", "names": {0: "a"}, "stride": 32}),
+         {"task": "detect", "names": {0: "a"}, "stride": 32}),
+        ("labels.txt", "person\nbicycle\n", {}),
+        ("metadata.json", json.dumps([{"task": "detect"}]), {}),
+        ("temp_meta.txt", "{'task': __import__('os').getcwd()}", {}),
+        ("metadata.json", json.dumps({"task": "detect", "pad": "x" * MAX_LABEL_FILE}), {}),
+    ]  # fmt: skip
+    for i, (name, text, expected) in enumerate(cases):
+        path = tmp_path / f"m{i}.tflite"
+        path.write_bytes(plain)
+        with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(name, text)
+        found = read_metadata(path)
+        assert found.properties == expected, name
+        assert (found.mean, found.labels) == ((), {})
+
+
 def test_bad_model_files_are_model_errors(tmp_path: Path) -> None:
     (tmp_path / "junk.tflite").write_bytes(b"\x00" * 64)
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")

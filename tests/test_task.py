@@ -98,6 +98,36 @@ def test_infer_task_reads_ultralytics_metadata() -> None:
     assert t5.kind == "detect" and t5.postprocess["yolo_version"] == 5
 
 
+def test_infer_task_reads_rows_a_model_decoded_itself() -> None:
+    """``[N, M, 6]`` rows (x1, y1, x2, y2, score, class) padded with zeros, as Ultralytics'
+    end-to-end (YOLO26, YOLOv10) and ``nms=True`` exports write them: judged as detections
+    the model decoded (format ``end2end``, no NMS), with or without the metadata saying so;
+    F1 drops when a converted model loses a row. A one-class YOLOv5 head ``[N, A, 6]`` (a class
+    score where the index would be) stays YOLOv5; the names may come as JSON's string keys."""
+    rows = np.zeros((2, 300, 6), np.float32)
+    rows[:, 0] = [10, 12, 40, 50, 0.9, 2]
+    rows[:, 1] = [60, 20, 90, 70, 0.7, 0]
+    meta = {"task": "detect", "names": "{0: 'a', 1: 'b', 2: 'c'}", "end2end": "True"}
+    task = infer_task([rows], output_names=["output0"], metadata=meta)
+    assert task.kind == "detect" and task.labels == ("a", "b", "c")
+    assert task.postprocess == {"format": "end2end", "box_format": "xyxy"}
+    assert "metadata says end2end" in task.reason
+    bare = infer_task([rows], output_names=["output0"])
+    assert bare.kind == "detect" and bare.postprocess["format"] == "end2end"
+    normalized = rows.copy()
+    normalized[..., :4] /= 100
+    assert infer_task([normalized], output_names=["y"]).postprocess["normalized"] is True
+    assert task_fidelity(task, [[rows]], [[rows.copy()]])["value"] == 1.0
+    lost = rows.copy()
+    lost[:, 1] = 0  # the second row gone: one of two detections a sample
+    assert task_fidelity(task, [[rows]], [[lost]])["value"] == pytest.approx(2 / 3)
+    v5 = np.zeros((1, 30, 6), np.float32)
+    v5[0, :, :4] = np.abs(np.random.default_rng(0).standard_normal((30, 4))) * 50
+    v5[0, :, 4:] = 0.5
+    one = infer_task([v5], output_names=["y"], metadata={"task": "detect", "names": '{"0": "a"}'})
+    assert one.postprocess == {"format": "yolo", "yolo_version": 5} and one.labels == ("a",)
+
+
 def test_infer_task_ssd_ctc_mask_classify_raw() -> None:
     rng = np.random.default_rng(0)
     boxes = rng.uniform(0, 1, (4, 10, 4)).astype(np.float32)

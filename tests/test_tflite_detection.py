@@ -222,6 +222,44 @@ def test_decoded_needs_four_outputs_of_the_right_shapes() -> None:
         _decoded()([np.zeros((1, 3, 4)), np.zeros((1, 2)), np.zeros((1, 3)), np.zeros(1)])
 
 
+def test_end2end_rows_take_threshold_order_and_max_detections() -> None:
+    """``end2end``: rows (x1, y1, x2, y2, score, class) the model decoded and suppressed: those
+    scoring >= the threshold, best first, at most max_detections, no NMS (two overlapping boxes
+    of one class both stay); zero padding is dropped; NaN in a kept row is an error result, in
+    a dropped one it is not read; another shape is a model error."""
+    rows = np.zeros((1, 8, 6), np.float32)  # rows 4..7: padding, as an nms=True export pads
+    rows[0, :4] = [[10, 10, 50, 30, 0.6, 1], [12, 10, 50, 30, 0.9, 1],
+                   [0, 0, 5, 5, 0.1, 0], [60, 20, 100, 40, 0.7, 0]]  # fmt: skip
+
+    def post(**kw: Any) -> Postprocessor:
+        spec = PostprocessSpec(kind="detection", format="end2end", box_format="xyxy",
+                               labels=("a", "b"), **kw)  # fmt: skip
+        return Postprocessor(spec, output_names=("output0",), input_size=(100, 50))
+
+    out = post()([rows], source_size=(100, 50))
+    assert out == {"kind": "detection", "detections": [
+        {"box": [12.0, 10.0, 50.0, 30.0], "score": 0.9, "class": 1, "label": "b"},
+        {"box": [60.0, 20.0, 100.0, 40.0], "score": 0.7, "class": 0, "label": "a"},
+        {"box": [10.0, 10.0, 50.0, 30.0], "score": 0.6, "class": 1, "label": "b"},
+    ]}  # fmt: skip
+    assert len(post(max_detections=2)([rows])["detections"]) == 2
+    normalized = rows.copy()
+    normalized[0, :, :4] /= np.array([100, 50, 100, 50], np.float32)
+    again = post(normalized=True)([normalized], source_size=(100, 50))
+    assert [d["box"] for d in again["detections"]] == [d["box"] for d in out["detections"]]
+    dropped = rows.copy()
+    dropped[0, 2, 0] = np.nan  # a row scoring 0.1: not read
+    assert len(post()([dropped])["detections"]) == 3
+    kept = rows.copy()
+    kept[0, 1, 2] = np.inf
+    assert post()([kept])["error"] == "non-finite output"
+    score = rows.copy()
+    score[0, 5, 4] = np.nan
+    assert post()([score])["error"] == "non-finite output"
+    with pytest.raises(ModelError, match=r"end2end detections have shape \[1, 8, 7\]"):
+        post()([np.zeros((1, 8, 7), np.float32)])
+
+
 # --- a bare YOLO export: its one output is the head -------------------------------------------
 
 
@@ -242,25 +280,69 @@ def _normalized_yolo(model: onnx.ModelProto, size: int) -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.parametrize("units", ["pixels", "normalized"])
-def test_a_bare_ultralytics_export_reports_detections_with_its_own_names(
-    standin_yolo: Any, tmp_path: Path, units: str
-) -> None:
-    """The load ``edge-agent run --model yolov8.onnx`` does, with no flags: the class names
-    come from the export's metadata (task = detect), the one output is read as a YOLOv8 head,
-    the (non-square) frame is letterboxed as Ultralytics does, and the boxes' units (input
-    pixels in the ONNX export, [0, 1] in the TFLite one) are read from the model."""
-    d = standin_yolo
+def _ultralytics_export(d: Any, form: str, tmp_path: Path) -> Path:
+    """The stand-in as Ultralytics writes each export: ``onnx`` (boxes in input pixels, names
+    in ``metadata_props``); ``onnx-normalized`` (its boxes in [0, 1]); ``end2end`` (YOLO26 /
+    YOLOv10: rows of box, score, class, ``end2end = True``); ``tflite`` (NHWC, boxes in [0, 1],
+    the metadata as ``metadata.json`` in a zip appended to the file: Ultralytics 8.3 and later);
+    ``tflite-8.1`` (the same metadata as one line of Python in ``temp_meta.txt``, named by
+    TFLite metadata as the output's label file: Ultralytics 8.1-8.2)."""
+    import zipfile
+
+    from converters import standins
+
     model = onnx.load_from_string(d.onnx)
-    if units == "normalized":
-        model = _normalized_yolo(model, d.size)
-    path = tmp_path / "yolov8_style.onnx"
-    onnx.save(model, str(path))
+    metadata = {p.key: p.value for p in model.metadata_props}
+    if form == "end2end":
+        path = tmp_path / "yolo26_style.onnx"
+        path.write_bytes(standins.yolo_end2end(d.onnx))
+        return path
+    if form == "onnx":
+        path = tmp_path / "yolov8_style.onnx"
+        onnx.save(model, str(path))
+        return path
+    model = _normalized_yolo(model, d.size)
+    if form == "onnx-normalized":
+        path = tmp_path / "yolov8_style_normalized.onnx"
+        onnx.save(model, str(path))
+        return path
+    tflite = standins.tflite_fp16(model.SerializeToString())
+    # as Ultralytics' exporter holds it: names a dict of int keys, args a dict
+    meta = {**metadata, "names": dict(enumerate(d.names)), "imgsz": [d.size, d.size],
+            "args": {"batch": 1, "half": True, "int8": False, "nms": False}}  # fmt: skip
+    path = tmp_path / f"yolov8_style_{form}.tflite"
+    if form == "tflite":
+        path.write_bytes(tflite)
+        with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("metadata.json", json.dumps(meta, indent=2))
+    else:
+        label_files = {0: ("temp_meta.txt", [str(meta)])}
+        path.write_bytes(
+            standins.add_tflite_metadata(tflite, label_files=label_files, value_labels=False)
+        )
+    return path
+
+
+@pytest.mark.parametrize("form", ["onnx", "onnx-normalized", "end2end", "tflite", "tflite-8.1"])
+def test_a_bare_ultralytics_export_reports_detections_with_its_own_names(
+    standin_yolo: Any, tmp_path: Path, form: str
+) -> None:
+    """The load ``edge-agent run --model yolov8.onnx`` (or ``.tflite``, or an end-to-end
+    YOLO26 export) does, with no flags: the class names come from the export's metadata (task
+    = detect), the one output is read as the head it is, the (non-square) frame is letterboxed
+    as Ultralytics does, and the boxes' units (input pixels in the ONNX export, [0, 1] in the
+    TFLite one) are read from the model."""
+    d = standin_yolo
+    path = _ultralytics_export(d, form, tmp_path)
     loaded = load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path)
     try:
         spec = loaded.postprocessor.spec
-        assert (spec.kind, spec.format, spec.yolo_version) == ("detection", "yolo", 8)
-        assert spec.labels == d.names and spec.normalized is (units == "normalized")
+        if form == "end2end":
+            assert (spec.kind, spec.format, spec.box_format) == ("detection", "end2end", "xyxy")
+        else:
+            assert (spec.kind, spec.format, spec.yolo_version) == ("detection", "yolo", 8)
+        assert spec.labels == d.names
+        assert spec.normalized is (form in ("onnx-normalized", "tflite", "tflite-8.1"))
         assert loaded.preprocessor is not None and loaded.preprocessor.spec.resize == "letterbox"
         scale = 2  # each 96-px image as the top of a 192x216 frame: letterboxed with padding
         found = []
@@ -270,8 +352,20 @@ def test_a_bare_ultralytics_export_reports_detections_with_its_own_names(
             frame[:192] = cv2.resize(image[:, :, ::-1], None, fx=scale, fy=scale)
             feeds, geometry = loaded.prepare_image(frame)
             size = (frame.shape[1], frame.shape[0])
-            out = loaded.postprocessor(loaded.infer(feeds), geometry=geometry, source_size=size)
+            raw = loaded.infer(feeds)
+            out = loaded.postprocessor(raw, geometry=geometry, source_size=size)
             found.append(out["detections"])
+            if form == "end2end":  # the model's own rows scoring >= 0.25, best first, no NMS
+                rows = np.asarray(raw[0])[0]
+                rows = rows[rows[:, 4] >= spec.score_threshold]
+                rows = rows[np.argsort(-rows[:, 4], kind="stable")][: spec.max_detections]
+                assert [x["class"] for x in out["detections"]] == rows[:, 5].astype(int).tolist()
+                if len(rows):
+                    x1, y1 = geometry.to_source(rows[:, 0], rows[:, 1])
+                    x2, y2 = geometry.to_source(rows[:, 2], rows[:, 3])
+                    by_hand = np.clip(np.stack([x1, y1, x2, y2], 1), 0, [192, 216, 192, 216])
+                    got = np.array([x["box"] for x in out["detections"]])
+                    np.testing.assert_allclose(got, by_hand, rtol=1e-5, atol=1e-3)
     finally:
         loaded.close()
     hit = total = 0
@@ -286,9 +380,11 @@ def test_a_bare_ultralytics_export_reports_detections_with_its_own_names(
     assert all(x["label"] == d.names[x["class"]] for dets in found for x in dets)
 
 
-def test_an_ultralytics_export_that_is_not_a_head_stays_raw(tmp_path: Path) -> None:
-    """An export whose metadata says detect but whose output is not a head (NMS inside:
-    [1, 300, 6]) stays raw: its names do not make it a classifier; bad names are ignored."""
+def test_an_ultralytics_export_with_nms_inside_reports_its_rows(tmp_path: Path) -> None:
+    """An export made with ``nms=True`` (``[1, 300, 6]``: rows of box, score, class, padded)
+    reports its rows (format ``end2end``, no NMS again). With one label it is read as a
+    one-class YOLOv5 head ``[1, A, 6]`` unless its metadata says ``nms`` or ``end2end``; bad
+    names are ignored, and the file stays raw."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = [
@@ -303,17 +399,29 @@ def test_an_ultralytics_export_that_is_not_a_head_stays_raw(tmp_path: Path) -> N
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])],
         [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 300, 6])], inits,
     )  # fmt: skip
-    for names in ("{0: 'a', 1: 'b'}", "{[1]: 'a'}", "{0: 'a', 'x': 'b'}", "not a literal"):
+    cases = [
+        ({"names": "{0: 'a', 1: 'b'}"}, ("detection", "end2end")),
+        ({"names": "{0: 'a'}"}, ("detection", "yolo")),
+        ({"names": "{0: 'a'}", "args": "{'batch': 1, 'nms': True}"}, ("detection", "end2end")),
+        ({"names": "{0: 'a'}", "end2end": "True"}, ("detection", "end2end")),
+        ({"names": "{[1]: 'a'}"}, ("raw", "yolo")),
+        ({"names": "{0: 'a', 'x': 'b'}"}, ("raw", "yolo")),
+        ({"names": "not a literal", "end2end": "True"}, ("raw", "yolo")),
+    ]
+    for i, (props, (kind, fmt)) in enumerate(cases):
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
         model.ir_version = 8
-        for key, value in (("task", "detect"), ("names", names)):
+        for key, value in {"task": "detect", **props}.items():
             prop = model.metadata_props.add()
             prop.key, prop.value = key, value
-        path = tmp_path / "nms.onnx"
+        path = tmp_path / f"nms{i}.onnx"
         onnx.save(model, str(path))
         loaded = load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path)
         try:
-            assert loaded.postprocessor.spec.kind == "raw", names
+            spec = loaded.postprocessor.spec
+            assert (spec.kind, spec.format) == (kind, fmt), props
+            if fmt == "end2end":  # nothing reported on a zero image: pixels, as ONNX exports
+                assert spec.normalized is False and spec.box_format == "xyxy"
         finally:
             loaded.close()
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from edge_agent.common.files import file_identity
 from edge_agent.errors import ConfigError, ModelError
+from edge_agent.model.export_metadata import class_names, decodes_itself
 from edge_agent.model.formats import POSTPROCESS_CHOICES, RUNTIME_FOR_FORMAT, SOFTMAX_CHOICES
 from edge_agent.model.postprocess import Postprocessor, PostprocessSpec
 from edge_agent.model.preprocess import Geometry, Preprocessor, PreprocessSpec
@@ -281,67 +282,79 @@ def _metadata_scaling(
     return {"scale": 1.0, "mean": meta.mean, "std": meta.std}
 
 
-def _metadata_names(runtime: Any) -> tuple[str, ...] | None:
-    """The class names an Ultralytics detector export carries (``task = detect``, ``names`` a
-    dict literal of index -> name), else None. Read with ``ast.literal_eval``: literals only,
-    nothing is run."""
-    import ast
-
-    meta = getattr(runtime, "metadata", None) or {}
-    text = meta.get("names")
-    if meta.get("task") != "detect" or not isinstance(text, str) or len(text) > 1 << 20:
-        return None
-    try:
-        names = ast.literal_eval(text)
-    except Exception:  # not a literal, or one that cannot be built (an unhashable key)
-        return None
-    if (
-        not isinstance(names, dict)
-        or not names
-        or not all(type(k) is int for k in names)
-        or sorted(names) != list(range(len(names)))
-    ):
-        return None
-    return tuple(str(names[i]) for i in range(len(names)))
+def _exporter_metadata(runtime: Any, meta: TfliteMetadata) -> Mapping[str, Any]:
+    """An export's own metadata: an ONNX file's ``metadata_props`` (strings), or what a TFLite
+    file packs into its archive (an Ultralytics export's ``metadata.json``, read as JSON or
+    Python literals)."""
+    return getattr(runtime, "metadata", None) or meta.properties or {}
 
 
-def _yolo_head(runtime: Any, labels: tuple[str, ...] | None) -> int | None:
-    """The YOLO version of a bare model whose one output is a YOLO head for ``labels``' classes:
-    8 for ``[1, 4 + C, A]`` (Ultralytics YOLOv8 and later), 5 for ``[1, A, 5 + C]`` (YOLOv5:
-    objectness, then the classes); else None. ``[1, A, 4 + C]`` is not taken: it is also a
-    YOLOv5 head with one label too many (a label map with a ``???`` line)."""
+def _yolo_layout(
+    runtime: Any, labels: tuple[str, ...] | None, *, end2end: bool
+) -> tuple[str, int | None] | None:
+    """How a bare model's one output holds ``labels``' detections, when it is a YOLO export's:
+    ``("yolo", 8)`` for ``[1, 4 + C, A]`` (Ultralytics YOLOv8 and later), ``("yolo", 5)`` for
+    ``[1, A, 5 + C]`` (YOLOv5: objectness, then the classes), ``("end2end", None)`` for
+    ``[1, M, 6]``: rows (x1, y1, x2, y2, score, class) the model decoded and suppressed (YOLO26,
+    YOLOv10, an export with NMS inside); else None. ``[1, A, 4 + C]`` is not taken: it is also
+    a YOLOv5 head with one label too many (a label map with a ``???`` line). ``[1, A, 6]`` with
+    one label is YOLOv5's unless the metadata says ``end2end``."""
     if not labels or len(runtime.outputs) != 1:  # a detection op's file has four
         return None
     shape = runtime.outputs[0].shape
     if len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
         return None
     a, b, c = int(shape[1]), int(shape[2]), len(labels)
+    if b == 6 and a > b and (end2end or c != 1):
+        return ("end2end", None)
     if a == c + 4 and b > a:
-        return 8
+        return ("yolo", 8)
     if b == c + 5 and a > b:
-        return 5
+        return ("yolo", 5)
     return None
 
 
 def _yolo_detection(
-    runtime: Any, version: int, labels: tuple[str, ...] | None, pre: Any, path: Path
+    runtime: Any,
+    layout: tuple[str, int | None],
+    labels: tuple[str, ...] | None,
+    pre: Any,
+    path: Path,
 ) -> dict[str, Any]:
-    """A bare YOLO head's postprocessing: Ultralytics' ONNX exports give boxes in input pixels,
-    its TFLite exports in [0, 1] of the input; which, is read from the model on a zero image
-    (the boxes' centres span the input whatever it shows: beyond 2 they are pixels)."""
+    """A bare YOLO export's postprocessing. Ultralytics' ONNX exports give boxes in input
+    pixels, its TFLite exports in [0, 1] of the input; which, is read from the model on a zero
+    image (the boxes' centres span the input whatever it shows: beyond 2 they are pixels). An
+    export with NMS inside that reports nothing on it is taken to be as Ultralytics writes its
+    format."""
+    fmt, version = layout
     key = file_identity(path)
     normalized = _BOXES_NORMALIZED.get(key)
     if normalized is None:  # once a file: the tuner's trials and swaps load it again
         image = np.zeros((pre.spec.height, pre.spec.width, 3), np.uint8)
         out = np.asarray(runtime.infer({runtime.inputs[0].name: pre(image)})[0], np.float64)[0]
-        rows = out.T if out.shape[0] < out.shape[1] else out  # [A, 4 + C (+1)]
-        centres = np.abs(rows[:, :2])
-        normalized = bool(np.isfinite(centres).all() and centres.max() <= 2.0)
+        if fmt == "end2end":
+            rows = out[out[:, 4] > 0]  # the rows it reported (padding scores 0)
+            centres = np.abs(rows[:, :2] + rows[:, 2:4]) / 2
+        else:
+            rows = out.T if out.shape[0] < out.shape[1] else out  # [A, 4 + C (+1)]
+            centres = np.abs(rows[:, :2])
+        if centres.size and np.isfinite(centres).all():
+            normalized = bool(centres.max() <= 2.0)
+        else:
+            normalized = path.suffix == ".tflite"
         _BOXES_NORMALIZED[key] = normalized
+    units = "in [0, 1]" if normalized else "in input pixels"
+    count = len(labels or ())
+    if fmt == "end2end":
+        if _first_time(path, "yolo"):
+            log.info("postprocess: %s's output is detections decoded and suppressed by the "
+                     "model (rows of box, score, class; boxes %s) for %d classes: reported "
+                     "with no NMS", path.name, units, count)  # fmt: skip
+        return {"kind": "detection", "format": "end2end", "box_format": "xyxy",
+                "normalized": normalized, "labels": list(labels or ())}  # fmt: skip
     if _first_time(path, "yolo"):
         log.info("postprocess: %s's output is a YOLOv%d head for %d classes (boxes %s): its "
-                 "detections are reported", path.name, version, len(labels or ()),
-                 "in [0, 1]" if normalized else "in input pixels")  # fmt: skip
+                 "detections are reported", path.name, version, count, units)  # fmt: skip
     return {"kind": "detection", "format": "yolo", "yolo_version": version,
             "normalized": normalized, "labels": list(labels or ())}  # fmt: skip
 
@@ -603,8 +616,9 @@ def load_model(
     decoded = getattr(runtime, "detection_outputs", None) if auto else None
     labels = (labels or _metadata_labels(meta, runtime, decoded)) if auto else None
     # an Ultralytics export's own class names serve only its head, when its output is one
-    names = None if labels or not auto else _metadata_names(runtime)
-    yolo = _yolo_head(runtime, labels or names)
+    props = _exporter_metadata(runtime, meta) if auto else {}
+    names = None if labels or props.get("task") != "detect" else class_names(props)
+    yolo = _yolo_layout(runtime, labels or names, end2end=decodes_itself(props))
     if len(runtime.inputs) == 1 and len(shape) == 4:
         try:
             pixels = _pixel_scaling(runtime.inputs[0], overrides)

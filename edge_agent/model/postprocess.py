@@ -33,8 +33,10 @@ from edge_agent.model.preprocess import Geometry
 
 KINDS = ("classification", "detection", "segmentation", "raw")
 #: ``decoded``: the model decoded and suppressed its boxes itself (TFLite's
-#: ``TFLite_Detection_PostProcess``: boxes, classes, scores and their count)
-DETECTION_FORMATS = ("yolo", "ssd", "decoded")
+#: ``TFLite_Detection_PostProcess``: boxes, classes, scores and their count); ``end2end``: so
+#: did it, into one output of rows (box, score, class): Ultralytics' NMS-free YOLO26 and YOLOv10
+#: exports, and any Ultralytics export made with ``nms=True``
+DETECTION_FORMATS = ("yolo", "ssd", "decoded", "end2end")
 YOLO_VERSIONS = (5, 8)
 BOX_FORMATS = ("cxcywh", "xyxy", "yxyx")
 NONFINITE = "non-finite output"
@@ -64,7 +66,9 @@ class PostprocessSpec:
     top_k: int = 5
     #: Detection: ``yolo`` (one output), ``ssd`` (a boxes and a scores output) or ``decoded``
     #: (boxes ``[1, M, 4]``, classes ``[1, M]``, scores ``[1, M]`` and their count ``[1]``,
-    #: decoded and suppressed by the model: no NMS here).
+    #: decoded and suppressed by the model: no NMS here) or ``end2end`` (one output
+    #: ``[1, M, 6]`` of rows: a box per ``box_format``, its score, its class; decoded and
+    #: suppressed by the model, padding rows scoring 0: no NMS here).
     format: str = "yolo"
     #: YOLO layout: 5 = ``[N, A, 5+C]`` with objectness, 8 = ``[N, 4+C, A]`` without; None =
     #: from the shape (8 when the feature axis comes first, i.e. ``shape[1] < shape[2]``).
@@ -311,6 +315,8 @@ class Postprocessor:
         spec = self.spec
         if spec.format == "decoded":
             return self._decoded(outputs, geometry=geometry, source_size=source_size)
+        if spec.format == "end2end":
+            return self._end2end(outputs, geometry=geometry, source_size=source_size)
         if spec.format == "yolo":
             out = np.asarray(outputs[self.index])
             if not _all_finite(out):
@@ -379,6 +385,35 @@ class Postprocessor:
         xyxy = self._to_input_pixels(xyxy, geometry=geometry, source_size=source_size)
         return self._detections(
             xyxy, scores[keep], np.rint(classes[keep]).astype(np.int64),
+            geometry=geometry, source_size=source_size,
+        )  # fmt: skip
+
+    def _end2end(
+        self,
+        outputs: Sequence[np.ndarray],
+        *,
+        geometry: Geometry | None,
+        source_size: tuple[int, int] | None,
+    ) -> dict[str, Any]:
+        """Rows the model decoded and suppressed (box, score, class): those scoring at least
+        ``score_threshold``, best first, no NMS (as Ultralytics reads an end-to-end head)."""
+        spec = self.spec
+        out = np.asarray(outputs[self.index])
+        if out.ndim != 3 or out.shape[0] != 1 or out.shape[2] != 6:
+            raise ModelError(
+                f"postprocess: end2end detections have shape {list(out.shape)}, expected "
+                "[1, M, 6] (x1, y1, x2, y2, score, class)"
+            )
+        rows = out[0]
+        scores = rows[:, 4].astype(np.float64)
+        keep = np.flatnonzero(scores >= spec.score_threshold)  # NaN compares false: checked next
+        if not (_all_finite(scores) and _all_finite(rows[keep])):
+            return self._nonfinite({"detections": []})
+        keep = keep[np.argsort(-scores[keep], kind="stable")][: spec.max_detections]
+        xyxy = _to_xyxy(rows[keep, :4].astype(np.float64), spec.box_format)
+        xyxy = self._to_input_pixels(xyxy, geometry=geometry, source_size=source_size)
+        return self._detections(
+            xyxy, scores[keep], np.rint(rows[keep, 5]).astype(np.int64),
             geometry=geometry, source_size=source_size,
         )  # fmt: skip
 

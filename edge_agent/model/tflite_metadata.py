@@ -9,13 +9,21 @@ Only the fields used here are read, with flatbuffers' table API (field ids as in
 .input_tensor_metadata 2, .output_tensor_metadata 3; TensorMetadata.process_units 4,
 .associated_files 6; ProcessUnit.options 0 (type) and 1; NormalizationOptions.mean 0, .std 1;
 AssociatedFile.name 0, .type 2). A file without metadata, metadata this cannot read, or a
-runtime without the flatbuffer schema (tflite-runtime alone) gives an empty result: the
-model is fed and read as without it.
+runtime without the flatbuffer schema (tflite-runtime alone: then only the properties below
+are read) gives an empty result: the model is fed and read as without it.
+
+Ultralytics' TFLite exports carry their own metadata (task, class names, image size…) as a
+member of that archive: ``metadata.json`` (JSON, Ultralytics 8.3 and later: a zip appended
+with no TFLite metadata at all) or, before, one text file (``temp_meta.txt``) holding the
+dict as Python writes it, named by TFLite metadata as the output's label file. Either is
+read as :attr:`TfliteMetadata.properties` (JSON, or Python literals only: nothing is run).
 """
 
 from __future__ import annotations
 
+import ast
 import io
+import json
 import logging
 import zipfile
 from dataclasses import dataclass, field
@@ -37,14 +45,16 @@ _LABEL_FILE_TYPES = (2, 3)
 class TfliteMetadata:
     """``mean`` / ``std``: the first input's normalization ((x - mean) / std on 0..255
     pixels), empty when none is given; ``labels``: per output index, the labels its metadata
-    names, one a line."""
+    names, one a line; ``properties``: the exporter's own metadata packed into the file (an
+    Ultralytics export's ``task``, ``names``…), empty when there is none."""
 
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     labels: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    properties: dict[str, Any] = field(default_factory=dict)
 
 
-#: the label files read from an archive: at most this many bytes each (no zip bomb)
+#: the files read from an archive: at most this many bytes each (no zip bomb)
 MAX_LABEL_FILE = 1 << 20
 #: what :func:`read_metadata` found, per file (its path, size and modification time): the
 #: tuner's trials and swaps load the same file again
@@ -53,12 +63,8 @@ _SEEN: dict[tuple[str, int, int], TfliteMetadata] = {}
 
 def read_metadata(path: Path) -> TfliteMetadata:
     """The metadata of the ``.tflite`` file at ``path`` (empty when it has none or it cannot
-    be read here), read once a file."""
-    try:
-        from ai_edge_litert import schema_py_generated as schema
-        from flatbuffers import table  # type: ignore[import-untyped]
-    except ImportError:
-        return TfliteMetadata()
+    be read here), read once a file. Without the flatbuffer schema (tflite-runtime alone) only
+    the exporter's :attr:`~TfliteMetadata.properties` are read."""
     try:
         key = file_identity(path)
     except OSError:
@@ -68,16 +74,25 @@ def read_metadata(path: Path) -> TfliteMetadata:
     found = TfliteMetadata()
     try:
         data = path.read_bytes()
-        meta = _metadata_buffer(schema, data)
+        archive = _archive(data)
+        meta = _metadata_buffer(data)
         if meta is not None:
-            found = _parse(table, meta, data)
+            found = _parse(meta, archive)
+        properties = _properties(archive)
+        if properties:
+            found = TfliteMetadata(found.mean, found.std, found.labels, properties)
     except Exception as exc:  # a damaged or newer metadata: fed and read as without it
         log.warning("%s: its TFLite metadata cannot be read (%s); not used", path.name, exc)
     _SEEN[key] = found
     return found
 
 
-def _metadata_buffer(schema: Any, data: bytes) -> bytes | None:
+def _metadata_buffer(data: bytes) -> bytes | None:
+    """The TFLite metadata flatbuffer of a model file, else None (none, or no schema here)."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        return None
     model = schema.Model.GetRootAs(data, 0)
     for i in range(model.MetadataLength()):
         entry = model.Metadata(i)
@@ -113,7 +128,7 @@ class _Table:
         ]
 
     def floats(self, slot: int) -> tuple[float, ...]:
-        from flatbuffers import number_types
+        from flatbuffers import number_types  # type: ignore[import-untyped]
 
         o = self._offset(slot)
         if not o:
@@ -131,8 +146,9 @@ class _Table:
         return bytes(self._t.String(o + self._t.Pos)).decode() if o else ""
 
 
-def _parse(table: Any, meta: bytes, model_bytes: bytes) -> TfliteMetadata:
+def _parse(meta: bytes, archive: zipfile.ZipFile | None) -> TfliteMetadata:
     import flatbuffers
+    from flatbuffers import table
 
     buf = bytearray(meta)
     root = _Table(table, buf, flatbuffers.encode.Get(flatbuffers.packer.uoffset, buf, 0))
@@ -151,7 +167,6 @@ def _parse(table: Any, meta: bytes, model_bytes: bytes) -> TfliteMetadata:
     if not (mean and std and len(mean) in (1, 3) and len(std) in (1, 3) and all(std)):
         mean, std = (), ()  # none, or none this can use: fed as without it
     labels: dict[int, tuple[str, ...]] = {}
-    archive = _archive(model_bytes)
     for index, tensor in enumerate(graph.children(3)):
         for f in tensor.children(6):
             text = None if archive is None else _member(archive, f.string(0))
@@ -170,6 +185,41 @@ def _archive(data: bytes) -> zipfile.ZipFile | None:
         return zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
         return None
+
+
+#: an archive member read for :func:`_properties`: at most this many of them are looked at
+MAX_PROPERTY_FILES = 8
+
+
+def _properties(archive: zipfile.ZipFile | None) -> dict[str, Any]:
+    """The exporter's metadata packed into the archive: the first ``.json`` or ``.txt`` member
+    that holds a JSON object or a Python dict literal with a ``names`` or ``task`` key (an
+    Ultralytics export), else empty. A label file is neither and is passed over."""
+    if archive is None:
+        return {}
+    for name in archive.namelist()[:MAX_PROPERTY_FILES]:
+        if not name.endswith((".json", ".txt")):
+            continue
+        text = _member(archive, name)
+        if text is None or not text.lstrip().startswith("{"):
+            continue
+        found = _mapping(text)
+        if found is not None and ("names" in found or "task" in found):
+            return {str(k): v for k, v in found.items()}
+    return {}
+
+
+def _mapping(text: str) -> dict[Any, Any] | None:
+    """``text`` as JSON, else as a Python literal (``ast.literal_eval``: nothing is run); a
+    dict, else None."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        try:
+            value = ast.literal_eval(text.strip())
+        except Exception:  # not a literal, too deep, or one that cannot be built
+            return None
+    return value if isinstance(value, dict) else None
 
 
 def _member(archive: zipfile.ZipFile, name: str) -> str | None:

@@ -1,0 +1,63 @@
+"""What exporters write about a model into its file, read the same way by the agent (a bare
+model) and the converter (its task): Ultralytics' metadata. An ONNX export holds it as
+``metadata_props``, every value a string (``names`` is ``"{0: 'person', ...}"``, ``end2end``
+is ``"True"``); a TFLite export as JSON packed into the file (``names`` with string keys), or,
+before Ultralytics 8.3, as one Python literal (:mod:`edge_agent.model.tflite_metadata` reads
+both). Strings are read as Python literals with ``ast.literal_eval``: literals only, nothing is
+run.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Mapping
+from typing import Any
+
+#: a metadata string longer than this is not read
+MAX_LITERAL = 1 << 20
+
+
+def literal(value: Any) -> Any:
+    """A metadata value: a string read as a Python literal (None when it is none), anything
+    else as it is."""
+    if not isinstance(value, str):
+        return value
+    if len(value) > MAX_LITERAL:
+        return None
+    try:
+        return ast.literal_eval(value)
+    except Exception:  # not a literal, too deep, or one that cannot be built (an unhashable key)
+        return None
+
+
+def class_names(props: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The class names an export carries: ``names``, a dict of index -> name (integer keys,
+    or JSON's string digits, 0 to C - 1) or a list; else None."""
+    names = literal(props.get("names"))
+    if isinstance(names, (list, tuple)) and names:
+        return tuple(str(n) for n in names)
+    if not isinstance(names, dict) or not names:
+        return None
+    by_index: dict[int, Any] = {}
+    for key, name in names.items():
+        if type(key) is str and key.isdigit():  # JSON's keys are strings
+            key = int(key)
+        if type(key) is not int:
+            return None
+        by_index[key] = name
+    if sorted(by_index) != list(range(len(by_index))):
+        return None
+    return tuple(str(by_index[i]) for i in range(len(by_index)))
+
+
+def decodes_itself(props: Mapping[str, Any]) -> bool:
+    """Whether an export says its output holds detections it decoded and suppressed itself:
+    an end-to-end head (``end2end``: YOLO26, YOLOv10) or an export made with ``nms=True``
+    (``args``)."""
+    if literal(props.get("end2end")) is True:
+        return True
+    args = literal(props.get("args"))
+    return isinstance(args, dict) and args.get("nms") is True
+
+
+__all__ = ["MAX_LITERAL", "class_names", "decodes_itself", "literal"]
