@@ -426,6 +426,51 @@ def test_an_ultralytics_export_with_nms_inside_reports_its_rows(tmp_path: Path) 
             loaded.close()
 
 
+def test_an_ultralytics_classifier_reports_its_own_names(tmp_path: Path) -> None:
+    """An Ultralytics classify export (``task = classify``, its ``[1, C]`` output already
+    probabilities) reports classes with its names; names of another count leave it raw,
+    ``--labels`` win."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.array([[4.0, -4.0], [0.0, 0.0], [-4.0, 4.0]], np.float32)  # red vs blue
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["flat"]),
+         helper.make_node("Gemm", ["flat", "w"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["output0"], axis=1)],
+        "classify",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(weights, "w")],
+    )  # fmt: skip
+    red = np.zeros((48, 64, 3), np.uint8)
+    red[..., 2] = 255  # BGR
+    cases = [("{0: 'red', 1: 'blue'}", None, ("red", "blue")),
+             ("{0: 'a', 1: 'b', 2: 'c'}", None, None),
+             ("{0: 'red', 1: 'blue'}", ("x", "y"), ("x", "y"))]  # fmt: skip
+    for i, (names, given, expected) in enumerate(cases):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        for key, value in (("task", "classify"), ("names", names)):
+            prop = model.metadata_props.add()
+            prop.key, prop.value = key, value
+        path = tmp_path / f"cls{i}.onnx"
+        onnx.save(model, str(path))
+        loaded = load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path,
+                            labels=given)  # fmt: skip
+        try:
+            spec = loaded.postprocessor.spec
+            if expected is None:
+                assert spec.kind == "raw"
+                continue
+            assert (spec.kind, spec.labels, spec.softmax) == ("classification", expected, False)
+            feeds, geometry = loaded.prepare_image(red)
+            out = loaded.postprocessor(loaded.infer(feeds), geometry=geometry)
+            assert out["label"] == expected[0] and out["score"] > 0.9
+        finally:
+            loaded.close()
+
+
 def test_postprocess_raw_reports_a_recognised_detector_as_it_is(
     ssd: Any, standin_yolo: Any, tmp_path: Path
 ) -> None:

@@ -255,11 +255,7 @@ def _metadata_labels(
     if decoded:
         names = [o.name for o in runtime.outputs]
         return meta.labels.get(names.index(decoded["classes"]))
-    labels = meta.labels.get(0)
-    shape = tuple(runtime.outputs[0].shape) if len(runtime.outputs) == 1 else ()
-    if labels and len(shape) == 2 and shape[1] == len(labels):
-        return labels
-    return None
+    return _classifier_names(meta.labels.get(0), runtime)
 
 
 def _metadata_scaling(
@@ -287,6 +283,12 @@ def _exporter_metadata(runtime: Any, meta: TfliteMetadata) -> Mapping[str, Any]:
     file packs into its archive (an Ultralytics export's ``metadata.json``, read as JSON or
     Python literals)."""
     return getattr(runtime, "metadata", None) or meta.properties or {}
+
+
+def _classifier_names(names: tuple[str, ...] | None, runtime: Any) -> tuple[str, ...] | None:
+    """``names`` when the model's one output is ``[1, C]`` for C of them, else None."""
+    shape = tuple(runtime.outputs[0].shape) if len(runtime.outputs) == 1 else ()
+    return names if names and len(shape) == 2 and shape[1] == len(names) else None
 
 
 def _yolo_layout(
@@ -619,6 +621,8 @@ def load_model(
     props = _exporter_metadata(runtime, meta) if auto else {}
     names = None if labels or props.get("task") != "detect" else class_names(props)
     yolo = _yolo_layout(runtime, labels or names, end2end=decodes_itself(props))
+    if not labels and props.get("task") == "classify":  # an Ultralytics classifier's names
+        labels = _classifier_names(class_names(props), runtime)
     if len(runtime.inputs) == 1 and len(shape) == 4:
         try:
             pixels = _pixel_scaling(runtime.inputs[0], overrides)
