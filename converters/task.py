@@ -52,7 +52,7 @@ from edge_agent.model.agreement import (
     match_detections,
 )
 from edge_agent.model.export_metadata import class_names, decodes_itself
-from edge_agent.model.postprocess import Postprocessor, PostprocessSpec
+from edge_agent.model.postprocess import Postprocessor, PostprocessSpec, looks_like_rows
 
 Batches = list[list[np.ndarray]]
 
@@ -258,21 +258,6 @@ def _postprocessed_detections(outputs: Sequence[np.ndarray | None]) -> bool:
     )
 
 
-def decoded_rows(out: np.ndarray) -> bool:
-    """Whether ``out`` ``[N, M, 6]`` holds rows (x1, y1, x2, y2, score, class) that a model
-    decoded and suppressed itself (Ultralytics' end-to-end heads, YOLO26 and YOLOv10, or an
-    export made with ``nms=True``, padded with zero rows): scores in [0, 1], classes whole
-    numbers from 0, and every row it reports (score > 0) a box with x2 >= x1 and y2 >= y1. A
-    one-class YOLOv5 head ``[N, A, 6]`` holds a class score where the class index would be."""
-    if out.ndim != 3 or out.shape[2] != 6 or out.shape[1] <= 6 or out.dtype.kind != "f":
-        return False
-    scores, classes = out[..., 4], out[..., 5]
-    if not (in_unit(scores) and np.all(classes >= 0) and np.all(classes == np.round(classes))):
-        return False
-    rows = out[scores > 0]
-    return bool(np.all(rows[:, 2] >= rows[:, 0]) and np.all(rows[:, 3] >= rows[:, 1]))
-
-
 def _detection(
     outputs: Sequence[np.ndarray | None],
     *,
@@ -311,10 +296,11 @@ def _detection(
                 labels=labels,
             )
     for i, out in enumerate(outputs):
-        if out is not None and decoded_rows(out):
+        if out is not None and looks_like_rows(out, claimed=says_decoded):
             said = "the metadata says end2end or nms; " if says_decoded else ""
             post = {"format": "end2end", "box_format": "xyxy"}
-            if in_unit(out[..., :4]):
+            reported = out[out[..., 4] > 0][:, :4]  # the padding's zeros say nothing of units
+            if reported.size and in_unit(reported):
                 post["normalized"] = True
             why = (
                 f"{why_meta}{said}output {list(out.shape)}: rows of box, score and class, "

@@ -121,11 +121,24 @@ def test_infer_task_reads_rows_a_model_decoded_itself() -> None:
     lost = rows.copy()
     lost[:, 1] = 0  # the second row gone: one of two detections a sample
     assert task_fidelity(task, [[rows]], [[lost]])["value"] == pytest.approx(2 / 3)
+    nothing = np.zeros_like(rows)  # an nms=True export that found nothing: units unknown
+    assert "normalized" not in infer_task([nothing], output_names=["y"]).postprocess
+    # YOLO26: its best 300 rows whatever they score, no padding; a low-scoring one inverted
+    full = np.tile(rows[:, :2], (1, 150, 1))
+    full[:, 2:, 4] = 0.01
+    full[:, 3, :4] = [50, 50, 40, 40]
+    assert infer_task([full], output_names=["y"]).postprocess["format"] == "end2end"
+    full[:, 0, :4] = [50, 50, 40, 40]  # one scoring 0.9 inverted: not rows, unless it says so
+    assert infer_task([full], output_names=["y"]).postprocess.get("format") != "end2end"
+    said = infer_task([full], output_names=["y"], metadata={"args": "{'nms': True}"})
+    assert said.postprocess["format"] == "end2end"
     v5 = np.zeros((1, 30, 6), np.float32)
     v5[0, :, :4] = np.abs(np.random.default_rng(0).standard_normal((30, 4))) * 50
     v5[0, :, 4:] = 0.5
     one = infer_task([v5], output_names=["y"], metadata={"task": "detect", "names": '{"0": "a"}'})
     assert one.postprocess == {"format": "yolo", "yolo_version": 5} and one.labels == ("a",)
+    odd = {"task": "detect", "names": '{"\u00b2": "a"}'}  # a digit int() does not read
+    assert infer_task([v5], output_names=["y"], metadata=odd).labels is None
 
 
 def test_infer_task_ssd_ctc_mask_classify_raw() -> None:

@@ -258,6 +258,9 @@ def test_end2end_rows_take_threshold_order_and_max_detections() -> None:
     assert post()([score])["error"] == "non-finite output"
     with pytest.raises(ModelError, match=r"end2end detections have shape \[1, 8, 7\]"):
         post()([np.zeros((1, 8, 7), np.float32)])
+    assert len(post(score_threshold=0.0)([rows])["detections"]) == 4  # not the padding
+    with pytest.raises(ConfigError, match="box_format = 'cxcywh'.*give 'xyxy'"):
+        PostprocessSpec(kind="detection", format="end2end")
 
 
 # --- a bare YOLO export: its one output is the head -------------------------------------------
@@ -383,8 +386,8 @@ def test_a_bare_ultralytics_export_reports_detections_with_its_own_names(
 def test_an_ultralytics_export_with_nms_inside_reports_its_rows(tmp_path: Path) -> None:
     """An export made with ``nms=True`` (``[1, 300, 6]``: rows of box, score, class, padded)
     reports its rows (format ``end2end``, no NMS again). With one label it is read as a
-    one-class YOLOv5 head ``[1, A, 6]`` unless its metadata says ``nms`` or ``end2end``; bad
-    names are ignored, and the file stays raw."""
+    one-class YOLOv5 head ``[1, A, 6]`` unless its metadata says ``nms`` or ``end2end``; an
+    output whose values are not rows (a class 0.5), or bad names, leave the file raw."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = [
@@ -399,8 +402,16 @@ def test_an_ultralytics_export_with_nms_inside_reports_its_rows(tmp_path: Path) 
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])],
         [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 300, 6])], inits,
     )  # fmt: skip
+    shifted = helper.make_graph(
+        [*nodes[:2], helper.make_node("Add", ["part", "half"], ["moved"]),
+         helper.make_node("Reshape", ["moved", "shape"], ["output0"])],
+        "not_rows", graph.input, graph.output,
+        [*inits, numpy_helper.from_array(np.array(0.5, np.float32), "half")],
+    )  # fmt: skip
     cases = [
         ({"names": "{0: 'a', 1: 'b'}"}, ("detection", "end2end")),
+        ({"names": "{0: 'a'}", "end2end": "False"}, ("detection", "yolo")),
+        ({"names": "{0: 'a', 1: 'b'}", "graph": "shifted"}, ("raw", "yolo")),  # class 0.5
         ({"names": "{0: 'a'}"}, ("detection", "yolo")),
         ({"names": "{0: 'a'}", "args": "{'batch': 1, 'nms': True}"}, ("detection", "end2end")),
         ({"names": "{0: 'a'}", "end2end": "True"}, ("detection", "end2end")),
@@ -409,7 +420,8 @@ def test_an_ultralytics_export_with_nms_inside_reports_its_rows(tmp_path: Path) 
         ({"names": "not a literal", "end2end": "True"}, ("raw", "yolo")),
     ]
     for i, (props, (kind, fmt)) in enumerate(cases):
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        chosen = shifted if props.pop("graph", None) else graph
+        model = helper.make_model(chosen, opset_imports=[helper.make_opsetid("", 13)])
         model.ir_version = 8
         for key, value in {"task": "detect", **props}.items():
             prop = model.metadata_props.add()

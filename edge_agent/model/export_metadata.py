@@ -40,7 +40,7 @@ def class_names(props: Mapping[str, Any]) -> tuple[str, ...] | None:
         return None
     by_index: dict[int, Any] = {}
     for key, name in names.items():
-        if type(key) is str and key.isdigit():  # JSON's keys are strings
+        if type(key) is str and key.isascii() and key.isdecimal():  # JSON's keys are strings
             key = int(key)
         if type(key) is not int:
             return None

@@ -26,7 +26,7 @@ from edge_agent.common.files import file_identity
 from edge_agent.errors import ConfigError, ModelError
 from edge_agent.model.export_metadata import class_names, decodes_itself
 from edge_agent.model.formats import POSTPROCESS_CHOICES, RUNTIME_FOR_FORMAT, SOFTMAX_CHOICES
-from edge_agent.model.postprocess import Postprocessor, PostprocessSpec
+from edge_agent.model.postprocess import Postprocessor, PostprocessSpec, looks_like_rows
 from edge_agent.model.preprocess import Geometry, Preprocessor, PreprocessSpec
 from edge_agent.model.profiles import DeviceProfile
 from edge_agent.model.runtimes import (
@@ -306,6 +306,8 @@ def _yolo_layout(
     shape = runtime.outputs[0].shape
     if len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
         return None
+    if isinstance(shape[0], int) and shape[0] != 1:  # a batch of several: not fed here
+        return None
     a, b, c = int(shape[1]), int(shape[2]), len(labels)
     if b == 6 and a > b and (end2end or c != 1):
         return ("end2end", None)
@@ -322,31 +324,42 @@ def _yolo_detection(
     labels: tuple[str, ...] | None,
     pre: Any,
     path: Path,
+    *,
+    claimed: bool,
 ) -> dict[str, Any]:
     """A bare YOLO export's postprocessing. Ultralytics' ONNX exports give boxes in input
     pixels, its TFLite exports in [0, 1] of the input; which, is read from the model on a zero
     image (the boxes' centres span the input whatever it shows: beyond 2 they are pixels). An
     export with NMS inside that reports nothing on it is taken to be as Ultralytics writes its
-    format."""
+    format. Rows (``end2end``) whose values are not rows (scores outside [0, 1], classes not
+    whole numbers…) leave the model raw."""
     fmt, version = layout
     key = file_identity(path)
-    normalized = _BOXES_NORMALIZED.get(key)
-    if normalized is None:  # once a file: the tuner's trials and swaps load it again
+    if key not in _BOXES_NORMALIZED:  # once a file: the tuner's trials and swaps load it again
         image = np.zeros((pre.spec.height, pre.spec.width, 3), np.uint8)
         out = np.asarray(runtime.infer({runtime.inputs[0].name: pre(image)})[0], np.float64)[0]
-        if fmt == "end2end":
-            rows = out[out[:, 4] > 0]  # the rows it reported (padding scores 0)
-            centres = np.abs(rows[:, :2] + rows[:, 2:4]) / 2
+        if fmt == "end2end" and not looks_like_rows(out[None], claimed=claimed):
+            _BOXES_NORMALIZED[key] = None
         else:
-            rows = out.T if out.shape[0] < out.shape[1] else out  # [A, 4 + C (+1)]
-            centres = np.abs(rows[:, :2])
-        if centres.size and np.isfinite(centres).all():
-            normalized = bool(centres.max() <= 2.0)
-        else:
-            normalized = path.suffix == ".tflite"
-        _BOXES_NORMALIZED[key] = normalized
-    units = "in [0, 1]" if normalized else "in input pixels"
+            if fmt == "end2end":
+                rows = out[out[:, 4] > 0]  # the rows it reported (padding scores 0)
+                centres = np.abs(rows[:, :2] + rows[:, 2:4]) / 2
+            else:
+                rows = out.T if out.shape[0] < out.shape[1] else out  # [A, 4 + C (+1)]
+                centres = np.abs(rows[:, :2])
+            if centres.size and np.isfinite(centres).all():
+                _BOXES_NORMALIZED[key] = bool(centres.max() <= 2.0)
+            else:
+                _BOXES_NORMALIZED[key] = path.suffix == ".tflite"
+    normalized = _BOXES_NORMALIZED[key]
     count = len(labels or ())
+    if normalized is None:
+        if _first_time(path, "yolo"):
+            log.info("postprocess: %s's output %s is not rows of box, score and class (scores "
+                     "in [0, 1], whole class numbers): reported raw", path.name,
+                     list(runtime.outputs[0].shape))  # fmt: skip
+        return {"kind": "raw"}
+    units = "in [0, 1]" if normalized else "in input pixels"
     if fmt == "end2end":
         if _first_time(path, "yolo"):
             log.info("postprocess: %s's output is detections decoded and suppressed by the "
@@ -375,8 +388,9 @@ def _first_time(path: Path, *what: Any) -> bool:
     return True
 
 
-#: :func:`_yolo_detection`'s reading of a file's box units (path, size, modification time)
-_BOXES_NORMALIZED: dict[tuple[str, int, int], bool] = {}
+#: :func:`_yolo_detection`'s reading of a file's box units (path, size, modification time):
+#: True in [0, 1], False in input pixels, None when its rows are not rows
+_BOXES_NORMALIZED: dict[tuple[str, int, int], bool | None] = {}
 #: ``softmax = auto``'s decision per model file (its path, size and modification time): the
 #: tuner's trials and a swap back to the same file load it again, and neither probes it again
 #: nor says it again in the log
@@ -620,7 +634,8 @@ def load_model(
     # an Ultralytics export's own class names serve only its head, when its output is one
     props = _exporter_metadata(runtime, meta) if auto else {}
     names = None if labels or props.get("task") != "detect" else class_names(props)
-    yolo = _yolo_layout(runtime, labels or names, end2end=decodes_itself(props))
+    claimed = decodes_itself(props)
+    yolo = _yolo_layout(runtime, labels or names, end2end=claimed)
     if not labels and props.get("task") == "classify":  # an Ultralytics classifier's names
         labels = _classifier_names(class_names(props), runtime)
     if len(runtime.inputs) == 1 and len(shape) == 4:
@@ -644,7 +659,7 @@ def load_model(
     if decoded:  # an SSD / EfficientDet-Lite TFLite file: boxes, classes, scores, count
         post_data = _decoded_detection(decoded, labels, path)
     elif yolo is not None and pre is not None:
-        post_data = _yolo_detection(runtime, yolo, labels or names, pre, path)
+        post_data = _yolo_detection(runtime, yolo, labels or names, pre, path, claimed=claimed)
     elif labels:
         post_data = {"kind": "classification", "labels": list(labels)}
         post_data["softmax"] = _bare_softmax(softmax, runtime, path)

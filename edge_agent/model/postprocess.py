@@ -143,6 +143,9 @@ class PostprocessSpec:
             object.__setattr__(self, "anchors", anchors)
         if self.background_class is not None:
             _check_int("background_class", self.background_class, minimum=0)
+        if self.kind == "detection" and self.format == "end2end" and self.box_format != "xyxy":
+            raise _bad("box_format", self.box_format, "end2end rows are (x1, y1, x2, y2, ...): "
+                       "give 'xyxy'")  # fmt: skip
 
     @classmethod
     def from_manifest(cls, data: Mapping[str, Any]) -> PostprocessSpec:
@@ -406,7 +409,8 @@ class Postprocessor:
             )
         rows = out[0]
         scores = rows[:, 4].astype(np.float64)
-        keep = np.flatnonzero(scores >= spec.score_threshold)  # NaN compares false: checked next
+        # NaN compares false (checked next); a padding row scores 0 even at a threshold of 0
+        keep = np.flatnonzero((scores >= spec.score_threshold) & (scores > 0))
         if not (_all_finite(scores) and _all_finite(rows[keep])):
             return self._nonfinite({"detections": []})
         keep = keep[np.argsort(-scores[keep], kind="stable")][: spec.max_detections]
@@ -706,6 +710,27 @@ def _cap(
     return cand[best], scores[best], classes[best]
 
 
+def looks_like_rows(out: np.ndarray, *, claimed: bool = False) -> bool:
+    """Whether ``out`` ``[N, M, 6]`` holds rows (x1, y1, x2, y2, score, class) a model decoded
+    and suppressed itself (format ``end2end``: Ultralytics' end-to-end heads, YOLO26 and
+    YOLOv10, or an export made with ``nms=True``, padded with zero rows): scores in [0, 1],
+    classes whole numbers from 0, and, unless the model's metadata ``claimed`` so, every row
+    scoring at least 0.25 a box with x2 >= x1 and y2 >= y1 (a row scoring less may be any box:
+    an end-to-end head reports its best M whatever they score). A one-class YOLOv5 head
+    ``[N, A, 6]`` holds a class score where the class index would be."""
+    if out.ndim != 3 or out.shape[2] != 6 or out.shape[1] <= 6 or out.dtype.kind != "f":
+        return False
+    scores, classes = out[..., 4], out[..., 5]
+    if not (_all_finite(scores) and _all_finite(classes)):
+        return False
+    if scores.size and (scores.min() < 0 or scores.max() > 1.0 + 1e-6):
+        return False
+    if not (np.all(classes >= 0) and np.all(classes == np.round(classes))):
+        return False
+    rows = out[scores >= 0.25]
+    return claimed or bool(np.all(rows[:, 2] >= rows[:, 0]) and np.all(rows[:, 3] >= rows[:, 1]))
+
+
 def _all_finite(a: np.ndarray) -> bool:
     """No NaN or inf, without allocating a mask: min and max propagate NaN."""
     if a.dtype.kind not in "fc" or a.size == 0:
@@ -767,6 +792,7 @@ __all__ = [
     "NONFINITE",
     "PostprocessSpec",
     "Postprocessor",
+    "looks_like_rows",
     "nms",
     "softmax",
 ]

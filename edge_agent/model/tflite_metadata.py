@@ -21,16 +21,17 @@ read as :attr:`TfliteMetadata.properties` (JSON, or Python literals only: nothin
 
 from __future__ import annotations
 
-import ast
-import io
+import contextlib
 import json
 import logging
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_agent.common.files import file_identity
+from edge_agent.model.export_metadata import literal
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,11 @@ def read_metadata(path: Path) -> TfliteMetadata:
         return _SEEN[key]
     found = TfliteMetadata()
     try:
-        data = path.read_bytes()
-        archive = _archive(data)
-        meta = _metadata_buffer(data)
-        if meta is not None:
-            found = _parse(meta, archive)
-        properties = _properties(archive)
+        with _archive(path) as archive:
+            meta = _metadata_buffer(path)
+            if meta is not None:
+                found = _parse(meta, archive)
+            properties = _properties(archive)
         if properties:
             found = TfliteMetadata(found.mean, found.std, found.labels, properties)
     except Exception as exc:  # a damaged or newer metadata: fed and read as without it
@@ -87,13 +87,14 @@ def read_metadata(path: Path) -> TfliteMetadata:
     return found
 
 
-def _metadata_buffer(data: bytes) -> bytes | None:
-    """The TFLite metadata flatbuffer of a model file, else None (none, or no schema here)."""
+def _metadata_buffer(path: Path) -> bytes | None:
+    """The TFLite metadata flatbuffer of a model file, else None (none, or no schema here:
+    then the file is not read whole)."""
     try:
         from ai_edge_litert import schema_py_generated as schema
     except ImportError:
         return None
-    model = schema.Model.GetRootAs(data, 0)
+    model = schema.Model.GetRootAs(path.read_bytes(), 0)
     for i in range(model.MetadataLength()):
         entry = model.Metadata(i)
         if entry.Name() == METADATA_NAME.encode():
@@ -179,12 +180,17 @@ def _parse(meta: bytes, archive: zipfile.ZipFile | None) -> TfliteMetadata:
     return TfliteMetadata(mean=mean, std=std, labels=labels)
 
 
-def _archive(data: bytes) -> zipfile.ZipFile | None:
-    """The zip archive appended to a model file with associated files, else None."""
+@contextlib.contextmanager
+def _archive(path: Path) -> Iterator[zipfile.ZipFile | None]:
+    """The zip archive appended to a model file with associated files (its directory read
+    from the end of the file, not the whole file), else None."""
     try:
-        return zipfile.ZipFile(io.BytesIO(data))
+        archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
-        return None
+        yield None
+        return
+    with archive:
+        yield archive
 
 
 #: an archive member read for :func:`_properties`: at most this many of them are looked at
@@ -210,15 +216,12 @@ def _properties(archive: zipfile.ZipFile | None) -> dict[str, Any]:
 
 
 def _mapping(text: str) -> dict[Any, Any] | None:
-    """``text`` as JSON, else as a Python literal (``ast.literal_eval``: nothing is run); a
-    dict, else None."""
+    """``text`` as JSON, else as a Python literal (:func:`~edge_agent.model.export_metadata
+    .literal`: nothing is run); a dict, else None."""
     try:
         value = json.loads(text)
     except ValueError:
-        try:
-            value = ast.literal_eval(text.strip())
-        except Exception:  # not a literal, too deep, or one that cannot be built
-            return None
+        value = literal(text.strip())
     return value if isinstance(value, dict) else None
 
 
