@@ -259,7 +259,7 @@ def test_end2end_rows_take_threshold_order_and_max_detections() -> None:
     with pytest.raises(ModelError, match=r"end2end detections have shape \[1, 8, 7\]"):
         post()([np.zeros((1, 8, 7), np.float32)])
     assert len(post(score_threshold=0.0)([rows])["detections"]) == 4  # not the padding
-    with pytest.raises(ConfigError, match="box_format = 'cxcywh'.*give 'xyxy'"):
+    with pytest.raises(ConfigError, match=r"box_format = 'cxcywh'.*give 'xyxy'"):
         PostprocessSpec(kind="detection", format="end2end")
 
 
