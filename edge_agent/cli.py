@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="how a frame is fitted to a bare model's input (default: [preprocess] resize, "
             "stretch)",
         )  # fmt: skip
+        for side in ("width", "height"):
+            p.add_argument(
+                f"--{side}", type=int, metavar="PX",
+                help=f"a bare model's input {side} when the model leaves it dynamic (an OCR "
+                f"recognizer's width) (default: [preprocess] {side}, from the model)",
+            )  # fmt: skip
         p.add_argument(
             "--labels", metavar="FILE",
             help="class labels, one per line, for a bare model (default: [model] labels, none; "
@@ -280,6 +286,8 @@ def load_effective_config(args: argparse.Namespace) -> Any:
             "std": getattr(args, "std", None),
             "channels": getattr(args, "channels", None),
             "resize": getattr(args, "resize", None),
+            "width": getattr(args, "width", None),
+            "height": getattr(args, "height", None),
         },
         source={
             "uri": uri,

@@ -113,6 +113,15 @@ class PreprocessSection:
     )
     channels: str = _doc("Channel order: rgb, bgr or gray ('' = from the model).", default="")
     resize: str = _doc("stretch or letterbox ('' = stretch).", default="")
+    width: int = _doc(
+        "Input width in pixels for a model whose width is dynamic (an OCR recognizer's; "
+        "0 = from the model).",
+        default=0,
+    )
+    height: int = _doc(
+        "Input height in pixels for a model whose height is dynamic (0 = from the model).",
+        default=0,
+    )
 
     def overrides(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -126,6 +135,9 @@ class PreprocessSection:
             out["channels"] = self.channels
         if self.resize:
             out["resize"] = self.resize
+        for key in ("width", "height"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
         return out
 
 

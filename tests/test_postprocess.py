@@ -526,7 +526,8 @@ def test_softmax_auto_is_decided_once_a_model_file(
 
     probes: list[Any] = []
     real_probe = loader._logit_range
-    monkeypatch.setattr(loader, "_logit_range", lambda rt: probes.append(rt) or real_probe(rt))
+    monkeypatch.setattr(loader, "_logit_range",
+                        lambda rt, *a: probes.append(rt) or real_probe(rt, *a))  # fmt: skip
     path = _bare_classifier(tmp_path / "c.onnx", with_softmax=False)
     caplog.set_level(logging.INFO, logger=loader.log.name)
     for _ in range(3):

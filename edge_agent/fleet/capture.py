@@ -71,9 +71,10 @@ class CaptureStats:
 
 
 def _scores(output: Mapping[str, Any]) -> list[float]:
-    """The scores the thresholds look at: a classifier's top score, every detection's score."""
+    """The scores the thresholds look at: a classifier's top score, every detection's score,
+    a text's score."""
     kind = output.get("kind")
-    if kind == "classification":
+    if kind in ("classification", "text"):
         score = output.get("score")
         return [float(score)] if isinstance(score, (int, float)) else []
     if kind == "detection":

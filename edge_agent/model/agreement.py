@@ -270,6 +270,9 @@ def frame_agreement(
         f1, _ = match_detections([list(ref.get("detections") or [])],
                                  [list(got.get("detections") or [])])  # fmt: skip
         return FrameAgreement("f1", f1, f1 >= MATCH_IOU)
+    if kind == "text":
+        same = ref.get("text") == got.get("text")
+        return FrameAgreement("sequence_agreement", float(same), same)
     if kind == "segmentation" and len(ref_raw) == 1 and len(got_raw) == 1:
         r, g = np.asarray(ref_raw[0]), np.asarray(got_raw[0])
         if r.shape == g.shape and r.ndim == 4:

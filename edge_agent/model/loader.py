@@ -210,13 +210,16 @@ _ONNX_INT8_OPS = (b"QuantizeLinear", b"QLinearConv", b"QLinearMatMul", b"ConvInt
                   b"MatMulInteger")  # fmt: skip
 
 
-def _logit_range(runtime: Any) -> tuple[float, float] | None:
-    """The first output's range over a zero input and a noise input when it leaves [0, 1] (the
-    scores are logits, not probabilities: a softmax or sigmoid never does), else None."""
+def _logit_range(
+    runtime: Any, zeros: Mapping[str, np.ndarray] | None = None
+) -> tuple[float, float] | None:
+    """The first output's range over a zero input (``zeros``, else :func:`zero_feeds`) and a
+    noise input when it leaves [0, 1] (the scores are logits, not probabilities: a softmax or
+    sigmoid never does), else None."""
     rng = np.random.default_rng(0)
     lo, hi = np.inf, -np.inf
     for noisy in (False, True):
-        feeds = zero_feeds(runtime)
+        feeds = dict(zeros) if zeros is not None else zero_feeds(runtime)
         if noisy:
             feeds = {k: rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f"
                      else v for k, v in feeds.items()}  # fmt: skip
@@ -289,6 +292,34 @@ def _classifier_names(names: tuple[str, ...] | None, runtime: Any) -> tuple[str,
     """``names`` when the model's one output is ``[1, C]`` for C of them, else None."""
     shape = tuple(runtime.outputs[0].shape) if len(runtime.outputs) == 1 else ()
     return names if names and len(shape) == 2 and shape[1] == len(names) else None
+
+
+def _ctc_charset(runtime: Any, labels: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """Every class's character when the model's one output is a CTC recognizer's ``[1, T, C]``
+    (or ``[T, 1, C]``) for ``labels`` (the lines of a character file, as PP-OCR ships them:
+    one character a line, without the blank), blank first: C = N + 1 (the blank, then the N),
+    N + 2 (PP-OCR's ``use_space_char``: a space last) or N (a file that lists the blank
+    first); else None."""
+    if not labels or len(runtime.outputs) != 1:
+        return None
+    shape = tuple(runtime.outputs[0].shape)
+    if len(shape) != 3 or not isinstance(shape[2], int) or shape[2] < 2:
+        return None
+    first, second, c = shape
+    if first == 1 or not isinstance(first, int):  # [1, T, C], the batch fixed or not
+        steps = second
+    elif second == 1:  # [T, 1, C]: time first, as torch's CTC takes it
+        steps = first
+    else:
+        return None
+    if isinstance(steps, int) and steps < 2:
+        return None
+    n = len(labels)
+    if c == n + 1:
+        return ("", *labels)
+    if c == n + 2:
+        return ("", *labels, " ")
+    return labels if c == n else None
 
 
 def _yolo_layout(
@@ -397,7 +428,21 @@ _BOXES_NORMALIZED: dict[tuple[str, int, int], bool | None] = {}
 _LOGITS_SEEN: dict[tuple[str, int, int], bool] = {}
 
 
-def _bare_softmax(softmax: str, runtime: Any, path: Path) -> bool:
+def _probe_feeds(runtime: Any, pre: Preprocessor | None) -> dict[str, np.ndarray] | None:
+    """A zero image as the model's one image input takes it, when that input has a dynamic
+    size the user filled (``[preprocess] width``: an OCR recognizer's): the probes and the
+    warm-up feed it rather than a side of 1. None otherwise (:func:`zero_feeds` serves)."""
+    if pre is None or len(runtime.inputs) != 1:
+        return None
+    if all(isinstance(d, int) and d > 0 for d in runtime.inputs[0].shape):
+        return None
+    image = np.zeros((pre.spec.height, pre.spec.width, 3), np.uint8)
+    return {runtime.inputs[0].name: np.array(pre(image), copy=True)}
+
+
+def _bare_softmax(
+    softmax: str, runtime: Any, path: Path, zeros: Mapping[str, np.ndarray] | None = None
+) -> bool:
     """Whether a bare classification model's scores get a softmax: ``yes``, ``no``, or
     ``auto``: when they are logits (:func:`_logit_range`), decided once a model file and said
     once in the log."""
@@ -408,7 +453,7 @@ def _bare_softmax(softmax: str, runtime: Any, path: Path) -> bool:
     key = file_identity(path)
     if key in _LOGITS_SEEN:
         return _LOGITS_SEEN[key]
-    seen = _logit_range(runtime)
+    seen = _logit_range(runtime, zeros)
     _LOGITS_SEEN[key] = seen is not None
     if seen is not None:
         log.info(
@@ -656,13 +701,23 @@ def load_model(
         if pre is not None:
             _check_fits(pre, runtime, path=path, overridden="channels" in overrides)
     post_data: dict[str, Any] = {"kind": "raw"}
+    probe = _probe_feeds(runtime, pre)
+    charset = _ctc_charset(runtime, labels) if yolo is None and not decoded else None
     if decoded:  # an SSD / EfficientDet-Lite TFLite file: boxes, classes, scores, count
         post_data = _decoded_detection(decoded, labels, path)
     elif yolo is not None and pre is not None:
         post_data = _yolo_detection(runtime, yolo, labels or names, pre, path, claimed=claimed)
+    elif charset is not None:
+        post_data = {"kind": "text", "labels": list(charset), "blank": 0,
+                     "softmax": _bare_softmax(softmax, runtime, path, probe)}  # fmt: skip
+        if _first_time(path, "text"):
+            log.info("postprocess: %s's output %s is read as CTC text over %d characters "
+                     "(blank first%s)", path.name, list(runtime.outputs[0].shape),
+                     len(labels or ()), ", a space last" if charset[-1:] == (" ",) and
+                     len(charset) == len(labels or ()) + 2 else "")  # fmt: skip
     elif labels:
         post_data = {"kind": "classification", "labels": list(labels)}
-        post_data["softmax"] = _bare_softmax(softmax, runtime, path)
+        post_data["softmax"] = _bare_softmax(softmax, runtime, path, probe)
         classes = runtime.outputs[0].shape[-1] if runtime.outputs[0].shape else None
         if isinstance(classes, int) and classes != len(labels):
             log.warning(
@@ -684,5 +739,5 @@ def load_model(
         workers=workers,
         threads=max(1, threads // workers),
     )
-    model.warm_ms = warmup(runtime)
+    model.warm_ms = warmup(runtime, feeds=probe)
     return model

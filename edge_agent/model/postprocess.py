@@ -31,7 +31,9 @@ import numpy as np
 from edge_agent.errors import ConfigError, ModelError
 from edge_agent.model.preprocess import Geometry
 
-KINDS = ("classification", "detection", "segmentation", "raw")
+#: ``text``: a CTC recognizer's ``[1, T, C]`` output read as the text it spells (an OCR
+#: recognizer: PP-OCR's, CRNN's, SVTR's)
+KINDS = ("classification", "detection", "segmentation", "raw", "text")
 #: ``decoded``: the model decoded and suppressed its boxes itself (TFLite's
 #: ``TFLite_Detection_PostProcess``: boxes, classes, scores and their count); ``end2end``: so
 #: did it, into one output of rows (box, score, class): Ultralytics' NMS-free YOLO26 and YOLOv10
@@ -101,6 +103,9 @@ class PostprocessSpec:
     background_class: int | None = None
     #: Detection: one NMS across classes instead of one per class.
     class_agnostic: bool = False
+    #: Text: the class index of CTC's blank (0 for PP-OCR, CRNN and most CTC heads); ``labels``
+    #: give every class's character by class index, the blank's entry unused.
+    blank: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("kind", self.kind, KINDS)
@@ -143,6 +148,7 @@ class PostprocessSpec:
             object.__setattr__(self, "anchors", anchors)
         if self.background_class is not None:
             _check_int("background_class", self.background_class, minimum=0)
+        _check_int("blank", self.blank, minimum=0)
         if self.kind == "detection" and self.format == "end2end" and self.box_format != "xyxy":
             raise _bad("box_format", self.box_format, "end2end rows are (x1, y1, x2, y2, ...): "
                        "give 'xyxy'")  # fmt: skip
@@ -270,6 +276,8 @@ class Postprocessor:
             return self._detection(outputs, geometry=geometry, source_size=source_size)
         if kind == "segmentation":
             return self._segmentation(np.asarray(outputs[self.index]))
+        if kind == "text":
+            return self._text(np.asarray(outputs[self.index]))
         return self._raw(outputs)
 
     # -- kinds --------------------------------------------------------------------------------
@@ -565,6 +573,34 @@ class Postprocessor:
             return xyxy
         return xyxy * np.array([w, h, w, h], np.float64)
 
+    def _text(self, out: np.ndarray) -> dict[str, Any]:
+        """CTC's greedy reading, as PP-OCR decodes it: the best class a step, repeats merged,
+        blanks dropped; a class with no label reads as U+FFFD. ``score``: the mean probability
+        of the characters read (0 when none are)."""
+        if out.ndim == 3 and out.shape[0] == 1:
+            steps = out[0]  # [1, T, C]
+        elif out.ndim == 3 and out.shape[1] == 1:
+            steps = out[:, 0]  # [T, 1, C]: time first, as torch's CTC takes it
+        elif out.ndim == 2:
+            steps = out
+        else:
+            raise ModelError(
+                f"postprocess: text output has shape {list(out.shape)}, expected [1, T, C] "
+                "(or [T, 1, C]) of class scores a step"
+            )
+        if steps.size == 0:
+            raise ModelError(f"postprocess: text output has shape {list(out.shape)}")
+        if not _all_finite(steps):
+            return self._nonfinite({"text": None, "score": None})
+        probs = softmax(steps, axis=-1) if self.spec.softmax else steps
+        best = probs.argmax(axis=-1)
+        keep = best != self.spec.blank
+        keep[1:] &= best[1:] != best[:-1]
+        chars = best[keep].tolist()
+        text = "".join(_or_unknown(self._label(c)) for c in chars)
+        score = float(probs[np.flatnonzero(keep), chars].mean()) if chars else 0.0
+        return {"kind": "text", "text": text, "score": _sig(score)}
+
     def _segmentation(self, out: np.ndarray) -> dict[str, Any]:
         shape = list(out.shape)
         if out.ndim == 4 and out.shape[0] >= 1:
@@ -746,6 +782,11 @@ def _round_sig(a: np.ndarray, digits: int = 6) -> np.ndarray:
     mag = np.clip(np.where(np.isfinite(mag), mag, 0.0), -290, 290)
     factor = 10.0 ** (digits - 1 - mag)
     return np.round(a * factor) / factor
+
+
+def _or_unknown(label: str | None) -> str:
+    """A character read, U+FFFD (the replacement character) for a class without a label."""
+    return "\ufffd" if label is None else label
 
 
 def _sig(x: float) -> float:

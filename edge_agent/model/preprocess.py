@@ -89,7 +89,26 @@ class PreprocessSpec:
         if layout is None:
             layout = "nchw" if shape[1] in (1, 3) else "nhwc"
         h, w, c = (shape[2], shape[3], shape[1]) if layout == "nchw" else shape[1:4]
-        if not h or not w or c not in (1, 3):
+        sizes = {"height": h, "width": w}
+        for key, fixed in sizes.items():  # the user's size fills a dynamic one, never a fixed
+            given = overrides.pop(key, None)
+            if given is None:
+                continue
+            if isinstance(given, bool) or not isinstance(given, int) or given <= 0:
+                raise ConfigError(f"preprocess: {key} = {given!r}: must be a whole number > 0")
+            if isinstance(fixed, int) and fixed > 0 and fixed != given:
+                raise ConfigError(
+                    f"preprocess: {key} = {given}: the model's input {list(shape)} fixes it "
+                    f"at {fixed}"
+                )
+            sizes[key] = given
+        h, w = sizes["height"], sizes["width"]
+        if not isinstance(h, int) or not isinstance(w, int) or h <= 0 or w <= 0:
+            raise ConfigError(
+                f"cannot derive an image size from the model input shape {list(shape)}: give "
+                "the dynamic side in [preprocess] width / height (--width, --height)"
+            )
+        if c not in (1, 3):
             raise ConfigError(
                 f"cannot derive an image size from the model input shape {list(shape)}"
             )

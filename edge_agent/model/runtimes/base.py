@@ -84,10 +84,13 @@ def zero_feeds(runtime: Runtime) -> dict[str, np.ndarray]:
     }
 
 
-def warmup(runtime: Runtime, *, runs: int = 3) -> float:
-    """Run a few zero inputs so the first real frame does not pay allocation and kernel setup.
-    Returns the fastest warm run in milliseconds (the first pays the setup, so it is not one)."""
-    feeds = zero_feeds(runtime)
+def warmup(
+    runtime: Runtime, *, runs: int = 3, feeds: Mapping[str, np.ndarray] | None = None
+) -> float:
+    """Run a few zero inputs (``feeds``, else :func:`zero_feeds`) so the first real frame does
+    not pay allocation and kernel setup. Returns the fastest warm run in milliseconds (the
+    first pays the setup, so it is not one)."""
+    feeds = zero_feeds(runtime) if feeds is None else feeds
     times = []
     for _ in range(max(runs, 2)):
         t0 = time.perf_counter()

@@ -1,0 +1,173 @@
+"""A bare OCR recognizer as PP-OCR, CRNN and SVTR ship them: one output ``[1, T, C]`` of class
+scores a step, read with CTC (postprocess kind ``text``). With ``--labels`` a character file
+(one character a line, without the blank, as PP-OCR's dictionaries are written), the agent
+reports the text each image spells. The stand-in (``converters.standins.svtr_style``: an
+SVTR-shaped recognizer trained briefly with CTC on rendered lines) runs in real onnxruntime,
+through ``load_model`` and ``edge-agent run`` on a folder of line images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_agent.cli import main as edge_agent
+from edge_agent.errors import ConfigError, ModelError
+from edge_agent.model.agreement import frame_agreement
+from edge_agent.model.loader import load_model
+from edge_agent.model.postprocess import Postprocessor, PostprocessSpec
+from edge_agent.model.profiles import load_profile
+
+
+def _post(**kw: Any) -> Postprocessor:
+    spec = PostprocessSpec(kind="text", labels=("", "a", "b", "c"), **kw)
+    return Postprocessor(spec, output_names=("softmax",))
+
+
+def _steps(classes: list[int], p: float = 0.9, c: int = 4) -> np.ndarray:
+    """[1, T, C] probabilities whose best class a step is ``classes``' (scoring ``p``)."""
+    out = np.full((1, len(classes), c), (1 - p) / (c - 1), np.float32)
+    out[0, np.arange(len(classes)), classes] = p
+    return out
+
+
+def test_text_is_read_as_ctc_greedy_decodes_it() -> None:
+    """Best class a step, repeats merged, blanks dropped (a blank between two a's keeps both),
+    the score the mean probability of the characters read; [T, 1, C] too; logits with
+    softmax; a class without a label reads U+FFFD; another blank; NaN and bad shapes."""
+    post = _post()
+    out = post([_steps([1, 1, 0, 1, 2, 2, 0, 0, 3])])
+    assert out == {"kind": "text", "text": "aabc", "score": 0.9}
+    assert post([_steps([1, 1, 0, 1, 2, 2, 0, 0, 3]).transpose(1, 0, 2)])["text"] == "aabc"
+    assert post([_steps([0, 0, 0])]) == {"kind": "text", "text": "", "score": 0.0}
+    mixed = _steps([1, 2])
+    mixed[0, 1, 2] = 0.5
+    assert post([mixed])["score"] == pytest.approx(0.7)
+    logits = np.log(_steps([3, 0, 1]))
+    assert _post(softmax=True)([logits]) == {"kind": "text", "text": "ca", "score": 0.9}
+    assert post([_steps([1, 4, 0], c=5)])["text"] == "a\ufffd"
+    assert _post(blank=3)([_steps([3, 0, 3, 1])])["text"] == "a"  # class 0 has label ""
+    nan = _steps([1, 2])
+    nan[0, 0, 0] = np.nan
+    assert post([nan])["error"] == "non-finite output"
+    with pytest.raises(ModelError, match=r"text output has shape \[2, 3, 4\]"):
+        post([np.zeros((2, 3, 4), np.float32)])
+    with pytest.raises(ConfigError, match="blank = -1"):
+        PostprocessSpec(kind="text", blank=-1)
+    same = frame_agreement(post([_steps([1, 2])]), post([_steps([1, 2], p=0.6)]),
+                           ref_raw=[], got_raw=[])  # fmt: skip
+    differ = frame_agreement(post([_steps([1, 2])]), post([_steps([1, 3])]),
+                             ref_raw=[], got_raw=[])  # fmt: skip
+    assert (same.metric, same.agrees, differ.agrees) == ("sequence_agreement", True, False)
+
+
+def _line_image(x: np.ndarray) -> np.ndarray:
+    """One [3, 32, W] RGB line in [0, 1] as the BGR uint8 image a camera or a crop gives."""
+    return np.ascontiguousarray(
+        np.clip(x.transpose(1, 2, 0)[:, :, ::-1] * 255 + 0.5, 0, 255).astype(np.uint8)
+    )
+
+
+@pytest.fixture(scope="module")
+def recognizer(standin_svtr: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("rec")
+    path = root / "svtr_style_rec.onnx"
+    path.write_bytes(standin_svtr.onnx)
+    chars = root / "keys.txt"  # PP-OCR's dictionary form: one character a line, no blank
+    chars.write_text("\n".join(standin_svtr.charset) + "\n")
+    return standin_svtr, path, chars
+
+
+def test_a_bare_recognizer_with_a_character_file_reports_its_text(
+    recognizer: Any, tmp_path: Path
+) -> None:
+    """``load_model(rec.onnx, labels=the file's lines)``: C = N + 1 reads as text, blank
+    first; the held-out lines read as they are written. C = N + 2 adds PP-OCR's space last;
+    a file of another count leaves it a classifier of its first step, as before."""
+    d, path, chars = recognizer
+    labels = tuple(chars.read_text().splitlines())
+    model = load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path, labels=labels)
+    try:
+        spec = model.postprocessor.spec
+        assert (spec.kind, spec.blank, spec.softmax) == ("text", 0, False)
+        assert spec.labels == ("", *d.charset)
+        read = []
+        for x in d.eval_inputs[:64]:
+            feeds, geometry = model.prepare_image(_line_image(x))
+            read.append(model.postprocessor(model.infer(feeds), geometry=geometry))
+    finally:
+        model.close()
+    exact = np.mean([r["text"] == t for r, t in zip(read, d.eval_texts)])
+    assert exact >= 0.9, exact
+    assert all(0.0 < r["score"] <= 1.0 for r in read if r["text"])
+    for given, kind, last in ((labels[:-1], "text", " "), (labels[:-3], "classification", None)):
+        other = load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path,
+                           labels=given)  # fmt: skip
+        try:
+            assert other.postprocessor.spec.kind == kind
+            if last is not None:
+                assert other.postprocessor.spec.labels[-1] == last
+        finally:
+            other.close()
+
+
+def test_edge_agent_run_reads_a_folder_of_text_lines(recognizer: Any, tmp_path: Path) -> None:
+    """As a new user runs it: ``edge-agent run --model rec.onnx --labels keys.txt --source
+    images:DIR``: one ``text`` result an image, reading what it shows."""
+    d, path, chars = recognizer
+    folder = tmp_path / "lines"
+    folder.mkdir()
+    for i, x in enumerate(d.eval_inputs[:8]):
+        assert cv2.imwrite(str(folder / f"line{i}.png"), _line_image(x))
+    out = tmp_path / "results.jsonl"
+    code = edge_agent(
+        ["run", "--model", str(path), "--labels", str(chars), "--source", f"images:{folder}",
+         "--results", f"jsonl:{out}", "--state-dir", str(tmp_path / "state"), "--threads", "1"]
+    )  # fmt: skip
+    assert code == 0
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["output"]["kind"] for r in results] == ["text"] * 8
+    texts = [r["output"]["text"] for r in results]
+    assert sum(t == want for t, want in zip(texts, d.eval_texts[:8])) >= 7, texts
+
+
+def test_a_recognizer_of_dynamic_width_takes_the_width_given(
+    recognizer: Any, tmp_path: Path
+) -> None:
+    """PP-OCR's recognizers leave their input's width dynamic (``[-1, 3, 48, -1]``): without a
+    width the load says which key to give; ``[preprocess] width`` (``--width``) fills it and the
+    lines read; a width the model fixes otherwise is a configuration error."""
+    import onnx
+
+    from edge_agent.config import parse_config
+
+    d, path, chars = recognizer
+    labels = tuple(chars.read_text().splitlines())
+    model = onnx.load(str(path))
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "width"
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "steps"
+    dynamic = tmp_path / "rec_dynamic.onnx"
+    onnx.save(model, str(dynamic))
+    profile = load_profile("x86-64")
+    with pytest.raises(ConfigError, match=r"\[preprocess\] width / height \(--width"):
+        load_model(dynamic, profile=profile, state_dir=tmp_path, labels=labels,
+                   preprocess_overrides={"mean": (0.0,)})  # fmt: skip
+    overrides = parse_config({"preprocess": {"width": d.width}}).preprocess.overrides()
+    assert overrides == {"width": d.width}
+    loaded = load_model(dynamic, profile=profile, state_dir=tmp_path, labels=labels,
+                        preprocess_overrides=overrides)  # fmt: skip
+    try:
+        assert loaded.postprocessor.spec.kind == "text"
+        assert loaded.preprocessor is not None and loaded.preprocessor.spec.width == d.width
+        feeds, geometry = loaded.prepare_image(_line_image(d.eval_inputs[0]))
+        out = loaded.postprocessor(loaded.infer(feeds), geometry=geometry)
+        assert out["text"] == d.eval_texts[0]
+    finally:
+        loaded.close()
+    with pytest.raises(ConfigError, match=r"width = 100: the model's input .* fixes it at 128"):
+        load_model(path, profile=profile, state_dir=tmp_path, labels=labels,
+                   preprocess_overrides={"width": 100})  # fmt: skip
