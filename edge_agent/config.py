@@ -123,6 +123,9 @@ class PreprocessSection:
         default=0,
     )
 
+    def __post_init__(self) -> None:
+        _at_least("preprocess", self, 0, "width", "height")
+
     def overrides(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.mean:

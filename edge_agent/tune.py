@@ -39,7 +39,7 @@ from edge_agent.common.hashing import sha256_file
 from edge_agent.errors import ConfigError
 from edge_agent.io.uri import open_source_from
 from edge_agent.model.plan import open_model, open_planned_model, thread_plan
-from edge_agent.model.runtimes import model_file, zero_feeds
+from edge_agent.model.runtimes import model_file
 from edge_agent.pipeline import Pipeline, State, available_cores
 
 log = logging.getLogger(__name__)
@@ -227,9 +227,9 @@ def measure_throughput(
 
 
 def measure_latency(model: Any, *, seconds: float) -> float:
-    """The median warm inference time in ms, on zero inputs."""
+    """The median warm inference time in ms, on zero inputs (:meth:`LoadedModel.zero_feeds`)."""
     runtime = model.runtime
-    feeds = zero_feeds(runtime)
+    feeds = model.zero_feeds()
     times: list[float] = []
     deadline = time.monotonic() + seconds
     while len(times) < 5 or (time.monotonic() < deadline and len(times) < 2000):

@@ -8,6 +8,7 @@ through ``load_model`` and ``edge-agent run`` on a folder of line images."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -153,9 +154,11 @@ def test_a_recognizer_of_dynamic_width_takes_the_width_given(
     dynamic = tmp_path / "rec_dynamic.onnx"
     onnx.save(model, str(dynamic))
     profile = load_profile("x86-64")
-    with pytest.raises(ConfigError, match=r"\[preprocess\] width / height \(--width"):
-        load_model(dynamic, profile=profile, state_dir=tmp_path, labels=labels,
-                   preprocess_overrides={"mean": (0.0,)})  # fmt: skip
+    for given in ({}, {"mean": (0.0,)}):  # no size given: the load says which to give
+        with pytest.raises(ConfigError, match=r"\[preprocess\] width / height \(--width"):
+            load_model(dynamic, profile=profile, state_dir=tmp_path, labels=labels,
+                       preprocess_overrides=given)  # fmt: skip
+
     overrides = parse_config({"preprocess": {"width": d.width}}).preprocess.overrides()
     assert overrides == {"width": d.width}
     loaded = load_model(dynamic, profile=profile, state_dir=tmp_path, labels=labels,
@@ -171,3 +174,81 @@ def test_a_recognizer_of_dynamic_width_takes_the_width_given(
     with pytest.raises(ConfigError, match=r"width = 100: the model's input .* fixes it at 128"):
         load_model(path, profile=profile, state_dir=tmp_path, labels=labels,
                    preprocess_overrides={"width": 100})  # fmt: skip
+
+
+def test_a_tflite_input_of_dynamic_width_is_resized_to_the_width_given(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A TFLite input whose width is -1 in its shape signature: the interpreter is resized to
+    ``[preprocess] width`` (and back when fed another width), and reads the whole image.
+    Without a width (and not read as text) the load warns which key to give, and the model
+    takes no images."""
+    from tests.tflite_models import pixel_mean
+
+    path = tmp_path / "dynamic.tflite"
+    path.write_bytes(pixel_mean(16, "float32", None, dynamic_width=True))
+    caplog.set_level(logging.WARNING)
+    bare = load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path)
+    try:
+        assert bare.preprocessor is None
+        assert "[preprocess] width / height (--width, --height)" in caplog.text
+    finally:
+        bare.close()
+    model = load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path,
+                       preprocess_overrides={"width": 40})  # fmt: skip
+    try:
+        assert model.runtime.inputs[0].shape == (1, 16, None, 3)
+        image = np.zeros((16, 40, 3), np.uint8)
+        image[:, 30:] = (0, 0, 255)  # red in the last quarter (BGR)
+        feeds, _ = model.prepare_image(image)
+        assert feeds[model.runtime.inputs[0].name].shape == (1, 16, 40, 3)
+        (mean,) = model.infer(feeds)
+        np.testing.assert_allclose(mean[0], [0.25, 0.0, 0.0], atol=1e-6)  # RGB
+        narrow = np.full((1, 16, 8, 3), 0.5, np.float32)  # another width: resized again
+        np.testing.assert_allclose(model.infer({model.runtime.inputs[0].name: narrow})[0][0],
+                                   [0.5, 0.5, 0.5])  # fmt: skip
+    finally:
+        model.close()
+
+
+def test_what_a_character_file_holds_and_where_the_blank_is(
+    recognizer: Any, tmp_path: Path
+) -> None:
+    """A character file's line holding one space is a character (PP-OCR's English dictionary
+    has one), not a line to skip; class names (words) are no character file, and such a model
+    stays a classifier as before; a recognizer whose blank is its last class (TF/Keras CRNNs)
+    is read with the blank there, found on a blank image."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from edge_agent.model.plan import label_lines
+
+    assert label_lines("a\n \nb\r\n\n  \n") == ("a", " ", "b")
+    d, path, chars = recognizer
+    labels = tuple(chars.read_text().splitlines())
+    words = tuple(f"class{i}" for i in range(len(labels)))
+    model = load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path, labels=words)
+    try:
+        assert model.postprocessor.spec.kind == "classification"
+    finally:
+        model.close()
+    m = onnx.load(str(path))
+    out = m.graph.output[0].name
+    for node in m.graph.node:
+        node.output[:] = ["scores" if o == out else o for o in node.output]
+    order = np.array([*range(1, len(labels) + 1), 0], np.int64)  # the blank moved last
+    m.graph.initializer.append(numpy_helper.from_array(order, "blank_last"))
+    m.graph.node.append(helper.make_node("Gather", ["scores", "blank_last"], [out], axis=2))
+    moved = tmp_path / "blank_last.onnx"
+    onnx.save(m, str(moved))
+    model = load_model(moved, profile=load_profile("x86-64"), state_dir=tmp_path, labels=labels)
+    try:
+        spec = model.postprocessor.spec
+        assert (spec.kind, spec.blank, spec.labels) == ("text", len(labels), (*labels, ""))
+        read = []
+        for x in d.eval_inputs[:32]:
+            feeds, geometry = model.prepare_image(_line_image(x))
+            read.append(model.postprocessor(model.infer(feeds), geometry=geometry)["text"])
+    finally:
+        model.close()
+    assert np.mean([r == t for r, t in zip(read, d.eval_texts)]) >= 0.9

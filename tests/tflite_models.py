@@ -90,11 +90,15 @@ def fully_connected(
     return bytes(builder.Output())
 
 
-def pixel_mean(size: int, dtype: str, q: tuple[float, int] | None) -> bytes:
+def pixel_mean(
+    size: int, dtype: str, q: tuple[float, int] | None, *, dynamic_width: bool = False
+) -> bytes:
     """Input [1, size, size, 3] of ``dtype`` (uint8 or int8) quantized with ``q`` = (scale,
     zero point) -> DEQUANTIZE -> MEAN over the image -> float32 [1, 3]: what the model made of
     its input, channel by channel. ``q`` None: a plain integer input and a CAST instead (as an
-    export that takes uint8 and casts it inside); ``dtype`` float32: the MEAN alone."""
+    export that takes uint8 and casts it inside); ``dtype`` float32: the MEAN alone.
+    ``dynamic_width``: the width is -1 in the tensors' shape signature, as a converter writes
+    a dynamic axis (the interpreter is allocated at ``size``, and resized to what it is fed)."""
     f32, i32 = S.TensorType.FLOAT32, S.TensorType.INT32
     qtype = {"uint8": S.TensorType.UINT8, "int8": S.TensorType.INT8, "float32": f32}[dtype]
     model = S.ModelT()
@@ -121,6 +125,9 @@ def pixel_mean(size: int, dtype: str, q: tuple[float, int] | None) -> bytes:
     if dtype == "float32":  # a float input: the MEAN of it as it is
         sg.operators = [_op(1, [0, 2], [3], (S.BuiltinOptions.ReducerOptions, reducer))]
     sg.inputs, sg.outputs = [0], [3]
+    if dynamic_width:
+        for t in sg.tensors[:2]:
+            t.shapeSignature = [1, size, -1, 3]
     model.subgraphs = [sg]
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.model.postprocess import ctc_keep
+
 #: detections match at this IoU or more, and only within one class
 MATCH_IOU = 0.5
 MASK_THRESHOLDS = (0.3, 0.5)
@@ -72,12 +74,7 @@ def decision_fidelity(
 def greedy_ctc(probs: np.ndarray, *, blank: int = 0) -> list[tuple[int, ...]]:
     """Best class per step, repeats collapsed, blanks dropped: one sequence per sample."""
     best = np.asarray(probs).argmax(axis=-1)  # [N, T]
-    out = []
-    for row in best:
-        keep = np.ones(row.shape[0], bool)
-        keep[1:] = row[1:] != row[:-1]
-        out.append(tuple(int(c) for c in row[keep] if c != blank))
-    return out
+    return [tuple(int(c) for c in row[ctc_keep(row, blank)]) for row in best]
 
 
 def edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
@@ -270,8 +267,8 @@ def frame_agreement(
         f1, _ = match_detections([list(ref.get("detections") or [])],
                                  [list(got.get("detections") or [])])  # fmt: skip
         return FrameAgreement("f1", f1, f1 >= MATCH_IOU)
-    if kind == "text":
-        same = ref.get("text") == got.get("text")
+    if kind == "text":  # an error result (no text) agrees with nothing
+        same = ref.get("text") is not None and ref.get("text") == got.get("text")
         return FrameAgreement("sequence_agreement", float(same), same)
     if kind == "segmentation" and len(ref_raw) == 1 and len(got_raw) == 1:
         r, g = np.asarray(ref_raw[0]), np.asarray(got_raw[0])

@@ -27,7 +27,12 @@ from edge_agent.errors import ConfigError, ModelError
 from edge_agent.model.export_metadata import class_names, decodes_itself
 from edge_agent.model.formats import POSTPROCESS_CHOICES, RUNTIME_FOR_FORMAT, SOFTMAX_CHOICES
 from edge_agent.model.postprocess import Postprocessor, PostprocessSpec, looks_like_rows
-from edge_agent.model.preprocess import Geometry, Preprocessor, PreprocessSpec
+from edge_agent.model.preprocess import (
+    DynamicSizeError,
+    Geometry,
+    Preprocessor,
+    PreprocessSpec,
+)
 from edge_agent.model.profiles import DeviceProfile
 from edge_agent.model.runtimes import (
     Runtime,
@@ -98,6 +103,12 @@ class LoadedModel:
         self.input_name, self.input_shape = spec.name, spec.shape
         self._states = StreamState(self.state_pairs) if self.state_pairs else None
         self._output_names = [o.name for o in self.runtime.outputs]
+
+    def zero_feeds(self) -> dict[str, np.ndarray]:
+        """A zero input as this model takes it: a zero image through its preprocessing when
+        its image input's height or width is dynamic (filled by ``[preprocess] width`` /
+        ``height``), else zeros of the inputs' shapes (dynamic sides as 1)."""
+        return _probe_feeds(self.runtime, self.preprocessor) or zero_feeds(self.runtime)
 
     @property
     def identity(self) -> dict[str, str]:
@@ -294,12 +305,19 @@ def _classifier_names(names: tuple[str, ...] | None, runtime: Any) -> tuple[str,
     return names if names and len(shape) == 2 and shape[1] == len(names) else None
 
 
-def _ctc_charset(runtime: Any, labels: tuple[str, ...] | None) -> tuple[str, ...] | None:
-    """Every class's character when the model's one output is a CTC recognizer's ``[1, T, C]``
-    (or ``[T, 1, C]``) for ``labels`` (the lines of a character file, as PP-OCR ships them:
-    one character a line, without the blank), blank first: C = N + 1 (the blank, then the N),
-    N + 2 (PP-OCR's ``use_space_char``: a space last) or N (a file that lists the blank
-    first); else None."""
+def _ctc_reading(
+    runtime: Any,
+    labels: tuple[str, ...] | None,
+    path: Path,
+    probe: Mapping[str, np.ndarray] | None,
+) -> tuple[tuple[str, ...], int, str] | None:
+    """How to read the model's one output as CTC text, when it is a recognizer's ``[1, T, C]``
+    (or ``[T, 1, C]``) for ``labels``, a character file's lines (one character a line, without
+    the blank, as PP-OCR's dictionaries are written; nine in ten at least one character long,
+    or they are class names): (every class's character, the blank's index, how). C = N + 2:
+    the blank first, PP-OCR's ``use_space_char`` space last; C = N + 1: the blank first, or
+    last (TF/Keras CRNNs) when the last class is what the model says most on a blank image;
+    C = N: a file that lists its blank first. Else None."""
     if not labels or len(runtime.outputs) != 1:
         return None
     shape = tuple(runtime.outputs[0].shape)
@@ -315,11 +333,36 @@ def _ctc_charset(runtime: Any, labels: tuple[str, ...] | None) -> tuple[str, ...
     if isinstance(steps, int) and steps < 2:
         return None
     n = len(labels)
-    if c == n + 1:
-        return ("", *labels)
+    if sum(len(x) == 1 for x in labels) < 0.9 * n:
+        return None  # words: a classifier's class names, not characters
     if c == n + 2:
-        return ("", *labels, " ")
-    return labels if c == n else None
+        return ("", *labels, " "), 0, "the blank first, a space last"
+    if c == n:
+        return labels, 0, "the blank first, as the file lists it"
+    if c != n + 1:
+        return None
+    if _blank_is_last(runtime, path, probe):
+        return (*labels, ""), c - 1, "the blank last: the class it says most on a blank image"
+    return ("", *labels), 0, "the blank first"
+
+
+#: :func:`_blank_is_last`'s verdict per model file (path, size, modification time)
+_BLANK_LAST: dict[tuple[str, int, int], bool] = {}
+
+
+def _blank_is_last(runtime: Any, path: Path, probe: Mapping[str, np.ndarray] | None) -> bool:
+    """Whether a recognizer's last class is its blank: the class it says at most steps of a
+    blank image (as the converter finds a CTC head's blank), decided once a file; False when
+    it cannot be run here."""
+    key = file_identity(path)
+    if key not in _BLANK_LAST:
+        try:
+            out = np.asarray(runtime.infer(dict(probe) if probe else zero_feeds(runtime))[0])
+            best = out.reshape(-1, out.shape[-1]).argmax(axis=-1)
+            _BLANK_LAST[key] = int(np.bincount(best).argmax()) == out.shape[-1] - 1
+        except Exception:  # a dynamic size run at 1: read as the common case, blank first
+            _BLANK_LAST[key] = False
+    return _BLANK_LAST[key]
 
 
 def _yolo_layout(
@@ -429,12 +472,15 @@ _LOGITS_SEEN: dict[tuple[str, int, int], bool] = {}
 
 
 def _probe_feeds(runtime: Any, pre: Preprocessor | None) -> dict[str, np.ndarray] | None:
-    """A zero image as the model's one image input takes it, when that input has a dynamic
-    size the user filled (``[preprocess] width``: an OCR recognizer's): the probes and the
-    warm-up feed it rather than a side of 1. None otherwise (:func:`zero_feeds` serves)."""
-    if pre is None or len(runtime.inputs) != 1:
+    """A zero image as the model's one image input takes it, when that input's height or
+    width is dynamic and the user filled it (``[preprocess] width``: an OCR recognizer's): the
+    probes, the warm-up, the tuner and the batch plan feed it rather than a side of 1. None
+    otherwise (:func:`zero_feeds` serves)."""
+    if pre is None or len(runtime.inputs) != 1 or len(runtime.inputs[0].shape) != 4:
         return None
-    if all(isinstance(d, int) and d > 0 for d in runtime.inputs[0].shape):
+    shape = runtime.inputs[0].shape
+    sides = shape[2:4] if pre.spec.layout == "nchw" else shape[1:3]
+    if all(isinstance(d, int) and d > 0 for d in sides):
         return None
     image = np.zeros((pre.spec.height, pre.spec.width, 3), np.uint8)
     return {runtime.inputs[0].name: np.array(pre(image), copy=True)}
@@ -637,8 +683,9 @@ def load_model(
         )
         pre_data = manifest.get("preprocess")
         pre = None
-        if pre_data:
-            spec = _layout_for(PreprocessSpec.from_dict({**pre_data, **overrides}), runtime)
+        if pre_data:  # the bundle's sizes are its model's: width / height serve bare models
+            kept = {k: v for k, v in overrides.items() if k not in ("width", "height")}
+            spec = _layout_for(PreprocessSpec.from_dict({**pre_data, **kept}), runtime)
             pre = Preprocessor(spec)
             _check_fits(pre, runtime, path=path, overridden="channels" in overrides)
         post_spec = PostprocessSpec.from_manifest(manifest.get("postprocess") or {"kind": "raw"})
@@ -657,7 +704,7 @@ def load_model(
             workers=workers,
             threads=max(1, threads // workers),
         )
-        model.warm_ms = warmup(runtime)
+        model.warm_ms = warmup(runtime, feeds=model.zero_feeds())
         golden_check(model, root)
         return model
     runtime = load_runtime(
@@ -683,6 +730,7 @@ def load_model(
     yolo = _yolo_layout(runtime, labels or names, end2end=claimed)
     if not labels and props.get("task") == "classify":  # an Ultralytics classifier's names
         labels = _classifier_names(class_names(props), runtime)
+    unsized: DynamicSizeError | None = None
     if len(runtime.inputs) == 1 and len(shape) == 4:
         try:
             pixels = _pixel_scaling(runtime.inputs[0], overrides)
@@ -695,26 +743,33 @@ def load_model(
             )
             if pixels:
                 _say_pixels(runtime.inputs[0], path)
-        except ConfigError:
+        except ConfigError as exc:
             if overrides:
                 raise
+            if isinstance(exc, DynamicSizeError):
+                unsized = exc
         if pre is not None:
             _check_fits(pre, runtime, path=path, overridden="channels" in overrides)
     post_data: dict[str, Any] = {"kind": "raw"}
     probe = _probe_feeds(runtime, pre)
-    charset = _ctc_charset(runtime, labels) if yolo is None and not decoded else None
+    reading = None if yolo is not None or decoded else _ctc_reading(runtime, labels, path, probe)
+    if unsized is not None:  # an image input of dynamic size: a recognizer needs it given
+        if reading is not None:
+            raise unsized
+        if _first_time(path, "dynamic size"):
+            log.warning("%s: %s; until then it is fed no images", path.name, unsized)
     if decoded:  # an SSD / EfficientDet-Lite TFLite file: boxes, classes, scores, count
         post_data = _decoded_detection(decoded, labels, path)
     elif yolo is not None and pre is not None:
         post_data = _yolo_detection(runtime, yolo, labels or names, pre, path, claimed=claimed)
-    elif charset is not None:
-        post_data = {"kind": "text", "labels": list(charset), "blank": 0,
+    elif reading is not None:
+        charset, blank, how = reading
+        post_data = {"kind": "text", "labels": list(charset), "blank": blank,
                      "softmax": _bare_softmax(softmax, runtime, path, probe)}  # fmt: skip
         if _first_time(path, "text"):
             log.info("postprocess: %s's output %s is read as CTC text over %d characters "
-                     "(blank first%s)", path.name, list(runtime.outputs[0].shape),
-                     len(labels or ()), ", a space last" if charset[-1:] == (" ",) and
-                     len(charset) == len(labels or ()) + 2 else "")  # fmt: skip
+                     "(%s)", path.name, list(runtime.outputs[0].shape), len(labels or ()),
+                     how)  # fmt: skip
     elif labels:
         post_data = {"kind": "classification", "labels": list(labels)}
         post_data["softmax"] = _bare_softmax(softmax, runtime, path, probe)
@@ -739,5 +794,5 @@ def load_model(
         workers=workers,
         threads=max(1, threads // workers),
     )
-    model.warm_ms = warmup(runtime, feeds=probe)
+    model.warm_ms = warmup(runtime, feeds=model.zero_feeds())
     return model

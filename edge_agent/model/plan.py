@@ -65,6 +65,15 @@ def open_planned_model(config: Any, profile: Any, *, threads: int, source: Any) 
     return open_model(config, profile, threads=threads, workers=workers), workers
 
 
+def label_lines(text: str) -> tuple[str, ...]:
+    """A label file's labels, one a line, stripped; empty lines are skipped, but a line that is
+    one space is the space character (a character file's, as PP-OCR's English one has)."""
+    lines = (line.rstrip("\r\n") for line in text.splitlines())
+    return tuple(
+        " " if line == " " else line.strip() for line in lines if line.strip() or line == " "
+    )
+
+
 def open_model(config: Any, profile: Any, *, threads: int, workers: int = 1) -> Any:
     from edge_agent.model.keys import load_trusted_keys
     from edge_agent.model.loader import load_model
@@ -76,7 +85,7 @@ def open_model(config: Any, profile: Any, *, threads: int, workers: int = 1) -> 
     labels = None
     if config.model.labels:
         text = read_text(config.model.labels, what="config: [model] labels")
-        labels = tuple(line.strip() for line in text.splitlines() if line.strip())
+        labels = label_lines(text)
     return load_model(
         model_path,
         profile=profile,
@@ -107,8 +116,6 @@ def batch_plan(model: Any, *, streams: int, max_batch: int = 4) -> tuple[int, st
 
     import numpy as np
 
-    from edge_agent.model.runtimes.base import zero_feeds
-
     k = min(streams, max_batch)
     if k < 2:
         return 1, "one stream"
@@ -121,7 +128,7 @@ def batch_plan(model: Any, *, streams: int, max_batch: int = 4) -> tuple[int, st
         not spec.shape or spec.shape[0] is not None for spec in [*runtime.inputs, *runtime.outputs]
     ):
         return 1, "the model's batch dimension is fixed"
-    one = zero_feeds(runtime)
+    one = model.zero_feeds()
     many = {name: np.concatenate([x] * k) for name, x in one.items()}
 
     def timed(feeds: dict[str, Any]) -> float:

@@ -594,8 +594,7 @@ class Postprocessor:
             return self._nonfinite({"text": None, "score": None})
         probs = softmax(steps, axis=-1) if self.spec.softmax else steps
         best = probs.argmax(axis=-1)
-        keep = best != self.spec.blank
-        keep[1:] &= best[1:] != best[:-1]
+        keep = ctc_keep(best, self.spec.blank)
         chars = best[keep].tolist()
         text = "".join(_or_unknown(self._label(c)) for c in chars)
         score = float(probs[np.flatnonzero(keep), chars].mean()) if chars else 0.0
@@ -746,6 +745,15 @@ def _cap(
     return cand[best], scores[best], classes[best]
 
 
+def ctc_keep(best: np.ndarray, blank: int) -> np.ndarray:
+    """CTC's greedy rule over one sequence of best classes a step: a step is read when it is
+    not the blank and not a repeat of the step before (a blank between two steps of one class
+    keeps both)."""
+    keep = best != blank
+    keep[1:] &= best[1:] != best[:-1]
+    return np.asarray(keep)
+
+
 def looks_like_rows(out: np.ndarray, *, claimed: bool = False) -> bool:
     """Whether ``out`` ``[N, M, 6]`` holds rows (x1, y1, x2, y2, score, class) a model decoded
     and suppressed itself (format ``end2end``: Ultralytics' end-to-end heads, YOLO26 and
@@ -833,6 +841,7 @@ __all__ = [
     "NONFINITE",
     "PostprocessSpec",
     "Postprocessor",
+    "ctc_keep",
     "looks_like_rows",
     "nms",
     "softmax",

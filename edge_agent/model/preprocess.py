@@ -23,6 +23,10 @@ LAYOUTS = ("nchw", "nhwc")
 LETTERBOX_FILL = 114
 
 
+class DynamicSizeError(ConfigError):
+    """The model's image input leaves its height or width dynamic and none was given."""
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """How a raw BGR uint8 image becomes the model's input tensor."""
@@ -104,7 +108,7 @@ class PreprocessSpec:
             sizes[key] = given
         h, w = sizes["height"], sizes["width"]
         if not isinstance(h, int) or not isinstance(w, int) or h <= 0 or w <= 0:
-            raise ConfigError(
+            raise DynamicSizeError(
                 f"cannot derive an image size from the model input shape {list(shape)}: give "
                 "the dynamic side in [preprocess] width / height (--width, --height)"
             )
