@@ -7,7 +7,6 @@ through ``load_model`` and ``edge-agent run`` on a folder of line images."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,12 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.cli import main as edge_agent
 from edge_agent.errors import ConfigError, ModelError
 from edge_agent.model.agreement import frame_agreement
 from edge_agent.model.loader import load_model
 from edge_agent.model.postprocess import Postprocessor, PostprocessSpec
 from edge_agent.model.profiles import load_profile
+from tests.agent_runs import run_bare
 
 
 def _post(**kw: Any) -> Postprocessor:
@@ -124,13 +123,7 @@ def test_edge_agent_run_reads_a_folder_of_text_lines(recognizer: Any, tmp_path: 
     folder.mkdir()
     for i, x in enumerate(d.eval_inputs[:8]):
         assert cv2.imwrite(str(folder / f"line{i}.png"), _line_image(x))
-    out = tmp_path / "results.jsonl"
-    code = edge_agent(
-        ["run", "--model", str(path), "--labels", str(chars), "--source", f"images:{folder}",
-         "--results", f"jsonl:{out}", "--state-dir", str(tmp_path / "state"), "--threads", "1"]
-    )  # fmt: skip
-    assert code == 0
-    results = [json.loads(line) for line in out.read_text().splitlines()]
+    results = run_bare(path, chars, f"images:{folder}", tmp_path)
     assert [r["output"]["kind"] for r in results] == ["text"] * 8
     texts = [r["output"]["text"] for r in results]
     assert sum(t == want for t, want in zip(texts, d.eval_texts[:8])) >= 7, texts

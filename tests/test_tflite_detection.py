@@ -25,6 +25,7 @@ from edge_agent.model.agreement import box_iou
 from edge_agent.model.loader import load_model
 from edge_agent.model.postprocess import Postprocessor, PostprocessSpec
 from edge_agent.model.profiles import load_profile
+from tests.agent_runs import run_bare
 
 NAMES = ("square", "circle", "triangle")
 W, H = 640, 480  # the camera's frames; the model sees 128 x 128
@@ -151,13 +152,7 @@ def test_edge_agent_run_on_a_tflite_ssd_and_a_video(ssd: Any, tmp_path: Path) ->
     writer.release()
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(NAMES) + "\n")
-    out = tmp_path / "results.jsonl"
-    code = edge_agent(
-        ["run", "--model", str(path), "--labels", str(labels), "--source", f"file:{video}",
-         "--results", f"jsonl:{out}", "--state-dir", str(tmp_path / "state"), "--threads", "1"]
-    )  # fmt: skip
-    assert code == 0
-    results = [json.loads(line) for line in out.read_text().splitlines()]
+    results = run_bare(path, labels, f"file:{video}", tmp_path)
     assert len(results) == 12
     assert {r["output"]["kind"] for r in results} == {"detection"}
     found = [r["output"]["detections"] for r in results]
