@@ -29,6 +29,7 @@ from converters.convert import ConvertOptions, ConvertResult, convert
 from converters.task import POSTPROCESS_KIND
 from converters.validate import is_classifier_output
 from edge_agent.errors import AccuracyBudgetError, ConfigError
+from edge_agent.model.postprocess import ctc_charset
 from edge_agent.model.profiles import DeviceProfile
 
 GOLDEN_FILE = "golden.npz"
@@ -52,6 +53,26 @@ class BuildOptions:
             raise ConfigError("build needs at least one --profile")
         if not self.name.strip():
             raise ConfigError("--name: must not be empty")
+
+
+def _text_postprocess(judged: Any, chars: Sequence[str], result: ConvertResult) -> dict[str, Any]:
+    """A CTC recognizer given ``--labels`` a character file: the bundle reads its output as text
+    (kind ``text``), with the blank the converter found (the class it says most)."""
+    names = list(result.golden_outputs)
+    name = names[judged.outputs[0]]
+    out = np.asarray(result.golden_outputs[name], np.float64)
+    classes, blank = int(out.shape[-1]), int(judged.blank or 0)
+    read = ctc_charset(chars, classes, blank_last=blank == classes - 1 and blank != 0)
+    if read is None or read[1] != blank:
+        raise ConfigError(
+            f"--labels has {len(chars)} lines for the {classes} classes of CTC output '{name}' "
+            f"(its blank is class {blank}): give one character a line, without the blank, "
+            "C - 1 lines (blank first or last) or C - 2 (PP-OCR's space last)"
+        )
+    rows = out.reshape(-1, classes)[:8]
+    probabilities = bool(np.all(rows >= 0) and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
+    return {"kind": "text", "output": name, "labels": list(read[0]), "blank": blank,
+            "softmax": not probabilities}  # fmt: skip
 
 
 def _postprocess(task: str, labels: Sequence[str] | None, result: ConvertResult) -> dict[str, Any]:
@@ -80,6 +101,8 @@ def _postprocess(task: str, labels: Sequence[str] | None, result: ConvertResult)
                 post["scores_output"] = names[judged.outputs[1]]
         if labels is None and judged.labels:
             labels = judged.labels
+    if task == "raw" and judged is not None and judged.kind == "ctc" and labels is not None:
+        return _text_postprocess(judged, labels, result)
     if task == "classification":
         if not classifier:
             raise ConfigError("--task classification: the model has no [N, classes] float output")

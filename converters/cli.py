@@ -22,7 +22,7 @@ from converters.task import ALIASES, TASKS
 from edge_agent.common.argtypes import float_list
 from edge_agent.common.durable import atomic_write
 from edge_agent.errors import EXIT_INTERNAL, EXIT_OK, ConfigError, EdgeError
-from edge_agent.model.formats import CALIBRATION_METHODS
+from edge_agent.model.formats import CALIBRATION_METHODS, label_lines
 from edge_agent.model.preprocess import CHANNEL_ORDERS, LAYOUTS, RESIZE_MODES
 
 PROG = "edge-convert"
@@ -519,7 +519,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.labels is not None:
         if not args.labels.is_file():
             raise ConfigError(f"--labels {args.labels}: no such file")
-        labels = [line.strip() for line in args.labels.read_text().splitlines() if line.strip()]
+        labels = list(label_lines(args.labels.read_text()))
     profiles = [_profile(name) for name in args.profile]
     report = build_bundle(
         model,

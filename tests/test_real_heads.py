@@ -188,6 +188,48 @@ def _quantize(cli: Any, root: Path, d: Any, fmt: str) -> dict[str, Any]:
     return dict(json.loads(rep.read_text()))
 
 
+def test_a_recognizer_bundle_with_a_character_file_reads_text_on_the_device(
+    cli: Any, standin_svtr: Any, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``edge-convert build rec.onnx --labels keys.txt`` (a character file: one character a
+    line, no blank): the bundle's postprocessing reads the CTC output as text, with the blank
+    the converter found, and the agent reads the held-out lines with it. A file whose count
+    fits no CTC layout is refused, naming the counts."""
+    from edge_agent.model.keys import load_trusted_keys
+    from edge_agent.model.loader import load_model
+    from edge_agent.model.profiles import load_profile
+
+    d = standin_svtr
+    src, cal, ev = _files(tmp_path, d)
+    chars = tmp_path / "keys.txt"
+    chars.write_text("\n".join(d.charset) + "\n")
+    out = tmp_path / "rec.edgebundle"
+    r = cli(
+        "build", src, "-o", out, "--profile", "x86-64", "--sign-key", keys[0],
+        "--calibration", cal, "--eval", ev, "--labels", chars, *FAST,
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    model = load_model(out, profile=load_profile("x86-64"), state_dir=tmp_path / "state",
+                       trusted_keys=load_trusted_keys([keys[1]]))  # fmt: skip
+    try:
+        spec = model.postprocessor.spec
+        assert (spec.kind, spec.blank, spec.labels) == ("text", 0, ("", *d.charset))
+        read = []
+        for x in d.eval_inputs[:32]:
+            image = np.clip(x.transpose(1, 2, 0)[:, :, ::-1] * 255 + 0.5, 0, 255)
+            feeds, geometry = model.prepare_image(np.ascontiguousarray(image.astype(np.uint8)))
+            read.append(model.postprocessor(model.infer(feeds), geometry=geometry)["text"])
+    finally:
+        model.close()
+    assert np.mean([t == want for t, want in zip(read, d.eval_texts)]) >= 0.9
+    chars.write_text("\n".join(d.charset[:-3]) + "\n")
+    r = cli(
+        "build", src, "-o", tmp_path / "bad.edgebundle", "--profile", "x86-64",
+        "--sign-key", keys[0], "--calibration", cal, "--labels", chars, *FAST,
+    )  # fmt: skip
+    assert r.code != 0 and "--labels has 17 lines for the 21 classes" in r.err
+
+
 @pytest.mark.parametrize("fmt", ["onnx-int8", "tflite-int8"])
 def test_svtr_stand_in_keeps_its_readings(
     cli: Any, standin_svtr: Any, tmp_path: Path, fmt: str

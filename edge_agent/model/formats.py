@@ -86,3 +86,12 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 DATASET_INDEX = "samples.jsonl"
 DATASET_FOLDERS = {"jpeg": "images", "npy": "windows"}
 DATASET_EXTENSIONS = {"jpeg": ".jpg", "npy": ".npy"}
+
+
+def label_lines(text: str) -> tuple[str, ...]:
+    """A label file's labels, one a line, stripped; empty lines are skipped, but a line that is
+    one space is the space character (a character file's, as PP-OCR's English one has)."""
+    lines = (line.rstrip("\r\n") for line in text.splitlines())
+    return tuple(
+        " " if line == " " else line.strip() for line in lines if line.strip() or line == " "
+    )

@@ -26,7 +26,12 @@ from edge_agent.common.files import file_identity
 from edge_agent.errors import ConfigError, ModelError
 from edge_agent.model.export_metadata import class_names, decodes_itself
 from edge_agent.model.formats import POSTPROCESS_CHOICES, RUNTIME_FOR_FORMAT, SOFTMAX_CHOICES
-from edge_agent.model.postprocess import Postprocessor, PostprocessSpec, looks_like_rows
+from edge_agent.model.postprocess import (
+    Postprocessor,
+    PostprocessSpec,
+    ctc_charset,
+    looks_like_rows,
+)
 from edge_agent.model.preprocess import (
     DynamicSizeError,
     Geometry,
@@ -311,13 +316,10 @@ def _ctc_reading(
     path: Path,
     probe: Mapping[str, np.ndarray] | None,
 ) -> tuple[tuple[str, ...], int, str] | None:
-    """How to read the model's one output as CTC text, when it is a recognizer's ``[1, T, C]``
-    (or ``[T, 1, C]``) for ``labels``, a character file's lines (one character a line, without
-    the blank, as PP-OCR's dictionaries are written; nine in ten at least one character long,
-    or they are class names): (every class's character, the blank's index, how). C = N + 2:
-    the blank first, PP-OCR's ``use_space_char`` space last; C = N + 1: the blank first, or
-    last (TF/Keras CRNNs) when the last class is what the model says most on a blank image;
-    C = N: a file that lists its blank first. Else None."""
+    """How to read the model's one output as CTC text (:func:`~edge_agent.model.postprocess
+    .ctc_charset`), when it is a recognizer's ``[1, T, C]`` (or ``[T, 1, C]``) and ``labels``
+    a character file's lines; the blank is last when that is the class the model says at most
+    steps of a blank image. Else None."""
     if not labels or len(runtime.outputs) != 1:
         return None
     shape = tuple(runtime.outputs[0].shape)
@@ -332,18 +334,10 @@ def _ctc_reading(
         return None
     if isinstance(steps, int) and steps < 2:
         return None
-    n = len(labels)
-    if sum(len(x) == 1 for x in labels) < 0.9 * n:
-        return None  # words: a classifier's class names, not characters
-    if c == n + 2:
-        return ("", *labels, " "), 0, "the blank first, a space last"
-    if c == n:
-        return labels, 0, "the blank first, as the file lists it"
-    if c != n + 1:
+    if ctc_charset(labels, c) is None:
         return None
-    if _blank_is_last(runtime, path, probe):
-        return (*labels, ""), c - 1, "the blank last: the class it says most on a blank image"
-    return ("", *labels), 0, "the blank first"
+    last = c == len(labels) + 1 and _blank_is_last(runtime, path, probe)
+    return ctc_charset(labels, c, blank_last=last)
 
 
 #: :func:`_blank_is_last`'s verdict per model file (path, size, modification time)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.common.files import read_text
+from edge_agent.model.formats import label_lines
 
 
 def resolve_profile(name: str) -> Any:
@@ -63,15 +64,6 @@ def open_planned_model(config: Any, profile: Any, *, threads: int, source: Any) 
         return model, 1
     model.close()
     return open_model(config, profile, threads=threads, workers=workers), workers
-
-
-def label_lines(text: str) -> tuple[str, ...]:
-    """A label file's labels, one a line, stripped; empty lines are skipped, but a line that is
-    one space is the space character (a character file's, as PP-OCR's English one has)."""
-    lines = (line.rstrip("\r\n") for line in text.splitlines())
-    return tuple(
-        " " if line == " " else line.strip() for line in lines if line.strip() or line == " "
-    )
 
 
 def open_model(config: Any, profile: Any, *, threads: int, workers: int = 1) -> Any:

@@ -745,6 +745,29 @@ def _cap(
     return cand[best], scores[best], classes[best]
 
 
+def ctc_charset(
+    chars: Sequence[str], classes: int, *, blank_last: bool = False
+) -> tuple[tuple[str, ...], int, str] | None:
+    """Every class's character of a CTC recognizer with ``classes`` classes, from a character
+    file's lines ``chars`` (one character a line, without the blank, as PP-OCR's dictionaries
+    are written: nine in ten one character long at least, or they are class names): (the
+    ``labels``, the blank's index, how it was read), else None. ``classes`` = N + 2: the blank
+    first, PP-OCR's ``use_space_char`` space last; N + 1: the blank first, or last when
+    ``blank_last`` (TF/Keras CRNNs); N: a file that lists its blank first."""
+    n = len(chars)
+    if not n or sum(len(x) == 1 for x in chars) < 0.9 * n:
+        return None
+    if classes == n + 2:
+        return ("", *chars, " "), 0, "the blank first, a space last"
+    if classes == n:
+        return tuple(chars), 0, "the blank first, as the file lists it"
+    if classes != n + 1:
+        return None
+    if blank_last:
+        return (*chars, ""), classes - 1, "the blank last"
+    return ("", *chars), 0, "the blank first"
+
+
 def ctc_keep(best: np.ndarray, blank: int) -> np.ndarray:
     """CTC's greedy rule over one sequence of best classes a step: a step is read when it is
     not the blank and not a repeat of the step before (a blank between two steps of one class
@@ -841,6 +864,7 @@ __all__ = [
     "NONFINITE",
     "PostprocessSpec",
     "Postprocessor",
+    "ctc_charset",
     "ctc_keep",
     "looks_like_rows",
     "nms",
