@@ -29,7 +29,7 @@ from converters.convert import ConvertOptions, ConvertResult, convert
 from converters.task import POSTPROCESS_KIND
 from converters.validate import is_classifier_output
 from edge_agent.errors import AccuracyBudgetError, ConfigError
-from edge_agent.model.postprocess import ctc_charset
+from edge_agent.model.postprocess import ctc_charset, looks_like_characters
 from edge_agent.model.profiles import DeviceProfile
 
 GOLDEN_FILE = "golden.npz"
@@ -66,8 +66,9 @@ def _text_postprocess(judged: Any, chars: Sequence[str], result: ConvertResult) 
     if read is None or read[1] != blank:
         raise ConfigError(
             f"--labels has {len(chars)} lines for the {classes} classes of CTC output '{name}' "
-            f"(its blank is class {blank}): give one character a line, without the blank, "
-            "C - 1 lines (blank first or last) or C - 2 (PP-OCR's space last)"
+            f"(its blank, the class it says most, is class {blank}; it must be the first or "
+            "the last): give one character a line, C - 1 lines without the blank, C - 2 "
+            "(PP-OCR's space last), or C with the blank first"
         )
     rows = out.reshape(-1, classes)[:8]
     probabilities = bool(np.all(rows >= 0) and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
@@ -101,8 +102,16 @@ def _postprocess(task: str, labels: Sequence[str] | None, result: ConvertResult)
                 post["scores_output"] = names[judged.outputs[1]]
         if labels is None and judged.labels:
             labels = judged.labels
-    if task == "raw" and judged is not None and judged.kind == "ctc" and labels is not None:
+    if (
+        task == "raw"
+        and judged is not None
+        and judged.kind == "ctc"
+        and labels is not None
+        and looks_like_characters(labels)
+    ):
         return _text_postprocess(judged, labels, result)
+    if labels is not None:  # a line of one space is a character, not a class name
+        labels = [x for x in labels if x.strip()]
     if task == "classification":
         if not classifier:
             raise ConfigError("--task classification: the model has no [N, classes] float output")

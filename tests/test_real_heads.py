@@ -194,7 +194,9 @@ def test_a_recognizer_bundle_with_a_character_file_reads_text_on_the_device(
     """``edge-convert build rec.onnx --labels keys.txt`` (a character file: one character a
     line, no blank): the bundle's postprocessing reads the CTC output as text, with the blank
     the converter found, and the agent reads the held-out lines with it. A file whose count
-    fits no CTC layout is refused, naming the counts."""
+    fits no CTC layout is refused, naming the counts; class names (words) ship raw with the
+    names, as before."""
+    from edge_agent.model.bundle import verify_bundle
     from edge_agent.model.keys import load_trusted_keys
     from edge_agent.model.loader import load_model
     from edge_agent.model.profiles import load_profile
@@ -228,6 +230,15 @@ def test_a_recognizer_bundle_with_a_character_file_reads_text_on_the_device(
         "--sign-key", keys[0], "--calibration", cal, "--labels", chars, *FAST,
     )  # fmt: skip
     assert r.code != 0 and "--labels has 17 lines for the 21 classes" in r.err
+    chars.write_text("".join(f"class{i}\n" for i in range(21)) + " \n")  # class names
+    words = tmp_path / "words.edgebundle"
+    r = cli(
+        "build", src, "-o", words, "--profile", "x86-64", "--sign-key", keys[0],
+        "--calibration", cal, "--labels", chars, *FAST,
+    )  # fmt: skip
+    assert r.code == 0, r.err  # as before: raw, with the names (the space line is none)
+    post = verify_bundle(words, trusted_keys=load_trusted_keys([keys[1]])).manifest["postprocess"]
+    assert post == {"kind": "raw", "labels": [f"class{i}" for i in range(21)]}
 
 
 @pytest.mark.parametrize("fmt", ["onnx-int8", "tflite-int8"])

@@ -717,6 +717,8 @@ def load_model(
     auto = postprocess == "auto"
     decoded = getattr(runtime, "detection_outputs", None) if auto else None
     labels = (labels or _metadata_labels(meta, runtime, decoded)) if auto else None
+    characters = labels  # a line of one space is a character (text); a class has a name
+    labels = tuple(x for x in labels if x.strip()) if labels else labels
     # an Ultralytics export's own class names serve only its head, when its output is one
     props = _exporter_metadata(runtime, meta) if auto else {}
     names = None if labels or props.get("task") != "detect" else class_names(props)
@@ -746,7 +748,9 @@ def load_model(
             _check_fits(pre, runtime, path=path, overridden="channels" in overrides)
     post_data: dict[str, Any] = {"kind": "raw"}
     probe = _probe_feeds(runtime, pre)
-    reading = None if yolo is not None or decoded else _ctc_reading(runtime, labels, path, probe)
+    reading = (
+        None if yolo is not None or decoded else _ctc_reading(runtime, characters, path, probe)
+    )
     if unsized is not None:  # an image input of dynamic size: a recognizer needs it given
         if reading is not None:
             raise unsized
@@ -762,7 +766,7 @@ def load_model(
                      "softmax": _bare_softmax(softmax, runtime, path, probe)}  # fmt: skip
         if _first_time(path, "text"):
             log.info("postprocess: %s's output %s is read as CTC text over %d characters "
-                     "(%s)", path.name, list(runtime.outputs[0].shape), len(labels or ()),
+                     "(%s)", path.name, list(runtime.outputs[0].shape), len(characters or ()),
                      how)  # fmt: skip
     elif labels:
         post_data = {"kind": "classification", "labels": list(labels)}

@@ -745,6 +745,12 @@ def _cap(
     return cand[best], scores[best], classes[best]
 
 
+def looks_like_characters(lines: Sequence[str]) -> bool:
+    """Whether a label file's lines are a character file's (nine in ten one character long at
+    least) rather than class names."""
+    return bool(lines) and sum(len(x) == 1 for x in lines) >= 0.9 * len(lines)
+
+
 def ctc_charset(
     chars: Sequence[str], classes: int, *, blank_last: bool = False
 ) -> tuple[tuple[str, ...], int, str] | None:
@@ -755,7 +761,7 @@ def ctc_charset(
     first, PP-OCR's ``use_space_char`` space last; N + 1: the blank first, or last when
     ``blank_last`` (TF/Keras CRNNs); N: a file that lists its blank first."""
     n = len(chars)
-    if not n or sum(len(x) == 1 for x in chars) < 0.9 * n:
+    if not looks_like_characters(chars):
         return None
     if classes == n + 2:
         return ("", *chars, " "), 0, "the blank first, a space last"
@@ -866,6 +872,7 @@ __all__ = [
     "Postprocessor",
     "ctc_charset",
     "ctc_keep",
+    "looks_like_characters",
     "looks_like_rows",
     "nms",
     "softmax",
