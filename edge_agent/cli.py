@@ -27,7 +27,7 @@ from typing import Any
 
 from edge_agent.common.argtypes import float_list
 from edge_agent.errors import AgentExit, ConfigError, EdgeError, agent_exit_code
-from edge_agent.model.formats import POSTPROCESS_CHOICES, SOFTMAX_CHOICES
+from edge_agent.model.formats import POSTPROCESS_CHOICES, RESIZE_MODES, SOFTMAX_CHOICES
 from edge_agent.model.plan import resolve_profile
 
 PROG = "edge-agent"
@@ -118,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="a bare model's channel order (default: [preprocess] channels, from the model)",
         )  # fmt: skip
         p.add_argument(
-            "--resize", choices=("stretch", "letterbox"),
-            help="how a frame is fitted to a bare model's input (default: [preprocess] resize, "
-            "stretch)",
+            "--resize", choices=RESIZE_MODES,
+            help="how a frame is fitted to a bare model's input: stretch, letterbox (aspect "
+            "kept, padded) or crop (aspect kept, the middle cut out) (default: [preprocess] "
+            "resize, stretch; letterbox for a YOLO export, crop for an Ultralytics classifier)",
         )  # fmt: skip
         for side in ("width", "height"):
             p.add_argument(

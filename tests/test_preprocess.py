@@ -14,6 +14,13 @@ def _reference(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """What the spec says, written the slow and obvious way."""
     if spec.resize == "letterbox":
         image = letterbox(image, spec.width, spec.height)
+    elif spec.resize == "crop":  # the shorter side to the input's, then the middle
+        h, w = image.shape[:2]
+        r = max(spec.width / w, spec.height / h)
+        nw, nh = max(spec.width, round(w * r)), max(spec.height, round(h * r))
+        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+        top, left = (nh - spec.height) // 2, (nw - spec.width) // 2
+        image = image[top : top + spec.height, left : left + spec.width]
     else:
         image = cv2.resize(image, (spec.width, spec.height), interpolation=cv2.INTER_LINEAR)
     if image.ndim == 2 and spec.channels != "gray":
@@ -45,7 +52,7 @@ NORMALIZATIONS = {
 @pytest.mark.parametrize("norm", sorted(NORMALIZATIONS))
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("channels", ["rgb", "bgr", "gray"])
-@pytest.mark.parametrize("resize", ["stretch", "letterbox"])
+@pytest.mark.parametrize("resize", ["stretch", "letterbox", "crop"])
 def test_preprocessing_matches_the_reference(
     norm: str, layout: str, channels: str, resize: str
 ) -> None:
@@ -95,3 +102,21 @@ def test_pixels_as_the_quantized_inputs_integers_with_no_float_pass() -> None:
     np.testing.assert_array_equal(got[0, :, :, 0], cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
     nchw = PreprocessSpec(width=8, height=6, layout="nchw", channels="rgb")
     assert Preprocessor(nchw, pixels_as="uint8")(image).dtype == np.float32
+
+
+def test_crop_keeps_the_middle_and_its_geometry_maps_back() -> None:
+    """``resize = crop``: a 120x90 (h x w) frame into 48x40 keeps the aspect (90 -> 48 wide,
+    120 -> 64 tall) and cuts 12 rows off the top and the bottom; the geometry maps an input
+    pixel back to where it came from in the frame."""
+    spec = PreprocessSpec(width=48, height=40, resize="crop", layout="nhwc", scale=1.0)
+    pre = Preprocessor(spec)
+    image = np.zeros((120, 90, 3), np.uint8)
+    image[:, :, 1] = np.arange(120, dtype=np.uint8)[:, None]  # green = the row
+    out = pre(image)
+    assert out.shape == (1, 40, 48, 3)
+    g = pre.geometry(120, 90)
+    assert (g.scale_x, g.scale_y, g.pad_x, g.pad_y) == (48 / 90, 64 / 120, 0, -12)
+    x, y = g.to_source(np.array([24.0]), np.array([0.0, 39.0]))
+    assert x[0] == pytest.approx(45.0) and y.tolist() == pytest.approx([22.5, 95.625])
+    rows = out[0, [0, 39], 24, 1]  # the green the top and bottom input rows hold
+    assert abs(rows[0] - 22.5) <= 2 and abs(rows[1] - 95.6) <= 2

@@ -435,8 +435,9 @@ def test_an_ultralytics_export_with_nms_inside_reports_its_rows(tmp_path: Path) 
 
 def test_an_ultralytics_classifier_reports_its_own_names(tmp_path: Path) -> None:
     """An Ultralytics classify export (``task = classify``, its ``[1, C]`` output already
-    probabilities) reports classes with its names; names of another count leave it raw,
-    ``--labels`` win."""
+    probabilities) reports classes with its names, fed as Ultralytics feeds it (the shorter
+    side resized, the middle cropped); names of another count leave it raw, ``--labels``
+    win."""
     from onnx import TensorProto, helper, numpy_helper
 
     weights = np.array([[4.0, -4.0], [0.0, 0.0], [-4.0, 4.0]], np.float32)  # red vs blue
@@ -471,6 +472,7 @@ def test_an_ultralytics_classifier_reports_its_own_names(tmp_path: Path) -> None
                 assert spec.kind == "raw"
                 continue
             assert (spec.kind, spec.labels, spec.softmax) == ("classification", expected, False)
+            assert loaded.preprocessor is not None and loaded.preprocessor.spec.resize == "crop"
             feeds, geometry = loaded.prepare_image(red)
             out = loaded.postprocessor(loaded.infer(feeds), geometry=geometry)
             assert out["label"] == expected[0] and out["score"] > 0.9

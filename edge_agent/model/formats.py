@@ -16,6 +16,11 @@ SOFTMAX_CHOICES = ("auto", "yes", "no")
 #: (auto: a detector's detections, a classifier's classes) or reported raw.
 POSTPROCESS_CHOICES = ("auto", "raw")
 
+#: ``[preprocess] resize`` / ``--resize``: how a frame is fitted to the model's input.
+#: ``crop``: the shorter side resized to the input's and the middle cut out (torchvision's and
+#: Ultralytics' classifiers: Resize, then CenterCrop).
+RESIZE_MODES = ("stretch", "letterbox", "crop")
+
 #: The runtime that executes each artifact format.
 RUNTIME_FOR_FORMAT = {
     **dict.fromkeys(ONNX_FORMATS, "onnxruntime"),

@@ -733,6 +733,8 @@ def load_model(
             defaults = pixels or _metadata_scaling(meta, runtime.inputs[0], overrides, path)
             if yolo is not None and "resize" not in overrides:
                 defaults = {**defaults, "resize": "letterbox"}  # as Ultralytics feeds its models
+            elif props.get("task") == "classify" and "resize" not in overrides:
+                defaults = {**defaults, "resize": "crop"}  # its classifiers: resize, then crop
             pre = Preprocessor(
                 PreprocessSpec.for_input_shape(list(shape), **defaults, **overrides),
                 pixels_as=runtime.inputs[0].dtype if pixels else None,

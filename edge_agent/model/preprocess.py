@@ -16,8 +16,8 @@ import numpy as np
 
 from edge_agent.common.buffers import BufferPool
 from edge_agent.errors import ConfigError, DataError
+from edge_agent.model.formats import RESIZE_MODES
 
-RESIZE_MODES = ("stretch", "letterbox")
 CHANNEL_ORDERS = ("rgb", "bgr", "gray")
 LAYOUTS = ("nchw", "nhwc")
 LETTERBOX_FILL = 114
@@ -147,6 +147,11 @@ class Preprocessor:
             return Geometry(
                 nw / width, nh / height, (spec.width - nw) // 2, (spec.height - nh) // 2
             )
+        if spec.resize == "crop":  # the pad is negative: the part cut off on each side
+            nw, nh = _cover(width, height, spec.width, spec.height)
+            return Geometry(
+                nw / width, nh / height, -((nw - spec.width) // 2), -((nh - spec.height) // 2)
+            )
         return Geometry(spec.width / width, spec.height / height, 0.0, 0.0)
 
     def __init__(self, spec: PreprocessSpec, *, pixels_as: str | None = None) -> None:
@@ -188,6 +193,8 @@ class Preprocessor:
             raise DataError(f"not an image: shape {getattr(image, 'shape', None)}")
         if spec.resize == "letterbox":
             image = letterbox(image, spec.width, spec.height)
+        elif spec.resize == "crop":
+            image = center_crop(image, spec.width, spec.height)
         elif image.shape[1] != spec.width or image.shape[0] != spec.height:
             image = cv2.resize(image, (spec.width, spec.height), interpolation=cv2.INTER_LINEAR)
         if spec.channels == "gray":
@@ -245,6 +252,24 @@ def _scale_into(src: np.ndarray, out: np.ndarray, mul: Any, add: Any | None) -> 
     np.multiply(src, mul, out=out, casting="unsafe")
     if add is not None:
         np.add(out, add, out=out)
+
+
+def _cover(w: int, h: int, width: int, height: int) -> tuple[int, int]:
+    """The size a ``w`` x ``h`` image is resized to so that it covers ``width`` x ``height``
+    with its aspect kept (the shorter side fits)."""
+    r = max(width / w, height / h)
+    return max(width, round(w * r)), max(height, round(h * r))
+
+
+def center_crop(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize keeping the aspect ratio so that the image covers the input, then cut its middle
+    (torchvision's ``Resize`` + ``CenterCrop``, as classifiers are evaluated)."""
+    h, w = image.shape[:2]
+    nw, nh = _cover(w, h, width, height)
+    if (nw, nh) != (w, h):
+        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    left, top = (nw - width) // 2, (nh - height) // 2
+    return image[top : top + height, left : left + width]
 
 
 def letterbox(image: np.ndarray, width: int, height: int) -> np.ndarray:
