@@ -14,13 +14,9 @@ def _reference(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """What the spec says, written the slow and obvious way."""
     if spec.resize == "letterbox":
         image = letterbox(image, spec.width, spec.height)
-    elif spec.resize == "crop":  # the shorter side to the input's, then the middle
-        h, w = image.shape[:2]
-        r = max(spec.width / w, spec.height / h)
-        nw, nh = max(spec.width, round(w * r)), max(spec.height, round(h * r))
-        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
-        top, left = (nh - spec.height) // 2, (nw - spec.width) // 2
-        image = image[top : top + spec.height, left : left + spec.width]
+    elif spec.resize == "crop":  # 120x90 (h x w) into 48x40: 90 -> 48 wide, 120 -> 64 tall
+        assert (image.shape[:2], spec.width, spec.height) == ((120, 90), 48, 40)
+        image = cv2.resize(image, (48, 64), interpolation=cv2.INTER_AREA)[12:52]
     else:
         image = cv2.resize(image, (spec.width, spec.height), interpolation=cv2.INTER_LINEAR)
     if image.ndim == 2 and spec.channels != "gray":
@@ -120,3 +116,36 @@ def test_crop_keeps_the_middle_and_its_geometry_maps_back() -> None:
     assert x[0] == pytest.approx(45.0) and y.tolist() == pytest.approx([22.5, 95.625])
     rows = out[0, [0, 39], 24, 1]  # the green the top and bottom input rows hold
     assert abs(rows[0] - 22.5) <= 2 and abs(rows[1] - 95.6) <= 2
+
+
+@pytest.mark.parametrize(
+    ("frame", "cut"),
+    [((30, 50), (53, 32, 10, 0)),  # landscape: 50x30 -> 53x32, 21 over: left int(round(10.5))
+     ((480, 640), (42, 32, 5, 0)),  # 640x480 -> 42x32 (torchvision truncates 42.67)
+     ((32, 32), (32, 32, 0, 0)),  # already the input size: no resize
+     ((7, 3), (32, 74, 0, 21))],  # tiny and tall: enlarged, 42 rows over
+)  # fmt: skip
+def test_crop_cuts_as_torchvision_does(frame: tuple[int, int], cut: tuple[int, ...]) -> None:
+    """Resize(32) + CenterCrop(32) in torchvision's arithmetic: the shorter side exact, the
+    longer truncated, the cut at int(round(excess / 2.0)); gray frames and NHWC per-channel
+    constants through a cut that is not contiguous."""
+    nw, nh, left, top = cut
+    rng = np.random.default_rng(2)
+    for image in (rng.integers(0, 256, (*frame, 3), dtype=np.uint8),
+                  rng.integers(0, 256, frame, dtype=np.uint8)):  # fmt: skip
+        spec = PreprocessSpec(width=32, height=32, resize="crop", layout="nhwc",
+                              mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7))  # fmt: skip
+        pre = Preprocessor(spec)
+        g = pre.geometry(*frame)
+        assert (g.pad_x, g.pad_y) == (-left, -top)
+        assert g.scale_x == pytest.approx(nw / frame[1]) and g.scale_y == pytest.approx(
+            nh / frame[0]
+        )
+        moved = image
+        if (nw, nh) != (frame[1], frame[0]):
+            how = cv2.INTER_AREA if nw < frame[1] else cv2.INTER_LINEAR
+            moved = cv2.resize(image, (nw, nh), interpolation=how)
+        cropped = moved[top : top + 32, left : left + 32]
+        flat = PreprocessSpec(width=32, height=32, layout="nhwc", mean=spec.mean, std=spec.std)
+        np.testing.assert_allclose(pre(image), _reference(np.ascontiguousarray(cropped), flat),
+                                   rtol=1e-5, atol=1e-4)  # fmt: skip

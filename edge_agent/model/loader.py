@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -465,6 +465,13 @@ _BOXES_NORMALIZED: dict[tuple[str, int, int], bool | None] = {}
 _LOGITS_SEEN: dict[tuple[str, int, int], bool] = {}
 
 
+def _square_image(shape: Sequence[Any]) -> bool:
+    """Whether a 4-D image input (NCHW or NHWC) is square: Ultralytics crops only those (a
+    non-square input it stretches to)."""
+    dims = [d for d in shape[1:] if isinstance(d, int) and d > 3]
+    return len(dims) == 2 and dims[0] == dims[1]
+
+
 def _probe_feeds(runtime: Any, pre: Preprocessor | None) -> dict[str, np.ndarray] | None:
     """A zero image as the model's one image input takes it, when that input's height or
     width is dynamic and the user filled it (``[preprocess] width``: an OCR recognizer's): the
@@ -733,8 +740,12 @@ def load_model(
             defaults = pixels or _metadata_scaling(meta, runtime.inputs[0], overrides, path)
             if yolo is not None and "resize" not in overrides:
                 defaults = {**defaults, "resize": "letterbox"}  # as Ultralytics feeds its models
-            elif props.get("task") == "classify" and "resize" not in overrides:
-                defaults = {**defaults, "resize": "crop"}  # its classifiers: resize, then crop
+            elif (
+                props.get("task") == "classify"
+                and "resize" not in overrides
+                and _square_image(runtime.inputs[0].shape)
+            ):  # Ultralytics feeds its (square) classifiers resized, then cropped
+                defaults = {**defaults, "resize": "crop"}
             pre = Preprocessor(
                 PreprocessSpec.for_input_shape(list(shape), **defaults, **overrides),
                 pixels_as=runtime.inputs[0].dtype if pixels else None,

@@ -147,11 +147,10 @@ class Preprocessor:
             return Geometry(
                 nw / width, nh / height, (spec.width - nw) // 2, (spec.height - nh) // 2
             )
-        if spec.resize == "crop":  # the pad is negative: the part cut off on each side
+        if spec.resize == "crop":  # the pad is negative: the part cut off before
             nw, nh = _cover(width, height, spec.width, spec.height)
-            return Geometry(
-                nw / width, nh / height, -((nw - spec.width) // 2), -((nh - spec.height) // 2)
-            )
+            left, top = _crop_offsets(nw, nh, spec.width, spec.height)
+            return Geometry(nw / width, nh / height, -left, -top)
         return Geometry(spec.width / width, spec.height / height, 0.0, 0.0)
 
     def __init__(self, spec: PreprocessSpec, *, pixels_as: str | None = None) -> None:
@@ -256,19 +255,28 @@ def _scale_into(src: np.ndarray, out: np.ndarray, mul: Any, add: Any | None) -> 
 
 def _cover(w: int, h: int, width: int, height: int) -> tuple[int, int]:
     """The size a ``w`` x ``h`` image is resized to so that it covers ``width`` x ``height``
-    with its aspect kept (the shorter side fits)."""
-    r = max(width / w, height / h)
-    return max(width, round(w * r)), max(height, round(h * r))
+    with its aspect kept, in torchvision's arithmetic (``Resize(size)``: the side that binds
+    exact, the other truncated)."""
+    if width * h >= height * w:  # the width binds
+        return width, max(height, int(h * width / w))
+    return max(width, int(w * height / h)), height
+
+
+def _crop_offsets(nw: int, nh: int, width: int, height: int) -> tuple[int, int]:
+    """Where ``CenterCrop`` cuts (left, top): torchvision's ``int(round(excess / 2.0))``."""
+    return round((nw - width) / 2.0), round((nh - height) / 2.0)  # half to even, as theirs
 
 
 def center_crop(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """Resize keeping the aspect ratio so that the image covers the input, then cut its middle
-    (torchvision's ``Resize`` + ``CenterCrop``, as classifiers are evaluated)."""
+    (torchvision's ``Resize`` + ``CenterCrop``, as classifiers are evaluated; shrinking uses
+    area interpolation, close to their antialiased bilinear)."""
     h, w = image.shape[:2]
     nw, nh = _cover(w, h, width, height)
     if (nw, nh) != (w, h):
-        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    left, top = (nw - width) // 2, (nh - height) // 2
+        how = cv2.INTER_AREA if nw < w else cv2.INTER_LINEAR  # area when shrinking
+        image = cv2.resize(image, (nw, nh), interpolation=how)
+    left, top = _crop_offsets(nw, nh, width, height)
     return image[top : top + height, left : left + width]
 
 
