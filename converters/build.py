@@ -70,10 +70,14 @@ def _text_postprocess(judged: Any, chars: Sequence[str], result: ConvertResult) 
             "the last): give one character a line, C - 1 lines without the blank, C - 2 "
             "(PP-OCR's space last), or C with the blank first"
         )
-    rows = out.reshape(-1, classes)[:8]
-    probabilities = bool(np.all(rows >= 0) and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
     return {"kind": "text", "output": name, "labels": list(read[0]), "blank": blank,
-            "softmax": not probabilities}  # fmt: skip
+            "softmax": not _probabilities(out.reshape(-1, classes)[:8])}  # fmt: skip
+
+
+def _probabilities(rows: np.ndarray) -> bool:
+    """Whether every row holds probabilities (non-negative, summing to 1): the device needs no
+    softmax for them."""
+    return bool(np.all(rows >= 0) and np.all(np.abs(rows.sum(axis=-1) - 1.0) < 1e-3))
 
 
 def _postprocess(task: str, labels: Sequence[str] | None, result: ConvertResult) -> dict[str, Any]:
@@ -119,9 +123,8 @@ def _postprocess(task: str, labels: Sequence[str] | None, result: ConvertResult)
         n_classes = int(np.asarray(result.golden_outputs[name]).shape[1])
         post["output"] = name
         post["num_classes"] = n_classes
-        # A probabilities output (rows sum to 1) needs no softmax on the device.
-        row = np.asarray(result.golden_outputs[name], np.float64)[0]
-        post["softmax"] = not (np.all(row >= 0) and abs(row.sum() - 1.0) < 1e-3)
+        row = np.asarray(result.golden_outputs[name], np.float64)[:1]
+        post["softmax"] = not _probabilities(row)
         if labels is not None:
             if len(labels) != n_classes:
                 raise ConfigError(

@@ -334,10 +334,10 @@ def _ctc_reading(
         return None
     if isinstance(steps, int) and steps < 2:
         return None
-    if ctc_charset(labels, c) is None:
-        return None
-    last = c == len(labels) + 1 and _blank_is_last(runtime, path, probe)
-    return ctc_charset(labels, c, blank_last=last)
+    read = ctc_charset(labels, c)
+    if read is not None and c == len(labels) + 1 and _blank_is_last(runtime, path, probe):
+        return ctc_charset(labels, c, blank_last=True)
+    return read
 
 
 #: :func:`_blank_is_last`'s verdict per model file (path, size, modification time)

@@ -126,8 +126,10 @@ class LiteRTRuntime:
         self.inputs = [_spec(d) for d in self._in]
         self.outputs = [_spec(d) for d in self._out]
         self._in_index = {d["name"]: (d["index"], spec) for d, spec in zip(self._in, self.inputs)}
+        #: the shape each input is allocated at when the file is loaded (its shape there)
+        self._declared = {int(d["index"]): tuple(int(x) for x in d["shape"]) for d in self._in}
         #: the shape each interpreter's dynamic inputs are allocated at (key: interpreter's
-        #: id, input index): fed another, the interpreter is resized first
+        #: id, input index), once fed another: the interpreter is resized first
         self._allocated: dict[tuple[int, int], tuple[int, ...]] = {}
         self._pool: queue.LifoQueue[Any] = queue.LifoQueue()
         for interp in interps:
@@ -147,7 +149,7 @@ class LiteRTRuntime:
                 index, spec = self._in_index[name]
                 if None in spec.shape:  # a dynamic input: allocated at the shape it is fed
                     key = (id(interp), index)
-                    if self._allocated.get(key, self._declared(index)) != value.shape:
+                    if (self._allocated.get(key) or self._declared[index]) != value.shape:
                         interp.resize_tensor_input(index, list(value.shape), strict=True)
                         self._allocated[key], resized = tuple(value.shape), True
             if resized:
@@ -171,10 +173,6 @@ class LiteRTRuntime:
             raise ModelError(f"inference failed: {first_line(exc)}") from exc
         finally:
             pool.put(interp)
-
-    def _declared(self, index: int) -> tuple[int, ...]:
-        """The shape an input was first allocated at (its shape in the file)."""
-        return next(tuple(int(x) for x in d["shape"]) for d in self._in if d["index"] == index)
 
     def close(self) -> None:
         self._interp = None
