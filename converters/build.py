@@ -55,9 +55,12 @@ class BuildOptions:
             raise ConfigError("--name: must not be empty")
 
 
-def _text_postprocess(judged: Any, chars: Sequence[str], result: ConvertResult) -> dict[str, Any]:
-    """A CTC recognizer given ``--labels`` a character file: the bundle reads its output as text
-    (kind ``text``), with the blank the converter found (the class it says most)."""
+def _text_postprocess(
+    judged: Any, chars: Sequence[str], result: ConvertResult, *, given: str = "--labels"
+) -> dict[str, Any]:
+    """A CTC recognizer given ``--labels`` a character file (or carrying its dictionary:
+    ``given`` names where the characters came from): the bundle reads its output as text (kind
+    ``text``), with the blank the converter found (the class it says most)."""
     names = list(result.golden_outputs)
     name = names[judged.outputs[0]]
     out = np.asarray(result.golden_outputs[name], np.float64)
@@ -65,7 +68,7 @@ def _text_postprocess(judged: Any, chars: Sequence[str], result: ConvertResult) 
     read = ctc_charset(chars, classes, blank_last=blank == classes - 1 and blank != 0)
     if read is None or read[1] != blank:
         raise ConfigError(
-            f"--labels has {len(chars)} lines for the {classes} classes of CTC output '{name}' "
+            f"{given} has {len(chars)} lines for the {classes} classes of CTC output '{name}' "
             f"(its blank, the class it says most, is class {blank}; it must be the first or "
             "the last): give one character a line, C - 1 lines without the blank, C - 2 "
             "(PP-OCR's space last), or C with the blank first"
@@ -106,14 +109,12 @@ def _postprocess(task: str, labels: Sequence[str] | None, result: ConvertResult)
                 post["scores_output"] = names[judged.outputs[1]]
         if labels is None and judged.labels:
             labels = judged.labels
-    if (
-        task == "raw"
-        and judged is not None
-        and judged.kind == "ctc"
-        and labels is not None
-        and looks_like_characters(labels)
-    ):
-        return _text_postprocess(judged, labels, result)
+    if task == "raw" and judged is not None and judged.kind == "ctc":
+        chars, given = labels, "--labels"
+        if chars is None:  # the dictionary the file carries (RapidOCR's)
+            chars, given = judged.labels, "the model's dictionary (metadata 'character')"
+        if chars is not None and looks_like_characters(chars):
+            return _text_postprocess(judged, chars, result, given=given)
     if labels is not None:  # a line of one space is a character, not a class name
         labels = [x for x in labels if x.strip()]
     if task == "classification":

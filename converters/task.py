@@ -51,7 +51,7 @@ from edge_agent.model.agreement import (
     mask_fidelity,
     match_detections,
 )
-from edge_agent.model.export_metadata import class_names, decodes_itself
+from edge_agent.model.export_metadata import characters, class_names, decodes_itself
 from edge_agent.model.postprocess import Postprocessor, PostprocessSpec, looks_like_rows
 
 Batches = list[list[np.ndarray]]
@@ -102,6 +102,8 @@ class Task:
     outputs: tuple[int, ...] = ()
     #: detection: the device's postprocessing options (format, yolo_version, ...)
     postprocess: Mapping[str, Any] = field(default_factory=dict)
+    #: detection: the class names the export carries; ctc: the characters of the dictionary it
+    #: carries (RapidOCR's ``character``)
     labels: tuple[str, ...] | None = None
     #: detection: class scores are the first ``num_classes`` features after the box (and
     #: objectness); None = every remaining feature (an Ultralytics segment export adds mask
@@ -184,8 +186,9 @@ def infer_task(
                     "distribution per time step"
                 )
                 return Task(
-                    "ctc", f"{why}; blank = class {blank}, the most frequent", (i,), blank=blank
-                )
+                    "ctc", f"{why}; blank = class {blank}, the most frequent", (i,),
+                    blank=blank, labels=characters(meta),
+                )  # fmt: skip
         if requested == "ctc":
             raise ConfigError("--task ctc: no [N, T, C] float output")
     if requested in ("auto", "mask"):

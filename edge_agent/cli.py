@@ -120,14 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--resize", choices=RESIZE_MODES,
             help="how a frame is fitted to a bare model's input: stretch, letterbox (aspect "
-            "kept, padded) or crop (aspect kept, the middle cut out) (default: [preprocess] "
-            "resize, stretch; letterbox for a YOLO export, crop for an Ultralytics classifier)",
+            "kept, padded), crop (aspect kept, the middle cut out) or pad-right (the height "
+            "fitted, the width in proportion, padded on the right: PaddleOCR's text lines) "
+            "(default: [preprocess] resize, stretch; letterbox for a YOLO export, crop for an "
+            "Ultralytics classifier, pad-right for a PaddleOCR recognizer)",
         )  # fmt: skip
         for side in ("width", "height"):
             p.add_argument(
                 f"--{side}", type=int, metavar="PX",
                 help=f"a bare model's input {side} when the model leaves it dynamic (an OCR "
-                f"recognizer's width) (default: [preprocess] {side}, from the model)",
+                f"recognizer's width) (default: [preprocess] {side}, from the model"
+                + ("; 320 for a PaddleOCR recognizer)" if side == "width" else ")"),
             )  # fmt: skip
         p.add_argument(
             "--labels", metavar="FILE",

@@ -112,7 +112,7 @@ class PreprocessSection:
         default=0.0,
     )
     channels: str = _doc("Channel order: rgb, bgr or gray ('' = from the model).", default="")
-    resize: str = _doc("stretch, letterbox or crop ('' = stretch).", default="")
+    resize: str = _doc("stretch, letterbox, crop or pad-right ('' = stretch).", default="")
     width: int = _doc(
         "Input width in pixels for a model whose width is dynamic (an OCR recognizer's; "
         "0 = from the model).",

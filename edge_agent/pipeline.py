@@ -170,6 +170,22 @@ def _batchable(model: LoadedModel) -> bool:
     )
 
 
+def _stack(feeds: list[np.ndarray]) -> np.ndarray:
+    """Several frames' feeds as one batch. Feeds of different sizes (text lines fed as wide as
+    they are long: ``resize = pad-right`` on a model of dynamic width) are padded with zeros
+    at their end to the largest, as PaddleOCR batches its lines."""
+    shape = feeds[0].shape
+    if all(f.shape == shape for f in feeds):
+        return np.concatenate(feeds)
+    size = np.max([f.shape for f in feeds], axis=0)
+    out = np.zeros((sum(f.shape[0] for f in feeds), *size[1:]), feeds[0].dtype)
+    start = 0
+    for f in feeds:
+        out[(slice(start, start + f.shape[0]), *(slice(0, n) for n in f.shape[1:]))] = f
+        start += f.shape[0]
+    return out
+
+
 def _to_frame(output: dict[str, Any], roi: tuple[int, int, int, int]) -> dict[str, Any]:
     """A result computed on a stream's region of interest, in the whole frame's terms:
     detection boxes moved by the region's corner (other kinds describe the region itself)."""
@@ -962,7 +978,7 @@ class Pipeline:
                     it.feeds, it.geometry = model.prepare(it.frame.data)
                     pre_ns += time.monotonic_ns() - t0
                 pre.append(pre_ns)
-            feeds = {k: np.concatenate([it.feeds[k] for it in items]) for k in items[0].feeds}
+            feeds = {k: _stack([it.feeds[k] for it in items]) for k in items[0].feeds}
             runtime = model.runtime
             t_inf = time.monotonic_ns()
             ident = threading.get_ident()

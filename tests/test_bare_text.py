@@ -247,3 +247,150 @@ def test_what_a_character_file_holds_and_where_the_blank_is(
     finally:
         model.close()
     assert np.mean([r == t for r, t in zip(read, d.eval_texts)]) >= 0.9
+
+
+def _as_paddleocr_ships_it(onnx_bytes: bytes, charset: str, *, dictionary: bool) -> bytes:
+    """The stand-in as PaddleOCR's recognizers are fed and laid out: it takes BGR (pixel / 255
+    - 0.5) / 0.5 (turned back into the RGB [0, 1] it was trained on by a Mul, an Add and a
+    Gather in front), and says its classes blank first and PaddleOCR's ``use_space_char`` space
+    last (a class it never says, concatenated at the end); with ``dictionary``, RapidOCR's
+    ``character`` metadata holds the dictionary, as its ONNX files carry it."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load_from_string(onnx_bytes)
+    x, out = m.graph.input[0].name, m.graph.output[0].name
+    for node in m.graph.node:
+        node.input[:] = ["x01" if i == x else i for i in node.input]
+        node.output[:] = ["classes" if o == out else o for o in node.output]
+    steps = m.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    m.graph.initializer.extend([
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+        numpy_helper.from_array(np.array([2, 1, 0], np.int64), "bgr_to_rgb"),
+        numpy_helper.from_array(np.zeros((1, steps, 1), np.float32), "no_space"),
+    ])  # fmt: skip
+    m.graph.node.insert(0, helper.make_node("Mul", [x, "half"], ["x_half"]))
+    m.graph.node.insert(1, helper.make_node("Add", ["x_half", "half"], ["x_bgr01"]))
+    m.graph.node.insert(2, helper.make_node("Gather", ["x_bgr01", "bgr_to_rgb"], ["x01"], axis=1))
+    m.graph.node.append(helper.make_node("Concat", ["classes", "no_space"], [out], axis=2))
+    m.graph.output[0].type.tensor_type.shape.dim[2].dim_value = len(charset) + 2
+    if dictionary:
+        onnx.helper.set_model_props(m, {"character": "\n".join(charset)})
+    onnx.checker.check_model(m)
+    return bytes(m.SerializeToString())
+
+
+def test_a_paddleocr_recognizer_runs_bare_fed_as_paddleocr_feeds_it(
+    recognizer: Any, tmp_path: Path
+) -> None:
+    """A PP-OCR recognizer as RapidOCR ships it (its dictionary in the file's ``character``
+    metadata): ``edge-agent run --model rec.onnx --source images:DIR`` with no flag at all
+    reads the lines. It is fed as PaddleOCR feeds it (BGR, (pixel / 255 - 0.5) / 0.5, the
+    height fitted and the line padded on the right); the same file without the metadata, given
+    the dictionary with ``--labels``, is known by its classes (N + 2: the blank first, the
+    space last) and fed the same; the user's keys win over each default."""
+    d, _, chars = recognizer
+    rapid = tmp_path / "rapidocr_rec.onnx"
+    rapid.write_bytes(_as_paddleocr_ships_it(d.onnx, d.charset, dictionary=True))
+    plain = tmp_path / "paddle_rec.onnx"
+    plain.write_bytes(_as_paddleocr_ships_it(d.onnx, d.charset, dictionary=False))
+    profile = load_profile("x86-64")
+    labels = tuple(chars.read_text().splitlines())
+    for model_path, given in ((rapid, None), (plain, labels)):
+        model = load_model(model_path, profile=profile, state_dir=tmp_path, labels=given)
+        try:
+            post, pre = model.postprocessor.spec, model.preprocessor
+            assert (post.kind, post.blank, post.labels) == ("text", 0, ("", *d.charset, " "))
+            assert pre is not None and not pre.grow
+            spec = pre.spec
+            fed = (spec.channels, spec.resize, spec.mean, spec.std, spec.scale)
+            assert fed == ("bgr", "pad-right", (0.5,), (0.5,), 1 / 255)
+            read = []
+            for x in d.eval_inputs[:32]:
+                feeds, geometry = model.prepare_image(_line_image(x))
+                read.append(model.postprocessor(model.infer(feeds), geometry=geometry)["text"])
+        finally:
+            model.close()
+        assert np.mean([r == t for r, t in zip(read, d.eval_texts)]) >= 0.9, model_path.name
+    folder = tmp_path / "lines"
+    folder.mkdir()
+    for i, x in enumerate(d.eval_inputs[:8]):
+        assert cv2.imwrite(str(folder / f"line{i}.png"), _line_image(x))
+    results = run_bare(rapid, None, f"images:{folder}", tmp_path)
+    texts = [r["output"]["text"] for r in results]
+    assert sum(t == want for t, want in zip(texts, d.eval_texts[:8])) >= 7, texts
+    mine = {"channels": "rgb", "resize": "stretch", "mean": (0.25,)}
+    model = load_model(rapid, profile=profile, state_dir=tmp_path, preprocess_overrides=mine)
+    try:
+        spec = model.preprocessor.spec if model.preprocessor else None
+        assert spec is not None
+        assert (spec.channels, spec.resize, spec.mean, spec.std) == ("rgb", "stretch", (0.25,),
+                                                                     (1.0,))  # fmt: skip
+    finally:
+        model.close()
+
+
+def _paddle_shaped(tmp_path: Path, width: int | None, characters: str = "a") -> Path:
+    """A PaddleOCR-shaped recognizer of dynamic width (or ``width``): input ``x`` ``[-1, 3,
+    48, W]``, output the input's mean over its height, step by step: ``[-1, W, 3]``, three
+    classes for one character (the blank, it, the space), and RapidOCR's ``character``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w: int | str = width or "width"
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=0),
+            helper.make_node("Transpose", ["m"], ["softmax"], perm=[0, 2, 1]),
+        ],
+        "paddle_shaped",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 48, w])],
+        [helper.make_tensor_value_info("softmax", TensorProto.FLOAT, ["n", w, 3])],
+        [numpy_helper.from_array(np.array([2], np.int64), "axes")],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 9
+    helper.set_model_props(m, {"character": characters})
+    path = tmp_path / f"paddle_shaped_{width}.onnx"
+    onnx.save(m, str(path))
+    return path
+
+
+def test_a_paddleocr_recognizer_of_dynamic_width_is_fed_a_long_line_wider(
+    tmp_path: Path,
+) -> None:
+    """PP-OCR's recognizers as exported (``[-1, 3, 48, -1]``) need no ``--width``: 320, as
+    PaddleOCR feeds them; a line longer than 320 / 48 is fed wider in proportion (PaddleOCR's
+    ``int(48 * w / h)``), a short one padded to 320 with zeros. A model of fixed width is fed
+    that width, the long line squeezed. Frames of several widths in one batch are padded to
+    the widest, as PaddleOCR batches its lines."""
+    from edge_agent.pipeline import _stack
+
+    profile = load_profile("x86-64")
+    model = load_model(_paddle_shaped(tmp_path, None), profile=profile, state_dir=tmp_path)
+    try:
+        pre = model.preprocessor
+        assert pre is not None and pre.grow and pre.spec.width == 320
+        assert model.postprocessor.spec.kind == "text"
+        long = np.full((20, 500, 3), 200, np.uint8)
+        feeds, _ = model.prepare_image(long)
+        assert feeds["x"].shape == (1, 3, 48, 1200)
+        (out,) = model.infer(feeds)
+        assert out.shape == (1, 1200, 3)
+        short = np.full((48, 100, 3), 255, np.uint8)
+        feeds_short, _ = model.prepare_image(short)
+        x = feeds_short["x"]
+        assert x.shape == (1, 3, 48, 320) and (x[..., :100] == 1.0).all()
+        assert not x[..., 100:].any()
+        batch = _stack([feeds_short["x"].copy(), feeds["x"].copy()])
+        assert batch.shape == (2, 3, 48, 1200) and not batch[0, ..., 100:].any()
+        np.testing.assert_array_equal(batch[1], feeds["x"][0])
+    finally:
+        model.close()
+    fixed = load_model(_paddle_shaped(tmp_path, 320), profile=profile, state_dir=tmp_path)
+    try:
+        assert fixed.preprocessor is not None and not fixed.preprocessor.grow
+        feeds, _ = fixed.prepare_image(np.full((20, 500, 3), 200, np.uint8))
+        assert feeds["x"].shape == (1, 3, 48, 320)
+    finally:
+        fixed.close()

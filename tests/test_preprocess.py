@@ -3,11 +3,13 @@ and kind of normalization (one scale for all channels, or a mean and std per cha
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 import pytest
 
-from edge_agent.model.preprocess import Preprocessor, PreprocessSpec, letterbox
+from edge_agent.model.preprocess import MAX_GROWTH, Preprocessor, PreprocessSpec, letterbox
 
 
 def _reference(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -17,6 +19,9 @@ def _reference(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     elif spec.resize == "crop":  # 120x90 (h x w) into 48x40: 90 -> 48 wide, 120 -> 64 tall
         assert (image.shape[:2], spec.width, spec.height) == ((120, 90), 48, 40)
         image = cv2.resize(image, (48, 64), interpolation=cv2.INTER_AREA)[12:52]
+    elif spec.resize == "pad-right":  # 120x90 into 48x40: 40 tall, 30 wide, 18 zeros right
+        assert (image.shape[:2], spec.width, spec.height) == ((120, 90), 48, 40)
+        image = cv2.resize(image, (30, 40), interpolation=cv2.INTER_LINEAR)
     else:
         image = cv2.resize(image, (spec.width, spec.height), interpolation=cv2.INTER_LINEAR)
     if image.ndim == 2 and spec.channels != "gray":
@@ -33,6 +38,7 @@ def _reference(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     mean = np.broadcast_to(np.asarray(spec.mean, np.float64), (n,))
     std = np.broadcast_to(np.asarray(spec.std, np.float64), (n,))
     x = (x * spec.scale - mean) / std
+    x = np.pad(x, ((0, 0), (0, spec.width - x.shape[1]), (0, 0)))  # pad-right: zeros
     return (x.transpose(2, 0, 1) if spec.layout == "nchw" else x)[None]
 
 
@@ -48,7 +54,7 @@ NORMALIZATIONS = {
 @pytest.mark.parametrize("norm", sorted(NORMALIZATIONS))
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("channels", ["rgb", "bgr", "gray"])
-@pytest.mark.parametrize("resize", ["stretch", "letterbox", "crop"])
+@pytest.mark.parametrize("resize", ["stretch", "letterbox", "crop", "pad-right"])
 def test_preprocessing_matches_the_reference(
     norm: str, layout: str, channels: str, resize: str
 ) -> None:
@@ -67,6 +73,85 @@ def test_preprocessing_matches_the_reference(
     want = _reference(image, spec)
     assert got.dtype == np.float32 and got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def _paddle_resize_norm_img(
+    img: np.ndarray, shape: tuple[int, int, int], max_wh_ratio: float
+) -> np.ndarray:
+    """PaddleOCR's ``TextRecognizer.resize_norm_img`` (tools/infer/predict_rec.py, as RapidOCR
+    copies it), written out from its arithmetic: the input's width ``int(H * max_wh_ratio)``,
+    the line ``ceil(H * w / h)`` wide (at most that), BGR, (pixel / 255 - 0.5) / 0.5, zeros to
+    the right. ``max_wh_ratio`` is W / H, or a longer line's w / h (a model of dynamic width)."""
+    c, height, _ = shape
+    width = int(height * max_wh_ratio)
+    h, w = img.shape[:2]
+    ratio = w / float(h)
+    resized_w = width if math.ceil(height * ratio) > width else math.ceil(height * ratio)
+    resized = cv2.resize(img, (resized_w, height)).astype("float32")
+    resized = resized.transpose((2, 0, 1)) / 255
+    resized -= 0.5
+    resized /= 0.5
+    padded = np.zeros((c, height, width), dtype=np.float32)
+    padded[:, :, 0:resized_w] = resized
+    return padded
+
+
+@pytest.mark.parametrize(
+    "frame", [(30, 100), (48, 320), (20, 500), (60, 40), (33, 211), (8, 1000), (500, 3)]
+)
+@pytest.mark.parametrize("grow", [False, True])
+def test_pad_right_feeds_a_line_as_paddleocr_does(frame: tuple[int, int], grow: bool) -> None:
+    """``resize = pad-right`` against PaddleOCR's own arithmetic, to float rounding: a short
+    line padded, one of the input's aspect filling it, a long one squeezed to the width (a
+    model that fixes it) or fed wider in proportion (``grow``: a model of dynamic width, as
+    PaddleOCR feeds those), up to MAX_GROWTH times the width; a tall narrow crop one column
+    wide at least. The geometry maps the line's pixels back to the frame."""
+    spec = PreprocessSpec(width=320, height=48, resize="pad-right", channels="bgr",
+                          scale=1 / 255, mean=(0.5,), std=(0.5,))  # fmt: skip
+    pre = Preprocessor(spec, grow=grow)
+    image = np.random.default_rng(sum(frame)).integers(0, 256, (*frame, 3), dtype=np.uint8)
+    h, w = frame
+    ratio = min(max(320 / 48, w / h), 320 * MAX_GROWTH / 48) if grow else 320 / 48
+    want = _paddle_resize_norm_img(image, (3, 48, 320), ratio)
+    got = pre(image)
+    assert got.shape == (1, *want.shape)
+    np.testing.assert_allclose(got[0], want, rtol=0, atol=2e-6)
+    line = min(math.ceil(48 * w / h), want.shape[2])  # how wide the line is in the input
+    assert not got[0, :, :, line:].any()  # zeros of the input (grey pixels) to the right
+    geo = pre.geometry(h, w)
+    x, y = geo.to_source(np.array([line]), np.array([48]))
+    np.testing.assert_allclose([x[0], y[0]], [w, h], rtol=1e-9)
+    for layout in ("nhwc",) if frame == (30, 100) else ():  # the layouts and pad pixels too
+        nhwc = Preprocessor(PreprocessSpec(**{**spec.to_dict(), "layout": layout}), grow=grow)
+        np.testing.assert_allclose(nhwc(image)[0].transpose(2, 0, 1), want, atol=2e-6)
+
+
+def test_pad_right_pads_with_the_pixel_that_scales_to_zero() -> None:
+    """An input that takes the pixels as its integers (a quantized TFLite recognizer): the
+    width past the line gets the pixel whose scaled value is 0 (128 for (pixel / 255 - 0.5) /
+    0.5 as uint8, 0 as int8), per channel; per-channel constants and gray likewise."""
+    image = np.random.default_rng(5).integers(0, 256, (16, 24, 3), np.uint8)
+    spec = PreprocessSpec(width=64, height=16, resize="pad-right", layout="nhwc",
+                          channels="bgr", scale=1 / 255, mean=(0.5,), std=(0.5,))  # fmt: skip
+    got = Preprocessor(spec, pixels_as="uint8")(image)
+    assert got.shape == (1, 16, 64, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got[0, :, :24], image)
+    assert (got[0, :, 24:] == 128).all()
+    got = Preprocessor(spec, pixels_as="int8")(image)
+    np.testing.assert_array_equal(got[0, :, :24], image.astype(np.int16) - 128)
+    assert got.dtype == np.int8 and (got[0, :, 24:] == 0).all()
+    rgb = PreprocessSpec(width=64, height=16, resize="pad-right", layout="nhwc",
+                         scale=1.0, mean=(10.0, 20.0, 30.0))  # fmt: skip
+    got = Preprocessor(rgb, pixels_as="uint8")(image)
+    np.testing.assert_array_equal(got[0, :, :24], image[:, :, ::-1])
+    assert (got[0, :, 24:] == [10, 20, 30]).all()
+    gray = PreprocessSpec(width=64, height=16, resize="pad-right", layout="nhwc",
+                          channels="gray", scale=1.0, mean=(7.0,))  # fmt: skip
+    got = Preprocessor(gray, pixels_as="uint8")(image)
+    assert got.shape == (1, 16, 64, 1) and (got[0, :, 24:, 0] == 7).all()
+    floats = Preprocessor(rgb)(image)  # the float path: zeros
+    assert floats.dtype == np.float32 and not floats[0, :, 24:].any()
+    np.testing.assert_allclose(floats[0, 0, 0], image[0, 0, ::-1] - [10.0, 20.0, 30.0])
 
 
 def test_gray_frames_and_frames_already_at_the_input_size() -> None:

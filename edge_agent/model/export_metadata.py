@@ -1,5 +1,6 @@
 """What exporters write about a model into its file, read the same way by the agent (a bare
-model) and the converter (its task): Ultralytics' metadata. An ONNX export holds it as
+model) and the converter (its task): Ultralytics' metadata, and the character dictionary
+RapidOCR writes into its PP-OCR recognizers. An ONNX export holds it as
 ``metadata_props``, every value a string (``names`` is ``"{0: 'person', ...}"``, ``end2end``
 is ``"True"``); a TFLite export as JSON packed into the file (``names`` with string keys), or,
 before Ultralytics 8.3, as one Python literal (:mod:`edge_agent.model.tflite_metadata` reads
@@ -60,4 +61,15 @@ def decodes_itself(props: Mapping[str, Any]) -> bool:
     return isinstance(args, dict) and args.get("nms") is True
 
 
-__all__ = ["MAX_LITERAL", "class_names", "decodes_itself", "literal"]
+def characters(props: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The characters of a text recognizer whose file carries its dictionary: ``character``,
+    PaddleOCR's dictionary file whole (one character a line, without the blank), as RapidOCR
+    writes it into the ``metadata_props`` of its PP-OCR ONNX files and reads it back (its
+    lines, ``str.splitlines``); else None."""
+    value = props.get("character")
+    if not isinstance(value, str) or not value or len(value) > MAX_LITERAL:
+        return None
+    return tuple(value.splitlines()) or None
+
+
+__all__ = ["MAX_LITERAL", "characters", "class_names", "decodes_itself", "literal"]

@@ -18,8 +18,10 @@ POSTPROCESS_CHOICES = ("auto", "raw")
 
 #: ``[preprocess] resize`` / ``--resize``: how a frame is fitted to the model's input.
 #: ``crop``: the shorter side resized to the input's and the middle cut out (torchvision's and
-#: Ultralytics' classifiers: Resize, then CenterCrop).
-RESIZE_MODES = ("stretch", "letterbox", "crop")
+#: Ultralytics' classifiers: Resize, then CenterCrop). ``pad-right``: the height resized to the
+#: input's and the width in proportion, up to the input's, the rest padded on the right with
+#: zeros of the model's input (PaddleOCR's text recognizers: ``resize_norm_img``).
+RESIZE_MODES = ("stretch", "letterbox", "crop", "pad-right")
 
 #: The runtime that executes each artifact format.
 RUNTIME_FOR_FORMAT = {

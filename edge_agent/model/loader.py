@@ -24,6 +24,7 @@ import numpy as np
 
 from edge_agent.common.files import file_identity
 from edge_agent.errors import ConfigError, ModelError
+from edge_agent.model.export_metadata import characters as exported_characters
 from edge_agent.model.export_metadata import class_names, decodes_itself
 from edge_agent.model.formats import POSTPROCESS_CHOICES, RUNTIME_FOR_FORMAT, SOFTMAX_CHOICES
 from edge_agent.model.postprocess import (
@@ -472,6 +473,60 @@ def _square_image(shape: Sequence[Any]) -> bool:
     return len(dims) == 2 and dims[0] == dims[1]
 
 
+def _paddle_recognizer(
+    runtime: Any, chars: tuple[str, ...] | None, props: Mapping[str, Any]
+) -> bool:
+    """Whether a bare model is a PaddleOCR text recognizer: one output of class scores a step
+    for the characters of the dictionary RapidOCR packs into its files (``character``), or for
+    a character file's plus the blank first and PaddleOCR's ``use_space_char`` space last
+    (``C = N + 2``: no other trainer lays its classes out so)."""
+    if not chars or len(runtime.outputs) != 1 or len(runtime.outputs[0].shape) != 3:
+        return False
+    classes = runtime.outputs[0].shape[2]
+    if not isinstance(classes, int) or ctc_charset(chars, classes) is None:
+        return False
+    return exported_characters(props) is not None or classes == len(chars) + 2
+
+
+#: How PaddleOCR feeds its recognizers (``resize_norm_img``): BGR as OpenCV decodes it, (pixel /
+#: 255 - 0.5) / 0.5, the height resized to the input's and the line padded on the right with
+#: zeros; ``rec_image_shape`` 3, 48 (32 before PP-OCRv3), 320
+_PADDLE_SCALING = {"scale": 1.0 / 255.0, "mean": (0.5,), "std": (0.5,)}
+_PADDLE_WIDTH = 320
+
+
+def _paddle_defaults(
+    shape: Sequence[Any], defaults: Mapping[str, Any], overrides: Mapping[str, Any], path: Path
+) -> dict[str, Any]:
+    """A PaddleOCR recognizer's preprocessing where the user gives none: its scaling (unless
+    its quantized input's or the user's scaling rules), BGR, ``pad-right``, and a width of 320
+    when the model leaves it dynamic."""
+    out: dict[str, Any] = {"channels": "bgr", "resize": "pad-right"}
+    if not defaults and not any(k in overrides for k in _SCALING_KEYS):
+        out.update(_PADDLE_SCALING)
+    layout = overrides.get("layout") or ("nchw" if shape[1] in (1, 3) else "nhwc")
+    width = shape[3] if layout == "nchw" else shape[2]
+    if not (isinstance(width, int) and width > 0):
+        out["width"] = _PADDLE_WIDTH
+    out = {**defaults, **{k: v for k, v in out.items() if k not in overrides}}
+    if _first_time(path, "paddle"):
+        log.info("preprocess: %s is read as a PaddleOCR recognizer, fed as PaddleOCR feeds it: "
+                 "%s", path.name, ", ".join(f"{k} = {v}" for k, v in out.items()))  # fmt: skip
+    return out
+
+
+def _width_is_dynamic(spec: PreprocessSpec, runtime: Any) -> bool:
+    """Whether lines can be fed wider than the spec's width (``resize = pad-right`` on a model
+    whose one image input leaves its width dynamic)."""
+    if spec.resize != "pad-right" or len(runtime.inputs) != 1:
+        return False
+    shape = runtime.inputs[0].shape
+    if len(shape) != 4:
+        return False
+    width = shape[3] if spec.layout == "nchw" else shape[2]
+    return not (isinstance(width, int) and width > 0)
+
+
 def _probe_feeds(runtime: Any, pre: Preprocessor | None) -> dict[str, np.ndarray] | None:
     """A zero image as the model's one image input takes it, when that input's height or
     width is dynamic and the user filled it (``[preprocess] width``: an OCR recognizer's): the
@@ -687,7 +742,7 @@ def load_model(
         if pre_data:  # the bundle's sizes are its model's: width / height serve bare models
             kept = {k: v for k, v in overrides.items() if k not in ("width", "height")}
             spec = _layout_for(PreprocessSpec.from_dict({**pre_data, **kept}), runtime)
-            pre = Preprocessor(spec)
+            pre = Preprocessor(spec, grow=_width_is_dynamic(spec, runtime))
             _check_fits(pre, runtime, path=path, overridden="channels" in overrides)
         post_spec = PostprocessSpec.from_manifest(manifest.get("postprocess") or {"kind": "raw"})
         input_size = None if pre is None else (pre.spec.width, pre.spec.height)
@@ -724,10 +779,11 @@ def load_model(
     auto = postprocess == "auto"
     decoded = getattr(runtime, "detection_outputs", None) if auto else None
     labels = (labels or _metadata_labels(meta, runtime, decoded)) if auto else None
-    characters = labels  # a line of one space is a character (text); a class has a name
-    labels = tuple(x for x in labels if x.strip()) if labels else labels
-    # an Ultralytics export's own class names serve only its head, when its output is one
+    # an export's own metadata: an Ultralytics export's class names serve only its head, when
+    # its output is one; a RapidOCR recognizer's dictionary, only when no labels are given
     props = _exporter_metadata(runtime, meta) if auto else {}
+    characters = labels or exported_characters(props)  # a line of one space is a character
+    labels = tuple(x for x in labels if x.strip()) if labels else labels
     names = None if labels or props.get("task") != "detect" else class_names(props)
     claimed = decodes_itself(props)
     yolo = _yolo_layout(runtime, labels or names, end2end=claimed)
@@ -746,9 +802,13 @@ def load_model(
                 and _square_image(runtime.inputs[0].shape)
             ):  # Ultralytics feeds its (square) classifiers resized, then cropped
                 defaults = {**defaults, "resize": "crop"}
+            elif _paddle_recognizer(runtime, characters, props):
+                defaults = _paddle_defaults(runtime.inputs[0].shape, defaults, overrides, path)
+            spec = PreprocessSpec.for_input_shape(list(shape), **defaults, **overrides)
             pre = Preprocessor(
-                PreprocessSpec.for_input_shape(list(shape), **defaults, **overrides),
+                spec,
                 pixels_as=runtime.inputs[0].dtype if pixels else None,
+                grow=_width_is_dynamic(spec, runtime),
             )
             if pixels:
                 _say_pixels(runtime.inputs[0], path)

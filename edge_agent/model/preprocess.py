@@ -7,6 +7,7 @@ multiply-add: ``x * (scale / std) - mean / std``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,6 +22,9 @@ from edge_agent.model.formats import RESIZE_MODES
 CHANNEL_ORDERS = ("rgb", "bgr", "gray")
 LAYOUTS = ("nchw", "nhwc")
 LETTERBOX_FILL = 114
+#: ``resize = pad-right`` on a model of dynamic width: a line is fed at most this many times
+#: the width given (``[preprocess] width``) wide; a longer one is squeezed to that
+MAX_GROWTH = 8
 
 
 class DynamicSizeError(ConfigError):
@@ -151,16 +155,27 @@ class Preprocessor:
             nw, nh = _cover(width, height, spec.width, spec.height)
             left, top = _crop_offsets(nw, nh, spec.width, spec.height)
             return Geometry(nw / width, nh / height, -left, -top)
+        if spec.resize == "pad-right":
+            nw, _ = self._fit_height(width, height)
+            return Geometry(nw / width, spec.height / height, 0.0, 0.0)
         return Geometry(spec.width / width, spec.height / height, 0.0, 0.0)
 
-    def __init__(self, spec: PreprocessSpec, *, pixels_as: str | None = None) -> None:
+    def __init__(
+        self, spec: PreprocessSpec, *, pixels_as: str | None = None, grow: bool = False
+    ) -> None:
         """``pixels_as`` ("uint8" or "int8"): the model's input is quantized so that its
         integers are the pixels themselves (uint8: the pixel; int8: the pixel - 128, the
         scaling the spec gives): an NHWC input gets them so, with no float pass (and none back
-        to integers in the runtime): 1.2 ms less a frame at 320x320 on the 2-core Xeon."""
+        to integers in the runtime): 1.2 ms less a frame at 320x320 on the 2-core Xeon.
+
+        ``grow`` (``resize = pad-right``, a model whose input width is dynamic): a line longer
+        than the spec's width is fed wider, in proportion (up to :data:`MAX_GROWTH` times the
+        width, squeezed beyond), as PaddleOCR feeds its recognizers; otherwise it is squeezed
+        to the width."""
         if pixels_as not in (None, "uint8", "int8"):
             raise ValueError(f"pixels_as = {pixels_as!r}: expected uint8 or int8")
         self.spec = spec
+        self.grow = grow and spec.resize == "pad-right"
         self.pixels_as = pixels_as if spec.layout == "nhwc" else None
         #: the output tensors, reused once nobody holds them (a 256x256 input is 0.8 MB a frame)
         self._outputs = BufferPool()
@@ -178,11 +193,11 @@ class Preprocessor:
         self._offsets = self._add if np.any(self._add) else None
         #: NHWC with per-channel constants: them as rows of the output's width (channels
         #: interleaved), for one long inner loop a row
-        offsets = self._offsets
-        self._rows = (
-            np.tile(self._mul, spec.width),
-            None if offsets is None else np.tile(offsets, spec.width),
-        )
+        self._rows = self._row_constants(spec.width)
+        #: ``pad-right`` fed the pixels as integers: the pixel (per channel, in the output's
+        #: order) whose scaled value is 0, what the rest of the width is padded with
+        zero = np.broadcast_to(np.asarray(spec.mean, np.float64) / spec.scale, (n,))
+        self._pad_pixels = np.clip(np.rint(zero), 0, 255).astype(np.uint8)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """BGR (or gray) uint8 HxW[xC] image -> float32 batch of one, in the spec's layout
@@ -190,19 +205,26 @@ class Preprocessor:
         spec = self.spec
         if image is None or image.ndim not in (2, 3) or image.size == 0:
             raise DataError(f"not an image: shape {getattr(image, 'shape', None)}")
+        width = spec.width  # of the output: the image fills it, or its left (pad-right)
         if spec.resize == "letterbox":
             image = letterbox(image, spec.width, spec.height)
         elif spec.resize == "crop":
             image = center_crop(image, spec.width, spec.height)
+        elif spec.resize == "pad-right":
+            w, width = self._fit_height(image.shape[1], image.shape[0])
+            image = cv2.resize(image, (w, spec.height), interpolation=cv2.INTER_LINEAR)
         elif image.shape[1] != spec.width or image.shape[0] != spec.height:
             image = cv2.resize(image, (spec.width, spec.height), interpolation=cv2.INTER_LINEAR)
+        h, w = spec.height, image.shape[1]
         if spec.channels == "gray":
             if image.ndim == 3:
                 image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
             if self.pixels_as is not None:
-                return self._pixels(image, (1, spec.height, spec.width, 1))
-            out = self._outputs.take((spec.height, spec.width), np.float32)
-            _scale_into(image, out, self._mul[0], self._offset(0))
+                return self._pixels(image, (1, h, width, 1))
+            out = self._outputs.take((h, width), np.float32)
+            _scale_into(image, out[:, :w], self._mul[0], self._offset(0))
+            if w < width:
+                out[:, w:] = 0.0
             return out[None, None] if spec.layout == "nchw" else out[None, :, :, None]
         if image.ndim == 2:
             image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
@@ -210,35 +232,69 @@ class Preprocessor:
             if spec.channels == "rgb":
                 image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
             if self.pixels_as is not None:
-                return self._pixels(image, (1, spec.height, spec.width, 3))
-            out = self._outputs.take((1, spec.height, spec.width, 3), np.float32)
+                return self._pixels(image, (1, h, width, 3))
+            out = self._outputs.take((1, h, width, 3), np.float32)
+            if w < width:
+                out[0, :, w:] = 0.0
             if self._uniform:
-                _scale_into(image, out[0], self._mul[0], self._offset(0))
+                _scale_into(image, out[0, :, :w], self._mul[0], self._offset(0))
                 return out
             # Per-channel constants as rows as wide as the image (channels interleaved): numpy
             # then runs one long inner loop a row, not one of 3 elements a pixel (~10x slower).
             mul, add = self._rows
-            width = spec.width * 3
+            if w * 3 > mul.shape[0]:  # a line fed wider than the width given (grow)
+                mul, add = self._row_constants(w)
+            n = w * 3
             _scale_into(
-                image.reshape(spec.height, width), out.reshape(spec.height, width), mul, add
+                image.reshape(h, n),
+                out[0].reshape(h, width * 3)[:, :n],
+                mul[:n],
+                None if add is None else add[:n],
             )
             return out
         # NCHW: split the planes and scale each straight into its place in the output; 3-4x
         # faster than converting, normalizing and transposing the interleaved image.
         planes = cv2.split(image)  # B, G, R
-        out = self._outputs.take((1, 3, spec.height, spec.width), np.float32)
+        out = self._outputs.take((1, 3, h, width), np.float32)
         for c, src in enumerate(self._order):
-            _scale_into(planes[src], out[0, c], self._mul[c], self._offset(c))
+            _scale_into(planes[src], out[0, c, :, :w], self._mul[c], self._offset(c))
+        if w < width:
+            out[0, :, :, w:] = 0.0
         return out
 
+    def _fit_height(self, width: int, height: int) -> tuple[int, int]:
+        """``pad-right``: the width a ``width`` x ``height`` image is resized to, and the
+        input's width it is padded to, in PaddleOCR's arithmetic (``resize_norm_img``: the
+        input's width ``int(H * max(W / H, w / h))`` when it grows, else W; the image's
+        ``ceil(H * w / h)``, at most that), floats as theirs."""
+        spec = self.spec
+        out = spec.width
+        ratio = width / float(height)
+        if self.grow:
+            grown = int(spec.height * max(spec.width / spec.height, ratio))
+            out = min(max(grown, spec.width), MAX_GROWTH * spec.width)
+        resized = math.ceil(spec.height * ratio)
+        return max(1, min(resized, out)), out
+
+    def _row_constants(self, width: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """NHWC per-channel constants tiled over ``width`` pixels (channels interleaved)."""
+        offsets = self._offsets
+        return (
+            np.tile(self._mul, width),
+            None if offsets is None else np.tile(offsets, width),
+        )
+
     def _pixels(self, image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """The pixels as the quantized input's integers (:attr:`pixels_as`)."""
+        """The pixels as the quantized input's integers (:attr:`pixels_as`); the width past
+        the image's (``pad-right``) the pixel whose scaled value is 0."""
         out = self._outputs.take(shape, np.uint8)
-        src = image.reshape(shape[1:])
+        w = image.shape[1]
+        np.copyto(out[0, :, :w], image.reshape((shape[1], w, shape[3])))
+        if w < shape[2]:
+            out[0, :, w:] = self._pad_pixels[: shape[3]]
         if self.pixels_as == "uint8":
-            np.copyto(out[0], src)
             return out
-        np.bitwise_xor(src, np.uint8(128), out=out[0])  # the pixel - 128, as two's complement
+        np.bitwise_xor(out, np.uint8(128), out=out)  # the pixel - 128, as two's complement
         return out.view(np.int8)
 
     def _offset(self, channel: int) -> np.float32 | None:
