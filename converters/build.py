@@ -14,6 +14,7 @@ state.
 from __future__ import annotations
 
 import hashlib
+import logging
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from converters.validate import is_classifier_output
 from edge_agent.errors import AccuracyBudgetError, ConfigError
 from edge_agent.model.postprocess import ctc_charset, looks_like_characters
 from edge_agent.model.profiles import DeviceProfile
+
+log = logging.getLogger(__name__)
 
 GOLDEN_FILE = "golden.npz"
 #: How close a device's run of the golden input must come to the expected outputs.
@@ -77,6 +80,10 @@ def _text_postprocess(
             "softmax": not _probabilities(out.reshape(-1, classes)[:8])}  # fmt: skip
 
 
+#: where a recognizer's characters came from when the model file carries them
+_OWN_DICTIONARY = "the model's dictionary (metadata 'character')"
+
+
 def _probabilities(rows: np.ndarray) -> bool:
     """Whether every row holds probabilities (non-negative, summing to 1): the device needs no
     softmax for them."""
@@ -110,11 +117,14 @@ def _postprocess(task: str, labels: Sequence[str] | None, result: ConvertResult)
         if labels is None and judged.labels:
             labels = judged.labels
     if task == "raw" and judged is not None and judged.kind == "ctc":
-        chars, given = labels, "--labels"
-        if chars is None:  # the dictionary the file carries (RapidOCR's)
-            chars, given = judged.labels, "the model's dictionary (metadata 'character')"
-        if chars is not None and looks_like_characters(chars):
-            return _text_postprocess(judged, chars, result, given=given)
+        if labels is not None and looks_like_characters(labels):
+            return _text_postprocess(judged, labels, result)
+        own = judged.labels  # the dictionary the file carries (RapidOCR's)
+        if labels is None and own is not None and looks_like_characters(own):
+            try:
+                return _text_postprocess(judged, own, result, given=_OWN_DICTIONARY)
+            except ConfigError as exc:  # the file's own, not the user's: shipped raw, said
+                log.warning("%s; the bundle reports the output raw", exc)
     if labels is not None:  # a line of one space is a character, not a class name
         labels = [x for x in labels if x.strip()]
     if task == "classification":

@@ -34,7 +34,7 @@ model by too.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -51,7 +51,12 @@ from edge_agent.model.agreement import (
     mask_fidelity,
     match_detections,
 )
-from edge_agent.model.export_metadata import characters, class_names, decodes_itself
+from edge_agent.model.export_metadata import (
+    characters,
+    class_names,
+    decodes_itself,
+    keypoint_shape,
+)
 from edge_agent.model.postprocess import Postprocessor, PostprocessSpec, looks_like_rows
 
 Batches = list[list[np.ndarray]]
@@ -123,10 +128,26 @@ class Task:
         post: dict[str, Any] = {"kind": POSTPROCESS_KIND[self.kind]}
         if self.kind == "detect":
             post.update(self.postprocess)
+            if self.num_classes is not None and post.get("format") == "yolo":
+                post["num_classes"] = self.num_classes  # what follows them is not classes
         return post
 
 
 # --- inference ---------------------------------------------------------------------------------
+
+
+def _with_keypoints(task: Task, meta: Mapping[str, str]) -> Task:
+    """An Ultralytics pose export's detector: its keypoints (``kpt_shape``: K, 2 or 3) follow
+    the classes; the bundle's postprocessing reports them (``keypoint_shape``)."""
+    kpt = keypoint_shape(meta)
+    if (
+        meta.get("task") != "pose"
+        or task.postprocess.get("format") != "yolo"
+        or task.num_classes is None
+        or kpt is None
+    ):
+        return task
+    return replace(task, postprocess={**task.postprocess, "keypoint_shape": list(kpt)})
 
 
 def model_metadata(props: Sequence[Any]) -> dict[str, str]:
@@ -165,7 +186,7 @@ def infer_task(
             says_decoded=decodes_itself(meta),
         )  # fmt: skip
         if found is not None:
-            return found
+            return _with_keypoints(found, meta)
         if requested == "detect":
             shapes = [None if o is None else list(o.shape) for o in outputs]
             raise ConfigError(
@@ -403,6 +424,7 @@ def decode_detections(task: Task, batches: Batches) -> list[Detections]:
         used[0] = [a[:, :stop] if a.shape[1] < a.shape[2] else a[..., :stop] for a in used[0]]
     names = [f"out{i}" for i in range(len(used))]
     spec = dict(task.postprocess)
+    spec.pop("keypoint_shape", None)  # judged on the boxes (the values after them are cut)
     if spec.get("format") == "ssd":
         spec.update(output="out0", scores_output="out1")
     post = Postprocessor(PostprocessSpec(kind="detection", **spec), output_names=names)

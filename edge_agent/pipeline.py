@@ -170,22 +170,6 @@ def _batchable(model: LoadedModel) -> bool:
     )
 
 
-def _stack(feeds: list[np.ndarray]) -> np.ndarray:
-    """Several frames' feeds as one batch. Feeds of different sizes (text lines fed as wide as
-    they are long: ``resize = pad-right`` on a model of dynamic width) are padded with zeros
-    at their end to the largest, as PaddleOCR batches its lines."""
-    shape = feeds[0].shape
-    if all(f.shape == shape for f in feeds):
-        return np.concatenate(feeds)
-    size = np.max([f.shape for f in feeds], axis=0)
-    out = np.zeros((sum(f.shape[0] for f in feeds), *size[1:]), feeds[0].dtype)
-    start = 0
-    for f in feeds:
-        out[(slice(start, start + f.shape[0]), *(slice(0, n) for n in f.shape[1:]))] = f
-        start += f.shape[0]
-    return out
-
-
 def _to_frame(output: dict[str, Any], roi: tuple[int, int, int, int]) -> dict[str, Any]:
     """A result computed on a stream's region of interest, in the whole frame's terms:
     detection boxes moved by the region's corner (other kinds describe the region itself)."""
@@ -978,13 +962,27 @@ class Pipeline:
                     it.feeds, it.geometry = model.prepare(it.frame.data)
                     pre_ns += time.monotonic_ns() - t0
                 pre.append(pre_ns)
-            feeds = {k: _stack([it.feeds[k] for it in items]) for k in items[0].feeds}
+            # Frames fed at sizes of their own (text lines as wide as they are long: pad-right on
+            # a model of dynamic width) go one call each: padded to another frame's width, a
+            # recognizer of global attention or a BiLSTM would read them otherwise.
+            shapes = {tuple(v.shape for v in it.feeds.values()) for it in items}
+            calls = [items] if len(shapes) == 1 else [[it] for it in items]
             runtime = model.runtime
             t_inf = time.monotonic_ns()
             ident = threading.get_ident()
             self._infer_since[ident] = t_inf / 1e9
+            each: list[tuple[list[np.ndarray], dict[str, np.ndarray]]] = []  # outputs, feeds
             try:
-                outputs = runtime.infer(feeds)  # batching is planned for onnxruntime only
+                for call in calls:
+                    feeds = {k: np.concatenate([it.feeds[k] for it in call]) for k in call[0].feeds}
+                    outputs = runtime.infer(feeds)  # batching is planned for onnxruntime only
+                    each.extend(
+                        (
+                            [o[i : i + 1] for o in outputs],
+                            {k: v[i : i + 1] for k, v in feeds.items()},
+                        )
+                        for i in range(len(call))
+                    )
             except ModelError as exc:
                 counts = [self._count_error(model) for _ in items]
                 if counts[0] == 1 or counts[0] // 1000 != counts[-1] // 1000:
@@ -1001,8 +999,7 @@ class Pipeline:
                     self._outcome(
                         model,
                         it,
-                        [o[i : i + 1] for o in outputs],
-                        {k: v[i : i + 1] for k, v in feeds.items()},
+                        *each[i],
                         pre_ns=pre[i],
                         t_start=t_start,
                         t_inf=t0 - per_frame,

@@ -330,28 +330,32 @@ def test_a_paddleocr_recognizer_runs_bare_fed_as_paddleocr_feeds_it(
         model.close()
 
 
-def _paddle_shaped(tmp_path: Path, width: int | None, characters: str = "a") -> Path:
+def _paddle_shaped(
+    tmp_path: Path, width: int | None, characters: str = "a", *, channels: int = 3
+) -> Path:
     """A PaddleOCR-shaped recognizer of dynamic width (or ``width``): input ``x`` ``[-1, 3,
-    48, W]``, output the input's mean over its height, step by step: ``[-1, W, 3]``, three
-    classes for one character (the blank, it, the space), and RapidOCR's ``character``."""
+    48, W]`` (or of one channel, repeated thrice), output the input's mean over its height,
+    step by step: ``[-1, W, 3]``, three classes for one character (the blank, it, the space),
+    and RapidOCR's ``character``."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w: int | str = width or "width"
+    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=0)]
+    if channels == 1:  # the one channel as three classes
+        nodes.append(helper.make_node("Concat", ["m", "m", "m"], ["m3"], axis=1))
+    nodes.append(helper.make_node("Transpose", [nodes[-1].output[0]], ["softmax"], perm=[0, 2, 1]))
     graph = helper.make_graph(
-        [
-            helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=0),
-            helper.make_node("Transpose", ["m"], ["softmax"], perm=[0, 2, 1]),
-        ],
+        nodes,
         "paddle_shaped",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 48, w])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", channels, 48, w])],
         [helper.make_tensor_value_info("softmax", TensorProto.FLOAT, ["n", w, 3])],
         [numpy_helper.from_array(np.array([2], np.int64), "axes")],
     )
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     m.ir_version = 9
     helper.set_model_props(m, {"character": characters})
-    path = tmp_path / f"paddle_shaped_{width}.onnx"
+    path = tmp_path / f"paddle_shaped_{width}_{channels}.onnx"
     onnx.save(m, str(path))
     return path
 
@@ -362,10 +366,7 @@ def test_a_paddleocr_recognizer_of_dynamic_width_is_fed_a_long_line_wider(
     """PP-OCR's recognizers as exported (``[-1, 3, 48, -1]``) need no ``--width``: 320, as
     PaddleOCR feeds them; a line longer than 320 / 48 is fed wider in proportion (PaddleOCR's
     ``int(48 * w / h)``), a short one padded to 320 with zeros. A model of fixed width is fed
-    that width, the long line squeezed. Frames of several widths in one batch are padded to
-    the widest, as PaddleOCR batches its lines."""
-    from edge_agent.pipeline import _stack
-
+    that width, the long line squeezed."""
     profile = load_profile("x86-64")
     model = load_model(_paddle_shaped(tmp_path, None), profile=profile, state_dir=tmp_path)
     try:
@@ -382,9 +383,6 @@ def test_a_paddleocr_recognizer_of_dynamic_width_is_fed_a_long_line_wider(
         x = feeds_short["x"]
         assert x.shape == (1, 3, 48, 320) and (x[..., :100] == 1.0).all()
         assert not x[..., 100:].any()
-        batch = _stack([feeds_short["x"].copy(), feeds["x"].copy()])
-        assert batch.shape == (2, 3, 48, 1200) and not batch[0, ..., 100:].any()
-        np.testing.assert_array_equal(batch[1], feeds["x"][0])
     finally:
         model.close()
     fixed = load_model(_paddle_shaped(tmp_path, 320), profile=profile, state_dir=tmp_path)
@@ -394,3 +392,57 @@ def test_a_paddleocr_recognizer_of_dynamic_width_is_fed_a_long_line_wider(
         assert feeds["x"].shape == (1, 3, 48, 320)
     finally:
         fixed.close()
+    gray = load_model(_paddle_shaped(tmp_path, None, channels=1), profile=profile,
+                      state_dir=tmp_path)  # fmt: skip
+    try:  # a gray recognizer stays gray, fed as the others
+        assert gray.preprocessor is not None and gray.preprocessor.spec.channels == "gray"
+        feeds, _ = gray.prepare_image(np.full((20, 500, 3), 200, np.uint8))
+        assert feeds["x"].shape == (1, 1, 48, 1200) and gray.postprocessor.spec.kind == "text"
+    finally:
+        gray.close()
+
+
+def test_lines_of_several_widths_from_several_streams_are_inferred_one_by_one(
+    tmp_path: Path,
+) -> None:
+    """Two streams batched into one call each (``batch = 2``): lines fed at widths of their own
+    (320 and 1200) go one call each, not padded to each other's width (a recognizer of global
+    attention reads a line padded wider otherwise): no call holds lines of both streams (green
+    and red). Each line reads as it does alone: green "a", red the space class."""
+    from edge_agent.io import open_source
+    from edge_agent.io.sinks import CallbackSink
+    from edge_agent.io.streams import Stream
+    from edge_agent.pipeline import Pipeline
+
+    folders = {}
+    for name, (size, colour) in {"short": ((48, 100), (0, 255, 0)),
+                                 "long": ((20, 500), (0, 0, 255))}.items():  # fmt: skip
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(3):
+            assert cv2.imwrite(str(folder / f"{i}.png"), np.full((*size, 3), colour, np.uint8))
+        folders[name] = folder
+    model = load_model(_paddle_shaped(tmp_path, None), profile=load_profile("x86-64"),
+                       state_dir=tmp_path)  # fmt: skip
+    calls: list[tuple[int, int, int]] = []
+    real = model.runtime.infer
+
+    def infer(feeds: Any) -> Any:  # records each call's batch, width and colours, then runs it
+        x = feeds["x"]
+        colours = {int(np.argmax(x[i, :, 0, 0])) for i in range(x.shape[0])}
+        calls.append((x.shape[0], x.shape[3], len(colours)))
+        return real(feeds)
+
+    model.runtime.infer = infer
+    results: list[dict[str, Any]] = []
+    streams = [Stream(n, open_source(f"images:{f}")) for n, f in folders.items()]
+    try:
+        summary = Pipeline(streams=streams, model=model, sinks=[CallbackSink(results.append)],
+                           batch=2).run()  # fmt: skip
+    finally:
+        model.close()
+    assert summary["batch"] == 2 and len(results) == 6
+    read = {(r["stream"], r["output"]["text"]) for r in results}
+    assert read == {("short", "a"), ("long", " ")}
+    assert all(k == 1 for _, _, k in calls), calls  # one stream's lines a call
+    assert {w for _, w, _ in calls} == {320, 1200} and sum(n for n, _, _ in calls) >= 6

@@ -76,12 +76,17 @@ def test_preprocessing_matches_the_reference(
 
 
 def _paddle_resize_norm_img(
-    img: np.ndarray, shape: tuple[int, int, int], max_wh_ratio: float
+    img: np.ndarray,
+    shape: tuple[int, int, int],
+    max_wh_ratio: float,
+    mean: float | np.ndarray = 0.5,
+    std: float | np.ndarray = 0.5,
 ) -> np.ndarray:
     """PaddleOCR's ``TextRecognizer.resize_norm_img`` (tools/infer/predict_rec.py, as RapidOCR
     copies it), written out from its arithmetic: the input's width ``int(H * max_wh_ratio)``,
     the line ``ceil(H * w / h)`` wide (at most that), BGR, (pixel / 255 - 0.5) / 0.5, zeros to
-    the right. ``max_wh_ratio`` is W / H, or a longer line's w / h (a model of dynamic width)."""
+    the right. ``max_wh_ratio`` is W / H, or a longer line's w / h (a model of dynamic width).
+    ``mean`` and ``std`` are its 0.5s, per channel ``[3, 1, 1]`` here for other models."""
     c, height, _ = shape
     width = int(height * max_wh_ratio)
     h, w = img.shape[:2]
@@ -89,8 +94,8 @@ def _paddle_resize_norm_img(
     resized_w = width if math.ceil(height * ratio) > width else math.ceil(height * ratio)
     resized = cv2.resize(img, (resized_w, height)).astype("float32")
     resized = resized.transpose((2, 0, 1)) / 255
-    resized -= 0.5
-    resized /= 0.5
+    resized -= mean
+    resized /= std
     padded = np.zeros((c, height, width), dtype=np.float32)
     padded[:, :, 0:resized_w] = resized
     return padded
@@ -121,9 +126,16 @@ def test_pad_right_feeds_a_line_as_paddleocr_does(frame: tuple[int, int], grow: 
     geo = pre.geometry(h, w)
     x, y = geo.to_source(np.array([line]), np.array([48]))
     np.testing.assert_allclose([x[0], y[0]], [w, h], rtol=1e-9)
-    for layout in ("nhwc",) if frame == (30, 100) else ():  # the layouts and pad pixels too
-        nhwc = Preprocessor(PreprocessSpec(**{**spec.to_dict(), "layout": layout}), grow=grow)
-        np.testing.assert_allclose(nhwc(image)[0].transpose(2, 0, 1), want, atol=2e-6)
+    nhwc = Preprocessor(PreprocessSpec(**{**spec.to_dict(), "layout": "nhwc"}), grow=grow)
+    np.testing.assert_allclose(nhwc(image)[0].transpose(2, 0, 1), want, atol=2e-6)
+    mean, std = (0.4, 0.5, 0.6), (0.3, 0.5, 0.7)  # per channel: NHWC's rows of constants
+    for layout in ("nchw", "nhwc"):
+        each = PreprocessSpec(**{**spec.to_dict(), "layout": layout, "mean": mean, "std": std})
+        got = Preprocessor(each, grow=grow)(image)[0]
+        per = _paddle_resize_norm_img(image, (3, 48, 320), ratio, np.array(mean)[:, None, None],
+                                      np.array(std)[:, None, None])  # fmt: skip
+        got = got if layout == "nchw" else got.transpose(2, 0, 1)
+        np.testing.assert_allclose(got, per, rtol=0, atol=4e-6)
 
 
 def test_pad_right_pads_with_the_pixel_that_scales_to_zero() -> None:

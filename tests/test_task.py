@@ -98,6 +98,33 @@ def test_infer_task_reads_ultralytics_metadata() -> None:
     assert t5.kind == "detect" and t5.postprocess["yolo_version"] == 5
 
 
+def test_a_segment_or_pose_export_ships_the_classes_apart_from_what_follows() -> None:
+    """An Ultralytics segment export's head holds 32 mask coefficients after its classes, a
+    pose export's its keypoints: the bundle's postprocessing says how many classes there are
+    (``num_classes``; before, the device read the coefficients as class scores) and, for pose,
+    the keypoints' shape from ``kpt_shape``; the fidelity is judged on the boxes."""
+    ref = _yolo_v8([(20, 20, 10, 10, 0, 0.9), (60, 60, 20, 20, 1, 0.8)], n=64)
+    coefficients = np.full((1, 32, ref.shape[2]), 5.0, np.float32)  # above any class score
+    seg = np.concatenate([ref[:, :6], coefficients], axis=1)  # two classes, then 32
+    meta = {"task": "segment", "names": "{0: 'a', 1: 'b'}"}
+    task = infer_task([seg], output_names=["output0"], metadata=meta)
+    post = task.to_postprocess()
+    assert post == {"kind": "detection", "format": "yolo", "yolo_version": 8, "num_classes": 2}
+    assert task_fidelity(task, [[seg]], [[seg.copy()]])["value"] == 1.0
+    from edge_agent.model.postprocess import Postprocessor, PostprocessSpec
+
+    found = Postprocessor(PostprocessSpec.from_manifest(post), output_names=["output0"])([seg])
+    assert [(d["class"], d["score"]) for d in found["detections"]] == [(0, 0.9), (1, 0.8)]
+    kpts = np.zeros((1, 6, ref.shape[2]), np.float32)  # two keypoints: x, y, visibility
+    pose = np.concatenate([ref[:, :5], kpts], axis=1)  # one class ("person"), then 6
+    meta = {"task": "pose", "names": "{0: 'person'}", "kpt_shape": "[2, 3]"}
+    post = infer_task([pose], output_names=["output0"], metadata=meta).to_postprocess()
+    assert (post["num_classes"], post["keypoint_shape"]) == (1, [2, 3])
+    meta["kpt_shape"] = "[2, 4]"  # not Ultralytics' shape: no keypoints
+    post = infer_task([pose], output_names=["output0"], metadata=meta).to_postprocess()
+    assert "keypoint_shape" not in post and post["num_classes"] == 1
+
+
 def test_infer_task_reads_rows_a_model_decoded_itself() -> None:
     """``[N, M, 6]`` rows (x1, y1, x2, y2, score, class) padded with zeros, as Ultralytics'
     end-to-end (YOLO26, YOLOv10) and ``nms=True`` exports write them: judged as detections

@@ -321,6 +321,140 @@ def _ultralytics_export(d: Any, form: str, tmp_path: Path) -> Path:
     return path
 
 
+def _segment_or_pose(d: Any, task: str, tmp_path: Path) -> Path:
+    """The stand-in's head as an Ultralytics ``segment`` or ``pose`` export lays it out: after
+    the classes, 32 mask coefficients (5.0: above any class score, were they read as one) and a
+    second output of mask prototypes ``[1, 32, 24, 24]``; or two keypoints (x, y, visibility),
+    each the box's centre with a visibility of 0.9. Metadata: task, names, ``kpt_shape``."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.load_from_string(d.onnx)
+    out = model.graph.output[0]
+    for node in model.graph.node:
+        node.output[:] = ["head" if o == out.name else o for o in node.output]
+    dims = out.type.tensor_type.shape.dim
+    features, anchors = dims[1].dim_value, dims[2].dim_value
+    g = model.graph
+    if task == "segment":
+        coeffs = np.full((1, 32, anchors), 5.0, np.float32)
+        g.initializer.append(numpy_helper.from_array(coeffs, "coefficients"))
+        g.node.append(helper.make_node("Concat", ["head", "coefficients"], [out.name], axis=1))
+        protos = numpy_helper.from_array(np.zeros((1, 32, 24, 24), np.float32), "protos")
+        g.node.append(helper.make_node("Constant", [], ["output1"], value=protos))
+        g.output.append(helper.make_tensor_value_info("output1", onnx.TensorProto.FLOAT,
+                                                      [1, 32, 24, 24]))  # fmt: skip
+        dims[1].dim_value = features + 32
+        meta = {"task": "segment"}
+    else:
+        g.initializer.extend([
+            numpy_helper.from_array(np.array([0], np.int64), "zero"),
+            numpy_helper.from_array(np.array([2], np.int64), "two"),
+            numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+            numpy_helper.from_array(np.full((1, 1, anchors), 0.9, np.float32), "visible"),
+        ])  # fmt: skip
+        g.node.append(helper.make_node("Slice", ["head", "zero", "two", "axis1"], ["centre"]))
+        g.node.append(helper.make_node("Concat", ["centre", "visible"], ["point"], axis=1))
+        g.node.append(helper.make_node("Concat", ["head", "point", "point"], [out.name], axis=1))
+        dims[1].dim_value = features + 6
+        meta = {"task": "pose", "kpt_shape": "[2, 3]"}
+    meta["names"] = str(dict(enumerate(d.names)))
+    del model.metadata_props[:]
+    helper.set_model_props(model, meta)
+    onnx.checker.check_model(model)
+    path = tmp_path / f"yolov8_style_{task}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_bare_segment_and_pose_exports_report_their_boxes_and_keypoints(
+    standin_yolo: Any, tmp_path: Path
+) -> None:
+    """An Ultralytics segment export (``yolov8n-seg.onnx``: mask coefficients after the classes,
+    a second output of prototypes) and a pose export (``yolov8n-pose.onnx``: keypoints after
+    them) load bare as detectors of their own names: the same detections as the detect export
+    of the same head (the coefficients, 5.0 each, are not read as class scores), and each pose
+    detection's keypoints in frame pixels: here the box's centre, visibility 0.9. Their masks
+    are not decoded (boxes only)."""
+    d = standin_yolo
+    profile = load_profile("x86-64")
+    frames = []
+    for x in d.eval_images[:24]:
+        image = np.clip(x.transpose(1, 2, 0) * 255 + 0.5, 0, 255).astype(np.uint8)
+        frame = np.full((216, 192, 3), 114, np.uint8)
+        frame[:192] = cv2.resize(image[:, :, ::-1], None, fx=2, fy=2)
+        frames.append(frame)
+
+    def detect(path: Path) -> tuple[Any, list[list[dict[str, Any]]]]:
+        loaded = load_model(path, profile=profile, state_dir=tmp_path)
+        try:
+            found = []
+            for frame in frames:
+                feeds, geometry = loaded.prepare_image(frame)
+                out = loaded.postprocessor(loaded.infer(feeds), geometry=geometry,
+                                           source_size=(192, 216))  # fmt: skip
+                found.append(out["detections"])
+            return loaded.postprocessor.spec, found
+        finally:
+            loaded.close()
+
+    _, plain = detect(_ultralytics_export(d, "onnx", tmp_path))
+    assert sum(map(len, plain)) >= 10
+    for task in ("segment", "pose"):
+        spec, found = detect(_segment_or_pose(d, task, tmp_path))
+        assert (spec.kind, spec.format, spec.num_classes, spec.labels) == (
+            "detection", "yolo", len(d.names), d.names,
+        )  # fmt: skip
+        strip = [[{k: v for k, v in x.items() if k != "keypoints"} for x in f] for f in found]
+        assert strip == plain, task
+        if task == "segment":
+            assert spec.output == "output0" and not any("keypoints" in x for f in found for x in f)
+            continue
+        assert spec.keypoint_shape == (2, 3)
+        for x in (x for f in found for x in f):
+            x1, y1, x2, y2 = x["box"]
+            centre = [(x1 + x2) / 2, (y1 + y2) / 2]
+            assert len(x["keypoints"]) == 2
+            for point in x["keypoints"]:
+                assert point[2] == pytest.approx(0.9, abs=1e-3)
+                if min(x1, y1) > 0 and x2 < 192 and y2 < 216:  # a clipped box moves its centre
+                    np.testing.assert_allclose(point[:2], centre, atol=0.01)
+
+
+def test_keypoints_and_class_counts_in_the_spec() -> None:
+    """``num_classes`` and ``keypoint_shape`` on a hand-built head: the values after the classes
+    are no class; keypoints [0, 1] of the input (a TFLite export's) come back in frame pixels
+    through the letterbox, clipped to the frame; a head too short for the spec is an error that
+    says so; bad shapes are refused."""
+    from edge_agent.model.preprocess import Geometry
+
+    head = np.zeros((1, 4 + 2 + 4, 16), np.float32)  # two classes, two keypoints of (x, y)
+    head[0, :4, 0] = (0.5, 0.5, 0.2, 0.2)
+    head[0, 4, 0] = 0.8
+    head[0, 6:, 0] = (0.5, 0.25, 1.2, -0.1)  # the second point beyond the input
+    head[0, 6:, 1:] = 9.0  # far above any score: were they classes, every anchor would be one
+    spec = PostprocessSpec(kind="detection", num_classes=2, keypoint_shape=[2, 2],
+                           normalized=True)  # fmt: skip
+    post = Postprocessor(spec, output_names=["output0"], input_size=(100, 100))
+    geometry = Geometry(0.5, 0.5, 0.0, 25.0)  # a 200x100 frame letterboxed into 100x100
+    out = post([head], geometry=geometry, source_size=(200, 100))
+    (det,) = out["detections"]
+    assert det["class"] == 0 and det["score"] == pytest.approx(0.8)
+    np.testing.assert_allclose(det["box"], [80, 30, 120, 70], atol=1e-6)
+    np.testing.assert_allclose(det["keypoints"], [[100, 0], [200, 0]], atol=1e-6)
+    assert spec.to_dict()["keypoint_shape"] == [2, 2]
+    assert PostprocessSpec.from_manifest(spec.to_dict()) == spec
+    short = PostprocessSpec(kind="detection", num_classes=4, keypoint_shape=[2, 2])
+    with pytest.raises(ModelError, match="10 values per box"):
+        Postprocessor(short, output_names=["output0"])([head])
+    for bad in ([2, 4], [0, 3], "2,3", [2.0, 3]):
+        with pytest.raises(ConfigError, match="keypoint_shape"):
+            PostprocessSpec(kind="detection", keypoint_shape=bad)
+    with pytest.raises(ConfigError, match="keypoint_shape"):
+        PostprocessSpec(kind="detection", format="ssd", keypoint_shape=[2, 3])
+    with pytest.raises(ConfigError, match="num_classes"):
+        PostprocessSpec(kind="detection", num_classes=0)
+
+
 @pytest.mark.parametrize("form", ["onnx", "onnx-normalized", "end2end", "tflite", "tflite-8.1"])
 def test_a_bare_ultralytics_export_reports_detections_with_its_own_names(
     standin_yolo: Any, tmp_path: Path, form: str

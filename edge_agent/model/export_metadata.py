@@ -61,6 +61,21 @@ def decodes_itself(props: Mapping[str, Any]) -> bool:
     return isinstance(args, dict) and args.get("nms") is True
 
 
+def keypoint_shape(props: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The keypoints an Ultralytics pose export's head holds after its classes: ``kpt_shape``
+    (K keypoints, 2 values each (x, y) or 3 (and a visibility score)); else None."""
+    kpt = literal(props.get("kpt_shape"))
+    if (
+        isinstance(kpt, (list, tuple))
+        and len(kpt) == 2
+        and all(type(v) is int for v in kpt)
+        and kpt[0] >= 1
+        and kpt[1] in (2, 3)
+    ):
+        return int(kpt[0]), int(kpt[1])
+    return None
+
+
 def characters(props: Mapping[str, Any]) -> tuple[str, ...] | None:
     """The characters of a text recognizer whose file carries its dictionary: ``character``,
     PaddleOCR's dictionary file whole (one character a line, without the blank), as RapidOCR
@@ -72,4 +87,11 @@ def characters(props: Mapping[str, Any]) -> tuple[str, ...] | None:
     return tuple(value.splitlines()) or None
 
 
-__all__ = ["MAX_LITERAL", "characters", "class_names", "decodes_itself", "literal"]
+__all__ = [
+    "MAX_LITERAL",
+    "characters",
+    "class_names",
+    "decodes_itself",
+    "keypoint_shape",
+    "literal",
+]

@@ -25,7 +25,7 @@ import numpy as np
 from edge_agent.common.files import file_identity
 from edge_agent.errors import ConfigError, ModelError
 from edge_agent.model.export_metadata import characters as exported_characters
-from edge_agent.model.export_metadata import class_names, decodes_itself
+from edge_agent.model.export_metadata import class_names, decodes_itself, keypoint_shape
 from edge_agent.model.formats import POSTPROCESS_CHOICES, RUNTIME_FOR_FORMAT, SOFTMAX_CHOICES
 from edge_agent.model.postprocess import (
     Postprocessor,
@@ -360,36 +360,77 @@ def _blank_is_last(runtime: Any, path: Path, probe: Mapping[str, np.ndarray] | N
     return _BLANK_LAST[key]
 
 
+#: Ultralytics' tasks whose export's head holds boxes with class scores (``segment``: and mask
+#: coefficients; ``pose``: and keypoints)
+_DETECTING = ("detect", "segment", "pose")
+
+#: A bare YOLO export's layout (:func:`_yolo_layout`): the format, the YOLO version, and what
+#: the postprocessing also needs (``output``, ``num_classes``, ``keypoint_shape``)
+YoloLayout = tuple[str, int | None, dict[str, Any]]
+
+
 def _yolo_layout(
-    runtime: Any, labels: tuple[str, ...] | None, *, end2end: bool
-) -> tuple[str, int | None] | None:
-    """How a bare model's one output holds ``labels``' detections, when it is a YOLO export's:
-    ``("yolo", 8)`` for ``[1, 4 + C, A]`` (Ultralytics YOLOv8 and later), ``("yolo", 5)`` for
-    ``[1, A, 5 + C]`` (YOLOv5: objectness, then the classes), ``("end2end", None)`` for
-    ``[1, M, 6]``: rows (x1, y1, x2, y2, score, class) the model decoded and suppressed (YOLO26,
-    YOLOv10, an export with NMS inside); else None. ``[1, A, 4 + C]`` is not taken: it is also
-    a YOLOv5 head with one label too many (a label map with a ``???`` line). ``[1, A, 6]`` with
-    one label is YOLOv5's unless the metadata says ``end2end``."""
-    if not labels or len(runtime.outputs) != 1:  # a detection op's file has four
+    runtime: Any,
+    labels: tuple[str, ...] | None,
+    *,
+    end2end: bool,
+    props: Mapping[str, Any] | None = None,
+) -> YoloLayout | None:
+    """How a bare model's head output holds ``labels``' detections, when it is a YOLO export's:
+    ``("yolo", 8, …)`` for ``[1, 4 + C, A]`` (Ultralytics YOLOv8 and later), ``("yolo", 5,
+    …)`` for ``[1, A, 5 + C]`` (YOLOv5: objectness, then the classes), ``("end2end", None,
+    …)`` for ``[1, M, 6]``: rows (x1, y1, x2, y2, score, class) the model decoded and suppressed
+    (YOLO26, YOLOv10, an export with NMS inside); else None. ``[1, A, 4 + C]`` is not taken: it
+    is also a YOLOv5 head with one label too many (a label map with a ``???`` line). ``[1, A,
+    6]`` with one label is YOLOv5's unless the metadata says ``end2end``.
+
+    An Ultralytics segment export (metadata ``task = segment``) has a second output, its mask
+    prototypes ``[1, P, H, W]`` (NHWC in TFLite), and P mask coefficients after the classes; a
+    pose export (``task = pose``) has ``kpt_shape`` (K, 2 or 3) keypoint values after them:
+    their classes are told apart from those (``num_classes``), the keypoints reported."""
+    task = (props or {}).get("task")
+    if not labels or not runtime.outputs:
         return None
-    shape = runtime.outputs[0].shape
+    extra: dict[str, Any] = {}
+    after = 0  # values after the classes
+    index = 0
+    if len(runtime.outputs) == 2 and task == "segment":  # the head and the mask prototypes
+        heads = [i for i, o in enumerate(runtime.outputs) if len(o.shape) == 3]
+        protos = [o for o in runtime.outputs if len(o.shape) == 4]
+        if len(heads) != 1 or len(protos) != 1:
+            return None
+        index = heads[0]
+        p = protos[0].shape
+        after = p[1] if p[2] == p[3] else p[3]  # NCHW [1, P, H, W] or NHWC [1, H, W, P]
+        if not isinstance(after, int) or after < 1:
+            return None
+        extra = {"output": runtime.outputs[index].name, "num_classes": len(labels)}
+    elif len(runtime.outputs) != 1:  # a detection op's file has four
+        return None
+    elif task == "pose":
+        kpt = keypoint_shape(props or {})
+        if kpt is None:
+            return None
+        after = kpt[0] * kpt[1]
+        extra = {"num_classes": len(labels), "keypoint_shape": list(kpt)}
+    shape = runtime.outputs[index].shape
     if len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
         return None
     if isinstance(shape[0], int) and shape[0] != 1:  # a batch of several: not fed here
         return None
-    a, b, c = int(shape[1]), int(shape[2]), len(labels)
-    if b == 6 and a > b and (end2end or c != 1):
-        return ("end2end", None)
+    a, b, c = int(shape[1]), int(shape[2]), len(labels) + after
+    if b == 6 and a > b and (end2end or c != 1) and not after:
+        return ("end2end", None, extra)
     if a == c + 4 and b > a:
-        return ("yolo", 8)
+        return ("yolo", 8, extra)
     if b == c + 5 and a > b:
-        return ("yolo", 5)
+        return ("yolo", 5, extra)
     return None
 
 
 def _yolo_detection(
     runtime: Any,
-    layout: tuple[str, int | None],
+    layout: YoloLayout,
     labels: tuple[str, ...] | None,
     pre: Any,
     path: Path,
@@ -402,11 +443,14 @@ def _yolo_detection(
     export with NMS inside that reports nothing on it is taken to be as Ultralytics writes its
     format. Rows (``end2end``) whose values are not rows (scores outside [0, 1], classes not
     whole numbers…) leave the model raw."""
-    fmt, version = layout
+    fmt, version, extra = layout
+    names = [o.name for o in runtime.outputs]
+    head = names.index(extra["output"]) if "output" in extra else 0
     key = file_identity(path)
     if key not in _BOXES_NORMALIZED:  # once a file: the tuner's trials and swaps load it again
         image = np.zeros((pre.spec.height, pre.spec.width, 3), np.uint8)
-        out = np.asarray(runtime.infer({runtime.inputs[0].name: pre(image)})[0], np.float64)[0]
+        outs = runtime.infer({runtime.inputs[0].name: pre(image)})
+        out = np.asarray(outs[head], np.float64)[0]
         if fmt == "end2end" and not looks_like_rows(out[None], claimed=claimed):
             _BOXES_NORMALIZED[key] = None
         else:
@@ -426,7 +470,7 @@ def _yolo_detection(
         if _first_time(path, "yolo"):
             log.info("postprocess: %s's output %s is not rows of box, score and class (scores "
                      "in [0, 1], whole class numbers): reported raw", path.name,
-                     list(runtime.outputs[0].shape))  # fmt: skip
+                     list(runtime.outputs[head].shape))  # fmt: skip
         return {"kind": "raw"}
     units = "in [0, 1]" if normalized else "in input pixels"
     if fmt == "end2end":
@@ -437,10 +481,16 @@ def _yolo_detection(
         return {"kind": "detection", "format": "end2end", "box_format": "xyxy",
                 "normalized": normalized, "labels": list(labels or ())}  # fmt: skip
     if _first_time(path, "yolo"):
+        besides = (
+            " (its keypoints with them)" if "keypoint_shape" in extra
+            else " (its mask coefficients are not read: boxes only)" if "output" in extra
+            else ""
+        )  # fmt: skip
         log.info("postprocess: %s's output is a YOLOv%d head for %d classes (boxes %s): its "
-                 "detections are reported", path.name, version, count, units)  # fmt: skip
+                 "detections are reported%s", path.name, version, count, units,
+                 besides)  # fmt: skip
     return {"kind": "detection", "format": "yolo", "yolo_version": version,
-            "normalized": normalized, "labels": list(labels or ())}  # fmt: skip
+            "normalized": normalized, "labels": list(labels or ()), **extra}  # fmt: skip
 
 
 #: what has been said of which model file (:func:`_first_time`)
@@ -501,11 +551,13 @@ def _paddle_defaults(
     """A PaddleOCR recognizer's preprocessing where the user gives none: its scaling (unless
     its quantized input's or the user's scaling rules), BGR, ``pad-right``, and a width of 320
     when the model leaves it dynamic."""
-    out: dict[str, Any] = {"channels": "bgr", "resize": "pad-right"}
+    out: dict[str, Any] = {"resize": "pad-right"}
     if not defaults and not any(k in overrides for k in _SCALING_KEYS):
         out.update(_PADDLE_SCALING)
     layout = overrides.get("layout") or ("nchw" if shape[1] in (1, 3) else "nhwc")
-    width = shape[3] if layout == "nchw" else shape[2]
+    channels, width = (shape[1], shape[3]) if layout == "nchw" else (shape[3], shape[2])
+    if channels != 1:  # a gray recognizer (rec_image_shape 1, 32, 100) stays gray
+        out["channels"] = "bgr"
     if not (isinstance(width, int) and width > 0):
         out["width"] = _PADDLE_WIDTH
     out = {**defaults, **{k: v for k, v in out.items() if k not in overrides}}
@@ -784,9 +836,9 @@ def load_model(
     props = _exporter_metadata(runtime, meta) if auto else {}
     characters = labels or exported_characters(props)  # a line of one space is a character
     labels = tuple(x for x in labels if x.strip()) if labels else labels
-    names = None if labels or props.get("task") != "detect" else class_names(props)
+    names = None if labels or props.get("task") not in _DETECTING else class_names(props)
     claimed = decodes_itself(props)
-    yolo = _yolo_layout(runtime, labels or names, end2end=claimed)
+    yolo = _yolo_layout(runtime, labels or names, end2end=claimed, props=props)
     if not labels and props.get("task") == "classify":  # an Ultralytics classifier's names
         labels = _classifier_names(class_names(props), runtime)
     unsized: DynamicSizeError | None = None

@@ -8,6 +8,8 @@ Kinds and the result each one produces (keys are a contract the sinks and the cl
 - ``detection``: ``{"kind", "detections": [{"box": [x1, y1, x2, y2], "score", "class",
   "label"}, ...]}``, sorted by score, class-wise NMS unless ``class_agnostic``; boxes in source
   pixels when a :class:`~edge_agent.model.preprocess.Geometry` is given, clipped to the source size.
+  With ``keypoint_shape`` (a pose model) each detection also has ``"keypoints": [[x, y(,
+  score)], ...]``, mapped and clipped as the boxes.
 - ``segmentation``: ``{"kind", "classes": [{"index", "label", "fraction"}, ...], "dominant",
   "size": [H, W]}``, classes present sorted by pixel fraction.
 - ``raw``: ``{"kind", "outputs": {name: list | {"shape", "mean", "min", "max"}}}``.
@@ -43,7 +45,7 @@ YOLO_VERSIONS = (5, 8)
 BOX_FORMATS = ("cxcywh", "xyxy", "yxyx")
 NONFINITE = "non-finite output"
 #: Manifest keys that are accepted and ignored (informational, written by the converter).
-IGNORED_KEYS = ("num_classes",)
+IGNORED_KEYS: tuple[str, ...] = ()
 #: At most this many boxes (the best scoring) go into NMS.
 MAX_NMS_CANDIDATES = 10_000
 #: A raw output with at most this many elements is reported in full, otherwise summarized.
@@ -75,6 +77,14 @@ class PostprocessSpec:
     #: YOLO layout: 5 = ``[N, A, 5+C]`` with objectness, 8 = ``[N, 4+C, A]`` without; None =
     #: from the shape (8 when the feature axis comes first, i.e. ``shape[1] < shape[2]``).
     yolo_version: int | None = None
+    #: YOLO: the class scores are this many features after the box (and objectness); what
+    #: follows them is not classes (an Ultralytics segment export's 32 mask coefficients, a
+    #: pose export's keypoints). None = every remaining feature.
+    num_classes: int | None = None
+    #: YOLO: a pose export's keypoints, after the classes: (K, 2) or (K, 3) (Ultralytics'
+    #: ``kpt_shape``): x, y in the boxes' units, and a visibility score; each detection reports
+    #: them (``keypoints``: [[x, y, score], ...] in source pixels). None = none.
+    keypoint_shape: tuple[int, ...] | None = None
     #: SSD: the scores output ``[N, A, C]`` by name; None = the first output that is not boxes.
     #: ``decoded``: the scores ``[1, M]``; None = the third output.
     scores_output: str | None = None
@@ -148,6 +158,23 @@ class PostprocessSpec:
             object.__setattr__(self, "anchors", anchors)
         if self.background_class is not None:
             _check_int("background_class", self.background_class, minimum=0)
+        if self.num_classes is not None:
+            _check_int("num_classes", self.num_classes, minimum=1)
+        if self.keypoint_shape is not None:
+            shape = self.keypoint_shape
+            if (
+                isinstance(shape, str)
+                or not isinstance(shape, Sequence)
+                or len(shape) != 2
+                or not all(type(v) is int for v in shape)
+                or shape[0] < 1
+                or shape[1] not in (2, 3)
+            ):
+                raise _bad("keypoint_shape", shape, "give [K, 2] or [K, 3] (K keypoints >= 1)")
+            if self.format != "yolo":
+                raise _bad("keypoint_shape", list(shape), f"only for format 'yolo', not "
+                           f"{self.format!r}")  # fmt: skip
+            object.__setattr__(self, "keypoint_shape", tuple(shape))
         _check_int("blank", self.blank, minimum=0)
         if self.kind == "detection" and self.format == "end2end" and self.box_format != "xyxy":
             raise _bad("box_format", self.box_format, "end2end rows are (x1, y1, x2, y2, ...): "
@@ -173,6 +200,8 @@ class PostprocessSpec:
             data["labels"] = list(self.labels)
         if self.anchors is not None:
             data["anchors"] = [list(a) for a in self.anchors]
+        if self.keypoint_shape is not None:
+            data["keypoint_shape"] = list(self.keypoint_shape)
         data["variances"] = list(self.variances)
         return data
 
@@ -332,8 +361,9 @@ class Postprocessor:
             out = np.asarray(outputs[self.index])
             if not _all_finite(out):
                 return self._nonfinite({"detections": []})
-            boxes, scores, classes = self._decode_yolo(out)
+            boxes, scores, classes, points = self._decode_yolo(out)
         else:
+            points = None
             assert self.scores_index is not None
             raw_boxes = np.asarray(outputs[self.index])
             raw_scores = np.asarray(outputs[self.scores_index])
@@ -354,8 +384,9 @@ class Postprocessor:
             shifted = xyxy + (classes.astype(np.float64) * span)[:, None]
             keep = nms(shifted, scores, spec.iou_threshold, max_out=spec.max_detections)
         return self._detections(
-            xyxy[keep], scores[keep], classes[keep], geometry=geometry, source_size=source_size
-        )
+            xyxy[keep], scores[keep], classes[keep], geometry=geometry, source_size=source_size,
+            keypoints=None if points is None else points[keep],
+        )  # fmt: skip
 
     def _decoded(
         self,
@@ -437,8 +468,11 @@ class Postprocessor:
         *,
         geometry: Geometry | None,
         source_size: tuple[int, int] | None,
+        keypoints: np.ndarray | None = None,
     ) -> dict[str, Any]:
-        """Boxes in input pixels -> the result: in source pixels, clipped to the source."""
+        """Boxes in input pixels -> the result: in source pixels, clipped to the source.
+        ``keypoints`` ``[n, K, 2 or 3]`` in the boxes' units (normalized or input pixels) go
+        the same way, each detection's as ``keypoints``."""
         if geometry is not None:
             x1, y1 = geometry.to_source(xyxy[:, 0], xyxy[:, 1])
             x2, y2 = geometry.to_source(xyxy[:, 2], xyxy[:, 3])
@@ -448,16 +482,30 @@ class Postprocessor:
             xyxy = np.clip(xyxy, 0.0, np.array([w, h, w, h], np.float64))
         box_list = _round_sig(xyxy).tolist()
         score_list = _round_sig(scores).tolist()
-        return {
-            "kind": "detection",
-            "detections": [
-                {"box": b, "score": s, "class": c, "label": self._label(c)}
-                for b, s, c in zip(box_list, score_list, classes.tolist())
-            ],
-        }
+        found = [
+            {"box": b, "score": s, "class": c, "label": self._label(c)}
+            for b, s, c in zip(box_list, score_list, classes.tolist())
+        ]
+        if keypoints is not None and len(found):
+            points = keypoints.copy()
+            n, k = points.shape[:2]
+            xy = self._to_input_pixels(
+                points[..., :2].reshape(-1, 2), geometry=geometry, source_size=source_size
+            )
+            if geometry is not None:
+                xy = np.stack(geometry.to_source(xy[:, 0], xy[:, 1]), axis=1)
+            if source_size is not None:
+                xy = np.clip(xy, 0.0, np.array(source_size, np.float64))
+            points[..., :2] = xy.reshape(n, k, 2)
+            for det, p in zip(found, _round_sig(points).tolist()):
+                det["keypoints"] = p
+        return {"kind": "detection", "detections": found}
 
-    def _decode_yolo(self, out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """-> candidate boxes [K, 4] (spec.box_format, float64), scores [K], classes [K]."""
+    def _decode_yolo(
+        self, out: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """-> candidate boxes [K, 4] (spec.box_format, float64), scores [K], classes [K], and
+        with ``keypoint_shape`` their keypoints [K, P, 2 or 3] (the boxes' units), else None."""
         spec = self.spec
         if out.ndim == 2:
             out = out[None]
@@ -477,7 +525,19 @@ class Postprocessor:
                 f"values per box ({rows.shape[1]})"
             )
         threshold = spec.score_threshold
-        cls_scores = rows[:, first_class:]
+        kp = 0 if spec.keypoint_shape is None else spec.keypoint_shape[0] * spec.keypoint_shape[1]
+        stop: int | None = None  # where the class scores end (None: at the end)
+        if spec.num_classes is not None:
+            stop = first_class + spec.num_classes
+        elif kp:  # the keypoints are the last values
+            stop = rows.shape[1] - kp
+        if stop is not None and (stop < first_class + (version == 8) or rows.shape[1] < stop + kp):
+            raise ModelError(
+                f"postprocess: YOLOv{version} output has shape {list(out.shape)}: "
+                f"{rows.shape[1]} values per box, not the box, the classes ({spec.num_classes}) "
+                f"and the keypoints ({kp} values) the spec gives"
+            )
+        cls_scores = rows[:, first_class:stop]
         if version == 5:
             obj = rows[:, 4]
             # score = obj * class score <= obj (scores are probabilities): filter on obj first.
@@ -498,7 +558,11 @@ class Postprocessor:
         cand, scores, classes = cand[sel], scores[sel], classes[sel]
         cand, scores, classes = _cap(cand, scores, classes)
         boxes = rows[cand, :4].astype(np.float64)
-        return _to_xyxy(boxes, spec.box_format), scores, classes
+        points = None
+        if spec.keypoint_shape is not None and stop is not None:
+            k, d = spec.keypoint_shape
+            points = rows[cand, stop : stop + kp].astype(np.float64).reshape(-1, k, d)
+        return _to_xyxy(boxes, spec.box_format), scores, classes, points
 
     def _decode_ssd(
         self, raw_boxes: np.ndarray, raw_scores: np.ndarray
@@ -551,6 +615,7 @@ class Postprocessor:
         geometry: Geometry | None,
         source_size: tuple[int, int] | None,
     ) -> np.ndarray:
+        """Boxes ``[n, 4]`` (or points ``[n, 2]``, x then y) in input pixels."""
         if not self.spec.normalized:
             return xyxy
         w: float
@@ -571,7 +636,7 @@ class Postprocessor:
             w, h = source_size  # normalized input == normalized source for a stretch resize
         else:
             return xyxy
-        return xyxy * np.array([w, h, w, h], np.float64)
+        return xyxy * np.array([w, h, w, h][: xyxy.shape[-1]], np.float64)
 
     def _text(self, out: np.ndarray) -> dict[str, Any]:
         """CTC's greedy reading, as PP-OCR decodes it: the best class a step, repeats merged,

@@ -193,7 +193,7 @@ class Preprocessor:
         self._offsets = self._add if np.any(self._add) else None
         #: NHWC with per-channel constants: them as rows of the output's width (channels
         #: interleaved), for one long inner loop a row
-        self._rows = self._row_constants(spec.width)
+        self._rows = self._row_constants(spec.width * (MAX_GROWTH if self.grow else 1))
         #: ``pad-right`` fed the pixels as integers: the pixel (per channel, in the output's
         #: order) whose scaled value is 0, what the rest of the width is padded with
         zero = np.broadcast_to(np.asarray(spec.mean, np.float64) / spec.scale, (n,))
@@ -241,9 +241,7 @@ class Preprocessor:
                 return out
             # Per-channel constants as rows as wide as the image (channels interleaved): numpy
             # then runs one long inner loop a row, not one of 3 elements a pixel (~10x slower).
-            mul, add = self._rows
-            if w * 3 > mul.shape[0]:  # a line fed wider than the width given (grow)
-                mul, add = self._row_constants(w)
+            mul, add = self._rows  # as wide as the widest input (grow: MAX_GROWTH x the width)
             n = w * 3
             _scale_into(
                 image.reshape(h, n),
@@ -289,13 +287,16 @@ class Preprocessor:
         the image's (``pad-right``) the pixel whose scaled value is 0."""
         out = self._outputs.take(shape, np.uint8)
         w = image.shape[1]
-        np.copyto(out[0, :, :w], image.reshape((shape[1], w, shape[3])))
-        if w < shape[2]:
-            out[0, :, w:] = self._pad_pixels[: shape[3]]
+        src = image.reshape((shape[1], w, shape[3]))
+        pad = self._pad_pixels[: shape[3]]
         if self.pixels_as == "uint8":
-            return out
-        np.bitwise_xor(out, np.uint8(128), out=out)  # the pixel - 128, as two's complement
-        return out.view(np.int8)
+            np.copyto(out[0, :, :w], src)
+        else:  # the pixel - 128, as two's complement: one pass
+            np.bitwise_xor(src, np.uint8(128), out=out[0, :, :w])
+            pad = pad ^ np.uint8(128)
+        if w < shape[2]:
+            out[0, :, w:] = pad
+        return out if self.pixels_as == "uint8" else out.view(np.int8)
 
     def _offset(self, channel: int) -> np.float32 | None:
         return None if self._offsets is None else self._offsets[channel]
