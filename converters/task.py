@@ -136,15 +136,22 @@ class Task:
 # --- inference ---------------------------------------------------------------------------------
 
 
-def _with_keypoints(task: Task, meta: Mapping[str, str]) -> Task:
+def _with_keypoints(
+    task: Task, meta: Mapping[str, str], outputs: Sequence[np.ndarray | None]
+) -> Task:
     """An Ultralytics pose export's detector: its keypoints (``kpt_shape``: K, 2 or 3) follow
-    the classes; the bundle's postprocessing reports them (``keypoint_shape``)."""
+    the classes of its head ``[N, 4 + C + K * d, A]``; the bundle's postprocessing reports them
+    (``keypoint_shape``). Judged on its boxes only: the keypoints are not compared."""
     kpt = keypoint_shape(meta)
+    head = outputs[task.outputs[0]] if task.outputs else None
     if (
         meta.get("task") != "pose"
         or task.postprocess.get("format") != "yolo"
+        or task.postprocess.get("yolo_version") != 8
         or task.num_classes is None
         or kpt is None
+        or head is None
+        or head.shape[1] != 4 + task.num_classes + kpt[0] * kpt[1]
     ):
         return task
     return replace(task, postprocess={**task.postprocess, "keypoint_shape": list(kpt)})
@@ -186,7 +193,7 @@ def infer_task(
             says_decoded=decodes_itself(meta),
         )  # fmt: skip
         if found is not None:
-            return _with_keypoints(found, meta)
+            return _with_keypoints(found, meta, outputs)
         if requested == "detect":
             shapes = [None if o is None else list(o.shape) for o in outputs]
             raise ConfigError(
@@ -339,6 +346,8 @@ def _detection(
         rows = out.transpose(0, 2, 1) if features_first else out  # [N, boxes, features]
         feats = rows.shape[2]
         version = 8 if features_first or (nc is not None and feats - 4 == nc) else 5
+        if version == 5 and says_decoded and meta_task in ("segment", "pose"):
+            continue  # rows the model decoded, with masks or keypoints: no YOLOv5 head
         first = 4 if version == 8 else 5
         classes = nc if nc is not None and first + nc <= feats else None
         scores = rows[..., first : first + classes] if classes else rows[..., first:]

@@ -178,6 +178,9 @@ def _to_frame(output: dict[str, Any], roi: tuple[int, int, int, int]) -> dict[st
         for d in output.get("detections", ()):
             b = d["box"]
             d["box"] = [b[0] + x, b[1] + y, b[2] + x, b[3] + y]
+            for p in d.get("keypoints", ()):  # a pose model's, as its box
+                p[0] += x
+                p[1] += y
     return output
 
 

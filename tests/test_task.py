@@ -110,7 +110,9 @@ def test_a_segment_or_pose_export_ships_the_classes_apart_from_what_follows() ->
     task = infer_task([seg], output_names=["output0"], metadata=meta)
     post = task.to_postprocess()
     assert post == {"kind": "detection", "format": "yolo", "yolo_version": 8, "num_classes": 2}
-    assert task_fidelity(task, [[seg]], [[seg.copy()]])["value"] == 1.0
+    other = seg.copy()
+    other[0, 6:] = -7.0  # other coefficients: the same boxes and classes
+    assert task_fidelity(task, [[seg]], [[other]])["value"] == 1.0
     from edge_agent.model.postprocess import Postprocessor, PostprocessSpec
 
     found = Postprocessor(PostprocessSpec.from_manifest(post), output_names=["output0"])([seg])
@@ -123,6 +125,16 @@ def test_a_segment_or_pose_export_ships_the_classes_apart_from_what_follows() ->
     meta["kpt_shape"] = "[2, 4]"  # not Ultralytics' shape: no keypoints
     post = infer_task([pose], output_names=["output0"], metadata=meta).to_postprocess()
     assert "keypoint_shape" not in post and post["num_classes"] == 1
+    meta["kpt_shape"] = "[3, 3]"  # a shape the head does not hold: no keypoints
+    post = infer_task([pose], output_names=["output0"], metadata=meta).to_postprocess()
+    assert "keypoint_shape" not in post
+    # a pose export that decodes its own detections (YOLO26, nms=True): rows of 6 + 51 values,
+    # [1, 300, 57], are no YOLOv5 head of one class (whose scores would all read 0)
+    rows = np.zeros((1, 300, 57), np.float32)
+    rows[0, :3, :6] = [[10, 10, 40, 40, 0.9, 0], [50, 50, 90, 90, 0.8, 0], [5, 5, 9, 9, 0.3, 0]]
+    meta = {"task": "pose", "names": "{0: 'person'}", "kpt_shape": "[17, 3]", "end2end": "True"}
+    found = infer_task([rows], output_names=["output0"], metadata=meta)
+    assert found.postprocess.get("yolo_version") != 5, found
 
 
 def test_infer_task_reads_rows_a_model_decoded_itself() -> None:

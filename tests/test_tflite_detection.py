@@ -324,8 +324,9 @@ def _ultralytics_export(d: Any, form: str, tmp_path: Path) -> Path:
 def _segment_or_pose(d: Any, task: str, tmp_path: Path) -> Path:
     """The stand-in's head as an Ultralytics ``segment`` or ``pose`` export lays it out: after
     the classes, 32 mask coefficients (5.0: above any class score, were they read as one) and a
-    second output of mask prototypes ``[1, 32, 24, 24]``; or two keypoints (x, y, visibility),
-    each the box's centre with a visibility of 0.9. Metadata: task, names, ``kpt_shape``."""
+    second output of mask prototypes ``[1, 32, 24, 24]`` (``segment-nhwc``: ``[1, 24, 40,
+    32]``, listed first, as a TFLite file may); or two keypoints (x, y, visibility), each the
+    box's centre with a visibility of 0.9. Metadata: task, names, ``kpt_shape``."""
     from onnx import helper, numpy_helper
 
     model = onnx.load_from_string(d.onnx)
@@ -335,14 +336,18 @@ def _segment_or_pose(d: Any, task: str, tmp_path: Path) -> Path:
     dims = out.type.tensor_type.shape.dim
     features, anchors = dims[1].dim_value, dims[2].dim_value
     g = model.graph
-    if task == "segment":
+    if task.startswith("segment"):
         coeffs = np.full((1, 32, anchors), 5.0, np.float32)
         g.initializer.append(numpy_helper.from_array(coeffs, "coefficients"))
         g.node.append(helper.make_node("Concat", ["head", "coefficients"], [out.name], axis=1))
-        protos = numpy_helper.from_array(np.zeros((1, 32, 24, 24), np.float32), "protos")
+        shape = [1, 32, 24, 24] if task == "segment" else [1, 24, 40, 32]
+        protos = numpy_helper.from_array(np.zeros(shape, np.float32), "protos")
         g.node.append(helper.make_node("Constant", [], ["output1"], value=protos))
-        g.output.append(helper.make_tensor_value_info("output1", onnx.TensorProto.FLOAT,
-                                                      [1, 32, 24, 24]))  # fmt: skip
+        info = helper.make_tensor_value_info("output1", onnx.TensorProto.FLOAT, shape)
+        if task == "segment":
+            g.output.append(info)
+        else:
+            g.output.insert(0, info)
         dims[1].dim_value = features + 32
         meta = {"task": "segment"}
     else:
@@ -399,14 +404,14 @@ def test_bare_segment_and_pose_exports_report_their_boxes_and_keypoints(
 
     _, plain = detect(_ultralytics_export(d, "onnx", tmp_path))
     assert sum(map(len, plain)) >= 10
-    for task in ("segment", "pose"):
+    for task in ("segment", "segment-nhwc", "pose"):
         spec, found = detect(_segment_or_pose(d, task, tmp_path))
         assert (spec.kind, spec.format, spec.num_classes, spec.labels) == (
             "detection", "yolo", len(d.names), d.names,
         )  # fmt: skip
         strip = [[{k: v for k, v in x.items() if k != "keypoints"} for x in f] for f in found]
         assert strip == plain, task
-        if task == "segment":
+        if task.startswith("segment"):
             assert spec.output == "output0" and not any("keypoints" in x for f in found for x in f)
             continue
         assert spec.keypoint_shape == (2, 3)
@@ -420,11 +425,38 @@ def test_bare_segment_and_pose_exports_report_their_boxes_and_keypoints(
                     np.testing.assert_allclose(point[:2], centre, atol=0.01)
 
 
+def test_a_pose_export_that_decodes_itself_stays_raw(tmp_path: Path) -> None:
+    """A pose export with NMS inside (YOLO26-pose, ``nms=True``): rows of box, score, class and
+    17 keypoints, ``[1, 300, 57]``. With one name it would fit a YOLOv5 head of 52 classes and
+    report nothing (its scores read as 0): it is reported raw until such rows are read."""
+    from onnx import helper, numpy_helper
+
+    rows = numpy_helper.from_array(np.zeros((1, 300, 57), np.float32), "rows")
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["output0"], value=rows)],
+        "pose_rows",
+        [helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, [1, 3, 64, 64])],
+        [helper.make_tensor_value_info("output0", onnx.TensorProto.FLOAT, [1, 300, 57])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    helper.set_model_props(model, {"task": "pose", "names": "{0: 'person'}",
+                                   "kpt_shape": "[17, 3]", "end2end": "True"})  # fmt: skip
+    path = tmp_path / "yolo26_pose_style.onnx"
+    onnx.save(model, str(path))
+    loaded = load_model(path, profile=load_profile("x86-64"), state_dir=tmp_path)
+    try:
+        assert loaded.postprocessor.spec.kind == "raw"
+    finally:
+        loaded.close()
+
+
 def test_keypoints_and_class_counts_in_the_spec() -> None:
     """``num_classes`` and ``keypoint_shape`` on a hand-built head: the values after the classes
-    are no class; keypoints [0, 1] of the input (a TFLite export's) come back in frame pixels
-    through the letterbox, clipped to the frame; a head too short for the spec is an error that
-    says so; bad shapes are refused."""
+    are no class (YOLOv8 and YOLOv5 layouts); keypoints [0, 1] of the input (a TFLite export's)
+    come back in frame pixels through the letterbox, clipped to the frame, and moved with the
+    box into a stream's region of interest; a head that does not hold the classes and keypoints
+    the spec gives is an error that says so; bad shapes are refused."""
     from edge_agent.model.preprocess import Geometry
 
     head = np.zeros((1, 4 + 2 + 4, 16), np.float32)  # two classes, two keypoints of (x, y)
@@ -443,9 +475,22 @@ def test_keypoints_and_class_counts_in_the_spec() -> None:
     np.testing.assert_allclose(det["keypoints"], [[100, 0], [200, 0]], atol=1e-6)
     assert spec.to_dict()["keypoint_shape"] == [2, 2]
     assert PostprocessSpec.from_manifest(spec.to_dict()) == spec
-    short = PostprocessSpec(kind="detection", num_classes=4, keypoint_shape=[2, 2])
-    with pytest.raises(ModelError, match="10 values per box"):
-        Postprocessor(short, output_names=["output0"])([head])
+    for short in ({"num_classes": 4}, {"num_classes": 2, "keypoint_shape": [1, 2]}):
+        spec = PostprocessSpec(kind="detection", **{"keypoint_shape": [2, 2], **short})
+        with pytest.raises(ModelError, match="10 values per box"):
+            Postprocessor(spec, output_names=["output0"])([head])
+    v5 = np.zeros((1, 40, 5 + 2 + 32), np.float32)  # YOLOv5-seg: objectness, 2 classes, 32
+    v5[0, 0, :7] = (50, 50, 20, 20, 0.9, 0.1, 0.8)
+    v5[0, :, 7:] = 9.0
+    spec = PostprocessSpec(kind="detection", yolo_version=5, num_classes=2)
+    (det,) = Postprocessor(spec, output_names=["output0"])([v5])["detections"]
+    assert det["class"] == 1 and det["score"] == pytest.approx(0.72)
+    from edge_agent.pipeline import _to_frame
+
+    moved = _to_frame({"kind": "detection", "detections": [{"box": [1, 2, 3, 4],
+                       "keypoints": [[1, 2, 0.5], [0, 0, 0.1]]}]}, (10, 20, 50, 50))  # fmt: skip
+    (d,) = moved["detections"]
+    assert d["box"] == [11, 22, 13, 24] and d["keypoints"] == [[11, 22, 0.5], [10, 20, 0.1]]
     for bad in ([2, 4], [0, 3], "2,3", [2.0, 3]):
         with pytest.raises(ConfigError, match="keypoint_shape"):
             PostprocessSpec(kind="detection", keypoint_shape=bad)

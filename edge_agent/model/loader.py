@@ -391,6 +391,8 @@ def _yolo_layout(
     task = (props or {}).get("task")
     if not labels or not runtime.outputs:
         return None
+    if task in ("segment", "pose") and end2end:  # rows with masks or keypoints: not read yet
+        return None
     extra: dict[str, Any] = {}
     after = 0  # values after the classes
     index = 0
@@ -400,10 +402,12 @@ def _yolo_layout(
         if len(heads) != 1 or len(protos) != 1:
             return None
         index = heads[0]
-        p = protos[0].shape
-        after = p[1] if p[2] == p[3] else p[3]  # NCHW [1, P, H, W] or NHWC [1, H, W, P]
-        if not isinstance(after, int) or after < 1:
+        p, head = protos[0].shape, runtime.outputs[index].shape
+        # NCHW [1, P, H, W] or NHWC [1, H, W, P]: the P that the head's values fit
+        fits = [n for n in (p[1], p[3]) if isinstance(n, int) and head[1] == 4 + len(labels) + n]
+        if not fits:
             return None
+        after = fits[0]
         extra = {"output": runtime.outputs[index].name, "num_classes": len(labels)}
     elif len(runtime.outputs) != 1:  # a detection op's file has four
         return None
@@ -423,7 +427,7 @@ def _yolo_layout(
         return ("end2end", None, extra)
     if a == c + 4 and b > a:
         return ("yolo", 8, extra)
-    if b == c + 5 and a > b:
+    if b == c + 5 and a > b and task not in ("segment", "pose"):  # theirs are features first
         return ("yolo", 5, extra)
     return None
 

@@ -531,7 +531,11 @@ class Postprocessor:
             stop = first_class + spec.num_classes
         elif kp:  # the keypoints are the last values
             stop = rows.shape[1] - kp
-        if stop is not None and (stop < first_class + (version == 8) or rows.shape[1] < stop + kp):
+        if stop is not None and (
+            stop < first_class + (version == 8)
+            or rows.shape[1] < stop + kp
+            or (kp and rows.shape[1] != stop + kp)  # keypoints of another shape: not these
+        ):
             raise ModelError(
                 f"postprocess: YOLOv{version} output has shape {list(out.shape)}: "
                 f"{rows.shape[1]} values per box, not the box, the classes ({spec.num_classes}) "
