@@ -72,6 +72,15 @@ def _line_image(x: np.ndarray) -> np.ndarray:
     )
 
 
+def _exact(model: Any, d: Any, n: int = 32) -> float:
+    """The share of the first ``n`` held-out lines ``model`` reads exactly, fed as images."""
+    read = []
+    for x in d.eval_inputs[:n]:
+        feeds, geometry = model.prepare_image(_line_image(x))
+        read.append(model.postprocessor(model.infer(feeds), geometry=geometry)["text"])
+    return float(np.mean([r == t for r, t in zip(read, d.eval_texts)]))
+
+
 @pytest.fixture(scope="module")
 def recognizer(standin_svtr: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     root = tmp_path_factory.mktemp("rec")
@@ -240,13 +249,9 @@ def test_what_a_character_file_holds_and_where_the_blank_is(
     try:
         spec = model.postprocessor.spec
         assert (spec.kind, spec.blank, spec.labels) == ("text", len(labels), (*labels, ""))
-        read = []
-        for x in d.eval_inputs[:32]:
-            feeds, geometry = model.prepare_image(_line_image(x))
-            read.append(model.postprocessor(model.infer(feeds), geometry=geometry)["text"])
+        assert _exact(model, d) >= 0.9
     finally:
         model.close()
-    assert np.mean([r == t for r, t in zip(read, d.eval_texts)]) >= 0.9
 
 
 def _as_paddleocr_ships_it(onnx_bytes: bytes, charset: str, *, dictionary: bool) -> bytes:
@@ -305,13 +310,9 @@ def test_a_paddleocr_recognizer_runs_bare_fed_as_paddleocr_feeds_it(
             spec = pre.spec
             fed = (spec.channels, spec.resize, spec.mean, spec.std, spec.scale)
             assert fed == ("bgr", "pad-right", (0.5,), (0.5,), 1 / 255)
-            read = []
-            for x in d.eval_inputs[:32]:
-                feeds, geometry = model.prepare_image(_line_image(x))
-                read.append(model.postprocessor(model.infer(feeds), geometry=geometry)["text"])
+            assert _exact(model, d) >= 0.9, model_path.name
         finally:
             model.close()
-        assert np.mean([r == t for r, t in zip(read, d.eval_texts)]) >= 0.9, model_path.name
     folder = tmp_path / "lines"
     folder.mkdir()
     for i, x in enumerate(d.eval_inputs[:8]):
