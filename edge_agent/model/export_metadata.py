@@ -63,16 +63,22 @@ def decodes_itself(props: Mapping[str, Any]) -> bool:
 
 def keypoint_shape(props: Mapping[str, Any]) -> tuple[int, int] | None:
     """The keypoints an Ultralytics pose export's head holds after its classes: ``kpt_shape``
-    (K keypoints, 2 values each (x, y) or 3 (and a visibility score)); else None."""
-    kpt = literal(props.get("kpt_shape"))
+    (:func:`as_keypoint_shape`); else None."""
+    return as_keypoint_shape(literal(props.get("kpt_shape")))
+
+
+def as_keypoint_shape(value: Any) -> tuple[int, int] | None:
+    """``value`` as a keypoint shape, (K keypoints >= 1, 2 values each (x, y) or 3 (and a
+    visibility score)), when it is a list or tuple of two such whole numbers; else None. The
+    one check of Ultralytics' ``kpt_shape`` and of a manifest's ``keypoint_shape``."""
     if (
-        isinstance(kpt, (list, tuple))
-        and len(kpt) == 2
-        and all(type(v) is int for v in kpt)
-        and kpt[0] >= 1
-        and kpt[1] in (2, 3)
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(type(v) is int for v in value)
+        and value[0] >= 1
+        and value[1] in (2, 3)
     ):
-        return int(kpt[0]), int(kpt[1])
+        return int(value[0]), int(value[1])
     return None
 
 
@@ -89,6 +95,7 @@ def characters(props: Mapping[str, Any]) -> tuple[str, ...] | None:
 
 __all__ = [
     "MAX_LITERAL",
+    "as_keypoint_shape",
     "characters",
     "class_names",
     "decodes_itself",

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import ConfigError, ModelError
+from edge_agent.model.export_metadata import as_keypoint_shape
 from edge_agent.model.preprocess import Geometry
 
 #: ``text``: a CTC recognizer's ``[1, T, C]`` output read as the text it spells (an OCR
@@ -161,20 +162,14 @@ class PostprocessSpec:
         if self.num_classes is not None:
             _check_int("num_classes", self.num_classes, minimum=1)
         if self.keypoint_shape is not None:
-            shape = self.keypoint_shape
-            if (
-                isinstance(shape, str)
-                or not isinstance(shape, Sequence)
-                or len(shape) != 2
-                or not all(type(v) is int for v in shape)
-                or shape[0] < 1
-                or shape[1] not in (2, 3)
-            ):
-                raise _bad("keypoint_shape", shape, "give [K, 2] or [K, 3] (K keypoints >= 1)")
+            shape = as_keypoint_shape(self.keypoint_shape)
+            if shape is None:
+                raise _bad("keypoint_shape", self.keypoint_shape,
+                           "give [K, 2] or [K, 3] (K keypoints >= 1)")  # fmt: skip
             if self.format != "yolo":
                 raise _bad("keypoint_shape", list(shape), f"only for format 'yolo', not "
                            f"{self.format!r}")  # fmt: skip
-            object.__setattr__(self, "keypoint_shape", tuple(shape))
+            object.__setattr__(self, "keypoint_shape", shape)
         _check_int("blank", self.blank, minimum=0)
         if self.kind == "detection" and self.format == "end2end" and self.box_format != "xyxy":
             raise _bad("box_format", self.box_format, "end2end rows are (x1, y1, x2, y2, ...): "
@@ -473,13 +468,7 @@ class Postprocessor:
         """Boxes in input pixels -> the result: in source pixels, clipped to the source.
         ``keypoints`` ``[n, K, 2 or 3]`` in the boxes' units (normalized or input pixels) go
         the same way, each detection's as ``keypoints``."""
-        if geometry is not None:
-            x1, y1 = geometry.to_source(xyxy[:, 0], xyxy[:, 1])
-            x2, y2 = geometry.to_source(xyxy[:, 2], xyxy[:, 3])
-            xyxy = np.stack([x1, y1, x2, y2], axis=1)
-        if source_size is not None:
-            w, h = source_size
-            xyxy = np.clip(xyxy, 0.0, np.array([w, h, w, h], np.float64))
+        xyxy = _to_source(xyxy.reshape(-1, 2), geometry, source_size).reshape(-1, 4)
         box_list = _round_sig(xyxy).tolist()
         score_list = _round_sig(scores).tolist()
         found = [
@@ -492,11 +481,7 @@ class Postprocessor:
             xy = self._to_input_pixels(
                 points[..., :2].reshape(-1, 2), geometry=geometry, source_size=source_size
             )
-            if geometry is not None:
-                xy = np.stack(geometry.to_source(xy[:, 0], xy[:, 1]), axis=1)
-            if source_size is not None:
-                xy = np.clip(xy, 0.0, np.array(source_size, np.float64))
-            points[..., :2] = xy.reshape(n, k, 2)
+            points[..., :2] = _to_source(xy, geometry, source_size).reshape(n, k, 2)
             for det, p in zip(found, _round_sig(points).tolist()):
                 det["keypoints"] = p
         return {"kind": "detection", "detections": found}
@@ -533,8 +518,8 @@ class Postprocessor:
             stop = rows.shape[1] - kp
         if stop is not None and (
             stop < first_class + (version == 8)
-            or rows.shape[1] < stop + kp
-            or (kp and rows.shape[1] != stop + kp)  # keypoints of another shape: not these
+            # the keypoints fill the rest exactly; without them, values may follow the classes
+            or (rows.shape[1] != stop + kp if kp else rows.shape[1] < stop)
         ):
             raise ModelError(
                 f"postprocess: YOLOv{version} output has shape {list(out.shape)}: "
@@ -878,6 +863,18 @@ def _all_finite(a: np.ndarray) -> bool:
     if a.dtype.kind not in "fc" or a.size == 0:
         return True
     return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
+
+
+def _to_source(
+    xy: np.ndarray, geometry: Geometry | None, source_size: tuple[int, int] | None
+) -> np.ndarray:
+    """Points ``[m, 2]`` (x, y) in input pixels -> source pixels, clipped to the source: a box
+    is its two corners, a keypoint one point."""
+    if geometry is not None:
+        xy = np.stack(geometry.to_source(xy[:, 0], xy[:, 1]), axis=1)
+    if source_size is not None:
+        xy = np.clip(xy, 0.0, np.array(source_size, np.float64))
+    return xy
 
 
 def _round_sig(a: np.ndarray, digits: int = 6) -> np.ndarray:

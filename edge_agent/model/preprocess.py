@@ -193,7 +193,12 @@ class Preprocessor:
         self._offsets = self._add if np.any(self._add) else None
         #: NHWC with per-channel constants: them as rows of the output's width (channels
         #: interleaved), for one long inner loop a row
-        self._rows = self._row_constants(spec.width * (MAX_GROWTH if self.grow else 1))
+        widest = spec.width * (MAX_GROWTH if self.grow else 1)  # the widest input fed
+        offsets = self._offsets
+        self._rows = (
+            np.tile(self._mul, widest),
+            None if offsets is None else np.tile(offsets, widest),
+        )
         #: ``pad-right`` fed the pixels as integers: the pixel (per channel, in the output's
         #: order) whose scaled value is 0, what the rest of the width is padded with
         zero = np.broadcast_to(np.asarray(spec.mean, np.float64) / spec.scale, (n,))
@@ -273,14 +278,6 @@ class Preprocessor:
             out = min(max(grown, spec.width), MAX_GROWTH * spec.width)
         resized = math.ceil(spec.height * ratio)
         return max(1, min(resized, out)), out
-
-    def _row_constants(self, width: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """NHWC per-channel constants tiled over ``width`` pixels (channels interleaved)."""
-        offsets = self._offsets
-        return (
-            np.tile(self._mul, width),
-            None if offsets is None else np.tile(offsets, width),
-        )
 
     def _pixels(self, image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """The pixels as the quantized input's integers (:attr:`pixels_as`); the width past
